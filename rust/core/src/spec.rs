@@ -1,0 +1,104 @@
+//! The run spec: plain data describing one sandboxed run.
+//!
+//! Python builds it (sizes parsed, profile resolved, seccomp BPF compiled) and hands it over as
+//! JSON plus raw byte buffers; the core never sees Python objects. The same JSON drives the
+//! `cellblock-spawn` binary, so the core can be tested without Python.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Resource limits of a run. `None` means "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Memory cap in bytes (cgroup memory limit, or RLIMIT_AS as a fallback).
+    pub memory: Option<u64>,
+    /// Maximum number of processes/threads alive at once.
+    pub pids: Option<u64>,
+    /// CPU bandwidth in CPUs (e.g. 0.5 = half a core).
+    pub cpus: Option<f64>,
+    /// Wall-clock timeout in seconds.
+    pub timeout: Option<f64>,
+    /// CPU time budget in seconds, summed over every process of the run.
+    pub cpu_time: Option<f64>,
+    /// Bytes kept per output stream; going past it ends the run (reason `output_limit`).
+    pub max_output: Option<u64>,
+    /// Size of the writable scratch space (/tmp, /workspace, /dev/shm together), in bytes.
+    pub disk: Option<u64>,
+}
+
+/// What to do when the seccomp filter refuses a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnViolation {
+    /// Fail the call with EPERM, report it, keep running.
+    #[default]
+    Errno,
+    /// Report it and kill the run (reason `seccomp`).
+    Kill,
+}
+
+/// A compiled seccomp filter, ready to install.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeccompSpec {
+    /// Profile name, echoed in the report.
+    pub profile: String,
+    /// Classic BPF program (array of `struct sock_filter`, 8 bytes each) for this architecture.
+    /// Refused calls must return `SECCOMP_RET_USER_NOTIF` so the supervisor sees them.
+    #[serde(skip)]
+    pub bpf: Vec<u8>,
+    /// Syscall number -> name, used to name violations.
+    pub names: BTreeMap<u32, String>,
+    /// Errno or kill on a refused call.
+    pub on_violation: OnViolation,
+}
+
+/// A secret: injected as an environment variable and redacted from every output stream.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    /// Environment variable name, also used in `[REDACTED:NAME]`.
+    pub name: String,
+    /// The secret value (never logged, never in Debug output).
+    pub value: String,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({}, <hidden>)", self.name)
+    }
+}
+
+/// Network policy of a run: `None` in [`RunSpec::net`] means no network at all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetSpec {
+    /// Allowlist patterns: `host`, `host:port`, `*.domain`, `ip`, `ip:port`.
+    pub allow: Vec<String>,
+}
+
+/// Everything the core needs to run one command in a fresh sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSpec {
+    /// Command and arguments; `argv[0]` is looked up in `PATH` of `env` when it has no `/`.
+    pub argv: Vec<String>,
+    /// The complete environment of the run (nothing is inherited from the caller).
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox.
+    pub cwd: Option<String>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Extra host directories bound read-only at the same path (e.g. an interpreter prefix).
+    pub ro_binds: Vec<String>,
+    /// Seccomp filter to install last before execve.
+    pub seccomp: Option<SeccompSpec>,
+    /// Secrets to inject into `env` and redact from output.
+    pub secrets: Vec<Secret>,
+    /// Network egress allowlist; `None` = loopback only.
+    pub net: Option<NetSpec>,
+    /// Bytes written to the command's stdin (then closed). Not part of the JSON form.
+    #[serde(skip)]
+    pub stdin: Vec<u8>,
+}
