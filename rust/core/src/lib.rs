@@ -1,14 +1,47 @@
 //! cellblock-core: runs one command in fresh Linux namespaces with limits, seccomp, an egress
 //! allowlist and secret redaction, and reports exactly what happened.
 //!
-//! One module per kernel mechanism; decisions (mount plans, cgroup paths, uid maps) are pure
-//! functions, and only the `sys`-facing parts perform syscalls.
+//! One module per kernel mechanism; decisions (mount plans, cgroup paths, limit enforcement)
+//! are pure functions, and only the child-side code performs the namespace syscalls.
 
+#[cfg(not(target_os = "linux"))]
+compile_error!("cellblock-core needs Linux namespaces, cgroups and seccomp");
+
+pub mod cgroup;
+pub mod child;
 pub mod error;
+pub mod fs;
 pub mod redact;
 pub mod report;
+pub mod seccomp;
+pub mod spawn;
 pub mod spec;
+pub mod supervise;
 
 pub use error::{Error, Result};
+pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
 pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
+pub use supervise::{Sink, Stream};
+
+/// Builds the redactor for a spec's secrets.
+pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
+    let secrets: Vec<(String, Vec<u8>)> =
+        spec.secrets.iter().map(|s| (s.name.clone(), s.value.as_bytes().to_vec())).collect();
+    Redactor::new(&secrets)
+}
+
+/// Runs `spec` in a fresh sandbox and reports what happened. `sink`, when given, receives the
+/// redacted output live.
+pub fn run(spec: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
+    let redactor = redactor_for(spec)?;
+    let started = spawn::start(spec, "")?;
+    let (on_violation, names) = match &spec.seccomp {
+        Some(s) => (s.on_violation, s.names.clone()),
+        None => (OnViolation::Errno, Default::default()),
+    };
+    let mut report =
+        supervise::supervise(started, &spec.limits, &spec.stdin, &redactor, on_violation, &names, sink);
+    report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+    Ok(report)
+}

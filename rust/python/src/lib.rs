@@ -1,3 +1,102 @@
+//! `cellblock._native`: the thin PyO3 layer over cellblock-core.
+//!
+//! Python builds the run spec (JSON text plus byte buffers); this layer parses it, releases the
+//! GIL for the whole run, and returns the report as a dict. Core errors become Python exceptions
+//! of the same names (see `errors.rs`).
+
+use cellblock_core::{RunReport, RunSpec, Stream};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+mod errors;
+mod redact;
+
+/// Converts a report into the dict `cellblock.RunResult` is built from.
+fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("exit_code", r.exit_code)?;
+    d.set_item("signal", r.signal)?;
+    let reason = serde_json::to_value(r.reason).map_err(errors::internal)?;
+    d.set_item("reason", reason.as_str())?;
+    d.set_item("stdout_bytes", PyBytes::new(py, &r.stdout))?;
+    d.set_item("stderr_bytes", PyBytes::new(py, &r.stderr))?;
+    d.set_item("stdout_truncated", r.stdout_truncated)?;
+    d.set_item("stderr_truncated", r.stderr_truncated)?;
+    d.set_item("wall_time_s", r.wall_time_s)?;
+    d.set_item("cpu_time_s", r.cpu_time_s)?;
+    d.set_item("peak_memory_bytes", r.peak_memory_bytes)?;
+    // Plain-data parts go through JSON so the Python side sees exactly the CLI's shape.
+    let json = serde_json::json!({
+        "violations": r.violations,
+        "enforcement": r.enforcement,
+        "redactions": r.redactions,
+        "network": r.network,
+    });
+    let loads = py.import("json")?.getattr("loads")?;
+    let parsed = loads.call1((json.to_string(),))?;
+    for key in ["violations", "enforcement", "redactions", "network"] {
+        d.set_item(key, parsed.get_item(key)?)?;
+    }
+    d.set_item("seccomp_profile", r.seccomp_profile.as_deref())?;
+    Ok(d)
+}
+
+/// Runs one command in a fresh sandbox.
+///
+/// `spec_json` is a RunSpec as JSON; `stdin` and `bpf` carry the byte buffers; `on_output`, when
+/// given, is called as `on_output(stream: int, data: bytes)` (1 = stdout, 2 = stderr) with
+/// redacted output as it arrives.
+#[pyfunction]
+#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None))]
+fn run<'py>(
+    py: Python<'py>,
+    spec_json: &str,
+    stdin: Option<Vec<u8>>,
+    bpf: Option<Vec<u8>>,
+    on_output: Option<PyObject>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut spec: RunSpec = serde_json::from_str(spec_json)
+        .map_err(|e| errors::to_pyerr(cellblock_core::Error::InvalidSpec(e.to_string())))?;
+    spec.stdin = stdin.unwrap_or_default();
+    if let (Some(s), Some(b)) = (spec.seccomp.as_mut(), bpf) {
+        s.bpf = b;
+    }
+    let report = py.allow_threads(|| match on_output {
+        None => cellblock_core::run(&spec, None),
+        Some(cb) => {
+            let mut sink = |stream: Stream, data: &[u8]| {
+                Python::with_gil(|py| {
+                    let n = if stream == Stream::Stdout { 1 } else { 2 };
+                    if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
+                        e.print(py);
+                    }
+                });
+            };
+            cellblock_core::run(&spec, Some(&mut sink))
+        }
+    });
+    let report = report.map_err(errors::to_pyerr)?;
+    report_to_dict(py, &report)
+}
+
+/// Facts about this machine that decide how limits are enforced (for reports and benches).
+#[pyfunction]
+fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    let layout = cellblock_core::cgroup::layout();
+    d.set_item("root", cellblock_core::spawn::is_root())?;
+    d.set_item("cgroup_v2_dir", layout.v2_dir.as_ref().map(|p| p.display().to_string()))?;
+    d.set_item("cgroup_v2_controllers", PyList::new(py, &layout.v2_controllers)?)?;
+    let v1: Vec<String> = layout.v1_dirs.iter().map(|(c, _)| c.clone()).collect();
+    d.set_item("cgroup_v1_controllers", PyList::new(py, &v1)?)?;
+    Ok(d)
+}
+
 #[pymodule]
-fn _native(_m: &Bound<'_, PyModule>) -> PyResult<()> { Ok(()) }
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    redact::register(m)?;
+    m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(host_info, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,33 @@
+"""Exception classes of cellblock.
+
+They are created by the native extension from the Rust error enum (one class per variant, same
+names as the CLI prints) and re-exported here so pure-Python code can raise them too.
+"""
+
+from cellblock._native import (
+    CellblockError,
+    CommandNotFound,
+    InvalidSpec,
+    NamespaceUnavailable,
+    NetworkPolicyError,
+    PathEscape,
+    SandboxIOError,
+    SeccompError,
+    SecretError,
+    SessionClosed,
+    SetupError,
+)
+
+__all__ = [
+    "CellblockError",
+    "CommandNotFound",
+    "InvalidSpec",
+    "NamespaceUnavailable",
+    "NetworkPolicyError",
+    "PathEscape",
+    "SandboxIOError",
+    "SeccompError",
+    "SecretError",
+    "SessionClosed",
+    "SetupError",
+]

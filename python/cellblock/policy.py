@@ -1,0 +1,106 @@
+"""Policy: the limits and rules of a run, as a pydantic model (also loadable from TOML)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from cellblock.errors import InvalidSpec
+from cellblock.seccomp import SeccompPolicy
+from cellblock.sizes import parse_count, parse_seconds, parse_size
+
+#: Limits every run gets unless the policy or the call says otherwise.
+DEFAULT_LIMITS: dict[str, Any] = {
+    "memory": 512 << 20,
+    "pids": 256,
+    "cpus": None,
+    "timeout": 60.0,
+    "cpu_time": None,
+    "max_output": 16 << 20,
+    "disk": 64 << 20,
+}
+
+LIMIT_NAMES = tuple(DEFAULT_LIMITS)
+
+
+class Policy(BaseModel):
+    """Limits, environment, seccomp, network and secrets of a run or a session.
+
+    Sizes accept ints (bytes) or strings like "64M"; `None` keeps the default. Explicit keyword
+    arguments of `cellblock.run` override the policy's fields.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    timeout: float | None = None
+    cpu_time: float | None = None
+    max_output: int | None = None
+    disk: int | None = None
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    profile: str | None = None
+    seccomp: SeccompPolicy | None = None
+    allow_net: list[str] = []
+    secrets: dict[str, str] = {}
+
+    @field_validator("memory", "max_output", "disk", mode="before")
+    @classmethod
+    def _size(cls, v: Any, info: Any) -> int | None:
+        return None if v is None else parse_size(v, info.field_name)
+
+    @field_validator("pids", mode="before")
+    @classmethod
+    def _count(cls, v: Any, info: Any) -> int | None:
+        return None if v is None else parse_count(v, info.field_name)
+
+    @field_validator("cpus", "timeout", "cpu_time", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any, info: Any) -> float | None:
+        return None if v is None else parse_seconds(v, info.field_name)
+
+    def __repr_args__(self) -> Any:
+        # Secret values never appear in reprs.
+        for k, v in super().__repr_args__():
+            yield k, ({n: "<hidden>" for n in v} if k == "secrets" else v)
+
+    @classmethod
+    def build(cls, **fields: Any) -> "Policy":
+        """Validate fields, turning pydantic's errors into `InvalidSpec`."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise InvalidSpec(_first_error(e)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Policy":
+        """Load a policy from a TOML file (top-level keys are Policy's fields)."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InvalidSpec(f"cannot read policy {path}: {e}") from None
+        return cls.build(**data)
+
+    def merged(self, **overrides: Any) -> "Policy":
+        """A copy with the non-None overrides applied (validated)."""
+        data = self.model_dump(exclude_unset=True)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return Policy.build(**data)
+
+    def limits(self) -> dict[str, Any]:
+        """Effective limits: the policy's values over DEFAULT_LIMITS."""
+        return {k: (getattr(self, k) if getattr(self, k) is not None else d)
+                for k, d in DEFAULT_LIMITS.items()}
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg

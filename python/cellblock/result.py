@@ -1,0 +1,58 @@
+"""RunResult: what happened in one run, as reported by the native core."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Reason = Literal["exited", "signaled", "timeout", "memory", "cpu_time", "output_limit", "seccomp"]
+Enforcer = Literal["cgroup-v2", "cgroup-v1", "rlimit", "tmpfs", "supervisor"]
+
+#: Fields printed by `cellblock run --json`, in order: exactly RunResult's fields.
+FIELDS = (
+    "exit_code", "signal", "reason", "stdout", "stderr", "stdout_truncated",
+    "stderr_truncated", "wall_time_s", "cpu_time_s", "peak_memory_bytes", "violations",
+    "enforcement", "redactions", "seccomp_profile", "network",
+)
+
+
+class RunResult(BaseModel):
+    """The report of one sandboxed run (immutable)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    exit_code: int | None
+    signal: int | None
+    reason: Reason
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    wall_time_s: float
+    cpu_time_s: float
+    peak_memory_bytes: int
+    violations: list[dict[str, Any]]
+    enforcement: dict[str, Enforcer | None]
+    redactions: dict[str, int] = {}
+    seccomp_profile: str | None = None
+    network: dict[str, int] | None = None
+
+    @property
+    def stdout(self) -> str:
+        """stdout decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        """stderr decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0."""
+        return self.reason == "exited" and self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the text fields (stdout/stderr as str)."""
+        return {name: getattr(self, name) for name in FIELDS}

@@ -1,0 +1,434 @@
+//! cgroup limits: a per-run child of the cgroup this process is in, on v2 or v1 hierarchies.
+//!
+//! Decisions (where the hierarchies are, which controllers are usable, the paths of a run's
+//! cgroups) are pure functions over `/proc/self/cgroup` and `/proc/self/mountinfo` text; the
+//! rest is plain file I/O in the supervisor. Nothing here runs in the forked child.
+
+use crate::report::Enforcer;
+use crate::spec::Limits;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Controllers cellblock uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    /// Memory limit, peak and OOM events.
+    Memory,
+    /// Number of tasks.
+    Pids,
+    /// CPU bandwidth (quota).
+    Cpu,
+    /// CPU time accounting (v1 `cpuacct`; part of `cpu` on v2).
+    CpuAcct,
+    /// Freezing (pause/resume).
+    Freezer,
+}
+
+impl Controller {
+    fn v1_name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+            Controller::CpuAcct => "cpuacct",
+            Controller::Freezer => "freezer",
+        }
+    }
+}
+
+/// Where this process sits in the cgroup hierarchies.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Layout {
+    /// v2: the directory of our own cgroup, if a cgroup2 hierarchy is mounted.
+    pub v2_dir: Option<PathBuf>,
+    /// v2: controllers available in our own cgroup (`cgroup.controllers`).
+    pub v2_controllers: Vec<String>,
+    /// v1: (controller, directory of our own cgroup in its hierarchy).
+    pub v1_dirs: Vec<(String, PathBuf)>,
+}
+
+/// Parses `/proc/self/mountinfo` and `/proc/self/cgroup` text into the directories of our own
+/// cgroup in each hierarchy (pure).
+pub fn parse_layout(mountinfo: &str, self_cgroup: &str) -> Layout {
+    // mount point -> (fstype, super options)
+    let mut v2_mount: Option<String> = None;
+    let mut v1_mounts: Vec<(Vec<String>, String)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let rfields: Vec<&str> = right.split(' ').collect();
+        if fields.len() < 5 || rfields.len() < 3 {
+            continue;
+        }
+        // Only mounts of a hierarchy's root can be used to reach our own cgroup by path.
+        if fields[3] != "/" {
+            continue;
+        }
+        let mount_point = fields[4].to_string();
+        match rfields[0] {
+            "cgroup2" => {
+                // Prefer the canonical location if several are mounted.
+                if v2_mount.is_none() || mount_point == "/sys/fs/cgroup" {
+                    v2_mount = Some(mount_point);
+                }
+            }
+            "cgroup" => {
+                let ctrls = rfields[2].split(',').map(str::to_string).collect();
+                v1_mounts.push((ctrls, mount_point));
+            }
+            _ => {}
+        }
+    }
+    let mut layout = Layout::default();
+    for line in self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if ctrls.is_empty() {
+            if let Some(m) = &v2_mount {
+                layout.v2_dir = Some(Path::new(m).join(rel));
+            }
+            continue;
+        }
+        for ctrl in ctrls.split(',') {
+            if let Some((_, m)) = v1_mounts.iter().find(|(c, _)| c.iter().any(|x| x == ctrl)) {
+                layout.v1_dirs.push((ctrl.to_string(), Path::new(m).join(rel)));
+            }
+        }
+    }
+    layout
+}
+
+/// The layout of this process, read once.
+pub fn layout() -> &'static Layout {
+    static LAYOUT: OnceLock<Layout> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let mi = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let cg = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mut l = parse_layout(&mi, &cg);
+        if let Some(dir) = &l.v2_dir {
+            l.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+        }
+        l
+    })
+}
+
+/// A cgroup created for one run (or one session), removed on drop.
+#[derive(Debug)]
+pub struct RunCgroup {
+    /// v2 directory, when the unified hierarchy is used.
+    v2: Option<PathBuf>,
+    /// v1 directories per controller used.
+    v1: Vec<(Controller, PathBuf)>,
+    /// Limit name -> enforcer, for the limits this cgroup enforces.
+    enforced: Vec<(&'static str, Enforcer)>,
+    /// OOM kills already counted when the run started (v1 counters can be inherited: no).
+    removed: bool,
+}
+
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("cellblock-{}-{}", std::process::id(), n)
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value)
+}
+
+impl RunCgroup {
+    /// Creates cgroups enforcing what the limits ask for and the hierarchies allow. Limits that
+    /// cannot be enforced here are left to the caller (rlimit fallback). Returns `None` when no
+    /// cgroup at all could be created (unprivileged without delegation).
+    pub fn create(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
+        let layout = layout();
+        let name = unique_name();
+        let mut cg = RunCgroup { v2: None, v1: Vec::new(), enforced: Vec::new(), removed: false };
+        let wanted_v2: Vec<&str> = ["memory", "pids", "cpu"]
+            .into_iter()
+            .filter(|c| layout.v2_controllers.iter().any(|x| x == c))
+            .collect();
+        if let (Some(dir), false) = (&layout.v2_dir, wanted_v2.is_empty()) {
+            let path = dir.join(&name);
+            if fs::create_dir(&path).is_ok() {
+                cg.v2 = Some(path.clone());
+                // Enabling controllers for our child needs them in our own subtree_control.
+                let sub = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                let on = |c: &str| sub.split_whitespace().any(|x| x == c);
+                cg.apply_v2(&path, limits, &on);
+                return Some(cg);
+            }
+        }
+        let v1_dir = |c: Controller| {
+            layout.v1_dirs.iter().find(|(n, _)| n == c.v1_name()).map(|(_, d)| d.join(&name))
+        };
+        let mut need: Vec<Controller> = vec![Controller::CpuAcct, Controller::Memory];
+        if limits.pids.is_some() {
+            need.push(Controller::Pids);
+        }
+        if limits.cpus.is_some() {
+            need.push(Controller::Cpu);
+        }
+        if want_freezer {
+            need.push(Controller::Freezer);
+        }
+        for c in need {
+            if let Some(path) = v1_dir(c) {
+                if fs::create_dir(&path).is_ok() {
+                    cg.v1.push((c, path));
+                }
+            }
+        }
+        if cg.v1.is_empty() {
+            return None;
+        }
+        cg.apply_v1(limits);
+        Some(cg)
+    }
+
+    fn apply_v2(&mut self, path: &Path, limits: &Limits, on: &dyn Fn(&str) -> bool) {
+        if let Some(mem) = limits.memory {
+            if on("memory")
+                && write(&path.join("memory.max"), &mem.to_string()).is_ok()
+            {
+                let _ = write(&path.join("memory.swap.max"), "0");
+                self.enforced.push(("memory", Enforcer::CgroupV2));
+            }
+        }
+        if let Some(p) = limits.pids {
+            if on("pids") && write(&path.join("pids.max"), &p.to_string()).is_ok() {
+                self.enforced.push(("pids", Enforcer::CgroupV2));
+            }
+        }
+        if let Some(cpus) = limits.cpus {
+            let quota = (cpus * 100_000.0).round().max(1000.0) as u64;
+            if on("cpu") && write(&path.join("cpu.max"), &format!("{quota} 100000")).is_ok() {
+                self.enforced.push(("cpus", Enforcer::CgroupV2));
+            }
+        }
+        // cpu.stat usage_usec exists in every v2 cgroup: CPU time is always measurable.
+        if limits.cpu_time.is_some() {
+            self.enforced.push(("cpu_time", Enforcer::CgroupV2));
+        }
+    }
+
+    fn apply_v1(&mut self, limits: &Limits) {
+        for (c, path) in &self.v1 {
+            match c {
+                Controller::Memory => {
+                    if let Some(mem) = limits.memory {
+                        if write(&path.join("memory.limit_in_bytes"), &mem.to_string()).is_ok() {
+                            // Swap must not extend the limit; the file is absent without swap
+                            // accounting, which is fine.
+                            let _ = write(&path.join("memory.memsw.limit_in_bytes"), &mem.to_string());
+                            self.enforced.push(("memory", Enforcer::CgroupV1));
+                        }
+                    }
+                }
+                Controller::Pids => {
+                    if let Some(p) = limits.pids {
+                        if write(&path.join("pids.max"), &p.to_string()).is_ok() {
+                            self.enforced.push(("pids", Enforcer::CgroupV1));
+                        }
+                    }
+                }
+                Controller::Cpu => {
+                    if let Some(cpus) = limits.cpus {
+                        let quota = (cpus * 100_000.0).round().max(1000.0) as u64;
+                        if write(&path.join("cpu.cfs_period_us"), "100000").is_ok()
+                            && write(&path.join("cpu.cfs_quota_us"), &quota.to_string()).is_ok()
+                        {
+                            self.enforced.push(("cpus", Enforcer::CgroupV1));
+                        }
+                    }
+                }
+                Controller::CpuAcct => {
+                    if limits.cpu_time.is_some() {
+                        self.enforced.push(("cpu_time", Enforcer::CgroupV1));
+                    }
+                }
+                Controller::Freezer => {}
+            }
+        }
+    }
+
+    /// What this cgroup enforces: (limit name, enforcer).
+    pub fn enforced(&self) -> &[(&'static str, Enforcer)] {
+        &self.enforced
+    }
+
+    /// Whether `limit` is enforced by this cgroup.
+    pub fn enforces(&self, limit: &str) -> bool {
+        self.enforced.iter().any(|(n, _)| *n == limit)
+    }
+
+    /// Moves process `pid` into every cgroup of the run.
+    pub fn add(&self, pid: i32) -> io::Result<()> {
+        let s = pid.to_string();
+        if let Some(p) = &self.v2 {
+            write(&p.join("cgroup.procs"), &s)?;
+        }
+        for (_, p) in &self.v1 {
+            write(&p.join("cgroup.procs"), &s)?;
+        }
+        Ok(())
+    }
+
+    fn v1_path(&self, c: Controller) -> Option<&Path> {
+        self.v1.iter().find(|(x, _)| *x == c).map(|(_, p)| p.as_path())
+    }
+
+    fn read_key(path: &Path, key: &str) -> Option<u64> {
+        let text = fs::read_to_string(path).ok()?;
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+    }
+
+    fn read_u64(path: &Path) -> Option<u64> {
+        fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// CPU time used so far by every process of the run.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        if let Some(p) = &self.v2 {
+            return Self::read_key(&p.join("cpu.stat"), "usage_usec").map(Duration::from_micros);
+        }
+        let p = self.v1_path(Controller::CpuAcct)?;
+        Self::read_u64(&p.join("cpuacct.usage")).map(Duration::from_nanos)
+    }
+
+    /// Peak memory usage of the run.
+    pub fn peak_memory(&self) -> Option<u64> {
+        if let Some(p) = &self.v2 {
+            return Self::read_u64(&p.join("memory.peak"));
+        }
+        let p = self.v1_path(Controller::Memory)?;
+        Self::read_u64(&p.join("memory.max_usage_in_bytes"))
+    }
+
+    /// Number of processes the kernel's OOM killer killed in the run.
+    pub fn oom_kills(&self) -> u64 {
+        if let Some(p) = &self.v2 {
+            return Self::read_key(&p.join("memory.events"), "oom_kill").unwrap_or(0);
+        }
+        self.v1_path(Controller::Memory)
+            .and_then(|p| Self::read_key(&p.join("memory.oom_control"), "oom_kill"))
+            .unwrap_or(0)
+    }
+
+    /// Freezes (true) or thaws (false) every process of the run.
+    pub fn freeze(&self, frozen: bool) -> io::Result<()> {
+        if let Some(p) = &self.v2 {
+            return write(&p.join("cgroup.freeze"), if frozen { "1" } else { "0" });
+        }
+        let p = self.v1_path(Controller::Freezer).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "no freezer cgroup available")
+        })?;
+        write(&p.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })
+    }
+
+    /// Whether pause/resume is possible.
+    pub fn can_freeze(&self) -> bool {
+        self.v2.is_some() || self.v1_path(Controller::Freezer).is_some()
+    }
+
+    fn dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.v2.iter().chain(self.v1.iter().map(|(_, p)| p))
+    }
+
+    /// Removes the cgroups, waiting (bounded) for exiting processes to leave them.
+    pub fn remove(&mut self) -> io::Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = Ok(());
+        for dir in self.dirs() {
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        last = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        last
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        let _ = self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO_HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const SELF_HYBRID: &str = "\
+8:pids:/
+4:memory:/process_api/abc
+2:cpuacct:/
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn hybrid_layout_finds_v1_dirs_and_unified() {
+        let l = parse_layout(MOUNTINFO_HYBRID, SELF_HYBRID);
+        assert_eq!(l.v2_dir, Some(PathBuf::from("/sys/fs/cgroup/unified/")));
+        assert!(l
+            .v1_dirs
+            .contains(&("memory".into(), PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))));
+        assert!(l.v1_dirs.contains(&("pids".into(), PathBuf::from("/sys/fs/cgroup/pids/"))));
+    }
+
+    #[test]
+    fn unified_layout() {
+        let mi = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let l = parse_layout(mi, "0::/user.slice/user-1000.slice/session-3.scope\n");
+        assert_eq!(
+            l.v2_dir,
+            Some(PathBuf::from("/sys/fs/cgroup/user.slice/user-1000.slice/session-3.scope"))
+        );
+        assert!(l.v1_dirs.is_empty());
+    }
+
+    #[test]
+    fn non_root_mounts_are_ignored() {
+        // A cgroup namespace-style mount of a subtree cannot be reached by our absolute path.
+        let mi = "35 31 0:32 /sub /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let l = parse_layout(mi, "4:memory:/sub/x\n");
+        assert!(l.v1_dirs.is_empty());
+    }
+}

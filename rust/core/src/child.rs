@@ -1,0 +1,582 @@
+//! Code that runs in forked children: the sandbox's PID 1 and the target command.
+//!
+//! The caller is a multithreaded process (Python), so between fork and execve only raw syscalls
+//! are allowed: no allocation, no locks, no panics. Everything used here is prepared by
+//! [`crate::spawn`] before the fork. Failures are written to the error pipe as
+//! `(stage, index, errno)` records and the child exits.
+
+use crate::fs::MountPlan;
+use crate::seccomp;
+use std::ffi::CString;
+
+/// Stages that can fail in a child, named in error messages by the parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    /// Writing our own uid/gid maps (unprivileged path).
+    IdMap = 1,
+    /// Making every mount private so nothing propagates to the host.
+    MountPrivate,
+    /// A step of the mount plan (index = op).
+    Mount,
+    /// pivot_root into the new root.
+    PivotRoot,
+    /// Remounting the new root read-only.
+    RootReadOnly,
+    /// sethostname.
+    Hostname,
+    /// Bringing up `lo`.
+    Loopback,
+    /// Network egress plumbing.
+    Network,
+    /// unshare of the user (root path) or cgroup namespace.
+    Unshare,
+    /// Waiting for the supervisor.
+    Sync,
+    /// setresuid/setresgid/setgroups.
+    Credentials,
+    /// Forking the target.
+    Fork,
+    /// Setting up stdio, cwd, rlimits of the target.
+    Process,
+    /// Dropping capabilities / no_new_privs.
+    Capabilities,
+    /// Installing the seccomp filter or handing its listener out.
+    Seccomp,
+    /// execve (index = 0, errno of the most telling failure).
+    Exec,
+}
+
+impl Stage {
+    /// Decodes a stage number written by a child.
+    pub fn from_u32(v: u32) -> Option<Stage> {
+        use Stage::*;
+        [IdMap, MountPrivate, Mount, PivotRoot, RootReadOnly, Hostname, Loopback, Network, Unshare,
+         Sync, Credentials, Fork, Process, Capabilities, Seccomp, Exec]
+            .into_iter()
+            .find(|s| *s as u32 == v)
+    }
+
+    /// What the stage does, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Stage::IdMap => "write uid/gid map",
+            Stage::MountPrivate => "make mounts private",
+            Stage::Mount => "build the root filesystem",
+            Stage::PivotRoot => "pivot_root",
+            Stage::RootReadOnly => "make the root read-only",
+            Stage::Hostname => "set the hostname",
+            Stage::Loopback => "bring up loopback",
+            Stage::Network => "set up network egress",
+            Stage::Unshare => "create namespaces",
+            Stage::Sync => "synchronise with the supervisor",
+            Stage::Credentials => "switch credentials",
+            Stage::Fork => "fork the command",
+            Stage::Process => "set up the command's process",
+            Stage::Capabilities => "drop capabilities",
+            Stage::Seccomp => "install the seccomp filter",
+            Stage::Exec => "execute the command",
+        }
+    }
+}
+
+/// Everything the target process needs, prepared before fork.
+#[derive(Debug)]
+pub struct TargetPlan {
+    /// Arguments.
+    pub argv: CStringArray,
+    /// `KEY=VALUE` environment strings.
+    pub envp: CStringArray,
+    /// Paths to try with execve, in order.
+    pub exec_candidates: Vec<CString>,
+    /// Working directory.
+    pub cwd: CString,
+    /// (resource, limit) pairs applied with setrlimit.
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// The seccomp filter, if any.
+    pub seccomp: Option<seccomp::Program>,
+    /// Highest capability number of this kernel.
+    pub last_cap: u32,
+}
+
+/// Owned C strings plus the NULL-terminated pointer array execve wants, built before fork.
+#[derive(Debug)]
+pub struct CStringArray {
+    strings: Vec<CString>,
+    ptrs: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers only refer to `strings`, owned by the same value and never mutated.
+unsafe impl Send for CStringArray {}
+// SAFETY: as above; shared access is read-only.
+unsafe impl Sync for CStringArray {}
+
+impl CStringArray {
+    /// Builds the array; the pointers stay valid as long as the value lives (CString data is
+    /// heap-allocated and does not move with the Vec).
+    pub fn new(strings: Vec<CString>) -> CStringArray {
+        let mut ptrs: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        CStringArray { strings, ptrs }
+    }
+
+    /// The NULL-terminated pointer array.
+    pub fn as_ptr(&self) -> *const *const libc::c_char {
+        self.ptrs.as_ptr()
+    }
+
+    /// The strings.
+    pub fn strings(&self) -> &[CString] {
+        &self.strings
+    }
+}
+
+/// How PID 1 becomes who it is inside.
+#[derive(Debug)]
+pub enum Identity {
+    /// Unprivileged caller: the user namespace was created by clone; write our own maps.
+    SelfMapped {
+        /// `/proc/self/uid_map` content.
+        uid_map: Vec<u8>,
+        /// `/proc/self/gid_map` content.
+        gid_map: Vec<u8>,
+    },
+    /// Root caller: build mounts as real root, then unshare a user namespace whose maps the
+    /// supervisor writes (uid 0 inside = an unprivileged host uid).
+    RootThenUserns,
+}
+
+/// Pipes and sockets of a child, as raw fds (both ends live in the parent until fork).
+#[derive(Debug, Clone, Copy)]
+pub struct ChildFds {
+    /// Target's stdin (read end).
+    pub stdin: libc::c_int,
+    /// Target's stdout (write end).
+    pub stdout: libc::c_int,
+    /// Target's stderr (write end).
+    pub stderr: libc::c_int,
+    /// Child -> supervisor: "ready" byte.
+    pub ready: libc::c_int,
+    /// Supervisor -> child: "go" byte.
+    pub go: libc::c_int,
+    /// Child -> supervisor: error records.
+    pub err: libc::c_int,
+    /// PID 1 -> supervisor: the target's wait status.
+    pub status: libc::c_int,
+    /// Unix socket to hand fds (seccomp listener) to the supervisor.
+    pub fdsock: libc::c_int,
+}
+
+impl ChildFds {
+    fn keep(&self) -> [libc::c_int; 8] {
+        [self.stdin, self.stdout, self.stderr, self.ready, self.go, self.err, self.status, self.fdsock]
+    }
+}
+
+/// What PID 1 does once the sandbox is built.
+#[derive(Debug)]
+pub struct InitPlan<'a> {
+    /// Mount plan (None when joining a session: its root already exists).
+    pub mounts: Option<&'a MountPlan>,
+    /// Identity switch.
+    pub identity: &'a Identity,
+    /// Hostname.
+    pub hostname: &'a [u8],
+    /// The command, or None for a session holder that only waits.
+    pub target: Option<&'a TargetPlan>,
+    /// fds.
+    pub fds: ChildFds,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Writes an error record and exits. Never returns.
+fn fail(err_fd: libc::c_int, stage: Stage, index: u32, errno: i32) -> ! {
+    let mut rec = [0u8; 12];
+    rec[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    rec[4..8].copy_from_slice(&index.to_ne_bytes());
+    rec[8..12].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: rec is a valid 12-byte buffer; a short write only loses the detail.
+    unsafe {
+        libc::write(err_fd, rec.as_ptr().cast(), rec.len());
+        libc::_exit(126)
+    }
+}
+
+fn ok_or_fail(ret: libc::c_long, fds: &ChildFds, stage: Stage, index: u32) {
+    if ret < 0 {
+        fail(fds.err, stage, index, errno());
+    }
+}
+
+fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
+    // SAFETY: `path` is NUL-terminated by the caller; the fd is closed below.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: data is a valid buffer.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let e = errno();
+    // SAFETY: fd is open.
+    unsafe { libc::close(fd) };
+    if n as usize != data.len() {
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Closes every fd except those in `keep` (unsorted, may contain -1).
+fn close_other_fds(keep: &[libc::c_int]) {
+    let mut sorted = [i32::MAX; 10];
+    let mut n = 0;
+    for &fd in keep {
+        if fd >= 0 && n < sorted.len() {
+            sorted[n] = fd;
+            n += 1;
+        }
+    }
+    sorted[..n].sort_unstable();
+    let mut lo: u32 = 0;
+    for &fd in &sorted[..n] {
+        let fd = fd as u32;
+        if fd > lo {
+            // SAFETY: close_range only closes descriptors.
+            unsafe { libc::syscall(libc::SYS_close_range, lo, fd - 1, 0) };
+        }
+        lo = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0) };
+}
+
+fn read_byte(fd: libc::c_int) -> bool {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: reading one byte into a stack buffer.
+        let n = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        if n == 1 {
+            return true;
+        }
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        return false;
+    }
+}
+
+fn write_byte(fd: libc::c_int) -> bool {
+    let b = 1u8;
+    // SAFETY: writing one byte from a stack buffer.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) == 1 }
+}
+
+fn loopback_up() -> Result<(), i32> {
+    // SAFETY: a plain socket used for one ioctl, closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(errno());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    ifr.ifr_name[0] = b'l' as libc::c_char;
+    ifr.ifr_name[1] = b'o' as libc::c_char;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    let r = unsafe {
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            -1
+        } else {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr)
+        }
+    };
+    let e = errno();
+    // SAFETY: sock is open.
+    unsafe { libc::close(sock) };
+    if r < 0 {
+        Err(e)
+    } else {
+        Ok(())
+    }
+}
+
+/// Entry of a freshly cloned PID 1 (or of a session call's init). Never returns.
+pub fn init_main(plan: &InitPlan<'_>) -> ! {
+    let fds = &plan.fds;
+    // Drop descriptors inherited from the (multithreaded) caller: other runs' pipes among them.
+    close_other_fds(&fds.keep());
+    // SAFETY: umask and prctl have no memory effects. PDEATHSIG: if the supervisor thread dies,
+    // the sandbox dies with it.
+    unsafe {
+        libc::umask(0);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    let root_path = matches!(plan.identity, Identity::RootThenUserns);
+
+    match plan.identity {
+        Identity::SelfMapped { uid_map, gid_map } => {
+            let r = write_file(b"/proc/self/setgroups\0", b"deny")
+                .and_then(|_| write_file(b"/proc/self/uid_map\0", uid_map))
+                .and_then(|_| write_file(b"/proc/self/gid_map\0", gid_map));
+            if let Err(e) = r {
+                fail(fds.err, Stage::IdMap, 0, e);
+            }
+        }
+        Identity::RootThenUserns => {
+            // SAFETY: dropping supplementary groups of real root.
+            ok_or_fail(unsafe { libc::setgroups(0, std::ptr::null()) } as libc::c_long, fds, Stage::Credentials, 0);
+        }
+    }
+
+    if let Some(mounts) = plan.mounts {
+        // SAFETY: mount(2) with static strings; MS_PRIVATE|MS_REC stops propagation to the host.
+        ok_or_fail(
+            unsafe {
+                libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+            } as libc::c_long,
+            fds,
+            Stage::MountPrivate,
+            0,
+        );
+        if let Err((i, e)) = mounts.apply() {
+            fail(fds.err, Stage::Mount, i, e);
+        }
+        // SAFETY: chdir/pivot_root/umount2 on paths we prepared; pivot_root(".", ".") stacks the
+        // old root under the new one, and the detach drops it.
+        unsafe {
+            ok_or_fail(libc::chdir(mounts.base.as_ptr()) as libc::c_long, fds, Stage::PivotRoot, 0);
+            ok_or_fail(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), fds, Stage::PivotRoot, 1);
+            ok_or_fail(libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as libc::c_long, fds, Stage::PivotRoot, 2);
+            ok_or_fail(libc::chdir(c"/".as_ptr()) as libc::c_long, fds, Stage::PivotRoot, 3);
+        }
+        let attr: [u64; 4] = [0x1 /* MOUNT_ATTR_RDONLY */, 0, 0, 0];
+        // SAFETY: mount_setattr on "/" with a 32-byte struct mount_attr.
+        ok_or_fail(
+            unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c"/".as_ptr(), 0, attr.as_ptr(), 32usize) },
+            fds,
+            Stage::RootReadOnly,
+            0,
+        );
+        // SAFETY: sethostname with a valid buffer.
+        ok_or_fail(
+            unsafe { libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) } as libc::c_long,
+            fds,
+            Stage::Hostname,
+            0,
+        );
+        if let Err(e) = loopback_up() {
+            fail(fds.err, Stage::Loopback, 0, e);
+        }
+        if root_path {
+            // SAFETY: unshare has no memory effects.
+            ok_or_fail(unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long, fds, Stage::Unshare, 0);
+        }
+    }
+
+    // Tell the supervisor we are built; wait until it has placed us in the run's cgroups (and,
+    // on the root path, written our uid/gid maps).
+    if !write_byte(fds.ready) || !read_byte(fds.go) {
+        fail(fds.err, Stage::Sync, 0, libc::EPIPE);
+    }
+    // SAFETY: closing our ends of the sync pipes.
+    unsafe {
+        libc::close(fds.ready);
+        libc::close(fds.go);
+    }
+    if plan.mounts.is_some() {
+        // Now that we are in the run's cgroup, make it the root of what the sandbox sees.
+        // SAFETY: unshare has no memory effects.
+        ok_or_fail(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long, fds, Stage::Unshare, 1);
+    }
+    if root_path {
+        // SAFETY: switching to uid/gid 0 of our user namespace.
+        unsafe {
+            ok_or_fail(libc::setresgid(0, 0, 0) as libc::c_long, fds, Stage::Credentials, 1);
+            ok_or_fail(libc::setresuid(0, 0, 0) as libc::c_long, fds, Stage::Credentials, 2);
+        }
+    }
+
+    let Some(target) = plan.target else {
+        // A session holder: keep the namespaces alive, reap orphans, until killed.
+        // SAFETY: closing fds we no longer need.
+        unsafe {
+            libc::close(fds.err);
+            libc::close(fds.stdin);
+            libc::close(fds.stdout);
+            libc::close(fds.stderr);
+            libc::close(fds.fdsock);
+        }
+        reap_forever(fds.status)
+    };
+
+    // Block the signals we forward before the target exists, so none is lost.
+    // SAFETY: sigset manipulation on a stack value.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: a raw clone with only SIGCHLD behaves like fork without running atfork handlers.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+    if pid < 0 {
+        fail(fds.err, Stage::Fork, 0, errno());
+    }
+    if pid == 0 {
+        exec_target(target, fds);
+    }
+    let pid = pid as libc::pid_t;
+    // SAFETY: PID 1 keeps only the status pipe.
+    unsafe {
+        libc::close(fds.err);
+        libc::close(fds.stdin);
+        libc::close(fds.stdout);
+        libc::close(fds.stderr);
+        libc::close(fds.fdsock);
+    }
+    loop {
+        // SAFETY: siginfo is written by the kernel.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
+        if sig < 0 {
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: forwarding a signal to our own child.
+            unsafe { libc::kill(pid, sig) };
+            continue;
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: reaping any child of ours.
+            let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if r <= 0 {
+                break;
+            }
+            if r == pid {
+                // SAFETY: writing 4 bytes from the stack, then exiting; the kernel kills every
+                // other process of the namespace when PID 1 exits.
+                unsafe {
+                    libc::write(fds.status, (&status as *const i32).cast(), 4);
+                    libc::_exit(0);
+                }
+            }
+        }
+    }
+}
+
+fn reap_forever(status_fd: libc::c_int) -> ! {
+    // SAFETY: blocking every signal and waiting for children; PID 1 of a namespace only receives
+    // signals it handles, so SIGKILL from the supervisor (outside) is what ends it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let _ = status_fd;
+        loop {
+            let mut status = 0;
+            if libc::waitpid(-1, &mut status, 0) < 0 && errno() == libc::ECHILD {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::sigwaitinfo(&set, &mut info);
+            }
+        }
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const SECBITS_LOCKED_NOROOT: libc::c_ulong = 0xEF;
+
+/// The target: set up the process, shed every privilege, install seccomp, execve. Never returns.
+fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
+    // SAFETY: raw syscalls on our own process state; every pointer refers to prepared data.
+    unsafe {
+        libc::setsid();
+        if libc::dup2(fds.stdin, 0) < 0 || libc::dup2(fds.stdout, 1) < 0 || libc::dup2(fds.stderr, 2) < 0 {
+            fail(fds.err, Stage::Process, 0, errno());
+        }
+        // Python ignores SIGPIPE and blocks some signals: give the command default behaviour.
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::umask(0o022);
+        if libc::chdir(t.cwd.as_ptr()) < 0 {
+            fail(fds.err, Stage::Process, 1, errno());
+        }
+        for (i, (res, val)) in t.rlimits.iter().enumerate() {
+            let lim = libc::rlimit { rlim_cur: *val, rlim_max: *val };
+            if libc::setrlimit(*res, &lim) < 0 {
+                fail(fds.err, Stage::Process, 10 + i as u32, errno());
+            }
+        }
+        close_other_fds(&[0, 1, 2, fds.err, fds.fdsock]);
+
+        // Capabilities: lock "root is not special", empty the bounding set, clear the rest.
+        if libc::prctl(libc::PR_SET_SECUREBITS, SECBITS_LOCKED_NOROOT, 0, 0, 0) < 0 {
+            fail(fds.err, Stage::Capabilities, 0, errno());
+        }
+        for cap in 0..=t.last_cap {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 && errno() != libc::EINVAL {
+                fail(fds.err, Stage::Capabilities, 1, errno());
+            }
+        }
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
+        let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+        let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        if libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) < 0 {
+            fail(fds.err, Stage::Capabilities, 2, errno());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            fail(fds.err, Stage::Capabilities, 3, errno());
+        }
+
+        // Seccomp last: from here on the filter judges every call, execve included.
+        if let Some(prog) = &t.seccomp {
+            match seccomp::install(prog) {
+                Ok(listener) => {
+                    if let Err(e) = seccomp::send_fd(fds.fdsock, listener) {
+                        fail(fds.err, Stage::Seccomp, 1, e);
+                    }
+                    libc::close(listener);
+                }
+                Err(e) => fail(fds.err, Stage::Seccomp, 0, e),
+            }
+        }
+        libc::close(fds.fdsock);
+
+        let mut best = libc::ENOENT;
+        for path in &t.exec_candidates {
+            libc::execve(path.as_ptr(), t.argv.as_ptr(), t.envp.as_ptr());
+            let e = errno();
+            // Like execvp: a permission problem is more telling than a missing file.
+            if e != libc::ENOENT && e != libc::ENOTDIR {
+                best = e;
+            }
+        }
+        fail(fds.err, Stage::Exec, 0, best)
+    }
+}
+

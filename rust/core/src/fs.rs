@@ -1,0 +1,483 @@
+//! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime.
+//!
+//! [`MountPlan::build`] decides everything in the parent (pure apart from reading the host's
+//! directory entries); [`MountPlan::apply`] replays the plan in the forked child with raw
+//! syscalls only — no allocation — and reports the index of a failing step.
+
+use crate::error::{Error, Result};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Where the new root is assembled (in the child's private mount namespace, so the host never
+/// sees it). The first that exists on the host is used.
+const BASE_CANDIDATES: &[&str] = &["/mnt", "/tmp", "/var/tmp"];
+
+/// Host directories bound read-only when they exist (symlinks, as on merged-/usr systems, are
+/// recreated as symlinks).
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
+
+/// What of the host's /etc runtimes need. Everything else (shadow, ssh keys, sudoers, the host's
+/// user list) stays invisible.
+const ETC_ALLOW: &[&str] = &[
+    "alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf", "debian_version",
+    "gai.conf", "host.conf", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
+    "magic", "magic.mime", "mime.types", "nsswitch.conf", "os-release", "pki", "profile",
+    "protocols", "python3", "python3.11", "rpc", "services", "ssl", "timezone",
+];
+
+/// Host device nodes bound into the sandbox's /dev.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Hostname inside every sandbox.
+pub const HOSTNAME: &str = "cellblock";
+
+/// Working directory (and HOME) of runs.
+pub const WORKSPACE: &str = "/workspace";
+
+const MS_MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MS_MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MS_MOUNT_ATTR_NODEV: u64 = 0x4;
+const MS_MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// One step of building the root.
+#[derive(Debug)]
+pub enum Op {
+    /// `mkdir(path, mode)`; an existing directory is fine.
+    Mkdir(CString, u32),
+    /// Create an empty file (a mount point for a file bind).
+    Touch(CString),
+    /// `symlink(target, link)`.
+    Symlink(CString, CString),
+    /// Create `path` with `data` (mode 0644).
+    Write(CString, Vec<u8>),
+    /// `mount(2)`.
+    Mount {
+        /// Source (None for pseudo filesystems).
+        src: Option<CString>,
+        /// Mount point.
+        dst: CString,
+        /// Filesystem type (None for binds).
+        fstype: Option<CString>,
+        /// MS_* flags.
+        flags: libc::c_ulong,
+        /// Filesystem options.
+        data: Option<CString>,
+    },
+    /// `mount_setattr(2)`: set MOUNT_ATTR_* on `path` (recursively when asked).
+    SetAttr(CString, u64, bool),
+    /// `chown(path, uid, uid)`.
+    Chown(CString, u32),
+    /// `chmod(path, mode)` (mkdir's mode is filtered by the umask; this is not).
+    Chmod(CString, u32),
+    /// `umount2(path, MNT_DETACH)`.
+    Detach(CString),
+    /// `rmdir(path)`.
+    Rmdir(CString),
+}
+
+impl Op {
+    /// Human description for error messages.
+    pub fn describe(&self) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::Mkdir(p, _) => format!("mkdir {}", s(p)),
+            Op::Touch(p) => format!("create {}", s(p)),
+            Op::Symlink(t, l) => format!("symlink {} -> {}", s(l), s(t)),
+            Op::Write(p, _) => format!("write {}", s(p)),
+            Op::Mount { src, dst, fstype, .. } => format!(
+                "mount {} on {} ({})",
+                src.as_ref().map(s).unwrap_or_default(),
+                s(dst),
+                fstype.as_ref().map(s).unwrap_or_else(|| "bind".into())
+            ),
+            Op::SetAttr(p, _, _) => format!("set mount attributes of {}", s(p)),
+            Op::Chown(p, _) => format!("chown {}", s(p)),
+            Op::Chmod(p, _) => format!("chmod {}", s(p)),
+            Op::Detach(p) => format!("unmount {}", s(p)),
+            Op::Rmdir(p) => format!("rmdir {}", s(p)),
+        }
+    }
+}
+
+/// Inputs of a mount plan.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    /// Size cap of the scratch tmpfs (/tmp, /workspace, /dev/shm), bytes.
+    pub disk: u64,
+    /// Owner (uid and gid, as seen by the process doing the mounts) of writable directories.
+    pub owner: u32,
+    /// Extra read-only binds (same path inside).
+    pub ro_binds: &'a [String],
+    /// Content of /etc/resolv.conf.
+    pub resolv_conf: &'a str,
+}
+
+/// The complete, prepared list of steps that builds the sandbox root.
+#[derive(Debug)]
+pub struct MountPlan {
+    /// Directory the new root is mounted on (inside the private mount namespace).
+    pub base: CString,
+    /// The steps, in order.
+    pub ops: Vec<Op>,
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> Result<CString> {
+    CString::new(s.as_ref().to_vec())
+        .map_err(|_| Error::InvalidSpec("path contains a NUL byte".into()))
+}
+
+/// Path under the new root.
+fn under(base: &str, path: &str) -> String {
+    format!("{base}{path}")
+}
+
+impl MountPlan {
+    /// Decides the root's layout from the host's state and the inputs.
+    pub fn build(input: &PlanInput<'_>) -> Result<MountPlan> {
+        let base = BASE_CANDIDATES
+            .iter()
+            .find(|p| Path::new(p).is_dir())
+            .ok_or_else(|| Error::InvalidSpec("no directory to assemble the root in".into()))?;
+        let mut ops = Vec::new();
+        let mut b = Builder { base, ops: &mut ops };
+
+        // The root: a small tmpfs holding only mount points and generated files.
+        b.mount(None, "", Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("size=1m,mode=0755"))?;
+
+        for dir in SYSTEM_DIRS {
+            b.bind_host(dir)?;
+        }
+        for dir in input.ro_binds {
+            let p = Path::new(dir);
+            if !p.is_absolute() {
+                return Err(Error::InvalidSpec(format!("ro_binds: {dir:?} is not absolute")));
+            }
+            // Already visible through a system directory bind.
+            if SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
+                continue;
+            }
+            if !p.is_dir() {
+                return Err(Error::InvalidSpec(format!("ro_binds: {dir:?} is not a directory")));
+            }
+            b.mkdir_p(dir)?;
+            b.bind(dir, dir, true, false)?;
+        }
+
+        // /etc: a filtered view plus generated identity files.
+        b.mkdir_p("/etc")?;
+        for name in ETC_ALLOW {
+            let host = format!("/etc/{name}");
+            if Path::new(&host).symlink_metadata().is_ok() {
+                b.bind_host(&host)?;
+            }
+        }
+        let files: [(&str, &[u8]); 5] = [
+            ("/etc/passwd", b"root:x:0:0:root:/workspace:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+            ("/etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
+            ("/etc/hostname", b"cellblock\n"),
+            ("/etc/hosts", b"127.0.0.1\tlocalhost cellblock\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+            ("/etc/resolv.conf", input.resolv_conf.as_bytes()),
+        ];
+        for (path, data) in files {
+            b.ops.push(Op::Write(cstr(under(base, path))?, data.to_vec()));
+        }
+
+        // Scratch space: one tmpfs capped at `disk`, shared by /tmp, /workspace and /dev/shm so
+        // the cap is the total.
+        let scratch = "/.scratch";
+        b.mkdir_p(scratch)?;
+        let opts = format!("size={},mode=0755,uid={},gid={}", input.disk.max(4096), input.owner, input.owner);
+        b.mount(None, scratch, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some(&opts))?;
+        for (sub, mode) in [("tmp", 0o1777), ("workspace", 0o755), ("shm", 0o1777)] {
+            let p = format!("{scratch}/{sub}");
+            b.mkdir_p(&p)?;
+            b.ops.push(Op::Chown(cstr(under(base, &p))?, input.owner));
+            b.ops.push(Op::Chmod(cstr(under(base, &p))?, mode));
+        }
+        b.mkdir_p("/tmp")?;
+        b.bind(&format!("{scratch}/tmp"), "/tmp", false, true)?;
+        b.mkdir_p(WORKSPACE)?;
+        b.bind(&format!("{scratch}/workspace"), WORKSPACE, false, true)?;
+
+        // /dev: a few device nodes, no others.
+        b.mkdir_p("/dev")?;
+        b.mount(None, "/dev", Some("tmpfs"), libc::MS_NOSUID | libc::MS_NOEXEC, Some("size=64k,mode=0755"))?;
+        for dev in DEVICES {
+            let host = format!("/dev/{dev}");
+            if Path::new(&host).exists() {
+                b.ops.push(Op::Touch(cstr(under(base, &host))?));
+                b.bind(&host, &host, false, false)?;
+                let dst = cstr(under(base, &host))?;
+                b.ops.push(Op::SetAttr(dst, MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NOEXEC, false));
+            }
+        }
+        b.mkdir_p("/dev/shm")?;
+        b.bind(&format!("{scratch}/shm"), "/dev/shm", false, true)?;
+        b.mkdir_p("/dev/pts")?;
+        for (link, target) in [
+            ("/dev/fd", "/proc/self/fd"),
+            ("/dev/stdin", "/proc/self/fd/0"),
+            ("/dev/stdout", "/proc/self/fd/1"),
+            ("/dev/stderr", "/proc/self/fd/2"),
+        ] {
+            b.ops.push(Op::Symlink(cstr(target)?, cstr(under(base, link))?));
+        }
+        // The scratch mount point itself is not needed once its parts are bound.
+        b.ops.push(Op::Detach(cstr(under(base, scratch))?));
+        b.ops.push(Op::Rmdir(cstr(under(base, scratch))?));
+
+        // /proc for the new pid namespace, with /proc/sys read-only.
+        b.mkdir_p("/proc")?;
+        b.mount(Some("proc"), "/proc", Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)?;
+        b.bind("/proc/sys", "/proc/sys", false, true)?;
+        let sys = cstr(under(base, "/proc/sys"))?;
+        b.ops.push(Op::SetAttr(
+            sys,
+            MS_MOUNT_ATTR_RDONLY | MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NODEV | MS_MOUNT_ATTR_NOEXEC,
+            true,
+        ));
+        Ok(MountPlan { base: cstr(base)?, ops })
+    }
+
+    /// Replays the plan. Child-side: raw syscalls only, no allocation. On failure returns the
+    /// index of the failing op and errno.
+    pub fn apply(&self) -> Result<(), (u32, i32)> {
+        for (i, op) in self.ops.iter().enumerate() {
+            if let Err(errno) = apply_op(op) {
+                return Err((i as u32, errno));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Builder<'a> {
+    base: &'a str,
+    ops: &'a mut Vec<Op>,
+}
+
+impl Builder<'_> {
+    fn mkdir_p(&mut self, path: &str) -> Result<()> {
+        let mut cur = String::new();
+        for part in path.split('/').filter(|s| !s.is_empty()) {
+            cur.push('/');
+            cur.push_str(part);
+            self.ops.push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
+        }
+        Ok(())
+    }
+
+    fn mount(
+        &mut self,
+        src: Option<&str>,
+        dst: &str,
+        fstype: Option<&str>,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+    ) -> Result<()> {
+        self.ops.push(Op::Mount {
+            src: src.map(cstr).transpose()?,
+            dst: cstr(under(self.base, dst))?,
+            fstype: fstype.map(cstr).transpose()?,
+            flags,
+            data: data.map(cstr).transpose()?,
+        });
+        Ok(())
+    }
+
+    /// Bind `src` (host path, or a path under the new root when `src_in_root`) onto `dst`.
+    fn bind(&mut self, src: &str, dst: &str, readonly: bool, src_in_root: bool) -> Result<()> {
+        let src_path = if src_in_root { under(self.base, src) } else { src.to_string() };
+        self.ops.push(Op::Mount {
+            src: Some(cstr(src_path)?),
+            dst: cstr(under(self.base, dst))?,
+            fstype: None,
+            flags: libc::MS_BIND | libc::MS_REC,
+            data: None,
+        });
+        if readonly {
+            self.ops.push(Op::SetAttr(
+                cstr(under(self.base, dst))?,
+                MS_MOUNT_ATTR_RDONLY | MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NODEV,
+                true,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Mirror a host path read-only: directories and files are bound, symlinks recreated.
+    fn bind_host(&mut self, path: &str) -> Result<()> {
+        let Ok(meta) = Path::new(path).symlink_metadata() else { return Ok(()) };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).map_err(|e| Error::Setup { stage: "readlink", source: e })?;
+            self.ops.push(Op::Symlink(cstr(target.as_os_str().as_bytes())?, cstr(under(self.base, path))?));
+        } else if meta.is_dir() {
+            self.mkdir_p(path)?;
+            self.bind(path, path, true, false)?;
+        } else {
+            self.ops.push(Op::Touch(cstr(under(self.base, path))?));
+            self.bind(path, path, true, false)?;
+        }
+        Ok(())
+    }
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn check(ret: libc::c_long) -> Result<(), i32> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
+    c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+fn apply_op(op: &Op) -> Result<(), i32> {
+    match op {
+        Op::Mkdir(p, mode) => {
+            // SAFETY: p is a valid NUL-terminated path.
+            let r = unsafe { libc::mkdir(p.as_ptr(), *mode) };
+            if r < 0 && errno() != libc::EEXIST {
+                return Err(errno());
+            }
+            Ok(())
+        }
+        Op::Touch(p) => {
+            // SAFETY: valid path; the fd is closed right away.
+            let fd = unsafe { libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
+            check(fd as libc::c_long)?;
+            // SAFETY: fd was just opened.
+            unsafe { libc::close(fd) };
+            Ok(())
+        }
+        Op::Symlink(target, link) => {
+            // SAFETY: valid paths.
+            check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) } as libc::c_long)
+        }
+        Op::Write(p, data) => {
+            // SAFETY: valid path; fd closed below.
+            let fd = unsafe {
+                libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC, 0o644)
+            };
+            check(fd as libc::c_long)?;
+            let mut off = 0;
+            while off < data.len() {
+                // SAFETY: the slice bounds are checked by the loop.
+                let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+                if n <= 0 {
+                    let e = errno();
+                    // SAFETY: fd is open.
+                    unsafe { libc::close(fd) };
+                    return Err(e);
+                }
+                off += n as usize;
+            }
+            // SAFETY: fd is open.
+            unsafe { libc::close(fd) };
+            Ok(())
+        }
+        Op::Mount { src, dst, fstype, flags, data } => {
+            // SAFETY: every pointer is a valid C string or null, as mount(2) allows.
+            check(unsafe {
+                libc::mount(opt_ptr(src), dst.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast())
+            } as libc::c_long)
+        }
+        Op::SetAttr(p, set, recursive) => {
+            let attr = MountAttr { attr_set: *set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+            let flags = if *recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+            // SAFETY: attr lives for the call and its size is passed.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    flags,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                )
+            })
+        }
+        Op::Chown(p, uid) => {
+            // SAFETY: valid path.
+            check(unsafe { libc::chown(p.as_ptr(), *uid, *uid) } as libc::c_long)
+        }
+        Op::Chmod(p, mode) => {
+            // SAFETY: valid path.
+            check(unsafe { libc::chmod(p.as_ptr(), *mode) } as libc::c_long)
+        }
+        Op::Detach(p) => {
+            // SAFETY: valid path.
+            check(unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } as libc::c_long)
+        }
+        Op::Rmdir(p) => {
+            // SAFETY: valid path.
+            check(unsafe { libc::rmdir(p.as_ptr()) } as libc::c_long)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> MountPlan {
+        MountPlan::build(&PlanInput { disk: 1 << 20, owner: 0, ro_binds: &[], resolv_conf: "" })
+            .expect("plan")
+    }
+
+    fn descriptions(p: &MountPlan) -> Vec<String> {
+        p.ops.iter().map(Op::describe).collect()
+    }
+
+    #[test]
+    fn plan_never_exposes_secrets_of_etc() {
+        let d = descriptions(&plan()).join("\n");
+        for bad in ["/etc/shadow", "/etc/gshadow", "/etc/ssh", "/etc/sudoers"] {
+            assert!(!d.contains(&format!("mount {bad} ")), "{bad} is bound:\n{d}");
+        }
+        assert!(d.contains("write /"));
+    }
+
+    #[test]
+    fn plan_has_no_host_home_or_work() {
+        let d = descriptions(&plan()).join("\n");
+        for bad in ["mount /root", "mount /home", "mount /work", "mount /var/run", "mount /run"] {
+            assert!(!d.contains(bad), "{bad}:\n{d}");
+        }
+    }
+
+    #[test]
+    fn system_binds_are_read_only() {
+        let p = plan();
+        for (i, op) in p.ops.iter().enumerate() {
+            if let Op::Mount { src: Some(src), fstype: None, .. } = op {
+                let s = src.to_string_lossy();
+                if s == "/usr" {
+                    assert!(matches!(&p.ops[i + 1], Op::SetAttr(_, a, true) if a & MS_MOUNT_ATTR_RDONLY != 0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relative_ro_bind_is_rejected() {
+        let binds = vec!["relative/dir".to_string()];
+        let e = MountPlan::build(&PlanInput { disk: 1, owner: 0, ro_binds: &binds, resolv_conf: "" });
+        assert!(matches!(e, Err(Error::InvalidSpec(_))));
+    }
+}

@@ -1,0 +1,435 @@
+//! Starting a sandbox: prepare everything, clone PID 1 into fresh namespaces, synchronise.
+//!
+//! The order matters and is the whole design: all allocation happens here, before the clone;
+//! the child ([`crate::child`]) only replays prepared data with raw syscalls.
+
+use crate::cgroup::RunCgroup;
+use crate::child::{self, ChildFds, CStringArray, Identity, InitPlan, Stage, TargetPlan};
+use crate::error::{Error, Result};
+use crate::fs::{self, MountPlan, PlanInput};
+use crate::report::Enforcer;
+use crate::seccomp;
+use crate::spec::RunSpec;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Host uid (and gid) that uid 0 inside maps to when cellblock runs as root: unprivileged and
+/// owning nothing on the host, so even a kernel escape lands without root's file access.
+pub const ROOT_PATH_HOST_UID: u32 = 0x6cb0_0000;
+
+/// Default PATH inside the sandbox (extended with interpreter prefixes by the caller).
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
+
+/// The fds of a started sandbox that the supervisor keeps.
+#[derive(Debug)]
+pub struct Started {
+    /// Host pid of PID 1.
+    pub pid: libc::pid_t,
+    /// pidfd of PID 1 (poll it for exit; signal through it).
+    pub pidfd: OwnedFd,
+    /// Write end of the target's stdin.
+    pub stdin: OwnedFd,
+    /// Read end of the target's stdout.
+    pub stdout: OwnedFd,
+    /// Read end of the target's stderr.
+    pub stderr: OwnedFd,
+    /// Read end of PID 1's status pipe.
+    pub status: OwnedFd,
+    /// The seccomp listener, when a filter was installed.
+    pub listener: Option<OwnedFd>,
+    /// The run's cgroup (None: rlimit fallback).
+    pub cgroup: Option<RunCgroup>,
+    /// What enforces each requested limit.
+    pub enforcement: BTreeMap<String, Option<Enforcer>>,
+    /// When the clone happened.
+    pub started_at: std::time::Instant,
+}
+
+/// Whether this process can create cgroups and map arbitrary uids (real root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no side effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::setup("pipe"));
+    }
+    // SAFETY: both fds are fresh and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
+        return Err(Error::setup("socketpair"));
+    }
+    // SAFETY: both fds are fresh and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn cstring(s: &str, what: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidSpec(format!("{what} contains a NUL byte")))
+}
+
+/// The path candidates execve tries for `argv0`, like execvp.
+pub fn exec_candidates(argv0: &str, path_var: &str) -> Vec<String> {
+    if argv0.contains('/') {
+        return vec![argv0.to_string()];
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{}/{}", d.trim_end_matches('/'), argv0))
+        .collect()
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+/// Everything prepared for one sandbox before the clone.
+struct Prepared {
+    mounts: MountPlan,
+    identity: Identity,
+    target: TargetPlan,
+}
+
+fn validate(spec: &RunSpec) -> Result<()> {
+    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+        return Err(Error::InvalidSpec("argv is empty".into()));
+    }
+    let l = &spec.limits;
+    for (name, v) in [("timeout", l.timeout), ("cpu_time", l.cpu_time), ("cpus", l.cpus)] {
+        if let Some(v) = v {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(Error::InvalidSpec(format!("{name} must be a positive number, got {v}")));
+            }
+        }
+    }
+    for (name, v) in [("memory", l.memory), ("pids", l.pids), ("max_output", l.max_output), ("disk", l.disk)] {
+        if v == Some(0) {
+            return Err(Error::InvalidSpec(format!("{name} must be positive")));
+        }
+    }
+    for k in spec.env.keys().chain(spec.secrets.iter().map(|s| &s.name)) {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Error::InvalidSpec(format!("bad environment variable name {k:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Decides rlimits for the limits no cgroup enforces, and records every enforcer.
+fn plan_limits(
+    spec: &RunSpec,
+    cgroup: Option<&RunCgroup>,
+) -> (Vec<(libc::__rlimit_resource_t, u64)>, BTreeMap<String, Option<Enforcer>>) {
+    let l = &spec.limits;
+    let mut rlimits = vec![(libc::RLIMIT_CORE, 0)];
+    let mut enf = BTreeMap::new();
+    let by_cgroup = |name: &str| {
+        cgroup.and_then(|c| c.enforced().iter().find(|(n, _)| *n == name).map(|(_, e)| *e))
+    };
+    if let Some(mem) = l.memory {
+        let e = by_cgroup("memory").or_else(|| {
+            // RLIMIT_DATA rather than RLIMIT_AS: runtimes such as V8 reserve far more address
+            // space than they use, and would not start under an address-space cap.
+            rlimits.push((libc::RLIMIT_DATA, mem));
+            Some(Enforcer::Rlimit)
+        });
+        enf.insert("memory".into(), e);
+    }
+    if let Some(p) = l.pids {
+        let e = by_cgroup("pids").or_else(|| {
+            // Counted per user in the run's own user namespace, so the host is unaffected.
+            rlimits.push((libc::RLIMIT_NPROC, p));
+            Some(Enforcer::Rlimit)
+        });
+        enf.insert("pids".into(), e);
+    }
+    if l.cpus.is_some() {
+        enf.insert("cpus".into(), by_cgroup("cpus"));
+    }
+    if let Some(t) = l.cpu_time {
+        let e = by_cgroup("cpu_time").or_else(|| {
+            // Per process only: the honest best without a cgroup.
+            rlimits.push((libc::RLIMIT_CPU, t.ceil() as u64));
+            Some(Enforcer::Rlimit)
+        });
+        enf.insert("cpu_time".into(), e);
+    }
+    if l.disk.is_some() {
+        enf.insert("disk".into(), Some(Enforcer::Tmpfs));
+    }
+    if l.timeout.is_some() {
+        enf.insert("timeout".into(), Some(Enforcer::Supervisor));
+    }
+    if l.max_output.is_some() {
+        enf.insert("max_output".into(), Some(Enforcer::Supervisor));
+    }
+    (rlimits, enf)
+}
+
+fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resolv_conf: &str) -> Result<Prepared> {
+    let root = is_root();
+    // SAFETY: getuid/getgid have no side effects.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let owner = if root { ROOT_PATH_HOST_UID } else { 0 };
+    let disk = spec.limits.disk.unwrap_or(64 << 20);
+    let mounts = MountPlan::build(&PlanInput { disk, owner, ro_binds: &spec.ro_binds, resolv_conf })?;
+    let identity = if root {
+        Identity::RootThenUserns
+    } else {
+        Identity::SelfMapped {
+            uid_map: format!("0 {uid} 1\n").into_bytes(),
+            gid_map: format!("0 {gid} 1\n").into_bytes(),
+        }
+    };
+    let mut env: BTreeMap<&str, &str> = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for s in &spec.secrets {
+        env.insert(&s.name, &s.value);
+    }
+    let path_var = env.get("PATH").copied().unwrap_or(DEFAULT_PATH).to_string();
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstring(&format!("{k}={v}"), "environment"))
+        .collect::<Result<Vec<_>>>()?;
+    let argv = spec.argv.iter().map(|a| cstring(a, "argv")).collect::<Result<Vec<_>>>()?;
+    let exec_candidates = exec_candidates(&spec.argv[0], &path_var)
+        .iter()
+        .map(|p| cstring(p, "argv[0]"))
+        .collect::<Result<Vec<_>>>()?;
+    let seccomp = match &spec.seccomp {
+        Some(s) => Some(seccomp::Program::from_bytes(&s.bpf)?),
+        None => None,
+    };
+    let target = TargetPlan {
+        argv: CStringArray::new(argv),
+        envp: CStringArray::new(envp),
+        exec_candidates,
+        cwd: cstring(spec.cwd.as_deref().unwrap_or(fs::WORKSPACE), "cwd")?,
+        rlimits,
+        seccomp,
+        last_cap: last_cap(),
+    };
+    Ok(Prepared { mounts, identity, target })
+}
+
+/// Reads an error record written by a child, if any (EOF = none).
+fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> {
+    let mut rec = [0u8; 12];
+    let mut f = std::fs::File::from(err.try_clone().ok()?);
+    let mut got = 0;
+    while got < rec.len() {
+        match f.read(&mut rec[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        return None;
+    }
+    if got < rec.len() {
+        return Some(Error::Setup { stage: "child", source: std::io::Error::other("truncated error record") });
+    }
+    let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+    let (stage, index, errno) = (word(0), word(4), word(8) as i32);
+    let os = std::io::Error::from_raw_os_error(errno);
+    Some(match Stage::from_u32(stage) {
+        Some(Stage::Exec) => match errno {
+            libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()),
+            _ => Error::CommandNotFound(format!("{argv0}: {os}")),
+        },
+        Some(Stage::Mount) => {
+            let what = prepared.mounts.ops.get(index as usize).map(|o| o.describe()).unwrap_or_default();
+            Error::Setup { stage: "mount", source: std::io::Error::new(os.kind(), format!("{what}: {os}")) }
+        }
+        Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
+        Some(s) => Error::Setup { stage: s.describe(), source: os },
+        None => Error::Setup { stage: "child", source: os },
+    })
+}
+
+/// Writes `0 <host> 1` maps for a user namespace created by a root PID 1.
+fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
+    let map = format!("0 {ROOT_PATH_HOST_UID} 1\n");
+    std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), &map)
+}
+
+fn kill_and_reap(pidfd: &OwnedFd) {
+    // SAFETY: signalling and reaping our own child through its pidfd.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL);
+    }
+}
+
+/// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
+///
+/// Returns once the command has been exec'd (or with the reason it could not be).
+pub fn start(spec: &RunSpec, resolv_conf: &str) -> Result<Started> {
+    validate(spec)?;
+    let cgroup = RunCgroup::create(&spec.limits, false);
+    let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
+    let prepared = prepare(spec, rlimits, resolv_conf)?;
+
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    let (sock_parent, sock_child) = socketpair()?;
+    let fds = ChildFds {
+        stdin: stdin_r.as_raw_fd(),
+        stdout: stdout_w.as_raw_fd(),
+        stderr: stderr_w.as_raw_fd(),
+        ready: ready_w.as_raw_fd(),
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        status: status_w.as_raw_fd(),
+        fdsock: sock_child.as_raw_fd(),
+    };
+    let init = InitPlan {
+        mounts: Some(&prepared.mounts),
+        identity: &prepared.identity,
+        hostname: fs::HOSTNAME.as_bytes(),
+        target: Some(&prepared.target),
+        fds,
+    };
+    let mut flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS | libc::CLONE_PIDFD) as libc::c_ulong;
+    if !is_root() {
+        flags |= libc::CLONE_NEWUSER as libc::c_ulong;
+    }
+    let mut pidfd: libc::c_int = -1;
+    let started_at = std::time::Instant::now();
+    // SAFETY: a raw clone without CLONE_VM is a fork; exit signal 0 keeps PID 1 invisible to
+    // waitpid(-1) in the caller's other threads. The child only runs `init_main`, which never
+    // returns.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, &mut pidfd as *mut libc::c_int, 0, 0) };
+    if pid == 0 {
+        child::init_main(&init);
+    }
+    if pid < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES) => {
+                Error::NamespaceUnavailable(format!("clone of a namespaced PID 1 failed: {e}"))
+            }
+            _ => Error::Setup { stage: "clone", source: e },
+        });
+    }
+    let pid = pid as libc::pid_t;
+    // SAFETY: CLONE_PIDFD stored a fresh fd that we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((stdin_r, stdout_w, stderr_w, ready_w, go_r, err_w, status_w, sock_child));
+
+    let fail = |e: Error| -> Error {
+        kill_and_reap(&pidfd);
+        e
+    };
+    if let Some(cg) = &cgroup {
+        if let Err(e) = cg.add(pid) {
+            return Err(fail(Error::Setup { stage: "join the run's cgroup", source: e }));
+        }
+    }
+    let mut byte = [0u8; 1];
+    let ready = std::fs::File::from(ready_r).read(&mut byte).unwrap_or(0) == 1;
+    if !ready {
+        let e = read_error(&err_r, &prepared, &spec.argv[0])
+            .unwrap_or_else(|| Error::Setup { stage: "build the sandbox", source: std::io::Error::other("PID 1 died") });
+        return Err(fail(e));
+    }
+    if is_root() {
+        if let Err(e) = write_root_maps(pid) {
+            return Err(fail(Error::Setup { stage: "write uid/gid maps", source: e }));
+        }
+    }
+    // SAFETY: one byte to the go pipe.
+    if unsafe { libc::write(go_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
+        return Err(fail(Error::setup("release PID 1")));
+    }
+    drop(go_w);
+    if let Some(e) = read_error(&err_r, &prepared, &spec.argv[0]) {
+        return Err(fail(e));
+    }
+    let listener = if spec.seccomp.is_some() {
+        match seccomp::recv_fd(std::os::fd::AsFd::as_fd(&sock_parent)) {
+            Ok(fd) => Some(fd),
+            Err(e) => return Err(fail(Error::Seccomp(format!("no listener from the sandbox: {e}")))),
+        }
+    } else {
+        None
+    };
+    Ok(Started {
+        pid,
+        pidfd,
+        stdin: stdin_w,
+        stdout: stdout_r,
+        stderr: stderr_r,
+        status: status_r,
+        listener,
+        cgroup,
+        enforcement,
+        started_at,
+    })
+}
+
+/// Sends SIGKILL to PID 1 (and so to every process of the sandbox).
+pub fn kill(pidfd: &OwnedFd) {
+    // SAFETY: signalling our own child through its pidfd.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_candidates_follow_path() {
+        assert_eq!(exec_candidates("ls", "/a:/b/"), vec!["/a/ls", "/b/ls"]);
+        assert_eq!(exec_candidates("./x", "/a"), vec!["./x"]);
+        assert_eq!(exec_candidates("/bin/sh", "/a"), vec!["/bin/sh"]);
+    }
+
+    #[test]
+    fn limits_fall_back_to_rlimits_without_cgroup() {
+        let mut spec = RunSpec { argv: vec!["true".into()], ..Default::default() };
+        spec.limits.memory = Some(1 << 20);
+        spec.limits.pids = Some(10);
+        spec.limits.cpus = Some(0.5);
+        spec.limits.disk = Some(1 << 20);
+        let (rl, enf) = plan_limits(&spec, None);
+        assert!(rl.iter().any(|(r, v)| *r == libc::RLIMIT_DATA && *v == 1 << 20));
+        assert!(rl.iter().any(|(r, v)| *r == libc::RLIMIT_NPROC && *v == 10));
+        assert_eq!(enf["memory"], Some(Enforcer::Rlimit));
+        assert_eq!(enf["cpus"], None, "cpu quota has no rlimit: reported as not enforced");
+        assert_eq!(enf["disk"], Some(Enforcer::Tmpfs));
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        let mut spec = RunSpec::default();
+        assert!(matches!(validate(&spec), Err(Error::InvalidSpec(_))));
+        spec.argv = vec!["x".into()];
+        spec.limits.timeout = Some(-1.0);
+        assert!(matches!(validate(&spec), Err(Error::InvalidSpec(_))));
+    }
+}

@@ -1,0 +1,355 @@
+//! The supervisor: pumps output through the redactor, enforces the wall clock, CPU time and
+//! output caps, answers seccomp notifications, and turns the end of a run into a report.
+
+use crate::cgroup::RunCgroup;
+use crate::redact::{Redactor, StreamRedactor};
+use crate::report::{Reason, RunReport, Violation};
+use crate::seccomp;
+use crate::spawn::{self, Started};
+use crate::spec::{Limits, OnViolation};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The command's stdout.
+    Stdout,
+    /// The command's stderr.
+    Stderr,
+}
+
+/// Receives redacted output as it is produced (live streaming, e.g. the CLI).
+pub type Sink<'a> = &'a mut dyn FnMut(Stream, &[u8]);
+
+/// How often CPU time is sampled when a CPU-time budget is enforced through a cgroup.
+const CPU_POLL: Duration = Duration::from_millis(10);
+
+/// How long to wait for the pipes to close once PID 1 is gone (every process is dead by then;
+/// this only bounds a kernel that is slow to tear the namespace down).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+struct Pump {
+    fd: Option<OwnedFd>,
+    redactor: StreamRedactor,
+    stored: Vec<u8>,
+    raw_len: u64,
+    truncated: bool,
+    stream: Stream,
+}
+
+impl Pump {
+    fn new(fd: OwnedFd, redactor: &Redactor, stream: Stream) -> Pump {
+        set_nonblocking(&fd);
+        Pump { fd: Some(fd), redactor: redactor.stream(), stored: Vec::new(), raw_len: 0, truncated: false, stream }
+    }
+
+    fn store(&mut self, data: &[u8], cap: u64, sink: &mut Option<Sink<'_>>) {
+        if data.is_empty() {
+            return;
+        }
+        if let Some(s) = sink.as_mut() {
+            s(self.stream, data);
+        }
+        let room = (cap as usize).saturating_sub(self.stored.len());
+        self.stored.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// Reads what is available. Returns false at EOF.
+    fn read(&mut self, buf: &mut [u8], cap: u64, out: &mut Vec<u8>, sink: &mut Option<Sink<'_>>) -> bool {
+        let Some(raw) = self.fd.as_ref().map(|f| f.as_raw_fd()) else { return false };
+        loop {
+            // SAFETY: reading into our own buffer.
+            let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                let n = n as usize;
+                self.raw_len += n as u64;
+                if self.raw_len > cap {
+                    self.truncated = true;
+                }
+                out.clear();
+                self.redactor.feed(&buf[..n], out);
+                let data = std::mem::take(out);
+                self.store(&data, cap, sink);
+                *out = data;
+                if self.truncated {
+                    return true;
+                }
+                continue;
+            }
+            if n == 0 {
+                self.fd = None;
+                return false;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return true,
+                _ => {
+                    self.fd = None;
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, cap: u64, sink: &mut Option<Sink<'_>>) {
+        let mut out = Vec::new();
+        self.redactor.finish(&mut out);
+        self.store(&out, cap, sink);
+    }
+}
+
+fn set_nonblocking(fd: &impl AsRawFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+/// Watches a started sandbox until it ends and returns its report.
+pub fn supervise(
+    started: Started,
+    limits: &Limits,
+    stdin: &[u8],
+    redactor: &Redactor,
+    on_violation: OnViolation,
+    syscall_names: &BTreeMap<u32, String>,
+    mut sink: Option<Sink<'_>>,
+) -> RunReport {
+    let Started { pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, .. } =
+        started;
+    let cap = limits.max_output.unwrap_or(u64::MAX);
+    let deadline = limits.timeout.map(|t| started_at + Duration::from_secs_f64(t));
+    let cpu_budget = limits.cpu_time.map(Duration::from_secs_f64).filter(|_| cgroup.as_ref().is_some_and(|c| c.enforces("cpu_time")));
+    let mut pumps = [Pump::new(stdout, redactor, Stream::Stdout), Pump::new(stderr, redactor, Stream::Stderr)];
+    let mut listener = listener.map(|fd| seccomp::Listener::new(fd, syscall_names.clone()));
+    let mut stdin_fd = if stdin.is_empty() { None } else { Some(stdin_fd) };
+    if let Some(fd) = &stdin_fd {
+        set_nonblocking(fd);
+    }
+    let mut stdin_off = 0usize;
+    let mut killed_for: Option<Reason> = None;
+    let mut init_done = false;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut scratch = Vec::with_capacity(64 * 1024);
+
+    let kill = |reason: Reason, killed_for: &mut Option<Reason>| {
+        if killed_for.is_none() {
+            *killed_for = Some(reason);
+            spawn::kill(&pidfd);
+        }
+    };
+
+    loop {
+        let open_pumps = pumps.iter().any(|p| p.fd.is_some());
+        if init_done && !open_pumps {
+            break;
+        }
+        let now = Instant::now();
+        if let Some(d) = drain_deadline {
+            if now >= d {
+                break;
+            }
+        }
+        // Poll set: pumps, stdin, pidfd, seccomp listener.
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(5);
+        let mut tags: Vec<u8> = Vec::with_capacity(5);
+        for (i, p) in pumps.iter().enumerate() {
+            if let Some(fd) = &p.fd {
+                pfds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                tags.push(i as u8);
+            }
+        }
+        if let Some(fd) = &stdin_fd {
+            pfds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
+            tags.push(2);
+        }
+        if !init_done {
+            pfds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            tags.push(3);
+        }
+        if let Some(l) = &listener {
+            pfds.push(libc::pollfd { fd: l.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            tags.push(4);
+        }
+        let mut wait = Duration::from_secs(3600);
+        if let (Some(d), None) = (deadline, killed_for) {
+            wait = wait.min(d.saturating_duration_since(now));
+        }
+        if cpu_budget.is_some() && killed_for.is_none() {
+            wait = wait.min(CPU_POLL);
+        }
+        if let Some(d) = drain_deadline {
+            wait = wait.min(d.saturating_duration_since(now));
+        }
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: pfds is a valid array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms.max(if wait.is_zero() { 0 } else { 1 })) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+        for (pfd, tag) in pfds.iter().zip(&tags) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            match tag {
+                0 | 1 => {
+                    let p = &mut pumps[*tag as usize];
+                    p.read(&mut buf, cap, &mut scratch, &mut sink);
+                    if p.truncated {
+                        kill(Reason::OutputLimit, &mut killed_for);
+                    }
+                }
+                2 => {
+                    if let Some(fd) = &stdin_fd {
+                        // SAFETY: writing from our own buffer.
+                        let w = unsafe {
+                            libc::write(fd.as_raw_fd(), stdin[stdin_off..].as_ptr().cast(), stdin.len() - stdin_off)
+                        };
+                        if w > 0 {
+                            stdin_off += w as usize;
+                        }
+                        let err = std::io::Error::last_os_error().raw_os_error();
+                        if stdin_off >= stdin.len() || (w < 0 && err != Some(libc::EAGAIN) && err != Some(libc::EINTR)) {
+                            stdin_fd = None;
+                        }
+                    }
+                }
+                3 => {
+                    init_done = true;
+                    drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+                }
+                4 => {
+                    if let Some(l) = listener.as_mut() {
+                        if let Ok(n) = l.drain() {
+                            if n > 0 && on_violation == OnViolation::Kill {
+                                kill(Reason::Seccomp, &mut killed_for);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if killed_for.is_none() {
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    kill(Reason::Timeout, &mut killed_for);
+                }
+            }
+            if let (Some(budget), Some(cg)) = (cpu_budget, cgroup.as_ref()) {
+                if cg.cpu_time().is_some_and(|used| used >= budget) {
+                    kill(Reason::CpuTime, &mut killed_for);
+                }
+            }
+        }
+    }
+    // Make sure nothing survives, whatever ended the loop.
+    spawn::kill(&pidfd);
+    drop(stdin_fd);
+    for p in pumps.iter_mut() {
+        p.fd = None;
+        p.finish(cap, &mut sink);
+    }
+    let rusage = reap(&pidfd);
+    let wall_time_s = started_at.elapsed().as_secs_f64();
+    let target_status = read_status(status);
+    let (cpu, peak, ooms) = usage(cgroup.as_ref(), &rusage);
+    if let Some(cg) = cgroup.as_mut() {
+        let _ = cg.remove();
+    }
+    let mut violations: Vec<Violation> = Vec::new();
+    if let Some(l) = listener.as_mut() {
+        let _ = l.drain();
+        violations.extend(l.violations());
+    }
+
+    let (mut exit_code, mut signal) = (None, None);
+    if let Some(st) = target_status {
+        if libc::WIFEXITED(st) {
+            exit_code = Some(libc::WEXITSTATUS(st));
+        } else if libc::WIFSIGNALED(st) {
+            signal = Some(libc::WTERMSIG(st));
+        }
+    } else {
+        signal = Some(libc::SIGKILL);
+    }
+    let reason = match killed_for {
+        Some(r) => r,
+        None if ooms > 0 => Reason::Memory,
+        None if signal == Some(libc::SIGXCPU) => Reason::CpuTime,
+        None if exit_code.is_some() => Reason::Exited,
+        None => Reason::Signaled,
+    };
+    let mut redactions = BTreeMap::new();
+    for p in &pumps {
+        for (k, v) in p.redactor.counts() {
+            *redactions.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+    let [out, err] = pumps;
+    RunReport {
+        exit_code,
+        signal,
+        reason,
+        stdout: out.stored,
+        stderr: err.stored,
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
+        wall_time_s,
+        cpu_time_s: cpu.as_secs_f64(),
+        peak_memory_bytes: peak,
+        violations,
+        enforcement,
+        redactions,
+        seccomp_profile: None,
+        network: None,
+    }
+}
+
+fn reap(pidfd: &OwnedFd) -> libc::rusage {
+    // SAFETY: the raw waitid fills siginfo and rusage for our own child.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let mut ru: libc::rusage = std::mem::zeroed();
+        loop {
+            let r = libc::syscall(
+                libc::SYS_waitid,
+                libc::P_PIDFD,
+                pidfd.as_fd().as_raw_fd(),
+                &mut info as *mut libc::siginfo_t,
+                libc::WEXITED | libc::__WALL,
+                &mut ru as *mut libc::rusage,
+            );
+            if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+        ru
+    }
+}
+
+fn read_status(status: OwnedFd) -> Option<i32> {
+    let mut b = [0u8; 4];
+    // SAFETY: reading 4 bytes into our buffer; PID 1 wrote them before exiting, or nothing.
+    let n = unsafe { libc::read(status.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
+    (n == 4).then(|| i32::from_ne_bytes(b))
+}
+
+fn usage(cgroup: Option<&RunCgroup>, ru: &libc::rusage) -> (Duration, u64, u64) {
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    let rusage_cpu = tv(ru.ru_utime) + tv(ru.ru_stime);
+    let rusage_peak = (ru.ru_maxrss as u64) * 1024;
+    match cgroup {
+        Some(cg) => (
+            cg.cpu_time().unwrap_or(rusage_cpu),
+            cg.peak_memory().unwrap_or(rusage_peak),
+            cg.oom_kills(),
+        ),
+        None => (rusage_cpu, rusage_peak, 0),
+    }
+}
