@@ -1,0 +1,67 @@
+"""The `cellblock` command line: `cellblock SUBCOMMAND ...` (see `cellblock --help`).
+
+Each subcommand lives in `cellblock.commands.<name>` and exposes `register(subparsers)`.
+Errors print one line, `cellblock: error: <Kind>: message`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import NoReturn
+
+from cellblock.errors import CellblockError
+
+#: Subcommand modules, in help order.
+COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "demo")
+
+#: Exit status for usage and setup errors (like most Unix tools).
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in cellblock's one-line format."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see '{self.prog} --help')")
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line error and exit 2."""
+    print(f"cellblock: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cellblock", description="Run untrusted code in a sandbox.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cellblock.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"cellblock.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cellblock` script."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CellblockError as e:
+        fail(f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        print("cellblock: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

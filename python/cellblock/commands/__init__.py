@@ -1,0 +1,1 @@
+"""Subcommands of the `cellblock` CLI, one module each."""

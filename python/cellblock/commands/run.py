@@ -1,0 +1,102 @@
+"""`cellblock run [options] -- CMD [ARGS...]`: one command in a fresh sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any
+
+from cellblock.policy import Policy
+from cellblock.result import RunResult
+from cellblock.sandbox import run
+
+#: Exit status on timeout, as `timeout(1)` uses.
+EXIT_TIMEOUT = 124
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by commands that start sandboxes."""
+    p.add_argument("--memory", metavar="SIZE", help="memory cap, e.g. 256M")
+    p.add_argument("--pids", metavar="N", help="max processes/threads")
+    p.add_argument("--cpus", metavar="F", help="CPU bandwidth, e.g. 0.5")
+    p.add_argument("--timeout", metavar="S", help="wall-clock timeout in seconds")
+    p.add_argument("--cpu-time", metavar="S", help="CPU-time budget in seconds")
+    p.add_argument("--max-output", metavar="SIZE", help="bytes kept per output stream")
+    p.add_argument("--disk", metavar="SIZE", help="size of /tmp + /workspace")
+    p.add_argument("--env", metavar="K=V", action="append", default=[], help="set a variable")
+    p.add_argument("--policy", metavar="FILE", help="TOML policy file")
+    p.add_argument("--profile", metavar="NAME", help="seccomp profile (python|node|shell|default|none)")
+    p.add_argument("--allow-net", metavar="PATTERN", action="append", default=[],
+                   help="allow egress to host[:port] (repeatable)")
+    p.add_argument("--secret", metavar="NAME[=@FILE]", action="append", default=[],
+                   help="inject a secret from cellblock's environment (or a file); redacted from output")
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    """The Policy the options describe (policy file first, options over it)."""
+    from cellblock.cli import fail
+    from cellblock.commands.secrets import secrets_from_args
+
+    base = Policy.from_toml(args.policy) if args.policy else Policy()
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--env expects KEY=VALUE, got {item!r}")
+        env[key] = value
+    fields: dict[str, Any] = {
+        "memory": args.memory, "pids": args.pids, "cpus": args.cpus, "timeout": args.timeout,
+        "cpu_time": args.cpu_time, "max_output": args.max_output, "disk": args.disk,
+        "profile": args.profile,
+        "env": {**base.env, **env} if env else None,
+        "allow_net": args.allow_net or None,
+    }
+    secrets = secrets_from_args(args.secret)
+    if secrets:
+        fields["secrets"] = {**base.secrets, **secrets}
+    return base.merged(**fields)
+
+
+def exit_status(result: RunResult) -> int:
+    """Like `timeout`/`docker run`: the command's status, 128+N for signal N, 124 on timeout."""
+    if result.reason == "timeout":
+        return EXIT_TIMEOUT
+    if result.exit_code is not None:
+        return result.exit_code
+    return 128 + (result.signal or signal.SIGKILL)
+
+
+def _live(stream: int, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+    out.write(data)
+    out.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cellblock.cli import fail
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    elif argv:
+        fail("missing '--' before the command (usage: cellblock run [options] -- CMD [ARGS...])")
+    if not argv:
+        fail("no command given (usage: cellblock run [options] -- CMD [ARGS...])")
+    policy = policy_from_args(args)
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    return exit_status(result)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run one command in a fresh sandbox",
+                       usage="cellblock run [options] -- CMD [ARGS...]")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_limit_options(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_run)

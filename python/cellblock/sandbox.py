@@ -1,0 +1,131 @@
+"""One-shot runs: `cellblock.run(argv, ...)` builds a run spec and hands it to the native core."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cellblock import _native
+from cellblock.errors import InvalidSpec
+from cellblock.policy import Policy
+from cellblock.result import RunResult
+from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
+from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
+
+#: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
+OutputCallback = Callable[[int, bytes], None]
+
+_SYSTEM_PREFIXES = ("/usr", "/bin", "/sbin", "/lib")
+
+
+def _outside_system(path: str) -> bool:
+    return not any(path == p or path.startswith(p + "/") for p in _SYSTEM_PREFIXES)
+
+
+def runtime_prefixes() -> list[str]:
+    """Host directories of the interpreters runs use, when they live outside /usr (e.g. pyenv)."""
+    prefixes = []
+    base = os.path.realpath(sys.base_prefix)
+    if _outside_system(base):
+        prefixes.append(base)
+    node = shutil.which("node")
+    if node:
+        node_prefix = os.path.dirname(os.path.dirname(os.path.realpath(node)))
+        if _outside_system(node_prefix) and node_prefix not in prefixes:
+            prefixes.append(node_prefix)
+    return prefixes
+
+
+def default_env(prefixes: Sequence[str]) -> dict[str, str]:
+    """The environment every run starts from: nothing of the caller's is inherited."""
+    path = [f"{p}/bin" for p in prefixes]
+    path += ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"]
+    return {"PATH": ":".join(path), "HOME": "/workspace", "LANG": "C.UTF-8"}
+
+
+def resolve_seccomp(
+    argv: Sequence[str], profile: str | None, seccomp: SeccompPolicy | None
+) -> CompiledFilter | None:
+    """The filter a run gets: explicit policy, named profile, or chosen from argv[0]."""
+    if seccomp is not None:
+        return compile_filter(seccomp)
+    name = profile or profile_for_argv(list(argv))
+    if name == "none":
+        return None
+    return compile_filter(name)
+
+
+def build_spec(
+    argv: Sequence[str],
+    policy: Policy,
+    secrets: list[Secret],
+    compiled: CompiledFilter | None,
+) -> dict[str, Any]:
+    """The JSON-ready RunSpec for the core."""
+    if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidSpec("argv must be a non-empty list of strings")
+    prefixes = runtime_prefixes()
+    env = default_env(prefixes)
+    env.update(policy.env)
+    spec: dict[str, Any] = {
+        "argv": list(argv),
+        "env": env,
+        "cwd": policy.cwd,
+        "limits": policy.limits(),
+        "ro_binds": prefixes,
+        "secrets": secrets_for_spec(secrets),
+        "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
+    }
+    if compiled is not None:
+        spec["seccomp"] = {
+            "profile": compiled.profile,
+            "names": {str(k): v for k, v in compiled.names.items()},
+            "on_violation": compiled.on_violation,
+        }
+    return spec
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
+    timeout: float | None = None,
+    cpu_time: float | None = None,
+    max_output: int | str | None = None,
+    disk: int | str | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | str | None = None,
+    cwd: str | None = None,
+    policy: Policy | None = None,
+    profile: str | None = None,
+    seccomp: SeccompPolicy | None = None,
+    allow_net: Sequence[str] | None = None,
+    secrets: SecretsArg = None,
+    on_output: OutputCallback | None = None,
+) -> RunResult:
+    """Run `argv` in a fresh sandbox and report what happened.
+
+    Keyword arguments override the policy's fields; sizes accept ints or strings like "64M".
+    The GIL is released for the whole run, so threads can run sandboxes concurrently.
+    """
+    base = policy or Policy()
+    merged = base.merged(
+        memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
+        max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
+        env={**base.env, **env} if env else None,
+        allow_net=list(allow_net) if allow_net is not None else None,
+    )
+    all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
+    compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
+    spec = build_spec(argv, merged, all_secrets, compiled)
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    report = _native.run(
+        json.dumps(spec), data, compiled.bpf if compiled else None, on_output
+    )
+    return RunResult(**report)
