@@ -4,8 +4,13 @@
 //! are allowed: no allocation, no locks, no panics. Everything used here is prepared by
 //! [`crate::spawn`] before the fork. Failures are written to the error pipe as
 //! `(stage, index, errno)` records and the child exits.
+//!
+//! The children are made with a raw clone, so glibc still believes the caller's other threads
+//! exist: its set*id/setgroups wrappers would wait forever for those threads. Credentials are
+//! therefore changed with raw syscalls.
 
 use crate::fs::MountPlan;
+use crate::fdpass;
 use crate::seccomp;
 use std::ffi::CString;
 
@@ -45,6 +50,8 @@ pub enum Stage {
     Seccomp,
     /// execve (index = 0, errno of the most telling failure).
     Exec,
+    /// Joining a session's namespaces.
+    Join,
 }
 
 impl Stage {
@@ -52,7 +59,7 @@ impl Stage {
     pub fn from_u32(v: u32) -> Option<Stage> {
         use Stage::*;
         [IdMap, MountPrivate, Mount, PivotRoot, RootReadOnly, Hostname, Loopback, Network, Unshare,
-         Sync, Credentials, Fork, Process, Capabilities, Seccomp, Exec]
+         Sync, Credentials, Fork, Process, Capabilities, Seccomp, Exec, Join]
             .into_iter()
             .find(|s| *s as u32 == v)
     }
@@ -76,6 +83,7 @@ impl Stage {
             Stage::Capabilities => "drop capabilities",
             Stage::Seccomp => "install the seccomp filter",
             Stage::Exec => "execute the command",
+            Stage::Join => "join the session",
         }
     }
 }
@@ -144,6 +152,12 @@ pub enum Identity {
     /// Root caller: build mounts as real root, then unshare a user namespace whose maps the
     /// supervisor writes (uid 0 inside = an unprivileged host uid).
     RootThenUserns,
+    /// A session call's init: already inside the session's namespaces (see [`join_main`]);
+    /// `root` says whether to switch to uid 0 of the user namespace (root-built sessions).
+    Joined {
+        /// Whether the session was built by root.
+        root: bool,
+    },
 }
 
 /// Pipes and sockets of a child, as raw fds (both ends live in the parent until fork).
@@ -168,8 +182,8 @@ pub struct ChildFds {
 }
 
 impl ChildFds {
-    fn keep(&self) -> [libc::c_int; 8] {
-        [self.stdin, self.stdout, self.stderr, self.ready, self.go, self.err, self.status, self.fdsock]
+    fn keep(&self, extra: libc::c_int) -> [libc::c_int; 9] {
+        [self.stdin, self.stdout, self.stderr, self.ready, self.go, self.err, self.status, self.fdsock, extra]
     }
 }
 
@@ -186,6 +200,10 @@ pub struct InitPlan<'a> {
     pub target: Option<&'a TargetPlan>,
     /// fds.
     pub fds: ChildFds,
+    /// Die with the spawning thread (one-shot runs; sessions use `lifeline` instead).
+    pub pdeathsig: bool,
+    /// Read end of a pipe the supervisor holds open: EOF ends a session holder.
+    pub lifeline: libc::c_int,
 }
 
 fn errno() -> i32 {
@@ -306,14 +324,16 @@ fn loopback_up() -> Result<(), i32> {
 pub fn init_main(plan: &InitPlan<'_>) -> ! {
     let fds = &plan.fds;
     // Drop descriptors inherited from the (multithreaded) caller: other runs' pipes among them.
-    close_other_fds(&fds.keep());
+    close_other_fds(&fds.keep(plan.lifeline));
     // SAFETY: umask and prctl have no memory effects. PDEATHSIG: if the supervisor thread dies,
     // the sandbox dies with it.
     unsafe {
         libc::umask(0);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if plan.pdeathsig {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        }
     }
-    let root_path = matches!(plan.identity, Identity::RootThenUserns);
+    let root_path = matches!(plan.identity, Identity::RootThenUserns | Identity::Joined { root: true });
 
     match plan.identity {
         Identity::SelfMapped { uid_map, gid_map } => {
@@ -326,8 +346,9 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
         Identity::RootThenUserns => {
             // SAFETY: dropping supplementary groups of real root.
-            ok_or_fail(unsafe { libc::setgroups(0, std::ptr::null()) } as libc::c_long, fds, Stage::Credentials, 0);
+            ok_or_fail(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) } as libc::c_long, fds, Stage::Credentials, 0);
         }
+        Identity::Joined { .. } => {}
     }
 
     if let Some(mounts) = plan.mounts {
@@ -393,8 +414,10 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     if root_path {
         // SAFETY: switching to uid/gid 0 of our user namespace.
         unsafe {
-            ok_or_fail(libc::setresgid(0, 0, 0) as libc::c_long, fds, Stage::Credentials, 1);
-            ok_or_fail(libc::setresuid(0, 0, 0) as libc::c_long, fds, Stage::Credentials, 2);
+            // Host root's supplementary groups must not follow a session call in.
+            ok_or_fail(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_long, fds, Stage::Credentials, 3);
+            ok_or_fail(libc::syscall(libc::SYS_setresgid, 0, 0, 0), fds, Stage::Credentials, 1);
+            ok_or_fail(libc::syscall(libc::SYS_setresuid, 0, 0, 0), fds, Stage::Credentials, 2);
         }
     }
 
@@ -408,7 +431,7 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             libc::close(fds.stderr);
             libc::close(fds.fdsock);
         }
-        reap_forever(fds.status)
+        hold(plan.lifeline)
     };
 
     // Block the signals we forward before the target exists, so none is lost.
@@ -458,10 +481,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
                 break;
             }
             if r == pid {
-                // SAFETY: writing 4 bytes from the stack, then exiting; the kernel kills every
-                // other process of the namespace when PID 1 exits.
+                // SAFETY: getrusage fills a stack value; writing the record then exiting; the
+                // kernel kills every other process of the namespace when PID 1 exits.
                 unsafe {
-                    libc::write(fds.status, (&status as *const i32).cast(), 4);
+                    let mut ru: libc::rusage = std::mem::zeroed();
+                    libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+                    let rec = StatusRecord::new(status, &ru).to_bytes();
+                    libc::write(fds.status, rec.as_ptr().cast(), rec.len());
                     libc::_exit(0);
                 }
             }
@@ -469,21 +495,134 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     }
 }
 
-fn reap_forever(status_fd: libc::c_int) -> ! {
-    // SAFETY: blocking every signal and waiting for children; PID 1 of a namespace only receives
-    // signals it handles, so SIGKILL from the supervisor (outside) is what ends it.
+/// A session holder: keeps the namespaces alive and reaps orphans until the supervisor's end of
+/// the lifeline closes (session closed, or the supervisor process died).
+fn hold(lifeline: libc::c_int) -> ! {
+    // SAFETY: signal masks, a signalfd and poll on fds we own; no allocation.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let _ = status_fd;
+        let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         loop {
-            let mut status = 0;
-            if libc::waitpid(-1, &mut status, 0) < 0 && errno() == libc::ECHILD {
-                let mut info: libc::siginfo_t = std::mem::zeroed();
-                libc::sigwaitinfo(&set, &mut info);
+            let mut pfds = [
+                libc::pollfd { fd: lifeline, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: sfd, events: libc::POLLIN, revents: 0 },
+            ];
+            libc::poll(pfds.as_mut_ptr(), if sfd >= 0 { 2 } else { 1 }, if sfd >= 0 { -1 } else { 100 });
+            if pfds[0].revents != 0 {
+                libc::_exit(0);
             }
+            let mut info = [0u8; 128];
+            while sfd >= 0 && libc::read(sfd, info.as_mut_ptr().cast(), info.len()) > 0 {}
+            let mut status = 0;
+            while libc::waitpid(-1, &mut status, libc::WNOHANG) > 0 {}
         }
+    }
+}
+
+/// What a session call's joiner needs: the session's PID 1 and how it was built.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinPlan {
+    /// pidfd of the session holder.
+    pub pidfd: libc::c_int,
+    /// Whether the session was built by root (its namespaces other than the user namespace
+    /// belong to the initial user namespace: join those first, then the user namespace).
+    pub root: bool,
+}
+
+/// A session call: join the session's namespaces, then start the call's init in a fresh pid
+/// namespace nested in the session's, as a child of the supervisor (CLONE_PARENT), and hand its
+/// pidfd to the supervisor. Runs in a process cloned by the supervisor; never returns.
+pub fn join_main(join: &JoinPlan, init: &InitPlan<'_>) -> ! {
+    let fds = &init.fds;
+    close_other_fds(&[fds.stdin, fds.stdout, fds.stderr, fds.ready, fds.go, fds.err, fds.status, fds.fdsock, join.pidfd]);
+    let others = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+    // SAFETY: setns through a pidfd we own; raw clones behave like fork (no CLONE_VM).
+    unsafe {
+        if join.root {
+            ok_or_fail(libc::setns(join.pidfd, others) as libc::c_long, fds, Stage::Join, 0);
+            ok_or_fail(libc::setns(join.pidfd, libc::CLONE_NEWUSER) as libc::c_long, fds, Stage::Join, 1);
+        } else {
+            ok_or_fail(libc::setns(join.pidfd, others | libc::CLONE_NEWUSER) as libc::c_long, fds, Stage::Join, 0);
+        }
+        libc::close(join.pidfd);
+        // The joiner stays outside the session's pid namespace; its child (mid) enters it and
+        // gives the call a pid namespace of its own, so that killing the call's init kills
+        // everything the call started. The init is the joiner's child (CLONE_PARENT from mid):
+        // the joiner reaps it, then exits.
+        let mid = libc::syscall(libc::SYS_clone, 0 as libc::c_ulong, 0, 0, 0, 0);
+        if mid < 0 {
+            fail(fds.err, Stage::Fork, 1, errno());
+        }
+        if mid == 0 {
+            ok_or_fail(libc::unshare(libc::CLONE_NEWPID) as libc::c_long, fds, Stage::Join, 2);
+            let mut pidfd: libc::c_int = -1;
+            let init_pid = libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::CLONE_PIDFD) as libc::c_ulong,
+                0,
+                &mut pidfd as *mut libc::c_int,
+                0,
+                0,
+            );
+            if init_pid < 0 {
+                fail(fds.err, Stage::Fork, 2, errno());
+            }
+            if init_pid == 0 {
+                init_main(init);
+            }
+            if let Err(e) = fdpass::send_fd(fds.fdsock, pidfd) {
+                fail(fds.err, Stage::Join, 3, e);
+            }
+            libc::_exit(0);
+        }
+        // Only the init's own pipes keep the supervisor informed; the joiner keeps nothing.
+        close_other_fds(&[]);
+        let mut status = 0;
+        while libc::waitpid(-1, &mut status, libc::__WALL) > 0 || errno() == libc::EINTR {}
+        libc::_exit(0)
+    }
+}
+
+/// What PID 1 reports when the command ends: its wait status and the resources used by it
+/// and every descendant PID 1 reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRecord {
+    /// Raw wait status of the command.
+    pub status: i32,
+    /// User CPU time, microseconds.
+    pub utime_us: u64,
+    /// System CPU time, microseconds.
+    pub stime_us: u64,
+    /// Largest resident set, KiB.
+    pub maxrss_kb: u64,
+}
+
+impl StatusRecord {
+    /// Size of the encoded record.
+    pub const LEN: usize = 28;
+
+    fn new(status: i32, ru: &libc::rusage) -> StatusRecord {
+        let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
+        StatusRecord { status, utime_us: us(ru.ru_utime), stime_us: us(ru.ru_stime), maxrss_kb: ru.ru_maxrss as u64 }
+    }
+
+    fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&self.status.to_ne_bytes());
+        b[4..12].copy_from_slice(&self.utime_us.to_ne_bytes());
+        b[12..20].copy_from_slice(&self.stime_us.to_ne_bytes());
+        b[20..28].copy_from_slice(&self.maxrss_kb.to_ne_bytes());
+        b
+    }
+
+    /// Decodes a record read from the status pipe.
+    pub fn from_bytes(b: &[u8; Self::LEN]) -> StatusRecord {
+        let u = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        StatusRecord { status: i32::from_ne_bytes([b[0], b[1], b[2], b[3]]), utime_us: u(4), stime_us: u(12), maxrss_kb: u(20) }
     }
 }
 
@@ -557,7 +696,7 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         if let Some(prog) = &t.seccomp {
             match seccomp::install(prog) {
                 Ok(listener) => {
-                    if let Err(e) = seccomp::send_fd(fds.fdsock, listener) {
+                    if let Err(e) = fdpass::send_fd(fds.fdsock, listener) {
                         fail(fds.err, Stage::Seccomp, 1, e);
                     }
                     libc::close(listener);

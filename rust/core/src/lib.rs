@@ -10,10 +10,13 @@ compile_error!("cellblock-core needs Linux namespaces, cgroups and seccomp");
 pub mod cgroup;
 pub mod child;
 pub mod error;
+pub mod fdpass;
 pub mod fs;
+pub mod net;
 pub mod redact;
 pub mod report;
 pub mod seccomp;
+pub mod session;
 pub mod spawn;
 pub mod spec;
 pub mod supervise;
@@ -22,6 +25,7 @@ pub use error::{Error, Result};
 pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
 pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
+pub use session::{DirEntry, Session};
 pub use supervise::{Sink, Stream};
 
 /// Builds the redactor for a spec's secrets.

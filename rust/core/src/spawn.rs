@@ -4,10 +4,11 @@
 //! the child ([`crate::child`]) only replays prepared data with raw syscalls.
 
 use crate::cgroup::RunCgroup;
-use crate::child::{self, ChildFds, CStringArray, Identity, InitPlan, Stage, TargetPlan};
+use crate::child::{self, ChildFds, CStringArray, Identity, InitPlan, JoinPlan, Stage, TargetPlan};
 use crate::error::{Error, Result};
 use crate::fs::{self, MountPlan, PlanInput};
 use crate::report::Enforcer;
+use crate::fdpass;
 use crate::seccomp;
 use crate::spec::RunSpec;
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ pub struct Started {
     pub enforcement: BTreeMap<String, Option<Enforcer>>,
     /// When the clone happened.
     pub started_at: std::time::Instant,
+    /// Our child to reap at the end when PID 1 is not (a session call's joiner).
+    pub reaper: Option<OwnedFd>,
 }
 
 /// Whether this process can create cgroups and map arbitrary uids (real root).
@@ -268,13 +271,153 @@ fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{pid}/gid_map"), &map)
 }
 
-fn kill_and_reap(pidfd: &OwnedFd) {
+/// Kills a child through its pidfd and reaps it.
+pub fn kill_and_reap(pidfd: &OwnedFd) {
     // SAFETY: signalling and reaping our own child through its pidfd.
     unsafe {
         libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
         let mut info: libc::siginfo_t = std::mem::zeroed();
         libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL);
     }
+}
+
+/// The pipes between the supervisor and a child, both ends, before the clone.
+struct Pipes {
+    child: ChildFds,
+    /// Child ends, closed in the parent right after the clone.
+    child_owned: Vec<OwnedFd>,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    ready: OwnedFd,
+    go: OwnedFd,
+    err: OwnedFd,
+    status: OwnedFd,
+    sock: OwnedFd,
+}
+
+impl Pipes {
+    fn new() -> Result<Pipes> {
+        let (stdin_r, stdin) = pipe()?;
+        let (stdout, stdout_w) = pipe()?;
+        let (stderr, stderr_w) = pipe()?;
+        let (ready, ready_w) = pipe()?;
+        let (go_r, go) = pipe()?;
+        let (err, err_w) = pipe()?;
+        let (status, status_w) = pipe()?;
+        let (sock, sock_child) = socketpair()?;
+        let child = ChildFds {
+            stdin: stdin_r.as_raw_fd(),
+            stdout: stdout_w.as_raw_fd(),
+            stderr: stderr_w.as_raw_fd(),
+            ready: ready_w.as_raw_fd(),
+            go: go_r.as_raw_fd(),
+            err: err_w.as_raw_fd(),
+            status: status_w.as_raw_fd(),
+            fdsock: sock_child.as_raw_fd(),
+        };
+        let child_owned = vec![stdin_r, stdout_w, stderr_w, ready_w, go_r, err_w, status_w, sock_child];
+        Ok(Pipes { child, child_owned, stdin, stdout, stderr, ready, go, err, status, sock })
+    }
+}
+
+/// Raw clone returning (pid, pidfd); the child runs `child` and never returns.
+fn clone_with(flags: libc::c_ulong, child: impl FnOnce()) -> std::io::Result<(libc::pid_t, OwnedFd)> {
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: a raw clone without CLONE_VM is a fork; exit signal 0 keeps the child invisible
+    // to waitpid(-1) in the caller's other threads. The child only runs `child`, which never
+    // returns.
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone, flags | libc::CLONE_PIDFD as libc::c_ulong, 0, &mut pidfd as *mut libc::c_int, 0, 0)
+    };
+    if pid == 0 {
+        child();
+        // SAFETY: unreachable in practice (the child functions never return); never unwind.
+        unsafe { libc::_exit(127) };
+    }
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: CLONE_PIDFD stored a fresh fd that we now own.
+    Ok((pid as libc::pid_t, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+fn clone_error(e: std::io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES) => {
+            Error::NamespaceUnavailable(format!("clone of a namespaced PID 1 failed: {e}"))
+        }
+        _ => Error::Setup { stage: "clone", source: e },
+    }
+}
+
+/// The host pid behind a pidfd (from /proc/self/fdinfo).
+fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// After the clone: place the init in its cgroup, wait until it is built, write the root
+/// path's maps, release it, and collect exec errors and the seccomp listener.
+fn handshake(
+    pid: libc::pid_t,
+    pidfd: &OwnedFd,
+    p: Pipes,
+    cgroup: Option<&RunCgroup>,
+    write_maps: bool,
+    prepared: &Prepared,
+    argv0: &str,
+    want_listener: bool,
+) -> Result<(OwnedFd, OwnedFd, OwnedFd, OwnedFd, Option<OwnedFd>)> {
+    let fail = |e: Error| -> Error {
+        kill_and_reap(pidfd);
+        e
+    };
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.add(pid) {
+            return Err(fail(Error::Setup { stage: "join the run's cgroup", source: e }));
+        }
+    }
+    let mut byte = [0u8; 1];
+    let ready = std::fs::File::from(p.ready).read(&mut byte).unwrap_or(0) == 1;
+    if !ready {
+        let e = read_error(&p.err, prepared, argv0)
+            .unwrap_or_else(|| Error::Setup { stage: "build the sandbox", source: std::io::Error::other("PID 1 died") });
+        return Err(fail(e));
+    }
+    if write_maps {
+        if let Err(e) = write_root_maps(pid) {
+            return Err(fail(Error::Setup { stage: "write uid/gid maps", source: e }));
+        }
+    }
+    // SAFETY: one byte to the go pipe.
+    if unsafe { libc::write(p.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
+        return Err(fail(Error::setup("release PID 1")));
+    }
+    drop(p.go);
+    if let Some(e) = read_error(&p.err, prepared, argv0) {
+        return Err(fail(e));
+    }
+    let listener = if want_listener {
+        match fdpass::recv_fd(std::os::fd::AsFd::as_fd(&p.sock)) {
+            Ok(fd) => Some(fd),
+            Err(e) => return Err(fail(Error::Seccomp(format!("no listener from the sandbox: {e}")))),
+        }
+    } else {
+        None
+    };
+    Ok((p.stdin, p.stdout, p.stderr, p.status, listener))
+}
+
+const NS_FLAGS: libc::c_int =
+    libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
+fn sandbox_clone_flags() -> libc::c_ulong {
+    let mut flags = NS_FLAGS as libc::c_ulong;
+    if !is_root() {
+        flags |= libc::CLONE_NEWUSER as libc::c_ulong;
+    }
+    flags
 }
 
 /// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
@@ -285,108 +428,147 @@ pub fn start(spec: &RunSpec, resolv_conf: &str) -> Result<Started> {
     let cgroup = RunCgroup::create(&spec.limits, false);
     let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
     let prepared = prepare(spec, rlimits, resolv_conf)?;
-
-    let (stdin_r, stdin_w) = pipe()?;
-    let (stdout_r, stdout_w) = pipe()?;
-    let (stderr_r, stderr_w) = pipe()?;
-    let (ready_r, ready_w) = pipe()?;
-    let (go_r, go_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let (status_r, status_w) = pipe()?;
-    let (sock_parent, sock_child) = socketpair()?;
-    let fds = ChildFds {
-        stdin: stdin_r.as_raw_fd(),
-        stdout: stdout_w.as_raw_fd(),
-        stderr: stderr_w.as_raw_fd(),
-        ready: ready_w.as_raw_fd(),
-        go: go_r.as_raw_fd(),
-        err: err_w.as_raw_fd(),
-        status: status_w.as_raw_fd(),
-        fdsock: sock_child.as_raw_fd(),
-    };
+    let p = Pipes::new()?;
     let init = InitPlan {
         mounts: Some(&prepared.mounts),
         identity: &prepared.identity,
         hostname: fs::HOSTNAME.as_bytes(),
         target: Some(&prepared.target),
-        fds,
+        fds: p.child,
+        pdeathsig: true,
+        lifeline: -1,
     };
-    let mut flags = (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS | libc::CLONE_PIDFD) as libc::c_ulong;
-    if !is_root() {
-        flags |= libc::CLONE_NEWUSER as libc::c_ulong;
-    }
-    let mut pidfd: libc::c_int = -1;
     let started_at = std::time::Instant::now();
-    // SAFETY: a raw clone without CLONE_VM is a fork; exit signal 0 keeps PID 1 invisible to
-    // waitpid(-1) in the caller's other threads. The child only runs `init_main`, which never
-    // returns.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, &mut pidfd as *mut libc::c_int, 0, 0) };
-    if pid == 0 {
-        child::init_main(&init);
-    }
-    if pid < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES) => {
-                Error::NamespaceUnavailable(format!("clone of a namespaced PID 1 failed: {e}"))
-            }
-            _ => Error::Setup { stage: "clone", source: e },
-        });
-    }
-    let pid = pid as libc::pid_t;
-    // SAFETY: CLONE_PIDFD stored a fresh fd that we now own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    drop((stdin_r, stdout_w, stderr_w, ready_w, go_r, err_w, status_w, sock_child));
-
-    let fail = |e: Error| -> Error {
-        kill_and_reap(&pidfd);
-        e
-    };
-    if let Some(cg) = &cgroup {
-        if let Err(e) = cg.add(pid) {
-            return Err(fail(Error::Setup { stage: "join the run's cgroup", source: e }));
-        }
-    }
-    let mut byte = [0u8; 1];
-    let ready = std::fs::File::from(ready_r).read(&mut byte).unwrap_or(0) == 1;
-    if !ready {
-        let e = read_error(&err_r, &prepared, &spec.argv[0])
-            .unwrap_or_else(|| Error::Setup { stage: "build the sandbox", source: std::io::Error::other("PID 1 died") });
-        return Err(fail(e));
-    }
-    if is_root() {
-        if let Err(e) = write_root_maps(pid) {
-            return Err(fail(Error::Setup { stage: "write uid/gid maps", source: e }));
-        }
-    }
-    // SAFETY: one byte to the go pipe.
-    if unsafe { libc::write(go_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
-        return Err(fail(Error::setup("release PID 1")));
-    }
-    drop(go_w);
-    if let Some(e) = read_error(&err_r, &prepared, &spec.argv[0]) {
-        return Err(fail(e));
-    }
-    let listener = if spec.seccomp.is_some() {
-        match seccomp::recv_fd(std::os::fd::AsFd::as_fd(&sock_parent)) {
-            Ok(fd) => Some(fd),
-            Err(e) => return Err(fail(Error::Seccomp(format!("no listener from the sandbox: {e}")))),
-        }
-    } else {
-        None
-    };
+    let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    let mut p = p;
+    p.child_owned.clear();
+    let (stdin, stdout, stderr, status, listener) =
+        handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, &spec.argv[0], spec.seccomp.is_some())?;
     Ok(Started {
         pid,
         pidfd,
-        stdin: stdin_w,
-        stdout: stdout_r,
-        stderr: stderr_r,
-        status: status_r,
+        stdin,
+        stdout,
+        stderr,
+        status,
         listener,
         cgroup,
         enforcement,
         started_at,
+        reaper: None,
+    })
+}
+
+/// A started session holder: PID 1 of a sandbox that runs nothing until asked.
+#[derive(Debug)]
+pub struct Holder {
+    /// Host pid of the holder.
+    pub pid: libc::pid_t,
+    /// pidfd of the holder.
+    pub pidfd: OwnedFd,
+    /// Write end of the lifeline; dropping it ends the session.
+    pub lifeline: OwnedFd,
+    /// The session's cgroup.
+    pub cgroup: Option<RunCgroup>,
+    /// What enforces each session-wide limit.
+    pub enforcement: BTreeMap<String, Option<Enforcer>>,
+    /// rlimits applied to every call (when no cgroup enforces a limit).
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Whether the session was built by root.
+    pub root: bool,
+}
+
+/// Builds a sandbox whose PID 1 holds the namespaces open for later calls (a session).
+pub fn start_holder(spec: &RunSpec, resolv_conf: &str) -> Result<Holder> {
+    let mut probe = spec.clone();
+    if probe.argv.is_empty() {
+        probe.argv = vec!["session".into()];
+    }
+    validate(&probe)?;
+    let cgroup = RunCgroup::create(&spec.limits, true);
+    let (rlimits, enforcement) = plan_limits(&probe, cgroup.as_ref());
+    let prepared = prepare(&probe, rlimits.clone(), resolv_conf)?;
+    let (life_r, life_w) = pipe()?;
+    let p = Pipes::new()?;
+    let init = InitPlan {
+        mounts: Some(&prepared.mounts),
+        identity: &prepared.identity,
+        hostname: fs::HOSTNAME.as_bytes(),
+        target: None,
+        fds: p.child,
+        pdeathsig: false,
+        lifeline: life_r.as_raw_fd(),
+    };
+    let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    drop(life_r);
+    let mut p = p;
+    p.child_owned.clear();
+    handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, "session", false)?;
+    Ok(Holder { pid, pidfd, lifeline: life_w, cgroup, enforcement, rlimits, root: is_root() })
+}
+
+/// Starts one call inside a session: a fresh pid namespace nested in the session's, sharing its
+/// filesystem, network and cgroup.
+pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
+    validate(spec)?;
+    // Session-wide limits come from the session; per-call CPU time is a per-process rlimit.
+    let mut rlimits = holder.rlimits.clone();
+    let mut enforcement = holder.enforcement.clone();
+    if let Some(t) = spec.limits.cpu_time {
+        rlimits.retain(|(r, _)| *r != libc::RLIMIT_CPU);
+        rlimits.push((libc::RLIMIT_CPU, t.ceil() as u64));
+        enforcement.insert("cpu_time".into(), Some(Enforcer::Rlimit));
+    }
+    if spec.limits.timeout.is_some() {
+        enforcement.insert("timeout".into(), Some(Enforcer::Supervisor));
+    }
+    if spec.limits.max_output.is_some() {
+        enforcement.insert("max_output".into(), Some(Enforcer::Supervisor));
+    }
+    let prepared = prepare(spec, rlimits, "")?;
+    let identity = Identity::Joined { root: holder.root };
+    let p = Pipes::new()?;
+    let init = InitPlan {
+        mounts: None,
+        identity: &identity,
+        hostname: fs::HOSTNAME.as_bytes(),
+        target: Some(&prepared.target),
+        fds: p.child,
+        pdeathsig: false,
+        lifeline: -1,
+    };
+    let join = JoinPlan { pidfd: holder.pidfd.as_raw_fd(), root: holder.root };
+    let started_at = std::time::Instant::now();
+    let (_, joiner_fd) =
+        clone_with(0, || child::join_main(&join, &init)).map_err(|e| Error::Setup { stage: "clone", source: e })?;
+    let mut p = p;
+    p.child_owned.clear();
+    // The joiner hands over the call init's pidfd (or reports why it could not).
+    let pidfd = match fdpass::recv_fd(std::os::fd::AsFd::as_fd(&p.sock)) {
+        Ok(fd) => fd,
+        Err(_) => {
+            kill_and_reap(&joiner_fd);
+            let e = read_error(&p.err, &prepared, &spec.argv[0])
+                .unwrap_or_else(|| Error::SessionClosed("the session's sandbox is gone".into()));
+            return Err(e);
+        }
+    };
+    let pid = pidfd_pid(&pidfd).ok_or_else(|| Error::setup("find the call's pid"))?;
+    // The call joins the session's cgroup through its parents; nothing to add.
+    let (stdin, stdout, stderr, status, listener) =
+        handshake(pid, &pidfd, p, None, false, &prepared, &spec.argv[0], spec.seccomp.is_some())?;
+    Ok(Started {
+        pid,
+        pidfd,
+        stdin,
+        stdout,
+        stderr,
+        status,
+        listener,
+        cgroup: None,
+        enforcement,
+        started_at,
+        reaper: Some(joiner_fd),
     })
 }
 

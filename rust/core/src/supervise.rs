@@ -2,6 +2,7 @@
 //! output caps, answers seccomp notifications, and turns the end of a run into a report.
 
 use crate::cgroup::RunCgroup;
+use crate::child::StatusRecord;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::report::{Reason, RunReport, Violation};
 use crate::seccomp;
@@ -119,8 +120,9 @@ pub fn supervise(
     syscall_names: &BTreeMap<u32, String>,
     mut sink: Option<Sink<'_>>,
 ) -> RunReport {
-    let Started { pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, .. } =
-        started;
+    let Started {
+        pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, reaper, ..
+    } = started;
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits.timeout.map(|t| started_at + Duration::from_secs_f64(t));
     let cpu_budget = limits.cpu_time.map(Duration::from_secs_f64).filter(|_| cgroup.as_ref().is_some_and(|c| c.enforces("cpu_time")));
@@ -255,10 +257,14 @@ pub fn supervise(
         p.fd = None;
         p.finish(cap, &mut sink);
     }
-    let rusage = reap(&pidfd);
+    reap(&pidfd);
+    if let Some(r) = &reaper {
+        spawn::kill_and_reap(r);
+    }
     let wall_time_s = started_at.elapsed().as_secs_f64();
-    let target_status = read_status(status);
-    let (cpu, peak, ooms) = usage(cgroup.as_ref(), &rusage);
+    let record = read_status(status);
+    let target_status = record.map(|r| r.status);
+    let (cpu, peak, ooms) = usage(cgroup.as_ref(), record.as_ref());
     if let Some(cg) = cgroup.as_mut() {
         let _ = cg.remove();
     }
@@ -311,39 +317,27 @@ pub fn supervise(
     }
 }
 
-fn reap(pidfd: &OwnedFd) -> libc::rusage {
-    // SAFETY: the raw waitid fills siginfo and rusage for our own child.
+/// Reaps PID 1 when it is our child (a session call's init is the joiner's: ECHILD, ignored).
+fn reap(pidfd: &OwnedFd) {
+    // SAFETY: waitid fills a siginfo on the stack.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        let mut ru: libc::rusage = std::mem::zeroed();
-        loop {
-            let r = libc::syscall(
-                libc::SYS_waitid,
-                libc::P_PIDFD,
-                pidfd.as_fd().as_raw_fd(),
-                &mut info as *mut libc::siginfo_t,
-                libc::WEXITED | libc::__WALL,
-                &mut ru as *mut libc::rusage,
-            );
-            if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-        }
-        ru
+        while libc::waitid(libc::P_PIDFD, pidfd.as_fd().as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL) < 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
     }
 }
 
-fn read_status(status: OwnedFd) -> Option<i32> {
-    let mut b = [0u8; 4];
-    // SAFETY: reading 4 bytes into our buffer; PID 1 wrote them before exiting, or nothing.
-    let n = unsafe { libc::read(status.as_raw_fd(), b.as_mut_ptr().cast(), 4) };
-    (n == 4).then(|| i32::from_ne_bytes(b))
+fn read_status(status: OwnedFd) -> Option<StatusRecord> {
+    let mut b = [0u8; StatusRecord::LEN];
+    // SAFETY: reading the record into our buffer; PID 1 wrote it before exiting, or nothing.
+    let n = unsafe { libc::read(status.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+    (n == b.len() as isize).then(|| StatusRecord::from_bytes(&b))
 }
 
-fn usage(cgroup: Option<&RunCgroup>, ru: &libc::rusage) -> (Duration, u64, u64) {
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
-    let rusage_cpu = tv(ru.ru_utime) + tv(ru.ru_stime);
-    let rusage_peak = (ru.ru_maxrss as u64) * 1024;
+fn usage(cgroup: Option<&RunCgroup>, rec: Option<&StatusRecord>) -> (Duration, u64, u64) {
+    let rusage_cpu = rec.map_or(Duration::ZERO, |r| Duration::from_micros(r.utime_us + r.stime_us));
+    let rusage_peak = rec.map_or(0, |r| r.maxrss_kb * 1024);
     match cgroup {
         Some(cg) => (
             cg.cpu_time().unwrap_or(rusage_cpu),
