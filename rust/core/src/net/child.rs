@@ -1,0 +1,439 @@
+//! The sandbox side of egress: what PID 1 sets up inside the fresh network namespace.
+//!
+//! [`ChildPlan::new`] prepares everything in the parent (before fork): the nftables ruleset,
+//! the netlink messages, the `nft` command line. [`setup_in_child`] then runs in PID 1 between
+//! fork and execve: raw syscalls only, no allocation, no locks.
+
+use super::allow::Allowlist;
+use super::nflog::{self, netlink_message, push_attr};
+use super::{DNS_PORT, PROXY_PORT, TRANSPARENT_PORT};
+use crate::{Error, Result};
+use std::ffi::CString;
+use std::fmt::Write;
+use std::mem::size_of;
+use std::net::IpAddr;
+
+/// Number of fds [`setup_in_child`] returns.
+pub const CHILD_FDS: usize = 5;
+/// Where `nft` is looked for.
+const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft"];
+/// The ruleset goes through a pipe that nobody reads until nft starts: it must fit in one.
+const MAX_RULESET: usize = 60 * 1024;
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWROUTE: u16 = 24;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+/// `lo` is the first device of every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
+
+/// Everything the child needs, prepared before fork.
+#[derive(Debug)]
+pub struct ChildPlan {
+    nft: CString,
+    nft_f: CString,
+    nft_stdin: CString,
+    dev_null: CString,
+    ruleset: Vec<u8>,
+    link_up: Vec<u8>,
+    route_v4: Vec<u8>,
+    route_v6: Vec<u8>,
+    nflog_bind: Vec<u8>,
+}
+
+impl ChildPlan {
+    /// Prepares the child's setup for `allow`. Fails when `nft` (package nftables) is missing.
+    pub fn new(allow: &Allowlist) -> Result<ChildPlan> {
+        let nft = NFT_PATHS
+            .iter()
+            .find(|p| std::path::Path::new(p).is_file())
+            .ok_or_else(|| {
+                Error::Network("nft not found: install nftables for egress allowlists".into())
+            })?;
+        let ruleset = ruleset(allow).into_bytes();
+        if ruleset.len() > MAX_RULESET {
+            return Err(Error::Network(
+                "allowlist too long for the sandbox's firewall rules".into(),
+            ));
+        }
+        let cstr = |s: &str| CString::new(s).map_err(|_| Error::Network(format!("NUL in {s:?}")));
+        Ok(ChildPlan {
+            nft: cstr(nft)?,
+            nft_f: cstr("-f")?,
+            nft_stdin: cstr("-")?,
+            dev_null: cstr("/dev/null")?,
+            ruleset,
+            link_up: link_up_message(),
+            route_v4: local_default_route(libc::AF_INET as u8),
+            route_v6: local_default_route(libc::AF_INET6 as u8),
+            nflog_bind: nflog::bind_message(),
+        })
+    }
+
+    /// The nftables ruleset the child loads (for diagnostics).
+    pub fn ruleset(&self) -> &str {
+        std::str::from_utf8(&self.ruleset).unwrap_or("")
+    }
+}
+
+/// The sandbox's nftables rules: TCP to anything but loopback (and TCP to listed loopback
+/// targets) goes to the transparent listener, UDP port 53 goes to the DNS stub, and every other
+/// packet leaving loopback is logged to the NFLOG group and rejected.
+pub fn ruleset(allow: &Allowlist) -> String {
+    let t = TRANSPARENT_PORT;
+    let mut r = String::from("table inet cellblock {\n\tchain egress_nat {\n");
+    r.push_str("\t\ttype nat hook output priority -100; policy accept;\n");
+    for (ip, port) in allow.loopback_targets() {
+        let fam = if ip.is_ipv4() { "ip" } else { "ip6" };
+        let ports = match port {
+            Some(p) if p == PROXY_PORT || p == TRANSPARENT_PORT => continue,
+            Some(p) => p.to_string(),
+            None => format!("!= {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}"),
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(r, "\t\t{fam} daddr {ip} tcp dport {ports} redirect to :{t}");
+    }
+    let _ = writeln!(
+        r,
+        "\t\tip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :{t}"
+    );
+    let _ = writeln!(r, "\t\tip6 daddr != ::1 meta l4proto tcp redirect to :{t}");
+    let _ = writeln!(
+        r,
+        "\t\tmeta nfproto ipv4 udp dport 53 redirect to :{DNS_PORT}"
+    );
+    r.push_str(
+        "\t}\n\tchain egress_filter {\n\t\ttype filter hook output priority 0; policy accept;\n",
+    );
+    r.push_str("\t\tct direction reply accept\n\t\tip daddr 127.0.0.0/8 accept\n\t\tip6 daddr ::1 accept\n");
+    let _ = writeln!(r, "\t\tlog group {} reject\n\t}}\n}}", nflog::GROUP);
+    r
+}
+
+fn link_up_message() -> Vec<u8> {
+    // ifinfomsg: family, pad, type, index, flags, change.
+    let mut body = vec![0u8, 0, 0, 0];
+    body.extend_from_slice(&(LOOPBACK_INDEX as i32).to_ne_bytes());
+    body.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    body.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+    netlink_message(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, &body)
+}
+
+/// `ip route add local default dev lo`: every address is local, so a connect to any address
+/// gets past routing to the nat hook instead of failing with "network unreachable".
+fn local_default_route(family: u8) -> Vec<u8> {
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
+    let mut body = vec![
+        family,
+        0,
+        0,
+        0,
+        libc::RT_TABLE_LOCAL,
+        libc::RTPROT_BOOT,
+        libc::RT_SCOPE_HOST,
+        libc::RTN_LOCAL,
+    ];
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(&mut body, libc::RTA_OIF, &LOOPBACK_INDEX.to_ne_bytes());
+    netlink_message(
+        RTM_NEWROUTE,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        &body,
+    )
+}
+
+/// Sets up egress inside the current network namespace; runs in PID 1 between fork and
+/// execve (raw syscalls only, no allocation). Needs CAP_NET_ADMIN there and the host's
+/// filesystem (it runs `nft`), so call it before pivot_root.
+///
+/// Brings `lo` up, adds local default routes, creates the listeners, loads the nftables rules.
+/// On success `out` holds, in order: proxy listener (TCP 127.0.0.1:3128), transparent
+/// listener IPv4 (TCP 127.0.0.1:3129), transparent listener IPv6 (TCP `[::1]:3129`, or -1 when
+/// IPv6 is unavailable), DNS stub (UDP 127.0.0.1:53), NFLOG netlink socket. All are
+/// close-on-exec. Send the ones that are not -1 to the supervisor (order does not matter:
+/// [`super::Egress::start`] recognises them) and close them in the child.
+///
+/// Errors are negative errno values; `-ENOEXEC` means nft could not be run, `-EPROTO` that it
+/// refused the ruleset (see [`ChildPlan::ruleset`]).
+pub fn setup_in_child(
+    plan: &ChildPlan,
+    out: &mut [libc::c_int; CHILD_FDS],
+) -> std::result::Result<(), libc::c_int> {
+    *out = [-1; CHILD_FDS];
+    let result = setup(plan, out);
+    if result.is_err() {
+        for fd in out.iter_mut() {
+            if *fd >= 0 {
+                // SAFETY: closes fds this function opened.
+                unsafe { libc::close(*fd) };
+                *fd = -1;
+            }
+        }
+    }
+    result
+}
+
+fn setup(
+    plan: &ChildPlan,
+    out: &mut [libc::c_int; CHILD_FDS],
+) -> std::result::Result<(), libc::c_int> {
+    netlink_request(libc::NETLINK_ROUTE, &plan.link_up, None)?;
+    netlink_request(libc::NETLINK_ROUTE, &plan.route_v4, None)?;
+    let v6 = netlink_request(libc::NETLINK_ROUTE, &plan.route_v6, None).is_ok();
+    let lo4 = IpAddr::from([127, 0, 0, 1]);
+    let lo6 = IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]);
+    out[0] = bind_socket(lo4, PROXY_PORT, libc::SOCK_STREAM)?;
+    out[1] = bind_socket(lo4, TRANSPARENT_PORT, libc::SOCK_STREAM)?;
+    if v6 {
+        out[2] = bind_socket(lo6, TRANSPARENT_PORT, libc::SOCK_STREAM).unwrap_or(-1);
+    }
+    out[3] = bind_socket(lo4, DNS_PORT, libc::SOCK_DGRAM)?;
+    let mut nflog_fd = -1;
+    netlink_request(
+        libc::NETLINK_NETFILTER,
+        &plan.nflog_bind,
+        Some(&mut nflog_fd),
+    )?;
+    out[4] = nflog_fd;
+    run_nft(plan)
+}
+
+/// `Err(-errno)` of the last failed call.
+fn errno() -> libc::c_int {
+    -std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn check(r: libc::c_int) -> std::result::Result<libc::c_int, libc::c_int> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Sends one netlink request and waits for its ack. With `keep`, the socket is handed back
+/// through it instead of closed.
+fn netlink_request(
+    proto: libc::c_int,
+    msg: &[u8],
+    keep: Option<&mut libc::c_int>,
+) -> std::result::Result<(), libc::c_int> {
+    // SAFETY: plain socket creation.
+    let fd = check(unsafe {
+        libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto)
+    })?;
+    let result = (|| {
+        // SAFETY: sends bytes from a slice we borrow; the kernel reads `msg.len()` of them.
+        if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(errno());
+        }
+        let mut buf = [0u8; 1024];
+        loop {
+            // SAFETY: receives into a local buffer of the size we pass.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(errno());
+            }
+            let n = n as usize;
+            if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+                let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+                return if code == 0 { Ok(()) } else { Err(code) };
+            }
+        }
+    })();
+    match (result, keep) {
+        (Ok(()), Some(slot)) => *slot = fd,
+        _ => {
+            // SAFETY: closes the socket this function opened.
+            unsafe { libc::close(fd) };
+        }
+    }
+    result
+}
+
+/// A socket bound to `ip:port`, listening when it is a stream socket.
+fn bind_socket(
+    ip: IpAddr,
+    port: u16,
+    kind: libc::c_int,
+) -> std::result::Result<libc::c_int, libc::c_int> {
+    let family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket creation.
+    let fd = check(unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) })?;
+    let result = (|| {
+        let one: libc::c_int = 1;
+        let int_len = size_of::<libc::c_int>() as libc::socklen_t;
+        let r = match ip {
+            IpAddr::V4(v4) => {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                // SAFETY: binds to a local sockaddr_in of the size we pass.
+                unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len) }
+            }
+            IpAddr::V6(v6) => {
+                // SAFETY: sets an int option from a local.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        (&one as *const libc::c_int).cast(),
+                        int_len,
+                    )
+                };
+                let sa = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: port.to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                let len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+                // SAFETY: binds to a local sockaddr_in6 of the size we pass.
+                unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), len) }
+            }
+        };
+        check(r)?;
+        if kind == libc::SOCK_STREAM {
+            // SAFETY: listen on the socket we own.
+            check(unsafe { libc::listen(fd, 1024) })?;
+        }
+        Ok(fd)
+    })();
+    if result.is_err() {
+        // SAFETY: closes the socket this function opened.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
+/// Runs `nft -f -` with the ruleset on stdin and waits for it.
+fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 writes two fds into the local array.
+    check(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let [rd, wr] = pipe;
+    let mut written = 0;
+    while written < plan.ruleset.len() {
+        let rest = &plan.ruleset[written..];
+        // SAFETY: writes from a slice we borrow; the pipe holds the whole (size-checked) ruleset.
+        let n = unsafe { libc::write(wr, rest.as_ptr().cast(), rest.len()) };
+        if n <= 0 {
+            let e = errno();
+            // SAFETY: closes the pipe this function opened.
+            unsafe { (libc::close(rd), libc::close(wr)) };
+            return Err(e);
+        }
+        written += n as usize;
+    }
+    // SAFETY: closes our write end so nft sees EOF.
+    unsafe { libc::close(wr) };
+    let argv = [
+        plan.nft.as_ptr(),
+        plan.nft_f.as_ptr(),
+        plan.nft_stdin.as_ptr(),
+        std::ptr::null(),
+    ];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: a raw fork (clone with SIGCHLD only): no atfork handlers, no locks taken. The
+    // child only calls dup2/open/execve/_exit.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
+    if pid == 0 {
+        // SAFETY: in the fresh child: wire stdin to the pipe, silence output, exec nft.
+        unsafe {
+            libc::dup2(rd, 0);
+            let null = libc::open(plan.dev_null.as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 1);
+                libc::dup2(null, 2);
+            }
+            libc::execve(plan.nft.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: closes the read end the child now holds its own copy of.
+    unsafe { libc::close(rd) };
+    if pid < 0 {
+        return Err(errno());
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for the child we just forked, status into a local.
+        let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        if r >= 0 {
+            break;
+        }
+        if errno() != -libc::EINTR {
+            return Err(errno());
+        }
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(()),
+        (true, 127) => Err(-libc::ENOEXEC),
+        _ => Err(-libc::EPROTO),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_redirects_listed_loopback_targets() {
+        let allow = Allowlist::parse(&[
+            "127.0.0.1:9000".into(),
+            "[::1]".into(),
+            "127.0.0.1:3128".into(),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = ruleset(&allow);
+        assert!(
+            r.contains("ip daddr 127.0.0.1 tcp dport 9000 redirect to :3129"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip6 daddr ::1 tcp dport != { 3128, 3129 } redirect to :3129"),
+            "{r}"
+        );
+        assert!(
+            !r.contains("dport 3128 redirect"),
+            "the proxy port is never shadowed: {r}"
+        );
+        assert!(r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"));
+        assert!(r.contains("udp dport 53 redirect to :53"));
+        assert!(r.contains("log group 7 reject"));
+    }
+
+    #[test]
+    fn netlink_messages_are_well_formed() {
+        for m in [
+            link_up_message(),
+            local_default_route(libc::AF_INET as u8),
+            nflog::bind_message(),
+        ] {
+            assert_eq!(
+                u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize,
+                m.len()
+            );
+            assert_eq!(m.len() % 4, 0);
+        }
+    }
+}
