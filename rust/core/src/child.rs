@@ -204,6 +204,8 @@ pub struct InitPlan<'a> {
     pub pdeathsig: bool,
     /// Read end of a pipe the supervisor holds open: EOF ends a session holder.
     pub lifeline: libc::c_int,
+    /// Egress plumbing to set up in the new network namespace (allowlist given).
+    pub net: Option<&'a crate::net::ChildPlan>,
 }
 
 fn errno() -> i32 {
@@ -389,6 +391,27 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         );
         if let Err(e) = loopback_up() {
             fail(fds.err, Stage::Loopback, 0, e);
+        }
+        if let Some(net) = plan.net {
+            let mut netfds = [-1; crate::net::CHILD_FDS];
+            if let Err(e) = crate::net::setup_in_child(net, &mut netfds) {
+                fail(fds.err, Stage::Network, 0, if e < 0 { -e } else { e });
+            }
+            let mut valid = [-1; crate::net::CHILD_FDS];
+            let mut n = 0;
+            for fd in netfds {
+                if fd >= 0 {
+                    valid[n] = fd;
+                    n += 1;
+                }
+            }
+            if let Err(e) = fdpass::send_fds(fds.fdsock, &valid[..n]) {
+                fail(fds.err, Stage::Network, 1, e);
+            }
+            for fd in &valid[..n] {
+                // SAFETY: the supervisor holds its own copies now.
+                unsafe { libc::close(*fd) };
+            }
         }
         if root_path {
             // SAFETY: unshare has no memory effects.

@@ -3,19 +3,31 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// Control-message buffer, aligned for `cmsghdr`, large enough for one fd.
+/// Most fds one message carries.
+pub const MAX_FDS: usize = 8;
+
+/// Control-message buffer, aligned for `cmsghdr`, large enough for MAX_FDS fds.
 #[repr(C, align(8))]
-struct CmsgBuf([u8; 64]);
+struct CmsgBuf([u8; 128]);
 
 /// Sends `fd` over the unix socket `sock`. Async-signal-safe: no allocation (for children).
 pub fn send_fd(sock: libc::c_int, fd: libc::c_int) -> Result<(), libc::c_int> {
+    send_fds(sock, &[fd])
+}
+
+/// Sends up to [`MAX_FDS`] fds in one message. Async-signal-safe.
+pub fn send_fds(sock: libc::c_int, fds: &[libc::c_int]) -> Result<(), libc::c_int> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(libc::EINVAL);
+    }
+    let bytes = std::mem::size_of_val(fds) as u32;
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let mut buf = CmsgBuf([0; 64]);
-    // SAFETY: msghdr/cmsghdr are built in stack buffers large and aligned enough for one fd;
-    // CMSG_* compute offsets inside `buf`.
+    let mut buf = CmsgBuf([0; 128]);
+    // SAFETY: msghdr/cmsghdr are built in stack buffers large and aligned enough for MAX_FDS
+    // fds; CMSG_* compute offsets inside `buf`.
     unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        let space = libc::CMSG_SPACE(bytes) as usize;
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
@@ -24,8 +36,8 @@ pub fn send_fd(sock: libc::c_int, fd: libc::c_int) -> Result<(), libc::c_int> {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
-        std::ptr::copy_nonoverlapping((&fd as *const libc::c_int).cast::<u8>(), libc::CMSG_DATA(cmsg), 4);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), bytes as usize);
         loop {
             if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) >= 0 {
                 return Ok(());
@@ -40,10 +52,18 @@ pub fn send_fd(sock: libc::c_int, fd: libc::c_int) -> Result<(), libc::c_int> {
 
 /// Receives one fd sent by [`send_fd`] (blocking). EOF or a message without an fd is an error.
 pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    recv_fds(sock)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no descriptor received"))
+}
+
+/// Receives the fds of one message sent by [`send_fds`] (blocking).
+pub fn recv_fds(sock: BorrowedFd<'_>) -> std::io::Result<Vec<OwnedFd>> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let mut buf = CmsgBuf([0; 64]);
-    // SAFETY: as in send_fd; the received fd, if any, is owned by the returned OwnedFd.
+    let mut buf = CmsgBuf([0; 128]);
+    // SAFETY: as in send_fds; every received fd is owned by the returned OwnedFds.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -63,8 +83,10 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
         if n == 0 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no descriptor received"));
         }
-        let mut fd: libc::c_int = -1;
-        std::ptr::copy_nonoverlapping(libc::CMSG_DATA(cmsg), (&mut fd as *mut libc::c_int).cast::<u8>(), 4);
-        Ok(OwnedFd::from_raw_fd(fd))
+        let data_len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
+        let count = (data_len / std::mem::size_of::<libc::c_int>()).min(MAX_FDS);
+        let mut raw = [-1 as libc::c_int; MAX_FDS];
+        std::ptr::copy_nonoverlapping(libc::CMSG_DATA(cmsg), raw.as_mut_ptr().cast::<u8>(), count * 4);
+        Ok(raw[..count].iter().map(|&fd| OwnedFd::from_raw_fd(fd)).collect())
     }
 }

@@ -39,7 +39,7 @@ pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
 /// redacted output live.
 pub fn run(spec: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
     let redactor = redactor_for(spec)?;
-    let started = spawn::start(spec, "")?;
+    let started = spawn::start(spec)?;
     let (on_violation, names) = match &spec.seccomp {
         Some(s) => (s.on_violation, s.names.clone()),
         None => (OnViolation::Errno, Default::default()),

@@ -53,7 +53,7 @@ impl Session {
     /// Opens a session: builds the sandbox with the spec's session-wide limits (memory, pids,
     /// cpus, disk), filesystem, environment and secrets. `spec.argv` is ignored.
     pub fn open(spec: &RunSpec) -> Result<Session> {
-        let holder = spawn::start_holder(spec, "")?;
+        let holder = spawn::start_holder(spec)?;
         let owner = holder.root.then_some(spawn::ROOT_PATH_HOST_UID);
         Ok(Session { holder: Mutex::new(Some(holder)), base: spec.clone(), owner })
     }

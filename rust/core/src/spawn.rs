@@ -7,6 +7,7 @@ use crate::cgroup::RunCgroup;
 use crate::child::{self, ChildFds, CStringArray, Identity, InitPlan, JoinPlan, Stage, TargetPlan};
 use crate::error::{Error, Result};
 use crate::fs::{self, MountPlan, PlanInput};
+use crate::net;
 use crate::report::Enforcer;
 use crate::fdpass;
 use crate::seccomp;
@@ -48,6 +49,8 @@ pub struct Started {
     pub started_at: std::time::Instant,
     /// Our child to reap at the end when PID 1 is not (a session call's joiner).
     pub reaper: Option<OwnedFd>,
+    /// The egress proxy serving this run (allowlist given).
+    pub egress: Option<net::Egress>,
 }
 
 /// Whether this process can create cgroups and map arbitrary uids (real root).
@@ -198,6 +201,10 @@ fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resol
         }
     };
     let mut env: BTreeMap<&str, &str> = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let proxy_env = if spec.net.is_some() { net::proxy_env() } else { Vec::new() };
+    for (k, v) in &proxy_env {
+        env.entry(k.as_str()).or_insert(v.as_str());
+    }
     for s in &spec.secrets {
         env.insert(&s.name, &s.value);
     }
@@ -368,7 +375,8 @@ fn handshake(
     prepared: &Prepared,
     argv0: &str,
     want_listener: bool,
-) -> Result<(OwnedFd, OwnedFd, OwnedFd, OwnedFd, Option<OwnedFd>)> {
+    net: Option<&NetPrep>,
+) -> Result<(OwnedFd, OwnedFd, OwnedFd, OwnedFd, Option<OwnedFd>, Option<net::Egress>)> {
     let fail = |e: Error| -> Error {
         kill_and_reap(pidfd);
         e
@@ -385,6 +393,15 @@ fn handshake(
             .unwrap_or_else(|| Error::Setup { stage: "build the sandbox", source: std::io::Error::other("PID 1 died") });
         return Err(fail(e));
     }
+    // PID 1 sent the sockets it made in the sandbox's network namespace before "ready".
+    let egress = match net {
+        Some(n) => {
+            let fds = fdpass::recv_fds(std::os::fd::AsFd::as_fd(&p.sock))
+                .map_err(|e| fail(Error::Network(format!("no egress sockets from the sandbox: {e}"))))?;
+            Some(net::Egress::start(n.allow.clone(), fds).map_err(fail)?)
+        }
+        None => None,
+    };
     if write_maps {
         if let Err(e) = write_root_maps(pid) {
             return Err(fail(Error::Setup { stage: "write uid/gid maps", source: e }));
@@ -406,7 +423,32 @@ fn handshake(
     } else {
         None
     };
-    Ok((p.stdin, p.stdout, p.stderr, p.status, listener))
+    Ok((p.stdin, p.stdout, p.stderr, p.status, listener, egress))
+}
+
+/// The network side of a sandbox with an allowlist, prepared before the clone.
+struct NetPrep {
+    allow: net::Allowlist,
+    plan: net::ChildPlan,
+}
+
+fn prepare_net(spec: &RunSpec) -> Result<Option<NetPrep>> {
+    match &spec.net {
+        None => Ok(None),
+        Some(n) => {
+            let allow = net::Allowlist::parse(&n.allow)?;
+            let plan = net::ChildPlan::new(&allow)?;
+            Ok(Some(NetPrep { allow, plan }))
+        }
+    }
+}
+
+fn resolv_conf_for(spec: &RunSpec) -> &'static str {
+    if spec.net.is_some() {
+        net::resolv_conf()
+    } else {
+        ""
+    }
 }
 
 const NS_FLAGS: libc::c_int =
@@ -423,11 +465,12 @@ fn sandbox_clone_flags() -> libc::c_ulong {
 /// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
 ///
 /// Returns once the command has been exec'd (or with the reason it could not be).
-pub fn start(spec: &RunSpec, resolv_conf: &str) -> Result<Started> {
+pub fn start(spec: &RunSpec) -> Result<Started> {
     validate(spec)?;
+    let netprep = prepare_net(spec)?;
     let cgroup = RunCgroup::create(&spec.limits, false);
     let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
-    let prepared = prepare(spec, rlimits, resolv_conf)?;
+    let prepared = prepare(spec, rlimits, resolv_conf_for(spec))?;
     let p = Pipes::new()?;
     let init = InitPlan {
         mounts: Some(&prepared.mounts),
@@ -437,13 +480,15 @@ pub fn start(spec: &RunSpec, resolv_conf: &str) -> Result<Started> {
         fds: p.child,
         pdeathsig: true,
         lifeline: -1,
+        net: netprep.as_ref().map(|n| &n.plan),
     };
     let started_at = std::time::Instant::now();
     let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     let mut p = p;
     p.child_owned.clear();
-    let (stdin, stdout, stderr, status, listener) =
-        handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, &spec.argv[0], spec.seccomp.is_some())?;
+    let (stdin, stdout, stderr, status, listener, egress) = handshake(
+        pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, &spec.argv[0], spec.seccomp.is_some(), netprep.as_ref(),
+    )?;
     Ok(Started {
         pid,
         pidfd,
@@ -456,6 +501,7 @@ pub fn start(spec: &RunSpec, resolv_conf: &str) -> Result<Started> {
         enforcement,
         started_at,
         reaper: None,
+        egress,
     })
 }
 
@@ -476,18 +522,21 @@ pub struct Holder {
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// Whether the session was built by root.
     pub root: bool,
+    /// The session's egress proxy (allowlist given).
+    pub egress: Option<net::Egress>,
 }
 
 /// Builds a sandbox whose PID 1 holds the namespaces open for later calls (a session).
-pub fn start_holder(spec: &RunSpec, resolv_conf: &str) -> Result<Holder> {
+pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let mut probe = spec.clone();
     if probe.argv.is_empty() {
         probe.argv = vec!["session".into()];
     }
     validate(&probe)?;
+    let netprep = prepare_net(spec)?;
     let cgroup = RunCgroup::create(&spec.limits, true);
     let (rlimits, enforcement) = plan_limits(&probe, cgroup.as_ref());
-    let prepared = prepare(&probe, rlimits.clone(), resolv_conf)?;
+    let prepared = prepare(&probe, rlimits.clone(), resolv_conf_for(spec))?;
     let (life_r, life_w) = pipe()?;
     let p = Pipes::new()?;
     let init = InitPlan {
@@ -498,13 +547,14 @@ pub fn start_holder(spec: &RunSpec, resolv_conf: &str) -> Result<Holder> {
         fds: p.child,
         pdeathsig: false,
         lifeline: life_r.as_raw_fd(),
+        net: netprep.as_ref().map(|n| &n.plan),
     };
     let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     drop(life_r);
     let mut p = p;
     p.child_owned.clear();
-    handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, "session", false)?;
-    Ok(Holder { pid, pidfd, lifeline: life_w, cgroup, enforcement, rlimits, root: is_root() })
+    let (.., egress) = handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, "session", false, netprep.as_ref())?;
+    Ok(Holder { pid, pidfd, lifeline: life_w, cgroup, enforcement, rlimits, root: is_root(), egress })
 }
 
 /// Starts one call inside a session: a fresh pid namespace nested in the session's, sharing its
@@ -536,6 +586,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         fds: p.child,
         pdeathsig: false,
         lifeline: -1,
+        net: None,
     };
     let join = JoinPlan { pidfd: holder.pidfd.as_raw_fd(), root: holder.root };
     let started_at = std::time::Instant::now();
@@ -555,8 +606,8 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     };
     let pid = pidfd_pid(&pidfd).ok_or_else(|| Error::setup("find the call's pid"))?;
     // The call joins the session's cgroup through its parents; nothing to add.
-    let (stdin, stdout, stderr, status, listener) =
-        handshake(pid, &pidfd, p, None, false, &prepared, &spec.argv[0], spec.seccomp.is_some())?;
+    let (stdin, stdout, stderr, status, listener, _) =
+        handshake(pid, &pidfd, p, None, false, &prepared, &spec.argv[0], spec.seccomp.is_some(), None)?;
     Ok(Started {
         pid,
         pidfd,
@@ -569,6 +620,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         enforcement,
         started_at,
         reaper: Some(joiner_fd),
+        egress: None,
     })
 }
 

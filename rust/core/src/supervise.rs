@@ -121,7 +121,7 @@ pub fn supervise(
     mut sink: Option<Sink<'_>>,
 ) -> RunReport {
     let Started {
-        pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, reaper, ..
+        pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, reaper, egress, ..
     } = started;
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits.timeout.map(|t| started_at + Duration::from_secs_f64(t));
@@ -269,6 +269,11 @@ pub fn supervise(
         let _ = cg.remove();
     }
     let mut violations: Vec<Violation> = Vec::new();
+    let network = egress.map(|e| {
+        let (stats, v) = e.finish();
+        violations.extend(v);
+        stats
+    });
     if let Some(l) = listener.as_mut() {
         let _ = l.drain();
         violations.extend(l.violations());
@@ -313,7 +318,7 @@ pub fn supervise(
         enforcement,
         redactions,
         seccomp_profile: None,
-        network: None,
+        network,
     }
 }
 

@@ -4,15 +4,16 @@
 //! GIL for the whole run, and returns the report as a dict. Core errors become Python exceptions
 //! of the same names (see `errors.rs`).
 
-use cellblock_core::{RunReport, RunSpec, Stream};
+use cellblock_core::RunReport;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod errors;
 mod redact;
+mod session;
 
 /// Converts a report into the dict `cellblock.RunResult` is built from.
-fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("exit_code", r.exit_code)?;
     d.set_item("signal", r.signal)?;
@@ -55,26 +56,8 @@ fn run<'py>(
     bpf: Option<Vec<u8>>,
     on_output: Option<PyObject>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let mut spec: RunSpec = serde_json::from_str(spec_json)
-        .map_err(|e| errors::to_pyerr(cellblock_core::Error::InvalidSpec(e.to_string())))?;
-    spec.stdin = stdin.unwrap_or_default();
-    if let (Some(s), Some(b)) = (spec.seccomp.as_mut(), bpf) {
-        s.bpf = b;
-    }
-    let report = py.allow_threads(|| match on_output {
-        None => cellblock_core::run(&spec, None),
-        Some(cb) => {
-            let mut sink = |stream: Stream, data: &[u8]| {
-                Python::with_gil(|py| {
-                    let n = if stream == Stream::Stdout { 1 } else { 2 };
-                    if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
-                        e.print(py);
-                    }
-                });
-            };
-            cellblock_core::run(&spec, Some(&mut sink))
-        }
-    });
+    let spec = session::parse_spec(spec_json, stdin, bpf)?;
+    let report = py.allow_threads(|| session::with_sink(on_output, |sink| cellblock_core::run(&spec, sink)));
     let report = report.map_err(errors::to_pyerr)?;
     report_to_dict(py, &report)
 }
@@ -96,6 +79,7 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     redact::register(m)?;
+    session::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     Ok(())

@@ -96,6 +96,12 @@ pub struct Egress {
     listener: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress").finish_non_exhaustive()
+    }
+}
+
 impl Egress {
     /// Serves the sandbox's egress on the fds [`setup_in_child`] created, in any order.
     pub fn start(allow: Allowlist, fds: Vec<OwnedFd>) -> Result<Egress> {

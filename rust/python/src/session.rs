@@ -1,0 +1,144 @@
+//! `cellblock._native.Session`: a persistent sandbox serving many calls.
+
+use crate::errors::to_pyerr;
+use cellblock_core::{RunSpec, Stream};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+/// Parses a spec from JSON, attaching the byte buffers.
+pub fn parse_spec(spec_json: &str, stdin: Option<Vec<u8>>, bpf: Option<Vec<u8>>) -> PyResult<RunSpec> {
+    let mut spec: RunSpec = serde_json::from_str(spec_json)
+        .map_err(|e| to_pyerr(cellblock_core::Error::InvalidSpec(e.to_string())))?;
+    spec.stdin = stdin.unwrap_or_default();
+    if let (Some(s), Some(b)) = (spec.seccomp.as_mut(), bpf) {
+        s.bpf = b;
+    }
+    Ok(spec)
+}
+
+/// Runs `f` with a live-output sink built from an optional Python callable.
+pub fn with_sink<T>(
+    on_output: Option<PyObject>,
+    f: impl FnOnce(Option<cellblock_core::Sink<'_>>) -> T,
+) -> T {
+    match on_output {
+        None => f(None),
+        Some(cb) => {
+            let mut sink = |stream: Stream, data: &[u8]| {
+                Python::with_gil(|py| {
+                    let n = if stream == Stream::Stdout { 1 } else { 2 };
+                    if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
+                        e.print(py);
+                    }
+                });
+            };
+            f(Some(&mut sink))
+        }
+    }
+}
+
+/// A session sandbox. Every method releases the GIL while it works.
+#[pyclass(module = "cellblock._native", frozen)]
+pub struct Session {
+    inner: cellblock_core::Session,
+}
+
+#[pymethods]
+impl Session {
+    /// Opens a session from a RunSpec JSON (argv ignored; limits are session-wide).
+    #[new]
+    fn new(py: Python<'_>, spec_json: &str) -> PyResult<Self> {
+        let spec = parse_spec(spec_json, None, None)?;
+        let inner = py.allow_threads(|| cellblock_core::Session::open(&spec)).map_err(to_pyerr)?;
+        Ok(Session { inner })
+    }
+
+    /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None))]
+    fn exec<'py>(
+        &self,
+        py: Python<'py>,
+        spec_json: &str,
+        stdin: Option<Vec<u8>>,
+        bpf: Option<Vec<u8>>,
+        on_output: Option<PyObject>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let spec = parse_spec(spec_json, stdin, bpf)?;
+        let report = py
+            .allow_threads(|| with_sink(on_output, |sink| self.inner.exec(&spec, sink)))
+            .map_err(to_pyerr)?;
+        crate::report_to_dict(py, &report)
+    }
+
+    /// Freezes every process of the session.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.pause()).map_err(to_pyerr)
+    }
+
+    /// Thaws the session.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.resume()).map_err(to_pyerr)
+    }
+
+    /// Kills everything and removes the session's cgroup (idempotent).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.close()).map_err(to_pyerr)
+    }
+
+    /// Whether the session is open and its sandbox alive.
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.is_open()
+    }
+
+    /// Session-wide enforcement: limit name -> enforcer (or None).
+    fn enforcement<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let e = self.inner.enforcement().map_err(to_pyerr)?;
+        let d = PyDict::new(py);
+        for (k, v) in e {
+            let v = v.map(|x| serde_json::to_value(x).ok().and_then(|j| j.as_str().map(str::to_string)));
+            d.set_item(k, v.flatten())?;
+        }
+        Ok(d)
+    }
+
+    /// Reads a file of the sandbox.
+    fn read_file<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py.allow_threads(|| self.inner.read_file(path)).map_err(to_pyerr)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Writes a file of the sandbox (parents created).
+    fn write_file(&self, py: Python<'_>, path: &str, data: Vec<u8>) -> PyResult<()> {
+        py.allow_threads(|| self.inner.write_file(path, &data)).map_err(to_pyerr)
+    }
+
+    /// Creates a directory and its parents.
+    fn make_dirs(&self, py: Python<'_>, path: &str) -> PyResult<()> {
+        py.allow_threads(|| self.inner.make_dirs(path)).map_err(to_pyerr)
+    }
+
+    /// Lists a directory: [{"name", "kind", "size"}].
+    fn list_dir<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyList>> {
+        let entries = py.allow_threads(|| self.inner.list_dir(path)).map_err(to_pyerr)?;
+        let list = PyList::empty(py);
+        for e in entries {
+            let d = PyDict::new(py);
+            d.set_item("name", e.name)?;
+            d.set_item("kind", e.kind)?;
+            d.set_item("size", e.size)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+
+    /// Removes a file, symlink or empty directory.
+    fn remove(&self, py: Python<'_>, path: &str) -> PyResult<()> {
+        py.allow_threads(|| self.inner.remove(path)).map_err(to_pyerr)
+    }
+}
+
+/// Adds the class to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Session>()
+}
