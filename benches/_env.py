@@ -1,0 +1,69 @@
+"""Shared bench helpers: environment record, timing, markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+
+def environment() -> dict[str, str]:
+    """Kernel, CPUs and how cellblock enforces limits here."""
+    from cellblock import _native
+
+    info = _native.host_info()
+    if info["cgroup_v2_controllers"]:
+        cg = "v2 (" + " ".join(info["cgroup_v2_controllers"]) + ")"
+    elif info["cgroup_v1_controllers"]:
+        cg = "v1 hybrid (" + " ".join(sorted(set(info["cgroup_v1_controllers"]))) + ")"
+    else:
+        cg = "none (rlimit fallback)"
+    return {
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "cgroups": cg,
+        "user": "root" if info["root"] else f"uid {os.getuid()}",
+        "python": platform.python_version(),
+    }
+
+
+def print_environment() -> None:
+    env = environment()
+    print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(cases: dict[str, Callable[[], object]], runs: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Runs every case once per round, `runs` rounds, so drift affects all cases alike."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, fn in cases.items():
+            samples[name].append(time_once(fn))
+    return samples
+
+
+def percentile(xs: Sequence[float], p: float) -> float:
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def median_ms(xs: Sequence[float]) -> float:
+    return statistics.median(xs) * 1000
