@@ -14,8 +14,9 @@ def environment() -> dict[str, str]:
     from cellblock import _native
 
     info = _native.host_info()
-    if info["cgroup_v2_controllers"]:
-        cg = "v2 (" + " ".join(info["cgroup_v2_controllers"]) + ")"
+    usable_v2 = [c for c in info["cgroup_v2_controllers"] if c in ("memory", "pids", "cpu")]
+    if usable_v2:
+        cg = "v2 (" + " ".join(usable_v2) + ")"
     elif info["cgroup_v1_controllers"]:
         cg = "v1 hybrid (" + " ".join(sorted(set(info["cgroup_v1_controllers"]))) + ")"
     else:
