@@ -67,3 +67,30 @@ fn closed_session_is_an_error() {
     assert!(matches!(s.exec(&call(&["true"]), None), Err(Error::SessionClosed(_))));
     assert!(matches!(s.read_file("x"), Err(Error::SessionClosed(_))));
 }
+
+/// Re-runs this whole file as uid 65534 (user namespaces make the same isolation real there).
+#[test]
+fn everything_again_unprivileged() {
+    // SAFETY: geteuid has no side effects.
+    if unsafe { libc::geteuid() } != 0 || std::env::var_os("CELLBLOCK_UNPRIVILEGED_RUN").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cellblock-session-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let exe = dir.join("session-test");
+    std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["--skip", "everything_again_unprivileged", "--test-threads", "2"])
+        .env("CELLBLOCK_UNPRIVILEGED_RUN", "1")
+        .current_dir(&dir)
+        .output()
+        .expect("setpriv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "unprivileged run failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("4 passed"), "expected the 4 session tests to pass unprivileged:\n{text}");
+}
