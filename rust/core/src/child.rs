@@ -206,6 +206,8 @@ pub struct InitPlan<'a> {
     pub lifeline: libc::c_int,
     /// Egress plumbing to set up in the new network namespace (allowlist given).
     pub net: Option<&'a crate::net::ChildPlan>,
+    /// Address ranges of the caller's argv and environment strings, zeroed in the child.
+    pub wipe: &'a [(usize, usize)],
 }
 
 fn errno() -> i32 {
@@ -327,9 +329,18 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     let fds = &plan.fds;
     // Drop descriptors inherited from the (multithreaded) caller: other runs' pipes among them.
     close_other_fds(&fds.keep(plan.lifeline));
-    // SAFETY: umask and prctl have no memory effects. PDEATHSIG: if the supervisor thread dies,
-    // the sandbox dies with it.
+    // PID 1 is a copy of the caller: its memory holds the caller's heap, environment and
+    // command line. Not dumpable: the sandboxed command (same uid, no capabilities) cannot read
+    // /proc/1/mem, environ, maps or fds; and the argument and environment areas are wiped so
+    // /proc/1/cmdline and environ show nothing of the caller.
+    // SAFETY: prctl/umask have no memory effects; the wiped ranges are this process's own
+    // (copy-on-write) argv/envp areas as recorded by the kernel before the fork.
     unsafe {
+        for (start, end) in plan.wipe {
+            if *end > *start {
+                std::ptr::write_bytes(*start as *mut u8, 0, end - start);
+            }
+        }
         libc::umask(0);
         if plan.pdeathsig {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
@@ -351,6 +362,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             ok_or_fail(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) } as libc::c_long, fds, Stage::Credentials, 0);
         }
         Identity::Joined { .. } => {}
+    }
+    // After the id maps: a non-dumpable process can no longer write its own /proc files. A
+    // session holder stays dumpable so the (unprivileged) supervisor can still join it; no call
+    // can see it, calls live in pid namespaces nested below it.
+    if plan.target.is_some() {
+        // SAFETY: prctl has no memory effects.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     }
 
     if let Some(mounts) = plan.mounts {
@@ -441,6 +459,14 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             ok_or_fail(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_long, fds, Stage::Credentials, 3);
             ok_or_fail(libc::syscall(libc::SYS_setresgid, 0, 0, 0), fds, Stage::Credentials, 1);
             ok_or_fail(libc::syscall(libc::SYS_setresuid, 0, 0, 0), fds, Stage::Credentials, 2);
+            // A credential change resets the parent-death signal and dumpability (to the host's
+            // fs.suid_dumpable): set both again.
+            if plan.target.is_some() {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            }
+            if plan.pdeathsig {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
         }
     }
 
@@ -689,7 +715,9 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
             fail(fds.err, Stage::Process, 1, errno());
         }
         for (i, (res, val)) in t.rlimits.iter().enumerate() {
-            let lim = libc::rlimit { rlim_cur: *val, rlim_max: *val };
+            // SIGXCPU at the soft limit, SIGKILL one second later.
+            let max = if *res == libc::RLIMIT_CPU { val.saturating_add(1) } else { *val };
+            let lim = libc::rlimit { rlim_cur: *val, rlim_max: max };
             if libc::setrlimit(*res, &lim) < 0 {
                 fail(fds.err, Stage::Process, 10 + i as u32, errno());
             }

@@ -53,10 +53,19 @@ pub struct Started {
     pub egress: Option<net::Egress>,
 }
 
-/// Whether this process can create cgroups and map arbitrary uids (real root).
+/// Whether this process is real root: uid 0 of the initial user namespace, able to create
+/// cgroups and map arbitrary uids. Root of a nested user namespace (a rootless container) takes
+/// the unprivileged path.
 pub fn is_root() -> bool {
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: geteuid has no side effects.
-    unsafe { libc::geteuid() == 0 }
+    let euid0 = unsafe { libc::geteuid() == 0 };
+    euid0
+        && *ROOT.get_or_init(|| {
+            std::fs::read_to_string("/proc/self/uid_map")
+                .map(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+                .unwrap_or(false)
+        })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
@@ -134,6 +143,26 @@ fn validate(spec: &RunSpec) -> Result<()> {
     Ok(())
 }
 
+/// The caller's argv and environment string areas (from /proc/self/stat), wiped in children.
+fn wipe_ranges() -> &'static [(usize, usize)] {
+    static RANGES: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
+    RANGES.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name (which may contain anything) start at field 3.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<usize> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+        vec![(field(48), field(49)), (field(50), field(51))]
+    })
+}
+
+/// RLIMIT_CPU value for a CPU-time budget: whole seconds, at least 1. The child sets the hard
+/// limit one second above the soft one, so the kernel sends SIGXCPU (reported as `cpu_time`)
+/// before SIGKILL.
+fn cpu_rlimit(seconds: f64) -> u64 {
+    (seconds.ceil() as u64).max(1)
+}
+
 /// Decides rlimits for the limits no cgroup enforces, and records every enforcer.
 fn plan_limits(
     spec: &RunSpec,
@@ -167,8 +196,8 @@ fn plan_limits(
     }
     if let Some(t) = l.cpu_time {
         let e = by_cgroup("cpu_time").or_else(|| {
-            // Per process only: the honest best without a cgroup.
-            rlimits.push((libc::RLIMIT_CPU, t.ceil() as u64));
+            // Per process only: the honest best without a cgroup (see cpu_rlimit).
+            rlimits.push((libc::RLIMIT_CPU, cpu_rlimit(t)));
             Some(Enforcer::Rlimit)
         });
         enf.insert("cpu_time".into(), e);
@@ -480,6 +509,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         fds: p.child,
         pdeathsig: true,
         lifeline: -1,
+        wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
     };
     let started_at = std::time::Instant::now();
@@ -547,6 +577,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         fds: p.child,
         pdeathsig: false,
         lifeline: life_r.as_raw_fd(),
+        wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
     };
     let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
@@ -566,7 +597,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     let mut enforcement = holder.enforcement.clone();
     if let Some(t) = spec.limits.cpu_time {
         rlimits.retain(|(r, _)| *r != libc::RLIMIT_CPU);
-        rlimits.push((libc::RLIMIT_CPU, t.ceil() as u64));
+        rlimits.push((libc::RLIMIT_CPU, cpu_rlimit(t)));
         enforcement.insert("cpu_time".into(), Some(Enforcer::Rlimit));
     }
     if spec.limits.timeout.is_some() {
@@ -586,6 +617,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         fds: p.child,
         pdeathsig: false,
         lifeline: -1,
+        wipe: wipe_ranges(),
         net: None,
     };
     let join = JoinPlan { pidfd: holder.pidfd.as_raw_fd(), root: holder.root };

@@ -127,8 +127,14 @@ pub fn supervise(
     let deadline = limits.timeout.map(|t| started_at + Duration::from_secs_f64(t));
     let cpu_budget = limits.cpu_time.map(Duration::from_secs_f64).filter(|_| cgroup.as_ref().is_some_and(|c| c.enforces("cpu_time")));
     let mut pumps = [Pump::new(stdout, redactor, Stream::Stdout), Pump::new(stderr, redactor, Stream::Stderr)];
-    let mut listener = listener.map(|fd| seccomp::Listener::new(fd, syscall_names.clone()));
-    let mut stdin_fd = if stdin.is_empty() { None } else { Some(stdin_fd) };
+    let mut listener = listener.map(|fd| seccomp::Listener::new(fd, syscall_names.clone()).on_violation(on_violation));
+    // Without input the command must see EOF at once, not a pipe held open by us.
+    let mut stdin_fd = if stdin.is_empty() {
+        drop(stdin_fd);
+        None
+    } else {
+        Some(stdin_fd)
+    };
     if let Some(fd) = &stdin_fd {
         set_nonblocking(fd);
     }
