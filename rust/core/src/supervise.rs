@@ -140,6 +140,7 @@ pub fn supervise(
     }
     let mut stdin_off = 0usize;
     let mut killed_for: Option<Reason> = None;
+    let mut listener_live = true;
     let mut init_done = false;
     let mut drain_deadline: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
@@ -180,7 +181,7 @@ pub fn supervise(
             pfds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             tags.push(3);
         }
-        if let Some(l) = &listener {
+        if let (Some(l), true) = (&listener, listener_live) {
             pfds.push(libc::pollfd { fd: l.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
             tags.push(4);
         }
@@ -232,6 +233,10 @@ pub fn supervise(
                     drain_deadline = Some(Instant::now() + DRAIN_GRACE);
                 }
                 4 => {
+                    // POLLHUP: every filtered process is gone; stop polling (no busy loop).
+                    if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                        listener_live = false;
+                    }
                     if let Some(l) = listener.as_mut() {
                         if let Ok(n) = l.drain() {
                             if n > 0 && on_violation == OnViolation::Kill {
