@@ -2,6 +2,7 @@
 allowlist and secret redaction, and get a report of exactly what happened."""
 
 from cellblock._native import Redactor
+from cellblock.batch import Job, JobError, iter_many, run_many
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
@@ -25,6 +26,8 @@ __all__ = [
     "CellblockError",
     "CommandNotFound",
     "InvalidSpec",
+    "Job",
+    "JobError",
     "NamespaceUnavailable",
     "NetworkPolicyError",
     "PathEscape",
@@ -38,5 +41,7 @@ __all__ = [
     "SecretError",
     "SessionClosed",
     "SetupError",
+    "iter_many",
     "run",
+    "run_many",
 ]

@@ -1,0 +1,311 @@
+"""Batch execution: many jobs, each in its own sandbox, run concurrently.
+
+`run_many(jobs)` returns results in job order; `iter_many(jobs)` yields `(job, result)` as jobs
+finish. Every job gets a fresh sandbox (no state is shared between jobs). A job that cannot
+start (unknown command, bad spec) gives a `JobError` record instead of stopping the batch.
+
+How jobs reach the sandbox is a `Runner`: `run_cold` starts one cold sandbox per job; a warm
+runner (sessions forking from a pre-started interpreter) can be passed in its place.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
+from typing import Any, Literal
+
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cellblock.errors import InvalidSpec
+from cellblock.policy import Policy
+from cellblock.progress import Progress
+from cellblock.result import RunResult
+from cellblock.sandbox import run
+from cellblock.seccomp import profile_for_argv
+
+Language = Literal["python", "node", "shell"]
+
+#: Where jobs' files are written (the sandbox's working directory).
+WORKSPACE = "/workspace"
+#: Where code too long for a command-line argument is written.
+CODE_DIR = "/tmp/.cellblock"
+#: Inline code longer than this goes through a file (Linux caps one argv string at 128 KiB).
+MAX_INLINE_CODE = 100_000
+#: In-flight submissions per worker: enough to keep workers busy, bounded for huge batches.
+QUEUE_PER_WORKER = 2
+
+_INTERPRETER: dict[str, tuple[str, str, str]] = {
+    # language: (program, inline-code flag, file extension)
+    "python": ("python3", "-c", "py"),
+    "node": ("node", "-e", "js"),
+    "shell": ("sh", "-c", "sh"),
+}
+
+# Runs first in the sandbox when a job has files: reads a length-prefixed JSON bundle from
+# stdin, writes the files, then execs the job's command. The rest of stdin is left unread, so
+# the command sees exactly the job's stdin.
+_LAUNCHER = r"""
+import base64, json, os, sys
+def read(n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(0, n - len(buf))
+        if not chunk:
+            sys.exit("cellblock: truncated job bundle")
+        buf += chunk
+    return buf
+bundle = json.loads(read(int(read(12))))
+for path, (data, mode) in bundle["files"].items():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64decode(data))
+argv = bundle["argv"]
+try:
+    os.execvp(argv[0], argv)
+except OSError as e:
+    sys.stderr.write(f"cellblock: cannot run {argv[0]}: {e.strerror}\n")
+    sys.exit(127)
+"""
+
+
+class Limits(BaseModel):
+    """Per-job limits; same names and units as `cellblock.run`'s keyword arguments."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory: int | str | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    timeout: float | None = None
+    cpu_time: float | None = None
+    max_output: int | str | None = None
+    disk: int | str | None = None
+
+
+class FileData(BaseModel):
+    """A file given as base64 (for binary content in JSON) with an optional mode."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base64: Base64Bytes
+    mode: int = 0o644
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Job(BaseModel):
+    """One unit of work: `argv`, or `code` in `language`; plus stdin, files, limits and env.
+
+    `files` maps paths relative to /workspace to text, bytes or `{"base64": ..., "mode": ...}`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=_new_id)
+    argv: list[str] | None = None
+    code: str | None = None
+    language: Language = "python"
+    stdin: str | bytes | None = None
+    files: dict[str, str | bytes | FileData] = {}
+    limits: Limits = Limits()
+    env: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> Job:
+        if (self.argv is None) == (self.code is None):
+            raise ValueError("a job needs exactly one of argv or code")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        for path in self.files:
+            _workspace_path(path)
+        return self
+
+    @classmethod
+    def parse(cls, data: Any) -> Job:
+        """Validate a dict (e.g. a JSONL line), turning pydantic errors into `InvalidSpec`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            msg = str(err.get("msg", "invalid job")).removeprefix("Value error, ")
+            raise InvalidSpec(f"{loc}: {msg}" if loc else msg) from None
+
+
+class JobError(BaseModel):
+    """The record of a job that could not run: the error's class name and message."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    message: str
+
+    reason: Literal["error"] = "error"
+    ok: Literal[False] = False
+
+    @classmethod
+    def from_exception(cls, e: BaseException) -> JobError:
+        return cls(kind=type(e).__name__, message=str(e))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"kind": self.kind, "message": self.message}}
+
+
+Outcome = RunResult | JobError
+#: Runs one job under its effective policy. Must be thread-safe.
+Runner = Callable[[Job, Policy], RunResult]
+
+
+def _workspace_path(path: str) -> str:
+    norm = posixpath.normpath(path)
+    if not path or posixpath.isabs(path) or norm == "." or norm.split("/")[0] == "..":
+        raise ValueError(f"file path {path!r} must be relative and stay inside {WORKSPACE}")
+    return posixpath.join(WORKSPACE, norm)
+
+
+def _file_bytes(content: str | bytes | FileData) -> tuple[bytes, int]:
+    if isinstance(content, FileData):
+        return content.base64, content.mode
+    return (content.encode() if isinstance(content, str) else content), 0o644
+
+
+def command_for(job: Job) -> tuple[list[str], bytes | None]:
+    """The argv and stdin that run `job` in a sandbox (through the launcher when it has files)."""
+    stdin = job.stdin.encode() if isinstance(job.stdin, str) else job.stdin
+    files = {_workspace_path(p): _file_bytes(c) for p, c in job.files.items()}
+    if job.argv is not None:
+        argv = list(job.argv)
+    else:
+        program, flag, ext = _INTERPRETER[job.language]
+        code = job.code or ""
+        if len(code.encode()) <= MAX_INLINE_CODE:
+            argv = [program, flag, code]
+        else:
+            path = f"{CODE_DIR}/main.{ext}"
+            files[path] = (code.encode(), 0o644)
+            argv = [program, path]
+    if not files:
+        return argv, stdin
+    bundle = json.dumps({
+        "files": {p: [base64.b64encode(data).decode(), mode] for p, (data, mode) in files.items()},
+        "argv": argv,
+    }).encode()
+    header = b"%012d" % len(bundle)
+    # -I -S: the launcher ignores the job's PYTHON* variables and skips site-packages.
+    return ["python3", "-I", "-S", "-c", _LAUNCHER], header + bundle + (stdin or b"")
+
+
+def job_policy(job: Job, base: Policy | None) -> Policy:
+    """The job's effective policy: its limits and env over the batch's base policy."""
+    base = base or Policy()
+    env = {**base.env, **job.env} if job.env else None
+    return base.merged(**job.limits.model_dump(exclude_none=True), env=env)
+
+
+def run_cold(job: Job, policy: Policy) -> RunResult:
+    """Run a job in a fresh sandbox; the seccomp profile follows the job's own command."""
+    argv, stdin = command_for(job)
+    target = job.argv or [_INTERPRETER[job.language][0]]
+    profile = None if policy.profile or policy.seccomp else profile_for_argv(list(target))
+    return run(argv, stdin=stdin, policy=policy, profile=profile)
+
+
+def _run_one(runner: Runner, job: Job, base: Policy | None) -> Outcome:
+    try:
+        return runner(job, job_policy(job, base))
+    # One bad job must not end a batch of thousands: any error becomes that job's record.
+    except Exception as e:  # noqa: BLE001
+        return JobError.from_exception(e)
+
+
+def failed(outcome: Outcome) -> bool:
+    """A job failed when it could not run or did not exit with status 0."""
+    return not outcome.ok
+
+
+def _run_indexed(
+    jobs: Iterable[Job],
+    concurrency: int | None,
+    progress: bool | Progress,
+    policy: Policy | None,
+    runner: Runner,
+) -> Generator[tuple[int, Job, Outcome], None, None]:
+    workers = concurrency if concurrency is not None else os.cpu_count() or 1
+    if workers < 1:
+        raise InvalidSpec(f"concurrency must be at least 1, got {concurrency}")
+    bar = _make_progress(progress, jobs)
+    source = enumerate(jobs)
+    pending: dict[Future[Outcome], tuple[int, Job]] = {}
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cellblock-batch")
+    try:
+        while True:
+            for i, job in source:
+                pending[executor.submit(_run_one, runner, job, policy)] = (i, job)
+                if len(pending) >= workers * QUEUE_PER_WORKER:
+                    break
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i, job = pending.pop(future)
+                outcome = future.result()
+                if bar is not None:
+                    bar.add(outcome.reason, failed(outcome))
+                yield i, job, outcome
+    finally:
+        # Queued jobs never start; running ones end within their timeouts (their results, if
+        # the iterator was closed early, are dropped).
+        executor.shutdown(wait=True, cancel_futures=True)
+        if bar is not None and progress is True:
+            bar.close()
+
+
+def _make_progress(progress: bool | Progress, jobs: Iterable[Job]) -> Progress | None:
+    if isinstance(progress, Progress):
+        return progress
+    if not progress:
+        return None
+    return Progress(len(jobs) if isinstance(jobs, (list, tuple)) else None)
+
+
+def iter_many(
+    jobs: Iterable[Job],
+    concurrency: int | None = None,
+    progress: bool | Progress = True,
+    policy: Policy | None = None,
+    runner: Runner = run_cold,
+) -> Generator[tuple[Job, Outcome], None, None]:
+    """Run jobs concurrently, yielding `(job, result)` in completion order.
+
+    `concurrency` defaults to the CPU count. `progress` is True (a bar on stderr and a summary
+    at the end), False, or a `Progress` to report into. `policy` is the base every job's limits
+    and env apply over. Jobs are read from `jobs` lazily, so it can be a long generator.
+    Closing the iterator early (or Ctrl-C) starts no new job and waits for the running ones.
+    """
+    with closing(_run_indexed(jobs, concurrency, progress, policy, runner)) as outcomes:
+        for _, job, outcome in outcomes:
+            yield job, outcome
+
+
+def run_many(
+    jobs: Iterable[Job],
+    concurrency: int | None = None,
+    progress: bool | Progress = True,
+    policy: Policy | None = None,
+    runner: Runner = run_cold,
+) -> list[Outcome]:
+    """Run jobs concurrently; results in job order (`JobError` for jobs that could not run)."""
+    jobs = list(jobs)
+    results: list[Outcome | None] = [None] * len(jobs)
+    for i, _, outcome in _run_indexed(jobs, concurrency, progress, policy, runner):
+        results[i] = outcome
+    return [r for r in results if r is not None]
