@@ -287,6 +287,7 @@ fn errno() -> libc::c_int {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::FromRawFd;
     use super::*;
     use std::os::fd::AsFd;
 
