@@ -58,7 +58,9 @@ pub fn parse_layout(mountinfo: &str, self_cgroup: &str) -> Layout {
     let mut v2_mount: Option<String> = None;
     let mut v1_mounts: Vec<(Vec<String>, String)> = Vec::new();
     for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let fields: Vec<&str> = left.split(' ').collect();
         let rfields: Vec<&str> = right.split(' ').collect();
         if fields.len() < 5 || rfields.len() < 3 {
@@ -70,11 +72,9 @@ pub fn parse_layout(mountinfo: &str, self_cgroup: &str) -> Layout {
         }
         let mount_point = fields[4].to_string();
         match rfields[0] {
-            "cgroup2" => {
-                // Prefer the canonical location if several are mounted.
-                if v2_mount.is_none() || mount_point == "/sys/fs/cgroup" {
-                    v2_mount = Some(mount_point);
-                }
+            // Prefer the canonical location if several are mounted.
+            "cgroup2" if v2_mount.is_none() || mount_point == "/sys/fs/cgroup" => {
+                v2_mount = Some(mount_point)
             }
             "cgroup" => {
                 let ctrls = rfields[2].split(',').map(str::to_string).collect();
@@ -99,7 +99,9 @@ pub fn parse_layout(mountinfo: &str, self_cgroup: &str) -> Layout {
         }
         for ctrl in ctrls.split(',') {
             if let Some((_, m)) = v1_mounts.iter().find(|(c, _)| c.iter().any(|x| x == ctrl)) {
-                layout.v1_dirs.push((ctrl.to_string(), Path::new(m).join(rel)));
+                layout
+                    .v1_dirs
+                    .push((ctrl.to_string(), Path::new(m).join(rel)));
             }
         }
     }
@@ -154,7 +156,12 @@ impl RunCgroup {
     pub fn create(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
         let layout = layout();
         let name = unique_name();
-        let mut cg = RunCgroup { v2: None, v1: Vec::new(), enforced: Vec::new(), removed: false };
+        let mut cg = RunCgroup {
+            v2: None,
+            v1: Vec::new(),
+            enforced: Vec::new(),
+            removed: false,
+        };
         let wanted_v2: Vec<&str> = ["memory", "pids", "cpu"]
             .into_iter()
             .filter(|c| layout.v2_controllers.iter().any(|x| x == c))
@@ -164,14 +171,19 @@ impl RunCgroup {
             if fs::create_dir(&path).is_ok() {
                 cg.v2 = Some(path.clone());
                 // Enabling controllers for our child needs them in our own subtree_control.
-                let sub = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                let sub =
+                    fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
                 let on = |c: &str| sub.split_whitespace().any(|x| x == c);
                 cg.apply_v2(&path, limits, &on);
                 return Some(cg);
             }
         }
         let v1_dir = |c: Controller| {
-            layout.v1_dirs.iter().find(|(n, _)| n == c.v1_name()).map(|(_, d)| d.join(&name))
+            layout
+                .v1_dirs
+                .iter()
+                .find(|(n, _)| n == c.v1_name())
+                .map(|(_, d)| d.join(&name))
         };
         let mut need: Vec<Controller> = vec![Controller::CpuAcct, Controller::Memory];
         if limits.pids.is_some() {
@@ -199,9 +211,7 @@ impl RunCgroup {
 
     fn apply_v2(&mut self, path: &Path, limits: &Limits, on: &dyn Fn(&str) -> bool) {
         if let Some(mem) = limits.memory {
-            if on("memory")
-                && write(&path.join("memory.max"), &mem.to_string()).is_ok()
-            {
+            if on("memory") && write(&path.join("memory.max"), &mem.to_string()).is_ok() {
                 let _ = write(&path.join("memory.swap.max"), "0");
                 self.enforced.push(("memory", Enforcer::CgroupV2));
             }
@@ -231,7 +241,8 @@ impl RunCgroup {
                         if write(&path.join("memory.limit_in_bytes"), &mem.to_string()).is_ok() {
                             // Swap must not extend the limit; the file is absent without swap
                             // accounting, which is fine.
-                            let _ = write(&path.join("memory.memsw.limit_in_bytes"), &mem.to_string());
+                            let _ =
+                                write(&path.join("memory.memsw.limit_in_bytes"), &mem.to_string());
                             self.enforced.push(("memory", Enforcer::CgroupV1));
                         }
                     }
@@ -286,7 +297,10 @@ impl RunCgroup {
     }
 
     fn v1_path(&self, c: Controller) -> Option<&Path> {
-        self.v1.iter().find(|(x, _)| *x == c).map(|(_, p)| p.as_path())
+        self.v1
+            .iter()
+            .find(|(x, _)| *x == c)
+            .map(|(_, p)| p.as_path())
     }
 
     fn read_key(path: &Path, key: &str) -> Option<u64> {
@@ -337,7 +351,10 @@ impl RunCgroup {
         let p = self.v1_path(Controller::Freezer).ok_or_else(|| {
             io::Error::new(io::ErrorKind::Unsupported, "no freezer cgroup available")
         })?;
-        write(&p.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })
+        write(
+            &p.join("freezer.state"),
+            if frozen { "FROZEN" } else { "THAWED" },
+        )
     }
 
     /// Whether pause/resume is possible.
@@ -407,10 +424,13 @@ mod tests {
     fn hybrid_layout_finds_v1_dirs_and_unified() {
         let l = parse_layout(MOUNTINFO_HYBRID, SELF_HYBRID);
         assert_eq!(l.v2_dir, Some(PathBuf::from("/sys/fs/cgroup/unified/")));
+        assert!(l.v1_dirs.contains(&(
+            "memory".into(),
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/abc")
+        )));
         assert!(l
             .v1_dirs
-            .contains(&("memory".into(), PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))));
-        assert!(l.v1_dirs.contains(&("pids".into(), PathBuf::from("/sys/fs/cgroup/pids/"))));
+            .contains(&("pids".into(), PathBuf::from("/sys/fs/cgroup/pids/"))));
     }
 
     #[test]
@@ -419,7 +439,9 @@ mod tests {
         let l = parse_layout(mi, "0::/user.slice/user-1000.slice/session-3.scope\n");
         assert_eq!(
             l.v2_dir,
-            Some(PathBuf::from("/sys/fs/cgroup/user.slice/user-1000.slice/session-3.scope"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/user.slice/user-1000.slice/session-3.scope"
+            ))
         );
         assert!(l.v1_dirs.is_empty());
     }

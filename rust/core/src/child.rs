@@ -9,8 +9,8 @@
 //! exist: its set*id/setgroups wrappers would wait forever for those threads. Credentials are
 //! therefore changed with raw syscalls.
 
-use crate::fs::MountPlan;
 use crate::fdpass;
+use crate::fs::MountPlan;
 use crate::seccomp;
 use std::ffi::CString;
 
@@ -58,10 +58,27 @@ impl Stage {
     /// Decodes a stage number written by a child.
     pub fn from_u32(v: u32) -> Option<Stage> {
         use Stage::*;
-        [IdMap, MountPrivate, Mount, PivotRoot, RootReadOnly, Hostname, Loopback, Network, Unshare,
-         Sync, Credentials, Fork, Process, Capabilities, Seccomp, Exec, Join]
-            .into_iter()
-            .find(|s| *s as u32 == v)
+        [
+            IdMap,
+            MountPrivate,
+            Mount,
+            PivotRoot,
+            RootReadOnly,
+            Hostname,
+            Loopback,
+            Network,
+            Unshare,
+            Sync,
+            Credentials,
+            Fork,
+            Process,
+            Capabilities,
+            Seccomp,
+            Exec,
+            Join,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
     }
 
     /// What the stage does, for messages.
@@ -183,7 +200,17 @@ pub struct ChildFds {
 
 impl ChildFds {
     fn keep(&self, extra: libc::c_int) -> [libc::c_int; 9] {
-        [self.stdin, self.stdout, self.stderr, self.ready, self.go, self.err, self.status, self.fdsock, extra]
+        [
+            self.stdin,
+            self.stdout,
+            self.stderr,
+            self.ready,
+            self.go,
+            self.err,
+            self.status,
+            self.fdsock,
+            extra,
+        ]
     }
 }
 
@@ -211,7 +238,9 @@ pub struct InitPlan<'a> {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Writes an error record and exits. Never returns.
@@ -346,7 +375,10 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
         }
     }
-    let root_path = matches!(plan.identity, Identity::RootThenUserns | Identity::Joined { root: true });
+    let root_path = matches!(
+        plan.identity,
+        Identity::RootThenUserns | Identity::Joined { root: true }
+    );
 
     match plan.identity {
         Identity::SelfMapped { uid_map, gid_map } => {
@@ -359,7 +391,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
         Identity::RootThenUserns => {
             // SAFETY: dropping supplementary groups of real root.
-            ok_or_fail(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) } as libc::c_long, fds, Stage::Credentials, 0);
+            ok_or_fail(
+                unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) }
+                    as libc::c_long,
+                fds,
+                Stage::Credentials,
+                0,
+            );
         }
         Identity::Joined { .. } => {}
     }
@@ -375,7 +413,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         // SAFETY: mount(2) with static strings; MS_PRIVATE|MS_REC stops propagation to the host.
         ok_or_fail(
             unsafe {
-                libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
             } as libc::c_long,
             fds,
             Stage::MountPrivate,
@@ -387,22 +431,52 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         // SAFETY: chdir/pivot_root/umount2 on paths we prepared; pivot_root(".", ".") stacks the
         // old root under the new one, and the detach drops it.
         unsafe {
-            ok_or_fail(libc::chdir(mounts.base.as_ptr()) as libc::c_long, fds, Stage::PivotRoot, 0);
-            ok_or_fail(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), fds, Stage::PivotRoot, 1);
-            ok_or_fail(libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as libc::c_long, fds, Stage::PivotRoot, 2);
-            ok_or_fail(libc::chdir(c"/".as_ptr()) as libc::c_long, fds, Stage::PivotRoot, 3);
+            ok_or_fail(
+                libc::chdir(mounts.base.as_ptr()) as libc::c_long,
+                fds,
+                Stage::PivotRoot,
+                0,
+            );
+            ok_or_fail(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
+                fds,
+                Stage::PivotRoot,
+                1,
+            );
+            ok_or_fail(
+                libc::umount2(c".".as_ptr(), libc::MNT_DETACH) as libc::c_long,
+                fds,
+                Stage::PivotRoot,
+                2,
+            );
+            ok_or_fail(
+                libc::chdir(c"/".as_ptr()) as libc::c_long,
+                fds,
+                Stage::PivotRoot,
+                3,
+            );
         }
         let attr: [u64; 4] = [0x1 /* MOUNT_ATTR_RDONLY */, 0, 0, 0];
         // SAFETY: mount_setattr on "/" with a 32-byte struct mount_attr.
         ok_or_fail(
-            unsafe { libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, c"/".as_ptr(), 0, attr.as_ptr(), 32usize) },
+            unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    c"/".as_ptr(),
+                    0,
+                    attr.as_ptr(),
+                    32usize,
+                )
+            },
             fds,
             Stage::RootReadOnly,
             0,
         );
         // SAFETY: sethostname with a valid buffer.
         ok_or_fail(
-            unsafe { libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) } as libc::c_long,
+            unsafe { libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) }
+                as libc::c_long,
             fds,
             Stage::Hostname,
             0,
@@ -433,7 +507,12 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
         if root_path {
             // SAFETY: unshare has no memory effects.
-            ok_or_fail(unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long, fds, Stage::Unshare, 0);
+            ok_or_fail(
+                unsafe { libc::unshare(libc::CLONE_NEWUSER) } as libc::c_long,
+                fds,
+                Stage::Unshare,
+                0,
+            );
         }
     }
 
@@ -450,15 +529,36 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     if plan.mounts.is_some() {
         // Now that we are in the run's cgroup, make it the root of what the sandbox sees.
         // SAFETY: unshare has no memory effects.
-        ok_or_fail(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long, fds, Stage::Unshare, 1);
+        ok_or_fail(
+            unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long,
+            fds,
+            Stage::Unshare,
+            1,
+        );
     }
     if root_path {
         // SAFETY: switching to uid/gid 0 of our user namespace.
         unsafe {
             // Host root's supplementary groups must not follow a session call in.
-            ok_or_fail(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_long, fds, Stage::Credentials, 3);
-            ok_or_fail(libc::syscall(libc::SYS_setresgid, 0, 0, 0), fds, Stage::Credentials, 1);
-            ok_or_fail(libc::syscall(libc::SYS_setresuid, 0, 0, 0), fds, Stage::Credentials, 2);
+            ok_or_fail(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>())
+                    as libc::c_long,
+                fds,
+                Stage::Credentials,
+                3,
+            );
+            ok_or_fail(
+                libc::syscall(libc::SYS_setresgid, 0, 0, 0),
+                fds,
+                Stage::Credentials,
+                1,
+            );
+            ok_or_fail(
+                libc::syscall(libc::SYS_setresuid, 0, 0, 0),
+                fds,
+                Stage::Credentials,
+                2,
+            );
             // A credential change resets the parent-death signal and dumpability (to the host's
             // fs.suid_dumpable): set both again.
             if plan.target.is_some() {
@@ -488,7 +588,15 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     unsafe {
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2] {
+        for s in [
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
             libc::sigaddset(&mut set, s);
         }
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -556,10 +664,22 @@ fn hold(lifeline: libc::c_int) -> ! {
         let sfd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         loop {
             let mut pfds = [
-                libc::pollfd { fd: lifeline, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: sfd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: lifeline,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            libc::poll(pfds.as_mut_ptr(), if sfd >= 0 { 2 } else { 1 }, if sfd >= 0 { -1 } else { 100 });
+            libc::poll(
+                pfds.as_mut_ptr(),
+                if sfd >= 0 { 2 } else { 1 },
+                if sfd >= 0 { -1 } else { 100 },
+            );
             if pfds[0].revents != 0 {
                 libc::_exit(0);
             }
@@ -586,16 +706,38 @@ pub struct JoinPlan {
 /// pidfd to the supervisor. Runs in a process cloned by the supervisor; never returns.
 pub fn join_main(join: &JoinPlan, init: &InitPlan<'_>) -> ! {
     let fds = &init.fds;
-    close_other_fds(&[fds.stdin, fds.stdout, fds.stderr, fds.ready, fds.go, fds.err, fds.status, fds.fdsock, join.pidfd]);
-    let others = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP;
+    close_other_fds(&[
+        fds.stdin, fds.stdout, fds.stderr, fds.ready, fds.go, fds.err, fds.status, fds.fdsock,
+        join.pidfd,
+    ]);
+    let others = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP;
     // SAFETY: setns through a pidfd we own; raw clones behave like fork (no CLONE_VM).
     unsafe {
         if join.root {
-            ok_or_fail(libc::setns(join.pidfd, others) as libc::c_long, fds, Stage::Join, 0);
-            ok_or_fail(libc::setns(join.pidfd, libc::CLONE_NEWUSER) as libc::c_long, fds, Stage::Join, 1);
+            ok_or_fail(
+                libc::setns(join.pidfd, others) as libc::c_long,
+                fds,
+                Stage::Join,
+                0,
+            );
+            ok_or_fail(
+                libc::setns(join.pidfd, libc::CLONE_NEWUSER) as libc::c_long,
+                fds,
+                Stage::Join,
+                1,
+            );
         } else {
-            ok_or_fail(libc::setns(join.pidfd, others | libc::CLONE_NEWUSER) as libc::c_long, fds, Stage::Join, 0);
+            ok_or_fail(
+                libc::setns(join.pidfd, others | libc::CLONE_NEWUSER) as libc::c_long,
+                fds,
+                Stage::Join,
+                0,
+            );
         }
         libc::close(join.pidfd);
         // The joiner stays outside the session's pid namespace; its child (mid) enters it and
@@ -607,7 +749,12 @@ pub fn join_main(join: &JoinPlan, init: &InitPlan<'_>) -> ! {
             fail(fds.err, Stage::Fork, 1, errno());
         }
         if mid == 0 {
-            ok_or_fail(libc::unshare(libc::CLONE_NEWPID) as libc::c_long, fds, Stage::Join, 2);
+            ok_or_fail(
+                libc::unshare(libc::CLONE_NEWPID) as libc::c_long,
+                fds,
+                Stage::Join,
+                2,
+            );
             let mut pidfd: libc::c_int = -1;
             let init_pid = libc::syscall(
                 libc::SYS_clone,
@@ -656,7 +803,12 @@ impl StatusRecord {
 
     fn new(status: i32, ru: &libc::rusage) -> StatusRecord {
         let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
-        StatusRecord { status, utime_us: us(ru.ru_utime), stime_us: us(ru.ru_stime), maxrss_kb: ru.ru_maxrss as u64 }
+        StatusRecord {
+            status,
+            utime_us: us(ru.ru_utime),
+            stime_us: us(ru.ru_stime),
+            maxrss_kb: ru.ru_maxrss as u64,
+        }
     }
 
     fn to_bytes(self) -> [u8; Self::LEN] {
@@ -671,7 +823,12 @@ impl StatusRecord {
     /// Decodes a record read from the status pipe.
     pub fn from_bytes(b: &[u8; Self::LEN]) -> StatusRecord {
         let u = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-        StatusRecord { status: i32::from_ne_bytes([b[0], b[1], b[2], b[3]]), utime_us: u(4), stime_us: u(12), maxrss_kb: u(20) }
+        StatusRecord {
+            status: i32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            utime_us: u(4),
+            stime_us: u(12),
+            maxrss_kb: u(20),
+        }
     }
 }
 
@@ -696,7 +853,10 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
     // SAFETY: raw syscalls on our own process state; every pointer refers to prepared data.
     unsafe {
         libc::setsid();
-        if libc::dup2(fds.stdin, 0) < 0 || libc::dup2(fds.stdout, 1) < 0 || libc::dup2(fds.stderr, 2) < 0 {
+        if libc::dup2(fds.stdin, 0) < 0
+            || libc::dup2(fds.stdout, 1) < 0
+            || libc::dup2(fds.stderr, 2) < 0
+        {
             fail(fds.err, Stage::Process, 0, errno());
         }
         // Python ignores SIGPIPE and blocks some signals: give the command default behaviour.
@@ -716,8 +876,15 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         }
         for (i, (res, val)) in t.rlimits.iter().enumerate() {
             // SIGXCPU at the soft limit, SIGKILL one second later.
-            let max = if *res == libc::RLIMIT_CPU { val.saturating_add(1) } else { *val };
-            let lim = libc::rlimit { rlim_cur: *val, rlim_max: max };
+            let max = if *res == libc::RLIMIT_CPU {
+                val.saturating_add(1)
+            } else {
+                *val
+            };
+            let lim = libc::rlimit {
+                rlim_cur: *val,
+                rlim_max: max,
+            };
             if libc::setrlimit(*res, &lim) < 0 {
                 fail(fds.err, Stage::Process, 10 + i as u32, errno());
             }
@@ -729,13 +896,28 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
             fail(fds.err, Stage::Capabilities, 0, errno());
         }
         for cap in 0..=t.last_cap {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 && errno() != libc::EINVAL {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0
+                && errno() != libc::EINVAL
+            {
                 fail(fds.err, Stage::Capabilities, 1, errno());
             }
         }
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
-        let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
-        let data = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        let hdr = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
         if libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) < 0 {
             fail(fds.err, Stage::Capabilities, 2, errno());
         }
@@ -769,4 +951,3 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         fail(fds.err, Stage::Exec, 0, best)
     }
 }
-

@@ -62,7 +62,10 @@ impl Error {
 
     /// Shorthand for a [`Error::Setup`] from the current `errno`.
     pub fn setup(stage: &'static str) -> Self {
-        Error::Setup { stage, source: std::io::Error::last_os_error() }
+        Error::Setup {
+            stage,
+            source: std::io::Error::last_os_error(),
+        }
     }
 }
 

@@ -22,7 +22,10 @@ pub fn send_fds(sock: libc::c_int, fds: &[libc::c_int]) -> Result<(), libc::c_in
     }
     let bytes = std::mem::size_of_val(fds) as u32;
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     let mut buf = CmsgBuf([0; 128]);
     // SAFETY: msghdr/cmsghdr are built in stack buffers large and aligned enough for MAX_FDS
     // fds; CMSG_* compute offsets inside `buf`.
@@ -37,12 +40,18 @@ pub fn send_fds(sock: libc::c_int, fds: &[libc::c_int]) -> Result<(), libc::c_in
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), bytes as usize);
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            bytes as usize,
+        );
         loop {
             if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) >= 0 {
                 return Ok(());
             }
-            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
             if e != libc::EINTR {
                 return Err(e);
             }
@@ -52,16 +61,18 @@ pub fn send_fds(sock: libc::c_int, fds: &[libc::c_int]) -> Result<(), libc::c_in
 
 /// Receives one fd sent by [`send_fd`] (blocking). EOF or a message without an fd is an error.
 pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    recv_fds(sock)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no descriptor received"))
+    recv_fds(sock)?.into_iter().next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no descriptor received")
+    })
 }
 
 /// Receives the fds of one message sent by [`send_fds`] (blocking).
 pub fn recv_fds(sock: BorrowedFd<'_>) -> std::io::Result<Vec<OwnedFd>> {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
     let mut buf = CmsgBuf([0; 128]);
     // SAFETY: as in send_fds; every received fd is owned by the returned OwnedFds.
     unsafe {
@@ -81,12 +92,22 @@ pub fn recv_fds(sock: BorrowedFd<'_>) -> std::io::Result<Vec<OwnedFd>> {
         }
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         if n == 0 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no descriptor received"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "no descriptor received",
+            ));
         }
         let data_len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
         let count = (data_len / std::mem::size_of::<libc::c_int>()).min(MAX_FDS);
         let mut raw = [-1 as libc::c_int; MAX_FDS];
-        std::ptr::copy_nonoverlapping(libc::CMSG_DATA(cmsg), raw.as_mut_ptr().cast::<u8>(), count * 4);
-        Ok(raw[..count].iter().map(|&fd| OwnedFd::from_raw_fd(fd)).collect())
+        std::ptr::copy_nonoverlapping(
+            libc::CMSG_DATA(cmsg),
+            raw.as_mut_ptr().cast::<u8>(),
+            count * 4,
+        );
+        Ok(raw[..count]
+            .iter()
+            .map(|&fd| OwnedFd::from_raw_fd(fd))
+            .collect())
     }
 }

@@ -15,15 +15,39 @@ const BASE_CANDIDATES: &[&str] = &["/mnt", "/tmp", "/var/tmp"];
 
 /// Host directories bound read-only when they exist (symlinks, as on merged-/usr systems, are
 /// recreated as symlinks).
-const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+];
 
 /// What of the host's /etc runtimes need. Everything else (shadow, ssh keys, sudoers, the host's
 /// user list) stays invisible.
 const ETC_ALLOW: &[&str] = &[
-    "alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf", "debian_version",
-    "gai.conf", "host.conf", "inputrc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
-    "magic", "magic.mime", "mime.types", "nsswitch.conf", "os-release", "pki", "profile",
-    "protocols", "python3", "python3.11", "rpc", "services", "ssl", "timezone",
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "host.conf",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "magic",
+    "magic.mime",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "pki",
+    "profile",
+    "protocols",
+    "python3",
+    "python3.11",
+    "rpc",
+    "services",
+    "ssl",
+    "timezone",
 ];
 
 /// Host device nodes bound into the sandbox's /dev.
@@ -85,7 +109,9 @@ impl Op {
             Op::Touch(p) => format!("create {}", s(p)),
             Op::Symlink(t, l) => format!("symlink {} -> {}", s(l), s(t)),
             Op::Write(p, _) => format!("write {}", s(p)),
-            Op::Mount { src, dst, fstype, .. } => format!(
+            Op::Mount {
+                src, dst, fstype, ..
+            } => format!(
                 "mount {} on {} ({})",
                 src.as_ref().map(s).unwrap_or_default(),
                 s(dst),
@@ -140,10 +166,19 @@ impl MountPlan {
             .find(|p| Path::new(p).is_dir())
             .ok_or_else(|| Error::InvalidSpec("no directory to assemble the root in".into()))?;
         let mut ops = Vec::new();
-        let mut b = Builder { base, ops: &mut ops };
+        let mut b = Builder {
+            base,
+            ops: &mut ops,
+        };
 
         // The root: a small tmpfs holding only mount points and generated files.
-        b.mount(None, "", Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("size=1m,mode=0755"))?;
+        b.mount(
+            None,
+            "",
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("size=1m,mode=0755"),
+        )?;
 
         for dir in SYSTEM_DIRS {
             b.bind_host(dir)?;
@@ -151,14 +186,18 @@ impl MountPlan {
         for dir in input.ro_binds {
             let p = Path::new(dir);
             if !p.is_absolute() {
-                return Err(Error::InvalidSpec(format!("ro_binds: {dir:?} is not absolute")));
+                return Err(Error::InvalidSpec(format!(
+                    "ro_binds: {dir:?} is not absolute"
+                )));
             }
             // Already visible through a system directory bind.
             if SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
                 continue;
             }
             if !p.is_dir() {
-                return Err(Error::InvalidSpec(format!("ro_binds: {dir:?} is not a directory")));
+                return Err(Error::InvalidSpec(format!(
+                    "ro_binds: {dir:?} is not a directory"
+                )));
             }
             b.mkdir_p(dir)?;
             b.bind(dir, dir, true, false)?;
@@ -180,15 +219,27 @@ impl MountPlan {
             ("/etc/resolv.conf", input.resolv_conf.as_bytes()),
         ];
         for (path, data) in files {
-            b.ops.push(Op::Write(cstr(under(base, path))?, data.to_vec()));
+            b.ops
+                .push(Op::Write(cstr(under(base, path))?, data.to_vec()));
         }
 
         // Scratch space: one tmpfs capped at `disk`, shared by /tmp, /workspace and /dev/shm so
         // the cap is the total.
         let scratch = "/.scratch";
         b.mkdir_p(scratch)?;
-        let opts = format!("size={},mode=0755,uid={},gid={}", input.disk.max(4096), input.owner, input.owner);
-        b.mount(None, scratch, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some(&opts))?;
+        let opts = format!(
+            "size={},mode=0755,uid={},gid={}",
+            input.disk.max(4096),
+            input.owner,
+            input.owner
+        );
+        b.mount(
+            None,
+            scratch,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&opts),
+        )?;
         for (sub, mode) in [("tmp", 0o1777), ("workspace", 0o755), ("shm", 0o1777)] {
             let p = format!("{scratch}/{sub}");
             b.mkdir_p(&p)?;
@@ -202,14 +253,24 @@ impl MountPlan {
 
         // /dev: a few device nodes, no others.
         b.mkdir_p("/dev")?;
-        b.mount(None, "/dev", Some("tmpfs"), libc::MS_NOSUID | libc::MS_NOEXEC, Some("size=64k,mode=0755"))?;
+        b.mount(
+            None,
+            "/dev",
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("size=64k,mode=0755"),
+        )?;
         for dev in DEVICES {
             let host = format!("/dev/{dev}");
             if Path::new(&host).exists() {
                 b.ops.push(Op::Touch(cstr(under(base, &host))?));
                 b.bind(&host, &host, false, false)?;
                 let dst = cstr(under(base, &host))?;
-                b.ops.push(Op::SetAttr(dst, MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NOEXEC, false));
+                b.ops.push(Op::SetAttr(
+                    dst,
+                    MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NOEXEC,
+                    false,
+                ));
             }
         }
         b.mkdir_p("/dev/shm")?;
@@ -221,7 +282,8 @@ impl MountPlan {
             ("/dev/stdout", "/proc/self/fd/1"),
             ("/dev/stderr", "/proc/self/fd/2"),
         ] {
-            b.ops.push(Op::Symlink(cstr(target)?, cstr(under(base, link))?));
+            b.ops
+                .push(Op::Symlink(cstr(target)?, cstr(under(base, link))?));
         }
         // The scratch mount point itself is not needed once its parts are bound.
         b.ops.push(Op::Detach(cstr(under(base, scratch))?));
@@ -229,15 +291,27 @@ impl MountPlan {
 
         // /proc for the new pid namespace, with /proc/sys read-only.
         b.mkdir_p("/proc")?;
-        b.mount(Some("proc"), "/proc", Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)?;
+        b.mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        )?;
         b.bind("/proc/sys", "/proc/sys", false, true)?;
         let sys = cstr(under(base, "/proc/sys"))?;
         b.ops.push(Op::SetAttr(
             sys,
-            MS_MOUNT_ATTR_RDONLY | MS_MOUNT_ATTR_NOSUID | MS_MOUNT_ATTR_NODEV | MS_MOUNT_ATTR_NOEXEC,
+            MS_MOUNT_ATTR_RDONLY
+                | MS_MOUNT_ATTR_NOSUID
+                | MS_MOUNT_ATTR_NODEV
+                | MS_MOUNT_ATTR_NOEXEC,
             true,
         ));
-        Ok(MountPlan { base: cstr(base)?, ops })
+        Ok(MountPlan {
+            base: cstr(base)?,
+            ops,
+        })
     }
 
     /// Replays the plan. Child-side: raw syscalls only, no allocation. On failure returns the
@@ -263,7 +337,8 @@ impl Builder<'_> {
         for part in path.split('/').filter(|s| !s.is_empty()) {
             cur.push('/');
             cur.push_str(part);
-            self.ops.push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
+            self.ops
+                .push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
         }
         Ok(())
     }
@@ -288,7 +363,11 @@ impl Builder<'_> {
 
     /// Bind `src` (host path, or a path under the new root when `src_in_root`) onto `dst`.
     fn bind(&mut self, src: &str, dst: &str, readonly: bool, src_in_root: bool) -> Result<()> {
-        let src_path = if src_in_root { under(self.base, src) } else { src.to_string() };
+        let src_path = if src_in_root {
+            under(self.base, src)
+        } else {
+            src.to_string()
+        };
         self.ops.push(Op::Mount {
             src: Some(cstr(src_path)?),
             dst: cstr(under(self.base, dst))?,
@@ -308,10 +387,18 @@ impl Builder<'_> {
 
     /// Mirror a host path read-only: directories and files are bound, symlinks recreated.
     fn bind_host(&mut self, path: &str) -> Result<()> {
-        let Ok(meta) = Path::new(path).symlink_metadata() else { return Ok(()) };
+        let Ok(meta) = Path::new(path).symlink_metadata() else {
+            return Ok(());
+        };
         if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(path).map_err(|e| Error::Setup { stage: "readlink", source: e })?;
-            self.ops.push(Op::Symlink(cstr(target.as_os_str().as_bytes())?, cstr(under(self.base, path))?));
+            let target = std::fs::read_link(path).map_err(|e| Error::Setup {
+                stage: "readlink",
+                source: e,
+            })?;
+            self.ops.push(Op::Symlink(
+                cstr(target.as_os_str().as_bytes())?,
+                cstr(under(self.base, path))?,
+            ));
         } else if meta.is_dir() {
             self.mkdir_p(path)?;
             self.bind(path, path, true, false)?;
@@ -332,7 +419,9 @@ struct MountAttr {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn check(ret: libc::c_long) -> Result<(), i32> {
@@ -359,7 +448,13 @@ fn apply_op(op: &Op) -> Result<(), i32> {
         }
         Op::Touch(p) => {
             // SAFETY: valid path; the fd is closed right away.
-            let fd = unsafe { libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644) };
+            let fd = unsafe {
+                libc::open(
+                    p.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
             check(fd as libc::c_long)?;
             // SAFETY: fd was just opened.
             unsafe { libc::close(fd) };
@@ -372,7 +467,11 @@ fn apply_op(op: &Op) -> Result<(), i32> {
         Op::Write(p, data) => {
             // SAFETY: valid path; fd closed below.
             let fd = unsafe {
-                libc::open(p.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC, 0o644)
+                libc::open(
+                    p.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+                    0o644,
+                )
             };
             check(fd as libc::c_long)?;
             let mut off = 0;
@@ -391,15 +490,36 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             unsafe { libc::close(fd) };
             Ok(())
         }
-        Op::Mount { src, dst, fstype, flags, data } => {
+        Op::Mount {
+            src,
+            dst,
+            fstype,
+            flags,
+            data,
+        } => {
             // SAFETY: every pointer is a valid C string or null, as mount(2) allows.
             check(unsafe {
-                libc::mount(opt_ptr(src), dst.as_ptr(), opt_ptr(fstype), *flags, opt_ptr(data).cast())
+                libc::mount(
+                    opt_ptr(src),
+                    dst.as_ptr(),
+                    opt_ptr(fstype),
+                    *flags,
+                    opt_ptr(data).cast(),
+                )
             } as libc::c_long)
         }
         Op::SetAttr(p, set, recursive) => {
-            let attr = MountAttr { attr_set: *set, attr_clr: 0, propagation: 0, userns_fd: 0 };
-            let flags = if *recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+            let attr = MountAttr {
+                attr_set: *set,
+                attr_clr: 0,
+                propagation: 0,
+                userns_fd: 0,
+            };
+            let flags = if *recursive {
+                libc::AT_RECURSIVE as libc::c_uint
+            } else {
+                0
+            };
             // SAFETY: attr lives for the call and its size is passed.
             check(unsafe {
                 libc::syscall(
@@ -436,8 +556,13 @@ mod tests {
     use super::*;
 
     fn plan() -> MountPlan {
-        MountPlan::build(&PlanInput { disk: 1 << 20, owner: 0, ro_binds: &[], resolv_conf: "" })
-            .expect("plan")
+        MountPlan::build(&PlanInput {
+            disk: 1 << 20,
+            owner: 0,
+            ro_binds: &[],
+            resolv_conf: "",
+        })
+        .expect("plan")
     }
 
     fn descriptions(p: &MountPlan) -> Vec<String> {
@@ -448,7 +573,10 @@ mod tests {
     fn plan_never_exposes_secrets_of_etc() {
         let d = descriptions(&plan()).join("\n");
         for bad in ["/etc/shadow", "/etc/gshadow", "/etc/ssh", "/etc/sudoers"] {
-            assert!(!d.contains(&format!("mount {bad} ")), "{bad} is bound:\n{d}");
+            assert!(
+                !d.contains(&format!("mount {bad} ")),
+                "{bad} is bound:\n{d}"
+            );
         }
         assert!(d.contains("write /"));
     }
@@ -456,7 +584,13 @@ mod tests {
     #[test]
     fn plan_has_no_host_home_or_work() {
         let d = descriptions(&plan()).join("\n");
-        for bad in ["mount /root", "mount /home", "mount /work", "mount /var/run", "mount /run"] {
+        for bad in [
+            "mount /root",
+            "mount /home",
+            "mount /work",
+            "mount /var/run",
+            "mount /run",
+        ] {
             assert!(!d.contains(bad), "{bad}:\n{d}");
         }
     }
@@ -465,10 +599,17 @@ mod tests {
     fn system_binds_are_read_only() {
         let p = plan();
         for (i, op) in p.ops.iter().enumerate() {
-            if let Op::Mount { src: Some(src), fstype: None, .. } = op {
+            if let Op::Mount {
+                src: Some(src),
+                fstype: None,
+                ..
+            } = op
+            {
                 let s = src.to_string_lossy();
                 if s == "/usr" {
-                    assert!(matches!(&p.ops[i + 1], Op::SetAttr(_, a, true) if a & MS_MOUNT_ATTR_RDONLY != 0));
+                    assert!(
+                        matches!(&p.ops[i + 1], Op::SetAttr(_, a, true) if a & MS_MOUNT_ATTR_RDONLY != 0)
+                    );
                 }
             }
         }
@@ -477,7 +618,12 @@ mod tests {
     #[test]
     fn relative_ro_bind_is_rejected() {
         let binds = vec!["relative/dir".to_string()];
-        let e = MountPlan::build(&PlanInput { disk: 1, owner: 0, ro_binds: &binds, resolv_conf: "" });
+        let e = MountPlan::build(&PlanInput {
+            disk: 1,
+            owner: 0,
+            ro_binds: &binds,
+            resolv_conf: "",
+        });
         assert!(matches!(e, Err(Error::InvalidSpec(_))));
     }
 }

@@ -24,14 +24,17 @@ pub mod supervise;
 pub use error::{Error, Result};
 pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
-pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
 pub use session::{DirEntry, Session};
+pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
 pub use supervise::{Sink, Stream};
 
 /// Builds the redactor for a spec's secrets.
 pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
-    let secrets: Vec<(String, Vec<u8>)> =
-        spec.secrets.iter().map(|s| (s.name.clone(), s.value.as_bytes().to_vec())).collect();
+    let secrets: Vec<(String, Vec<u8>)> = spec
+        .secrets
+        .iter()
+        .map(|s| (s.name.clone(), s.value.as_bytes().to_vec()))
+        .collect();
     Redactor::new(&secrets)
 }
 
@@ -44,8 +47,15 @@ pub fn run(spec: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
         Some(s) => (s.on_violation, s.names.clone()),
         None => (OnViolation::Errno, Default::default()),
     };
-    let mut report =
-        supervise::supervise(started, &spec.limits, &spec.stdin, &redactor, on_violation, &names, sink);
+    let mut report = supervise::supervise(
+        started,
+        &spec.limits,
+        &spec.stdin,
+        &redactor,
+        on_violation,
+        &names,
+        sink,
+    );
     report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
     Ok(report)
 }

@@ -287,9 +287,9 @@ fn errno() -> libc::c_int {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::FromRawFd;
     use super::*;
     use std::os::fd::AsFd;
+    use std::os::fd::FromRawFd;
 
     const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JEQ_K: u16 = 0x15;
@@ -362,7 +362,8 @@ mod tests {
             }
         }
         drop(child_end);
-        let listener = crate::fdpass::recv_fd(parent_end.as_fd()).expect("listener fd from the child");
+        let listener =
+            crate::fdpass::recv_fd(parent_end.as_fd()).expect("listener fd from the child");
         (pid, listener)
     }
 

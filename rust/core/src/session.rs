@@ -55,14 +55,25 @@ impl Session {
     pub fn open(spec: &RunSpec) -> Result<Session> {
         let holder = spawn::start_holder(spec)?;
         let owner = holder.root.then_some(spawn::ROOT_PATH_HOST_UID);
-        Ok(Session { holder: Mutex::new(Some(holder)), base: spec.clone(), owner })
+        Ok(Session {
+            holder: Mutex::new(Some(holder)),
+            base: spec.clone(),
+            owner,
+        })
     }
 
     fn with_holder<T>(&self, f: impl FnOnce(&Holder) -> Result<T>) -> Result<T> {
-        let guard = self.holder.lock().map_err(|_| Error::SessionClosed("poisoned".into()))?;
-        let holder = guard.as_ref().ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
+        let guard = self
+            .holder
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?;
+        let holder = guard
+            .as_ref()
+            .ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
         if !alive(holder) {
-            return Err(Error::SessionClosed("the session's sandbox has exited".into()));
+            return Err(Error::SessionClosed(
+                "the session's sandbox has exited".into(),
+            ));
         }
         f(holder)
     }
@@ -84,10 +95,17 @@ impl Session {
         spec.secrets = secrets;
         let redactor = crate::redactor_for(&spec)?;
         let (started, oom_before) = {
-            let guard = self.holder.lock().map_err(|_| Error::SessionClosed("poisoned".into()))?;
-            let holder = guard.as_ref().ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
+            let guard = self
+                .holder
+                .lock()
+                .map_err(|_| Error::SessionClosed("poisoned".into()))?;
+            let holder = guard
+                .as_ref()
+                .ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
             if !alive(holder) {
-                return Err(Error::SessionClosed("the session's sandbox has exited".into()));
+                return Err(Error::SessionClosed(
+                    "the session's sandbox has exited".into(),
+                ));
             }
             let oom = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
             (spawn::start_call(holder, &spec)?, oom)
@@ -96,8 +114,15 @@ impl Session {
             Some(s) => (s.on_violation, s.names.clone()),
             None => (OnViolation::Errno, Default::default()),
         };
-        let mut report =
-            supervise::supervise(started, &spec.limits, &spec.stdin, &redactor, on_violation, &names, sink);
+        let mut report = supervise::supervise(
+            started,
+            &spec.limits,
+            &spec.stdin,
+            &redactor,
+            on_violation,
+            &names,
+            sink,
+        );
         report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
         // An OOM kill in the session's cgroup during this call ended it for lack of memory.
         if let Ok(guard) = self.holder.lock() {
@@ -122,24 +147,39 @@ impl Session {
 
     fn freeze(&self, on: bool) -> Result<()> {
         self.with_holder(|h| {
-            let cg = h.cgroup.as_ref().filter(|c| c.can_freeze()).ok_or_else(|| {
-                Error::Setup {
+            let cg = h
+                .cgroup
+                .as_ref()
+                .filter(|c| c.can_freeze())
+                .ok_or_else(|| Error::Setup {
                     stage: "pause/resume",
-                    source: std::io::Error::new(std::io::ErrorKind::Unsupported, "no freezer cgroup (unprivileged?)"),
-                }
-            })?;
-            cg.freeze(on).map_err(|e| Error::Setup { stage: "pause/resume", source: e })
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::Unsupported,
+                        "no freezer cgroup (unprivileged?)",
+                    ),
+                })?;
+            cg.freeze(on).map_err(|e| Error::Setup {
+                stage: "pause/resume",
+                source: e,
+            })
         })
     }
 
     /// Whether the session is open and its sandbox alive.
     pub fn is_open(&self) -> bool {
-        self.holder.lock().map(|g| g.as_ref().is_some_and(alive)).unwrap_or(false)
+        self.holder
+            .lock()
+            .map(|g| g.as_ref().is_some_and(alive))
+            .unwrap_or(false)
     }
 
     /// Kills every process of the session and removes its cgroup. Idempotent.
     pub fn close(&self) -> Result<()> {
-        let holder = self.holder.lock().map_err(|_| Error::SessionClosed("poisoned".into()))?.take();
+        let holder = self
+            .holder
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?
+            .take();
         if let Some(mut h) = holder {
             if let Some(cg) = &h.cgroup {
                 // A frozen session cannot die: thaw it first.
@@ -148,7 +188,10 @@ impl Session {
             spawn::kill_and_reap(&h.pidfd);
             drop(h.lifeline);
             if let Some(cg) = h.cgroup.as_mut() {
-                cg.remove().map_err(|e| Error::Setup { stage: "remove the session's cgroup", source: e })?;
+                cg.remove().map_err(|e| Error::Setup {
+                    stage: "remove the session's cgroup",
+                    source: e,
+                })?;
             }
         }
         Ok(())
@@ -167,7 +210,10 @@ impl Session {
         let fd = self.open_in(path, libc::O_RDONLY, 0)?;
         let mut f = std::fs::File::from(fd);
         if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::Io(std::io::Error::new(std::io::ErrorKind::IsADirectory, format!("{path}: is a directory"))));
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                format!("{path}: is a directory"),
+            )));
         }
         let mut out = Vec::new();
         f.read_to_end(&mut out)?;
@@ -181,7 +227,11 @@ impl Session {
                 self.make_dirs(parent)?;
             }
         }
-        let fd = self.open_in(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW, 0o644)?;
+        let fd = self.open_in(
+            path,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+            0o644,
+        )?;
         if let Some(uid) = self.owner {
             // SAFETY: fchown on a descriptor we own.
             unsafe { libc::fchown(fd.as_raw_fd(), uid, uid) };
@@ -198,7 +248,11 @@ impl Session {
             cur.push('/');
             cur.push_str(part);
             let (parent, name) = cur.rsplit_once('/').unwrap_or(("", part));
-            let dir = self.open_in(if parent.is_empty() { "/" } else { parent }, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            let dir = self.open_in(
+                if parent.is_empty() { "/" } else { parent },
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )?;
             let cname = cstring(name)?;
             // SAFETY: mkdirat relative to a directory fd resolved inside the sandbox root; the
             // name has no '/'.
@@ -210,7 +264,15 @@ impl Session {
                 }
             } else if let Some(uid) = self.owner {
                 // SAFETY: fchownat relative to the same directory fd, not following symlinks.
-                unsafe { libc::fchownat(dir.as_raw_fd(), cname.as_ptr(), uid, uid, libc::AT_SYMLINK_NOFOLLOW) };
+                unsafe {
+                    libc::fchownat(
+                        dir.as_raw_fd(),
+                        cname.as_ptr(),
+                        uid,
+                        uid,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
             }
         }
         Ok(())
@@ -235,8 +297,16 @@ impl Session {
             } else {
                 "other"
             };
-            let size = if kind == "file" { entry.metadata().map(|m| m.len()).unwrap_or(0) } else { 0 };
-            out.push(DirEntry { name: entry.file_name().to_string_lossy().into_owned(), kind, size });
+            let size = if kind == "file" {
+                entry.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            out.push(DirEntry {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                kind,
+                size,
+            });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -246,11 +316,19 @@ impl Session {
     /// target).
     pub fn remove(&self, path: &str) -> Result<()> {
         let full = sandbox_path(path)?;
-        let (parent, name) = full.rsplit_once('/').ok_or_else(|| Error::PathEscape(path.into()))?;
+        let (parent, name) = full
+            .rsplit_once('/')
+            .ok_or_else(|| Error::PathEscape(path.into()))?;
         if name.is_empty() || name == "." || name == ".." {
-            return Err(Error::PathEscape(format!("{path}: cannot remove this path")));
+            return Err(Error::PathEscape(format!(
+                "{path}: cannot remove this path"
+            )));
         }
-        let dir = self.open_in(if parent.is_empty() { "/" } else { parent }, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let dir = self.open_in(
+            if parent.is_empty() { "/" } else { parent },
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
         let cname = cstring(name)?;
         // SAFETY: unlinkat relative to a directory resolved inside the sandbox; the name has no '/'.
         let mut r = unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), 0) };
@@ -272,7 +350,11 @@ impl Drop for Session {
 }
 
 fn alive(h: &Holder) -> bool {
-    let mut pfd = libc::pollfd { fd: h.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: h.pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: polling our own pidfd without waiting.
     unsafe { libc::poll(&mut pfd, 1, 0) == 0 }
 }
@@ -293,16 +375,28 @@ fn sandbox_path(path: &str) -> Result<String> {
     if path.split('/').any(|c| c == "..") {
         return Err(Error::PathEscape(format!("{path}: '..' is not allowed")));
     }
-    Ok(if path.starts_with('/') { path.to_string() } else { format!("{}/{}", crate::fs::WORKSPACE, path) })
+    Ok(if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{}", crate::fs::WORKSPACE, path)
+    })
 }
 
 /// A directory fd of the sandbox's root, through the holder's /proc entry.
 fn open_root(h: &Holder) -> Result<OwnedFd> {
     let p = cstring(&format!("/proc/{}/root", h.pid))?;
     // SAFETY: open of a path we built; the fd is owned below.
-    let fd = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
-        return Err(Error::SessionClosed(format!("cannot reach the session's root: {}", std::io::Error::last_os_error())));
+        return Err(Error::SessionClosed(format!(
+            "cannot reach the session's root: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: fresh fd.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -315,12 +409,22 @@ fn open_beneath(root: &OwnedFd, path: &str, flags: i32, mode: u32) -> Result<Own
     let c = cstring(&full)?;
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: if flags & libc::O_CREAT != 0 { mode as u64 } else { 0 },
+        mode: if flags & libc::O_CREAT != 0 {
+            mode as u64
+        } else {
+            0
+        },
         resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: openat2 with a valid open_how of the size we pass.
     let fd = unsafe {
-        libc::syscall(libc::SYS_openat2, root.as_raw_fd(), c.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
     };
     if fd < 0 {
         let e = std::io::Error::last_os_error();

@@ -4,12 +4,12 @@
 //! the child ([`crate::child`]) only replays prepared data with raw syscalls.
 
 use crate::cgroup::RunCgroup;
-use crate::child::{self, ChildFds, CStringArray, Identity, InitPlan, JoinPlan, Stage, TargetPlan};
+use crate::child::{self, CStringArray, ChildFds, Identity, InitPlan, JoinPlan, Stage, TargetPlan};
 use crate::error::{Error, Result};
+use crate::fdpass;
 use crate::fs::{self, MountPlan, PlanInput};
 use crate::net;
 use crate::report::Enforcer;
-use crate::fdpass;
 use crate::seccomp;
 use crate::spec::RunSpec;
 use std::collections::BTreeMap;
@@ -81,7 +81,15 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } < 0 {
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
         return Err(Error::setup("socketpair"));
     }
     // SAFETY: both fds are fresh and owned by us.
@@ -123,21 +131,34 @@ fn validate(spec: &RunSpec) -> Result<()> {
         return Err(Error::InvalidSpec("argv is empty".into()));
     }
     let l = &spec.limits;
-    for (name, v) in [("timeout", l.timeout), ("cpu_time", l.cpu_time), ("cpus", l.cpus)] {
+    for (name, v) in [
+        ("timeout", l.timeout),
+        ("cpu_time", l.cpu_time),
+        ("cpus", l.cpus),
+    ] {
         if let Some(v) = v {
             if !v.is_finite() || v <= 0.0 {
-                return Err(Error::InvalidSpec(format!("{name} must be a positive number, got {v}")));
+                return Err(Error::InvalidSpec(format!(
+                    "{name} must be a positive number, got {v}"
+                )));
             }
         }
     }
-    for (name, v) in [("memory", l.memory), ("pids", l.pids), ("max_output", l.max_output), ("disk", l.disk)] {
+    for (name, v) in [
+        ("memory", l.memory),
+        ("pids", l.pids),
+        ("max_output", l.max_output),
+        ("disk", l.disk),
+    ] {
         if v == Some(0) {
             return Err(Error::InvalidSpec(format!("{name} must be positive")));
         }
     }
     for k in spec.env.keys().chain(spec.secrets.iter().map(|s| &s.name)) {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(Error::InvalidSpec(format!("bad environment variable name {k:?}")));
+            return Err(Error::InvalidSpec(format!(
+                "bad environment variable name {k:?}"
+            )));
         }
     }
     Ok(())
@@ -150,11 +171,17 @@ fn wipe_ranges() -> &'static [(usize, usize)] {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         // Fields after the command name (which may contain anything) start at field 3.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<usize> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+        let f: Vec<usize> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
         let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
         vec![(field(48), field(49)), (field(50), field(51))]
     })
 }
+
+/// (resource, value) applied with setrlimit in the command's process.
+pub type Rlimit = (libc::__rlimit_resource_t, u64);
 
 /// RLIMIT_CPU value for a CPU-time budget: whole seconds, at least 1. The child sets the hard
 /// limit one second above the soft one, so the kernel sends SIGXCPU (reported as `cpu_time`)
@@ -167,12 +194,17 @@ fn cpu_rlimit(seconds: f64) -> u64 {
 fn plan_limits(
     spec: &RunSpec,
     cgroup: Option<&RunCgroup>,
-) -> (Vec<(libc::__rlimit_resource_t, u64)>, BTreeMap<String, Option<Enforcer>>) {
+) -> (Vec<Rlimit>, BTreeMap<String, Option<Enforcer>>) {
     let l = &spec.limits;
     let mut rlimits = vec![(libc::RLIMIT_CORE, 0)];
     let mut enf = BTreeMap::new();
     let by_cgroup = |name: &str| {
-        cgroup.and_then(|c| c.enforced().iter().find(|(n, _)| *n == name).map(|(_, e)| *e))
+        cgroup.and_then(|c| {
+            c.enforced()
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, e)| *e)
+        })
     };
     if let Some(mem) = l.memory {
         let e = by_cgroup("memory").or_else(|| {
@@ -214,13 +246,18 @@ fn plan_limits(
     (rlimits, enf)
 }
 
-fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resolv_conf: &str) -> Result<Prepared> {
+fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Prepared> {
     let root = is_root();
     // SAFETY: getuid/getgid have no side effects.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let owner = if root { ROOT_PATH_HOST_UID } else { 0 };
     let disk = spec.limits.disk.unwrap_or(64 << 20);
-    let mounts = MountPlan::build(&PlanInput { disk, owner, ro_binds: &spec.ro_binds, resolv_conf })?;
+    let mounts = MountPlan::build(&PlanInput {
+        disk,
+        owner,
+        ro_binds: &spec.ro_binds,
+        resolv_conf,
+    })?;
     let identity = if root {
         Identity::RootThenUserns
     } else {
@@ -229,8 +266,16 @@ fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resol
             gid_map: format!("0 {gid} 1\n").into_bytes(),
         }
     };
-    let mut env: BTreeMap<&str, &str> = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let proxy_env = if spec.net.is_some() { net::proxy_env() } else { Vec::new() };
+    let mut env: BTreeMap<&str, &str> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let proxy_env = if spec.net.is_some() {
+        net::proxy_env()
+    } else {
+        Vec::new()
+    };
     for (k, v) in &proxy_env {
         env.entry(k.as_str()).or_insert(v.as_str());
     }
@@ -242,7 +287,11 @@ fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resol
         .iter()
         .map(|(k, v)| cstring(&format!("{k}={v}"), "environment"))
         .collect::<Result<Vec<_>>>()?;
-    let argv = spec.argv.iter().map(|a| cstring(a, "argv")).collect::<Result<Vec<_>>>()?;
+    let argv = spec
+        .argv
+        .iter()
+        .map(|a| cstring(a, "argv"))
+        .collect::<Result<Vec<_>>>()?;
     let exec_candidates = exec_candidates(&spec.argv[0], &path_var)
         .iter()
         .map(|p| cstring(p, "argv[0]"))
@@ -260,7 +309,11 @@ fn prepare(spec: &RunSpec, rlimits: Vec<(libc::__rlimit_resource_t, u64)>, resol
         seccomp,
         last_cap: last_cap(),
     };
-    Ok(Prepared { mounts, identity, target })
+    Ok(Prepared {
+        mounts,
+        identity,
+        target,
+    })
 }
 
 /// Reads an error record written by a child, if any (EOF = none).
@@ -280,7 +333,10 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
         return None;
     }
     if got < rec.len() {
-        return Some(Error::Setup { stage: "child", source: std::io::Error::other("truncated error record") });
+        return Some(Error::Setup {
+            stage: "child",
+            source: std::io::Error::other("truncated error record"),
+        });
     }
     let word = |i: usize| u32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
     let (stage, index, errno) = (word(0), word(4), word(8) as i32);
@@ -291,12 +347,26 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
             _ => Error::CommandNotFound(format!("{argv0}: {os}")),
         },
         Some(Stage::Mount) => {
-            let what = prepared.mounts.ops.get(index as usize).map(|o| o.describe()).unwrap_or_default();
-            Error::Setup { stage: "mount", source: std::io::Error::new(os.kind(), format!("{what}: {os}")) }
+            let what = prepared
+                .mounts
+                .ops
+                .get(index as usize)
+                .map(|o| o.describe())
+                .unwrap_or_default();
+            Error::Setup {
+                stage: "mount",
+                source: std::io::Error::new(os.kind(), format!("{what}: {os}")),
+            }
         }
         Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
-        Some(s) => Error::Setup { stage: s.describe(), source: os },
-        None => Error::Setup { stage: "child", source: os },
+        Some(s) => Error::Setup {
+            stage: s.describe(),
+            source: os,
+        },
+        None => Error::Setup {
+            stage: "child",
+            source: os,
+        },
     })
 }
 
@@ -311,9 +381,20 @@ fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
 pub fn kill_and_reap(pidfd: &OwnedFd) {
     // SAFETY: signalling and reaping our own child through its pidfd.
     unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0,
+        );
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL);
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        );
     }
 }
 
@@ -352,19 +433,42 @@ impl Pipes {
             status: status_w.as_raw_fd(),
             fdsock: sock_child.as_raw_fd(),
         };
-        let child_owned = vec![stdin_r, stdout_w, stderr_w, ready_w, go_r, err_w, status_w, sock_child];
-        Ok(Pipes { child, child_owned, stdin, stdout, stderr, ready, go, err, status, sock })
+        let child_owned = vec![
+            stdin_r, stdout_w, stderr_w, ready_w, go_r, err_w, status_w, sock_child,
+        ];
+        Ok(Pipes {
+            child,
+            child_owned,
+            stdin,
+            stdout,
+            stderr,
+            ready,
+            go,
+            err,
+            status,
+            sock,
+        })
     }
 }
 
 /// Raw clone returning (pid, pidfd); the child runs `child` and never returns.
-fn clone_with(flags: libc::c_ulong, child: impl FnOnce()) -> std::io::Result<(libc::pid_t, OwnedFd)> {
+fn clone_with(
+    flags: libc::c_ulong,
+    child: impl FnOnce(),
+) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let mut pidfd: libc::c_int = -1;
     // SAFETY: a raw clone without CLONE_VM is a fork; exit signal 0 keeps the child invisible
     // to waitpid(-1) in the caller's other threads. The child only runs `child`, which never
     // returns.
     let pid = unsafe {
-        libc::syscall(libc::SYS_clone, flags | libc::CLONE_PIDFD as libc::c_ulong, 0, &mut pidfd as *mut libc::c_int, 0, 0)
+        libc::syscall(
+            libc::SYS_clone,
+            flags | libc::CLONE_PIDFD as libc::c_ulong,
+            0,
+            &mut pidfd as *mut libc::c_int,
+            0,
+            0,
+        )
     };
     if pid == 0 {
         child();
@@ -383,57 +487,71 @@ fn clone_error(e: std::io::Error) -> Error {
         Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES) => {
             Error::NamespaceUnavailable(format!("clone of a namespaced PID 1 failed: {e}"))
         }
-        _ => Error::Setup { stage: "clone", source: e },
+        _ => Error::Setup {
+            stage: "clone",
+            source: e,
+        },
     }
 }
 
 /// The host pid behind a pidfd (from /proc/self/fdinfo).
 fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// After the clone: place the init in its cgroup, wait until it is built, write the root
 /// path's maps, release it, and collect exec errors and the seccomp listener.
-fn handshake(
-    pid: libc::pid_t,
-    pidfd: &OwnedFd,
-    p: Pipes,
-    cgroup: Option<&RunCgroup>,
-    write_maps: bool,
-    prepared: &Prepared,
-    argv0: &str,
-    want_listener: bool,
-    net: Option<&NetPrep>,
-) -> Result<(OwnedFd, OwnedFd, OwnedFd, OwnedFd, Option<OwnedFd>, Option<net::Egress>)> {
+fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) -> Result<Endpoints> {
+    let Handshake {
+        cgroup,
+        write_maps,
+        prepared,
+        argv0,
+        want_listener,
+        net,
+    } = how;
     let fail = |e: Error| -> Error {
         kill_and_reap(pidfd);
         e
     };
     if let Some(cg) = cgroup {
         if let Err(e) = cg.add(pid) {
-            return Err(fail(Error::Setup { stage: "join the run's cgroup", source: e }));
+            return Err(fail(Error::Setup {
+                stage: "join the run's cgroup",
+                source: e,
+            }));
         }
     }
     let mut byte = [0u8; 1];
     let ready = std::fs::File::from(p.ready).read(&mut byte).unwrap_or(0) == 1;
     if !ready {
-        let e = read_error(&p.err, prepared, argv0)
-            .unwrap_or_else(|| Error::Setup { stage: "build the sandbox", source: std::io::Error::other("PID 1 died") });
+        let e = read_error(&p.err, prepared, argv0).unwrap_or_else(|| Error::Setup {
+            stage: "build the sandbox",
+            source: std::io::Error::other("PID 1 died"),
+        });
         return Err(fail(e));
     }
     // PID 1 sent the sockets it made in the sandbox's network namespace before "ready".
     let egress = match net {
         Some(n) => {
-            let fds = fdpass::recv_fds(std::os::fd::AsFd::as_fd(&p.sock))
-                .map_err(|e| fail(Error::Network(format!("no egress sockets from the sandbox: {e}"))))?;
+            let fds = fdpass::recv_fds(std::os::fd::AsFd::as_fd(&p.sock)).map_err(|e| {
+                fail(Error::Network(format!(
+                    "no egress sockets from the sandbox: {e}"
+                )))
+            })?;
             Some(net::Egress::start(n.allow.clone(), fds).map_err(fail)?)
         }
         None => None,
     };
     if write_maps {
         if let Err(e) = write_root_maps(pid) {
-            return Err(fail(Error::Setup { stage: "write uid/gid maps", source: e }));
+            return Err(fail(Error::Setup {
+                stage: "write uid/gid maps",
+                source: e,
+            }));
         }
     }
     // SAFETY: one byte to the go pipe.
@@ -447,12 +565,49 @@ fn handshake(
     let listener = if want_listener {
         match fdpass::recv_fd(std::os::fd::AsFd::as_fd(&p.sock)) {
             Ok(fd) => Some(fd),
-            Err(e) => return Err(fail(Error::Seccomp(format!("no listener from the sandbox: {e}")))),
+            Err(e) => {
+                return Err(fail(Error::Seccomp(format!(
+                    "no listener from the sandbox: {e}"
+                ))))
+            }
         }
     } else {
         None
     };
-    Ok((p.stdin, p.stdout, p.stderr, p.status, listener, egress))
+    Ok(Endpoints {
+        stdin: p.stdin,
+        stdout: p.stdout,
+        stderr: p.stderr,
+        status: p.status,
+        listener,
+        egress,
+    })
+}
+
+/// What [`handshake`] needs to know about the sandbox being started.
+struct Handshake<'a> {
+    /// The cgroup to place PID 1 in.
+    cgroup: Option<&'a RunCgroup>,
+    /// Whether to write the root path's uid/gid maps.
+    write_maps: bool,
+    /// For naming errors.
+    prepared: &'a Prepared,
+    /// For naming errors.
+    argv0: &'a str,
+    /// Whether a seccomp listener will be sent.
+    want_listener: bool,
+    /// The egress plan, when the run has an allowlist.
+    net: Option<&'a NetPrep>,
+}
+
+/// The supervisor's ends once a sandbox runs.
+struct Endpoints {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    status: OwnedFd,
+    listener: Option<OwnedFd>,
+    egress: Option<net::Egress>,
 }
 
 /// The network side of a sandbox with an allowlist, prepared before the clone.
@@ -480,8 +635,11 @@ fn resolv_conf_for(spec: &RunSpec) -> &'static str {
     }
 }
 
-const NS_FLAGS: libc::c_int =
-    libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+const NS_FLAGS: libc::c_int = libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS;
 
 fn sandbox_clone_flags() -> libc::c_ulong {
     let mut flags = NS_FLAGS as libc::c_ulong;
@@ -513,25 +671,32 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         net: netprep.as_ref().map(|n| &n.plan),
     };
     let started_at = std::time::Instant::now();
-    let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    let (pid, pidfd) =
+        clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     let mut p = p;
     p.child_owned.clear();
-    let (stdin, stdout, stderr, status, listener, egress) = handshake(
-        pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, &spec.argv[0], spec.seccomp.is_some(), netprep.as_ref(),
-    )?;
+    let how = Handshake {
+        cgroup: cgroup.as_ref(),
+        write_maps: is_root(),
+        prepared: &prepared,
+        argv0: &spec.argv[0],
+        want_listener: spec.seccomp.is_some(),
+        net: netprep.as_ref(),
+    };
+    let e = handshake(pid, &pidfd, p, how)?;
     Ok(Started {
         pid,
         pidfd,
-        stdin,
-        stdout,
-        stderr,
-        status,
-        listener,
+        stdin: e.stdin,
+        stdout: e.stdout,
+        stderr: e.stderr,
+        status: e.status,
+        listener: e.listener,
         cgroup,
         enforcement,
         started_at,
         reaper: None,
-        egress,
+        egress: e.egress,
     })
 }
 
@@ -549,7 +714,7 @@ pub struct Holder {
     /// What enforces each session-wide limit.
     pub enforcement: BTreeMap<String, Option<Enforcer>>,
     /// rlimits applied to every call (when no cgroup enforces a limit).
-    pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    pub rlimits: Vec<Rlimit>,
     /// Whether the session was built by root.
     pub root: bool,
     /// The session's egress proxy (allowlist given).
@@ -580,12 +745,30 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
     };
-    let (pid, pidfd) = clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    let (pid, pidfd) =
+        clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     drop(life_r);
     let mut p = p;
     p.child_owned.clear();
-    let (.., egress) = handshake(pid, &pidfd, p, cgroup.as_ref(), is_root(), &prepared, "session", false, netprep.as_ref())?;
-    Ok(Holder { pid, pidfd, lifeline: life_w, cgroup, enforcement, rlimits, root: is_root(), egress })
+    let how = Handshake {
+        cgroup: cgroup.as_ref(),
+        write_maps: is_root(),
+        prepared: &prepared,
+        argv0: "session",
+        want_listener: false,
+        net: netprep.as_ref(),
+    };
+    let egress = handshake(pid, &pidfd, p, how)?.egress;
+    Ok(Holder {
+        pid,
+        pidfd,
+        lifeline: life_w,
+        cgroup,
+        enforcement,
+        rlimits,
+        root: is_root(),
+        egress,
+    })
 }
 
 /// Starts one call inside a session: a fresh pid namespace nested in the session's, sharing its
@@ -620,10 +803,16 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         wipe: wipe_ranges(),
         net: None,
     };
-    let join = JoinPlan { pidfd: holder.pidfd.as_raw_fd(), root: holder.root };
+    let join = JoinPlan {
+        pidfd: holder.pidfd.as_raw_fd(),
+        root: holder.root,
+    };
     let started_at = std::time::Instant::now();
     let (_, joiner_fd) =
-        clone_with(0, || child::join_main(&join, &init)).map_err(|e| Error::Setup { stage: "clone", source: e })?;
+        clone_with(0, || child::join_main(&join, &init)).map_err(|e| Error::Setup {
+            stage: "clone",
+            source: e,
+        })?;
     let mut p = p;
     p.child_owned.clear();
     // The joiner hands over the call init's pidfd (or reports why it could not).
@@ -638,16 +827,23 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     };
     let pid = pidfd_pid(&pidfd).ok_or_else(|| Error::setup("find the call's pid"))?;
     // The call joins the session's cgroup through its parents; nothing to add.
-    let (stdin, stdout, stderr, status, listener, _) =
-        handshake(pid, &pidfd, p, None, false, &prepared, &spec.argv[0], spec.seccomp.is_some(), None)?;
+    let how = Handshake {
+        cgroup: None,
+        write_maps: false,
+        prepared: &prepared,
+        argv0: &spec.argv[0],
+        want_listener: spec.seccomp.is_some(),
+        net: None,
+    };
+    let e = handshake(pid, &pidfd, p, how)?;
     Ok(Started {
         pid,
         pidfd,
-        stdin,
-        stdout,
-        stderr,
-        status,
-        listener,
+        stdin: e.stdin,
+        stdout: e.stdout,
+        stderr: e.stderr,
+        status: e.status,
+        listener: e.listener,
         cgroup: None,
         enforcement,
         started_at,
@@ -660,7 +856,13 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
 pub fn kill(pidfd: &OwnedFd) {
     // SAFETY: signalling our own child through its pidfd.
     unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0,
+        );
     }
 }
 
@@ -677,16 +879,24 @@ mod tests {
 
     #[test]
     fn limits_fall_back_to_rlimits_without_cgroup() {
-        let mut spec = RunSpec { argv: vec!["true".into()], ..Default::default() };
+        let mut spec = RunSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
         spec.limits.memory = Some(1 << 20);
         spec.limits.pids = Some(10);
         spec.limits.cpus = Some(0.5);
         spec.limits.disk = Some(1 << 20);
         let (rl, enf) = plan_limits(&spec, None);
-        assert!(rl.iter().any(|(r, v)| *r == libc::RLIMIT_DATA && *v == 1 << 20));
+        assert!(rl
+            .iter()
+            .any(|(r, v)| *r == libc::RLIMIT_DATA && *v == 1 << 20));
         assert!(rl.iter().any(|(r, v)| *r == libc::RLIMIT_NPROC && *v == 10));
         assert_eq!(enf["memory"], Some(Enforcer::Rlimit));
-        assert_eq!(enf["cpus"], None, "cpu quota has no rlimit: reported as not enforced");
+        assert_eq!(
+            enf["cpus"], None,
+            "cpu quota has no rlimit: reported as not enforced"
+        );
         assert_eq!(enf["disk"], Some(Enforcer::Tmpfs));
     }
 

@@ -43,7 +43,14 @@ struct Pump {
 impl Pump {
     fn new(fd: OwnedFd, redactor: &Redactor, stream: Stream) -> Pump {
         set_nonblocking(&fd);
-        Pump { fd: Some(fd), redactor: redactor.stream(), stored: Vec::new(), raw_len: 0, truncated: false, stream }
+        Pump {
+            fd: Some(fd),
+            redactor: redactor.stream(),
+            stored: Vec::new(),
+            raw_len: 0,
+            truncated: false,
+            stream,
+        }
     }
 
     fn store(&mut self, data: &[u8], cap: u64, sink: &mut Option<Sink<'_>>) {
@@ -58,8 +65,16 @@ impl Pump {
     }
 
     /// Reads what is available. Returns false at EOF.
-    fn read(&mut self, buf: &mut [u8], cap: u64, out: &mut Vec<u8>, sink: &mut Option<Sink<'_>>) -> bool {
-        let Some(raw) = self.fd.as_ref().map(|f| f.as_raw_fd()) else { return false };
+    fn read(
+        &mut self,
+        buf: &mut [u8],
+        cap: u64,
+        out: &mut Vec<u8>,
+        sink: &mut Option<Sink<'_>>,
+    ) -> bool {
+        let Some(raw) = self.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return false;
+        };
         loop {
             // SAFETY: reading into our own buffer.
             let n = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
@@ -121,13 +136,33 @@ pub fn supervise(
     mut sink: Option<Sink<'_>>,
 ) -> RunReport {
     let Started {
-        pidfd, stdin: stdin_fd, stdout, stderr, status, listener, mut cgroup, enforcement, started_at, reaper, egress, ..
+        pidfd,
+        stdin: stdin_fd,
+        stdout,
+        stderr,
+        status,
+        listener,
+        mut cgroup,
+        enforcement,
+        started_at,
+        reaper,
+        egress,
+        ..
     } = started;
     let cap = limits.max_output.unwrap_or(u64::MAX);
-    let deadline = limits.timeout.map(|t| started_at + Duration::from_secs_f64(t));
-    let cpu_budget = limits.cpu_time.map(Duration::from_secs_f64).filter(|_| cgroup.as_ref().is_some_and(|c| c.enforces("cpu_time")));
-    let mut pumps = [Pump::new(stdout, redactor, Stream::Stdout), Pump::new(stderr, redactor, Stream::Stderr)];
-    let mut listener = listener.map(|fd| seccomp::Listener::new(fd, syscall_names.clone()).on_violation(on_violation));
+    let deadline = limits
+        .timeout
+        .map(|t| started_at + Duration::from_secs_f64(t));
+    let cpu_budget = limits
+        .cpu_time
+        .map(Duration::from_secs_f64)
+        .filter(|_| cgroup.as_ref().is_some_and(|c| c.enforces("cpu_time")));
+    let mut pumps = [
+        Pump::new(stdout, redactor, Stream::Stdout),
+        Pump::new(stderr, redactor, Stream::Stderr),
+    ];
+    let mut listener = listener
+        .map(|fd| seccomp::Listener::new(fd, syscall_names.clone()).on_violation(on_violation));
     // Without input the command must see EOF at once, not a pipe held open by us.
     let mut stdin_fd = if stdin.is_empty() {
         drop(stdin_fd);
@@ -169,20 +204,36 @@ pub fn supervise(
         let mut tags: Vec<u8> = Vec::with_capacity(5);
         for (i, p) in pumps.iter().enumerate() {
             if let Some(fd) = &p.fd {
-                pfds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
                 tags.push(i as u8);
             }
         }
         if let Some(fd) = &stdin_fd {
-            pfds.push(libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            });
             tags.push(2);
         }
         if !init_done {
-            pfds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             tags.push(3);
         }
         if let (Some(l), true) = (&listener, listener_live) {
-            pfds.push(libc::pollfd { fd: l.fd().as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: l.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             tags.push(4);
         }
         let mut wait = Duration::from_secs(3600);
@@ -197,7 +248,13 @@ pub fn supervise(
         }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: pfds is a valid array of pollfd.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms.max(if wait.is_zero() { 0 } else { 1 })) };
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                ms.max(if wait.is_zero() { 0 } else { 1 }),
+            )
+        };
         if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             break;
         }
@@ -217,13 +274,19 @@ pub fn supervise(
                     if let Some(fd) = &stdin_fd {
                         // SAFETY: writing from our own buffer.
                         let w = unsafe {
-                            libc::write(fd.as_raw_fd(), stdin[stdin_off..].as_ptr().cast(), stdin.len() - stdin_off)
+                            libc::write(
+                                fd.as_raw_fd(),
+                                stdin[stdin_off..].as_ptr().cast(),
+                                stdin.len() - stdin_off,
+                            )
                         };
                         if w > 0 {
                             stdin_off += w as usize;
                         }
                         let err = std::io::Error::last_os_error().raw_os_error();
-                        if stdin_off >= stdin.len() || (w < 0 && err != Some(libc::EAGAIN) && err != Some(libc::EINTR)) {
+                        if stdin_off >= stdin.len()
+                            || (w < 0 && err != Some(libc::EAGAIN) && err != Some(libc::EINTR))
+                        {
                             stdin_fd = None;
                         }
                     }
@@ -338,7 +401,12 @@ fn reap(pidfd: &OwnedFd) {
     // SAFETY: waitid fills a siginfo on the stack.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
-        while libc::waitid(libc::P_PIDFD, pidfd.as_fd().as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL) < 0
+        while libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_fd().as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::__WALL,
+        ) < 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
         {}
     }
@@ -352,7 +420,9 @@ fn read_status(status: OwnedFd) -> Option<StatusRecord> {
 }
 
 fn usage(cgroup: Option<&RunCgroup>, rec: Option<&StatusRecord>) -> (Duration, u64, u64) {
-    let rusage_cpu = rec.map_or(Duration::ZERO, |r| Duration::from_micros(r.utime_us + r.stime_us));
+    let rusage_cpu = rec.map_or(Duration::ZERO, |r| {
+        Duration::from_micros(r.utime_us + r.stime_us)
+    });
     let rusage_peak = rec.map_or(0, |r| r.maxrss_kb * 1024);
     match cgroup {
         Some(cg) => (

@@ -32,7 +32,9 @@ fn real_main() -> Result<(), String> {
         Some(p) if p != "-" => std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"))?,
         _ => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| e.to_string())?;
             s
         }
     };
@@ -47,8 +49,14 @@ fn real_main() -> Result<(), String> {
     let report = run(&spec, None).map_err(|e| format!("{}: {e}", e.kind()))?;
     let mut value = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     if let Some(obj) = value.as_object_mut() {
-        obj.insert("stdout".into(), String::from_utf8_lossy(&report.stdout).into_owned().into());
-        obj.insert("stderr".into(), String::from_utf8_lossy(&report.stderr).into_owned().into());
+        obj.insert(
+            "stdout".into(),
+            String::from_utf8_lossy(&report.stdout).into_owned().into(),
+        );
+        obj.insert(
+            "stderr".into(),
+            String::from_utf8_lossy(&report.stderr).into_owned().into(),
+        );
     }
     println!("{value}");
     Ok(())
