@@ -1,0 +1,532 @@
+"""Shared fixtures: sandboxes run by root (this process) and by uid 65534, plus host-side probes.
+
+Every isolation test takes the `sandbox` fixture and so runs twice:
+- "root": `cellblock.run` called in this process (pytest runs as root in CI);
+- "nobody": the same call made by a worker process running as uid/gid 65534 (started with
+  `setpriv`), using Debian's /usr/bin/python3 and a world-readable copy of the package and its
+  dependencies, where user namespaces make the same isolation real without privileges.
+Results cross back as `RunResult.to_dict()`; errors as the exception class name.
+
+Payloads run inside the sandbox as `python3 -c PRELUDE + code` and report one JSON line
+(`report(...)`), so every escape attempt is made by the sandboxed program itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cellblock
+import cellblock.sandbox
+import pytest
+from cellblock import _native
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "python" / "cellblock"
+NOBODY = 65534
+IS_ROOT = os.geteuid() == 0
+HOST_INFO = _native.host_info()
+TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+SPAWN_BINARY = TARGET_DIR / "release" / "cellblock-spawn"
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+#: Seconds a worker request may take before the worker is declared hung.
+WORKER_DEADLINE = 180.0
+#: Seccomp profile for runs that do not choose one (unset: cellblock's default, chosen from
+#: argv[0]). `CELLBLOCK_TEST_PROFILE=none` proves the namespaces hold without seccomp.
+TEST_PROFILE = os.environ.get("CELLBLOCK_TEST_PROFILE")
+
+#: Put in front of every payload: `attempt` turns an OSError into its errno name.
+PRELUDE = textwrap.dedent('''\
+    import errno, json, os, socket, sys
+    def attempt(fn, *args):
+        """'OK' if fn(*args) succeeds, else the errno name of the OSError it raised."""
+        try:
+            fn(*args)
+            return "OK"
+        except OSError as e:
+            return errno.errorcode.get(e.errno, str(e.errno))
+    def report(**fields):
+        print(json.dumps(fields), flush=True)
+''')
+
+#: The unprivileged worker: one JSON request per line on stdin, one JSON reply per line. Runs
+#: are made in threads (concurrently when several are asked for at once).
+WORKER = textwrap.dedent('''\
+    import json, os, sys, tempfile, threading
+    import cellblock, cellblock.sandbox
+
+    def stats():
+        threads = [l for l in open("/proc/self/status") if l.startswith("Threads:")]
+        return {"fds": len(os.listdir("/proc/self/fd")), "threads": int(threads[0].split()[1]),
+                "pid": os.getpid(), "prefix": os.path.realpath(sys.base_prefix),
+                "ro_binds": cellblock.sandbox.runtime_prefixes(), "tmpdir": tempfile.gettempdir()}
+
+    def run(req):
+        try:
+            return {"result": cellblock.run(req["argv"], **req["kwargs"]).to_dict()}
+        except cellblock.CellblockError as e:
+            return {"error": type(e).__name__, "message": str(e)}
+
+    def run_many(reqs):
+        out = [None] * len(reqs)
+        def one(i):
+            out[i] = run(reqs[i])
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"result": out}
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        reply = run_many(req["runs"]) if req["op"] == "run_many" else {"result": stats()}
+        print(json.dumps(reply), flush=True)
+''')
+
+
+def expected_cgroup_enforcer() -> str:
+    """What enforces memory, pids, cpus and cpu_time for a root caller on this host."""
+    if set(HOST_INFO["cgroup_v2_controllers"]) & {"memory", "pids", "cpu"}:
+        return "cgroup-v2"
+    return "cgroup-v1"
+
+
+def outcome(result: dict[str, Any]) -> SimpleNamespace:
+    """A run's report (to_dict form) with attribute access."""
+    return SimpleNamespace(**result)
+
+
+def raise_named(name: str, message: str) -> None:
+    """Re-raise an error reported by the worker as the same cellblock exception class."""
+    cls = getattr(cellblock, name, None)
+    # A failure of the test itself, not a type problem: the worker only reports cellblock errors.
+    assert isinstance(cls, type) and issubclass(cls, cellblock.CellblockError), (name, message)
+    raise cls(message)
+
+
+class Runner:
+    """Runs sandboxes on behalf of one caller identity."""
+
+    name: str
+    #: The caller is real root: limits go to cgroups, uid 0 inside maps to an unused host uid.
+    privileged: bool
+    #: Host uid of the calling process.
+    caller_uid: int
+
+    def start_many(self, runs: list[tuple[list[str], dict[str, Any]]]
+                   ) -> Callable[[], list[SimpleNamespace]]:
+        """Starts (argv, kwargs) runs concurrently, one thread each, in the calling process;
+        the returned function waits for their reports."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """fds, threads, pid, interpreter prefix and runtime binds of the calling process."""
+        raise NotImplementedError
+
+    def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
+        return self.start_many([(argv, kwargs)])()[0]
+
+    def start(self, argv: list[str], **kwargs: Any) -> Callable[[], SimpleNamespace]:
+        wait = self.start_many([(argv, kwargs)])
+        return lambda: wait()[0]
+
+    def run_many(self, runs: list[tuple[list[str], dict[str, Any]]]) -> list[SimpleNamespace]:
+        return self.start_many(runs)()
+
+    def probe(self, code: str, **kwargs: Any) -> dict[str, Any]:
+        """Runs a Python payload in the sandbox and returns the JSON object it reported."""
+        res = self.run(["python3", "-c", PRELUDE + textwrap.dedent(code)], **kwargs)
+        assert (res.reason, res.exit_code) == ("exited", 0), (res.reason, res.exit_code, res.stderr)
+        lines = res.stdout.strip().splitlines()
+        assert lines, f"payload reported nothing; stderr: {res.stderr}"
+        return json.loads(lines[-1])
+
+    def enforcer(self, limit: str) -> str | None:
+        """What this caller's runs report as enforcing `limit`."""
+        if self.privileged:
+            return expected_cgroup_enforcer()
+        return None if limit == "cpus" else "rlimit"
+
+    @staticmethod
+    def with_profile(kwargs: dict[str, Any]) -> dict[str, Any]:
+        if TEST_PROFILE and "profile" not in kwargs and "seccomp" not in kwargs:
+            return {**kwargs, "profile": TEST_PROFILE}
+        return kwargs
+
+
+class InProcessRunner(Runner):
+    """`cellblock.run` in this (pytest) process."""
+
+    def __init__(self) -> None:
+        self.name = "root" if IS_ROOT else "user"
+        self.privileged = IS_ROOT
+        self.caller_uid = os.getuid()
+
+    def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
+        return outcome(cellblock.run(argv, **self.with_profile(kwargs)).to_dict())
+
+    def start_many(self, runs: list[tuple[list[str], dict[str, Any]]]
+                   ) -> Callable[[], list[SimpleNamespace]]:
+        pool = concurrent.futures.ThreadPoolExecutor(len(runs))
+        futures = [pool.submit(self.run, argv, **kw) for argv, kw in runs]
+
+        def wait() -> list[SimpleNamespace]:
+            results = [f.result(timeout=WORKER_DEADLINE) for f in futures]
+            pool.shutdown(wait=True)
+            return results
+        return wait
+
+    def stats(self) -> dict[str, Any]:
+        threads = [l for l in Path("/proc/self/status").read_text().splitlines()
+                   if l.startswith("Threads:")]
+        return {"fds": len(os.listdir("/proc/self/fd")), "threads": int(threads[0].split()[1]),
+                "pid": os.getpid(), "prefix": os.path.realpath(sys.base_prefix),
+                "ro_binds": cellblock.sandbox.runtime_prefixes(), "tmpdir": tempfile.gettempdir()}
+
+
+class WorkerRunner(Runner):
+    """`cellblock.run` in a long-lived worker process running as uid 65534."""
+
+    def __init__(self, pkgdir: Path, canary: str) -> None:
+        self.name = "nobody"
+        self.privileged = False
+        self.caller_uid = NOBODY
+        self.pkgdir = pkgdir
+        self.canary = canary
+        self.proc: subprocess.Popen[str] | None = None
+
+    def launch(self) -> None:
+        with open(self.pkgdir / "worker.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={self.pkgdir}",
+                 f"TMPDIR={self.pkgdir / 'tmp'}", f"CELLBLOCK_TEST_CANARY={self.canary}",
+                 "/usr/bin/python3",
+                 str(self.pkgdir / "worker.py")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd="/",
+            )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                if stream:
+                    stream.close()
+            self.proc = None
+
+    def send(self, request: dict[str, Any]) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop()
+            self.launch()
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> Any:
+        assert self.proc is not None and self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], WORKER_DEADLINE)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            log = (self.pkgdir / "worker.log").read_text()[-3000:]
+            self.stop()
+            raise AssertionError(f"unprivileged worker gave no reply; its log:\n{log}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise_named(reply["error"], reply["message"])
+        return reply["result"]
+
+    def start_many(self, runs: list[tuple[list[str], dict[str, Any]]]
+                   ) -> Callable[[], list[SimpleNamespace]]:
+        self.send({"op": "run_many",
+                   "runs": [{"argv": a, "kwargs": self.with_profile(k)} for a, k in runs]})
+
+        def wait() -> list[SimpleNamespace]:
+            out = []
+            for reply in self.receive():
+                if "error" in reply:
+                    raise_named(reply["error"], reply["message"])
+                out.append(outcome(reply["result"]))
+            return out
+        return wait
+
+    def stats(self) -> dict[str, Any]:
+        self.send({"op": "stats"})
+        return self.receive()
+
+
+def package_closure() -> list[Path]:
+    """What of site-packages cellblock and its CLI import (top-level names), plus metadata."""
+    code = textwrap.dedent("""\
+        import json, sys, sysconfig
+        import cellblock, cellblock.cli
+        cellblock.cli.make_parser()
+        site = sysconfig.get_paths()["purelib"]
+        tops = set()
+        for mod in list(sys.modules.values()):
+            f = getattr(mod, "__file__", None) or ""
+            if f.startswith(site + "/"):
+                tops.add(f[len(site) + 1:].split("/")[0])
+        print(json.dumps(sorted(tops)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    skip = {"cellblock", "cellblock.pth", "__pycache__", "_distutils_hack"}
+    # Package metadata too: some dependencies read their own version at import.
+    metadata = [p for p in site.glob("*.dist-info") if not p.name.startswith("cellblock-")]
+    return [site / n for n in json.loads(out.stdout) if n not in skip] + metadata
+
+
+def share_file(src: str, dst: str) -> str:
+    """Hard-links a world-readable plain file (fast; its mode already fits); copies
+    executables and shared objects (a rebuild must not change them under a running worker)
+    and anything not world-readable, making the copy world-readable."""
+    mode = os.stat(src).st_mode
+    if mode & 0o004 and not mode & 0o111 and not src.endswith(".so"):
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    os.chmod(dst, 0o755 if mode & 0o100 else 0o644)
+    return dst
+
+
+def share_tree(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=share_file,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        share_file(str(src), str(dst))
+
+
+@pytest.fixture(scope="session")
+def nobody_dir() -> Iterator[Path]:
+    """A world-readable copy of the package (with `_native`), its dependencies and
+    cellblock-spawn, for callers running as uid 65534 (the checkout may not be readable)."""
+    if not IS_ROOT:
+        pytest.skip("running as uid 65534 needs root to setpriv")
+    if not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"):
+        pytest.skip("needs /usr/bin/python3 and setpriv")
+    tmp = Path(tempfile.mkdtemp(prefix="cellblock-nobody-"))
+    try:
+        share_tree(PACKAGE, tmp / "cellblock")
+        for src in package_closure():
+            share_tree(src, tmp / src.name)
+        if SPAWN_BINARY.exists():
+            share_file(str(SPAWN_BINARY), str(tmp / "cellblock-spawn"))
+        (tmp / "worker.py").write_text(WORKER)
+        for root, dirs, _ in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+        tmp.chmod(0o755)
+        (tmp / "worker.py").chmod(0o644)
+        (tmp / "tmp").mkdir()
+        (tmp / "tmp").chmod(0o1777)  # the worker's private TMPDIR
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def canary() -> str:
+    """A value placed in the callers' environments that no sandbox may see."""
+    return "cellblock-canary-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def nobody_runner(nobody_dir: Path, canary: str) -> Iterator[WorkerRunner]:
+    runner = WorkerRunner(nobody_dir, canary)
+    runner.launch()
+    yield runner
+    runner.stop()
+
+
+@pytest.fixture(scope="session")
+def self_runner() -> InProcessRunner:
+    return InProcessRunner()
+
+
+@pytest.fixture(params=["self", "nobody"], ids=["root" if IS_ROOT else "user", "nobody"])
+def sandbox(request: pytest.FixtureRequest, canary: str, monkeypatch: pytest.MonkeyPatch) -> Runner:
+    """A runner for each caller identity: this process, and uid 65534."""
+    if request.param == "nobody":
+        return request.getfixturevalue("nobody_runner")
+    # The canary is set in our environment for every in-process run, and temp files go to a
+    # private directory where leftovers are seen.
+    monkeypatch.setenv("CELLBLOCK_TEST_CANARY", canary)
+    tmpdir = str(request.getfixturevalue("tmp_path_factory").mktemp("tmpdir"))
+    monkeypatch.setenv("TMPDIR", tmpdir)
+    monkeypatch.setattr(tempfile, "tempdir", tmpdir)
+    return request.getfixturevalue("self_runner")
+
+
+@pytest.fixture
+def marker() -> str:
+    """A unique `sleep` argument: processes started with it can be found from the host."""
+    return f"3600.{secrets.randbelow(10**9):09d}"
+
+
+def processes_with_argv(argv: list[str]) -> list[int]:
+    """Host pids whose command line is exactly `argv`."""
+    want = b"".join(a.encode() + b"\0" for a in argv)
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if f.read() == want:
+                        found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def own_cgroup_dirs() -> list[Path]:
+    """The directories of this process's own cgroups, one per mounted hierarchy."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if fields[3] == "/" and rfields[0] in ("cgroup", "cgroup2"):
+            ctrls = set(rfields[2].split(",")) if rfields[0] == "cgroup" else set()
+            mounts.append((rfields[0], ctrls, Path(fields[4])))
+    dirs = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for fstype, opts, mount in mounts:
+            v2 = fstype == "cgroup2" and not ctrls
+            if v2 or (fstype == "cgroup" and ctrls and set(ctrls.split(",")) <= opts):
+                dirs.append(mount / path.lstrip("/"))
+    return dirs
+
+
+def own_cellblock_cgroups(pid: int | None = None) -> list[str]:
+    """cellblock cgroups created by process `pid` (this one by default; a child shares our
+    cgroups) that still exist: they are named cellblock-<pid>-<n>."""
+    prefix = f"cellblock-{pid or os.getpid()}-"
+    return sorted(str(d / e) for d in own_cgroup_dirs() if d.is_dir()
+                  for e in os.listdir(d) if e.startswith(prefix))
+
+
+def remove_cgroups_of(pid: int) -> None:
+    """Cleanup after a test that killed a supervisor (child `pid`) on purpose."""
+    for path in own_cellblock_cgroups(pid):
+        def gone(path: str = path) -> bool:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+            return True
+        wait_for(gone, f"removal of {path}", 10)
+
+
+class Cli:
+    """The `cellblock` command line as one caller identity."""
+
+    def __init__(self, name: str, prefix: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.env = env
+
+    def argv(self, args: list[str]) -> list[str]:
+        if TEST_PROFILE and args[:1] == ["run"] and "--profile" not in args:
+            args = ["run", "--profile", TEST_PROFILE, *args[1:]]
+        return [*self.prefix, *args]
+
+    def run(self, args: list[str], input: bytes | None = None
+            ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(args), input=input or b"", check=False, capture_output=True,
+                              env=self.env, timeout=WORKER_DEADLINE, cwd="/")
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(args), env=self.env, cwd="/", **kwargs)
+
+
+@pytest.fixture(params=["self", "nobody"], ids=["root" if IS_ROOT else "user", "nobody"])
+def cli(request: pytest.FixtureRequest, canary: str) -> Cli:
+    """`cellblock` run by this process's user, and by uid 65534."""
+    if request.param == "nobody":
+        pkgdir = request.getfixturevalue("nobody_dir")
+        return Cli("nobody", [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={pkgdir}",
+                              f"CELLBLOCK_TEST_CANARY={canary}", "/usr/bin/python3", "-m",
+                              "cellblock.cli"], {"PATH": "/usr/bin:/bin"})
+    script = Path(sys.executable).parent / "cellblock"
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "cellblock.cli"]
+    env = {**os.environ, "CELLBLOCK_TEST_CANARY": canary}
+    return Cli("root" if IS_ROOT else "user", prefix, env)
+
+
+def wait_for(predicate: Callable[[], Any], what: str, limit: float = 30.0) -> Any:
+    """Polls until `predicate()` is truthy (bounded: a liveness check, not a speed check)."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"gave up waiting for {what}"
+            return value
+        time.sleep(0.02)
+
+
+#: Runs argv[1:] (as root) in a new user namespace mapping 0..65535 to host 100000..165535, as
+#: uid IN_USERNS_UID inside; with IN_USERNS_NO_NESTING=1 it first sets that namespace's
+#: max_user_namespaces to 0, i.e. a kernel that refuses user namespaces. Host state is untouched:
+#: both the mapping and the sysctl belong to the new namespace.
+IN_USERNS = textwrap.dedent('''\
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if libc.unshare(0x10000000) != 0:
+            os._exit(90)
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        if os.environ.get("IN_USERNS_NO_NESTING") == "1":
+            with open("/proc/sys/user/max_user_namespaces", "w") as f:
+                f.write("0")
+        uid = int(os.environ["IN_USERNS_UID"])
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        os.execv(sys.argv[1], sys.argv[1:])
+    os.read(ready_r, 1)
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write("0 100000 65536\\n")
+    os.write(go_w, b"1")
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+''')
+
+
+def run_in_userns(pkgdir: Path, argv: list[str], *, uid: int, no_nesting: bool = False
+                  ) -> subprocess.CompletedProcess[str]:
+    """Runs `argv` inside a fresh user namespace (see IN_USERNS) with the package importable."""
+    script = pkgdir / "in_userns.py"
+    script.write_text(IN_USERNS)
+    script.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pkgdir), "IN_USERNS_UID": str(uid),
+           "IN_USERNS_NO_NESTING": "1" if no_nesting else "0"}
+    return subprocess.run(["/usr/bin/python3", str(script), *argv], check=False,
+                          capture_output=True, text=True, env=env, timeout=WORKER_DEADLINE, cwd="/")

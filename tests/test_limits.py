@@ -1,0 +1,132 @@
+"""Limits: each one is hit on purpose, as root (cgroups) and as uid 65534 (rlimits), and the
+report says honestly what enforced it."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Runner
+
+MiB = 1 << 20
+
+BUSY = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < {seconds}: pass"
+
+
+def test_memory_limit(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", "x = bytearray(400 << 20)\nprint('allocated')"],
+                      memory="64M")
+    assert "allocated" not in res.stdout
+    assert res.enforcement["memory"] == sandbox.enforcer("memory")
+    if sandbox.privileged:
+        assert res.reason == "memory" and res.signal == 9
+        assert res.peak_memory_bytes <= 64 * MiB * 1.1
+    else:
+        # A data-size rlimit makes the allocation fail instead of summoning the OOM killer.
+        assert res.reason == "memory" or "MemoryError" in res.stderr, (res.reason, res.stderr)
+
+
+def test_memory_usage_is_reported(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", "x = bytearray(100 << 20)"], memory="512M")
+    assert res.reason == "exited" and res.exit_code == 0
+    assert res.peak_memory_bytes >= 100 * MiB
+
+
+def test_fork_bomb_is_bounded(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", """
+import os, time
+n = 0
+for _ in range(500):
+    try:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+    except OSError:
+        break
+print(n)
+"""], pids=20, timeout=60)
+    assert res.reason == "exited" and res.exit_code == 0
+    forked = int(res.stdout)
+    assert 5 <= forked < 20
+    assert res.enforcement["pids"] == sandbox.enforcer("pids")
+
+
+def test_cpu_quota(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", BUSY.format(seconds=1.0)], cpus=0.2)
+    assert res.reason == "exited"
+    assert res.enforcement["cpus"] == sandbox.enforcer("cpus")
+    if res.enforcement["cpus"]:
+        # One busy second of wall time at 0.2 CPUs: about 0.2 s of CPU.
+        assert res.cpu_time_s < 0.6
+
+
+def test_cpu_time_is_reported(sandbox: Runner) -> None:
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    res = sandbox.run(["python3", "-c", busy])
+    assert res.reason == "exited" and res.cpu_time_s >= 0.5
+
+
+def test_timeout(sandbox: Runner) -> None:
+    res = sandbox.run(["sleep", "60"], timeout=1)
+    assert res.reason == "timeout" and res.exit_code is None
+    assert res.wall_time_s < 6  # generous: the point is that it did not wait for the sleep
+    assert res.enforcement["timeout"] == "supervisor"
+
+
+def test_cpu_time_limit(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", "while True: pass"], cpu_time=1, timeout=60)
+    assert res.enforcement["cpu_time"] == sandbox.enforcer("cpu_time")
+    assert res.cpu_time_s >= 0.9
+    assert res.reason == "cpu_time" and res.exit_code is None
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_flood_is_cut(sandbox: Runner, stream: str) -> None:
+    redirect = "" if stream == "stdout" else " >&2"
+    res = sandbox.run(["sh", "-c", f"yes | head -c 300000000{redirect}"], max_output="1M")
+    assert res.reason == "output_limit" and res.exit_code is None
+    assert getattr(res, f"{stream}_truncated") is True
+    other = "stderr" if stream == "stdout" else "stdout"
+    assert getattr(res, f"{other}_truncated") is False
+    kept = getattr(res, stream)
+    assert 0 < len(kept) <= MiB and set(kept) == {"y", "\n"}
+    assert res.wall_time_s < 30  # generous: 300 MB were never waited for
+
+
+def test_output_under_the_cap_is_complete(sandbox: Runner) -> None:
+    res = sandbox.run(["sh", "-c", "yes | head -c 1048576"], max_output="1M")
+    assert res.reason == "exited" and not res.stdout_truncated
+    assert len(res.stdout) == MiB
+
+
+def test_disk_limit(sandbox: Runner) -> None:
+    res = sandbox.run(["sh", "-c", "head -c 8388608 /dev/zero > /tmp/f; echo $?; wc -c < /tmp/f"],
+                      disk="2M")
+    status, size = res.stdout.split()
+    assert status != "0" and int(size) <= 2 * MiB
+    assert "No space left on device" in res.stderr
+    assert res.enforcement["disk"] == "tmpfs"
+
+
+def test_enforcement_report(sandbox: Runner) -> None:
+    res = sandbox.run(["true"], memory="256M", pids=50, cpus=0.5, cpu_time=10, timeout=30,
+                      max_output="1M", disk="8M")
+    assert res.reason == "exited"
+    assert res.enforcement == {
+        "memory": sandbox.enforcer("memory"),
+        "pids": sandbox.enforcer("pids"),
+        "cpus": sandbox.enforcer("cpus"),
+        "cpu_time": sandbox.enforcer("cpu_time"),
+        "disk": "tmpfs",
+        "timeout": "supervisor",
+        "max_output": "supervisor",
+    }
+    if sandbox.privileged:
+        assert set(res.enforcement.values()) <= {"cgroup-v1", "cgroup-v2", "tmpfs", "supervisor"}
+    else:
+        assert res.enforcement["cpus"] is None  # no rlimit can cap bandwidth: said, not hidden
+
+
+def test_default_limits_are_reported(sandbox: Runner) -> None:
+    res = sandbox.run(["true"])
+    assert set(res.enforcement) == {"memory", "pids", "timeout", "max_output", "disk"}
+    assert res.enforcement["memory"] == sandbox.enforcer("memory")
