@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import NoReturn
 
@@ -29,8 +30,14 @@ class _Parser(argparse.ArgumentParser):
 
 def fail(message: str) -> NoReturn:
     """Print a one-line error and exit 2."""
-    print(f"cellblock: error: {message}", file=sys.stderr)
+    one_line = " ".join(str(message).split())
+    print(f"cellblock: error: {one_line}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Raised inside the run's supervisor loop: the sandbox is killed and cleaned up first.
+    raise SystemExit(128 + signum)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cellblock` script."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except CellblockError as e:

@@ -59,10 +59,15 @@ class Policy(BaseModel):
     def _count(cls, v: Any, info: Any) -> int | None:
         return None if v is None else parse_count(v, info.field_name)
 
-    @field_validator("cpus", "timeout", "cpu_time", mode="before")
+    @field_validator("timeout", "cpu_time", mode="before")
     @classmethod
     def _seconds(cls, v: Any, info: Any) -> float | None:
         return None if v is None else parse_seconds(v, info.field_name)
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v: Any) -> float | None:
+        return None if v is None else parse_seconds(v, "cpus", unit="CPUs")
 
     def __repr_args__(self) -> Any:
         # Secret values never appear in reprs.

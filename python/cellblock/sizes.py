@@ -37,12 +37,12 @@ def parse_count(value: int | str, what: str) -> int:
     return n
 
 
-def parse_seconds(value: int | float | str, what: str) -> float:
-    """A strictly positive, finite number of seconds."""
+def parse_seconds(value: int | float | str, what: str, unit: str = "seconds") -> float:
+    """A strictly positive, finite number (of seconds, or of `unit`)."""
     try:
         s = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         s = math.nan
     if not math.isfinite(s) or s <= 0:
-        raise InvalidSpec(f"{what}: expected a positive number of seconds, got {value!r}")
+        raise InvalidSpec(f"{what}: expected a positive number of {unit}, got {value!r}")
     return s

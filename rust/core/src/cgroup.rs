@@ -139,6 +139,33 @@ pub struct RunCgroup {
     removed: bool,
 }
 
+/// Removes empty per-run cgroups left by cellblock processes that died without cleaning up
+/// (killed with SIGKILL). Only our own naming scheme, only for pids that no longer exist; a
+/// cgroup that still has processes cannot be removed and is left alone.
+fn remove_stale(layout: &Layout) {
+    let dirs = layout
+        .v2_dir
+        .iter()
+        .chain(layout.v1_dirs.iter().map(|(_, d)| d));
+    for dir in dirs {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cellblock-")) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
 fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -155,6 +182,8 @@ impl RunCgroup {
     /// cgroup at all could be created (unprivileged without delegation).
     pub fn create(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
         let layout = layout();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| remove_stale(layout));
         let name = unique_name();
         let mut cg = RunCgroup {
             v2: None,

@@ -26,7 +26,7 @@ pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
 pub use session::{DirEntry, Session};
 pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
-pub use supervise::{Sink, Stream};
+pub use supervise::{Hooks, Sink, Stream};
 
 /// Builds the redactor for a spec's secrets.
 pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
@@ -38,9 +38,9 @@ pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
     Redactor::new(&secrets)
 }
 
-/// Runs `spec` in a fresh sandbox and reports what happened. `sink`, when given, receives the
-/// redacted output live.
-pub fn run(spec: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
+/// Runs `spec` in a fresh sandbox and reports what happened. `hooks` can receive the redacted
+/// output live and interrupt the run.
+pub fn run(spec: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
     let redactor = redactor_for(spec)?;
     let started = spawn::start(spec)?;
     let (on_violation, names) = match &spec.seccomp {
@@ -54,7 +54,7 @@ pub fn run(spec: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
         &redactor,
         on_violation,
         &names,
-        sink,
+        hooks,
     );
     report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
     Ok(report)

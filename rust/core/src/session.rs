@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::report::{Enforcer, RunReport};
 use crate::spawn::{self, Holder};
 use crate::spec::{OnViolation, RunSpec};
-use crate::supervise::{self, Sink};
+use crate::supervise::{self, Hooks};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -85,7 +85,7 @@ impl Session {
 
     /// Runs one command in the session. The call's `env` and `secrets` are added to the
     /// session's; its `limits.timeout`, `cpu_time` and `max_output` apply to this call only.
-    pub fn exec(&self, call: &RunSpec, sink: Option<Sink<'_>>) -> Result<RunReport> {
+    pub fn exec(&self, call: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
         let mut spec = call.clone();
         let mut env = self.base.env.clone();
         env.extend(call.env.clone());
@@ -121,7 +121,7 @@ impl Session {
             &redactor,
             on_violation,
             &names,
-            sink,
+            hooks,
         );
         report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
         // An OOM kill in the session's cgroup during this call ended it for lack of memory.

@@ -154,6 +154,13 @@ fn validate(spec: &RunSpec) -> Result<()> {
             return Err(Error::InvalidSpec(format!("{name} must be positive")));
         }
     }
+    if let Some(cwd) = &spec.cwd {
+        if !cwd.starts_with('/') {
+            return Err(Error::InvalidSpec(format!(
+                "cwd must be an absolute path inside the sandbox, got {cwd:?}"
+            )));
+        }
+    }
     for k in spec.env.keys().chain(spec.secrets.iter().map(|s| &s.name)) {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(Error::InvalidSpec(format!(

@@ -24,6 +24,28 @@ pub enum Stream {
 /// Receives redacted output as it is produced (live streaming, e.g. the CLI).
 pub type Sink<'a> = &'a mut dyn FnMut(Stream, &[u8]);
 
+/// Ways the caller watches a run while it goes on.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Receives redacted output live.
+    pub sink: Option<Sink<'a>>,
+    /// Asked about every [`INTERRUPT_POLL`]; `true` kills the run (e.g. Ctrl-C in the caller).
+    pub interrupted: Option<&'a dyn Fn() -> bool>,
+}
+
+impl<'a> Hooks<'a> {
+    /// Hooks with only a sink.
+    pub fn with_sink(sink: Option<Sink<'a>>) -> Hooks<'a> {
+        Hooks {
+            sink,
+            interrupted: None,
+        }
+    }
+}
+
+/// How often the `interrupted` hook is asked.
+pub const INTERRUPT_POLL: Duration = Duration::from_millis(100);
+
 /// How often CPU time is sampled when a CPU-time budget is enforced through a cgroup.
 const CPU_POLL: Duration = Duration::from_millis(10);
 
@@ -133,8 +155,12 @@ pub fn supervise(
     redactor: &Redactor,
     on_violation: OnViolation,
     syscall_names: &BTreeMap<u32, String>,
-    mut sink: Option<Sink<'_>>,
+    hooks: Hooks<'_>,
 ) -> RunReport {
+    let Hooks {
+        mut sink,
+        interrupted,
+    } = hooks;
     let Started {
         pidfd,
         stdin: stdin_fd,
@@ -246,6 +272,9 @@ pub fn supervise(
         if let Some(d) = drain_deadline {
             wait = wait.min(d.saturating_duration_since(now));
         }
+        if interrupted.is_some() && killed_for.is_none() {
+            wait = wait.min(INTERRUPT_POLL);
+        }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: pfds is a valid array of pollfd.
         let n = unsafe {
@@ -312,6 +341,9 @@ pub fn supervise(
             }
         }
         if killed_for.is_none() {
+            if interrupted.is_some_and(|f| f()) {
+                kill(Reason::Signaled, &mut killed_for);
+            }
             if let Some(d) = deadline {
                 if Instant::now() >= d {
                     kill(Reason::Timeout, &mut killed_for);

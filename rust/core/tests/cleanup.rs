@@ -64,18 +64,18 @@ fn runs_leave_nothing_behind() {
     spec.limits.cpu_time = Some(10.0);
     spec.limits.timeout = Some(0.3);
     let ending = [None, Some(1u64 << 16)];
-    cellblock_core::run(&spec, None).expect("warm-up run");
+    cellblock_core::run(&spec, Default::default()).expect("warm-up run");
     let (fds_before, children_before) = (fds(), children());
     for max_output in ending.iter().cycle().take(6) {
         spec.limits.max_output = *max_output;
-        cellblock_core::run(&spec, None).expect("run");
+        cellblock_core::run(&spec, Default::default()).expect("run");
     }
     assert!(cellblock_core::run(
         &RunSpec {
             argv: vec!["no-such-command".into()],
             ..spec.clone()
         },
-        None
+        Default::default()
     )
     .is_err());
     assert_eq!(own_cgroups(), Vec::<String>::new());

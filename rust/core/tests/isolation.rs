@@ -23,7 +23,7 @@ fn sh(script: &str) -> RunSpec {
 }
 
 fn run(spec: &RunSpec) -> RunReport {
-    cellblock_core::run(spec, None).expect("the run starts")
+    cellblock_core::run(spec, Default::default()).expect("the run starts")
 }
 
 fn stdout(r: &RunReport) -> String {
@@ -301,7 +301,8 @@ fn stdin_and_live_output() {
     s.stdin = b"from stdin\n".to_vec();
     let mut chunks: Vec<(Stream, Vec<u8>)> = Vec::new();
     let mut sink = |stream: Stream, data: &[u8]| chunks.push((stream, data.to_vec()));
-    let r = cellblock_core::run(&s, Some(&mut sink)).expect("run");
+    let r =
+        cellblock_core::run(&s, cellblock_core::Hooks::with_sink(Some(&mut sink))).expect("run");
     assert_eq!(r.stdout, b"from stdin\n");
     assert_eq!(r.stderr, b"err\n");
     let out: Vec<u8> = chunks
@@ -315,27 +316,27 @@ fn stdin_and_live_output() {
 #[test]
 fn bad_specs_and_missing_commands_are_typed_errors() {
     assert!(matches!(
-        cellblock_core::run(&spec(&[]), None),
+        cellblock_core::run(&spec(&[]), Default::default()),
         Err(Error::InvalidSpec(_))
     ));
     let mut zero = spec(&["true"]);
     zero.limits.memory = Some(0);
     assert!(matches!(
-        cellblock_core::run(&zero, None),
+        cellblock_core::run(&zero, Default::default()),
         Err(Error::InvalidSpec(_))
     ));
     let mut bad_env = spec(&["true"]);
     bad_env.env.insert("A=B".into(), "x".into());
     assert!(matches!(
-        cellblock_core::run(&bad_env, None),
+        cellblock_core::run(&bad_env, Default::default()),
         Err(Error::InvalidSpec(_))
     ));
     assert!(matches!(
-        cellblock_core::run(&spec(&["no-such-command-cellblock"]), None),
+        cellblock_core::run(&spec(&["no-such-command-cellblock"]), Default::default()),
         Err(Error::CommandNotFound(_))
     ));
     assert!(matches!(
-        cellblock_core::run(&spec(&["/etc/passwd"]), None),
+        cellblock_core::run(&spec(&["/etc/passwd"]), Default::default()),
         Err(Error::CommandNotFound(_))
     ));
 }

@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 fn call(argv: &[&str]) -> RunSpec {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_string(), "/usr/bin:/bin".to_string());
-    RunSpec { argv: argv.iter().map(|s| s.to_string()).collect(), env, ..Default::default() }
+    RunSpec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env,
+        ..Default::default()
+    }
 }
 
 fn session() -> Session {
@@ -20,16 +24,54 @@ fn session() -> Session {
 #[test]
 fn files_persist_across_calls() {
     let s = session();
-    let r = s.exec(&call(&["sh", "-c", "echo kept > /workspace/a.txt; echo tmp > /tmp/t"]), None).expect("exec");
-    assert_eq!(r.exit_code, Some(0), "{}", String::from_utf8_lossy(&r.stderr));
-    let r = s.exec(&call(&["cat", "/workspace/a.txt", "/tmp/t"]), None).expect("exec");
+    let r = s
+        .exec(
+            &call(&[
+                "sh",
+                "-c",
+                "echo kept > /workspace/a.txt; echo tmp > /tmp/t",
+            ]),
+            Default::default(),
+        )
+        .expect("exec");
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let r = s
+        .exec(
+            &call(&["cat", "/workspace/a.txt", "/tmp/t"]),
+            Default::default(),
+        )
+        .expect("exec");
     assert_eq!(r.stdout, b"kept\ntmp\n");
     assert_eq!(s.read_file("a.txt").expect("read"), b"kept\n");
     s.write_file("dir/sub/b.txt", b"from host").expect("write");
-    let r = s.exec(&call(&["sh", "-c", "cat /workspace/dir/sub/b.txt && echo more >> /workspace/dir/sub/b.txt"]), None).expect("exec");
+    let r = s
+        .exec(
+            &call(&[
+                "sh",
+                "-c",
+                "cat /workspace/dir/sub/b.txt && echo more >> /workspace/dir/sub/b.txt",
+            ]),
+            Default::default(),
+        )
+        .expect("exec");
     assert_eq!(r.stdout, b"from host");
-    assert_eq!(r.exit_code, Some(0), "sandbox can modify files written by the host: {}", String::from_utf8_lossy(&r.stderr));
-    let names: Vec<String> = s.list_dir("dir/sub").expect("list").into_iter().map(|e| e.name).collect();
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "sandbox can modify files written by the host: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let names: Vec<String> = s
+        .list_dir("dir/sub")
+        .expect("list")
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(names, vec!["b.txt"]);
     s.remove("dir/sub/b.txt").expect("remove");
     assert!(s.read_file("dir/sub/b.txt").is_err());
@@ -40,31 +82,62 @@ fn timeout_kills_only_that_call() {
     let s = session();
     let mut spec = call(&["sh", "-c", "sleep 1000 & sleep 1000"]);
     spec.limits.timeout = Some(0.3);
-    let r = s.exec(&spec, None).expect("exec");
+    let r = s.exec(&spec, Default::default()).expect("exec");
     assert_eq!(r.reason, Reason::Timeout);
-    let r = s.exec(&call(&["sh", "-c", "ps -e -o comm= 2>/dev/null | grep -c sleep || true"]), None).expect("exec");
-    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "0", "sleepers of the timed-out call survived");
+    let r = s
+        .exec(
+            &call(&[
+                "sh",
+                "-c",
+                "ps -e -o comm= 2>/dev/null | grep -c sleep || true",
+            ]),
+            Default::default(),
+        )
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        "0",
+        "sleepers of the timed-out call survived"
+    );
 }
 
 #[test]
 fn files_api_refuses_escapes() {
     let s = session();
-    let r = s.exec(&call(&["sh", "-c", "ln -s /etc/shadow /workspace/evil; ln -s /proc/1/root /workspace/proot; ln -s ../../../../ /workspace/up"]), None).expect("exec");
+    let r = s.exec(&call(&["sh", "-c", "ln -s /etc/shadow /workspace/evil; ln -s /proc/1/root /workspace/proot; ln -s ../../../../ /workspace/up"]), Default::default()).expect("exec");
     assert_eq!(r.exit_code, Some(0));
-    assert!(matches!(s.read_file("../../etc/hostname"), Err(Error::PathEscape(_))));
-    assert!(s.read_file("evil").is_err(), "host /etc/shadow reached through a planted symlink");
+    assert!(matches!(
+        s.read_file("../../etc/hostname"),
+        Err(Error::PathEscape(_))
+    ));
+    assert!(
+        s.read_file("evil").is_err(),
+        "host /etc/shadow reached through a planted symlink"
+    );
     assert!(s.read_file("proot/etc/shadow").is_err());
-    assert!(matches!(s.read_file("/proc/1/root/etc/hostname"), Err(Error::PathEscape(_))));
+    assert!(matches!(
+        s.read_file("/proc/1/root/etc/hostname"),
+        Err(Error::PathEscape(_))
+    ));
     // A symlink that climbs stays inside the sandbox root: the sandbox's own hostname file.
-    assert_eq!(s.read_file("up/etc/hostname").expect("re-rooted"), b"cellblock\n");
-    assert!(s.write_file("evil", b"x").is_err(), "write followed a planted symlink");
+    assert_eq!(
+        s.read_file("up/etc/hostname").expect("re-rooted"),
+        b"cellblock\n"
+    );
+    assert!(
+        s.write_file("evil", b"x").is_err(),
+        "write followed a planted symlink"
+    );
 }
 
 #[test]
 fn closed_session_is_an_error() {
     let s = session();
     s.close().expect("close");
-    assert!(matches!(s.exec(&call(&["true"]), None), Err(Error::SessionClosed(_))));
+    assert!(matches!(
+        s.exec(&call(&["true"]), Default::default()),
+        Err(Error::SessionClosed(_))
+    ));
     assert!(matches!(s.read_file("x"), Err(Error::SessionClosed(_))));
 }
 
@@ -84,13 +157,25 @@ fn everything_again_unprivileged() {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(&exe)
-        .args(["--skip", "everything_again_unprivileged", "--test-threads", "2"])
+        .args([
+            "--skip",
+            "everything_again_unprivileged",
+            "--test-threads",
+            "2",
+        ])
         .env("CELLBLOCK_UNPRIVILEGED_RUN", "1")
         .current_dir(&dir)
         .output()
         .expect("setpriv");
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "unprivileged run failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("4 passed"), "expected the 4 session tests to pass unprivileged:\n{text}");
+    assert!(
+        out.status.success(),
+        "unprivileged run failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("4 passed"),
+        "expected the 4 session tests to pass unprivileged:\n{text}"
+    );
 }

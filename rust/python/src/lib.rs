@@ -57,8 +57,7 @@ fn run<'py>(
     on_output: Option<PyObject>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let spec = session::parse_spec(spec_json, stdin, bpf)?;
-    let report = py.allow_threads(|| session::with_sink(on_output, |sink| cellblock_core::run(&spec, sink)));
-    let report = report.map_err(errors::to_pyerr)?;
+    let report = session::watched(py, on_output, |hooks| cellblock_core::run(&spec, hooks))?;
     report_to_dict(py, &report)
 }
 
@@ -68,8 +67,14 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     let layout = cellblock_core::cgroup::layout();
     d.set_item("root", cellblock_core::spawn::is_root())?;
-    d.set_item("cgroup_v2_dir", layout.v2_dir.as_ref().map(|p| p.display().to_string()))?;
-    d.set_item("cgroup_v2_controllers", PyList::new(py, &layout.v2_controllers)?)?;
+    d.set_item(
+        "cgroup_v2_dir",
+        layout.v2_dir.as_ref().map(|p| p.display().to_string()),
+    )?;
+    d.set_item(
+        "cgroup_v2_controllers",
+        PyList::new(py, &layout.v2_controllers)?,
+    )?;
     let v1: Vec<String> = layout.v1_dirs.iter().map(|(c, _)| c.clone()).collect();
     d.set_item("cgroup_v1_controllers", PyList::new(py, &v1)?)?;
     Ok(d)

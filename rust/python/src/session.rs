@@ -1,12 +1,16 @@
 //! `cellblock._native.Session`: a persistent sandbox serving many calls.
 
 use crate::errors::to_pyerr;
-use cellblock_core::{RunSpec, Stream};
+use cellblock_core::{Hooks, RunSpec, Stream};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 /// Parses a spec from JSON, attaching the byte buffers.
-pub fn parse_spec(spec_json: &str, stdin: Option<Vec<u8>>, bpf: Option<Vec<u8>>) -> PyResult<RunSpec> {
+pub fn parse_spec(
+    spec_json: &str,
+    stdin: Option<Vec<u8>>,
+    bpf: Option<Vec<u8>>,
+) -> PyResult<RunSpec> {
     let mut spec: RunSpec = serde_json::from_str(spec_json)
         .map_err(|e| to_pyerr(cellblock_core::Error::InvalidSpec(e.to_string())))?;
     spec.stdin = stdin.unwrap_or_default();
@@ -16,13 +20,34 @@ pub fn parse_spec(spec_json: &str, stdin: Option<Vec<u8>>, bpf: Option<Vec<u8>>)
     Ok(spec)
 }
 
-/// Runs `f` with a live-output sink built from an optional Python callable.
-pub fn with_sink<T>(
+/// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
+/// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM). The
+/// handler's exception is re-raised once the sandbox is gone.
+pub fn watched<T>(
+    py: Python<'_>,
     on_output: Option<PyObject>,
-    f: impl FnOnce(Option<cellblock_core::Sink<'_>>) -> T,
-) -> T {
-    match on_output {
-        None => f(None),
+    f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
+) -> PyResult<T>
+where
+    T: Send,
+{
+    let pending: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+    let interrupted = || {
+        Python::with_gil(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                if let Ok(mut p) = pending.lock() {
+                    *p = Some(e);
+                }
+                true
+            }
+        })
+    };
+    let result = py.allow_threads(|| match on_output {
+        None => f(Hooks {
+            sink: None,
+            interrupted: Some(&interrupted),
+        }),
         Some(cb) => {
             let mut sink = |stream: Stream, data: &[u8]| {
                 Python::with_gil(|py| {
@@ -32,9 +57,16 @@ pub fn with_sink<T>(
                     }
                 });
             };
-            f(Some(&mut sink))
+            f(Hooks {
+                sink: Some(&mut sink),
+                interrupted: Some(&interrupted),
+            })
         }
+    });
+    if let Some(e) = pending.lock().ok().and_then(|mut p| p.take()) {
+        return Err(e);
     }
+    result.map_err(to_pyerr)
 }
 
 /// A session sandbox. Every method releases the GIL while it works.
@@ -49,7 +81,9 @@ impl Session {
     #[new]
     fn new(py: Python<'_>, spec_json: &str) -> PyResult<Self> {
         let spec = parse_spec(spec_json, None, None)?;
-        let inner = py.allow_threads(|| cellblock_core::Session::open(&spec)).map_err(to_pyerr)?;
+        let inner = py
+            .allow_threads(|| cellblock_core::Session::open(&spec))
+            .map_err(to_pyerr)?;
         Ok(Session { inner })
     }
 
@@ -64,9 +98,7 @@ impl Session {
         on_output: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = py
-            .allow_threads(|| with_sink(on_output, |sink| self.inner.exec(&spec, sink)))
-            .map_err(to_pyerr)?;
+        let report = watched(py, on_output, |hooks| self.inner.exec(&spec, hooks))?;
         crate::report_to_dict(py, &report)
     }
 
@@ -96,7 +128,11 @@ impl Session {
         let e = self.inner.enforcement().map_err(to_pyerr)?;
         let d = PyDict::new(py);
         for (k, v) in e {
-            let v = v.map(|x| serde_json::to_value(x).ok().and_then(|j| j.as_str().map(str::to_string)));
+            let v = v.map(|x| {
+                serde_json::to_value(x)
+                    .ok()
+                    .and_then(|j| j.as_str().map(str::to_string))
+            });
             d.set_item(k, v.flatten())?;
         }
         Ok(d)
@@ -104,23 +140,29 @@ impl Session {
 
     /// Reads a file of the sandbox.
     fn read_file<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let data = py.allow_threads(|| self.inner.read_file(path)).map_err(to_pyerr)?;
+        let data = py
+            .allow_threads(|| self.inner.read_file(path))
+            .map_err(to_pyerr)?;
         Ok(PyBytes::new(py, &data))
     }
 
     /// Writes a file of the sandbox (parents created).
     fn write_file(&self, py: Python<'_>, path: &str, data: Vec<u8>) -> PyResult<()> {
-        py.allow_threads(|| self.inner.write_file(path, &data)).map_err(to_pyerr)
+        py.allow_threads(|| self.inner.write_file(path, &data))
+            .map_err(to_pyerr)
     }
 
     /// Creates a directory and its parents.
     fn make_dirs(&self, py: Python<'_>, path: &str) -> PyResult<()> {
-        py.allow_threads(|| self.inner.make_dirs(path)).map_err(to_pyerr)
+        py.allow_threads(|| self.inner.make_dirs(path))
+            .map_err(to_pyerr)
     }
 
     /// Lists a directory: [{"name", "kind", "size"}].
     fn list_dir<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyList>> {
-        let entries = py.allow_threads(|| self.inner.list_dir(path)).map_err(to_pyerr)?;
+        let entries = py
+            .allow_threads(|| self.inner.list_dir(path))
+            .map_err(to_pyerr)?;
         let list = PyList::empty(py);
         for e in entries {
             let d = PyDict::new(py);
@@ -134,7 +176,8 @@ impl Session {
 
     /// Removes a file, symlink or empty directory.
     fn remove(&self, py: Python<'_>, path: &str) -> PyResult<()> {
-        py.allow_threads(|| self.inner.remove(path)).map_err(to_pyerr)
+        py.allow_threads(|| self.inner.remove(path))
+            .map_err(to_pyerr)
     }
 }
 

@@ -46,7 +46,7 @@ fn real_main() -> Result<(), String> {
     if let Some(p) = stdin_path {
         spec.stdin = std::fs::read(&p).map_err(|e| format!("{p}: {e}"))?;
     }
-    let report = run(&spec, None).map_err(|e| format!("{}: {e}", e.kind()))?;
+    let report = run(&spec, Default::default()).map_err(|e| format!("{}: {e}", e.kind()))?;
     let mut value = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     if let Some(obj) = value.as_object_mut() {
         obj.insert(
