@@ -72,16 +72,8 @@ def test_output_streams_live(cli: Cli) -> None:
     assert rest == b"second\n" and err == b"to-stderr\n" and proc.returncode == 0
 
 
-BUG_SIGNALS = ("BUG: the run holds the process in native code with the GIL released and never "
-               "checks for signals, so Ctrl-C (SIGINT) is only acted on after the run ends (its "
-               "timeout), and SIGTERM kills cellblock without removing the run's cgroups")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupting_the_cli_ends_the_run(cli: Cli, marker: str, sig: signal.Signals,
-                                           request: pytest.FixtureRequest) -> None:
-    if sig == signal.SIGINT or cli.name == "root":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=BUG_SIGNALS))
+def test_interrupting_the_cli_ends_the_run(cli: Cli, marker: str, sig: signal.Signals) -> None:
     proc = cli.popen(["run", "--timeout", "120", "--", "sleep", marker],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
