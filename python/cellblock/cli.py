@@ -40,11 +40,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def make_parser() -> argparse.ArgumentParser:
+def _module_name(command: str) -> str:
+    return command.replace("-", "_")
+
+
+def make_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand's module is imported (fast start-up: some
+    subcommands pull in heavy libraries such as the anthropic SDK)."""
     parser = _Parser(prog="cellblock", description="Run untrusted code in a sandbox.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS:
+    names = (_module_name(only),) if only and _module_name(only) in COMMANDS else COMMANDS
+    for name in names:
         try:
             module = importlib.import_module(f"cellblock.commands.{name}")
         except ModuleNotFoundError as e:
@@ -57,7 +64,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cellblock` script."""
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = make_parser(only=first)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
