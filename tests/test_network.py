@@ -45,12 +45,6 @@ HAS_CURL = shutil.which("curl") is not None
 HAS_NODE = shutil.which("node") is not None
 HAS_OPENSSL = shutil.which("openssl") is not None
 
-BUG_SESSION_REPORT = (
-    "BUG: session calls never report egress: spawn::start_call builds each call's `Started` "
-    "with `egress: None` (the Egress lives in the session's Holder), so supervise.rs reports "
-    "`network=None` and no network violations for any Sandbox.run call, even one the proxy "
-    "refused with 403")
-
 #: Helpers every network payload gets (after conftest's PRELUDE: attempt, report).
 NET_PRELUDE = PRELUDE + textwrap.dedent('''\
     import http.client, ssl, urllib.error, urllib.request
@@ -742,7 +736,6 @@ def test_session_reaches_listed_host_in_every_call(http_server: HostServer) -> N
     wait_for(lambda: not egress_threads(os.getpid()), "egress threads to be gone")
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SESSION_REPORT)
 def test_session_calls_report_network_use_and_refusals(http_server: HostServer) -> None:
     with session_class()(allow_net=[f"127.0.0.1:{http_server.port}"]) as sb:
         res = sb.run(["python3", "-c", NET_PRELUDE +

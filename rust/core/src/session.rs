@@ -94,7 +94,7 @@ impl Session {
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
         let redactor = crate::redactor_for(&spec)?;
-        let (started, oom_before) = {
+        let (started, oom_before, net_before) = {
             let guard = self
                 .holder
                 .lock()
@@ -108,7 +108,8 @@ impl Session {
                 ));
             }
             let oom = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
-            (spawn::start_call(holder, &spec)?, oom)
+            let net = holder.egress.as_ref().map(|e| e.snapshot());
+            (spawn::start_call(holder, &spec)?, oom, net)
         };
         let (on_violation, names) = match &spec.seccomp {
             Some(s) => (s.on_violation, s.names.clone()),
@@ -125,7 +126,20 @@ impl Session {
         );
         report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
         // An OOM kill in the session's cgroup during this call ended it for lack of memory.
+        // The session's egress outlives the call: report what changed during it (concurrent
+        // calls of one session share these counters).
         if let Ok(guard) = self.holder.lock() {
+            if let (Some(e), Some((before, seen))) =
+                (guard.as_ref().and_then(|h| h.egress.as_ref()), net_before)
+            {
+                let (now, _) = e.snapshot();
+                report.network = Some(crate::NetworkStats {
+                    connections: now.connections - before.connections,
+                    bytes_out: now.bytes_out - before.bytes_out,
+                    bytes_in: now.bytes_in - before.bytes_in,
+                });
+                report.violations.extend(e.violations_since(seen));
+            }
             if let Some(cg) = guard.as_ref().and_then(|h| h.cgroup.as_ref()) {
                 if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
                     report.reason = crate::Reason::Memory;

@@ -142,6 +142,28 @@ impl Egress {
         })
     }
 
+    /// Counters so far and how many refusals were recorded (for per-call reports of a session,
+    /// whose egress outlives each call).
+    pub fn snapshot(&self) -> (NetworkStats, usize) {
+        let s = &self.shared;
+        let stats = NetworkStats {
+            connections: s.connections.load(Ordering::SeqCst),
+            bytes_out: s.bytes_out.load(Ordering::SeqCst),
+            bytes_in: s.bytes_in.load(Ordering::SeqCst),
+        };
+        (stats, lock(&s.violations).list.len())
+    }
+
+    /// Refusals recorded after the first `n` (see [`Egress::snapshot`]).
+    pub fn violations_since(&self, n: usize) -> Vec<Violation> {
+        lock(&self.shared.violations)
+            .list
+            .iter()
+            .skip(n)
+            .cloned()
+            .collect()
+    }
+
     /// Stops serving, cuts every connection, joins every thread; returns the counters and the
     /// refusals of the run.
     pub fn finish(mut self) -> (NetworkStats, Vec<Violation>) {
