@@ -122,6 +122,18 @@ pub struct TargetPlan {
     pub seccomp: Option<seccomp::Program>,
     /// Highest capability number of this kernel.
     pub last_cap: u32,
+    /// Stack the command's process runs on until execve (it shares PID 1's memory).
+    pub stack: Vec<u8>,
+}
+
+/// Size of the stack the command's process uses before execve.
+pub const TARGET_STACK: usize = 256 * 1024;
+
+impl TargetPlan {
+    fn stack_top(&self) -> *mut libc::c_void {
+        let end = self.stack.as_ptr() as usize + self.stack.len();
+        (end & !15) as *mut libc::c_void
+    }
 }
 
 /// Owned C strings plus the NULL-terminated pointer array execve wants, built before fork.
@@ -601,15 +613,24 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    // SAFETY: a raw clone with only SIGCHLD behaves like fork without running atfork handlers.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+    // The command is started like posix_spawn: CLONE_VM|CLONE_VFORK shares our memory (a copy
+    // of the caller's, possibly large) until execve instead of copying its page tables again;
+    // we are suspended meanwhile. It runs on its own stack, prepared before the first fork.
+    let ctx = TargetCtx { target, fds: *fds };
+    let stack_top = target.stack_top();
+    // SAFETY: glibc's clone wrapper runs `target_entry(&ctx)` on `stack_top` (16-byte aligned,
+    // owned by `target`, alive until we resume after the child's execve or exit).
+    let pid = unsafe {
+        libc::clone(
+            target_entry,
+            stack_top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &ctx as *const TargetCtx<'_> as *mut libc::c_void,
+        )
+    };
     if pid < 0 {
         fail(fds.err, Stage::Fork, 0, errno());
     }
-    if pid == 0 {
-        exec_target(target, fds);
-    }
-    let pid = pid as libc::pid_t;
     // SAFETY: PID 1 keeps only the status pipe.
     unsafe {
         libc::close(fds.err);
@@ -847,6 +868,19 @@ struct CapData {
 }
 
 const SECBITS_LOCKED_NOROOT: libc::c_ulong = 0xEF;
+
+/// Argument of [`target_entry`].
+struct TargetCtx<'a> {
+    target: &'a TargetPlan,
+    fds: ChildFds,
+}
+
+extern "C" fn target_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `TargetCtx` PID 1 passed to clone; PID 1 is suspended (CLONE_VFORK)
+    // so it stays valid until execve or exit.
+    let ctx = unsafe { &*(arg as *const TargetCtx<'_>) };
+    exec_target(ctx.target, &ctx.fds)
+}
 
 /// The target: set up the process, shed every privilege, install seccomp, execve. Never returns.
 fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {

@@ -50,6 +50,9 @@ const ETC_ALLOW: &[&str] = &[
     "timezone",
 ];
 
+/// /etc files up to this size are copied rather than bound.
+const COPY_MAX: u64 = 256 * 1024;
+
 /// Host device nodes bound into the sandbox's /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -207,8 +210,15 @@ impl MountPlan {
         b.mkdir_p("/etc")?;
         for name in ETC_ALLOW {
             let host = format!("/etc/{name}");
-            if Path::new(&host).symlink_metadata().is_ok() {
-                b.bind_host(&host)?;
+            match Path::new(&host).symlink_metadata() {
+                // Small regular files are copied into the root: a write is much cheaper than a
+                // bind mount plus its read-only remount, and the root is read-only anyway.
+                Ok(m) if m.is_file() && m.len() <= COPY_MAX => match std::fs::read(&host) {
+                    Ok(data) => b.ops.push(Op::Write(cstr(under(base, &host))?, data)),
+                    Err(_) => continue,
+                },
+                Ok(_) => b.bind_host(&host)?,
+                Err(_) => {}
             }
         }
         let files: [(&str, &[u8]); 5] = [

@@ -315,6 +315,7 @@ fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Pr
         rlimits,
         seccomp,
         last_cap: last_cap(),
+        stack: vec![0; child::TARGET_STACK],
     };
     Ok(Prepared {
         mounts,
