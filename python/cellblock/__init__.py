@@ -17,14 +17,19 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.policy import Policy
+from cellblock.pool import run_node, run_python
 from cellblock.result import RunResult
+from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import run
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret
+from cellblock.session import DirEntry, Sandbox
 
 __all__ = [
     "CellblockError",
+    "CodeResult",
     "CommandNotFound",
+    "DirEntry",
     "InvalidSpec",
     "Job",
     "JobError",
@@ -34,6 +39,7 @@ __all__ = [
     "Policy",
     "Redactor",
     "RunResult",
+    "Sandbox",
     "SandboxIOError",
     "SeccompError",
     "SeccompPolicy",
@@ -44,4 +50,6 @@ __all__ = [
     "iter_many",
     "run",
     "run_many",
+    "run_node",
+    "run_python",
 ]

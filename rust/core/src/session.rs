@@ -219,6 +219,46 @@ impl Session {
         })
     }
 
+    /// Connects to a unix stream socket inside the sandbox (path resolved like the files API, the
+    /// socket itself never followed as a symlink) and returns the connected socket.
+    ///
+    /// The address handed to connect(2) is `/proc/self/fd/N` of an `O_PATH` descriptor of the
+    /// socket inode, so nothing is resolved again outside the sandbox's root.
+    pub fn connect_unix(&self, path: &str) -> Result<OwnedFd> {
+        let target = self.open_in(path, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        // SAFETY: socket(2) with constant arguments; the fd is owned right below.
+        let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fd.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let name = format!("/proc/self/fd/{}", target.as_raw_fd());
+        // SAFETY: an all-zero sockaddr_un is valid; the name (< 30 bytes) fits sun_path.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (dst, src) in addr.sun_path.iter_mut().zip(name.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        let len = (std::mem::size_of::<libc::sa_family_t>() + name.len() + 1) as libc::socklen_t;
+        // SAFETY: connect with a sockaddr_un we own and its length.
+        let r = unsafe {
+            libc::connect(
+                sock.as_raw_fd(),
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                len,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("{path}: {e}"),
+            )));
+        }
+        Ok(sock)
+    }
+
     /// Reads a whole file of the sandbox.
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let fd = self.open_in(path, libc::O_RDONLY, 0)?;

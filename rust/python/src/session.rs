@@ -146,6 +146,15 @@ impl Session {
         Ok(PyBytes::new(py, &data))
     }
 
+    /// Connects to a unix stream socket inside the sandbox (resolved like the files API);
+    /// returns the connected socket's fd, owned by the caller (`socket.socket(fileno=fd)`).
+    fn connect_unix(&self, py: Python<'_>, path: &str) -> PyResult<i32> {
+        let fd = py
+            .allow_threads(|| self.inner.connect_unix(path))
+            .map_err(to_pyerr)?;
+        Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
+    }
+
     /// Writes a file of the sandbox (parents created).
     fn write_file(&self, py: Python<'_>, path: &str, data: Vec<u8>) -> PyResult<()> {
         py.allow_threads(|| self.inner.write_file(path, &data))

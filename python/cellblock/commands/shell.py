@@ -1,0 +1,108 @@
+"""`cellblock shell [--profile python|node|shell]`: an interactive session.
+
+Each input goes to one session, so files persist; Python and Node inputs run in the session's
+stateful kernel (variables persist too). Python inputs may span lines, as in the Python REPL;
+Node and shell inputs are one line each. Prompts are shown only when stdin is a terminal, so
+piped input works the same way (`printf 'x = 1\\nx + 1\\n' | cellblock shell`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codeop
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import TextIO
+
+from cellblock.commands.run import add_limit_options, policy_from_args
+from cellblock.result import RunResult
+from cellblock.session import Sandbox
+
+PROMPTS = {"python": (">>> ", "... "), "node": ("> ", "> "), "shell": ("$ ", "$ ")}
+
+
+def python_inputs(lines: Iterator[str], prompt: Prompt) -> Iterator[str]:
+    """Complete Python inputs: lines are gathered while the code so far is incomplete."""
+    buf: list[str] = []
+    for line in lines:
+        buf.append(line.rstrip("\n"))
+        source = "\n".join(buf)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the kernel shows warnings, once
+                complete = codeop.compile_command(source, "<stdin>", "single") is not None
+        except (SyntaxError, ValueError, OverflowError):
+            complete = True  # the kernel reports the error
+        if complete or (not line.strip() and len(buf) > 1):
+            buf = []
+            prompt.more = False
+            if source.strip():
+                yield source
+        else:
+            prompt.more = True
+    if any(b.strip() for b in buf):
+        yield "\n".join(buf)
+
+
+class Prompt:
+    """Writes prompts to stderr when the input is a terminal."""
+
+    def __init__(self, profile: str, stream: TextIO) -> None:
+        self.first, self.cont = PROMPTS[profile]
+        self.show = stream.isatty()
+        self.more = False
+
+    def lines(self, stream: TextIO) -> Iterator[str]:
+        while True:
+            if self.show:
+                sys.stderr.write(self.cont if self.more else self.first)
+                sys.stderr.flush()
+            line = stream.readline()
+            if not line:
+                return
+            yield line
+
+
+def show(result: RunResult) -> None:
+    sys.stdout.buffer.write(result.stdout_bytes)
+    value = getattr(result, "value", None)
+    if value is not None:
+        sys.stdout.write(value + "\n")
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr_bytes)
+    if result.reason not in ("exited",):
+        sys.stderr.write(f"[{result.reason}]\n")
+    sys.stderr.flush()
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    language = args.profile
+    args.profile = None  # the seccomp profile is chosen per call, from what runs
+    prompt = Prompt(language, sys.stdin)
+    lines = prompt.lines(sys.stdin)
+    with Sandbox(policy_from_args(args)) as sandbox:
+        if language == "python":
+            for source in python_inputs(lines, prompt):
+                show(sandbox.run_python(source, stateful=True))
+        elif language == "node":
+            for line in lines:
+                if line.strip():
+                    show(sandbox.run_node(line, stateful=True))
+        else:
+            for line in lines:
+                if line.strip():
+                    show(sandbox.run_shell(line))
+    if prompt.show:
+        sys.stderr.write("\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shell", help="interactive session: each input runs in one sandbox",
+                       usage="cellblock shell [--profile python|node|shell] [options]",
+                       conflict_handler="resolve")
+    add_limit_options(p)
+    p.add_argument("--profile", choices=sorted(PROMPTS), default="python",
+                   help="what the inputs are: python (default), node or shell commands")
+    p.set_defaults(func=cmd_shell)

@@ -1,0 +1,541 @@
+"""Host side of the warm runtimes of a session.
+
+One zygote (`zygote_py.py`) runs inside the session's sandbox as a long-lived call and listens
+on a unix socket there. The host reaches it with `_native.Session.connect_unix`, which resolves
+the socket's path inside the sandbox's root (openat2 RESOLVE_IN_ROOT) and connects through the
+resolved descriptor: code in the sandbox cannot point the host at any other socket.
+
+Nothing the sandbox sends is trusted: frames are size-checked, output is redacted here (never
+by the zygote) and capped, and every call has a host-side deadline; closing the connection
+makes the zygote kill that call's processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from cellblock import _native
+from cellblock.errors import InvalidSpec, PathEscape, SandboxIOError, SessionClosed, SetupError
+from cellblock.result import RunResult
+
+#: Where the zygote listens, inside the sandbox.
+SOCKET_PATH = "/tmp/.cellblock/zygote.sock"
+
+#: How long a zygote or a kernel may take to start.
+START_TIMEOUT_S = 30.0
+
+#: Largest frame the host accepts (output chunks are 64 KiB; results hold a capped repr).
+MAX_FRAME = 4 << 20
+
+#: Tries of a call whose runtime vanishes before the code begins.
+ATTEMPTS = 3
+
+#: Node stateless workers kept idle between calls.
+MAX_IDLE_NODE = 2
+
+Kind = Literal["python", "python-kernel", "node", "node-kernel"]
+
+
+class CodeResult(RunResult):
+    """A RunResult of warm code, plus the value of its last expression and its error.
+
+    `value` is the repr (Python) or util.inspect (Node) of the last expression when it is not
+    None/undefined; `error` is the formatted traceback of an uncaught exception (also on stderr).
+    """
+
+    value: str | None = None
+    error: str | None = None
+
+
+class _Timeout(Exception):
+    """The call's deadline passed."""
+
+
+class _Gone(Exception):
+    """The other end closed the connection or broke the protocol."""
+
+
+class _NotStarted(Exception):
+    """The runtime went away before the call's code began: the call can be retried."""
+
+
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
+class _Conn:
+    """A connection to the zygote, reading frames against a deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def send(self, data: bytes, deadline: float | None) -> None:
+        self.sock.settimeout(_remaining(deadline))
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise _Timeout from None
+        except OSError:
+            raise _Gone from None
+
+    def _fill(self, n: int, deadline: float | None) -> None:
+        while len(self.buf) < n:
+            self.sock.settimeout(_remaining(deadline))
+            try:
+                chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            except TimeoutError:
+                raise _Timeout from None
+            except OSError:
+                raise _Gone from None
+            if not chunk:
+                raise _Gone
+            self.buf += chunk
+
+    def read(self, deadline: float | None) -> tuple[bytes, bytes]:
+        self._fill(5, deadline)
+        size = int.from_bytes(self.buf[1:5], "big")
+        if size > MAX_FRAME:
+            raise _Gone
+        self._fill(5 + size, deadline)
+        kind, payload = bytes(self.buf[:1]), bytes(self.buf[5 : 5 + size])
+        del self.buf[: 5 + size]
+        return kind, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _Timeout
+    return left
+
+
+@dataclass
+class CallLimits:
+    """Per-call limits of a warm call."""
+
+    timeout: float | None
+    cpu_time: float | None
+    max_output: int | None
+
+
+@dataclass
+class _Capture:
+    """One output stream of a call: redacted, then capped."""
+
+    cap: int | None
+    redactor: Any = None
+    data: bytearray = field(default_factory=bytearray)
+    truncated: bool = False
+
+    def add(self, chunk: bytes) -> bool:
+        """Keeps a chunk; False once the cap is passed."""
+        if self.redactor is not None:
+            chunk = self.redactor.feed(chunk)
+        return self._keep(chunk)
+
+    def finish(self) -> bool:
+        return self._keep(self.redactor.finish()) if self.redactor is not None else True
+
+    def _keep(self, chunk: bytes) -> bool:
+        if self.truncated:
+            return False
+        if self.cap is not None and len(self.data) + len(chunk) > self.cap:
+            self.data += chunk[: self.cap - len(self.data)]
+            self.truncated = True
+            return False
+        self.data += chunk
+        return True
+
+
+@dataclass
+class _ZygoteRun:
+    """One start of the zygote: set when it listens, or when its call has ended."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    listening: bool = False
+    ended: bool = False
+    error: str = ""
+    thread: threading.Thread | None = None
+
+
+class WarmRuntimes:
+    """The zygote of one session and its kernels.
+
+    `start_zygote(on_output)` must run the zygote as a call of the session and block until it
+    ends; it is called on a background thread. `secrets` are redacted from every call's output.
+    """
+
+    def __init__(
+        self,
+        session: _native.Session,
+        start_zygote: Callable[[Callable[[int, bytes], None]], dict[str, Any]],
+        secrets: Mapping[str, str],
+        enforcement: Mapping[str, str | None],
+        seccomp_profile: str | None,
+    ) -> None:
+        self._session = session
+        self._start_zygote = start_zygote
+        self._secrets = dict(secrets)
+        self._enforcement = dict(enforcement)
+        self._profile = seccomp_profile
+        self._lock = threading.Lock()
+        self._zygote: _ZygoteRun | None = None
+        # Live worker connections: the stateful kernels, and idle stateless Node workers.
+        self._stateful: dict[Kind, _Conn] = {}
+        self._stateful_locks: dict[Kind, threading.Lock] = {
+            "python-kernel": threading.Lock(), "node-kernel": threading.Lock(),
+        }
+        self._idle_node: list[_Conn] = []
+        self._closed = False
+
+    # ---- zygote ----------------------------------------------------------------------------
+
+    def _serve(self, run: _ZygoteRun) -> None:
+        seen = bytearray()
+
+        def on_output(stream: int, data: bytes) -> None:
+            if stream == 1 and not run.listening:
+                seen.extend(data)
+                if b"ready\n" in seen:
+                    run.listening = True
+                    run.event.set()
+
+        try:
+            report = self._start_zygote(on_output)
+            run.error = bytes(report.get("stderr_bytes", b""))[-4000:].decode("utf-8", "replace")
+        except Exception as e:  # noqa: BLE001 - reported to the caller that waits for it
+            run.error = f"{type(e).__name__}: {e}"
+        finally:
+            run.ended = True
+            run.event.set()
+
+    def ensure_zygote(self, replace: bool = False) -> None:
+        """Starts the zygote unless one is serving (or `replace`: its socket is gone); waits
+        until it listens."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosed("the sandbox is closed")
+            run = self._zygote
+            if run is None or run.ended:
+                # The zygote's call has ended, and every kernel with it.
+                self._drop_kernels()
+            if run is None or run.ended or replace:
+                run = self._zygote = _ZygoteRun()
+                run.thread = threading.Thread(
+                    target=self._serve, args=(run,), name="cellblock-zygote", daemon=True
+                )
+                run.thread.start()
+        run.event.wait(START_TIMEOUT_S)
+        if not run.listening or run.ended:
+            if not self._session.is_open:
+                raise SessionClosed("the sandbox is closed")
+            raise SetupError(f"the warm runtime did not start: {run.error.strip()}")
+
+    def _connect(self) -> _Conn:
+        try:
+            fd = self._session.connect_unix(SOCKET_PATH)
+        except (SandboxIOError, PathEscape):
+            # Code in the sandbox removed or replaced the socket: start a zygote that binds a
+            # new one (the old one notices and exits).
+            self.ensure_zygote(replace=True)
+            fd = self._session.connect_unix(SOCKET_PATH)
+        return _Conn(socket.socket(fileno=fd))
+
+    # ---- kernels ---------------------------------------------------------------------------
+
+    def _open_kernel(self, kind: Kind, deadline: float | None) -> _Conn:
+        """A connection to a new worker of `kind`, once the worker is ready."""
+        conn = self._connect()
+        hello: dict[str, Any] = {"kind": kind}
+        if kind.startswith("node"):
+            hello["source"] = _node_source()
+        try:
+            conn.send(_frame(b"h", json.dumps(hello).encode()), deadline)
+            kind_byte, _ = conn.read(deadline)
+        except (_Timeout, _Gone):
+            conn.close()
+            raise
+        if kind_byte != b"k":
+            conn.close()
+            raise _Gone
+        return conn
+
+    def warm(self, runtimes: tuple[str, ...]) -> None:
+        """Starts the zygote, and a Node worker when "node" is asked for."""
+        self.ensure_zygote()
+        if "node" in runtimes:
+            try:
+                kernel = self._open_kernel("node", time.monotonic() + START_TIMEOUT_S)
+            except (_Gone, _Timeout):
+                raise SetupError("the warm Node runtime did not start") from None
+            with self._lock:
+                self._idle_node.append(kernel)
+
+    def _drop_kernels(self) -> None:
+        for conn in [*self._stateful.values(), *self._idle_node]:
+            conn.close()
+        self._stateful.clear()
+        self._idle_node.clear()
+
+    def close(self) -> None:
+        """Closes every connection (the session's close kills the processes)."""
+        with self._lock:
+            self._closed = True
+            self._drop_kernels()
+
+    def join(self, timeout: float) -> None:
+        """Waits for the zygote's call to return (after the session is closed)."""
+        run = self._zygote
+        if run is not None and run.thread is not None:
+            run.thread.join(timeout)
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        language: Literal["python", "node"],
+        code: str,
+        *,
+        stateful: bool,
+        limits: CallLimits,
+        stdin: bytes | None,
+        env: Mapping[str, str],
+        cwd: str | None,
+        secrets: Mapping[str, str],
+    ) -> CodeResult:
+        """Runs code in the warm runtime; see `Sandbox.run_python`."""
+        if language == "node" and stdin:
+            raise InvalidSpec("stdin is not supported by the warm Node runtime")
+        started = time.monotonic()
+        deadline = started + limits.timeout if limits.timeout is not None else None
+        request = {
+            "code": code,
+            "stdin": base64.b64encode(stdin).decode() if stdin else None,
+            "env": {**env, **secrets},
+            "cwd": cwd,
+            "cpu_time": limits.cpu_time,
+        }
+        kind: Kind = {
+            ("python", False): "python", ("python", True): "python-kernel",
+            ("node", False): "node", ("node", True): "node-kernel",
+        }[(language, stateful)]
+        for _ in range(ATTEMPTS):
+            self.ensure_zygote()
+            try:
+                if kind == "python":
+                    return self._run_once(request, deadline, started, limits, secrets)
+                if stateful:
+                    with self._stateful_locks[kind]:
+                        return self._run_kernel(
+                            kind, request, deadline, started, limits, secrets, keep=True
+                        )
+                return self._run_kernel(
+                    kind, request, deadline, started, limits, secrets, keep=False
+                )
+            except _NotStarted:
+                # The runtime went away before the code started (e.g. killed by the previous
+                # call): let a dying zygote finish, then try again on a fresh one.
+                self.join(0.1)
+            except _Timeout:
+                return self._failed(started, "timeout", limits)
+        raise SetupError("the warm runtime keeps failing before calls start")
+
+    def _run_once(
+        self,
+        request: dict[str, Any],
+        deadline: float | None,
+        started: float,
+        limits: CallLimits,
+        secrets: Mapping[str, str],
+    ) -> CodeResult:
+        conn = self._connect()
+        frames = _frame(b"h", b'{"kind":"python"}') + _frame(b"r", json.dumps(request).encode())
+        try:
+            return self._converse(conn, frames, deadline, started, limits, secrets)[0]
+        finally:
+            conn.close()
+
+    def _run_kernel(
+        self,
+        kind: Kind,
+        request: dict[str, Any],
+        deadline: float | None,
+        started: float,
+        limits: CallLimits,
+        secrets: Mapping[str, str],
+        keep: bool,
+    ) -> CodeResult:
+        with self._lock:
+            if keep:
+                kernel = self._stateful.pop(kind, None)
+            else:
+                kernel = self._idle_node.pop() if self._idle_node else None
+        if kernel is None:
+            try:
+                kernel = self._open_kernel(kind, deadline)
+            except _Gone:
+                raise _NotStarted from None
+        alive = False
+        try:
+            frames = _frame(b"r", json.dumps(request).encode())
+            result, alive = self._converse(kernel, frames, deadline, started, limits, secrets)
+        finally:
+            with self._lock:
+                if alive and not self._closed:
+                    if keep:
+                        self._stateful[kind] = kernel
+                    elif len(self._idle_node) < MAX_IDLE_NODE:
+                        self._idle_node.append(kernel)
+                    else:
+                        kernel.close()
+                else:
+                    kernel.close()
+        return result
+
+    def _converse(
+        self,
+        conn: _Conn,
+        frames: bytes,
+        deadline: float | None,
+        started: float,
+        limits: CallLimits,
+        secrets: Mapping[str, str],
+    ) -> tuple[CodeResult, bool]:
+        """Sends a request and collects its output until "done". Returns the result and
+        whether the connection can serve another call."""
+        all_secrets = {**self._secrets, **secrets}
+        redactors = [_native.Redactor(all_secrets) if all_secrets else None for _ in range(2)]
+        out = _Capture(limits.max_output, redactors[0])
+        err = _Capture(limits.max_output, redactors[1])
+        host_reason: str | None = None
+        done: Any = {}
+        begun = False
+        try:
+            conn.send(frames, deadline)
+            while True:
+                kind, payload = conn.read(deadline)
+                if kind == b"a":
+                    begun = True
+                    continue
+                if kind == b"d":
+                    done = json.loads(payload)
+                    break
+                capture = out if kind == b"o" else err if kind == b"e" else None
+                if capture is None:
+                    raise _Gone
+                if not capture.add(payload):
+                    host_reason = "output_limit"
+                    break
+        except _Timeout:
+            host_reason = "timeout"
+        except (_Gone, ValueError):
+            if not begun:
+                raise _NotStarted from None
+            host_reason = "signaled"  # the relay vanished (killed from inside) or spoke nonsense
+        if not isinstance(done, dict):
+            done, host_reason = {}, "signaled"
+        for capture in (out, err):
+            if not capture.finish() and host_reason is None:
+                host_reason = "output_limit"
+        alive = host_reason is None and not done.get("kernel_exited", False)
+        reason = host_reason or _reason(done)
+        redact = redactors[0].redact if redactors[0] is not None else str
+        value = done.get("value")
+        error = done.get("error")
+        value = _capped(redact(value), limits.max_output) if isinstance(value, str) else None
+        error = _capped(redact(error), limits.max_output) if isinstance(error, str) else None
+        result = CodeResult(
+            exit_code=_int_or_none(done.get("exit_code")) if reason == "exited" else None,
+            signal=_int_or_none(done.get("signal")) if host_reason is None else None,
+            reason=reason,  # type: ignore[arg-type]
+            stdout_bytes=bytes(out.data),
+            stderr_bytes=bytes(err.data),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            wall_time_s=time.monotonic() - started,
+            cpu_time_s=_float(done.get("cpu_time_s")),
+            peak_memory_bytes=int(_float(done.get("peak_memory_bytes"))),
+            violations=[],
+            enforcement=self._call_enforcement(limits),
+            redactions=_counts(redactors),
+            seccomp_profile=self._profile,
+            value=value,
+            error=error,
+        )
+        return result, alive
+
+    def _failed(self, started: float, reason: str, limits: CallLimits) -> CodeResult:
+        return CodeResult(
+            exit_code=None, signal=None, reason=reason,  # type: ignore[arg-type]
+            stdout_bytes=b"", stderr_bytes=b"",
+            stdout_truncated=False, stderr_truncated=False,
+            wall_time_s=time.monotonic() - started, cpu_time_s=0.0, peak_memory_bytes=0,
+            violations=[], enforcement=self._call_enforcement(limits),
+            seccomp_profile=self._profile,
+        )
+
+    def _call_enforcement(self, limits: CallLimits) -> dict[str, Any]:
+        e: dict[str, Any] = dict(self._enforcement)
+        for name in ("timeout", "cpu_time", "max_output"):
+            e.pop(name, None)
+        if limits.timeout is not None:
+            e["timeout"] = "supervisor"
+        if limits.max_output is not None:
+            e["max_output"] = "supervisor"
+        if limits.cpu_time is not None:
+            e["cpu_time"] = "rlimit"
+        return e
+
+
+def _reason(done: Mapping[str, Any]) -> str:
+    sig = done.get("signal")
+    if sig is None:
+        return "exited" if isinstance(done.get("exit_code"), int) else "signaled"
+    return "cpu_time" if sig == signal.SIGXCPU else "signaled"
+
+
+def _counts(redactors: list[Any]) -> dict[str, int]:
+    """Redactions per secret name over a call's redactors."""
+    counts: dict[str, int] = {}
+    for r in redactors:
+        if r is not None:
+            for name, n in r.counts.items():
+                if n:
+                    counts[name] = counts.get(name, 0) + int(n)
+    return counts
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _float(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else 0.0
+
+
+def _capped(text: str, cap: int | None) -> str:
+    return text if cap is None else text[:cap]
+
+
+def _node_source() -> str:
+    return resources.files("cellblock.runtimes").joinpath("kernel_node.js").read_text()
+
+
+def zygote_source() -> str:
+    """The in-sandbox server's source, run as `python3 -c SOURCE SOCKET_PATH`."""
+    return resources.files("cellblock.runtimes").joinpath("zygote_py.py").read_text()
