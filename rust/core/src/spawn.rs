@@ -834,9 +834,6 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         }
     };
     let pid = pidfd_pid(&pidfd).ok_or_else(|| Error::setup("find the call's pid"))?;
-    // The holder is a copy of the caller, as big as it: under the session's memory limit the
-    // OOM killer must choose a call's processes first (raising the score needs no privilege).
-    let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
     // The joiner is a child of the caller, outside the session's cgroup: put the call's init
     // in it before releasing it, so the call and all it starts count against the session.
     let how = Handshake {
