@@ -1,0 +1,510 @@
+"""The agent loop: a model drives one sandbox session through tool use, within turn and cost
+budgets, with retries, a fallback model, redaction of everything that leaves the sandbox, and
+a bounded context window.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict
+
+from cellblock import Redactor, Sandbox
+from cellblock.agent import offline
+from cellblock.agent.memory import ShortTermMemory
+from cellblock.agent.pricing import PRICES, UNKNOWN_PRICE, Price, Usage, price_for
+from cellblock.agent.tools import (
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_TOOLS,
+    SandboxLike,
+    Toolbox,
+    ToolReason,
+    check_tool_names,
+)
+from cellblock.errors import InvalidSpec
+from cellblock.policy import Policy
+from cellblock.secrets import normalize_secrets
+
+if TYPE_CHECKING:
+    import anthropic
+
+#: Model used when none is given.
+DEFAULT_MODEL = "claude-sonnet-4-6"
+
+#: Context kept for the model, in characters of JSON (about 4 per token: ~100k tokens).
+DEFAULT_CONTEXT_CHARS = 400_000
+
+#: Longest wait between two attempts of a model request, in seconds.
+MAX_RETRY_DELAY_S = 30.0
+
+DEFAULT_SYSTEM = (
+    "You complete tasks by running code in an isolated Linux sandbox through the tools you "
+    "are given. Files under /workspace persist between tool calls of this task; each run "
+    "starts a fresh process. The sandbox has no network access unless it was explicitly "
+    "allowed. Check tool output before relying on it. When the task is done, reply with the "
+    "answer and no tool call."
+)
+
+StopReason = Literal["end_turn", "max_turns", "budget", "error"]
+
+
+class ToolCall(BaseModel):
+    """One tool call the model made and how it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    turn: int
+    id: str
+    name: str
+    input: Any
+    duration_s: float
+    reason: ToolReason
+    exit_code: int | None
+    is_error: bool
+
+
+class AgentResult(BaseModel):
+    """The outcome of `Agent.run`: the answer, why the loop stopped, and what it cost."""
+
+    model_config = ConfigDict(frozen=True)
+
+    final_text: str
+    stop_reason: StopReason
+    #: The model's own stop reason on its last response (end_turn, tool_use, max_tokens, ...).
+    model_stop_reason: str | None
+    turns: int
+    tool_calls: list[ToolCall]
+    #: The model that answered last (the fallback model after a switch).
+    model: str
+    usage: Usage
+    cost_usd: float
+    #: True when a model missing from the price table was priced at the highest known rates.
+    cost_is_estimate: bool
+    #: Seconds spent inside tool calls (sandbox runs and file transfers).
+    sandbox_seconds: float
+    wall_time_s: float
+    #: Redactions made in tool results and in the final text, per secret name.
+    redactions: dict[str, int]
+    #: What went wrong when stop_reason is "error".
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what `cellblock agent --json` prints)."""
+        return self.model_dump(mode="json")
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ModelRequest(_Event):
+    """A request to the model is about to be sent."""
+
+    kind: Literal["model_request"] = "model_request"
+    turn: int
+    model: str
+    messages: int
+    context_chars: int
+
+
+class ModelRetry(_Event):
+    """A request failed with a retryable error; the loop waits `delay_s` and tries again."""
+
+    kind: Literal["model_retry"] = "model_retry"
+    turn: int
+    model: str
+    attempt: int
+    error: str
+    delay_s: float
+
+
+class ModelFallback(_Event):
+    """The primary model kept failing; the loop switches to the fallback model."""
+
+    kind: Literal["model_fallback"] = "model_fallback"
+    turn: int
+    from_model: str
+    to_model: str
+    error: str
+
+
+class ModelResponse(_Event):
+    """The model answered (text is redacted)."""
+
+    kind: Literal["model_response"] = "model_response"
+    turn: int
+    model: str
+    stop_reason: str | None
+    text: str
+    tool_uses: int
+    usage: Usage
+    duration_s: float
+    cost_usd: float
+
+
+class ToolStarted(_Event):
+    """A tool call is about to run."""
+
+    kind: Literal["tool_started"] = "tool_started"
+    turn: int
+    id: str
+    name: str
+    input: Any
+
+
+class ToolFinished(_Event):
+    """A tool call ended; `content` is exactly what is sent back to the model."""
+
+    kind: Literal["tool_finished"] = "tool_finished"
+    call: ToolCall
+    content: str
+
+
+class Finished(_Event):
+    """The loop ended; always the last event."""
+
+    kind: Literal["finished"] = "finished"
+    result: AgentResult
+
+
+AgentEvent = (
+    ModelRequest | ModelRetry | ModelFallback | ModelResponse
+    | ToolStarted | ToolFinished | Finished
+)
+
+
+def is_retryable(error: Exception) -> bool:
+    """429, 408, 409, 5xx (529 overloaded included) and connection failures are retried."""
+    import anthropic
+
+    if isinstance(error, anthropic.APIConnectionError):
+        return True
+    if isinstance(error, anthropic.APIStatusError):
+        return (error.status_code in (408, 409, 429) or error.status_code >= 500
+                or error.type in ("overloaded_error", "rate_limit_error"))
+    return False
+
+
+def retry_delay(error: Exception, attempt: int, base: float) -> float:
+    """The server's retry-after if it gave one, else exponential backoff with jitter."""
+    headers = getattr(getattr(error, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return min(max(float(headers[name]) * scale, 0.0), MAX_RETRY_DELAY_S)
+        except (KeyError, ValueError):
+            continue
+    return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY_S) * random.uniform(0.5, 1.0)
+
+
+def describe_error(error: Exception) -> str:
+    """A one-line description of a model API error."""
+    status = getattr(error, "status_code", None)
+    message = getattr(error, "api_message", None) or str(error)
+    return f"{type(error).__name__}" + (f" {status}" if status else "") + f": {message}"
+
+
+def has_api_key() -> bool:
+    """True when the SDK's environment provides a credential."""
+    return bool(os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN"))
+
+
+class Agent:
+    """A model that completes a task by calling tools bound to one sandbox session.
+
+    `model="offline"` selects the offline demo planner (no API key needed). Otherwise requests
+    go through the official `anthropic` client, configured from its usual environment
+    (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL) unless `client` is given; the SDK's own retries are
+    disabled so the loop controls them: each request is tried once plus `max_retries` times on
+    a retryable error (429, 5xx, 529 overloaded, connection failure), then the loop switches to
+    `fallback_model` for the rest of the run.
+
+    With `sandbox=None` each run opens its own `cellblock.Sandbox(policy)`, with `secrets`
+    injected as environment variables, and closes it at the end; a given sandbox is used as is
+    and left open. Every tool result, event text and the final answer pass through a Redactor
+    of the secrets (the agent's and the policy's).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        system: str | None = None,
+        tools: Sequence[str] = DEFAULT_TOOLS,
+        sandbox: SandboxLike | None = None,
+        max_turns: int = 50,
+        max_tokens: int = 8192,
+        fallback_model: str | None = None,
+        max_retries: int = 3,
+        budget_usd: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+        *,
+        policy: Policy | None = None,
+        client: anthropic.Anthropic | None = None,
+        tool_timeout: float | None = None,
+        max_tool_output: int = DEFAULT_MAX_OUTPUT_CHARS,
+        memory_turns: int | None = None,
+        context_chars: int = DEFAULT_CONTEXT_CHARS,
+        retry_base_delay: float = 0.5,
+        prompt_cache: bool = True,
+        prices: Mapping[str, Price] = PRICES,
+    ) -> None:
+        if max_turns < 1 or max_tokens < 1 or max_retries < 0:
+            raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
+        if budget_usd is not None and budget_usd < 0:
+            raise InvalidSpec("budget_usd must be >= 0")
+        check_tool_names(tools)
+        self.model = model
+        self.fallback_model = fallback_model
+        self.tools = tuple(tools)
+        self.max_turns = max_turns
+        self.max_tokens = max_tokens
+        self.max_retries = max_retries
+        self.budget_usd = budget_usd
+        self.policy = policy or Policy()
+        self.secrets = {
+            s.name: s.value.get_secret_value()
+            for s in normalize_secrets(self.policy.secrets) + normalize_secrets(secrets)
+        }
+        self.system = system if system is not None else _system_prompt(self.secrets)
+        self.sandbox = sandbox
+        self.tool_timeout = tool_timeout
+        self.max_tool_output = max_tool_output
+        self.memory_turns = memory_turns or max_turns
+        self.context_chars = context_chars
+        self.retry_base_delay = retry_base_delay
+        self.prompt_cache = prompt_cache
+        self.prices = prices
+        self.client = client
+
+    def run(self, task: str, on_event: Callable[[AgentEvent], None] | None = None) -> AgentResult:
+        """Run the loop to its end; `on_event` sees every event as it happens."""
+        event = None
+        for event in self.stream(task):
+            if on_event is not None:
+                on_event(event)
+        return cast(Finished, event).result
+
+    def stream(self, task: str) -> Iterator[AgentEvent]:
+        """Run the loop, yielding an event for each model request, tool call and tool result;
+        the last event is `Finished` with the AgentResult."""
+        yield from _Run(self, task).events()
+
+
+class _Run:
+    """The state of one `Agent.stream` call."""
+
+    def __init__(self, agent: Agent, task: str) -> None:
+        self.agent = agent
+        self.started = time.monotonic()
+        self.redactor = Redactor(agent.secrets) if agent.secrets else None
+        # The longest form a secret can be printed in: JSON \u escapes take 6 chars a byte.
+        self.redact_margin = 6 * max((len(v.encode()) for v in agent.secrets.values()), default=0)
+        self.memory = ShortTermMemory(
+            task, keep_turns=agent.memory_turns, max_chars=agent.context_chars
+        )
+        self.model = agent.model
+        self.turns = 0
+        self.usage = Usage()
+        self.cost = 0.0
+        self.cost_is_estimate = False
+        self.best_text = ""
+        self.model_stop_reason: str | None = None
+        self.tool_calls: list[ToolCall] = []
+        self.sandbox_seconds = 0.0
+        self.error: str | None = None
+        self.client: anthropic.Anthropic | None = None
+
+    def redact(self, text: str) -> str:
+        return self.redactor.redact(text) if self.redactor is not None else text
+
+    def events(self) -> Iterator[AgentEvent]:
+        sandbox: SandboxLike
+        owned: Sandbox | None = None
+        if self.agent.sandbox is not None:
+            sandbox = self.agent.sandbox
+        else:
+            sandbox = owned = Sandbox(
+                policy=self.agent.policy.merged(secrets=self.agent.secrets or None)
+            )
+        try:
+            toolbox = Toolbox(
+                sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
+                timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
+            )
+            stop = yield from self._loop(toolbox)
+        finally:
+            if owned is not None:
+                owned.close()
+            if self.client is not None and self.agent.client is None:
+                self.client.close()
+        yield Finished(result=self._result(stop))
+
+    def _loop(self, toolbox: Toolbox) -> Generator[AgentEvent, None, StopReason]:
+        """Yields events; returns the stop reason."""
+        agent = self.agent
+        while True:
+            if self._over_budget():
+                return "budget"
+            self.memory.compact()
+            yield ModelRequest(
+                turn=self.turns + 1, model=self.model, messages=len(self.memory.messages),
+                context_chars=self.memory.size,
+            )
+            started = time.monotonic()
+            reply = yield from self._request(toolbox.schemas)
+            duration = time.monotonic() - started
+            if reply is None:
+                return "error"
+            self.turns += 1
+            self._account(reply)
+            content: list[dict[str, Any]] = reply["content"]
+            self.memory.append({"role": "assistant", "content": content})
+            self.model_stop_reason = reply.get("stop_reason")
+            text = self.redact("\n".join(b["text"] for b in content if b.get("type") == "text"))
+            if text.strip():
+                self.best_text = text
+            tool_uses = [b for b in content if b.get("type") == "tool_use"]
+            yield ModelResponse(
+                turn=self.turns, model=self.model, stop_reason=self.model_stop_reason, text=text,
+                tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
+                duration_s=duration,
+            )
+            if not tool_uses:
+                return "end_turn"
+            if self._over_budget():
+                return "budget"
+            if self.turns >= agent.max_turns:
+                return "max_turns"
+            results = []
+            for block in tool_uses:
+                yield ToolStarted(turn=self.turns, id=block["id"], name=block["name"],
+                                  input=block.get("input"))
+                outcome = toolbox.call(block["name"], block.get("input"))
+                call = ToolCall(
+                    turn=self.turns, id=block["id"], name=block["name"], input=block.get("input"),
+                    duration_s=outcome.duration_s, reason=outcome.reason,
+                    exit_code=outcome.exit_code, is_error=outcome.is_error,
+                )
+                self.tool_calls.append(call)
+                self.sandbox_seconds += outcome.duration_s
+                results.append({"type": "tool_result", "tool_use_id": block["id"],
+                                "content": outcome.content, "is_error": outcome.is_error})
+                yield ToolFinished(call=call, content=outcome.content)
+                if outcome.fatal:
+                    self.error = outcome.content
+                    return "error"
+            self.memory.append({"role": "user", "content": results})
+
+    def _over_budget(self) -> bool:
+        return self.agent.budget_usd is not None and self.cost >= self.agent.budget_usd
+
+    def _account(self, reply: dict[str, Any]) -> None:
+        price = price_for(self.model, self.agent.prices)
+        if price is None:
+            price, self.cost_is_estimate = UNKNOWN_PRICE, True
+        usage = _usage(reply)
+        self.usage += usage
+        self.cost += price.cost(usage)
+
+    def _request(
+        self, tools: list[dict[str, Any]]
+    ) -> Generator[AgentEvent, None, dict[str, Any] | None]:
+        """One model request with retries and fallback. Yields retry/fallback events; returns
+        the reply (a Messages API message as a dict) or None after recording the error."""
+        agent = self.agent
+        while True:
+            last: Exception
+            for attempt in range(1, agent.max_retries + 2):
+                try:
+                    return self._create(tools)
+                except _ModelError as e:
+                    if not is_retryable(e.error):
+                        self.error = f"{self.model}: {describe_error(e.error)}"
+                        return None
+                    last = e.error
+                if attempt <= agent.max_retries:
+                    delay = retry_delay(last, attempt, agent.retry_base_delay)
+                    yield ModelRetry(turn=self.turns + 1, model=self.model, attempt=attempt,
+                                     error=describe_error(last), delay_s=delay)
+                    time.sleep(delay)
+            failure = f"{self.model}: {describe_error(last)} ({agent.max_retries + 1} attempts)"
+            if agent.fallback_model is None or self.model == agent.fallback_model:
+                self.error = failure
+                return None
+            yield ModelFallback(turn=self.turns + 1, from_model=self.model,
+                                to_model=agent.fallback_model, error=failure)
+            self.model = agent.fallback_model
+
+    def _create(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
+        """The model's reply as a dict; raises _ModelError for the SDK's errors."""
+        agent = self.agent
+        if self.model == offline.OFFLINE_MODEL:
+            return offline.respond(self.memory.messages)
+        # Imported here: the SDK takes seconds to import and the offline model needs none of it.
+        import anthropic
+
+        params: dict[str, Any] = {
+            "model": self.model, "max_tokens": agent.max_tokens, "system": agent.system,
+            "messages": self.memory.messages, "tools": tools,
+        }
+        if agent.prompt_cache:
+            params["cache_control"] = {"type": "ephemeral"}
+        try:
+            message = self._api().messages.create(**params)
+        except anthropic.AnthropicError as e:
+            raise _ModelError(e) from e
+        return message.to_dict(mode="json", warnings=False)
+
+    def _api(self) -> anthropic.Anthropic:
+        """The SDK client with its own retries off: the caller's, or one made for this run."""
+        import anthropic
+
+        if self.client is None:
+            given = self.agent.client
+            if given is None:
+                self.client = anthropic.Anthropic(max_retries=0)
+            else:
+                self.client = given if given.max_retries == 0 else given.with_options(max_retries=0)
+        return self.client
+
+    def _result(self, stop: StopReason) -> AgentResult:
+        return AgentResult(
+            final_text=self.best_text,
+            stop_reason=stop,
+            model_stop_reason=self.model_stop_reason,
+            turns=self.turns,
+            tool_calls=self.tool_calls,
+            model=self.model,
+            usage=self.usage,
+            cost_usd=self.cost,
+            cost_is_estimate=self.cost_is_estimate,
+            sandbox_seconds=self.sandbox_seconds,
+            wall_time_s=time.monotonic() - self.started,
+            redactions=dict(self.redactor.counts) if self.redactor is not None else {},
+            error=self.error,
+        )
+
+
+class _ModelError(Exception):
+    """An error of the model API (the SDK's exception in `error`)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _usage(reply: dict[str, Any]) -> Usage:
+    raw = reply.get("usage") or {}
+    return Usage(**{k: raw.get(k) or 0 for k in Usage.model_fields})
+
+
+def _system_prompt(secrets: Mapping[str, str]) -> str:
+    if not secrets:
+        return DEFAULT_SYSTEM
+    names = ", ".join(sorted(secrets))
+    return (f"{DEFAULT_SYSTEM}\n\nThese environment variables hold credentials you may use in "
+            f"code: {names}. Their values are secret and are redacted from all output.")
+
