@@ -50,8 +50,12 @@ test-python:
 
 bench: build
 	$(PY) benches/spawn.py
-	@for b in benches/seccomp.py benches/redact.py benches/warm.py benches/batch.py benches/network.py; do \
-	  [ -f $$b ] && $(PY) $$b || true; done
+	$(PY) benches/seccomp.py
+	$(PY) benches/redact.py
+	$(PY) benches/warm.py
+	$(PY) benches/batch.py
+	$(PY) benches/network.py
+	$(PY) benches/agent.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true
