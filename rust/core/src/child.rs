@@ -416,7 +416,11 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     // PID 1 is a copy of the caller and looks as big to the OOM killer. A session holder must
     // never be its victim (only possible with CAP_SYS_RESOURCE, i.e. as real root); an init that
     // runs a command is the preferred victim, which ends its run with reason "memory".
-    let adj: &[u8] = if plan.target.is_some() { b"1000" } else { b"-1000" };
+    let adj: &[u8] = if plan.target.is_some() {
+        b"1000"
+    } else {
+        b"-1000"
+    };
     let _ = write_file(b"/proc/self/oom_score_adj\0", adj);
     // After the id maps: a non-dumpable process can no longer write its own /proc files. A
     // session holder stays dumpable so the (unprivileged) supervisor can still join it; no call

@@ -43,19 +43,6 @@ pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
 pub fn run(spec: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
     let redactor = redactor_for(spec)?;
     let started = spawn::start(spec)?;
-    let (on_violation, names) = match &spec.seccomp {
-        Some(s) => (s.on_violation, s.names.clone()),
-        None => (OnViolation::Errno, Default::default()),
-    };
-    let mut report = supervise::supervise(
-        started,
-        &spec.limits,
-        &spec.stdin,
-        &redactor,
-        on_violation,
-        &names,
-        hooks,
-    );
-    report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+    let report = supervise::supervise_spec(started, spec, &redactor, hooks);
     Ok(report)
 }

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::report::{Enforcer, RunReport};
 use crate::spawn::{self, Holder};
-use crate::spec::{OnViolation, RunSpec};
+use crate::spec::RunSpec;
 use crate::supervise::{self, Hooks};
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -62,6 +62,7 @@ impl Session {
         })
     }
 
+    /// Runs `f` with the live holder (the lock is held meanwhile).
     fn with_holder<T>(&self, f: impl FnOnce(&Holder) -> Result<T>) -> Result<T> {
         let guard = self
             .holder
@@ -94,37 +95,12 @@ impl Session {
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
         let redactor = crate::redactor_for(&spec)?;
-        let (started, oom_before, net_before) = {
-            let guard = self
-                .holder
-                .lock()
-                .map_err(|_| Error::SessionClosed("poisoned".into()))?;
-            let holder = guard
-                .as_ref()
-                .ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
-            if !alive(holder) {
-                return Err(Error::SessionClosed(
-                    "the session's sandbox has exited".into(),
-                ));
-            }
+        let (started, oom_before, net_before) = self.with_holder(|holder| {
             let oom = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
             let net = holder.egress.as_ref().map(|e| e.snapshot());
-            (spawn::start_call(holder, &spec)?, oom, net)
-        };
-        let (on_violation, names) = match &spec.seccomp {
-            Some(s) => (s.on_violation, s.names.clone()),
-            None => (OnViolation::Errno, Default::default()),
-        };
-        let mut report = supervise::supervise(
-            started,
-            &spec.limits,
-            &spec.stdin,
-            &redactor,
-            on_violation,
-            &names,
-            hooks,
-        );
-        report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+            Ok((spawn::start_call(holder, &spec)?, oom, net))
+        })?;
+        let mut report = supervise::supervise_spec(started, &spec, &redactor, hooks);
         // An OOM kill in the session's cgroup during this call ended it for lack of memory.
         // The session's egress outlives the call: report what changed during it (concurrent
         // calls of one session share these counters).

@@ -147,6 +147,31 @@ fn set_nonblocking(fd: &impl AsRawFd) {
     }
 }
 
+/// [`supervise`] with the limits, stdin and seccomp settings taken from the run's spec; the
+/// report names the seccomp profile in force.
+pub fn supervise_spec(
+    started: Started,
+    spec: &crate::RunSpec,
+    redactor: &Redactor,
+    hooks: Hooks<'_>,
+) -> RunReport {
+    let (on_violation, names) = match &spec.seccomp {
+        Some(s) => (s.on_violation, s.names.clone()),
+        None => (OnViolation::Errno, BTreeMap::new()),
+    };
+    let mut report = supervise(
+        started,
+        &spec.limits,
+        &spec.stdin,
+        redactor,
+        on_violation,
+        &names,
+        hooks,
+    );
+    report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+    report
+}
+
 /// Watches a started sandbox until it ends and returns its report.
 pub fn supervise(
     started: Started,
