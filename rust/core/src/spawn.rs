@@ -759,7 +759,9 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let mut p = p;
     p.child_owned.clear();
     let how = Handshake {
-        cgroup: cgroup.as_ref(),
+        // The holder stays out of the session's cgroup: only calls run there, so the
+        // OOM killer (which sees the holder as big as the caller) can never pick it.
+        cgroup: None,
         write_maps: is_root(),
         prepared: &prepared,
         argv0: "session",
