@@ -36,7 +36,7 @@ build: deps venv
 demo: build
 	$(VENV)/bin/cellblock demo
 
-test: build test-rust test-python test-fuzz-smoke
+test: build test-rust test-fuzz-smoke test-python
 
 test-rust:
 	cargo test --release -p cellblock-core
