@@ -31,16 +31,8 @@ pub struct Started {
     pub pid: libc::pid_t,
     /// pidfd of PID 1 (poll it for exit; signal through it).
     pub pidfd: OwnedFd,
-    /// Write end of the target's stdin.
-    pub stdin: OwnedFd,
-    /// Read end of the target's stdout.
-    pub stdout: OwnedFd,
-    /// Read end of the target's stderr.
-    pub stderr: OwnedFd,
-    /// Read end of PID 1's status pipe.
-    pub status: OwnedFd,
-    /// The seccomp listener, when a filter was installed.
-    pub listener: Option<OwnedFd>,
+    /// The supervisor's ends of the pipes, the seccomp listener and the egress proxy.
+    pub io: Endpoints,
     /// The run's cgroup (None: rlimit fallback).
     pub cgroup: Option<RunCgroup>,
     /// What enforces each requested limit.
@@ -49,8 +41,6 @@ pub struct Started {
     pub started_at: std::time::Instant,
     /// Our child to reap at the end when PID 1 is not (a session call's joiner).
     pub reaper: Option<OwnedFd>,
-    /// The egress proxy serving this run (allowlist given).
-    pub egress: Option<net::Egress>,
 }
 
 /// Whether this process is real root: uid 0 of the initial user namespace, able to create
@@ -609,13 +599,20 @@ struct Handshake<'a> {
 }
 
 /// The supervisor's ends once a sandbox runs.
-struct Endpoints {
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    status: OwnedFd,
-    listener: Option<OwnedFd>,
-    egress: Option<net::Egress>,
+#[derive(Debug)]
+pub struct Endpoints {
+    /// Write end of the command's stdin.
+    pub stdin: OwnedFd,
+    /// Read end of the command's stdout.
+    pub stdout: OwnedFd,
+    /// Read end of the command's stderr.
+    pub stderr: OwnedFd,
+    /// Read end of PID 1's status pipe.
+    pub status: OwnedFd,
+    /// The seccomp listener, when a filter was installed.
+    pub listener: Option<OwnedFd>,
+    /// The egress proxy serving this run (allowlist given).
+    pub egress: Option<net::Egress>,
 }
 
 /// The network side of a sandbox with an allowlist, prepared before the clone.
@@ -691,20 +688,15 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         want_listener: spec.seccomp.is_some(),
         net: netprep.as_ref(),
     };
-    let e = handshake(pid, &pidfd, p, how)?;
+    let io = handshake(pid, &pidfd, p, how)?;
     Ok(Started {
         pid,
         pidfd,
-        stdin: e.stdin,
-        stdout: e.stdout,
-        stderr: e.stderr,
-        status: e.status,
-        listener: e.listener,
+        io,
         cgroup,
         enforcement,
         started_at,
         reaper: None,
-        egress: e.egress,
     })
 }
 
@@ -846,20 +838,15 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         want_listener: spec.seccomp.is_some(),
         net: None,
     };
-    let e = handshake(pid, &pidfd, p, how)?;
+    let io = handshake(pid, &pidfd, p, how)?;
     Ok(Started {
         pid,
         pidfd,
-        stdin: e.stdin,
-        stdout: e.stdout,
-        stderr: e.stderr,
-        status: e.status,
-        listener: e.listener,
+        io,
         cgroup: None,
         enforcement,
         started_at,
         reaper: Some(joiner_fd),
-        egress: None,
     })
 }
 

@@ -6,7 +6,7 @@ use crate::child::StatusRecord;
 use crate::redact::{Redactor, StreamRedactor};
 use crate::report::{Reason, RunReport, Violation};
 use crate::seccomp;
-use crate::spawn::{self, Started};
+use crate::spawn::{self, Endpoints, Started};
 use crate::spec::{Limits, OnViolation};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -188,18 +188,21 @@ pub fn supervise(
     } = hooks;
     let Started {
         pidfd,
+        io,
+        mut cgroup,
+        enforcement,
+        started_at,
+        reaper,
+        ..
+    } = started;
+    let Endpoints {
         stdin: stdin_fd,
         stdout,
         stderr,
         status,
         listener,
-        mut cgroup,
-        enforcement,
-        started_at,
-        reaper,
         egress,
-        ..
-    } = started;
+    } = io;
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits
         .timeout
