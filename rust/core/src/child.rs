@@ -510,20 +510,8 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             if let Err(e) = crate::net::setup_in_child(net, &mut netfds) {
                 fail(fds.err, Stage::Network, 0, if e < 0 { -e } else { e });
             }
-            let mut valid = [-1; crate::net::CHILD_FDS];
-            let mut n = 0;
-            for fd in netfds {
-                if fd >= 0 {
-                    valid[n] = fd;
-                    n += 1;
-                }
-            }
-            if let Err(e) = fdpass::send_fds(fds.fdsock, &valid[..n]) {
+            if let Err(e) = crate::net::send_child_fds(fds.fdsock, &netfds) {
                 fail(fds.err, Stage::Network, 1, e);
-            }
-            for fd in &valid[..n] {
-                // SAFETY: the supervisor holds its own copies now.
-                unsafe { libc::close(*fd) };
             }
         }
         if root_path {

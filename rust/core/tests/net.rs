@@ -10,7 +10,7 @@ use cellblock_core::{NetworkStats, Violation};
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
@@ -164,7 +164,7 @@ fn start(
     drop(theirs);
     let _ = std::fs::remove_file(&resolv);
     let child = child.unwrap_or_else(|e| panic!("sandbox child failed: {e}"));
-    let fds = recv_fds(ours.as_raw_fd());
+    let fds = cellblock_core::fdpass::recv_fds(ours.as_fd()).unwrap_or_default();
     assert!(
         fds.len() >= 4,
         "expected the child's sockets, got {}",
@@ -238,12 +238,7 @@ impl ChildPrep {
         let mut fds = [-1; CHILD_FDS];
         net::setup_in_child(&self.plan, &mut fds)
             .map_err(|e| std::io::Error::from_raw_os_error(-e))?;
-        send_fds(self.sock, &fds)?;
-        for fd in fds.iter().filter(|fd| **fd >= 0) {
-            // SAFETY: closes our copies; the parent has its own now.
-            unsafe { libc::close(*fd) };
-        }
-        Ok(())
+        net::send_child_fds(self.sock, &fds).map_err(std::io::Error::from_raw_os_error)
     }
 }
 
@@ -257,75 +252,6 @@ unsafe fn write_file(path: &std::ffi::CStr, data: &[u8]) {
             libc::close(fd);
         }
     }
-}
-
-const CMSG_BUF: usize = 64;
-
-/// A control-message buffer aligned for `cmsghdr`.
-#[repr(C, align(8))]
-struct CmsgBuf([u8; CMSG_BUF]);
-
-fn send_fds(sock: RawFd, fds: &[libc::c_int; CHILD_FDS]) -> std::io::Result<()> {
-    let mut valid = [0 as libc::c_int; CHILD_FDS];
-    let mut n = 0;
-    for fd in fds.iter().filter(|fd| **fd >= 0) {
-        valid[n] = *fd;
-        n += 1;
-    }
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = CmsgBuf([0; CMSG_BUF]);
-    // SAFETY: builds one SCM_RIGHTS message in local buffers and sends it.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE((n * 4) as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN((n * 4) as u32) as usize;
-        std::ptr::copy_nonoverlapping(valid.as_ptr(), libc::CMSG_DATA(cmsg).cast(), n);
-        if libc::sendmsg(sock, &msg, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-fn recv_fds(sock: RawFd) -> Vec<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = CmsgBuf([0; CMSG_BUF]);
-    let mut out = Vec::new();
-    // SAFETY: receives one message into local buffers and takes ownership of the fds in it.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = CMSG_BUF;
-        if libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) <= 0 {
-            return out;
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-            return out;
-        }
-        let n = ((*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
-        let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
-        for i in 0..n {
-            out.push(OwnedFd::from_raw_fd(*data.add(i)));
-        }
-    }
-    out
 }
 
 fn stdout(out: &Output) -> String {

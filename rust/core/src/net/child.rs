@@ -145,6 +145,26 @@ fn local_default_route(family: u8) -> Vec<u8> {
     )
 }
 
+/// Hands the sockets made by [`setup_in_child`] to the supervisor over the unix socket `sock`
+/// (one SCM_RIGHTS message, unused slots skipped) and closes our copies. Async-signal-safe.
+pub fn send_child_fds(
+    sock: libc::c_int,
+    fds: &[libc::c_int; CHILD_FDS],
+) -> std::result::Result<(), libc::c_int> {
+    let mut valid = [-1; CHILD_FDS];
+    let mut n = 0;
+    for &fd in fds.iter().filter(|fd| **fd >= 0) {
+        valid[n] = fd;
+        n += 1;
+    }
+    let sent = crate::fdpass::send_fds(sock, &valid[..n]);
+    for fd in &valid[..n] {
+        // SAFETY: closing our own copies; the supervisor holds its own once sent.
+        unsafe { libc::close(*fd) };
+    }
+    sent
+}
+
 /// Sets up egress inside the current network namespace; runs in PID 1 between fork and
 /// execve (raw syscalls only, no allocation). Needs CAP_NET_ADMIN there and the host's
 /// filesystem (it runs `nft`), so call it before pivot_root.

@@ -29,7 +29,7 @@ mod sys;
 mod transparent;
 
 pub use allow::{Allowlist, Host};
-pub use child::{ruleset, setup_in_child, ChildPlan, CHILD_FDS};
+pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
 
 use crate::report::{NetworkStats, Violation};
 use crate::{Error, Result};
