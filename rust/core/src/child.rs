@@ -9,6 +9,7 @@
 //! exist: its set*id/setgroups wrappers would wait forever for those threads. Credentials are
 //! therefore changed with raw syscalls.
 
+use crate::error::errno;
 use crate::fdpass;
 use crate::fs::MountPlan;
 use crate::seccomp;
@@ -247,12 +248,6 @@ pub struct InitPlan<'a> {
     pub net: Option<&'a crate::net::ChildPlan>,
     /// Address ranges of the caller's argv and environment strings, zeroed in the child.
     pub wipe: &'a [(usize, usize)],
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }
 
 /// Writes an error record and exits. Never returns.

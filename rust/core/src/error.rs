@@ -71,3 +71,11 @@ impl Error {
 
 /// Result alias of the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// This thread's errno after a failed raw syscall (EIO if none is set). Allocation-free, so
+/// forked children may call it.
+pub(crate) fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}

@@ -4,6 +4,7 @@
 //! directory entries); [`MountPlan::apply`] replays the plan in the forked child with raw
 //! syscalls only — no allocation — and reports the index of a failing step.
 
+use crate::error::errno;
 use crate::error::{Error, Result};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -426,12 +427,6 @@ struct MountAttr {
     attr_clr: u64,
     propagation: u64,
     userns_fd: u64,
-}
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
 }
 
 fn check(ret: libc::c_long) -> Result<(), i32> {

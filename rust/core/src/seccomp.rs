@@ -9,6 +9,7 @@
 //!
 //! If the listener is closed, pending and later refused calls fail with `ENOSYS` (kernel rule).
 
+use crate::error::errno;
 use crate::report::Violation;
 use crate::spec::OnViolation;
 use crate::{Error, Result};
@@ -278,11 +279,6 @@ fn notif_sizes() -> io::Result<(usize, usize)> {
         }
     });
     sizes.map_err(io::Error::from_raw_os_error)
-}
-
-fn errno() -> libc::c_int {
-    // SAFETY: __errno_location always returns this thread's errno slot.
-    unsafe { *libc::__errno_location() }
 }
 
 #[cfg(test)]

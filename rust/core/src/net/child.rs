@@ -222,10 +222,9 @@ fn setup(
 }
 
 /// `Err(-errno)` of the last failed call.
+/// Negative errno, this module's error convention.
 fn errno() -> libc::c_int {
-    -std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    -crate::error::errno()
 }
 
 fn check(r: libc::c_int) -> std::result::Result<libc::c_int, libc::c_int> {
