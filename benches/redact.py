@@ -59,7 +59,8 @@ def printed_forms(value: str) -> list[bytes]:
 def filler_line(rng: random.Random, n: int) -> str:
     kind = n % 7
     if kind == 0:
-        return f"2024-05-{n % 28 + 1:02} 12:{n % 60:02}:07 INFO worker-{n % 9} request id={rng.getrandbits(64):016x} ok\n"
+        return (f"2024-05-{n % 28 + 1:02} 12:{n % 60:02}:07 INFO worker-{n % 9}"
+                f" request id={rng.getrandbits(64):016x} ok\n")
     if kind == 1:
         return (
             json.dumps(

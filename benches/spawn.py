@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cellblock  # noqa: E402
-from _env import interleaved, median_ms, percentile, print_environment, table  # noqa: E402
+from _env import interleaved, median_ms, percentile, print_environment, table
+
+import cellblock
 
 PY = os.path.realpath(sys.executable)
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cellblock
 from _env import percentile, print_environment, table
+
+import cellblock
 from cellblock import pool
 from cellblock.policy import Policy
 

@@ -29,9 +29,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 import cellblock
 import cellblock.sandbox
-import pytest
 from cellblock import _native
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,8 +192,8 @@ class InProcessRunner(Runner):
         return wait
 
     def stats(self) -> dict[str, Any]:
-        threads = [l for l in Path("/proc/self/status").read_text().splitlines()
-                   if l.startswith("Threads:")]
+        threads = [ln for ln in Path("/proc/self/status").read_text().splitlines()
+                   if ln.startswith("Threads:")]
         return {"fds": len(os.listdir("/proc/self/fd")), "threads": int(threads[0].split()[1]),
                 "pid": os.getpid(), "prefix": os.path.realpath(sys.base_prefix),
                 "ro_binds": cellblock.sandbox.runtime_prefixes(), "tmpdir": tempfile.gettempdir()}

@@ -15,8 +15,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import cellblock
 import pytest
+from fake_anthropic import FakeAnthropic, Reply, error, message, text, tool_use
+
+import cellblock
 from cellblock.agent import (
     DEMO_TASKS,
     Agent,
@@ -32,7 +34,6 @@ from cellblock.agent.pricing import PRICES, UNKNOWN_PRICE, price_for
 from cellblock.agent.tools import format_run, redact_and_trim, trim_text
 from cellblock.errors import InvalidSpec
 from cellblock.result import RunResult
-from fake_anthropic import FakeAnthropic, Reply, error, message, text, tool_use
 
 MODEL = "claude-sonnet-4-6"
 SECRET = "sk-test-9f8e7d6c5b4a39281706"

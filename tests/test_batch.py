@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from cellblock.batch import Job, JobError, command_for, iter_many, run_many
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
@@ -125,7 +126,8 @@ def test_mixed_batch_gives_each_job_its_result_and_leaves_nothing(tmp_path: Path
             stdin="from stdin\n"),
     ]
     children_before = children()
-    results = dict(zip([j.id for j in jobs], run_many(jobs, concurrency=2, progress=False)))
+    ids = [j.id for j in jobs]
+    results = dict(zip(ids, run_many(jobs, concurrency=2, progress=False), strict=True))
 
     def res(name: str) -> RunResult:
         r = results[name]
@@ -320,7 +322,7 @@ def test_cli_batch_ctrl_c_keeps_results_and_resume_finishes(tmp_path: Path) -> N
     first = read_results(out)
     assert 2 <= len(first) < 13 and all(r["reason"] == "exited" for r in first)
     assert leftover_cgroups(proc.pid) == []
-    done = subprocess.run(cmd + ["--quiet"], check=False, capture_output=True, text=True,
+    done = subprocess.run([*cmd, "--quiet"], check=False, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     ids = [r["id"] for r in read_results(out)]
@@ -342,13 +344,14 @@ def test_warm_runner_gives_the_same_verdicts_and_leaves_no_files_between_jobs() 
         Job(id="ok", code="print('hi')"),
         Job(id="fail", code="raise SystemExit(3)"),
         Job(id="plant", code="open('/tmp/planted', 'w').write('x'); open('/workspace/w', 'w')"),
-        Job(id="look", code="import os; print(sorted(os.listdir('/tmp')), os.listdir('/workspace'))"),
+        Job(id="look",
+            code="import os; print(sorted(os.listdir('/tmp')), os.listdir('/workspace'))"),
         Job(id="slow", code="import time; time.sleep(30)", limits={"timeout": 1}),
         Job(id="argv", argv=["python3", "-S", "-c", "import sys; print(sys.argv[1:])", "a", "b"]),
     ]
     with WarmRunner() as runner:
         results = run_many(jobs, concurrency=1, progress=False, runner=runner)
-    by_id = dict(zip((j.id for j in jobs), results))
+    by_id = dict(zip((j.id for j in jobs), results, strict=False))
     assert by_id["ok"].stdout == "hi\n" and by_id["ok"].exit_code == 0
     assert by_id["fail"].exit_code == 3
     assert "planted" not in by_id["look"].stdout and "'w'" not in by_id["look"].stdout

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cellblock
 import pytest
+
+import cellblock
 from conftest import Runner, own_cellblock_cgroups, wait_for
 
 #: (argv, kwargs): one of every way a run can end.

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from cellblock.result import FIELDS, RunResult
 from conftest import Cli, own_cellblock_cgroups, processes_with_argv, remove_cgroups_of, wait_for
 

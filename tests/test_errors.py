@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import cellblock
 import cellblock.cli
 import cellblock.errors
-import pytest
 from conftest import IS_ROOT, Cli, Runner, run_in_userns
 
 API_ERRORS: list[tuple[Any, dict[str, Any], type[cellblock.CellblockError]]] = [

@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, Runner
 
 #: Host paths no sandbox may see (checked only when they exist on the host).

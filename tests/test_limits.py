@@ -4,6 +4,7 @@ report says honestly what enforced it."""
 from __future__ import annotations
 
 import pytest
+
 from conftest import Runner
 
 MiB = 1 << 20

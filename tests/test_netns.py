@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+
 from conftest import Runner
 
 OUTSIDE_V4 = "192.0.2.1"

@@ -521,7 +521,7 @@ def loopback_alias() -> tuple[str, str] | None:
             continue
         for name in fields[1:]:
             name = name.lower()
-            if name in SANDBOX_HOSTS or "." in name and name.rsplit(".", 1)[1].isdigit():
+            if name in SANDBOX_HOSTS or ("." in name and name.rsplit(".", 1)[1].isdigit()):
                 continue
             try:
                 found = {a[4][0] for a in socket.getaddrinfo(name, None)}

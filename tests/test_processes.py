@@ -14,6 +14,7 @@ import subprocess
 import textwrap
 
 import pytest
+
 from conftest import PRELUDE, Cli, Runner, processes_with_argv, remove_cgroups_of, wait_for
 
 NAMESPACES = ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"]

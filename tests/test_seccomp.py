@@ -22,7 +22,6 @@ import pytest
 import cellblock
 from cellblock import SeccompError, SeccompPolicy
 from cellblock.seccomp import cache_info, compile_filter, known_profiles, profile_for_argv
-
 from conftest import PRELUDE, TEST_PROFILE, Runner
 
 PROFILES = ["default", "python", "node", "shell"]

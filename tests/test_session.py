@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cellblock
 import pytest
+
+import cellblock
 from cellblock.session import Sandbox
 from conftest import IS_ROOT, SETPRIV, own_cellblock_cgroups, processes_with_argv, wait_for
 
@@ -195,7 +196,8 @@ def test_pause_freezes_and_resume_continues(sb: Sandbox) -> None:
     loop = threading.Thread(target=lambda: done.setdefault(
         "r", sb.run(["python3", "-c", COUNTER], timeout=120)))
     loop.start()
-    count = lambda: int(sb.read_file("counter") or b"0")
+    def count():
+        return int(sb.read_file("counter") or b"0")
     wait_for(lambda: any(e.name == "counter" for e in sb.list_dir()) and count() > 10,
              "the loop to run")
     sb.pause()

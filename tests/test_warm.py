@@ -19,13 +19,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import cellblock
 import pytest
+from test_session import footprint, private_tempdir, settled_footprint  # noqa: F401 (fixture)
+
+import cellblock
 from cellblock import pool
 from cellblock.policy import Policy
 from cellblock.session import Sandbox
 from conftest import Cli, processes_with_argv, wait_for
-from test_session import footprint, private_tempdir, settled_footprint  # noqa: F401 (fixture)
 
 TOKEN = "tok-" + secrets.token_hex(12)
 

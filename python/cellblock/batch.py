@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -223,7 +223,7 @@ def _run_one(runner: Runner, job: Job, base: Policy | None) -> Outcome:
     try:
         return runner(job, job_policy(job, base))
     # One bad job must not end a batch of thousands: any error becomes that job's record.
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return JobError.from_exception(e)
 
 
@@ -395,7 +395,7 @@ class WarmRunner:
         for sb in sessions:
             sb.close()
 
-    def __enter__(self) -> WarmRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

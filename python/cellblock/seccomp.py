@@ -195,11 +195,11 @@ def _build_bpf(allowed: frozenset[str] | set[str], rules: list[_RuleSpec]) -> by
 
 def _action(rule: _RuleSpec) -> int:
     if rule.action == "allow":
-        return pyseccomp.ALLOW
+        return int(pyseccomp.ALLOW)
     code = getattr(errno, rule.errno or "", None)
     if not isinstance(code, int):
         raise SeccompError(f"rule for {rule.syscall!r}: unknown errno {rule.errno!r}")
-    return pyseccomp.ERRNO(code)
+    return int(pyseccomp.ERRNO(code))
 
 
 def _arg(a: _ArgSpec) -> pyseccomp.Arg:

@@ -197,7 +197,8 @@ def retry_delay(error: Exception, attempt: int, base: float) -> float:
             return min(max(float(headers[name]) * scale, 0.0), MAX_RETRY_DELAY_S)
         except (KeyError, ValueError):
             continue
-    return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY_S) * random.uniform(0.5, 1.0)
+    delay: float = min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY_S)
+    return delay * random.uniform(0.5, 1.0)
 
 
 def describe_error(error: Exception) -> str:
@@ -456,7 +457,8 @@ class _Run:
             message = self._api().messages.create(**params)
         except anthropic.AnthropicError as e:
             raise _ModelError(e) from e
-        return message.to_dict(mode="json", warnings=False)
+        data: dict[str, Any] = message.to_dict(mode="json", warnings=False)
+        return data
 
     def _api(self) -> anthropic.Anthropic:
         """The SDK client with its own retries off: the caller's, or one made for this run."""

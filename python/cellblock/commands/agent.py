@@ -138,7 +138,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return exit_status(result)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demos = "\n".join(f"  {d.task}" for d in DEMO_TASKS)
     p = sub.add_parser(
         "agent", help="let a model complete a task with tools in a sandbox",

@@ -27,11 +27,13 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", metavar="SIZE", help="size of /tmp + /workspace")
     p.add_argument("--env", metavar="K=V", action="append", default=[], help="set a variable")
     p.add_argument("--policy", metavar="FILE", help="TOML policy file")
-    p.add_argument("--profile", metavar="NAME", help="seccomp profile (python|node|shell|default|none)")
+    p.add_argument("--profile", metavar="NAME",
+                   help="seccomp profile (python|node|shell|default|none)")
     p.add_argument("--allow-net", metavar="PATTERN", action="append", default=[],
                    help="allow egress to host[:port] (repeatable)")
     p.add_argument("--secret", metavar="NAME[=@FILE]", action="append", default=[],
-                   help="inject a secret from cellblock's environment (or a file); redacted from output")
+                   help="inject a secret from cellblock's environment (or a file);"
+                   " redacted from output")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -93,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_status(result)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run one command in a fresh sandbox",
                        usage="cellblock run [options] -- CMD [ARGS...]")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

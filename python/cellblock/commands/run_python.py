@@ -35,7 +35,7 @@ def cmd_run_python(args: argparse.Namespace) -> int:
     return exit_status(result)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run-python", usage="cellblock run-python [options] FILE|-",
                        help="run a Python program (FILE, or - for stdin) in a sandbox")
     p.add_argument("--json", action="store_true",

@@ -22,7 +22,9 @@ def secrets_from_args(items: list[str]) -> dict[str, str]:
             try:
                 value = Path(source[1:]).read_text().rstrip("\n")
             except OSError as e:
-                raise SecretError(f"--secret {name}: cannot read {source[1:]}: {e.strerror}") from None
+                raise SecretError(
+                    f"--secret {name}: cannot read {source[1:]}: {e.strerror}"
+                ) from None
         else:
             if name not in os.environ:
                 raise SecretError(f"--secret {name}: not set in cellblock's environment")

@@ -98,7 +98,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("shell", help="interactive session: each input runs in one sandbox",
                        usage="cellblock shell [--profile python|node|shell] [options]",
                        conflict_handler="resolve")

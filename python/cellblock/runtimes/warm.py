@@ -218,7 +218,7 @@ class WarmRuntimes:
         try:
             report = self._start_zygote(on_output)
             run.error = bytes(report.get("stderr_bytes", b""))[-4000:].decode("utf-8", "replace")
-        except Exception as e:  # noqa: BLE001 - reported to the caller that waits for it
+        except Exception as e:
             run.error = f"{type(e).__name__}: {e}"
         finally:
             run.ended = True

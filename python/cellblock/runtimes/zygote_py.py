@@ -247,14 +247,14 @@ def run_code(req, module, filename):
         tree = ast.parse(code, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         # Running the code is the point.
-        exec(compile(tree, filename, "exec"), module.__dict__)  # noqa: S102
+        exec(compile(tree, filename, "exec"), module.__dict__)
         if last is not None:
             result = eval(compile(ast.Expression(last.value), filename, "eval"), module.__dict__)
             if result is not None:
                 value = repr(result)[:VALUE_CAP]
     except SystemExit as e:
         exit_code = exit_code_of(e)
-    except BaseException as e:  # noqa: BLE001 - the user's error is the result, not ours
+    except BaseException as e:
         error = user_traceback(e, filename)
         sys.stderr.write(error)
         exit_code = 1
