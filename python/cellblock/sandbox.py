@@ -11,6 +11,7 @@ from typing import Any
 
 from cellblock import _native
 from cellblock.errors import InvalidSpec
+from cellblock.observe import notify_run
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
@@ -128,4 +129,6 @@ def run(
     report = _native.run(
         json.dumps(spec), data, compiled.bpf if compiled else None, on_output
     )
-    return RunResult(**report)
+    result = RunResult(**report)
+    notify_run("run", result)
+    return result

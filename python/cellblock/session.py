@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import logging
 import os
 import posixpath
 import threading
@@ -23,13 +24,22 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict
 
 from cellblock import _native
-from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
+from cellblock.errors import (
+    CellblockError,
+    InvalidSpec,
+    SandboxIOError,
+    SessionClosed,
+    SetupError,
+)
+from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets
+
+_log = logging.getLogger("cellblock.session")
 
 #: Output the zygote itself may write before its call is ended (it writes one line).
 _ZYGOTE_MAX_OUTPUT = 1 << 20
@@ -65,6 +75,9 @@ class Sandbox:
     as a whole; `timeout`, `cpu_time`, `max_output` are the default limits of each call.
     `secrets` are injected into every call's environment and redacted from every output.
     `idle_timeout` (seconds) closes the session when no call has run for that long.
+    `auto_pause` (seconds) freezes the session when no call has run for that long and thaws it
+    on the next call, so that an idle session costs no CPU (needs a freezer cgroup: root);
+    `paused_seconds` says how long it was frozen so.
     `warm` starts runtimes at once: ``warm=("python",)`` or ``("python", "node")``.
     """
 
@@ -86,11 +99,15 @@ class Sandbox:
         allow_net: Sequence[str] | None = None,
         secrets: SecretsArg = None,
         idle_timeout: float | None = None,
+        auto_pause: float | None = None,
         warm: Sequence[str] = (),
     ) -> None:
         unknown = set(warm) - {"python", "node"}
         if unknown:
             raise InvalidSpec(f"warm: unknown runtimes {sorted(unknown)} (python, node)")
+        for name, value in (("idle_timeout", idle_timeout), ("auto_pause", auto_pause)):
+            if value is not None and not value > 0:
+                raise InvalidSpec(f"{name} must be a number of seconds > 0, got {value!r}")
         base = policy or Policy()
         self._policy = base.merged(
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout, cpu_time=cpu_time,
@@ -112,6 +129,11 @@ class Sandbox:
         self._active = 0
         self._last_used = time.monotonic()
         self.idle_timeout = idle_timeout
+        self.auto_pause = auto_pause
+        #: Seconds this session spent frozen by `auto_pause` (the current pause included).
+        self._paused_total = 0.0
+        self._auto_paused_at: float | None = None
+        self._user_paused = False
         self._runtimes = WarmRuntimes(
             self._native,
             self._zygote_starter(),
@@ -119,7 +141,15 @@ class Sandbox:
             self._native.enforcement(),
             self._zygote_profile(),
         )
-        if idle_timeout is not None:
+        notify_session("open", self)
+        if auto_pause is not None:
+            try:  # fail now, not at the first idle moment, where nobody would see it
+                self._native.pause()
+                self._native.resume()
+            except SetupError as e:
+                self.close()
+                raise SetupError(f"auto_pause: {e}") from None
+        if idle_timeout is not None or auto_pause is not None:
             _IDLE.watch(self)
         if warm:
             try:
@@ -153,6 +183,9 @@ class Sandbox:
         self._runtimes.close()
         self._finalizer()
         self._runtimes.join(timeout=10.0)
+        with self._lock:
+            self._end_auto_pause()
+        notify_session("close", self)
 
     @property
     def is_open(self) -> bool:
@@ -170,11 +203,52 @@ class Sandbox:
         are kept. Needs a freezer cgroup (root): otherwise raises SetupError."""
         with self._call():
             self._native.pause()
+            self._user_paused = True
+        notify_session("pause", self)
 
     def resume(self) -> None:
         """Thaws a paused session."""
         with self._call():
             self._native.resume()
+            self._user_paused = False
+        notify_session("resume", self)
+
+    @property
+    def paused_seconds(self) -> float:
+        """Seconds this session spent frozen by `auto_pause`, the current pause included."""
+        with self._lock:
+            at = self._auto_paused_at
+            return self._paused_total + (time.monotonic() - at if at is not None else 0.0)
+
+    def pause_deadline(self) -> float | None:
+        """When `auto_pause` freezes this idle session (monotonic clock), if it will."""
+        with self._lock:
+            return self._pause_due()
+
+    def _pause_due(self) -> float | None:
+        # The lock is held.
+        if (self.auto_pause is None or self._active or self._closed or self._user_paused
+                or self._auto_paused_at is not None):
+            return None
+        return self._last_used + self.auto_pause
+
+    def _idle_pause(self) -> None:
+        """Freezes the session if it is still idle (called by the idle watcher)."""
+        with self._lock:
+            due = self._pause_due()
+            if due is None or due > time.monotonic():
+                return
+            self._native.pause()
+            self._auto_paused_at = time.monotonic()
+        notify_session("auto_pause", self)
+
+    def _end_auto_pause(self) -> bool:
+        """Counts the end of an auto-pause (the lock is held); whether there was one."""
+        if self._auto_paused_at is None:
+            return False
+        self._paused_total += time.monotonic() - self._auto_paused_at
+        self._auto_paused_at = None
+        return True
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
@@ -190,12 +264,24 @@ class Sandbox:
         with self._lock:
             self._check_open()
             self._active += 1
+            resumed = self._auto_paused_at is not None
+            if resumed:
+                try:
+                    self._native.resume()
+                except BaseException:
+                    self._active -= 1
+                    raise
+                self._end_auto_pause()
+        if resumed:
+            notify_session("resume", self)
         try:
             yield
         finally:
             with self._lock:
                 self._active -= 1
                 self._last_used = time.monotonic()
+            if self.auto_pause is not None or self.idle_timeout is not None:
+                _IDLE.poke()
 
     def idle_deadline(self) -> float | None:
         """When the idle timeout closes this session (monotonic clock), if it will."""
@@ -238,7 +324,9 @@ class Sandbox:
             report = self._native.exec(
                 json.dumps(spec), data, compiled.bpf if compiled else None, on_output
             )
-            return RunResult(**report)
+            result = RunResult(**report)
+        notify_run("session.run", result, self)
+        return result
 
     def run_shell(self, script: str, **kwargs: Any) -> RunResult:
         """Runs a shell script (`/bin/sh -c script`); keyword arguments as for `run`."""
@@ -278,13 +366,15 @@ class Sandbox:
             policy = self._call_policy(timeout=timeout, cpu_time=cpu_time, max_output=max_output)
             limits = policy.limits()
             call_secrets = normalize_secrets(secrets)
-            return self._runtimes.run(
+            result = self._runtimes.run(
                 language, code, stateful=stateful,
                 limits=CallLimits(limits["timeout"], limits["cpu_time"], limits["max_output"]),
                 stdin=stdin.encode() if isinstance(stdin, str) else stdin,
                 env=dict(env or {}), cwd=cwd,
                 secrets={s.name: s.value.get_secret_value() for s in call_secrets},
             )
+        notify_run("session.python" if language == "python" else "session.node", result, self)
+        return result
 
     def _zygote_profile(self) -> str | None:
         compiled = resolve_seccomp(["python3"], self._policy.profile, self._policy.seccomp)
@@ -372,7 +462,8 @@ class Sandbox:
 
 
 class _IdleWatcher:
-    """One thread that closes sessions whose idle timeout has passed."""
+    """One thread that closes sessions whose idle timeout has passed, and freezes those whose
+    auto-pause delay has."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -389,6 +480,11 @@ class _IdleWatcher:
                 self._thread.start()
             self._cond.notify()
 
+    def poke(self) -> None:
+        """A watched session's deadline moved: look again now."""
+        with self._cond:
+            self._cond.notify()
+
     def forget(self, sandbox: Sandbox) -> None:
         with self._cond:
             self._sessions.discard(sandbox)
@@ -397,17 +493,23 @@ class _IdleWatcher:
         while True:
             with self._cond:
                 now = time.monotonic()
-                deadlines = [
-                    (d, s) for s in list(self._sessions) if (d := s.idle_deadline()) is not None
-                ]
-                expired = [s for d, s in deadlines if d <= now]
-                pending = [d for d, _ in deadlines if d > now]
-                if not expired:
+                sessions = list(self._sessions)
+                closing = [(d, s) for s in sessions if (d := s.idle_deadline()) is not None]
+                pausing = [(d, s) for s in sessions if (d := s.pause_deadline()) is not None]
+                expired = [s for d, s in closing if d <= now]
+                to_pause = [s for d, s in pausing if d <= now and s not in expired]
+                pending = [d for d, _ in closing + pausing if d > now]
+                if not expired and not to_pause:
                     # Calls end without notifying: look again at least every second.
                     self._cond.wait(min([1.0, *(d - now for d in pending)]))
                     continue
             for s in expired:
                 s.close()
+            for s in to_pause:
+                try:
+                    s._idle_pause()
+                except CellblockError:
+                    _log.exception("auto-pause of %r failed", s)
 
 
 _IDLE = _IdleWatcher()

@@ -32,6 +32,8 @@ from cellblock.secrets import normalize_secrets
 if TYPE_CHECKING:
     import anthropic
 
+    from cellblock.telemetry.otel import Telemetry
+
 #: Model used when none is given.
 DEFAULT_MODEL = "claude-sonnet-4-6"
 
@@ -227,6 +229,9 @@ class Agent:
     injected as environment variables, and closes it at the end; a given sandbox is used as is
     and left open. Every tool result, event text and the final answer pass through a Redactor
     of the secrets (the agent's and the policy's).
+
+    With `telemetry` (a `cellblock.telemetry.Telemetry`) each run is recorded as OpenTelemetry
+    spans following the GenAI conventions; `name` is the agent's name there.
     """
 
     def __init__(
@@ -251,6 +256,8 @@ class Agent:
         retry_base_delay: float = 0.5,
         prompt_cache: bool = True,
         prices: Mapping[str, Price] = PRICES,
+        telemetry: Telemetry | None = None,
+        name: str = "cellblock",
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
@@ -279,6 +286,8 @@ class Agent:
         self.prompt_cache = prompt_cache
         self.prices = prices
         self.client = client
+        self.telemetry = telemetry
+        self.name = name
 
     def run(self, task: str, on_event: Callable[[AgentEvent], None] | None = None) -> AgentResult:
         """Run the loop to its end; `on_event` sees every event as it happens."""
@@ -290,8 +299,14 @@ class Agent:
 
     def stream(self, task: str) -> Iterator[AgentEvent]:
         """Run the loop, yielding an event for each model request, tool call and tool result;
-        the last event is `Finished` with the AgentResult."""
-        yield from _Run(self, task).events()
+        the last event is `Finished` with the AgentResult. With `telemetry`, the run is
+        recorded as GenAI spans (`invoke_agent`, `chat`, `execute_tool`, sandbox runs)."""
+        events = _Run(self, task).events()
+        if self.telemetry is not None:
+            from cellblock.telemetry.agent import traced
+
+            events = traced(events, self.telemetry, self.name, self.model)
+        yield from events
 
 
 class _Run:

@@ -6,7 +6,7 @@ import argparse
 import json
 import shutil
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from cellblock.agent import DEMO_TASKS, OFFLINE_MODEL, Agent
 from cellblock.agent.loop import (
@@ -125,12 +125,27 @@ def cmd_agent(args: argparse.Namespace) -> int:
         fail('no task given (usage: cellblock agent [options] "TASK")')
     policy = policy_from_args(args)
     model = choose_model(args.model, sys.stderr)
+    providers: list[Any] = []
+    telemetry = None
+    if args.trace or args.otel != "none":
+        from cellblock import Redactor
+        from cellblock.telemetry import configure
+
+        redact = Redactor(dict(policy.secrets)).redact if policy.secrets else None
+        telemetry, *providers = configure(args.otel, trace_file=args.trace, redact=redact)
     agent = Agent(
         model=model, fallback_model=args.fallback_model, max_turns=args.max_turns,
         budget_usd=args.budget_usd, max_retries=args.max_retries, policy=policy,
+        telemetry=telemetry,
     )
     show = not args.json or sys.stderr.isatty()
-    result = agent.run(args.task, on_event=Progress(sys.stderr) if show else None)
+    try:
+        result = agent.run(args.task, on_event=Progress(sys.stderr) if show else None)
+    finally:
+        if telemetry is not None:
+            telemetry.detach()
+        for provider in providers:
+            provider.shutdown()
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.final_text:
@@ -163,6 +178,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--budget-usd", metavar="X", type=float, help="stop once the cost reaches X")
     p.add_argument("--max-retries", metavar="N", type=int, default=3,
                    help="retries per model on 429/5xx/overloaded (default 3)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="append the run's OpenTelemetry spans to FILE as JSON lines")
+    p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
+                   help="also export spans and metrics (otlp: OTEL_EXPORTER_OTLP_* variables)")
     add_limit_options(p)
     p.add_argument("task", metavar="TASK", help="what to do")
     p.set_defaults(func=cmd_agent)
