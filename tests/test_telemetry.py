@@ -4,6 +4,7 @@ idle auto-pause, through the public API, as root and as uid 65534."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -411,3 +412,73 @@ def test_a_failing_observer_never_fails_the_run(caplog: pytest.LogCaptureFixture
     finally:
         remove_run_observer(broken)
     assert "exporter down" in caplog.text
+
+
+# ---- exporters --------------------------------------------------------------------------------
+
+class _Collector(BaseHTTPRequestHandler):
+    """A local stand-in of an OTLP/HTTP collector's endpoints: keeps what it is sent."""
+
+    received: ClassVar[list[tuple[str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        n = int(self.headers["Content-Length"])
+        _Collector.received.append((self.path, self.rfile.read(n)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_otlp_exporter_sends_the_spans_to_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from cellblock.telemetry import configure
+
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        tel, tp, mp = configure("otlp", service_name="cellblock-test")
+        try:
+            cellblock.run(["sh", "-c", "exit 3"])
+        finally:
+            tel.detach()
+            tp.shutdown()
+            mp.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    traces = [body for path, body in _Collector.received if path == "/v1/traces"]
+    assert traces, [p for p, _ in _Collector.received]
+    req = ExportTraceServiceRequest.FromString(traces[0])
+    spans = [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert [s.name for s in spans] == ["sandbox run"]
+    attrs = {a.key: a.value for a in spans[0].attributes}
+    assert attrs["process.exit.code"].int_value == 3
+    assert any(path == "/v1/metrics" for path, _ in _Collector.received)
+
+
+def test_cli_agent_trace_file_feeds_the_report(tmp_path: Path) -> None:
+    from cellblock.agent import DEMO_TASKS
+
+    trace = tmp_path / "trace.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    res = subprocess.run([sys.executable, "-m", "cellblock.cli", "agent", "--model", "offline",
+                          "--json", "--trace", str(trace), DEMO_TASKS[0].task],
+                         capture_output=True, text=True, check=False, timeout=WORKER_DEADLINE,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    spans = [json.loads(line) for line in trace.read_text().splitlines()]
+    names = [s["name"] for s in spans]
+    assert names[-1] == "invoke_agent cellblock" and "chat offline" in names
+    assert any(n.startswith("execute_tool ") for n in names)
+    assert any(n.startswith("sandbox ") for n in names)
+    rep = subprocess.run([sys.executable, "-m", "cellblock.cli", "report", str(trace)],
+                         capture_output=True, text=True, check=False)
+    assert rep.returncode == 0 and rep.stdout.startswith("Trace trace.jsonl"), rep.stderr
