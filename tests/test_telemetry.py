@@ -444,13 +444,11 @@ def test_otlp_exporter_sends_the_spans_to_the_collector(monkeypatch: pytest.Monk
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
-        tel, tp, mp = configure("otlp", service_name="cellblock-test")
+        tel = configure("otlp", service_name="cellblock-test")
         try:
             cellblock.run(["sh", "-c", "exit 3"])
         finally:
-            tel.detach()
-            tp.shutdown()
-            mp.shutdown()
+            tel.shutdown()
     finally:
         server.shutdown()
         server.server_close()

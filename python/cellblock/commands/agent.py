@@ -6,7 +6,7 @@ import argparse
 import json
 import shutil
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from cellblock.agent import DEMO_TASKS, OFFLINE_MODEL, Agent
 from cellblock.agent.loop import (
@@ -125,14 +125,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         fail('no task given (usage: cellblock agent [options] "TASK")')
     policy = policy_from_args(args)
     model = choose_model(args.model, sys.stderr)
-    providers: list[Any] = []
     telemetry = None
     if args.trace or args.otel != "none":
         from cellblock import Redactor
         from cellblock.telemetry import configure
 
         redact = Redactor(dict(policy.secrets)).redact if policy.secrets else None
-        telemetry, *providers = configure(args.otel, trace_file=args.trace, redact=redact)
+        telemetry = configure(args.otel, trace_file=args.trace, redact=redact)
     agent = Agent(
         model=model, fallback_model=args.fallback_model, max_turns=args.max_turns,
         budget_usd=args.budget_usd, max_retries=args.max_retries, policy=policy,
@@ -143,9 +142,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         result = agent.run(args.task, on_event=Progress(sys.stderr) if show else None)
     finally:
         if telemetry is not None:
-            telemetry.detach()
-        for provider in providers:
-            provider.shutdown()
+            telemetry.shutdown()
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.final_text:

@@ -57,9 +57,9 @@ def configure(
     record_content: bool = False,
     redact: Redact | None = None,
     metric_readers: Sequence[MetricReader] = (),
-) -> tuple[Telemetry, TracerProvider, MeterProvider]:
-    """Providers exporting to `exporter` (and to `trace_file` as JSONL), and a Telemetry on
-    them, attached to every run. Call `shutdown()` on both providers when done (flushes).
+) -> Telemetry:
+    """A Telemetry attached to every run, on new providers exporting to `exporter` (and to
+    `trace_file` as JSONL). Its `shutdown()` detaches it and flushes and closes the providers.
 
     "otlp" needs the `cellblock[otlp]` extra and reads the usual OTEL_EXPORTER_OTLP_*
     variables. Tests pass their own in-memory exporters to `TracerProvider` and
@@ -89,5 +89,6 @@ def configure(
         tracer_provider.add_span_processor(SimpleSpanProcessor(JsonlSpanExporter(trace_file)))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     telemetry = Telemetry(tracer_provider, meter_provider, record_content=record_content,
-                          redact=redact).attach()
-    return telemetry, tracer_provider, meter_provider
+                          redact=redact)
+    telemetry.owns(tracer_provider, meter_provider)
+    return telemetry.attach()

@@ -145,6 +145,18 @@ class Telemetry:
         self.operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration", unit="s",
             description="Duration of model requests")
+        self._owned: list[Any] = []
+
+    def owns(self, *providers: Any) -> None:
+        """Providers that `shutdown()` closes (those made for this Telemetry)."""
+        self._owned.extend(providers)
+
+    def shutdown(self) -> None:
+        """Detaches, then flushes and closes the providers this Telemetry owns."""
+        self.detach()
+        for provider in self._owned:
+            provider.shutdown()
+        self._owned.clear()
 
     def attach(self) -> Self:
         """Records every run of this process from now on."""
