@@ -29,7 +29,8 @@ $(VENV)/.deps: pyproject.toml
 	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40" \
 	    "ruff==0.17.6" "mypy==2.4.1" \
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
-	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10"
+	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
+	    "ray[default]>=2.60,<2.61"
 	touch $@
 
 venv: $(VENV)/.deps

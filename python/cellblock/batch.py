@@ -30,6 +30,8 @@ from cellblock.sandbox import run
 from cellblock.seccomp import profile_for_argv
 
 Language = Literal["python", "node", "shell"]
+#: Where a batch runs: threads on this machine, or actors of a Ray cluster.
+Backend = Literal["local", "ray"]
 
 #: Where jobs' files are written (the sandbox's working directory).
 WORKSPACE = "/workspace"
@@ -238,7 +240,19 @@ def _run_indexed(
     progress: bool | Progress,
     policy: Policy | None,
     runner: Runner,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> Generator[tuple[int, Job, Outcome], None, None]:
+    if backend == "ray":
+        from cellblock.ray_backend import iter_on_ray
+
+        if runner is not run_cold and not isinstance(runner, WarmRunner):
+            raise InvalidSpec("on Ray, runner must be run_cold or a WarmRunner")
+        yield from iter_on_ray(jobs, address=address, policy=policy, progress=progress,
+                               warm=isinstance(runner, WarmRunner), per_node=concurrency)
+        return
+    if backend != "local":
+        raise InvalidSpec(f"unknown backend {backend!r} (local, ray)")
     workers = concurrency if concurrency is not None else os.cpu_count() or 1
     if workers < 1:
         raise InvalidSpec(f"concurrency must be at least 1, got {concurrency}")
@@ -283,6 +297,8 @@ def iter_many(
     progress: bool | Progress = True,
     policy: Policy | None = None,
     runner: Runner = run_cold,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> Generator[tuple[Job, Outcome], None, None]:
     """Run jobs concurrently, yielding `(job, result)` in completion order.
 
@@ -290,8 +306,11 @@ def iter_many(
     at the end), False, or a `Progress` to report into. `policy` is the base every job's limits
     and env apply over. Jobs are read from `jobs` lazily, so it can be a long generator.
     Closing the iterator early (or Ctrl-C) starts no new job and waits for the running ones.
+    `backend="ray"` fans the jobs out to a Ray cluster at `address` (one actor per node, each
+    running `concurrency` jobs at once, default its CPUs; see `cellblock.ray_backend`).
     """
-    with closing(_run_indexed(jobs, concurrency, progress, policy, runner)) as outcomes:
+    with closing(_run_indexed(jobs, concurrency, progress, policy, runner, backend,
+                              address)) as outcomes:
         for _, job, outcome in outcomes:
             yield job, outcome
 
@@ -302,11 +321,15 @@ def run_many(
     progress: bool | Progress = True,
     policy: Policy | None = None,
     runner: Runner = run_cold,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> list[Outcome]:
-    """Run jobs concurrently; results in job order (`JobError` for jobs that could not run)."""
+    """Run jobs concurrently; results in job order (`JobError` for jobs that could not run).
+    Arguments as for `iter_many`."""
     jobs = list(jobs)
     results: list[Outcome | None] = [None] * len(jobs)
-    for i, _, outcome in _run_indexed(jobs, concurrency, progress, policy, runner):
+    for i, _, outcome in _run_indexed(jobs, concurrency, progress, policy, runner, backend,
+                                      address):
         results[i] = outcome
     return [r for r in results if r is not None]
 

@@ -15,7 +15,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
 
-from cellblock.batch import Job, JobError, Outcome, iter_many
+from cellblock.batch import Backend, Job, JobError, Outcome, iter_many
 from cellblock.commands.run import add_limit_options, policy_from_args
 from cellblock.errors import InvalidSpec
 from cellblock.progress import Progress
@@ -114,7 +114,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 _write(out, job_id, item)
                 progress.add(item.reason, True)
         try:
-            with closing(iter_many(runnable, args.concurrency, progress, policy)) as outcomes:
+            backend: Backend = "ray" if args.ray else "local"
+            with closing(iter_many(runnable, args.concurrency, progress, policy,
+                                   backend=backend, address=args.ray)) as outcomes:
                 for job, outcome in outcomes:
                     _write(out, job.id, outcome)
         except KeyboardInterrupt:
@@ -138,5 +140,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--concurrency", metavar="N", type=int, default=None,
                    help="jobs at once (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on the Ray cluster at ADDRESS (one cellblock actor per node; "
+                        "--concurrency is then per node)")
     add_limit_options(p)
     p.set_defaults(func=cmd_batch)

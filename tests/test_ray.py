@@ -1,0 +1,150 @@
+"""The Ray backend against a real local Ray cluster (a head and a worker node as processes),
+started inside a network namespace the test makes, so that every address Ray uses is the
+namespace's own loopback: the same results as the local backend, a node killed mid-batch loses
+no job and records none twice, and `cellblock batch --ray` writes the same results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import cellblock
+
+pytest.importorskip("ray", reason="make test installs ray (the cellblock[ray] extra)")
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent('''\
+    import json, logging, os, subprocess, sys, threading
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+    from cellblock import Job, run_many, iter_many
+
+    out = {}
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+    logging.getLogger("cellblock.ray").addHandler(Keep())
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    try:
+        jobs = [Job.model_validate(j) for j in json.loads(sys.argv[1])]
+        def summary(rs):
+            return [r.to_dict() for r in rs]
+        local = run_many(jobs, concurrency=2, progress=False)
+        remote = run_many(jobs, backend="ray", address=cluster.address, progress=False)
+        out["local"], out["ray"] = summary(local), summary(remote)
+        out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+
+        slow = [Job(id=f"s{i}", code=f"import time; time.sleep(1.5); print({i})")
+                for i in range(8)]
+        seen = []
+        for job, outcome in iter_many(slow, backend="ray", address=cluster.address,
+                                      concurrency=1, progress=False):
+            seen.append((job.id, outcome.to_dict()))
+            if len(seen) == 1:
+                cluster.remove_node(worker, allow_graceful=False)
+        out["fault"] = seen
+        out["retries"] = records
+        res = subprocess.run([sys.executable, "-m", "cellblock.cli", "batch", sys.argv[2],
+                              "--out", sys.argv[3], "--ray", cluster.address, "--quiet"],
+                             capture_output=True, text=True)
+        out["cli"] = [res.returncode, res.stderr[-2000:]]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(out))
+''')
+
+JOBS = [
+    {"id": "ok", "code": "print(6 * 7)"},
+    {"id": "exit3", "code": "import sys; sys.exit(3)"},
+    {"id": "shell", "language": "shell", "code": "echo $((2 + 2)); echo err >&2"},
+    {"id": "timeout", "argv": ["sleep", "10"], "limits": {"timeout": 0.5}},
+    {"id": "refused", "argv": ["unshare", "-U", "true"]},
+    {"id": "files", "code": "print(open('data.txt').read())", "files": {"data.txt": "hi"}},
+    {"id": "bad", "argv": ["no-such-program-xyz"]},
+]
+
+#: Fields that do not depend on timing or on the machine's load.
+STABLE = ("exit_code", "signal", "reason", "stdout", "stderr", "violations", "enforcement",
+          "error")
+
+
+def stable(r: dict[str, object]) -> dict[str, object]:
+    return {k: r[k] for k in STABLE if k in r}
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("the Ray test needs root and unshare to make its network namespace")
+    tmp = tmp_path_factory.mktemp("ray")
+    jobs_file = tmp / "jobs.jsonl"
+    jobs_file.write_text("".join(json.dumps(j) + "\n" for j in JOBS))
+    env = {**os.environ, "PYTHONPATH": str(Path(cellblock.__file__).parents[1])}
+    res = subprocess.run(
+        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+         sys.executable, "-c", SCRIPT, json.dumps(JOBS), str(jobs_file), str(tmp / "out.jsonl")],
+        capture_output=True, text=True, timeout=600, env=env, check=False)
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert res.returncode == 0 and line is not None, res.stderr[-4000:]
+    data: dict[str, object] = json.loads(line.removeprefix("RESULT "))
+    data["local_cli"] = _local_cli(jobs_file, tmp / "local.jsonl")
+    data["ray_cli"] = (tmp / "out.jsonl").read_text()
+    return data
+
+
+def _local_cli(jobs_file: Path, out: Path) -> str:
+    res = subprocess.run([sys.executable, "-m", "cellblock.cli", "batch", str(jobs_file),
+                          "--out", str(out), "--quiet"], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    return out.read_text()
+
+
+def test_results_are_the_same_as_the_local_backend(cluster_run: dict[str, object]) -> None:
+    local, remote = cluster_run["local"], cluster_run["ray"]
+    assert isinstance(local, list) and isinstance(remote, list)
+    assert cluster_run["nodes"] == 2
+    assert [stable(r) for r in remote] == [stable(r) for r in local]
+    by_id = dict(zip([j["id"] for j in JOBS], remote, strict=True))
+    assert by_id["ok"]["stdout"] == "42\n" and by_id["exit3"]["exit_code"] == 3
+    assert by_id["timeout"]["reason"] == "timeout"
+    assert by_id["refused"]["violations"][0]["syscall"] == "unshare"
+    assert by_id["bad"]["error"]["kind"] == "CommandNotFound"
+
+
+def test_a_node_lost_mid_batch_loses_no_job_and_records_none_twice(
+    cluster_run: dict[str, object],
+) -> None:
+    fault = cluster_run["fault"]
+    assert isinstance(fault, list)
+    ids = [i for i, _ in fault]
+    assert sorted(ids) == sorted(f"s{i}" for i in range(8)), ids
+    for job_id, r in fault:
+        assert r["reason"] == "exited" and r["exit_code"] == 0, (job_id, r)
+        assert r["stdout"] == f"{job_id[1:]}\n"
+    retries = cluster_run["retries"]
+    assert isinstance(retries, list) and retries, "no job was running on the lost node"
+    assert all("running it again elsewhere" in m for m in retries)
+
+
+def test_cli_batch_on_ray_writes_the_same_results_file(cluster_run: dict[str, object]) -> None:
+    code, stderr = cluster_run["cli"]  # type: ignore[misc]
+    assert code == 0, stderr
+    def lines(text: object) -> dict[str, dict[str, object]]:
+        rows = [json.loads(x) for x in str(text).splitlines()]
+        return {str(r["id"]): stable(r) for r in rows}
+    assert lines(cluster_run["ray_cli"]) == lines(cluster_run["local_cli"])
