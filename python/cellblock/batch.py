@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cellblock.errors import InvalidSpec
+from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.policy import Policy
 from cellblock.progress import Progress
 from cellblock.result import RunResult
@@ -389,6 +389,9 @@ class WarmRunner:
             # A session that failed a call is not trusted with the next job.
             sb.close()
             raise
+        if not sb.is_open:
+            # The runner crashed under the job: its result says nothing about the job.
+            raise SessionClosed("the warm session ended during the job")
         wiped = sb.run_python(_WIPE, timeout=10)
         if not wiped.ok:
             sb.close()  # the next job gets a fresh session rather than a dirty one
