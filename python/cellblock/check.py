@@ -176,13 +176,13 @@ class CheckOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: Seconds of the in-program alarm; the sandbox kills at timeout + KILL_GRACE_S.
-    timeout: float = Field(DEFAULT_TIMEOUT, gt=0)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     #: Address-space limit of the sample in bytes (None: only the sandbox's memory limit).
-    memory: int | None = Field(DEFAULT_MEMORY, gt=0)
+    memory: int | None = Field(default=DEFAULT_MEMORY, gt=0)
     #: Fixes PYTHONHASHSEED and seeds `random` (deterministic runs) when set.
-    seed: int | None = Field(None, ge=0, le=4294967295)
+    seed: int | None = Field(default=None, ge=0, le=4294967295)
     #: Tries of an infrastructure error after the first.
-    retries: int = Field(DEFAULT_RETRIES, ge=0)
+    retries: int = Field(default=DEFAULT_RETRIES, ge=0)
 
 
 class Verdict(BaseModel):

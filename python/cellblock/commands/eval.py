@@ -20,9 +20,9 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from cellblock.batch import RUNNER_NAMES
+from cellblock.batch import RUNNER_NAMES, RunnerName
 from cellblock.benchmarks import (
     by_task_id,
     evalplus_program,
@@ -123,7 +123,7 @@ def _judge(args: argparse.Namespace, records: list[dict[str, Any]], programs: li
             print(f"cellblock: retrying record {i + 1}: {v.result}", file=sys.stderr)
 
     policy = policy_from_args(args)
-    runner = "warm" if args.warm else args.runner
+    runner: RunnerName = "warm" if args.warm else cast(RunnerName, args.runner)
     try:
         return judge(records, programs, options, policy=policy, runner=runner,
                      concurrency=args.concurrency, progress=progress, on_retry=on_retry)
