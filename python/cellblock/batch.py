@@ -411,26 +411,44 @@ class WarmRunner:
 
 
 class PoolRunner:
-    """A Runner serving Python jobs from the one-shot pool (`cellblock.run_python`'s): each
-    job runs in a fresh pre-warmed sandbox, destroyed after it; `size` sandboxes are kept
-    ready. Sandboxes are opened with `policy` (as `WarmRunner`). Other jobs run cold."""
+    """A Runner serving Python jobs from one-shot pools (`cellblock.run_python`'s kind): each
+    job runs in a fresh pre-warmed sandbox, destroyed after it. Each worker thread has its own
+    pool of `size` ready sandboxes, so sandboxes are prepared in parallel while jobs run.
+    Sandboxes are opened with `policy` (as `WarmRunner`). Other jobs run cold."""
 
     name = "pool"
 
-    def __init__(self, policy: Policy | None = None, size: int = 2) -> None:
+    def __init__(self, policy: Policy | None = None, size: int = 1) -> None:
+        import threading
+
+        self._policy = policy or Policy()
+        self._size = size
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[Any] = []
+
+    def _pool(self) -> Any:
         from cellblock.pool import Pool
 
-        self._pool = Pool("python", policy or Policy(), size)
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = Pool("python", self._policy, self._size)
+            with self._lock:
+                self._pools.append(pool)
+        return pool
 
     def __call__(self, job: Job, policy: Policy) -> RunResult:
         found = _python_code(job)
         if found is None:
             return run_cold(job, policy)
-        result: RunResult = self._pool.run(_with_argv(*found), **_call_limits(job, policy))
+        result: RunResult = self._pool().run(_with_argv(*found), **_call_limits(job, policy))
         return result
 
     def close(self) -> None:
-        self._pool.shutdown()
+        with self._lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.shutdown()
 
     def __enter__(self) -> Self:
         return self
@@ -455,15 +473,13 @@ RUNNER_NAMES: tuple[RunnerName, ...] = ("cold", "pool", "warm")
 
 
 @contextmanager
-def open_runner(
-    name: RunnerName, policy: Policy | None = None, concurrency: int | None = None
-) -> Iterator[Runner]:
+def open_runner(name: RunnerName, policy: Policy | None = None) -> Iterator[Runner]:
     """The named runner, opened with `policy` (closed on exit): "cold" (`run_cold`), "pool"
-    (`PoolRunner`, `concurrency` sandboxes ready) or "warm" (`WarmRunner`)."""
+    (`PoolRunner`) or "warm" (`WarmRunner`)."""
     if name == "cold":
         yield run_cold
     elif name == "pool":
-        with PoolRunner(policy, size=concurrency or os.cpu_count() or 1) as pool:
+        with PoolRunner(policy) as pool:
             yield pool
     elif name == "warm":
         with WarmRunner(policy) as warm:

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellblock.batch import Job, JobError, Limits, Outcome, Runner, iter_many, run_cold
+from cellblock.errors import SetupError
 from cellblock.policy import Policy
 from cellblock.progress import Progress
 from cellblock.sandbox import run
@@ -273,13 +274,19 @@ def _interpreter(policy_json: str, seed: int | None) -> tuple[str, str]:
     """(version, hash of HASH_PROBE under `seed`) of the sandboxes' python3, asked once."""
     policy = Policy.model_validate_json(policy_json)
     code = f"import sys; print(sys.version.split()[0]); print(hash({HASH_PROBE!r}))"
-    r = run(["python3", "-S", "-c", code], policy=policy.merged(timeout=30))
-    lines = r.stdout.split()
-    if not r.ok or len(lines) != 2:
-        from cellblock.errors import SetupError
-
-        raise SetupError(f"cannot start python3 in the sandbox ({r.reason}): {r.stderr[-300:]}")
-    return lines[0], lines[1] if seed is not None else "-"
+    said = ""
+    for attempt in range(3):  # an overloaded machine gets a second chance, as checks do
+        try:
+            r = run(["python3", "-S", "-c", code], policy=policy.merged(timeout=30))
+        except SetupError as e:
+            said = str(e)
+        else:
+            lines = r.stdout.split()
+            if r.ok and len(lines) == 2:
+                return lines[0], lines[1] if seed is not None else "-"
+            said = f"{r.reason}: {r.stderr[-300:]}"
+        time.sleep(0.5 * (attempt + 1))
+    raise SetupError(f"cannot start python3 in the sandbox ({said})")
 
 
 def _package_version(name: str) -> str | None:

@@ -36,11 +36,11 @@ def runner_name(runner: RunnerArg) -> str:
 
 
 @contextmanager
-def _opened(runner: RunnerArg, policy: Policy, concurrency: int | None) -> Iterator[Runner]:
+def _opened(runner: RunnerArg, policy: Policy) -> Iterator[Runner]:
     if isinstance(runner, str):
         if runner not in RUNNER_NAMES:
             raise InvalidSpec(f"unknown runner {runner!r} (one of {', '.join(RUNNER_NAMES)})")
-        with open_runner(runner, policy, concurrency) as opened:
+        with open_runner(runner, policy) as opened:
             yield opened
     else:
         yield runner
@@ -63,7 +63,7 @@ def judge(
         raise InvalidSpec(f"{len(records)} records but {len(programs)} programs")
     checks = check_policy(options, policy)
     env = environment(options, checks, runner_name(runner))
-    with _opened(runner, checks, concurrency) as opened:
+    with _opened(runner, checks) as opened:
         verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry)
     results = []
     for record, v in zip(records, verdicts):
