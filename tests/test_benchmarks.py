@@ -3,6 +3,7 @@ tests/data: no package ships MBPP's or EvalPlus's data)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -124,6 +125,8 @@ def test_cli_eval_jsonl(cli: Cli, runner: str, shared_dir: Path) -> None:
     assert [(r["task_id"], r["result"]) for r in results] == GENERIC_RESULTS
     assert {r["environment"]["runner"] for r in results} == {runner}
     assert {r["environment"]["seed"] for r in results} == {5}
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert {r["environment"]["dataset"] for r in results} == {f"{src} sha256:{digest}"}
     assert [r["status"] for r in results] == [
         "passed", "failed", "timed out", "failed", "passed", "timed out"]
 

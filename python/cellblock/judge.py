@@ -56,13 +56,15 @@ def judge(
     concurrency: int | None = None,
     progress: bool | Progress = True,
     on_retry: Callable[[int, Verdict], None] | None = None,
+    dataset: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs `programs[i]` as the check of `records[i]`; returns copies of the records with the
-    verdicts (`passed` is None for an infrastructure error) and the run's environment."""
+    verdicts (`passed` is None for an infrastructure error) and the run's environment
+    (`dataset` names where the records came from)."""
     if len(records) != len(programs):
         raise InvalidSpec(f"{len(records)} records but {len(programs)} programs")
     checks = check_policy(options, policy)
-    env = environment(options, checks, runner_name(runner))
+    env = environment(options, checks, runner_name(runner), dataset)
     with _opened(runner, checks) as opened:
         verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry)
     results = []

@@ -26,6 +26,7 @@ from cellblock.batch import RUNNER_NAMES, RunnerName
 from cellblock.benchmarks import (
     by_task_id,
     evalplus_program,
+    file_dataset,
     generic_programs,
     mbpp_program,
     read_jsonl,
@@ -34,7 +35,7 @@ from cellblock.benchmarks import (
 from cellblock.check import DEFAULT_MEMORY, DEFAULT_RETRIES, DEFAULT_TIMEOUT, CheckOptions, Verdict
 from cellblock.commands.run import add_limit_options, policy_from_args
 from cellblock.errors import InvalidSpec
-from cellblock.humaneval import check_program, pass_at_k, read_problems
+from cellblock.humaneval import check_program, dataset_name, pass_at_k, read_problems
 from cellblock.judge import judge
 from cellblock.progress import Progress
 from cellblock.sizes import parse_size
@@ -115,7 +116,7 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], out: str | 
 
 
 def _judge(args: argparse.Namespace, records: list[dict[str, Any]], programs: list[str],
-           options: CheckOptions) -> list[dict[str, Any]]:
+           options: CheckOptions, dataset: str) -> list[dict[str, Any]]:
     progress = Progress(len(records), quiet=args.quiet)
 
     def on_retry(i: int, v: Verdict) -> None:
@@ -126,39 +127,43 @@ def _judge(args: argparse.Namespace, records: list[dict[str, Any]], programs: li
     runner: RunnerName = "warm" if args.warm else cast(RunnerName, args.runner)
     try:
         return judge(records, programs, options, policy=policy, runner=runner,
-                     concurrency=args.concurrency, progress=progress, on_retry=on_retry)
+                     concurrency=args.concurrency, progress=progress, on_retry=on_retry,
+                     dataset=dataset)
     finally:
         progress.close()
 
 
+Problems = dict[str, Mapping[str, Any]]
+
+
 def _problem_benchmark(
-    load: Callable[[argparse.Namespace], dict[str, Mapping[str, Any]]],
+    load: Callable[[argparse.Namespace], tuple[Problems, str]],
     solution: str,
     program_of: Callable[[Mapping[str, Any], str], str],
 ) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         options = _options(args)
         args.timeout = None  # the sandbox's limit is derived from the per-sample timeout
-        problems = load(args)
+        problems, dataset = load(args)
         samples, out = _samples_and_problems(args, problems, solution)
         programs = sample_programs(samples, problems, program_of)
-        return _report(args, _judge(args, samples, programs, options), out)
+        return _report(args, _judge(args, samples, programs, options, dataset), out)
     return command
 
 
-def _humaneval_problems(args: argparse.Namespace) -> dict[str, Mapping[str, Any]]:
-    return dict(read_problems())
+def _humaneval_problems(args: argparse.Namespace) -> tuple[Problems, str]:
+    return dict(read_problems()), dataset_name()
 
 
-def _file_problems(args: argparse.Namespace) -> dict[str, Mapping[str, Any]]:
-    return by_task_id(read_jsonl(args.problems))
+def _file_problems(args: argparse.Namespace) -> tuple[Problems, str]:
+    return by_task_id(read_jsonl(args.problems)), file_dataset(args.problems)
 
 
 def cmd_jsonl(args: argparse.Namespace) -> int:
     options = _options(args)
     args.timeout = None
     records, programs = generic_programs(read_jsonl(args.file))
-    results = _judge(args, records, programs, options)
+    results = _judge(args, records, programs, options, file_dataset(args.file))
     return _report(args, results, args.out or f"{args.file}_results.jsonl")
 
 
