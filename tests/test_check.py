@@ -13,6 +13,7 @@ from cellblock.humaneval import check_program, evaluate, pass_at_k, read_problem
 from cellblock.judge import judge
 from cellblock.policy import Policy
 from cellblock.result import RunResult
+from cellblock.session import Sandbox
 
 PROBLEMS = read_problems()
 CANON = PROBLEMS["HumanEval/0"]["canonical_solution"]
@@ -177,3 +178,25 @@ def test_files_left_by_a_sample_are_not_seen_by_the_next(runner: str) -> None:
     got = evaluate(samples(leave, look, look), PROBLEMS, options=FAST, progress=False,
                    runner=runner, concurrency=1)  # type: ignore[arg-type]
     assert [r["result"] for r in got] == ["passed"] * 3
+
+
+def test_a_runner_that_leaves_files_behind_is_an_infra_error() -> None:
+    # A runner (through the public Sandbox API) whose sandbox still holds a previous check's
+    # working directory: the program refuses to judge there, and that is not the sample's fault.
+    def dirty(job: Job, policy: Policy) -> RunResult:
+        with Sandbox(policy=policy) as sb:
+            sb.make_dirs("/tmp/check/left-over")
+            assert job.argv is not None
+            return sb.run(job.argv, stdin=job.stdin, timeout=policy.timeout)
+
+    got = judged([CANON], FAST.model_copy(update={"retries": 0}), dirty)
+    assert got[0]["status"] == "infra_error" and got[0]["passed"] is None
+    assert got[0]["result"] == (
+        "infra_error: no fresh working directory: [Errno 17] File exists: '/tmp/check'")
+    # The same runner on a clean sandbox judges normally.
+    def clean(job: Job, policy: Policy) -> RunResult:
+        with Sandbox(policy=policy) as sb:
+            assert job.argv is not None
+            return sb.run(job.argv, stdin=job.stdin, timeout=policy.timeout)
+
+    assert judged([CANON], FAST, clean)[0]["result"] == "passed"
