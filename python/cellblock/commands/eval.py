@@ -69,6 +69,8 @@ def _options(args: argparse.Namespace) -> CheckOptions:
         fail(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.retries < 0:
         fail(f"--retries must be at least 0, got {args.retries}")
+    if args.warm and args.runner != "cold":
+        fail(f"--warm contradicts --runner {args.runner}")
     memory = None if args.sample_memory == "none" else parse_size(args.sample_memory,
                                                                    "--sample-memory")
     return CheckOptions(timeout=args.timeout, memory=memory, seed=args.seed,
