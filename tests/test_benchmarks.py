@@ -84,7 +84,7 @@ def test_dataset_errors_are_typed(tmp_path: Path) -> None:
     with pytest.raises(InvalidSpec, match="record 1: 'tests' must be a string"):
         generic_programs(read_jsonl(bad))
     bad.write_text("[1]\n")
-    with pytest.raises(InvalidSpec, match="bad.jsonl:1: expected a JSON object"):
+    with pytest.raises(InvalidSpec, match=r"bad\.jsonl:1: expected a JSON object"):
         read_jsonl(bad)
     with pytest.raises(InvalidSpec, match="MBPP task 9: no tests"):
         mbpp_program({"task_id": 9, "test_list": []}, "x = 1")
@@ -137,7 +137,8 @@ def test_cli_eval_mbpp_and_evalplus_canonical(tmp_path: Path) -> None:
     import sys
 
     cellblock = Path(sys.executable).parent / "cellblock"
-    for benchmark, data in (("mbpp", "mbpp_small.jsonl"), ("evalplus", "humanevalplus_small.jsonl")):
+    for benchmark, data in (("mbpp", "mbpp_small.jsonl"),
+                            ("evalplus", "humanevalplus_small.jsonl")):
         out = tmp_path / f"{benchmark}.jsonl"
         proc = subprocess.run(
             [str(cellblock), "eval", benchmark, str(DATA / data), "--canonical", "--quiet",

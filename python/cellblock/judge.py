@@ -68,7 +68,7 @@ def judge(
     with _opened(runner, checks) as opened:
         verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry)
     results = []
-    for record, v in zip(records, verdicts):
+    for record, v in zip(records, verdicts, strict=True):
         result = dict(record)
         result.update(result=v.result, passed=v.passed, status=v.status, detail=v.detail,
                       environment=env)
