@@ -20,6 +20,7 @@ import cellblock
 pytest.importorskip("ray", reason="make test installs ray (the cellblock[ray] extra)")
 
 REPO = Path(__file__).resolve().parents[1]
+GENERIC = REPO / "tests" / "data" / "generic_small.jsonl"
 
 SCRIPT = textwrap.dedent('''\
     import json, logging, os, subprocess, sys, threading
@@ -61,6 +62,10 @@ SCRIPT = textwrap.dedent('''\
                               "--out", sys.argv[3], "--ray", cluster.address, "--quiet"],
                              capture_output=True, text=True)
         out["cli"] = [res.returncode, res.stderr[-2000:]]
+        res = subprocess.run([sys.executable, "-m", "cellblock.cli", "eval", "jsonl",
+                              sys.argv[4], "--out", sys.argv[5], "--ray", cluster.address,
+                              "--quiet"], capture_output=True, text=True)
+        out["eval"] = [res.returncode, res.stderr[-2000:]]
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -96,13 +101,19 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(Path(cellblock.__file__).parents[1])}
     res = subprocess.run(
         ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-         sys.executable, "-c", SCRIPT, json.dumps(JOBS), str(jobs_file), str(tmp / "out.jsonl")],
+         sys.executable, "-c", SCRIPT, json.dumps(JOBS), str(jobs_file), str(tmp / "out.jsonl"),
+         str(GENERIC), str(tmp / "eval-ray.jsonl")],
         capture_output=True, text=True, timeout=600, env=env, check=False)
     line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert res.returncode == 0 and line is not None, res.stderr[-4000:]
     data: dict[str, object] = json.loads(line.removeprefix("RESULT "))
     data["local_cli"] = _local_cli(jobs_file, tmp / "local.jsonl")
     data["ray_cli"] = (tmp / "out.jsonl").read_text()
+    data["ray_eval"] = (tmp / "eval-ray.jsonl").read_text()
+    local = subprocess.run([sys.executable, "-m", "cellblock.cli", "eval", "jsonl", str(GENERIC),
+                            "--out", str(tmp / "eval-local.jsonl"), "--quiet"],
+                           capture_output=True, text=True, check=False)
+    data["local_eval"] = [local.returncode, (tmp / "eval-local.jsonl").read_text()]
     return data
 
 
@@ -148,3 +159,14 @@ def test_cli_batch_on_ray_writes_the_same_results_file(cluster_run: dict[str, ob
         rows = [json.loads(x) for x in str(text).splitlines()]
         return {str(r["id"]): stable(r) for r in rows}
     assert lines(cluster_run["ray_cli"]) == lines(cluster_run["local_cli"])
+
+
+def test_eval_on_ray_gives_the_local_verdicts(cluster_run: dict[str, object]) -> None:
+    code, stderr = cluster_run["eval"]  # type: ignore[misc]
+    local_code, local_text = cluster_run["local_eval"]  # type: ignore[misc]
+    assert code == local_code, stderr
+    def verdicts(text: str) -> list[tuple[object, object, object]]:
+        rows = [json.loads(x) for x in text.splitlines()]
+        return [(r["task_id"], r["result"], r["status"]) for r in rows]
+    remote = verdicts(str(cluster_run["ray_eval"]))
+    assert remote == verdicts(local_text) and len(remote) >= 5

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cellblock.batch import Job, JobError, Limits, Outcome, Runner, iter_many, run_cold
+from cellblock.batch import Backend, Job, JobError, Limits, Outcome, Runner, iter_many, run_cold
 from cellblock.errors import SetupError
 from cellblock.policy import Policy
 from cellblock.progress import Progress
@@ -327,17 +327,20 @@ def run_checks(
     concurrency: int | None = None,
     progress: bool | Progress = True,
     on_retry: Callable[[int, Verdict], None] | None = None,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> list[Verdict]:
     """Checks every program; verdicts in order. Infrastructure errors are retried up to
     `options.retries` times (after a pause that grows, as an overloaded machine needs), then
-    kept as "infra_error". `policy` must be `check_policy(options, ...)`, the runner's own."""
+    kept as "infra_error". `policy` must be `check_policy(options, ...)`, the runner's own.
+    `backend="ray"` runs the checks on the Ray cluster at `address` (see `iter_many`)."""
     expected_hash = _interpreter(policy.model_dump_json(), options.seed)[1]
     verdicts: list[Verdict | None] = [None] * len(programs)
     todo: Iterable[int] = range(len(programs))
     for attempt in range(options.retries + 1):
         jobs = [check_job(str(i), programs[i], options, expected_hash) for i in todo]
         for job, outcome in iter_many(jobs, concurrency, progress if attempt == 0 else False,
-                                      policy, runner):
+                                      policy, runner, backend, address):
             verdicts[int(job.id)] = verdict(job, outcome)
         todo = [i for i, v in enumerate(verdicts) if v is not None and v.status == "infra_error"]
         if not todo or attempt == options.retries:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from cellblock.batch import RUNNER_NAMES, Runner, RunnerName, open_runner
+from cellblock.batch import RUNNER_NAMES, Backend, Runner, RunnerName, open_runner
 from cellblock.check import CheckOptions, Verdict, check_policy, environment, run_checks
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
@@ -57,6 +57,8 @@ def judge(
     progress: bool | Progress = True,
     on_retry: Callable[[int, Verdict], None] | None = None,
     dataset: str | None = None,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Runs `programs[i]` as the check of `records[i]`; returns copies of the records with the
     verdicts (`passed` is None for an infrastructure error) and the run's environment
@@ -66,7 +68,8 @@ def judge(
     checks = check_policy(options, policy)
     env = environment(options, checks, runner_name(runner), dataset)
     with _opened(runner, checks) as opened:
-        verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry)
+        verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry,
+                              backend, address)
     results = []
     for record, v in zip(records, verdicts, strict=True):
         result = dict(record)

@@ -130,7 +130,8 @@ def _judge(args: argparse.Namespace, records: list[dict[str, Any]], programs: li
     try:
         return judge(records, programs, options, policy=policy, runner=runner,
                      concurrency=args.concurrency, progress=progress, on_retry=on_retry,
-                     dataset=dataset)
+                     dataset=dataset, backend="ray" if args.ray else "local",
+                     address=args.ray)
     finally:
         progress.close()
 
@@ -176,6 +177,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", metavar="N", type=int, default=None,
                    help="samples at once (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="check on the Ray cluster at ADDRESS (runner cold or warm; "
+                        "--concurrency is then per node)")
     p.add_argument("--runner", choices=RUNNER_NAMES, default="cold",
                    help="cold: a fresh sandbox per sample (default); pool: a fresh pre-warmed "
                         "sandbox per sample; warm: per-worker sessions, a fork per sample")
