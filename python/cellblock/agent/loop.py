@@ -465,12 +465,12 @@ class _Run:
             self.sandbox_seconds += outcome.duration_s
             results.append({"type": "tool_result", "tool_use_id": block["id"],
                             "content": outcome.content, "is_error": outcome.is_error})
+            if self.hooks is not None:
+                self.hooks.tool_done()  # before anyone hears of the call: it is never lost
             yield ToolFinished(call=call, content=outcome.content)
             if outcome.fatal:
                 self.error = outcome.content
                 return "error"
-            if self.hooks is not None:
-                self.hooks.tool_done()
         self.pending = None
         self.memory.append({"role": "user", "content": results})
         return None
