@@ -17,8 +17,8 @@ import sys
 
 import anthropic  # noqa: F401  (preloaded for the children)
 import cellblock.cli
-import cellblock.commands.agent  # noqa: F401
-import cellblock.memory.agent  # noqa: F401
+import cellblock.commands.agent
+import cellblock.memory.agent
 
 
 def child(req: dict[str, object]) -> None:

@@ -63,17 +63,19 @@ def postgres_server() -> Iterator[PostgresServer]:
         for p in (root, server.socket_dir):
             os.chown(p, NOBODY, NOBODY)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C", "LC_ALL": "C"}
-    run = {"cwd": root, "env": env, "check": True, "capture_output": True, "timeout": 120}
+
+    def run(argv: list[str]) -> None:
+        subprocess.run(_as_server_user(argv), cwd=root, env=env, check=True,
+                       capture_output=True, timeout=120)
+
     started = False
     try:
-        subprocess.run(_as_server_user([
-            str(bindir / "initdb"), "-D", str(server.data), "-U", "cellblock", "--auth=trust",
-            "-E", "UTF8", "--locale=C", "--no-sync"]), **run)  # type: ignore[call-overload]
+        run([str(bindir / "initdb"), "-D", str(server.data), "-U", "cellblock", "--auth=trust",
+             "-E", "UTF8", "--locale=C", "--no-sync"])
         options = (f"-k {server.socket_dir} -c listen_addresses='' -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40")
-        subprocess.run(_as_server_user([
-            str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(root / "log"), "-w",
-            "-t", "60", "-o", options, "start"]), **run)  # type: ignore[call-overload]
+        run([str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(root / "log"), "-w",
+             "-t", "60", "-o", options, "start"])
         started = True
         yield server
     finally:

@@ -90,7 +90,7 @@ def test_expired_entries_are_invisible_at_once_and_swept(url):
     clock.now += 1 * DAY + 1  # prefs.md is now 90 days and 1 s old
     with pytest.raises(MemoryPathError):
         store.read("alice", "/memories/prefs.md")
-    assert [e.path for e in store.list("alice")] == ["/memories/later.md"]
+    assert [e.path for e in store.entries("alice")] == ["/memories/later.md"]
     assert store.search("alice", "green tea") == []
     assert store.kind("alice", "/memories/prefs.md") is None
     assert "prefs" not in json.dumps(store.export("alice"))
@@ -114,14 +114,14 @@ def test_cap_evicts_the_least_recently_used(url):
     store.read("alice", "/memories/n0.md")  # n0 used: n1 is now the least recently used
     clock.now += 1
     store.write("alice", "/memories/n5.md", "note 5")
-    kept = [e.path for e in store.list("alice")]
+    kept = [e.path for e in store.entries("alice")]
     assert kept == [f"/memories/n{i}.md" for i in (0, 2, 3, 4, 5)]
     # Another user's entries neither count towards alice's cap nor get evicted by it.
     store.write("bob", "/memories/b.md", "bob's")
     for i in range(6, 9):
         clock.now += 1
         store.write("alice", f"/memories/n{i}.md", "x")
-    assert len(store.list("alice")) == 5 and [e.path for e in store.list("bob")] == [
+    assert len(store.entries("alice")) == 5 and [e.path for e in store.entries("bob")] == [
         "/memories/b.md"]
     assert rows(store, "SELECT count(*) FROM memories WHERE user_id = ?", ("alice",)) == [(5,)]
 
@@ -224,12 +224,12 @@ def test_memory_tool_commands(url):
     assert shown.splitlines()[1:] == ["     2\tbetween", "     3\tB"]
     assert "/memories/proj/todo.md" in tool.call({"command": "view", "path": "/memories/proj"})
     tool.call({"command": "rename", "old_path": "/memories/proj", "new_path": "/memories/done"})
-    assert [e.path for e in store.list("alice")] == ["/memories/done/todo.md"]
+    assert [e.path for e in store.entries("alice")] == ["/memories/done/todo.md"]
     with pytest.raises(ToolError, match="inside itself"):
         tool.call({"command": "rename", "old_path": "/memories/done",
                    "new_path": "/memories/done/sub"})
     tool.call({"command": "delete", "path": "/memories/done"})
-    assert store.list("alice") == []
+    assert store.entries("alice") == []
     with pytest.raises(ToolError, match="at most 10"):
         store2 = open_store(url, max_entry_chars=10)
         StoreMemoryTool(store2, "alice").call(
@@ -337,7 +337,7 @@ def test_checkpoints_are_pruned_with_their_blobs(url):
     for i in range(8):
         files = {"shared.bin": shared, "dir": None, f"step{i}.txt": f"step {i}".encode()}
         cps.save(lease, {"i": i}, files, config=config)
-    kept = cps.list(lease.session_id)
+    kept = cps.kept(lease.session_id)
     assert [c.state["i"] for c in kept] == [5, 6, 7] and [c.seq for c in kept] == [6, 7, 8]
     # Blobs: the shared file once, plus one per kept step file; nothing unreferenced.
     assert cps.storage() == {"checkpoints": 3, "files": 9, "blobs": 4,

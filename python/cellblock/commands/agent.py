@@ -165,7 +165,7 @@ def open_store(args: argparse.Namespace) -> MemoryStore | None:
     return store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demos = "\n".join(f"  {d.task}" for d in DEMO_TASKS)
     p = sub.add_parser(
         "agent", help="let a model complete a task with tools in a sandbox",

@@ -19,7 +19,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     with MemoryStore(args.db) as store:
         user = args.user
         if args.action == "ls":
-            for e in store.list(user, args.path):
+            for e in store.entries(user, args.path):
                 print(f"{e.size:>8}  {_when(e.updated_at)}  expires {_when(e.expires_at)}  "
                       f"{e.path}")
             for e in store.list_knowledge():
@@ -46,7 +46,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "memory", help="inspect and edit the agent's memory",
         description="The agent's memory of one user: files under /memories (medium-term), "

@@ -19,8 +19,14 @@ from cellblock.memory.checkpoint import (
 )
 from cellblock.memory.config import CheckpointConfig
 from cellblock.memory.store import default_user
-from cellblock.memory.tool import MEMORY_BETA, MEMORY_TOOL, SEARCH_SCHEMA, SEARCH_TOOL
-from cellblock.memory.tool import StoreMemoryTool, search
+from cellblock.memory.tool import (
+    MEMORY_BETA,
+    MEMORY_TOOL,
+    SEARCH_SCHEMA,
+    SEARCH_TOOL,
+    StoreMemoryTool,
+    search,
+)
 
 if TYPE_CHECKING:
     from cellblock.agent.loop import Agent, AgentResult, _Run

@@ -195,7 +195,7 @@ class Checkpoints:
             return self.latest(session_id=ref)
         return self.get(ref)
 
-    def list(self, session_id: str) -> list[Checkpoint]:
+    def kept(self, session_id: str) -> list[Checkpoint]:
         """The kept checkpoints of a session, oldest first."""
         with self.db.transaction() as tx:
             ids = tx.rows("SELECT id FROM checkpoints WHERE session_id = ? ORDER BY seq",

@@ -45,12 +45,12 @@ CREATE TABLE IF NOT EXISTS blobs (hash TEXT PRIMARY KEY, size BIGINT NOT NULL, d
 
 _SQLITE_FTS = [
     # External-content FTS5 tables: the text lives once, in the main table.
-    "CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5("
-    "content, content='memories', content_rowid='id')",
-    "CREATE VIRTUAL TABLE IF NOT EXISTS turns_fts USING fts5("
-    "body, content='turns', content_rowid='id')",
-    "CREATE VIRTUAL TABLE IF NOT EXISTS knowledge_fts USING fts5("
-    "content, content='knowledge', content_rowid='id')",
+    ("CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5("
+     "content, content='memories', content_rowid='id')"),
+    ("CREATE VIRTUAL TABLE IF NOT EXISTS turns_fts USING fts5("
+     "body, content='turns', content_rowid='id')"),
+    ("CREATE VIRTUAL TABLE IF NOT EXISTS knowledge_fts USING fts5("
+     "content, content='knowledge', content_rowid='id')"),
 ]
 
 _SQLITE_TRIGGERS = [
@@ -60,11 +60,11 @@ _SQLITE_TRIGGERS = [
 ]
 
 _PG_FTS = [
-    "CREATE INDEX IF NOT EXISTS memories_fts ON memories "
-    "USING gin (to_tsvector('simple', content))",
+    ("CREATE INDEX IF NOT EXISTS memories_fts ON memories "
+     "USING gin (to_tsvector('simple', content))"),
     "CREATE INDEX IF NOT EXISTS turns_fts ON turns USING gin (to_tsvector('simple', body))",
-    "CREATE INDEX IF NOT EXISTS knowledge_fts ON knowledge "
-    "USING gin (to_tsvector('simple', content))",
+    ("CREATE INDEX IF NOT EXISTS knowledge_fts ON knowledge "
+     "USING gin (to_tsvector('simple', content))"),
 ]
 
 
@@ -72,13 +72,13 @@ def _sqlite_triggers() -> list[str]:
     out = []
     for table, fts, col in _SQLITE_TRIGGERS:
         out += [
-            f"CREATE TRIGGER IF NOT EXISTS {table}_ai AFTER INSERT ON {table} BEGIN "
-            f"INSERT INTO {fts}(rowid, {col}) VALUES (new.id, new.{col}); END",
-            f"CREATE TRIGGER IF NOT EXISTS {table}_ad AFTER DELETE ON {table} BEGIN "
-            f"INSERT INTO {fts}({fts}, rowid, {col}) VALUES ('delete', old.id, old.{col}); END",
-            f"CREATE TRIGGER IF NOT EXISTS {table}_au AFTER UPDATE OF {col} ON {table} BEGIN "
-            f"INSERT INTO {fts}({fts}, rowid, {col}) VALUES ('delete', old.id, old.{col}); "
-            f"INSERT INTO {fts}(rowid, {col}) VALUES (new.id, new.{col}); END",
+            (f"CREATE TRIGGER IF NOT EXISTS {table}_ai AFTER INSERT ON {table} BEGIN "
+             f"INSERT INTO {fts}(rowid, {col}) VALUES (new.id, new.{col}); END"),
+            (f"CREATE TRIGGER IF NOT EXISTS {table}_ad AFTER DELETE ON {table} BEGIN "
+             f"INSERT INTO {fts}({fts}, rowid, {col}) VALUES ('delete', old.id, old.{col}); END"),
+            (f"CREATE TRIGGER IF NOT EXISTS {table}_au AFTER UPDATE OF {col} ON {table} BEGIN "
+             f"INSERT INTO {fts}({fts}, rowid, {col}) VALUES ('delete', old.id, old.{col}); "
+             f"INSERT INTO {fts}(rowid, {col}) VALUES (new.id, new.{col}); END"),
         ]
     return out
 

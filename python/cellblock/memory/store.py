@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 DAY = 86_400.0
 MAX_USER_CHARS = 200
+
+Tier = Literal["memory", "archive", "knowledge"]
+#: One search statement: its tier, SQL and parameters.
+_Query = tuple[Tier, str, tuple[Any, ...]]
 
 
 class Entry(BaseModel):
@@ -64,7 +68,7 @@ class Hit(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    tier: Literal["memory", "archive", "knowledge"]
+    tier: Tier
     ref: str
     snippet: str
 
@@ -126,7 +130,7 @@ class MemoryStore:
         """Closes the database connection."""
         self.db.close()
 
-    def __enter__(self) -> MemoryStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -232,7 +236,7 @@ class MemoryStore:
                 (new, len(old) + 1, now, now, now + self.ttl_seconds, user, old,
                  len(prefix), prefix))
 
-    def list(self, user_id: str, directory: str = paths.ROOT) -> list[EntryInfo]:
+    def entries(self, user_id: str, directory: str = paths.ROOT) -> list[EntryInfo]:
         """The user's live memory files under `directory`, sorted by path."""
         user, directory, now = check_user(user_id), paths.normalize(directory), self.clock()
         prefix = paths.child_prefix(directory)
@@ -302,7 +306,7 @@ class MemoryStore:
     def refresh_knowledge(self, namespace: str, documents: Mapping[str, str]) -> int:
         """Writes `documents` (relative path -> text) as the next version of `namespace` and
         makes it current in the same transaction; older versions are deleted. The version."""
-        KnowledgeSource(namespace=namespace, directory=".")  # validates the name
+        KnowledgeSource(namespace=namespace, directory=Path("."))  # validates the name
         docs = {self._knowledge_path(namespace, p): text for p, text in documents.items()}
         now = self.clock()
         with self.db.transaction() as tx:
@@ -386,42 +390,40 @@ class MemoryStore:
                 hits += [Hit(tier=tier, ref=r[0], snippet=r[1]) for r in tx.rows(sql, params)]
         return hits
 
-    def _sqlite_search(self, q: str, user: str, now: float, limit: int
-                       ) -> list[tuple[Literal["memory", "archive", "knowledge"], str, tuple[Any, ...]]]:
+    def _sqlite_search(self, q: str, user: str, now: float, limit: int) -> list[_Query]:
         snip = "snippet({t}, 0, '[', ']', '...', 16)"
-        return [
-            ("memory", f"SELECT m.path, {snip.format(t='memories_fts')} FROM memories_fts "
-             "JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? "
-             "AND m.user_id = ? AND m.expires_at > ? ORDER BY bm25(memories_fts) LIMIT ?",
-             (q, user, now, limit)),
-            ("archive", f"SELECT t.session_id || '#' || t.turn, {snip.format(t='turns_fts')} "
-             "FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts MATCH ? "
-             "AND t.user_id = ? AND t.expires_at > ? ORDER BY bm25(turns_fts) LIMIT ?",
-             (q, user, now, limit)),
-            ("knowledge", f"SELECT k.path, {snip.format(t='knowledge_fts')} FROM knowledge_fts "
-             "JOIN knowledge k ON k.id = knowledge_fts.rowid JOIN knowledge_versions v ON "
-             "v.namespace = k.namespace AND v.version = k.version WHERE knowledge_fts MATCH ? "
-             "ORDER BY bm25(knowledge_fts) LIMIT ?", (q, limit)),
-        ]
+        memory = (f"SELECT m.path, {snip.format(t='memories_fts')} FROM memories_fts "
+                  "JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? "
+                  "AND m.user_id = ? AND m.expires_at > ? ORDER BY bm25(memories_fts) LIMIT ?")
+        archive = (f"SELECT t.session_id || '#' || t.turn, {snip.format(t='turns_fts')} "
+                   "FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts "
+                   "MATCH ? AND t.user_id = ? AND t.expires_at > ? ORDER BY bm25(turns_fts) "
+                   "LIMIT ?")
+        knowledge = (f"SELECT k.path, {snip.format(t='knowledge_fts')} FROM knowledge_fts "
+                     "JOIN knowledge k ON k.id = knowledge_fts.rowid JOIN knowledge_versions v "
+                     "ON v.namespace = k.namespace AND v.version = k.version WHERE "
+                     "knowledge_fts MATCH ? ORDER BY bm25(knowledge_fts) LIMIT ?")
+        return [("memory", memory, (q, user, now, limit)),
+                ("archive", archive, (q, user, now, limit)),
+                ("knowledge", knowledge, (q, limit))]
 
-    def _pg_search(self, query: str, user: str, now: float, limit: int
-                   ) -> list[tuple[Literal["memory", "archive", "knowledge"], str, tuple[Any, ...]]]:
-        head = "ts_headline('simple', {c}, q, 'StartSel=[,StopSel=],MaxWords=24,MinWords=8')"
-        rank = "ts_rank(to_tsvector('simple', {c}), q)"
-        match = "to_tsvector('simple', {c}) @@ q"
+    def _pg_search(self, query: str, user: str, now: float, limit: int) -> list[_Query]:
+        def select(ref: str, column: str, source: str, where: str) -> str:
+            return (f"SELECT {ref}, ts_headline('simple', {column}, q, "
+                    "'StartSel=[,StopSel=],MaxWords=24,MinWords=8') "
+                    f"FROM {source}, plainto_tsquery('simple', ?) q "
+                    f"WHERE to_tsvector('simple', {column}) @@ q {where} "
+                    f"ORDER BY ts_rank(to_tsvector('simple', {column}), q) DESC LIMIT ?")
+
+        scoped = "AND user_id = ? AND expires_at > ?"
+        current = ("knowledge k JOIN knowledge_versions v ON v.namespace = k.namespace "
+                   "AND v.version = k.version")
         return [
-            ("memory", f"SELECT path, {head.format(c='content')} FROM memories, "
-             f"plainto_tsquery('simple', ?) q WHERE {match.format(c='content')} AND user_id = ? "
-             f"AND expires_at > ? ORDER BY {rank.format(c='content')} DESC LIMIT ?",
+            ("memory", select("path", "content", "memories", scoped),
              (query, user, now, limit)),
-            ("archive", f"SELECT session_id || '#' || turn, {head.format(c='body')} FROM turns, "
-             f"plainto_tsquery('simple', ?) q WHERE {match.format(c='body')} AND user_id = ? "
-             f"AND expires_at > ? ORDER BY {rank.format(c='body')} DESC LIMIT ?",
+            ("archive", select("session_id || '#' || turn", "body", "turns", scoped),
              (query, user, now, limit)),
-            ("knowledge", f"SELECT k.path, {head.format(c='k.content')} FROM knowledge k "
-             "JOIN knowledge_versions v ON v.namespace = k.namespace AND v.version = k.version,"
-             f" plainto_tsquery('simple', ?) q WHERE {match.format(c='k.content')} "
-             f"ORDER BY {rank.format(c='k.content')} DESC LIMIT ?", (query, limit)),
+            ("knowledge", select("k.path", "k.content", current, ""), (query, limit)),
         ]
 
     # ---- helpers ---------------------------------------------------------------------------

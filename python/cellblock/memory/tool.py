@@ -86,7 +86,7 @@ class StoreMemoryTool(BetaAbstractMemoryTool):
                               command.view_range)
         if kind is None:
             raise ToolError(f"The path {path} does not exist.")
-        listed = [(e.path, e.size) for e in self.store.list(self.user_id, path)]
+        listed = [(e.path, e.size) for e in self.store.entries(self.user_id, path)]
         if path == paths.ROOT:
             listed += [(e.path, e.size) for e in self.store.list_knowledge()]
         return self._listing(path, listed)

@@ -1,0 +1,141 @@
+"""Checkpoint cost for a 50 MB workspace with 1 % of its files changed between checkpoints
+(issue 19), against a full copy of the workspace.
+
+The workspace is 500 files of 100 kB (random, incompressible) in a real `cellblock.Sandbox`.
+Each round rewrites 5 files (1 %), then measures, in rotating order:
+- cellblock: `snapshot_workspace` (every file read through the public files API and hashed)
+  + `Checkpoints.save` into SQLite (only blobs the store lacks are written; 10 kept);
+- full copy: `Sandbox.download` of the workspace to a new host directory;
+- full snapshot row: every file inserted again into SQLite without content addressing (what a
+  saver that stores a whole snapshot per step does).
+Size is what each checkpoint adds on disk; the last line shows the storage held after all
+rounds with 10 checkpoints kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benches"))
+
+import cellblock
+from _env import environment
+from cellblock.memory import CheckpointConfig, MemoryStore
+from cellblock.memory.checkpoint import snapshot_workspace
+
+FILES = 500
+FILE_BYTES = 100_000
+CHANGED = FILES // 100
+ROUNDS = 12
+KEEP = 10
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="cellblock-ckpt-bench-"))
+    names = [f"data/d{i % 10}/f{i:03d}.bin" for i in range(FILES)]
+    with cellblock.Sandbox(disk="256M") as sb:
+        for name in names:
+            sb.write_file(name, os.urandom(FILE_BYTES))
+        db = tmp / "store.db"
+        store = MemoryStore(f"sqlite://{db}")
+        config = CheckpointConfig(max_checkpoints=KEEP)
+        lease = store.checkpoints.start("bench", "bench")
+        t = time.perf_counter()
+        store.checkpoints.save(lease, {"round": 0}, snapshot_workspace(sb), config=config)
+        first_s, first_b = time.perf_counter() - t, disk_bytes(db)
+
+        full = sqlite3.connect(tmp / "full.db", isolation_level=None)
+        full.execute("PRAGMA journal_mode=WAL")
+        full.execute("CREATE TABLE snap (round INTEGER, path TEXT, data BLOB)")
+
+        def cellblock_ckpt(r: int) -> int:
+            before = disk_bytes(db)
+            store.checkpoints.save(lease, {"round": r}, snapshot_workspace(sb), config=config)
+            return disk_bytes(db) - before
+
+        def full_copy(r: int) -> int:
+            dst = tmp / f"copy{r}"
+            sb.download("/workspace", dst)
+            return tree_bytes(dst)
+
+        def full_row(r: int) -> int:
+            before = disk_bytes(tmp / "full.db")
+            files = snapshot_workspace(sb)
+            full.execute("BEGIN")
+            full.executemany("INSERT INTO snap VALUES (?, ?, ?)",
+                             [(r, p, d) for p, d in files.items() if d is not None])
+            full.execute("COMMIT")
+            return disk_bytes(tmp / "full.db") - before
+
+        def read_only(r: int) -> int:
+            files = snapshot_workspace(sb)
+            for d in files.values():
+                if d is not None:
+                    hashlib.sha256(d).digest()
+            return 0
+
+        cases = {"cellblock checkpoint (content-addressed)": cellblock_ckpt,
+                 "full copy (Sandbox.download)": full_copy,
+                 "full snapshot row in SQLite": full_row,
+                 "  of which: reading + hashing the workspace": read_only}
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        sizes: dict[str, list[int]] = {k: [] for k in cases}
+        order = list(cases)
+        for r in range(1, ROUNDS + 1):
+            for i in range(CHANGED):
+                sb.write_file(names[(r * 37 + i * 101) % FILES], os.urandom(FILE_BYTES))
+            order = order[1:] + order[:1]
+            for name in order:
+                t = time.perf_counter()
+                sizes[name].append(cases[name](r))
+                times[name].append(time.perf_counter() - t)
+        held = store.checkpoints.storage()
+        store_disk = disk_bytes(db)
+        copies_disk = sum(tree_bytes(tmp / f"copy{r}") for r in range(1, ROUNDS + 1))
+        store.close()
+        full.close()
+    shutil.rmtree(tmp)
+
+    mb = 1e6
+    print(f"## Checkpoints: {FILES} files x {FILE_BYTES // 1000} kB = "
+          f"{FILES * FILE_BYTES / mb:.0f} MB workspace, {CHANGED} files (1 %) changed per "
+          f"checkpoint, median of {ROUNDS} interleaved rounds")
+    print()
+    print("| method | time per checkpoint | added on disk per checkpoint |")
+    print("| --- | ---: | ---: |")
+    for name in cases:
+        size = statistics.median(sizes[name])
+        shown = f"{size / mb:.2f} MB" if name.strip() == name else "-"
+        print(f"| {name} | {statistics.median(times[name]) * 1000:.0f} ms | {shown} |")
+    print()
+    print(f"First checkpoint (every blob new): {first_s * 1000:.0f} ms, {first_b / mb:.1f} MB. "
+          f"After {ROUNDS + 1} checkpoints with {KEEP} kept: store {store_disk / mb:.1f} MB on "
+          f"disk ({held['blobs']} blobs, {held['blob_bytes'] / mb:.1f} MB live); "
+          f"{ROUNDS} full copies: {copies_disk / mb:.0f} MB.")
+    print()
+    print("| environment | |")
+    print("| --- | --- |")
+    for key, value in environment().items():
+        print(f"| {key} | {value} |")
+    print(f"| load average (1 min) at start | {os.getloadavg()[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
