@@ -8,8 +8,9 @@ Each round rewrites 5 files (1 %), then measures, in rotating order:
 - full copy: `Sandbox.download` of the workspace to a new host directory;
 - full snapshot row: every file inserted again into SQLite without content addressing (what a
   saver that stores a whole snapshot per step does).
-Size is what each checkpoint adds on disk; the last line shows the storage held after all
-rounds with 10 checkpoints kept.
+Data written is the new content stored (new blobs, or every file again); file growth is the
+change in size of the database (+ WAL) or copy directory, which for cellblock stays near zero
+as pages freed by pruning are reused. The last line shows the storage held after all rounds.
 """
 
 from __future__ import annotations
@@ -65,47 +66,56 @@ def main() -> None:
         full.execute("PRAGMA journal_mode=WAL")
         full.execute("CREATE TABLE snap (round INTEGER, path TEXT, data BLOB)")
 
-        def cellblock_ckpt(r: int) -> int:
-            before = disk_bytes(db)
+        def blob_sizes() -> dict[str, int]:
+            with store.db.transaction() as tx:
+                return {h: n for h, n in tx.rows("SELECT hash, size FROM blobs")}
+
+        def cellblock_ckpt(r: int) -> tuple[float, int, int]:
+            known, before = blob_sizes(), disk_bytes(db)
+            t = time.perf_counter()
             store.checkpoints.save(lease, {"round": r}, snapshot_workspace(sb), config=config)
-            return disk_bytes(db) - before
+            elapsed = time.perf_counter() - t
+            written = sum(n for h, n in blob_sizes().items() if h not in known)
+            return elapsed, written, disk_bytes(db) - before
 
-        def full_copy(r: int) -> int:
+        def full_copy(r: int) -> tuple[float, int, int]:
             dst = tmp / f"copy{r}"
+            t = time.perf_counter()
             sb.download("/workspace", dst)
-            return tree_bytes(dst)
+            elapsed = time.perf_counter() - t
+            return elapsed, tree_bytes(dst), tree_bytes(dst)
 
-        def full_row(r: int) -> int:
+        def full_row(r: int) -> tuple[float, int, int]:
             before = disk_bytes(tmp / "full.db")
+            t = time.perf_counter()
             files = snapshot_workspace(sb)
             full.execute("BEGIN")
             full.executemany("INSERT INTO snap VALUES (?, ?, ?)",
                              [(r, p, d) for p, d in files.items() if d is not None])
             full.execute("COMMIT")
-            return disk_bytes(tmp / "full.db") - before
+            elapsed = time.perf_counter() - t
+            written = sum(len(d) for d in files.values() if d is not None)
+            return elapsed, written, disk_bytes(tmp / "full.db") - before
 
-        def read_only(r: int) -> int:
-            files = snapshot_workspace(sb)
-            for d in files.values():
+        def read_only(r: int) -> tuple[float, int, int]:
+            t = time.perf_counter()
+            for d in snapshot_workspace(sb).values():
                 if d is not None:
                     hashlib.sha256(d).digest()
-            return 0
+            return time.perf_counter() - t, 0, 0
 
         cases = {"cellblock checkpoint (content-addressed)": cellblock_ckpt,
                  "full copy (Sandbox.download)": full_copy,
                  "full snapshot row in SQLite": full_row,
                  "  of which: reading + hashing the workspace": read_only}
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        sizes: dict[str, list[int]] = {k: [] for k in cases}
+        samples: dict[str, list[tuple[float, int, int]]] = {k: [] for k in cases}
         order = list(cases)
         for r in range(1, ROUNDS + 1):
             for i in range(CHANGED):
                 sb.write_file(names[(r * 37 + i * 101) % FILES], os.urandom(FILE_BYTES))
             order = order[1:] + order[:1]
             for name in order:
-                t = time.perf_counter()
-                sizes[name].append(cases[name](r))
-                times[name].append(time.perf_counter() - t)
+                samples[name].append(cases[name](r))
         held = store.checkpoints.storage()
         store_disk = disk_bytes(db)
         copies_disk = sum(tree_bytes(tmp / f"copy{r}") for r in range(1, ROUNDS + 1))
@@ -118,12 +128,14 @@ def main() -> None:
           f"{FILES * FILE_BYTES / mb:.0f} MB workspace, {CHANGED} files (1 %) changed per "
           f"checkpoint, median of {ROUNDS} interleaved rounds")
     print()
-    print("| method | time per checkpoint | added on disk per checkpoint |")
-    print("| --- | ---: | ---: |")
+    print("| method | time per checkpoint | data written per checkpoint | file growth per "
+          "checkpoint |")
+    print("| --- | ---: | ---: | ---: |")
     for name in cases:
-        size = statistics.median(sizes[name])
-        shown = f"{size / mb:.2f} MB" if name.strip() == name else "-"
-        print(f"| {name} | {statistics.median(times[name]) * 1000:.0f} ms | {shown} |")
+        t, written, growth = (statistics.median(x[i] for x in samples[name]) for i in range(3))
+        sizes = (f"{written / mb:.2f} MB | {growth / mb:.2f} MB" if name.strip() == name
+                 else "- | -")
+        print(f"| {name} | {t * 1000:.0f} ms | {sizes} |")
     print()
     print(f"First checkpoint (every blob new): {first_s * 1000:.0f} ms, {first_b / mb:.1f} MB. "
           f"After {ROUNDS + 1} checkpoints with {KEEP} kept: store {store_disk / mb:.1f} MB on "

@@ -405,6 +405,29 @@ def test_workspace_snapshot_and_restore_through_the_sandbox_api():
         assert snapshot_workspace(b) == snap
 
 
+def test_checkpoint_reasons_interval_and_user_scoped_resume(tmp_path):
+    from cellblock.agent import Agent
+    from cellblock.memory import CheckpointNotFound
+
+    db = tmp_path / "private" / "m.db"
+    store = open_store(f"sqlite://{db}")
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    agent = Agent(model="offline", memory=store, user_id="alice",
+                  checkpoints=CheckpointConfig(interval_seconds=1e-6, max_checkpoints=100))
+    result = agent.run("print the first 25 prime numbers")
+    reasons = [c.reason for c in store.checkpoints.kept(result.session_id)]
+    assert reasons[0] == "start" and reasons[-1] == "finished"
+    assert "interval" in reasons and reasons.count("tool_call") == len(result.tool_calls)
+    # bob cannot resume (or even find) alice's session.
+    bob = Agent(model="offline", memory=store, user_id="bob")
+    for ref in ("latest", result.session_id, store.checkpoints.latest(result.session_id).id):
+        with pytest.raises(CheckpointNotFound):
+            bob.resume(ref)
+    assert Agent(model="offline", memory=store, user_id="alice").resume(
+        result.session_id).final_text == result.final_text
+
+
 def test_bad_urls_and_users_are_typed_errors(tmp_path):
     with pytest.raises(MemoryStoreError, match="unsupported"):
         MemoryStore("mysql://x")

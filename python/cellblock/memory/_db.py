@@ -80,8 +80,6 @@ class Database:
         elif url.startswith("sqlite://") or "://" not in url:
             self.dialect = "sqlite"
             self.path = url.removeprefix("sqlite://")
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._conn = _connect_sqlite(self.path)
         else:
             raise MemoryStoreError(f"unsupported store URL {url!r}: use sqlite:///PATH or "
@@ -139,6 +137,11 @@ class Database:
 
 def _connect_sqlite(path: str) -> sqlite3.Connection:
     try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Memory is private: the file (and the -wal/-shm files SQLite derives from its
+            # mode) readable by its owner only.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
         # auto_vacuum must be chosen before the first table exists; a no-op afterwards.
@@ -147,7 +150,7 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    except sqlite3.Error as e:
+    except (sqlite3.Error, OSError) as e:
         raise MemoryStoreError(f"cannot open {path}: {e}") from e
     # Explicit transactions only (BEGIN IMMEDIATE in Database.transaction).
     conn.isolation_level = None

@@ -97,6 +97,7 @@ class Persistence:
 
         self.sandbox = sandbox  # type: ignore[assignment]
         self.store.refresh_due()
+        self.store.sweep()
         checkpoints = self.store.checkpoints
         found = self.resume_from
         if found is None:

@@ -188,12 +188,18 @@ class Checkpoints:
         return self.get(rows[0][0])
 
     def resolve(self, ref: str, user_id: str | None = None) -> Checkpoint:
-        """`latest`, a session id (its newest checkpoint) or a checkpoint id."""
+        """`latest`, a session id (its newest checkpoint) or a checkpoint id; with `user_id`,
+        only that user's sessions are found."""
         if ref == "latest":
             return self.latest(user_id=user_id)
-        if ref.startswith("sess_"):
-            return self.latest(session_id=ref)
-        return self.get(ref)
+        found = self.latest(session_id=ref) if ref.startswith("sess_") else self.get(ref)
+        if user_id is not None:
+            with self.db.transaction() as tx:
+                owner = tx.rows("SELECT user_id FROM agent_sessions WHERE id = ?",
+                                (found.session_id,))
+            if not owner or owner[0][0] != user_id:
+                raise CheckpointNotFound(f"no checkpoint {ref!r} of user {user_id!r}")
+        return found
 
     def kept(self, session_id: str) -> list[Checkpoint]:
         """The kept checkpoints of a session, oldest first."""
