@@ -166,9 +166,8 @@ TRAVERSALS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_memory_tool_refuses_every_traversal_attempt(backend, tmp_path):
-    store = open_store(f"sqlite://{tmp_path / 'm.db'}")
+def test_memory_tool_refuses_every_traversal_attempt(url):
+    store = open_store(url)
     tool = StoreMemoryTool(store, "alice")
     tool.call({"command": "create", "path": "/memories/ok.md", "file_text": "fine"})
     before = rows(store, "SELECT user_id, path, content FROM memories")
@@ -266,6 +265,14 @@ def test_knowledge_refresh_is_a_new_version_switched_atomically(url, tmp_path):
     assert [h.ref for h in store.search("anyone", "refunds days")] == [
         "/memories/knowledge/support/policies/refunds.md"]
     assert store.search("anyone", "thirty") == []
+    # The model sees it read-only under /memories/knowledge.
+    tool = StoreMemoryTool(store, "anyone")
+    listing = tool.call({"command": "view", "path": "/memories/knowledge"})
+    assert listing.splitlines()[1:] == ["26\t/memories/knowledge/support/policies/refunds.md"]
+    assert "sixty" in tool.call({"command": "view",
+                                 "path": "/memories/knowledge/support/policies/refunds.md"})
+    with pytest.raises(ToolError, match="read-only"):
+        tool.call({"command": "delete", "path": "/memories/knowledge/support"})
 
 
 def test_knowledge_switch_is_atomic_for_a_concurrent_reader(url):

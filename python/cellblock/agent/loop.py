@@ -466,7 +466,7 @@ class _Run:
             results.append({"type": "tool_result", "tool_use_id": block["id"],
                             "content": outcome.content, "is_error": outcome.is_error})
             if self.hooks is not None:
-                self.hooks.tool_done()  # before anyone hears of the call: it is never lost
+                self.hooks.tool_done(block["name"])  # before the event: never lost
             yield ToolFinished(call=call, content=outcome.content)
             if outcome.fatal:
                 self.error = outcome.content

@@ -28,6 +28,12 @@ from cellblock.memory.tool import (
     search,
 )
 
+#: Tools that never change the workspace: no need to read it again after them.
+READ_ONLY_TOOLS = frozenset({"read_file", MEMORY_TOOL, SEARCH_TOOL})
+
+#: Seconds between two checks of whether a knowledge source is due for a refresh.
+REFRESH_CHECK_S = 60.0
+
 if TYPE_CHECKING:
     from cellblock.agent.loop import Agent, AgentResult, _Run
     from cellblock.agent.tools import SandboxLike
@@ -82,7 +88,9 @@ class Persistence:
         self.resume_from = resume
         self.lease: Lease | None = None
         self.sandbox: WorkspaceLike | None = None
-        self.last_save = time.monotonic()
+        self.last_save = self.last_refresh_check = time.monotonic()
+        #: The workspace as last read (reused after tools that only read).
+        self.files: dict[str, bytes | None] | None = None
         #: The stored result when the resumed session had already finished.
         self.finished: AgentResult | None = None
 
@@ -119,13 +127,19 @@ class Persistence:
         return self.sandbox
 
     def tick(self) -> None:
-        """Before a model request: a checkpoint if `interval_seconds` passed since the last."""
-        if time.monotonic() - self.last_save >= self.config.interval_seconds:
+        """Before a model request: a checkpoint if `interval_seconds` passed since the last;
+        knowledge sources refreshed when due (checked at most once a minute)."""
+        now = time.monotonic()
+        if now - self.last_refresh_check >= REFRESH_CHECK_S:
+            self.last_refresh_check = now
+            self.store.refresh_due()
+        if now - self.last_save >= self.config.interval_seconds:
             self._save("interval")
 
-    def tool_done(self) -> None:
-        """After each completed tool call."""
-        self._save("tool_call")
+    def tool_done(self, name: str) -> None:
+        """After each completed tool call (a tool that cannot change the workspace reuses the
+        last snapshot of it instead of reading it again)."""
+        self._save("tool_call", rescan=name not in READ_ONLY_TOOLS)
 
     def finish(self, result: AgentResult) -> None:
         """The last checkpoint: resuming a finished session returns its result."""
@@ -142,9 +156,10 @@ class Persistence:
         return {"extra_headers": {"anthropic-beta": MEMORY_BETA}}
 
     def _save(self, reason: str, state: dict[str, Any] | None = None,
-              status: str = "running") -> None:
+              status: str = "running", rescan: bool = True) -> None:
         assert self.lease is not None
-        files = snapshot_workspace(self.workspace, self.config.max_file_bytes)
-        self.store.checkpoints.save(self.lease, state or self.run.state(), files,
+        if rescan or self.files is None:
+            self.files = snapshot_workspace(self.workspace, self.config.max_file_bytes)
+        self.store.checkpoints.save(self.lease, state or self.run.state(), self.files,
                                     reason=reason, config=self.config, status=status)
         self.last_save = time.monotonic()

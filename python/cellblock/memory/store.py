@@ -303,15 +303,24 @@ class MemoryStore:
 
     # ---- long-term: the shared knowledge base ----------------------------------------------
 
-    def refresh_knowledge(self, namespace: str, documents: Mapping[str, str]) -> int:
+    def refresh_knowledge(self, namespace: str, documents: Mapping[str, str], *,
+                          unless_newer_than: float | None = None) -> int:
         """Writes `documents` (relative path -> text) as the next version of `namespace` and
-        makes it current in the same transaction; older versions are deleted. The version."""
+        makes it current in the same transaction; older versions are deleted. Returns the
+        current version; with `unless_newer_than` (seconds), nothing is written when the
+        current version is younger (another machine refreshed it meanwhile)."""
         KnowledgeSource(namespace=namespace, directory=Path("."))  # validates the name
         docs = {self._knowledge_path(namespace, p): text for p, text in documents.items()}
         now = self.clock()
         with self.db.transaction() as tx:
-            rows = tx.rows("SELECT version FROM knowledge_versions WHERE namespace = ?",
-                           (namespace,))
+            if self.db.dialect == "postgresql":
+                # One refresh of a namespace at a time across machines (SQLite: BEGIN
+                # IMMEDIATE already serialises writers).
+                tx.rows("SELECT pg_advisory_xact_lock(hashtext(?))", (namespace,))
+            rows = tx.rows("SELECT version, refreshed_at FROM knowledge_versions "
+                           "WHERE namespace = ?", (namespace,))
+            if rows and unless_newer_than is not None and rows[0][1] + unless_newer_than > now:
+                return int(rows[0][0])
             version = (rows[0][0] if rows else 0) + 1
             tx.many("INSERT INTO knowledge (namespace, version, path, content) "
                     "VALUES (?, ?, ?, ?)",
@@ -335,8 +344,10 @@ class MemoryStore:
                                (source.namespace,))
             if rows and rows[0][0] + interval > self.clock():
                 continue
-            self.refresh_knowledge(source.namespace, read_source(source))
-            refreshed.append(source.namespace)
+            before = self.knowledge_version(source.namespace)
+            if self.refresh_knowledge(source.namespace, read_source(source),
+                                      unless_newer_than=interval) != before:
+                refreshed.append(source.namespace)
         return refreshed
 
     def knowledge_version(self, namespace: str) -> int | None:

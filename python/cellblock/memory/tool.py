@@ -75,7 +75,7 @@ class StoreMemoryTool(BetaAbstractMemoryTool):
 
     def view(self, command: BetaMemoryTool20250818ViewCommand) -> str:
         path = paths.normalize(command.path)
-        if paths.is_under(path, paths.KNOWLEDGE_ROOT) and path != paths.KNOWLEDGE_ROOT:
+        if paths.is_under(path, paths.KNOWLEDGE_ROOT):
             entries = self.store.list_knowledge(path)
             if not entries:
                 return self._show(path, self.store.read_knowledge(path), command.view_range)
