@@ -384,7 +384,7 @@ def test_1000_checkpoints_of_a_busy_session_keep_storage_bounded(tmp_path):
                                           "out.bin": os.urandom(20_000),
                                           f"new/{i}.txt": f"{i:04d}".encode() * 25, "new": None}
         cps.save(lease, {"step": i, "messages": ["x" * 500] * 10}, files, config=config)
-        if i % 100 == 99:
+        if i % 100 == 57:  # between two compactions: the WAL holds 18 checkpoints
             sizes.append(db.stat().st_size + Path(f"{db}-wal").stat().st_size)
     storage = cps.storage()
     assert storage["checkpoints"] == 10
@@ -433,6 +433,31 @@ def test_checkpoint_reasons_interval_and_user_scoped_resume(tmp_path):
             bob.resume(ref)
     assert Agent(model="offline", memory=store, user_id="alice").resume(
         result.session_id).final_text == result.final_text
+
+
+def test_another_uid_cannot_read_the_memory_file(tmp_path):
+    """The store holds users' memories and workspaces: uid 65534 tries to read it and fails."""
+    data = tmp_path / "data"
+    store = open_store(f"sqlite://{data / 'cellblock' / 'memory.db'}")
+    store.write("alice", "/memories/secret.md", "the vault code is 8412")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(data, 0o755)  # even with every parent directory open to all
+    db = data / "cellblock" / "memory.db"
+    probe = ("import sqlite3, sys\n"
+             "for p in sys.argv[1:]:\n"
+             "    try:\n"
+             "        print(p.rsplit('/', 1)[1], open(p, 'rb').read(1))\n"
+             "    except OSError as e:\n"
+             "        print(p.rsplit('/', 1)[1], type(e).__name__)\n")
+    targets = [str(db), f"{db}-wal", str(db.parent / "x")]
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                "/usr/bin/python3", "-c", probe, *targets]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.split("\n")[:2] == ["memory.db PermissionError",
+                                               "memory.db-wal PermissionError"], out.stdout
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
 
 
 def test_bad_urls_and_users_are_typed_errors(tmp_path):
