@@ -478,6 +478,8 @@ def test_memory_cli(tmp_path):
     store = open_store(url)
     store.write("alice", "/memories/prefs.md", "alice likes green tea\n")
     store.write("bob", "/memories/prefs.md", "bob likes coffee\n")
+    alices = store.checkpoints.start("alice", "alice's task").session_id
+    store.checkpoints.start("bob", "bob's task")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "CELLBLOCK_USER": "alice"}
@@ -494,6 +496,8 @@ def test_memory_cli(tmp_path):
     assert [m["path"] for m in exported["memories"]] == ["/memories/prefs.md"]
     bad = cli("show", "/memories/../../etc/passwd")
     assert bad.returncode == 2 and bad.stderr.startswith("cellblock: error: MemoryPathError:")
+    sessions = cli("sessions").stdout.splitlines()
+    assert len(sessions) == 1 and sessions[0].startswith(alices + "  running")
     assert cli("forget", "/memories/prefs.md").returncode == 0
     assert cli("ls").stdout == ""
     assert "coffee" in cli("--user", "bob", "show", "/memories/prefs.md").stdout

@@ -33,7 +33,7 @@ from cellblock.secrets import normalize_secrets
 if TYPE_CHECKING:
     import anthropic
 
-    from cellblock.memory import CheckpointConfig, MemoryStore
+    from cellblock.memory import Checkpoint, CheckpointConfig, MemoryStore
     from cellblock.memory.agent import Persistence
 
 #: Model used when none is given.
@@ -329,7 +329,7 @@ class Agent:
 class _Run:
     """The state of one `Agent.stream` call."""
 
-    def __init__(self, agent: Agent, task: str, resume: Any = None) -> None:
+    def __init__(self, agent: Agent, task: str, resume: Checkpoint | None = None) -> None:
         self.agent = agent
         self.task = task
         self.started = time.monotonic()
