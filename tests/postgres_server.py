@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 NOBODY = 65534
 _names = itertools.count(1)
 
@@ -84,3 +86,10 @@ def postgres_server() -> Iterator[PostgresServer]:
                 str(bindir / "pg_ctl"), "-D", str(server.data), "-m", "immediate", "-w",
                 "stop"]), cwd=root, env=env, capture_output=True, timeout=60, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A private server for the tests of one module (import this fixture into the module)."""
+    with postgres_server() as server:
+        yield server

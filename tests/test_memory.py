@@ -27,7 +27,7 @@ from cellblock.memory import (
 )
 from cellblock.memory.checkpoint import restore_workspace, snapshot_workspace
 from cellblock.memory.tool import StoreMemoryTool, search
-from postgres_server import PostgresServer, postgres_server
+from postgres_server import pg  # noqa: F401  (the fixture)
 
 DAY = 86_400.0
 
@@ -40,12 +40,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    with postgres_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
