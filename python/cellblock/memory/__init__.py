@@ -10,7 +10,8 @@ from cellblock.memory.errors import (
     MemoryStoreError,
     StaleCheckpoint,
 )
-from cellblock.memory.store import Entry, EntryInfo, Hit, MemoryStore
+from cellblock.memory.search import Hit
+from cellblock.memory.store import Entry, EntryInfo, MemoryStore
 
 __all__ = [
     "Checkpoint",

@@ -27,6 +27,8 @@ from cellblock.memory import paths, schema
 from cellblock.memory._db import Database, Tx, default_url
 from cellblock.memory.config import KnowledgeSource, MemoryConfig
 from cellblock.memory.errors import MemoryPathError, MemoryStoreError
+from cellblock.memory.search import Hit, fts5_query, message_text, pg_queries, sqlite_queries
+from cellblock.memory.sources import read_source
 
 if TYPE_CHECKING:
     from cellblock.memory.checkpoint import Checkpoints
@@ -34,9 +36,6 @@ if TYPE_CHECKING:
 DAY = 86_400.0
 MAX_USER_CHARS = 200
 
-Tier = Literal["memory", "archive", "knowledge"]
-#: One search statement: its tier, SQL and parameters.
-_Query = tuple[Tier, str, tuple[Any, ...]]
 
 
 class Entry(BaseModel):
@@ -63,16 +62,6 @@ class EntryInfo(BaseModel):
     expires_at: float
 
 
-class Hit(BaseModel):
-    """One search result: `ref` is a memory path, `session#turn` or `namespace:path`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tier: Tier
-    ref: str
-    snippet: str
-
-
 def default_user() -> str:
     """`$CELLBLOCK_USER`, else the login name."""
     return os.environ.get("CELLBLOCK_USER") or getpass.getuser()
@@ -84,29 +73,6 @@ def check_user(user_id: str) -> str:
             or not user_id.isprintable()):
         raise MemoryStoreError(f"invalid user id {user_id!r}")
     return user_id
-
-
-def fts5_query(text: str) -> str | None:
-    """User text as an FTS5 query: every word quoted (no operators), all required."""
-    words = [w for w in text.split() if any(c.isalnum() for c in w)]
-    return " ".join('"' + w.replace('"', '""') + '"' for w in words) or None
-
-
-def message_text(message: Mapping[str, Any]) -> str:
-    """The searchable text of a conversation message: text, tool inputs and tool results."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    parts: list[str] = []
-    for block in content or []:
-        if block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif block.get("type") == "tool_use":
-            parts.append(json.dumps(block.get("input"), ensure_ascii=False))
-        elif block.get("type") == "tool_result":
-            body = block.get("content")
-            parts.append(body if isinstance(body, str) else json.dumps(body, ensure_ascii=False))
-    return "\n".join(parts)
 
 
 class MemoryStore:
@@ -394,48 +360,12 @@ class MemoryStore:
                 q = fts5_query(query)
                 if q is None:
                     return []
-                sources = self._sqlite_search(q, user, now, limit)
+                sources = sqlite_queries(q, user, now, limit)
             else:
-                sources = self._pg_search(query, user, now, limit)
+                sources = pg_queries(query, user, now, limit)
             for tier, sql, params in sources:
                 hits += [Hit(tier=tier, ref=r[0], snippet=r[1]) for r in tx.rows(sql, params)]
         return hits
-
-    def _sqlite_search(self, q: str, user: str, now: float, limit: int) -> list[_Query]:
-        snip = "snippet({t}, 0, '[', ']', '...', 16)"
-        memory = (f"SELECT m.path, {snip.format(t='memories_fts')} FROM memories_fts "
-                  "JOIN memories m ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? "
-                  "AND m.user_id = ? AND m.expires_at > ? ORDER BY bm25(memories_fts) LIMIT ?")
-        archive = (f"SELECT t.session_id || '#' || t.turn, {snip.format(t='turns_fts')} "
-                   "FROM turns_fts JOIN turns t ON t.id = turns_fts.rowid WHERE turns_fts "
-                   "MATCH ? AND t.user_id = ? AND t.expires_at > ? ORDER BY bm25(turns_fts) "
-                   "LIMIT ?")
-        knowledge = (f"SELECT k.path, {snip.format(t='knowledge_fts')} FROM knowledge_fts "
-                     "JOIN knowledge k ON k.id = knowledge_fts.rowid JOIN knowledge_versions v "
-                     "ON v.namespace = k.namespace AND v.version = k.version WHERE "
-                     "knowledge_fts MATCH ? ORDER BY bm25(knowledge_fts) LIMIT ?")
-        return [("memory", memory, (q, user, now, limit)),
-                ("archive", archive, (q, user, now, limit)),
-                ("knowledge", knowledge, (q, limit))]
-
-    def _pg_search(self, query: str, user: str, now: float, limit: int) -> list[_Query]:
-        def select(ref: str, column: str, source: str, where: str) -> str:
-            return (f"SELECT {ref}, ts_headline('simple', {column}, q, "
-                    "'StartSel=[,StopSel=],MaxWords=24,MinWords=8') "
-                    f"FROM {source}, plainto_tsquery('simple', ?) q "
-                    f"WHERE to_tsvector('simple', {column}) @@ q {where} "
-                    f"ORDER BY ts_rank(to_tsvector('simple', {column}), q) DESC LIMIT ?")
-
-        scoped = "AND user_id = ? AND expires_at > ?"
-        current = ("knowledge k JOIN knowledge_versions v ON v.namespace = k.namespace "
-                   "AND v.version = k.version")
-        return [
-            ("memory", select("path", "content", "memories", scoped),
-             (query, user, now, limit)),
-            ("archive", select("session_id || '#' || turn", "body", "turns", scoped),
-             (query, user, now, limit)),
-            ("knowledge", select("k.path", "k.content", current, ""), (query, limit)),
-        ]
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -477,25 +407,3 @@ class MemoryStore:
     @staticmethod
     def _knowledge_path(namespace: str, relative: str) -> str:
         return paths.normalize(f"{paths.KNOWLEDGE_ROOT}/{namespace}/{relative.strip('/')}")
-
-
-def read_source(source: KnowledgeSource) -> dict[str, str]:
-    """The UTF-8 text files under a source directory (symlinks not followed), by relative
-    path; files over the size limit or not UTF-8 are left out."""
-    root = source.directory
-    if not root.is_dir():
-        raise MemoryStoreError(f"knowledge source {root}: not a directory")
-    docs: dict[str, str] = {}
-    for top, dirs, files in os.walk(root, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            file = Path(top) / name
-            if name.startswith(".") or file.is_symlink() or not file.is_file():
-                continue
-            if file.stat().st_size > source.max_file_bytes:
-                continue
-            try:
-                docs[file.relative_to(root).as_posix()] = file.read_text("utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-    return docs
