@@ -123,15 +123,16 @@ class Database:
                 raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
 
     def compact(self) -> None:
-        """SQLite: moves the WAL into the database, truncates it, returns free pages to the
-        file system. PostgreSQL reclaims space with autovacuum: nothing to do."""
+        """SQLite: returns free pages to the file system and copies the WAL into the database
+        (PASSIVE: never waits for other processes' readers; the next write then restarts the
+        WAL, truncated to WAL_SIZE_LIMIT). PostgreSQL reclaims space with autovacuum."""
         if self.dialect != "sqlite":
             return
         with self._lock:
             cur = self._conn.cursor()
             cur.execute("PRAGMA incremental_vacuum")
             cur.fetchall()
-            cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
             cur.fetchall()
 
 

@@ -15,7 +15,8 @@ Query = tuple[Tier, str, tuple[Any, ...]]
 
 
 class Hit(BaseModel):
-    """One search result: `ref` is a memory path, `session#turn` or `namespace:path`."""
+    """One search result: `ref` is a memory path (knowledge documents: under
+    /memories/knowledge/) or `session_id#turn` for an archived turn."""
 
     model_config = ConfigDict(frozen=True)
 
