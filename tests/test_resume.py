@@ -275,3 +275,31 @@ def test_agent_resume_api_after_an_interrupted_run(tmp_path: Path, server: FakeA
         before = len(server.requests)
         again = Agent(model=MODEL, memory=store, user_id="tester").resume(session.id)
         assert again.final_text == "done" and len(server.requests) == before
+
+
+def test_a_run_that_failed_on_the_model_api_resumes_where_it_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fake_anthropic import error
+
+    good = scripted_model(0)
+    outage = {"on": True}
+
+    def script(body: dict[str, Any]) -> Reply:
+        turn = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        if turn == 3 and outage["on"]:
+            return error(400, "invalid_request_error", "scripted outage")
+        return good(body)
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    with FakeAnthropic(script) as server, MemoryStore(f"sqlite://{tmp_path / 'm.db'}") as store:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        failed = Agent(model=MODEL, memory=store, user_id="tester").run("append the lines")
+        assert failed.stop_reason == "error" and len(failed.tool_calls) == 6
+        assert store.checkpoints.latest(failed.session_id).reason == "failed"
+        outage["on"] = False
+        seen: list[str] = []
+        result = Agent(model=MODEL, memory=store, user_id="tester").resume(
+            failed.session_id, on_event=lambda e: seen.append(e.call.id)
+            if isinstance(e, ToolFinished) else None)
+        assert seen[0] == "t3_0" and len(seen) == len(EXPECTED) - 6
+        check_final(f"sqlite://{tmp_path / 'm.db'}", result.to_dict(), server)

@@ -142,9 +142,13 @@ class Persistence:
         self._save("tool_call", rescan=name not in READ_ONLY_TOOLS)
 
     def finish(self, result: AgentResult) -> None:
-        """The last checkpoint: resuming a finished session returns its result."""
+        """The last checkpoint. Resuming a finished session returns its result; a run that
+        ended on an error (model API, lost sandbox) is resumed from where it stopped."""
+        if result.stop_reason == "error":
+            self._save("failed", status="failed")
+            return
         state = self.run.state()
-        state["result"] = result.model_copy(update={"session_id": self.session_id}).to_dict()
+        state["result"] = result.to_dict()
         self._save("finished", state=state, status="finished")
 
     def archive(self, turn: int, messages: list[dict[str, Any]]) -> None:
