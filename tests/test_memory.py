@@ -321,6 +321,12 @@ def test_turns_leaving_the_context_are_archived_and_searchable(url, monkeypatch)
     assert [h.ref for h in hits if h.tier == "archive"] == [f"{result.session_id}#2"] * 2
     assert store.search("alice", "delta") == []  # still in context, not archived
     assert store.search("bob", "primes") == []
+    # The archive is bounded too: the oldest messages go first.
+    capped = open_store(url, max_archived_messages=3)
+    capped.archive_turn("alice", "sess_more", 1, [{"role": "user", "content": "echo"}])
+    assert [(t, m["role"]) for t, m in capped.archived_turns("alice", result.session_id)] == [
+        (2, "assistant"), (2, "user")]
+    assert len(capped.archived_turns("alice", "sess_more")) == 1
     # The model reached memory through the memory tool and the search tool.
     names = [t.get("name") for t in server.requests[0]["tools"]]
     assert names[-2:] == ["memory", "memory_search"]

@@ -31,6 +31,9 @@ class MemoryConfig(BaseModel):
     max_entries: int = Field(default=1000, ge=1)
     #: Largest memory file (characters): bigger writes are refused.
     max_entry_chars: int = Field(default=100_000, ge=1)
+    #: Archived turn messages kept per user (the oldest go first; they also expire after
+    #: `ttl_days`).
+    max_archived_messages: int = Field(default=20_000, ge=1)
     refresh_interval_hours: float = Field(default=24, gt=0)
     sources: tuple[KnowledgeSource, ...] = ()
 

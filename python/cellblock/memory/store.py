@@ -258,6 +258,11 @@ class MemoryStore:
                 "body) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(user, session_id, turn, now, now + self.ttl_seconds,
                   json.dumps(m, ensure_ascii=False), message_text(m)) for m in messages])
+            over = tx.rows("SELECT count(*) FROM turns WHERE user_id = ?", (user,))[0][0] \
+                - self.config.max_archived_messages
+            if over > 0:
+                tx.run("DELETE FROM turns WHERE id IN (SELECT id FROM turns WHERE user_id = ? "
+                       "ORDER BY id LIMIT ?)", (user, over))
 
     def archived_turns(self, user_id: str, session_id: str) -> list[tuple[int, dict[str, Any]]]:
         """(turn, message) of a session's archived turns, oldest first."""
