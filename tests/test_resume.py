@@ -30,7 +30,7 @@ from fake_anthropic import FakeAnthropic, Reply, message, text, tool_use
 from postgres_server import pg  # noqa: F401  (the fixture)
 
 MODEL = "claude-sonnet-4-6"
-TURNS = 10
+TURNS = 12
 CALLS_PER_TURN = 2
 EXPECTED = [f"s{k}.{j}" for k in range(TURNS) for j in range(CALLS_PER_TURN)]
 
@@ -89,6 +89,8 @@ class Child:
         signal.pidfd_send_signal(self.pidfd, sig)
 
     def kill(self) -> None:
+        """SIGKILL unless it has ended (an exited child is a zombie until `wait`, so the
+        signal still reaches the right process; it just has no effect)."""
         if self.status is None:
             self.signal(signal.SIGKILL)
             self.wait()
@@ -175,40 +177,52 @@ def server() -> Iterator[FakeAnthropic]:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_sigkill_at_random_points_then_resume(backend: str, tmp_path: Path,
-                                              server: FakeAnthropic, forks: ForkServer,
+                                              forks: ForkServer,
                                               request: pytest.FixtureRequest) -> None:
     url = (f"sqlite://{tmp_path / 'memory.db'}" if backend == "sqlite"
            else request.getfixturevalue("pg").new_database())
     rng = random.Random(19)
-    env = child_env(server)
-    kills = 0
-    phases: list[int] = []
-    # Bounded: at most 10 kills, then the run is allowed to finish.
-    for attempt in range(40):
-        child = Child(forks, agent_argv(url, resume=has_session(url)), env)
-        try:
-            if kills < 10:
-                before = len(server.requests)
-                # The random delay counts from the child's first model request, except for
-                # every fourth kill, which lands during start-up or restore.
-                if attempt % 4 != 3:
-                    wait_for(lambda b=before, c=child: len(server.requests) > b or c.wait(0))
-                if not child.wait(timeout=rng.uniform(0.0, 1.5)):
-                    child.kill()
-                    assert child.status == -signal.SIGKILL
-                    kills += 1
-                    phases.append(progress(url))
-                    continue
-            assert child.wait(timeout=120)
-        finally:
-            child.kill()
-        out, err = child.output()
-        assert child.status == 0, err
-        check_final(url, json.loads(out), server)
-        break
-    else:
-        pytest.fail("the run never finished")
-    assert kills >= 7, phases
+    arrivals: list[float] = []
+    model = scripted_model()
+
+    def timed(body: dict[str, Any]) -> Reply:
+        arrivals.append(time.monotonic())
+        return model(body)
+
+    kills, phases, turn_s = 0, [], 1.0
+    with FakeAnthropic(timed) as server:
+        env = child_env(server)
+        # Bounded: 10 kills, then the run is allowed to finish. A kill lands at a random
+        # moment of the turn after the child's first model request (model reply, tool calls,
+        # checkpoint writes), so a child makes at most about one turn of progress and the run
+        # cannot end before the kills are spent; every fourth lands in start-up or restore.
+        for attempt in range(40):
+            child = Child(forks, agent_argv(url, resume=has_session(url)), env)
+            try:
+                if kills < 10:
+                    before = len(arrivals)
+                    if attempt % 4 != 3:
+                        wait_for(lambda b=before, c=child: len(arrivals) > b or c.wait(0))
+                    delay = rng.uniform(0.0, 1.0 if attempt % 4 == 3 else 1.3 * turn_s)
+                    if not child.wait(timeout=delay):
+                        child.kill()
+                        if child.status == -signal.SIGKILL:
+                            kills += 1
+                            phases.append(progress(url))
+                            mine = arrivals[before:]
+                            if len(mine) >= 2:  # seconds per turn, as this child ran
+                                turn_s = (mine[-1] - mine[0]) / (len(mine) - 1)
+                            continue
+                assert child.wait(timeout=120)
+            finally:
+                child.kill()
+            out, err = child.output()
+            assert child.status == 0, err
+            check_final(url, json.loads(out), server)
+            break
+        else:
+            pytest.fail("the run never finished")
+    assert kills == 10, phases
     # Kills landed at different stages of the run (tool calls checkpointed at each kill).
     assert len(set(phases)) >= 3, phases
 
