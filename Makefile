@@ -8,6 +8,8 @@ PYTHON ?= python3
 # libseccomp2 (pyseccomp loads it), iproute2 and curl (network tests), chromium and a font
 # (the HTML report is rendered in a real browser by the tests).
 DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl chromium fonts-dejavu-core
+# postgresql: the memory store tests start a private server (initdb + pg_ctl, unix socket).
+DEB_PKGS += postgresql
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
@@ -31,6 +33,7 @@ $(VENV)/.deps: pyproject.toml
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
 	    "ray[default]>=2.60,<2.61"
+	$(PIP) install -q "psycopg[binary]>=3.1"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -62,6 +65,7 @@ bench: build
 	$(PY) benches/batch.py
 	$(PY) benches/network.py
 	$(PY) benches/agent.py
+	$(PY) benches/checkpoint.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true

@@ -23,6 +23,7 @@ from cellblock.agent.tools import (
     SandboxLike,
     Toolbox,
     ToolReason,
+    ToolRunner,
     check_tool_names,
 )
 from cellblock.errors import InvalidSpec
@@ -32,6 +33,8 @@ from cellblock.secrets import normalize_secrets
 if TYPE_CHECKING:
     import anthropic
 
+    from cellblock.memory import Checkpoint, CheckpointConfig, MemoryStore
+    from cellblock.memory.agent import Persistence
     from cellblock.telemetry.otel import Telemetry
 
 #: Model used when none is given.
@@ -93,6 +96,8 @@ class AgentResult(BaseModel):
     redactions: dict[str, int]
     #: What went wrong when stop_reason is "error".
     error: str | None = None
+    #: The checkpointed session (when the agent has a memory store): resume it with this id.
+    session_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (what `cellblock agent --json` prints)."""
@@ -258,6 +263,9 @@ class Agent:
         prices: Mapping[str, Price] = PRICES,
         telemetry: Telemetry | None = None,
         name: str = "cellblock",
+        memory: MemoryStore | None = None,
+        user_id: str | None = None,
+        checkpoints: CheckpointConfig | None = None,
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
@@ -288,6 +296,12 @@ class Agent:
         self.client = client
         self.telemetry = telemetry
         self.name = name
+        #: With a store: memory tools for the model, archived turns, checkpoints and resume.
+        self.memory = memory
+        self.user_id = user_id
+        self.checkpoints = checkpoints
+        if memory is not None and memory_turns is None:
+            self.memory_turns = memory.config.max_turns
 
     def run(self, task: str, on_event: Callable[[AgentEvent], None] | None = None) -> AgentResult:
         """Run the loop to its end; `on_event` sees every event as it happens."""
@@ -301,25 +315,53 @@ class Agent:
         """Run the loop, yielding an event for each model request, tool call and tool result;
         the last event is `Finished` with the AgentResult. With `telemetry`, the run is
         recorded as GenAI spans (`invoke_agent`, `chat`, `execute_tool`, sandbox runs)."""
-        events = _Run(self, task).events()
-        if self.telemetry is not None:
-            from cellblock.telemetry.agent import traced
+        yield from self._observed(_Run(self, task).events())
 
-            events = traced(events, self.telemetry, self.name, self.model)
-        yield from events
+    def resume(
+        self, checkpoint: str = "latest", on_event: Callable[[AgentEvent], None] | None = None
+    ) -> AgentResult:
+        """Continues a checkpointed run (`latest`, a session id or a checkpoint id) to its end:
+        its workspace and state are restored, completed tool calls are not run again."""
+        event = None
+        for event in self.resume_stream(checkpoint):
+            if on_event is not None:
+                on_event(event)
+        return cast(Finished, event).result
+
+    def resume_stream(self, checkpoint: str = "latest") -> Iterator[AgentEvent]:
+        """`resume`, yielding events as `stream` does."""
+        from cellblock.memory.agent import find_checkpoint
+
+        found = find_checkpoint(self, checkpoint)
+        yield from self._observed(_Run(self, str(found.state["task"]), resume=found).events())
+
+    def _observed(self, events: Iterator[AgentEvent]) -> Iterator[AgentEvent]:
+        """The run's events, recorded as spans on the way when the agent has telemetry."""
+        if self.telemetry is None:
+            return events
+        from cellblock.telemetry.agent import traced
+
+        return traced(events, self.telemetry, self.name, self.model)
 
 
 class _Run:
     """The state of one `Agent.stream` call."""
 
-    def __init__(self, agent: Agent, task: str) -> None:
+    def __init__(self, agent: Agent, task: str, resume: Checkpoint | None = None) -> None:
         self.agent = agent
+        self.task = task
         self.started = time.monotonic()
         self.redactor = Redactor(agent.secrets) if agent.secrets else None
         # The longest form a secret can be printed in: JSON \u escapes take 6 chars a byte.
         self.redact_margin = 6 * max((len(v.encode()) for v in agent.secrets.values()), default=0)
+        self.hooks: Persistence | None = None
+        if agent.memory is not None:
+            from cellblock.memory.agent import Persistence
+
+            self.hooks = Persistence(self, resume)
         self.memory = ShortTermMemory(
-            task, keep_turns=agent.memory_turns, max_chars=agent.context_chars
+            task, keep_turns=agent.memory_turns, max_chars=agent.context_chars,
+            on_drop=self.hooks.archive if self.hooks is not None else None,
         )
         self.model = agent.model
         self.turns = 0
@@ -332,6 +374,10 @@ class _Run:
         self.sandbox_seconds = 0.0
         self.error: str | None = None
         self.client: anthropic.Anthropic | None = None
+        #: Tool results of the current turn so far (set when resuming in the middle of one).
+        self.pending: list[dict[str, Any]] | None = None
+        self.prior_redactions: dict[str, int] = {}
+        self.prior_wall_time = 0.0
 
     def redact(self, text: str) -> str:
         return self.redactor.redact(text) if self.redactor is not None else text
@@ -346,24 +392,40 @@ class _Run:
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None)
             )
         try:
-            toolbox = Toolbox(
+            toolbox: ToolRunner = Toolbox(
                 sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
                 timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
             )
-            stop = yield from self._loop(toolbox)
+            if self.hooks is not None:
+                toolbox = self.hooks.start(sandbox, toolbox)
+            if self.hooks is not None and self.hooks.finished is not None:
+                result = self.hooks.finished
+            else:
+                result = self._result((yield from self._loop(toolbox)))
+                if self.hooks is not None:
+                    self.hooks.finish(result)
         finally:
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:
                 self.client.close()
-        yield Finished(result=self._result(stop))
+        yield Finished(result=result)
 
-    def _loop(self, toolbox: Toolbox) -> Generator[AgentEvent, None, StopReason]:
+    def _loop(self, toolbox: ToolRunner) -> Generator[AgentEvent, None, StopReason]:
         """Yields events; returns the stop reason."""
         agent = self.agent
+        if self.pending is not None:
+            # Resumed in the middle of a turn: run the tool calls not completed yet.
+            last = self.memory.messages[-1]["content"]
+            stop = yield from self._run_tools(
+                toolbox, [b for b in last if b.get("type") == "tool_use"], self.pending)
+            if stop is not None:
+                return stop
         while True:
             if self._over_budget():
                 return "budget"
+            if self.hooks is not None:
+                self.hooks.tick()
             self.memory.compact()
             yield ModelRequest(
                 turn=self.turns + 1, model=self.model, messages=len(self.memory.messages),
@@ -394,25 +456,42 @@ class _Run:
                 return "budget"
             if self.turns >= agent.max_turns:
                 return "max_turns"
-            results = []
-            for block in tool_uses:
-                yield ToolStarted(turn=self.turns, id=block["id"], name=block["name"],
-                                  input=block.get("input"))
-                outcome = toolbox.call(block["name"], block.get("input"))
-                call = ToolCall(
-                    turn=self.turns, id=block["id"], name=block["name"], input=block.get("input"),
-                    duration_s=outcome.duration_s, reason=outcome.reason,
-                    exit_code=outcome.exit_code, is_error=outcome.is_error,
-                )
-                self.tool_calls.append(call)
-                self.sandbox_seconds += outcome.duration_s
-                results.append({"type": "tool_result", "tool_use_id": block["id"],
-                                "content": outcome.content, "is_error": outcome.is_error})
-                yield ToolFinished(call=call, content=outcome.content)
-                if outcome.fatal:
-                    self.error = outcome.content
-                    return "error"
-            self.memory.append({"role": "user", "content": results})
+            stop = yield from self._run_tools(toolbox, tool_uses, [])
+            if stop is not None:
+                return stop
+
+    def _run_tools(
+        self, toolbox: ToolRunner, tool_uses: list[dict[str, Any]],
+        results: list[dict[str, Any]],
+    ) -> Generator[AgentEvent, None, StopReason | None]:
+        """Runs the turn's tool calls that have no result in `results` yet, then appends the
+        results message; returns a stop reason if the loop must end."""
+        done = {r["tool_use_id"] for r in results}
+        self.pending = results
+        for block in tool_uses:
+            if block["id"] in done:
+                continue
+            yield ToolStarted(turn=self.turns, id=block["id"], name=block["name"],
+                              input=block.get("input"))
+            outcome = toolbox.call(block["name"], block.get("input"))
+            call = ToolCall(
+                turn=self.turns, id=block["id"], name=block["name"], input=block.get("input"),
+                duration_s=outcome.duration_s, reason=outcome.reason,
+                exit_code=outcome.exit_code, is_error=outcome.is_error,
+            )
+            self.tool_calls.append(call)
+            self.sandbox_seconds += outcome.duration_s
+            results.append({"type": "tool_result", "tool_use_id": block["id"],
+                            "content": outcome.content, "is_error": outcome.is_error})
+            if self.hooks is not None:
+                self.hooks.tool_done(block["name"])  # before the event: never lost
+            yield ToolFinished(call=call, content=outcome.content)
+            if outcome.fatal:
+                self.error = outcome.content
+                return "error"
+        self.pending = None
+        self.memory.append({"role": "user", "content": results})
+        return None
 
     def _over_budget(self) -> bool:
         return self.agent.budget_usd is not None and self.cost >= self.agent.budget_usd
@@ -468,6 +547,8 @@ class _Run:
         }
         if agent.prompt_cache:
             params["cache_control"] = {"type": "ephemeral"}
+        if self.hooks is not None:
+            params.update(self.hooks.request_options())
         try:
             message = self._api().messages.create(**params)
         except anthropic.AnthropicError as e:
@@ -499,10 +580,47 @@ class _Run:
             cost_usd=self.cost,
             cost_is_estimate=self.cost_is_estimate,
             sandbox_seconds=self.sandbox_seconds,
-            wall_time_s=time.monotonic() - self.started,
-            redactions=dict(self.redactor.counts) if self.redactor is not None else {},
+            wall_time_s=self.prior_wall_time + time.monotonic() - self.started,
+            redactions=self._redactions(),
             error=self.error,
+            session_id=self.hooks.session_id if self.hooks is not None else None,
         )
+
+    def _redactions(self) -> dict[str, int]:
+        counts = dict(self.prior_redactions)
+        for name, n in (self.redactor.counts if self.redactor is not None else {}).items():
+            counts[name] = counts.get(name, 0) + n
+        return counts
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue this run elsewhere, as JSON-ready data."""
+        return {
+            "task": self.task, "messages": self.memory.messages,
+            "dropped_turns": self.memory.dropped_turns, "model": self.model,
+            "turns": self.turns, "usage": self.usage.model_dump(), "cost_usd": self.cost,
+            "cost_is_estimate": self.cost_is_estimate, "best_text": self.best_text,
+            "model_stop_reason": self.model_stop_reason,
+            "tool_calls": [c.model_dump(mode="json") for c in self.tool_calls],
+            "sandbox_seconds": self.sandbox_seconds, "pending": self.pending,
+            "redactions": self._redactions(),
+            "wall_time_s": self.prior_wall_time + time.monotonic() - self.started,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from a `state()` of an earlier process."""
+        self.memory.restore(state["messages"], state["dropped_turns"])
+        self.model = state["model"]
+        self.turns = state["turns"]
+        self.usage = Usage(**state["usage"])
+        self.cost = state["cost_usd"]
+        self.cost_is_estimate = state["cost_is_estimate"]
+        self.best_text = state["best_text"]
+        self.model_stop_reason = state["model_stop_reason"]
+        self.tool_calls = [ToolCall(**c) for c in state["tool_calls"]]
+        self.sandbox_seconds = state["sandbox_seconds"]
+        self.pending = state["pending"]
+        self.prior_redactions = dict(state["redactions"])
+        self.prior_wall_time = state["wall_time_s"]
 
 
 class _ModelError(Exception):

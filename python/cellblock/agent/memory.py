@@ -10,6 +10,7 @@ conversation stays the same, which keeps the model's prompt cache useful.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: After compacting, the history is at most this fraction of the size limit.
@@ -38,8 +39,13 @@ def summarise_tool_output(content: str) -> str:
 class ShortTermMemory:
     """The messages of one agent run, bounded by `keep_turns` turns and `max_chars` characters."""
 
-    def __init__(self, task: str, *, keep_turns: int, max_chars: int) -> None:
+    def __init__(
+        self, task: str, *, keep_turns: int, max_chars: int,
+        on_drop: Callable[[int, list[Message]], None] | None = None,
+    ) -> None:
         self.keep_turns = max(1, keep_turns)
+        #: Called with (turn number, messages) for each turn dropped from the context.
+        self.on_drop = on_drop
         self.max_chars = max_chars
         self.dropped_turns = 0
         self._task = task
@@ -59,6 +65,12 @@ class ShortTermMemory:
     def append(self, message: Message) -> None:
         self._messages.append(message)
         self._sizes.append(message_size(message))
+
+    def restore(self, messages: Sequence[Message], dropped_turns: int) -> None:
+        """Replaces the history with one saved from another run of the same task."""
+        self._messages = list(messages)
+        self._sizes = [message_size(m) for m in self._messages]
+        self.dropped_turns = dropped_turns
 
     def turns(self) -> int:
         return sum(1 for m in self._messages if m["role"] == "assistant")
@@ -99,6 +111,8 @@ class ShortTermMemory:
     def _drop_oldest_turn(self) -> None:
         # Message 1 is the oldest assistant message; message 2 its tool results (if any).
         end = 3 if len(self._messages) > 2 and self._messages[2]["role"] == "user" else 2
+        if self.on_drop is not None:
+            self.on_drop(self.dropped_turns + 1, self._messages[1:end])
         del self._messages[1:end]
         del self._sizes[1:end]
         self.dropped_turns += 1

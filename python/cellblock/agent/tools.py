@@ -224,6 +224,14 @@ def format_run(
     return "\n".join(lines)
 
 
+class ToolRunner(Protocol):
+    """What the loop calls tools through: `Toolbox`, or a wrapper adding tools to it."""
+
+    schemas: list[dict[str, Any]]
+
+    def call(self, name: str, raw_input: object) -> ToolOutcome: ...
+
+
 class Toolbox:
     """The built-in tools bound to one sandbox session."""
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from cellblock.agent import DEMO_TASKS, OFFLINE_MODEL, Agent
 from cellblock.agent.loop import (
@@ -23,6 +24,9 @@ from cellblock.agent.loop import (
 )
 from cellblock.agent.offline import OFFLINE_NOTICE
 from cellblock.commands.run import add_limit_options, policy_from_args
+
+if TYPE_CHECKING:
+    from cellblock.memory import MemoryStore
 
 #: Exit status when the loop stopped on max_turns or budget (the answer may be partial).
 EXIT_LIMIT = 3
@@ -97,6 +101,7 @@ def summary(r: AgentResult) -> str:
             f"tokens {u.input_tokens} in, {u.output_tokens} out, cache {u.cache_read_input_tokens}"
             f" read / {u.cache_creation_input_tokens} written; {cost}; "
             f"sandbox {r.sandbox_seconds:.2f}s of {r.wall_time_s:.2f}s")
+    line += f"; session {r.session_id}" if r.session_id else ""
     return line + (f"\nerror: {r.error}" if r.error else "")
 
 
@@ -121,10 +126,13 @@ def choose_model(requested: str | None, err: TextIO) -> str:
 def cmd_agent(args: argparse.Namespace) -> int:
     from cellblock.cli import fail
 
-    if not args.task.strip():
+    if args.resume is None and not (args.task or "").strip():
         fail('no task given (usage: cellblock agent [options] "TASK")')
+    if args.resume is not None and args.task:
+        fail("--resume continues a checkpointed task: give no TASK with it")
     policy = policy_from_args(args)
     model = choose_model(args.model, sys.stderr)
+    store = open_store(args)
     telemetry = None
     if args.trace or args.otel != "none":
         from cellblock import Redactor
@@ -135,19 +143,37 @@ def cmd_agent(args: argparse.Namespace) -> int:
     agent = Agent(
         model=model, fallback_model=args.fallback_model, max_turns=args.max_turns,
         budget_usd=args.budget_usd, max_retries=args.max_retries, policy=policy,
-        telemetry=telemetry,
+        memory=store, user_id=args.user, telemetry=telemetry,
     )
     show = not args.json or sys.stderr.isatty()
+    on_event = Progress(sys.stderr) if show else None
     try:
-        result = agent.run(args.task, on_event=Progress(sys.stderr) if show else None)
+        if args.resume is not None:
+            result = agent.resume(args.resume, on_event=on_event)
+        else:
+            result = agent.run(args.task, on_event=on_event)
     finally:
         if telemetry is not None:
             telemetry.shutdown()
+        if store is not None:
+            store.close()
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.final_text:
         print(result.final_text)
     return exit_status(result)
+
+
+def open_store(args: argparse.Namespace) -> MemoryStore | None:
+    """The memory store when --memory-db, --resume or $CELLBLOCK_MEMORY_URL asks for one."""
+    if args.memory_db is None and args.resume is None and not os.environ.get(
+            "CELLBLOCK_MEMORY_URL"):
+        return None
+    from cellblock.memory import MemoryStore
+
+    store = MemoryStore(None if args.memory_db in (None, "default") else args.memory_db)
+    print(f"cellblock agent: memory and checkpoints in {store.url}", file=sys.stderr)
+    return store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,6 +205,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="append the run's OpenTelemetry spans to FILE as JSON lines")
     p.add_argument("--otel", choices=("none", "console", "otlp"), default="none",
                    help="also export spans and metrics (otlp: OTEL_EXPORTER_OTLP_* variables)")
+    p.add_argument("--memory-db", metavar="URL",
+                   help="memory and checkpoints in this store ('default': "
+                        "$XDG_DATA_HOME/cellblock/memory.db; also $CELLBLOCK_MEMORY_URL)")
+    p.add_argument("--resume", metavar="latest|ID",
+                   help="continue a checkpointed run (latest, a session or checkpoint id)")
+    p.add_argument("--user", metavar="NAME", help="whose memory (default: the login name)")
     add_limit_options(p)
-    p.add_argument("task", metavar="TASK", help="what to do")
+    p.add_argument("task", metavar="TASK", nargs="?", help="what to do")
     p.set_defaults(func=cmd_agent)

@@ -1,0 +1,183 @@
+"""One connection to the store's database, SQLite or PostgreSQL, behind the same small API.
+
+SQL is written once with `?` placeholders (rewritten to `%s` for psycopg) and never contains a
+literal `?` or `%`. Every write goes through `transaction()`: SQLite takes the write lock at
+BEGIN (IMMEDIATE), so two processes never interleave a read-modify-write.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from cellblock.memory.errors import MemoryStoreError
+
+Dialect = Literal["sqlite", "postgresql"]
+Params = Sequence[Any]
+
+#: SQLite waits this long for another process's write lock before failing.
+BUSY_TIMEOUT_MS = 30_000
+
+#: SQLite's WAL file is truncated back to this size after a checkpoint (bytes).
+WAL_SIZE_LIMIT = 4 << 20
+
+
+def default_url() -> str:
+    """`$CELLBLOCK_MEMORY_URL`, else a SQLite file under the user's data directory
+    (`$XDG_DATA_HOME/cellblock/memory.db`, by default `~/.local/share/cellblock/memory.db`)."""
+    url = os.environ.get("CELLBLOCK_MEMORY_URL")
+    if url:
+        return url
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"sqlite://{Path(base) / 'cellblock' / 'memory.db'}"
+
+
+class Tx:
+    """Statements of one transaction."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self._cursor = cursor
+        self._dialect = dialect
+
+    def rows(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """Runs a statement and returns its rows."""
+        self._execute(sql, params)
+        return list(self._cursor.fetchall()) if self._cursor.description else []
+
+    def run(self, sql: str, params: Params = ()) -> int:
+        """Runs a statement and returns the number of rows it changed."""
+        self._execute(sql, params)
+        return int(self._cursor.rowcount)
+
+    def many(self, sql: str, seq: Sequence[Params]) -> None:
+        """Runs a statement once per parameter tuple."""
+        if seq:
+            self._cursor.executemany(self._sql(sql), seq)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._dialect == "postgresql" else sql
+
+    def _execute(self, sql: str, params: Params) -> None:
+        self._cursor.execute(self._sql(sql), tuple(params))
+
+
+class Database:
+    """A connection to `url`: `sqlite://PATH` (so `sqlite:///abs/path`), a plain file path,
+    `sqlite://:memory:`, or `postgresql://...`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.RLock()
+        self.dialect: Dialect
+        if url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self._conn = _connect_postgres(url)
+        elif url.startswith("sqlite://") or "://" not in url:
+            self.dialect = "sqlite"
+            self.path = url.removeprefix("sqlite://")
+            self._conn = _connect_sqlite(self.path)
+        else:
+            raise MemoryStoreError(f"unsupported store URL {url!r}: use sqlite:///PATH or "
+                                   "postgresql://...")
+
+    def close(self) -> None:
+        """Closes the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self._lock:
+            try:
+                if self.dialect == "sqlite":
+                    cur = self._conn.cursor()
+                    cur.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield Tx(cur, "sqlite")
+                    except BaseException:
+                        self._conn.rollback()
+                        raise
+                    self._conn.commit()
+                else:
+                    with self._conn.transaction(), self._conn.cursor() as cur:
+                        yield Tx(cur, "postgresql")
+            except (sqlite3.Error, _pg_error()) as e:
+                raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
+
+    def script(self, statements: Sequence[str]) -> None:
+        """Runs schema statements, each on its own (outside of a transaction in SQLite)."""
+        with self._lock:
+            try:
+                cur = self._conn.cursor()
+                for sql in statements:
+                    cur.execute(sql)
+                if self.dialect == "sqlite":
+                    self._conn.commit()
+            except (sqlite3.Error, _pg_error()) as e:
+                raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
+
+    def compact(self) -> None:
+        """SQLite: returns free pages to the file system and copies the WAL into the database
+        (PASSIVE: never waits for other processes' readers; the next write then restarts the
+        WAL, truncated to WAL_SIZE_LIMIT). PostgreSQL reclaims space with autovacuum."""
+        if self.dialect != "sqlite":
+            return
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("PRAGMA incremental_vacuum")
+            cur.fetchall()
+            cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cur.fetchall()
+
+
+def _connect_sqlite(path: str) -> sqlite3.Connection:
+    try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Memory is private: the file (and the -wal/-shm files SQLite derives from its
+            # mode) readable by its owner only.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        # auto_vacuum must be chosen before the first table exists; a no-op afterwards.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    except (sqlite3.Error, OSError) as e:
+        raise MemoryStoreError(f"cannot open {path}: {e}") from e
+    # Explicit transactions only (BEGIN IMMEDIATE in Database.transaction).
+    conn.isolation_level = None
+    return conn
+
+
+def _connect_postgres(url: str) -> Any:
+    try:
+        import psycopg
+    except ImportError as e:
+        raise MemoryStoreError(
+            "PostgreSQL needs psycopg: pip install 'cellblock[postgres]'") from e
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as e:
+        raise MemoryStoreError(f"cannot connect to PostgreSQL: {e}") from e
+
+
+def _pg_error() -> type[Exception]:
+    """psycopg's base error class when psycopg is installed (a class never raised otherwise)."""
+    try:
+        import psycopg
+    except ImportError:
+        return _NeverRaised
+    return psycopg.Error
+
+
+class _NeverRaised(Exception):
+    pass

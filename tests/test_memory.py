@@ -1,0 +1,505 @@
+"""The memory store on SQLite and on a real PostgreSQL server (tests/postgres_server.py):
+TTL, the LRU cap, per-user scoping, the knowledge base's versions, search, the memory tool's
+path confinement (traversal attempts), checkpoints (pruning, blobs, fencing, bounded storage)
+and the `cellblock memory` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from anthropic.lib.tools import ToolError
+from postgres_server import pg  # noqa: F401  (the fixture)
+
+import cellblock
+from cellblock.memory import (
+    CheckpointConfig,
+    KnowledgeSource,
+    MemoryConfig,
+    MemoryPathError,
+    MemoryStore,
+    MemoryStoreError,
+    StaleCheckpoint,
+)
+from cellblock.memory.checkpoint import restore_workspace, snapshot_workspace
+from cellblock.memory.tool import StoreMemoryTool, search
+
+DAY = 86_400.0
+
+
+class Clock:
+    """A settable clock for the store (TTL and refresh intervals without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'memory.db'}"
+    return request.getfixturevalue("pg").new_database()
+
+
+_opened: list[MemoryStore] = []
+
+
+@pytest.fixture(autouse=True)
+def close_stores() -> Iterator[None]:
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def open_store(url: str, clock: Clock | None = None, **config: Any) -> MemoryStore:
+    store = MemoryStore(url, config=MemoryConfig(**config), clock=clock or Clock())
+    _opened.append(store)
+    return store
+
+
+def rows(store: MemoryStore, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Raw rows, bypassing the store's filters (what is really kept)."""
+    with store.db.transaction() as tx:
+        return tx.rows(sql, params)
+
+
+# ---- medium-term: TTL, cap, scoping -------------------------------------------------------
+
+def test_expired_entries_are_invisible_at_once_and_swept(url):
+    clock = Clock()
+    store = open_store(url, clock, ttl_days=90)
+    store.write("alice", "/memories/prefs.md", "likes green tea")
+    store.write("alice", "/memories/later.md", "written later")
+    clock.now += 89 * DAY
+    store.write("alice", "/memories/later.md", "rewritten: its TTL starts again")
+    assert store.read("alice", "/memories/prefs.md").content == "likes green tea"
+    clock.now += 1 * DAY + 1  # prefs.md is now 90 days and 1 s old
+    with pytest.raises(MemoryPathError):
+        store.read("alice", "/memories/prefs.md")
+    assert [e.path for e in store.entries("alice")] == ["/memories/later.md"]
+    assert store.search("alice", "green tea") == []
+    assert store.kind("alice", "/memories/prefs.md") is None
+    assert "prefs" not in json.dumps(store.export("alice"))
+    # Invisible before the sweep, deleted by it (the row is really gone).
+    assert len(rows(store, "SELECT path FROM memories WHERE user_id = ?", ("alice",))) == 2
+    assert store.sweep() == 1
+    assert rows(store, "SELECT path FROM memories") == [("/memories/later.md",)]
+    # An expired file does not block creating a new one at its path.
+    StoreMemoryTool(store, "alice").call(
+        {"command": "create", "path": "/memories/prefs.md", "file_text": "new"})
+    assert store.read("alice", "/memories/prefs.md").content == "new"
+
+
+def test_cap_evicts_the_least_recently_used(url):
+    clock = Clock()
+    store = open_store(url, clock, max_entries=5)
+    for i in range(5):
+        clock.now += 1
+        store.write("alice", f"/memories/n{i}.md", f"note {i}")
+    clock.now += 1
+    store.read("alice", "/memories/n0.md")  # n0 used: n1 is now the least recently used
+    clock.now += 1
+    store.write("alice", "/memories/n5.md", "note 5")
+    kept = [e.path for e in store.entries("alice")]
+    assert kept == [f"/memories/n{i}.md" for i in (0, 2, 3, 4, 5)]
+    # Another user's entries neither count towards alice's cap nor get evicted by it.
+    store.write("bob", "/memories/b.md", "bob's")
+    for i in range(6, 9):
+        clock.now += 1
+        store.write("alice", f"/memories/n{i}.md", "x")
+    assert len(store.entries("alice")) == 5 and [e.path for e in store.entries("bob")] == [
+        "/memories/b.md"]
+    assert rows(store, "SELECT count(*) FROM memories WHERE user_id = ?", ("alice",)) == [(5,)]
+
+
+def test_every_operation_is_scoped_to_its_user(url):
+    store = open_store(url)
+    alice, bob = StoreMemoryTool(store, "alice"), StoreMemoryTool(store, "bob")
+    alice.call({"command": "create", "path": "/memories/secret.md",
+                "file_text": "alice's passphrase is tangerine"})
+    store.archive_turn("alice", "sess_a", 1, [{"role": "user", "content": "tangerine talk"}])
+    for command in (
+        {"command": "view", "path": "/memories/secret.md"},
+        {"command": "str_replace", "path": "/memories/secret.md", "old_str": "tangerine",
+         "new_str": "x"},
+        {"command": "insert", "path": "/memories/secret.md", "insert_line": 0,
+         "insert_text": "x"},
+        {"command": "delete", "path": "/memories/secret.md"},
+        {"command": "rename", "old_path": "/memories/secret.md", "new_path": "/memories/m.md"},
+    ):
+        with pytest.raises(ToolError):
+            bob.call(command)
+    assert "tangerine" not in bob.call({"command": "view", "path": "/memories"})
+    assert search(store, "bob", {"query": "tangerine"}).startswith("No memory matches")
+    assert store.export("bob") == {"user": "bob", "memories": [], "archived_turns": []}
+    # bob may use the same path for his own file; alice's is untouched.
+    bob.call({"command": "create", "path": "/memories/secret.md", "file_text": "bob's"})
+    assert store.forget("bob") == 1
+    assert store.read("alice", "/memories/secret.md").content.endswith("tangerine")
+    assert [h.tier for h in store.search("alice", "tangerine")] == ["memory", "archive"]
+
+
+# ---- the memory tool ----------------------------------------------------------------------
+
+TRAVERSALS = [
+    "/memories/../etc/passwd", "/memories/a/../../etc", "..", "../memories/x", "/etc/passwd",
+    "/", "memories/x", "/memoriesX/y", "/memories/%2e%2e/etc", "/memories/%2E%2E%2Fetc",
+    "/memories/..%2fetc", "/memories/a\\..\\..\\etc", "/memories\\..\\etc", "/memories/a\x00b",
+    "/memories/./x", "/memories//x", "/memories/\uff0e\uff0e/etc", "/memories/a\uff0fb",
+    "/memories/~/x", "/memories/a\nb", "/memories/ ../x", "//memories/x",
+    "/memories/" + "a/" * 40 + "x", "/memories/" + "n" * 300, "/proc/self/environ",
+    "file:///etc/passwd", "/memories/link -> /etc/passwd/..",
+]
+
+
+def test_memory_tool_refuses_every_traversal_attempt(url):
+    store = open_store(url)
+    tool = StoreMemoryTool(store, "alice")
+    tool.call({"command": "create", "path": "/memories/ok.md", "file_text": "fine"})
+    before = rows(store, "SELECT user_id, path, content FROM memories")
+    for bad in TRAVERSALS:
+        for command in (
+            {"command": "view", "path": bad},
+            {"command": "create", "path": bad, "file_text": "pwned"},
+            {"command": "str_replace", "path": bad, "old_str": "a", "new_str": "b"},
+            {"command": "insert", "path": bad, "insert_line": 0, "insert_text": "pwned"},
+            {"command": "delete", "path": bad},
+            {"command": "rename", "old_path": bad, "new_path": "/memories/moved.md"},
+            {"command": "rename", "old_path": "/memories/ok.md", "new_path": bad},
+        ):
+            with pytest.raises(ToolError) as info:
+                tool.call(command)
+            assert "refused memory path" in str(info.value.content), (bad, command)
+    # Nothing was written, moved or deleted, and no host file was read.
+    assert rows(store, "SELECT user_id, path, content FROM memories") == before
+    # The root itself cannot be deleted or renamed; the knowledge base cannot be written.
+    for command in ({"command": "delete", "path": "/memories"},
+                    {"command": "rename", "old_path": "/memories", "new_path": "/memories/x"},
+                    {"command": "create", "path": "/memories/knowledge/faq/x.md",
+                     "file_text": "forged"}):
+        with pytest.raises(ToolError):
+            tool.call(command)
+    for malformed in ({"command": "view"}, {"command": "create", "path": "/memories/x"},
+                      {"command": "chmod", "path": "/memories/ok.md"}, "view /memories",
+                      {"command": "view", "path": 7}):
+        with pytest.raises(ToolError):
+            tool.call(malformed)
+    assert rows(store, "SELECT user_id, path, content FROM memories") == before
+
+
+def test_memory_tool_commands(url):
+    store = open_store(url)
+    tool = StoreMemoryTool(store, "alice")
+    assert tool.to_dict() == {"type": "memory_20250818", "name": "memory"}
+    tool.call({"command": "create", "path": "/memories/proj/todo.md", "file_text": "a\nb\n"})
+    with pytest.raises(ToolError, match="already exists"):
+        tool.call({"command": "create", "path": "/memories/proj/todo.md", "file_text": "x"})
+    with pytest.raises(ToolError, match="is a file"):
+        tool.call({"command": "create", "path": "/memories/proj/todo.md/x", "file_text": "x"})
+    tool.call({"command": "str_replace", "path": "/memories/proj/todo.md", "old_str": "b",
+               "new_str": "B"})
+    tool.call({"command": "insert", "path": "/memories/proj/todo.md", "insert_line": 1,
+               "insert_text": "between"})
+    assert store.read("alice", "/memories/proj/todo.md").content == "a\nbetween\nB\n"
+    with pytest.raises(ToolError, match="exactly once"):
+        tool.call({"command": "str_replace", "path": "/memories/proj/todo.md", "old_str": "e",
+                   "new_str": "x"})
+    shown = tool.call({"command": "view", "path": "/memories/proj/todo.md",
+                       "view_range": [2, 3]})
+    assert shown.splitlines()[1:] == ["     2\tbetween", "     3\tB"]
+    assert "/memories/proj/todo.md" in tool.call({"command": "view", "path": "/memories/proj"})
+    tool.call({"command": "rename", "old_path": "/memories/proj", "new_path": "/memories/done"})
+    assert [e.path for e in store.entries("alice")] == ["/memories/done/todo.md"]
+    with pytest.raises(ToolError, match="inside itself"):
+        tool.call({"command": "rename", "old_path": "/memories/done",
+                   "new_path": "/memories/done/sub"})
+    tool.call({"command": "delete", "path": "/memories/done"})
+    assert store.entries("alice") == []
+    with pytest.raises(ToolError, match="at most 10"):
+        store2 = open_store(url, max_entry_chars=10)
+        StoreMemoryTool(store2, "alice").call(
+            {"command": "create", "path": "/memories/big", "file_text": "x" * 11})
+
+
+# ---- long-term: the knowledge base --------------------------------------------------------
+
+def test_knowledge_refresh_is_a_new_version_switched_atomically(url, tmp_path):
+    clock = Clock()
+    src = tmp_path / "kb"
+    (src / "policies").mkdir(parents=True)
+    (src / "policies" / "refunds.md").write_text("Refunds within thirty days.")
+    (src / "faq.md").write_text("Shipping takes five days.")
+    (src / ".hidden").write_text("not loaded")
+    (src / "escape.md").symlink_to("/etc/hostname")
+    source = KnowledgeSource(namespace="support", directory=src)
+    store = open_store(url, clock, refresh_interval_hours=24, sources=(source,))
+    assert store.refresh_due() == ["support"] and store.knowledge_version("support") == 1
+    assert [e.path for e in store.list_knowledge()] == [
+        "/memories/knowledge/support/faq.md", "/memories/knowledge/support/policies/refunds.md"]
+    (src / "policies" / "refunds.md").write_text("Refunds within sixty days.")
+    (src / "faq.md").unlink()
+    clock.now += 23 * 3600
+    assert store.refresh_due() == []  # not due yet: still version 1
+    assert "thirty" in store.read_knowledge("/memories/knowledge/support/policies/refunds.md")
+    clock.now += 3601
+    assert store.refresh_due() == ["support"] and store.knowledge_version("support") == 2
+    assert "sixty" in store.read_knowledge("/memories/knowledge/support/policies/refunds.md")
+    with pytest.raises(MemoryPathError):
+        store.read_knowledge("/memories/knowledge/support/faq.md")
+    # Only the current version is kept; searches see only it, for every user.
+    assert rows(store, "SELECT DISTINCT version FROM knowledge") == [(2,)]
+    assert [h.ref for h in store.search("anyone", "refunds days")] == [
+        "/memories/knowledge/support/policies/refunds.md"]
+    assert store.search("anyone", "thirty") == []
+    # The model sees it read-only under /memories/knowledge.
+    tool = StoreMemoryTool(store, "anyone")
+    listing = tool.call({"command": "view", "path": "/memories/knowledge"})
+    assert listing.splitlines()[1:] == ["26\t/memories/knowledge/support/policies/refunds.md"]
+    assert "sixty" in tool.call({"command": "view",
+                                 "path": "/memories/knowledge/support/policies/refunds.md"})
+    with pytest.raises(ToolError, match="read-only"):
+        tool.call({"command": "delete", "path": "/memories/knowledge/support"})
+
+
+def test_knowledge_switch_is_atomic_for_a_concurrent_reader(url):
+    """A reader in another connection sees a whole version, never a mix, while refreshes run."""
+    import threading
+
+    writer, reader = open_store(url), open_store(url)
+    docs = {f"d{i}.md": "v0" for i in range(50)}
+    writer.refresh_knowledge("ns", docs)
+    stop = threading.Event()
+    seen: list[set[str]] = []
+
+    def read_loop() -> None:
+        while not stop.is_set():
+            with reader.db.transaction() as tx:
+                got = tx.rows("SELECT k.content FROM knowledge k JOIN knowledge_versions v ON "
+                              "v.namespace = k.namespace AND v.version = k.version")
+            seen.append({r[0] for r in got} | {f"n={len(got)}"})
+
+    t = threading.Thread(target=read_loop)
+    t.start()
+    for v in range(1, 15):
+        writer.refresh_knowledge("ns", {p: f"v{v}" for p in docs})
+    stop.set()
+    t.join()
+    assert seen and all(len(s) == 2 and "n=50" in s for s in seen)
+
+
+# ---- short-term: archived turns ----------------------------------------------------------
+
+def test_turns_leaving_the_context_are_archived_and_searchable(url, monkeypatch):
+    from fake_anthropic import FakeAnthropic, message, text, tool_use
+
+    from cellblock.agent import Agent
+
+    words = ["alpha", "bravo", "charlie", "delta"]
+    script = [message(tool_use("run_shell", {"command": f"echo primes {w}"}))
+              for w in words] + [message(text("done"))]
+    store = open_store(url)
+    with FakeAnthropic(script) as server:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        result = Agent(model="claude-sonnet-4-6", memory=store, user_id="alice",
+                       memory_turns=2).run("count")
+    assert result.stop_reason == "end_turn" and result.session_id
+    # 5 turns, 2 kept in context: 3 archived, each an assistant message and its results.
+    assert [len(m["messages"]) for m in server.requests] == [1, 3, 5, 5, 5]
+    archived = store.archived_turns("alice", result.session_id)
+    assert [t for t, _ in archived] == [1, 1, 2, 2]
+    assert archived[0][1]["content"][0]["input"] == {"command": "echo primes alpha"}
+    # The call and its output (the tool result) both match.
+    hits = store.search("alice", "bravo")
+    assert [h.ref for h in hits if h.tier == "archive"] == [f"{result.session_id}#2"] * 2
+    assert store.search("alice", "delta") == []  # still in context, not archived
+    assert store.search("bob", "primes") == []
+    # The archive is bounded too: the oldest messages go first.
+    capped = open_store(url, max_archived_messages=3)
+    capped.archive_turn("alice", "sess_more", 1, [{"role": "user", "content": "echo"}])
+    assert [(t, m["role"]) for t, m in capped.archived_turns("alice", result.session_id)] == [
+        (2, "assistant"), (2, "user")]
+    assert len(capped.archived_turns("alice", "sess_more")) == 1
+    # The model reached memory through the memory tool and the search tool.
+    names = [t.get("name") for t in server.requests[0]["tools"]]
+    assert names[-2:] == ["memory", "memory_search"]
+    assert server.requests[0]["tools"][-2] == {"type": "memory_20250818", "name": "memory"}
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def test_checkpoints_are_pruned_with_their_blobs(url):
+    store = open_store(url)
+    cps = store.checkpoints
+    lease = cps.start("alice", "task")
+    config = CheckpointConfig(max_checkpoints=3)
+    shared = os.urandom(1000)
+    for i in range(8):
+        files = {"shared.bin": shared, "dir": None, f"step{i}.txt": f"step {i}".encode()}
+        cps.save(lease, {"i": i}, files, config=config)
+    kept = cps.kept(lease.session_id)
+    assert [c.state["i"] for c in kept] == [5, 6, 7] and [c.seq for c in kept] == [6, 7, 8]
+    # Blobs: the shared file once, plus one per kept step file; nothing unreferenced.
+    assert cps.storage() == {"checkpoints": 3, "files": 9, "blobs": 4,
+                             "blob_bytes": 1000 + 3 * len(b"step 5")}
+    latest = cps.latest(lease.session_id)
+    assert {f.path: f.kind for f in latest.files} == {"shared.bin": "file", "dir": "dir",
+                                                      "step7.txt": "file"}
+    assert cps.blob(next(f.hash for f in latest.files if f.path == "shared.bin")) == shared
+
+
+def test_a_stale_process_cannot_write_over_a_newer_checkpoint(url):
+    first, second = open_store(url), open_store(url)  # two processes' connections
+    old = first.checkpoints.start("alice", "task")
+    first.checkpoints.save(old, {"by": "old"}, {})
+    new = second.checkpoints.take_over(old.session_id)
+    assert new.generation == old.generation + 1
+    second.checkpoints.save(new, {"by": "new"}, {"f": b"x"})
+    with pytest.raises(StaleCheckpoint):
+        first.checkpoints.save(old, {"by": "old, late"}, {"f": b"late"})
+    latest = first.checkpoints.latest(old.session_id)
+    assert latest.state == {"by": "new"} and latest.generation == new.generation
+    assert isinstance(StaleCheckpoint("x"), cellblock.CellblockError)
+
+
+def test_1000_checkpoints_of_a_busy_session_keep_storage_bounded(tmp_path):
+    db = tmp_path / "busy.db"
+    store = open_store(f"sqlite://{db}")
+    cps = store.checkpoints
+    lease = cps.start("alice", "busy")
+    config = CheckpointConfig(max_checkpoints=10, compact_every=20)
+    stable = {f"lib/m{i}.py": os.urandom(2000) for i in range(20)}
+    sizes = []
+    for i in range(1000):
+        # Every step rewrites a log and a 20 kB output, and creates a new file each time.
+        files: dict[str, bytes | None] = {**stable, "lib": None,
+                                          "log.txt": f"step {i}\n".encode() * 50,
+                                          "out.bin": os.urandom(20_000),
+                                          f"new/{i}.txt": f"{i:04d}".encode() * 25, "new": None}
+        cps.save(lease, {"step": i, "messages": ["x" * 500] * 10}, files, config=config)
+        if i % 100 == 57:  # between two compactions: the WAL holds 18 checkpoints
+            sizes.append(db.stat().st_size + Path(f"{db}-wal").stat().st_size)
+    storage = cps.storage()
+    assert storage["checkpoints"] == 10
+    # 20 stable files + 10 kept * (log, out, new file) blobs.
+    assert storage["blobs"] == 20 + 10 * 3
+    assert storage["blob_bytes"] < 20 * 2000 + 10 * (20_000 + 50 * 10 + 100)
+    # The file (database + WAL) stops growing: the last sizes are no bigger than the early
+    # ones and all stay under ~2.5x the live data (WAL truncated, free pages returned).
+    live = storage["blob_bytes"] + 10 * 6000
+    assert max(sizes) < 2.5 * live + (4 << 20), sizes
+    assert sizes[-1] <= max(sizes[:3]) * 1.2, sizes
+
+
+def test_workspace_snapshot_and_restore_through_the_sandbox_api():
+    with cellblock.Sandbox() as a, cellblock.Sandbox() as b:
+        a.run_shell("mkdir -p /workspace/d/empty && echo one > /workspace/d/f.txt && "
+                    "printf '\\0\\1' > /workspace/bin && ln -s /etc/passwd /workspace/link")
+        snap = snapshot_workspace(a)
+        assert snap == {"bin": b"\0\1", "d": None, "d/empty": None, "d/f.txt": b"one\n"}
+        store = open_store("sqlite://:memory:")
+        lease = store.checkpoints.start("u", "t")
+        cid = store.checkpoints.save(lease, {}, snap)
+        b.write_file("stale.txt", "left from before")
+        restore_workspace(b, store.checkpoints.get(cid), store.checkpoints)
+        assert snapshot_workspace(b) == snap
+
+
+def test_checkpoint_reasons_interval_and_user_scoped_resume(tmp_path):
+    from cellblock.agent import Agent
+    from cellblock.memory import CheckpointNotFound
+
+    db = tmp_path / "private" / "m.db"
+    store = open_store(f"sqlite://{db}")
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    agent = Agent(model="offline", memory=store, user_id="alice",
+                  checkpoints=CheckpointConfig(interval_seconds=1e-6, max_checkpoints=100))
+    result = agent.run("print the first 25 prime numbers")
+    reasons = [c.reason for c in store.checkpoints.kept(result.session_id)]
+    assert reasons[0] == "start" and reasons[-1] == "finished"
+    assert "interval" in reasons and reasons.count("tool_call") == len(result.tool_calls)
+    # bob cannot resume (or even find) alice's session.
+    bob = Agent(model="offline", memory=store, user_id="bob")
+    for ref in ("latest", result.session_id, store.checkpoints.latest(result.session_id).id):
+        with pytest.raises(CheckpointNotFound):
+            bob.resume(ref)
+    assert Agent(model="offline", memory=store, user_id="alice").resume(
+        result.session_id).final_text == result.final_text
+
+
+def test_another_uid_cannot_read_the_memory_file(tmp_path):
+    """The store holds users' memories and workspaces: uid 65534 tries to read it and fails."""
+    data = tmp_path / "data"
+    store = open_store(f"sqlite://{data / 'cellblock' / 'memory.db'}")
+    store.write("alice", "/memories/secret.md", "the vault code is 8412")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(data, 0o755)  # even with every parent directory open to all
+    db = data / "cellblock" / "memory.db"
+    probe = ("import sqlite3, sys\n"
+             "for p in sys.argv[1:]:\n"
+             "    try:\n"
+             "        print(p.rsplit('/', 1)[1], open(p, 'rb').read(1))\n"
+             "    except OSError as e:\n"
+             "        print(p.rsplit('/', 1)[1], type(e).__name__)\n")
+    targets = [str(db), f"{db}-wal", str(db.parent / "x")]
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                "/usr/bin/python3", "-c", probe, *targets]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.split("\n")[:2] == ["memory.db PermissionError",
+                                               "memory.db-wal PermissionError"], out.stdout
+    assert oct(db.parent.stat().st_mode & 0o777) == "0o700"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+def test_bad_urls_and_users_are_typed_errors(tmp_path):
+    with pytest.raises(MemoryStoreError, match="unsupported"):
+        MemoryStore("mysql://x")
+    with pytest.raises(MemoryStoreError):
+        MemoryStore("postgresql://nobody@/nodb?host=/nonexistent-socket-dir")
+    store = open_store(f"sqlite://{tmp_path / 'm.db'}")
+    for bad in ("", "a\nb", "x" * 300):
+        with pytest.raises(MemoryStoreError):
+            store.write(bad, "/memories/x", "y")
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+def test_memory_cli(tmp_path):
+    url = f"sqlite://{tmp_path / 'm.db'}"
+    store = open_store(url)
+    store.write("alice", "/memories/prefs.md", "alice likes green tea\n")
+    store.write("bob", "/memories/prefs.md", "bob likes coffee\n")
+    alices = store.checkpoints.start("alice", "alice's task").session_id
+    store.checkpoints.start("bob", "bob's task")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CELLBLOCK_USER": "alice"}
+        return subprocess.run([sys.executable, "-m", "cellblock.cli", "memory", "--db", url,
+                               *args], capture_output=True, text=True, env=env, timeout=60,
+                              check=False)
+
+    ls = cli("ls")
+    assert ls.returncode == 0 and ls.stdout.split()[-1] == "/memories/prefs.md"
+    assert cli("show", "/memories/prefs.md").stdout == "alice likes green tea\n"
+    assert "coffee" not in cli("search", "likes").stdout
+    assert "[memory] /memories/prefs.md" in cli("search", "green").stdout
+    exported = json.loads(cli("export").stdout)
+    assert [m["path"] for m in exported["memories"]] == ["/memories/prefs.md"]
+    bad = cli("show", "/memories/../../etc/passwd")
+    assert bad.returncode == 2 and bad.stderr.startswith("cellblock: error: MemoryPathError:")
+    sessions = cli("sessions").stdout.splitlines()
+    assert len(sessions) == 1 and sessions[0].startswith(alices + "  running")
+    assert cli("forget", "/memories/prefs.md").returncode == 0
+    assert cli("ls").stdout == ""
+    assert "coffee" in cli("--user", "bob", "show", "/memories/prefs.md").stdout
