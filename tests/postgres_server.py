@@ -75,7 +75,10 @@ def postgres_server() -> Iterator[PostgresServer]:
         run([str(bindir / "initdb"), "-D", str(server.data), "-U", "cellblock", "--auth=trust",
              "-E", "UTF8", "--locale=C", "--no-sync"])
         options = (f"-k {server.socket_dir} -c listen_addresses='' -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40")
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40"
+                   # Shared memory in the data directory, not the host's /dev/shm: nothing of
+                   # the server outlives its temp dir, even after an immediate stop.
+                   " -c dynamic_shared_memory_type=mmap")
         run([str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(root / "log"), "-w",
              "-t", "60", "-o", options, "start"])
         started = True
