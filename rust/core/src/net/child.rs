@@ -17,8 +17,8 @@ use std::net::IpAddr;
 pub const CHILD_FDS: usize = 5;
 /// Where `nft` is looked for.
 const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft"];
-/// The ruleset goes through a pipe that nobody reads until nft starts: it must fit in one.
-const MAX_RULESET: usize = 60 * 1024;
+/// A bound on the ruleset's size (nft reads it while it is written, so no buffer limits it).
+const MAX_RULESET: usize = 4 << 20;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWROUTE: u16 = 24;
@@ -344,27 +344,22 @@ fn bind_socket(
     result
 }
 
-/// Runs `nft -f -` with the ruleset on stdin and waits for it.
+/// Runs `nft -f -` with the ruleset on stdin and waits for it. nft is started first and the
+/// ruleset written while it reads: writing it before would block forever on a ruleset larger
+/// than the buffer (small when the user's pipe quota is spent). A socket pair rather than a
+/// pipe, so that an nft that dies early gives EPIPE, never SIGPIPE.
 fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
-    let mut pipe = [0; 2];
-    // SAFETY: pipe2 writes two fds into the local array.
-    check(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    let [rd, wr] = pipe;
-    let mut written = 0;
-    while written < plan.ruleset.len() {
-        let rest = &plan.ruleset[written..];
-        // SAFETY: writes from a slice we borrow; the pipe holds the whole (size-checked) ruleset.
-        let n = unsafe { libc::write(wr, rest.as_ptr().cast(), rest.len()) };
-        if n <= 0 {
-            let e = errno();
-            // SAFETY: closes the pipe this function opened.
-            unsafe { (libc::close(rd), libc::close(wr)) };
-            return Err(e);
-        }
-        written += n as usize;
-    }
-    // SAFETY: closes our write end so nft sees EOF.
-    unsafe { libc::close(wr) };
+    let mut pair = [0; 2];
+    // SAFETY: socketpair writes two fds into the local array.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    })?;
+    let [rd, wr] = pair;
     let argv = [
         plan.nft.as_ptr(),
         plan.nft_f.as_ptr(),
@@ -376,7 +371,8 @@ fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
     // child only calls dup2/open/execve/_exit.
     let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
     if pid == 0 {
-        // SAFETY: in the fresh child: wire stdin to the pipe, silence output, exec nft.
+        // SAFETY: in the fresh child: wire stdin to the socket, silence output, exec nft (the
+        // write end is close-on-exec).
         unsafe {
             libc::dup2(rd, 0);
             let null = libc::open(plan.dev_null.as_ptr(), libc::O_RDWR);
@@ -388,6 +384,22 @@ fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
             libc::_exit(127);
         }
     }
+    let mut written = 0;
+    while pid > 0 && written < plan.ruleset.len() {
+        let rest = &plan.ruleset[written..];
+        // SAFETY: sends from a slice we borrow; nft reads the other end meanwhile.
+        let n = unsafe { libc::send(wr, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+        if n <= 0 {
+            if errno() == -libc::EINTR {
+                continue;
+            }
+            // nft stopped reading: its exit status below says why.
+            break;
+        }
+        written += n as usize;
+    }
+    // SAFETY: closes our write end so nft sees EOF.
+    unsafe { libc::close(wr) };
     // SAFETY: closes the read end the child now holds its own copy of.
     unsafe { libc::close(rd) };
     if pid < 0 {
