@@ -280,14 +280,14 @@ def _make_progress(progress: bool | Progress, jobs: Iterable[Job]) -> Progress |
 def iter_many(
     jobs: Iterable[Job],
     concurrency: int | None = None,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
     policy: Policy | None = None,
     runner: Runner = run_cold,
 ) -> Generator[tuple[Job, Outcome], None, None]:
     """Run jobs concurrently, yielding `(job, result)` in completion order.
 
-    `concurrency` defaults to the CPU count. `progress` is True (a bar on stderr and a summary
-    at the end), False, or a `Progress` to report into. `policy` is the base every job's limits
+    `concurrency` defaults to the CPU count. `progress` is False (the default: silent), True (a
+    bar on stderr and a summary at the end), or a `Progress` to report into. `policy` is the base every job's limits
     and env apply over. Jobs are read from `jobs` lazily, so it can be a long generator.
     Closing the iterator early (or Ctrl-C) starts no new job and waits for the running ones.
     """
@@ -299,7 +299,7 @@ def iter_many(
 def run_many(
     jobs: Iterable[Job],
     concurrency: int | None = None,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
     policy: Policy | None = None,
     runner: Runner = run_cold,
 ) -> list[Outcome]:

@@ -79,28 +79,46 @@ impl ChildPlan {
     }
 }
 
-/// The sandbox's nftables rules: TCP to anything but loopback (and TCP to listed loopback
-/// targets) goes to the transparent listener, UDP port 53 goes to the DNS stub, and every other
-/// packet leaving loopback is logged to the NFLOG group and rejected.
+/// The sandbox's nftables rules. TCP that may be allowed goes to the transparent listener:
+/// listed loopback targets, the DNS stub's synthetic addresses (listed names), listed addresses,
+/// and, on the ports a listed name may use, any address (its TLS SNI or HTTP Host may name a
+/// listed host). UDP port 53 goes to the DNS stub. Every other packet leaving loopback is
+/// logged to the NFLOG group (reported as a violation) and refused right away: TCP with a reset,
+/// so the client's connect() fails with ECONNREFUSED instead of being accepted and closed.
 pub fn ruleset(allow: &Allowlist) -> String {
     let t = TRANSPARENT_PORT;
+    let fam = |ip: &std::net::IpAddr| if ip.is_ipv4() { "ip" } else { "ip6" };
     let mut r = String::from("table inet cellblock {\n\tchain egress_nat {\n");
     r.push_str("\t\ttype nat hook output priority -100; policy accept;\n");
+    // Writing to a String cannot fail.
     for (ip, port) in allow.loopback_targets() {
-        let fam = if ip.is_ipv4() { "ip" } else { "ip6" };
         let ports = match port {
             Some(p) if p == PROXY_PORT || p == TRANSPARENT_PORT => continue,
             Some(p) => p.to_string(),
             None => format!("!= {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}"),
         };
-        // Writing to a String cannot fail.
-        let _ = writeln!(r, "\t\t{fam} daddr {ip} tcp dport {ports} redirect to :{t}");
+        let _ = writeln!(r, "\t\t{} daddr {ip} tcp dport {ports} redirect to :{t}", fam(&ip));
     }
     let _ = writeln!(
         r,
-        "\t\tip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :{t}"
+        "\t\tip daddr {SYNTHETIC_NET} meta l4proto tcp redirect to :{t}"
     );
-    let _ = writeln!(r, "\t\tip6 daddr != ::1 meta l4proto tcp redirect to :{t}");
+    for (ip, port) in allow.remote_ip_targets() {
+        let tcp = port.map_or("meta l4proto tcp".into(), |p| format!("tcp dport {p}"));
+        let _ = writeln!(r, "\t\t{} daddr {ip} {tcp} redirect to :{t}", fam(&ip));
+    }
+    let sniffed = match allow.name_ports() {
+        None => Some("meta l4proto tcp".to_string()),
+        Some(ports) if ports.is_empty() => None,
+        Some(ports) => {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            Some(format!("tcp dport {{ {} }}", list.join(", ")))
+        }
+    };
+    if let Some(tcp) = sniffed {
+        let _ = writeln!(r, "\t\tip daddr != 127.0.0.0/8 {tcp} redirect to :{t}");
+        let _ = writeln!(r, "\t\tip6 daddr != ::1 {tcp} redirect to :{t}");
+    }
     let _ = writeln!(
         r,
         "\t\tmeta nfproto ipv4 udp dport 53 redirect to :{DNS_PORT}"
@@ -109,9 +127,14 @@ pub fn ruleset(allow: &Allowlist) -> String {
         "\t}\n\tchain egress_filter {\n\t\ttype filter hook output priority 0; policy accept;\n",
     );
     r.push_str("\t\tct direction reply accept\n\t\tip daddr 127.0.0.0/8 accept\n\t\tip6 daddr ::1 accept\n");
-    let _ = writeln!(r, "\t\tlog group {} reject\n\t}}\n}}", nflog::GROUP);
+    let g = nflog::GROUP;
+    let _ = writeln!(r, "\t\tmeta l4proto tcp log group {g} reject with tcp reset");
+    let _ = writeln!(r, "\t\tlog group {g} reject\n\t}}\n}}");
     r
 }
+
+/// The DNS stub's synthetic addresses (see [`super::resolve`]).
+const SYNTHETIC_NET: &str = "198.18.0.0/15";
 
 fn link_up_message() -> Vec<u8> {
     // ifinfomsg: family, pad, type, index, flags, change.
@@ -448,9 +471,29 @@ mod tests {
             !r.contains("dport 3128 redirect"),
             "the proxy port is never shadowed: {r}"
         );
-        assert!(r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"));
+        // No name is listed: nothing else could be allowed, so nothing else is intercepted.
+        assert!(!r.contains("daddr != 127.0.0.0/8"), "{r}");
         assert!(r.contains("udp dport 53 redirect to :53"));
+        assert!(r.contains("meta l4proto tcp log group 7 reject with tcp reset"), "{r}");
         assert!(r.contains("log group 7 reject"));
+    }
+
+    #[test]
+    fn ruleset_intercepts_only_what_may_be_allowed() {
+        let parse = |p: &[&str]| {
+            Allowlist::parse(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let r = ruleset(&parse(&["example.com:443", "*.example.org:8443", "192.0.2.7:22"]));
+        assert!(r.contains("ip daddr 198.18.0.0/15 meta l4proto tcp redirect to :3129"), "{r}");
+        assert!(r.contains("ip daddr 192.0.2.7 tcp dport 22 redirect"), "{r}");
+        assert!(
+            r.contains("ip daddr != 127.0.0.0/8 tcp dport { 443, 8443 } redirect"),
+            "{r}"
+        );
+        // A name on any port: any address may turn out to be that name.
+        let r = ruleset(&parse(&["example.com"]));
+        assert!(r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"), "{r}");
     }
 
     #[test]
