@@ -50,8 +50,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A wait that has a deadline ran past it (e.g. a sandbox whose set-up hangs).
-    #[error("{stage}: no answer within {seconds:.1} s")]
+    /// Building a sandbox took longer than its deadline (its set-up hangs): it was killed.
+    #[error("sandbox set-up did not finish within {seconds:.1} s (at: {stage})")]
     Deadline {
         /// What was waited for.
         stage: &'static str,

@@ -87,26 +87,21 @@ impl ChildPlan {
 /// so the client's connect() fails with ECONNREFUSED instead of being accepted and closed.
 pub fn ruleset(allow: &Allowlist) -> String {
     let t = TRANSPARENT_PORT;
-    let fam = |ip: &std::net::IpAddr| if ip.is_ipv4() { "ip" } else { "ip6" };
     let mut r = String::from("table inet cellblock {\n\tchain egress_nat {\n");
     r.push_str("\t\ttype nat hook output priority -100; policy accept;\n");
+    let loopback: Vec<_> = allow
+        .loopback_targets()
+        .into_iter()
+        .filter(|(_, p)| !matches!(p, Some(p) if *p == PROXY_PORT || *p == TRANSPARENT_PORT))
+        .collect();
+    let not_ours = format!("tcp dport != {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}");
+    redirect_rules(&mut r, &loopback, &not_ours);
     // Writing to a String cannot fail.
-    for (ip, port) in allow.loopback_targets() {
-        let ports = match port {
-            Some(p) if p == PROXY_PORT || p == TRANSPARENT_PORT => continue,
-            Some(p) => p.to_string(),
-            None => format!("!= {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}"),
-        };
-        let _ = writeln!(r, "\t\t{} daddr {ip} tcp dport {ports} redirect to :{t}", fam(&ip));
-    }
     let _ = writeln!(
         r,
         "\t\tip daddr {SYNTHETIC_NET} meta l4proto tcp redirect to :{t}"
     );
-    for (ip, port) in allow.remote_ip_targets() {
-        let tcp = port.map_or("meta l4proto tcp".into(), |p| format!("tcp dport {p}"));
-        let _ = writeln!(r, "\t\t{} daddr {ip} {tcp} redirect to :{t}", fam(&ip));
-    }
+    redirect_rules(&mut r, &allow.remote_ip_targets(), "meta l4proto tcp");
     let sniffed = match allow.name_ports() {
         None => Some("meta l4proto tcp".to_string()),
         Some(ports) if ports.is_empty() => None,
@@ -131,6 +126,33 @@ pub fn ruleset(allow: &Allowlist) -> String {
     let _ = writeln!(r, "\t\tmeta l4proto tcp log group {g} reject with tcp reset");
     let _ = writeln!(r, "\t\tlog group {g} reject\n\t}}\n}}");
     r
+}
+
+/// Rules sending TCP to `targets` (address, port or `None` = any port, where `any_port`
+/// selects the packets) to the transparent listener. Targets go into anonymous sets, one rule
+/// per family and kind: a rule per target would make a batch larger than an unprivileged
+/// netlink socket may send ("Message too long") for long allowlists.
+fn redirect_rules(r: &mut String, targets: &[(std::net::IpAddr, Option<u16>)], any_port: &str) {
+    let t = TRANSPARENT_PORT;
+    for (fam, v4) in [("ip", true), ("ip6", false)] {
+        let mine = targets.iter().filter(|(ip, _)| ip.is_ipv4() == v4);
+        let with_port: Vec<String> = mine
+            .clone()
+            .filter_map(|(ip, p)| p.map(|p| format!("{ip} . {p}")))
+            .collect();
+        let any: Vec<String> = mine
+            .filter(|(_, p)| p.is_none())
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        if !with_port.is_empty() {
+            let set = with_port.join(", ");
+            let _ = writeln!(r, "\t\t{fam} daddr . tcp dport {{ {set} }} redirect to :{t}");
+        }
+        if !any.is_empty() {
+            let set = any.join(", ");
+            let _ = writeln!(r, "\t\t{fam} daddr {{ {set} }} {any_port} redirect to :{t}");
+        }
+    }
 }
 
 /// The DNS stub's synthetic addresses (see [`super::resolve`]).
@@ -460,11 +482,11 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let r = ruleset(&allow);
         assert!(
-            r.contains("ip daddr 127.0.0.1 tcp dport 9000 redirect to :3129"),
+            r.contains("ip daddr . tcp dport { 127.0.0.1 . 9000 } redirect to :3129"),
             "{r}"
         );
         assert!(
-            r.contains("ip6 daddr ::1 tcp dport != { 3128, 3129 } redirect to :3129"),
+            r.contains("ip6 daddr { ::1 } tcp dport != { 3128, 3129 } redirect to :3129"),
             "{r}"
         );
         assert!(
@@ -486,7 +508,7 @@ mod tests {
         };
         let r = ruleset(&parse(&["example.com:443", "*.example.org:8443", "192.0.2.7:22"]));
         assert!(r.contains("ip daddr 198.18.0.0/15 meta l4proto tcp redirect to :3129"), "{r}");
-        assert!(r.contains("ip daddr 192.0.2.7 tcp dport 22 redirect"), "{r}");
+        assert!(r.contains("ip daddr . tcp dport { 192.0.2.7 . 22 } redirect"), "{r}");
         assert!(
             r.contains("ip daddr != 127.0.0.0/8 tcp dport { 443, 8443 } redirect"),
             "{r}"
