@@ -28,8 +28,8 @@ def test_worker_is_unprivileged(nobody_runner: WorkerRunner) -> None:
 
 def spawn_as_nobody(nobody_dir: Path, spec: dict[str, object]) -> dict[str, object]:
     binary = nobody_dir / "cellblock-spawn"
-    if not binary.exists():
-        pytest.skip("cellblock-spawn is not built (cargo build --release)")
+    # `make build` builds it: a missing binary is a failure, not a reason to skip.
+    assert binary.exists(), "cellblock-spawn is not built (make build)"
     path = nobody_dir / f"spec-{os.getpid()}.json"
     path.write_text(json.dumps(spec))
     path.chmod(0o644)
