@@ -252,8 +252,8 @@ def test_pause_without_freezer_is_a_typed_error(nobody_dir: Path) -> None:
                 print(type(e).__name__, "freezer" in str(e))
     ''')
     out = subprocess.run([*SETPRIV, "env", "-i", f"PYTHONPATH={nobody_dir}", "/usr/bin/python3",
-                          "-c", code], capture_output=True, text=True, timeout=WORKER_DEADLINE,
-                         cwd="/")
+                          "-c", code], check=False, capture_output=True, text=True,
+                         timeout=WORKER_DEADLINE, cwd="/")
     assert out.stdout.split() == ["SetupError", "True"], out.stderr
 
 
@@ -367,9 +367,8 @@ def test_cli_prints_kind_and_message(cli: Cli) -> None:
 def test_io_error_is_an_oserror_with_errno() -> None:
     assert issubclass(cellblock.SandboxIOError, OSError)
     assert issubclass(cellblock.SandboxIOError, cellblock.CellblockError)
-    with cellblock.Sandbox() as sb:
-        with pytest.raises(cellblock.SandboxIOError) as e:
-            sb.read_file("no-such-file")
+    with cellblock.Sandbox() as sb, pytest.raises(cellblock.SandboxIOError) as e:
+        sb.read_file("no-such-file")
     assert e.value.errno == errno.ENOENT, e.value
     with pytest.raises(OSError):
         raise cellblock.SandboxIOError(errno.EIO, "x", "/p")
@@ -433,8 +432,8 @@ def test_readme_python_snippets_run_as_written(owner_identity: tuple[str, Path |
         script = (nobody_dir or tmp_path) / f"readme-{i}.py"
         script.write_text(code)
         script.chmod(0o644)
-        out = subprocess.run(owner_command(identity, script, nobody_dir), capture_output=True,
-                             text=True, timeout=WORKER_DEADLINE, cwd="/")
+        out = subprocess.run(owner_command(identity, script, nobody_dir), check=False,
+                             capture_output=True, text=True, timeout=WORKER_DEADLINE, cwd="/")
         script.unlink()
         assert out.returncode == 0, (code, out.stderr[-3000:])
         # Quiet unless asked: run_many prints no progress bar.
@@ -461,8 +460,8 @@ def test_cellblock_works_without_anthropic() -> None:
         except ImportError as e:
             print(e)
     ''')
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=WORKER_DEADLINE)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=WORKER_DEADLINE)
     assert out.returncode == 0, out.stderr
     assert "pip install 'cellblock[agent]'" in out.stdout
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()

@@ -86,7 +86,7 @@ class Policy(BaseModel):
             yield k, ({n: "<hidden>" for n in v} if k == "secrets" else v)
 
     @classmethod
-    def build(cls, **fields: Any) -> "Policy":
+    def build(cls, **fields: Any) -> Policy:
         """Validate fields, turning pydantic's errors into `InvalidSpec`."""
         try:
             return cls(**fields)
@@ -94,7 +94,7 @@ class Policy(BaseModel):
             raise InvalidSpec(_first_error(e)) from None
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Policy":
+    def from_toml(cls, path: str | Path) -> Policy:
         """Load a policy from a TOML file (top-level keys are Policy's fields)."""
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -102,7 +102,7 @@ class Policy(BaseModel):
             raise InvalidSpec(f"cannot read policy {path}: {e}") from None
         return cls.build(**data)
 
-    def merged(self, **overrides: Any) -> "Policy":
+    def merged(self, **overrides: Any) -> Policy:
         """A copy with the non-None overrides applied (validated)."""
         data = self.model_dump(exclude_unset=True)
         data.update({k: v for k, v in overrides.items() if v is not None})

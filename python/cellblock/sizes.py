@@ -13,7 +13,7 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(?:([KMGT])(?:I?B)?|B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | float | str, what: str = "size") -> int:
+def parse_size(value: float | str, what: str = "size") -> int:
     """Bytes from an int or a string such as "512K", "64M", "1.5G", "2GiB"; rejects the rest."""
     if isinstance(value, bool):
         raise InvalidSpec(f"{what}: expected a size, got {value!r}")
@@ -39,7 +39,7 @@ def parse_count(value: int | str, what: str) -> int:
     return n
 
 
-def parse_seconds(value: int | float | str, what: str, unit: str = "seconds") -> float:
+def parse_seconds(value: float | str, what: str, unit: str = "seconds") -> float:
     """A strictly positive, finite number (of seconds, or of `unit`)."""
     try:
         s = float(value) if not isinstance(value, bool) else math.nan

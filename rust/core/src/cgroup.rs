@@ -203,7 +203,10 @@ fn kill_members(dir: &Path) {
         return;
     }
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
         // SAFETY: kill(2) of a process listed in a stale cgroup of our own naming scheme.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }

@@ -90,9 +90,9 @@ impl Error {
     /// The errno behind this error, when an OS call failed.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Setup { source, .. } | Error::Io(source) | Error::IoAt { source, .. } => {
-                source.raw_os_error().or_else(|| errno_of_kind(source.kind()))
-            }
+            Error::Setup { source, .. } | Error::Io(source) | Error::IoAt { source, .. } => source
+                .raw_os_error()
+                .or_else(|| errno_of_kind(source.kind())),
             Error::Deadline { .. } => Some(libc::ETIMEDOUT),
             Error::CleanupFailed { error, .. } => error.errno(),
             _ => None,

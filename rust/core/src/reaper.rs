@@ -40,7 +40,10 @@ impl ReaperPlan {
             // SAFETY: open of a path we built; the fd is owned right below.
             let fd = unsafe { libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
             if fd < 0 {
-                return Err(Error::io_at(path.display().to_string(), std::io::Error::last_os_error()));
+                return Err(Error::io_at(
+                    path.display().to_string(),
+                    std::io::Error::last_os_error(),
+                ));
             }
             // SAFETY: fresh fd.
             files.push((unsafe { OwnedFd::from_raw_fd(fd) }, *value));

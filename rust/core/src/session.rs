@@ -139,7 +139,7 @@ impl Session {
             Duration::from_secs_f64(t.min(1e9))
         });
         if !self.wait_unpaused(waited + timeout)? {
-            return Ok(self.timed_out_while_paused(&spec, waited.elapsed())?);
+            return self.timed_out_while_paused(&spec, waited.elapsed());
         }
         let holder = self.holder()?;
         let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());

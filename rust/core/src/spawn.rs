@@ -938,7 +938,10 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let (pid, pidfd) =
         clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     // Only a cgroup needs the reaper: without one, the holder's own exit ends everything.
-    let reaper = match reaper_plan.as_ref().map(|r| reaper::start(r, &life_r, &pidfd)) {
+    let reaper = match reaper_plan
+        .as_ref()
+        .map(|r| reaper::start(r, &life_r, &pidfd))
+    {
         Some(Err(e)) => {
             kill_and_reap(&pidfd);
             return Err(e);

@@ -505,10 +505,7 @@ try: print(\"evil got\", c.recv(99))\nexcept OSError as e: print(\"evil refused\
     let text = stdout(&out);
     assert!(text.contains("hello /by-host"), "{text}");
     assert!(text.contains("tls-ok"), "{text}");
-    assert!(
-        text.contains("evil refused"),
-        "{text}"
-    );
+    assert!(text.contains("evil refused"), "{text}");
     assert!(
         has_violation(&violations, "evil.test", port, "not allowed"),
         "{violations:?}"

@@ -86,16 +86,16 @@ fn timeout_kills_only_that_call() {
         .exec(&call(&["sh", "-c", &control]), Default::default())
         .expect("exec");
     let seen = String::from_utf8_lossy(&r.stdout).trim().to_string();
-    assert!(seen.starts_with("1 "), "the scan missed a live sleeper: {seen}");
+    assert!(
+        seen.starts_with("1 "),
+        "the scan missed a live sleeper: {seen}"
+    );
     let mut spec = call(&["sh", "-c", "sleep 1000 & sleep 1000"]);
     spec.limits.timeout = Some(0.3);
     let r = s.exec(&spec, Default::default()).expect("exec");
     assert_eq!(r.reason, Reason::Timeout);
     let r = s
-        .exec(
-            &call(&["sh", "-c", SLEEPERS]),
-            Default::default(),
-        )
+        .exec(&call(&["sh", "-c", SLEEPERS]), Default::default())
         .expect("exec");
     let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
     let counts: Vec<u32> = out.split(' ').filter_map(|x| x.parse().ok()).collect();
@@ -193,13 +193,16 @@ fn everything_again_unprivileged() {
     // Every other test of this file ran, by name, and passed.
     for name in UNPRIVILEGED_TESTS {
         assert!(
-            text.lines().any(|l| l.trim() == format!("test {name} ... ok")),
+            text.lines()
+                .any(|l| l.trim() == format!("test {name} ... ok")),
             "{name} did not pass unprivileged:\n{text}"
         );
     }
     assert!(
-        text.lines().any(|l| l
-            .starts_with(&format!("test result: ok. {} passed; 0 failed", UNPRIVILEGED_TESTS.len()))),
+        text.lines().any(|l| l.starts_with(&format!(
+            "test result: ok. {} passed; 0 failed",
+            UNPRIVILEGED_TESTS.len()
+        ))),
         "unexpected unprivileged totals:\n{text}"
     );
 }

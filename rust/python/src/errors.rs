@@ -138,7 +138,9 @@ pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
 
 /// An internal failure converting data (should not happen): reported as SandboxIOError.
 pub fn internal(e: impl std::fmt::Display) -> PyErr {
-    to_pyerr(cellblock_core::Error::Io(std::io::Error::other(e.to_string())))
+    to_pyerr(cellblock_core::Error::Io(std::io::Error::other(
+        e.to_string(),
+    )))
 }
 
 /// Adds the exception classes to the module.

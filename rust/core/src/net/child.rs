@@ -123,7 +123,10 @@ pub fn ruleset(allow: &Allowlist) -> String {
     );
     r.push_str("\t\tct direction reply accept\n\t\tip daddr 127.0.0.0/8 accept\n\t\tip6 daddr ::1 accept\n");
     let g = nflog::GROUP;
-    let _ = writeln!(r, "\t\tmeta l4proto tcp log group {g} reject with tcp reset");
+    let _ = writeln!(
+        r,
+        "\t\tmeta l4proto tcp log group {g} reject with tcp reset"
+    );
     let _ = writeln!(r, "\t\tlog group {g} reject\n\t}}\n}}");
     r
 }
@@ -146,7 +149,10 @@ fn redirect_rules(r: &mut String, targets: &[(std::net::IpAddr, Option<u16>)], a
             .collect();
         if !with_port.is_empty() {
             let set = with_port.join(", ");
-            let _ = writeln!(r, "\t\t{fam} daddr . tcp dport {{ {set} }} redirect to :{t}");
+            let _ = writeln!(
+                r,
+                "\t\t{fam} daddr . tcp dport {{ {set} }} redirect to :{t}"
+            );
         }
         if !any.is_empty() {
             let set = any.join(", ");
@@ -496,7 +502,10 @@ mod tests {
         // No name is listed: nothing else could be allowed, so nothing else is intercepted.
         assert!(!r.contains("daddr != 127.0.0.0/8"), "{r}");
         assert!(r.contains("udp dport 53 redirect to :53"));
-        assert!(r.contains("meta l4proto tcp log group 7 reject with tcp reset"), "{r}");
+        assert!(
+            r.contains("meta l4proto tcp log group 7 reject with tcp reset"),
+            "{r}"
+        );
         assert!(r.contains("log group 7 reject"));
     }
 
@@ -506,16 +515,29 @@ mod tests {
             Allowlist::parse(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap_or_else(|e| panic!("{e}"))
         };
-        let r = ruleset(&parse(&["example.com:443", "*.example.org:8443", "192.0.2.7:22"]));
-        assert!(r.contains("ip daddr 198.18.0.0/15 meta l4proto tcp redirect to :3129"), "{r}");
-        assert!(r.contains("ip daddr . tcp dport { 192.0.2.7 . 22 } redirect"), "{r}");
+        let r = ruleset(&parse(&[
+            "example.com:443",
+            "*.example.org:8443",
+            "192.0.2.7:22",
+        ]));
+        assert!(
+            r.contains("ip daddr 198.18.0.0/15 meta l4proto tcp redirect to :3129"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip daddr . tcp dport { 192.0.2.7 . 22 } redirect"),
+            "{r}"
+        );
         assert!(
             r.contains("ip daddr != 127.0.0.0/8 tcp dport { 443, 8443 } redirect"),
             "{r}"
         );
         // A name on any port: any address may turn out to be that name.
         let r = ruleset(&parse(&["example.com"]));
-        assert!(r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"), "{r}");
+        assert!(
+            r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"),
+            "{r}"
+        );
     }
 
     #[test]
