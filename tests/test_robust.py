@@ -448,6 +448,18 @@ def test_run_many_shows_progress_only_when_asked(capfd: pytest.CaptureFixture[st
     assert "3 jobs" in capfd.readouterr().err
 
 
+def test_cli_batch_draws_no_progress_off_a_terminal(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"argv": ["true"]}) + "\n" for _ in range(3)))
+    script = Path(sys.executable).parent / "cellblock"
+    out = subprocess.run([str(script), "batch", str(jobs), "--out", str(tmp_path / "out.jsonl")],
+                         check=False, capture_output=True, text=True, timeout=WORKER_DEADLINE)
+    assert out.returncode == 0, out.stderr
+    # Piped stderr: the summary only, no "n/total ... jobs/s" progress lines.
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("3 jobs in"), out.stderr
+
+
 def test_cellblock_works_without_anthropic() -> None:
     code = textwrap.dedent('''\
         import sys

@@ -107,7 +107,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except OSError as e:
         fail(f"cannot write results to {out_path}: {e.strerror}")
     # The bar is for people: shown on a terminal only, so piped and logged runs stay clean.
-    progress = Progress(len(todo), quiet=args.quiet or not sys.stderr.isatty())
+    progress = Progress(len(todo), quiet=args.quiet, live=sys.stderr.isatty())
     runnable = [item for _, item in todo if isinstance(item, Job)]
     with out:
         for job_id, item in todo:
