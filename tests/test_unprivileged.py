@@ -9,7 +9,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 from conftest import NOBODY, SETPRIV, WORKER_DEADLINE, WorkerRunner, run_in_userns
 
 PROBE = ("echo uid=$(id -u); cat /proc/self/uid_map;"
