@@ -164,3 +164,55 @@ pub(crate) fn errno() -> i32 {
         .raw_os_error()
         .unwrap_or(libc::EIO)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_that_also_failed_to_clean_up_reports_both() {
+        let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+        let cleanup = Error::io_at("/sys/fs/cgroup/memory/cellblock-1-0", busy).to_string();
+        let e = Error::InvalidSpec("bad".into()).with_cleanup(Some(cleanup));
+        assert_eq!(e.kind(), "InvalidSpec");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid spec: bad; cleaning up also failed: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("cellblock-1-0") && text.contains("busy"),
+            "{text}"
+        );
+        assert!(matches!(
+            Error::Setup {
+                stage: "x",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT)
+            }
+            .with_cleanup(None),
+            Error::Setup { .. }
+        ));
+    }
+
+    #[test]
+    fn errors_keep_errno_and_path() {
+        let e = Error::io_at(
+            "/workspace/f",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(
+            (e.errno(), e.path()),
+            (Some(libc::EACCES), Some("/workspace/f"))
+        );
+        let kind_only = Error::Io(std::io::Error::new(std::io::ErrorKind::NotFound, "f: gone"));
+        assert_eq!(kind_only.errno(), Some(libc::ENOENT));
+        assert_eq!(
+            Error::Deadline {
+                stage: "s",
+                seconds: 1.0
+            }
+            .errno(),
+            Some(libc::ETIMEDOUT)
+        );
+    }
+}
