@@ -17,6 +17,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -394,12 +395,15 @@ def test_a_cgroup_that_cannot_be_removed_is_reported(marker: str) -> None:
         squatter.wait()
         t.join(60)
         for d in own_cellblock_cgroups():
-            wait_for(lambda d=d: not os.path.exists(d) or _rmdir(d), f"removal of {d}", 10)
+            wait_for(partial(_gone, d), f"removal of {d}", 10)
 
 
-def _rmdir(path: str) -> bool:
+def _gone(path: str) -> bool:
+    """Removes the directory `path`; true once it does not exist."""
     try:
         os.rmdir(path)
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
     return True
