@@ -1,7 +1,7 @@
 """cellblock: run untrusted code in fresh Linux namespaces, with limits, seccomp, an egress
 allowlist and secret redaction, and get a report of exactly what happened."""
 
-from cellblock._native import Redactor
+from cellblock._native import Redactor, __version__
 from cellblock.batch import Job, JobError, iter_many, run_many
 from cellblock.errors import (
     CellblockError,
@@ -15,6 +15,7 @@ from cellblock.errors import (
     SecretError,
     SessionClosed,
     SetupError,
+    SetupTimeout,
 )
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
@@ -47,6 +48,8 @@ __all__ = [
     "SecretError",
     "SessionClosed",
     "SetupError",
+    "SetupTimeout",
+    "__version__",
     "iter_many",
     "run",
     "run_many",

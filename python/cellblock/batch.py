@@ -294,7 +294,7 @@ def _make_progress(progress: bool | Progress, jobs: Iterable[Job]) -> Progress |
 def iter_many(
     jobs: Iterable[Job],
     concurrency: int | None = None,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
     policy: Policy | None = None,
     runner: Runner = run_cold,
     backend: Backend = "local",
@@ -302,10 +302,11 @@ def iter_many(
 ) -> Generator[tuple[Job, Outcome], None, None]:
     """Run jobs concurrently, yielding `(job, result)` in completion order.
 
-    `concurrency` defaults to the CPU count. `progress` is True (a bar on stderr and a summary
-    at the end), False, or a `Progress` to report into. `policy` is the base every job's limits
-    and env apply over. Jobs are read from `jobs` lazily, so it can be a long generator.
-    Closing the iterator early (or Ctrl-C) starts no new job and waits for the running ones.
+    `concurrency` defaults to the CPU count. `progress` is False (the default: silent), True
+    (a bar on stderr and a summary at the end), or a `Progress` to report into. `policy` is the
+    base every job's limits and env apply over. Jobs are read from `jobs` lazily, so it can be a
+    long generator. Closing the iterator early (or Ctrl-C) starts no new job and waits for the
+    running ones.
     `backend="ray"` fans the jobs out to a Ray cluster at `address` (one actor per node, each
     running `concurrency` jobs at once, default its CPUs; see `cellblock.ray_backend`).
     """
@@ -318,7 +319,7 @@ def iter_many(
 def run_many(
     jobs: Iterable[Job],
     concurrency: int | None = None,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
     policy: Policy | None = None,
     runner: Runner = run_cold,
     backend: Backend = "local",

@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import NoReturn
 
+from cellblock._native import __version__
 from cellblock.errors import CellblockError
 
 #: Subcommand modules, in help order.
@@ -48,6 +49,7 @@ def make_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that subcommand's module is imported (fast start-up: some
     subcommands pull in heavy libraries such as the anthropic SDK)."""
     parser = _Parser(prog="cellblock", description="Run untrusted code in a sandbox.")
+    parser.add_argument("--version", action="version", version=f"cellblock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     names = (_module_name(only),) if only and _module_name(only) in COMMANDS else COMMANDS

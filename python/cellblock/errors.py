@@ -16,6 +16,7 @@ from cellblock._native import (
     SecretError,
     SessionClosed,
     SetupError,
+    SetupTimeout,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "SecretError",
     "SessionClosed",
     "SetupError",
+    "SetupTimeout",
 ]

@@ -64,6 +64,17 @@ class Policy(BaseModel):
     def _seconds(cls, v: Any, info: Any) -> float | None:
         return None if v is None else parse_seconds(v, info.field_name)
 
+    @field_validator("allow_net", mode="before")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        # A string is iterable: list("localhost") would be nine one-letter hosts.
+        if isinstance(v, (str, bytes)):
+            raise InvalidSpec(
+                f"allow_net: expected a list of host patterns, got the string {v!r} "
+                f"(write [{v!r}])"
+            )
+        return v
+
     @field_validator("cpus", mode="before")
     @classmethod
     def _cpus(cls, v: Any) -> float | None:
@@ -101,6 +112,13 @@ class Policy(BaseModel):
         """Effective limits: the policy's values over DEFAULT_LIMITS."""
         return {k: (getattr(self, k) if getattr(self, k) is not None else d)
                 for k, d in DEFAULT_LIMITS.items()}
+
+
+def as_pattern_list(patterns: Any) -> Any:
+    """`allow_net` as a list for merging; a string is passed through for Policy to refuse."""
+    if patterns is None or isinstance(patterns, (str, bytes)):
+        return patterns
+    return list(patterns)
 
 
 def _first_error(e: ValidationError) -> str:

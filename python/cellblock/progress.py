@@ -64,12 +64,15 @@ class Progress:
         quiet: bool = False,
         stream: TextIO | None = None,
         tty: bool | None = None,
+        live: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`quiet` prints nothing; `live=False` prints only the summary at the end."""
         self.total = total
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
+        self.live = live
         self.clock = clock
         self.start = clock()
         self.done = 0
@@ -85,7 +88,8 @@ class Progress:
         self.by_reason[reason] += 1
         now = self.clock()
         interval = TTY_REFRESH_S if self.tty else PLAIN_INTERVAL_S
-        if not self.quiet and (now - self._last_draw >= interval or self.done == self.total):
+        due = now - self._last_draw >= interval or self.done == self.total
+        if not self.quiet and self.live and due:
             self._draw(now)
 
     def line(self, now: float | None = None) -> str:

@@ -13,7 +13,7 @@ Enforcer = Literal["cgroup-v2", "cgroup-v1", "rlimit", "tmpfs", "supervisor"]
 FIELDS = (
     "exit_code", "signal", "reason", "stdout", "stderr", "stdout_truncated",
     "stderr_truncated", "wall_time_s", "cpu_time_s", "peak_memory_bytes", "violations",
-    "enforcement", "redactions", "seccomp_profile", "network",
+    "enforcement", "redactions", "seccomp_profile", "network", "cleanup_errors",
 )
 
 
@@ -37,6 +37,8 @@ class RunResult(BaseModel):
     redactions: dict[str, int] = {}
     seccomp_profile: str | None = None
     network: dict[str, int] | None = None
+    #: What could not be cleaned up after the run (a cgroup left behind...), with why.
+    cleanup_errors: list[str] = []
 
     @property
     def stdout(self) -> str:

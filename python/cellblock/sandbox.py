@@ -12,7 +12,7 @@ from typing import Any
 from cellblock import _native
 from cellblock.errors import InvalidSpec
 from cellblock.observe import notify_run
-from cellblock.policy import Policy
+from cellblock.policy import Policy, as_pattern_list
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
@@ -120,7 +120,7 @@ def run(
         memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
         max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
         env={**base.env, **env} if env else None,
-        allow_net=list(allow_net) if allow_net is not None else None,
+        allow_net=as_pattern_list(allow_net),
     )
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)

@@ -32,7 +32,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.observe import notify_run, notify_session
-from cellblock.policy import Policy
+from cellblock.policy import Policy, as_pattern_list
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
@@ -113,7 +113,7 @@ class Sandbox:
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout, cpu_time=cpu_time,
             max_output=max_output, cwd=cwd, profile=profile, seccomp=seccomp,
             env={**base.env, **env} if env else None,
-            allow_net=list(allow_net) if allow_net is not None else None,
+            allow_net=as_pattern_list(allow_net),
         )
         self._secrets: list[Secret] = (
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)

@@ -8,7 +8,9 @@ import re
 from cellblock.errors import InvalidSpec
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+#: A number, then nothing, "B", or a unit letter optionally followed by "B" or "iB" ("2IB" is
+#: not a size: "iB" needs a unit letter before it).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(?:([KMGT])(?:I?B)?|B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(value: float | str, what: str = "size") -> int:
@@ -22,7 +24,7 @@ def parse_size(value: float | str, what: str = "size") -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
     raise InvalidSpec(f"{what}: cannot parse size {value!r} (examples: 4096, 512K, 64M, 1.5G)")
 
 

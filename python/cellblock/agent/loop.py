@@ -184,6 +184,17 @@ AgentEvent = (
 )
 
 
+def require_sdk() -> Any:
+    """The anthropic SDK, an optional extra needed only by the agent with a real model."""
+    try:
+        import anthropic
+    except ImportError as e:
+        raise ImportError(
+            "the agent needs the anthropic SDK: pip install 'cellblock[agent]'"
+        ) from e
+    return anthropic
+
+
 def is_retryable(error: Exception) -> bool:
     """429, 408, 409, 5xx (529 overloaded included) and connection failures are retried."""
     import anthropic
@@ -539,7 +550,7 @@ class _Run:
         if self.model == offline.OFFLINE_MODEL:
             return offline.respond(self.memory.messages)
         # Imported here: the SDK takes seconds to import and the offline model needs none of it.
-        import anthropic
+        anthropic = require_sdk()
 
         params: dict[str, Any] = {
             "model": self.model, "max_tokens": agent.max_tokens, "system": agent.system,

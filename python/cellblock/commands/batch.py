@@ -106,7 +106,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         out = out_path.open("a", encoding="utf-8")
     except OSError as e:
         fail(f"cannot write results to {out_path}: {e.strerror}")
-    progress = Progress(len(todo), quiet=args.quiet)
+    # The bar is for people: shown on a terminal only, so piped and logged runs stay clean.
+    progress = Progress(len(todo), quiet=args.quiet, live=sys.stderr.isatty())
     runnable = [item for _, item in todo if isinstance(item, Job)]
     with out:
         for job_id, item in todo:

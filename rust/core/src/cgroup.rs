@@ -9,7 +9,7 @@ use crate::spec::Limits;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -135,18 +135,20 @@ pub struct RunCgroup {
     v1: Vec<(Controller, PathBuf)>,
     /// Limit name -> enforcer, for the limits this cgroup enforces.
     enforced: Vec<(&'static str, Enforcer)>,
-    /// OOM kills already counted when the run started (v1 counters can be inherited: no).
-    removed: bool,
+    /// Set once the directories are removed (removal may be asked from a shared reference).
+    removed: AtomicBool,
 }
 
-/// Removes empty per-run cgroups left by cellblock processes that died without cleaning up
-/// (killed with SIGKILL). Only our own naming scheme, only for pids that no longer exist; a
-/// cgroup that still has processes cannot be removed and is left alone.
+/// Removes per-run cgroups left by cellblock processes that died without cleaning up (killed
+/// with SIGKILL). Only our own naming scheme, only for pids that no longer exist. A stale cgroup
+/// may still hold processes (a session paused when its owner died): it is thawed first, since a
+/// frozen task cannot die on cgroup v1, then its processes are killed and it is removed (bounded).
 fn remove_stale(layout: &Layout) {
     let dirs = layout
         .v2_dir
         .iter()
         .chain(layout.v1_dirs.iter().map(|(_, d)| d));
+    let mut stale = Vec::new();
     for dir in dirs {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
@@ -160,9 +162,53 @@ fn remove_stale(layout: &Layout) {
                 continue;
             };
             if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = fs::remove_dir(entry.path());
+                stale.push(entry.path());
             }
         }
+    }
+    for dir in &stale {
+        let _ = thaw_dir(dir);
+    }
+    for dir in &stale {
+        kill_members(dir);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for dir in &stale {
+        while fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Thaws the cgroup at `dir` (v2 `cgroup.freeze`, v1 `freezer.state`), if it has a freezer.
+fn thaw_dir(dir: &Path) -> io::Result<()> {
+    let (file, value) = thaw_file_in(dir).ok_or(io::ErrorKind::NotFound)?;
+    fs::write(dir.join(file), value)
+}
+
+/// The freezer file of the cgroup at `dir` and the value that thaws it.
+fn thaw_file_in(dir: &Path) -> Option<(&'static str, &'static [u8])> {
+    if dir.join("cgroup.freeze").exists() {
+        Some(("cgroup.freeze", b"0"))
+    } else if dir.join("freezer.state").exists() {
+        Some(("freezer.state", b"THAWED"))
+    } else {
+        None
+    }
+}
+
+/// SIGKILLs every process in the cgroup at `dir` (v2 `cgroup.kill` where the kernel has it).
+fn kill_members(dir: &Path) {
+    if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: kill(2) of a process listed in a stale cgroup of our own naming scheme.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -189,7 +235,7 @@ impl RunCgroup {
             v2: None,
             v1: Vec::new(),
             enforced: Vec::new(),
-            removed: false,
+            removed: AtomicBool::new(false),
         };
         let wanted_v2: Vec<&str> = ["memory", "pids", "cpu"]
             .into_iter()
@@ -395,12 +441,27 @@ impl RunCgroup {
         self.v2.iter().chain(self.v1.iter().map(|(_, p)| p))
     }
 
-    /// Removes the cgroups, waiting (bounded) for exiting processes to leave them.
-    pub fn remove(&mut self) -> io::Result<()> {
-        if self.removed {
+    /// The freezer files of this cgroup with the value that thaws them (for the reaper).
+    pub fn thaw_files(&self) -> Vec<(PathBuf, &'static [u8])> {
+        if let Some(p) = &self.v2 {
+            return vec![(p.join("cgroup.freeze"), b"0")];
+        }
+        self.v1_path(Controller::Freezer)
+            .map(|p| vec![(p.join("freezer.state"), &b"THAWED"[..])])
+            .unwrap_or_default()
+    }
+
+    /// The directories of this cgroup, one per hierarchy used.
+    pub fn dir_paths(&self) -> Vec<PathBuf> {
+        self.dirs().cloned().collect()
+    }
+
+    /// Removes the cgroups, waiting (bounded) for exiting processes to leave them. The error
+    /// names the directory that could not be removed.
+    pub fn remove(&self) -> crate::error::Result<()> {
+        if self.removed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.removed = true;
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut last = Ok(());
         for dir in self.dirs() {
@@ -408,12 +469,11 @@ impl RunCgroup {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() < deadline => {
-                        let _ = e;
+                    Err(_) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     Err(e) => {
-                        last = Err(e);
+                        last = Err(crate::error::Error::io_at(dir.display().to_string(), e));
                         break;
                     }
                 }

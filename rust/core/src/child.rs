@@ -287,7 +287,7 @@ fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
 }
 
 /// Closes every fd except those in `keep` (unsorted, may contain -1).
-fn close_other_fds(keep: &[libc::c_int]) {
+pub(crate) fn close_other_fds(keep: &[libc::c_int]) {
     let mut sorted = [i32::MAX; 10];
     let mut n = 0;
     for &fd in keep {

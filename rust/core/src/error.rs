@@ -41,6 +41,31 @@ pub enum Error {
     /// An I/O error talking to the sandbox after it started.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// An I/O error on a named path (the errno is kept in `source`).
+    #[error("{path}: {source}")]
+    IoAt {
+        /// The path the failed operation was on.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Building a sandbox took longer than its deadline (its set-up hangs): it was killed.
+    #[error("sandbox set-up did not finish within {seconds:.1} s (at: {stage})")]
+    Deadline {
+        /// What was waited for.
+        stage: &'static str,
+        /// The deadline, in seconds.
+        seconds: f64,
+    },
+    /// A run or call failed and cleaning it up failed too: both are reported.
+    #[error("{error}; cleaning up also failed: {cleanup}")]
+    CleanupFailed {
+        /// The error that stopped the run.
+        error: Box<Error>,
+        /// What could not be cleaned up, and why.
+        cleanup: String,
+    },
 }
 
 impl Error {
@@ -56,7 +81,49 @@ impl Error {
             Error::Network(_) => "NetworkPolicyError",
             Error::SessionClosed(_) => "SessionClosed",
             Error::PathEscape(_) => "PathEscape",
-            Error::Io(_) => "SandboxIOError",
+            Error::Io(_) | Error::IoAt { .. } => "SandboxIOError",
+            Error::Deadline { .. } => "SetupTimeout",
+            Error::CleanupFailed { error, .. } => error.kind(),
+        }
+    }
+
+    /// The errno behind this error, when an OS call failed.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Setup { source, .. } | Error::Io(source) | Error::IoAt { source, .. } => source
+                .raw_os_error()
+                .or_else(|| errno_of_kind(source.kind())),
+            Error::Deadline { .. } => Some(libc::ETIMEDOUT),
+            Error::CleanupFailed { error, .. } => error.errno(),
+            _ => None,
+        }
+    }
+
+    /// The path the error is about, when it names one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Error::IoAt { path, .. } => Some(path),
+            Error::CleanupFailed { error, .. } => error.path(),
+            _ => None,
+        }
+    }
+
+    /// An I/O error on `path`, keeping its errno.
+    pub fn io_at(path: impl Into<String>, source: std::io::Error) -> Self {
+        Error::IoAt {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// This error, with a cleanup failure (if any) reported beside it.
+    pub fn with_cleanup(self, cleanup: Option<String>) -> Self {
+        match cleanup {
+            None => self,
+            Some(cleanup) => Error::CleanupFailed {
+                error: Box::new(self),
+                cleanup,
+            },
         }
     }
 
@@ -69,6 +136,24 @@ impl Error {
     }
 }
 
+/// The errno of an I/O error made from a kind only (`io::Error::new(kind, message)`).
+fn errno_of_kind(kind: std::io::ErrorKind) -> Option<i32> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::NotFound => libc::ENOENT,
+        K::PermissionDenied => libc::EACCES,
+        K::AlreadyExists => libc::EEXIST,
+        K::IsADirectory => libc::EISDIR,
+        K::NotADirectory => libc::ENOTDIR,
+        K::InvalidInput => libc::EINVAL,
+        K::TimedOut => libc::ETIMEDOUT,
+        K::WouldBlock => libc::EAGAIN,
+        K::FileTooLarge => libc::EFBIG,
+        K::Unsupported => libc::EOPNOTSUPP,
+        _ => return None,
+    })
+}
+
 /// Result alias of the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -78,4 +163,56 @@ pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_that_also_failed_to_clean_up_reports_both() {
+        let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+        let cleanup = Error::io_at("/sys/fs/cgroup/memory/cellblock-1-0", busy).to_string();
+        let e = Error::InvalidSpec("bad".into()).with_cleanup(Some(cleanup));
+        assert_eq!(e.kind(), "InvalidSpec");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid spec: bad; cleaning up also failed: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("cellblock-1-0") && text.contains("busy"),
+            "{text}"
+        );
+        assert!(matches!(
+            Error::Setup {
+                stage: "x",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT)
+            }
+            .with_cleanup(None),
+            Error::Setup { .. }
+        ));
+    }
+
+    #[test]
+    fn errors_keep_errno_and_path() {
+        let e = Error::io_at(
+            "/workspace/f",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(
+            (e.errno(), e.path()),
+            (Some(libc::EACCES), Some("/workspace/f"))
+        );
+        let kind_only = Error::Io(std::io::Error::new(std::io::ErrorKind::NotFound, "f: gone"));
+        assert_eq!(kind_only.errno(), Some(libc::ENOENT));
+        assert_eq!(
+            Error::Deadline {
+                stage: "s",
+                seconds: 1.0
+            }
+            .errno(),
+            Some(libc::ETIMEDOUT)
+        );
+    }
 }

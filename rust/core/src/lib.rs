@@ -13,6 +13,7 @@ pub mod error;
 pub mod fdpass;
 pub mod fs;
 pub mod net;
+pub mod reaper;
 pub mod redact;
 pub mod report;
 pub mod seccomp;

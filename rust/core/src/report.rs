@@ -111,4 +111,6 @@ pub struct RunReport {
     pub seccomp_profile: Option<String>,
     /// Allowed network traffic, when an allowlist was given.
     pub network: Option<NetworkStats>,
+    /// What could not be cleaned up after the run (e.g. a cgroup left behind), with why.
+    pub cleanup_errors: Vec<String>,
 }

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// A kind of directory entry, as listed by [`Session::list_dir`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,10 @@ pub struct DirEntry {
 /// A live session. Methods take `&self`: calls from several threads run concurrently.
 #[derive(Debug)]
 pub struct Session {
-    /// None once closed.
-    holder: Mutex<Option<Holder>>,
+    /// None once closed. The lock is only held to take a reference: nothing waits under it.
+    holder: Mutex<Option<Arc<Holder>>>,
+    /// Whether the session is paused; calls wait (bounded) on the condvar until it is not.
+    paused: (Mutex<bool>, Condvar),
     /// Environment and secrets every call gets (the session's spec).
     base: RunSpec,
     /// Owner uid/gid (as seen from the host) of files written through the files API.
@@ -56,27 +59,61 @@ impl Session {
         let holder = spawn::start_holder(spec)?;
         let owner = holder.root.then_some(spawn::ROOT_PATH_HOST_UID);
         Ok(Session {
-            holder: Mutex::new(Some(holder)),
+            holder: Mutex::new(Some(Arc::new(holder))),
+            paused: (Mutex::new(false), Condvar::new()),
             base: spec.clone(),
             owner,
         })
     }
 
-    /// Runs `f` with the live holder (the lock is held meanwhile).
-    fn with_holder<T>(&self, f: impl FnOnce(&Holder) -> Result<T>) -> Result<T> {
-        let guard = self
+    /// The live holder. The lock is released before returning: calls, pause, resume and close
+    /// never wait on each other.
+    fn holder(&self) -> Result<Arc<Holder>> {
+        let holder = self
             .holder
             .lock()
-            .map_err(|_| Error::SessionClosed("poisoned".into()))?;
-        let holder = guard
-            .as_ref()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?
+            .clone()
             .ok_or_else(|| Error::SessionClosed("the session is closed".into()))?;
-        if !alive(holder) {
+        if !alive(&holder) {
             return Err(Error::SessionClosed(
                 "the session's sandbox has exited".into(),
             ));
         }
-        f(holder)
+        Ok(holder)
+    }
+
+    /// Runs `f` with the live holder (no lock held meanwhile).
+    fn with_holder<T>(&self, f: impl FnOnce(&Holder) -> Result<T>) -> Result<T> {
+        let holder = self.holder()?;
+        f(&holder)
+    }
+
+    /// Waits until the session is not paused, at most until `deadline`; false on the deadline.
+    fn wait_unpaused(&self, deadline: Instant) -> Result<bool> {
+        let (lock, cv) = &self.paused;
+        let mut paused = lock
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?;
+        while *paused {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            paused = cv
+                .wait_timeout(paused, left)
+                .map_err(|_| Error::SessionClosed("poisoned".into()))?
+                .0;
+            self.holder()?;
+        }
+        Ok(true)
+    }
+
+    fn set_paused(&self, on: bool) {
+        if let Ok(mut p) = self.paused.0.lock() {
+            *p = on;
+        }
+        self.paused.1.notify_all();
     }
 
     /// Session-wide enforcement (memory, pids, cpus, disk).
@@ -95,19 +132,25 @@ impl Session {
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
         let redactor = crate::redactor_for(&spec)?;
-        let (started, oom_before, net_before) = self.with_holder(|holder| {
-            let oom = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
-            let net = holder.egress.as_ref().map(|e| e.snapshot());
-            Ok((spawn::start_call(holder, &spec)?, oom, net))
-        })?;
+        // A paused session starts no call: the call waits for resume() within its timeout and
+        // otherwise ends as a timeout without having run.
+        let waited = Instant::now();
+        let timeout = spec.limits.timeout.map_or(spawn::SETUP_DEADLINE, |t| {
+            Duration::from_secs_f64(t.min(1e9))
+        });
+        if !self.wait_unpaused(waited + timeout)? {
+            return self.timed_out_while_paused(&spec, waited.elapsed());
+        }
+        let holder = self.holder()?;
+        let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let net_before = holder.egress.as_ref().map(|e| e.snapshot());
+        let started = spawn::start_call(&holder, &spec)?;
         let mut report = supervise::supervise_spec(started, &spec, &redactor, hooks);
         // An OOM kill in the session's cgroup during this call ended it for lack of memory.
         // The session's egress outlives the call: report what changed during it (concurrent
         // calls of one session share these counters).
-        if let Ok(guard) = self.holder.lock() {
-            if let (Some(e), Some((before, seen))) =
-                (guard.as_ref().and_then(|h| h.egress.as_ref()), net_before)
-            {
+        {
+            if let (Some(e), Some((before, seen))) = (holder.egress.as_ref(), net_before) {
                 let (now, _) = e.snapshot();
                 report.network = Some(crate::NetworkStats {
                     connections: now.connections - before.connections,
@@ -116,7 +159,7 @@ impl Session {
                 });
                 report.violations.extend(e.violations_since(seen));
             }
-            if let Some(cg) = guard.as_ref().and_then(|h| h.cgroup.as_ref()) {
+            if let Some(cg) = holder.cgroup.as_ref() {
                 if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
                     report.reason = crate::Reason::Memory;
                 }
@@ -125,14 +168,49 @@ impl Session {
         Ok(report)
     }
 
-    /// Freezes every process of the session (cgroup freezer); state is kept.
+    /// The report of a call that could not start before its timeout because the session was
+    /// paused: nothing ran.
+    fn timed_out_while_paused(&self, spec: &RunSpec, waited: Duration) -> Result<RunReport> {
+        let mut enforcement = self.holder()?.enforcement.clone();
+        enforcement.insert("timeout".into(), Some(Enforcer::Supervisor));
+        Ok(RunReport {
+            exit_code: None,
+            signal: None,
+            reason: crate::Reason::Timeout,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall_time_s: waited.as_secs_f64(),
+            cpu_time_s: 0.0,
+            peak_memory_bytes: 0,
+            violations: Vec::new(),
+            enforcement,
+            redactions: BTreeMap::new(),
+            seccomp_profile: spec.seccomp.as_ref().map(|s| s.profile.clone()),
+            network: None,
+            cleanup_errors: Vec::new(),
+        })
+    }
+
+    /// Freezes every process of the session (cgroup freezer); state is kept. Calls made while
+    /// paused wait for [`Session::resume`] within their timeout.
     pub fn pause(&self) -> Result<()> {
-        self.freeze(true)
+        self.set_paused(true);
+        let r = self.freeze(true);
+        if r.is_err() {
+            self.set_paused(false);
+        }
+        r
     }
 
     /// Thaws a paused session.
     pub fn resume(&self) -> Result<()> {
-        self.freeze(false)
+        let r = self.freeze(false);
+        if r.is_ok() {
+            self.set_paused(false);
+        }
+        r
     }
 
     fn freeze(&self, on: bool) -> Result<()> {
@@ -157,34 +235,23 @@ impl Session {
 
     /// Whether the session is open and its sandbox alive.
     pub fn is_open(&self) -> bool {
-        self.holder
-            .lock()
-            .map(|g| g.as_ref().is_some_and(alive))
-            .unwrap_or(false)
+        self.holder().is_ok()
     }
 
-    /// Kills every process of the session and removes its cgroup. Idempotent.
+    /// Kills every process of the session and removes its cgroup. Idempotent. A paused session
+    /// is thawed first (a frozen task cannot die on cgroup v1); every wait is bounded.
     pub fn close(&self) -> Result<()> {
         let holder = self
             .holder
             .lock()
             .map_err(|_| Error::SessionClosed("poisoned".into()))?
             .take();
-        if let Some(mut h) = holder {
-            if let Some(cg) = &h.cgroup {
-                // A frozen session cannot die: thaw it first.
-                let _ = cg.freeze(false);
-            }
-            spawn::kill_and_reap(&h.pidfd);
-            drop(h.lifeline);
-            if let Some(cg) = h.cgroup.as_mut() {
-                cg.remove().map_err(|e| Error::Setup {
-                    stage: "remove the session's cgroup",
-                    source: e,
-                })?;
-            }
+        // Calls waiting for resume() see the session gone.
+        self.paused.1.notify_all();
+        match holder {
+            Some(h) => end_holder(&h),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Opens `path` inside the sandbox (relative paths are relative to /workspace).
@@ -376,6 +443,24 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// How long a killed session's PID 1 and reaper may take to exit.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Thaws, kills and reaps a session's processes, then removes its cgroup.
+fn end_holder(h: &Holder) -> Result<()> {
+    if let Some(cg) = &h.cgroup {
+        let _ = cg.freeze(false);
+    }
+    spawn::kill_and_reap_within(&h.pidfd, CLOSE_GRACE);
+    if let Some(r) = &h.reaper {
+        spawn::kill_and_reap_within(r, CLOSE_GRACE);
+    }
+    match &h.cgroup {
+        Some(cg) => cg.remove(),
+        None => Ok(()),
     }
 }
 

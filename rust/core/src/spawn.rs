@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::fdpass;
 use crate::fs::{self, MountPlan, PlanInput};
 use crate::net;
+use crate::reaper::{self, ReaperPlan};
 use crate::report::Enforcer;
 use crate::seccomp;
 use crate::spec::RunSpec;
@@ -16,6 +17,8 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Host uid (and gid) that uid 0 inside maps to when cellblock runs as root: unprivileged and
 /// owning nothing on the host, so even a kernel escape lands without root's file access.
@@ -160,6 +163,65 @@ fn validate(spec: &RunSpec) -> Result<()> {
                 "bad environment variable name {k:?}"
             )));
         }
+    }
+    if let Some(m) = l.memory.filter(|m| *m < MIN_MEMORY) {
+        return Err(Error::InvalidSpec(format!(
+            "memory: {m} bytes is below the {MIN_MEMORY} bytes a sandbox needs to start"
+        )));
+    }
+    validate_exec_sizes(spec)
+}
+
+/// The kernel's limit on one argv or environment string, NUL included (MAX_ARG_STRLEN).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// The smallest memory limit accepted: below it the sandbox's own set-up is OOM-killed.
+const MIN_MEMORY: u64 = 4 << 20;
+
+/// The kernel's limit on argv plus environment: a quarter of the stack rlimit.
+fn arg_max() -> usize {
+    // SAFETY: sysconf has no side effects.
+    let n = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+    if n > 0 {
+        n as usize
+    } else {
+        MAX_ARG_STRLEN * 16
+    }
+}
+
+/// Refuses argv/environment strings execve would refuse (E2BIG), naming the culprit.
+fn validate_exec_sizes(spec: &RunSpec) -> Result<()> {
+    let mut total = 0usize;
+    for (i, a) in spec.argv.iter().enumerate() {
+        if a.len() + 1 > MAX_ARG_STRLEN {
+            return Err(Error::InvalidSpec(format!(
+                "argv[{i}] is {} bytes: the kernel's limit for one argument is {} bytes",
+                a.len(),
+                MAX_ARG_STRLEN - 1
+            )));
+        }
+        total += a.len() + 1;
+    }
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k, v.len()))
+        .chain(spec.secrets.iter().map(|s| (&s.name, s.value.len())));
+    for (k, vlen) in env {
+        let len = k.len() + 1 + vlen + 1;
+        if len > MAX_ARG_STRLEN {
+            return Err(Error::InvalidSpec(format!(
+                "environment variable {k} is {vlen} bytes: the kernel's limit for one variable \
+                 (name=value) is {} bytes",
+                MAX_ARG_STRLEN - 1
+            )));
+        }
+        total += len;
+    }
+    if total > arg_max() {
+        return Err(Error::InvalidSpec(format!(
+            "argv and environment total {total} bytes: the kernel's limit is {} bytes",
+            arg_max()
+        )));
     }
     Ok(())
 }
@@ -345,6 +407,11 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
     Some(match Stage::from_u32(stage) {
         Some(Stage::Exec) => match errno {
             libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()),
+            libc::E2BIG => Error::InvalidSpec(format!(
+                "argv and environment of {argv0} are too large for execve (E2BIG): keep each \
+                 string under {MAX_ARG_STRLEN} bytes and all of them under {} bytes",
+                arg_max()
+            )),
             _ => Error::CommandNotFound(format!("{argv0}: {os}")),
         },
         Some(Stage::Mount) => {
@@ -360,6 +427,10 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
             }
         }
         Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
+        Some(Stage::Process) if index == 1 => {
+            let cwd = prepared.target.cwd.to_string_lossy();
+            Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox"))
+        }
         Some(s) => Error::Setup {
             stage: s.describe(),
             source: os,
@@ -396,6 +467,78 @@ pub fn kill_and_reap(pidfd: &OwnedFd) {
             &mut info,
             libc::WEXITED | libc::__WALL,
         );
+    }
+}
+
+/// How long a sandbox's set-up may take at most before the caller gets [`Error::Deadline`].
+pub const SETUP_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a killed child may take to die before it is left to [`bury`].
+const REAP_GRACE: Duration = Duration::from_millis(500);
+
+/// The set-up deadline of a spec: its timeout (at least a second), at most [`SETUP_DEADLINE`].
+fn setup_deadline(spec: &RunSpec) -> Instant {
+    let d = spec.limits.timeout.map_or(SETUP_DEADLINE, |t| {
+        Duration::from_secs_f64(t.clamp(1.0, SETUP_DEADLINE.as_secs_f64()))
+    });
+    Instant::now() + d
+}
+
+/// Waits until `fd` is readable (or hung up) or `deadline` passes; false on the deadline.
+fn wait_readable(fd: &impl AsRawFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r != 0 {
+            // Ready, or an error the following read will report.
+            return r > 0 || crate::error::errno() != libc::EINTR;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// Children killed but not yet dead (frozen): reaped later by [`reap_buried`].
+static BURIED: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+
+/// Reaps `pidfd` without blocking; true when it is gone (or not our child).
+fn try_reap(pidfd: &OwnedFd) -> bool {
+    // SAFETY: waitid fills a siginfo on the stack.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+        );
+        r < 0 || info.si_pid() != 0
+    }
+}
+
+/// Reaps the buried children that have died meanwhile.
+fn reap_buried() {
+    if let Ok(mut b) = BURIED.lock() {
+        b.retain(|fd| !try_reap(fd));
+    }
+}
+
+/// Kills a child through its pidfd and reaps it, waiting at most `grace`; a child that does not
+/// die in time (frozen by a paused session's cgroup) is reaped later instead of blocking.
+pub fn kill_and_reap_within(pidfd: &OwnedFd, grace: Duration) {
+    kill(pidfd);
+    if wait_readable(pidfd, Instant::now() + grace) && try_reap(pidfd) {
+        return;
+    }
+    if let (Ok(dup), Ok(mut b)) = (pidfd.try_clone(), BURIED.lock()) {
+        b.push(dup);
     }
 }
 
@@ -513,10 +656,23 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
         argv0,
         want_listener,
         net,
+        deadline,
+        memory,
     } = how;
+    let seconds = deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs_f64();
+    let late = |stage: &'static str| Error::Deadline { stage, seconds };
     let fail = |e: Error| -> Error {
-        kill_and_reap(pidfd);
-        e
+        kill_and_reap_within(pidfd, REAP_GRACE);
+        // A sandbox OOM-killed while starting was given too little memory to start at all.
+        match (cgroup.is_some_and(|c| c.oom_kills() > 0), memory) {
+            (true, Some(m)) => Error::InvalidSpec(format!(
+                "memory: {m} bytes is too little, the sandbox ran out of memory while starting \
+                 ({e})"
+            )),
+            _ => e,
+        }
     };
     if let Some(cg) = cgroup {
         if let Err(e) = cg.add(pid) {
@@ -525,6 +681,9 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
                 source: e,
             }));
         }
+    }
+    if !wait_readable(&p.ready, deadline) {
+        return Err(fail(late("wait for the sandbox's set-up")));
     }
     let mut byte = [0u8; 1];
     let ready = std::fs::File::from(p.ready).read(&mut byte).unwrap_or(0) == 1;
@@ -560,8 +719,14 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
         return Err(fail(Error::setup("release PID 1")));
     }
     drop(p.go);
+    if !wait_readable(&p.err, deadline) {
+        return Err(fail(late("wait for the command to start")));
+    }
     if let Some(e) = read_error(&p.err, prepared, argv0) {
         return Err(fail(e));
+    }
+    if want_listener && !wait_readable(&p.sock, deadline) {
+        return Err(fail(late("wait for the seccomp listener")));
     }
     let listener = if want_listener {
         match fdpass::recv_fd(std::os::fd::AsFd::as_fd(&p.sock)) {
@@ -599,6 +764,10 @@ struct Handshake<'a> {
     want_listener: bool,
     /// The egress plan, when the run has an allowlist.
     net: Option<&'a NetPrep>,
+    /// When to give up waiting for the sandbox.
+    deadline: Instant,
+    /// The memory limit (for naming a limit too small to start).
+    memory: Option<u64>,
 }
 
 /// The supervisor's ends once a sandbox runs.
@@ -662,6 +831,7 @@ fn sandbox_clone_flags() -> libc::c_ulong {
 /// Returns once the command has been exec'd (or with the reason it could not be).
 pub fn start(spec: &RunSpec) -> Result<Started> {
     validate(spec)?;
+    reap_buried();
     let netprep = prepare_net(spec)?;
     let cgroup = RunCgroup::create(&spec.limits, false);
     let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
@@ -679,6 +849,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         net: netprep.as_ref().map(|n| &n.plan),
     };
     let started_at = std::time::Instant::now();
+    let deadline = setup_deadline(spec);
     let (pid, pidfd) =
         clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
     let mut p = p;
@@ -690,8 +861,17 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         argv0: &spec.argv[0],
         want_listener: spec.seccomp.is_some(),
         net: netprep.as_ref(),
+        deadline,
+        memory: spec.limits.memory,
     };
-    let io = handshake(pid, &pidfd, p, how)?;
+    let io = match handshake(pid, &pidfd, p, how) {
+        Ok(io) => io,
+        // A run that failed to start and also failed to clean up reports both.
+        Err(e) => {
+            let cleanup = cgroup.as_ref().and_then(|c| c.remove().err());
+            return Err(e.with_cleanup(cleanup.map(|c| c.to_string())));
+        }
+    };
     Ok(Started {
         pid,
         pidfd,
@@ -712,6 +892,8 @@ pub struct Holder {
     pub pidfd: OwnedFd,
     /// Write end of the lifeline; dropping it ends the session.
     pub lifeline: OwnedFd,
+    /// The session's reaper (see [`crate::reaper`]), when the session has a cgroup.
+    pub reaper: Option<OwnedFd>,
     /// The session's cgroup.
     pub cgroup: Option<RunCgroup>,
     /// What enforces each session-wide limit.
@@ -736,6 +918,10 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let (rlimits, enforcement) = plan_limits(&probe, cgroup.as_ref());
     let prepared = prepare(&probe, rlimits.clone(), resolv_conf_for(spec))?;
     let (life_r, life_w) = pipe()?;
+    let reaper_plan = match &cgroup {
+        Some(cg) => Some(ReaperPlan::new(&cg.thaw_files(), &cg.dir_paths())?),
+        None => None,
+    };
     let p = Pipes::new()?;
     let init = InitPlan {
         mounts: Some(&prepared.mounts),
@@ -748,8 +934,21 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
     };
+    let deadline = setup_deadline(spec);
     let (pid, pidfd) =
         clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    // Only a cgroup needs the reaper: without one, the holder's own exit ends everything.
+    let reaper = match reaper_plan
+        .as_ref()
+        .map(|r| reaper::start(r, &life_r, &pidfd))
+    {
+        Some(Err(e)) => {
+            kill_and_reap(&pidfd);
+            return Err(e);
+        }
+        Some(Ok(fd)) => Some(fd),
+        None => None,
+    };
     drop(life_r);
     let mut p = p;
     p.child_owned.clear();
@@ -762,12 +961,23 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         argv0: "session",
         want_listener: false,
         net: netprep.as_ref(),
+        deadline,
+        memory: None,
     };
-    let egress = handshake(pid, &pidfd, p, how)?.egress;
+    let egress = match handshake(pid, &pidfd, p, how) {
+        Ok(io) => io.egress,
+        Err(e) => {
+            if let Some(r) = &reaper {
+                kill_and_reap(r);
+            }
+            return Err(e);
+        }
+    };
     Ok(Holder {
         pid,
         pidfd,
         lifeline: life_w,
+        reaper,
         cgroup,
         enforcement,
         rlimits,
@@ -780,6 +990,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
 /// filesystem, network and cgroup.
 pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     validate(spec)?;
+    reap_buried();
     // Session-wide limits come from the session; per-call CPU time is a per-process rlimit.
     let mut rlimits = holder.rlimits.clone();
     let mut enforcement = holder.enforcement.clone();
@@ -813,6 +1024,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         root: holder.root,
     };
     let started_at = std::time::Instant::now();
+    let deadline = setup_deadline(spec);
     let (_, joiner_fd) =
         clone_with(0, || child::join_main(&join, &init)).map_err(|e| Error::Setup {
             stage: "clone",
@@ -821,6 +1033,13 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     let mut p = p;
     p.child_owned.clear();
     // The joiner hands over the call init's pidfd (or reports why it could not).
+    if !wait_readable(&p.sock, deadline) {
+        kill_and_reap_within(&joiner_fd, REAP_GRACE);
+        return Err(Error::Deadline {
+            stage: "join the session",
+            seconds: deadline.duration_since(started_at).as_secs_f64(),
+        });
+    }
     let pidfd = match fdpass::recv_fd(std::os::fd::AsFd::as_fd(&p.sock)) {
         Ok(fd) => fd,
         Err(_) => {
@@ -840,8 +1059,16 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         argv0: &spec.argv[0],
         want_listener: spec.seccomp.is_some(),
         net: None,
+        deadline,
+        memory: None,
     };
-    let io = handshake(pid, &pidfd, p, how)?;
+    let io = match handshake(pid, &pidfd, p, how) {
+        Ok(io) => io,
+        Err(e) => {
+            kill_and_reap_within(&joiner_fd, REAP_GRACE);
+            return Err(e);
+        }
+    };
     Ok(Started {
         pid,
         pidfd,

@@ -79,11 +79,16 @@ impl Pump {
         if data.is_empty() {
             return;
         }
-        if let Some(s) = sink.as_mut() {
-            s(self.stream, data);
-        }
+        // Live output is capped like the report: the sink gets exactly what is stored.
         let room = (cap as usize).saturating_sub(self.stored.len());
-        self.stored.extend_from_slice(&data[..data.len().min(room)]);
+        let kept = &data[..data.len().min(room)];
+        if kept.is_empty() {
+            return;
+        }
+        if let Some(s) = sink.as_mut() {
+            s(self.stream, kept);
+        }
+        self.stored.extend_from_slice(kept);
     }
 
     /// Reads what is available. Returns false at EOF.
@@ -399,8 +404,12 @@ pub fn supervise(
     let record = read_status(status);
     let target_status = record.map(|r| r.status);
     let (cpu, peak, ooms) = usage(cgroup.as_ref(), record.as_ref());
+    let mut cleanup_errors = Vec::new();
     if let Some(cg) = cgroup.as_mut() {
-        let _ = cg.remove();
+        // A leftover cgroup is a host-side leak the caller must hear about, not a run result.
+        if let Err(e) = cg.remove() {
+            cleanup_errors.push(e.to_string());
+        }
     }
     let mut violations: Vec<Violation> = Vec::new();
     let network = egress.map(|e| {
@@ -453,6 +462,7 @@ pub fn supervise(
         redactions,
         seccomp_profile: None,
         network,
+        cleanup_errors,
     }
 }
 

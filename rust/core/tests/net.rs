@@ -348,7 +348,7 @@ fn unlisted_ports_and_addresses_are_refused_and_reported() {
         "{text}"
     );
     assert!(
-        text.contains("raw refused") || text.contains("raw got b''"),
+        text.contains("raw refused ConnectionRefusedError"),
         "{text}"
     );
     assert!(
@@ -505,10 +505,7 @@ try: print(\"evil got\", c.recv(99))\nexcept OSError as e: print(\"evil refused\
     let text = stdout(&out);
     assert!(text.contains("hello /by-host"), "{text}");
     assert!(text.contains("tls-ok"), "{text}");
-    assert!(
-        text.contains("evil refused") || text.contains("evil got b''"),
-        "{text}"
-    );
+    assert!(text.contains("evil refused"), "{text}");
     assert!(
         has_violation(&violations, "evil.test", port, "not allowed"),
         "{violations:?}"

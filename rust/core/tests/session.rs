@@ -80,24 +80,28 @@ fn files_persist_across_calls() {
 #[test]
 fn timeout_kills_only_that_call() {
     let s = session();
+    // The scan sees a live sleeper (so its "0" below means something).
+    let control = format!("sleep 1000 & sleep 0.3; {SLEEPERS}; kill $!");
+    let r = s
+        .exec(&call(&["sh", "-c", &control]), Default::default())
+        .expect("exec");
+    let seen = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert!(
+        seen.starts_with("1 "),
+        "the scan missed a live sleeper: {seen}"
+    );
     let mut spec = call(&["sh", "-c", "sleep 1000 & sleep 1000"]);
     spec.limits.timeout = Some(0.3);
     let r = s.exec(&spec, Default::default()).expect("exec");
     assert_eq!(r.reason, Reason::Timeout);
     let r = s
-        .exec(
-            &call(&[
-                "sh",
-                "-c",
-                "ps -e -o comm= 2>/dev/null | grep -c sleep || true",
-            ]),
-            Default::default(),
-        )
+        .exec(&call(&["sh", "-c", SLEEPERS]), Default::default())
         .expect("exec");
-    assert_eq!(
-        String::from_utf8_lossy(&r.stdout).trim(),
-        "0",
-        "sleepers of the timed-out call survived"
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    let counts: Vec<u32> = out.split(' ').filter_map(|x| x.parse().ok()).collect();
+    assert!(
+        counts.len() == 2 && counts[0] == 0 && counts[1] >= 1,
+        "sleepers of the timed-out call survived (or nothing was seen): {out}"
     );
 }
 
@@ -141,13 +145,25 @@ fn closed_session_is_an_error() {
     assert!(matches!(s.read_file("x"), Err(Error::SessionClosed(_))));
 }
 
+/// The tests [`everything_again_unprivileged`] re-runs.
+const UNPRIVILEGED_TESTS: [&str; 4] = [
+    "files_persist_across_calls",
+    "timeout_kills_only_that_call",
+    "files_api_refuses_escapes",
+    "closed_session_is_an_error",
+];
+
+/// Prints "<sleep processes> <processes seen>" from /proc (the session's pid namespace, which
+/// a call sees): no `ps` needed, and a scan that saw nothing cannot pass for "no sleepers".
+const SLEEPERS: &str = "n=0; s=0; for c in /proc/[0-9]*/comm; do n=$((n+1)); \
+    read x < $c && [ \"$x\" = sleep ] && s=$((s+1)); done; echo $s $n";
+
 /// Re-runs this whole file as uid 65534 (user namespaces make the same isolation real there).
 #[test]
 fn everything_again_unprivileged() {
     // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 || std::env::var_os("CELLBLOCK_UNPRIVILEGED_RUN").is_some() {
-        return;
-    }
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(root, "re-running the session tests as uid 65534 needs root");
     let dir = std::env::temp_dir().join(format!("cellblock-session-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let exe = dir.join("session-test");
@@ -174,8 +190,19 @@ fn everything_again_unprivileged() {
         "unprivileged run failed:\n{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every other test of this file ran, by name, and passed.
+    for name in UNPRIVILEGED_TESTS {
+        assert!(
+            text.lines()
+                .any(|l| l.trim() == format!("test {name} ... ok")),
+            "{name} did not pass unprivileged:\n{text}"
+        );
+    }
     assert!(
-        text.contains("4 passed"),
-        "expected the 4 session tests to pass unprivileged:\n{text}"
+        text.lines().any(|l| l.starts_with(&format!(
+            "test result: ok. {} passed; 0 failed",
+            UNPRIVILEGED_TESTS.len()
+        ))),
+        "unexpected unprivileged totals:\n{text}"
     );
 }

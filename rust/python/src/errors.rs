@@ -1,8 +1,10 @@
 //! Python exception classes, one per `cellblock_core::Error` variant, under `CellblockError`.
 
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyOSError};
 use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyDict, PyTuple, PyType};
 
 create_exception!(
     cellblock._native,
@@ -66,32 +68,79 @@ create_exception!(
 );
 create_exception!(
     cellblock._native,
-    SandboxIOError,
-    CellblockError,
-    "I/O with a running sandbox failed."
+    SetupTimeout,
+    SetupError,
+    "Building the sandbox took longer than its deadline (a hung set-up): it was killed."
 );
 
-/// Maps a core error to its Python exception.
+/// `SandboxIOError(CellblockError, OSError)`: made with `type()` because an exception class made
+/// by `create_exception!` has a single base.
+static SANDBOX_IO_ERROR: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+
+/// The `SandboxIOError` class.
+fn sandbox_io_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    SANDBOX_IO_ERROR
+        .get_or_try_init(py, || {
+            let bases = PyTuple::new(
+                py,
+                [
+                    py.get_type::<CellblockError>().into_any(),
+                    py.get_type::<PyOSError>().into_any(),
+                ],
+            )?;
+            let dict = PyDict::new(py);
+            dict.set_item("__module__", "cellblock._native")?;
+            dict.set_item(
+                "__doc__",
+                "I/O with a running sandbox failed; an OSError with `errno` and `filename`.",
+            )?;
+            let class = py
+                .get_type::<PyType>()
+                .call1(("SandboxIOError", bases, dict))?;
+            Ok(class.downcast_into::<PyType>()?.unbind())
+        })
+        .map(|t| t.bind(py))
+}
+
+/// Maps a core error to its Python exception. Errors of the OS keep their errno (attribute
+/// `errno`) and the path they were about (`filename`).
 pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
-    use cellblock_core::Error as E;
     let msg = e.to_string();
-    match e {
-        E::InvalidSpec(_) => InvalidSpec::new_err(msg),
-        E::CommandNotFound(_) => CommandNotFound::new_err(msg),
-        E::NamespaceUnavailable(_) => NamespaceUnavailable::new_err(msg),
-        E::Setup { .. } => SetupError::new_err(msg),
-        E::Seccomp(_) => SeccompError::new_err(msg),
-        E::Secret(_) => SecretError::new_err(msg),
-        E::Network(_) => NetworkPolicyError::new_err(msg),
-        E::SessionClosed(_) => SessionClosed::new_err(msg),
-        E::PathEscape(_) => PathEscape::new_err(msg),
-        E::Io(_) => SandboxIOError::new_err(msg),
+    let (kind, errno, path) = (e.kind(), e.errno(), e.path().map(str::to_string));
+    if kind == "SandboxIOError" {
+        return Python::with_gil(|py| match sandbox_io_error(py) {
+            Ok(class) => match errno {
+                Some(n) => PyErr::from_type(class.clone(), (n, msg, path)),
+                None => PyErr::from_type(class.clone(), (msg,)),
+            },
+            Err(err) => err,
+        });
     }
+    let err = match kind {
+        "InvalidSpec" => InvalidSpec::new_err(msg),
+        "CommandNotFound" => CommandNotFound::new_err(msg),
+        "NamespaceUnavailable" => NamespaceUnavailable::new_err(msg),
+        "SetupTimeout" => SetupTimeout::new_err(msg),
+        "SeccompError" => SeccompError::new_err(msg),
+        "SecretError" => SecretError::new_err(msg),
+        "NetworkPolicyError" => NetworkPolicyError::new_err(msg),
+        "SessionClosed" => SessionClosed::new_err(msg),
+        "PathEscape" => PathEscape::new_err(msg),
+        _ => SetupError::new_err(msg),
+    };
+    if let Some(n) = errno {
+        Python::with_gil(|py| {
+            let _ = err.value(py).setattr("errno", n);
+        });
+    }
+    err
 }
 
 /// An internal failure converting data (should not happen): reported as SandboxIOError.
 pub fn internal(e: impl std::fmt::Display) -> PyErr {
-    SandboxIOError::new_err(e.to_string())
+    to_pyerr(cellblock_core::Error::Io(std::io::Error::other(
+        e.to_string(),
+    )))
 }
 
 /// Adds the exception classes to the module.
@@ -110,6 +159,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NetworkPolicyError", py.get_type::<NetworkPolicyError>())?;
     m.add("SessionClosed", py.get_type::<SessionClosed>())?;
     m.add("PathEscape", py.get_type::<PathEscape>())?;
-    m.add("SandboxIOError", py.get_type::<SandboxIOError>())?;
+    m.add("SetupTimeout", py.get_type::<SetupTimeout>())?;
+    m.add("SandboxIOError", sandbox_io_error(py)?)?;
     Ok(())
 }

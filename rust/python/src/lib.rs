@@ -39,6 +39,7 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
         d.set_item(key, parsed.get_item(key)?)?;
     }
     d.set_item("seccomp_profile", r.seccomp_profile.as_deref())?;
+    d.set_item("cleanup_errors", &r.cleanup_errors)?;
     Ok(d)
 }
 
@@ -82,6 +83,7 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     redact::register(m)?;
     session::register(m)?;

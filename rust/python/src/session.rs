@@ -21,8 +21,8 @@ pub fn parse_spec(
 }
 
 /// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
-/// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM). The
-/// handler's exception is re-raised once the sandbox is gone.
+/// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM) or the
+/// callable raises. That exception is re-raised once the sandbox is gone.
 pub fn watched<T>(
     py: Python<'_>,
     on_output: Option<PyObject>,
@@ -32,16 +32,21 @@ where
     T: Send,
 {
     let pending: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+    let failed = || pending.lock().map_or(true, |p| p.is_some());
+    let keep = |e: PyErr| {
+        if let Ok(mut p) = pending.lock() {
+            p.get_or_insert(e);
+        }
+    };
     let interrupted = || {
-        Python::with_gil(|py| match py.check_signals() {
-            Ok(()) => false,
-            Err(e) => {
-                if let Ok(mut p) = pending.lock() {
-                    *p = Some(e);
+        failed()
+            || Python::with_gil(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    keep(e);
+                    true
                 }
-                true
-            }
-        })
+            })
     };
     let result = py.allow_threads(|| match on_output {
         None => f(Hooks {
@@ -50,10 +55,14 @@ where
         }),
         Some(cb) => {
             let mut sink = |stream: Stream, data: &[u8]| {
+                // After the callable raised, the run is being stopped: nothing more is sent.
+                if failed() {
+                    return;
+                }
                 Python::with_gil(|py| {
                     let n = if stream == Stream::Stdout { 1 } else { 2 };
                     if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
-                        e.print(py);
+                        keep(e);
                     }
                 });
             };

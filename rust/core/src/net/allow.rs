@@ -174,6 +174,39 @@ impl Allowlist {
         out
     }
 
+    /// Listed addresses other than loopback, with their port (`None` = any): connections to
+    /// them are intercepted and relayed.
+    pub fn remote_ip_targets(&self) -> Vec<(IpAddr, Option<u16>)> {
+        let mut out = Vec::new();
+        for p in &self.patterns {
+            if let HostPattern::Ip(ip) = p.host {
+                if !ip.is_loopback() && !out.contains(&(ip, p.port)) {
+                    out.push((ip, p.port));
+                }
+            }
+        }
+        out
+    }
+
+    /// The ports a listed name may be reached on: `None` when some name pattern allows any
+    /// port. A connection to an unlisted address can only be let through if its first bytes
+    /// name a listed host (TLS SNI, HTTP Host), so only these ports are worth intercepting.
+    pub fn name_ports(&self) -> Option<Vec<u16>> {
+        let mut ports = Vec::new();
+        for p in self
+            .patterns
+            .iter()
+            .filter(|p| !matches!(p.host, HostPattern::Ip(_)))
+        {
+            match p.port {
+                None => return None,
+                Some(port) if !ports.contains(&port) => ports.push(port),
+                Some(_) => {}
+            }
+        }
+        Some(ports)
+    }
+
     /// Whether the list is empty (nothing is allowed).
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()

@@ -17,8 +17,8 @@ use std::net::IpAddr;
 pub const CHILD_FDS: usize = 5;
 /// Where `nft` is looked for.
 const NFT_PATHS: &[&str] = &["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft"];
-/// The ruleset goes through a pipe that nobody reads until nft starts: it must fit in one.
-const MAX_RULESET: usize = 60 * 1024;
+/// A bound on the ruleset's size (nft reads it while it is written, so no buffer limits it).
+const MAX_RULESET: usize = 4 << 20;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWROUTE: u16 = 24;
@@ -79,28 +79,41 @@ impl ChildPlan {
     }
 }
 
-/// The sandbox's nftables rules: TCP to anything but loopback (and TCP to listed loopback
-/// targets) goes to the transparent listener, UDP port 53 goes to the DNS stub, and every other
-/// packet leaving loopback is logged to the NFLOG group and rejected.
+/// The sandbox's nftables rules. TCP that may be allowed goes to the transparent listener:
+/// listed loopback targets, the DNS stub's synthetic addresses (listed names), listed addresses,
+/// and, on the ports a listed name may use, any address (its TLS SNI or HTTP Host may name a
+/// listed host). UDP port 53 goes to the DNS stub. Every other packet leaving loopback is
+/// logged to the NFLOG group (reported as a violation) and refused right away: TCP with a reset,
+/// so the client's connect() fails with ECONNREFUSED instead of being accepted and closed.
 pub fn ruleset(allow: &Allowlist) -> String {
     let t = TRANSPARENT_PORT;
     let mut r = String::from("table inet cellblock {\n\tchain egress_nat {\n");
     r.push_str("\t\ttype nat hook output priority -100; policy accept;\n");
-    for (ip, port) in allow.loopback_targets() {
-        let fam = if ip.is_ipv4() { "ip" } else { "ip6" };
-        let ports = match port {
-            Some(p) if p == PROXY_PORT || p == TRANSPARENT_PORT => continue,
-            Some(p) => p.to_string(),
-            None => format!("!= {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}"),
-        };
-        // Writing to a String cannot fail.
-        let _ = writeln!(r, "\t\t{fam} daddr {ip} tcp dport {ports} redirect to :{t}");
-    }
+    let loopback: Vec<_> = allow
+        .loopback_targets()
+        .into_iter()
+        .filter(|(_, p)| !matches!(p, Some(p) if *p == PROXY_PORT || *p == TRANSPARENT_PORT))
+        .collect();
+    let not_ours = format!("tcp dport != {{ {PROXY_PORT}, {TRANSPARENT_PORT} }}");
+    redirect_rules(&mut r, &loopback, &not_ours);
+    // Writing to a String cannot fail.
     let _ = writeln!(
         r,
-        "\t\tip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :{t}"
+        "\t\tip daddr {SYNTHETIC_NET} meta l4proto tcp redirect to :{t}"
     );
-    let _ = writeln!(r, "\t\tip6 daddr != ::1 meta l4proto tcp redirect to :{t}");
+    redirect_rules(&mut r, &allow.remote_ip_targets(), "meta l4proto tcp");
+    let sniffed = match allow.name_ports() {
+        None => Some("meta l4proto tcp".to_string()),
+        Some(ports) if ports.is_empty() => None,
+        Some(ports) => {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            Some(format!("tcp dport {{ {} }}", list.join(", ")))
+        }
+    };
+    if let Some(tcp) = sniffed {
+        let _ = writeln!(r, "\t\tip daddr != 127.0.0.0/8 {tcp} redirect to :{t}");
+        let _ = writeln!(r, "\t\tip6 daddr != ::1 {tcp} redirect to :{t}");
+    }
     let _ = writeln!(
         r,
         "\t\tmeta nfproto ipv4 udp dport 53 redirect to :{DNS_PORT}"
@@ -109,9 +122,47 @@ pub fn ruleset(allow: &Allowlist) -> String {
         "\t}\n\tchain egress_filter {\n\t\ttype filter hook output priority 0; policy accept;\n",
     );
     r.push_str("\t\tct direction reply accept\n\t\tip daddr 127.0.0.0/8 accept\n\t\tip6 daddr ::1 accept\n");
-    let _ = writeln!(r, "\t\tlog group {} reject\n\t}}\n}}", nflog::GROUP);
+    let g = nflog::GROUP;
+    let _ = writeln!(
+        r,
+        "\t\tmeta l4proto tcp log group {g} reject with tcp reset"
+    );
+    let _ = writeln!(r, "\t\tlog group {g} reject\n\t}}\n}}");
     r
 }
+
+/// Rules sending TCP to `targets` (address, port or `None` = any port, where `any_port`
+/// selects the packets) to the transparent listener. Targets go into anonymous sets, one rule
+/// per family and kind: a rule per target would make a batch larger than an unprivileged
+/// netlink socket may send ("Message too long") for long allowlists.
+fn redirect_rules(r: &mut String, targets: &[(std::net::IpAddr, Option<u16>)], any_port: &str) {
+    let t = TRANSPARENT_PORT;
+    for (fam, v4) in [("ip", true), ("ip6", false)] {
+        let mine = targets.iter().filter(|(ip, _)| ip.is_ipv4() == v4);
+        let with_port: Vec<String> = mine
+            .clone()
+            .filter_map(|(ip, p)| p.map(|p| format!("{ip} . {p}")))
+            .collect();
+        let any: Vec<String> = mine
+            .filter(|(_, p)| p.is_none())
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        if !with_port.is_empty() {
+            let set = with_port.join(", ");
+            let _ = writeln!(
+                r,
+                "\t\t{fam} daddr . tcp dport {{ {set} }} redirect to :{t}"
+            );
+        }
+        if !any.is_empty() {
+            let set = any.join(", ");
+            let _ = writeln!(r, "\t\t{fam} daddr {{ {set} }} {any_port} redirect to :{t}");
+        }
+    }
+}
+
+/// The DNS stub's synthetic addresses (see [`super::resolve`]).
+const SYNTHETIC_NET: &str = "198.18.0.0/15";
 
 fn link_up_message() -> Vec<u8> {
     // ifinfomsg: family, pad, type, index, flags, change.
@@ -344,27 +395,22 @@ fn bind_socket(
     result
 }
 
-/// Runs `nft -f -` with the ruleset on stdin and waits for it.
+/// Runs `nft -f -` with the ruleset on stdin and waits for it. nft is started first and the
+/// ruleset written while it reads: writing it before would block forever on a ruleset larger
+/// than the buffer (small when the user's pipe quota is spent). A socket pair rather than a
+/// pipe, so that an nft that dies early gives EPIPE, never SIGPIPE.
 fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
-    let mut pipe = [0; 2];
-    // SAFETY: pipe2 writes two fds into the local array.
-    check(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    let [rd, wr] = pipe;
-    let mut written = 0;
-    while written < plan.ruleset.len() {
-        let rest = &plan.ruleset[written..];
-        // SAFETY: writes from a slice we borrow; the pipe holds the whole (size-checked) ruleset.
-        let n = unsafe { libc::write(wr, rest.as_ptr().cast(), rest.len()) };
-        if n <= 0 {
-            let e = errno();
-            // SAFETY: closes the pipe this function opened.
-            unsafe { (libc::close(rd), libc::close(wr)) };
-            return Err(e);
-        }
-        written += n as usize;
-    }
-    // SAFETY: closes our write end so nft sees EOF.
-    unsafe { libc::close(wr) };
+    let mut pair = [0; 2];
+    // SAFETY: socketpair writes two fds into the local array.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    })?;
+    let [rd, wr] = pair;
     let argv = [
         plan.nft.as_ptr(),
         plan.nft_f.as_ptr(),
@@ -376,7 +422,8 @@ fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
     // child only calls dup2/open/execve/_exit.
     let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) };
     if pid == 0 {
-        // SAFETY: in the fresh child: wire stdin to the pipe, silence output, exec nft.
+        // SAFETY: in the fresh child: wire stdin to the socket, silence output, exec nft (the
+        // write end is close-on-exec).
         unsafe {
             libc::dup2(rd, 0);
             let null = libc::open(plan.dev_null.as_ptr(), libc::O_RDWR);
@@ -388,6 +435,22 @@ fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
             libc::_exit(127);
         }
     }
+    let mut written = 0;
+    while pid > 0 && written < plan.ruleset.len() {
+        let rest = &plan.ruleset[written..];
+        // SAFETY: sends from a slice we borrow; nft reads the other end meanwhile.
+        let n = unsafe { libc::send(wr, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+        if n <= 0 {
+            if errno() == -libc::EINTR {
+                continue;
+            }
+            // nft stopped reading: its exit status below says why.
+            break;
+        }
+        written += n as usize;
+    }
+    // SAFETY: closes our write end so nft sees EOF.
+    unsafe { libc::close(wr) };
     // SAFETY: closes the read end the child now holds its own copy of.
     unsafe { libc::close(rd) };
     if pid < 0 {
@@ -425,20 +488,56 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         let r = ruleset(&allow);
         assert!(
-            r.contains("ip daddr 127.0.0.1 tcp dport 9000 redirect to :3129"),
+            r.contains("ip daddr . tcp dport { 127.0.0.1 . 9000 } redirect to :3129"),
             "{r}"
         );
         assert!(
-            r.contains("ip6 daddr ::1 tcp dport != { 3128, 3129 } redirect to :3129"),
+            r.contains("ip6 daddr { ::1 } tcp dport != { 3128, 3129 } redirect to :3129"),
             "{r}"
         );
         assert!(
             !r.contains("dport 3128 redirect"),
             "the proxy port is never shadowed: {r}"
         );
-        assert!(r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"));
+        // No name is listed: nothing else could be allowed, so nothing else is intercepted.
+        assert!(!r.contains("daddr != 127.0.0.0/8"), "{r}");
         assert!(r.contains("udp dport 53 redirect to :53"));
+        assert!(
+            r.contains("meta l4proto tcp log group 7 reject with tcp reset"),
+            "{r}"
+        );
         assert!(r.contains("log group 7 reject"));
+    }
+
+    #[test]
+    fn ruleset_intercepts_only_what_may_be_allowed() {
+        let parse = |p: &[&str]| {
+            Allowlist::parse(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let r = ruleset(&parse(&[
+            "example.com:443",
+            "*.example.org:8443",
+            "192.0.2.7:22",
+        ]));
+        assert!(
+            r.contains("ip daddr 198.18.0.0/15 meta l4proto tcp redirect to :3129"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip daddr . tcp dport { 192.0.2.7 . 22 } redirect"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip daddr != 127.0.0.0/8 tcp dport { 443, 8443 } redirect"),
+            "{r}"
+        );
+        // A name on any port: any address may turn out to be that name.
+        let r = ruleset(&parse(&["example.com"]));
+        assert!(
+            r.contains("ip daddr != 127.0.0.0/8 meta l4proto tcp redirect to :3129"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Dropped {
     /// The violation reason for this packet.
     pub(crate) fn reason(&self) -> String {
         match self.proto {
-            6 => "tcp not intercepted".into(),
+            6 => "not allowed".into(),
             17 => "udp not allowed".into(),
             1 | 58 => "icmp not allowed".into(),
             p => format!("ip protocol {p} not allowed"),
