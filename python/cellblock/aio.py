@@ -83,6 +83,7 @@ class LiveRun:
         self._start = start
         self._queue: asyncio.Queue[Output | None] = asyncio.Queue()
         self._task: asyncio.Task[RunResult] | None = None
+        self._drained = False
 
     def _ensure_started(self) -> asyncio.Task[RunResult]:
         if self._task is None:
@@ -106,7 +107,9 @@ class LiveRun:
 
     async def __aexit__(self, *exc: object) -> None:
         task = self._ensure_started()
-        if not task.done():
+        if self._drained:
+            await _settle(task)  # all output was read: the run is ending by itself
+        elif not task.done():
             await self.cancel()
 
     def __aiter__(self) -> AsyncIterator[Output]:
@@ -116,6 +119,7 @@ class LiveRun:
         self._ensure_started()
         while (chunk := await self._queue.get()) is not None:
             yield chunk
+        self._drained = True
 
     async def result(self) -> RunResult:
         """The run's report (waits for the end)."""
