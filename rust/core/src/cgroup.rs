@@ -141,12 +141,15 @@ pub struct RunCgroup {
 
 /// Removes empty per-run cgroups left by cellblock processes that died without cleaning up
 /// (killed with SIGKILL). Only our own naming scheme, only for pids that no longer exist; a
-/// cgroup that still has processes cannot be removed and is left alone.
+/// cgroup that still has processes cannot be removed and is left alone. A stale cgroup that is
+/// frozen (a paused session whose owner died) is thawed first: its processes already have the
+/// SIGKILL of their namespace's end pending, and die once they can run.
 fn remove_stale(layout: &Layout) {
     let dirs = layout
         .v2_dir
         .iter()
         .chain(layout.v1_dirs.iter().map(|(_, d)| d));
+    let mut stale = Vec::new();
     for dir in dirs {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
@@ -160,10 +163,37 @@ fn remove_stale(layout: &Layout) {
                 continue;
             };
             if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = fs::remove_dir(entry.path());
+                stale.push(entry.path());
             }
         }
     }
+    let thawed = stale.iter().filter(|d| thaw_stale(d)).count();
+    if thawed > 0 {
+        let deadline = Instant::now() + STALE_THAW_WAIT;
+        while Instant::now() < deadline && stale.iter().any(|d| has_processes(d)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for dir in stale {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+/// How long the sweep waits for the processes of thawed stale cgroups to die.
+const STALE_THAW_WAIT: Duration = Duration::from_secs(2);
+
+/// Thaws a frozen stale cgroup (v1 freezer or v2); whether it was frozen.
+fn thaw_stale(dir: &Path) -> bool {
+    let v1 = dir.join("freezer.state");
+    if let Ok(state) = fs::read_to_string(&v1) {
+        return state.trim() != "THAWED" && write(&v1, "THAWED").is_ok();
+    }
+    let v2 = dir.join("cgroup.freeze");
+    matches!(fs::read_to_string(&v2), Ok(s) if s.trim() == "1") && write(&v2, "0").is_ok()
+}
+
+fn has_processes(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
 }
 
 fn unique_name() -> String {
