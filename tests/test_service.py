@@ -21,7 +21,7 @@ import cellblock
 import httpx
 import pytest
 from cellblock.service.problems import LimitExceeded, NotFound, RequestTooLarge, Unauthorized
-from conftest import Cli, processes_with_argv, remove_cgroups_of, wait_for
+from conftest import NOBODY, Cli, processes_with_argv, remove_cgroups_of, wait_for
 from service_fixtures import Service, share_service_packages, start_service
 
 
@@ -330,7 +330,9 @@ def service_cli(cli: Cli, request: pytest.FixtureRequest, tmp_path: Path) -> tup
         return cli, tmp_path
     nobody_dir = request.getfixturevalue("nobody_dir")
     share_service_packages(nobody_dir)
-    return cli, Path(tempfile.mkdtemp(dir=nobody_dir / "tmp"))
+    directory = Path(tempfile.mkdtemp(dir=nobody_dir / "tmp"))
+    os.chown(directory, NOBODY, NOBODY)
+    return cli, directory
 
 
 def test_kill_9_leaves_no_sandbox(service_cli: tuple[Cli, Path]) -> None:
