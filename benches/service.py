@@ -15,9 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 import cellblock
+import httpx
 from cellblock import aio
 
 CALLS = 300
@@ -29,7 +28,8 @@ CODE = {"code": "print(1)"}
 
 def environment() -> str:
     info = cellblock._native.host_info()
-    cgroup = "v2" if info["cgroup_v2_controllers"] else "v1"
+    v1, v2 = info["cgroup_v1_controllers"], info["cgroup_v2_controllers"]
+    cgroup = "v1 hybrid" if v1 and v2 else "v1" if v1 else "v2"
     return (f"Environment: kernel {platform.release()}, cpus {os.cpu_count()}, cgroup {cgroup}, "
             f"user {'root' if os.geteuid() == 0 else os.geteuid()}, python "
             f"{platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}")
@@ -61,8 +61,8 @@ def pct(values: list[float], q: float) -> float:
 
 def process_cost(pid: int) -> tuple[int, int]:
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    threads = int(next(ln.split()[1] for ln in open(f"/proc/{pid}/status")
-                       if ln.startswith("Threads:")))
+    with open(f"/proc/{pid}/status") as f:
+        threads = int(next(ln.split()[1] for ln in f if ln.startswith("Threads:")))
     return fds, threads
 
 

@@ -109,7 +109,7 @@ class Client:
 
     # ---- sessions ----------------------------------------------------------------------------
 
-    def Sandbox(  # noqa: N802 - named like the class it stands for
+    def Sandbox(
         self,
         policy: Policy | None = None,
         *,

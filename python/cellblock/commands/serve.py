@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     defaults = {"max_sessions": 1000, "max_concurrent_runs": 64, "max_request_bytes": 64 << 20}
     p = sub.add_parser("serve", help="serve sandboxes over HTTP/JSON (bearer tokens)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")

@@ -41,12 +41,12 @@ from cellblock.service.models import (
 )
 from cellblock.service.problems import (
     PROBLEM_JSON,
-    problem_body,
     InternalError,
     NotFound,
     RequestTooLarge,
     ServiceError,
     Unauthorized,
+    problem_body,
 )
 from cellblock.service.registry import Batch, Registry, Session, new_id
 from cellblock.session import DirEntry

@@ -27,10 +27,10 @@ class TokenLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_sessions: int = Field(1000, ge=0, description="Open sessions at once.")
-    max_concurrent_runs: int = Field(64, ge=1, description="Runs (and batch jobs) at once.")
-    max_request_bytes: int = Field(64 << 20, ge=1024, description="Largest request body.")
-    max_batch_jobs: int = Field(10_000, ge=1, description="Jobs in one batch.")
+    max_sessions: int = Field(default=1000, ge=0, description="Open sessions at once.")
+    max_concurrent_runs: int = Field(default=64, ge=1, description="Runs (batch jobs) at once.")
+    max_request_bytes: int = Field(default=64 << 20, ge=1024, description="Largest body.")
+    max_batch_jobs: int = Field(default=10_000, ge=1, description="Jobs in one batch.")
 
 
 class TokenRecord(TokenLimits):

@@ -25,8 +25,8 @@ class _Body(BaseModel):
 class CallLimits(_Body):
     """Per-call limits (None: the session's or the policy's default)."""
 
-    timeout: float | None = Field(None, gt=0, le=MAX_LIFETIME_S)
-    cpu_time: float | None = Field(None, gt=0, le=MAX_LIFETIME_S)
+    timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    cpu_time: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
     max_output: int | str | None = None
 
 
@@ -35,15 +35,16 @@ class SessionCreate(Limits):
 
     model_config = ConfigDict(extra="forbid")
 
-    labels: dict[str, str] = Field({}, max_length=64, description="Metadata for listing.")
-    env: Env = {}
+    labels: dict[str, str] = Field(default={}, max_length=64, description="Metadata.")
+    env: Env = Field(default_factory=dict)
     cwd: str | None = None
     profile: str | None = None
     allow_net: list[str] | None = None
-    secrets: dict[str, str] = Field({}, description="Injected as env, redacted from output.")
-    idle_timeout: float | None = Field(None, gt=0, le=MAX_LIFETIME_S)
-    lifetime_s: float = Field(3600.0, gt=0, le=MAX_LIFETIME_S, description="Closed after.")
-    warm: list[Literal["python", "node"]] = Field([], max_length=2)
+    secrets: dict[str, str] = Field(default={}, description="Env values, redacted.")
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    lifetime_s: float = Field(default=3600.0, gt=0, le=MAX_LIFETIME_S,
+                              description="Seconds until the service closes it.")
+    warm: list[Literal["python", "node"]] = Field(default=[], max_length=2)
 
 
 class SetTimeout(_Body):
@@ -86,8 +87,8 @@ class OneShotRun(CommandRun):
     """A command in a fresh sandbox of its own (destroyed after)."""
 
     memory: int | str | None = None
-    pids: int | None = Field(None, ge=1)
-    cpus: float | None = Field(None, gt=0)
+    pids: int | None = Field(default=None, ge=1)
+    cpus: float | None = Field(default=None, gt=0)
     disk: int | str | None = None
     allow_net: list[str] | None = None
 
@@ -96,7 +97,7 @@ class BatchCreate(_Body):
     """A batch of jobs (`cellblock.Job`) run in fresh sandboxes."""
 
     jobs: list[Job] = Field(min_length=1)
-    concurrency: int | None = Field(None, ge=1, le=1024)
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
 
 
 class JobOutcome(BaseModel):
@@ -145,12 +146,14 @@ class RunReport(BaseModel):
     @classmethod
     def of(cls, r: RunResult) -> RunReport:
         """The wire form of a result."""
-        extra = {"value": r.value, "error": r.error} if isinstance(r, CodeResult) else {}
-        return cls(
-            **r.to_dict(), **extra,
-            stdout_base64=base64.b64encode(r.stdout_bytes).decode(),
-            stderr_base64=base64.b64encode(r.stderr_bytes).decode(),
-        )
+        data: dict[str, Any] = {
+            **r.to_dict(),
+            "stdout_base64": base64.b64encode(r.stdout_bytes).decode(),
+            "stderr_base64": base64.b64encode(r.stderr_bytes).decode(),
+        }
+        if isinstance(r, CodeResult):
+            data.update(value=r.value, error=r.error)
+        return cls.model_validate(data)
 
     def to_result(self) -> CodeResult:
         """Back to a `CodeResult` (a `RunResult` with `value`/`error`), bytes exact."""

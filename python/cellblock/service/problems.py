@@ -60,9 +60,8 @@ STATUS: dict[type[CellblockError], int] = {
 }
 
 #: Every class a problem's title may name, for clients.
-CLASSES: dict[str, type[CellblockError]] = {
-    cls.__name__: cls for cls in (CellblockError, ServiceError, *STATUS)
-}
+_NAMED: tuple[type[CellblockError], ...] = (CellblockError, ServiceError, *STATUS)
+CLASSES: dict[str, type[CellblockError]] = {cls.__name__: cls for cls in _NAMED}
 
 TYPE_PREFIX = "urn:cellblock:error:"
 
@@ -71,7 +70,7 @@ def status_of(error: CellblockError) -> int:
     """The HTTP status for an error (its nearest listed base class decides)."""
     for cls in type(error).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

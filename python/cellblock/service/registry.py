@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cellblock import aio
 from cellblock.batch import Job, JobError, Outcome
@@ -40,7 +41,9 @@ class Session:
 
     def info(self) -> SessionInfo:
         """The session's public description."""
-        state = "paused" if self.paused else "open" if self.sandbox.is_open else "closed"
+        state: Literal["open", "paused", "closed"] = (
+            "paused" if self.paused else "open" if self.sandbox.is_open else "closed"
+        )
         return SessionInfo(
             id=self.id, labels=self.labels, state=state,
             created_at=self.created_at, expires_at=self.expires_at,
@@ -61,7 +64,9 @@ class Batch:
     def status(self, with_results: bool) -> BatchStatus:
         """Progress, and the finished jobs' outcomes if asked for."""
         done = self.task is not None and self.task.done()
-        state = "cancelled" if self.cancelled else "done" if done else "running"
+        state: Literal["running", "done", "cancelled"] = (
+            "cancelled" if self.cancelled else "done" if done else "running"
+        )
         results = None
         if with_results:
             results = [

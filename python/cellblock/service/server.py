@@ -35,5 +35,7 @@ def serve(host: str, port: int, tokens: TokenStore) -> None:
     config = uvicorn.Config(
         create_app(tokens), host=host, port=port, log_level="warning",
         timeout_graceful_shutdown=10, lifespan="on",
+        # Clients hold connections across long runs; a short idle limit races their reuse.
+        timeout_keep_alive=75,
     )
     uvicorn.Server(config).run()
