@@ -5,9 +5,12 @@ timeout and a refusal (a path outside the sandbox)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
+import time
 from typing import Any
 
+import httpx
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
@@ -96,3 +99,36 @@ def test_refused_syscall_is_an_error() -> None:
         assert r.isError is True and r.structuredContent["ok"] is False
 
     asyncio.run(with_server(scenario))
+
+
+def test_streamable_http_transport() -> None:
+    """The same tools over streamable HTTP on loopback."""
+    from mcp.client.streamable_http import streamable_http_client
+    from service_fixtures import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cellblock.cli", "mcp", "--transport", "streamable-http",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{port}/mcp"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with streamable_http_client(url) as (read, write, _), \
+                        ClientSession(read, write) as s:
+                    await s.initialize()
+                    r = await s.call_tool("run_command", {"command": "echo over-http"})
+                    assert r.isError is False and r.structuredContent is not None
+                    assert r.structuredContent["stdout"] == "over-http\n"
+                    return
+            except* (OSError, httpx.TransportError):
+                assert time.monotonic() < deadline, "the MCP server did not start"
+                await asyncio.sleep(0.3)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.terminate()
+        server.wait(30)

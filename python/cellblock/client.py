@@ -205,6 +205,11 @@ class RemoteSandbox:
         self.id = info.id
         self._info = info
 
+    @classmethod
+    def connect(cls, client: Client, session_id: str) -> RemoteSandbox:
+        """Reconnects to an open session by id, from any process (`Client.connect`)."""
+        return client.connect(session_id)
+
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sessions/{self.id}{suffix}"
 
