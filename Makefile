@@ -58,6 +58,7 @@ bench: build
 	$(PY) benches/batch.py
 	$(PY) benches/network.py
 	$(PY) benches/agent.py
+	$(PY) benches/service.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true

@@ -126,7 +126,7 @@ async def _token(
 Token = Annotated[TokenRecord, Depends(_token)]
 
 
-def _session_of(request: Request, tok: Token, session_id: str) -> Session:
+async def _session_of(request: Request, tok: Token, session_id: str) -> Session:
     registry: Registry = request.app.state.registry
     return registry.get_session(tok, session_id)
 
