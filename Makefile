@@ -34,6 +34,8 @@ $(VENV)/.deps: pyproject.toml
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
 	    "ray[default]>=2.60,<2.61"
 	$(PIP) install -q "psycopg[binary]>=3.1"
+	$(PIP) install -q "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "httpx-sse>=0.4" \
+	    "mcp==1.30.0" "schemathesis>=4.0"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -66,6 +68,7 @@ bench: build
 	$(PY) benches/network.py
 	$(PY) benches/agent.py
 	$(PY) benches/checkpoint.py
+	$(PY) benches/service.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true

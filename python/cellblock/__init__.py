@@ -3,6 +3,7 @@ allowlist and secret redaction, and get a report of exactly what happened."""
 
 from cellblock._native import Redactor, __version__
 from cellblock.batch import Job, JobError, iter_many, run_many
+from cellblock.client import Client, RemoteSandbox
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
@@ -28,6 +29,7 @@ from cellblock.session import DirEntry, Sandbox
 
 __all__ = [
     "CellblockError",
+    "Client",
     "CodeResult",
     "CommandNotFound",
     "DirEntry",
@@ -39,6 +41,7 @@ __all__ = [
     "PathEscape",
     "Policy",
     "Redactor",
+    "RemoteSandbox",
     "RunResult",
     "Sandbox",
     "SandboxIOError",

@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -213,12 +214,13 @@ def job_policy(job: Job, base: Policy | None) -> Policy:
     return base.merged(**job.limits.model_dump(exclude_none=True), env=env)
 
 
-def run_cold(job: Job, policy: Policy) -> RunResult:
-    """Run a job in a fresh sandbox; the seccomp profile follows the job's own command."""
+def run_cold(job: Job, policy: Policy, cancel: threading.Event | None = None) -> RunResult:
+    """Run a job in a fresh sandbox; the seccomp profile follows the job's own command.
+    Setting `cancel` from another thread kills the run."""
     argv, stdin = command_for(job)
     target = job.argv or [_INTERPRETER[job.language][0]]
     profile = None if policy.profile or policy.seccomp else profile_for_argv(list(target))
-    return run(argv, stdin=stdin, policy=policy, profile=profile)
+    return run(argv, stdin=stdin, policy=policy, profile=profile, cancel=cancel)
 
 
 def _run_one(runner: Runner, job: Job, base: Policy | None) -> Outcome:

@@ -16,7 +16,8 @@ from cellblock._native import __version__
 from cellblock.errors import CellblockError
 
 #: Subcommand modules, in help order.
-COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "memory", "report", "demo")
+COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "memory", "report", "demo",
+            "serve", "mcp")
 
 #: Exit status for usage and setup errors (like most Unix tools).
 EXIT_USAGE = 2

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -109,11 +110,13 @@ def run(
     allow_net: Sequence[str] | None = None,
     secrets: SecretsArg = None,
     on_output: OutputCallback | None = None,
+    cancel: threading.Event | None = None,
 ) -> RunResult:
     """Run `argv` in a fresh sandbox and report what happened.
 
     Keyword arguments override the policy's fields; sizes accept ints or strings like "64M".
     The GIL is released for the whole run, so threads can run sandboxes concurrently.
+    Setting `cancel` from another thread kills the run (reported as `signaled`).
     """
     base = policy or Policy()
     merged = base.merged(
@@ -127,7 +130,7 @@ def run(
     spec = build_spec(argv, merged, all_secrets, compiled)
     data = stdin.encode() if isinstance(stdin, str) else stdin
     report = _native.run(
-        json.dumps(spec), data, compiled.bpf if compiled else None, on_output
+        json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
     )
     result = RunResult(**report)
     notify_run("run", result)

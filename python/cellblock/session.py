@@ -310,9 +310,11 @@ class Sandbox:
         seccomp: SeccompPolicy | None = None,
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> RunResult:
         """Runs a command in the session. The seccomp profile is chosen from argv[0] unless
-        given; limits left out default to the session's per-call limits."""
+        given; limits left out default to the session's per-call limits. Setting `cancel`
+        from another thread kills the call (reported as `signaled`)."""
         with self._call():
             policy = self._call_policy(
                 timeout=timeout, cpu_time=cpu_time, max_output=max_output, cwd=cwd,
@@ -322,7 +324,7 @@ class Sandbox:
             spec = build_spec(argv, policy, normalize_secrets(secrets), compiled)
             data = stdin.encode() if isinstance(stdin, str) else stdin
             report = self._native.exec(
-                json.dumps(spec), data, compiled.bpf if compiled else None, on_output
+                json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
             )
             result = RunResult(**report)
         notify_run("session.run", result, self)
@@ -339,7 +341,8 @@ class Sandbox:
         call (globals, imports, monkey-patching, processes) reaches the next. Stateful: one
         long-lived interpreter whose globals survive between calls, like a notebook kernel.
         The result adds `value` (repr of the last expression) and `error` (the traceback).
-        Keyword arguments: timeout, cpu_time, max_output, stdin, env, cwd, secrets.
+        Keyword arguments: timeout, cpu_time, max_output, stdin, env, cwd, secrets, cancel (a
+        `threading.Event`: setting it ends the call and kills its processes).
         """
         return self._run_code("python", code, stateful, **kwargs)
 
@@ -361,6 +364,7 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         secrets: SecretsArg = None,
+        cancel: threading.Event | None = None,
     ) -> CodeResult:
         with self._call():
             policy = self._call_policy(timeout=timeout, cpu_time=cpu_time, max_output=max_output)
@@ -368,7 +372,9 @@ class Sandbox:
             call_secrets = normalize_secrets(secrets)
             result = self._runtimes.run(
                 language, code, stateful=stateful,
-                limits=CallLimits(limits["timeout"], limits["cpu_time"], limits["max_output"]),
+                limits=CallLimits(
+                    limits["timeout"], limits["cpu_time"], limits["max_output"], cancel
+                ),
                 stdin=stdin.encode() if isinstance(stdin, str) else stdin,
                 env=dict(env or {}), cwd=cwd,
                 secrets={s.name: s.value.get_secret_value() for s in call_secrets},

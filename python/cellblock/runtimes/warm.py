@@ -68,6 +68,14 @@ class _NotStarted(Exception):
     """The runtime went away before the call's code began: the call can be retried."""
 
 
+class _Cancelled(Exception):
+    """The call's cancel event was set."""
+
+
+#: How often a cancellable call looks at its cancel event.
+_CANCEL_POLL_S = 0.1
+
+
 def _frame(kind: bytes, payload: bytes) -> bytes:
     return kind + len(payload).to_bytes(4, "big") + payload
 
@@ -88,12 +96,19 @@ class _Conn:
         except OSError:
             raise _Gone from None
 
-    def _fill(self, n: int, deadline: float | None) -> None:
+    def _fill(self, n: int, deadline: float | None, cancel: threading.Event | None) -> None:
         while len(self.buf) < n:
-            self.sock.settimeout(_remaining(deadline))
+            left = _remaining(deadline)
+            if cancel is not None:
+                if cancel.is_set():
+                    raise _Cancelled
+                left = _CANCEL_POLL_S if left is None else min(left, _CANCEL_POLL_S)
+            self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(max(65536, n - len(self.buf)))
             except TimeoutError:
+                if cancel is not None:
+                    continue  # the deadline itself is checked by _remaining
                 raise _Timeout from None
             except OSError:
                 raise _Gone from None
@@ -101,12 +116,14 @@ class _Conn:
                 raise _Gone
             self.buf += chunk
 
-    def read(self, deadline: float | None) -> tuple[bytes, bytes]:
-        self._fill(5, deadline)
+    def read(
+        self, deadline: float | None, cancel: threading.Event | None = None
+    ) -> tuple[bytes, bytes]:
+        self._fill(5, deadline, cancel)
         size = int.from_bytes(self.buf[1:5], "big")
         if size > MAX_FRAME:
             raise _Gone
-        self._fill(5 + size, deadline)
+        self._fill(5 + size, deadline, cancel)
         kind, payload = bytes(self.buf[:1]), bytes(self.buf[5 : 5 + size])
         del self.buf[: 5 + size]
         return kind, payload
@@ -131,6 +148,8 @@ class CallLimits:
     timeout: float | None
     cpu_time: float | None
     max_output: int | None
+    #: Set by another thread to end the call now (closing its connection kills its processes).
+    cancel: threading.Event | None = None
 
 
 @dataclass
@@ -428,7 +447,7 @@ class WarmRuntimes:
         try:
             conn.send(frames, deadline)
             while True:
-                kind, payload = conn.read(deadline)
+                kind, payload = conn.read(deadline, limits.cancel)
                 if kind == b"a":
                     begun = True
                     continue
@@ -443,6 +462,8 @@ class WarmRuntimes:
                     break
         except _Timeout:
             host_reason = "timeout"
+        except _Cancelled:
+            host_reason = "signaled"  # the caller closes the connection: the relay kills all
         except (_Gone, ValueError):
             if not begun:
                 raise _NotStarted from None

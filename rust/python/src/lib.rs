@@ -47,18 +47,21 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
 ///
 /// `spec_json` is a RunSpec as JSON; `stdin` and `bpf` carry the byte buffers; `on_output`, when
 /// given, is called as `on_output(stream: int, data: bytes)` (1 = stdout, 2 = stderr) with
-/// redacted output as it arrives.
+/// redacted output as it arrives; `cancel` (e.g. a `threading.Event`), once set, kills the run.
 #[pyfunction]
-#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None))]
+#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None))]
 fn run<'py>(
     py: Python<'py>,
     spec_json: &str,
     stdin: Option<Vec<u8>>,
     bpf: Option<Vec<u8>>,
     on_output: Option<PyObject>,
+    cancel: Option<PyObject>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let spec = session::parse_spec(spec_json, stdin, bpf)?;
-    let report = session::watched(py, on_output, |hooks| cellblock_core::run(&spec, hooks))?;
+    let report = session::watched(py, on_output, cancel, |hooks| {
+        cellblock_core::run(&spec, hooks)
+    })?;
     report_to_dict(py, &report)
 }
 

@@ -20,12 +20,24 @@ pub fn parse_spec(
     Ok(spec)
 }
 
+/// Whether `cancel` (an object with `is_set()`, e.g. `threading.Event`) asks to stop.
+fn cancelled(py: Python<'_>, cancel: Option<&PyObject>) -> bool {
+    cancel.is_some_and(|c| {
+        c.bind(py)
+            .call_method0("is_set")
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(false)
+    })
+}
+
 /// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
-/// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM) or the
-/// callable raises. That exception is re-raised once the sandbox is gone.
+/// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM), the
+/// callable raises, or `cancel.is_set()` (another thread cancelled it: the run is killed and
+/// reported as signaled). The exception is re-raised once the sandbox is gone.
 pub fn watched<T>(
     py: Python<'_>,
     on_output: Option<PyObject>,
+    cancel: Option<PyObject>,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
@@ -41,6 +53,7 @@ where
     let interrupted = || {
         failed()
             || Python::with_gil(|py| match py.check_signals() {
+                Ok(()) if cancelled(py, cancel.as_ref()) => true,
                 Ok(()) => false,
                 Err(e) => {
                     keep(e);
@@ -97,7 +110,8 @@ impl Session {
     }
 
     /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
-    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None))]
+    /// `cancel.is_set()` true kills the call (see `watched`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None))]
     fn exec<'py>(
         &self,
         py: Python<'py>,
@@ -105,9 +119,10 @@ impl Session {
         stdin: Option<Vec<u8>>,
         bpf: Option<Vec<u8>>,
         on_output: Option<PyObject>,
+        cancel: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = watched(py, on_output, |hooks| self.inner.exec(&spec, hooks))?;
+        let report = watched(py, on_output, cancel, |hooks| self.inner.exec(&spec, hooks))?;
         crate::report_to_dict(py, &report)
     }
 

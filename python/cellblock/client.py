@@ -1,0 +1,369 @@
+"""`cellblock.Client(url, token)`: the HTTP service's Python client, with the surface of the
+in-process API, so code moves to a remote service by one line:
+
+    sb = cellblock.Sandbox(memory="256M")                                  # in-process
+    sb = cellblock.Client(url, token).Sandbox(memory="256M")                # remote
+
+Errors are raised as the same exception classes (`InvalidSpec`, `SessionClosed`, ...), plus
+the service's own (`Unauthorized`, `LimitExceeded`, `RequestTooLarge`, `NotFound`).
+A session is reachable from any process by its id: `Client(url, token).connect(id)`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import posixpath
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from cellblock.batch import Job, JobError, Outcome
+from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
+from cellblock.policy import Policy
+from cellblock.result import RunResult
+from cellblock.runtimes.warm import CodeResult
+from cellblock.sandbox import OutputCallback
+from cellblock.secrets import normalize_secrets
+from cellblock.service.models import BatchStatus, RunReport, SessionInfo
+from cellblock.service.problems import error_from_problem
+from cellblock.session import DirEntry
+
+if TYPE_CHECKING:
+    import httpx
+
+#: Seconds to wait for the service to accept a connection (runs themselves may take long).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _stdin_text(stdin: bytes | str | None) -> str | None:
+    if isinstance(stdin, bytes):
+        try:
+            return stdin.decode()
+        except UnicodeDecodeError:
+            raise InvalidSpec("stdin must be UTF-8 text over HTTP") from None
+    return stdin
+
+
+def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class Client:
+    """A connection to `cellblock serve` at `url`, acting for one bearer token."""
+
+    def __init__(self, url: str, token: str, *, timeout: float | None = None) -> None:
+        import httpx  # the `service` extra: importing cellblock does not need it
+
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the HTTP connections (sessions stay open on the service)."""
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; a problem+json answer is raised as its exception class."""
+        response = self._http.request(method, path, **kwargs)
+        self.raise_for_problem(response)
+        return response
+
+    @staticmethod
+    def raise_for_problem(response: httpx.Response) -> None:
+        """Raises the exception a 4xx/5xx answer names."""
+        if response.status_code < 400:
+            return
+        try:
+            body = json.loads(response.read())
+        except ValueError:
+            body = None
+        raise error_from_problem(body, response.status_code)
+
+    def stream_run(self, path: str, body: dict[str, Any], on_output: OutputCallback) -> RunReport:
+        """POSTs a streaming run: calls `on_output(stream, data)` per event; the report."""
+        from httpx_sse import connect_sse
+
+        with connect_sse(self._http, "POST", path, json=body) as events:
+            self.raise_for_problem(events.response)
+            for event in events.iter_sse():
+                data = json.loads(event.data)
+                if event.event in ("stdout", "stderr"):
+                    on_output(1 if event.event == "stdout" else 2, base64.b64decode(data["base64"]))
+                elif event.event == "result":
+                    return RunReport.model_validate(data)
+                elif event.event == "error":
+                    raise error_from_problem(data, int(data.get("status", 500)))
+        raise SandboxIOError("the service ended the stream without a result")
+
+    # ---- sessions ----------------------------------------------------------------------------
+
+    def Sandbox(
+        self,
+        policy: Policy | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        lifetime: float | None = None,
+        **kwargs: Any,
+    ) -> RemoteSandbox:
+        """Opens a session on the service: arguments as for `cellblock.Sandbox`, plus
+        `labels` (metadata) and `lifetime` (seconds until the service closes it)."""
+        fields: dict[str, Any] = policy.model_dump(exclude_unset=True) if policy else {}
+        if fields.pop("seccomp", None) is not None or kwargs.pop("seccomp", None) is not None:
+            raise InvalidSpec("seccomp policies cannot be sent to the service: use profile")
+        fields.update(_drop_none(kwargs))
+        if "warm" in fields:
+            fields["warm"] = list(fields["warm"])
+        if "secrets" in fields:
+            fields["secrets"] = {
+                s.name: s.value.get_secret_value() for s in normalize_secrets(fields["secrets"])
+            }
+        fields["labels"] = dict(labels or {})
+        if lifetime is not None:
+            fields["lifetime_s"] = lifetime
+        info = SessionInfo.model_validate(self.request("POST", "/v1/sessions", json=fields).json())
+        return RemoteSandbox(self, info)
+
+    def connect(self, session_id: str) -> RemoteSandbox:
+        """The open session `session_id` (made by this token, from any process)."""
+        info = self.request("GET", f"/v1/sessions/{session_id}").json()
+        return RemoteSandbox(self, SessionInfo.model_validate(info))
+
+    def sessions(self, **labels: str) -> list[SessionInfo]:
+        """This token's open sessions whose labels include `labels`."""
+        params = [("label", f"{k}={v}") for k, v in labels.items()]
+        data = self.request("GET", "/v1/sessions", params=params).json()
+        return [SessionInfo.model_validate(d) for d in data]
+
+    # ---- one-shot runs and batches -----------------------------------------------------------
+
+    def run(
+        self, argv: Sequence[str], *, on_output: OutputCallback | None = None,
+        stdin: bytes | str | None = None, **kwargs: Any,
+    ) -> RunResult:
+        """`cellblock.run` on the service (a fresh sandbox per call)."""
+        body = {"argv": list(argv), "stdin": _stdin_text(stdin), **_drop_none(kwargs)}
+        if on_output is not None:
+            return self.stream_run("/v1/run/stream", body, on_output).to_result()
+        return RunReport.model_validate(self.request("POST", "/v1/run", json=body).json()
+                                        ).to_result()
+
+    def submit(self, jobs: Iterable[Job], concurrency: int | None = None) -> str:
+        """Submits a batch; returns its id (poll with `batch`)."""
+        body = {"jobs": [j.model_dump(mode="json") for j in jobs], "concurrency": concurrency}
+        return str(self.request("POST", "/v1/batches", json=body).json()["id"])
+
+    def batch(self, batch_id: str, results: bool = False) -> BatchStatus:
+        """A batch's progress (and outcomes)."""
+        data = self.request("GET", f"/v1/batches/{batch_id}",
+                            params={"results": str(results).lower()}).json()
+        return BatchStatus.model_validate(data)
+
+    def cancel_batch(self, batch_id: str) -> BatchStatus:
+        """Cancels a batch (running jobs are killed)."""
+        return BatchStatus.model_validate(
+            self.request("DELETE", f"/v1/batches/{batch_id}").json())
+
+    def run_many(
+        self, jobs: Iterable[Job], concurrency: int | None = None, poll: float = 0.2
+    ) -> list[Outcome]:
+        """`cellblock.run_many` on the service: outcomes in job order."""
+        listed = list(jobs)
+        batch_id = self.submit(listed, concurrency)
+        while (status := self.batch(batch_id)).state == "running":
+            time.sleep(poll)
+        by_id: dict[str, Outcome] = {}
+        for o in self.batch(batch_id, results=True).results or []:
+            if o.result is not None:
+                by_id[o.job_id] = o.result.to_result()
+            else:
+                err = o.error or {}
+                by_id[o.job_id] = JobError(kind=err.get("kind", "ServiceError"),
+                                           message=err.get("message", ""))
+        if status.state == "cancelled":
+            raise SessionClosed(f"batch {batch_id} was cancelled")
+        return [by_id[j.id] for j in listed if j.id in by_id]
+
+
+class RemoteSandbox:
+    """A session on the service, with `cellblock.Sandbox`'s methods (plus `id`, `labels`,
+    `set_timeout`). Closing it (or leaving ``with``) closes the session on the service."""
+
+    def __init__(self, client: Client, info: SessionInfo) -> None:
+        self._client = client
+        self.id = info.id
+        self._info = info
+
+    @classmethod
+    def connect(cls, client: Client, session_id: str) -> RemoteSandbox:
+        """Reconnects to an open session by id, from any process (`Client.connect`)."""
+        return client.connect(session_id)
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/v1/sessions/{self.id}{suffix}"
+
+    def _post(self, suffix: str, body: dict[str, Any] | None = None) -> Any:
+        return self._client.request("POST", self._path(suffix), json=body).json()
+
+    # ---- life --------------------------------------------------------------------------------
+
+    def info(self) -> SessionInfo:
+        """The session's current description (SessionClosed once it is gone)."""
+        self._info = SessionInfo.model_validate(
+            self._client.request("GET", self._path()).json())
+        return self._info
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The session's labels (as last seen)."""
+        return dict(self._info.labels)
+
+    def set_labels(self, labels: Mapping[str, str]) -> None:
+        """Replaces the session's labels."""
+        self._info = SessionInfo.model_validate(self._client.request(
+            "PUT", self._path("/labels"), json=dict(labels)).json())
+
+    def set_timeout(self, seconds: float) -> None:
+        """The service closes the session `seconds` from now (extends or shortens it)."""
+        self._info = SessionInfo.model_validate(self._post("/timeout", {"seconds": seconds}))
+
+    def open(self) -> Self:
+        """The session is open from creation on; returns it (raises once closed)."""
+        self.info()
+        return self
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the session on the service. Idempotent."""
+        try:
+            self._client.request("DELETE", self._path())
+        except SessionClosed:
+            pass
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the service still holds the session open."""
+        try:
+            return self.info().state != "closed"
+        except SessionClosed:
+            return False
+
+    @property
+    def enforcement(self) -> dict[str, str | None]:
+        """What enforces each session-wide limit."""
+        return dict(self._client.request("GET", self._path("/enforcement")).json())
+
+    def pause(self) -> None:
+        """Freezes every process of the session."""
+        self._post("/pause")
+
+    def resume(self) -> None:
+        """Thaws a paused session."""
+        self._post("/resume")
+
+    # ---- commands and code -------------------------------------------------------------------
+
+    def run(
+        self, argv: Sequence[str], *, stdin: bytes | str | None = None,
+        on_output: OutputCallback | None = None, **kwargs: Any,
+    ) -> RunResult:
+        """`Sandbox.run` on the service; `on_output` receives the output live (SSE)."""
+        body = {"argv": list(argv), "stdin": _stdin_text(stdin), **_drop_none(kwargs)}
+        if on_output is not None:
+            return self._client.stream_run(self._path("/run/stream"), body, on_output).to_result()
+        return RunReport.model_validate(self._post("/run", body)).to_result()
+
+    def run_shell(self, script: str, **kwargs: Any) -> RunResult:
+        """`Sandbox.run_shell` on the service."""
+        return self.run(["/bin/sh", "-c", script], **kwargs)
+
+    def run_python(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
+        """`Sandbox.run_python` on the service."""
+        return self._code("/python", code, stateful, kwargs)
+
+    def run_node(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
+        """`Sandbox.run_node` on the service."""
+        return self._code("/node", code, stateful, kwargs)
+
+    def _code(self, suffix: str, code: str, stateful: bool, kwargs: dict[str, Any]) -> CodeResult:
+        stdin = _stdin_text(kwargs.pop("stdin", None))
+        body = {"code": code, "stateful": stateful, "stdin": stdin, **_drop_none(kwargs)}
+        return RunReport.model_validate(self._post(suffix, body)).to_result()
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def write_file(self, path: str, data: bytes | str) -> None:
+        """`Sandbox.write_file` on the service (the body is streamed)."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        self._client.request("PUT", self._path("/files"), params={"path": path}, content=raw,
+                             headers={"Content-Type": "application/octet-stream"})
+
+    def read_file(self, path: str) -> bytes:
+        """`Sandbox.read_file` on the service."""
+        return b"".join(self.iter_file(path))
+
+    def iter_file(self, path: str) -> Iterator[bytes]:
+        """A file's content as it streams from the service."""
+        with self._client._http.stream("GET", self._path("/files"), params={"path": path}) as r:
+            self._client.raise_for_problem(r)
+            yield from r.iter_bytes()
+
+    def make_dirs(self, path: str) -> None:
+        """`Sandbox.make_dirs` on the service."""
+        self._client.request("POST", self._path("/dir"), params={"path": path})
+
+    def list_dir(self, path: str = "/workspace") -> list[DirEntry]:
+        """`Sandbox.list_dir` on the service."""
+        data = self._client.request("GET", self._path("/dir"), params={"path": path}).json()
+        return [DirEntry.model_validate(e) for e in data]
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """`Sandbox.remove` on the service."""
+        self._client.request("DELETE", self._path("/files"),
+                             params={"path": path, "recursive": str(recursive).lower()})
+
+    def upload(self, local: str | os.PathLike[str], path: str) -> None:
+        """`Sandbox.upload` on the service: a host file or tree into the sandbox."""
+        src = Path(local)
+        if src.is_dir():
+            self.make_dirs(path)
+            for child in sorted(src.iterdir()):
+                self.upload(child, posixpath.join(path, child.name))
+        else:
+            self.write_file(path, src.read_bytes())
+
+    def download(self, path: str, local: str | os.PathLike[str]) -> None:
+        """`Sandbox.download` on the service (symlinks in the sandbox are skipped)."""
+        dst = Path(local)
+        parent, name = posixpath.split(path.rstrip("/") or "/")
+        entries = {e.name: e for e in self.list_dir(parent or "/workspace")} if name else {}
+        if not name or (name in entries and entries[name].kind == "dir"):
+            dst.mkdir(parents=True, exist_ok=True)
+            for entry in self.list_dir(path):
+                if entry.kind in ("file", "dir"):
+                    self.download(posixpath.join(path, entry.name), dst / entry.name)
+        else:
+            with dst.open("wb") as f:
+                for chunk in self.iter_file(path):
+                    f.write(chunk)
+
+    def __repr__(self) -> str:
+        return f"<cellblock.RemoteSandbox {self.id}>"

@@ -1,0 +1,1 @@
+"""`cellblock mcp`: cellblock's sandboxes as tools of a Model Context Protocol server."""

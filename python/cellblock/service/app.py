@@ -1,0 +1,447 @@
+"""The HTTP/JSON service as a FastAPI app: `create_app(tokens)`.
+
+Every route authenticates the bearer token, finds the token's own session or batch, and calls
+`cellblock.aio`; errors leave as problem+json named like the Python exceptions. Background
+processes and exposed ports are not served: the core has neither yet (issue 14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cellblock import aio
+from cellblock.errors import CellblockError, InvalidSpec
+from cellblock.policy import Policy
+from cellblock.result import RunResult
+from cellblock.service.auth import TokenRecord, TokenStore
+from cellblock.service.models import (
+    BatchCreate,
+    BatchStatus,
+    CodeRun,
+    CommandRun,
+    OneShotRun,
+    RunReport,
+    SessionCreate,
+    SessionInfo,
+    SetTimeout,
+)
+from cellblock.service.problems import (
+    PROBLEM_JSON,
+    InternalError,
+    NotFound,
+    RequestTooLarge,
+    ServiceError,
+    Unauthorized,
+    problem_body,
+)
+from cellblock.service.registry import Batch, Registry, Session, new_id
+from cellblock.session import DirEntry
+
+#: Largest body accepted from a request whose token is unknown (it gets 401 anyway).
+ANONYMOUS_MAX_BODY = 64 << 10
+
+#: Chunk size of streamed file downloads.
+CHUNK = 64 << 10
+
+_bearer = HTTPBearer(auto_error=False)
+
+_PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "An error (problem+json)."}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 503)
+}
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: refuses bodies larger than the token's `max_request_bytes` with 413,
+    by Content-Length up front and by counting while the body streams in."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenStore) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = _bearer_token(scope)
+        record = self.tokens.lookup(token) if token else None
+        limit = record.max_request_bytes if record else ANONYMOUS_MAX_BODY
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await problem(RequestTooLarge(f"body of {int(declared)} bytes exceeds the "
+                                          f"limit of {limit}"))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _TooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body exceeds the limit of {limit} bytes")
+
+
+async def _token(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenRecord:
+    store: TokenStore = request.app.state.tokens
+    record = store.lookup(creds.credentials) if creds is not None else None
+    if record is None:
+        raise Unauthorized("a valid bearer token is required")
+    return record
+
+
+Token = Annotated[TokenRecord, Depends(_token)]
+
+
+async def _session_of(request: Request, tok: Token, session_id: str) -> Session:
+    registry: Registry = request.app.state.registry
+    return registry.get_session(tok, session_id)
+
+
+Sess = Annotated[Session, Depends(_session_of)]
+Path = Annotated[str, Query(min_length=1, max_length=4096)]
+
+
+def problem(error: CellblockError, status: int | None = None) -> JSONResponse:
+    """The problem+json response of an error."""
+    body = problem_body(error, status)
+    headers = {"WWW-Authenticate": "Bearer"} if body["status"] == 401 else None
+    return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_JSON,
+                        headers=headers)
+
+
+def create_app(tokens: TokenStore) -> FastAPI:
+    """The service's ASGI app, accepting the given tokens."""
+    registry = Registry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.start_reaper()
+        try:
+            yield
+        finally:
+            # Graceful shutdown: no sandbox outlives the service.
+            await registry.close_all()
+
+    app = FastAPI(
+        title="cellblock", version="1", lifespan=lifespan, responses=_ERRORS,
+        description="Sandboxed runs and sessions over HTTP. Errors are problem+json whose "
+        "title names the Python exception class (InvalidSpec, SessionClosed, PathEscape, ...).",
+    )
+    app.state.registry = registry
+    app.state.tokens = tokens
+    app.add_middleware(BodyLimit, tokens=tokens)
+    _install_error_handlers(app)
+
+    async def run_report(tok: TokenRecord, call: Awaitable[RunResult]) -> RunReport:
+        async with registry.run_slot(tok):
+            return RunReport.of(await call)
+
+    # ---- health --------------------------------------------------------------------------
+
+    @app.get("/v1/health", tags=["service"])
+    async def health() -> dict[str, str]:
+        """Liveness (no token needed)."""
+        return {"status": "ok"}
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    @app.post("/v1/sessions", status_code=201, tags=["sessions"])
+    async def create_session(tok: Token, body: SessionCreate) -> SessionInfo:
+        """Opens a session (a persistent sandbox) owned by this token."""
+        fields = body.model_dump(exclude={"labels", "lifetime_s", "warm", "idle_timeout",
+                                          "secrets", "env"}, exclude_none=True)
+        async with registry.session_slot(tok):
+            sandbox = await aio.Sandbox(
+                Policy.build(**fields, env=body.env), secrets=body.secrets or None,
+                idle_timeout=body.idle_timeout, warm=tuple(body.warm),
+            ).open()
+            now = time.time()
+            session = Session(
+                id=new_id("ses"), owner=tok.name, sandbox=sandbox, labels=dict(body.labels),
+                created_at=now, expires_at=now + body.lifetime_s,
+            )
+            registry.add_session(session)
+        return session.info()
+
+    @app.get("/v1/sessions", tags=["sessions"])
+    async def list_sessions(
+        tok: Token, label: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006
+    ) -> list[SessionInfo]:
+        """This token's sessions; each `label=key=value` must match."""
+        wanted = dict(item.partition("=")[::2] for item in label)
+        return [s.info() for s in registry.list_sessions(tok, wanted)]
+
+    @app.get("/v1/sessions/{session_id}", tags=["sessions"])
+    async def get_session(sess: Sess) -> SessionInfo:
+        """One session (SessionClosed if it is not this token's open session)."""
+        return sess.info()
+
+    @app.delete("/v1/sessions/{session_id}", tags=["sessions"])
+    async def close_session(sess: Sess) -> SessionInfo:
+        """Closes the session: kills its processes, frees its workspace."""
+        await registry.close_session(sess)
+        return sess.info()
+
+    @app.post("/v1/sessions/{session_id}/timeout", tags=["sessions"])
+    async def set_timeout(sess: Sess, body: SetTimeout) -> SessionInfo:
+        """The session now closes `seconds` from now."""
+        sess.expires_at = time.time() + body.seconds
+        return sess.info()
+
+    @app.put("/v1/sessions/{session_id}/labels", tags=["sessions"])
+    async def set_labels(
+        sess: Sess, labels: Annotated[dict[str, str], Body(max_length=64)]
+    ) -> SessionInfo:
+        """Replaces the session's labels."""
+        sess.labels = labels
+        return sess.info()
+
+    @app.post("/v1/sessions/{session_id}/pause", tags=["sessions"])
+    async def pause(sess: Sess) -> SessionInfo:
+        """Freezes every process of the session."""
+        await sess.sandbox.pause()
+        sess.paused = True
+        return sess.info()
+
+    @app.post("/v1/sessions/{session_id}/resume", tags=["sessions"])
+    async def resume(sess: Sess) -> SessionInfo:
+        """Thaws a paused session."""
+        await sess.sandbox.resume()
+        sess.paused = False
+        return sess.info()
+
+    @app.get("/v1/sessions/{session_id}/enforcement", tags=["sessions"])
+    async def enforcement(sess: Sess) -> dict[str, str | None]:
+        """What enforces each session-wide limit."""
+        return await sess.sandbox.enforcement()
+
+    # ---- runs in a session ---------------------------------------------------------------
+
+    @app.post("/v1/sessions/{session_id}/run", tags=["runs"])
+    async def session_run(tok: Token, sess: Sess, body: CommandRun) -> RunReport:
+        """Runs a command in the session."""
+        return await run_report(tok, sess.sandbox.run(body.argv, **_call_kwargs(body)))
+
+    @app.post("/v1/sessions/{session_id}/run/stream", tags=["runs"],
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def session_run_stream(tok: Token, sess: Sess, body: CommandRun) -> StreamingResponse:
+        """Runs a command with its output as server-sent events: `stdout` and `stderr`
+        events (JSON `{"base64", "text"}`), then one `result` (a RunReport) or `error`
+        (a problem). Disconnecting kills the run."""
+        return await _sse(registry, tok, sess.sandbox.stream(body.argv, **_call_kwargs(body)))
+
+    @app.post("/v1/sessions/{session_id}/python", tags=["runs"])
+    async def session_python(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+        """Runs Python in the session's warm interpreter (`value`: repr of the last
+        expression; `error`: the traceback)."""
+        return await run_report(tok, sess.sandbox.run_python(
+            body.code, stateful=body.stateful, **_call_kwargs(body)))
+
+    @app.post("/v1/sessions/{session_id}/node", tags=["runs"])
+    async def session_node(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+        """Runs JavaScript in the session's warm Node runtime."""
+        return await run_report(tok, sess.sandbox.run_node(
+            body.code, stateful=body.stateful, **_call_kwargs(body)))
+
+    # ---- files ---------------------------------------------------------------------------
+
+    @app.put("/v1/sessions/{session_id}/files", status_code=204, tags=["files"],
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
+    async def put_file(sess: Sess, request: Request, path: Path) -> Response:
+        """Writes a file (the raw body; parents created). Relative paths are under
+        /workspace; nothing outside the sandbox is reachable (PathEscape)."""
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+        await sess.sandbox.write_file(path, bytes(data))
+        return Response(status_code=204)
+
+    @app.get("/v1/sessions/{session_id}/files", tags=["files"],
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def get_file(sess: Sess, path: Path) -> StreamingResponse:
+        """Reads a file, streamed."""
+        data = await sess.sandbox.read_file(path)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(data), CHUNK):
+                yield data[i : i + CHUNK]
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"Content-Length": str(len(data))})
+
+    @app.delete("/v1/sessions/{session_id}/files", status_code=204, tags=["files"])
+    async def remove_file(sess: Sess, path: Path, recursive: bool = False) -> Response:
+        """Removes a file, symlink or empty directory (`recursive`: a whole tree)."""
+        await sess.sandbox.remove(path, recursive)
+        return Response(status_code=204)
+
+    @app.get("/v1/sessions/{session_id}/dir", tags=["files"])
+    async def list_dir(sess: Sess, path: Path = "/workspace") -> list[DirEntry]:
+        """The entries of a directory, sorted by name."""
+        return await sess.sandbox.list_dir(path)
+
+    @app.post("/v1/sessions/{session_id}/dir", status_code=204, tags=["files"])
+    async def make_dirs(sess: Sess, path: Path) -> Response:
+        """Creates a directory and its missing parents."""
+        await sess.sandbox.make_dirs(path)
+        return Response(status_code=204)
+
+    # ---- one-shot runs and batches -------------------------------------------------------
+
+    @app.post("/v1/run", tags=["runs"])
+    async def one_shot(tok: Token, body: OneShotRun) -> RunReport:
+        """Runs a command in a fresh sandbox, destroyed after."""
+        return await run_report(tok, aio.run(body.argv, **_one_shot_kwargs(body)))
+
+    @app.post("/v1/run/stream", tags=["runs"],
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def one_shot_stream(tok: Token, body: OneShotRun) -> StreamingResponse:
+        """A one-shot run with its output as server-sent events (as the session's)."""
+        return await _sse(registry, tok, aio.stream(body.argv, **_one_shot_kwargs(body)))
+
+    @app.post("/v1/batches", status_code=202, tags=["batches"])
+    async def submit_batch(tok: Token, body: BatchCreate) -> BatchStatus:
+        """Submits jobs; they run in the background (each holding one of the token's
+        concurrent runs). Poll `GET /v1/batches/{id}`."""
+        if len(body.jobs) > tok.max_batch_jobs:
+            raise InvalidSpec(f"{len(body.jobs)} jobs exceed the limit of {tok.max_batch_jobs}")
+        batch = Batch(id=new_id("bat"), owner=tok.name, jobs=list(body.jobs))
+        batch.task = asyncio.ensure_future(_run_batch(registry, tok, batch, body.concurrency))
+        registry.add_batch(batch)
+        return batch.status(with_results=False)
+
+    @app.get("/v1/batches/{batch_id}", tags=["batches"])
+    async def batch_status(tok: Token, batch_id: str, results: bool = False) -> BatchStatus:
+        """A batch's progress (`results=true`: the outcomes of the finished jobs)."""
+        return registry.get_batch(tok, batch_id).status(with_results=results)
+
+    @app.delete("/v1/batches/{batch_id}", tags=["batches"])
+    async def cancel_batch(tok: Token, batch_id: str) -> BatchStatus:
+        """Cancels a batch: running jobs are killed, the rest never start."""
+        batch = registry.get_batch(tok, batch_id)
+        if batch.task is not None and not batch.task.done():
+            batch.cancelled = True
+            batch.task.cancel()
+            await asyncio.wait({batch.task})
+        return batch.status(with_results=False)
+
+    return app
+
+
+def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
+    """Keyword arguments of a session call (None values are left to the session)."""
+    fields = body.model_dump(exclude={"argv", "code", "stateful"}, exclude_none=True)
+    if not fields.get("env"):
+        fields.pop("env", None)
+    return fields
+
+
+def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
+    return _call_kwargs(body)
+
+
+async def _run_batch(
+    registry: Registry, tok: TokenRecord, batch: Batch, concurrency: int | None
+) -> None:
+    slots = asyncio.Semaphore(min(concurrency or tok.max_concurrent_runs,
+                                  tok.max_concurrent_runs))
+
+    async def one(job: Any) -> None:
+        async with slots, registry.run_slot(tok, wait=True):
+            batch.outcomes.append((job, await aio.run_job(job)))
+
+    tasks = [asyncio.ensure_future(one(job)) for job in batch.jobs]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+
+
+async def _sse(registry: Registry, tok: TokenRecord, live: aio.LiveRun) -> StreamingResponse:
+    """Streams a live run as server-sent events. The run slot is taken before the response
+    starts (LimitExceeded is a plain 429); leaving the stream early kills the run."""
+    slot = contextlib.AsyncExitStack()
+    await slot.enter_async_context(registry.run_slot(tok))
+
+    async def events() -> AsyncIterator[str]:
+        async with slot:
+            try:
+                async with live:
+                    async for chunk in live:
+                        name = "stdout" if chunk.stream == 1 else "stderr"
+                        data = {"base64": base64.b64encode(chunk.data).decode(),
+                                "text": chunk.data.decode("utf-8", "replace")}
+                        yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+                    report = RunReport.of(await live.result())
+                yield f"event: result\ndata: {report.model_dump_json()}\n\n"
+            except CellblockError as e:
+                yield f"event: error\ndata: {json.dumps(problem_body(e))}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def cellblock_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CellblockError)
+        return problem(exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return problem(InvalidSpec(f"{loc}: {first.get('msg', 'invalid request')}"))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kinds: dict[int, Callable[[str], CellblockError]] = {
+            404: NotFound, 413: RequestTooLarge, 401: Unauthorized,
+        }
+        error = kinds.get(exc.status_code, ServiceError)(str(exc.detail))
+        return problem(error, status=exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        return problem(InternalError(f"{type(exc).__name__}: {exc}"))
+
+    app.add_exception_handler(CellblockError, cellblock_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

@@ -1,0 +1,168 @@
+"""Request and response bodies of the HTTP service (validated by pydantic, in the OpenAPI
+document). Limits use the names and units of `cellblock.run`'s keyword arguments."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellblock.batch import Job, Limits
+from cellblock.result import Reason, RunResult
+from cellblock.runtimes.warm import CodeResult
+
+#: Longest a session may live without being extended (`set_timeout`), seconds.
+MAX_LIFETIME_S = 7 * 24 * 3600.0
+
+Env = dict[str, str]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CallLimits(_Body):
+    """Per-call limits (None: the session's or the policy's default)."""
+
+    timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    cpu_time: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    max_output: int | str | None = None
+
+
+class SessionCreate(Limits):
+    """A new session: session-wide limits, per-call defaults, labels and lifetime."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, str] = Field(default={}, max_length=64, description="Metadata.")
+    env: Env = Field(default_factory=dict)
+    cwd: str | None = None
+    profile: str | None = None
+    allow_net: list[str] | None = None
+    secrets: dict[str, str] = Field(default={}, description="Env values, redacted.")
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    lifetime_s: float = Field(default=3600.0, gt=0, le=MAX_LIFETIME_S,
+                              description="Seconds until the service closes it.")
+    warm: list[Literal["python", "node"]] = Field(default=[], max_length=2)
+
+
+class SetTimeout(_Body):
+    """Extends (or shortens) a session's lifetime: it closes `seconds` from now."""
+
+    seconds: float = Field(gt=0, le=MAX_LIFETIME_S)
+
+
+class SessionInfo(BaseModel):
+    """A session as the service sees it."""
+
+    id: str
+    labels: dict[str, str]
+    state: Literal["open", "paused", "closed"]
+    created_at: float = Field(description="Unix time.")
+    expires_at: float = Field(description="Unix time at which the session is closed.")
+
+
+class CommandRun(CallLimits):
+    """A command in a session."""
+
+    argv: list[str] = Field(min_length=1, max_length=4096)
+    stdin: str | None = None
+    env: Env = {}
+    cwd: str | None = None
+    profile: str | None = None
+
+
+class CodeRun(CallLimits):
+    """Code in a session's warm runtime (stateless unless `stateful`)."""
+
+    code: str
+    stateful: bool = False
+    stdin: str | None = None
+    env: Env = {}
+    cwd: str | None = None
+
+
+class OneShotRun(CommandRun):
+    """A command in a fresh sandbox of its own (destroyed after)."""
+
+    memory: int | str | None = None
+    pids: int | None = Field(default=None, ge=1)
+    cpus: float | None = Field(default=None, gt=0)
+    disk: int | str | None = None
+    allow_net: list[str] | None = None
+
+
+class BatchCreate(_Body):
+    """A batch of jobs (`cellblock.Job`) run in fresh sandboxes."""
+
+    jobs: list[Job] = Field(min_length=1)
+    concurrency: int | None = Field(default=None, ge=1, le=1024)
+
+
+class JobOutcome(BaseModel):
+    """One finished job of a batch: its report, or the error that kept it from running."""
+
+    job_id: str
+    result: RunReport | None = None
+    error: dict[str, str] | None = None
+
+
+class BatchStatus(BaseModel):
+    """Progress of a batch; `results` once asked for (finished jobs, completion order)."""
+
+    id: str
+    state: Literal["running", "done", "cancelled"]
+    total: int
+    finished: int
+    failed: int
+    results: list[JobOutcome] | None = None
+
+
+class RunReport(BaseModel):
+    """A run's report: `cellblock.RunResult` (plus `value`/`error` of warm code). Output is
+    given as text and, exactly, as base64."""
+
+    exit_code: int | None
+    signal: int | None
+    reason: Reason
+    stdout: str
+    stderr: str
+    stdout_base64: str
+    stderr_base64: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    wall_time_s: float
+    cpu_time_s: float
+    peak_memory_bytes: int
+    violations: list[dict[str, Any]]
+    enforcement: dict[str, str | None]
+    redactions: dict[str, int] = {}
+    seccomp_profile: str | None = None
+    network: dict[str, int] | None = None
+    value: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, r: RunResult) -> RunReport:
+        """The wire form of a result."""
+        data: dict[str, Any] = {
+            **r.to_dict(),
+            "stdout_base64": base64.b64encode(r.stdout_bytes).decode(),
+            "stderr_base64": base64.b64encode(r.stderr_bytes).decode(),
+        }
+        if isinstance(r, CodeResult):
+            data.update(value=r.value, error=r.error)
+        return cls.model_validate(data)
+
+    def to_result(self) -> CodeResult:
+        """Back to a `CodeResult` (a `RunResult` with `value`/`error`), bytes exact."""
+        data = self.model_dump(exclude={"stdout", "stderr", "stdout_base64", "stderr_base64"})
+        return CodeResult(
+            **data,
+            stdout_bytes=base64.b64decode(self.stdout_base64),
+            stderr_bytes=base64.b64decode(self.stderr_base64),
+        )
+
+
+JobOutcome.model_rebuild()

@@ -1,0 +1,161 @@
+"""cellblock.aio: async runs, sessions and batches; cancelling a task kills the sandboxed
+processes (checked on the host's /proc), and output is read live."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+
+import cellblock
+from cellblock import aio
+from conftest import processes_with_argv, wait_for
+
+
+def unique_sleep() -> list[str]:
+    """A `sleep` command line no other process has, to find it in /proc."""
+    return ["sleep", f"{600 + secrets.randbelow(10**6) / 10**6:.6f}"]
+
+
+async def appears(argv: list[str]) -> list[int]:
+    deadline = time.monotonic() + 30
+    while not (pids := processes_with_argv(argv)):
+        assert time.monotonic() < deadline, f"{argv} never started"
+        await asyncio.sleep(0.02)
+    return pids
+
+
+def test_run_is_the_sync_run() -> None:
+    r = asyncio.run(aio.run(["python3", "-c", "print(6 * 7)"], memory="128M"))
+    assert isinstance(r, cellblock.RunResult)
+    assert (r.stdout, r.reason, r.exit_code) == ("42\n", "exited", 0)
+
+
+def test_errors_are_the_same_classes() -> None:
+    with pytest.raises(cellblock.InvalidSpec):
+        asyncio.run(aio.run([]))
+    with pytest.raises(cellblock.CommandNotFound):
+        asyncio.run(aio.run(["/nonexistent/binary"]))
+
+
+def test_cancelling_a_run_kills_its_process() -> None:
+    argv = unique_sleep()
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(aio.run(argv, timeout=120))
+        pids = await appears(argv)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # CancelledError is raised only once the sandbox is gone: no polling needed.
+        assert [p for p in pids if processes_with_argv(argv)] == []
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_session_calls_kills_their_processes() -> None:
+    """A command call and a warm Python call (whose code started a child) are cancelled:
+    every process they started is gone, and the session keeps serving."""
+    cmd, child = unique_sleep(), unique_sleep()
+    code = (f"import subprocess, time\nsubprocess.Popen({child!r})\ntime.sleep(600)\n")
+
+    async def scenario() -> None:
+        async with aio.Sandbox(memory="256M") as sb:
+            for call, argv in ((sb.run(cmd, timeout=120), cmd),
+                               (sb.run_python(code, timeout=120), child)):
+                task = asyncio.ensure_future(call)
+                await appears(argv)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                wait_for(lambda argv=argv: not processes_with_argv(argv), f"{argv} to end", 10)
+            assert (await sb.run_python("print('still here')")).stdout == "still here\n"
+            assert (await sb.run(["echo", "ok"])).stdout == "ok\n"
+
+    asyncio.run(scenario())
+
+
+def test_live_output_arrives_before_the_end() -> None:
+    async def scenario() -> None:
+        async with aio.Sandbox() as sb:
+            live = sb.stream(["sh", "-c", "echo first; sleep 1; echo second >&2"])
+            async with live:
+                chunks = live.__aiter__()
+                first = await chunks.__anext__()
+                result_task = asyncio.ensure_future(live.result())
+                await asyncio.sleep(0.1)
+                assert not result_task.done(), "the first chunk came only at the end"
+                rest = [c async for c in chunks]
+            assert (first.stream, first.data) == (1, b"first\n")
+            assert [(c.stream, c.data) for c in rest] == [(2, b"second\n")]
+            r = await result_task
+            assert (r.exit_code, r.stdout, r.stderr) == (0, "first\n", "second\n")
+
+    asyncio.run(scenario())
+
+
+def test_leaving_a_stream_early_kills_the_run() -> None:
+    argv = unique_sleep()
+    script = f"echo started; exec {' '.join(argv)}"
+
+    async def scenario() -> None:
+        async with aio.stream(["sh", "-c", script], timeout=120) as live:
+            async for chunk in live:
+                assert chunk.data == b"started\n"
+                await appears(argv)
+                break
+        assert processes_with_argv(argv) == []
+
+    asyncio.run(scenario())
+
+
+def test_session_methods_are_awaitable() -> None:
+    async def scenario() -> None:
+        sb = await aio.Sandbox(memory="256M").open()
+        try:
+            await sb.write_file("data/x.txt", "hello")
+            assert await sb.read_file("data/x.txt") == b"hello"
+            assert [e.name for e in await sb.list_dir("data")] == ["x.txt"]
+            await sb.make_dirs("a/b")
+            await sb.remove("a", recursive=True)
+            assert sorted(e.name for e in await sb.list_dir()) == ["data"]
+            assert (await sb.run_python("x = 20", stateful=True)).ok
+            assert (await sb.run_python("x + 1", stateful=True)).value == "21"
+            assert (await sb.run_node("1 + 2")).value == "3"
+            assert (await sb.run_shell("cat data/x.txt")).stdout == "hello"
+            assert "memory" in await sb.enforcement()
+            with pytest.raises(cellblock.PathEscape):
+                await sb.read_file("../../etc/shadow")
+        finally:
+            await sb.close()
+        assert not sb.is_open
+        with pytest.raises(cellblock.SessionClosed):
+            await sb.run(["true"])
+
+    asyncio.run(scenario())
+
+
+def test_run_many_in_order_and_cancellable() -> None:
+    jobs = [cellblock.Job(code=f"print({i})") for i in range(4)]
+    jobs.append(cellblock.Job(argv=["/nonexistent/x"]))
+    outcomes = asyncio.run(aio.run_many(jobs, concurrency=2))
+    assert [o.stdout for o in outcomes[:4]] == [f"{i}\n" for i in range(4)]  # type: ignore[union-attr]
+    assert isinstance(outcomes[4], cellblock.JobError)
+    assert outcomes[4].kind == "CommandNotFound"
+
+    argvs = [unique_sleep() for _ in range(2)]
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(
+            aio.run_many([cellblock.Job(argv=a, limits={"timeout": 120}) for a in argvs],
+                         concurrency=2))
+        for argv in argvs:
+            await appears(argv)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [a for a in argvs if processes_with_argv(a)] == []
+
+    asyncio.run(cancelled())
