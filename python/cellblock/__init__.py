@@ -6,6 +6,7 @@ from cellblock.batch import Job, JobError, iter_many, run_many
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
+    FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
     NetworkPolicyError,
@@ -16,6 +17,7 @@ from cellblock.errors import (
     SessionClosed,
     SetupError,
 )
+from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
 from cellblock.result import RunResult
@@ -23,13 +25,14 @@ from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import run
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret
-from cellblock.session import DirEntry, Sandbox
+from cellblock.session import Sandbox
 
 __all__ = [
     "CellblockError",
     "CodeResult",
     "CommandNotFound",
     "DirEntry",
+    "FileTooLarge",
     "InvalidSpec",
     "Job",
     "JobError",

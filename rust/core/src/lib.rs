@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod child;
 pub mod error;
 pub mod fdpass;
+pub mod files;
 pub mod fs;
 pub mod net;
 pub mod redact;
@@ -24,7 +25,8 @@ pub mod supervise;
 pub use error::{Error, Result};
 pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
-pub use session::{DirEntry, Session};
+pub use files::{DirEntry, FileReader, FileWriter};
+pub use session::Session;
 pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
 pub use supervise::{Hooks, Sink, Stream};
 

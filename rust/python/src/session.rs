@@ -2,8 +2,10 @@
 
 use crate::errors::to_pyerr;
 use cellblock_core::{Hooks, RunSpec, Stream};
+use pyo3::create_exception;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
+use std::sync::Mutex;
 
 /// Parses a spec from JSON, attaching the byte buffers.
 pub fn parse_spec(
@@ -138,14 +140,6 @@ impl Session {
         Ok(d)
     }
 
-    /// Reads a file of the sandbox.
-    fn read_file<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let data = py
-            .allow_threads(|| self.inner.read_file(path))
-            .map_err(to_pyerr)?;
-        Ok(PyBytes::new(py, &data))
-    }
-
     /// Connects to a unix stream socket inside the sandbox (resolved like the files API);
     /// returns the connected socket's fd, owned by the caller (`socket.socket(fileno=fd)`).
     fn connect_unix(&self, py: Python<'_>, path: &str) -> PyResult<i32> {
@@ -155,23 +149,56 @@ impl Session {
         Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
     }
 
-    /// Writes a file of the sandbox (parents created).
-    fn write_file(&self, py: Python<'_>, path: &str, data: Vec<u8>) -> PyResult<()> {
-        py.allow_threads(|| self.inner.write_file(path, &data))
-            .map_err(to_pyerr)
+    /// Reads a whole regular file of the sandbox (secrets redacted), at most `max_size` bytes.
+    fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: &str,
+        max_size: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py
+            .allow_threads(|| self.inner.read_file(path, max_size))
+            .map_err(file_err)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Opens a regular file of the sandbox for reading in chunks.
+    fn open_read(&self, py: Python<'_>, path: &str, max_size: u64) -> PyResult<FileReader> {
+        let reader = py
+            .allow_threads(|| self.inner.open_read(path, max_size))
+            .map_err(file_err)?;
+        Ok(FileReader {
+            inner: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// Writes a whole file of the sandbox (created or truncated; parents created).
+    fn write_file(&self, py: Python<'_>, path: &str, data: &[u8]) -> PyResult<()> {
+        py.allow_threads(|| self.inner.write_file(path, data))
+            .map_err(file_err)
+    }
+
+    /// Opens (creates or truncates) a regular file of the sandbox for writing in chunks.
+    fn open_write(&self, py: Python<'_>, path: &str) -> PyResult<FileWriter> {
+        let writer = py
+            .allow_threads(|| self.inner.open_write(path))
+            .map_err(file_err)?;
+        Ok(FileWriter {
+            inner: Mutex::new(Some(writer)),
+        })
     }
 
     /// Creates a directory and its parents.
     fn make_dirs(&self, py: Python<'_>, path: &str) -> PyResult<()> {
         py.allow_threads(|| self.inner.make_dirs(path))
-            .map_err(to_pyerr)
+            .map_err(file_err)
     }
 
-    /// Lists a directory: [{"name", "kind", "size"}].
+    /// Lists a directory: [{"name", "kind", "size"}] (names redacted).
     fn list_dir<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyList>> {
         let entries = py
             .allow_threads(|| self.inner.list_dir(path))
-            .map_err(to_pyerr)?;
+            .map_err(file_err)?;
         let list = PyList::empty(py);
         for e in entries {
             let d = PyDict::new(py);
@@ -186,11 +213,102 @@ impl Session {
     /// Removes a file, symlink or empty directory.
     fn remove(&self, py: Python<'_>, path: &str) -> PyResult<()> {
         py.allow_threads(|| self.inner.remove(path))
-            .map_err(to_pyerr)
+            .map_err(file_err)
+    }
+}
+
+create_exception!(
+    cellblock._native,
+    FileTooLarge,
+    crate::errors::SandboxIOError,
+    "A file (or directory listing) of the sandbox is larger than the files API's size cap."
+);
+
+/// Maps a files-API error: the size cap has its own class, the rest as every core error.
+fn file_err(e: cellblock_core::Error) -> PyErr {
+    if cellblock_core::files::is_too_large(&e) {
+        FileTooLarge::new_err(e.to_string())
+    } else {
+        to_pyerr(e)
+    }
+}
+
+/// Locks a reader's or writer's state; `None` once closed.
+fn lock_open<'a, T>(
+    m: &'a Mutex<Option<T>>,
+) -> PyResult<std::sync::MutexGuard<'a, Option<T>>> {
+    m.lock()
+        .map_err(|_| crate::errors::internal("a files-API handle was poisoned"))
+}
+
+fn closed_err() -> PyErr {
+    to_pyerr(cellblock_core::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the file was closed",
+    )))
+}
+
+/// A sandbox file open for reading: `read(n)` returns redacted chunks, `b""` at the end.
+#[pyclass(module = "cellblock._native", frozen)]
+pub struct FileReader {
+    inner: Mutex<Option<cellblock_core::FileReader>>,
+}
+
+#[pymethods]
+impl FileReader {
+    /// The next chunk (at most `n` bytes of the file, secrets redacted); `b""` at the end.
+    #[pyo3(signature = (n=1 << 20))]
+    fn read<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let chunk = py.allow_threads(|| {
+            let mut guard = lock_open(&self.inner)?;
+            let reader = guard.as_mut().ok_or_else(closed_err)?;
+            reader.read_chunk(n).map_err(file_err)
+        })?;
+        Ok(PyBytes::new(py, &chunk))
+    }
+
+    /// The file's size when it was opened.
+    #[getter]
+    fn size(&self) -> PyResult<u64> {
+        let guard = lock_open(&self.inner)?;
+        Ok(guard.as_ref().map_or(0, |r| r.size()))
+    }
+
+    /// Closes the file (idempotent).
+    fn close(&self) -> PyResult<()> {
+        lock_open(&self.inner)?.take();
+        Ok(())
+    }
+}
+
+/// A sandbox file open for writing: `write(data)` appends, `close()` ends it.
+#[pyclass(module = "cellblock._native", frozen)]
+pub struct FileWriter {
+    inner: Mutex<Option<cellblock_core::FileWriter>>,
+}
+
+#[pymethods]
+impl FileWriter {
+    /// Appends `data` to the file.
+    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut guard = lock_open(&self.inner)?;
+            let writer = guard.as_mut().ok_or_else(closed_err)?;
+            writer.write(data).map_err(file_err)
+        })
+    }
+
+    /// Closes the file (idempotent).
+    fn close(&self) -> PyResult<()> {
+        lock_open(&self.inner)?.take();
+        Ok(())
     }
 }
 
 /// Adds the class to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Session>()
+    m.add_class::<Session>()?;
+    m.add_class::<FileReader>()?;
+    m.add_class::<FileWriter>()?;
+    m.add("FileTooLarge", m.py().get_type::<FileTooLarge>())
 }

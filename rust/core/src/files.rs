@@ -1,0 +1,854 @@
+//! The files API of a session: reading, writing, listing and removing files of the sandbox.
+//!
+//! Every path is resolved and opened by a short-lived helper process joined to the sandbox: it
+//! enters the session's mount and user namespaces, takes the sandbox's uid 0 and drops every
+//! capability, exactly what the sandbox's own processes have. So an open succeeds only where
+//! the sandbox itself could open, and anything the open does (a terminal, a procfs entry, a
+//! device) happens with the sandbox's rights and view, never the caller's. On top of that,
+//! what a path resolves to must be a regular file (or a directory, for listing) on one of the
+//! sandbox's writable scratch mounts, checked on the opened descriptor by its mount id. The
+//! helper passes the descriptor out (SCM_RIGHTS) and exits; the caller then reads or writes it
+//! with no lock held, in chunks, with the session's secrets redacted from what is read.
+
+use crate::error::{Error, Result};
+use crate::redact::StreamRedactor;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+/// The sandbox's writable scratch mounts: the only places the files API reads or writes.
+pub const SCRATCH_MOUNTS: [&std::ffi::CStr; 3] = [c"/workspace", c"/tmp", c"/dev/shm"];
+
+/// Default most bytes [`crate::Session::read_file`] returns (larger files: `FileTooLarge`).
+pub const DEFAULT_MAX_READ: u64 = 64 << 20;
+
+/// Most entries one [`crate::Session::list_dir`] returns.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+
+/// How long a helper may take to join the sandbox and open a path (it never blocks; this only
+/// bounds a wedged kernel or a frozen host).
+const HELPER_DEADLINE_MS: i32 = 10_000;
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+/// An entry of a directory, as listed by [`crate::Session::list_dir`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// File name (secrets redacted).
+    pub name: String,
+    /// "file", "dir", "symlink" or "other".
+    pub kind: &'static str,
+    /// Size in bytes (0 for anything but regular files).
+    pub size: u64,
+}
+
+/// An I/O error of the files API: the OS error (errno kept) and the in-sandbox path.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct PathIoError {
+    /// The path as given to the files API.
+    pub path: String,
+    /// The OS error (its `raw_os_error` is the errno where there is one).
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// An [`Error::Io`] naming `path`, keeping the kind and errno of `source`.
+pub(crate) fn io_error(path: &str, source: std::io::Error) -> Error {
+    Error::Io(std::io::Error::new(
+        source.kind(),
+        PathIoError {
+            path: path.to_string(),
+            source,
+        },
+    ))
+}
+
+fn errno_error(path: &str, errno: i32) -> Error {
+    io_error(path, std::io::Error::from_raw_os_error(errno))
+}
+
+/// The errno and path of a files-API error, where it has them.
+pub fn errno_and_path(e: &Error) -> Option<(Option<i32>, &str)> {
+    match e {
+        Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<PathIoError>())
+            .map(|p| (p.source.raw_os_error(), p.path.as_str())),
+        _ => None,
+    }
+}
+
+/// Whether `e` is the size cap of a read (or listing) being exceeded.
+pub fn is_too_large(e: &Error) -> bool {
+    matches!(e, Error::Io(io) if io.kind() == std::io::ErrorKind::FileTooLarge)
+}
+
+fn too_large(path: &str, what: String) -> Error {
+    io_error(
+        path,
+        std::io::Error::new(std::io::ErrorKind::FileTooLarge, what),
+    )
+}
+
+pub(crate) fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::PathEscape("path contains a NUL byte".into()))
+}
+
+/// The absolute in-sandbox form of a files-API path (relative paths are under /workspace).
+pub(crate) fn sandbox_path(path: &str) -> Result<String> {
+    if path.is_empty() {
+        return Err(Error::PathEscape("empty path".into()));
+    }
+    if path.contains('\0') {
+        return Err(Error::PathEscape("path contains a NUL byte".into()));
+    }
+    // `..` could only be re-rooted, never leave; refusing it outright makes intent explicit.
+    if path.split('/').any(|c| c == "..") {
+        return Err(Error::PathEscape(format!("{path}: '..' is not allowed")));
+    }
+    Ok(if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("{}/{}", crate::fs::WORKSPACE, path)
+    })
+}
+
+/// The components of an absolute path, without empty and `.` parts.
+fn components(full: &str) -> Vec<&str> {
+    full.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect()
+}
+
+/// How to reach a session's sandbox from outside: a duplicate of its holder's pidfd (the
+/// session's lock is not held while a helper works) and how the session was built.
+#[derive(Debug)]
+pub struct JoinTarget {
+    /// pidfd of the session's PID 1.
+    pub pidfd: OwnedFd,
+    /// Whether the session was built by root (see [`crate::child::JoinPlan`]).
+    pub root: bool,
+}
+
+/// What the helper does inside the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Open a regular file for reading (symlinks followed inside the sandbox's root).
+    Read,
+    /// Create the missing parents, then open (create) a regular file for writing, never
+    /// through a symlink, truncated once it is known to be a regular file.
+    Write,
+    /// Open a directory for listing.
+    List,
+    /// Create the directory and its missing parents.
+    MakeDirs,
+    /// Remove a file, symlink or empty directory (a symlink itself, never its target).
+    Remove,
+}
+
+/// A directory to create: its full path, its parent and its name (all in-sandbox).
+#[derive(Debug)]
+struct DirStep {
+    full: CString,
+    parent: CString,
+    name: CString,
+}
+
+/// Everything the helper needs, prepared before the fork (the helper does not allocate).
+#[derive(Debug)]
+struct Plan {
+    op: Op,
+    /// The whole path (Read, List; the final check of MakeDirs).
+    full: CString,
+    /// Parent directory and final name (Write, Remove).
+    parent: CString,
+    name: CString,
+    /// Directories to create, outermost first (Write: the parents; MakeDirs: all).
+    dirs: Vec<DirStep>,
+}
+
+impl Plan {
+    fn new(op: Op, path: &str) -> Result<Plan> {
+        let full = sandbox_path(path)?;
+        let parts = components(&full);
+        let join = |p: &[&str]| format!("/{}", p.join("/"));
+        let (parent, name) = match parts.split_last() {
+            Some((name, rest)) => (join(rest), name.to_string()),
+            None => ("/".to_string(), String::new()),
+        };
+        if matches!(op, Op::Write | Op::Remove) && name.is_empty() {
+            return Err(Error::PathEscape(format!("{path}: not a file name")));
+        }
+        let upto = match op {
+            Op::Write => parts.len().saturating_sub(1),
+            Op::MakeDirs => parts.len(),
+            _ => 0,
+        };
+        let mut dirs = Vec::new();
+        for i in 1..=upto {
+            dirs.push(DirStep {
+                full: cstring(&join(&parts[..i]))?,
+                parent: cstring(&join(&parts[..i - 1]))?,
+                name: cstring(parts[i - 1])?,
+            });
+        }
+        Ok(Plan {
+            op,
+            full: cstring(&join(&parts))?,
+            parent: cstring(&parent)?,
+            name: cstring(if name.is_empty() { "." } else { &name })?,
+            dirs,
+        })
+    }
+
+    fn passes_fd(&self) -> bool {
+        matches!(self.op, Op::Read | Op::Write | Op::List)
+    }
+}
+
+/// Why the helper failed: the first word of its status record.
+mod status {
+    pub const OK: u32 = 0;
+    /// setns/credentials failed: the session is gone.
+    pub const JOIN: u32 = 1;
+    /// A syscall failed with the errno in the record.
+    pub const ERRNO: u32 = 2;
+    /// The path resolved outside the scratch mounts.
+    pub const OUTSIDE: u32 = 3;
+    /// The path is not a regular file (or not a directory, for listing); mode in the record.
+    pub const KIND: u32 = 4;
+    /// The file changed between the check and the open.
+    pub const RACE: u32 = 5;
+}
+
+/// Runs one operation in a helper joined to the sandbox. Returns the opened descriptor for
+/// Read/Write/List.
+fn run_helper(target: &JoinTarget, op: Op, path: &str) -> Result<Option<OwnedFd>> {
+    let plan = Plan::new(op, path)?;
+    let (status_r, status_w) = std::io::pipe().map_err(|e| io_error(path, e))?;
+    let (sock_parent, sock_child) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| io_error(path, e))?;
+    let fds = HelperFds {
+        pidfd: target.pidfd.as_raw_fd(),
+        status: status_w.as_raw_fd(),
+        sock: sock_child.as_raw_fd(),
+    };
+    let root = target.root;
+    let (_, helper) = crate::spawn::clone_with(0, || helper_main(&plan, root, fds))
+        .map_err(|e| io_error(path, e))?;
+    drop(status_w);
+    drop(sock_child);
+    let record = read_status(status_r);
+    crate::spawn::kill_and_reap(&helper);
+    let [kind, errno, mode] = match record {
+        Some(r) => r,
+        None => {
+            return Err(Error::SessionClosed(
+                "the files helper ended without an answer".into(),
+            ))
+        }
+    };
+    match kind {
+        status::OK if plan.passes_fd() => crate::fdpass::recv_fd(sock_parent.as_fd())
+            .map(Some)
+            .map_err(|e| io_error(path, e)),
+        status::OK => Ok(None),
+        status::JOIN => Err(Error::SessionClosed(format!(
+            "cannot join the session's sandbox: {}",
+            std::io::Error::from_raw_os_error(errno as i32)
+        ))),
+        status::OUTSIDE => Err(Error::PathEscape(format!(
+            "{path}: outside the sandbox's scratch mounts (/workspace, /tmp, /dev/shm)"
+        ))),
+        status::KIND => Err(kind_error(path, op, mode)),
+        status::RACE => Err(errno_error(path, libc::EAGAIN)),
+        _ => Err(errno_from_helper(path, errno as i32)),
+    }
+}
+
+/// The error for a path that is not what `op` works on.
+fn kind_error(path: &str, op: Op, mode: u32) -> Error {
+    let what = match mode & libc::S_IFMT {
+        libc::S_IFDIR => return errno_error(path, libc::EISDIR),
+        libc::S_IFREG => return errno_error(path, libc::ENOTDIR),
+        libc::S_IFIFO => "a fifo",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symlink",
+        _ => "not a regular file",
+    };
+    let want = if op == Op::List {
+        "a directory"
+    } else {
+        "a regular file"
+    };
+    io_error(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}, not {want}: the files API only reads and writes regular files"),
+        ),
+    )
+}
+
+fn errno_from_helper(path: &str, errno: i32) -> Error {
+    match errno {
+        // Magic links and symlinks where none may be followed.
+        libc::ELOOP | libc::EXDEV => Error::PathEscape(format!(
+            "{path}: {}",
+            std::io::Error::from_raw_os_error(errno)
+        )),
+        _ => errno_error(path, errno),
+    }
+}
+
+/// Waits (bounded) for the helper's 12-byte status record.
+fn read_status(mut r: std::io::PipeReader) -> Option<[u32; 3]> {
+    let mut pfd = libc::pollfd {
+        fd: r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one fd we own.
+    let ready = unsafe { libc::poll(&mut pfd, 1, HELPER_DEADLINE_MS) };
+    if ready <= 0 {
+        return None;
+    }
+    let mut buf = [0u8; 12];
+    r.read_exact(&mut buf).ok()?;
+    let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    Some([word(0), word(4), word(8)])
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HelperFds {
+    pidfd: RawFd,
+    status: RawFd,
+    sock: RawFd,
+}
+
+/// The helper: joins the sandbox, performs `plan`, reports, exits. Runs in a forked copy of
+/// the (multithreaded) caller, so raw syscalls only, no allocation.
+fn helper_main(plan: &Plan, root_session: bool, fds: HelperFds) -> ! {
+    let report = |kind: u32, errno: i32, mode: u32| -> ! {
+        let mut rec = [0u8; 12];
+        rec[..4].copy_from_slice(&kind.to_ne_bytes());
+        rec[4..8].copy_from_slice(&errno.to_ne_bytes());
+        rec[8..].copy_from_slice(&mode.to_ne_bytes());
+        // SAFETY: writing a stack buffer to our pipe, then exiting without unwinding.
+        unsafe {
+            libc::write(fds.status, rec.as_ptr().cast(), rec.len());
+            libc::_exit(0)
+        }
+    };
+    // SAFETY: prctl/setsid/umask/setns/set*id/capset change only this process; setns goes
+    // through a pidfd we hold.
+    unsafe {
+        // Unreachable from the sandbox (not in its pid namespace), unreadable by it anyway.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // No controlling terminal: /dev/tty opened from here is nobody's terminal.
+        libc::setsid();
+        libc::umask(0);
+        let others = libc::CLONE_NEWNS;
+        let joined = if root_session {
+            // The mount namespace belongs to the initial user namespace: join it first.
+            libc::setns(fds.pidfd, others) == 0
+                && libc::setns(fds.pidfd, libc::CLONE_NEWUSER) == 0
+                && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0
+                && libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0
+                && libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
+        } else {
+            libc::setns(fds.pidfd, others | libc::CLONE_NEWUSER) == 0
+        };
+        if !joined {
+            report(status::JOIN, crate::error::errno(), 0);
+        }
+        // A credential change resets dumpability.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        // The sandbox's processes run with no capabilities: neither does this helper, so the
+        // kernel judges every access as it would judge the sandbox's own.
+        let hdr: [u32; 2] = [0x2008_0522, 0];
+        let data = [0u32; 6];
+        if libc::syscall(libc::SYS_capset, hdr.as_ptr(), data.as_ptr()) < 0 {
+            report(status::JOIN, crate::error::errno(), 0);
+        }
+    }
+    let scratch = scratch_mount_ids();
+    let root = match open_how(
+        libc::AT_FDCWD,
+        c"/",
+        libc::O_PATH | libc::O_DIRECTORY,
+        0,
+        0,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => report(status::ERRNO, e, 0),
+    };
+    match helper_op(plan, root, &scratch) {
+        Ok(Some(fd)) => {
+            if let Err(e) = crate::fdpass::send_fd(fds.sock, fd) {
+                report(status::ERRNO, e, 0);
+            }
+            report(status::OK, 0, 0)
+        }
+        Ok(None) => report(status::OK, 0, 0),
+        Err((kind, errno, mode)) => report(kind, errno, mode),
+    }
+}
+
+/// A helper failure: (status kind, errno, file mode).
+type Fail = (u32, i32, u32);
+
+fn errno_fail(e: i32) -> Fail {
+    (status::ERRNO, e, 0)
+}
+
+/// Mount ids of the scratch mounts (0 where a path is missing or not a mount of its own).
+fn scratch_mount_ids() -> [u64; 3] {
+    let mut ids = [0u64; 3];
+    for (id, path) in ids.iter_mut().zip(SCRATCH_MOUNTS) {
+        if let Some(stx) = statx_of(libc::AT_FDCWD, path, libc::AT_SYMLINK_NOFOLLOW) {
+            if (stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64) != 0 {
+                *id = stx.stx_mnt_id;
+            }
+        }
+    }
+    ids
+}
+
+fn statx_of(dirfd: RawFd, path: &std::ffi::CStr, flags: i32) -> Option<libc::statx> {
+    // SAFETY: statx fills a zeroed struct we own.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let r = libc::statx(
+            dirfd,
+            path.as_ptr(),
+            flags,
+            libc::STATX_TYPE | libc::STATX_INO | libc::STATX_MNT_ID,
+            &mut stx,
+        );
+        (r == 0).then_some(stx)
+    }
+}
+
+/// Checks that `fd` is on a scratch mount and of the wanted type; returns (dev, ino).
+fn check_fd(fd: RawFd, scratch: &[u64; 3], want: u32) -> Result<(u64, u64), Fail> {
+    let stx = statx_of(fd, c"", libc::AT_EMPTY_PATH).ok_or_else(|| errno_fail(crate::error::errno()))?;
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(errno_fail(libc::ENOSYS));
+    }
+    if !scratch.iter().any(|&id| id != 0 && id == stx.stx_mnt_id) {
+        return Err((status::OUTSIDE, 0, 0));
+    }
+    let mode = u32::from(stx.stx_mode);
+    if mode & libc::S_IFMT != want {
+        return Err((status::KIND, 0, mode));
+    }
+    let dev = (u64::from(stx.stx_dev_major) << 32) | u64::from(stx.stx_dev_minor);
+    Ok((dev, stx.stx_ino))
+}
+
+/// openat2 with `resolve` flags; the fd is closed on exec. Returns the fd or the errno.
+fn open_how(
+    dirfd: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> Result<RawFd, i32> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: u64::from(mode),
+        resolve,
+    };
+    // SAFETY: openat2 with a valid open_how of the size we pass.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        Err(crate::error::errno())
+    } else {
+        Ok(fd as RawFd)
+    }
+}
+
+/// Resolves `path` inside the sandbox's root: `..` stops at the root, absolute symlinks are
+/// re-rooted, magic links (/proc/*/root, /proc/*/fd/*) are refused.
+fn open_in_root(root: RawFd, path: &std::ffi::CStr, flags: i32) -> Result<RawFd, i32> {
+    open_how(
+        root,
+        path,
+        flags,
+        0,
+        RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: closing an fd this helper opened.
+    unsafe { libc::close(fd) };
+}
+
+/// Opens a directory of a scratch mount (O_PATH), for creating or removing in it.
+fn scratch_dir(root: RawFd, path: &std::ffi::CStr, scratch: &[u64; 3]) -> Result<RawFd, Fail> {
+    let dir = open_in_root(root, path, libc::O_PATH | libc::O_DIRECTORY).map_err(errno_fail)?;
+    if let Err(f) = check_fd(dir, scratch, libc::S_IFDIR) {
+        close(dir);
+        return Err(f);
+    }
+    Ok(dir)
+}
+
+/// Resolves `path` (O_PATH, no side effects on any kind of file), checks it, then opens it for
+/// real with `flags` and checks that the same file was opened.
+fn open_checked(
+    root: RawFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    want: u32,
+    scratch: &[u64; 3],
+) -> Result<RawFd, Fail> {
+    let probe = open_in_root(root, path, libc::O_PATH).map_err(errno_fail)?;
+    let checked = check_fd(probe, scratch, want);
+    close(probe);
+    let id = checked?;
+    let fd = open_in_root(root, path, flags | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .map_err(errno_fail)?;
+    match check_fd(fd, scratch, want) {
+        Ok(again) if again == id => Ok(fd),
+        other => {
+            close(fd);
+            Err(other.err().unwrap_or((status::RACE, 0, 0)))
+        }
+    }
+}
+
+fn make_dirs(root: RawFd, steps: &[DirStep], scratch: &[u64; 3]) -> Result<(), Fail> {
+    for step in steps {
+        match open_in_root(root, &step.full, libc::O_PATH | libc::O_DIRECTORY) {
+            Ok(fd) => {
+                close(fd);
+                continue;
+            }
+            Err(libc::ENOENT) => {}
+            Err(e) => return Err(errno_fail(e)),
+        }
+        let dir = scratch_dir(root, &step.parent, scratch)?;
+        // SAFETY: mkdirat relative to a directory fd checked above; the name has no '/'.
+        let r = unsafe { libc::mkdirat(dir, step.name.as_ptr(), 0o755) };
+        let e = crate::error::errno();
+        close(dir);
+        if r < 0 && e != libc::EEXIST {
+            return Err(errno_fail(e));
+        }
+    }
+    Ok(())
+}
+
+fn helper_op(plan: &Plan, root: RawFd, scratch: &[u64; 3]) -> Result<Option<RawFd>, Fail> {
+    match plan.op {
+        Op::Read => open_checked(root, &plan.full, libc::O_RDONLY, libc::S_IFREG, scratch).map(Some),
+        Op::List => open_checked(
+            root,
+            &plan.full,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            libc::S_IFDIR,
+            scratch,
+        )
+        .map(Some),
+        Op::MakeDirs => {
+            make_dirs(root, &plan.dirs, scratch)?;
+            let fd = open_in_root(root, &plan.full, libc::O_PATH | libc::O_DIRECTORY)
+                .map_err(errno_fail)?;
+            let checked = check_fd(fd, scratch, libc::S_IFDIR);
+            close(fd);
+            checked.map(|_| None)
+        }
+        Op::Write => {
+            make_dirs(root, &plan.dirs, scratch)?;
+            let dir = scratch_dir(root, &plan.parent, scratch)?;
+            // SAFETY: openat of one name (no '/') in a checked directory, never following a
+            // symlink; O_NONBLOCK so a fifo with no reader fails (ENXIO) instead of waiting.
+            let fd = unsafe {
+                libc::openat(
+                    dir,
+                    plan.name.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_NOFOLLOW
+                        | libc::O_NONBLOCK
+                        | libc::O_NOCTTY
+                        | libc::O_CLOEXEC,
+                    0o644 as libc::c_uint,
+                )
+            };
+            let e = crate::error::errno();
+            close(dir);
+            if fd < 0 {
+                return Err(errno_fail(e));
+            }
+            if let Err(f) = check_fd(fd, scratch, libc::S_IFREG) {
+                close(fd);
+                return Err(f);
+            }
+            // Truncated only now that it is known to be a regular file of the sandbox.
+            // SAFETY: ftruncate of the fd we just checked.
+            if unsafe { libc::ftruncate(fd, 0) } < 0 {
+                let e = crate::error::errno();
+                close(fd);
+                return Err(errno_fail(e));
+            }
+            Ok(Some(fd))
+        }
+        Op::Remove => {
+            let dir = scratch_dir(root, &plan.parent, scratch)?;
+            // SAFETY: unlinkat of one name (no '/') in a checked directory.
+            let mut r = unsafe { libc::unlinkat(dir, plan.name.as_ptr(), 0) };
+            if r < 0 && crate::error::errno() == libc::EISDIR {
+                // SAFETY: as above.
+                r = unsafe { libc::unlinkat(dir, plan.name.as_ptr(), libc::AT_REMOVEDIR) };
+            }
+            let e = crate::error::errno();
+            close(dir);
+            if r < 0 {
+                return Err(errno_fail(e));
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// A file of the sandbox opened for reading: redacted chunks, at most `max_size` bytes.
+#[derive(Debug)]
+pub struct FileReader {
+    file: std::fs::File,
+    path: String,
+    size: u64,
+    max_size: u64,
+    read: u64,
+    redactor: StreamRedactor,
+    done: bool,
+}
+
+impl FileReader {
+    /// The file's size when it was opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next chunk (at most `max_len` bytes read from the file; secrets redacted, so the
+    /// chunk may differ in length). Empty at the end of the file.
+    pub fn read_chunk(&mut self, max_len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; max_len.clamp(1, 16 << 20)];
+        let mut out = Vec::new();
+        while out.is_empty() && !self.done {
+            let n = match self.file.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error(&self.path, e)),
+            };
+            if n == 0 {
+                self.done = true;
+                self.redactor.finish(&mut out);
+                break;
+            }
+            self.read += n as u64;
+            if self.read > self.max_size {
+                self.done = true;
+                return Err(too_large(
+                    &self.path,
+                    format!("file grew past max_size {} bytes while read", self.max_size),
+                ));
+            }
+            self.redactor.feed(&buf[..n], &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Reads everything that is left.
+    pub fn read_to_end(&mut self) -> Result<Vec<u8>> {
+        let mut all = Vec::with_capacity(self.size.min(self.max_size) as usize);
+        loop {
+            let chunk = self.read_chunk(1 << 20)?;
+            if chunk.is_empty() {
+                return Ok(all);
+            }
+            all.extend_from_slice(&chunk);
+        }
+    }
+}
+
+/// A file of the sandbox opened (created, truncated) for writing.
+#[derive(Debug)]
+pub struct FileWriter {
+    file: std::fs::File,
+    path: String,
+}
+
+impl FileWriter {
+    /// Appends `data` to the file.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all(data)
+            .map_err(|e| io_error(&self.path, e))
+    }
+}
+
+impl crate::Session {
+    /// Opens a regular file of the sandbox for reading in chunks (secrets redacted); refuses
+    /// a file larger than `max_size` bytes (`ErrorKind::FileTooLarge`). Relative paths are
+    /// under /workspace; the file must be on a scratch mount (/workspace, /tmp, /dev/shm).
+    pub fn open_read(&self, path: &str, max_size: u64) -> Result<FileReader> {
+        let fd = run_helper(&self.files_target()?, Op::Read, path)?
+            .ok_or_else(|| Error::setup("files helper"))?;
+        let file = std::fs::File::from(fd);
+        let size = file.metadata().map_err(|e| io_error(path, e))?.len();
+        if size > max_size {
+            return Err(too_large(
+                path,
+                format!("{size} bytes, more than max_size {max_size}"),
+            ));
+        }
+        Ok(FileReader {
+            file,
+            path: path.to_string(),
+            size,
+            max_size,
+            read: 0,
+            redactor: self.redactor().stream(),
+            done: false,
+        })
+    }
+
+    /// Reads a whole regular file of the sandbox (secrets redacted), at most `max_size` bytes.
+    pub fn read_file(&self, path: &str, max_size: u64) -> Result<Vec<u8>> {
+        self.open_read(path, max_size)?.read_to_end()
+    }
+
+    /// Opens (creates or truncates) a regular file of the sandbox for writing in chunks,
+    /// creating missing parent directories; never writes through a symlink.
+    pub fn open_write(&self, path: &str) -> Result<FileWriter> {
+        let fd = run_helper(&self.files_target()?, Op::Write, path)?
+            .ok_or_else(|| Error::setup("files helper"))?;
+        let file = std::fs::File::from(fd);
+        // Opened non-blocking (a fifo must not wait); a regular file is written blocking.
+        // SAFETY: fcntl on the fd we own.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+        Ok(FileWriter {
+            file,
+            path: path.to_string(),
+        })
+    }
+
+    /// Writes a file of the sandbox (created or truncated), creating missing parents.
+    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
+        self.open_write(path)?.write(data)
+    }
+
+    /// Creates `path` and its missing parents as directories.
+    pub fn make_dirs(&self, path: &str) -> Result<()> {
+        run_helper(&self.files_target()?, Op::MakeDirs, path).map(|_| ())
+    }
+
+    /// Removes a file, symlink or empty directory of the sandbox (a symlink itself, never its
+    /// target).
+    pub fn remove(&self, path: &str) -> Result<()> {
+        run_helper(&self.files_target()?, Op::Remove, path).map(|_| ())
+    }
+
+    /// Lists a directory of the sandbox, sorted by name (secrets redacted from the names).
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let fd = run_helper(&self.files_target()?, Op::List, path)?
+            .ok_or_else(|| Error::setup("files helper"))?;
+        // /proc/self/fd/N of the directory the helper opened names exactly that directory.
+        let dir_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir_path).map_err(|e| io_error(path, e))? {
+            let entry = entry.map_err(|e| io_error(path, e))?;
+            if out.len() >= MAX_LIST_ENTRIES {
+                return Err(too_large(
+                    path,
+                    format!("more than {MAX_LIST_ENTRIES} entries"),
+                ));
+            }
+            let ft = entry.file_type().map_err(|e| io_error(path, e))?;
+            let kind = if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_dir() {
+                "dir"
+            } else if ft.is_file() {
+                "file"
+            } else {
+                "other"
+            };
+            let size = if kind == "file" {
+                entry.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            let raw = entry.file_name();
+            let (name, _) = self
+                .redactor()
+                .redact(std::os::unix::ffi::OsStrExt::as_bytes(raw.as_os_str()));
+            out.push(DirEntry {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                kind,
+                size,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_name_parents_and_steps() {
+        let p = Plan::new(Op::Write, "a/b/c.txt").expect("plan");
+        assert_eq!(p.full.to_str().ok(), Some("/workspace/a/b/c.txt"));
+        assert_eq!(p.parent.to_str().ok(), Some("/workspace/a/b"));
+        assert_eq!(p.name.to_str().ok(), Some("c.txt"));
+        let steps: Vec<_> = p.dirs.iter().filter_map(|d| d.full.to_str().ok()).collect();
+        assert_eq!(steps, ["/workspace", "/workspace/a", "/workspace/a/b"]);
+        assert_eq!(p.dirs[0].parent.to_str().ok(), Some("/"));
+    }
+
+    #[test]
+    fn bad_paths_are_refused_before_any_helper() {
+        for bad in ["", "a\0b", "../x", "/tmp/../etc"] {
+            assert!(matches!(Plan::new(Op::Read, bad), Err(Error::PathEscape(_))), "{bad:?}");
+        }
+        assert!(matches!(Plan::new(Op::Write, "/"), Err(Error::PathEscape(_))));
+        assert!(matches!(Plan::new(Op::Remove, "/."), Err(Error::PathEscape(_))));
+    }
+
+    #[test]
+    fn errors_keep_errno_and_path() {
+        let e = errno_error("/workspace/x", libc::ENOENT);
+        assert_eq!(errno_and_path(&e), Some((Some(libc::ENOENT), "/workspace/x")));
+        assert!(e.to_string().contains("/workspace/x"));
+        assert!(is_too_large(&too_large("p", "big".into())));
+    }
+}
