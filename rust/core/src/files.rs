@@ -378,13 +378,7 @@ fn helper_main(plan: &Plan, root_session: bool, fds: HelperFds) -> ! {
         }
     }
     let scratch = scratch_mount_ids();
-    let root = match open_how(
-        libc::AT_FDCWD,
-        c"/",
-        libc::O_PATH | libc::O_DIRECTORY,
-        0,
-        0,
-    ) {
+    let root = match open_how(libc::AT_FDCWD, c"/", libc::O_PATH | libc::O_DIRECTORY, 0, 0) {
         Ok(fd) => fd,
         Err(e) => report(status::ERRNO, e, 0),
     };
@@ -437,7 +431,8 @@ fn statx_of(dirfd: RawFd, path: &std::ffi::CStr, flags: i32) -> Option<libc::sta
 
 /// Checks that `fd` is on a scratch mount and of the wanted type; returns (dev, ino).
 fn check_fd(fd: RawFd, scratch: &[u64; 3], want: u32) -> Result<(u64, u64), Fail> {
-    let stx = statx_of(fd, c"", libc::AT_EMPTY_PATH).ok_or_else(|| errno_fail(crate::error::errno()))?;
+    let stx =
+        statx_of(fd, c"", libc::AT_EMPTY_PATH).ok_or_else(|| errno_fail(crate::error::errno()))?;
     if stx.stx_mask & libc::STATX_MNT_ID == 0 {
         return Err(errno_fail(libc::ENOSYS));
     }
@@ -528,8 +523,8 @@ fn open_checked(
     let checked = check_fd(probe, scratch, want);
     close(probe);
     let id = checked?;
-    let fd = open_in_root(root, path, flags | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .map_err(errno_fail)?;
+    let fd =
+        open_in_root(root, path, flags | libc::O_NONBLOCK | libc::O_NOCTTY).map_err(errno_fail)?;
     match check_fd(fd, scratch, want) {
         Ok(again) if again == id => Ok(fd),
         other => {
@@ -563,7 +558,9 @@ fn make_dirs(root: RawFd, steps: &[DirStep], scratch: &[u64; 3]) -> Result<(), F
 
 fn helper_op(plan: &Plan, root: RawFd, scratch: &[u64; 3]) -> Result<Option<RawFd>, Fail> {
     match plan.op {
-        Op::Read => open_checked(root, &plan.full, libc::O_RDONLY, libc::S_IFREG, scratch).map(Some),
+        Op::Read => {
+            open_checked(root, &plan.full, libc::O_RDONLY, libc::S_IFREG, scratch).map(Some)
+        }
         Op::List => open_checked(
             root,
             &plan.full,
@@ -838,16 +835,28 @@ mod tests {
     #[test]
     fn bad_paths_are_refused_before_any_helper() {
         for bad in ["", "a\0b", "../x", "/tmp/../etc"] {
-            assert!(matches!(Plan::new(Op::Read, bad), Err(Error::PathEscape(_))), "{bad:?}");
+            assert!(
+                matches!(Plan::new(Op::Read, bad), Err(Error::PathEscape(_))),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(Plan::new(Op::Write, "/"), Err(Error::PathEscape(_))));
-        assert!(matches!(Plan::new(Op::Remove, "/."), Err(Error::PathEscape(_))));
+        assert!(matches!(
+            Plan::new(Op::Write, "/"),
+            Err(Error::PathEscape(_))
+        ));
+        assert!(matches!(
+            Plan::new(Op::Remove, "/."),
+            Err(Error::PathEscape(_))
+        ));
     }
 
     #[test]
     fn errors_keep_errno_and_path() {
         let e = errno_error("/workspace/x", libc::ENOENT);
-        assert_eq!(errno_and_path(&e), Some((Some(libc::ENOENT), "/workspace/x")));
+        assert_eq!(
+            errno_and_path(&e),
+            Some((Some(libc::ENOENT), "/workspace/x"))
+        );
         assert!(e.to_string().contains("/workspace/x"));
         assert!(is_too_large(&too_large("p", "big".into())));
     }

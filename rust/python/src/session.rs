@@ -234,9 +234,7 @@ fn file_err(e: cellblock_core::Error) -> PyErr {
 }
 
 /// Locks a reader's or writer's state; `None` once closed.
-fn lock_open<'a, T>(
-    m: &'a Mutex<Option<T>>,
-) -> PyResult<std::sync::MutexGuard<'a, Option<T>>> {
+fn lock_open<'a, T>(m: &'a Mutex<Option<T>>) -> PyResult<std::sync::MutexGuard<'a, Option<T>>> {
     m.lock()
         .map_err(|_| crate::errors::internal("a files-API handle was poisoned"))
 }
