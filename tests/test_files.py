@@ -389,6 +389,22 @@ def test_errors_name_the_path() -> None:
         assert "nope" in str(e.value)
 
 
+def test_the_callers_credentials_are_restored_after_each_operation() -> None:
+    def creds() -> tuple[int, int, str]:
+        status = Path("/proc/thread-self/status").read_text().splitlines()
+        cap_eff = next(line.split()[1] for line in status if line.startswith("CapEff:"))
+        return os.geteuid(), os.getegid(), cap_eff
+    before = creds()
+    with Sandbox() as sb:
+        sb.write_file("a/b.txt", "x")
+        assert sb.read_file("a/b.txt") == b"x" and [e.name for e in sb.list_dir("a")] == ["b.txt"]
+        with pytest.raises(cellblock.PathEscape):
+            sb.read_file("/etc/passwd")
+        sb.remove("a/b.txt")
+        assert creds() == before
+    assert creds() == before
+
+
 # ---- callers of the files API ---------------------------------------------------------------
 
 def test_agent_file_tools_are_refused_the_hosts_files() -> None:

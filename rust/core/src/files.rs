@@ -1,20 +1,28 @@
 //! The files API of a session: reading, writing, listing and removing files of the sandbox.
 //!
-//! Every path is resolved and opened by a short-lived helper process joined to the sandbox: it
-//! enters the session's mount and user namespaces, takes the sandbox's uid 0 and drops every
-//! capability, exactly what the sandbox's own processes have. So an open succeeds only where
-//! the sandbox itself could open, and anything the open does (a terminal, a procfs entry, a
-//! device) happens with the sandbox's rights and view, never the caller's. On top of that,
-//! what a path resolves to must be a regular file (or a directory, for listing) on one of the
-//! sandbox's writable scratch mounts, checked on the opened descriptor by its mount id. The
-//! helper passes the descriptor out (SCM_RIGHTS) and exits; the caller then reads or writes it
-//! with no lock held, in chunks, with the session's secrets redacted from what is read.
+//! The supervisor opens with the sandbox's own restrictions, in the calling thread:
+//! - view: paths are resolved from the sandbox's root (its holder's `/proc/<pid>/root`) with
+//!   `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, so `..`, absolute symlinks and
+//!   `/proc/*/root` tricks resolve as they would inside;
+//! - credentials: for the duration of each operation the thread's effective uid/gid become the
+//!   host ids of the sandbox's uid 0 (sessions built by root) and its effective capabilities are
+//!   emptied (credentials are per thread for raw syscalls), exactly what the sandbox's own
+//!   processes have, so the kernel judges every permission as it judges theirs;
+//! - place and kind: what a path resolves to is first opened `O_PATH` (no side effect on any
+//!   kind of file: a terminal, a fifo, a procfs entry) and must be a regular file (or a
+//!   directory, for listing) on one of the writable scratch mounts, by the descriptor's mount id;
+//!   only then is exactly that inode reopened (through `/proc/self/fd`) for reading; writes
+//!   create one name in a checked scratch directory, never through a symlink, non-blocking.
+//!
+//! Data then moves on the descriptor with no lock held, in chunks, with the session's secrets
+//! redacted from what is read. (A helper process joined to the sandbox's namespaces would give
+//! the same judgement, at the price of one fork of the caller per operation: 5-40 ms here.)
 
 use crate::error::{Error, Result};
 use crate::redact::StreamRedactor;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The sandbox's writable scratch mounts: the only places the files API reads or writes.
 pub const SCRATCH_MOUNTS: [&std::ffi::CStr; 3] = [c"/workspace", c"/tmp", c"/dev/shm"];
@@ -24,10 +32,6 @@ pub const DEFAULT_MAX_READ: u64 = 64 << 20;
 
 /// Most entries one [`crate::Session::list_dir`] returns.
 pub const MAX_LIST_ENTRIES: usize = 100_000;
-
-/// How long a helper may take to join the sandbox and open a path (it never blocks; this only
-/// bounds a wedged kernel or a frozen host).
-const HELPER_DEADLINE_MS: i32 = 10_000;
 
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 const RESOLVE_IN_ROOT: u64 = 0x10;
@@ -122,17 +126,95 @@ fn components(full: &str) -> Vec<&str> {
         .collect()
 }
 
-/// How to reach a session's sandbox from outside: a duplicate of its holder's pidfd (the
-/// session's lock is not held while a helper works) and how the session was built.
+/// Where and as whom the files API acts for one session: the sandbox's root directory and
+/// whether the session was built by root (its uid 0 is then [`crate::spawn::ROOT_PATH_HOST_UID`]
+/// on the host).
 #[derive(Debug)]
-pub struct JoinTarget {
-    /// pidfd of the session's PID 1.
-    pub pidfd: OwnedFd,
-    /// Whether the session was built by root (see [`crate::child::JoinPlan`]).
-    pub root: bool,
+pub struct FilesTarget {
+    /// The sandbox's root (`/proc/<holder>/root`, opened `O_PATH`).
+    pub root: OwnedFd,
+    /// Whether the session was built by root.
+    pub as_root: bool,
 }
 
-/// What the helper does inside the sandbox.
+impl FilesTarget {
+    /// The target of a live holder (called under the session's lock: the holder is alive and
+    /// not reaped, so its pid names it).
+    pub(crate) fn of(holder: &crate::spawn::Holder) -> Result<FilesTarget> {
+        let p = cstring(&format!("/proc/{}/root", holder.pid))?;
+        // SAFETY: open of a path we built; the fd is owned right below.
+        let fd = unsafe {
+            libc::open(
+                p.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::SessionClosed(format!(
+                "cannot reach the session's root: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(FilesTarget {
+            // SAFETY: fresh fd.
+            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            as_root: holder.root,
+        })
+    }
+}
+
+/// The calling thread's credentials lowered to the sandbox's (see the module docs) until
+/// dropped. Raw syscalls: they change this thread only, never the caller's other threads.
+struct Lowered {
+    as_root: bool,
+    caps: [u32; 6],
+}
+
+const CAP_VERSION_3: [u32; 2] = [0x2008_0522, 0];
+
+impl Lowered {
+    fn enter(as_root: bool) -> Result<Lowered> {
+        let mut caps = [0u32; 6];
+        // SAFETY: capget/capset of this thread with a v3 header and two data structs.
+        if unsafe { libc::syscall(libc::SYS_capget, CAP_VERSION_3.as_ptr(), caps.as_mut_ptr()) } < 0
+        {
+            return Err(Error::setup("read the thread's capabilities"));
+        }
+        let guard = Lowered { as_root, caps };
+        let id = crate::spawn::ROOT_PATH_HOST_UID as libc::c_long;
+        // SAFETY: per-thread credential changes; the guard restores them on every path.
+        unsafe {
+            if as_root
+                && (libc::syscall(libc::SYS_setresgid, -1, id, -1) < 0
+                    || libc::syscall(libc::SYS_setresuid, -1, id, -1) < 0)
+            {
+                return Err(Error::setup("take the sandbox's uid"));
+            }
+            // Effective capabilities: none (permitted kept, to restore them).
+            let lowered = [0, caps[1], caps[2], 0, caps[4], caps[5]];
+            if libc::syscall(libc::SYS_capset, CAP_VERSION_3.as_ptr(), lowered.as_ptr()) < 0 {
+                return Err(Error::setup("drop the thread's capabilities"));
+            }
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        // SAFETY: restoring this thread's own credentials (the real and saved uid stayed 0, so
+        // the effective uid may return to it; capabilities return to what they were).
+        unsafe {
+            if self.as_root {
+                libc::syscall(libc::SYS_setresuid, -1, 0, -1);
+                libc::syscall(libc::SYS_setresgid, -1, 0, -1);
+            }
+            libc::syscall(libc::SYS_capset, CAP_VERSION_3.as_ptr(), self.caps.as_ptr());
+        }
+    }
+}
+
+/// What one operation does inside the sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     /// Open a regular file for reading (symlinks followed inside the sandbox's root).
@@ -156,7 +238,7 @@ struct DirStep {
     name: CString,
 }
 
-/// Everything the helper needs, prepared before the fork (the helper does not allocate).
+/// An operation on one path, with every path it touches prepared.
 #[derive(Debug)]
 struct Plan {
     op: Op,
@@ -202,17 +284,10 @@ impl Plan {
             dirs,
         })
     }
-
-    fn passes_fd(&self) -> bool {
-        matches!(self.op, Op::Read | Op::Write | Op::List)
-    }
 }
 
-/// Why the helper failed: the first word of its status record.
+/// Why an operation failed (first word of a [`Fail`]).
 mod status {
-    pub const OK: u32 = 0;
-    /// setns/credentials failed: the session is gone.
-    pub const JOIN: u32 = 1;
     /// A syscall failed with the errno in the record.
     pub const ERRNO: u32 = 2;
     /// The path resolved outside the scratch mounts.
@@ -223,48 +298,25 @@ mod status {
     pub const RACE: u32 = 5;
 }
 
-/// Runs one operation in a helper joined to the sandbox. Returns the opened descriptor for
-/// Read/Write/List.
-fn run_helper(target: &JoinTarget, op: Op, path: &str) -> Result<Option<OwnedFd>> {
+/// Performs one operation with the sandbox's view and credentials. Returns the opened
+/// descriptor for Read/Write/List.
+fn perform(target: &FilesTarget, op: Op, path: &str) -> Result<Option<OwnedFd>> {
     let plan = Plan::new(op, path)?;
-    let (status_r, status_w) = std::io::pipe().map_err(|e| io_error(path, e))?;
-    let (sock_parent, sock_child) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| io_error(path, e))?;
-    let fds = HelperFds {
-        pidfd: target.pidfd.as_raw_fd(),
-        status: status_w.as_raw_fd(),
-        sock: sock_child.as_raw_fd(),
+    let done = {
+        let _creds = Lowered::enter(target.as_root)?;
+        let root = target.root.as_raw_fd();
+        let scratch = scratch_mount_ids(root);
+        do_op(&plan, root, &scratch)
     };
-    let root = target.root;
-    let (_, helper) = crate::spawn::clone_with(0, || helper_main(&plan, root, fds))
-        .map_err(|e| io_error(path, e))?;
-    drop(status_w);
-    drop(sock_child);
-    let record = read_status(status_r);
-    crate::spawn::kill_and_reap(&helper);
-    let [kind, errno, mode] = match record {
-        Some(r) => r,
-        None => {
-            return Err(Error::SessionClosed(
-                "the files helper ended without an answer".into(),
-            ))
-        }
-    };
-    match kind {
-        status::OK if plan.passes_fd() => crate::fdpass::recv_fd(sock_parent.as_fd())
-            .map(Some)
-            .map_err(|e| io_error(path, e)),
-        status::OK => Ok(None),
-        status::JOIN => Err(Error::SessionClosed(format!(
-            "cannot join the session's sandbox: {}",
-            std::io::Error::from_raw_os_error(errno as i32)
-        ))),
-        status::OUTSIDE => Err(Error::PathEscape(format!(
+    match done {
+        // SAFETY: a fresh fd opened by `do_op`, owned from here on.
+        Ok(fd) => Ok(fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })),
+        Err((status::OUTSIDE, _, _)) => Err(Error::PathEscape(format!(
             "{path}: outside the sandbox's scratch mounts (/workspace, /tmp, /dev/shm)"
         ))),
-        status::KIND => Err(kind_error(path, op, mode)),
-        status::RACE => Err(errno_error(path, libc::EAGAIN)),
-        _ => Err(errno_from_helper(path, errno as i32)),
+        Err((status::KIND, _, mode)) => Err(kind_error(path, op, mode)),
+        Err((status::RACE, _, _)) => Err(errno_error(path, libc::EAGAIN)),
+        Err((_, errno, _)) => Err(errno_from_os(path, errno)),
     }
 }
 
@@ -294,7 +346,7 @@ fn kind_error(path: &str, op: Op, mode: u32) -> Error {
     )
 }
 
-fn errno_from_helper(path: &str, errno: i32) -> Error {
+fn errno_from_os(path: &str, errno: i32) -> Error {
     match errno {
         // Magic links and symlinks where none may be followed.
         libc::ELOOP | libc::EXDEV => Error::PathEscape(format!(
@@ -305,111 +357,27 @@ fn errno_from_helper(path: &str, errno: i32) -> Error {
     }
 }
 
-/// Waits (bounded) for the helper's 12-byte status record.
-fn read_status(mut r: std::io::PipeReader) -> Option<[u32; 3]> {
-    let mut pfd = libc::pollfd {
-        fd: r.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polling one fd we own.
-    let ready = unsafe { libc::poll(&mut pfd, 1, HELPER_DEADLINE_MS) };
-    if ready <= 0 {
-        return None;
-    }
-    let mut buf = [0u8; 12];
-    r.read_exact(&mut buf).ok()?;
-    let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-    Some([word(0), word(4), word(8)])
-}
-
-#[derive(Debug, Clone, Copy)]
-struct HelperFds {
-    pidfd: RawFd,
-    status: RawFd,
-    sock: RawFd,
-}
-
-/// The helper: joins the sandbox, performs `plan`, reports, exits. Runs in a forked copy of
-/// the (multithreaded) caller, so raw syscalls only, no allocation.
-fn helper_main(plan: &Plan, root_session: bool, fds: HelperFds) -> ! {
-    let report = |kind: u32, errno: i32, mode: u32| -> ! {
-        let mut rec = [0u8; 12];
-        rec[..4].copy_from_slice(&kind.to_ne_bytes());
-        rec[4..8].copy_from_slice(&errno.to_ne_bytes());
-        rec[8..].copy_from_slice(&mode.to_ne_bytes());
-        // SAFETY: writing a stack buffer to our pipe, then exiting without unwinding.
-        unsafe {
-            libc::write(fds.status, rec.as_ptr().cast(), rec.len());
-            libc::_exit(0)
-        }
-    };
-    // SAFETY: prctl/setsid/umask/setns/set*id/capset change only this process; setns goes
-    // through a pidfd we hold.
-    unsafe {
-        // Unreachable from the sandbox (not in its pid namespace), unreadable by it anyway.
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        // No controlling terminal: /dev/tty opened from here is nobody's terminal.
-        libc::setsid();
-        libc::umask(0);
-        let others = libc::CLONE_NEWNS;
-        let joined = if root_session {
-            // The mount namespace belongs to the initial user namespace: join it first.
-            libc::setns(fds.pidfd, others) == 0
-                && libc::setns(fds.pidfd, libc::CLONE_NEWUSER) == 0
-                && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) == 0
-                && libc::syscall(libc::SYS_setresgid, 0, 0, 0) == 0
-                && libc::syscall(libc::SYS_setresuid, 0, 0, 0) == 0
-        } else {
-            libc::setns(fds.pidfd, others | libc::CLONE_NEWUSER) == 0
-        };
-        if !joined {
-            report(status::JOIN, crate::error::errno(), 0);
-        }
-        // A credential change resets dumpability.
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        // The sandbox's processes run with no capabilities: neither does this helper, so the
-        // kernel judges every access as it would judge the sandbox's own.
-        let hdr: [u32; 2] = [0x2008_0522, 0];
-        let data = [0u32; 6];
-        if libc::syscall(libc::SYS_capset, hdr.as_ptr(), data.as_ptr()) < 0 {
-            report(status::JOIN, crate::error::errno(), 0);
-        }
-    }
-    let scratch = scratch_mount_ids();
-    let root = match open_how(libc::AT_FDCWD, c"/", libc::O_PATH | libc::O_DIRECTORY, 0, 0) {
-        Ok(fd) => fd,
-        Err(e) => report(status::ERRNO, e, 0),
-    };
-    match helper_op(plan, root, &scratch) {
-        Ok(Some(fd)) => {
-            if let Err(e) = crate::fdpass::send_fd(fds.sock, fd) {
-                report(status::ERRNO, e, 0);
-            }
-            report(status::OK, 0, 0)
-        }
-        Ok(None) => report(status::OK, 0, 0),
-        Err((kind, errno, mode)) => report(kind, errno, mode),
-    }
-}
-
-/// A helper failure: (status kind, errno, file mode).
+/// A failed operation: (status kind, errno, file mode).
 type Fail = (u32, i32, u32);
 
 fn errno_fail(e: i32) -> Fail {
     (status::ERRNO, e, 0)
 }
 
-/// Mount ids of the scratch mounts (0 where a path is missing or not a mount of its own).
-fn scratch_mount_ids() -> [u64; 3] {
+/// Mount ids of the scratch mounts (0 where a path is missing or not a mount of its own),
+/// resolved inside the sandbox's root like any other path.
+fn scratch_mount_ids(root: RawFd) -> [u64; 3] {
     let mut ids = [0u64; 3];
     for (id, path) in ids.iter_mut().zip(SCRATCH_MOUNTS) {
-        if let Some(stx) = statx_of(libc::AT_FDCWD, path, libc::AT_SYMLINK_NOFOLLOW) {
+        let Ok(fd) = open_in_root(root, path, libc::O_PATH | libc::O_NOFOLLOW) else {
+            continue;
+        };
+        if let Some(stx) = statx_of(fd, c"", libc::AT_EMPTY_PATH) {
             if (stx.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64) != 0 {
                 *id = stx.stx_mnt_id;
             }
         }
+        close(fd);
     }
     ids
 }
@@ -496,7 +464,7 @@ fn open_in_root(root: RawFd, path: &std::ffi::CStr, flags: i32) -> Result<RawFd,
 }
 
 fn close(fd: RawFd) {
-    // SAFETY: closing an fd this helper opened.
+    // SAFETY: closing an fd this module opened and did not hand out.
     unsafe { libc::close(fd) };
 }
 
@@ -510,8 +478,8 @@ fn scratch_dir(root: RawFd, path: &std::ffi::CStr, scratch: &[u64; 3]) -> Result
     Ok(dir)
 }
 
-/// Resolves `path` (O_PATH, no side effects on any kind of file), checks it, then opens it for
-/// real with `flags` and checks that the same file was opened.
+/// Resolves `path` (O_PATH: no side effect on any kind of file), checks it, then reopens
+/// exactly that inode with `flags` (through /proc/self/fd, so nothing is resolved again).
 fn open_checked(
     root: RawFd,
     path: &std::ffi::CStr,
@@ -521,17 +489,27 @@ fn open_checked(
 ) -> Result<RawFd, Fail> {
     let probe = open_in_root(root, path, libc::O_PATH).map_err(errno_fail)?;
     let checked = check_fd(probe, scratch, want);
-    close(probe);
-    let id = checked?;
-    let fd =
-        open_in_root(root, path, flags | libc::O_NONBLOCK | libc::O_NOCTTY).map_err(errno_fail)?;
-    match check_fd(fd, scratch, want) {
-        Ok(again) if again == id => Ok(fd),
-        other => {
-            close(fd);
-            Err(other.err().unwrap_or((status::RACE, 0, 0)))
+    let reopened = checked.and_then(|id| {
+        let again =
+            cstring(&format!("/proc/self/fd/{probe}")).map_err(|_| errno_fail(libc::EINVAL))?;
+        let fd = open_how(
+            libc::AT_FDCWD,
+            &again,
+            flags | libc::O_NONBLOCK | libc::O_NOCTTY,
+            0,
+            0,
+        )
+        .map_err(errno_fail)?;
+        match check_fd(fd, scratch, want) {
+            Ok(same) if same == id => Ok(fd),
+            other => {
+                close(fd);
+                Err(other.err().unwrap_or((status::RACE, 0, 0)))
+            }
         }
-    }
+    });
+    close(probe);
+    reopened
 }
 
 fn make_dirs(root: RawFd, steps: &[DirStep], scratch: &[u64; 3]) -> Result<(), Fail> {
@@ -556,7 +534,7 @@ fn make_dirs(root: RawFd, steps: &[DirStep], scratch: &[u64; 3]) -> Result<(), F
     Ok(())
 }
 
-fn helper_op(plan: &Plan, root: RawFd, scratch: &[u64; 3]) -> Result<Option<RawFd>, Fail> {
+fn do_op(plan: &Plan, root: RawFd, scratch: &[u64; 3]) -> Result<Option<RawFd>, Fail> {
     match plan.op {
         Op::Read => {
             open_checked(root, &plan.full, libc::O_RDONLY, libc::S_IFREG, scratch).map(Some)
@@ -652,7 +630,9 @@ impl FileReader {
     /// The next chunk (at most `max_len` bytes read from the file; secrets redacted, so the
     /// chunk may differ in length). Empty at the end of the file.
     pub fn read_chunk(&mut self, max_len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; max_len.clamp(1, 16 << 20)];
+        // Sized for what is left (plus a little, to see the end or growth in one read).
+        let left = self.size.saturating_sub(self.read).saturating_add(4096);
+        let mut buf = vec![0u8; max_len.clamp(1, 16 << 20).min(left as usize)];
         let mut out = Vec::new();
         while out.is_empty() && !self.done {
             let n = match self.file.read(&mut buf) {
@@ -712,8 +692,8 @@ impl crate::Session {
     /// a file larger than `max_size` bytes (`ErrorKind::FileTooLarge`). Relative paths are
     /// under /workspace; the file must be on a scratch mount (/workspace, /tmp, /dev/shm).
     pub fn open_read(&self, path: &str, max_size: u64) -> Result<FileReader> {
-        let fd = run_helper(&self.files_target()?, Op::Read, path)?
-            .ok_or_else(|| Error::setup("files helper"))?;
+        let fd = perform(&self.files_target()?, Op::Read, path)?
+            .ok_or_else(|| Error::setup("open a sandbox file"))?;
         let file = std::fs::File::from(fd);
         let size = file.metadata().map_err(|e| io_error(path, e))?.len();
         if size > max_size {
@@ -741,8 +721,8 @@ impl crate::Session {
     /// Opens (creates or truncates) a regular file of the sandbox for writing in chunks,
     /// creating missing parent directories; never writes through a symlink.
     pub fn open_write(&self, path: &str) -> Result<FileWriter> {
-        let fd = run_helper(&self.files_target()?, Op::Write, path)?
-            .ok_or_else(|| Error::setup("files helper"))?;
+        let fd = perform(&self.files_target()?, Op::Write, path)?
+            .ok_or_else(|| Error::setup("open a sandbox file"))?;
         let file = std::fs::File::from(fd);
         // Opened non-blocking (a fifo must not wait); a regular file is written blocking.
         // SAFETY: fcntl on the fd we own.
@@ -763,21 +743,24 @@ impl crate::Session {
 
     /// Creates `path` and its missing parents as directories.
     pub fn make_dirs(&self, path: &str) -> Result<()> {
-        run_helper(&self.files_target()?, Op::MakeDirs, path).map(|_| ())
+        perform(&self.files_target()?, Op::MakeDirs, path).map(|_| ())
     }
 
     /// Removes a file, symlink or empty directory of the sandbox (a symlink itself, never its
     /// target).
     pub fn remove(&self, path: &str) -> Result<()> {
-        run_helper(&self.files_target()?, Op::Remove, path).map(|_| ())
+        perform(&self.files_target()?, Op::Remove, path).map(|_| ())
     }
 
     /// Lists a directory of the sandbox, sorted by name (secrets redacted from the names).
     pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let fd = run_helper(&self.files_target()?, Op::List, path)?
-            .ok_or_else(|| Error::setup("files helper"))?;
-        // /proc/self/fd/N of the directory the helper opened names exactly that directory.
+        let target = self.files_target()?;
+        let fd =
+            perform(&target, Op::List, path)?.ok_or_else(|| Error::setup("open a sandbox file"))?;
+        // /proc/self/fd/N names exactly the directory checked above; entries are read and
+        // stat'ed with the sandbox's credentials too.
         let dir_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let _creds = Lowered::enter(target.as_root)?;
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&dir_path).map_err(|e| io_error(path, e))? {
             let entry = entry.map_err(|e| io_error(path, e))?;
@@ -833,7 +816,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_paths_are_refused_before_any_helper() {
+    fn bad_paths_are_refused_before_any_syscall() {
         for bad in ["", "a\0b", "../x", "/tmp/../etc"] {
             assert!(
                 matches!(Plan::new(Op::Read, bad), Err(Error::PathEscape(_))),

@@ -6,7 +6,7 @@
 //! write_file, ...) is in [`crate::files`].
 
 use crate::error::{Error, Result};
-use crate::files::{cstring, sandbox_path, JoinTarget};
+use crate::files::{cstring, sandbox_path, FilesTarget};
 use crate::redact::Redactor;
 use crate::report::{Enforcer, RunReport};
 use crate::spawn::{self, Holder};
@@ -67,15 +67,10 @@ impl Session {
         f(holder)
     }
 
-    /// How the files API joins the sandbox: the holder's pidfd duplicated under the lock, so
-    /// that no file operation holds the lock while it works.
-    pub(crate) fn files_target(&self) -> Result<JoinTarget> {
-        self.with_holder(|h| {
-            Ok(JoinTarget {
-                pidfd: h.pidfd.try_clone()?,
-                root: h.root,
-            })
-        })
+    /// Where the files API acts: the sandbox's root, opened under the lock, so that no file
+    /// operation holds the lock while it works.
+    pub(crate) fn files_target(&self) -> Result<FilesTarget> {
+        self.with_holder(FilesTarget::of)
     }
 
     /// The session's redactor (its secrets).

@@ -453,7 +453,7 @@ impl Pipes {
 }
 
 /// Raw clone returning (pid, pidfd); the child runs `child` and never returns.
-pub(crate) fn clone_with(
+fn clone_with(
     flags: libc::c_ulong,
     child: impl FnOnce(),
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
