@@ -10,7 +10,6 @@ aims at the caller's memory, in address space.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
@@ -18,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import termios
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,13 +102,11 @@ def run_on_terminal(argv: list[str], env: dict[str, str], typed: bytes, timeout:
     already been typed (a read of /dev/tty by the caller would return it at once)."""
     master, slave = pty.openpty()
     os.write(master, typed)
-
-    def take_terminal() -> None:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     try:
-        proc = subprocess.Popen(argv, stdin=slave, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, cwd="/",
-                                start_new_session=True, preexec_fn=take_terminal)
+        # setsid --ctty: a new session whose controlling terminal is the pty on stdin.
+        proc = subprocess.Popen(["setsid", "--wait", "--ctty", *argv], stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd="/")
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         finally:

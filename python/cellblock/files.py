@@ -127,7 +127,9 @@ class SandboxFiles:
         path = _check_path(path, "read_file")
         cap = parse_size(max_size, "max_size")
         with self._call():
-            return self._native.read_file(path, cap)
+            reader = self._native.open_read(path, cap)
+        # Chunks joined once: cheaper than growing one buffer (and no lock is held meanwhile).
+        return b"".join(self._chunks_of(reader, CHUNK_SIZE))
 
     def iter_file(
         self, path: str, *, chunk_size: int = CHUNK_SIZE, max_size: int | str | None = None
