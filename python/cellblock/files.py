@@ -1,7 +1,7 @@
 """The files API of a `cellblock.Sandbox`: read, write, list and remove files of the sandbox.
 
-Every operation is performed by a helper joined to the sandbox (its user and mount namespaces,
-its uid 0, no capabilities), so it can do only what the sandbox's own code could do, and only
+Every operation resolves its path from the sandbox's root with the sandbox's own credentials
+(its uid 0, no capabilities), so it can do only what the sandbox's own code could do, and only
 on the sandbox's writable scratch mounts (`/workspace`, `/tmp`, `/dev/shm`): a path that
 resolves into `/proc`, `/sys`, `/dev` or a read-only bind is refused (`PathEscape`), and only
 regular files and directories are read or written. What is read has the session's secrets
