@@ -107,7 +107,7 @@ def test_secret_printed_by_a_tool_never_reaches_the_model_or_the_caller(api, mon
         message(tool_use("run_shell", {"command":
             "echo token=$API_TOKEN; printf %s \"$API_TOKEN\" | base64; "
             "printenv API_TOKEN > /workspace/tok.txt"}, "t1")),
-        # read_file returns the file's bytes: only the agent's own redactor stands in the way.
+        # read_file: the session redacts what it reads (the agent's redactor would too).
         message(tool_use("read_file", {"path": "/workspace/tok.txt"}, "t2")),
         # A model that repeats the secret (e.g. from the task) must not leak it to the caller.
         message(text(f"The token is {SECRET} ({b64})")),
@@ -123,7 +123,8 @@ def test_secret_printed_by_a_tool_never_reaches_the_model_or_the_caller(api, mon
     assert results["t2"].strip() == "[REDACTED:API_TOKEN]"
     assert SECRET not in result.final_text and b64 not in result.final_text
     assert result.final_text.startswith("The token is [REDACTED:API_TOKEN]")
-    assert result.redactions.get("API_TOKEN", 0) >= 3
+    # Counted by the agent's redactor: t1 and the final text (the session redacted t2).
+    assert result.redactions.get("API_TOKEN", 0) >= 2
     everything = json.dumps([e.model_dump(mode="json") for e in events])
     assert SECRET not in everything and b64 not in everything
     # The model is told the variable's name, never its value.

@@ -7,6 +7,7 @@ from cellblock.client import Client, RemoteSandbox
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
+    FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
     NetworkPolicyError,
@@ -18,6 +19,7 @@ from cellblock.errors import (
     SetupError,
     SetupTimeout,
 )
+from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
 from cellblock.result import RunResult
@@ -25,7 +27,7 @@ from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import run
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret
-from cellblock.session import DirEntry, Sandbox
+from cellblock.session import Sandbox
 
 __all__ = [
     "CellblockError",
@@ -33,6 +35,7 @@ __all__ = [
     "CodeResult",
     "CommandNotFound",
     "DirEntry",
+    "FileTooLarge",
     "InvalidSpec",
     "Job",
     "JobError",

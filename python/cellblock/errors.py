@@ -7,6 +7,7 @@ names as the CLI prints) and re-exported here so pure-Python code can raise them
 from cellblock._native import (
     CellblockError,
     CommandNotFound,
+    FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
     NetworkPolicyError,
@@ -22,6 +23,7 @@ from cellblock._native import (
 __all__ = [
     "CellblockError",
     "CommandNotFound",
+    "FileTooLarge",
     "InvalidSpec",
     "NamespaceUnavailable",
     "NetworkPolicyError",

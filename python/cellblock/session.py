@@ -11,26 +11,21 @@ import atexit
 import functools
 import json
 import logging
-import os
-import posixpath
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal, Self
-
-from pydantic import BaseModel, ConfigDict
 
 from cellblock import _native
 from cellblock.errors import (
     CellblockError,
     InvalidSpec,
-    SandboxIOError,
     SessionClosed,
     SetupError,
 )
+from cellblock.files import SandboxFiles
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
 from cellblock.result import RunResult
@@ -48,16 +43,6 @@ _ZYGOTE_MAX_OUTPUT = 1 << 20
 SESSION_LIMITS = ("memory", "pids", "cpus", "disk")
 
 
-class DirEntry(BaseModel):
-    """One entry of `Sandbox.list_dir`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    kind: Literal["file", "dir", "symlink", "other"]
-    size: int
-
-
 def _exec_zygote(
     session: _native.Session,
     spec_json: str,
@@ -67,7 +52,7 @@ def _exec_zygote(
     return session.exec(spec_json, None, bpf, on_output)
 
 
-class Sandbox:
+class Sandbox(SandboxFiles):
     """A persistent sandbox: many calls, one workspace, until `close()`.
 
     ``Sandbox(policy=None, **limits)`` opens it; use it as a context manager or call `close()`.
@@ -396,75 +381,6 @@ class Sandbox:
         return functools.partial(
             _exec_zygote, self._native, json.dumps(spec), compiled.bpf if compiled else None
         )
-
-    # ---- files -----------------------------------------------------------------------------
-
-    def write_file(self, path: str, data: bytes | str) -> None:
-        """Writes a file (created or replaced; missing parents created). Relative paths are
-        under /workspace; every path stays inside the sandbox (PathEscape otherwise)."""
-        with self._call():
-            self._native.write_file(path, data.encode() if isinstance(data, str) else bytes(data))
-
-    def read_file(self, path: str) -> bytes:
-        """Reads a whole file of the sandbox."""
-        with self._call():
-            return self._native.read_file(path)
-
-    def make_dirs(self, path: str) -> None:
-        """Creates a directory and its missing parents."""
-        with self._call():
-            self._native.make_dirs(path)
-
-    def list_dir(self, path: str = "/workspace") -> list[DirEntry]:
-        """The entries of a directory, sorted by name (symlinks are listed, not followed)."""
-        with self._call():
-            return [DirEntry(**e) for e in self._native.list_dir(path)]
-
-    def remove(self, path: str, recursive: bool = False) -> None:
-        """Removes a file, a symlink (never its target) or an empty directory; with
-        `recursive`, a directory and everything under it."""
-        with self._call():
-            if recursive and self._kind(path) == "dir":
-                for entry in self._native.list_dir(path):
-                    child = posixpath.join(path, entry["name"])
-                    self.remove(child, recursive=entry["kind"] == "dir")
-            self._native.remove(path)
-
-    def upload(self, local: str | os.PathLike[str], path: str) -> None:
-        """Copies a host file or directory tree into the sandbox at `path`."""
-        src = Path(local)
-        with self._call():
-            if src.is_dir():
-                self._native.make_dirs(path)
-                for child in sorted(src.iterdir()):
-                    self.upload(child, posixpath.join(path, child.name))
-            else:
-                self._native.write_file(path, src.read_bytes())
-
-    def download(self, path: str, local: str | os.PathLike[str]) -> None:
-        """Copies a sandbox file or directory tree to the host path `local` (symlinks inside
-        the sandbox are skipped, never followed)."""
-        dst = Path(local)
-        with self._call():
-            if self._kind(path) == "dir":
-                dst.mkdir(parents=True, exist_ok=True)
-                for entry in self._native.list_dir(path):
-                    if entry["kind"] in ("file", "dir"):
-                        self.download(posixpath.join(path, entry["name"]), dst / entry["name"])
-            else:
-                dst.write_bytes(self._native.read_file(path))
-
-    def _kind(self, path: str) -> str:
-        """The kind of entry at `path` ("dir", "file", "symlink", "other"), not following it."""
-        full = path if path.startswith("/") else posixpath.join("/workspace", path)
-        full = full.rstrip("/") or "/"
-        if full == "/":
-            return "dir"
-        parent, name = posixpath.split(full)
-        for entry in self._native.list_dir(parent):
-            if entry["name"] == name:
-                return str(entry["kind"])
-        raise SandboxIOError(f"{path}: no such file or directory")
 
 
 class _IdleWatcher:

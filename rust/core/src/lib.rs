@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod child;
 pub mod error;
 pub mod fdpass;
+pub mod files;
 pub mod fs;
 pub mod net;
 pub mod reaper;
@@ -23,9 +24,10 @@ pub mod spec;
 pub mod supervise;
 
 pub use error::{Error, Result};
+pub use files::{DirEntry, FileReader, FileWriter};
 pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
-pub use session::{DirEntry, Session};
+pub use session::Session;
 pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
 pub use supervise::{Hooks, Sink, Stream};
 

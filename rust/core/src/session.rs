@@ -2,32 +2,20 @@
 //!
 //! The session's PID 1 only holds the namespaces open. Each call joins them and gets a pid
 //! namespace of its own nested in the session's, so a call's timeout kills exactly that call's
-//! processes while files, network and the cgroup are shared. The files API resolves paths with
-//! `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from the sandbox's own root, so `..`,
-//! absolute symlinks and `/proc/*/root` tricks cannot leave it.
+//! processes while files, network and the cgroup are shared. The files API (read_file,
+//! write_file, ...) is in [`crate::files`].
 
 use crate::error::{Error, Result};
+use crate::files::{cstring, sandbox_path, FilesTarget};
+use crate::redact::Redactor;
 use crate::report::{Enforcer, RunReport};
 use crate::spawn::{self, Holder};
 use crate::spec::RunSpec;
 use crate::supervise::{self, Hooks};
 use std::collections::BTreeMap;
-use std::ffi::CString;
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-/// A kind of directory entry, as listed by [`Session::list_dir`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    /// File name.
-    pub name: String,
-    /// "file", "dir", "symlink" or "other".
-    pub kind: &'static str,
-    /// Size in bytes (0 for directories).
-    pub size: u64,
-}
 
 /// A live session. Methods take `&self`: calls from several threads run concurrently.
 #[derive(Debug)]
@@ -38,8 +26,8 @@ pub struct Session {
     paused: (Mutex<bool>, Condvar),
     /// Environment and secrets every call gets (the session's spec).
     base: RunSpec,
-    /// Owner uid/gid (as seen from the host) of files written through the files API.
-    owner: Option<u32>,
+    /// The session's secrets, redacted from what the files API reads.
+    redactor: Redactor,
 }
 
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -56,13 +44,13 @@ impl Session {
     /// Opens a session: builds the sandbox with the spec's session-wide limits (memory, pids,
     /// cpus, disk), filesystem, environment and secrets. `spec.argv` is ignored.
     pub fn open(spec: &RunSpec) -> Result<Session> {
+        let redactor = crate::redactor_for(spec)?;
         let holder = spawn::start_holder(spec)?;
-        let owner = holder.root.then_some(spawn::ROOT_PATH_HOST_UID);
         Ok(Session {
             holder: Mutex::new(Some(Arc::new(holder))),
             paused: (Mutex::new(false), Condvar::new()),
             base: spec.clone(),
-            owner,
+            redactor,
         })
     }
 
@@ -114,6 +102,17 @@ impl Session {
             *p = on;
         }
         self.paused.1.notify_all();
+    }
+
+    /// Where the files API acts: the sandbox's root, opened under the lock, so that no file
+    /// operation holds the lock while it works.
+    pub(crate) fn files_target(&self) -> Result<FilesTarget> {
+        self.with_holder(FilesTarget::of)
+    }
+
+    /// The session's redactor (its secrets).
+    pub(crate) fn redactor(&self) -> &Redactor {
+        &self.redactor
     }
 
     /// Session-wide enforcement (memory, pids, cpus, disk).
@@ -301,143 +300,6 @@ impl Session {
         }
         Ok(sock)
     }
-
-    /// Reads a whole file of the sandbox.
-    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        let fd = self.open_in(path, libc::O_RDONLY, 0)?;
-        let mut f = std::fs::File::from(fd);
-        if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                format!("{path}: is a directory"),
-            )));
-        }
-        let mut out = Vec::new();
-        f.read_to_end(&mut out)?;
-        Ok(out)
-    }
-
-    /// Writes a file of the sandbox (created or truncated), creating missing parent directories.
-    pub fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
-        if let Some((parent, _)) = sandbox_path(path)?.rsplit_once('/') {
-            if !parent.is_empty() {
-                self.make_dirs(parent)?;
-            }
-        }
-        let fd = self.open_in(
-            path,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-            0o644,
-        )?;
-        if let Some(uid) = self.owner {
-            // SAFETY: fchown on a descriptor we own.
-            unsafe { libc::fchown(fd.as_raw_fd(), uid, uid) };
-        }
-        std::fs::File::from(fd).write_all(data)?;
-        Ok(())
-    }
-
-    /// Creates `path` and its missing parents as directories.
-    pub fn make_dirs(&self, path: &str) -> Result<()> {
-        let full = sandbox_path(path)?;
-        let mut cur = String::new();
-        for part in full.split('/').filter(|p| !p.is_empty()) {
-            cur.push('/');
-            cur.push_str(part);
-            let (parent, name) = cur.rsplit_once('/').unwrap_or(("", part));
-            let dir = self.open_in(
-                if parent.is_empty() { "/" } else { parent },
-                libc::O_PATH | libc::O_DIRECTORY,
-                0,
-            )?;
-            let cname = cstring(name)?;
-            // SAFETY: mkdirat relative to a directory fd resolved inside the sandbox root; the
-            // name has no '/'.
-            let r = unsafe { libc::mkdirat(dir.as_raw_fd(), cname.as_ptr(), 0o755) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    return Err(Error::Io(e));
-                }
-            } else if let Some(uid) = self.owner {
-                // SAFETY: fchownat relative to the same directory fd, not following symlinks.
-                unsafe {
-                    libc::fchownat(
-                        dir.as_raw_fd(),
-                        cname.as_ptr(),
-                        uid,
-                        uid,
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                };
-            }
-        }
-        Ok(())
-    }
-
-    /// Lists a directory of the sandbox.
-    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let fd = self.open_in(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-        // /proc/self/fd/N of a directory fd we hold is a safe handle for read_dir: it names
-        // exactly the directory resolved inside the sandbox.
-        let dir_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir_path)? {
-            let entry = entry?;
-            let ft = entry.file_type()?;
-            let kind = if ft.is_symlink() {
-                "symlink"
-            } else if ft.is_dir() {
-                "dir"
-            } else if ft.is_file() {
-                "file"
-            } else {
-                "other"
-            };
-            let size = if kind == "file" {
-                entry.metadata().map(|m| m.len()).unwrap_or(0)
-            } else {
-                0
-            };
-            out.push(DirEntry {
-                name: entry.file_name().to_string_lossy().into_owned(),
-                kind,
-                size,
-            });
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    /// Removes a file, symlink or empty directory of the sandbox (a symlink itself, never its
-    /// target).
-    pub fn remove(&self, path: &str) -> Result<()> {
-        let full = sandbox_path(path)?;
-        let (parent, name) = full
-            .rsplit_once('/')
-            .ok_or_else(|| Error::PathEscape(path.into()))?;
-        if name.is_empty() || name == "." || name == ".." {
-            return Err(Error::PathEscape(format!(
-                "{path}: cannot remove this path"
-            )));
-        }
-        let dir = self.open_in(
-            if parent.is_empty() { "/" } else { parent },
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )?;
-        let cname = cstring(name)?;
-        // SAFETY: unlinkat relative to a directory resolved inside the sandbox; the name has no '/'.
-        let mut r = unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), 0) };
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EISDIR) {
-            // SAFETY: as above.
-            r = unsafe { libc::unlinkat(dir.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) };
-        }
-        if r < 0 {
-            return Err(Error::Io(std::io::Error::last_os_error()));
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Session {
@@ -472,29 +334,6 @@ fn alive(h: &Holder) -> bool {
     };
     // SAFETY: polling our own pidfd without waiting.
     unsafe { libc::poll(&mut pfd, 1, 0) == 0 }
-}
-
-fn cstring(s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::PathEscape("path contains a NUL byte".into()))
-}
-
-/// The absolute in-sandbox form of a files-API path (relative paths are under /workspace).
-fn sandbox_path(path: &str) -> Result<String> {
-    if path.is_empty() {
-        return Err(Error::PathEscape("empty path".into()));
-    }
-    if path.contains('\0') {
-        return Err(Error::PathEscape("path contains a NUL byte".into()));
-    }
-    // `..` could only be re-rooted, never leave; refusing it outright makes intent explicit.
-    if path.split('/').any(|c| c == "..") {
-        return Err(Error::PathEscape(format!("{path}: '..' is not allowed")));
-    }
-    Ok(if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("{}/{}", crate::fs::WORKSPACE, path)
-    })
 }
 
 /// A directory fd of the sandbox's root, through the holder's /proc entry.

@@ -1,5 +1,6 @@
 //! Sessions through the core API: shared workspace, isolated calls, files API confinement.
 
+use cellblock_core::files::DEFAULT_MAX_READ;
 use cellblock_core::{Error, Reason, RunSpec, Session};
 use std::collections::BTreeMap;
 
@@ -47,7 +48,10 @@ fn files_persist_across_calls() {
         )
         .expect("exec");
     assert_eq!(r.stdout, b"kept\ntmp\n");
-    assert_eq!(s.read_file("a.txt").expect("read"), b"kept\n");
+    assert_eq!(
+        s.read_file("a.txt", DEFAULT_MAX_READ).expect("read"),
+        b"kept\n"
+    );
     s.write_file("dir/sub/b.txt", b"from host").expect("write");
     let r = s
         .exec(
@@ -74,7 +78,7 @@ fn files_persist_across_calls() {
         .collect();
     assert_eq!(names, vec!["b.txt"]);
     s.remove("dir/sub/b.txt").expect("remove");
-    assert!(s.read_file("dir/sub/b.txt").is_err());
+    assert!(s.read_file("dir/sub/b.txt", DEFAULT_MAX_READ).is_err());
 }
 
 #[test]
@@ -111,22 +115,29 @@ fn files_api_refuses_escapes() {
     let r = s.exec(&call(&["sh", "-c", "ln -s /etc/shadow /workspace/evil; ln -s /proc/1/root /workspace/proot; ln -s ../../../../ /workspace/up"]), Default::default()).expect("exec");
     assert_eq!(r.exit_code, Some(0));
     assert!(matches!(
-        s.read_file("../../etc/hostname"),
+        s.read_file("../../etc/hostname", DEFAULT_MAX_READ),
         Err(Error::PathEscape(_))
     ));
     assert!(
-        s.read_file("evil").is_err(),
+        s.read_file("evil", DEFAULT_MAX_READ).is_err(),
         "host /etc/shadow reached through a planted symlink"
     );
-    assert!(s.read_file("proot/etc/shadow").is_err());
+    assert!(s.read_file("proot/etc/shadow", DEFAULT_MAX_READ).is_err());
+    // A magic link is refused (the helper cannot even reach PID 1's root: EACCES).
+    assert!(s
+        .read_file("/proc/1/root/etc/hostname", DEFAULT_MAX_READ)
+        .is_err());
+    // A symlink that climbs stays inside the sandbox root, but /etc is no scratch mount.
     assert!(matches!(
-        s.read_file("/proc/1/root/etc/hostname"),
+        s.read_file("up/etc/hostname", DEFAULT_MAX_READ),
         Err(Error::PathEscape(_))
     ));
-    // A symlink that climbs stays inside the sandbox root: the sandbox's own hostname file.
+    // Re-rooted back onto a scratch mount, it reads the sandbox's own file.
+    s.write_file("/tmp/t", b"mine").expect("write");
     assert_eq!(
-        s.read_file("up/etc/hostname").expect("re-rooted"),
-        b"cellblock\n"
+        s.read_file("up/tmp/t", DEFAULT_MAX_READ)
+            .expect("re-rooted"),
+        b"mine"
     );
     assert!(
         s.write_file("evil", b"x").is_err(),
@@ -142,7 +153,10 @@ fn closed_session_is_an_error() {
         s.exec(&call(&["true"]), Default::default()),
         Err(Error::SessionClosed(_))
     ));
-    assert!(matches!(s.read_file("x"), Err(Error::SessionClosed(_))));
+    assert!(matches!(
+        s.read_file("x", DEFAULT_MAX_READ),
+        Err(Error::SessionClosed(_))
+    ));
 }
 
 /// The tests [`everything_again_unprivileged`] re-runs.

@@ -102,18 +102,47 @@ fn sandbox_io_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
         .map(|t| t.bind(py))
 }
 
+/// `FileTooLarge(SandboxIOError)`: a file (or listing) of the sandbox over the files API's cap.
+static FILE_TOO_LARGE: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+
+/// The `FileTooLarge` class.
+fn file_too_large(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    FILE_TOO_LARGE
+        .get_or_try_init(py, || {
+            let bases = PyTuple::new(py, [sandbox_io_error(py)?.clone().into_any()])?;
+            let dict = PyDict::new(py);
+            dict.set_item("__module__", "cellblock._native")?;
+            dict.set_item(
+                "__doc__",
+                "A file (or directory listing) of the sandbox is larger than the files API's cap.",
+            )?;
+            let class = py
+                .get_type::<PyType>()
+                .call1(("FileTooLarge", bases, dict))?;
+            Ok(class.downcast_into::<PyType>()?.unbind())
+        })
+        .map(|t| t.bind(py))
+}
+
 /// Maps a core error to its Python exception. Errors of the OS keep their errno (attribute
 /// `errno`) and the path they were about (`filename`).
 pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
     let msg = e.to_string();
     let (kind, errno, path) = (e.kind(), e.errno(), e.path().map(str::to_string));
     if kind == "SandboxIOError" {
-        return Python::with_gil(|py| match sandbox_io_error(py) {
-            Ok(class) => match errno {
-                Some(n) => PyErr::from_type(class.clone(), (n, msg, path)),
-                None => PyErr::from_type(class.clone(), (msg,)),
-            },
-            Err(err) => err,
+        let too_large = cellblock_core::files::is_too_large(&e);
+        return Python::with_gil(|py| {
+            match if too_large {
+                file_too_large(py)
+            } else {
+                sandbox_io_error(py)
+            } {
+                Ok(class) => match errno {
+                    Some(n) => PyErr::from_type(class.clone(), (n, msg, path)),
+                    None => PyErr::from_type(class.clone(), (msg,)),
+                },
+                Err(err) => err,
+            }
         });
     }
     let err = match kind {
@@ -161,5 +190,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PathEscape", py.get_type::<PathEscape>())?;
     m.add("SetupTimeout", py.get_type::<SetupTimeout>())?;
     m.add("SandboxIOError", sandbox_io_error(py)?)?;
+    m.add("FileTooLarge", file_too_large(py)?)?;
     Ok(())
 }

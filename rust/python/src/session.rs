@@ -4,6 +4,7 @@ use crate::errors::to_pyerr;
 use cellblock_core::{Hooks, RunSpec, Stream};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
+use std::sync::Mutex;
 
 /// Parses a spec from JSON, attaching the byte buffers.
 pub fn parse_spec(
@@ -162,14 +163,6 @@ impl Session {
         Ok(d)
     }
 
-    /// Reads a file of the sandbox.
-    fn read_file<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let data = py
-            .allow_threads(|| self.inner.read_file(path))
-            .map_err(to_pyerr)?;
-        Ok(PyBytes::new(py, &data))
-    }
-
     /// Connects to a unix stream socket inside the sandbox (resolved like the files API);
     /// returns the connected socket's fd, owned by the caller (`socket.socket(fileno=fd)`).
     fn connect_unix(&self, py: Python<'_>, path: &str) -> PyResult<i32> {
@@ -179,10 +172,43 @@ impl Session {
         Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
     }
 
-    /// Writes a file of the sandbox (parents created).
-    fn write_file(&self, py: Python<'_>, path: &str, data: Vec<u8>) -> PyResult<()> {
-        py.allow_threads(|| self.inner.write_file(path, &data))
+    /// Reads a whole regular file of the sandbox (secrets redacted), at most `max_size` bytes.
+    fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: &str,
+        max_size: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py
+            .allow_threads(|| self.inner.read_file(path, max_size))
+            .map_err(to_pyerr)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Opens a regular file of the sandbox for reading in chunks.
+    fn open_read(&self, py: Python<'_>, path: &str, max_size: u64) -> PyResult<FileReader> {
+        let reader = py
+            .allow_threads(|| self.inner.open_read(path, max_size))
+            .map_err(to_pyerr)?;
+        Ok(FileReader {
+            inner: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// Writes a whole file of the sandbox (created or truncated; parents created).
+    fn write_file(&self, py: Python<'_>, path: &str, data: &[u8]) -> PyResult<()> {
+        py.allow_threads(|| self.inner.write_file(path, data))
             .map_err(to_pyerr)
+    }
+
+    /// Opens (creates or truncates) a regular file of the sandbox for writing in chunks.
+    fn open_write(&self, py: Python<'_>, path: &str) -> PyResult<FileWriter> {
+        let writer = py
+            .allow_threads(|| self.inner.open_write(path))
+            .map_err(to_pyerr)?;
+        Ok(FileWriter {
+            inner: Mutex::new(Some(writer)),
+        })
     }
 
     /// Creates a directory and its parents.
@@ -191,7 +217,7 @@ impl Session {
             .map_err(to_pyerr)
     }
 
-    /// Lists a directory: [{"name", "kind", "size"}].
+    /// Lists a directory: [{"name", "kind", "size"}] (names redacted).
     fn list_dir<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyList>> {
         let entries = py
             .allow_threads(|| self.inner.list_dir(path))
@@ -214,7 +240,80 @@ impl Session {
     }
 }
 
+/// Locks a reader's or writer's state; `None` once closed.
+fn lock_open<'a, T>(m: &'a Mutex<Option<T>>) -> PyResult<std::sync::MutexGuard<'a, Option<T>>> {
+    m.lock()
+        .map_err(|_| crate::errors::internal("a files-API handle was poisoned"))
+}
+
+fn closed_err() -> PyErr {
+    to_pyerr(cellblock_core::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the file was closed",
+    )))
+}
+
+/// A sandbox file open for reading: `read(n)` returns redacted chunks, `b""` at the end.
+#[pyclass(module = "cellblock._native", frozen)]
+pub struct FileReader {
+    inner: Mutex<Option<cellblock_core::FileReader>>,
+}
+
+#[pymethods]
+impl FileReader {
+    /// The next chunk (at most `n` bytes of the file, secrets redacted); `b""` at the end.
+    #[pyo3(signature = (n=1 << 20))]
+    fn read<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let chunk = py.allow_threads(|| {
+            let mut guard = lock_open(&self.inner)?;
+            let reader = guard.as_mut().ok_or_else(closed_err)?;
+            reader.read_chunk(n).map_err(to_pyerr)
+        })?;
+        Ok(PyBytes::new(py, &chunk))
+    }
+
+    /// The file's size when it was opened.
+    #[getter]
+    fn size(&self) -> PyResult<u64> {
+        let guard = lock_open(&self.inner)?;
+        Ok(guard.as_ref().map_or(0, |r| r.size()))
+    }
+
+    /// Closes the file (idempotent).
+    fn close(&self) -> PyResult<()> {
+        lock_open(&self.inner)?.take();
+        Ok(())
+    }
+}
+
+/// A sandbox file open for writing: `write(data)` appends, `close()` ends it.
+#[pyclass(module = "cellblock._native", frozen)]
+pub struct FileWriter {
+    inner: Mutex<Option<cellblock_core::FileWriter>>,
+}
+
+#[pymethods]
+impl FileWriter {
+    /// Appends `data` to the file.
+    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut guard = lock_open(&self.inner)?;
+            let writer = guard.as_mut().ok_or_else(closed_err)?;
+            writer.write(data).map_err(to_pyerr)
+        })
+    }
+
+    /// Closes the file (idempotent).
+    fn close(&self) -> PyResult<()> {
+        lock_open(&self.inner)?.take();
+        Ok(())
+    }
+}
+
 /// Adds the class to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Session>()
+    m.add_class::<Session>()?;
+    m.add_class::<FileReader>()?;
+    m.add_class::<FileWriter>()?;
+    Ok(())
 }
