@@ -10,8 +10,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellblock import _native
-from cellblock.errors import InvalidSpec
+from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.policy import Policy
+from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
@@ -125,7 +126,11 @@ def run(
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
     spec = build_spec(argv, merged, all_secrets, compiled)
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    report = _native.run(
-        json.dumps(spec), data, compiled.bpf if compiled else None, on_output
-    )
+    try:
+        report = _native.run(
+            json.dumps(spec), data, compiled.bpf if compiled else None, on_output
+        )
+    except CellblockError as e:
+        # Messages can echo argv, paths or env: no secret leaves through them.
+        raise redact_error(e, redactor_for(all_secrets)) from None
     return RunResult(**report)

@@ -23,8 +23,9 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict
 
 from cellblock import _native
-from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
+from cellblock.errors import CellblockError, InvalidSpec, SandboxIOError, SessionClosed
 from cellblock.policy import Policy
+from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
@@ -235,9 +236,13 @@ class Sandbox:
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
             spec = build_spec(argv, policy, normalize_secrets(secrets), compiled)
             data = stdin.encode() if isinstance(stdin, str) else stdin
-            report = self._native.exec(
-                json.dumps(spec), data, compiled.bpf if compiled else None, on_output
-            )
+            try:
+                report = self._native.exec(
+                    json.dumps(spec), data, compiled.bpf if compiled else None, on_output
+                )
+            except CellblockError as e:
+                call_secrets = self._secrets + normalize_secrets(secrets)
+                raise redact_error(e, redactor_for(call_secrets)) from None
             return RunResult(**report)
 
     def run_shell(self, script: str, **kwargs: Any) -> RunResult:

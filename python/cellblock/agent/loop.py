@@ -27,6 +27,7 @@ from cellblock.agent.tools import (
 )
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
+from cellblock.redaction import redact_fields
 from cellblock.secrets import normalize_secrets
 
 if TYPE_CHECKING:
@@ -329,18 +330,29 @@ class _Run:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None)
             )
+        # Every field of every event (tool inputs, errors, results) is redacted, not only the
+        # texts the loop builds; with a redactor of its own, so that `redactions` keeps
+        # counting what was found in tool results and answers.
+        fields = Redactor(self.agent.secrets) if self.agent.secrets else None
         try:
             toolbox = Toolbox(
                 sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
                 timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
             )
-            stop = yield from self._loop(toolbox)
+            loop = self._loop(toolbox)
+            while True:
+                try:
+                    event = next(loop)
+                except StopIteration as done:
+                    stop = done.value
+                    break
+                yield redact_fields(event, fields)
         finally:
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:
                 self.client.close()
-        yield Finished(result=self._result(stop))
+        yield redact_fields(Finished(result=self._result(stop)), fields)
 
     def _loop(self, toolbox: Toolbox) -> Generator[AgentEvent, None, StopReason]:
         """Yields events; returns the stop reason."""

@@ -169,10 +169,11 @@ pub fn supervise_spec(
         hooks,
     );
     report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+    report.redact_fields(redactor);
     report
 }
 
-/// Watches a started sandbox until it ends and returns its report.
+/// Watches a started sandbox until it ends and returns its report, every field redacted.
 pub fn supervise(
     started: Started,
     limits: &Limits,
@@ -437,7 +438,7 @@ pub fn supervise(
         }
     }
     let [out, err] = pumps;
-    RunReport {
+    let mut report = RunReport {
         exit_code,
         signal,
         reason,
@@ -453,7 +454,9 @@ pub fn supervise(
         redactions,
         seccomp_profile: None,
         network,
-    }
+    };
+    report.redact_fields(redactor);
+    report
 }
 
 /// Reaps PID 1 when it is our child (a session call's init is the joiner's: ECHILD, ignored).
