@@ -222,12 +222,21 @@ impl StreamRedactor {
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + self.pending.len());
         if self.pending.is_empty() {
-            let used = self.scan(chunk, false, out);
+            let used = self.scan(chunk, 0, false, out);
             self.pending.extend_from_slice(&chunk[used..]);
+        } else if chunk.len() >= self.compiled.max_len {
+            // Only the seam is joined (copying every chunk behind a few held bytes would cost
+            // more than the search): matches starting in the held bytes end within it.
+            let mut held = std::mem::take(&mut self.pending);
+            let start = self.seam(&held, chunk, out);
+            let used = self.scan(chunk, start, false, out);
+            held.clear();
+            held.extend_from_slice(&chunk[used..]);
+            self.pending = held;
         } else {
             let mut buf = std::mem::take(&mut self.pending);
             buf.extend_from_slice(chunk);
-            let used = self.scan(&buf, false, out);
+            let used = self.scan(&buf, 0, false, out);
             buf.drain(..used);
             self.pending = buf;
         }
@@ -237,7 +246,7 @@ impl StreamRedactor {
     /// then empty again (counts are kept), so the stream may be reused.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         let buf = std::mem::take(&mut self.pending);
-        self.scan(&buf, true, out);
+        self.scan(&buf, 0, true, out);
     }
 
     /// Redactions so far per secret name (names never redacted are absent).
@@ -250,12 +259,53 @@ impl StreamRedactor {
         self.pending.len()
     }
 
-    /// Emits the redacted form of `buf` up to the point where a match could still be in
-    /// progress (everything when `at_end`); returns how many bytes of `buf` were consumed.
-    fn scan(&mut self, buf: &[u8], at_end: bool, out: &mut Vec<u8>) -> usize {
+    /// Redacts the matches that start in `held` (bytes held back from earlier chunks) and
+    /// emits `held`; `chunk` follows it and has at least `max_len` bytes, so none of those
+    /// matches can still grow. Returns where in `chunk` the emitted text ends (a match
+    /// starting in `held` may reach into it).
+    fn seam(&mut self, held: &[u8], chunk: &[u8], out: &mut Vec<u8>) -> usize {
         let compiled = Arc::clone(&self.compiled);
         let Some(matcher) = &compiled.matcher else {
-            out.extend_from_slice(buf);
+            out.extend_from_slice(held);
+            return 0;
+        };
+        let seam = [held, &chunk[..compiled.max_len]].concat();
+        let mut pos = 0;
+        let mut finder = Finder::new(&compiled, matcher, &seam);
+        while pos < held.len() {
+            match finder.find_from(pos) {
+                Some(m) if m.start() < held.len() => {
+                    out.extend_from_slice(&seam[pos..m.start()]);
+                    self.replace(&compiled, m, out);
+                    pos = m.end();
+                }
+                _ => {
+                    out.extend_from_slice(&seam[pos..held.len()]);
+                    pos = held.len();
+                }
+            }
+        }
+        pos - held.len()
+    }
+
+    /// Emits the replacement of match `m` and counts it.
+    fn replace(&mut self, compiled: &Compiled, m: Match, out: &mut Vec<u8>) {
+        let name = compiled.pattern_name[m.pattern().as_usize()];
+        out.extend_from_slice(&compiled.replacements[name]);
+        match self.counts.get_mut(&compiled.names[name]) {
+            Some(count) => *count += 1,
+            None => {
+                self.counts.insert(compiled.names[name].clone(), 1);
+            }
+        }
+    }
+
+    /// Emits the redacted form of `buf[start..]` up to the point where a match could still be
+    /// in progress (everything when `at_end`); returns how many bytes of `buf` were consumed.
+    fn scan(&mut self, buf: &[u8], start: usize, at_end: bool, out: &mut Vec<u8>) -> usize {
+        let compiled = Arc::clone(&self.compiled);
+        let Some(matcher) = &compiled.matcher else {
+            out.extend_from_slice(&buf[start..]);
             return buf.len();
         };
         // A match starting before `hold` ends inside `buf` and cannot grow: no pattern
@@ -263,23 +313,16 @@ impl StreamRedactor {
         let mut hold = if at_end {
             buf.len()
         } else {
-            compiled.hold_start(buf, 0)
+            compiled.hold_start(buf, start)
         };
-        let mut pos = 0;
+        let mut pos = start;
         let mut finder = Finder::new(&compiled, matcher, buf);
         while let Some(m) = finder.find_from(pos) {
             if m.start() >= hold {
                 break;
             }
             out.extend_from_slice(&buf[pos..m.start()]);
-            let name = compiled.pattern_name[m.pattern().as_usize()];
-            out.extend_from_slice(&compiled.replacements[name]);
-            match self.counts.get_mut(&compiled.names[name]) {
-                Some(count) => *count += 1,
-                None => {
-                    self.counts.insert(compiled.names[name].clone(), 1);
-                }
-            }
+            self.replace(&compiled, m, out);
             pos = m.end();
             if pos > hold {
                 hold = compiled.hold_start(buf, pos);
@@ -1043,6 +1086,53 @@ mod tests {
             for (_, value) in &secrets {
                 assert!(!contains(&out, value));
             }
+        }
+    }
+
+    #[test]
+    fn long_chunks_after_a_held_tail_equal_one_shot() {
+        // Chunks at least as long as the longest pattern take the seam path: only the held
+        // tail and the chunk's first bytes are joined. Forms are planted across every cut.
+        let secrets = [
+            ("A", &b"ghp_S3cr3t/Tok+en=42"[..]),
+            ("B", &b"zzzzzzzzzz"[..]),
+        ];
+        let r = redactor(&secrets);
+        let max = r.compiled.max_len;
+        let mut all_forms: Vec<Vec<u8>> = Vec::new();
+        for (_, value) in secrets {
+            all_forms.extend(encoded_forms(value));
+        }
+        let mut rng = Rng(99);
+        for _ in 0..200 {
+            let mut data = Vec::new();
+            while data.len() < 20 * max {
+                match rng.below(4) {
+                    0 => data.extend_from_slice(&all_forms[rng.below(all_forms.len())]),
+                    1 => {
+                        let f = &all_forms[rng.below(all_forms.len())];
+                        data.extend_from_slice(&f[..rng.below(f.len())]);
+                    }
+                    _ => data.extend_from_slice(&b"z ghp_\0x"[..rng.below(9)]),
+                }
+            }
+            let (whole, counts) = r.redact(&data);
+            let mut cuts = Vec::new();
+            let mut at = 0;
+            while at < data.len() {
+                at += max + rng.below(3 * max);
+                cuts.push(at.min(data.len()));
+            }
+            let mut s = r.stream();
+            let mut out = Vec::new();
+            let mut last = 0;
+            for cut in cuts {
+                s.feed(&data[last..cut], &mut out);
+                last = cut;
+            }
+            s.finish(&mut out);
+            assert_eq!(out, whole);
+            assert_eq!(s.counts(), &counts);
         }
     }
 
