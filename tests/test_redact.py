@@ -1,8 +1,9 @@
 """Secret redaction through `cellblock.Redactor`.
 
-Every form a program prints a secret in (raw, hex, base64 at each alignment, percent- and
-JSON-escaped) is computed here by an independent Python reference, planted in arbitrary text,
-fed in arbitrary chunks, and must never come out; text without secrets must come out unchanged.
+Every form a program prints a secret in (raw, hex, base64 and base32 at each alignment,
+percent- and JSON-escaped, UTF-16 and UTF-32 in both byte orders) is computed here by an
+independent Python reference, planted in arbitrary text, fed in arbitrary chunks, and must never
+come out; text without secrets must come out unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def b64_fragment(value: bytes, offset: int, alphabet: bytes) -> bytes:
     bits = "0" * (8 * offset) + "".join(f"{b:08b}" for b in value)
     first = -(-8 * offset // 6)
     return bytes(alphabet[int(bits[6 * i : 6 * i + 6], 2)] for i in range(first, len(bits) // 6))
+
+
+def b32_fragment(value: bytes, offset: int, lower: bool) -> bytes:
+    """Base32 characters fully determined by `value` placed at byte `offset` (mod 5)."""
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    bits = "0" * (8 * offset) + "".join(f"{b:08b}" for b in value)
+    first = -(-8 * offset // 5)
+    chars = bytes(alphabet[int(bits[5 * i : 5 * i + 5], 2)] for i in range(first, len(bits) // 5))
+    return chars.lower() if lower else chars
+
+
+def wide_forms(text: str) -> set[bytes]:
+    """The secret as a program writing UTF-16 or UTF-32 (either byte order) prints it."""
+    return {text.encode(c) for c in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")}
 
 
 def json_forms(text: str) -> set[str]:
@@ -69,14 +84,17 @@ def standalone_forms(secret: str) -> set[bytes]:
     forms = {raw, raw.hex().encode(), raw.hex().upper().encode()}
     for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
         forms |= {encoded, encoded.rstrip(b"=")}
+    for encoded in (base64.b32encode(raw), base64.b32encode(raw).lower()):
+        forms |= {encoded, encoded.rstrip(b"=")}
     forms |= {f.encode() for f in percent_forms(secret) | json_forms(secret)}
-    return forms
+    return forms | wide_forms(secret)
 
 
 def all_forms(secret: str) -> set[bytes]:
     """Standalone forms plus the base64 characters the secret determines at each alignment."""
     raw = secret.encode()
     fragments = {b64_fragment(raw, k, a) for k in range(3) for a in (B64_STD, B64_URL)}
+    fragments |= {b32_fragment(raw, k, lower) for k in range(5) for lower in (False, True)}
     return standalone_forms(secret) | fragments
 
 
@@ -105,6 +123,17 @@ def make_redactor(values: list[str]) -> Redactor:
     return Redactor(list(zip(names, values, strict=False)))
 
 
+#: Longer encoded streams a secret can be embedded in at any byte offset.
+EMBEDDINGS = [
+    base64.b64encode,
+    base64.urlsafe_b64encode,
+    base64.b32encode,
+    lambda data: base64.b32encode(data).lower(),
+    lambda data: data.decode("latin-1").encode("utf-16-le"),
+    lambda data: data.decode("latin-1").encode("utf-32-be"),
+]
+
+
 @st.composite
 def planted(draw: st.DrawFn, values: list[str]) -> bytes:
     """Arbitrary text with forms of the secrets planted in it, some inside base64 streams."""
@@ -120,7 +149,7 @@ def planted(draw: st.DrawFn, values: list[str]) -> bytes:
             raw = draw(st.sampled_from(values)).encode()
             before = draw(st.binary(max_size=7))
             after = draw(st.binary(max_size=5))
-            encode = draw(st.sampled_from([base64.b64encode, base64.urlsafe_b64encode]))
+            encode = draw(st.sampled_from(EMBEDDINGS))
             parts.append(encode(before + raw + after))
     return b"".join(parts)
 
@@ -148,6 +177,39 @@ def test_base64_fragment_reference_is_where_the_secret_lands(
     prefix = before + b"\0" * ((offset - len(before)) % 3)
     for encode, alphabet in ((base64.b64encode, B64_STD), (base64.urlsafe_b64encode, B64_URL)):
         assert b64_fragment(raw, len(prefix) % 3, alphabet) in encode(prefix + raw + b"xy")
+
+
+@PROPERTY
+@given(values=secret_lists, offset=st.integers(0, 4), before=st.binary(max_size=9))
+def test_base32_fragment_reference_is_where_the_secret_lands(
+    values: list[str], offset: int, before: bytes
+) -> None:
+    raw = values[0].encode()
+    prefix = before + b"\0" * ((offset - len(before)) % 5)
+    encoded = base64.b32encode(prefix + raw + b"xyz")
+    assert b32_fragment(raw, len(prefix) % 5, False) in encoded
+    assert b32_fragment(raw, len(prefix) % 5, True) in encoded.lower()
+
+
+@PROPERTY
+@given(
+    values=secret_lists,
+    codec=st.sampled_from(["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-16"]),
+    before=st.text(max_size=20),
+    after=st.text(max_size=20),
+    cuts=cut_lists,
+)
+def test_wide_text_never_shows_a_secret(
+    values: list[str], codec: str, before: str, after: str, cuts: list[int]
+) -> None:
+    # A whole program output in UTF-16/32 (with a BOM for "utf-16"), cut anywhere.
+    redactor = make_redactor(values)
+    text = (before + "".join(f" {v} " for v in values) + after).encode(codec)
+    out = feed_chunks(redactor, text, cuts)
+    for value in values:
+        for form in wide_forms(value):
+            assert form not in out, (value, codec)
+    assert redactor.counts
 
 
 @PROPERTY

@@ -8,8 +8,9 @@
 //! - the text: byte [`INSERT`] followed by a selector byte plants a form of a secret, any
 //!   other byte is itself.
 //!
-//! Checked: any chunking gives the one-shot output and counts; no raw, hex or base64 form of a
-//! secret is emitted; with no redaction the output is the input; no secrets means passthrough.
+//! Checked: any chunking gives the one-shot output and counts; no raw, hex, base64, base32,
+//! UTF-16 or UTF-32 form of a secret is emitted; with no redaction the output is the input; no
+//! secrets means passthrough.
 
 use cellblock_core::redact::Redactor;
 
@@ -116,8 +117,20 @@ fn read_text(input: &mut Reader<'_>, secrets: &[(String, Vec<u8>)]) -> Vec<u8> {
 
 /// Appends form number `which` of `value`, as a program would print it.
 fn planted_form(value: &[u8], which: u8, text: &mut Vec<u8>) {
-    match which % 8 {
+    match which % 16 {
         0 | 1 => text.extend_from_slice(value),
+        8 => text.extend(base32(value, true, true)),
+        9 => text.extend(base32(value, false, false)),
+        // Inside a longer base32 stream, at byte offset 1 to 4.
+        k @ 10..=13 => {
+            let mut embedded = vec![b'~'; usize::from(k - 9)];
+            embedded.extend_from_slice(value);
+            embedded.extend_from_slice(b"~~~");
+            text.extend(base32(&embedded, k % 2 == 0, true));
+        }
+        // Byte order from the position, so both are planted.
+        14 => text.extend(wide(value, 2, text.len().is_multiple_of(2))),
+        15 => text.extend(wide(value, 4, text.len().is_multiple_of(2))),
         2 => text.extend(hex(value, b"0123456789abcdef")),
         3 => text.extend(hex(value, b"0123456789ABCDEF")),
         4 => text.extend(base64(value, STANDARD, true)),
@@ -132,7 +145,8 @@ fn planted_form(value: &[u8], which: u8, text: &mut Vec<u8>) {
     }
 }
 
-/// The forms checked in the output: raw, hex, base64 standalone and at each alignment.
+/// The forms checked in the output: raw, hex, base64 and base32 standalone and at each
+/// alignment, UTF-16 and UTF-32 in both byte orders.
 fn forms(value: &[u8]) -> Vec<Vec<u8>> {
     let mut forms = vec![
         value.to_vec(),
@@ -148,7 +162,79 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
             forms.push(encoded[(8 * offset).div_ceil(6)..8 * shifted.len() / 6].to_vec());
         }
     }
+    for upper in [true, false] {
+        forms.push(base32(value, upper, true));
+        for offset in 0..5 {
+            let mut shifted = vec![0u8; offset];
+            shifted.extend_from_slice(value);
+            let encoded = base32(&shifted, upper, false);
+            forms.push(encoded[(8 * offset).div_ceil(5)..8 * shifted.len() / 5].to_vec());
+        }
+    }
+    for width in [2, 4] {
+        for little in [true, false] {
+            forms.push(wide(value, width, little));
+        }
+    }
     forms
+}
+
+/// Base32 (RFC 4648) via a bit accumulator, upper or lower case.
+fn base32(data: &[u8], upper: bool, pad: bool) -> Vec<u8> {
+    let alphabet: &[u8; 32] = if upper {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    } else {
+        b"abcdefghijklmnopqrstuvwxyz234567"
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in data {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(alphabet[((acc >> bits) & 31) as usize]);
+        }
+        acc &= (1 << bits) - 1;
+    }
+    if bits > 0 {
+        out.push(alphabet[((acc << (5 - bits)) & 31) as usize]);
+    }
+    while pad && out.len() % 8 != 0 {
+        out.push(b'=');
+    }
+    out
+}
+
+/// UTF-16 (`width` 2) or UTF-32 (4) of the value's text; a value that is not UTF-8 widened
+/// byte by byte (Latin-1), as the redactor documents.
+fn wide(value: &[u8], width: usize, little: bool) -> Vec<u8> {
+    let chars: Vec<char> = match std::str::from_utf8(value) {
+        Ok(t) => t.chars().collect(),
+        Err(_) => value.iter().map(|&b| char::from(b)).collect(),
+    };
+    let mut out = Vec::new();
+    for c in chars {
+        let units: Vec<u32> = if width == 2 {
+            let mut buf = [0u16; 2];
+            c.encode_utf16(&mut buf)
+                .iter()
+                .map(|&u| u32::from(u))
+                .collect()
+        } else {
+            vec![u32::from(c)]
+        };
+        for u in units {
+            let bytes = u.to_be_bytes();
+            let unit = &bytes[4 - width..];
+            if little {
+                out.extend(unit.iter().rev());
+            } else {
+                out.extend_from_slice(unit);
+            }
+        }
+    }
+    out
 }
 
 const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -198,6 +284,16 @@ mod tests {
         assert_eq!(base64(b"fo", STANDARD, false), b"Zm8");
         assert_eq!(base64(b"foobar", STANDARD, true), b"Zm9vYmFy");
         assert_eq!(base64(b"\xfb\xff", URL_SAFE, true), b"-_8=");
+    }
+
+    #[test]
+    fn base32_and_wide_match_known_vectors() {
+        assert_eq!(base32(b"f", true, true), b"MY======");
+        assert_eq!(base32(b"foobar", true, true), b"MZXW6YTBOI======");
+        assert_eq!(base32(b"fooba", false, false), b"mzxw6ytb");
+        assert_eq!(wide(b"ab", 2, true), b"a\0b\0");
+        assert_eq!(wide("\u{1F600}".as_bytes(), 2, false), b"\xd8\x3d\xde\x00");
+        assert_eq!(wide(b"a", 4, false), b"\0\0\0a");
     }
 
     #[test]

@@ -26,9 +26,11 @@ from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError,
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.policy import Policy
 from cellblock.progress import Progress
+from cellblock.redaction import redact_fields, redactor_for
 from cellblock.result import RunResult
 from cellblock.sandbox import run
 from cellblock.seccomp import profile_for_argv
+from cellblock.secrets import normalize_secrets
 
 Language = Literal["python", "node", "shell"]
 #: Where a batch runs: threads on this machine, or actors of a Ray cluster.
@@ -228,7 +230,9 @@ def _run_one(runner: Runner, job: Job, base: Policy | None) -> Outcome:
         return runner(job, job_policy(job, base))
     # One bad job must not end a batch of thousands: any error becomes that job's record.
     except Exception as e:
-        return JobError.from_exception(e)
+        # The message may echo the job's argv or env: redacted like the run's output.
+        redactor = redactor_for(normalize_secrets(base.secrets if base else None))
+        return redact_fields(JobError.from_exception(e), redactor)
 
 
 def failed(outcome: Outcome) -> bool:

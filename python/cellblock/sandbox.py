@@ -11,9 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellblock import _native
-from cellblock.errors import InvalidSpec
+from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.observe import notify_run
 from cellblock.policy import Policy, as_pattern_list
+from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
@@ -129,9 +130,13 @@ def run(
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
     spec = build_spec(argv, merged, all_secrets, compiled)
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    report = _native.run(
-        json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
-    )
+    try:
+        report = _native.run(
+            json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
+        )
+    except CellblockError as e:
+        # Messages can echo argv, paths or env: no secret leaves through them.
+        raise redact_error(e, redactor_for(all_secrets)) from None
     result = RunResult(**report)
     notify_run("run", result)
     return result

@@ -28,6 +28,7 @@ from cellblock.errors import (
 from cellblock.files import SandboxFiles
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
+from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
@@ -308,9 +309,13 @@ class Sandbox(SandboxFiles):
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
             spec = build_spec(argv, policy, normalize_secrets(secrets), compiled)
             data = stdin.encode() if isinstance(stdin, str) else stdin
-            report = self._native.exec(
-                json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
-            )
+            try:
+                report = self._native.exec(
+                    json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
+                )
+            except CellblockError as e:
+                call_secrets = self._secrets + normalize_secrets(secrets)
+                raise redact_error(e, redactor_for(call_secrets)) from None
             result = RunResult(**report)
         notify_run("session.run", result, self)
         return result

@@ -30,13 +30,15 @@ impl Rng {
 /// Bytes in the input layout of [`check`], biased toward small alphabets so that secrets
 /// overlap, repeat and share prefixes with the text.
 fn generate(rng: &mut Rng) -> Vec<u8> {
-    let alphabets: [&[u8]; 4] = [
+    let alphabets: [&[u8]; 6] = [
         b"ab",
         b"abc/+=",
         b"0123456789abcdefABCDEF",
         b"aZ09+/=-_%\\\"u",
+        b"ab\0",            // wide text
+        b"ABCDEFGH234567=", // base32
     ];
-    let alphabet = alphabets[rng.below(4) as usize];
+    let alphabet = alphabets[rng.below(alphabets.len() as u64) as usize];
     let pick = |rng: &mut Rng| {
         if rng.below(8) == 0 {
             rng.byte()

@@ -28,6 +28,7 @@ from cellblock.agent.tools import (
 )
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
+from cellblock.redaction import redact_fields
 from cellblock.secrets import normalize_secrets
 
 if TYPE_CHECKING:
@@ -402,6 +403,10 @@ class _Run:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None)
             )
+        # Every field of every event (tool inputs, errors, results) is redacted, not only the
+        # texts the loop builds; with a redactor of its own, so that `redactions` keeps
+        # counting what was found in tool results and answers.
+        fields = Redactor(self.agent.secrets) if self.agent.secrets else None
         try:
             toolbox: ToolRunner = Toolbox(
                 sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
@@ -412,7 +417,15 @@ class _Run:
             if self.hooks is not None and self.hooks.finished is not None:
                 result = self.hooks.finished
             else:
-                result = self._result((yield from self._loop(toolbox)))
+                loop = self._loop(toolbox)
+                while True:
+                    try:
+                        event = next(loop)
+                    except StopIteration as done:
+                        stop = done.value
+                        break
+                    yield redact_fields(event, fields)
+                result = self._result(stop)
                 if self.hooks is not None:
                     self.hooks.finish(result)
         finally:
@@ -420,7 +433,7 @@ class _Run:
                 owned.close()
             if self.client is not None and self.agent.client is None:
                 self.client.close()
-        yield Finished(result=result)
+        yield redact_fields(Finished(result=result), fields)
 
     def _loop(self, toolbox: ToolRunner) -> Generator[AgentEvent, None, StopReason]:
         """Yields events; returns the stop reason."""

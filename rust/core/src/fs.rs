@@ -319,6 +319,7 @@ impl MountPlan {
                 | MS_MOUNT_ATTR_NOEXEC,
             true,
         ));
+        mask_host_proc(&mut b, |name| Path::new("/proc").join(name).exists())?;
         Ok(MountPlan {
             base: cstr(base)?,
             ops,
@@ -335,6 +336,72 @@ impl MountPlan {
         }
         Ok(())
     }
+}
+
+/// /proc files that describe the host (boot arguments, kernel build and configuration,
+/// modules, disks, devices, interrupts, memory layout, timers, keys) rather than the sandbox:
+/// inside they read as empty (`/dev/null` bound over them).
+pub const MASKED_PROC_FILES: &[&str] = &[
+    "cmdline",
+    "bootconfig",
+    "config.gz",
+    "version",
+    "kallsyms",
+    "kcore",
+    "modules",
+    "partitions",
+    "diskstats",
+    "swaps",
+    "devices",
+    "interrupts",
+    "softirqs",
+    "iomem",
+    "ioports",
+    "dma",
+    "misc",
+    "mtrr",
+    "consoles",
+    "keys",
+    "key-users",
+    "latency_stats",
+    "timer_list",
+    "sched_debug",
+    "slabinfo",
+    "vmallocinfo",
+    "pagetypeinfo",
+    "buddyinfo",
+    "zoneinfo",
+];
+
+/// /proc directories that describe the host's hardware and drivers: inside they are empty
+/// (a read-only tmpfs over each).
+pub const MASKED_PROC_DIRS: &[&str] = &[
+    "acpi", "asound", "bus", "driver", "fs", "irq", "scsi", "tty",
+];
+
+/// Masks the host-describing entries of the sandbox's /proc (those for which `exists` says
+/// the kernel has them). Needs /proc mounted and /dev/null bound in the new root.
+///
+/// What the kernel still shows: `/proc/self/mountinfo` (and `/proc/<pid>/mountinfo`,
+/// `/proc/mounts`) is generated per reader and cannot be overmounted for every process; it
+/// lists every mount of the sandbox with, for each bind, the path of its source inside the
+/// host filesystem (e.g. `/usr`, or a runtime prefix such as `/root/.pyenv/versions/3.11.7`,
+/// bound at that same path so that its compiled-in paths keep working), the filesystem type
+/// and the host's device numbers. Nothing else of the host's tree is listed.
+fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<()> {
+    for name in MASKED_PROC_FILES.iter().filter(|n| exists(n)) {
+        b.bind("/dev/null", &format!("/proc/{name}"), false, true)?;
+    }
+    for name in MASKED_PROC_DIRS.iter().filter(|n| exists(n)) {
+        b.mount(
+            None,
+            &format!("/proc/{name}"),
+            Some("tmpfs"),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some("size=4k,mode=0555"),
+        )?;
+    }
+    Ok(())
 }
 
 struct Builder<'a> {
@@ -618,6 +685,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn host_describing_proc_entries_are_masked_after_proc_is_mounted() {
+        let d = descriptions(&plan());
+        let proc_at = d
+            .iter()
+            .position(|l| l.starts_with("mount proc on ") && l.ends_with("/proc (proc)"))
+            .expect("proc is mounted");
+        let null_at = d
+            .iter()
+            .position(|l| l.contains("/dev/null on ") && l.ends_with("/proc/cmdline (bind)"))
+            .expect("/proc/cmdline is masked");
+        assert!(proc_at < null_at, "{d:?}");
+        // Only entries the kernel has are masked (a missing mount point would fail the run).
+        let mut b_ops = Vec::new();
+        let mut b = Builder {
+            base: "/mnt",
+            ops: &mut b_ops,
+        };
+        mask_host_proc(&mut b, |n| n == "cmdline" || n == "acpi").expect("masks");
+        let masked: Vec<String> = b_ops.iter().map(Op::describe).collect();
+        assert_eq!(
+            masked,
+            [
+                "mount /mnt/dev/null on /mnt/proc/cmdline (bind)",
+                "mount  on /mnt/proc/acpi (tmpfs)",
+            ]
+        );
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Streaming secret redaction.
 //!
 //! Every secret is compiled into the byte patterns a program would print it as (raw, hex,
-//! base64 at every alignment, percent- and JSON-escaped), found by a leftmost-longest
-//! Aho-Corasick automaton. A Wu-Manber shift table over two-byte blocks skips most of the
-//! text (a DFA alone looks at every byte; the skip makes it several times faster), and the
-//! automaton verifies the few candidate positions; if candidates get dense (adversarial text)
-//! the scan falls back to the plain DFA, so the worst case stays linear.
+//! base64 and base32 at every alignment, percent- and JSON-escaped, UTF-16 and UTF-32 in both
+//! byte orders), found by a leftmost-longest Aho-Corasick automaton. A Wu-Manber shift table
+//! over (hashed) three-byte blocks skips most of the text (a DFA alone looks at every byte; the
+//! skip makes it several times faster), and the automaton verifies the few candidate
+//! positions; if candidates get dense (adversarial text) the scan falls back to the plain DFA,
+//! so the worst case stays linear.
 //!
 //! The streaming state holds back only the longest tail of the data that could still grow into
 //! a match, so output is delayed no more than needed and matches across chunk boundaries are
@@ -60,6 +61,9 @@ struct Compiled {
     sorted_patterns: Vec<Vec<u8>>,
     /// Bytes that start at least one pattern.
     first_bytes: [bool; 256],
+    /// Two-byte starts of the patterns, a bit per `first | second << 8`: rules out most
+    /// positions of a held-back tail before the sorted patterns are searched.
+    first_pairs: Box<[u64]>,
     /// Length of the longest pattern.
     max_len: usize,
 }
@@ -114,8 +118,14 @@ impl Redactor {
             Some(ac)
         };
         let mut first_bytes = [false; 256];
+        let mut first_pairs = vec![0u64; (1 << 16) / 64].into_boxed_slice();
         for p in &patterns {
             first_bytes[usize::from(p[0])] = true;
+            // Only a pattern of 3 bytes or more can have a proper prefix of 2 bytes.
+            if let [a, b, _, ..] = p.as_slice() {
+                let pair = usize::from(*a) | usize::from(*b) << 8;
+                first_pairs[pair / 64] |= 1 << (pair % 64);
+            }
         }
         let max_len = patterns.iter().map(Vec::len).max().unwrap_or(0);
         let replacements: Vec<Vec<u8>> = names
@@ -147,6 +157,7 @@ impl Redactor {
                 replacements,
                 sorted_patterns,
                 first_bytes,
+                first_pairs,
                 max_len,
             }),
         })
@@ -211,12 +222,21 @@ impl StreamRedactor {
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len() + self.pending.len());
         if self.pending.is_empty() {
-            let used = self.scan(chunk, false, out);
+            let used = self.scan(chunk, 0, false, out);
             self.pending.extend_from_slice(&chunk[used..]);
+        } else if chunk.len() >= self.compiled.max_len {
+            // Only the seam is joined (copying every chunk behind a few held bytes would cost
+            // more than the search): matches starting in the held bytes end within it.
+            let mut held = std::mem::take(&mut self.pending);
+            let start = self.seam(&held, chunk, out);
+            let used = self.scan(chunk, start, false, out);
+            held.clear();
+            held.extend_from_slice(&chunk[used..]);
+            self.pending = held;
         } else {
             let mut buf = std::mem::take(&mut self.pending);
             buf.extend_from_slice(chunk);
-            let used = self.scan(&buf, false, out);
+            let used = self.scan(&buf, 0, false, out);
             buf.drain(..used);
             self.pending = buf;
         }
@@ -226,7 +246,7 @@ impl StreamRedactor {
     /// then empty again (counts are kept), so the stream may be reused.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         let buf = std::mem::take(&mut self.pending);
-        self.scan(&buf, true, out);
+        self.scan(&buf, 0, true, out);
     }
 
     /// Redactions so far per secret name (names never redacted are absent).
@@ -239,12 +259,53 @@ impl StreamRedactor {
         self.pending.len()
     }
 
-    /// Emits the redacted form of `buf` up to the point where a match could still be in
-    /// progress (everything when `at_end`); returns how many bytes of `buf` were consumed.
-    fn scan(&mut self, buf: &[u8], at_end: bool, out: &mut Vec<u8>) -> usize {
+    /// Redacts the matches that start in `held` (bytes held back from earlier chunks) and
+    /// emits `held`; `chunk` follows it and has at least `max_len` bytes, so none of those
+    /// matches can still grow. Returns where in `chunk` the emitted text ends (a match
+    /// starting in `held` may reach into it).
+    fn seam(&mut self, held: &[u8], chunk: &[u8], out: &mut Vec<u8>) -> usize {
         let compiled = Arc::clone(&self.compiled);
         let Some(matcher) = &compiled.matcher else {
-            out.extend_from_slice(buf);
+            out.extend_from_slice(held);
+            return 0;
+        };
+        let seam = [held, &chunk[..compiled.max_len]].concat();
+        let mut pos = 0;
+        let mut finder = Finder::new(&compiled, matcher, &seam);
+        while pos < held.len() {
+            match finder.find_from(pos) {
+                Some(m) if m.start() < held.len() => {
+                    out.extend_from_slice(&seam[pos..m.start()]);
+                    self.replace(&compiled, m, out);
+                    pos = m.end();
+                }
+                _ => {
+                    out.extend_from_slice(&seam[pos..held.len()]);
+                    pos = held.len();
+                }
+            }
+        }
+        pos - held.len()
+    }
+
+    /// Emits the replacement of match `m` and counts it.
+    fn replace(&mut self, compiled: &Compiled, m: Match, out: &mut Vec<u8>) {
+        let name = compiled.pattern_name[m.pattern().as_usize()];
+        out.extend_from_slice(&compiled.replacements[name]);
+        match self.counts.get_mut(&compiled.names[name]) {
+            Some(count) => *count += 1,
+            None => {
+                self.counts.insert(compiled.names[name].clone(), 1);
+            }
+        }
+    }
+
+    /// Emits the redacted form of `buf[start..]` up to the point where a match could still be
+    /// in progress (everything when `at_end`); returns how many bytes of `buf` were consumed.
+    fn scan(&mut self, buf: &[u8], start: usize, at_end: bool, out: &mut Vec<u8>) -> usize {
+        let compiled = Arc::clone(&self.compiled);
+        let Some(matcher) = &compiled.matcher else {
+            out.extend_from_slice(&buf[start..]);
             return buf.len();
         };
         // A match starting before `hold` ends inside `buf` and cannot grow: no pattern
@@ -252,23 +313,16 @@ impl StreamRedactor {
         let mut hold = if at_end {
             buf.len()
         } else {
-            compiled.hold_start(buf, 0)
+            compiled.hold_start(buf, start)
         };
-        let mut pos = 0;
+        let mut pos = start;
         let mut finder = Finder::new(&compiled, matcher, buf);
         while let Some(m) = finder.find_from(pos) {
             if m.start() >= hold {
                 break;
             }
             out.extend_from_slice(&buf[pos..m.start()]);
-            let name = compiled.pattern_name[m.pattern().as_usize()];
-            out.extend_from_slice(&compiled.replacements[name]);
-            match self.counts.get_mut(&compiled.names[name]) {
-                Some(count) => *count += 1,
-                None => {
-                    self.counts.insert(compiled.names[name].clone(), 1);
-                }
-            }
+            self.replace(&compiled, m, out);
             pos = m.end();
             if pos > hold {
                 hold = compiled.hold_start(buf, pos);
@@ -279,27 +333,45 @@ impl StreamRedactor {
     }
 }
 
-/// Wu-Manber shift table: for every two-byte block, how far the search window (as long as the
-/// shortest pattern) may advance when the window ends with that block.
+/// Wu-Manber shift table: for every three-byte block (hashed), how far the search window (as
+/// long as the shortest pattern) may advance when the window ends with that block.
+///
+/// Three-byte blocks keep the table sparse with hundreds of patterns over one alphabet
+/// (base64, base32, hex of many secrets): two-byte blocks of such alphabets are nearly all
+/// taken, which leaves no skip. A hash collision only makes a shift smaller, never wrong.
 struct SkipTable {
     /// Window length: the shortest pattern length, capped to fit a `u8` shift.
     window: usize,
-    /// Indexed by `first byte | second byte << 8`.
+    /// Indexed by [`block_hash`] of the window's last three bytes.
     shift: Box<[u8]>,
+}
+
+/// Bytes per block of the skip table.
+const BLOCK: usize = 3;
+/// log2 of the skip table's size.
+const SKIP_BITS: u32 = 16;
+
+/// Hash of the three bytes ending at `end` (exclusive) into the skip table.
+#[inline(always)]
+fn block_hash(buf: &[u8], end: usize) -> usize {
+    let n = u32::from(buf[end - 3]) | u32::from(buf[end - 2]) << 8 | u32::from(buf[end - 1]) << 16;
+    (n.wrapping_mul(0x9E37_79B1) >> (32 - SKIP_BITS)) as usize
 }
 
 impl SkipTable {
     fn new(patterns: &[Vec<u8>]) -> SkipTable {
-        let window = patterns
-            .iter()
-            .map(Vec::len)
-            .min()
-            .unwrap_or(2)
-            .clamp(2, 255);
-        let mut shift = vec![(window - 1) as u8; 1 << 16].into_boxed_slice();
-        for p in patterns {
-            for end in 2..=window {
-                let block = usize::from(p[end - 2]) | usize::from(p[end - 1]) << 8;
+        let shortest = patterns.iter().map(Vec::len).min().unwrap_or(BLOCK);
+        let window = shortest.clamp(BLOCK, 255);
+        // Patterns shorter than a block cannot be skipped over: verify everywhere.
+        let default = if shortest < BLOCK {
+            0
+        } else {
+            window - BLOCK + 1
+        };
+        let mut shift = vec![default as u8; 1 << SKIP_BITS].into_boxed_slice();
+        for p in patterns.iter().filter(|p| p.len() >= BLOCK) {
+            for end in BLOCK..=window.min(p.len()) {
+                let block = block_hash(p, end);
                 shift[block] = shift[block].min((window - end) as u8);
             }
         }
@@ -377,9 +449,7 @@ impl<'a> Finder<'a> {
         let skip = &self.compiled.skip;
         let window = skip.window;
         while start + window <= self.buf.len() {
-            let end = start + window;
-            let block = usize::from(self.buf[end - 2]) | usize::from(self.buf[end - 1]) << 8;
-            let shift = usize::from(skip.shift[block]);
+            let shift = usize::from(skip.shift[block_hash(self.buf, start + window)]);
             if shift > 0 {
                 start += shift;
                 continue;
@@ -412,7 +482,14 @@ impl Compiled {
     fn hold_start(&self, buf: &[u8], from: usize) -> usize {
         let lo = from.max(buf.len().saturating_sub(self.max_len.saturating_sub(1)));
         (lo..buf.len())
-            .find(|&s| self.first_bytes[usize::from(buf[s])] && self.is_proper_prefix(&buf[s..]))
+            .find(|&s| {
+                self.first_bytes[usize::from(buf[s])]
+                    && buf.get(s + 1).is_none_or(|&second| {
+                        let pair = usize::from(buf[s]) | usize::from(second) << 8;
+                        self.first_pairs[pair / 64] & 1 << (pair % 64) != 0
+                    })
+                    && self.is_proper_prefix(&buf[s..])
+            })
             .unwrap_or(buf.len())
     }
 
@@ -459,6 +536,10 @@ fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
     for alphabet in [BASE64_STANDARD, BASE64_URL_SAFE] {
         forms.extend(base64_forms(value, alphabet));
     }
+    for alphabet in [BASE32_UPPER, BASE32_LOWER] {
+        forms.extend(base32_forms(value, alphabet));
+    }
+    forms.extend(wide_forms(value));
     for safe in [
         URLLIB_QUOTE_SAFE,
         URLLIB_QUOTE_SAFE_NONE,
@@ -536,6 +617,69 @@ fn base64_forms(value: &[u8], alphabet: &[u8; 64]) -> Vec<Vec<u8>> {
         forms.push(encoded[first..end].to_vec());
     }
     forms
+}
+
+const BASE32_UPPER: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const BASE32_LOWER: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// Base32 (RFC 4648) without padding: the partial last character (if any) is included.
+fn base32_unpadded(data: &[u8], alphabet: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(5) * 8);
+    for group in data.chunks(5) {
+        let mut n = 0u64;
+        for i in 0..5 {
+            n = n << 8 | u64::from(*group.get(i).unwrap_or(&0));
+        }
+        for i in 0..(8 * group.len()).div_ceil(5) {
+            out.push(alphabet[((n >> (35 - 5 * i)) & 31) as usize]);
+        }
+    }
+    out
+}
+
+/// As [`base64_forms`] for base32: padded and unpadded standalone encodings, and the
+/// characters the secret alone determines at byte offset 0 to 4 (mod 5) of a longer stream.
+fn base32_forms(value: &[u8], alphabet: &[u8; 32]) -> Vec<Vec<u8>> {
+    let unpadded = base32_unpadded(value, alphabet);
+    let mut padded = unpadded.clone();
+    padded.resize(value.len().div_ceil(5) * 8, b'=');
+    let mut forms = vec![padded, unpadded];
+    for offset in 0..5usize {
+        let mut shifted = vec![0u8; offset];
+        shifted.extend_from_slice(value);
+        let encoded = base32_unpadded(&shifted, alphabet);
+        // Character i covers bits [5i, 5i+5); the secret covers bits [8*offset, 8*len).
+        let first = (8 * offset).div_ceil(5);
+        let end = 8 * shifted.len() / 5;
+        forms.push(encoded[first..end].to_vec());
+    }
+    forms
+}
+
+/// UTF-16LE, UTF-16BE, UTF-32LE and UTF-32BE of the secret's text (without a byte-order
+/// mark, which only ever precedes it). A value that is not UTF-8 is taken as Latin-1, the
+/// way a program widening its bytes one by one would print it.
+fn wide_forms(value: &[u8]) -> Vec<Vec<u8>> {
+    let chars: Vec<char> = match std::str::from_utf8(value) {
+        Ok(text) => text.chars().collect(),
+        Err(_) => value.iter().map(|&b| char::from(b)).collect(),
+    };
+    let mut units = Vec::with_capacity(chars.len() * 2);
+    let mut buf = [0u16; 2];
+    for c in &chars {
+        units.extend_from_slice(c.encode_utf16(&mut buf));
+    }
+    let utf16le = units.iter().flat_map(|u| u.to_le_bytes()).collect();
+    let utf16be = units.iter().flat_map(|u| u.to_be_bytes()).collect();
+    let utf32le = chars
+        .iter()
+        .flat_map(|&c| u32::from(c).to_le_bytes())
+        .collect();
+    let utf32be = chars
+        .iter()
+        .flat_map(|&c| u32::from(c).to_be_bytes())
+        .collect();
+    vec![utf16le, utf16be, utf32le, utf32be]
 }
 
 /// Python's `urllib.parse.quote` default: unreserved characters and `/` are kept.
@@ -945,6 +1089,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn long_chunks_after_a_held_tail_equal_one_shot() {
+        // Chunks at least as long as the longest pattern take the seam path: only the held
+        // tail and the chunk's first bytes are joined. Forms are planted across every cut.
+        let secrets = [
+            ("A", &b"ghp_S3cr3t/Tok+en=42"[..]),
+            ("B", &b"zzzzzzzzzz"[..]),
+        ];
+        let r = redactor(&secrets);
+        let max = r.compiled.max_len;
+        let mut all_forms: Vec<Vec<u8>> = Vec::new();
+        for (_, value) in secrets {
+            all_forms.extend(encoded_forms(value));
+        }
+        let mut rng = Rng(99);
+        for _ in 0..200 {
+            let mut data = Vec::new();
+            while data.len() < 20 * max {
+                match rng.below(4) {
+                    0 => data.extend_from_slice(&all_forms[rng.below(all_forms.len())]),
+                    1 => {
+                        let f = &all_forms[rng.below(all_forms.len())];
+                        data.extend_from_slice(&f[..rng.below(f.len())]);
+                    }
+                    _ => data.extend_from_slice(&b"z ghp_\0x"[..rng.below(9)]),
+                }
+            }
+            let (whole, counts) = r.redact(&data);
+            let mut cuts = Vec::new();
+            let mut at = 0;
+            while at < data.len() {
+                at += max + rng.below(3 * max);
+                cuts.push(at.min(data.len()));
+            }
+            let mut s = r.stream();
+            let mut out = Vec::new();
+            let mut last = 0;
+            for cut in cuts {
+                s.feed(&data[last..cut], &mut out);
+                last = cut;
+            }
+            s.finish(&mut out);
+            assert_eq!(out, whole);
+            assert_eq!(s.counts(), &counts);
+        }
+    }
+
     /// All matches of `data` through the skip table, as (start, end, pattern), and whether
     /// the search used the plain DFA for some region.
     fn skip_matches(r: &Redactor, data: &[u8]) -> (Vec<(usize, usize, usize)>, bool) {
@@ -1098,6 +1289,79 @@ mod tests {
         assert!(contains(&enc, &forms[3]) && forms[3].len() == 10);
         let enc = base64_unpadded(b"XYabcdefghy", BASE64_STANDARD);
         assert!(contains(&enc, &forms[4]) && forms[4].len() == 10);
+    }
+
+    #[test]
+    fn base32_forms_match_definition() {
+        // RFC 4648 test vectors.
+        assert_eq!(base32_unpadded(b"f", BASE32_UPPER), b"MY");
+        assert_eq!(base32_unpadded(b"foobar", BASE32_UPPER), b"MZXW6YTBOI");
+        let forms = base32_forms(b"foobar", BASE32_UPPER);
+        assert_eq!(forms[0], b"MZXW6YTBOI======");
+        assert_eq!(forms[1], b"MZXW6YTBOI");
+        assert_eq!(forms[2], b"MZXW6YTBO"); // 48 bits -> 9 full characters
+        for offset in 0..5 {
+            let mut data = b"XYZVW"[..offset].to_vec();
+            data.extend_from_slice(b"foobar");
+            data.extend_from_slice(b"tail");
+            for (k, alphabet) in [BASE32_UPPER, BASE32_LOWER].into_iter().enumerate() {
+                let enc = base32_unpadded(&data, alphabet);
+                let form = &base32_forms(b"foobar", alphabet)[2 + offset];
+                assert!(contains(&enc, form), "offset {offset} alphabet {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn base32_at_every_alignment_is_caught() {
+        let r = redactor(&[("K", TOKEN)]);
+        for offset in 0..5 {
+            for tail in 0..5 {
+                let mut data = b"vwxyz"[..offset].to_vec();
+                data.extend_from_slice(TOKEN);
+                data.extend_from_slice(&b"uvwxy"[..tail]);
+                for alphabet in [BASE32_UPPER, BASE32_LOWER] {
+                    let mut enc = base32_unpadded(&data, alphabet);
+                    enc.resize(data.len().div_ceil(5) * 8, b'=');
+                    let (out, counts) = r.redact(&enc);
+                    assert_eq!(counts.get("K"), Some(&1), "offset {offset} tail {tail}");
+                    // At most the characters shared with the neighbours survive.
+                    assert!(out.len() <= "[REDACTED:K]".len() + 8 + 8 + 6, "{out:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn utf16_and_utf32_forms_are_caught() {
+        let secret = "p\u{e4}ss-w\u{f6}rd-\u{1F600}-42";
+        let r = redactor(&[("W", secret.as_bytes())]);
+        let units: Vec<u16> = secret.encode_utf16().collect();
+        let printed: [Vec<u8>; 4] = [
+            units.iter().flat_map(|u| u.to_le_bytes()).collect(),
+            units.iter().flat_map(|u| u.to_be_bytes()).collect(),
+            secret
+                .chars()
+                .flat_map(|c| (c as u32).to_le_bytes())
+                .collect(),
+            secret
+                .chars()
+                .flat_map(|c| (c as u32).to_be_bytes())
+                .collect(),
+        ];
+        for form in printed {
+            // Inside wide text of the same encoding: the rest survives, the secret does not.
+            let data = [b"\xff\xfeA\0=\0".to_vec(), form.clone(), b"\n\0".to_vec()].concat();
+            let (out, counts) = r.redact(&data);
+            assert_eq!(counts.get("W"), Some(&1), "{form:?}");
+            assert_eq!(out, b"\xff\xfeA\0=\0[REDACTED:W]\n\0");
+            let cuts: Vec<usize> = (1..data.len()).collect();
+            assert_eq!(redact_split(&r, &data, &cuts), out);
+        }
+        // A value that is not UTF-8 is widened byte by byte (Latin-1).
+        let r = redactor(&[("B", b"\xffbinary\x80")]);
+        let wide: Vec<u8> = b"\xffbinary\x80".iter().flat_map(|&b| [b, 0]).collect();
+        assert_eq!(r.redact(&wide).0, b"[REDACTED:B]");
     }
 
     /// Throughput of the core alone: `cargo test --release -p cellblock-core -- --ignored

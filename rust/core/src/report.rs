@@ -1,7 +1,14 @@
 //! The run report: exactly what happened and what enforced each limit.
+//!
+//! Every text field of a report is redacted where the report is built: the output streams by
+//! the pumps as they run, every other field ([`RunReport::redact_fields`], [`Violation::redact`])
+//! once the run is over. Code that adds a field or a violation to a finished report (session
+//! calls, warm calls, file operations) redacts it with the same functions.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
+
+use crate::redact::Redactor;
 
 /// Why a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,6 +72,37 @@ pub enum Violation {
     },
 }
 
+impl Violation {
+    /// Redacts every text field (a refused host name can carry a secret: exfiltration through
+    /// DNS or CONNECT), adding what was found to `counts`.
+    pub fn redact(&mut self, redactor: &Redactor, counts: &mut BTreeMap<String, u64>) {
+        match self {
+            Violation::Seccomp { syscall, .. } => redact_string(syscall, redactor, counts),
+            Violation::Network { host, reason, .. } => {
+                redact_string(host, redactor, counts);
+                redact_string(reason, redactor, counts);
+            }
+        }
+    }
+}
+
+/// Replaces `text` by its redacted form, adding what was found to `counts`. Text that is no
+/// longer UTF-8 after redaction (a binary secret matched inside a character) is made lossy.
+pub fn redact_string(text: &mut String, redactor: &Redactor, counts: &mut BTreeMap<String, u64>) {
+    if redactor.is_empty() {
+        return;
+    }
+    let (out, found) = redactor.redact(text.as_bytes());
+    if found.is_empty() {
+        return;
+    }
+    for (name, n) in found {
+        *counts.entry(name).or_insert(0) += n;
+    }
+    *text = String::from_utf8(out)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+}
+
 /// Counters of allowed network traffic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetworkStats {
@@ -113,4 +151,99 @@ pub struct RunReport {
     pub network: Option<NetworkStats>,
     /// What could not be cleaned up after the run (e.g. a cgroup left behind), with why.
     pub cleanup_errors: Vec<String>,
+}
+
+impl RunReport {
+    /// Redacts every text field other than stdout and stderr (redacted as they were pumped):
+    /// violations and the seccomp profile name; the redactions are counted in `redactions`.
+    /// Idempotent: redacting twice finds nothing new.
+    pub fn redact_fields(&mut self, redactor: &Redactor) {
+        let mut counts = std::mem::take(&mut self.redactions);
+        for v in &mut self.violations {
+            v.redact(redactor, &mut counts);
+        }
+        if let Some(profile) = &mut self.seccomp_profile {
+            redact_string(profile, redactor, &mut counts);
+        }
+        self.redactions = counts;
+    }
+
+    /// Appends violations found after the report was built (e.g. a session's shared egress),
+    /// redacted and counted like the others.
+    pub fn add_violations(
+        &mut self,
+        found: impl IntoIterator<Item = Violation>,
+        redactor: &Redactor,
+    ) {
+        for mut v in found {
+            v.redact(redactor, &mut self.redactions);
+            self.violations.push(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(violations: Vec<Violation>) -> RunReport {
+        RunReport {
+            exit_code: Some(0),
+            signal: None,
+            reason: Reason::Exited,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall_time_s: 0.0,
+            cpu_time_s: 0.0,
+            peak_memory_bytes: 0,
+            violations,
+            enforcement: BTreeMap::new(),
+            redactions: BTreeMap::from([("TOKEN".to_string(), 1)]),
+            seccomp_profile: Some("python".into()),
+            network: None,
+        }
+    }
+
+    #[test]
+    fn violations_are_redacted_and_counted() {
+        let secret = "s3cr3t-T0ken-42";
+        let r = Redactor::new(&[("TOKEN".into(), secret.as_bytes().to_vec())]).expect("valid");
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut rep = report(vec![
+            Violation::Network {
+                host: format!("{secret}.example.test"),
+                port: 443,
+                reason: format!("{hex}.example.test is not allowed"),
+            },
+            Violation::Seccomp {
+                syscall: "ptrace".into(),
+                count: 2,
+            },
+        ]);
+        rep.redact_fields(&r);
+        rep.add_violations(
+            [Violation::Network {
+                host: secret.into(),
+                port: 0,
+                reason: "refused".into(),
+            }],
+            &r,
+        );
+        let json = serde_json::to_string(&rep).expect("json");
+        assert!(!json.contains(secret) && !json.contains(&hex), "{json}");
+        assert_eq!(
+            rep.violations[0],
+            Violation::Network {
+                host: "[REDACTED:TOKEN].example.test".into(),
+                port: 443,
+                reason: "[REDACTED:TOKEN].example.test is not allowed".into(),
+            }
+        );
+        assert_eq!(rep.redactions.get("TOKEN"), Some(&4));
+        // Nothing new the second time.
+        rep.redact_fields(&r);
+        assert_eq!(rep.redactions.get("TOKEN"), Some(&4));
+    }
 }

@@ -156,7 +156,7 @@ impl Session {
                     bytes_out: now.bytes_out - before.bytes_out,
                     bytes_in: now.bytes_in - before.bytes_in,
                 });
-                report.violations.extend(e.violations_since(seen));
+                report.add_violations(e.violations_since(seen), &redactor);
             }
             if let Some(cg) = holder.cgroup.as_ref() {
                 if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {

@@ -174,10 +174,11 @@ pub fn supervise_spec(
         hooks,
     );
     report.seccomp_profile = spec.seccomp.as_ref().map(|s| s.profile.clone());
+    report.redact_fields(redactor);
     report
 }
 
-/// Watches a started sandbox until it ends and returns its report.
+/// Watches a started sandbox until it ends and returns its report, every field redacted.
 pub fn supervise(
     started: Started,
     limits: &Limits,
@@ -446,7 +447,7 @@ pub fn supervise(
         }
     }
     let [out, err] = pumps;
-    RunReport {
+    let mut report = RunReport {
         exit_code,
         signal,
         reason,
@@ -463,7 +464,9 @@ pub fn supervise(
         seccomp_profile: None,
         network,
         cleanup_errors,
-    }
+    };
+    report.redact_fields(redactor);
+    report
 }
 
 /// Reaps PID 1 when it is our child (a session call's init is the joiner's: ECHILD, ignored).
