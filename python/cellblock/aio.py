@@ -28,10 +28,10 @@ from typing import Any, Self, TypeVar
 from cellblock import sandbox as _sandbox
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
 from cellblock.errors import InvalidSpec, SessionClosed
+from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
-from cellblock.session import DirEntry
 from cellblock.session import Sandbox as SyncSandbox
 
 T = TypeVar("T")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from cellblock.batch import Job, JobError, Outcome
 from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
+from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
@@ -30,7 +31,6 @@ from cellblock.sandbox import OutputCallback
 from cellblock.secrets import normalize_secrets
 from cellblock.service.models import BatchStatus, RunReport, SessionInfo
 from cellblock.service.problems import error_from_problem
-from cellblock.session import DirEntry
 
 if TYPE_CHECKING:
     import httpx

@@ -28,8 +28,8 @@ from cellblock.memory.errors import CheckpointNotFound, StaleCheckpoint
 from cellblock.memory.store import check_user
 
 if TYPE_CHECKING:
+    from cellblock.files import DirEntry
     from cellblock.memory.store import MemoryStore
-    from cellblock.session import DirEntry
 
 #: Where a session's files live in its sandbox.
 WORKSPACE = "/workspace"

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellblock import aio
 from cellblock.errors import CellblockError, InvalidSpec
+from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
@@ -49,7 +50,6 @@ from cellblock.service.problems import (
     problem_body,
 )
 from cellblock.service.registry import Batch, Registry, Session, new_id
-from cellblock.session import DirEntry
 
 #: Largest body accepted from a request whose token is unknown (it gets 401 anyway).
 ANONYMOUS_MAX_BODY = 64 << 10
