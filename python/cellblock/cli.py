@@ -15,7 +15,7 @@ from typing import NoReturn
 from cellblock.errors import CellblockError
 
 #: Subcommand modules, in help order.
-COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "report", "demo")
+COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "report", "demo", "worker")
 
 #: Exit status for usage and setup errors (like most Unix tools).
 EXIT_USAGE = 2
