@@ -30,7 +30,8 @@ $(VENV)/.deps: pyproject.toml
 	    "ruff==0.17.6" "mypy==2.4.1" \
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
-	    "ray[default]>=2.60,<2.61"
+	    "ray[default]>=2.60,<2.61" \
+	    "anthropic>=2.15,<3" "aiohttp>=3.9,<4"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -4,10 +4,15 @@ stand-in of the Managed Agents endpoints (tests/managed_agents_standin.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ pytest.importorskip("anthropic.lib.environments", reason="needs cellblock[manage
 from anthropic import AsyncAnthropic  # noqa: E402
 
 from cellblock.integrations.managed_agents import make_worker  # noqa: E402
-from conftest import IS_ROOT, SETPRIV  # noqa: E402
+from conftest import IS_ROOT, SETPRIV, share_tree  # noqa: E402
 from managed_agents_standin import SKILL_TEXT, StandIn, serve_in_thread  # noqa: E402
 
 SECRET = "s3cr3t-token-value-42"
@@ -142,6 +147,43 @@ def test_sdk_worker_runs_every_tool_in_one_sandbox(tmp_path: Path,
     assert not list((workdir / "skills").iterdir())  # the SDK removed its skill staging
 
 
+@pytest.fixture(scope="module")
+def nobody_sdk_dir(nobody_dir: Path) -> Iterator[Path]:
+    """World-readable copies of what the integration imports beyond cellblock's own closure
+    (the anthropic SDK, which cellblock's CLI imports only lazily), for uid 65534."""
+    code = ("import asyncio, json, sys, sysconfig, cellblock.integrations.managed_agents\n"
+            "from anthropic import AsyncAnthropic\n"
+            "async def touch():\n"  # the HTTP stack is imported at the first request
+            "    async with AsyncAnthropic(auth_token='x', base_url='http://127.0.0.1:9',\n"
+            "                              max_retries=0) as c:\n"
+            "        try:\n"
+            "            await c.beta.sessions.retrieve('s')\n"
+            "        except Exception:\n"
+            "            pass\n"
+            "asyncio.run(touch())\n"
+            "site = sysconfig.get_paths()['purelib']\n"
+            "print(json.dumps(sorted({m.__file__[len(site) + 1:].split('/')[0] "
+            "for m in list(sys.modules.values()) "
+            "if (getattr(m, '__file__', None) or '').startswith(site + '/')})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    tmp = Path(tempfile.mkdtemp(prefix="cellblock-nobody-sdk-"))
+    try:
+        for name in json.loads(out.stdout):
+            if name != "cellblock" and not (nobody_dir / name).exists():
+                share_tree(site / name, tmp / name)
+        for meta in site.glob("anthropic-*.dist-info"):
+            share_tree(meta, tmp / meta.name)
+        for root, dirs, _ in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        tmp.chmod(0o755)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.mark.parametrize("as_nobody", [False, True], ids=["root" if IS_ROOT else "user", "nobody"])
 def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
                                      request: pytest.FixtureRequest) -> None:
@@ -149,30 +191,35 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
     standin = StandIn(script=[("bash", {"command": "cd /tmp; export X=kept"}),
                               ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"})])
     serve_in_thread(standin)
-    cfg = tmp_path / "policy.toml"
-    cfg.write_text(CONFIG)
-    cfg.chmod(0o644)
-    tmp_path.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": standin.url,
            "ANTHROPIC_ENVIRONMENT_KEY": "env-key-test"}
     if as_nobody:
         nobody_dir = request.getfixturevalue("nobody_dir")
+        sdk_dir = request.getfixturevalue("nobody_sdk_dir")
+        tmp_path = Path(tempfile.mkdtemp(dir=nobody_dir / "tmp"))  # readable by uid 65534
+        tmp_path.chmod(0o755)
         argv = [*SETPRIV, "/usr/bin/python3", "-m", "cellblock.cli"]
-        env |= {"PYTHONPATH": str(nobody_dir), "HOME": "/nonexistent",
+        env |= {"PYTHONPATH": f"{nobody_dir}:{sdk_dir}", "HOME": "/nonexistent",
                 "TMPDIR": str(nobody_dir / "tmp")}
     else:
         argv = [sys.executable, "-m", "cellblock.cli"]
         env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(CONFIG)
+    cfg.chmod(0o644)
     proc = subprocess.Popen([*argv, "worker", "--environment", standin.environment_id,
                              "--config", str(cfg), "--max-idle", "5"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stopped = standin.stopped.wait(60)
+        for _ in range(600):  # until the item is stopped, or the worker died
+            if standin.stopped.wait(0.1) or proc.poll() is not None:
+                break
+        stopped = standin.stopped.is_set()
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert stopped, err
-    assert standin.result_text(0) == ("", False), err
+    assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
     assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
     assert proc.returncode == 128 + 15, (proc.returncode, err)
 
