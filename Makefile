@@ -31,7 +31,7 @@ $(VENV)/.deps: pyproject.toml
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
 	    "ray[default]>=2.60,<2.61" \
-	    "anthropic>=2.15,<3" "aiohttp>=3.9,<4"
+	    "anthropic>=2.15,<3" "aiohttp>=3.9,<4" "openai-agents>=0.24,<0.25"
 	touch $@
 
 venv: $(VENV)/.deps
