@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 
+from cellblock import cli
 from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
 from cellblock.policy import Policy
 
 pytest.importorskip("anthropic.lib.environments", reason="needs cellblock[managed-agents]")
-from anthropic import AsyncAnthropic  # noqa: E402
+from anthropic import AsyncAnthropic
+from managed_agents_standin import SKILL_TEXT, StandIn, serve_in_thread
 
-from cellblock.integrations.managed_agents import make_worker  # noqa: E402
-from conftest import IS_ROOT, SETPRIV, share_tree  # noqa: E402
-from managed_agents_standin import SKILL_TEXT, StandIn, serve_in_thread  # noqa: E402
+from cellblock.integrations.managed_agents import make_worker
+from conftest import IS_ROOT, SETPRIV, share_tree
 
 SECRET = "s3cr3t-token-value-42"
 CONFIG = f"""
@@ -53,7 +54,8 @@ def script(port: int) -> list[tuple[str, dict[str, Any]]]:
         ("grep", {"pattern": "gam+a"}),                                                      # 7
         ("read", {"file_path": "/etc/passwd"}),                                              # 8
         ("write", {"file_path": "../escape.txt", "content": "x"}),                           # 9
-        ("bash", {"command": "ln -s / /workspace/root-link && cat /workspace/skills/greeting/SKILL.md"}),  # 10
+        ("bash", {"command": "ln -s / /workspace/root-link && "
+                             "cat /workspace/skills/greeting/SKILL.md"}),                    # 10
         ("read", {"file_path": "root-link/etc/hostname"}),                                   # 11
         ("bash", {"command": f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null "
                              "&& echo api-reachable || echo api-unreachable"}),              # 12
@@ -122,7 +124,7 @@ def test_sdk_worker_runs_every_tool_in_one_sandbox(tmp_path: Path,
     uid, host, work, key, mark = text[0][0].splitlines()
     assert (uid, work, key, mark) == ("0", "work-invisible", "key=unset", "mark=from-config")
     assert host != socket.gethostname() and host == "cellblock"
-    assert text[1] == (f"/tmp\nhello\n[REDACTED:API_TOKEN]", False)   # stateful, secret redacted
+    assert text[1] == ("/tmp\nhello\n[REDACTED:API_TOKEN]", False)   # stateful, secret redacted
     assert text[2] == ("wrote 11 bytes to notes/a.txt", False)
     assert text[3] == ("alpha\nbeta\n", False)
     assert text[4] == ("edited /workspace/notes/a.txt (1 replacement(s))", False)
@@ -217,22 +219,26 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
         stopped = standin.stopped.is_set()
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert stopped, err
     assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
     assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
     assert proc.returncode == 128 + 15, (proc.returncode, err)
 
 
-def test_cli_worker_errors(tmp_path: Path) -> None:
+def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('memory = "lots"\n')
-    base = [sys.executable, "-m", "cellblock.cli", "worker", "--environment", "env_x"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    r = subprocess.run([*base, "--config", str(bad)], capture_output=True, text=True, env=env,
-                       timeout=60)
-    assert (r.returncode, r.stderr.startswith("cellblock: error: InvalidSpec: memory")) == (2, True)
-    r = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60)
-    assert (r.returncode, r.stderr.strip()) == (
-        2, "cellblock: error: InvalidSpec: worker: no environment key "
-           "(set ANTHROPIC_ENVIRONMENT_KEY)")
+    monkeypatch.delenv("ANTHROPIC_ENVIRONMENT_KEY", raising=False)
+    base = ["worker", "--environment", "env_x"]
+    for argv, message in (
+        ([*base, "--config", str(bad)], "InvalidSpec: memory"),
+        (base, "InvalidSpec: worker: no environment key (set ANTHROPIC_ENVIRONMENT_KEY)"),
+        (["worker"], "the following arguments are required: --environment"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith(f"cellblock: error: {message}"), err

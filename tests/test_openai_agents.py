@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 pytest.importorskip("agents.sandbox", reason="needs cellblock[openai-agents]")
-from agents import Runner  # noqa: E402
-from agents.run_config import RunConfig, SandboxRunConfig  # noqa: E402
-from agents.sandbox import SandboxAgent  # noqa: E402
-from agents.testing import ScriptedModel, assistant_message, function_call  # noqa: E402
-from openai.types.responses import ResponseCustomToolCall  # noqa: E402
+from agents import Runner
+from agents.run_config import RunConfig, SandboxRunConfig
+from agents.sandbox import SandboxAgent
+from agents.testing import ScriptedModel, assistant_message, function_call
+from openai.types.responses import ResponseCustomToolCall
 
-from cellblock.integrations.openai_agents import CellblockSandboxClient  # noqa: E402
+from cellblock.integrations.openai_agents import CellblockSandboxClient
 from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
 from cellblock.policy import Policy
 

@@ -87,7 +87,9 @@ class CellblockSandboxSession(BaseSandboxSession):
     async def _resolve_exposed_port(self, port: int) -> Any:
         raise NotImplementedError(_NO_PORTS)
 
-    async def _exec_internal(self, *command: str | Path, timeout: float | None = None) -> ExecResult:
+    async def _exec_internal(
+        self, *command: str | Path, timeout: float | None = None
+    ) -> ExecResult:
         argv = [str(c) for c in command]
 
         def run() -> ExecResult:

@@ -186,7 +186,8 @@ class _Tools:
         if limit is not None and size > limit and not view_range:
             raise ToolError(
                 f"read: {file_path} is {size} bytes, exceeds {limit}-byte limit. "
-                "Use the view_range parameter to read specific line ranges, e.g. view_range: [1, 500]."
+                "Use the view_range parameter to read specific line ranges, "
+                "e.g. view_range: [1, 500]."
             )
         text = self._text("read", file_path, path)
         if not view_range:
@@ -218,7 +219,8 @@ class _Tools:
             limit = explicit if limit is None else min(limit, explicit)
         if limit is not None and size > limit:
             raise ToolError(
-                f"read: {file_path} is {size} bytes, exceeds {limit}-byte limit for image/PDF files."
+                f"read: {file_path} is {size} bytes, exceeds {limit}-byte limit "
+                "for image/PDF files."
             )
         data = base64.standard_b64encode(self.ws.sandbox().read_file(path)).decode("ascii")
         kind = "document" if media_type == "application/pdf" else "image"
@@ -253,7 +255,9 @@ class _Tools:
         if count == 0:
             raise ToolError(f"edit: old_string not found in {file_path}")
         if not replace_all and count > 1:
-            raise ToolError(f"edit: old_string appears {count} times in {file_path} (must be unique)")
+            raise ToolError(
+                f"edit: old_string appears {count} times in {file_path} (must be unique)"
+            )
         updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
         try:
             self.ws.sandbox().write_file(path, updated)
@@ -266,7 +270,8 @@ class _Tools:
         if op == "glob":
             if posixpath.isabs(pattern):
                 raise ToolError(
-                    "glob: absolute pattern not permitted; pass a relative pattern (and optionally path)"
+                    "glob: absolute pattern not permitted; "
+                    "pass a relative pattern (and optionally path)"
                 )
             if ".." in pattern.split("/"):
                 raise ToolError("glob: '..' is not permitted in the pattern")
@@ -335,7 +340,7 @@ def cellblock_toolset(
         """Search file contents for a regular expression."""
         return await call(body.search, "grep", pattern, path)
 
-    tools = [bash, read, write, edit, glob, grep]
+    tools: list[BetaAsyncFunctionTool[Any]] = [bash, read, write, edit, glob, grep]
 
     async def close() -> None:
         await run_sync(workspace.close)
