@@ -162,6 +162,8 @@ class _Tools:
         if not command:
             raise ToolError("bash: command is required")
         timeout = timeout_ms / 1000.0 if timeout_ms else BASH_DEFAULT_TIMEOUT
+        if self.ws.policy.timeout is not None:  # the operator's per-call limit is a ceiling
+            timeout = min(timeout, self.ws.policy.timeout)
         try:
             out, code = self._bash.exec(command, timeout=timeout)
         except BashError as e:

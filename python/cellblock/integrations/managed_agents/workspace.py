@@ -57,6 +57,11 @@ class SandboxWorkspace:
             return self._sandbox
 
     @property
+    def policy(self) -> Policy:
+        """The policy every sandbox of this workspace is opened with."""
+        return self._policy
+
+    @property
     def opened(self) -> Sandbox | None:
         """The sandbox if one was opened (it stays referenced after `close`)."""
         return self._sandbox
