@@ -37,6 +37,8 @@ class StandIn:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: threading.Event = field(default_factory=threading.Event)
     url: str = ""
+    #: Answer every poll 401, as for a wrong environment key.
+    reject_key: bool = False
     port: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +49,10 @@ class StandIn:
 
     async def poll(self, request: web.Request) -> web.Response:
         self.seen.append(("poll", request.headers.get("authorization")))
+        if self.reject_key:
+            return web.json_response({"type": "error", "error": {
+                "type": "authentication_error", "message": "invalid environment key"}},
+                status=401)
         if self._claimed:
             await asyncio.sleep(0.2)
             return web.json_response(None)

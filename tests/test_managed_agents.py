@@ -192,7 +192,7 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
     """`cellblock worker --environment ID --config FILE` in its own process (as uid 65534 too)."""
     standin = StandIn(script=[("bash", {"command": "cd /tmp; export X=kept"}),
                               ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"})])
-    serve_in_thread(standin)
+    thread, loop = serve_in_thread(standin)
     env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": standin.url,
            "ANTHROPIC_ENVIRONMENT_KEY": "env-key-test"}
     if as_nobody:
@@ -220,6 +220,8 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
     assert stopped, err
     assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
     assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
@@ -242,6 +244,21 @@ def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         err = capsys.readouterr().err
         assert exit_info.value.code == 2
         assert err.startswith(f"cellblock: error: {message}"), err
+
+    rejecting = StandIn(script=[], reject_key=True)
+    thread, loop = serve_in_thread(rejecting)
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_KEY", "wrong-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", rejecting.url)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(base)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.splitlines()[-1].startswith(
+        "cellblock: error: AuthenticationError: Error code: 401"), err
 
 
 def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:

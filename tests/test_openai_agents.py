@@ -65,6 +65,7 @@ def test_session_files_persist_and_limits() -> None:
         async with session:
             await session.write("a/b.txt", io.BytesIO(b"data"))
             assert (await session.read("a/b.txt")).read() == b"data"
+            assert [e.path for e in await session.ls("a")] == ["/workspace/a/b.txt"]
             tar = await session.persist_workspace()
             res = await session.exec("rm -r a && ls")
             assert res.exit_code == 0 and res.stdout == b""

@@ -17,7 +17,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from cellblock.integrations.managed_agents import run_worker
     except ImportError as e:
         fail(f"worker needs the anthropic SDK: pip install 'cellblock[managed-agents]' ({e})")
-    asyncio.run(run_worker(args.environment, policy=policy, max_idle=args.max_idle))
+    from anthropic import APIError
+
+    try:
+        asyncio.run(run_worker(args.environment, policy=policy, max_idle=args.max_idle))
+    except APIError as e:  # e.g. a rejected environment key: the poll fails for good
+        fail(f"{type(e).__name__}: {e}")
     return 0
 
 

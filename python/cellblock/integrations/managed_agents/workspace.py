@@ -168,6 +168,8 @@ def _mirror(sandbox: Sandbox, src: str, dst: Path) -> None:
     """Copies new and changed regular files of the sandbox folder `src` to the host `dst`."""
     dst.mkdir(parents=True, exist_ok=True)
     for entry in sandbox.list_dir(src):
+        if entry.name in ("", ".", "..") or "/" in entry.name:
+            continue  # names come from the sandbox: never let one leave `dst`
         child = posixpath.join(src, entry.name)
         target = dst / entry.name
         if entry.kind == "dir":
