@@ -178,7 +178,8 @@ class StandIn:
 
 
 def serve_in_thread(standin: StandIn) -> tuple[threading.Thread, asyncio.AbstractEventLoop]:
-    """Runs the stand-in in its own loop and thread (for a worker in another process)."""
+    """Runs the stand-in in its own loop and thread (for a worker in another process); stop
+    it with ``loop.call_soon_threadsafe(loop.stop)`` and join the thread."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
@@ -188,6 +189,7 @@ def serve_in_thread(standin: StandIn) -> tuple[threading.Thread, asyncio.Abstrac
         ready.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
+        loop.close()
 
     thread = threading.Thread(target=main, daemon=True)
     thread.start()
