@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 from typing import Any
 
@@ -21,6 +22,7 @@ from cellblock.integrations.openai_agents import CellblockSandboxClient
 from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
 from cellblock.policy import Policy
 
+SECRET = "openai-agents-secret-0042"
 PATCH = "*** Begin Patch\n*** Add File: notes/hello.txt\n+hello from apply_patch\n*** End Patch\n"
 
 
@@ -36,12 +38,14 @@ def test_sandbox_agent_runs_shell_and_files_in_cellblock() -> None:
                        call_id="c1")],
         [ResponseCustomToolCall(type="custom_tool_call", call_id="c2", name="apply_patch",
                                 input=PATCH)],
-        [function_call("exec_command", {"cmd": "cat notes/hello.txt; echo; echo mark=$MARK"},
+        [function_call("exec_command", {"cmd": "cat notes/hello.txt; echo; echo mark=$MARK; "
+                                                "echo token=$TOKEN"},
                        call_id="c3")],
         [assistant_message("done")],
     ])
     agent = SandboxAgent(name="t", model=model, instructions="test")
-    client = CellblockSandboxClient(Policy(env={"MARK": "from-policy"}, memory="256M"))
+    client = CellblockSandboxClient(Policy(env={"MARK": "from-policy"}, memory="256M",
+                                           secrets={"TOKEN": SECRET}))
     sessions: list[SessionRecord] = []
     add_session_observer(sessions.append)
     try:
@@ -54,14 +58,21 @@ def test_sandbox_agent_runs_shell_and_files_in_cellblock() -> None:
     assert len(out) == 3, out
     assert "0\ncellblock\nwork-invisible\n/workspace" in out[0], out[0]
     assert socket.gethostname() != "cellblock"
-    assert "hello from apply_patch\nmark=from-policy" in out[2], out[2]
+    assert "hello from apply_patch\nmark=from-policy\ntoken=[REDACTED:TOKEN]" in out[2], out[2]
     assert [r.change for r in sessions] == ["open", "close"], sessions
 
 
 def test_session_files_persist_and_limits() -> None:
     async def main() -> None:
-        client = CellblockSandboxClient()
+        client = CellblockSandboxClient(Policy(secrets={"TOKEN": SECRET}))
         session = await client.create()
+        payload = json.dumps(client.serialize_session_state(session.state), default=str)
+        assert SECRET not in payload and '"type": "cellblock"' in payload  # no secret in state
+        resumed = await client.resume(client.deserialize_session_state(json.loads(payload)))
+        async with resumed:
+            res = await resumed.exec("echo $TOKEN")
+            assert res.stdout == b"[REDACTED:TOKEN]\n"  # secrets come from the client
+        await client.delete(resumed)
         async with session:
             await session.write("a/b.txt", io.BytesIO(b"data"))
             assert (await session.read("a/b.txt")).read() == b"data"

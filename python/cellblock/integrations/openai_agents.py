@@ -38,14 +38,16 @@ _NO_PORTS = "cellblock has no exposed ports yet (issue 14)"
 
 
 class CellblockSandboxClientOptions(BaseSandboxClientOptions):
-    """Options of a new session: the cellblock policy (limits, allow_net, secrets...)."""
+    """Options of a new session: the cellblock policy (limits, allow_net, secrets...); its
+    secrets are added to the client's and kept out of the session state."""
 
     type: Literal["cellblock"] = "cellblock"
     policy: Policy = Policy()
 
 
 class CellblockSandboxSessionState(SandboxSessionState):
-    """Serializable state of a cellblock-backed session."""
+    """Serializable state of a cellblock-backed session. Its policy carries no secrets (the
+    SDK serializes session state into run state): the client holds them."""
 
     type: Literal["cellblock"] = "cellblock"
     policy: Policy = Policy()
@@ -56,15 +58,18 @@ class CellblockSandboxSession(BaseSandboxSession):
 
     state: CellblockSandboxSessionState
 
-    def __init__(self, *, state: CellblockSandboxSessionState) -> None:
+    def __init__(
+        self, *, state: CellblockSandboxSessionState, secrets: dict[str, str] | None = None
+    ) -> None:
         self.state = state
+        self._secrets = dict(secrets or {})
         self._sandbox: Sandbox | None = None
 
     @property
     def sandbox(self) -> Sandbox:
         """The cellblock sandbox, opened on first use."""
         if self._sandbox is None or not self._sandbox.is_open:
-            self._sandbox = Sandbox(self.state.policy)
+            self._sandbox = Sandbox(self.state.policy, secrets=self._secrets)
         return self._sandbox
 
     async def _ensure_backend_started(self) -> None:
@@ -167,14 +172,16 @@ class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | N
         if manifest.root != WORKSPACE:
             raise InvalidSpec(f"manifest root must be {WORKSPACE} (got {manifest.root!r})")
         self._validate_manifest_for_create(manifest)
+        policy = options.policy if options is not None else self._policy
         session_id = uuid.uuid4()
         state = CellblockSandboxSessionState(
             session_id=session_id,
             manifest=manifest,
             snapshot=resolve_snapshot(snapshot, str(session_id)),
-            policy=options.policy if options is not None else self._policy,
+            policy=policy.model_copy(update={"secrets": {}}),
         )
-        return self._wrap_session(CellblockSandboxSession(state=state))
+        secrets = {**self._policy.secrets, **policy.secrets}
+        return self._wrap_session(CellblockSandboxSession(state=state, secrets=secrets))
 
     async def delete(self, session: SandboxSession) -> SandboxSession:
         inner = session._inner
@@ -185,7 +192,8 @@ class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | N
     async def resume(self, state: SandboxSessionState) -> SandboxSession:
         if not isinstance(state, CellblockSandboxSessionState):
             raise TypeError("CellblockSandboxClient.resume expects a CellblockSandboxSessionState")
-        return self._wrap_session(CellblockSandboxSession(state=state))
+        session = CellblockSandboxSession(state=state, secrets=self._policy.secrets)
+        return self._wrap_session(session)
 
     def deserialize_session_state(self, payload: dict[str, object]) -> SandboxSessionState:
         return self._deserialize_session_state_payload(payload, CellblockSandboxSessionState)
