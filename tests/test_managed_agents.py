@@ -260,3 +260,47 @@ def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines()[-1].startswith(
         "cellblock: error: AuthenticationError: Error code: 401"), r.stderr
+
+
+def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
+    """Memory stores (where the SDK mounts them) reach the sandbox and the agent's edits come
+    back to the host; read-only stores refuse writes; the config's call timeout is a ceiling."""
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+
+    workdir, notes, shared = tmp_path / "work", tmp_path / "mnt" / "notes", tmp_path / "shared"
+    for d in (workdir, notes, shared):
+        d.mkdir(parents=True)
+    (notes / "todo.md").write_text("- one\n")
+    (shared / "rules.md").write_text("be nice\n")
+    ctx = AgentToolContext(workdir=workdir, allowed_roots=[notes, shared],
+                           read_only_roots=[shared])
+    tools = {t.name: t for t in cellblock_toolset(ctx, Policy(timeout=2))}
+
+    async def main() -> list[Any]:
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("read", {"file_path": str(notes / "todo.md")}),
+            ("edit", {"file_path": str(notes / "todo.md"), "old_string": "one",
+                      "new_string": "two"}),
+            ("write", {"file_path": str(shared / "rules.md"), "content": "be mean\n"}),
+            ("bash", {"command": f"cat /workspace/.mounts{shared}/rules.md"}),
+            ("bash", {"command": "sleep 30", "timeout_ms": 60_000}),
+        ]
+        out: list[Any] = []
+        for name, args in calls:
+            try:
+                out.append(await tools[name].call(args))
+            except Exception as e:  # the SDK turns a ToolError into an error result
+                out.append(f"{type(e).__name__}: {e}")
+        await tools["bash"].close()  # type: ignore[misc]
+        return out
+
+    out = asyncio.run(main())
+    assert out[0] == "- one\n"
+    assert out[1] == f"edited {notes / 'todo.md'} (1 replacement(s))"
+    assert (notes / "todo.md").read_text() == "- two\n"          # synced back to the host
+    assert out[2] == f"ToolError: write: {shared / 'rules.md'} is inside a read-only directory"
+    assert out[3] == "be nice"
+    assert (shared / "rules.md").read_text() == "be nice\n"
+    assert out[4] == "ToolError: bash: bash command timed out after 2.0s"
