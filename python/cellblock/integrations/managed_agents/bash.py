@@ -29,19 +29,21 @@ _SKIP = (
     r"|EPOCHSECONDS|EPOCHREALTIME|SHLVL|PWD|_|COMP_WORDBREAKS|__cb_[a-z_]*)(=|$)"
 )
 
-# The command comes on stdin (never through argv or a file the command could race).
+# The command comes on stdin (never through argv or a file the command could race). Builtins
+# only, but for one grep, to keep a call cheap.
 _WRAPPER = f"""
 __cb_dir={STATE_DIR}
-__cb_cmd=$(cat; printf x); __cb_cmd=${{__cb_cmd%x}}
+IFS= read -r -d '' __cb_cmd
 shopt -s expand_aliases
-mkdir -p "$__cb_dir"
+[ -d "$__cb_dir" ] || mkdir -p "$__cb_dir"
 if [ -f "$__cb_dir/state" ]; then . "$__cb_dir/state" >/dev/null 2>&1; fi
-cd -- "$(cat "$__cb_dir/cwd" 2>/dev/null || echo /workspace)" 2>/dev/null || cd /workspace
+__cb_cwd=/workspace
+[ -f "$__cb_dir/cwd" ] && IFS= read -r __cb_cwd <"$__cb_dir/cwd"
+cd -- "$__cb_cwd" 2>/dev/null || cd /workspace
 __cb_save() {{
   __cb_rc=$?
-  {{ declare -p | grep -Ev '{_SKIP}'; declare -f; alias -p; }} >"$__cb_dir/state.new" 2>/dev/null
-  pwd >"$__cb_dir/cwd" 2>/dev/null
-  mv -f "$__cb_dir/state.new" "$__cb_dir/state" 2>/dev/null
+  {{ declare -p | grep -Ev '{_SKIP}'; declare -f; alias -p; }} >"$__cb_dir/state" 2>/dev/null
+  printf '%s\\n' "$PWD" >"$__cb_dir/cwd" 2>/dev/null
   exit $__cb_rc
 }}
 trap __cb_save EXIT
