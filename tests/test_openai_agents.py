@@ -82,6 +82,13 @@ def test_session_files_persist_and_limits() -> None:
             assert res.exit_code == 0 and res.stdout == b""
             await session.hydrate_workspace(tar)
             assert (await session.read("a/b.txt")).read() == b"data"
+            # Escapes: the SDK refuses paths outside the root; a symlink made inside the
+            # sandbox resolves in the sandbox's own filesystem, never the host's.
+            with pytest.raises(Exception, match="workspace|escape|outside"):
+                await session.read("../../etc/hostname")
+            assert (await session.exec("ln -s / /workspace/root")).exit_code == 0
+            assert (await session.read("root/etc/hostname")).read() == b"cellblock\n"
+            assert (await session.exec("hostname")).stdout == b"cellblock\n"
             with pytest.raises(NotImplementedError, match="issue 14"):
                 await session.pty_exec_start("bash")
         await client.delete(session)
