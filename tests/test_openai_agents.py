@@ -15,6 +15,7 @@ pytest.importorskip("agents.sandbox", reason="needs cellblock[openai-agents]")
 from agents import Runner
 from agents.run_config import RunConfig, SandboxRunConfig
 from agents.sandbox import SandboxAgent
+from agents.sandbox.errors import InvalidManifestPathError
 from agents.testing import ScriptedModel, assistant_message, function_call
 from openai.types.responses import ResponseCustomToolCall
 
@@ -84,7 +85,7 @@ def test_session_files_persist_and_limits() -> None:
             assert (await session.read("a/b.txt")).read() == b"data"
             # Escapes: the SDK refuses paths outside the root; a symlink made inside the
             # sandbox resolves in the sandbox's own filesystem, never the host's.
-            with pytest.raises(Exception, match="workspace|escape|outside"):
+            with pytest.raises(InvalidManifestPathError, match="must not escape root"):
                 await session.read("../../etc/hostname")
             assert (await session.exec("ln -s / /workspace/root")).exit_code == 0
             assert (await session.read("root/etc/hostname")).read() == b"cellblock\n"
