@@ -6,7 +6,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +29,7 @@ from openai.types.responses import ResponseCustomToolCall
 from cellblock.integrations.openai_agents import CellblockSandboxClient
 from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
 from cellblock.policy import Policy
+from conftest import SETPRIV, share_tree
 
 SECRET = "openai-agents-secret-0042"
 PATCH = "*** Begin Patch\n*** Add File: notes/hello.txt\n+hello from apply_patch\n*** End Patch\n"
@@ -95,3 +103,53 @@ def test_session_files_persist_and_limits() -> None:
         await client.delete(session)
 
     asyncio.run(main())
+
+
+#: Run as root first (to learn which installed packages it imports), then as uid 65534.
+NOBODY_SCRIPT = '''
+import asyncio, io, json, sys, sysconfig
+from cellblock.integrations.openai_agents import CellblockSandboxClient
+
+async def main():
+    client = CellblockSandboxClient()
+    session = await client.create()
+    async with session:
+        await session.write("n.txt", io.BytesIO(b"written"))
+        res = await session.exec("id -u; cat n.txt")
+    await client.delete(session)
+    return res.stdout.decode()
+
+out = asyncio.run(main())
+site = sysconfig.get_paths()["purelib"]
+tops = sorted({m.__file__[len(site) + 1:].split("/")[0] for m in list(sys.modules.values())
+               if (getattr(m, "__file__", None) or "").startswith(site + "/")})
+print(json.dumps({"out": out, "tops": tops}))
+'''
+
+
+def test_client_as_nobody(nobody_dir: Path, tmp_path: Path) -> None:
+    """The same client, exec and files, called by a process running as uid 65534."""
+    first = subprocess.run([sys.executable, "-c", NOBODY_SCRIPT], capture_output=True,
+                           text=True, check=True, timeout=120)
+    report = json.loads(first.stdout.splitlines()[-1])
+    assert report["out"] == "0\nwritten"
+    site = Path(sysconfig.get_paths()["purelib"])
+    extra = Path(tempfile.mkdtemp(prefix="cellblock-nobody-oa-"))
+    try:
+        for name in report["tops"]:
+            if name != "cellblock" and not (nobody_dir / name).exists():
+                share_tree(site / name, extra / name)
+        for meta in site.glob("openai_agents-*.dist-info"):
+            share_tree(meta, extra / meta.name)
+        for root, dirs, _ in os.walk(extra):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        extra.chmod(0o755)
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{nobody_dir}:{extra}",
+               "HOME": "/nonexistent", "TMPDIR": str(nobody_dir / "tmp")}
+        r = subprocess.run([*SETPRIV, "/usr/bin/python3", "-c", NOBODY_SCRIPT], env=env,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(extra, ignore_errors=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["out"] == "0\nwritten"
