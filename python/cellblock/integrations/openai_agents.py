@@ -1,0 +1,199 @@
+"""`CellblockSandboxClient`: a sandbox client for the OpenAI Agents SDK (`agents.sandbox`)
+backed by cellblock sessions, so `SandboxAgent` runs its shell and file tools in cellblock.
+
+Each SDK sandbox session is one `cellblock.Sandbox`; the manifest root must be /workspace
+(the SDK's default), the session's persistent workspace. Commands run with `Sandbox.run`,
+files go through the session's files API, workspace persist/hydrate are tar streams of
+/workspace. PTY sessions and exposed ports do not exist in cellblock yet (issue 14).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from agents.sandbox.manifest import Manifest
+from agents.sandbox.session.base_sandbox_session import BaseSandboxSession
+from agents.sandbox.session.sandbox_client import BaseSandboxClient, BaseSandboxClientOptions
+from agents.sandbox.session.sandbox_session import SandboxSession
+from agents.sandbox.session.sandbox_session_state import SandboxSessionState
+from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
+from agents.sandbox.types import ExecResult, User
+from anyio.to_thread import run_sync
+
+from cellblock.errors import CellblockError, InvalidSpec
+from cellblock.policy import Policy
+from cellblock.session import Sandbox
+
+#: The workspace of every cellblock session (and the SDK's default manifest root).
+WORKSPACE = "/workspace"
+
+_NO_PTY = "cellblock has no PTY sessions yet (issue 14)"
+_NO_PORTS = "cellblock has no exposed ports yet (issue 14)"
+
+
+class CellblockSandboxClientOptions(BaseSandboxClientOptions):
+    """Options of a new session: the cellblock policy (limits, allow_net, secrets...); its
+    secrets are added to the client's and kept out of the session state."""
+
+    type: Literal["cellblock"] = "cellblock"
+    policy: Policy = Policy()
+
+
+class CellblockSandboxSessionState(SandboxSessionState):
+    """Serializable state of a cellblock-backed session. Its policy carries no secrets (the
+    SDK serializes session state into run state): the client holds them."""
+
+    type: Literal["cellblock"] = "cellblock"
+    policy: Policy = Policy()
+
+
+class CellblockSandboxSession(BaseSandboxSession):
+    """One cellblock sandbox serving the SDK's exec, read, write and workspace calls."""
+
+    state: CellblockSandboxSessionState
+
+    def __init__(
+        self, *, state: CellblockSandboxSessionState, secrets: dict[str, str] | None = None
+    ) -> None:
+        self.state = state
+        self._secrets = dict(secrets or {})
+        self._sandbox: Sandbox | None = None
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The cellblock sandbox, opened on first use."""
+        if self._sandbox is None or not self._sandbox.is_open:
+            self._sandbox = Sandbox(self.state.policy, secrets=self._secrets)
+        return self._sandbox
+
+    async def _ensure_backend_started(self) -> None:
+        await run_sync(lambda: self.sandbox)
+
+    async def _shutdown_backend(self) -> None:
+        sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None:
+            await run_sync(sandbox.close)
+
+    def supports_pty(self) -> bool:
+        return False
+
+    async def pty_exec_start(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_PTY)
+
+    async def pty_write_stdin(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_PTY)
+
+    async def _resolve_exposed_port(self, port: int) -> Any:
+        raise NotImplementedError(_NO_PORTS)
+
+    async def _exec_internal(
+        self, *command: str | Path, timeout: float | None = None
+    ) -> ExecResult:
+        argv = [str(c) for c in command]
+
+        def run() -> ExecResult:
+            result = self.sandbox.run(argv, timeout=timeout, cwd=WORKSPACE)
+            code = result.exit_code if result.exit_code is not None else 128 + (result.signal or 9)
+            if result.reason == "timeout":
+                code = 124
+            return ExecResult(stdout=result.stdout_bytes, stderr=result.stderr_bytes,
+                              exit_code=code)
+
+        return await run_sync(run)
+
+    def _sandbox_path(self, path: Path | str) -> str:
+        return str(self.normalize_path(path))
+
+    async def read(self, path: Path, *, user: str | User | None = None) -> io.IOBase:
+        target = self._sandbox_path(path)
+        try:
+            data = await run_sync(self.sandbox.read_file, target)
+        except CellblockError as e:
+            raise FileNotFoundError(f"{path}: {e}") from None
+        return io.BytesIO(data)
+
+    async def write(self, path: Path, data: io.IOBase, *, user: str | User | None = None) -> None:
+        target = self._sandbox_path(path)
+        payload = data.read()
+        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        await run_sync(self.sandbox.write_file, target, raw)
+
+    async def running(self) -> bool:
+        return self._sandbox is not None and self._sandbox.is_open
+
+    async def persist_workspace(self) -> io.IOBase:
+        def archive() -> io.BytesIO:
+            with tempfile.TemporaryDirectory(prefix="cellblock-persist-") as tmp:
+                self.sandbox.download(WORKSPACE, tmp)
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    for child in sorted(Path(tmp).iterdir()):
+                        tar.add(child, arcname=child.name)
+            buf.seek(0)
+            return buf
+
+        return await run_sync(archive)
+
+    async def hydrate_workspace(self, data: io.IOBase) -> None:
+        def extract() -> None:
+            with tempfile.TemporaryDirectory(prefix="cellblock-hydrate-") as tmp:
+                with tarfile.open(fileobj=data, mode="r:*") as tar:
+                    tar.extractall(tmp, filter="data")  # refuses links out, absolute names
+                for child in sorted(Path(tmp).iterdir()):
+                    self.sandbox.upload(child, posixpath.join(WORKSPACE, child.name))
+
+        await run_sync(extract)
+
+
+class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | None]):
+    """Creates SDK sandbox sessions backed by cellblock (``SandboxRunConfig(client=
+    CellblockSandboxClient(policy))``)."""
+
+    backend_id = "cellblock"
+    supports_default_options = True
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self._policy = policy or Policy()
+
+    async def create(
+        self,
+        *,
+        snapshot: SnapshotSpec | SnapshotBase | None = None,
+        manifest: Manifest | None = None,
+        options: CellblockSandboxClientOptions | None = None,
+    ) -> SandboxSession:
+        manifest = manifest if manifest is not None else Manifest()
+        if manifest.root != WORKSPACE:
+            raise InvalidSpec(f"manifest root must be {WORKSPACE} (got {manifest.root!r})")
+        self._validate_manifest_for_create(manifest)
+        policy = options.policy if options is not None else self._policy
+        session_id = uuid.uuid4()
+        state = CellblockSandboxSessionState(
+            session_id=session_id,
+            manifest=manifest,
+            snapshot=resolve_snapshot(snapshot, str(session_id)),
+            policy=policy.model_copy(update={"secrets": {}}),
+        )
+        secrets = {**self._policy.secrets, **policy.secrets}
+        return self._wrap_session(CellblockSandboxSession(state=state, secrets=secrets))
+
+    async def delete(self, session: SandboxSession) -> SandboxSession:
+        inner = session._inner
+        if isinstance(inner, CellblockSandboxSession):
+            await inner._shutdown_backend()
+        return session
+
+    async def resume(self, state: SandboxSessionState) -> SandboxSession:
+        if not isinstance(state, CellblockSandboxSessionState):
+            raise TypeError("CellblockSandboxClient.resume expects a CellblockSandboxSessionState")
+        session = CellblockSandboxSession(state=state, secrets=self._policy.secrets)
+        return self._wrap_session(session)
+
+    def deserialize_session_state(self, payload: dict[str, object]) -> SandboxSessionState:
+        return self._deserialize_session_state_payload(payload, CellblockSandboxSessionState)

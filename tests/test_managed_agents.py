@@ -1,0 +1,306 @@
+"""The anthropic SDK's own EnvironmentWorker, with cellblock's agent toolset, against a local
+stand-in of the Managed Agents endpoints (tests/managed_agents_standin.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellblock import cli
+from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
+from cellblock.policy import Policy
+
+pytest.importorskip("anthropic.lib.environments", reason="needs cellblock[managed-agents]")
+from anthropic import AsyncAnthropic
+from managed_agents_standin import SKILL_TEXT, StandIn, serve_in_thread
+
+from cellblock.integrations.managed_agents import make_worker
+from conftest import IS_ROOT, SETPRIV, share_tree
+
+SECRET = "s3cr3t-token-value-42"
+CONFIG = f"""
+memory = "128M"
+pids = 64
+env = {{ POLICY_MARK = "from-config" }}
+secrets = {{ API_TOKEN = "{SECRET}" }}
+"""
+
+
+def script(port: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every toolset tool, plus escape attempts (index -> expectation in the test)."""
+    return [
+        ("bash", {"command": "id -u; hostname; test -e /work && echo work-visible || "
+                             "echo work-invisible; echo key=${ANTHROPIC_ENVIRONMENT_KEY:-unset}; "
+                             "cd /tmp && export GREETING=hello; echo mark=$POLICY_MARK"}),  # 0
+        ("bash", {"command": "pwd; echo $GREETING; echo $API_TOKEN"}),                       # 1
+        ("write", {"file_path": "notes/a.txt", "content": "alpha\nbeta\n"}),                 # 2
+        ("read", {"file_path": "notes/a.txt"}),                                              # 3
+        ("edit", {"file_path": "/workspace/notes/a.txt", "old_string": "beta",
+                  "new_string": "gamma"}),                                                   # 4
+        ("read", {"file_path": "notes/a.txt", "view_range": [2, 2]}),                        # 5
+        ("glob", {"pattern": "**/*.txt"}),                                                   # 6
+        ("grep", {"pattern": "gam+a"}),                                                      # 7
+        ("read", {"file_path": "/etc/passwd"}),                                              # 8
+        ("write", {"file_path": "../escape.txt", "content": "x"}),                           # 9
+        ("bash", {"command": "ln -s / /workspace/root-link && "
+                             "cat /workspace/skills/greeting/SKILL.md"}),                    # 10
+        ("read", {"file_path": "root-link/etc/hostname"}),                                   # 11
+        ("bash", {"command": f"(exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null "
+                             "&& echo api-reachable || echo api-unreachable"}),              # 12
+        ("bash", {"command": "python3 -c 'x = bytearray(400 << 20); print(1 + 1)'"}),        # 13
+        ("bash", {"command": "echo out; exit 3"}),                                           # 14
+        ("grep", {"pattern": "(unclosed"}),                                                  # 15
+    ]
+
+
+async def serve_one_item(standin: StandIn, workdir: Path, policy: Policy) -> None:
+    runner = await standin.start()
+    standin.script = script(standin.port)  # the script names the stand-in's own port
+    try:
+        async with AsyncAnthropic(auth_token="env-key-test", base_url=standin.url,
+                                  max_retries=0) as client:
+            worker = make_worker(client, environment_id=standin.environment_id,
+                                 environment_key="env-key-test", policy=policy,
+                                 workdir=workdir, max_idle=5, memory_sync_interval=None)
+            task = asyncio.create_task(worker.run())
+            for _ in range(1200):
+                if standin.stopped.is_set() or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    finally:
+        await runner.cleanup()
+
+
+def test_sdk_worker_runs_every_tool_in_one_sandbox(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_ENVIRONMENT_KEY", "host-key-must-not-leak")
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(CONFIG)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    sessions: list[SessionRecord] = []
+    timeline: list[str] = []
+
+    def observe(record: SessionRecord) -> None:
+        sessions.append(record)
+        timeline.append(f"sandbox-{record.change}")
+
+    standin = StandIn(script=[])
+    stop = standin.stop
+
+    async def stop_and_note(request: Any) -> Any:
+        timeline.append("work-stop")
+        return await stop(request)
+
+    standin.stop = stop_and_note  # type: ignore[method-assign]
+    add_session_observer(observe)
+    try:
+        asyncio.run(serve_one_item(standin, workdir, Policy.from_toml(cfg)))
+    finally:
+        remove_session_observer(observe)
+
+    kinds = [k for k, _ in standin.seen]
+    assert kinds[0] == "poll" and "ack" in kinds and "heartbeat" in kinds, kinds
+    assert kinds.count("stop") == 1 and kinds.count("result") == len(standin.script), kinds
+    text = {i: standin.result_text(i) for i in range(len(standin.script))}
+
+    uid, host, work, key, mark = text[0][0].splitlines()
+    assert (uid, work, key, mark) == ("0", "work-invisible", "key=unset", "mark=from-config")
+    assert host != socket.gethostname() and host == "cellblock"
+    assert text[1] == ("/tmp\nhello\n[REDACTED:API_TOKEN]", False)   # stateful, secret redacted
+    assert text[2] == ("wrote 11 bytes to notes/a.txt", False)
+    assert text[3] == ("alpha\nbeta\n", False)
+    assert text[4] == ("edited /workspace/notes/a.txt (1 replacement(s))", False)
+    assert text[5] == ("gamma", False)
+    assert text[6] == ("/workspace/notes/a.txt", False)
+    assert text[7] == ("/workspace/notes/a.txt:2:gamma", False)
+    assert text[8] == ("read: path '/etc/passwd' is outside the session's working directory", True)
+    assert text[9] == ("write: path '../escape.txt' is outside the session's working directory",
+                       True)
+    assert not (tmp_path / "escape.txt").exists() and not Path("/escape.txt").exists()
+    assert text[10] == (SKILL_TEXT.rstrip("\n"), False)          # the SDK's skill, in the sandbox
+    assert text[11] == ("read: path 'root-link/etc/hostname' passes through a symlink, "
+                        "which is not followed", True)
+    assert text[12] == ("api-unreachable", False)                 # no network but its own lo
+    assert text[13][1] and not text[13][0].endswith("2"), text[13]  # memory = 128M, from config
+    assert text[14] == ("out", True)
+    assert text[15][1] and text[15][0].startswith("grep: invalid regex:"), text[15]
+
+    # One sandbox for the item, closed before the SDK stopped the work item.
+    assert [r.change for r in sessions] == ["open", "close"], sessions
+    assert timeline.index("sandbox-close") < timeline.index("work-stop"), timeline
+    assert not list((workdir / "skills").iterdir())  # the SDK removed its skill staging
+
+
+@pytest.fixture(scope="module")
+def nobody_sdk_dir(nobody_dir: Path) -> Iterator[Path]:
+    """World-readable copies of what the integration imports beyond cellblock's own closure
+    (the anthropic SDK, which cellblock's CLI imports only lazily), for uid 65534."""
+    code = ("import asyncio, json, sys, sysconfig, cellblock.integrations.managed_agents\n"
+            "from anthropic import AsyncAnthropic\n"
+            "async def touch():\n"  # the HTTP stack is imported at the first request
+            "    async with AsyncAnthropic(auth_token='x', base_url='http://127.0.0.1:9',\n"
+            "                              max_retries=0) as c:\n"
+            "        try:\n"
+            "            await c.beta.sessions.retrieve('s')\n"
+            "        except Exception:\n"
+            "            pass\n"
+            "asyncio.run(touch())\n"
+            "site = sysconfig.get_paths()['purelib']\n"
+            "print(json.dumps(sorted({m.__file__[len(site) + 1:].split('/')[0] "
+            "for m in list(sys.modules.values()) "
+            "if (getattr(m, '__file__', None) or '').startswith(site + '/')})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    tmp = Path(tempfile.mkdtemp(prefix="cellblock-nobody-sdk-"))
+    try:
+        for name in json.loads(out.stdout):
+            if name != "cellblock" and not (nobody_dir / name).exists():
+                share_tree(site / name, tmp / name)
+        for meta in site.glob("anthropic-*.dist-info"):
+            share_tree(meta, tmp / meta.name)
+        for root, dirs, _ in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+        tmp.chmod(0o755)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root" if IS_ROOT else "user", "nobody"])
+def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
+                                     request: pytest.FixtureRequest) -> None:
+    """`cellblock worker --environment ID --config FILE` in its own process (as uid 65534 too)."""
+    standin = StandIn(script=[("bash", {"command": "cd /tmp; export X=kept"}),
+                              ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"})])
+    thread, loop = serve_in_thread(standin)
+    env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": standin.url,
+           "ANTHROPIC_ENVIRONMENT_KEY": "env-key-test"}
+    if as_nobody:
+        nobody_dir = request.getfixturevalue("nobody_dir")
+        sdk_dir = request.getfixturevalue("nobody_sdk_dir")
+        tmp_path = Path(tempfile.mkdtemp(dir=nobody_dir / "tmp"))  # readable by uid 65534
+        tmp_path.chmod(0o755)
+        argv = [*SETPRIV, "/usr/bin/python3", "-m", "cellblock.cli"]
+        env |= {"PYTHONPATH": f"{nobody_dir}:{sdk_dir}", "HOME": "/nonexistent",
+                "TMPDIR": str(nobody_dir / "tmp")}
+    else:
+        argv = [sys.executable, "-m", "cellblock.cli"]
+        env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(CONFIG)
+    cfg.chmod(0o644)
+    proc = subprocess.Popen([*argv, "worker", "--environment", standin.environment_id,
+                             "--config", str(cfg), "--max-idle", "5"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the item is stopped, or the worker died
+            if standin.stopped.wait(0.1) or proc.poll() is not None:
+                break
+        stopped = standin.stopped.is_set()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    assert stopped, err
+    assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
+    assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
+    assert proc.returncode == 128 + 15, (proc.returncode, err)
+
+
+def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('memory = "lots"\n')
+    monkeypatch.delenv("ANTHROPIC_ENVIRONMENT_KEY", raising=False)
+    base = ["worker", "--environment", "env_x"]
+    for argv, message in (
+        ([*base, "--config", str(bad)], "InvalidSpec: memory"),
+        (base, "InvalidSpec: worker: no environment key (set ANTHROPIC_ENVIRONMENT_KEY)"),
+        (["worker"], "the following arguments are required: --environment"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith(f"cellblock: error: {message}"), err
+
+    # A rejected key ends the SDK's poll loop for good (in a process of its own: the SDK
+    # leaves tasks and clients behind when its loop fails, which this process would report).
+    rejecting = StandIn(script=[], reject_key=True)
+    thread, loop = serve_in_thread(rejecting)
+    env = {**os.environ, "ANTHROPIC_ENVIRONMENT_KEY": "wrong-key",
+           "ANTHROPIC_BASE_URL": rejecting.url}
+    try:
+        r = subprocess.run([sys.executable, "-m", "cellblock.cli", *base], env=env,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith(
+        "cellblock: error: AuthenticationError: Error code: 401"), r.stderr
+
+
+def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
+    """Memory stores (where the SDK mounts them) reach the sandbox and the agent's edits come
+    back to the host; read-only stores refuse writes; the config's call timeout is a ceiling."""
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+
+    workdir, notes, shared = tmp_path / "work", tmp_path / "mnt" / "notes", tmp_path / "shared"
+    for d in (workdir, notes, shared):
+        d.mkdir(parents=True)
+    (notes / "todo.md").write_text("- one\n")
+    (shared / "rules.md").write_text("be nice\n")
+    ctx = AgentToolContext(workdir=workdir, allowed_roots=[notes, shared],
+                           read_only_roots=[shared])
+    tools = {t.name: t for t in cellblock_toolset(ctx, Policy(timeout=2))}
+
+    async def main() -> list[Any]:
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("read", {"file_path": str(notes / "todo.md")}),
+            ("edit", {"file_path": str(notes / "todo.md"), "old_string": "one",
+                      "new_string": "two"}),
+            ("write", {"file_path": str(shared / "rules.md"), "content": "be mean\n"}),
+            ("bash", {"command": f"cat /workspace/.mounts{shared}/rules.md"}),
+            ("bash", {"command": "sleep 30", "timeout_ms": 60_000}),
+        ]
+        out: list[Any] = []
+        for name, args in calls:
+            try:
+                out.append(await tools[name].call(args))
+            except Exception as e:  # the SDK turns a ToolError into an error result
+                out.append(f"{type(e).__name__}: {e}")
+        await tools["bash"].close()  # type: ignore[misc]
+        return out
+
+    out = asyncio.run(main())
+    assert out[0] == "- one\n"
+    assert out[1] == f"edited {notes / 'todo.md'} (1 replacement(s))"
+    assert (notes / "todo.md").read_text() == "- two\n"          # synced back to the host
+    assert out[2] == f"ToolError: write: {shared / 'rules.md'} is inside a read-only directory"
+    assert out[3] == "be nice"
+    assert (shared / "rules.md").read_text() == "be nice\n"
+    assert out[4] == "ToolError: bash: bash command timed out after 2.0s"
