@@ -165,6 +165,9 @@ impl RunReport {
         if let Some(profile) = &mut self.seccomp_profile {
             redact_string(profile, redactor, &mut counts);
         }
+        for e in &mut self.cleanup_errors {
+            redact_string(e, redactor, &mut counts);
+        }
         self.redactions = counts;
     }
 
@@ -203,6 +206,7 @@ mod tests {
             redactions: BTreeMap::from([("TOKEN".to_string(), 1)]),
             seccomp_profile: Some("python".into()),
             network: None,
+            cleanup_errors: Vec::new(),
         }
     }
 
