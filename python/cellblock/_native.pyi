@@ -23,6 +23,11 @@ def run(
 ) -> dict[str, Any]: ...
 def host_info() -> dict[str, Any]: ...
 
+#: Every `reason` a report can give (the core's `Reason`).
+REASONS: tuple[str, ...]
+#: Every enforcer `enforcement` can name (the core's `Enforcer`).
+ENFORCERS: tuple[str, ...]
+
 class Redactor:
     def __new__(
         cls, secrets: Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
@@ -59,3 +64,11 @@ class Session:
     def list_dir(self, path: str) -> list[dict[str, Any]]: ...
     def remove(self, path: str) -> None: ...
     def connect_unix(self, path: str) -> int: ...
+    def warm_call(
+        self,
+        sock_fd: int,
+        request: bytes,
+        spec_json: str,
+        stateful: bool,
+        on_output: Callable[[int, bytes], None] | None = None,
+    ) -> dict[str, Any] | None: ...

@@ -20,6 +20,7 @@ pub mod session;
 pub mod spawn;
 pub mod spec;
 pub mod supervise;
+pub mod warm;
 
 pub use error::{Error, Result};
 pub use redact::Redactor;
