@@ -155,7 +155,10 @@ async function runRequest(req) {
       process.chdir(req.cwd);
     } catch (err) {
       // The host raises this as an error naming the path; the code never ran.
-      send('r', { exit_code: 127, value: null, error: null, cwd_error: `${req.cwd}: ${err.code || err.message}` });
+      send('r', {
+        exit_code: 127, value: null, error: null, call: req.call,
+        cwd_error: `${req.cwd}: ${err.code || err.message}`,
+      });
       return;
     }
   }
@@ -198,7 +201,7 @@ async function runRequest(req) {
     exitCode = 1;
     call.value = null;
   }
-  send('r', { exit_code: exitCode, value: call.value, error });
+  send('r', { exit_code: exitCode, value: call.value, error, call: req.call });
 }
 
 // Requests, one at a time, in arrival order.

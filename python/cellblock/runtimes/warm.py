@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets as secrets_mod
 import socket
 import threading
 import time
@@ -314,6 +315,8 @@ class WarmRuntimes:
             "stdin": base64.b64encode(stdin).decode() if stdin else None,
             "env": {**env, **secrets},
             "cwd": cwd,
+            # Names the call: a kernel's answer to an earlier one is never taken for this one.
+            "call": secrets_mod.token_hex(8),
         }
         kind: Kind = {
             ("python", False): "python", ("python", True): "python-kernel",

@@ -305,6 +305,7 @@ def python_worker(ctl_in, ctl_out, warmed=None):
         req = _loads(got[1])
         if not req.get("once"):
             result = run_code(req, module, f"<cell {n}>")
+            result["call"] = req.get("call")
             write_all_fd(ctl_out, frame(b"r", _dumps(result).encode()))
             continue
         result = run_code(req, module, "<string>")
@@ -322,6 +323,15 @@ def python_worker(ctl_in, ctl_out, warmed=None):
 
 
 # ---- the relay -----------------------------------------------------------------------------
+
+def answers(result, call):
+    """Whether a worker's result frame is the answer to request `call`."""
+    try:
+        got = json.loads(result)
+    except ValueError:
+        return False
+    return isinstance(got, dict) and got.get("call") == call
+
 
 class Relay:
     """One connection: owns a worker, hands its descriptors to the host for each call, reaps
@@ -452,10 +462,11 @@ class Relay:
         if got is None or got[0] != b"g":
             self.cancel()
 
-    def follow(self, cell):
+    def follow(self, cell, call=None):
         """During a call: forward the worker's result; on "x" (the host has read how the
         worker ended) reap and sweep. Returns True when a cell answered and the worker serves
-        on, False once swept."""
+        on, False once swept. A cell's result must name its call: one left over from an
+        earlier call (e.g. after code wrote a result of its own) is dropped."""
         sent = False
         while True:
             watch = [self.conn]
@@ -464,7 +475,7 @@ class Relay:
             ready = select.select(watch, [], [])[0]
             if self.res in ready:
                 got = self.read_result()
-                if got is not None and got[0] == b"r":
+                if got is not None and got[0] == b"r" and (not cell or answers(got[1], call)):
                     self.send(b"d", got[1])
                     sent = True
                     if cell:
@@ -526,7 +537,7 @@ class Relay:
                 return
             self.hand_over()
             write_all_fd(self.req, frame(b"r", got[1]))
-            if not self.follow(cell=True):
+            if not self.follow(cell=True, call=json.loads(got[1]).get("call")):
                 return
 
     def wait_request(self):

@@ -401,15 +401,6 @@ impl RunCgroup {
         (!cg.v1.is_empty()).then_some(cg)
     }
 
-    /// The enforcer a budget measured in this cgroup is reported as.
-    pub fn accounting_enforcer(&self) -> Enforcer {
-        if self.v2.is_some() {
-            Enforcer::CgroupV2
-        } else {
-            Enforcer::CgroupV1
-        }
-    }
-
     /// Whether this cgroup reports peak memory and OOM kills (v1 memory, or v2 with memory).
     pub fn measures_memory(&self) -> bool {
         match &self.v2 {

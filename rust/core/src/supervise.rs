@@ -47,7 +47,7 @@ impl<'a> Hooks<'a> {
 pub const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
 /// How often CPU time is sampled when a CPU-time budget is enforced through a cgroup.
-pub(crate) const CPU_POLL: Duration = Duration::from_millis(10);
+const CPU_POLL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the pipes to close once PID 1 is gone (every process is dead by then;
 /// this only bounds a kernel that is slow to tear the namespace down).

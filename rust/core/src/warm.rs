@@ -6,8 +6,9 @@
 //! worker's pidfd, the read ends of its stdout/stderr and the listener of a seccomp filter the
 //! worker installed for itself before any code ran. Everything in the report is measured here:
 //!
-//! - exit status and CPU time of a worker that ended: read from the kernel, its zombie entry in
-//!   `/proc` (checked against the pidfd); the relay reaps it only when told (`x`), after that;
+//! - exit status and CPU time of a worker that ended: read from the kernel: the CPU time from
+//!   its zombie entry in `/proc` (checked against the pidfd; the relay reaps it only when told,
+//!   `x`), the wait status from the pidfd once reaped (`PIDFD_INFO_EXIT`);
 //! - CPU time, peak memory and OOM kills of the call: a child of the session's cgroup holding
 //!   only the call's processes (or, without cgroups, `/proc` samples of the worker);
 //! - refused syscalls: the worker's own listener, so they belong to this call alone;
@@ -26,7 +27,7 @@ use crate::redact::Redactor;
 use crate::report::{Enforcer, Reason, RunReport};
 use crate::seccomp::Listener;
 use crate::spec::{OnViolation, RunSpec};
-use crate::supervise::{self, Hooks, Pump, Stream, CPU_POLL, DRAIN_GRACE, INTERRUPT_POLL};
+use crate::supervise::{self, Hooks, Pump, Stream, DRAIN_GRACE, INTERRUPT_POLL};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -253,33 +254,87 @@ fn ticks() -> f64 {
     }
 }
 
-/// (state, CPU time of the process and its reaped children, raw exit status) from
-/// /proc/<pid>/stat, as the kernel keeps them.
-fn proc_stat(pid: libc::pid_t) -> Option<(char, Duration, i32)> {
+/// What /proc/<pid>/stat says of a process, as the kernel keeps it.
+struct ProcStat {
+    state: char,
+    /// CPU time of the process itself (what RLIMIT_CPU counts).
+    own: Duration,
+    /// CPU time of the process and of the children it reaped.
+    total: Duration,
+    /// Raw wait status (meaningful for a zombie).
+    status: i32,
+}
+
+fn proc_stat(pid: libc::pid_t) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-    let state = f.first()?.chars().next()?;
+    let secs = |t: u64| Duration::from_secs_f64(t as f64 / ticks());
     // Fields 14-17 (utime, stime, cutime, cstime) and 52 (exit_code), counted from 1.
-    let t: u64 = (11..15).map(num).sum::<Option<u64>>()?;
-    let status = f.get(49).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
-    Some((state, Duration::from_secs_f64(t as f64 / ticks()), status))
+    Some(ProcStat {
+        state: f.first()?.chars().next()?,
+        own: secs((11..13).map(num).sum::<Option<u64>>()?),
+        total: secs((11..15).map(num).sum::<Option<u64>>()?),
+        status: f.get(49).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0),
+    })
 }
 
 /// The ended worker's wait status and CPU time, read from its zombie. The pidfd still
 /// reaching the process afterwards proves the entry was the worker's (it is not reaped yet,
 /// so its pid cannot have been reused). None: already reaped (e.g. its relay was killed).
+/// The CPU time is always shown; the status only to a privileged reader.
 fn zombie_exit(pid: libc::pid_t, pidfd: &OwnedFd) -> Option<(i32, Duration)> {
     for _ in 0..50 {
-        let (state, cpu, status) = proc_stat(pid)?;
-        if state == 'Z' {
-            return signal_pidfd(pidfd, 0).then_some((status, cpu));
+        let st = proc_stat(pid)?;
+        if st.state == 'Z' {
+            return signal_pidfd(pidfd, 0).then_some((st.status, st.total));
         }
         // The pidfd reports the exit a moment before the entry shows it.
         std::thread::sleep(Duration::from_micros(100));
     }
     None
+}
+
+/// `struct pidfd_info` of linux/pidfd.h (Linux 6.15+), up to the fields read here.
+#[repr(C)]
+#[derive(Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    ids: [u32; 11],
+    exit_code: i32,
+    coredump_mask: u32,
+    spare: u32,
+}
+
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+/// `_IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)`.
+const PIDFD_GET_INFO: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16)
+    | (0xFF << 8)
+    | 11;
+
+/// The worker's wait status as the kernel recorded it when it was reaped (by its relay, or
+/// by the call's init if the relay is gone): no privilege needed, nothing to race. Waits a
+/// little for the reaping. `Err(())`: this kernel cannot tell (before 6.15).
+fn reaped_status(pidfd: &OwnedFd) -> Result<Option<i32>, ()> {
+    for _ in 0..200 {
+        let mut info = PidfdInfo {
+            mask: PIDFD_INFO_EXIT,
+            ..PidfdInfo::default()
+        };
+        // SAFETY: PIDFD_GET_INFO fills a struct of the size encoded in the request.
+        let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
+        if r < 0 && matches!(errno(), libc::EINVAL | libc::ENOTTY) {
+            return Err(());
+        }
+        if r == 0 && info.mask & PIDFD_INFO_EXIT != 0 {
+            return Ok(Some(info.exit_code));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(None)
 }
 
 fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
@@ -369,16 +424,14 @@ pub fn supervise_call(
     }
     let cg_cpu = cgroup.as_ref().is_some_and(|c| c.cpu_time().is_some());
     let cg_mem = cgroup.as_ref().is_some_and(|c| c.measures_memory());
-    let base_cpu = proc_stat(pid).map_or(Duration::ZERO, |(_, cpu, _)| cpu);
-    let cpu_budget = limits.cpu_time.map(Duration::from_secs_f64);
+    let (base_own, base_cpu) = proc_stat(pid).map_or((Duration::ZERO, Duration::ZERO), |s| {
+        (s.own, s.total)
+    });
     if limits.cpu_time.is_some() {
-        let by = if cg_cpu {
-            cgroup.as_ref().map(|c| c.accounting_enforcer())
-        } else {
-            limit_cpu(pid, base_cpu, limits.cpu_time)?;
-            Some(Enforcer::Rlimit)
-        };
-        enforcement.insert("cpu_time".into(), by);
+        // As for a session's one-shot calls: a per-process budget (the session's cgroup is
+        // shared); the kernel ends the worker with SIGXCPU.
+        limit_cpu(pid, base_own, limits.cpu_time)?;
+        enforcement.insert("cpu_time".into(), Some(Enforcer::Rlimit));
     }
     if limits.timeout.is_some() {
         enforcement.insert("timeout".into(), Some(Enforcer::Supervisor));
@@ -473,8 +526,8 @@ pub fn supervise_call(
         if let (Some(d), None) = (deadline, killed_for) {
             wait = wait.min(d.saturating_duration_since(now));
         }
-        if killed_for.is_none() && ((cpu_budget.is_some() && cg_cpu) || !cg_mem) {
-            wait = wait.min(if cg_cpu { CPU_POLL } else { SAMPLE_POLL });
+        if killed_for.is_none() && !cg_mem {
+            wait = wait.min(SAMPLE_POLL);
         }
         if interrupted.is_some() && killed_for.is_none() {
             wait = wait.min(INTERRUPT_POLL);
@@ -541,7 +594,14 @@ pub fn supervise_call(
                     let _ = conn.fill();
                     while let Ok(Some((kind, payload))) = conn.frame() {
                         match kind {
-                            b'd' if p.result.is_none() => p.result = Some(payload),
+                            b'd' if p.result.is_none() => {
+                                // The code is done but the worker still lives: its
+                                // high-water mark is complete now.
+                                if !cg_mem {
+                                    peak_sample = peak_sample.max(vm_hwm(pid).unwrap_or(0));
+                                }
+                                p.result = Some(payload);
+                            }
                             b'z' => p.swept = true,
                             _ => {}
                         }
@@ -563,11 +623,6 @@ pub fn supervise_call(
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 kill(Reason::Timeout, &mut killed_for, &cgroup);
             }
-            if let (Some(budget), Some(cg), true) = (cpu_budget, cgroup.as_ref(), cg_cpu) {
-                if cg.cpu_time().is_some_and(|used| used >= budget) {
-                    kill(Reason::CpuTime, &mut killed_for, &cgroup);
-                }
-            }
         }
     }
     for pump in pumps.iter_mut() {
@@ -576,6 +631,14 @@ pub fn supervise_call(
     }
     if let Some(l) = listener.as_mut() {
         let _ = l.drain();
+    }
+    // The exit status: recorded by the kernel at reaping; else (older kernels) the zombie's,
+    // which /proc shows only to a privileged reader.
+    if let Some(zombie) = p.exited {
+        p.exited = Some(match reaped_status(&pidfd) {
+            Ok(st) => st.map(|st| (st, zombie.map_or(Duration::ZERO, |z| z.1))),
+            Err(()) => zombie.filter(|_| crate::spawn::is_root()),
+        });
     }
     let alive = p.exited.is_none() && killed_for.is_none();
     let wall_time_s = started_at.elapsed().as_secs_f64();
@@ -592,7 +655,7 @@ pub fn supervise_call(
     } else {
         let end = match p.exited {
             Some(Some((_, cpu))) => Some(cpu),
-            _ => proc_stat(pid).map(|(_, cpu, _)| cpu),
+            _ => proc_stat(pid).map(|s| s.total),
         };
         end.map_or(Duration::ZERO, |e| e.saturating_sub(base_cpu))
     };
@@ -612,7 +675,7 @@ pub fn supervise_call(
         }
         let _ = cg.remove();
     }
-    if alive && !cg_cpu && limits.cpu_time.is_some() {
+    if alive && limits.cpu_time.is_some() {
         let _ = limit_cpu(pid, Duration::ZERO, None);
     }
     let reason = match killed_for {
@@ -685,6 +748,7 @@ mod tests {
         // SAFETY: reaping our child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
         assert_eq!(zombie_exit(pid, &pidfd), None, "a reaped pid is never read as ours");
+        assert_eq!(reaped_status(&pidfd), Ok(Some(st)), "the kernel kept the status");
     }
 
     #[test]
