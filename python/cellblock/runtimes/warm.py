@@ -318,10 +318,11 @@ class WarmRuntimes:
             # Names the call: a kernel's answer to an earlier one is never taken for this one.
             "call": secrets_mod.token_hex(8),
         }
-        kind: Kind = {
+        kinds: dict[tuple[str, bool], Kind] = {
             ("python", False): "python", ("python", True): "python-kernel",
             ("node", False): "node", ("node", True): "node-kernel",
-        }[(language, stateful)]
+        }
+        kind = kinds[(language, stateful)]
         for _ in range(ATTEMPTS):
             self.ensure_zygote()
             try:
@@ -453,18 +454,23 @@ class WarmRuntimes:
         if isinstance(said.get("cwd_error"), str):
             raise SetupError(f"cwd {said['cwd_error']}")
         all_secrets = {**self._secrets, **secrets}
-        redact = _native.Redactor(all_secrets).redact if all_secrets else str
+        redactor = _native.Redactor(all_secrets) if all_secrets else None
+        redact = redactor.redact if redactor is not None else str
         value, error = said.get("value"), said.get("error")
-        result = CodeResult(
-            **report,
-            value=_capped(redact(value), limits.max_output) if isinstance(value, str) else None,
-            error=_capped(redact(error), limits.max_output) if isinstance(error, str) else None,
-        )
+        value = _capped(redact(value), limits.max_output) if isinstance(value, str) else None
+        error = _capped(redact(error), limits.max_output) if isinstance(error, str) else None
+        if redactor is not None:
+            counts = dict(report.get("redactions") or {})
+            for name, n in redactor.counts.items():
+                if n:
+                    counts[name] = counts.get(name, 0) + int(n)
+            report["redactions"] = counts
+        result = CodeResult(**report, value=value, error=error)
         return result, bool(out["alive"])
 
     def _failed(self, started: float, reason: str, limits: CallLimits) -> CodeResult:
         return CodeResult(
-            exit_code=None, signal=None, reason=reason,  # type: ignore[arg-type]
+            exit_code=None, signal=None, reason=reason,
             stdout_bytes=b"", stderr_bytes=b"",
             stdout_truncated=False, stderr_truncated=False,
             wall_time_s=time.monotonic() - started, cpu_time_s=0.0, peak_memory_bytes=0,

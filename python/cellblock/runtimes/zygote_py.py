@@ -15,7 +15,7 @@ Connection kinds (first frame "h", JSON {"kind": ...}):
   node-kernel  one persistent node worker; requests share one vm context
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
-"r" request (JSON), "g" go, "x" reap and sweep. Relay to host: "k" kernel ready, "f" (carrying
+"r" request (JSON), "g" go, "e" a cell's call ended, "x" reap and sweep. Relay to host: "k" kernel ready, "f" (carrying
 the worker's pidfd, stdout and stderr read ends and seccomp listener as SCM_RIGHTS), "d" the
 worker's result (JSON: value, error, and a cell's exit_code), "z" swept.
 The host supervises each call itself (rust/core/src/warm.rs): it reads the worker's exit status
@@ -479,13 +479,24 @@ class Relay:
                     self.send(b"d", got[1])
                     sent = True
                     if cell:
-                        return True
+                        return self.call_ended()
             if self.conn in ready:
                 got = read_frame_sock(self.conn)
                 if got is None or got[0] != b"x":
                     self.cancel()
                 self.sweep(sent)
                 return False
+
+    def call_ended(self):
+        """After a cell's answer: the host reads what the cell printed, then says "e" (the
+        worker serves on) or "x" (it ended meanwhile). Output is only dropped after that."""
+        got = read_frame_sock(self.conn)
+        if got is None or got[0] not in (b"e", b"x"):
+            self.cancel()
+        if got[0] == b"x":
+            self.sweep(True)
+            return False
+        return True
 
     def sweep(self, sent):
         """Reap the worker, kill and reap what it left, pass on a result still in the pipe."""

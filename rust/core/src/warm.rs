@@ -18,8 +18,9 @@
 //! code, like its stdout: it never decides the reason, the signal, or any usage figure.
 //!
 //! Frames both ways: 1 kind byte, 4-byte big-endian length, payload. Host to relay: `r`
-//! request, `g` go (descriptors received, limits in place), `x` reap and sweep (the worker has
-//! ended, or must). Relay to host: `f` descriptors, `d` the worker's result, `z` swept.
+//! request, `g` go (descriptors received, limits in place), `e` a cell's call is over (its
+//! output read), `x` reap and sweep (the worker has ended). Relay to host: `f` descriptors,
+//! `d` the worker's result, `z` swept.
 
 use crate::cgroup::RunCgroup;
 use crate::error::{errno, Error, Result};
@@ -490,6 +491,8 @@ pub fn supervise_call(
             for pump in pumps.iter_mut() {
                 pump.read(&mut buf, cap, &mut scratch, &mut sink);
             }
+            // Only now may the relay drop what the kernel prints between calls.
+            let _ = conn.send(b'e', b"", now + DRAIN_GRACE);
             break;
         }
         if ended {
