@@ -180,10 +180,12 @@ def test_stateful_timeout_restarts_the_kernel(sb: Sandbox) -> None:
 
 def test_runtime_recovers_from_being_killed_or_unlinked() -> None:
     with Sandbox() as sb:
-        # kill(-1) ends the zygote, the relays and the kernels but spares its caller: the
-        # supervisor reports how the call itself ended (the kernel's record, not a relay's).
+        # kill(-1) ends the zygote, the relays and the kernels but spares its caller, which
+        # then exits 0, unless the end of the zygote's namespace kills it first: the report
+        # says which (the kernel's record, not a relay's).
         res = sb.run_python("import os, signal; os.kill(-1, signal.SIGKILL)")
-        assert (res.reason, res.exit_code) == ("exited", 0)
+        assert (res.reason, res.exit_code, res.signal) in (
+            ("exited", 0, None), ("signaled", None, 9))
         assert sb.run_python("print(1)").stdout == "1\n"
         assert sb.run(["rm", "-rf", "/tmp/.cellblock"]).ok
         assert sb.run_python("print(2)").stdout == "2\n"
