@@ -288,8 +288,12 @@ def test_missing_cwd_is_a_typed_error_naming_it(sb: Sandbox, language: str) -> N
     with pytest.raises(type(one_shot.value)) as warm:
         call("1", cwd="/no/such/dir", timeout=20)
     assert "/no/such/dir" in str(warm.value)
-    # The runtime serves on.
+    # The runtime serves on, a kernel with its state.
     assert call("1 + 1", timeout=20).value == "2"
+    assert sb.run_python("kept_cwd = 5", stateful=True).ok
+    with pytest.raises(type(one_shot.value)):
+        sb.run_python("1", stateful=True, cwd="/no/such/dir")
+    assert sb.run_python("kept_cwd", stateful=True).value == "5"
 
 
 def test_node_kernels_are_supervised(sb: Sandbox) -> None:

@@ -81,6 +81,14 @@ class _NotStarted(Exception):
     """The runtime went away before the call's code began: the call can be retried."""
 
 
+class _BadCwd(SetupError):
+    """The call's cwd does not exist in the sandbox (the code never ran)."""
+
+    def __init__(self, message: str, alive: bool) -> None:
+        super().__init__(message)
+        self.alive = alive
+
+
 def _frame(kind: bytes, payload: bytes) -> bytes:
     return kind + len(payload).to_bytes(4, "big") + payload
 
@@ -358,6 +366,8 @@ class WarmRuntimes:
             return self._call(conn, request, deadline, started, limits, secrets, False)[0]
         except _Gone:
             raise _NotStarted from None
+        except _BadCwd as e:
+            raise SetupError(str(e)) from None
         finally:
             conn.close()
 
@@ -394,6 +404,9 @@ class WarmRuntimes:
                 if keep:
                     self._lost.add(kind)
                 raise
+            except _BadCwd as e:
+                alive = e.alive
+                raise SetupError(str(e)) from None
         finally:
             with self._lock:
                 if alive and not self._closed:
@@ -452,7 +465,8 @@ class WarmRuntimes:
         report["wall_time_s"] = time.monotonic() - started
         said = _json_object(out["result"])
         if isinstance(said.get("cwd_error"), str):
-            raise SetupError(f"cwd {said['cwd_error']}")
+            # The code never ran; a kernel serves on with its state.
+            raise _BadCwd(f"cwd {said['cwd_error']}", bool(out["alive"]))
         all_secrets = {**self._secrets, **secrets}
         redactor = _native.Redactor(all_secrets) if all_secrets else None
         redact = redactor.redact if redactor is not None else str
