@@ -232,17 +232,6 @@ fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
         .filter(|p: &libc::pid_t| *p > 0)
 }
 
-/// Whether the process behind `pidfd` has ended (without waiting).
-fn ended_now(pidfd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polling one fd we hold, without waiting.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 }
-}
-
 fn signal_pidfd(pidfd: &OwnedFd, sig: libc::c_int) -> bool {
     // SAFETY: pidfd_send_signal on a pidfd we hold.
     unsafe {
@@ -621,9 +610,11 @@ pub fn supervise_call(
                         }
                     }
                     if conn.eof {
+                        // The relay is gone (killed from inside): a one-call worker is still
+                        // ours to watch through its pidfd (the call's init reaps it); a
+                        // kernel can never answer again.
                         p.swept = true;
-                        if p.exited.is_none() && !ended_now(&pidfd) {
-                            // The relay vanished mid-call: its worker must not run on alone.
+                        if req.stateful && p.exited.is_none() && p.result.is_none() {
                             kill(Reason::Signaled, &mut killed_for, &cgroup);
                         }
                     }
