@@ -266,7 +266,8 @@ def test_close_after_code_inside_crashed_the_runtime(marker: str) -> None:
     sb.run_python(f"import subprocess; subprocess.Popen(['sleep', '{marker}'])", stateful=True)
     # Kill every process of the warm runtime (zygote, relays, kernel), from inside.
     crash = sb.run_python("import os, signal; os.kill(-1, signal.SIGKILL)")
-    assert crash.reason == "signaled"
+    # kill(-1) spares its caller (exits 0) unless the zygote's namespace ends it first.
+    assert (crash.reason, crash.signal) in (("signaled", 9), ("exited", None))
     assert sb.run_python("print('back')").stdout == "back\n"  # a new runtime starts
     sb.close()
     assert settled_footprint(before) == before

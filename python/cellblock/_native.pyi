@@ -1,5 +1,6 @@
 
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Self
 
@@ -27,6 +28,11 @@ def run(
     cancel: Any | None = None,
 ) -> dict[str, Any]: ...
 def host_info() -> dict[str, Any]: ...
+
+#: Every `reason` a report can give (the core's `Reason`).
+REASONS: tuple[str, ...]
+#: Every enforcer `enforcement` can name (the core's `Enforcer`).
+ENFORCERS: tuple[str, ...]
 
 class Redactor:
     def __new__(
@@ -67,6 +73,15 @@ class Session:
     def list_dir(self, path: str) -> list[dict[str, Any]]: ...
     def remove(self, path: str) -> None: ...
     def connect_unix(self, path: str) -> int: ...
+    def warm_call(
+        self,
+        sock_fd: int,
+        request: bytes,
+        spec_json: str,
+        stateful: bool,
+        on_output: Callable[[int, bytes], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any] | None: ...
 
 class FileReader:
     def read(self, n: int = ...) -> bytes: ...

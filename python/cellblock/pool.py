@@ -68,21 +68,21 @@ class Pool:
                 sandbox.close()
             if not start:
                 continue
+            opened: Sandbox | None = None
+            failure: CellblockError | None = None
             try:
-                sandbox = self._open()
+                opened = self._open()
             except CellblockError as e:
-                sandbox, failure = None, e
-            else:
-                failure = None
+                failure = e
             with self._cond:
                 self._starting -= 1
-                if sandbox is not None and not self._stopped:
-                    self._ready.append(sandbox)
-                    sandbox = None
+                if opened is not None and not self._stopped:
+                    self._ready.append(opened)
+                    opened = None
                 self._failure = failure
                 self._cond.notify_all()
-            if sandbox is not None:
-                sandbox.close()
+            if opened is not None:
+                opened.close()
 
     @property
     def ready(self) -> int:

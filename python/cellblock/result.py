@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
-Reason = Literal["exited", "signaled", "timeout", "memory", "cpu_time", "output_limit", "seccomp"]
-Enforcer = Literal["cgroup-v2", "cgroup-v1", "rlimit", "tmpfs", "supervisor"]
+from cellblock import _native
+
+#: Why a run ended: the core's one definition (`Reason` in rust/core/src/report.rs).
+REASONS: tuple[str, ...] = _native.REASONS
+#: What can enforce a limit: the core's one definition (`Enforcer`).
+ENFORCERS: tuple[str, ...] = _native.ENFORCERS
+
+
+def one_of(names: tuple[str, ...], what: str) -> AfterValidator:
+    """A pydantic validator accepting only `names` (`what` names the field in errors)."""
+
+    def check(value: str) -> str:
+        if value not in names:
+            raise ValueError(f"unknown {what} {value!r} (one of {', '.join(names)})")
+        return value
+
+    return AfterValidator(check)
+
+
+Reason = Annotated[str, one_of(REASONS, "reason")]
+Enforcer = Annotated[str, one_of(ENFORCERS, "enforcer")]
 
 #: Fields printed by `cellblock run --json`, in order: exactly RunResult's fields.
 FIELDS = (

@@ -8,6 +8,7 @@ own timeout, CPU-time budget and output cap, and a call that hits its timeout en
 from __future__ import annotations
 
 import atexit
+import base64
 import functools
 import json
 import logging
@@ -125,7 +126,7 @@ class Sandbox(SandboxFiles):
             self._zygote_starter(),
             {s.name: s.value.get_secret_value() for s in self._secrets},
             self._native.enforcement(),
-            self._zygote_profile(),
+            self._zygote_seccomp(),
         )
         notify_session("open", self)
         if auto_pause is not None:
@@ -372,20 +373,27 @@ class Sandbox(SandboxFiles):
         notify_run("session.python" if language == "python" else "session.node", result, self)
         return result
 
-    def _zygote_profile(self) -> str | None:
+    def _zygote_seccomp(self) -> dict[str, Any] | None:
+        """The seccomp part of the zygote's spec: warm calls report refusals by these names."""
         compiled = resolve_seccomp(["python3"], self._policy.profile, self._policy.seccomp)
-        return compiled.profile if compiled else None
+        seccomp: dict[str, Any] | None = build_spec(["python3"], self._policy, [], compiled).get(
+            "seccomp"
+        )
+        return seccomp
 
     def _zygote_starter(self) -> Callable[[Callable[[int, bytes], None]], dict[str, Any]]:
         """How the warm runtimes start their zygote: a long-lived call of this session. (A
-        function of the native session only, so that a forgotten Sandbox can be collected.)"""
-        argv = ["python3", "-c", zygote_source(), SOCKET_PATH]
-        compiled = resolve_seccomp(argv, self._policy.profile, self._policy.seccomp)
-        spec = build_spec(argv, self._policy, [], compiled)
+        function of the native session only, so that a forgotten Sandbox can be collected.)
+        The zygote gets the filter's program and every worker installs it, before any code
+        runs, with a listener of its own: each call's refusals are its own. (The kernel allows
+        one listener per filter chain, so the zygote itself, which runs no code of the
+        sandbox's, is started without one.)"""
+        compiled = resolve_seccomp(["python3"], self._policy.profile, self._policy.seccomp)
+        bpf = base64.b64encode(compiled.bpf).decode() if compiled else ""
+        argv = ["python3", "-c", zygote_source(), SOCKET_PATH, bpf]
+        spec = build_spec(argv, self._policy, [], None)
         spec["limits"].update(timeout=None, cpu_time=None, max_output=_ZYGOTE_MAX_OUTPUT)
-        return functools.partial(
-            _exec_zygote, self._native, json.dumps(spec), compiled.bpf if compiled else None
-        )
+        return functools.partial(_exec_zygote, self._native, json.dumps(spec), None)
 
 
 class _IdleWatcher:

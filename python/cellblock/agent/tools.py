@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cellblock.errors import CellblockError, InvalidSpec, SessionClosed
-from cellblock.result import RunResult
+from cellblock.result import REASONS, RunResult, one_of
 
 #: Tools offered to the model unless the caller narrows the list.
 DEFAULT_TOOLS: tuple[str, ...] = ("run_python", "run_shell", "run_node", "read_file", "write_file")
@@ -25,10 +25,8 @@ DEFAULT_MAX_OUTPUT_CHARS = 10_000
 
 #: Why a tool call ended: a run's RunResult.reason, "ok" for file tools, "error" when the
 #: sandbox refused (bad path, I/O error), "invalid_input" when the model's input was malformed.
-ToolReason = Literal[
-    "exited", "signaled", "timeout", "memory", "cpu_time", "output_limit", "seccomp",
-    "ok", "error", "invalid_input",
-]
+TOOL_REASONS: tuple[str, ...] = (*REASONS, "ok", "error", "invalid_input")
+ToolReason = Annotated[str, one_of(TOOL_REASONS, "tool reason")]
 
 
 class SandboxLike(Protocol):

@@ -4,7 +4,7 @@
 //
 // Requests arrive on fd 3 and results leave on fd 4, as frames (1 type byte, 4-byte big-endian
 // length, payload): "r" request JSON {code, env, cwd} in, "k" ready and "r" result JSON
-// {exit_code, value, error} out. stdout/stderr are pipes the relay forwards to the host.
+// {exit_code, value, error} out. stdout/stderr are pipes the host's supervisor reads.
 //
 // stateless: every request runs in a fresh vm context (fresh globals and builtins; the
 // process, its module cache and its environment are restored or shared). stateful: one
@@ -150,11 +150,22 @@ let persistent = null;
 let cells = 0;
 
 async function runRequest(req) {
+  if (req.cwd) {
+    try {
+      process.chdir(req.cwd);
+    } catch (err) {
+      // The host raises this as an error naming the path; the code never ran.
+      send('r', {
+        exit_code: 127, value: null, error: null, call: req.call,
+        cwd_error: `${req.cwd}: ${err.code || err.message}`,
+      });
+      return;
+    }
+  }
   const call = new Call();
   current = call;
   const savedEnv = mode === 'stateless' ? { ...process.env } : null;
   Object.assign(process.env, req.env || {});
-  if (req.cwd) process.chdir(req.cwd);
   let context;
   if (mode === 'stateful') {
     if (persistent === null) persistent = makeContext(call);
@@ -190,7 +201,7 @@ async function runRequest(req) {
     exitCode = 1;
     call.value = null;
   }
-  send('r', { exit_code: exitCode, value: call.value, error });
+  send('r', { exit_code: exitCode, value: call.value, error, call: req.call });
 }
 
 // Requests, one at a time, in arrival order.

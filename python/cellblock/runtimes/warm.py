@@ -5,16 +5,18 @@ on a unix socket there. The host reaches it with `_native.Session.connect_unix`,
 the socket's path inside the sandbox's root (openat2 RESOLVE_IN_ROOT) and connects through the
 resolved descriptor: code in the sandbox cannot point the host at any other socket.
 
-Nothing the sandbox sends is trusted: frames are size-checked, output is redacted here (never
-by the zygote) and capped, and every call has a host-side deadline; closing the connection
-makes the zygote kill that call's processes.
+Each call is supervised by the core (`_native.Session.warm_call`, rust/core/src/warm.rs): the
+relay hands over the worker's pidfd, output pipes and seccomp listener, and the core produces
+the report (exit status from the kernel, CPU time and memory from the call's cgroup, refused
+syscalls, output redacted and capped, deadline). What the worker says (the value of the last
+expression, the traceback) is content only, redacted and capped here.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import signal
+import secrets as secrets_mod
 import socket
 import threading
 import time
@@ -24,7 +26,13 @@ from importlib import resources
 from typing import Any, Literal
 
 from cellblock import _native
-from cellblock.errors import InvalidSpec, PathEscape, SandboxIOError, SessionClosed, SetupError
+from cellblock.errors import (
+    InvalidSpec,
+    PathEscape,
+    SandboxIOError,
+    SessionClosed,
+    SetupError,
+)
 from cellblock.result import RunResult
 
 #: Where the zygote listens, inside the sandbox.
@@ -50,10 +58,15 @@ class CodeResult(RunResult):
 
     `value` is the repr (Python) or util.inspect (Node) of the last expression when it is not
     None/undefined; `error` is the formatted traceback of an uncaught exception (also on stderr).
+    Stateful calls: `state_lost` says this call ended its kernel (os._exit, a timeout, a
+    limit), so its variables are gone; `kernel_restarted` says this call ran in a fresh kernel
+    because an earlier one ended: the variables of the calls before are gone.
     """
 
     value: str | None = None
     error: str | None = None
+    state_lost: bool = False
+    kernel_restarted: bool = False
 
 
 class _Timeout(Exception):
@@ -74,6 +87,14 @@ class _Cancelled(Exception):
 
 #: How often a cancellable call looks at its cancel event.
 _CANCEL_POLL_S = 0.1
+
+
+class _BadCwd(SetupError):
+    """The call's cwd does not exist in the sandbox (the code never ran)."""
+
+    def __init__(self, message: str, alive: bool) -> None:
+        super().__init__(message)
+        self.alive = alive
 
 
 def _frame(kind: bytes, payload: bytes) -> bytes:
@@ -153,35 +174,6 @@ class CallLimits:
 
 
 @dataclass
-class _Capture:
-    """One output stream of a call: redacted, then capped."""
-
-    cap: int | None
-    redactor: Any = None
-    data: bytearray = field(default_factory=bytearray)
-    truncated: bool = False
-
-    def add(self, chunk: bytes) -> bool:
-        """Keeps a chunk; False once the cap is passed."""
-        if self.redactor is not None:
-            chunk = self.redactor.feed(chunk)
-        return self._keep(chunk)
-
-    def finish(self) -> bool:
-        return self._keep(self.redactor.finish()) if self.redactor is not None else True
-
-    def _keep(self, chunk: bytes) -> bool:
-        if self.truncated:
-            return False
-        if self.cap is not None and len(self.data) + len(chunk) > self.cap:
-            self.data += chunk[: self.cap - len(self.data)]
-            self.truncated = True
-            return False
-        self.data += chunk
-        return True
-
-
-@dataclass
 class _ZygoteRun:
     """One start of the zygote: set when it listens, or when its call has ended."""
 
@@ -205,13 +197,16 @@ class WarmRuntimes:
         start_zygote: Callable[[Callable[[int, bytes], None]], dict[str, Any]],
         secrets: Mapping[str, str],
         enforcement: Mapping[str, str | None],
-        seccomp_profile: str | None,
+        seccomp: Mapping[str, Any] | None,
     ) -> None:
         self._session = session
         self._start_zygote = start_zygote
         self._secrets = dict(secrets)
         self._enforcement = dict(enforcement)
-        self._profile = seccomp_profile
+        self._seccomp = dict(seccomp) if seccomp is not None else None
+        self._profile: str | None = seccomp["profile"] if seccomp is not None else None
+        # Stateful kinds whose kernel ended: their next call starts a fresh one.
+        self._lost: set[Kind] = set()
         self._lock = threading.Lock()
         self._zygote: _ZygoteRun | None = None
         # Live worker connections: the stateful kernels, and idle stateless Node workers.
@@ -347,12 +342,14 @@ class WarmRuntimes:
             "stdin": base64.b64encode(stdin).decode() if stdin else None,
             "env": {**env, **secrets},
             "cwd": cwd,
-            "cpu_time": limits.cpu_time,
+            # Names the call: a kernel's answer to an earlier one is never taken for this one.
+            "call": secrets_mod.token_hex(8),
         }
-        kind: Kind = {
+        kinds: dict[tuple[str, bool], Kind] = {
             ("python", False): "python", ("python", True): "python-kernel",
             ("node", False): "node", ("node", True): "node-kernel",
-        }[(language, stateful)]
+        }
+        kind = kinds[(language, stateful)]
         for _ in range(ATTEMPTS):
             self.ensure_zygote()
             try:
@@ -383,9 +380,13 @@ class WarmRuntimes:
         secrets: Mapping[str, str],
     ) -> CodeResult:
         conn = self._connect()
-        frames = _frame(b"h", b'{"kind":"python"}') + _frame(b"r", json.dumps(request).encode())
         try:
-            return self._converse(conn, frames, deadline, started, limits, secrets)[0]
+            conn.send(_frame(b"h", b'{"kind":"python"}'), deadline)
+            return self._call(conn, request, deadline, started, limits, secrets, False)[0]
+        except _Gone:
+            raise _NotStarted from None
+        except _BadCwd as e:
+            raise SetupError(str(e)) from None
         finally:
             conn.close()
 
@@ -404,15 +405,27 @@ class WarmRuntimes:
                 kernel = self._stateful.pop(kind, None)
             else:
                 kernel = self._idle_node.pop() if self._idle_node else None
+        restarted = False
         if kernel is None:
             try:
                 kernel = self._open_kernel(kind, deadline)
             except _Gone:
                 raise _NotStarted from None
+            restarted = keep and kind in self._lost
         alive = False
         try:
-            frames = _frame(b"r", json.dumps(request).encode())
-            result, alive = self._converse(kernel, frames, deadline, started, limits, secrets)
+            try:
+                result, alive = self._call(
+                    kernel, request, deadline, started, limits, secrets, True
+                )
+            except _NotStarted:
+                # The kernel had ended between calls: its state is gone.
+                if keep:
+                    self._lost.add(kind)
+                raise
+            except _BadCwd as e:
+                alive = e.alive
+                raise SetupError(str(e)) from None
         finally:
             with self._lock:
                 if alive and not self._closed:
@@ -424,85 +437,74 @@ class WarmRuntimes:
                         kernel.close()
                 else:
                     kernel.close()
+        if keep:
+            if alive:
+                self._lost.discard(kind)
+            else:
+                self._lost.add(kind)
+            result = result.model_copy(
+                update={"state_lost": not alive, "kernel_restarted": restarted}
+            )
         return result
 
-    def _converse(
+    def _call(
         self,
         conn: _Conn,
-        frames: bytes,
+        request: dict[str, Any],
         deadline: float | None,
         started: float,
         limits: CallLimits,
         secrets: Mapping[str, str],
+        serves_on: bool,
     ) -> tuple[CodeResult, bool]:
-        """Sends a request and collects its output until "done". Returns the result and
-        whether the connection can serve another call."""
-        all_secrets = {**self._secrets, **secrets}
-        redactors = [_native.Redactor(all_secrets) if all_secrets else None for _ in range(2)]
-        out = _Capture(limits.max_output, redactors[0])
-        err = _Capture(limits.max_output, redactors[1])
-        host_reason: str | None = None
-        done: Any = {}
-        begun = False
+        """One call supervised by the core. Returns the result and whether the worker can
+        serve another call."""
+        spec = {
+            "argv": ["warm"],
+            "limits": {
+                "timeout": _remaining(deadline),
+                "cpu_time": limits.cpu_time,
+                "max_output": limits.max_output,
+            },
+            "secrets": [{"name": k, "value": v} for k, v in secrets.items()],
+            "seccomp": self._seccomp,
+        }
         try:
-            conn.send(frames, deadline)
-            while True:
-                kind, payload = conn.read(deadline, limits.cancel)
-                if kind == b"a":
-                    begun = True
-                    continue
-                if kind == b"d":
-                    done = json.loads(payload)
-                    break
-                capture = out if kind == b"o" else err if kind == b"e" else None
-                if capture is None:
-                    raise _Gone
-                if not capture.add(payload):
-                    host_reason = "output_limit"
-                    break
-        except _Timeout:
-            host_reason = "timeout"
-        except _Cancelled:
-            host_reason = "signaled"  # the caller closes the connection: the relay kills all
-        except (_Gone, ValueError):
-            if not begun:
-                raise _NotStarted from None
-            host_reason = "signaled"  # the relay vanished (killed from inside) or spoke nonsense
-        if not isinstance(done, dict):
-            done, host_reason = {}, "signaled"
-        for capture in (out, err):
-            if not capture.finish() and host_reason is None:
-                host_reason = "output_limit"
-        alive = host_reason is None and not done.get("kernel_exited", False)
-        reason = host_reason or _reason(done)
-        redact = redactors[0].redact if redactors[0] is not None else str
-        value = done.get("value")
-        error = done.get("error")
+            out = self._session.warm_call(
+                conn.sock.fileno(), json.dumps(request).encode(), json.dumps(spec), serves_on,
+                cancel=limits.cancel,
+            )
+        except SandboxIOError:
+            # The relay broke the protocol before the code began.
+            raise _NotStarted from None
+        if out is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _Timeout
+            raise _NotStarted
+        report = dict(out["report"])
+        report["wall_time_s"] = time.monotonic() - started
+        said = _json_object(out["result"])
+        if isinstance(said.get("cwd_error"), str):
+            # The code never ran; a kernel serves on with its state.
+            raise _BadCwd(f"cwd {said['cwd_error']}", bool(out["alive"]))
+        all_secrets = {**self._secrets, **secrets}
+        redactor = _native.Redactor(all_secrets) if all_secrets else None
+        redact = redactor.redact if redactor is not None else str
+        value, error = said.get("value"), said.get("error")
         value = _capped(redact(value), limits.max_output) if isinstance(value, str) else None
         error = _capped(redact(error), limits.max_output) if isinstance(error, str) else None
-        result = CodeResult(
-            exit_code=_int_or_none(done.get("exit_code")) if reason == "exited" else None,
-            signal=_int_or_none(done.get("signal")) if host_reason is None else None,
-            reason=reason,  # type: ignore[arg-type]
-            stdout_bytes=bytes(out.data),
-            stderr_bytes=bytes(err.data),
-            stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated,
-            wall_time_s=time.monotonic() - started,
-            cpu_time_s=_float(done.get("cpu_time_s")),
-            peak_memory_bytes=int(_float(done.get("peak_memory_bytes"))),
-            violations=[],
-            enforcement=self._call_enforcement(limits),
-            redactions=_counts(redactors),
-            seccomp_profile=self._profile,
-            value=value,
-            error=error,
-        )
-        return result, alive
+        if redactor is not None:
+            counts = dict(report.get("redactions") or {})
+            for name, n in redactor.counts.items():
+                if n:
+                    counts[name] = counts.get(name, 0) + int(n)
+            report["redactions"] = counts
+        result = CodeResult(**report, value=value, error=error)
+        return result, bool(out["alive"])
 
     def _failed(self, started: float, reason: str, limits: CallLimits) -> CodeResult:
         return CodeResult(
-            exit_code=None, signal=None, reason=reason,  # type: ignore[arg-type]
+            exit_code=None, signal=None, reason=reason,
             stdout_bytes=b"", stderr_bytes=b"",
             stdout_truncated=False, stderr_truncated=False,
             wall_time_s=time.monotonic() - started, cpu_time_s=0.0, peak_memory_bytes=0,
@@ -523,30 +525,13 @@ class WarmRuntimes:
         return e
 
 
-def _reason(done: Mapping[str, Any]) -> str:
-    sig = done.get("signal")
-    if sig is None:
-        return "exited" if isinstance(done.get("exit_code"), int) else "signaled"
-    return "cpu_time" if sig == signal.SIGXCPU else "signaled"
-
-
-def _counts(redactors: list[Any]) -> dict[str, int]:
-    """Redactions per secret name over a call's redactors."""
-    counts: dict[str, int] = {}
-    for r in redactors:
-        if r is not None:
-            for name, n in r.counts.items():
-                if n:
-                    counts[name] = counts.get(name, 0) + int(n)
-    return counts
-
-
-def _int_or_none(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _float(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else 0.0
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    """The worker's result frame as a dict ({} when it is missing or not an object)."""
+    try:
+        got = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
 
 
 def _capped(text: str, cap: int | None) -> str:

@@ -15,11 +15,18 @@ Connection kinds (first frame "h", JSON {"kind": ...}):
   node-kernel  one persistent node worker; requests share one vm context
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
-"r" request (JSON). Relay to host: "k" kernel ready, "a" the code begins (before it, the host
-may retry elsewhere), "o"/"e" stdout/stderr bytes, "d" done (JSON: exit_code, signal, value,
-error, cpu_time_s, peak_memory_bytes, kernel_exited).
-Closing the connection cancels: the relay kills its worker and every descendant, then exits.
-Nothing here is trusted by the host: it bounds, redacts and times every call itself.
+"r" request (JSON), "g" go, "e" a cell's call ended, "x" reap and sweep. Relay to host: "k"
+kernel ready, "f" (carrying the worker's pidfd, stdout and stderr read ends and seccomp
+listener as SCM_RIGHTS), "d" the worker's result (JSON: value, error, and a cell's exit_code),
+"z" swept.
+The host supervises each call itself (rust/core/src/warm.rs): it reads the worker's exit status
+from the kernel before telling the relay to reap it, measures CPU and memory in a cgroup of the
+call, answers the worker's seccomp listener, and pumps the output. Nothing the relay or the
+worker says is a fact of the report. Closing the connection cancels: the relay kills its worker
+and every descendant, then exits.
+
+The zygote and everything forked from it are not dumpable: no call can ptrace, read or write
+the memory (/proc/<pid>/mem) or open the fds of the zygote, of a relay or of another call.
 """
 
 import ast
@@ -34,10 +41,11 @@ import io
 import json
 import linecache
 import os
-import resource
+import platform
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -57,10 +65,14 @@ for _name in WARM_MODULES:
 _len, _dumps, _loads = len, json.dumps, json.loads
 _write, _read, _exit = os.write, os.read, os._exit
 
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), -1)
 CHUNK = 65536
 VALUE_CAP = 1 << 20
-TICKS = os.sysconf("SC_CLK_TCK")
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 # ---- framing -------------------------------------------------------------------------------
@@ -103,15 +115,6 @@ def read_frame_sock(sock):
 
 
 # ---- processes -----------------------------------------------------------------------------
-
-def proc_pid(pidfd):
-    """The pid of a pidfd's process as numbered in our /proc (the session's pid namespace)."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    return -1
-
 
 def ns_depth():
     """How many pid namespaces deep we are, counted from our /proc's (NSpid entries)."""
@@ -160,7 +163,34 @@ def oom_score_adj(value):
 
 def subreaper():
     """Orphaned descendants become our children (and so cannot escape a sweep)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def not_dumpable():
+    """No process of the sandbox (same uid, no capabilities) may ptrace us, open our
+    /proc/<pid>/mem, environ or fds: inherited by every fork."""
+    if LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def own_listener(bpf, to_relay):
+    """Installs the session's filter again, on this worker alone, with a listener of its own
+    (the newest filter's listener gets this process's refusals): the host attributes every
+    refused call of this worker, and of what it starts, to its call. The listener goes to
+    the relay and is closed here before any code runs."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    fd = LIBC.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                      ctypes.byref(prog))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER)")
+    socket.send_fds(to_relay, [b"l"], [fd])
+    os.close(fd)
+    to_relay.close()
 
 
 def has_children():
@@ -185,40 +215,13 @@ def kill_tree(me, depth):
         time.sleep(0.001)
 
 
-def cpu_of(procnum):
-    """(own, own + reaped children's) CPU seconds of /proc pid `procnum`."""
-    try:
-        with open(f"/proc/{procnum}/stat") as f:
-            t = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
-        return (t[0] + t[1]) / TICKS, sum(t) / TICKS
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0.0
-
-
-def hwm_of(procnum):
-    """Peak resident memory (VmHWM) of /proc pid `procnum`, bytes."""
-    try:
-        with open(f"/proc/{procnum}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def exit_info(status):
-    if os.WIFSIGNALED(status):
-        return {"exit_code": None, "signal": os.WTERMSIG(status)}
-    return {"exit_code": os.WEXITSTATUS(status), "signal": None}
-
-
 # ---- running Python code -------------------------------------------------------------------
 
-def user_traceback(exc, filename):
-    """The traceback from the user's code down (the server's own frames left out)."""
+def user_traceback(exc, module):
+    """The traceback from the user's code down: the server's own frames left out. (They are
+    told apart by their globals, not by file name: the server itself runs as "<string>".)"""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+    while tb is not None and tb.tb_frame.f_globals is not module.__dict__:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
@@ -240,7 +243,11 @@ def run_code(req, module, filename):
     sys.stdin = io.TextIOWrapper(io.BytesIO(base64.b64decode(req.get("stdin") or "")))
     os.environ.update(req.get("env") or {})
     if req.get("cwd"):
-        os.chdir(req["cwd"])
+        try:
+            os.chdir(req["cwd"])
+        except OSError as e:
+            return {"exit_code": 127, "value": None, "error": None,
+                    "cwd_error": f"{req['cwd']}: {e.strerror}"}
     value = error = None
     exit_code = 0
     try:
@@ -255,7 +262,7 @@ def run_code(req, module, filename):
     except SystemExit as e:
         exit_code = exit_code_of(e)
     except BaseException as e:
-        error = user_traceback(e, filename)
+        error = user_traceback(e, module)
         sys.stderr.write(error)
         exit_code = 1
     flush_std()
@@ -281,8 +288,8 @@ def flush_std():
 def python_worker(ctl_in, ctl_out, warmed=None):
     """Worker loop: run requests from ctl_in, report each result on ctl_out. A request with
     "once" is the worker's only one: it then shuts down as the interpreter would, kills what
-    the code left running, reports, and exits (its relay answers without waiting for the exit;
-    it reaps and sweeps again afterwards)."""
+    the code left running, reports, and exits with the code's status (which the host reads
+    from the kernel)."""
     subreaper()
     me, depth = int(os.readlink("/proc/self")), ns_depth()
     # A first run while idle takes the copy-on-write faults off the first request's path.
@@ -299,6 +306,7 @@ def python_worker(ctl_in, ctl_out, warmed=None):
         req = _loads(got[1])
         if not req.get("once"):
             result = run_code(req, module, f"<cell {n}>")
+            result["call"] = req.get("call")
             write_all_fd(ctl_out, frame(b"r", _dumps(result).encode()))
             continue
         result = run_code(req, module, "<string>")
@@ -309,30 +317,35 @@ def python_worker(ctl_in, ctl_out, warmed=None):
             atexit._run_exitfuncs()
             flush_std()
             kill_tree(me, depth)
-            usage = [resource.getrusage(resource.RUSAGE_SELF),
-                     resource.getrusage(resource.RUSAGE_CHILDREN)]
-            result["cpu_time_s"] = sum(u.ru_utime + u.ru_stime for u in usage)
-            result["peak_memory_bytes"] = max(u.ru_maxrss for u in usage) * 1024
-            result["signal"] = None
             write_all_fd(ctl_out, frame(b"r", _dumps(result).encode()))
         finally:
-            # Even when the code broke what the lines above use, the exit status is right
-            # (the relay then reports it, sweeping as usual).
+            # Even when the code broke what the lines above use, the exit status is right.
             _exit(result["exit_code"] & 0xFF)
 
 
 # ---- the relay -----------------------------------------------------------------------------
 
+def answers(result, call):
+    """Whether a worker's result frame is the answer to request `call`."""
+    try:
+        got = json.loads(result)
+    except ValueError:
+        return False
+    return isinstance(got, dict) and got.get("call") == call
+
+
 class Relay:
-    """One connection: owns a worker, relays its output, enforces cancellation.
+    """One connection: owns a worker, hands its descriptors to the host for each call, reaps
+    and sweeps when the host says so, enforces cancellation.
 
     Relays are forked ahead of time with a pristine Python worker already waiting, so a call
     costs no fork; a Node connection replaces that worker with a node process."""
 
-    def __init__(self, inherited, warmed):
+    def __init__(self, inherited, warmed, bpf):
         self.me = int(os.readlink("/proc/self"))
         self.depth = ns_depth()
         self.conn = None
+        self.bpf = bpf
         self.start_worker(None, inherited, warmed)
         if warmed is not None:
             os.close(warmed)
@@ -342,14 +355,23 @@ class Relay:
         err_r, err_w = os.pipe()
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
+        lst_r, lst_w = socket.socketpair() if self.bpf else (None, None)
         pid = os.fork()
         if pid == 0:
             try:
                 for fd in (out_r, err_r, req_w, res_r, *inherited):
                     os.close(fd)
+                if lst_r is not None:
+                    lst_r.close()
                 if self.conn is not None:
                     self.conn.close()
                 oom_score_adj(1000)  # the code that uses the memory goes first, not the sandbox
+                if lst_w is not None:
+                    try:
+                        own_listener(self.bpf, lst_w)
+                    except OSError:
+                        traceback.print_exc()
+                        raise  # no code runs unfiltered: the worker dies, the call is refused
                 null = os.open("/dev/null", os.O_RDONLY)
                 os.dup2(null, 0)
                 os.dup2(out_w, 1)
@@ -364,9 +386,17 @@ class Relay:
                 os._exit(127)
         for fd in (out_w, err_w, req_r, res_w):
             os.close(fd)
+        self.listener = None
+        if lst_r is not None:
+            lst_w.close()
+            try:
+                _, fds, _, _ = socket.recv_fds(lst_r, 1, 1)
+            except OSError:
+                fds = []
+            lst_r.close()
+            self.listener = fds[0] if fds else None
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
-        self.procnum = proc_pid(self.pidfd)
         self.req, self.res = req_w, res_r
         self.res_open = True
         self.streams = {out_r: b"o", err_r: b"e"}
@@ -376,25 +406,18 @@ class Relay:
         os.waitpid(self.pid, 0)
         for fd in (self.pidfd, self.req, self.res, *self.streams):
             os.close(fd)
+        if self.listener is not None:
+            os.close(self.listener)
         self.start_worker(node_argv)
 
     def send(self, kind, payload=b""):
         self.conn.sendall(frame(kind, payload))
 
-    def pump(self, fd, forward=True):
-        """Move what one output pipe holds now (at EOF, stop watching it)."""
-        data = os.read(fd, CHUNK)
-        if not data:
+    def drop_output(self, fd):
+        """Read and drop what one output pipe holds now (at EOF, stop watching it)."""
+        if not os.read(fd, CHUNK):
             del self.streams[fd]
             os.close(fd)
-        elif forward:
-            self.send(self.streams[fd], data)
-
-    def drain(self, to_eof):
-        """Forward what is left in the output pipes (until EOF, or until empty)."""
-        for fd in list(self.streams):
-            while fd in self.streams and (to_eof or select.select([fd], [], [], 0)[0]):
-                self.pump(fd)
 
     def cancel(self):
         """The host closed the connection (or spoke out of turn): end everything."""
@@ -408,48 +431,87 @@ class Relay:
             self.res_open = False
         return got
 
-    def wait(self, results, forward=True):
-        """Relay output (or drop it) until the worker sends a frame on its result pipe (when
-        `results`) or exits. Returns (frame or None, ended: the worker is gone)."""
+    def worker_ended(self):
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+    def start_up(self):
+        """Wait for a Node worker's "k" (its start-up output is dropped). False: it died."""
         while True:
             watch = [self.conn, self.pidfd, *self.streams]
-            if results and self.res_open:
+            if self.res_open:
                 watch.append(self.res)
             ready = select.select(watch, [], [])[0]
+            if self.conn in ready:
+                self.cancel()
             for fd in ready:
-                if fd is self.conn:
-                    self.cancel()
-                elif fd in self.streams:
-                    self.pump(fd, forward)
+                if fd in self.streams:
+                    self.drop_output(fd)
             if self.res in ready:
                 got = self.read_result()
                 if got is not None:
-                    return got, False
+                    return got[0] == b"k"
             if self.pidfd in ready:
-                return None, True
+                return False
 
-    def reap(self, got=None):
-        """The worker exited: kill what it left, forward the rest of its output, and build
-        the done record (its result `got`, or one still in the pipe, and how it ended)."""
-        _, status, usage = os.wait4(self.pid, 0)
+    def hand_over(self):
+        """Give the host the worker's pidfd, output pipes and listener, and wait for "g"."""
+        fds = [self.pidfd, *self.streams]
+        if self.listener is not None:
+            fds.append(self.listener)
+        socket.send_fds(self.conn, [frame(b"f", b"")], fds)
+        got = read_frame_sock(self.conn)
+        if got is None or got[0] != b"g":
+            self.cancel()
+
+    def follow(self, cell, call=None):
+        """During a call: forward the worker's result; on "x" (the host has read how the
+        worker ended) reap and sweep. Returns True when a cell answered and the worker serves
+        on, False once swept. A cell's result must name its call: one left over from an
+        earlier call (e.g. after code wrote a result of its own) is dropped."""
+        sent = False
+        while True:
+            watch = [self.conn]
+            if self.res_open and not sent:
+                watch.append(self.res)
+            ready = select.select(watch, [], [])[0]
+            if self.res in ready:
+                got = self.read_result()
+                if got is not None and got[0] == b"r" and (not cell or answers(got[1], call)):
+                    self.send(b"d", got[1])
+                    sent = True
+                    if cell:
+                        return self.call_ended()
+            if self.conn in ready:
+                got = read_frame_sock(self.conn)
+                if got is None or got[0] != b"x":
+                    self.cancel()
+                self.sweep(sent)
+                return False
+
+    def call_ended(self):
+        """After a cell's answer: the host reads what the cell printed, then says "e" (the
+        worker serves on) or "x" (it ended meanwhile). Output is only dropped after that."""
+        got = read_frame_sock(self.conn)
+        if got is None or got[0] not in (b"e", b"x"):
+            self.cancel()
+        if got[0] == b"x":
+            self.sweep(True)
+            return False
+        return True
+
+    def sweep(self, sent):
+        """Reap the worker, kill and reap what it left, pass on a result still in the pipe."""
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
         kill_tree(self.me, self.depth)
-        self.drain(to_eof=True)
-        if got is None and self.res_open:
+        while not sent and self.res_open:
             got = self.read_result()
-        done = json.loads(got[1]) if got is not None and got[0] == b"r" else {}
-        done.update(exit_info(status))
-        done["cpu_time_s"] = usage.ru_utime + usage.ru_stime
-        done["peak_memory_bytes"] = usage.ru_maxrss * 1024
-        return done
-
-    def limit_cpu(self, seconds):
-        """RLIMIT_CPU of the worker: `seconds` more than it has used (None: no limit)."""
-        if seconds:
-            own = cpu_of(self.procnum)[0]
-            soft = int(-(-(own + seconds) // 1))
-        else:
-            soft = resource.RLIM_INFINITY
-        resource.prlimit(self.pid, resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+            if got is not None and got[0] == b"r":
+                self.send(b"d", got[1])
+                sent = True
+        self.send(b"z")
 
     def serve(self, conn):
         self.conn = conn
@@ -461,9 +523,7 @@ class Relay:
         if kind.startswith("node"):
             mode = "stateful" if kind == "node-kernel" else "stateless"
             self.replace_worker(["node", "-e", hello.get("source", ""), "--", mode])
-            got, ended = self.wait(results=True, forward=False)  # start-up output is dropped
-            if ended or got[0] != b"k":
-                self.finish(self.reap())
+            if not self.start_up():
                 return
         if kind == "python":
             self.run_once()
@@ -473,74 +533,52 @@ class Relay:
 
     def run_once(self):
         got = read_frame_sock(self.conn)
-        if got is None or got[0] != b"r":
+        if got is None or got[0] != b"r" or self.worker_ended():
             return
         req = json.loads(got[1])
-        self.limit_cpu(req.get("cpu_time"))
         req["once"] = True
-        self.send(b"a")  # the code begins: from here on the host must not retry
+        self.hand_over()
         write_all_fd(self.req, frame(b"r", json.dumps(req).encode()))
         os.close(self.req)
-        got, ended = self.wait(results=True)
-        if ended:
-            self.send(b"d", json.dumps(self.reap()).encode())
-            return
-        # The worker has run the code, swept its processes and flushed: answer now, without
-        # waiting for its exit (the sweep after serving makes sure).
-        self.drain(to_eof=False)
-        self.send(b"d", got[1])
+        self.follow(cell=False)
 
     def run_kernel(self):
         while True:
-            got, ended = self.wait_request()
-            if ended:
-                self.finish(self.reap())
+            got = self.wait_request()
+            if got is None:
                 return
-            self.call_kernel(got[1])
+            self.hand_over()
+            write_all_fd(self.req, frame(b"r", got[1]))
+            if not self.follow(cell=True, call=json.loads(got[1]).get("call")):
+                return
 
     def wait_request(self):
-        """Between calls: drop stray output, wait for the next request or the worker's end."""
+        """Between calls: drop stray output, wait for the next request (None: the worker
+        ended, the connection closes and the host starts a new kernel)."""
         while True:
             ready = select.select([self.conn, self.pidfd, *self.streams], [], [])[0]
             for fd in ready:
                 if fd in self.streams:
-                    self.pump(fd, forward=False)
+                    self.drop_output(fd)
             if self.pidfd in ready:
-                return None, True
+                return None
             if self.conn in ready:
                 got = read_frame_sock(self.conn)
                 if got is None or got[0] != b"r":
                     self.cancel()
-                return got, False
-
-    def call_kernel(self, payload):
-        req = json.loads(payload)
-        total = cpu_of(self.procnum)[1]
-        self.limit_cpu(req.get("cpu_time"))
-        self.send(b"a")
-        write_all_fd(self.req, frame(b"r", payload))
-        got, ended = self.wait(results=True)
-        if ended:
-            self.finish(self.reap())
-            return
-        self.drain(to_eof=False)
-        if req.get("cpu_time"):
-            self.limit_cpu(None)
-        done = json.loads(got[1])
-        done["signal"] = None
-        done["cpu_time_s"] = max(0.0, cpu_of(self.procnum)[1] - total)
-        done["peak_memory_bytes"] = hwm_of(self.procnum)
-        self.send(b"d", json.dumps(done).encode())
-
-    def finish(self, done):
-        """The kernel is gone: say so with the last done record; the connection ends."""
-        done["kernel_exited"] = True
-        self.send(b"d", json.dumps(done).encode())
+                return got
 
 
 # ---- the zygote ----------------------------------------------------------------------------
 
-def spare(server, taken_w, zygote_only, warmed=None):
+def from_host(conn):
+    """Only the host may drive a relay: a peer outside our pid namespace has pid 0 here. (A
+    process of the sandbox connecting would otherwise get a worker's descriptors.)"""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0] == 0
+
+
+def spare(server, taken_w, zygote_only, bpf, warmed=None):
     """Fork a relay (with its worker) that waits to accept the next connection. `zygote_only`:
     fds the relay closes; `warmed`: a pipe end the worker closes once warmed up."""
     pid = os.fork()
@@ -551,11 +589,13 @@ def spare(server, taken_w, zygote_only, warmed=None):
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         subreaper()
-        relay = Relay(inherited=(server.fileno(), taken_w), warmed=warmed)
+        relay = Relay(inherited=(server.fileno(), taken_w), warmed=warmed, bpf=bpf)
         conn, _ = server.accept()
         os.write(taken_w, b"x")
         server.close()
         os.close(taken_w)
+        if not from_host(conn):
+            return
         conn.setblocking(True)
         try:
             relay.serve(conn)
@@ -567,7 +607,9 @@ def spare(server, taken_w, zygote_only, warmed=None):
 
 
 def main():
+    not_dumpable()
     path = sys.argv[1]
+    bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
     home = os.path.dirname(path)
     if os.path.islink(home) or (os.path.exists(home) and not os.path.isdir(home)):
         os.unlink(home)  # whatever code in the sandbox put there
@@ -588,7 +630,7 @@ def main():
     # Forks share the zygote's pages until written: keep the collector off them.
     gc.freeze()
     warmed_r, warmed_w = os.pipe()
-    waiting = spare(server, taken_w, (taken_r, warmed_r), warmed_w)
+    waiting = spare(server, taken_w, (taken_r, warmed_r), bpf, warmed_w)
     os.close(warmed_w)
     os.read(warmed_r, 1)  # "ready" means the first call runs at full speed
     os.close(warmed_r)
@@ -604,7 +646,7 @@ def main():
         if ready:
             # The spare took a connection (or died): fork the next one.
             os.close(waiting)
-            waiting = spare(server, taken_w, (taken_r,))
+            waiting = spare(server, taken_w, (taken_r,), bpf)
             continue
         # A zygote whose socket was removed or replaced can never be reached again.
         try:

@@ -418,6 +418,66 @@ impl RunCgroup {
             .unwrap_or(0)
     }
 
+    /// A child of this cgroup for one warm call: accounting only (CPU time, peak memory, OOM
+    /// kills of that call alone), no limits of its own; the session's limits apply above it.
+    /// On v2 only `cpu.stat` exists in it (the session cgroup holds processes, so it cannot
+    /// enable controllers for children). `None` when no child could be made.
+    pub fn child(&self) -> Option<RunCgroup> {
+        let name = unique_name();
+        let mut cg = RunCgroup {
+            v2: None,
+            v1: Vec::new(),
+            enforced: Vec::new(),
+            removed: AtomicBool::new(false),
+        };
+        if let Some(p) = &self.v2 {
+            let path = p.join(&name);
+            fs::create_dir(&path).ok()?;
+            cg.v2 = Some(path);
+            return Some(cg);
+        }
+        for (c, p) in &self.v1 {
+            if matches!(c, Controller::Memory | Controller::CpuAcct) {
+                let path = p.join(&name);
+                if fs::create_dir(&path).is_ok() {
+                    cg.v1.push((*c, path));
+                }
+            }
+        }
+        (!cg.v1.is_empty()).then_some(cg)
+    }
+
+    /// Whether this cgroup reports peak memory and OOM kills (v1 memory, or v2 with memory).
+    pub fn measures_memory(&self) -> bool {
+        match &self.v2 {
+            Some(p) => p.join("memory.peak").exists(),
+            None => self.v1_path(Controller::Memory).is_some(),
+        }
+    }
+
+    /// Host pids of the processes in this cgroup.
+    pub fn procs(&self) -> Vec<i32> {
+        self.dirs()
+            .next()
+            .and_then(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Moves every process of this cgroup back to its parent (before it is removed while they
+    /// live on, e.g. a stateful kernel between calls).
+    pub fn release_to_parent(&self) -> io::Result<()> {
+        for dir in self.dirs() {
+            let parent = dir.parent().ok_or_else(|| io::Error::other("cgroup without parent"))?;
+            let text = fs::read_to_string(dir.join("cgroup.procs"))?;
+            for pid in text.lines() {
+                // A process that exited meanwhile is gone from the list anyway.
+                let _ = write(&parent.join("cgroup.procs"), pid.trim());
+            }
+        }
+        Ok(())
+    }
+
     /// Freezes (true) or thaws (false) every process of the run.
     pub fn freeze(&self, frozen: bool) -> io::Result<()> {
         if let Some(p) = &self.v2 {

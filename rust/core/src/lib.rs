@@ -22,6 +22,7 @@ pub mod session;
 pub mod spawn;
 pub mod spec;
 pub mod supervise;
+pub mod warm;
 
 pub use error::{Error, Result};
 pub use files::{DirEntry, FileReader, FileWriter};

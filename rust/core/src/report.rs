@@ -30,6 +30,32 @@ pub enum Reason {
     Seccomp,
 }
 
+impl Reason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Reason; 7] = [
+        Reason::Exited,
+        Reason::Signaled,
+        Reason::Timeout,
+        Reason::Memory,
+        Reason::CpuTime,
+        Reason::OutputLimit,
+        Reason::Seccomp,
+    ];
+
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Exited => "exited",
+            Reason::Signaled => "signaled",
+            Reason::Timeout => "timeout",
+            Reason::Memory => "memory",
+            Reason::CpuTime => "cpu_time",
+            Reason::OutputLimit => "output_limit",
+            Reason::Seccomp => "seccomp",
+        }
+    }
+}
+
 /// What enforced a limit. `None` in the map means the limit was requested but not enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Enforcer {
@@ -48,6 +74,28 @@ pub enum Enforcer {
     /// The supervisor process (timers, output pumps).
     #[serde(rename = "supervisor")]
     Supervisor,
+}
+
+impl Enforcer {
+    /// Every enforcer, in declaration order.
+    pub const ALL: [Enforcer; 5] = [
+        Enforcer::CgroupV2,
+        Enforcer::CgroupV1,
+        Enforcer::Rlimit,
+        Enforcer::Tmpfs,
+        Enforcer::Supervisor,
+    ];
+
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Enforcer::CgroupV2 => "cgroup-v2",
+            Enforcer::CgroupV1 => "cgroup-v1",
+            Enforcer::Rlimit => "rlimit",
+            Enforcer::Tmpfs => "tmpfs",
+            Enforcer::Supervisor => "supervisor",
+        }
+    }
 }
 
 /// Something the sandbox refused, reported rather than hidden.
@@ -249,5 +297,15 @@ mod tests {
         // Nothing new the second time.
         rep.redact_fields(&r);
         assert_eq!(rep.redactions.get("TOKEN"), Some(&4));
+    }
+
+    #[test]
+    fn names_are_the_serialized_forms() {
+        for r in Reason::ALL {
+            assert_eq!(serde_json::to_value(r).ok(), Some(r.name().into()));
+        }
+        for e in Enforcer::ALL {
+            assert_eq!(serde_json::to_value(e).ok(), Some(e.name().into()));
+        }
     }
 }

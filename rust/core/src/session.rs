@@ -167,6 +167,30 @@ impl Session {
         Ok(report)
     }
 
+    /// Supervises one warm call of the session's warm runtime (see [`crate::warm`]): the
+    /// call's `env`/`secrets` are added to the session's as in [`Session::exec`], its
+    /// timeout, CPU time and output cap apply, and it is accounted in its own child of the
+    /// session's cgroup. `Ok(None)`: the worker was gone before the code began.
+    pub fn warm_call(
+        &self,
+        call: &RunSpec,
+        req: crate::warm::WarmRequest<'_>,
+        hooks: Hooks<'_>,
+    ) -> Result<Option<crate::warm::WarmOutcome>> {
+        let mut spec = call.clone();
+        let mut secrets = self.base.secrets.clone();
+        secrets.extend(call.secrets.iter().cloned());
+        spec.secrets = secrets;
+        let redactor = crate::redactor_for(&spec)?;
+        let ctx = self.with_holder(|h| {
+            Ok(crate::warm::CallContext {
+                enforcement: h.enforcement.clone(),
+                cgroup: h.cgroup.as_ref().and_then(|c| c.child()),
+            })
+        })?;
+        crate::warm::supervise_call(&spec, req, ctx, &redactor, hooks)
+    }
+
     /// The report of a call that could not start before its timeout because the session was
     /// paused: nothing ran.
     fn timed_out_while_paused(&self, spec: &RunSpec, waited: Duration) -> Result<RunReport> {

@@ -51,19 +51,20 @@ const CPU_POLL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the pipes to close once PID 1 is gone (every process is dead by then;
 /// this only bounds a kernel that is slow to tear the namespace down).
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-struct Pump {
-    fd: Option<OwnedFd>,
-    redactor: StreamRedactor,
-    stored: Vec<u8>,
+/// One output stream of a run: read, redacted, capped, streamed to the sink.
+pub(crate) struct Pump {
+    pub(crate) fd: Option<OwnedFd>,
+    pub(crate) redactor: StreamRedactor,
+    pub(crate) stored: Vec<u8>,
     raw_len: u64,
-    truncated: bool,
+    pub(crate) truncated: bool,
     stream: Stream,
 }
 
 impl Pump {
-    fn new(fd: OwnedFd, redactor: &Redactor, stream: Stream) -> Pump {
+    pub(crate) fn new(fd: OwnedFd, redactor: &Redactor, stream: Stream) -> Pump {
         set_nonblocking(&fd);
         Pump {
             fd: Some(fd),
@@ -92,7 +93,7 @@ impl Pump {
     }
 
     /// Reads what is available. Returns false at EOF.
-    fn read(
+    pub(crate) fn read(
         &mut self,
         buf: &mut [u8],
         cap: u64,
@@ -137,14 +138,14 @@ impl Pump {
         }
     }
 
-    fn finish(&mut self, cap: u64, sink: &mut Option<Sink<'_>>) {
+    pub(crate) fn finish(&mut self, cap: u64, sink: &mut Option<Sink<'_>>) {
         let mut out = Vec::new();
         self.redactor.finish(&mut out);
         self.store(&out, cap, sink);
     }
 }
 
-fn set_nonblocking(fd: &impl AsRawFd) {
+pub(crate) fn set_nonblocking(fd: &impl AsRawFd) {
     // SAFETY: fcntl on a descriptor we own.
     unsafe {
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);

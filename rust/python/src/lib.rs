@@ -92,5 +92,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     session::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
+    // The one definition of the report's vocabularies (cellblock.result uses these).
+    let reasons: Vec<&str> = cellblock_core::Reason::ALL.iter().map(|r| r.name()).collect();
+    m.add("REASONS", pyo3::types::PyTuple::new(m.py(), reasons)?)?;
+    let enforcers: Vec<&str> = cellblock_core::Enforcer::ALL.iter().map(|e| e.name()).collect();
+    m.add("ENFORCERS", pyo3::types::PyTuple::new(m.py(), enforcers)?)?;
     Ok(())
 }

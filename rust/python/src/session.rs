@@ -127,6 +127,48 @@ impl Session {
         crate::report_to_dict(py, &report)
     }
 
+    /// Supervises one warm call through the connected relay socket `sock_fd` (borrowed, not
+    /// closed): sends `request`, takes the worker's descriptors, and returns None when the
+    /// worker was gone before the code began, else `{"report": <report dict>, "result":
+    /// <the worker's result frame, bytes or None>, "alive": <the worker lives on>}`.
+    #[pyo3(signature = (sock_fd, request, spec_json, stateful, on_output=None, cancel=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn warm_call<'py>(
+        &self,
+        py: Python<'py>,
+        sock_fd: i32,
+        request: Vec<u8>,
+        spec_json: &str,
+        stateful: bool,
+        on_output: Option<PyObject>,
+        cancel: Option<PyObject>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let spec = parse_spec(spec_json, None, None)?;
+        if sock_fd < 0 {
+            return Err(to_pyerr(cellblock_core::Error::InvalidSpec(
+                "sock_fd must be an open descriptor".into(),
+            )));
+        }
+        // SAFETY: the caller keeps the socket open for the duration of the call.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock_fd) };
+        let outcome = watched(py, on_output, cancel, |hooks| {
+            let req = cellblock_core::warm::WarmRequest {
+                sock,
+                request: &request,
+                stateful,
+            };
+            self.inner.warm_call(&spec, req, hooks)
+        })?;
+        let Some(o) = outcome else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("report", crate::report_to_dict(py, &o.report)?)?;
+        d.set_item("result", o.result.as_deref().map(|r| PyBytes::new(py, r)))?;
+        d.set_item("alive", o.worker_alive)?;
+        Ok(Some(d))
+    }
+
     /// Freezes every process of the session.
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
         py.allow_threads(|| self.inner.pause()).map_err(to_pyerr)
