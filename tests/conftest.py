@@ -91,9 +91,17 @@ WORKER = textwrap.dedent('''\
             t.join()
         return {"result": out}
 
+    import cellblock.cells
     for line in sys.stdin:
         req = json.loads(line)
-        reply = run_many(req["runs"]) if req["op"] == "run_many" else {"result": stats()}
+        if req["op"] == "run_many":
+            reply = run_many(req["runs"])
+        elif req["op"] == "cells":
+            if req.get("drain"):
+                cellblock.cells.drain()
+            reply = {"result": cellblock.cells.stats().model_dump()}
+        else:
+            reply = {"result": stats()}
         print(json.dumps(reply), flush=True)
 ''')
 
@@ -135,6 +143,11 @@ class Runner:
 
     def stats(self) -> dict[str, Any]:
         """fds, threads, pid, interpreter prefix and runtime binds of the calling process."""
+        raise NotImplementedError
+
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        """The caller's cell pool counters; `drain` first drops its ready cells and waits for
+        every teardown (what is left afterwards is a leak)."""
         raise NotImplementedError
 
     def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
@@ -196,6 +209,13 @@ class InProcessRunner(Runner):
         return {"fds": len(os.listdir("/proc/self/fd")), "threads": int(threads[0].split()[1]),
                 "pid": os.getpid(), "prefix": os.path.realpath(sys.base_prefix),
                 "ro_binds": cellblock.sandbox.runtime_prefixes(), "tmpdir": tempfile.gettempdir()}
+
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        import cellblock.cells
+
+        if drain:
+            assert cellblock.cells.drain(), "cells did not drain in time"
+        return cellblock.cells.stats().model_dump()
 
 
 class WorkerRunner(Runner):
@@ -265,6 +285,10 @@ class WorkerRunner(Runner):
 
     def stats(self) -> dict[str, Any]:
         self.send({"op": "stats"})
+        return self.receive()
+
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        self.send({"op": "cells", "drain": drain})
         return self.receive()
 
 

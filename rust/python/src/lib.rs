@@ -8,6 +8,7 @@ use cellblock_core::RunReport;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod cells;
 mod errors;
 mod redact;
 mod session;
@@ -46,18 +47,22 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
 ///
 /// `spec_json` is a RunSpec as JSON; `stdin` and `bpf` carry the byte buffers; `on_output`, when
 /// given, is called as `on_output(stream: int, data: bytes)` (1 = stdout, 2 = stderr) with
-/// redacted output as it arrives.
+/// redacted output as it arrives; `cells=False` builds the sandbox now even when a pre-created
+/// cell is ready.
 #[pyfunction]
-#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None))]
+#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cells=true))]
 fn run<'py>(
     py: Python<'py>,
     spec_json: &str,
     stdin: Option<Vec<u8>>,
     bpf: Option<Vec<u8>>,
     on_output: Option<PyObject>,
+    cells: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let spec = session::parse_spec(spec_json, stdin, bpf)?;
-    let report = session::watched(py, on_output, |hooks| cellblock_core::run(&spec, hooks))?;
+    let report = session::watched(py, on_output, |hooks| {
+        cellblock_core::run_with(&spec, hooks, cells)
+    })?;
     report_to_dict(py, &report)
 }
 
@@ -85,6 +90,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     redact::register(m)?;
     session::register(m)?;
+    cells::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     Ok(())
