@@ -554,3 +554,12 @@ def run_in_userns(pkgdir: Path, argv: list[str], *, uid: int, no_nesting: bool =
            "IN_USERNS_NO_NESTING": "1" if no_nesting else "0"}
     return subprocess.run(["/usr/bin/python3", str(script), *argv], check=False,
                           capture_output=True, text=True, env=env, timeout=WORKER_DEADLINE, cwd="/")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many of this process's runs pre-created cells served (the rest: cold path)."""
+    import cellblock.cells
+
+    s = cellblock.cells.stats()
+    terminalreporter.write_line(f"cellblock cells (in-process runs): {s.hits} served by a ready "
+                                f"cell, {s.misses} cold, {s.built} built, {s.failed} failed")

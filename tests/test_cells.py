@@ -116,14 +116,16 @@ def test_a_thousand_pooled_runs_leave_nothing(sandbox: Runner) -> None:
     sandbox.cells(drain=True)
     mounts = Path(f"/proc/{pid}/mountinfo").read_text()
     fds = sandbox.stats()["fds"]
-    assert children_of(pid) == [] and own_cellblock_cgroups(pid) == []
+    # Other children of the caller (pytest's own workers) are not the pool's.
+    others = set(children_of(pid))
+    assert own_cellblock_cgroups(pid) == []
     start = sandbox.cells()
     peak_children = peak_cgroups = 0
     for i in range(100):
         results = sandbox.run_many([(["true"], {})] * 10) if i % 10 == 0 else [
             sandbox.run(["true"]) for _ in range(10)]
         assert all(r.reason == "exited" and r.exit_code == 0 for r in results)
-        peak_children = max(peak_children, len(children_of(pid)))
+        peak_children = max(peak_children, len(set(children_of(pid)) - others))
         peak_cgroups = max(peak_cgroups, len(own_cellblock_cgroups(pid)))
     end = sandbox.cells()
     runs = end["hits"] + end["misses"] - start["hits"] - start["misses"]
@@ -133,7 +135,7 @@ def test_a_thousand_pooled_runs_leave_nothing(sandbox: Runner) -> None:
     assert end["hits"] - start["hits"] >= 500, (start, end)
     assert peak_children <= MAX_CHILDREN and peak_cgroups <= MAX_CHILDREN
     assert sandbox.cells(drain=True)["ready"] == 0
-    assert children_of(pid) == []
+    assert set(children_of(pid)) == others
     assert own_cellblock_cgroups(pid) == []
     assert Path(f"/proc/{pid}/mountinfo").read_text() == mounts
     assert sandbox.stats()["fds"] == fds
@@ -172,4 +174,6 @@ def test_cells_die_with_their_owner() -> None:
     finally:
         owner.kill()
         owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
         remove_cgroups_of(owner.pid)
