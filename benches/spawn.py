@@ -96,6 +96,34 @@ def phases(runs: int) -> list[list[str]]:
     ]
 
 
+def cell_memory() -> str:
+    """What one ready cell costs: its PID 1's private memory (USS) and page tables."""
+    cellblock.run(["/bin/true"])
+    deadline = time.monotonic() + 10
+    while cellblock.cells.stats().ready < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    me = str(os.getpid())
+    uss, pte = [], []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            if stat[1] != me:
+                continue
+            rollup = Path(f"/proc/{entry.name}/smaps_rollup").read_text().splitlines()
+            status = Path(f"/proc/{entry.name}/status").read_text().splitlines()
+        except OSError:
+            continue
+        kb = {l.split(":")[0]: int(l.split()[1]) for l in rollup[1:] if l.split()[-1] == "kB"}
+        uss.append(kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0))
+        pte += [int(l.split()[1]) for l in status if l.startswith("VmPTE:")]
+    if not uss:
+        return "no ready cell to measure"
+    return (f"{len(uss)} ready cell(s): USS {statistics.median(uss) / 1024:.2f} MiB, page tables "
+            f"{statistics.median(pte):.0f} KiB each (pool bound: {cellblock.cells.stats().max_cells})")
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -132,6 +160,7 @@ def main() -> None:
     print(table(["command", "runner", "p50 ms", "p99 ms", "vs bwrap (p50)"], rows))
     print("\nWhere the time goes, `/bin/true`, median of 100 interleaved runs (ms):\n")
     print(table(["phase", "cold", "pooled"], phases(100)))
+    print(f"\nMemory: {cell_memory()}")
 
 
 if __name__ == "__main__":

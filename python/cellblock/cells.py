@@ -6,7 +6,9 @@ Cells are built ahead by a background thread in the native core, sized from obse
 and bounded (`max_cells` in all, `per_shape` per shape); each serves one run and is torn down
 after its report is returned. A run with no ready cell builds its sandbox at once (the cold
 path): same isolation, same report. Turn cells off with `configure(False)`,
-`CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`.
+`CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
+makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path: the
+test suite run that way proves every isolation claim through cells.
 """
 
 from __future__ import annotations

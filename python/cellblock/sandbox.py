@@ -89,12 +89,16 @@ def build_spec(
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
     }
     if compiled is not None:
-        spec["seccomp"] = {
-            "profile": compiled.profile,
-            "names": {str(k): v for k, v in compiled.names.items()},
-            "on_violation": compiled.on_violation,
-        }
+        spec["seccomp"] = compiled.spec_section
     return spec
+
+
+def encode_spec(spec: dict[str, Any], compiled: CompiledFilter | None) -> str:
+    """`json.dumps(spec)`, reusing the seccomp entry's encoding (the same for every run)."""
+    if compiled is None or spec.get("seccomp") is not compiled.spec_section:
+        return json.dumps(spec)
+    rest = json.dumps({k: v for k, v in spec.items() if k != "seccomp"})
+    return f'{rest[:-1]}, "seccomp": {compiled.spec_section_json}}}'
 
 
 def run(
@@ -137,6 +141,6 @@ def run(
     spec = build_spec(argv, merged, all_secrets, compiled)
     data = stdin.encode() if isinstance(stdin, str) else stdin
     report = _native.run(
-        json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cells
+        encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output, cells
     )
     return RunResult(**report)

@@ -248,7 +248,7 @@ pub(crate) fn plan_limits(
 
 fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Prepared> {
     let (mounts, identity) = prepare_sandbox(spec, resolv_conf)?;
-    let target = prepare_target(spec, rlimits)?;
+    let target = prepare_target(spec, rlimits, true)?;
     Ok(Prepared {
         mounts,
         identity,
@@ -284,8 +284,12 @@ pub(crate) fn prepare_sandbox(
 }
 
 /// Everything the command's process needs: argv, environment, exec candidates, cwd, rlimits,
-/// seccomp filter.
-pub(crate) fn prepare_target(spec: &RunSpec, rlimits: Vec<Rlimit>) -> Result<TargetPlan> {
+/// seccomp filter, and (`with_stack`) the stack it starts on.
+pub(crate) fn prepare_target(
+    spec: &RunSpec,
+    rlimits: Vec<Rlimit>,
+    with_stack: bool,
+) -> Result<TargetPlan> {
     let mut env: BTreeMap<&str, &str> = spec
         .env
         .iter()
@@ -328,7 +332,11 @@ pub(crate) fn prepare_target(spec: &RunSpec, rlimits: Vec<Rlimit>) -> Result<Tar
         rlimits,
         seccomp,
         last_cap: last_cap(),
-        stack: vec![0; child::TARGET_STACK],
+        stack: if with_stack {
+            vec![0; child::TARGET_STACK]
+        } else {
+            Vec::new()
+        },
     })
 }
 

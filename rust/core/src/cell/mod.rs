@@ -49,7 +49,8 @@ pub fn run(spec: &RunSpec, hooks: Hooks<'_>, use_cells: bool) -> Result<RunRepor
 /// or the cell is gone) and the run takes the cold path.
 fn start_in(mut cell: Cell, spec: &RunSpec) -> Result<Option<Started>> {
     let (rlimits, enforcement) = spawn::plan_limits(spec, cell.cgroup.as_ref());
-    let target = spawn::prepare_target(spec, rlimits)?;
+    // The cell's PID 1 has its own stack for the command, made before it was cloned.
+    let target = spawn::prepare_target(spec, rlimits, false)?;
     let Some(msg) = wire::encode(cell.buf, &target) else {
         return Ok(None);
     };

@@ -32,6 +32,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(500);
 /// After a failed build, the shape is not built again for this long.
 const RETRY: Duration = Duration::from_secs(5);
+/// In wait mode, how long a run waits for a cell before taking the cold path.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// The parts of a spec fixed when a sandbox is built (limits the cgroup and the mounts carry,
 /// extra binds); everything else is sent with the request.
@@ -261,6 +263,9 @@ struct State {
     demand: HashMap<Shape, Demand>,
     building: bool,
     enabled: bool,
+    /// Runs wait for a cell of their shape instead of taking the cold path
+    /// (`CELLBLOCK_CELLS=wait`: proves a test suite passes entirely through cells).
+    wait: bool,
     bounds: Bounds,
     stats: Stats,
 }
@@ -329,10 +334,12 @@ fn pool_cell() -> &'static OnceLock<Option<&'static Pool>> {
 /// thread could be started.
 fn pool() -> Option<&'static Pool> {
     let p = (*pool_cell().get_or_init(|| {
-        let enabled = std::env::var("CELLBLOCK_CELLS").map_or(true, |v| v != "0");
+        let mode = std::env::var("CELLBLOCK_CELLS").unwrap_or_default();
+        let enabled = mode != "0";
         let p: &'static Pool = Box::leak(Box::new(Pool {
             state: Mutex::new(State {
                 enabled,
+                wait: mode == "wait",
                 stats: Stats {
                     enabled,
                     ..Stats::default()
@@ -429,11 +436,22 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
     if found.is_none() {
         d.want = (d.want + 1).min(per_shape);
         d.last_miss = now;
-        st.stats.misses += 1;
-    } else {
-        st.stats.hits += 1;
     }
     p.wake.notify_all();
+    let deadline = now + WAIT_LIMIT;
+    while found.is_none() && st.wait && st.enabled {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        st = p.built.wait_timeout(st, left).ok()?.0;
+        found = st.ready.get_mut(shape).and_then(Vec::pop);
+    }
+    if found.is_some() {
+        st.stats.hits += 1;
+    } else {
+        st.stats.misses += 1;
+    }
     found
 }
 
