@@ -25,7 +25,9 @@ MAX_CELLS = 4
 
 
 def ready_cell(sandbox: Runner, **kwargs: Any) -> dict[str, Any]:
-    """Makes the pool want a cell of this run shape and waits until one is ready."""
+    """Makes the pool want a cell of this run shape and waits until one is ready (the first run
+    of a shape only records it; the second asks for a cell)."""
+    sandbox.run(["true"], **kwargs)
     sandbox.run(["true"], **kwargs)
     return wait_for(lambda: (c := sandbox.cells())["ready"] >= 1 and c, "a ready cell", 30)
 
@@ -152,6 +154,7 @@ def state(pid: int) -> str | None:
 OWNER = textwrap.dedent("""\
     import os, sys, time
     import cellblock, cellblock.cells
+    cellblock.run(["true"])
     cellblock.run(["true"])
     while cellblock.cells.stats().ready < 1:
         time.sleep(0.01)

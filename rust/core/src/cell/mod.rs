@@ -25,9 +25,43 @@ use teardown::Remains;
 
 pub use pool::{configure, drain, stats, Stats};
 
+/// Runs of this process in progress (cold or pooled): background work waits for none.
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Longest that background work (building a cell, tearing a sandbox down) defers to runs in
+/// progress, so that it does not compete with them for the CPU on small machines.
+const DEFER_LIMIT: Duration = Duration::from_millis(20);
+
+/// Counts a run in progress until dropped.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> InFlight {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits (at most [`DEFER_LIMIT`]) until no run of this process is in progress.
+pub(crate) fn defer_to_runs() {
+    let deadline = std::time::Instant::now() + DEFER_LIMIT;
+    while IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 /// Runs `spec` in a pre-created cell when one with its shape is ready (and `use_cells`), else
 /// in a sandbox built now; either way the same isolation and the same report.
 pub fn run(spec: &RunSpec, hooks: Hooks<'_>, use_cells: bool) -> Result<RunReport> {
+    let _in_flight = InFlight::new();
     spawn::validate(spec)?;
     let redactor = crate::redactor_for(spec)?;
     let cell = if use_cells {

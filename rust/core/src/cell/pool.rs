@@ -1,7 +1,8 @@
 //! The pool: a few ready cells per policy shape, built ahead by one background thread.
 //!
-//! Sizing follows demand: a shape's first run takes the cold path and asks for one cell; every
-//! run that finds none ready asks for one more (up to [`Bounds::per_shape`]); a shape that goes
+//! Sizing follows demand: a shape's first run only records it (a process that runs once, such
+//! as the CLI, never builds a cell it would not use); each later run that finds no cell ready
+//! asks for one more (up to [`Bounds::per_shape`]); a shape that goes
 //! [`DECAY`] without such a miss wants one fewer, and one unused for [`IDLE`] none at all.
 //! The whole pool holds at most [`Bounds::max_cells`] cells (each one process, one cgroup and
 //! a copy-on-write image of the caller), and a cell older than [`MAX_AGE`] is replaced so that
@@ -381,6 +382,7 @@ fn builder(p: &'static Pool) {
         st.building = true;
         drop(st);
         drop(dropped);
+        super::defer_to_runs();
         let result = build(&shape);
         st = match lock(p) {
             Some(g) => g,
@@ -426,6 +428,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
             }
         }
     }
+    let seen = st.demand.contains_key(shape) || st.wait;
     let d = st.demand.entry(shape.clone()).or_insert(Demand {
         want: 0,
         last_use: now,
@@ -433,7 +436,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
         retry_at: now,
     });
     d.last_use = now;
-    if found.is_none() {
+    if found.is_none() && seen {
         d.want = (d.want + 1).min(per_shape);
         d.last_miss = now;
     }

@@ -31,17 +31,20 @@ struct Worker {
     queue: Mutex<Queue>,
     wake: Condvar,
     done: Condvar,
+    /// The process whose thread serves the queue (a forked child has no such thread).
+    owner: u32,
 }
 
-/// The background worker, started on first use (None: no thread could be started, and
-/// teardown happens inline).
+/// The background worker, started on first use (None: no thread could be started, or this is
+/// a forked child of its process, which has no such thread: teardown then happens inline).
 fn worker() -> Option<&'static Worker> {
     static W: OnceLock<Option<&'static Worker>> = OnceLock::new();
-    *W.get_or_init(|| {
+    let w = *W.get_or_init(|| {
         let w: &'static Worker = Box::leak(Box::new(Worker {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             done: Condvar::new(),
+            owner: std::process::id(),
         }));
         std::thread::Builder::new()
             .name("cellblock-teardown".into())
@@ -49,7 +52,8 @@ fn worker() -> Option<&'static Worker> {
             .ok()?;
         super::register_exit_flush();
         Some(w)
-    })
+    });
+    w.filter(|w| w.owner == std::process::id())
 }
 
 fn serve(w: &'static Worker) {
@@ -66,6 +70,7 @@ fn serve(w: &'static Worker) {
                 };
             }
         };
+        super::defer_to_runs();
         tear_down(item);
         if let Ok(mut q) = w.queue.lock() {
             q.pending -= 1;
