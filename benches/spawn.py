@@ -86,7 +86,8 @@ def phases(runs: int) -> list[list[str]]:
     m = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     return [
         ["Python: policy, seccomp lookup (cached), spec JSON", f"{m['py']:.2f}", f"{m['py']:.2f}"],
-        ["native before the clock starts (spec parse, plan, cgroup mkdir; pooled: take a cell)",
+        ["native before the clock starts (spec parse, plan, cgroup mkdir; pooled: take a cell) "
+         "and after it (report to Python)",
          f"{m['cold total'] - m['cold wall'] - m['py']:.2f}",
          f"{m['pooled total'] - m['pooled wall'] - m['py']:.2f}"],
         ["clock: build sandbox (cold) or send request (pooled), exec, status, output EOF",

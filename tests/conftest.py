@@ -234,6 +234,8 @@ class WorkerRunner(Runner):
             self.proc = subprocess.Popen(
                 [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={self.pkgdir}",
                  f"TMPDIR={self.pkgdir / 'tmp'}", f"CELLBLOCK_TEST_CANARY={self.canary}",
+                 # CELLBLOCK_CELLS=wait (every run through a cell) applies to the worker too.
+                 f"CELLBLOCK_CELLS={os.environ.get('CELLBLOCK_CELLS', '')}",
                  "/usr/bin/python3",
                  str(self.pkgdir / "worker.py")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd="/",

@@ -25,8 +25,9 @@ MAX_CELLS = 4
 
 
 def ready_cell(sandbox: Runner, **kwargs: Any) -> dict[str, Any]:
-    """Makes the pool want a cell of this run shape and waits until one is ready (the first run
-    of a shape only records it; the second asks for a cell)."""
+    """Makes the pool want a cell of this run shape only and waits until one is ready (after a
+    drain, the first run of a shape only records it; the second asks for a cell)."""
+    sandbox.cells(drain=True)
     sandbox.run(["true"], **kwargs)
     sandbox.run(["true"], **kwargs)
     return wait_for(lambda: (c := sandbox.cells())["ready"] >= 1 and c, "a ready cell", 30)
