@@ -29,10 +29,13 @@ import cellblock  # noqa: E402
 import cellblock.cells  # noqa: E402
 from _env import interleaved, median_ms, percentile, print_environment, table  # noqa: E402
 from cellblock.policy import Policy  # noqa: E402
-from cellblock.sandbox import build_spec, resolve_seccomp, runtime_prefixes  # noqa: E402
+from cellblock.sandbox import build_spec, default_env, resolve_seccomp, runtime_prefixes  # noqa: E402
 
 PY = os.path.realpath(sys.executable)
 NODE = shutil.which("node")
+#: bare and bwrap get the environment cellblock runs get: nothing of the caller's (which here
+#: holds e.g. NODE_EXTRA_CA_CERTS, making node parse the whole CA bundle at start-up).
+ENV = default_env(runtime_prefixes())
 
 
 def bwrap_argv(cmd: list[str]) -> list[str]:
@@ -53,12 +56,12 @@ def checked(r: cellblock.RunResult) -> None:
 
 def runners(cmd: list[str], have_bwrap: bool) -> dict[str, Callable[[], object]]:
     cases: dict[str, Callable[[], object]] = {
-        "bare": lambda: subprocess.run(cmd, check=True),
+        "bare": lambda: subprocess.run(cmd, check=True, env=ENV),
         "cellblock cold": lambda: checked(cellblock.run(cmd, cells=False)),
         "cellblock pooled": lambda: checked(cellblock.run(cmd)),
     }
     if have_bwrap:
-        cases["bwrap"] = lambda: subprocess.run(bwrap_argv(cmd), check=True)
+        cases["bwrap"] = lambda: subprocess.run(bwrap_argv(cmd), check=True, env=ENV)
     return cases
 
 

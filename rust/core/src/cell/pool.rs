@@ -428,7 +428,8 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
             }
         }
     }
-    let seen = st.demand.contains_key(shape) || st.wait;
+    // A shape seen before (or any shape in wait mode) asks for one more cell when none is ready.
+    let asks = st.demand.contains_key(shape) || st.wait;
     let d = st.demand.entry(shape.clone()).or_insert(Demand {
         want: 0,
         last_use: now,
@@ -436,7 +437,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
         retry_at: now,
     });
     d.last_use = now;
-    if found.is_none() && seen {
+    if found.is_none() && asks {
         d.want = (d.want + 1).min(per_shape);
         d.last_miss = now;
     }
@@ -462,25 +463,20 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
 /// keeps none ready). Turning them off drops the ready ones.
 pub fn configure(enabled: bool, bounds: Option<Bounds>) {
     let Some(p) = pool() else { return };
-    let dropped: Vec<Cell> = match lock(p) {
-        Some(mut st) => {
-            st.enabled = enabled;
-            st.stats.enabled = enabled;
-            if let Some(b) = bounds {
-                st.bounds = b;
-            }
-            let total_ok = st.enabled;
-            p.wake.notify_all();
-            if total_ok {
-                Vec::new()
-            } else {
-                st.demand.clear();
-                st.ready.drain().flat_map(|(_, v)| v).collect()
-            }
-        }
-        None => Vec::new(),
-    };
-    drop(dropped);
+    let Some(mut st) = lock(p) else { return };
+    st.enabled = enabled;
+    st.stats.enabled = enabled;
+    if let Some(b) = bounds {
+        st.bounds = b;
+    }
+    p.wake.notify_all();
+    if !enabled {
+        st.demand.clear();
+        let dropped: Vec<Cell> = st.ready.drain().flat_map(|(_, v)| v).collect();
+        // Dropped (teardown queued) without holding the pool's lock.
+        drop(st);
+        drop(dropped);
+    }
 }
 
 /// Drops every ready cell and forgets demand, then waits (at most `limit`) until no build is
