@@ -92,9 +92,17 @@ WORKER = textwrap.dedent('''\
             t.join()
         return {"result": out}
 
+    import cellblock.cells
     for line in sys.stdin:
         req = json.loads(line)
-        reply = run_many(req["runs"]) if req["op"] == "run_many" else {"result": stats()}
+        if req["op"] == "run_many":
+            reply = run_many(req["runs"])
+        elif req["op"] == "cells":
+            if req.get("drain"):
+                cellblock.cells.drain()
+            reply = {"result": cellblock.cells.stats().model_dump()}
+        else:
+            reply = {"result": stats()}
         print(json.dumps(reply), flush=True)
 ''')
 
@@ -136,6 +144,11 @@ class Runner:
 
     def stats(self) -> dict[str, Any]:
         """fds, threads, pid, interpreter prefix and runtime binds of the calling process."""
+        raise NotImplementedError
+
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        """The caller's cell pool counters; `drain` first drops its ready cells and waits for
+        every teardown (what is left afterwards is a leak)."""
         raise NotImplementedError
 
     def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
@@ -198,6 +211,13 @@ class InProcessRunner(Runner):
                 "pid": os.getpid(), "prefix": os.path.realpath(sys.base_prefix),
                 "ro_binds": cellblock.sandbox.runtime_prefixes(), "tmpdir": tempfile.gettempdir()}
 
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        import cellblock.cells
+
+        if drain:
+            assert cellblock.cells.drain(), "cells did not drain in time"
+        return cellblock.cells.stats().model_dump()
+
 
 class WorkerRunner(Runner):
     """`cellblock.run` in a long-lived worker process running as uid 65534."""
@@ -215,6 +235,8 @@ class WorkerRunner(Runner):
             self.proc = subprocess.Popen(
                 [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={self.pkgdir}",
                  f"TMPDIR={self.pkgdir / 'tmp'}", f"CELLBLOCK_TEST_CANARY={self.canary}",
+                 # CELLBLOCK_CELLS=wait (every run through a cell) applies to the worker too.
+                 f"CELLBLOCK_CELLS={os.environ.get('CELLBLOCK_CELLS', '')}",
                  "/usr/bin/python3",
                  str(self.pkgdir / "worker.py")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd="/",
@@ -266,6 +288,10 @@ class WorkerRunner(Runner):
 
     def stats(self) -> dict[str, Any]:
         self.send({"op": "stats"})
+        return self.receive()
+
+    def cells(self, drain: bool = False) -> dict[str, Any]:
+        self.send({"op": "cells", "drain": drain})
         return self.receive()
 
 
@@ -531,3 +557,12 @@ def run_in_userns(pkgdir: Path, argv: list[str], *, uid: int, no_nesting: bool =
            "IN_USERNS_NO_NESTING": "1" if no_nesting else "0"}
     return subprocess.run(["/usr/bin/python3", str(script), *argv], check=False,
                           capture_output=True, text=True, env=env, timeout=WORKER_DEADLINE, cwd="/")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many of this process's runs pre-created cells served (the rest: cold path)."""
+    import cellblock.cells
+
+    s = cellblock.cells.stats()
+    terminalreporter.write_line(f"cellblock cells (in-process runs): {s.hits} served by a ready "
+                                f"cell, {s.misses} cold, {s.built} built, {s.failed} failed")

@@ -53,6 +53,9 @@ def children_of(pid: int) -> list[int]:
 
 
 def snapshot(sandbox: Runner) -> dict[str, Any]:
+    # Ready cells are the pool's standing state, not leftovers: drop them (and finish every
+    # teardown) before looking. tests/test_cells.py bounds the pool while it is up.
+    sandbox.cells(drain=True)
     st = sandbox.stats()
     pid = st["pid"]
     return {

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyseccomp
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -63,6 +64,17 @@ class CompiledFilter:
     bpf: bytes
     names: dict[int, str]
     on_violation: str
+
+    @functools.cached_property
+    def spec_section(self) -> dict[str, Any]:
+        """The run spec's `seccomp` entry (built once: the names cover ~300 calls)."""
+        return {"profile": self.profile, "names": {str(k): v for k, v in self.names.items()},
+                "on_violation": self.on_violation}
+
+    @functools.cached_property
+    def spec_section_json(self) -> str:
+        """`spec_section` as JSON, encoded once."""
+        return json.dumps(self.spec_section)
 
 
 class _ArgSpec(BaseModel):

@@ -468,7 +468,9 @@ impl RunCgroup {
     /// live on, e.g. a stateful kernel between calls).
     pub fn release_to_parent(&self) -> io::Result<()> {
         for dir in self.dirs() {
-            let parent = dir.parent().ok_or_else(|| io::Error::other("cgroup without parent"))?;
+            let parent = dir
+                .parent()
+                .ok_or_else(|| io::Error::other("cgroup without parent"))?;
             let text = fs::read_to_string(dir.join("cgroup.procs"))?;
             for pid in text.lines() {
                 // A process that exited meanwhile is gone from the list anyway.

@@ -114,7 +114,7 @@ pub struct TargetPlan {
     /// `KEY=VALUE` environment strings.
     pub envp: CStringArray,
     /// Paths to try with execve, in order.
-    pub exec_candidates: Vec<CString>,
+    pub exec_candidates: CStringArray,
     /// Working directory.
     pub cwd: CString,
     /// (resource, limit) pairs applied with setrlimit.
@@ -131,10 +131,48 @@ pub struct TargetPlan {
 pub const TARGET_STACK: usize = 256 * 1024;
 
 impl TargetPlan {
-    fn stack_top(&self) -> *mut libc::c_void {
-        let end = self.stack.as_ptr() as usize + self.stack.len();
-        (end & !15) as *mut libc::c_void
+    /// The plan as the allocation-free view the command's process is started from.
+    pub fn view(&self) -> TargetView<'_> {
+        TargetView {
+            argv: self.argv.as_ptr(),
+            envp: self.envp.as_ptr(),
+            exec_candidates: self.exec_candidates.ptrs(),
+            cwd: self.cwd.as_ptr(),
+            rlimits: &self.rlimits,
+            seccomp: self.seccomp.as_ref().map(|p| p.insns()),
+            last_cap: self.last_cap,
+            stack_top: stack_top(&self.stack),
+        }
     }
+}
+
+/// The 16-byte aligned top of a stack buffer.
+pub fn stack_top(stack: &[u8]) -> *mut libc::c_void {
+    let end = stack.as_ptr() as usize + stack.len();
+    (end & !15) as *mut libc::c_void
+}
+
+/// What starting the command needs, as plain pointers and slices: built from a [`TargetPlan`],
+/// or (in a pre-created cell's PID 1, which may not allocate) decoded in place from a request
+/// (see `crate::cell::wire`).
+#[derive(Debug, Clone, Copy)]
+pub struct TargetView<'a> {
+    /// NULL-terminated argv.
+    pub argv: *const *const libc::c_char,
+    /// NULL-terminated `KEY=VALUE` environment.
+    pub envp: *const *const libc::c_char,
+    /// Paths to try with execve, in order.
+    pub exec_candidates: &'a [*const libc::c_char],
+    /// Working directory.
+    pub cwd: *const libc::c_char,
+    /// (resource, limit) pairs applied with setrlimit.
+    pub rlimits: &'a [(libc::__rlimit_resource_t, u64)],
+    /// The seccomp filter, if any.
+    pub seccomp: Option<&'a [libc::sock_filter]>,
+    /// Highest capability number of this kernel.
+    pub last_cap: u32,
+    /// Top of the stack the command's process runs on until execve.
+    pub stack_top: *mut libc::c_void,
 }
 
 /// Owned C strings plus the NULL-terminated pointer array execve wants, built before fork.
@@ -166,6 +204,11 @@ impl CStringArray {
     /// The strings.
     pub fn strings(&self) -> &[CString] {
         &self.strings
+    }
+
+    /// The pointers, without the terminating NULL.
+    pub fn ptrs(&self) -> &[*const libc::c_char] {
+        &self.ptrs[..self.strings.len()]
     }
 }
 
@@ -248,10 +291,12 @@ pub struct InitPlan<'a> {
     pub net: Option<&'a crate::net::ChildPlan>,
     /// Address ranges of the caller's argv and environment strings, zeroed in the child.
     pub wipe: &'a [(usize, usize)],
+    /// A pre-created cell: once built, wait for one request and run it (`target` is None).
+    pub serve: Option<&'a crate::cell::init::ServePlan>,
 }
 
 /// Writes an error record and exits. Never returns.
-fn fail(err_fd: libc::c_int, stage: Stage, index: u32, errno: i32) -> ! {
+pub(crate) fn fail(err_fd: libc::c_int, stage: Stage, index: u32, errno: i32) -> ! {
     let mut rec = [0u8; 12];
     rec[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
     rec[4..8].copy_from_slice(&index.to_ne_bytes());
@@ -411,16 +456,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     // PID 1 is a copy of the caller and looks as big to the OOM killer. A session holder must
     // never be its victim (only possible with CAP_SYS_RESOURCE, i.e. as real root); an init that
     // runs a command is the preferred victim, which ends its run with reason "memory".
-    let adj: &[u8] = if plan.target.is_some() {
-        b"1000"
-    } else {
-        b"-1000"
-    };
+    let runs_command = plan.target.is_some() || plan.serve.is_some();
+    let adj: &[u8] = if runs_command { b"1000" } else { b"-1000" };
     let _ = write_file(b"/proc/self/oom_score_adj\0", adj);
     // After the id maps: a non-dumpable process can no longer write its own /proc files. A
     // session holder stays dumpable so the (unprivileged) supervisor can still join it; no call
     // can see it, calls live in pid namespaces nested below it.
-    if plan.target.is_some() {
+    if runs_command {
         // SAFETY: prctl has no memory effects.
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     }
@@ -565,7 +607,7 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             );
             // A credential change resets the parent-death signal and dumpability (to the host's
             // fs.suid_dumpable): set both again.
-            if plan.target.is_some() {
+            if runs_command {
                 libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
             }
             if plan.pdeathsig {
@@ -574,19 +616,30 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
     }
 
-    let Some(target) = plan.target else {
-        // A session holder: keep the namespaces alive, reap orphans, until killed.
-        // SAFETY: closing fds we no longer need.
-        unsafe {
-            libc::close(fds.err);
-            libc::close(fds.stdin);
-            libc::close(fds.stdout);
-            libc::close(fds.stderr);
-            libc::close(fds.fdsock);
-        }
-        hold(plan.lifeline)
+    let target = match (plan.target, plan.serve) {
+        (Some(t), _) => t.view(),
+        (None, Some(serve)) => crate::cell::init::await_request(serve, fds),
+        (None, None) => hold_session(plan.lifeline, fds),
     };
+    start_and_wait(target, fds)
+}
 
+/// A session holder: close what only a command needs, then hold the namespaces.
+fn hold_session(lifeline: libc::c_int, fds: &ChildFds) -> ! {
+    // Keep the namespaces alive, reap orphans, until killed.
+    // SAFETY: closing fds we no longer need.
+    unsafe {
+        libc::close(fds.err);
+        libc::close(fds.stdin);
+        libc::close(fds.stdout);
+        libc::close(fds.stderr);
+        libc::close(fds.fdsock);
+    }
+    hold(lifeline)
+}
+
+/// PID 1's last part: start the command and reap until it ends, then report its status.
+fn start_and_wait(target: TargetView<'_>, fds: &ChildFds) -> ! {
     // Block the signals we forward before the target exists, so none is lost.
     // SAFETY: sigset manipulation on a stack value.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -609,7 +662,7 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     // of the caller's, possibly large) until execve instead of copying its page tables again;
     // we are suspended meanwhile. It runs on its own stack, prepared before the first fork.
     let ctx = TargetCtx { target, fds: *fds };
-    let stack_top = target.stack_top();
+    let stack_top = target.stack_top;
     // SAFETY: glibc's clone wrapper runs `target_entry(&ctx)` on `stack_top` (16-byte aligned,
     // owned by `target`, alive until we resume after the child's execve or exit).
     let pid = unsafe {
@@ -654,9 +707,20 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
                 // SAFETY: getrusage fills a stack value; writing the record then exiting; the
                 // kernel kills every other process of the namespace when PID 1 exits.
                 unsafe {
+                    // Every other process of the namespace descends from us now (orphans are
+                    // reparented to PID 1 before their parent can be reaped): with no child
+                    // left, nothing but PID 1 remains and the supervisor need not wait for
+                    // PID 1's exit to know that the run is over.
+                    let alone = loop {
+                        let mut st = 0;
+                        let r = libc::waitpid(-1, &mut st, libc::WNOHANG | libc::__WALL);
+                        if r <= 0 {
+                            break r < 0 && errno() == libc::ECHILD;
+                        }
+                    };
                     let mut ru: libc::rusage = std::mem::zeroed();
                     libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
-                    let rec = StatusRecord::new(status, &ru).to_bytes();
+                    let rec = StatusRecord::new(status, &ru, alone).to_bytes();
                     libc::write(fds.status, rec.as_ptr().cast(), rec.len());
                     libc::_exit(0);
                 }
@@ -808,19 +872,22 @@ pub struct StatusRecord {
     pub stime_us: u64,
     /// Largest resident set, KiB.
     pub maxrss_kb: u64,
+    /// No process but PID 1 was left in the sandbox when the command ended.
+    pub alone: bool,
 }
 
 impl StatusRecord {
     /// Size of the encoded record.
-    pub const LEN: usize = 28;
+    pub const LEN: usize = 32;
 
-    fn new(status: i32, ru: &libc::rusage) -> StatusRecord {
+    fn new(status: i32, ru: &libc::rusage, alone: bool) -> StatusRecord {
         let us = |t: libc::timeval| (t.tv_sec as u64) * 1_000_000 + t.tv_usec as u64;
         StatusRecord {
             status,
             utime_us: us(ru.ru_utime),
             stime_us: us(ru.ru_stime),
             maxrss_kb: ru.ru_maxrss as u64,
+            alone,
         }
     }
 
@@ -830,6 +897,7 @@ impl StatusRecord {
         b[4..12].copy_from_slice(&self.utime_us.to_ne_bytes());
         b[12..20].copy_from_slice(&self.stime_us.to_ne_bytes());
         b[20..28].copy_from_slice(&self.maxrss_kb.to_ne_bytes());
+        b[28..32].copy_from_slice(&u32::from(self.alone).to_ne_bytes());
         b
     }
 
@@ -841,6 +909,7 @@ impl StatusRecord {
             utime_us: u(4),
             stime_us: u(12),
             maxrss_kb: u(20),
+            alone: u32::from_ne_bytes([b[28], b[29], b[30], b[31]]) == 1,
         }
     }
 }
@@ -863,7 +932,7 @@ const SECBITS_LOCKED_NOROOT: libc::c_ulong = 0xEF;
 
 /// Argument of [`target_entry`].
 struct TargetCtx<'a> {
-    target: &'a TargetPlan,
+    target: TargetView<'a>,
     fds: ChildFds,
 }
 
@@ -871,11 +940,11 @@ extern "C" fn target_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `TargetCtx` PID 1 passed to clone; PID 1 is suspended (CLONE_VFORK)
     // so it stays valid until execve or exit.
     let ctx = unsafe { &*(arg as *const TargetCtx<'_>) };
-    exec_target(ctx.target, &ctx.fds)
+    exec_target(&ctx.target, &ctx.fds)
 }
 
 /// The target: set up the process, shed every privilege, install seccomp, execve. Never returns.
-fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
+fn exec_target(t: &TargetView<'_>, fds: &ChildFds) -> ! {
     // SAFETY: raw syscalls on our own process state; every pointer refers to prepared data.
     unsafe {
         libc::setsid();
@@ -897,7 +966,7 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::umask(0o022);
-        if libc::chdir(t.cwd.as_ptr()) < 0 {
+        if libc::chdir(t.cwd) < 0 {
             fail(fds.err, Stage::Process, 1, errno());
         }
         for (i, (res, val)) in t.rlimits.iter().enumerate() {
@@ -952,7 +1021,7 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         }
 
         // Seccomp last: from here on the filter judges every call, execve included.
-        if let Some(prog) = &t.seccomp {
+        if let Some(prog) = t.seccomp {
             match seccomp::install(prog) {
                 Ok(listener) => {
                     if let Err(e) = fdpass::send_fd(fds.fdsock, listener) {
@@ -966,8 +1035,8 @@ fn exec_target(t: &TargetPlan, fds: &ChildFds) -> ! {
         libc::close(fds.fdsock);
 
         let mut best = libc::ENOENT;
-        for path in &t.exec_candidates {
-            libc::execve(path.as_ptr(), t.argv.as_ptr(), t.envp.as_ptr());
+        for path in t.exec_candidates {
+            libc::execve(*path, t.argv, t.envp);
             let e = errno();
             // Like execvp: a permission problem is more telling than a missing file.
             if e != libc::ENOENT && e != libc::ENOTDIR {

@@ -10,19 +10,22 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+mod cache;
+pub use cache::cached;
+
 /// Where the new root is assembled (in the child's private mount namespace, so the host never
 /// sees it). The first that exists on the host is used.
-const BASE_CANDIDATES: &[&str] = &["/mnt", "/tmp", "/var/tmp"];
+pub(crate) const BASE_CANDIDATES: &[&str] = &["/mnt", "/tmp", "/var/tmp"];
 
 /// Host directories bound read-only when they exist (symlinks, as on merged-/usr systems, are
 /// recreated as symlinks).
-const SYSTEM_DIRS: &[&str] = &[
+pub(crate) const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
 ];
 
 /// What of the host's /etc runtimes need. Everything else (shadow, ssh keys, sudoers, the host's
 /// user list) stays invisible.
-const ETC_ALLOW: &[&str] = &[
+pub(crate) const ETC_ALLOW: &[&str] = &[
     "alternatives",
     "bash.bashrc",
     "ca-certificates",
@@ -55,7 +58,7 @@ const ETC_ALLOW: &[&str] = &[
 const COPY_MAX: u64 = 256 * 1024;
 
 /// Host device nodes bound into the sandbox's /dev.
-const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Hostname inside every sandbox.
 pub const HOSTNAME: &str = "cellblock";

@@ -7,6 +7,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("cellblock-core needs Linux namespaces, cgroups and seccomp");
 
+pub mod cell;
 pub mod cgroup;
 pub mod child;
 pub mod error;
@@ -43,10 +44,13 @@ pub fn redactor_for(spec: &RunSpec) -> Result<Redactor> {
 }
 
 /// Runs `spec` in a fresh sandbox and reports what happened. `hooks` can receive the redacted
-/// output live and interrupt the run.
+/// output live and interrupt the run. A pre-created cell serves the run when one of its shape is
+/// ready (see [`cell`]; `CELLBLOCK_CELLS=0` or [`cell::configure`] turns that off).
 pub fn run(spec: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
-    let redactor = redactor_for(spec)?;
-    let started = spawn::start(spec)?;
-    let report = supervise::supervise_spec(started, spec, &redactor, hooks);
-    Ok(report)
+    cell::run(spec, hooks, true)
+}
+
+/// [`run`], choosing whether a pre-created cell may serve it (`false`: always built now).
+pub fn run_with(spec: &RunSpec, hooks: Hooks<'_>, use_cells: bool) -> Result<RunReport> {
+    cell::run(spec, hooks, use_cells)
 }

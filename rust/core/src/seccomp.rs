@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 /// Size of one `struct sock_filter` instruction.
 const INSN_LEN: usize = std::mem::size_of::<libc::sock_filter>();
 /// The kernel's limit on a classic BPF program (BPF_MAXINSNS).
-const MAX_INSNS: usize = 4096;
+pub const MAX_INSNS: usize = 4096;
 /// Room past the structs we know, in case the running kernel's versions are larger.
 const SPARE: usize = 64;
 
@@ -64,18 +64,24 @@ impl Program {
             .collect();
         Ok(Program { insns })
     }
+
+    /// The decoded instructions.
+    pub fn insns(&self) -> &[libc::sock_filter] {
+        &self.insns
+    }
 }
 
 /// Called in the forked child as the very last step before execve, after PR_SET_NO_NEW_PRIVS.
 /// Async-signal-safe: raw syscalls only, no allocation. Installs the filter with
 /// SECCOMP_FILTER_FLAG_NEW_LISTENER and returns the listener fd (close-on-exec) or an errno.
-pub fn install(prog: &Program) -> Result<libc::c_int, libc::c_int> {
+/// `insns` comes from a [`Program`] (at most MAX_INSNS instructions).
+pub fn install(insns: &[libc::sock_filter]) -> Result<libc::c_int, libc::c_int> {
     let fprog = libc::sock_fprog {
         // from_bytes bounds the length to MAX_INSNS, which fits.
-        len: prog.insns.len() as libc::c_ushort,
-        filter: prog.insns.as_ptr().cast_mut(),
+        len: insns.len() as libc::c_ushort,
+        filter: insns.as_ptr().cast_mut(),
     };
-    // SAFETY: fprog points at prog's instructions, alive for the call; the kernel copies them.
+    // SAFETY: fprog points at the instructions, alive for the call; the kernel copies them.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_seccomp,
@@ -342,7 +348,7 @@ mod tests {
                 if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     libc::_exit(10);
                 }
-                let Ok(listener) = install(&prog) else {
+                let Ok(listener) = install(prog.insns()) else {
                     libc::_exit(11)
                 };
                 if crate::fdpass::send_fd(child_end.as_raw_fd(), listener).is_err() {

@@ -105,7 +105,7 @@ pub fn exec_candidates(argv0: &str, path_var: &str) -> Vec<String> {
         .collect()
 }
 
-fn last_cap() -> u32 {
+pub(crate) fn last_cap() -> u32 {
     static LAST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *LAST.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -117,12 +117,12 @@ fn last_cap() -> u32 {
 
 /// Everything prepared for one sandbox before the clone.
 struct Prepared {
-    mounts: MountPlan,
+    mounts: std::sync::Arc<MountPlan>,
     identity: Identity,
     target: TargetPlan,
 }
 
-fn validate(spec: &RunSpec) -> Result<()> {
+pub(crate) fn validate(spec: &RunSpec) -> Result<()> {
     if spec.argv.is_empty() || spec.argv[0].is_empty() {
         return Err(Error::InvalidSpec("argv is empty".into()));
     }
@@ -227,7 +227,7 @@ fn validate_exec_sizes(spec: &RunSpec) -> Result<()> {
 }
 
 /// The caller's argv and environment string areas (from /proc/self/stat), wiped in children.
-fn wipe_ranges() -> &'static [(usize, usize)] {
+pub(crate) fn wipe_ranges() -> &'static [(usize, usize)] {
     static RANGES: std::sync::OnceLock<Vec<(usize, usize)>> = std::sync::OnceLock::new();
     RANGES.get_or_init(|| {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -253,7 +253,7 @@ fn cpu_rlimit(seconds: f64) -> u64 {
 }
 
 /// Decides rlimits for the limits no cgroup enforces, and records every enforcer.
-fn plan_limits(
+pub(crate) fn plan_limits(
     spec: &RunSpec,
     cgroup: Option<&RunCgroup>,
 ) -> (Vec<Rlimit>, BTreeMap<String, Option<Enforcer>>) {
@@ -309,12 +309,26 @@ fn plan_limits(
 }
 
 fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Prepared> {
+    let (mounts, identity) = prepare_sandbox(spec, resolv_conf)?;
+    let target = prepare_target(spec, rlimits, true)?;
+    Ok(Prepared {
+        mounts,
+        identity,
+        target,
+    })
+}
+
+/// The mount plan and identity switch of a sandbox for `spec`.
+pub(crate) fn prepare_sandbox(
+    spec: &RunSpec,
+    resolv_conf: &str,
+) -> Result<(std::sync::Arc<MountPlan>, Identity)> {
     let root = is_root();
     // SAFETY: getuid/getgid have no side effects.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let owner = if root { ROOT_PATH_HOST_UID } else { 0 };
     let disk = spec.limits.disk.unwrap_or(64 << 20);
-    let mounts = MountPlan::build(&PlanInput {
+    let mounts = fs::cached(&PlanInput {
         disk,
         owner,
         ro_binds: &spec.ro_binds,
@@ -328,6 +342,16 @@ fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Pr
             gid_map: format!("0 {gid} 1\n").into_bytes(),
         }
     };
+    Ok((mounts, identity))
+}
+
+/// Everything the command's process needs: argv, environment, exec candidates, cwd, rlimits,
+/// seccomp filter, and (`with_stack`) the stack it starts on.
+pub(crate) fn prepare_target(
+    spec: &RunSpec,
+    rlimits: Vec<Rlimit>,
+    with_stack: bool,
+) -> Result<TargetPlan> {
     let mut env: BTreeMap<&str, &str> = spec
         .env
         .iter()
@@ -362,25 +386,29 @@ fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Pr
         Some(s) => Some(seccomp::Program::from_bytes(&s.bpf)?),
         None => None,
     };
-    let target = TargetPlan {
+    Ok(TargetPlan {
         argv: CStringArray::new(argv),
         envp: CStringArray::new(envp),
-        exec_candidates,
+        exec_candidates: CStringArray::new(exec_candidates),
         cwd: cstring(spec.cwd.as_deref().unwrap_or(fs::WORKSPACE), "cwd")?,
         rlimits,
         seccomp,
         last_cap: last_cap(),
-        stack: vec![0; child::TARGET_STACK],
-    };
-    Ok(Prepared {
-        mounts,
-        identity,
-        target,
+        stack: if with_stack {
+            vec![0; child::TARGET_STACK]
+        } else {
+            Vec::new()
+        },
     })
 }
 
 /// Reads an error record written by a child, if any (EOF = none).
-fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> {
+pub(crate) fn read_error(
+    err: &OwnedFd,
+    mounts: Option<&MountPlan>,
+    cwd: Option<&std::ffi::CStr>,
+    argv0: &str,
+) -> Option<Error> {
     let mut rec = [0u8; 12];
     let mut f = std::fs::File::from(err.try_clone().ok()?);
     let mut got = 0;
@@ -415,10 +443,8 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
             _ => Error::CommandNotFound(format!("{argv0}: {os}")),
         },
         Some(Stage::Mount) => {
-            let what = prepared
-                .mounts
-                .ops
-                .get(index as usize)
+            let what = mounts
+                .and_then(|m| m.ops.get(index as usize))
                 .map(|o| o.describe())
                 .unwrap_or_default();
             Error::Setup {
@@ -428,7 +454,7 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
         }
         Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
         Some(Stage::Process) if index == 1 => {
-            let cwd = prepared.target.cwd.to_string_lossy();
+            let cwd = cwd.map(|c| c.to_string_lossy()).unwrap_or_default();
             Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox"))
         }
         Some(s) => Error::Setup {
@@ -443,7 +469,7 @@ fn read_error(err: &OwnedFd, prepared: &Prepared, argv0: &str) -> Option<Error> 
 }
 
 /// Writes `0 <host> 1` maps for a user namespace created by a root PID 1.
-fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
+pub(crate) fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
     let map = format!("0 {ROOT_PATH_HOST_UID} 1\n");
     std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
     std::fs::write(format!("/proc/{pid}/gid_map"), &map)
@@ -543,22 +569,22 @@ pub fn kill_and_reap_within(pidfd: &OwnedFd, grace: Duration) {
 }
 
 /// The pipes between the supervisor and a child, both ends, before the clone.
-struct Pipes {
-    child: ChildFds,
+pub(crate) struct Pipes {
+    pub(crate) child: ChildFds,
     /// Child ends, closed in the parent right after the clone.
-    child_owned: Vec<OwnedFd>,
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    ready: OwnedFd,
-    go: OwnedFd,
-    err: OwnedFd,
-    status: OwnedFd,
-    sock: OwnedFd,
+    pub(crate) child_owned: Vec<OwnedFd>,
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    pub(crate) ready: OwnedFd,
+    pub(crate) go: OwnedFd,
+    pub(crate) err: OwnedFd,
+    pub(crate) status: OwnedFd,
+    pub(crate) sock: OwnedFd,
 }
 
 impl Pipes {
-    fn new() -> Result<Pipes> {
+    pub(crate) fn new() -> Result<Pipes> {
         let (stdin_r, stdin) = pipe()?;
         let (stdout, stdout_w) = pipe()?;
         let (stderr, stderr_w) = pipe()?;
@@ -596,7 +622,7 @@ impl Pipes {
 }
 
 /// Raw clone returning (pid, pidfd); the child runs `child` and never returns.
-fn clone_with(
+pub(crate) fn clone_with(
     flags: libc::c_ulong,
     child: impl FnOnce(),
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
@@ -626,7 +652,7 @@ fn clone_with(
     Ok((pid as libc::pid_t, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
-fn clone_error(e: std::io::Error) -> Error {
+pub(crate) fn clone_error(e: std::io::Error) -> Error {
     match e.raw_os_error() {
         Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES) => {
             Error::NamespaceUnavailable(format!("clone of a namespaced PID 1 failed: {e}"))
@@ -688,7 +714,13 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
     let mut byte = [0u8; 1];
     let ready = std::fs::File::from(p.ready).read(&mut byte).unwrap_or(0) == 1;
     if !ready {
-        let e = read_error(&p.err, prepared, argv0).unwrap_or_else(|| Error::Setup {
+        let e = read_error(
+            &p.err,
+            Some(&*prepared.mounts),
+            Some(&prepared.target.cwd),
+            argv0,
+        )
+        .unwrap_or_else(|| Error::Setup {
             stage: "build the sandbox",
             source: std::io::Error::other("PID 1 died"),
         });
@@ -722,7 +754,12 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
     if !wait_readable(&p.err, deadline) {
         return Err(fail(late("wait for the command to start")));
     }
-    if let Some(e) = read_error(&p.err, prepared, argv0) {
+    if let Some(e) = read_error(
+        &p.err,
+        Some(&*prepared.mounts),
+        Some(&prepared.target.cwd),
+        argv0,
+    ) {
         return Err(fail(e));
     }
     if want_listener && !wait_readable(&p.sock, deadline) {
@@ -818,7 +855,7 @@ const NS_FLAGS: libc::c_int = libc::CLONE_NEWPID
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS;
 
-fn sandbox_clone_flags() -> libc::c_ulong {
+pub(crate) fn sandbox_clone_flags() -> libc::c_ulong {
     let mut flags = NS_FLAGS as libc::c_ulong;
     if !is_root() {
         flags |= libc::CLONE_NEWUSER as libc::c_ulong;
@@ -838,7 +875,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     let prepared = prepare(spec, rlimits, resolv_conf_for(spec))?;
     let p = Pipes::new()?;
     let init = InitPlan {
-        mounts: Some(&prepared.mounts),
+        mounts: Some(&*prepared.mounts),
         identity: &prepared.identity,
         hostname: fs::HOSTNAME.as_bytes(),
         target: Some(&prepared.target),
@@ -847,6 +884,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         lifeline: -1,
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
+        serve: None,
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
@@ -924,7 +962,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     };
     let p = Pipes::new()?;
     let init = InitPlan {
-        mounts: Some(&prepared.mounts),
+        mounts: Some(&*prepared.mounts),
         identity: &prepared.identity,
         hostname: fs::HOSTNAME.as_bytes(),
         target: None,
@@ -933,6 +971,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         lifeline: life_r.as_raw_fd(),
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
+        serve: None,
     };
     let deadline = setup_deadline(spec);
     let (pid, pidfd) =
@@ -1018,6 +1057,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         lifeline: -1,
         wipe: wipe_ranges(),
         net: None,
+        serve: None,
     };
     let join = JoinPlan {
         pidfd: holder.pidfd.as_raw_fd(),
@@ -1044,8 +1084,13 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         Ok(fd) => fd,
         Err(_) => {
             kill_and_reap(&joiner_fd);
-            let e = read_error(&p.err, &prepared, &spec.argv[0])
-                .unwrap_or_else(|| Error::SessionClosed("the session's sandbox is gone".into()));
+            let e = read_error(
+                &p.err,
+                Some(&*prepared.mounts),
+                Some(&prepared.target.cwd),
+                &spec.argv[0],
+            )
+            .unwrap_or_else(|| Error::SessionClosed("the session's sandbox is gone".into()));
             return Err(e);
         }
     };

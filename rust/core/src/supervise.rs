@@ -239,6 +239,10 @@ pub fn supervise(
     let mut listener_live = true;
     let mut init_done = false;
     let mut drain_deadline: Option<Instant> = None;
+    // PID 1's status record arrives before PID 1 exits: with nothing else left in the sandbox
+    // the run is over then, without waiting for the namespaces to be torn down.
+    let mut status = Some(status);
+    let mut record: Option<StatusRecord> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut scratch = Vec::with_capacity(64 * 1024);
 
@@ -296,6 +300,14 @@ pub fn supervise(
                 revents: 0,
             });
             tags.push(4);
+        }
+        if let (Some(fd), false) = (&status, init_done) {
+            pfds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            tags.push(5);
         }
         let mut wait = Duration::from_secs(3600);
         if let (Some(d), None) = (deadline, killed_for) {
@@ -372,6 +384,18 @@ pub fn supervise(
                         }
                     }
                 }
+                5 => {
+                    record = status.take().and_then(read_status);
+                    match record {
+                        Some(r) if r.alone => {
+                            init_done = true;
+                            drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+                        }
+                        // Processes outlive the command: end them; PID 1's exit says when.
+                        Some(_) => spawn::kill(&pidfd),
+                        None => {}
+                    }
+                }
                 _ => {}
             }
         }
@@ -398,19 +422,25 @@ pub fn supervise(
         p.fd = None;
         p.finish(cap, &mut sink);
     }
-    reap(&pidfd);
-    if let Some(r) = &reaper {
-        spawn::kill_and_reap(r);
-    }
-    let wall_time_s = started_at.elapsed().as_secs_f64();
-    let record = read_status(status);
+    let record = record.or_else(|| status.and_then(read_status));
     let target_status = record.map(|r| r.status);
     let (cpu, peak, ooms) = usage(cgroup.as_ref(), record.as_ref());
+    let wall_time_s = started_at.elapsed().as_secs_f64();
     let mut cleanup_errors = Vec::new();
-    if let Some(cg) = cgroup.as_mut() {
-        // A leftover cgroup is a host-side leak the caller must hear about, not a run result.
-        if let Err(e) = cg.remove() {
-            cleanup_errors.push(e.to_string());
+    if reaper.is_none() {
+        // A run's own PID 1: reaping it and removing its cgroup happen after the report (a
+        // failure there is counted in the cell pool's `teardown_failures`).
+        crate::cell::teardown::later(crate::cell::teardown::Remains { pidfd, cgroup });
+    } else {
+        reap(&pidfd);
+        if let Some(r) = &reaper {
+            spawn::kill_and_reap(r);
+        }
+        if let Some(cg) = cgroup.as_mut() {
+            // A leftover cgroup is a host-side leak the caller must hear about, not a result.
+            if let Err(e) = cg.remove() {
+                cleanup_errors.push(e.to_string());
+            }
         }
     }
     let mut violations: Vec<Violation> = Vec::new();

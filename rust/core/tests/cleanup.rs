@@ -65,6 +65,14 @@ fn runs_leave_nothing_behind() {
     spec.limits.timeout = Some(0.3);
     let ending = [None, Some(1u64 << 16)];
     cellblock_core::run(&spec, Default::default()).expect("warm-up run");
+    // Ready cells and queued teardowns are the pool's standing state, not leftovers: drop them
+    // (and finish every teardown) before each look.
+    let settle = || {
+        assert!(cellblock_core::cell::drain(std::time::Duration::from_secs(
+            20
+        )))
+    };
+    settle();
     let (fds_before, children_before) = (fds(), children());
     for max_output in ending.iter().cycle().take(6) {
         spec.limits.max_output = *max_output;
@@ -78,6 +86,7 @@ fn runs_leave_nothing_behind() {
         Default::default()
     )
     .is_err());
+    settle();
     assert_eq!(own_cgroups(), Vec::<String>::new());
     assert_eq!(fds(), fds_before);
     assert_eq!(children(), children_before);

@@ -8,6 +8,7 @@ use cellblock_core::RunReport;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod cells;
 mod errors;
 mod redact;
 mod session;
@@ -47,9 +48,10 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
 ///
 /// `spec_json` is a RunSpec as JSON; `stdin` and `bpf` carry the byte buffers; `on_output`, when
 /// given, is called as `on_output(stream: int, data: bytes)` (1 = stdout, 2 = stderr) with
-/// redacted output as it arrives; `cancel` (e.g. a `threading.Event`), once set, kills the run.
+/// redacted output as it arrives; `cancel` (e.g. a `threading.Event`), once set, kills the run;
+/// `cells=False` builds the sandbox now even when a pre-created cell is ready.
 #[pyfunction]
-#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None))]
+#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, cells=true))]
 fn run<'py>(
     py: Python<'py>,
     spec_json: &str,
@@ -57,10 +59,11 @@ fn run<'py>(
     bpf: Option<Vec<u8>>,
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
+    cells: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let spec = session::parse_spec(spec_json, stdin, bpf)?;
     let report = session::watched(py, on_output, cancel, |hooks| {
-        cellblock_core::run(&spec, hooks)
+        cellblock_core::run_with(&spec, hooks, cells)
     })?;
     report_to_dict(py, &report)
 }
@@ -90,12 +93,19 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     redact::register(m)?;
     session::register(m)?;
+    cells::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     // The one definition of the report's vocabularies (cellblock.result uses these).
-    let reasons: Vec<&str> = cellblock_core::Reason::ALL.iter().map(|r| r.name()).collect();
+    let reasons: Vec<&str> = cellblock_core::Reason::ALL
+        .iter()
+        .map(|r| r.name())
+        .collect();
     m.add("REASONS", pyo3::types::PyTuple::new(m.py(), reasons)?)?;
-    let enforcers: Vec<&str> = cellblock_core::Enforcer::ALL.iter().map(|e| e.name()).collect();
+    let enforcers: Vec<&str> = cellblock_core::Enforcer::ALL
+        .iter()
+        .map(|e| e.name())
+        .collect();
     m.add("ENFORCERS", pyo3::types::PyTuple::new(m.py(), enforcers)?)?;
     Ok(())
 }

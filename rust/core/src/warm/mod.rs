@@ -130,9 +130,8 @@ pub fn supervise_call(
     }
     let cg_cpu = cgroup.as_ref().is_some_and(|c| c.cpu_time().is_some());
     let cg_mem = cgroup.as_ref().is_some_and(|c| c.measures_memory());
-    let (base_own, base_cpu) = proc_stat(pid).map_or((Duration::ZERO, Duration::ZERO), |s| {
-        (s.own, s.total)
-    });
+    let (base_own, base_cpu) =
+        proc_stat(pid).map_or((Duration::ZERO, Duration::ZERO), |s| (s.own, s.total));
     if limits.cpu_time.is_some() {
         // As for a session's one-shot calls: a per-process budget (the session's cgroup is
         // shared); the kernel ends the worker with SIGXCPU.
@@ -189,8 +188,7 @@ pub fn supervise_call(
         let now = Instant::now();
         let cell_done =
             req.stateful && killed_for.is_none() && p.exited.is_none() && p.result.is_some();
-        let ended = p.exited.is_some()
-            && (p.swept || p.sweep_deadline.is_some_and(|d| now >= d));
+        let ended = p.exited.is_some() && (p.swept || p.sweep_deadline.is_some_and(|d| now >= d));
         if cell_done {
             // The cell finished and flushed before answering: what it printed is in the pipes.
             for pump in pumps.iter_mut() {
@@ -361,7 +359,10 @@ pub fn supervise_call(
         None => (cell_exit_code(p.result.as_deref()), None),
     };
     let cpu = if cg_cpu {
-        cgroup.as_ref().and_then(|c| c.cpu_time()).unwrap_or_default()
+        cgroup
+            .as_ref()
+            .and_then(|c| c.cpu_time())
+            .unwrap_or_default()
     } else {
         let end = match p.exited {
             Some(Some((_, cpu))) => Some(cpu),

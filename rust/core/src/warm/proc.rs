@@ -92,10 +92,8 @@ struct PidfdInfo {
 
 const PIDFD_INFO_EXIT: u64 = 1 << 3;
 /// `_IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info)`.
-const PIDFD_GET_INFO: libc::c_ulong = (3 << 30)
-    | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16)
-    | (0xFF << 8)
-    | 11;
+const PIDFD_GET_INFO: libc::c_ulong =
+    (3 << 30) | ((std::mem::size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
 
 /// The worker's wait status as the kernel recorded it when it was reaped (by its relay, or
 /// by the call's init if the relay is gone): no privilege needed, nothing to race. Waits a
@@ -175,7 +173,15 @@ mod tests {
         let mut st = 0;
         // SAFETY: reaping our child.
         unsafe { libc::waitpid(pid, &mut st, 0) };
-        assert_eq!(zombie_exit(pid, &pidfd), None, "a reaped pid is never read as ours");
-        assert_eq!(reaped_status(&pidfd), Ok(Some(st)), "the kernel kept the status");
+        assert_eq!(
+            zombie_exit(pid, &pidfd),
+            None,
+            "a reaped pid is never read as ours"
+        );
+        assert_eq!(
+            reaped_status(&pidfd),
+            Ok(Some(st)),
+            "the kernel kept the status"
+        );
     }
 }

@@ -1,0 +1,528 @@
+//! The pool: a few ready cells per policy shape, built ahead by one background thread.
+//!
+//! Sizing follows demand: a shape's first run only records it (a process that runs once, such
+//! as the CLI, never builds a cell it would not use); each later run that finds no cell ready
+//! asks for one more (up to [`Bounds::per_shape`]); a shape that goes
+//! [`DECAY`] without such a miss wants one fewer, and one unused for [`IDLE`] none at all.
+//! The whole pool holds at most [`Bounds::max_cells`] cells (each one process, one cgroup and
+//! a copy-on-write image of the caller), and a cell older than [`MAX_AGE`] is replaced so that
+//! the copied /etc files stay fresh.
+
+use super::init::ServePlan;
+use super::teardown::{self, Remains};
+use super::wire;
+use crate::cgroup::RunCgroup;
+use crate::child::{self, InitPlan};
+use crate::error::{Error, Result};
+use crate::fs;
+use crate::spawn::{self, Pipes};
+use crate::spec::{Limits, RunSpec};
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A shape unused this long loses its cells.
+pub const IDLE: Duration = Duration::from_secs(10);
+/// A shape that saw no miss for this long wants one cell fewer.
+pub const DECAY: Duration = Duration::from_secs(2);
+/// Cells older than this are replaced.
+pub const MAX_AGE: Duration = Duration::from_secs(30);
+/// How long the builder sleeps when there is nothing to do.
+const TICK: Duration = Duration::from_millis(500);
+/// After a failed build, the shape is not built again for this long.
+const RETRY: Duration = Duration::from_secs(5);
+/// In wait mode, how long a run waits for a cell before taking the cold path.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// The parts of a spec fixed when a sandbox is built (limits the cgroup and the mounts carry,
+/// extra binds); everything else is sent with the request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Shape {
+    memory: Option<u64>,
+    pids: Option<u64>,
+    cpus_bits: Option<u64>,
+    cpu_time: bool,
+    disk: Option<u64>,
+    ro_binds: Vec<String>,
+}
+
+impl Shape {
+    /// The shape of `spec`, or None when it cannot use a cell (an egress allowlist needs a
+    /// proxy made for the run).
+    pub fn of(spec: &RunSpec) -> Option<Shape> {
+        if spec.net.is_some() {
+            return None;
+        }
+        let l = &spec.limits;
+        Some(Shape {
+            memory: l.memory,
+            pids: l.pids,
+            cpus_bits: l.cpus.map(f64::to_bits),
+            cpu_time: l.cpu_time.is_some(),
+            disk: l.disk,
+            ro_binds: spec.ro_binds.clone(),
+        })
+    }
+
+    /// A spec a cell of this shape is built from.
+    fn spec(&self) -> RunSpec {
+        RunSpec {
+            argv: vec!["cell".into()],
+            limits: Limits {
+                memory: self.memory,
+                pids: self.pids,
+                cpus: self.cpus_bits.map(f64::from_bits),
+                cpu_time: self.cpu_time.then_some(1.0),
+                disk: self.disk,
+                ..Limits::default()
+            },
+            ro_binds: self.ro_binds.clone(),
+            ..RunSpec::default()
+        }
+    }
+}
+
+/// The supervisor's ends of a ready cell.
+#[derive(Debug)]
+pub(crate) struct CellIo {
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    pub(crate) status: OwnedFd,
+    pub(crate) err: OwnedFd,
+    /// Control socket: the request goes out, the seccomp listener comes back.
+    pub(crate) sock: OwnedFd,
+}
+
+/// A ready cell. Dropping it unused queues its teardown.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    pub(crate) pid: libc::pid_t,
+    pub(crate) pidfd: Option<OwnedFd>,
+    pub(crate) cgroup: Option<RunCgroup>,
+    pub(crate) io: Option<CellIo>,
+    /// Address of PID 1's receive buffer.
+    pub(crate) buf: usize,
+    built: Instant,
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        if let Some(pidfd) = self.pidfd.take() {
+            teardown::later(Remains {
+                pidfd,
+                cgroup: self.cgroup.take(),
+            });
+        }
+    }
+}
+
+impl Cell {
+    /// PID 1 is still alive (a cell whose late set-up failed has exited).
+    fn alive(&self) -> bool {
+        let Some(fd) = &self.pidfd else { return false };
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pidfd without waiting.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 0 }
+    }
+}
+
+/// Builds one cell of `shape`: the same sandbox as a cold run's, PID 1 left waiting.
+fn build(shape: &Shape) -> Result<Cell> {
+    let spec = shape.spec();
+    let cgroup = RunCgroup::create(&spec.limits, false);
+    let (mounts, identity) = spawn::prepare_sandbox(&spec, "")?;
+    let mut p = Pipes::new()?;
+    // PID 1 receives into its copy of this buffer and runs the command on its copy of this
+    // stack: both must exist before the clone; the parent's copies are not used afterwards.
+    let buf = vec![0u64; wire::REQUEST_CAP / 8];
+    let stack = vec![0u8; child::TARGET_STACK];
+    let serve = ServePlan {
+        buf: buf.as_ptr().cast_mut().cast(),
+        stack_top: child::stack_top(&stack),
+        last_cap: spawn::last_cap(),
+    };
+    let init = InitPlan {
+        mounts: Some(&*mounts),
+        identity: &identity,
+        hostname: fs::HOSTNAME.as_bytes(),
+        target: None,
+        fds: p.child,
+        // The builder thread lives as long as the process: PID 1 dies with its owner.
+        pdeathsig: true,
+        lifeline: -1,
+        wipe: spawn::wipe_ranges(),
+        net: None,
+        serve: Some(&serve),
+    };
+    let (pid, pidfd) = spawn::clone_with(spawn::sandbox_clone_flags(), || child::init_main(&init))
+        .map_err(spawn::clone_error)?;
+    p.child_owned.clear();
+    let mut cell = Cell {
+        pid,
+        pidfd: Some(pidfd),
+        cgroup,
+        io: None,
+        buf: buf.as_ptr() as usize,
+        built: Instant::now(),
+    };
+    // The first attach after a quiet period waits for an RCU grace period (cgroup v1): here,
+    // off every caller's path.
+    if let Some(cg) = &cell.cgroup {
+        cg.add(pid).map_err(|e| Error::Setup {
+            stage: "join the run's cgroup",
+            source: e,
+        })?;
+    }
+    let mut byte = [0u8; 1];
+    if std::fs::File::from(p.ready).read(&mut byte).unwrap_or(0) != 1 {
+        return Err(
+            spawn::read_error(&p.err, Some(&*mounts), None, "cell").unwrap_or_else(|| {
+                Error::Setup {
+                    stage: "build the sandbox",
+                    source: std::io::Error::other("PID 1 died"),
+                }
+            }),
+        );
+    }
+    if spawn::is_root() {
+        spawn::write_root_maps(pid).map_err(|e| Error::Setup {
+            stage: "write uid/gid maps",
+            source: e,
+        })?;
+    }
+    // SAFETY: one byte to the go pipe.
+    if unsafe { libc::write(p.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) } != 1 {
+        return Err(Error::setup("release PID 1"));
+    }
+    cell.io = Some(CellIo {
+        stdin: p.stdin,
+        stdout: p.stdout,
+        stderr: p.stderr,
+        status: p.status,
+        err: p.err,
+        sock: p.sock,
+    });
+    Ok(cell)
+}
+
+/// Limits of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Ready cells in all, at most.
+    pub max_cells: usize,
+    /// Ready cells of one shape, at most.
+    pub per_shape: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds {
+            max_cells: 4,
+            per_shape: 4,
+        }
+    }
+}
+
+/// Counters of the pool, for tests and benches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Whether runs use cells.
+    pub enabled: bool,
+    /// Runs that found a ready cell.
+    pub hits: u64,
+    /// Runs that found none (cold path).
+    pub misses: u64,
+    /// Cells built.
+    pub built: u64,
+    /// Builds that failed.
+    pub failed: u64,
+    /// Cells ready now.
+    pub ready: usize,
+    /// Teardowns not finished.
+    pub pending_teardown: usize,
+    /// Teardowns that could not remove their cgroup (after the run's report was returned).
+    pub teardown_failures: u64,
+    /// The bounds in force.
+    pub max_cells: usize,
+}
+
+#[derive(Debug)]
+struct Demand {
+    want: usize,
+    last_use: Instant,
+    last_miss: Instant,
+    retry_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: HashMap<Shape, Vec<Cell>>,
+    demand: HashMap<Shape, Demand>,
+    building: bool,
+    enabled: bool,
+    /// Runs wait for a cell of their shape instead of taking the cold path
+    /// (`CELLBLOCK_CELLS=wait`: proves a test suite passes entirely through cells).
+    wait: bool,
+    bounds: Bounds,
+    stats: Stats,
+}
+
+impl State {
+    fn total(&self) -> usize {
+        self.ready.values().map(Vec::len).sum()
+    }
+
+    /// Applies decay, idleness and age; returns the cells to drop.
+    fn expire(&mut self, now: Instant) -> Vec<Cell> {
+        let mut dropped = Vec::new();
+        self.demand
+            .retain(|_, d| now.duration_since(d.last_use) < IDLE);
+        for d in self.demand.values_mut() {
+            if d.want > 1 && now.duration_since(d.last_miss) >= DECAY {
+                d.want -= 1;
+                d.last_miss = now;
+            }
+        }
+        for (shape, cells) in self.ready.iter_mut() {
+            let want = self.demand.get(shape).map_or(0, |d| d.want);
+            cells.retain(|c| now.duration_since(c.built) < MAX_AGE && c.alive());
+            while cells.len() > want {
+                dropped.extend(cells.pop());
+            }
+        }
+        // Dead or old cells were dropped by `retain` (queued for teardown by Drop).
+        self.ready.retain(|_, v| !v.is_empty());
+        dropped
+    }
+
+    /// The shape most short of cells, if the bounds allow another.
+    fn next_to_build(&self, now: Instant) -> Option<Shape> {
+        if !self.enabled || self.total() >= self.bounds.max_cells {
+            return None;
+        }
+        self.demand
+            .iter()
+            .filter(|(_, d)| d.retry_at <= now)
+            .map(|(s, d)| {
+                let have = self.ready.get(s).map_or(0, Vec::len);
+                (d.want.min(self.bounds.per_shape).saturating_sub(have), s)
+            })
+            .filter(|(short, _)| *short > 0)
+            .max_by_key(|(short, _)| *short)
+            .map(|(_, s)| s.clone())
+    }
+}
+
+struct Pool {
+    state: Mutex<State>,
+    /// Wakes the builder (demand changed).
+    wake: Condvar,
+    /// Signals that a build finished.
+    built: Condvar,
+    /// The process the pool belongs to (a forked child must not use its cells).
+    owner: u32,
+}
+
+fn pool_cell() -> &'static OnceLock<Option<&'static Pool>> {
+    static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
+    &POOL
+}
+
+/// The pool, started on first use; None in a forked child of its owner or when no builder
+/// thread could be started.
+fn pool() -> Option<&'static Pool> {
+    let p = (*pool_cell().get_or_init(|| {
+        let mode = std::env::var("CELLBLOCK_CELLS").unwrap_or_default();
+        let enabled = mode != "0";
+        let p: &'static Pool = Box::leak(Box::new(Pool {
+            state: Mutex::new(State {
+                enabled,
+                wait: mode == "wait",
+                stats: Stats {
+                    enabled,
+                    ..Stats::default()
+                },
+                ..State::default()
+            }),
+            wake: Condvar::new(),
+            built: Condvar::new(),
+            owner: std::process::id(),
+        }));
+        std::thread::Builder::new()
+            .name("cellblock-cells".into())
+            .spawn(move || builder(p))
+            .ok()?;
+        super::register_exit_flush();
+        Some(p)
+    }))?;
+    (p.owner == std::process::id()).then_some(p)
+}
+
+fn lock(p: &Pool) -> Option<MutexGuard<'_, State>> {
+    p.state.lock().ok()
+}
+
+fn builder(p: &'static Pool) {
+    let Some(mut st) = lock(p) else { return };
+    loop {
+        let now = Instant::now();
+        let dropped = st.expire(now);
+        let next = st.next_to_build(now);
+        let Some(shape) = next else {
+            drop(dropped);
+            st = match p.wake.wait_timeout(st, TICK) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+            continue;
+        };
+        st.building = true;
+        drop(st);
+        drop(dropped);
+        super::defer_to_runs();
+        let result = build(&shape);
+        st = match lock(p) {
+            Some(g) => g,
+            None => return,
+        };
+        st.building = false;
+        match result {
+            Ok(cell) => {
+                st.stats.built += 1;
+                let wanted = st.enabled && st.demand.contains_key(&shape);
+                if wanted {
+                    st.ready.entry(shape).or_default().push(cell);
+                } else {
+                    drop(cell);
+                }
+            }
+            Err(_) => {
+                st.stats.failed += 1;
+                if let Some(d) = st.demand.get_mut(&shape) {
+                    d.retry_at = Instant::now() + RETRY;
+                }
+            }
+        }
+        p.built.notify_all();
+    }
+}
+
+/// Takes a ready cell of `shape` (and records the demand, so the builder makes more).
+pub(crate) fn take(shape: &Shape) -> Option<Cell> {
+    let p = pool()?;
+    let mut st = lock(p)?;
+    if !st.enabled {
+        return None;
+    }
+    let now = Instant::now();
+    let per_shape = st.bounds.per_shape;
+    let mut found = None;
+    if let Some(cells) = st.ready.get_mut(shape) {
+        while let Some(c) = cells.pop() {
+            if c.alive() {
+                found = Some(c);
+                break;
+            }
+        }
+    }
+    // A shape seen before (or any shape in wait mode) asks for one more cell when none is ready.
+    let asks = st.demand.contains_key(shape) || st.wait;
+    let d = st.demand.entry(shape.clone()).or_insert(Demand {
+        want: 0,
+        last_use: now,
+        last_miss: now,
+        retry_at: now,
+    });
+    d.last_use = now;
+    if found.is_none() && asks {
+        d.want = (d.want + 1).min(per_shape);
+        d.last_miss = now;
+    }
+    p.wake.notify_all();
+    let deadline = now + WAIT_LIMIT;
+    while found.is_none() && st.wait && st.enabled {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        st = p.built.wait_timeout(st, left).ok()?.0;
+        found = st.ready.get_mut(shape).and_then(Vec::pop);
+    }
+    if found.is_some() {
+        st.stats.hits += 1;
+    } else {
+        st.stats.misses += 1;
+    }
+    found
+}
+
+/// Turns cells on or off for runs that do not choose, and sets the bounds (`max_cells` 0
+/// keeps none ready). Turning them off drops the ready ones.
+pub fn configure(enabled: bool, bounds: Option<Bounds>) {
+    let Some(p) = pool() else { return };
+    let Some(mut st) = lock(p) else { return };
+    st.enabled = enabled;
+    st.stats.enabled = enabled;
+    if let Some(b) = bounds {
+        st.bounds = b;
+    }
+    p.wake.notify_all();
+    if !enabled {
+        st.demand.clear();
+        let dropped: Vec<Cell> = st.ready.drain().flat_map(|(_, v)| v).collect();
+        // Dropped (teardown queued) without holding the pool's lock.
+        drop(st);
+        drop(dropped);
+    }
+}
+
+/// Drops every ready cell and forgets demand, then waits (at most `limit`) until no build is
+/// in progress and every teardown is complete: afterwards no process, mount or cgroup of a
+/// cell or of a finished run is left. True when everything finished in time.
+pub fn drain(limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    // Never start the pool just to drain it (process exit without a run).
+    if let Some(Some(p)) = pool_cell().get() {
+        if p.owner != std::process::id() {
+            return true;
+        }
+        let Some(mut st) = lock(p) else { return false };
+        st.demand.clear();
+        let dropped: Vec<Cell> = st.ready.drain().flat_map(|(_, v)| v).collect();
+        while st.building {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = match p.built.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(_) => return false,
+            };
+        }
+        // A build that finished meanwhile was dropped (no demand).
+        drop(st);
+        drop(dropped);
+    }
+    teardown::flush(deadline.saturating_duration_since(Instant::now()))
+}
+
+/// The pool's counters.
+pub fn stats() -> Stats {
+    let Some(st) = pool().and_then(lock) else {
+        return Stats::default();
+    };
+    Stats {
+        ready: st.total(),
+        pending_teardown: teardown::pending(),
+        teardown_failures: teardown::failures(),
+        max_cells: st.bounds.max_cells,
+        ..st.stats.clone()
+    }
+}

@@ -1,0 +1,59 @@
+//! `cellblock._native` functions of the pre-created cell pool (see `cellblock_core::cell`).
+
+use cellblock_core::cell::{self, pool::Bounds};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::time::Duration;
+
+/// Turns cells on or off for runs that do not choose, and optionally sets the pool's bounds.
+#[pyfunction]
+#[pyo3(signature = (enabled, max_cells=None, per_shape=None))]
+fn cells_configure(
+    py: Python<'_>,
+    enabled: bool,
+    max_cells: Option<usize>,
+    per_shape: Option<usize>,
+) {
+    let bounds = (max_cells.is_some() || per_shape.is_some()).then(|| {
+        let d = cell::stats();
+        Bounds {
+            max_cells: max_cells.unwrap_or(d.max_cells),
+            per_shape: per_shape.unwrap_or(Bounds::default().per_shape),
+        }
+    });
+    py.allow_threads(|| cell::configure(enabled, bounds));
+}
+
+/// Drops the ready cells and waits (at most `timeout` seconds) until every build and teardown
+/// is finished. Returns whether everything finished in time.
+#[pyfunction]
+#[pyo3(signature = (timeout=10.0))]
+fn cells_drain(py: Python<'_>, timeout: f64) -> bool {
+    let limit = Duration::try_from_secs_f64(timeout).unwrap_or(Duration::ZERO);
+    py.allow_threads(|| cell::drain(limit))
+}
+
+/// The pool's counters as a dict.
+#[pyfunction]
+fn cells_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let s = py.allow_threads(cell::stats);
+    let d = PyDict::new(py);
+    d.set_item("enabled", s.enabled)?;
+    d.set_item("hits", s.hits)?;
+    d.set_item("misses", s.misses)?;
+    d.set_item("built", s.built)?;
+    d.set_item("failed", s.failed)?;
+    d.set_item("ready", s.ready)?;
+    d.set_item("pending_teardown", s.pending_teardown)?;
+    d.set_item("teardown_failures", s.teardown_failures)?;
+    d.set_item("max_cells", s.max_cells)?;
+    Ok(d)
+}
+
+/// Adds the functions to the module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cells_configure, m)?)?;
+    m.add_function(wrap_pyfunction!(cells_drain, m)?)?;
+    m.add_function(wrap_pyfunction!(cells_stats, m)?)?;
+    Ok(())
+}

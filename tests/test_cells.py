@@ -1,0 +1,184 @@
+"""Pre-created cells: plain `cellblock.run` is served by a ready sandbox, every per-run option
+still applies, the pool stays bounded, and 1000 pooled runs leave no process, mount or cgroup
+behind once it is drained. As root and as uid 65534.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cleanup import children_of
+
+import cellblock
+import cellblock.cells
+from conftest import PRELUDE, Runner, own_cellblock_cgroups, remove_cgroups_of, wait_for
+
+#: Most ready cells the pool keeps unless configured otherwise (cellblock_core::cell::pool).
+MAX_CELLS = 4
+
+
+def ready_cell(sandbox: Runner, **kwargs: Any) -> dict[str, Any]:
+    """Makes the pool want a cell of this run shape only and waits until one is ready (after a
+    drain, the first run of a shape only records it; the second asks for a cell)."""
+    sandbox.cells(drain=True)
+    sandbox.run(["true"], **kwargs)
+    sandbox.run(["true"], **kwargs)
+    return wait_for(lambda: (c := sandbox.cells())["ready"] >= 1 and c, "a ready cell", 30)
+
+
+def served_by_cell(sandbox: Runner, argv: list[str], **kwargs: Any) -> Any:
+    """Runs argv with a cell of its shape ready, and checks that the cell served it."""
+    before = ready_cell(sandbox, **kwargs)
+    res = sandbox.run(argv, **kwargs)
+    after = sandbox.cells()
+    assert after["hits"] == before["hits"] + 1, (before, after)
+    return res
+
+
+def test_isolation_holds_in_a_cell(sandbox: Runner) -> None:
+    code = PRELUDE + textwrap.dedent("""
+        import socket
+        report(pid=os.getpid(), host=socket.gethostname(), uid=os.getuid(),
+               caps=[l for l in open("/proc/self/status") if l.startswith("CapEff")][0].split()[1],
+               nnp=[l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
+               seccomp=[l for l in open("/proc/self/status") if l.startswith("Seccomp:")][0].split()[1],
+               work=attempt(os.listdir, "/work"), root=sorted(os.listdir("/")),
+               mount=attempt(os.mkdir, "/usr/cellblock-x"),
+               ifaces=sorted(n for _, n in socket.if_nameindex()))
+    """)
+    res = served_by_cell(sandbox, ["python3", "-c", code])
+    assert (res.reason, res.exit_code) == ("exited", 0), res.stderr
+    out = json.loads(res.stdout.splitlines()[-1])
+    # PID 1 is the cell's init; the command is its child in a fresh pid namespace.
+    assert out["pid"] == 2 and out["host"] == "cellblock" and out["uid"] == 0
+    assert out["caps"] == "0000000000000000" and out["nnp"] == "1" and out["seccomp"] == "2"
+    assert out["work"] == "ENOENT" and "work" not in out["root"]
+    assert out["mount"] in ("EROFS", "EPERM", "EACCES")
+    assert out["ifaces"] == ["lo"]
+    assert res.seccomp_profile == "python"
+
+
+def test_a_cell_honours_every_per_run_option(sandbox: Runner) -> None:
+    res = served_by_cell(sandbox, ["sh", "-c", 'pwd; echo "$GREETING"; cat; echo err >&2; exit 7'],
+                         env={"GREETING": "hello"}, cwd="/tmp", stdin="from stdin\n")
+    assert (res.reason, res.exit_code) == ("exited", 7)
+    assert res.stdout == "/tmp\nhello\nfrom stdin\n" and res.stderr == "err\n"
+    res = served_by_cell(sandbox, ["sleep", "30"], timeout=0.5)
+    assert res.reason == "timeout" and res.exit_code is None
+    res = served_by_cell(sandbox, ["sh", "-c", "yes"], max_output="16K")
+    assert res.reason == "output_limit" and res.stdout_truncated
+    res = served_by_cell(sandbox, ["sh", "-c", "unshare -U true; echo $?"])
+    assert res.stdout.strip() != "0"
+    assert any(v["kind"] == "seccomp" for v in res.violations), res.violations
+    secret = "s3cr3t-" + os.urandom(4).hex()
+    res = served_by_cell(sandbox, ["sh", "-c", "echo $TOKEN"], secrets={"TOKEN": secret})
+    assert secret not in res.stdout and "[REDACTED:TOKEN]" in res.stdout
+
+
+def test_limits_of_the_shape_apply_in_a_cell(sandbox: Runner) -> None:
+    res = served_by_cell(sandbox, ["python3", "-c", "x = bytearray(256 << 20)"], memory="32M")
+    assert res.enforcement["memory"] == sandbox.enforcer("memory")
+    if sandbox.privileged:
+        assert res.reason == "memory"
+    else:
+        assert res.exit_code == 1 and "MemoryError" in res.stderr
+    res = served_by_cell(sandbox, ["sh", "-c", "dd if=/dev/zero of=/tmp/f bs=1M count=8"],
+                         disk="1M")
+    assert res.exit_code != 0 and "No space left" in res.stderr
+
+
+def test_a_missing_command_is_reported_from_a_cell(sandbox: Runner) -> None:
+    ready_cell(sandbox)
+    with pytest.raises(cellblock.CommandNotFound):
+        sandbox.run(["no-such-command-cellblock"])
+
+
+def test_cells_can_be_bypassed(sandbox: Runner) -> None:
+    before = ready_cell(sandbox)
+    res = sandbox.run(["true"], cells=False)
+    after = sandbox.cells()
+    assert res.reason == "exited"
+    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
+
+
+#: Bound on the caller's children during the runs: ready cells, one being built, ten
+#: concurrent runs, and a margin for sandboxes whose teardown is queued. A leak grows past it.
+MAX_CHILDREN = MAX_CELLS + 1 + 10 + 16
+
+
+def test_a_thousand_pooled_runs_leave_nothing(sandbox: Runner) -> None:
+    pid = sandbox.stats()["pid"]
+    sandbox.run(["true"])
+    sandbox.cells(drain=True)
+    mounts = Path(f"/proc/{pid}/mountinfo").read_text()
+    fds = sandbox.stats()["fds"]
+    # Other children of the caller (pytest's own workers) are not the pool's.
+    others = set(children_of(pid))
+    assert own_cellblock_cgroups(pid) == []
+    start = sandbox.cells()
+    peak_children = peak_cgroups = 0
+    for i in range(100):
+        results = sandbox.run_many([(["true"], {})] * 10) if i % 10 == 0 else [
+            sandbox.run(["true"]) for _ in range(10)]
+        assert all(r.reason == "exited" and r.exit_code == 0 for r in results)
+        peak_children = max(peak_children, len(set(children_of(pid)) - others))
+        peak_cgroups = max(peak_cgroups, len(own_cellblock_cgroups(pid)))
+    end = sandbox.cells()
+    runs = end["hits"] + end["misses"] - start["hits"] - start["misses"]
+    assert runs == 1000
+    # Most runs were served by cells, and the pool never grew past its bound (ready cells,
+    # plus at most the 10 concurrent runs and the sandboxes still being torn down).
+    assert end["hits"] - start["hits"] >= 500, (start, end)
+    assert peak_children <= MAX_CHILDREN and peak_cgroups <= MAX_CHILDREN
+    assert sandbox.cells(drain=True)["ready"] == 0
+    assert set(children_of(pid)) == others
+    assert own_cellblock_cgroups(pid) == []
+    assert Path(f"/proc/{pid}/mountinfo").read_text() == mounts
+    assert sandbox.stats()["fds"] == fds
+
+
+def state(pid: int) -> str | None:
+    """A process's state letter, None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+OWNER = textwrap.dedent("""\
+    import os, sys, time
+    import cellblock, cellblock.cells
+    cellblock.run(["true"])
+    cellblock.run(["true"])
+    while cellblock.cells.stats().ready < 1:
+        time.sleep(0.01)
+    print("ready", flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_cells_die_with_their_owner() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
+        cells = wait_for(lambda: children_of(owner.pid), "the owner's cells", 10)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+
+        def gone() -> bool:
+            return all(state(p) in (None, "Z") for p in cells)
+        wait_for(gone, "the cells of a killed owner to die", 10)
+    finally:
+        owner.kill()
+        owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        remove_cgroups_of(owner.pid)
