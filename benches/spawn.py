@@ -121,13 +121,14 @@ def cell_memory() -> str:
             status = Path(f"/proc/{entry.name}/status").read_text().splitlines()
         except OSError:
             continue
-        kb = {l.split(":")[0]: int(l.split()[1]) for l in rollup[1:] if l.split()[-1] == "kB"}
+        kb = {x.split(":")[0]: int(x.split()[1]) for x in rollup[1:] if x.split()[-1] == "kB"}
         uss.append(kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0))
-        pte += [int(l.split()[1]) for l in status if l.startswith("VmPTE:")]
+        pte += [int(x.split()[1]) for x in status if x.startswith("VmPTE:")]
     if not uss:
         return "no ready cell to measure"
+    bound = cellblock.cells.stats().max_cells
     return (f"{len(uss)} ready cell(s): USS {statistics.median(uss) / 1024:.2f} MiB, page tables "
-            f"{statistics.median(pte):.0f} KiB each (pool bound: {cellblock.cells.stats().max_cells})")
+            f"{statistics.median(pte):.0f} KiB each (pool bound: {bound})")
 
 
 def load() -> str:

@@ -46,10 +46,10 @@ def served_by_cell(sandbox: Runner, argv: list[str], **kwargs: Any) -> Any:
 def test_isolation_holds_in_a_cell(sandbox: Runner) -> None:
     code = PRELUDE + textwrap.dedent("""
         import socket
+        def status(key):
+            return [x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1]
         report(pid=os.getpid(), host=socket.gethostname(), uid=os.getuid(),
-               caps=[l for l in open("/proc/self/status") if l.startswith("CapEff")][0].split()[1],
-               nnp=[l for l in open("/proc/self/status") if l.startswith("NoNewPrivs")][0].split()[1],
-               seccomp=[l for l in open("/proc/self/status") if l.startswith("Seccomp:")][0].split()[1],
+               caps=status("CapEff"), nnp=status("NoNewPrivs"), seccomp=status("Seccomp:"),
                work=attempt(os.listdir, "/work"), root=sorted(os.listdir("/")),
                mount=attempt(os.mkdir, "/usr/cellblock-x"),
                ifaces=sorted(n for _, n in socket.if_nameindex()))
