@@ -301,6 +301,8 @@ def package_closure() -> list[Path]:
         import json, sys, sysconfig
         import cellblock, cellblock.cli
         cellblock.cli.make_parser()
+        # What the README's snippets import too (they run as uid 65534 from this copy).
+        import anthropic, cellblock.agent.loop, cellblock.memory, cellblock.telemetry
         site = sysconfig.get_paths()["purelib"]
         tops = set()
         for mod in list(sys.modules.values()):

@@ -27,8 +27,9 @@ def samples(*completions: str) -> list[dict[str, Any]]:
 
 class BrokenSetUp:
     """A cold runner whose first attempt at each job really fails in the sandbox's set-up: the
-    core gets a working directory that does not exist (SetupError), or for odd jobs a memory
-    limit the interpreter cannot start in (an overloaded machine: killed before the sample)."""
+    core gets a working directory that does not exist (refused before the command starts), or
+    for odd jobs a memory limit the interpreter cannot start in (an overloaded machine: killed
+    before the sample)."""
 
     def __init__(self) -> None:
         self.broken: set[str] = set()
@@ -40,7 +41,7 @@ class BrokenSetUp:
             self.broken.add(job.id)
         if first:
             odd = int(job.id) % 2
-            policy = policy.merged(memory="2M") if odd else policy.merged(cwd="/nonexistent/cb")
+            policy = policy.merged(memory="6M") if odd else policy.merged(cwd="/nonexistent/cb")
         return run_cold(job, policy)
 
 
@@ -59,8 +60,8 @@ def test_injected_setup_failures_are_retried_not_failed() -> None:
     assert [r["status"] for r in got] == ["passed", "failed", "passed", "passed"]
     assert [r["result"] for r in got] == ["passed", "failed: ", "passed", "passed"]
     assert runner.broken == {"0", "1", "2", "3"}
-    setup = ("infra_error: SetupError: sandbox setup failed at set up the command's process: "
-             "No such file or directory (os error 2)")
+    setup = ('infra_error: InvalidSpec: invalid spec: cwd "/nonexistent/cb": No such file or '
+             "directory (os error 2) inside the sandbox")
     never = "infra_error: the check program never reached the sample"
     assert sorted(retried) == [(0, setup), (1, never), (2, setup), (3, never)]
 

@@ -146,15 +146,18 @@ class SandboxWorkspace:
         return full
 
     def _refuse_symlinks(self, path: str, root: str, full: str) -> None:
+        # Only below `root` can the sandboxed code have made links; above it are the
+        # sandbox's own mount points, which the files API does not list anyway.
         sandbox = self.sandbox()
-        current = "/"
-        for part in full.strip("/").split("/"):
+        current = root
+        rest = posixpath.relpath(full, root)
+        for part in [] if rest == "." else rest.split("/"):
             entries = {e.name: e.kind for e in sandbox.list_dir(current)}
             kind = entries.get(part)
             if kind is None:
                 return  # the rest does not exist yet
             current = posixpath.join(current, part)
-            if kind == "symlink" and _within(current, root):
+            if kind == "symlink":
                 raise ValueError(f"path {path!r} passes through a symlink, which is not followed")
             if kind != "dir":
                 return
