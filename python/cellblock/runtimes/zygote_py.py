@@ -51,6 +51,7 @@ import threading
 import time
 import traceback
 import types
+from typing import Any, NoReturn
 
 #: The stdlib a typical snippet uses, imported once here so every fork starts with it.
 WARM_MODULES = (
@@ -77,11 +78,11 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 
 # ---- framing -------------------------------------------------------------------------------
 
-def frame(kind, payload):
+def frame(kind: bytes, payload: bytes) -> bytes:
     return kind + _len(payload).to_bytes(4, "big") + payload
 
 
-def read_exact_fd(fd, n):
+def read_exact_fd(fd: int, n: int) -> bytes | None:
     buf = b""
     while _len(buf) < n:
         chunk = _read(fd, n - _len(buf))
@@ -91,7 +92,7 @@ def read_exact_fd(fd, n):
     return buf
 
 
-def read_frame_fd(fd):
+def read_frame_fd(fd: int) -> tuple[bytes, bytes] | None:
     head = read_exact_fd(fd, 5)
     if head is None:
         return None
@@ -99,13 +100,13 @@ def read_frame_fd(fd):
     return None if body is None else (head[:1], body)
 
 
-def write_all_fd(fd, data):
+def write_all_fd(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[_write(fd, view):]
 
 
-def read_frame_sock(sock):
+def read_frame_sock(sock: socket.socket) -> tuple[bytes, bytes] | None:
     head = sock.recv(5, socket.MSG_WAITALL)
     if len(head) < 5:
         return None
@@ -116,7 +117,7 @@ def read_frame_sock(sock):
 
 # ---- processes -----------------------------------------------------------------------------
 
-def ns_depth():
+def ns_depth() -> int:
     """How many pid namespaces deep we are, counted from our /proc's (NSpid entries)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -125,9 +126,9 @@ def ns_depth():
     return 1
 
 
-def descendants(root, depth):
+def descendants(root: int, depth: int) -> list[int]:
     """Pids (in our own namespace) of every live descendant of /proc pid `root`."""
-    kids = {}
+    kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -138,6 +139,7 @@ def descendants(root, depth):
             continue
         if fields[0] != "Z":
             kids.setdefault(int(fields[1]), []).append(int(name))
+    out: list[int]
     out, todo = [], [root]
     while todo:
         for procnum in kids.get(todo.pop(), []):
@@ -151,7 +153,7 @@ def descendants(root, depth):
     return out
 
 
-def oom_score_adj(value):
+def oom_score_adj(value: int) -> None:
     """Makes this process the out-of-memory killer's earlier choice (raising needs no
     privilege)."""
     try:
@@ -161,12 +163,12 @@ def oom_score_adj(value):
         pass
 
 
-def subreaper():
+def subreaper() -> None:
     """Orphaned descendants become our children (and so cannot escape a sweep)."""
     LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def not_dumpable():
+def not_dumpable() -> None:
     """No process of the sandbox (same uid, no capabilities) may ptrace us, open our
     /proc/<pid>/mem, environ or fds: inherited by every fork."""
     if LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
@@ -177,7 +179,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def own_listener(bpf, to_relay):
+def own_listener(bpf: bytes, to_relay: socket.socket) -> None:
     """Installs the session's filter again, on this worker alone, with a listener of its own
     (the newest filter's listener gets this process's refusals): the host attributes every
     refused call of this worker, and of what it starts, to its call. The listener goes to
@@ -193,7 +195,7 @@ def own_listener(bpf, to_relay):
     to_relay.close()
 
 
-def has_children():
+def has_children() -> bool:
     """Reap exited children; True if any child is still alive."""
     try:
         while True:
@@ -203,7 +205,7 @@ def has_children():
         return False
 
 
-def kill_tree(me, depth):
+def kill_tree(me: int, depth: int) -> None:
     """Kill and reap every descendant. We are their subreaper, so while any is alive one of
     them is our child: no child, nothing left (and no need to scan /proc)."""
     while has_children():
@@ -217,7 +219,7 @@ def kill_tree(me, depth):
 
 # ---- running Python code -------------------------------------------------------------------
 
-def user_traceback(exc, module):
+def user_traceback(exc: BaseException, module: types.ModuleType) -> str:
     """The traceback from the user's code down: the server's own frames left out. (They are
     told apart by their globals, not by file name: the server itself runs as "<string>".)"""
     tb = exc.__traceback__
@@ -226,7 +228,7 @@ def user_traceback(exc, module):
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def exit_code_of(exc):
+def exit_code_of(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
         return 0
@@ -236,7 +238,7 @@ def exit_code_of(exc):
     return 1
 
 
-def run_code(req, module, filename):
+def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> dict[str, Any]:
     """Run one request's code in `module`: (exit_code, repr of the last expression, traceback)."""
     code = req.get("code", "")
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
@@ -248,6 +250,8 @@ def run_code(req, module, filename):
         except OSError as e:
             return {"exit_code": 127, "value": None, "error": None,
                     "cwd_error": f"{req['cwd']}: {e.strerror}"}
+    value: str | None
+    error: str | None
     value = error = None
     exit_code = 0
     try:
@@ -269,7 +273,7 @@ def run_code(req, module, filename):
     return {"exit_code": exit_code, "value": value, "error": error}
 
 
-def fresh_main():
+def fresh_main() -> types.ModuleType:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
@@ -277,7 +281,7 @@ def fresh_main():
     return module
 
 
-def flush_std():
+def flush_std() -> None:
     """Flush the user's streams: whatever the code left in sys.stdout/stderr, even objects of
     its own whose flush fails."""
     for stream in (sys.stdout, sys.stderr):
@@ -285,7 +289,7 @@ def flush_std():
             stream.flush()
 
 
-def python_worker(ctl_in, ctl_out, warmed=None):
+def python_worker(ctl_in: int, ctl_out: int, warmed: int | None = None) -> None:
     """Worker loop: run requests from ctl_in, report each result on ctl_out. A request with
     "once" is the worker's only one: it then shuts down as the interpreter would, kills what
     the code left running, reports, and exits with the code's status (which the host reads
@@ -325,7 +329,7 @@ def python_worker(ctl_in, ctl_out, warmed=None):
 
 # ---- the relay -----------------------------------------------------------------------------
 
-def answers(result, call):
+def answers(result: bytes, call: Any) -> bool:
     """Whether a worker's result frame is the answer to request `call`."""
     try:
         got = json.loads(result)
@@ -341,16 +345,17 @@ class Relay:
     Relays are forked ahead of time with a pristine Python worker already waiting, so a call
     costs no fork; a Node connection replaces that worker with a node process."""
 
-    def __init__(self, inherited, warmed, bpf):
+    def __init__(self, inherited: tuple[int, ...], warmed: int | None, bpf: bytes) -> None:
         self.me = int(os.readlink("/proc/self"))
         self.depth = ns_depth()
-        self.conn = None
+        self.conn: socket.socket = None  # type: ignore[assignment]  # set by serve() before use
         self.bpf = bpf
         self.start_worker(None, inherited, warmed)
         if warmed is not None:
             os.close(warmed)
 
-    def start_worker(self, node_argv, inherited=(), warmed=None):
+    def start_worker(self, node_argv: list[str] | None, inherited: tuple[int, ...] = (),
+                     warmed: int | None = None) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         req_r, req_w = os.pipe()
@@ -386,9 +391,9 @@ class Relay:
                 os._exit(127)
         for fd in (out_w, err_w, req_r, res_w):
             os.close(fd)
-        self.listener = None
+        self.listener: int | None = None
         if lst_r is not None:
-            lst_w.close()
+            lst_w.close()  # type: ignore[union-attr]  # lst_w is a socket whenever lst_r is
             try:
                 _, fds, _, _ = socket.recv_fds(lst_r, 1, 1)
             except OSError:
@@ -401,7 +406,7 @@ class Relay:
         self.res_open = True
         self.streams = {out_r: b"o", err_r: b"e"}
 
-    def replace_worker(self, node_argv):
+    def replace_worker(self, node_argv: list[str]) -> None:
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         for fd in (self.pidfd, self.req, self.res, *self.streams):
@@ -410,34 +415,34 @@ class Relay:
             os.close(self.listener)
         self.start_worker(node_argv)
 
-    def send(self, kind, payload=b""):
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
         self.conn.sendall(frame(kind, payload))
 
-    def drop_output(self, fd):
+    def drop_output(self, fd: int) -> None:
         """Read and drop what one output pipe holds now (at EOF, stop watching it)."""
         if not os.read(fd, CHUNK):
             del self.streams[fd]
             os.close(fd)
 
-    def cancel(self):
+    def cancel(self) -> NoReturn:
         """The host closed the connection (or spoke out of turn): end everything."""
         kill_tree(self.me, self.depth)
         os._exit(0)
 
-    def read_result(self):
+    def read_result(self) -> tuple[bytes, bytes] | None:
         """The worker's next frame on its result pipe, or None at EOF (it is exiting)."""
         got = read_frame_fd(self.res)
         if got is None:
             self.res_open = False
         return got
 
-    def worker_ended(self):
+    def worker_ended(self) -> bool:
         return bool(select.select([self.pidfd], [], [], 0)[0])
 
-    def start_up(self):
+    def start_up(self) -> bool:
         """Wait for a Node worker's "k" (its start-up output is dropped). False: it died."""
         while True:
-            watch = [self.conn, self.pidfd, *self.streams]
+            watch: list[socket.socket | int] = [self.conn, self.pidfd, *self.streams]
             if self.res_open:
                 watch.append(self.res)
             ready = select.select(watch, [], [])[0]
@@ -453,7 +458,7 @@ class Relay:
             if self.pidfd in ready:
                 return False
 
-    def hand_over(self):
+    def hand_over(self) -> None:
         """Give the host the worker's pidfd, output pipes and listener, and wait for "g"."""
         fds = [self.pidfd, *self.streams]
         if self.listener is not None:
@@ -463,14 +468,14 @@ class Relay:
         if got is None or got[0] != b"g":
             self.cancel()
 
-    def follow(self, cell, call=None):
+    def follow(self, cell: bool, call: Any = None) -> bool:
         """During a call: forward the worker's result; on "x" (the host has read how the
         worker ended) reap and sweep. Returns True when a cell answered and the worker serves
         on, False once swept. A cell's result must name its call: one left over from an
         earlier call (e.g. after code wrote a result of its own) is dropped."""
         sent = False
         while True:
-            watch = [self.conn]
+            watch: list[socket.socket | int] = [self.conn]
             if self.res_open and not sent:
                 watch.append(self.res)
             ready = select.select(watch, [], [])[0]
@@ -488,7 +493,7 @@ class Relay:
                 self.sweep(sent)
                 return False
 
-    def call_ended(self):
+    def call_ended(self) -> bool:
         """After a cell's answer: the host reads what the cell printed, then says "e" (the
         worker serves on) or "x" (it ended meanwhile). Output is only dropped after that."""
         got = read_frame_sock(self.conn)
@@ -499,7 +504,7 @@ class Relay:
             return False
         return True
 
-    def sweep(self, sent):
+    def sweep(self, sent: bool) -> None:
         """Reap the worker, kill and reap what it left, pass on a result still in the pipe."""
         try:
             os.waitpid(self.pid, 0)
@@ -513,7 +518,7 @@ class Relay:
                 sent = True
         self.send(b"z")
 
-    def serve(self, conn):
+    def serve(self, conn: socket.socket) -> None:
         self.conn = conn
         got = read_frame_sock(conn)
         if got is None or got[0] != b"h":
@@ -531,7 +536,7 @@ class Relay:
             self.send(b"k")
             self.run_kernel()
 
-    def run_once(self):
+    def run_once(self) -> None:
         got = read_frame_sock(self.conn)
         if got is None or got[0] != b"r" or self.worker_ended():
             return
@@ -542,7 +547,7 @@ class Relay:
         os.close(self.req)
         self.follow(cell=False)
 
-    def run_kernel(self):
+    def run_kernel(self) -> None:
         while True:
             got = self.wait_request()
             if got is None:
@@ -552,11 +557,13 @@ class Relay:
             if not self.follow(cell=True, call=json.loads(got[1]).get("call")):
                 return
 
-    def wait_request(self):
+    def wait_request(self) -> tuple[bytes, bytes] | None:
         """Between calls: drop stray output, wait for the next request (None: the worker
         ended, the connection closes and the host starts a new kernel)."""
         while True:
-            ready = select.select([self.conn, self.pidfd, *self.streams], [], [])[0]
+            # mypy joins a socket and an int in one list to object, not to a FileDescriptorLike
+            ready = select.select(  # type: ignore[type-var]
+                [self.conn, self.pidfd, *self.streams], [], [])[0]
             for fd in ready:
                 if fd in self.streams:
                     self.drop_output(fd)
@@ -571,14 +578,15 @@ class Relay:
 
 # ---- the zygote ----------------------------------------------------------------------------
 
-def from_host(conn):
+def from_host(conn: socket.socket) -> bool:
     """Only the host may drive a relay: a peer outside our pid namespace has pid 0 here. (A
     process of the sandbox connecting would otherwise get a worker's descriptors.)"""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0] == 0
+    return bool(struct.unpack("3i", creds)[0] == 0)
 
 
-def spare(server, taken_w, zygote_only, bpf, warmed=None):
+def spare(server: socket.socket, taken_w: int, zygote_only: tuple[int, ...], bpf: bytes,
+          warmed: int | None = None) -> int:
     """Fork a relay (with its worker) that waits to accept the next connection. `zygote_only`:
     fds the relay closes; `warmed`: a pipe end the worker closes once warmed up."""
     pid = os.fork()
@@ -595,7 +603,7 @@ def spare(server, taken_w, zygote_only, bpf, warmed=None):
         server.close()
         os.close(taken_w)
         if not from_host(conn):
-            return
+            return  # type: ignore[return-value]  # the finally below exits
         conn.setblocking(True)
         try:
             relay.serve(conn)
@@ -606,7 +614,7 @@ def spare(server, taken_w, zygote_only, bpf, warmed=None):
         os._exit(0)
 
 
-def main():
+def main() -> None:
     not_dumpable()
     path = sys.argv[1]
     bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
