@@ -62,6 +62,7 @@ def scenario(turns: int, call: dict[str, Any], secrets: dict[str, str] | None) -
         client.messages.create = model.create  # type: ignore[method-assign]
         policy = cellblock.Policy(secrets=secrets or {})
         with cellblock.Sandbox(policy=policy) as session:
+            session.write_file("notes.txt", "a short file the read_file scenario reads\n")
             box = Timed(session)
             agent = Agent(model="claude-sonnet-4-6", sandbox=box, client=client,
                           secrets=secrets, max_turns=turns + 1)
@@ -85,7 +86,7 @@ def median_of(runs: int, *args: Any) -> dict[str, float]:
 def main() -> None:
     shell_true = {"name": "run_shell", "input": {"command": "true"}}
     big_output = {"name": "run_python", "input": {"code": "print('x' * 1_000_000)"}}
-    read = {"name": "read_file", "input": {"path": "/etc/hostname"}}
+    read = {"name": "read_file", "input": {"path": "notes.txt"}}
     rows = [
         ("run_shell `true`, 20 turns", median_of(RUNS, 20, shell_true, None)),
         ("run_shell `true`, 20 turns, 2 secrets", median_of(RUNS, 20, shell_true, SECRETS)),
