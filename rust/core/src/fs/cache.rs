@@ -1,7 +1,7 @@
 //! The mount plan, cached: building one reads ~20 /etc files and stats the host's system
 //! directories on every run. A cached plan is reused while none of the host paths it was made
-//! from changed: their lstat (type, inode, size, mtime, ctime) is compared on each use, about
-//! 45 stat calls instead of reading and copying the files again.
+//! from changed: their lstat (type, inode; for files also size, mtime, ctime) is compared on
+//! each use, about 45 stat calls instead of reading and copying the files again.
 
 use super::{MountPlan, PlanInput, BASE_CANDIDATES, DEVICES, ETC_ALLOW, SYSTEM_DIRS};
 use crate::error::Result;
@@ -49,9 +49,10 @@ fn stat(path: &str, follow: bool) -> Option<[i64; 7]> {
         std::fs::symlink_metadata(path)
     }
     .ok()?;
-    if m.file_type().is_char_device() {
-        // A device node's times move with every read or write of the device (a tty's do):
-        // what the plan binds is the node itself, named by its type and device number.
+    if m.file_type().is_char_device() || m.is_dir() {
+        // A device node's times move with its I/O (a tty's do), a directory's with every entry
+        // made in it (/tmp): the plan binds the node or directory itself, so what names it is
+        // its type, inode and device number. Files are copied: their contents count.
         return Some([
             i64::from(m.mode()),
             m.ino() as i64,
