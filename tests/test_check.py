@@ -28,8 +28,8 @@ def samples(*completions: str) -> list[dict[str, Any]]:
 class BrokenSetUp:
     """A cold runner whose first attempt at each job really fails in the sandbox's set-up: the
     core gets a working directory that does not exist (refused before the command starts), or
-    for odd jobs a memory limit the interpreter cannot start in (an overloaded machine: killed
-    before the sample)."""
+    for odd jobs a deadline too short for the interpreter to reach the sample (an overloaded
+    machine: killed before the sample)."""
 
     def __init__(self) -> None:
         self.broken: set[str] = set()
@@ -41,7 +41,7 @@ class BrokenSetUp:
             self.broken.add(job.id)
         if first:
             odd = int(job.id) % 2
-            policy = policy.merged(memory="6M") if odd else policy.merged(cwd="/nonexistent/cb")
+            policy = policy.merged(timeout=0.001) if odd else policy.merged(cwd="/nonexistent/cb")
         return run_cold(job, policy)
 
 
@@ -71,7 +71,7 @@ def test_infra_errors_left_after_retries_are_recorded_apart() -> None:
                  FAST.model_copy(update={"retries": 0}), BrokenSetUp())
     assert [r["status"] for r in got] == ["infra_error"] * 4
     assert [r["passed"] for r in got] == [None] * 4
-    assert got[1]["detail"].startswith("ended by the sandbox (memory)")
+    assert got[1]["detail"].startswith("ended by the sandbox (timeout)")
     # Not counted as failures: no judged sample, no pass@k (rather than pass@1 = 0).
     assert pass_at_k(got, [1]) == {}
     mixed = got[:2] + evaluate(samples(CANON), PROBLEMS, options=FAST, progress=False)

@@ -672,8 +672,8 @@ def test_nothing_left_running(sandbox: Runner, marker: str) -> None:
     try:
         allow = [f"127.0.0.1:{server.port}"]
         probe(sandbox, "report(ok=1)", allow_net=allow)  # warm-up: lazy one-time state
-        base_threads = settled_thread_count(sandbox)
         sandbox.cells(drain=True)  # ready cells and queued teardowns hold fds: not leftovers
+        base_threads = settled_thread_count(sandbox)
         base = sandbox.stats()
         pid = base["pid"]
         py_threads = threading.active_count()
@@ -700,8 +700,8 @@ def test_nothing_left_running(sandbox: Runner, marker: str) -> None:
         # Joined threads can stay listed in /proc for a moment (the kernel wakes the joiner
         # before it unlists the task): wait, bounded.
         wait_for(lambda: not egress_threads(pid), "egress threads to be gone")
-        wait_for(lambda: sandbox.stats()["threads"] == base_threads, "threads back to baseline")
         sandbox.cells(drain=True)
+        wait_for(lambda: sandbox.stats()["threads"] == base_threads, "threads back to baseline")
         after = sandbox.stats()
         assert after["fds"] == base["fds"]
         if pid == os.getpid():

@@ -38,6 +38,8 @@ class CellStats(BaseModel):
     ready: int
     #: Used or dropped sandboxes whose teardown is not finished.
     pending_teardown: int
+    #: Teardowns that could not remove their cgroup (after the run's report was returned).
+    teardown_failures: int
     #: Most cells kept ready at once.
     max_cells: int
 
