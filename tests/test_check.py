@@ -28,8 +28,7 @@ def samples(*completions: str) -> list[dict[str, Any]]:
 class BrokenSetUp:
     """A cold runner whose first attempt at each job really fails in the sandbox's set-up: the
     core gets a working directory that does not exist (refused before the command starts), or
-    for odd jobs a deadline too short for the interpreter to reach the sample (an overloaded
-    machine: killed before the sample)."""
+    for odd jobs an interpreter killed before it reaches the sample."""
 
     def __init__(self) -> None:
         self.broken: set[str] = set()
@@ -40,8 +39,13 @@ class BrokenSetUp:
             first = job.id not in self.broken
             self.broken.add(job.id)
         if first:
-            odd = int(job.id) % 2
-            policy = policy.merged(timeout=0.001) if odd else policy.merged(cwd="/nonexistent/cb")
+            if int(job.id) % 2:
+                # The interpreter is killed before it reaches the sample.
+                job = job.model_copy(update={
+                    "argv": ["python3", "-c", "import os; os.kill(os.getpid(), 9)"],
+                    "code": None, "files": {}})
+            else:
+                policy = policy.merged(cwd="/nonexistent/cb")
         return run_cold(job, policy)
 
 
@@ -71,7 +75,7 @@ def test_infra_errors_left_after_retries_are_recorded_apart() -> None:
                  FAST.model_copy(update={"retries": 0}), BrokenSetUp())
     assert [r["status"] for r in got] == ["infra_error"] * 4
     assert [r["passed"] for r in got] == [None] * 4
-    assert got[1]["detail"].startswith("ended by the sandbox (timeout)")
+    assert got[1]["detail"].startswith("killed by signal 9")
     # Not counted as failures: no judged sample, no pass@k (rather than pass@1 = 0).
     assert pass_at_k(got, [1]) == {}
     mixed = got[:2] + evaluate(samples(CANON), PROBLEMS, options=FAST, progress=False)

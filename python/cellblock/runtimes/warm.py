@@ -89,8 +89,9 @@ class _Cancelled(Exception):
 _CANCEL_POLL_S = 0.1
 
 
-class _BadCwd(SetupError):
-    """The call's cwd does not exist in the sandbox (the code never ran)."""
+class _BadCwd(InvalidSpec):
+    """The call's cwd does not exist in the sandbox (the code never ran): the same class as
+    `Sandbox.run` with a missing cwd."""
 
     def __init__(self, message: str, alive: bool) -> None:
         super().__init__(message)
@@ -386,7 +387,7 @@ class WarmRuntimes:
         except _Gone:
             raise _NotStarted from None
         except _BadCwd as e:
-            raise SetupError(str(e)) from None
+            raise InvalidSpec(str(e)) from None
         finally:
             conn.close()
 
@@ -425,7 +426,7 @@ class WarmRuntimes:
                 raise
             except _BadCwd as e:
                 alive = e.alive
-                raise SetupError(str(e)) from None
+                raise InvalidSpec(str(e)) from None
         finally:
             with self._lock:
                 if alive and not self._closed:
