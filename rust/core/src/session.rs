@@ -360,24 +360,9 @@ fn alive(h: &Holder) -> bool {
     unsafe { libc::poll(&mut pfd, 1, 0) == 0 }
 }
 
-/// A directory fd of the sandbox's root, through the holder's /proc entry.
+/// A directory fd of the sandbox's root, through the holder's /proc entry (the files API's).
 fn open_root(h: &Holder) -> Result<OwnedFd> {
-    let p = cstring(&format!("/proc/{}/root", h.pid))?;
-    // SAFETY: open of a path we built; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            p.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::SessionClosed(format!(
-            "cannot reach the session's root: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(FilesTarget::of(h)?.root)
 }
 
 /// openat2 inside `root`: `..` stops at the root, absolute symlinks are re-rooted, and magic
