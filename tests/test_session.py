@@ -231,6 +231,23 @@ def test_idle_timeout_closes_a_forgotten_session() -> None:
     wait_for(lambda: not sb.is_open, "the idle timeout to close the session")
     with pytest.raises(cellblock.SessionClosed):
         sb.run(["true"])
+    sb.close()  # returns once the idle watcher's close has freed everything
+
+
+def test_close_waits_for_a_close_under_way() -> None:
+    """A close() racing another returns only when the session is gone (nothing left)."""
+    assert cellblock.cells.drain(30)
+    before = own_cellblock_cgroups()
+    sb = Sandbox(warm=("python",))
+    closers = [threading.Thread(target=sb.close) for _ in range(2)]
+    for t in closers:
+        t.start()
+    sb.close()
+    assert not sb.is_open
+    assert cellblock.cells.drain(30)  # ready cells are the pool's, not the session's
+    assert own_cellblock_cgroups() == before
+    for t in closers:
+        t.join()
 
 
 def test_use_after_close_is_a_clear_error() -> None:

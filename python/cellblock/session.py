@@ -40,6 +40,9 @@ _log = logging.getLogger("cellblock.session")
 
 #: Output the zygote itself may write before its call is ended (it writes one line).
 _ZYGOTE_MAX_OUTPUT = 1 << 20
+#: How long a close() waits for another thread's close of the same session (its own waits
+#: are bounded by the core's deadlines and the runtimes' join).
+_CLOSE_WAIT = 30.0
 
 #: Session-wide limits (the cgroup's); the others are per call.
 SESSION_LIMITS = ("memory", "pids", "cpus", "disk")
@@ -112,6 +115,8 @@ class Sandbox(SandboxFiles):
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
         self._closed = False
+        #: Set once close() has freed everything; a close() racing another waits for it.
+        self._torn_down = threading.Event()
         self._lock = threading.Lock()
         self._active = 0
         self._last_used = time.monotonic()
@@ -160,18 +165,24 @@ class Sandbox(SandboxFiles):
         self.close()
 
     def close(self) -> None:
-        """Kills every process of the session and frees everything it held. Idempotent."""
+        """Kills every process of the session and frees everything it held. Idempotent: when
+        another thread (e.g. the idle timeout) is closing it, returns once that close is done."""
         with self._lock:
-            if self._closed:
-                return
+            closing = self._closed
             self._closed = True
-        _IDLE.forget(self)
-        _OPEN.discard(self)
-        self._runtimes.close()
-        self._finalizer()
-        self._runtimes.join(timeout=10.0)
-        with self._lock:
-            self._end_auto_pause()
+        if closing:
+            self._torn_down.wait(_CLOSE_WAIT)
+            return
+        try:
+            _IDLE.forget(self)
+            _OPEN.discard(self)
+            self._runtimes.close()
+            self._finalizer()
+            self._runtimes.join(timeout=10.0)
+            with self._lock:
+                self._end_auto_pause()
+        finally:
+            self._torn_down.set()
         notify_session("close", self)
 
     @property
