@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from cellblock.batch import RUNNER_NAMES, Backend, Runner, RunnerName, open_runner
+from cellblock.batch import RUNNER_NAMES, Backend, Runner, RunnerName, open_runner, runner_name
 from cellblock.check import CheckOptions, Verdict, check_policy, environment, run_checks
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
@@ -23,16 +23,6 @@ from cellblock.progress import Progress
 #: `check_policy(options, policy)`).
 RunnerArg = RunnerName | Runner
 
-
-def runner_name(runner: RunnerArg) -> str:
-    """The name a runner is recorded under in results' environment."""
-    if isinstance(runner, str):
-        return runner
-    name = getattr(runner, "name", None)
-    if isinstance(name, str):
-        return name
-    fn = getattr(runner, "__name__", type(runner).__name__)
-    return "cold" if fn == "run_cold" else str(fn)
 
 
 @contextmanager
