@@ -3,8 +3,9 @@
 Every benchmark (HumanEval, MBPP, EvalPlus, generic JSONL) builds one check program per record
 and calls `judge`, which opens the runner with the checks' policy, runs the programs through
 `cellblock.check.run_checks` and returns each record with "result", "passed", "status",
-"detail" and "environment" added. A Ray runner would be one more `Runner` passed here: the
-program, the verdict and the policy stay the same.
+"detail" and "environment" added. With `backend="ray"` every node of the cluster opens the same
+runner with the same policy (`cellblock.ray_backend`): the program, the verdict and the limits
+stay the same, and the environment records the backend and every node's versions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from cellblock.progress import Progress
 #: A runner by name ("cold", "pool", "warm"), or any Runner (opened by the caller with
 #: `check_policy(options, policy)`).
 RunnerArg = RunnerName | Runner
-
 
 
 @contextmanager
@@ -56,7 +56,7 @@ def judge(
     if len(records) != len(programs):
         raise InvalidSpec(f"{len(records)} records but {len(programs)} programs")
     checks = check_policy(options, policy)
-    env = environment(options, checks, runner_name(runner), dataset)
+    env = environment(options, checks, runner_name(runner), dataset, backend, address)
     with _opened(runner, checks) as opened:
         verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry,
                               backend, address)
