@@ -184,6 +184,7 @@ class RayBatch:
         self._starting: dict[Any, _Actor] = {}
         self._alive_nodes: set[str] = set()
         self._refreshed = 0.0
+        self._refresh_at = 0.0  # sooner than NODE_REFRESH_S when an actor died
         exc = ray.exceptions
         # The actor (its process or its node) is gone: replace it, run its jobs again.
         self._lost = (exc.RayActorError, exc.WorkerCrashedError, exc.NodeDiedError,
@@ -208,6 +209,7 @@ class RayBatch:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         now = self._refreshed = time.monotonic()
+        self._refresh_at = now + NODE_REFRESH_S
         self._alive_nodes = set()
         for node in self._ray.nodes():
             node_id = node["NodeID"]
@@ -267,7 +269,7 @@ class RayBatch:
         if not actor.alive:
             return
         actor.alive = False
-        self._refreshed = 0.0
+        self._refresh_at = 0.0
         try:
             self._ray.kill(actor.handle, no_restart=True)
         except Exception:  # already gone with its node
@@ -330,8 +332,9 @@ class RayBatch:
         self.refresh()
         while True:
             now = time.monotonic()
-            if now - self._refreshed > NODE_REFRESH_S:
-                self.refresh()
+            if now >= self._refresh_at or any(
+                    self._refreshed < s.not_before <= now for s in self._nodes.values()):
+                self.refresh()  # due, an actor died, or a node's backoff ended
             ready = [a for a in self._actors.values()
                      if a.alive and a.ready and a.hold_until <= now]
             for actor in sorted(ready, key=lambda a: a.busy - a.slots):
@@ -355,7 +358,7 @@ class RayBatch:
             if not pending and exhausted and not retry:
                 return  # actors still starting are not waited for
             waits = list(pending) + list(self._starting)
-            wake = [now + NODE_REFRESH_S] + [d for _, _, d in pending.values()] + [
+            wake = [self._refresh_at] + [d for _, _, d in pending.values()] + [
                 a.hold_until for a in self._actors.values() if a.alive and a.hold_until > now] + [
                 s.not_before for s in self._nodes.values() if s.not_before > now] + [
                 a.started_at + START_TIMEOUT_S for a in self._starting.values()]
