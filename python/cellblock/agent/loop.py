@@ -480,7 +480,10 @@ class _Run:
                 return "budget"
             if self.turns >= agent.max_turns:
                 return "max_turns"
-            stop = yield from self._run_tools(toolbox, tool_uses, [])
+            self.pending = []
+            if self.hooks is not None:
+                self.hooks.replied()
+            stop = yield from self._run_tools(toolbox, tool_uses, self.pending)
             if stop is not None:
                 return stop
 
@@ -497,7 +500,9 @@ class _Run:
                 continue
             yield ToolStarted(turn=self.turns, id=block["id"], name=block["name"],
                               input=block.get("input"))
-            outcome = toolbox.call(block["name"], block.get("input"))
+            outcome = (toolbox.call(block["name"], block.get("input")) if self.hooks is None
+                       else self.hooks.run_tool(toolbox, block["id"], block["name"],
+                                                block.get("input")))
             call = ToolCall(
                 turn=self.turns, id=block["id"], name=block["name"], input=block.get("input"),
                 duration_s=outcome.duration_s, reason=outcome.reason,

@@ -24,8 +24,9 @@ DEFAULT_TOOLS: tuple[str, ...] = ("run_python", "run_shell", "run_node", "read_f
 DEFAULT_MAX_OUTPUT_CHARS = 10_000
 
 #: Why a tool call ended: a run's RunResult.reason, "ok" for file tools, "error" when the
-#: sandbox refused (bad path, I/O error), "invalid_input" when the model's input was malformed.
-TOOL_REASONS: tuple[str, ...] = (*REASONS, "ok", "error", "invalid_input")
+#: sandbox refused (bad path, I/O error), "invalid_input" when the model's input was malformed,
+#: "interrupted" when a resumed run found the call started but its result never recorded.
+TOOL_REASONS: tuple[str, ...] = (*REASONS, "ok", "error", "invalid_input", "interrupted")
 ToolReason = Annotated[str, one_of(TOOL_REASONS, "tool reason")]
 
 
