@@ -27,7 +27,7 @@ from cellblock.memory import (
     MemoryStoreError,
     StaleCheckpoint,
 )
-from cellblock.memory.checkpoint import restore_workspace, snapshot_workspace
+from cellblock.memory.checkpoint import digest, restore_workspace, snapshot_workspace
 from cellblock.memory.tool import StoreMemoryTool, search
 
 DAY = 86_400.0
@@ -477,6 +477,74 @@ def test_checkpoint_files_reference_existing_blobs(url):
     with pytest.raises(MemoryStoreError):
         with store.db.transaction() as tx:
             tx.run("DELETE FROM blobs")
+
+
+def test_checkpoints_are_scoped_forgotten_exported_and_expired(url):
+    import base64
+
+    from cellblock.memory import CheckpointNotFound
+
+    clock = Clock()
+    store = open_store(url, clock, ttl_days=90, finished_session_ttl_days=7)
+    cps = store.checkpoints
+    shared, private = b"shared by both users", b"alice only"
+    alice = cps.start("alice", "a task")
+    cps.save(alice, {"n": 1}, {"s": shared, "p": private, "d": None})
+    store.checkpoints.journal(alice, "toolu_1", "started")
+    bob = cps.start("bob", "b task")
+    cps.save(bob, {"n": 1}, {"s": shared})
+    cid = cps.latest("alice").id
+    # Scoped: bob reaches none of alice's checkpoints, blobs or sessions by any route.
+    for call in (lambda: cps.get("bob", cid), lambda: cps.latest("bob", alice.session_id),
+                 lambda: cps.resolve("bob", cid), lambda: cps.blob("bob", digest(private)),
+                 lambda: cps.take_over("bob", alice.session_id)):
+        with pytest.raises(CheckpointNotFound):
+            call()
+    assert cps.kept("bob", alice.session_id) == []
+    assert [s.id for s in cps.sessions("bob")] == [bob.session_id]
+    assert cps.blob("bob", digest(shared)) == shared  # his own checkpoint references it
+    # Export: sessions with their kept checkpoints, and the blobs they reference.
+    exported = store.export("alice")
+    assert [s["id"] for s in exported["agent_sessions"]] == [alice.session_id]
+    assert exported["agent_sessions"][0]["checkpoints"][0]["state"] == {"n": 1}
+    assert {h: base64.b64decode(v) for h, v in exported["blobs"].items()} == {
+        digest(shared): shared, digest(private): private}
+    json.dumps(exported)  # JSON-ready
+    # Forget: alice's sessions, checkpoints, journal and the blobs only she used go.
+    assert store.forget("alice") == 1
+    assert cps.sessions("alice") == [] and store.export("alice")["blobs"] == {}
+    assert rows(store, "SELECT count(*) FROM tool_calls") == [(0,)]
+    assert sorted(r[0] for r in rows(store, "SELECT hash FROM blobs")) == [digest(shared)]
+    assert cps.latest("bob").state == {"n": 1}
+    # Retention: a finished session goes 7 days after it finished; an unfinished (resumable)
+    # one after ttl_days untouched.
+    done = cps.start("carol", "done")
+    cps.save(done, {"result": {}}, {"r": b"result file"}, status="finished")
+    clock.now += 6 * DAY
+    assert store.sweep() == 0
+    clock.now += 1 * DAY + 1
+    assert store.sweep() == 1 and cps.sessions("carol") == []
+    assert digest(b"result file") not in {r[0] for r in rows(store, "SELECT hash FROM blobs")}
+    assert [s.id for s in cps.sessions("bob")] == [bob.session_id]  # running, 7 days idle
+    clock.now += 83 * DAY
+    assert store.sweep() == 1 and cps.sessions("bob") == []
+    assert rows(store, "SELECT count(*) FROM blobs") == [(0,)]
+    assert rows(store, "SELECT count(*) FROM checkpoint_files") == [(0,)]
+
+
+def test_resuming_a_finished_session_leaves_it_finished(tmp_path):
+    from cellblock.agent import Agent
+
+    store = open_store(f"sqlite://{tmp_path / 'm.db'}")
+    result = Agent(model="offline", memory=store, user_id="alice").run(
+        "print the first 5 prime numbers")
+    before = store.checkpoints.sessions("alice")[0]
+    assert before.status == "finished"
+    again = Agent(model="offline", memory=store, user_id="alice").resume(result.session_id)
+    assert again.final_text == result.final_text
+    after = store.checkpoints.sessions("alice")[0]
+    assert after.status == "finished" and after.checkpoints == before.checkpoints
+    assert after.generation == before.generation + 1  # still fenced: a stale run is refused
 
 
 def test_1000_checkpoints_of_a_busy_session_keep_storage_bounded(tmp_path):
