@@ -9,13 +9,14 @@ cost stays proportional to what is kept, not to what the program printed.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cellblock.errors import CellblockError, InvalidSpec, SessionClosed
-from cellblock.result import REASONS, RunResult, one_of
+from cellblock.result import REASONS, RunResult, one_of, violation_kind
 
 #: Tools offered to the model unless the caller narrows the list.
 DEFAULT_TOOLS: tuple[str, ...] = ("run_python", "run_shell", "run_node", "read_file", "write_file")
@@ -149,6 +150,8 @@ class ToolOutcome(BaseModel):
     duration_s: float
     #: The session is gone: the loop cannot continue.
     fatal: bool = False
+    #: What the supervisor refused during the call, by kind (seccomp, dns, network).
+    violations: dict[str, int] = {}
 
 
 def trim_text(text: str, limit: int) -> str:
@@ -292,6 +295,7 @@ class Toolbox:
             reason=result.reason,
             exit_code=result.exit_code,
             duration_s=time.monotonic() - started,
+            violations=dict(Counter(violation_kind(v) for v in result.violations)),
         )
 
     def _ok(self, started: float, content: str) -> ToolOutcome:
