@@ -146,6 +146,8 @@ class Database:
         if self.dialect != "sqlite":
             return
         with self._lock:
+            if self._depth:
+                return  # inside a transaction: the next compaction outside one does it
             cur = self._conn.cursor()
             cur.execute("PRAGMA incremental_vacuum")
             cur.fetchall()

@@ -9,6 +9,15 @@ the blobs no checkpoint references any more, all in the same transaction.
 Fencing: each run of a session holds a generation number (`Lease`). Starting or resuming a
 session increments it; a save whose generation is no longer the session's fails with
 StaleCheckpoint inside its transaction, so a stale process cannot write over a newer run.
+
+The tool-call journal (`journal`, `journal_entry`) records, per session and tool_use id, a
+sandbox tool call about to run (`started`) or a memory-tool call applied (`done`, in the same
+transaction as the call's own writes); the agent consults it so that no call runs twice
+across kills (see `cellblock.memory.agent.Persistence.run_tool`).
+
+PostgreSQL, several machines: checkpoint_files.hash references blobs; a save locks the blobs
+it reuses and a prune skips locked ones, so a blob is never deleted under a checkpoint that
+is being written (`_store_blobs`, `_delete_unreferenced`).
 """
 
 from __future__ import annotations
