@@ -124,6 +124,8 @@ class Checkpoints:
     def __init__(self, store: MemoryStore) -> None:
         self.store = store
         self.db = store.db
+        #: path -> (content, digest) of the last save's files (see `_digests`).
+        self._last_digests: dict[str, tuple[bytes, str]] = {}
 
     def start(self, user_id: str, task: str, session_id: str | None = None) -> Lease:
         """Creates a session (generation 1) and returns its lease."""
@@ -155,8 +157,9 @@ class Checkpoints:
         `completed`: the tool_use ids whose results the state holds (their journal rows are
         deleted once every kept checkpoint holds them)."""
         config = config or CheckpointConfig()
-        blobs = {digest(data): data for data in files.values() if data is not None}
-        refs = [(p, "dir" if d is None else "file", None if d is None else digest(d))
+        hashes = self._digests(files)
+        blobs = {hashes[p]: data for p, data in files.items() if data is not None}
+        refs = [(p, "dir" if d is None else "file", hashes.get(p))
                 for p, d in sorted(files.items())]
         state_json = json.dumps(state, ensure_ascii=False)
         now = self.store.clock()
@@ -176,6 +179,19 @@ class Checkpoints:
         if seq % config.compact_every == 0:
             self.db.compact()
         return str(cid)
+
+    def _digests(self, files: Files) -> dict[str, str]:
+        """The digest of each file's content. The same bytes object as in the previous save
+        (a snapshot reused: nothing changed the workspace) is not hashed again."""
+        out: dict[str, str] = {}
+        for p, data in files.items():
+            if data is None:
+                continue
+            seen = self._last_digests.get(p)
+            out[p] = seen[1] if seen is not None and seen[0] is data else digest(data)
+        self._last_digests = {p: (data, out[p]) for p, data in files.items()
+                              if data is not None}
+        return out
 
     # ---- the tool-call journal: no call runs twice ------------------------------------
 
