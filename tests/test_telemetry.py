@@ -662,8 +662,10 @@ def test_agent_auto_pause_saving_in_its_json_and_the_report(tmp_path: Path) -> N
     with FakeAnthropic(slow_model) as server:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")},
                "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": server.url}
+        trace = tmp_path / "trace.jsonl"
         res = subprocess.run([sys.executable, "-m", "cellblock.cli", "agent", "--json",
-                              "--model", "claude-sonnet-4-6", "--auto-pause", "0.2", "go"],
+                              "--model", "claude-sonnet-4-6", "--auto-pause", "0.2",
+                              "--trace", str(trace), "go"],
                              capture_output=True, text=True, check=False,
                              timeout=WORKER_DEADLINE, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -681,3 +683,11 @@ def test_agent_auto_pause_saving_in_its_json_and_the_report(tmp_path: Path) -> N
     assert line.split()[1:] == [f"{paused:.2f}", "s", "(idle", "saving",
                                 f"${paused * 0.08 / 3600:.6f})"]
     assert "idle saving (auto-pause)" in rep.stdout
+    # And on the invoke_agent span, which the trace report sums.
+    agent_span = [json.loads(x) for x in trace.read_text().splitlines()][-1]
+    assert agent_span["attributes"]["cellblock.agent.paused_seconds"] == pytest.approx(paused)
+    rep = subprocess.run([sys.executable, "-m", "cellblock.cli", "report", str(trace)],
+                         capture_output=True, text=True, check=False)
+    assert rep.returncode == 0, rep.stderr
+    line = next(x for x in rep.stdout.splitlines() if x.startswith("auto-paused"))
+    assert line.split()[1:3] == [f"{paused:.2f}", "s"], rep.stdout

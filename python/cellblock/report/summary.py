@@ -212,11 +212,15 @@ def _trace(name: str, spans: list[dict[str, Any]]) -> Summary:
                      if a.get("gen_ai.operation.name") == "chat")
     agents = [a for a in attrs if a.get("gen_ai.operation.name") == "invoke_agent"]
     cost = sum(float(a.get("cellblock.cost.usd", 0.0)) for a in agents)
+    paused = sum(float(a.get("cellblock.agent.paused_seconds", 0.0)) for a in agents)
+    saving = sum(float(a.get("cellblock.cost.idle_saving_usd", 0.0)) for a in agents)
     errors = sum(1 for s in spans if s.get("status", {}).get("status_code") == "ERROR")
     stats = [("spans", str(len(spans))), ("traces", str(len({s["context"]["trace_id"]
                                                                for s in spans}))),
              ("agent runs", str(len(agents))), ("tokens in / out", f"{tokens_in} / {tokens_out}"),
-             ("model cost", f"${cost:.6f}"), ("spans with errors", str(errors)),
+             ("model cost", f"${cost:.6f}"),
+             ("auto-paused", f"{paused:.2f} s (idle saving ${saving:.6f})"),
+             ("spans with errors", str(errors)),
              ("security events", str(sum(events.values())))]
     charts = [
         _count_chart("Spans by operation", kinds, "spans"),
