@@ -25,6 +25,7 @@ TOKENS: dict[str, list[str]] = {
     "carol": ["--max-sessions", "2", "--max-concurrent-runs", "1",
               "--max-request-bytes", "2048"],
     "fuzz": ["--max-sessions", "8", "--max-concurrent-runs", "4"],
+    "big": ["--max-request-bytes", str(256 << 20)],
 }
 
 

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any, Self
 
 from cellblock.batch import Job, JobError, Outcome
 from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
-from cellblock.files import DirEntry
+from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
+from cellblock.files import _chunks as file_chunks
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
 from cellblock.secrets import normalize_secrets
+from cellblock.sizes import parse_size
 from cellblock.service.models import BatchStatus, RunReport, SessionInfo
 from cellblock.service.problems import error_from_problem
 
@@ -90,6 +92,31 @@ class Client:
         except ValueError:
             body = None
         raise error_from_problem(body, response.status_code)
+
+    def stream_bytes(
+        self, path: str, params: dict[str, Any], chunk_size: int
+    ) -> Iterator[bytes]:
+        """GETs a streamed body: the request is made (and a problem raised) now; the chunks
+        come as they are iterated (SandboxIOError if the body is cut short)."""
+        response = self._http.send(self._http.build_request("GET", path, params=params),
+                                   stream=True)
+        try:
+            self.raise_for_problem(response)
+        except BaseException:
+            response.close()
+            raise
+        return self._body_chunks(response, chunk_size, str(params.get("path")))
+
+    @staticmethod
+    def _body_chunks(response: httpx.Response, chunk_size: int, what: str) -> Iterator[bytes]:
+        import httpx
+
+        try:
+            yield from response.iter_bytes(chunk_size)
+        except httpx.TransportError as e:
+            raise SandboxIOError(f"{what}: the download was cut short: {e}") from None
+        finally:
+            response.close()
 
     def stream_run(self, path: str, body: dict[str, Any], on_output: OutputCallback) -> RunReport:
         """POSTs a streaming run: calls `on_output(stream, data)` per event; the report."""
@@ -310,21 +337,34 @@ class RemoteSandbox:
 
     # ---- files -------------------------------------------------------------------------------
 
-    def write_file(self, path: str, data: bytes | str) -> None:
-        """`Sandbox.write_file` on the service (the body is streamed)."""
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        self._client.request("PUT", self._path("/files"), params={"path": path}, content=raw,
+    def write_file(self, path: str, data: FileData) -> None:
+        """`Sandbox.write_file` on the service. Bytes and text are sent whole; a binary file
+        object or an iterable of chunks is streamed (chunked upload, never held whole)."""
+        if isinstance(data, (bytes, bytearray, memoryview, str)):
+            content: bytes | Iterator[bytes] = (
+                data.encode() if isinstance(data, str) else bytes(data))
+        else:
+            content = file_chunks(data)
+        self._client.request("PUT", self._path("/files"), params={"path": path},
+                             content=content,
                              headers={"Content-Type": "application/octet-stream"})
 
-    def read_file(self, path: str) -> bytes:
-        """`Sandbox.read_file` on the service."""
-        return b"".join(self.iter_file(path))
+    def read_file(self, path: str, *, max_size: int | str = DEFAULT_MAX_READ) -> bytes:
+        """`Sandbox.read_file` on the service (FileTooLarge past `max_size`, default 64 MiB)."""
+        return b"".join(self.iter_file(path, max_size=max_size))
 
-    def iter_file(self, path: str) -> Iterator[bytes]:
-        """A file's content as it streams from the service."""
-        with self._client._http.stream("GET", self._path("/files"), params={"path": path}) as r:
-            self._client.raise_for_problem(r)
-            yield from r.iter_bytes()
+    def iter_file(
+        self, path: str, *, chunk_size: int = CHUNK_SIZE, max_size: int | str | None = None
+    ) -> Iterator[bytes]:
+        """`Sandbox.iter_file` on the service: the file as it streams from the service, in
+        chunks of at most `chunk_size` bytes. As in-process, the file is opened (and errors
+        raised) by this call, before iteration."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise InvalidSpec(f"iter_file: chunk_size must be a positive int, got {chunk_size!r}")
+        params: dict[str, Any] = {"path": path}
+        if max_size is not None:
+            params["max_size"] = parse_size(max_size, "max_size")
+        return self._client.stream_bytes(self._path("/files"), params, chunk_size)
 
     def make_dirs(self, path: str) -> None:
         """`Sandbox.make_dirs` on the service."""
@@ -348,7 +388,8 @@ class RemoteSandbox:
             for child in sorted(src.iterdir()):
                 self.upload(child, posixpath.join(path, child.name))
         else:
-            self.write_file(path, src.read_bytes())
+            with src.open("rb") as f:
+                self.write_file(path, f)
 
     def download(self, path: str, local: str | os.PathLike[str]) -> None:
         """`Sandbox.download` on the service (symlinks in the sandbox are skipped)."""

@@ -21,11 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellblock import aio
 from cellblock.errors import CellblockError, InvalidSpec
-from cellblock.files import DirEntry
+from cellblock.files import CHUNK_SIZE, DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
@@ -55,13 +56,15 @@ from cellblock.service.registry import Batch, Registry, Session, new_id
 ANONYMOUS_MAX_BODY = 64 << 10
 
 #: Chunk size of streamed file downloads.
-CHUNK = 64 << 10
+CHUNK = CHUNK_SIZE
+#: Largest `max_size` a download may ask for (the core's "no cap").
+_UNLIMITED = (1 << 64) - 1
 
 _bearer = HTTPBearer(auto_error=False)
 
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "An error (problem+json)."}
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 503)
+    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -183,11 +186,12 @@ def create_app(tokens: TokenStore) -> FastAPI:
     async def create_session(tok: Token, body: SessionCreate) -> SessionInfo:
         """Opens a session (a persistent sandbox) owned by this token."""
         fields = body.model_dump(exclude={"labels", "lifetime_s", "warm", "idle_timeout",
-                                          "secrets", "env"}, exclude_none=True)
+                                          "auto_pause", "secrets", "env"}, exclude_none=True)
         async with registry.session_slot(tok):
             sandbox = await aio.Sandbox(
                 Policy.build(**fields, env=body.env), secrets=body.secrets or None,
-                idle_timeout=body.idle_timeout, warm=tuple(body.warm),
+                idle_timeout=body.idle_timeout, auto_pause=body.auto_pause,
+                warm=tuple(body.warm),
             ).open()
             now = time.time()
             session = Session(
@@ -285,25 +289,27 @@ def create_app(tokens: TokenStore) -> FastAPI:
                                                          "format": "binary"}}}}})
     async def put_file(sess: Sess, request: Request, path: Path) -> Response:
         """Writes a file (the raw body; parents created). Relative paths are under
-        /workspace; nothing outside the sandbox is reachable (PathEscape)."""
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-        await sess.sandbox.write_file(path, bytes(data))
+        /workspace; nothing outside the sandbox is reachable (PathEscape). The body is
+        written as it arrives (never held whole); a body cut short or too large leaves no
+        partial file."""
+        try:
+            await sess.sandbox.write_file(path, request.stream())
+        except (StarletteHTTPException, ClientDisconnect):
+            with contextlib.suppress(CellblockError):
+                await sess.sandbox.remove(path)
+            raise
         return Response(status_code=204)
 
     @app.get("/v1/sessions/{session_id}/files", tags=["files"],
              responses={200: {"content": {"application/octet-stream": {}}}})
-    async def get_file(sess: Sess, path: Path) -> StreamingResponse:
-        """Reads a file, streamed."""
-        data = await sess.sandbox.read_file(path)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            for i in range(0, len(data), CHUNK):
-                yield data[i : i + CHUNK]
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream",
-                                 headers={"Content-Length": str(len(data))})
+    async def get_file(
+        sess: Sess, path: Path,
+        max_size: Annotated[int | None, Query(ge=0, le=_UNLIMITED)] = None,
+    ) -> StreamingResponse:
+        """Reads a file, streamed as it is read (secrets redacted); `max_size`: refuse files
+        larger than that many bytes (FileTooLarge) before sending any."""
+        chunks = await sess.sandbox.iter_file(path, chunk_size=CHUNK, max_size=max_size)
+        return StreamingResponse(chunks, media_type="application/octet-stream")
 
     @app.delete("/v1/sessions/{session_id}/files", status_code=204, tags=["files"])
     async def remove_file(sess: Sess, path: Path, recursive: bool = False) -> Response:
@@ -366,9 +372,17 @@ def create_app(tokens: TokenStore) -> FastAPI:
 
 def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
     """Keyword arguments of a session call (None values are left to the session)."""
-    fields = body.model_dump(exclude={"argv", "code", "stateful"}, exclude_none=True)
+    fields = body.model_dump(
+        exclude={"argv", "code", "stateful", "stdin", "stdin_base64", "secrets"},
+        exclude_none=True,
+    )
     if not fields.get("env"):
         fields.pop("env", None)
+    stdin = body.stdin_base64 if body.stdin_base64 is not None else body.stdin
+    if stdin is not None:
+        fields["stdin"] = stdin
+    if body.secrets:
+        fields["secrets"] = dict(body.secrets)
     return fields
 
 

@@ -44,9 +44,15 @@ class Session:
         state: Literal["open", "paused", "closed"] = (
             "paused" if self.paused else "open" if self.sandbox.is_open else "closed"
         )
+        now = time.monotonic()
+        idle = self.sandbox.idle_deadline() if self.sandbox.is_open else None
+        pause = self.sandbox.pause_deadline() if self.sandbox.is_open else None
         return SessionInfo(
             id=self.id, labels=self.labels, state=state,
             created_at=self.created_at, expires_at=self.expires_at,
+            paused_seconds=self.sandbox.paused_seconds,
+            idle_close_in=None if idle is None else max(0.0, idle - now),
+            auto_pause_in=None if pause is None else max(0.0, pause - now),
         )
 
 
