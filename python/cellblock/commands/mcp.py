@@ -8,7 +8,9 @@ import argparse
 
 def cmd_mcp(args: argparse.Namespace) -> int:
     from cellblock.mcp.server import build_server
+    from cellblock.service.server import reclaim_stale
 
+    reclaim_stale("cellblock mcp")
     server = build_server(host=args.host, port=args.port, log_level="WARNING")
     server.run(transport=args.transport)
     return 0
