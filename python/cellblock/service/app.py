@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -61,6 +61,8 @@ CHUNK = CHUNK_SIZE
 _UNLIMITED = (1 << 64) - 1
 
 _bearer = HTTPBearer(auto_error=False)
+
+T = TypeVar("T")
 
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "An error (problem+json)."}
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -169,9 +171,11 @@ def create_app(tokens: TokenStore) -> FastAPI:
     app.add_middleware(BodyLimit, tokens=tokens)
     _install_error_handlers(app)
 
-    async def run_report(tok: TokenRecord, call: Awaitable[RunResult]) -> RunReport:
+    async def run_report(
+        tok: TokenRecord, request: Request, call: Awaitable[RunResult]
+    ) -> RunReport:
         async with registry.run_slot(tok):
-            return RunReport.of(await call)
+            return RunReport.of(await _unless_disconnected(request, call))
 
     # ---- health --------------------------------------------------------------------------
 
@@ -256,9 +260,10 @@ def create_app(tokens: TokenStore) -> FastAPI:
     # ---- runs in a session ---------------------------------------------------------------
 
     @app.post("/v1/sessions/{session_id}/run", tags=["runs"])
-    async def session_run(tok: Token, sess: Sess, body: CommandRun) -> RunReport:
+    async def session_run(tok: Token, sess: Sess, body: CommandRun, request: Request
+                          ) -> RunReport:
         """Runs a command in the session."""
-        return await run_report(tok, sess.sandbox.run(body.argv, **_call_kwargs(body)))
+        return await run_report(tok, request, sess.sandbox.run(body.argv, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -269,16 +274,18 @@ def create_app(tokens: TokenStore) -> FastAPI:
         return await _sse(registry, tok, sess.sandbox.stream(body.argv, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/python", tags=["runs"])
-    async def session_python(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+    async def session_python(tok: Token, sess: Sess, body: CodeRun, request: Request
+                             ) -> RunReport:
         """Runs Python in the session's warm interpreter (`value`: repr of the last
         expression; `error`: the traceback)."""
-        return await run_report(tok, sess.sandbox.run_python(
+        return await run_report(tok, request, sess.sandbox.run_python(
             body.code, stateful=body.stateful, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/node", tags=["runs"])
-    async def session_node(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+    async def session_node(tok: Token, sess: Sess, body: CodeRun, request: Request
+                           ) -> RunReport:
         """Runs JavaScript in the session's warm Node runtime."""
-        return await run_report(tok, sess.sandbox.run_node(
+        return await run_report(tok, request, sess.sandbox.run_node(
             body.code, stateful=body.stateful, **_call_kwargs(body)))
 
     # ---- files ---------------------------------------------------------------------------
@@ -331,9 +338,9 @@ def create_app(tokens: TokenStore) -> FastAPI:
     # ---- one-shot runs and batches -------------------------------------------------------
 
     @app.post("/v1/run", tags=["runs"])
-    async def one_shot(tok: Token, body: OneShotRun) -> RunReport:
+    async def one_shot(tok: Token, body: OneShotRun, request: Request) -> RunReport:
         """Runs a command in a fresh sandbox, destroyed after."""
-        return await run_report(tok, aio.run(body.argv, **_one_shot_kwargs(body)))
+        return await run_report(tok, request, aio.run(body.argv, **_one_shot_kwargs(body)))
 
     @app.post("/v1/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -388,6 +395,27 @@ def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
 
 def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
     return _call_kwargs(body)
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """Awaits a run, killing it if the client goes away first (closing the request is how a
+    client cancels a call: an event of its own cannot travel)."""
+    task = asyncio.ensure_future(call)
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()  # aio kills the run and returns once its processes are gone
+        await asyncio.wait({task})
+        raise ServiceError("the client closed the request: the run was killed")
+    return task.result()
 
 
 async def _run_batch(

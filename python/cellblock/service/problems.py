@@ -36,6 +36,11 @@ class NotFound(ServiceError):
     """No such route or resource (other tokens' resources are not found either)."""
 
 
+class Cancelled(ServiceError):
+    """A client's call was cancelled by its caller: the request was closed, and the service
+    killed the run (raised by the client; a killed run's report cannot come back)."""
+
+
 class InternalError(ServiceError):
     """A bug in the service; the message says what failed."""
 
@@ -70,7 +75,7 @@ def _error_classes() -> list[type[CellblockError]]:
         cls = getattr(errors, name)
         if isinstance(cls, type) and issubclass(cls, CellblockError):
             found.append(cls)
-    found.extend(c for c in STATUS if c not in found)
+    found.extend(c for c in [*STATUS, *ServiceError.__subclasses__()] if c not in found)
     return found
 
 
