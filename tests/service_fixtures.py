@@ -74,14 +74,16 @@ def make_tokens(cli: Cli, directory: Path) -> tuple[Path, dict[str, str]]:
     return path, tokens
 
 
-def start_service(cli: Cli, directory: Path, **popen: Any) -> Service:
-    """Starts the service (`popen`: more arguments of Popen) and waits until it answers."""
+def start_service(cli: Cli, directory: Path, args: list[str] | None = None,
+                  **popen: Any) -> Service:
+    """Starts the service (`args`: more options; `popen`: more arguments of Popen) and waits
+    until it answers."""
     directory.chmod(0o755)
     path, tokens = make_tokens(cli, directory)
     port = free_port()
     log = directory / "service.log"
     with log.open("wb") as err:
-        proc = cli.popen(["serve", "--tokens", str(path), "--port", str(port)],
+        proc = cli.popen(["serve", "--tokens", str(path), "--port", str(port), *(args or [])],
                          stdout=subprocess.DEVNULL, stderr=err, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

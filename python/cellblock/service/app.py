@@ -50,7 +50,14 @@ from cellblock.service.problems import (
     Unauthorized,
     problem_body,
 )
-from cellblock.service.registry import Batch, Registry, Session, new_id
+from cellblock.service.registry import (
+    BATCH_RETENTION_S,
+    DEFAULT_MAX_SESSIONS,
+    Batch,
+    Registry,
+    Session,
+    new_id,
+)
 
 #: Largest body accepted from a request whose token is unknown (it gets 401 anyway).
 ANONYMOUS_MAX_BODY = 64 << 10
@@ -148,9 +155,11 @@ def problem(error: CellblockError, status: int | None = None) -> JSONResponse:
                         headers=headers)
 
 
-def create_app(tokens: TokenStore) -> FastAPI:
-    """The service's ASGI app, accepting the given tokens."""
-    registry = Registry()
+def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
+               batch_retention_s: float = BATCH_RETENTION_S) -> FastAPI:
+    """The service's ASGI app, accepting the given tokens, holding at most `max_sessions`
+    sessions in all and keeping finished batches `batch_retention_s` seconds."""
+    registry = Registry(max_sessions, batch_retention_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -354,6 +363,7 @@ def create_app(tokens: TokenStore) -> FastAPI:
         concurrent runs). Poll `GET /v1/batches/{id}`."""
         if len(body.jobs) > tok.max_batch_jobs:
             raise InvalidSpec(f"{len(body.jobs)} jobs exceed the limit of {tok.max_batch_jobs}")
+        registry.check_batch_room(tok)
         batch = Batch(id=new_id("bat"), owner=tok.name, jobs=list(body.jobs))
         batch.task = asyncio.ensure_future(_run_batch(registry, tok, batch, body.concurrency))
         registry.add_batch(batch)
@@ -365,13 +375,16 @@ def create_app(tokens: TokenStore) -> FastAPI:
         return registry.get_batch(tok, batch_id).status(with_results=results)
 
     @app.delete("/v1/batches/{batch_id}", tags=["batches"])
-    async def cancel_batch(tok: Token, batch_id: str) -> BatchStatus:
-        """Cancels a batch: running jobs are killed, the rest never start."""
+    async def cancel_batch(tok: Token, batch_id: str, forget: bool = False) -> BatchStatus:
+        """Cancels a batch: running jobs are killed, the rest never start (`forget`: also
+        drop it and its results now, rather than after the retention time)."""
         batch = registry.get_batch(tok, batch_id)
         if batch.task is not None and not batch.task.done():
             batch.cancelled = True
             batch.task.cancel()
             await asyncio.wait({batch.task})
+        if forget:
+            registry.batches.pop(batch.id, None)
         return batch.status(with_results=False)
 
     return app
@@ -435,6 +448,7 @@ async def _run_batch(
         for t in tasks:
             t.cancel()
         await asyncio.wait(tasks)
+        batch.finished_at = time.monotonic()
 
 
 async def _sse(registry: Registry, tok: TokenRecord, live: aio.LiveRun) -> StreamingResponse:

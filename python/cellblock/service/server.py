@@ -38,7 +38,7 @@ def reclaim_stale(program: str) -> int:
     return found
 
 
-def serve(host: str, port: int, tokens: TokenStore) -> None:
+def serve(host: str, port: int, tokens: TokenStore, max_sessions: int = 1000) -> None:
     """Serves until SIGINT/SIGTERM; then every session is closed before the process exits."""
     import uvicorn
 
@@ -47,7 +47,7 @@ def serve(host: str, port: int, tokens: TokenStore) -> None:
     raise_nofile_limit()
     reclaim_stale("cellblock serve")
     config = uvicorn.Config(
-        create_app(tokens), host=host, port=port, log_level="warning",
+        create_app(tokens, max_sessions=max_sessions), host=host, port=port, log_level="warning",
         timeout_graceful_shutdown=10, lifespan="on",
         # Clients hold connections across long runs; a short idle limit races their reuse.
         timeout_keep_alive=75,
