@@ -9,8 +9,8 @@ import contextlib
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx

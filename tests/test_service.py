@@ -527,10 +527,10 @@ def test_a_restarted_service_reclaims_frozen_sessions(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         svc.proc.wait(10)
         left = cellblock_cgroups_in(dirs, svc.proc.pid)
-        frozen = [d for d in left if (d / "freezer.state").exists()
-                  and (d / "freezer.state").read_text().strip() == "FROZEN"
-                  or (d / "cgroup.freeze").exists()
-                  and (d / "cgroup.freeze").read_text().strip() == "1"]
+        frozen = [d for d in left if ((d / "freezer.state").exists()
+                  and (d / "freezer.state").read_text().strip() == "FROZEN")
+                  or ((d / "cgroup.freeze").exists()
+                  and (d / "cgroup.freeze").read_text().strip() == "1")]
         time.sleep(1.0)  # the frozen sessions really are stuck: nothing else reclaims them
         stuck = processes_with_argv(argv)
         second = start_service(cli, tmp_path / "second", preexec_fn=enter)

@@ -14,16 +14,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
+from service_fixtures import free_port
 
 import cellblock
 from cellblock import aio, errors
 from cellblock.client import RemoteSandbox
+from cellblock.seccomp import SeccompPolicy
 from cellblock.service.app import create_app
 from cellblock.service.auth import TokenLimits, TokenRecord, TokenStore, token_hash
-from cellblock.seccomp import SeccompPolicy
 from cellblock.service.problems import CLASSES, STATUS, Cancelled, ServiceError, status_of
 from conftest import IS_ROOT, processes_with_argv, wait_for
-from service_fixtures import free_port
 
 TOKEN = "cbk_surface-test"
 

@@ -34,9 +34,9 @@ from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import SecretsArg, normalize_secrets
-from cellblock.sizes import parse_size
 from cellblock.service.models import BatchStatus, RunReport, SessionInfo
 from cellblock.service.problems import Cancelled, error_from_problem
+from cellblock.sizes import parse_size
 
 if TYPE_CHECKING:
     import httpx

@@ -31,10 +31,9 @@ class BearerAuth:
         self.tokens = tokens
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from cellblock.mcp.server import TOKEN_STATE
         from cellblock.service.app import _bearer_token, problem
         from cellblock.service.problems import Unauthorized
-
-        from cellblock.mcp.server import TOKEN_STATE
 
         if scope["type"] == "http":
             token = _bearer_token(scope)

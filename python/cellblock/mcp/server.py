@@ -160,11 +160,14 @@ def _refused(e: CellblockError) -> ToolError:
     return ToolError(f"{type(e).__name__}: {e}")
 
 
+#: The request context FastMCP passes to a tool that asks for it.
+Ctx = Context[Any, Any, Any]
+
 #: Where the streamable-http auth middleware leaves the caller's token name (request.state).
 TOKEN_STATE = "cellblock_token"
 
 
-def _owned(ctx: Context | None, session_id: str) -> str:
+def _owned(ctx: Ctx | None, session_id: str) -> str:
     """The key of a caller's session: over HTTP with tokens, sessions are per token (one
     token never reaches another's session of the same name)."""
     request = ctx.request_context.request if ctx is not None else None
@@ -201,7 +204,7 @@ def build_server(
     @mcp.tool()
     async def run_code(
         language: Literal["python", "node"], code: str, timeout_s: Timeout = DEFAULT_TIMEOUT_S,
-        session_id: SessionId = None, ctx: Context | None = None,
+        session_id: SessionId = None, ctx: Ctx | None = None,
     ) -> Annotated[CallToolResult, RunOutput]:
         """Runs Python or JavaScript in a sandbox. In a session the interpreter is stateful
         (variables persist across calls) and `value` is the last expression's repr."""
@@ -219,7 +222,7 @@ def build_server(
     @mcp.tool()
     async def run_command(
         command: str, timeout_s: Timeout = DEFAULT_TIMEOUT_S, session_id: SessionId = None,
-        ctx: Context | None = None,
+        ctx: Ctx | None = None,
     ) -> Annotated[CallToolResult, RunOutput]:
         """Runs a shell command (`/bin/sh -c`) in a sandbox (a session's, if given)."""
         argv = ["/bin/sh", "-c", command]
@@ -234,7 +237,8 @@ def build_server(
 
     @mcp.tool()
     async def write_file(
-        path: str, content: str, session_id: NamedSession = "default", is_base64: bool = False, ctx: Context | None = None,
+        path: str, content: str, session_id: NamedSession = "default", is_base64: bool = False,
+        ctx: Ctx | None = None,
     ) -> Annotated[CallToolResult, FileWritten]:
         """Writes a file in a session (relative paths are under /workspace)."""
         try:
@@ -246,7 +250,7 @@ def build_server(
 
     @mcp.tool()
     async def read_file(
-        path: str, session_id: NamedSession = "default", ctx: Context | None = None,
+        path: str, session_id: NamedSession = "default", ctx: Ctx | None = None,
     ) -> Annotated[CallToolResult, FileContent]:
         """Reads a file of a session."""
         try:
@@ -262,7 +266,7 @@ def build_server(
 
     @mcp.tool()
     async def list_files(
-        path: str = "/workspace", session_id: NamedSession = "default", ctx: Context | None = None,
+        path: str = "/workspace", session_id: NamedSession = "default", ctx: Ctx | None = None,
     ) -> Annotated[CallToolResult, Listing]:
         """Lists a directory of a session."""
         try:
@@ -273,7 +277,9 @@ def build_server(
                                entries=[e.model_dump() for e in entries]), False)
 
     @mcp.tool()
-    async def close_session(session_id: NamedSession, ctx: Context | None = None) -> Annotated[CallToolResult, Closed]:
+    async def close_session(
+        session_id: NamedSession, ctx: Ctx | None = None,
+    ) -> Annotated[CallToolResult, Closed]:
         """Closes a session: its processes are killed and its files are gone."""
         closed = await store.close(_owned(ctx, session_id))
         return _result(Closed(session_id=session_id, closed=closed), False)
