@@ -285,9 +285,20 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_files_stream_through_the_service(service: Service, tmp_path: Path) -> None:
-    """An 80 MiB file goes up and comes back through the service, which holds only chunks:
-    its peak RSS (reset first through clear_refs) grows by far less than the file."""
+def test_files_stream_through_the_service(service_cli: tuple[Cli, Path],
+                                          tmp_path: Path) -> None:
+    """An 80 MiB file goes up and comes back through the service (run by root, and by uid
+    65534), which holds only chunks: its peak RSS (reset first through clear_refs) grows by
+    far less than the file."""
+    cli, directory = service_cli
+    service = start_service(cli, directory)
+    try:
+        _stream_big_file(service, tmp_path)
+    finally:
+        assert service.stop() == 128 + signal.SIGTERM
+
+
+def _stream_big_file(service: Service, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     with src.open("wb") as f:
         for i in range(BIG_FILE >> 20):
