@@ -8,21 +8,22 @@ import asyncio
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_fixtures import Service, start_service
+from service_fixtures import Service, share_service_packages, start_service
 
 import cellblock
 from cellblock.service.auth import TokenLimits, TokenRecord
 from cellblock.service.problems import LimitExceeded
 from cellblock.service.registry import Batch, Registry, Session
-from conftest import Cli
+from conftest import NOBODY, Cli
 
 #: Seconds spent opening sessions (the 2-core test machine opens a few hundred).
-OPEN_FOR_S = 40.0
+OPEN_FOR_S = 30.0
 TARGET = 1000
 
 
@@ -49,8 +50,15 @@ def nofile_limit(pid: int) -> int:
 
 
 @pytest.fixture
-def big_service(tmp_path: Path) -> Iterator[Service]:
-    svc = start_service(service_cli(), tmp_path)
+def big_service(cli: Cli, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    """The service run by root, and by uid 65534 (sessions in user namespaces)."""
+    directory = tmp_path
+    if cli.name == "nobody":
+        nobody_dir = request.getfixturevalue("nobody_dir")
+        share_service_packages(nobody_dir)
+        directory = Path(tempfile.mkdtemp(dir=nobody_dir / "tmp"))
+        os.chown(directory, NOBODY, NOBODY)
+    svc = start_service(cli, directory)
     yield svc
     assert svc.stop() == 128 + signal.SIGTERM
 
