@@ -433,7 +433,8 @@ def test_kill_9_leaves_no_sandbox(service_cli: tuple[Cli, Path]) -> None:
             for sb in (paused_busy, paused_idle):
                 sb.pause()
                 assert sb.info().state == "paused"
-            assert cgroup_states(svc.proc.pid).count("frozen") >= 2
+            wait_for(lambda: cgroup_states(svc.proc.pid).count("frozen") >= 2,
+                     "the paused sessions' cgroups to be frozen", 15)
         everything = all_descendants(svc.proc.pid)
         assert set(processes_with_argv(busy_argv) + processes_with_argv(paused_argv)) \
             < everything
@@ -502,6 +503,17 @@ def private_cgroup() -> Iterator[list[Path]]:
             wait_for(gone, f"removal of {d}", 20)
 
 
+def frozen_in(dirs: list[Path]) -> list[Path]:
+    """The frozen cellblock cgroups below `dirs`."""
+    def frozen(path: Path) -> bool:
+        v1, v2 = path / "freezer.state", path / "cgroup.freeze"
+        return ((v1.exists() and v1.read_text().strip() == "FROZEN")
+                or (v2.exists() and v2.read_text().strip() == "1"))
+
+    return [d / e for d in dirs for e in os.listdir(d)
+            if e.startswith("cellblock-") and frozen(d / e)]
+
+
 def cellblock_cgroups_in(dirs: list[Path], pid: int) -> list[Path]:
     return [d / e for d in dirs for e in os.listdir(d) if e.startswith(f"cellblock-{pid}-")]
 
@@ -531,6 +543,7 @@ def test_a_restarted_service_reclaims_frozen_sessions(tmp_path: Path) -> None:
             wait_for(lambda: processes_with_argv(argv), "the run to start")
             busy.pause()
             idle.pause()
+            wait_for(lambda: len(frozen_in(dirs)) >= 2, "the sessions to be frozen", 15)
             sessions = all_descendants(svc.proc.pid)
             reapers = reapers_of(svc.proc.pid)
         assert len(reapers) >= 2, reapers  # one per session, at least
