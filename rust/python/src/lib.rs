@@ -87,6 +87,12 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Reclaims the cgroups (and frozen processes) left by dead cellblock processes; how many.
+#[pyfunction]
+fn sweep_stale_cgroups(py: Python<'_>) -> usize {
+    py.allow_threads(cellblock_core::cgroup::sweep_stale)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -96,6 +102,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cells::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
+    m.add_function(wrap_pyfunction!(sweep_stale_cgroups, m)?)?;
     // The one definition of the report's vocabularies (cellblock.result uses these).
     let reasons: Vec<&str> = cellblock_core::Reason::ALL
         .iter()
