@@ -626,6 +626,7 @@ class _Run:
         return self.client
 
     def _result(self, stop: StopReason) -> AgentResult:
+        paused = self._paused_seconds()  # one reading: the sandbox may still be frozen
         return AgentResult(
             final_text=self.best_text,
             stop_reason=stop,
@@ -637,8 +638,8 @@ class _Run:
             cost_usd=self.cost,
             cost_is_estimate=self.cost_is_estimate,
             sandbox_seconds=self.sandbox_seconds,
-            paused_seconds=self._paused_seconds(),
-            idle_saving_usd=self._paused_seconds() * self.agent.rate_per_hour / 3600,
+            paused_seconds=paused,
+            idle_saving_usd=paused * self.agent.rate_per_hour / 3600,
             wall_time_s=self.prior_wall_time + time.monotonic() - self.started,
             redactions=self._redactions(),
             error=self.error,
