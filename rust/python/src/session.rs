@@ -127,6 +127,56 @@ impl Session {
         crate::report_to_dict(py, &report)
     }
 
+    /// Starts one call in the background and returns its handle at once (see
+    /// `cellblock._native.Call`). `stream_stdin`: stdin stays open for `Call.take_stdin()`
+    /// (then `stdin` must be None); otherwise `stdin` is written by the supervisor and closed.
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, stream_stdin=false))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        spec_json: &str,
+        stdin: Option<Vec<u8>>,
+        bpf: Option<Vec<u8>>,
+        stream_stdin: bool,
+    ) -> PyResult<crate::process::Call> {
+        let spec = parse_spec(spec_json, stdin, bpf)?;
+        let call = py
+            .allow_threads(|| self.inner.start(&spec, stream_stdin))
+            .map_err(to_pyerr)?;
+        Ok(crate::process::Call::new(call))
+    }
+
+    /// Forwards `host:host_port` (host_port 0: a free one) to 127.0.0.1:`port` inside the
+    /// sandbox until the session closes; returns the bound `(host, port)`.
+    #[pyo3(signature = (port, host="127.0.0.1", host_port=0))]
+    fn expose(
+        &self,
+        py: Python<'_>,
+        port: u16,
+        host: &str,
+        host_port: u16,
+    ) -> PyResult<(String, u16)> {
+        let ip: std::net::IpAddr = host.parse().map_err(|_| {
+            to_pyerr(cellblock_core::Error::InvalidSpec(format!(
+                "expose: host must be an IP address, got {host:?}"
+            )))
+        })?;
+        let bind = std::net::SocketAddr::new(ip, host_port);
+        let addr = py
+            .allow_threads(|| self.inner.expose(port, bind))
+            .map_err(to_pyerr)?;
+        Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// The forwarded ports: `(port inside, host, host port)` each.
+    fn exposed(&self) -> Vec<(u16, String, u16)> {
+        self.inner
+            .exposed()
+            .into_iter()
+            .map(|(p, a)| (p, a.ip().to_string(), a.port()))
+            .collect()
+    }
+
     /// Supervises one warm call through the connected relay socket `sock_fd` (borrowed, not
     /// closed): sends `request`, takes the worker's descriptors, and returns None when the
     /// worker was gone before the code began, else `{"report": <report dict>, "result":
