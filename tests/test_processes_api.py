@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -230,7 +230,8 @@ def test_kill_ends_the_process_and_what_it_started(who: tuple[str, Path | None],
     out = scenario(who[0], KILL, who[1], marker=marker)
     assert out["wait"] == "TimeoutError" and out["running"] is True
     assert out["before"] == 2
-    assert out["listed"] == [["/bin/sh", "-c", f"sleep {marker} & echo up; sleep {marker}; echo never"]]
+    script = f"sleep {marker} & echo up; sleep {marker}; echo never"
+    assert out["listed"] == [["/bin/sh", "-c", script]]
     assert (out["reason"], out["signal"], out["stdout"]) == ("signaled", 9, "up\n")
     assert out["listed_after"] == 0
     assert out["session_ok"] == "ok\n"
@@ -383,6 +384,7 @@ def test_expose_round_trip_over_loopback_only(who: tuple[str, Path | None],
         if failed:
             raise failed[0]
         _, host, host_port = json.loads(flag.read_text())
+        assert host == "127.0.0.1"
         # Bound on the host's loopback only, and the sandbox's own port is not on the host.
         listeners = loopback_listeners()
         assert ("0100007F", host_port) in listeners
