@@ -527,6 +527,16 @@ pub fn signal_call(pidfd: &OwnedFd, sig: libc::c_int) -> Result<bool> {
              can be sent to a process of a session"
         )));
     }
+    // An ended init may linger as a zombie that still "accepts" signals: ask its pidfd first.
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling our own pidfd without waiting.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+        return Ok(false);
+    }
     // SAFETY: signalling our own call's init through its pidfd.
     let r = unsafe {
         libc::syscall(
