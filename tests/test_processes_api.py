@@ -474,3 +474,15 @@ def test_bad_arguments_are_typed_errors() -> None:
     with pytest.raises(Exception, match="closed"):
         sb.start(["true"])
     assert os.path.exists("/proc/self")
+
+
+def test_a_port_the_allowlist_gives_to_the_host_cannot_be_exposed() -> None:
+    # With 127.0.0.1:<port> listed, the sandbox's connections to that port go to the host's
+    # loopback: a forward into the sandbox would end up on the host, so it is refused.
+    with Sandbox(allow_net=["127.0.0.1:8000"]) as sb:
+        with pytest.raises(InvalidSpec, match="8000"):
+            sb.expose(8000)
+        assert sb.exposed_ports() == []
+        assert sb.expose(8001).port == 8001
+    with Sandbox(allow_net=["127.0.0.1"]) as sb, pytest.raises(InvalidSpec, match="host"):
+        sb.expose(8001)

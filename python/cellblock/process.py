@@ -151,7 +151,8 @@ class Process:
         except BaseException as e:  # re-raised by wait() in the caller's thread
             self._error = e
         finally:
-            self._close_stdin_fd()
+            # A writer blocked on a full pipe gets EPIPE now that every reader is dead.
+            self.close_stdin()
             with self._cond:
                 self._done.set()
                 self._cond.notify_all()

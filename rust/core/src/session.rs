@@ -373,6 +373,20 @@ impl Session {
         if port == 0 {
             return Err(Error::InvalidSpec("expose: port must be 1-65535".into()));
         }
+        // A listed loopback target redirects the sandbox's connections to that port to the
+        // host's loopback: forwarding it would reach the host, not the sandbox.
+        if let Some(n) = &self.base.net {
+            let shadowed = crate::net::Allowlist::parse(&n.allow)?
+                .loopback_targets()
+                .into_iter()
+                .any(|(ip, p)| ip.is_ipv4() && p.is_none_or(|p| p == port));
+            if shadowed {
+                return Err(Error::InvalidSpec(format!(
+                    "expose: port {port} inside the sandbox is the host's (the allowlist lists \
+                     the host's loopback for it), so it cannot be exposed"
+                )));
+            }
+        }
         let exposed = self.with_holder(|h| crate::net::Exposed::start(h, port, bind))?;
         let addr = exposed.addr();
         let mut list = self
