@@ -311,6 +311,32 @@ def test_background_output_is_capped_and_redacted(who: tuple[str, Path | None]) 
     assert out["redactions"]["TOKEN"] >= 2
 
 
+SECCOMP = """
+code = ("import ctypes, os, sys\\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\\n"
+        "r = libc.syscall(165, 0, 0, 0, 0, 0)\\n"  # mount(2) on x86_64
+        "print(r, os.strerror(ctypes.get_errno()), flush=True)\\n"
+        "sys.stdin.read()")
+with Sandbox() as sb:
+    p = sb.start(["python3", "-c", code])
+    out["attempt"] = next(p.iter_lines(timeout=30)).decode()
+    p.close_stdin()
+    res = p.wait(30)
+    out["reason"] = res.reason
+    out["profile"] = res.seccomp_profile
+    out["violations"] = [[v["kind"], v.get("syscall")] for v in res.violations]
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="mount(2) is syscall 165 on x86_64")
+def test_refused_syscalls_of_a_background_process_are_reported(
+        who: tuple[str, Path | None]) -> None:
+    out = scenario(who[0], SECCOMP, who[1])
+    assert out["attempt"] == "-1 Operation not permitted\n"
+    assert out["reason"] == "exited" and out["profile"] == "python"
+    assert ["seccomp", "mount"] in out["violations"]
+
+
 # ---- exposed ports ----------------------------------------------------------------------------
 
 EXPOSE = """
