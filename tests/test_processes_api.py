@@ -369,6 +369,13 @@ with Sandbox() as sb:
     for t in threads: t.start()
     for t in threads: t.join(60)
     out["parallel"] = sorted(set(r[1] for r in results)), len(results)
+    # The sandbox's own code cannot reach the host side of its forward (its loopback is not
+    # the host's).
+    reach = ("import socket\\n"
+             "try:\\n"
+             "    socket.create_connection(('127.0.0.1', %d), 2); print('OK')\\n"
+             "except OSError as e: print(type(e).__name__)" % ep.host_port)
+    out["inside_to_host_side"] = sb.run(["python3", "-c", reach]).stdout.strip()
     # A second port of the sandbox is not reachable through the first one's forward, and
     # a forward to a port nothing listens on resets the connection.
     empty = sb.expose(port + 1)
@@ -430,6 +437,7 @@ def test_expose_round_trip_over_loopback_only(who: tuple[str, Path | None],
     assert out["ep"][:2] == [port, "127.0.0.1"] and out["listed"] == [out["ep"]]
     assert out["get"] == [200, "hello from the sandbox"]
     assert out["parallel"] == [["hello from the sandbox"], 8]
+    assert out["inside_to_host_side"] == "ConnectionRefusedError"
     assert out["empty"] in ("ConnectionResetError", "b''")
 
 

@@ -276,6 +276,15 @@ impl Factory {
     }
 }
 
+impl Drop for Factory {
+    fn drop(&mut self) {
+        let ended = self.sock.lock().map_or(true, |s| s.is_none());
+        if !ended {
+            self.end();
+        }
+    }
+}
+
 /// What the factory needs, prepared before the clone.
 struct FactoryPlan {
     holder: libc::c_int,
