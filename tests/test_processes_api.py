@@ -266,6 +266,9 @@ out["reasons"] = [p.result.reason for p in procs + [server]]
 out["running"] = [p.running for p in procs]
 out["after"] = len(sb.processes())
 out["port"] = list(ep.address)
+# No child of ours is left: the calls' joiners and the port's socket factory are reaped.
+out["children"] = [c for t in os.listdir("/proc/self/task")
+                   for c in open(f"/proc/self/task/{t}/children").read().split()]
 """
 
 
@@ -275,6 +278,7 @@ def test_closing_the_session_ends_its_processes_and_ports(who: tuple[str, Path |
     assert out["served"] == 200 and out["before"] == 4
     assert out["reasons"] == ["session_closed"] * 4
     assert out["running"] == [False] * 3 and out["after"] == 0
+    assert out["children"] == []
     assert processes_with_argv(["sleep", marker]) == []
     # The forwarded port is gone with the session.
     with pytest.raises(ConnectionRefusedError):
