@@ -73,7 +73,7 @@ impl Call {
                 "this call is already supervised".into(),
             ))
         })?;
-        let report = crate::session::watched(py, on_output, cancel, |hooks| {
+        let report = crate::session::watched_with(py, on_output, cancel, false, |hooks| {
             Ok(call.supervise(hooks))
         })?;
         crate::report_to_dict(py, &report)

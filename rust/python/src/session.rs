@@ -44,6 +44,22 @@ pub fn watched<T>(
 where
     T: Send,
 {
+    watched_with(py, on_output, cancel, true, f)
+}
+
+/// [`watched`]; without `signals` (and `cancel`) the GIL is taken only to deliver output: a
+/// background call's supervisor thread does not wake the interpreter ten times a second.
+pub fn watched_with<T>(
+    py: Python<'_>,
+    on_output: Option<PyObject>,
+    cancel: Option<PyObject>,
+    signals: bool,
+    f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
+) -> PyResult<T>
+where
+    T: Send,
+{
+    let ask_python = signals || cancel.is_some();
     let pending: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
     let failed = || pending.lock().map_or(true, |p| p.is_some());
     let keep = |e: PyErr| {
@@ -53,7 +69,7 @@ where
     };
     let interrupted = || {
         failed()
-            || Python::with_gil(|py| match py.check_signals() {
+            || ask_python && Python::with_gil(|py| match py.check_signals() {
                 Ok(()) if cancelled(py, cancel.as_ref()) => true,
                 Ok(()) => false,
                 Err(e) => {
