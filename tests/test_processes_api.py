@@ -524,3 +524,15 @@ def test_a_port_the_allowlist_gives_to_the_host_cannot_be_exposed() -> None:
         assert sb.expose(8001).port == 8001
     with Sandbox(allow_net=["127.0.0.1"]) as sb, pytest.raises(InvalidSpec, match="host"):
         sb.expose(8001)
+
+
+def test_a_raising_output_callback_stops_the_process(marker: str) -> None:
+    def stop(stream: int, data: bytes) -> None:
+        raise ValueError("enough")
+
+    with Sandbox() as sb:
+        p = sb.start(f"echo x; sleep {marker}", on_output=stop)
+        with pytest.raises(ValueError, match="enough"):
+            p.wait(30)
+        assert not p.running and sb.processes() == []
+    assert processes_with_argv(["sleep", marker]) == []
