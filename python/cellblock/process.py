@@ -16,7 +16,7 @@ import os
 import signal as signals
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -82,7 +82,7 @@ class Process:
         call: Call,
         argv: list[str],
         on_output: OutputCallback | None,
-        on_end: Any,
+        on_end: Callable[[Process], None],
     ) -> None:
         self._call = call
         self.argv = argv
