@@ -48,12 +48,6 @@ struct Shared {
     live: AtomicUsize,
 }
 
-impl std::fmt::Debug for Stop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Stop")
-    }
-}
-
 impl Exposed {
     /// Binds `bind` on the host and forwards every connection to `127.0.0.1:port` inside the
     /// network namespace of `holder`'s sandbox.

@@ -55,6 +55,12 @@ impl Stop {
     }
 }
 
+impl std::fmt::Debug for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stop").field("set", &self.is_set()).finish()
+    }
+}
+
 /// Outcome of waiting on one fd.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
