@@ -10,6 +10,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod cells;
 mod errors;
+mod process;
 mod redact;
 mod session;
 
@@ -99,6 +100,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     redact::register(m)?;
     session::register(m)?;
+    process::register(m)?;
     cells::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
