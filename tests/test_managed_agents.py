@@ -258,8 +258,9 @@ def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.splitlines()[-1].startswith(
-        "cellblock: error: AuthenticationError: Error code: 401"), r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("cellblock: error: AuthenticationError: "), r.stderr
+    assert "401" in last and "invalid environment key" in last, r.stderr
 
 
 def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
@@ -304,3 +305,62 @@ def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
     assert out[3] == "be nice"
     assert (shared / "rules.md").read_text() == "be nice\n"
     assert out[4] == "ToolError: bash: bash command timed out after 2.0s"
+
+
+def _thread(session: str, thread: str | None) -> Any:
+    """The SDK's record of a session thread, as its session runner sets it for a tool call."""
+    from contextlib import AsyncExitStack
+
+    from cellblock.integrations.managed_agents._sdk import SessionThread
+
+    return SessionThread((session, thread), AsyncExitStack())
+
+
+def test_bash_keeps_one_shell_per_session_thread(tmp_path: Path) -> None:
+    """Like the SDK's bash, each session thread has its own shell: two threads running at
+    once keep their own cwd, variables, functions, aliases and options, and two calls of one
+    thread at once run in turn (neither's state overwrites the other's)."""
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+    from cellblock.integrations.managed_agents._sdk import current_session_thread
+
+    ctx = AgentToolContext(workdir=tmp_path)
+    bash = next(t for t in cellblock_toolset(ctx) if t.name == "bash")
+    a, b = _thread("sesn_1", None), _thread("sesn_1", "sthr_b")
+
+    async def call(thread: Any, command: str) -> str:
+        current_session_thread.set(thread)
+        try:
+            return str(await bash.call({"command": command}))
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    async def main() -> list[str]:
+        first = await asyncio.gather(
+            call(a, "cd /tmp; export X=from-a; fa() { echo fn-a; }; sleep 1; set -o noglob"),
+            call(b, "mkdir -p sub && cd sub; X=from-b; alias gb='echo alias-b'; sleep 1"),
+            # Same thread as `a`, at the same time: runs after it, sees its state.
+            call(a, "export Y=also-a"),
+        )
+        second = await asyncio.gather(
+            call(a, "pwd; echo $X $Y; fa; type gb >/dev/null 2>&1 || echo no-gb; set -o | grep noglob"),
+            call(b, "pwd; echo $X $Y; gb; type fa >/dev/null 2>&1 || echo no-fa; set -o | grep noglob"),
+        )
+        restarted = [await call(b, "echo $X"),
+                     str(await bash.call({"restart": True, "command": "pwd; echo ${X:-unset}"})),
+                     await call(a, "echo $X")]
+        await a.exit_stack.aclose()  # the SDK closes a thread's stack when the thread ends
+        gone = await call(a, "echo ${X:-unset}")
+        await bash.close()  # type: ignore[misc]
+        return [*first, *second, *restarted, gone]
+
+    out = asyncio.run(main())
+    assert out[:3] == ["", "", ""], out
+    assert out[3].splitlines() == ["/tmp", "from-a also-a", "fn-a",
+                                   "no-gb", "noglob         \ton"], out[3]
+    assert out[4].splitlines() == ["/workspace/sub", "from-b", "alias-b",
+                                   "no-fa", "noglob         \toff"], out[4]
+    # restart with a command restarts the shell of the calling thread (b), then runs it
+    assert out[5:8] == ["from-b", "/workspace\nunset", "from-a"], out[5:8]
+    assert out[8] == "unset", out[8]  # the ended thread's shell state is gone

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import posixpath
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -40,7 +41,13 @@ from anthropic.types.beta import (
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError
-from cellblock.integrations.managed_agents.bash import BASH_DEFAULT_TIMEOUT, BashError, SandboxBash
+from cellblock.integrations.managed_agents._sdk import current_session_thread
+from cellblock.integrations.managed_agents.bash import (
+    BASH_DEFAULT_TIMEOUT,
+    BashError,
+    SandboxBash,
+    thread_key,
+)
 from cellblock.integrations.managed_agents.workspace import WORKSPACE, SandboxWorkspace
 from cellblock.policy import Policy
 
@@ -132,7 +139,8 @@ class _Tools:
     def __init__(self, ctx: AgentToolContext, workspace: SandboxWorkspace) -> None:
         self.ctx = ctx
         self.ws = workspace
-        self._bash: SandboxBash | None = None
+        self._shells: dict[str, SandboxBash] = {}
+        self._shells_lock = threading.Lock()
 
     def _path(self, op: str, file_path: str) -> str:
         try:
@@ -153,19 +161,36 @@ class _Tools:
             raise ToolError(f"{op}: {file_path}: not a regular file")
         return entry.size
 
-    def bash(self, command: str | None, restart: bool | None, timeout_ms: int | None) -> str:
-        if self._bash is None:
-            self._bash = SandboxBash(self.ws.sandbox())
+    def shell(self, key: str) -> SandboxBash:
+        """The shell of a session thread (its state folder named by `key`)."""
+        with self._shells_lock:
+            shell = self._shells.get(key)
+            if shell is None:
+                shell = self._shells[key] = SandboxBash(self.ws.sandbox(), key)
+            return shell
+
+    def end_thread(self, key: str) -> None:
+        """Forgets the shell of a session thread that ended (its state folder goes)."""
+        with self._shells_lock:
+            shell = self._shells.pop(key, None)
+        sandbox = self.ws.opened
+        if shell is not None and sandbox is not None and sandbox.is_open:
+            shell.restart()
+
+    def bash(self, key: str, command: str | None, restart: bool | None,
+             timeout_ms: int | None) -> str:
+        shell = self.shell(key)
         if restart:
-            self._bash.restart()
-            return "bash session restarted"
+            shell.restart()
+            if not command:
+                return "bash session restarted"
         if not command:
             raise ToolError("bash: command is required")
         timeout = timeout_ms / 1000.0 if timeout_ms else BASH_DEFAULT_TIMEOUT
         if self.ws.policy.timeout is not None:  # the operator's per-call limit is a ceiling
             timeout = min(timeout, self.ws.policy.timeout)
         try:
-            out, code = self._bash.exec(command, timeout=timeout)
+            out, code = shell.exec(command, timeout=timeout)
         except BashError as e:
             raise ToolError(str(e)) from e
         finally:
@@ -310,11 +335,24 @@ def cellblock_toolset(
     async def call(fn: Callable[..., T], *args: Any) -> T:
         return await run_sync(partial(fn, *args))
 
+    registered: set[str] = set()
+
     @beta_async_tool(name="bash", input_schema=BetaManagedAgentsAgentToolset20260401BashInput)
     async def bash(command: str | None = None, restart: bool | None = None,
                    timeout_ms: int | None = None) -> str:
         """Run a command in a persistent bash shell."""
-        return await call(body.bash, command, restart, timeout_ms)
+        # One shell per session thread, as the SDK's reference bash keeps; the thread's exit
+        # stack (closed when the thread terminates) forgets its shell's state.
+        thread = current_session_thread.get()
+        key = thread_key(thread.id if thread is not None else None)
+        if thread is not None and key not in registered:
+            registered.add(key)
+
+            async def forget() -> None:
+                await run_sync(body.end_thread, key)
+
+            thread.exit_stack.push_async_callback(forget)
+        return await call(body.bash, key, command, restart, timeout_ms)
 
     @beta_async_tool(name="read", input_schema=BetaManagedAgentsAgentToolset20260401ReadInput)
     async def read(file_path: str, view_range: list[int] | None = None) -> Any:

@@ -1,0 +1,11 @@
+"""The anthropic SDK names the integration uses beyond its public API, imported in one place.
+
+The session runner's current thread is module-private in the SDK; it is used rather than
+re-derived so the sandboxed bash keeps one shell per thread, like the reference one.
+"""
+
+from __future__ import annotations
+
+from anthropic.lib.tools._tool_dispatch import SessionThread, current_session_thread
+
+__all__ = ["SessionThread", "current_session_thread"]
