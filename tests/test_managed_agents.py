@@ -344,8 +344,8 @@ def test_bash_keeps_one_shell_per_session_thread(tmp_path: Path) -> None:
             call(a, "export Y=also-a"),
         )
         second = await asyncio.gather(
-            call(a, "pwd; echo $X $Y; fa; type gb >/dev/null 2>&1 || echo no-gb; set -o | grep noglob"),
-            call(b, "pwd; echo $X $Y; gb; type fa >/dev/null 2>&1 || echo no-fa; set -o | grep noglob"),
+            call(a, "pwd; echo $X $Y; fa; type gb &>/dev/null || echo no-gb; set -o | grep noglob"),
+            call(b, "pwd; echo $X $Y; gb; type fa &>/dev/null || echo no-fa; set -o | grep noglob"),
         )
         restarted = [await call(b, "echo $X"),
                      str(await bash.call({"restart": True, "command": "pwd; echo ${X:-unset}"})),
