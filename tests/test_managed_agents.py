@@ -364,3 +364,86 @@ def test_bash_keeps_one_shell_per_session_thread(tmp_path: Path) -> None:
     # restart with a command restarts the shell of the calling thread (b), then runs it
     assert out[5:8] == ["from-b", "/workspace\nunset", "from-a"], out[5:8]
     assert out[8] == "unset", out[8]  # the ended thread's shell state is gone
+
+
+def _running(marker: bytes) -> list[int]:
+    """Host pids whose command line is exactly `sleep <marker>` (the marker is this test's)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\0" + marker + b"\0":
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("how", ["interrupt", "sdk-timeout"])
+def test_interrupted_bash_call_leaves_no_process(tmp_path: Path, how: str) -> None:
+    """The SDK interrupts a tool call by cancelling its task (a session interrupt, or its
+    per-call timeout's cancel scope): the sandboxed `sleep` is killed at once, not left
+    running until its own timeout, and the shell serves the next call."""
+    import anyio
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+
+    marker = f"600.{os.getpid()}{len(how)}".encode()
+    bash = next(t for t in cellblock_toolset(AgentToolContext(workdir=tmp_path))
+                if t.name == "bash")
+
+    async def main() -> tuple[list[int], list[int], str]:
+        await bash.call({"command": "export KEPT=yes"})
+        seen: list[int] = []
+
+        async def watch() -> None:
+            while not seen:
+                seen.extend(_running(marker))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        if how == "interrupt":
+            task = asyncio.create_task(bash.call({"command": f"sleep {marker.decode()}"}))
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with anyio.move_on_after(3):  # how the SDK's RunningCall.timeout ends a call
+                await bash.call({"command": f"sleep {marker.decode()}"})
+        watcher.cancel()
+        after = [1]
+        for _ in range(100):  # the kill is asynchronous to the cancelled task
+            after = _running(marker)
+            if not after:
+                break
+            await asyncio.sleep(0.05)
+        if after:  # still running: the next call would wait for it
+            return seen, after, ""
+        return seen, after, str(await bash.call({"command": "echo $KEPT"}))
+
+    async def run() -> tuple[list[int], list[int], str]:
+        try:
+            return await main()
+        finally:
+            await bash.close()  # type: ignore[misc]  # ends the sandbox, and so any leftover
+
+    seen, after, nxt = asyncio.run(run())
+    assert seen, "the sleep never showed up"  # it really ran before the interrupt
+    assert after == [], after
+    assert nxt == "yes"
+
+
+def test_bash_timeout_is_capped_like_the_sdk() -> None:
+    from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT
+    from cellblock.integrations.managed_agents.tools import bash_timeout
+
+    assert bash_timeout(None, Policy()) == BASH_DEFAULT_TIMEOUT
+    assert bash_timeout(0, Policy()) == BASH_DEFAULT_TIMEOUT
+    assert bash_timeout(86_400_000, Policy()) == BASH_DEFAULT_TIMEOUT   # a model's huge ask
+    assert bash_timeout(1500, Policy()) == 1.5
+    assert bash_timeout(60_000, Policy(timeout=2)) == 2                 # the operator's ceiling

@@ -7,5 +7,6 @@ re-derived so the sandboxed bash keeps one shell per thread, like the reference 
 from __future__ import annotations
 
 from anthropic.lib.tools._tool_dispatch import SessionThread, current_session_thread
+from anthropic.lib.tools.agent_toolset import BASH_DEFAULT_TIMEOUT
 
-__all__ = ["SessionThread", "current_session_thread"]
+__all__ = ["BASH_DEFAULT_TIMEOUT", "SessionThread", "current_session_thread"]

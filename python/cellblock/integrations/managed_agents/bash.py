@@ -18,14 +18,14 @@ import re
 import threading
 
 from cellblock.errors import CellblockError
+from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT
 from cellblock.session import Sandbox
 
 #: Where the shells' states live inside the sandbox (one folder per session thread).
 STATE_DIR = "/tmp/.cellblock-bash"
 
-#: Same bounds as the SDK's reference bash tool.
+#: Most bytes of a call's output the model sees (its end is kept).
 BASH_OUTPUT_LIMIT = 100 * 1024
-BASH_DEFAULT_TIMEOUT = 120.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -103,13 +103,20 @@ class SandboxBash:
         if present:
             self._sandbox.remove(self._dir, recursive=True)
 
-    def exec(self, command: str, timeout: float = BASH_DEFAULT_TIMEOUT) -> tuple[str, int]:
+    def exec(
+        self, command: str, timeout: float = BASH_DEFAULT_TIMEOUT,
+        cancel: threading.Event | None = None,
+    ) -> tuple[str, int]:
         """Runs `command`; returns its combined output (ANSI stripped, the last
-        BASH_OUTPUT_LIMIT bytes) and exit status. Raises BashError on timeout."""
+        BASH_OUTPUT_LIMIT bytes) and exit status. Raises BashError on timeout, and when
+        `cancel` is set (before the call starts or while it runs: its processes are killed)."""
         with self._lock:
+            # A call interrupted while it waited for the shell never starts.
+            if cancel is not None and cancel.is_set():
+                raise BashError("bash: command interrupted")
             result = self._sandbox.run(
                 ["/bin/bash", "--noprofile", "--norc", "-c", _WRAPPER, "bash", self._dir],
-                stdin=command.encode(), timeout=timeout,
+                stdin=command.encode(), timeout=timeout, cancel=cancel,
                 env={"PS1": "", "PS2": "", "TERM": "dumb", "HISTFILE": ""},
             )
         if result.reason == "timeout":

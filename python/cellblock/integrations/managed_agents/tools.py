@@ -41,9 +41,8 @@ from anthropic.types.beta import (
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError
-from cellblock.integrations.managed_agents._sdk import current_session_thread
+from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT, current_session_thread
 from cellblock.integrations.managed_agents.bash import (
-    BASH_DEFAULT_TIMEOUT,
     BashError,
     SandboxBash,
     thread_key,
@@ -128,6 +127,17 @@ print("\\n".join(hits) if hits else "no matches")
 """
 
 
+def bash_timeout(timeout_ms: int | None, policy: Policy) -> float:
+    """A bash call's timeout: the model's `timeout_ms` capped at the SDK's default, as the
+    reference bash does, and at the operator's per-call limit."""
+    timeout = BASH_DEFAULT_TIMEOUT
+    if timeout_ms is not None and timeout_ms > 0:
+        timeout = min(timeout_ms / 1000.0, timeout)
+    if policy.timeout is not None:
+        timeout = min(timeout, policy.timeout)
+    return timeout
+
+
 def _cap(configured: Any, default: int) -> int | None:
     """The SDK's `max_file_bytes` rule: not given -> default, None -> no cap."""
     return default if isinstance(configured, NotGiven) else configured
@@ -178,7 +188,7 @@ class _Tools:
             shell.restart()
 
     def bash(self, key: str, command: str | None, restart: bool | None,
-             timeout_ms: int | None) -> str:
+             timeout_ms: int | None, cancel: threading.Event) -> str:
         shell = self.shell(key)
         if restart:
             shell.restart()
@@ -186,11 +196,9 @@ class _Tools:
                 return "bash session restarted"
         if not command:
             raise ToolError("bash: command is required")
-        timeout = timeout_ms / 1000.0 if timeout_ms else BASH_DEFAULT_TIMEOUT
-        if self.ws.policy.timeout is not None:  # the operator's per-call limit is a ceiling
-            timeout = min(timeout, self.ws.policy.timeout)
         try:
-            out, code = shell.exec(command, timeout=timeout)
+            out, code = shell.exec(command, timeout=bash_timeout(timeout_ms, self.ws.policy),
+                                   cancel=cancel)
         except BashError as e:
             raise ToolError(str(e)) from e
         finally:
@@ -293,7 +301,7 @@ class _Tools:
         self.ws.sync_memory()
         return f"edited {file_path} ({count if replace_all else 1} replacement(s))"
 
-    def search(self, op: str, pattern: str, path: str | None) -> str:
+    def search(self, op: str, pattern: str, path: str | None, cancel: threading.Event) -> str:
         if op == "glob":
             if posixpath.isabs(pattern):
                 raise ToolError(
@@ -307,7 +315,7 @@ class _Tools:
                   "out": GREP_OUTPUT_LIMIT, "line": GREP_MAX_LINE_LENGTH}
         result = self.ws.sandbox().run(
             ["python3", "-I", "-c", _SEARCH, op, root, pattern, json.dumps(limits)],
-            timeout=SEARCH_SECONDS * 2, cpu_time=SEARCH_SECONDS,
+            timeout=SEARCH_SECONDS * 2, cpu_time=SEARCH_SECONDS, cancel=cancel,
         )
         if result.reason in ("timeout", "cpu_time"):
             raise ToolError(f"{op}: timed out after {SEARCH_SECONDS:g}s")
@@ -335,6 +343,16 @@ def cellblock_toolset(
     async def call(fn: Callable[..., T], *args: Any) -> T:
         return await run_sync(partial(fn, *args))
 
+    async def interruptible(fn: Callable[..., T], *args: Any) -> T:
+        # The SDK interrupts a call (session interrupt, tool timeout, run end) by cancelling
+        # its task: the worker thread is abandoned at once and the event kills the sandboxed
+        # processes, so nothing of the call keeps running.
+        cancel = threading.Event()
+        try:
+            return await run_sync(partial(fn, *args, cancel), abandon_on_cancel=True)
+        finally:
+            cancel.set()
+
     registered: set[str] = set()
 
     @beta_async_tool(name="bash", input_schema=BetaManagedAgentsAgentToolset20260401BashInput)
@@ -352,7 +370,7 @@ def cellblock_toolset(
                 await run_sync(body.end_thread, key)
 
             thread.exit_stack.push_async_callback(forget)
-        return await call(body.bash, key, command, restart, timeout_ms)
+        return await interruptible(body.bash, key, command, restart, timeout_ms)
 
     @beta_async_tool(name="read", input_schema=BetaManagedAgentsAgentToolset20260401ReadInput)
     async def read(file_path: str, view_range: list[int] | None = None) -> Any:
@@ -373,12 +391,12 @@ def cellblock_toolset(
     @beta_async_tool(name="glob", input_schema=BetaManagedAgentsAgentToolset20260401GlobInput)
     async def glob(pattern: str, path: str | None = None) -> str:
         """List files matching a glob pattern, newest first."""
-        return await call(body.search, "glob", pattern, path)
+        return await interruptible(body.search, "glob", pattern, path)
 
     @beta_async_tool(name="grep", input_schema=BetaManagedAgentsAgentToolset20260401GrepInput)
     async def grep(pattern: str, path: str | None = None) -> str:
         """Search file contents for a regular expression."""
-        return await call(body.search, "grep", pattern, path)
+        return await interruptible(body.search, "grep", pattern, path)
 
     tools: list[BetaAsyncFunctionTool[Any]] = [bash, read, write, edit, glob, grep]
 
