@@ -304,7 +304,7 @@ def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
     assert out[2] == f"ToolError: write: {shared / 'rules.md'} is inside a read-only directory"
     assert out[3] == "be nice"
     assert (shared / "rules.md").read_text() == "be nice\n"
-    assert out[4] == "ToolError: bash: bash command timed out after 2.0s"
+    assert out[4] == "ToolError: \ncommand timed out after 2s"  # the SDK's words
 
 
 def _thread(session: str, thread: str | None) -> Any:
@@ -447,3 +447,64 @@ def test_bash_timeout_is_capped_like_the_sdk() -> None:
     assert bash_timeout(86_400_000, Policy()) == BASH_DEFAULT_TIMEOUT   # a model's huge ask
     assert bash_timeout(1500, Policy()) == 1.5
     assert bash_timeout(60_000, Policy(timeout=2)) == 2                 # the operator's ceiling
+
+
+def test_bash_output_is_the_sdks(tmp_path: Path) -> None:
+    """The SDK's own output assembly: stdout then stderr (stderr first on failure), and past
+    its BASH_OUTPUT_LIMIT the start plus the name of a file, in the sandbox, with all of it,
+    which `read` (with view_range) and `grep` open and `write` may not touch."""
+    import re
+
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+    from cellblock.integrations.managed_agents._sdk import BASH_OUTPUT_LIMIT
+
+    tools = {t.name: t for t in cellblock_toolset(AgentToolContext(workdir=tmp_path))}
+
+    async def call(name: str, args: dict[str, Any]) -> str:
+        try:
+            return str(await tools[name].call(args))
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    async def main() -> list[str]:
+        out = [await call("bash", {"command": "echo out; echo err >&2"}),
+               await call("bash", {"command": "echo out; echo err >&2; false"}),
+               await call("bash", {"command": "seq 1 20000"})]
+        saved = re.search(r"saved to: (\S+)", out[2])
+        path = saved.group(1) if saved else "/nonexistent"
+        out += [path,
+                await call("read", {"file_path": path, "view_range": [19999, 20000]}),
+                await call("grep", {"pattern": "^12345$", "path": path}),
+                await call("write", {"file_path": path, "content": "x"}),
+                await call("bash", {"command": f"rm {path}; ln -s /etc/hostname {path}"}),
+                await call("read", {"file_path": path})]
+        await tools["bash"].close()  # type: ignore[misc]
+        return out
+
+    out = asyncio.run(main())
+
+    async def reference() -> list[str]:
+        # The SDK's own bash on the host, for two harmless commands: the same text.
+        from anthropic.lib.tools.agent_toolset import beta_bash_tool
+
+        ref = beta_bash_tool(AgentToolContext(workdir=tmp_path))
+        texts = []
+        for command in ("echo out; echo err >&2", "echo out; echo err >&2; false"):
+            try:
+                texts.append(str(await ref.call({"command": command})))
+            except Exception as e:
+                texts.append(f"{type(e).__name__}: {e}")
+        from anthropic.lib.tools._beta_functions import aclose_runnable_tool
+
+        await aclose_runnable_tool(ref)  # ends the host shell
+        return texts
+
+    assert out[:2] == asyncio.run(reference()) == ["out\n\nerr", "ToolError: err\n\nout"]
+    assert len(out[2]) < BASH_OUTPUT_LIMIT + 300 and out[2].startswith("1\n2\n3\n"), out[2][-300:]
+    assert "lines truncated] Full output saved to: /tmp/.cellblock-bash/default/" in out[2]
+    assert out[4] == "19999\n20000"
+    assert out[5] == f"{out[3]}:12345:12345"
+    assert out[6].startswith("ToolError: write: path ") and "outside" in out[6], out[6]
+    assert out[8].startswith("ToolError: read: ") and "symlink" in out[8], out[8]

@@ -13,21 +13,18 @@ keeps the state saved by the call before it.
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
-import re
 import threading
+import uuid
+from typing import IO
 
 from cellblock.errors import CellblockError
-from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT
+from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT, BashOutput
 from cellblock.session import Sandbox
 
 #: Where the shells' states live inside the sandbox (one folder per session thread).
 STATE_DIR = "/tmp/.cellblock-bash"
-
-#: Most bytes of a call's output the model sees (its end is kept).
-BASH_OUTPUT_LIMIT = 100 * 1024
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 #: Variables bash owns (read-only or recomputed), never replayed.
 _SKIP = (
@@ -57,7 +54,7 @@ __cb_save() {{
   exit $__cb_rc
 }}
 trap __cb_save EXIT
-exec 2>&1 </dev/null
+exec </dev/null
 if [ -f "$__cb_dir/opts" ]; then . "$__cb_dir/opts" >/dev/null 2>&1; fi
 eval "$__cb_cmd"
 """
@@ -102,14 +99,17 @@ class SandboxBash:
             return
         if present:
             self._sandbox.remove(self._dir, recursive=True)
+        self.saved_output = None
 
     def exec(
         self, command: str, timeout: float = BASH_DEFAULT_TIMEOUT,
         cancel: threading.Event | None = None,
     ) -> tuple[str, int]:
-        """Runs `command`; returns its combined output (ANSI stripped, the last
-        BASH_OUTPUT_LIMIT bytes) and exit status. Raises BashError on timeout, and when
-        `cancel` is set (before the call starts or while it runs: its processes are killed)."""
+        """Runs `command`; returns its output as the SDK's bash tool gives it (stdout, then
+        stderr, or stderr first if it failed; ANSI stripped; past the SDK's
+        `BASH_OUTPUT_LIMIT` it names a file in the sandbox that holds all of it) and its
+        exit status, -1 after a timeout. Raises BashError when `cancel` is set (before the
+        call starts or while it runs: its processes are killed)."""
         with self._lock:
             # A call interrupted while it waited for the shell never starts.
             if cancel is not None and cancel.is_set():
@@ -119,13 +119,50 @@ class SandboxBash:
                 stdin=command.encode(), timeout=timeout, cancel=cancel,
                 env={"PS1": "", "PS2": "", "TERM": "dumb", "HISTFILE": ""},
             )
-        if result.reason == "timeout":
-            raise BashError(f"bash: bash command timed out after {timeout}s")
-        data = result.stdout_bytes + result.stderr_bytes
-        truncated = len(data) > BASH_OUTPUT_LIMIT or result.stdout_truncated
-        text = _ANSI.sub("", data[-BASH_OUTPUT_LIMIT:].decode(errors="replace")).rstrip("\n")
-        if truncated:
-            text = "[output truncated]\n" + text
-        if result.exit_code is None:
-            raise BashError(f"bash: command ended by {result.reason}\n{text}".rstrip())
-        return text, result.exit_code
+            if cancel is not None and cancel.is_set():
+                raise BashError("bash: command interrupted")
+            code = result.exit_code if result.exit_code is not None else -1
+            end = ""
+            if result.reason == "timeout":
+                end = f"\ncommand timed out after {timeout:g}s\n"  # the SDK's words
+            elif result.exit_code is None:
+                end = f"\ncommand ended by {result.reason}\n"
+            if result.stdout_truncated or result.stderr_truncated:
+                end += "\n[output cut at the sandbox's max_output]\n"
+            # The SDK's own output assembly (order, ANSI, limit, saved file); the sentinel is
+            # one no output can hold, since a sandbox run's output ends with the run.
+            output = BashOutput(f"__cellblock_{uuid.uuid4().hex}__")
+            output.stdout.add(result.stdout_bytes)
+            output.stderr.add(result.stderr_bytes)
+            text = output.finish(code, stderr_end=end, create_file=self._saved_output_file)
+        return text, code
+
+    #: The sandbox file holding the last long output of this shell (`read` may open it).
+    saved_output: str | None = None
+
+    def _saved_output_file(self) -> IO[bytes]:
+        if self.saved_output is not None:
+            try:
+                self._sandbox.remove(self.saved_output)
+            except CellblockError:
+                pass  # the command removed it already
+        self.saved_output = posixpath.join(self._dir, f"output-{uuid.uuid4().hex[:12]}.txt")
+        return _SandboxFile(self._sandbox, self.saved_output)
+
+
+class _SandboxFile(io.BytesIO):
+    """A file that the SDK's output saver writes; it lands in the sandbox when closed."""
+
+    def __init__(self, sandbox: Sandbox, name: str) -> None:
+        super().__init__()
+        self._sandbox = sandbox
+        self.name = name
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._sandbox.write_file(self.name, self.getvalue())
+            except CellblockError as e:
+                raise OSError(str(e)) from e  # the SDK's saver then names no file
+            finally:
+                super().close()

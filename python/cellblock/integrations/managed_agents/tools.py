@@ -17,10 +17,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from anthropic import NotGiven
 from anthropic.lib.tools import BetaAsyncFunctionTool, ToolError, beta_async_tool
 from anthropic.lib.tools.agent_toolset import (
-    _BINARY_MEDIA_TYPES,
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_IMAGE_BASE64_BYTES,
     DEFAULT_MAX_PDF_BYTES,
@@ -41,8 +39,17 @@ from anthropic.types.beta import (
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError
-from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT, current_session_thread
+from cellblock.integrations.managed_agents._sdk import (
+    BASH_DEFAULT_TIMEOUT,
+    BINARY_MEDIA_TYPES,
+    DEFAULT_MAX_READ_BYTES,
+    GREP_CPU_SECONDS,
+    LineRangeCollector,
+    current_session_thread,
+    resolve_max_bytes,
+)
 from cellblock.integrations.managed_agents.bash import (
+    STATE_DIR,
     BashError,
     SandboxBash,
     thread_key,
@@ -53,7 +60,7 @@ from cellblock.policy import Policy
 T = TypeVar("T")
 
 #: CPU budget of one glob or grep inside the sandbox (the reference's grep deadline).
-SEARCH_SECONDS = 30.0
+SEARCH_SECONDS = float(GREP_CPU_SECONDS)
 
 # Runs inside the sandbox: argv = op, root, pattern. Same walk rules as the reference tools.
 _SEARCH = """
@@ -138,11 +145,6 @@ def bash_timeout(timeout_ms: int | None, policy: Policy) -> float:
     return timeout
 
 
-def _cap(configured: Any, default: int) -> int | None:
-    """The SDK's `max_file_bytes` rule: not given -> default, None -> no cap."""
-    return default if isinstance(configured, NotGiven) else configured
-
-
 class _Tools:
     """The six tools' bodies (blocking; run in a worker thread)."""
 
@@ -204,33 +206,64 @@ class _Tools:
         finally:
             self.ws.sync_memory()
         if code != 0:
-            raise ToolError(out)
+            raise ToolError(out or "(no output)")  # the API refuses an empty error result
         return out
 
+    def _readable(self, op: str, file_path: str) -> str:
+        """`_path`, and also the file where a shell saved a long output (as the SDK's read
+        and grep may open it: the bash output names it)."""
+        full = posixpath.normpath(file_path)
+        if posixpath.isabs(full):
+            with self._shells_lock:
+                saved = {s.saved_output for s in self._shells.values()}
+            if full in saved:
+                try:
+                    self.ws.refuse_symlinks(file_path, posixpath.dirname(STATE_DIR), full)
+                except ValueError as e:
+                    raise ToolError(f"{op}: {e}") from e
+                return full
+        return self._path(op, file_path)
+
     def read(self, file_path: str, view_range: list[int] | None) -> Any:
-        path = self._path("read", file_path)
+        path = self._readable("read", file_path)
         if view_range and len(view_range) != 2:
             raise ToolError("read: view_range must be [start_line, end_line]")
         size = self._size("read", file_path, path)
-        media_type = _BINARY_MEDIA_TYPES.get(posixpath.splitext(path)[1].lower())
+        media_type = BINARY_MEDIA_TYPES.get(posixpath.splitext(path)[1].lower())
         if media_type is not None:
             if view_range:
                 raise ToolError("read: view_range is not supported for image/PDF files")
             return [self._binary(file_path, path, size, media_type)]
-        limit = _cap(self.ctx.max_file_bytes, DEFAULT_MAX_FILE_BYTES)
-        if limit is not None and size > limit and not view_range:
-            raise ToolError(
-                f"read: {file_path} is {size} bytes, exceeds {limit}-byte limit. "
-                "Use the view_range parameter to read specific line ranges, "
-                "e.g. view_range: [1, 500]."
-            )
+        limit = resolve_max_bytes(self.ctx.max_file_bytes, DEFAULT_MAX_READ_BYTES)
+        if limit is not None and size > limit:
+            if not view_range:
+                raise ToolError(
+                    f"read: {file_path} is {size} bytes, exceeds {limit}-byte limit. "
+                    "Use the view_range parameter to read specific line ranges, "
+                    "e.g. view_range: [1, 500]."
+                )
+            # The SDK's line collector over the streamed file: the cap binds the lines
+            # selected, never the whole file.
+            lines = LineRangeCollector(file_path=file_path, start_line=view_range[0],
+                                       end_line=view_range[1], limit=limit)
+            if lines.range_is_empty():
+                return ""
+            try:
+                for chunk in self.ws.sandbox().iter_file(path):
+                    lines.collect_from(chunk)
+                    if lines.range_is_collected():
+                        break
+            except CellblockError as e:
+                raise ToolError(f"read: {file_path}: {e}") from e
+            return lines.text()
         text = self._text("read", file_path, path)
         if not view_range:
             return text
-        lines = text.split("\n")
-        start = max(0, view_range[0] - 1)
-        end = view_range[1] if view_range[1] > 0 else len(lines)
-        return "\n".join(lines[start:end])
+        start_line, end_line = view_range
+        lines_of = text.split("\n")
+        start = max(0, start_line - 1)
+        end = end_line if end_line > 0 else len(lines_of)
+        return "\n".join(lines_of[start:end])
 
     def _text(self, op: str, file_path: str, path: str) -> str:
         try:
@@ -245,9 +278,10 @@ class _Tools:
 
     def _binary(self, file_path: str, path: str, size: int, media_type: str) -> dict[str, Any]:
         if media_type == "application/pdf":
-            limit = _cap(self.ctx.max_pdf_bytes, DEFAULT_MAX_PDF_BYTES)
+            limit = resolve_max_bytes(self.ctx.max_pdf_bytes, DEFAULT_MAX_PDF_BYTES)
         else:
-            b64 = _cap(self.ctx.max_image_base64_bytes, DEFAULT_MAX_IMAGE_BASE64_BYTES)
+            b64 = resolve_max_bytes(self.ctx.max_image_base64_bytes,
+                                    DEFAULT_MAX_IMAGE_BASE64_BYTES)
             limit = (b64 // 4) * 3 if b64 is not None else None
         explicit = self.ctx.max_file_bytes
         if isinstance(explicit, int):
@@ -279,7 +313,7 @@ class _Tools:
         path = self._path("edit", file_path)
         self._writable("edit", file_path, path)
         size = self._size("edit", file_path, path)
-        limit = _cap(self.ctx.max_file_bytes, DEFAULT_MAX_FILE_BYTES)
+        limit = resolve_max_bytes(self.ctx.max_file_bytes, DEFAULT_MAX_FILE_BYTES)
         if limit is not None and size > limit:
             raise ToolError(
                 f"edit: {file_path} is {size} bytes, exceeds {limit}-byte limit. "
@@ -293,6 +327,13 @@ class _Tools:
             raise ToolError(
                 f"edit: old_string appears {count} times in {file_path} (must be unique)"
             )
+        if count > 1 and limit is not None:  # the SDK's cap on what replace_all makes
+            grown = size + count * (len(new.encode()) - len(old.encode()))
+            if grown > limit:
+                raise ToolError(
+                    f"edit: {count} replacements would make {file_path} {grown} bytes, "
+                    f"exceeds {limit}-byte limit."
+                )
         updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
         try:
             self.ws.sandbox().write_file(path, updated)
@@ -310,7 +351,8 @@ class _Tools:
                 )
             if ".." in pattern.split("/"):
                 raise ToolError("glob: '..' is not permitted in the pattern")
-        root = self._path(op, path) if path else WORKSPACE
+        root = (self._readable(op, path) if op == "grep" else self._path(op, path)) \
+            if path else WORKSPACE
         limits = {"walk": WALK_MAX_ENTRIES, "glob": GLOB_RESULT_LIMIT,
                   "out": GREP_OUTPUT_LIMIT, "line": GREP_MAX_LINE_LENGTH}
         result = self.ws.sandbox().run(

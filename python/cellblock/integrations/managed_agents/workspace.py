@@ -142,10 +142,11 @@ class SandboxWorkspace:
         root = next((r for r in self.roots() if _within(full, r)), None)
         if root is None:
             raise ValueError(f"path {path!r} is outside the session's working directory")
-        self._refuse_symlinks(path, root, full)
+        self.refuse_symlinks(path, root, full)
         return full
 
-    def _refuse_symlinks(self, path: str, root: str, full: str) -> None:
+    def refuse_symlinks(self, path: str, root: str, full: str) -> None:
+        """Raises ValueError if `full` passes through a symlink below `root`."""
         # Only below `root` can the sandboxed code have made links; above it are the
         # sandbox's own mount points, which the files API does not list anyway.
         sandbox = self.sandbox()
