@@ -65,15 +65,18 @@ def script(port: int) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-async def serve_one_item(standin: StandIn, workdir: Path, policy: Policy) -> None:
+async def serve_one_item(standin: StandIn, workdir: Path, policy: Policy,
+                         memory_sync_interval: float | None = None) -> None:
     runner = await standin.start()
-    standin.script = script(standin.port)  # the script names the stand-in's own port
+    if not standin.script:
+        standin.script = script(standin.port)  # the script names the stand-in's own port
     try:
         async with AsyncAnthropic(auth_token="env-key-test", base_url=standin.url,
                                   max_retries=0) as client:
             worker = make_worker(client, environment_id=standin.environment_id,
                                  environment_key="env-key-test", policy=policy,
-                                 workdir=workdir, max_idle=5, memory_sync_interval=None)
+                                 workdir=workdir, max_idle=5,
+                                 memory_sync_interval=memory_sync_interval)
             task = asyncio.create_task(worker.run())
             for _ in range(1200):
                 if standin.stopped.is_set() or task.done():
@@ -508,3 +511,46 @@ def test_bash_output_is_the_sdks(tmp_path: Path) -> None:
     assert out[5] == f"{out[3]}:12345:12345"
     assert out[6].startswith("ToolError: write: path ") and "outside" in out[6], out[6]
     assert out[8].startswith("ToolError: read: ") and "symlink" in out[8], out[8]
+
+
+def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
+    """The session names memory stores in its resources; the SDK's worker downloads them (with
+    the work item's sessions token) to their mount paths, the sandbox gets them at the mapped
+    paths, the agent's edits (by `edit` and by bash) go back to the host and the SDK's final
+    sync uploads them; a read-only store refuses `write` and never uploads."""
+    workdir, notes = tmp_path / "work", tmp_path / "mnt" / "notes"
+    workdir.mkdir()
+    inside_notes = f"/workspace/.mounts{notes}"          # a mount path outside the workdir
+    inside_shared = "/workspace/memory/shared"           # no mount path: {workdir}/memory/<name>
+    standin = StandIn(
+        script=[
+            ("bash", {"command": f"cat {inside_notes}/todo.md {inside_shared}/rules.md"}),
+            ("edit", {"file_path": str(notes / "todo.md"), "old_string": "one",
+                      "new_string": "two"}),
+            ("bash", {"command": f"echo '- new' > {inside_notes}/new.md"}),
+            ("write", {"file_path": str(workdir / "memory/shared/rules.md"),
+                       "content": "be mean\n"}),
+            ("bash", {"command": f"echo mean > {inside_shared}/rules.md; "
+                                 f"ls -A {inside_notes}"}),
+        ],
+        memory_stores=[
+            {"memory_store_id": "memstore_notes", "access": "read_write",
+             "mount_path": str(notes), "name": "notes"},
+            {"memory_store_id": "memstore_shared", "access": "read_only", "name": "shared"},
+        ],
+        memories={"memstore_notes": {"/todo.md": "- one\n"},
+                  "memstore_shared": {"/rules.md": "be nice\n"}},
+    )
+    asyncio.run(serve_one_item(standin, workdir, Policy(), memory_sync_interval=15.0))
+
+    text = {i: standin.result_text(i) for i in range(len(standin.script))}
+    assert text[0] == ("- one\nbe nice", False), text[0]     # downloaded by the SDK, in the sandbox
+    assert text[1] == (f"edited {notes / 'todo.md'} (1 replacement(s))", False)
+    assert text[3][1] and "read-only" in text[3][0], text[3]
+    assert text[4] == (".anthropic-memory-store\nnew.md\ntodo.md", False), text[4]
+    # The SDK's final sync uploaded the agent's changes; the read-only store got nothing.
+    assert standin.memories["memstore_notes"] == {"/todo.md": "- two\n", "/new.md": "- new\n"}
+    assert standin.memories["memstore_shared"] == {"/rules.md": "be nice\n"}
+    writes = [d for k, d in standin.seen if k.startswith("memory-")]
+    assert sorted(writes) == [("memstore_notes", "/new.md"), ("memstore_notes", "/todo.md")]
+    assert not notes.exists()  # the SDK removed its staging of the store
