@@ -21,24 +21,43 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from agents.sandbox.errors import WorkspaceArchiveReadError, WorkspaceArchiveWriteError
-from agents.sandbox.manifest import Manifest
-from agents.sandbox.session.base_sandbox_session import BaseSandboxSession
-from agents.sandbox.session.sandbox_client import BaseSandboxClient, BaseSandboxClientOptions
-from agents.sandbox.session.sandbox_session import SandboxSession
-from agents.sandbox.session.sandbox_session_state import SandboxSessionState
-from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
-from agents.sandbox.types import ExecResult, User
-from agents.sandbox.util.tar_utils import (
-    UnsafeTarMemberError,
-    safe_extract_tarfile,
-    should_skip_tar_member,
-)
+from cellblock.integrations._pins import SUPPORTED_OPENAI_AGENTS, unsupported
+
+try:
+    from agents.sandbox.errors import WorkspaceArchiveReadError, WorkspaceArchiveWriteError
+    from agents.sandbox.manifest import Manifest
+    from agents.sandbox.session.base_sandbox_session import BaseSandboxSession
+    from agents.sandbox.session.sandbox_client import BaseSandboxClient, BaseSandboxClientOptions
+    from agents.sandbox.session.sandbox_session import SandboxSession
+    from agents.sandbox.session.sandbox_session_state import SandboxSessionState
+    from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
+    from agents.sandbox.types import ExecResult, User
+    from agents.sandbox.util.tar_utils import (
+        UnsafeTarMemberError,
+        safe_extract_tarfile,
+        should_skip_tar_member,
+    )
+except ImportError as e:  # a moved name: say which versions work, not just what broke
+    raise unsupported("cellblock.integrations.openai_agents", "openai-agents",
+                      SUPPORTED_OPENAI_AGENTS, "openai-agents", e) from e
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.policy import Policy
 from cellblock.session import Sandbox
+
+_PRIVATE = (
+    (BaseSandboxSession, "_prepare_exec_command"),
+    (BaseSandboxSession, "_persist_workspace_skip_relpaths"),
+    (BaseSandboxClient, "_wrap_session"),
+    (BaseSandboxClient, "_validate_manifest_for_create"),
+    (BaseSandboxClient, "_deserialize_session_state_payload"),
+)
+for _owner, _name in _PRIVATE:
+    if not hasattr(_owner, _name):
+        raise unsupported("cellblock.integrations.openai_agents", "openai-agents",
+                          SUPPORTED_OPENAI_AGENTS, "openai-agents",
+                          AttributeError(f"{_owner.__name__}.{_name} is gone"))
 
 #: The workspace of every cellblock session (and the SDK's default manifest root).
 WORKSPACE = "/workspace"

@@ -7,17 +7,23 @@ like the reference ones (and follow them when the SDK changes them).
 
 from __future__ import annotations
 
-from anthropic.lib.tools._files import LineRangeCollector
-from anthropic.lib.tools._tool_dispatch import SessionThread, current_session_thread
-from anthropic.lib.tools.agent_toolset import (
-    _BINARY_MEDIA_TYPES,
-    _DEFAULT_MAX_READ_BYTES,
-    _GREP_CPU_SECONDS,
-    BASH_DEFAULT_TIMEOUT,
-    BASH_OUTPUT_LIMIT,
-    _BashOutput,
-    _resolve_max_bytes,
-)
+from cellblock.integrations._pins import SUPPORTED_ANTHROPIC, unsupported
+
+try:
+    from anthropic.lib.tools._files import LineRangeCollector
+    from anthropic.lib.tools._tool_dispatch import SessionThread, current_session_thread
+    from anthropic.lib.tools.agent_toolset import (
+        _BINARY_MEDIA_TYPES,
+        _DEFAULT_MAX_READ_BYTES,
+        _GREP_CPU_SECONDS,
+        BASH_DEFAULT_TIMEOUT,
+        BASH_OUTPUT_LIMIT,
+        _BashOutput,
+        _resolve_max_bytes,
+    )
+except ImportError as e:  # a private name moved: say which versions work, not just what broke
+    raise unsupported("cellblock.integrations.managed_agents", "anthropic", SUPPORTED_ANTHROPIC,
+                      "managed-agents", e) from e
 
 __all__ = [
     "BASH_DEFAULT_TIMEOUT",
@@ -25,6 +31,7 @@ __all__ = [
     "BINARY_MEDIA_TYPES",
     "DEFAULT_MAX_READ_BYTES",
     "GREP_CPU_SECONDS",
+    "SUPPORTED_ANTHROPIC",
     "BashOutput",
     "LineRangeCollector",
     "SessionThread",
