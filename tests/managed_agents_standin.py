@@ -50,6 +50,8 @@ class StandIn:
     memory_stores: list[dict[str, Any]] = field(default_factory=list)
     #: memory_store_id -> path -> content: the server side of the stores.
     memories: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: script index -> session thread id of that call (others are the primary thread's).
+    threads: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._claimed = False
@@ -146,9 +148,11 @@ class StandIn:
             tool_id = f"sevt_tool{i:02d}"
             if tool_id in self.results:
                 continue
-            await emit({"id": tool_id, "type": "agent.tool_use", "name": name,
-                        "input": tool_input, "processed_at": NOW,
-                        "evaluated_permission": "allow"})
+            event = {"id": tool_id, "type": "agent.tool_use", "name": name,
+                     "input": tool_input, "processed_at": NOW, "evaluated_permission": "allow"}
+            if i in self.threads:
+                event["session_thread_id"] = self.threads[i]
+            await emit(event)
             while await self._answered.get() != tool_id:
                 pass
         await emit({"id": "sevt_end", "type": "session.status_terminated", "processed_at": NOW})

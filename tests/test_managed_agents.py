@@ -193,8 +193,13 @@ def nobody_sdk_dir(nobody_dir: Path) -> Iterator[Path]:
 def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
                                      request: pytest.FixtureRequest) -> None:
     """`cellblock worker --environment ID --config FILE` in its own process (as uid 65534 too)."""
+    # Calls 1 and 3 come from a second session thread: the SDK runs them with that thread
+    # current, and its shell is not the primary thread's.
     standin = StandIn(script=[("bash", {"command": "cd /tmp; export X=kept"}),
-                              ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"})])
+                              ("bash", {"command": "mkdir -p /tmp/b && cd /tmp/b; X=b"}),
+                              ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"}),
+                              ("bash", {"command": "pwd; echo $X"})],
+                      threads={1: "sthr_b", 3: "sthr_b"})
     thread, loop = serve_in_thread(standin)
     env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": standin.url,
            "ANTHROPIC_ENVIRONMENT_KEY": "env-key-test"}
@@ -227,7 +232,8 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
     thread.join(10)
     assert stopped, err
     assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
-    assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
+    assert standin.result_text(2) == ("0\n/tmp\nkept from-config", False), err
+    assert standin.result_text(3) == ("/tmp/b\nb", False), err
     assert proc.returncode == 128 + 15, (proc.returncode, err)
 
 
