@@ -52,6 +52,12 @@ class StandIn:
     memories: dict[str, dict[str, str]] = field(default_factory=dict)
     #: script index -> session thread id of that call (others are the primary thread's).
     threads: dict[int, str] = field(default_factory=dict)
+    #: script index -> seconds after which the call's thread goes idle (an interrupt: the
+    #: session no longer takes the call's result); the script goes on without it.
+    interrupts: dict[int, float] = field(default_factory=dict)
+    #: Set by the test to let the session end (awaited, at most 30 s, before the stand-in
+    #: terminates the session), so it can look at the sandbox while the session is open.
+    hold: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self._claimed = False
@@ -153,7 +159,20 @@ class StandIn:
             if i in self.threads:
                 event["session_thread_id"] = self.threads[i]
             await emit(event)
+            if i in self.interrupts:
+                await asyncio.sleep(self.interrupts[i])
+                self.seen.append(("interrupt", tool_id))
+                await emit({"id": f"sevt_idle{i:02d}", "type": "session.thread_status_idle",
+                            "agent_name": "test", "processed_at": NOW,
+                            "session_thread_id": self.threads[i],
+                            "stop_reason": {"type": "end_turn"}})
+                continue
             while await self._answered.get() != tool_id:
+                pass
+        if self.hold is not None:
+            try:
+                await asyncio.wait_for(self.hold.wait(), 30)
+            except TimeoutError:
                 pass
         await emit({"id": "sevt_end", "type": "session.status_terminated", "processed_at": NOW})
         return resp

@@ -560,3 +560,49 @@ def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
     writes = [d for k, d in standin.seen if k.startswith("memory-")]
     assert sorted(writes) == [("memstore_notes", "/new.md"), ("memstore_notes", "/todo.md")]
     assert not notes.exists()  # the SDK removed its staging of the store
+
+
+def test_session_interrupt_stops_the_running_bash_call(tmp_path: Path) -> None:
+    """Through the SDK's own session runner: the thread of a running `sleep` goes idle (the
+    session interrupted it), the SDK cancels the call and the sandboxed process is killed at
+    once; the next call is served."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    marker = f"600.{os.getpid()}7".encode()
+    standin = StandIn(script=[("bash", {"command": f"sleep {marker.decode()}"}),
+                              ("bash", {"command": "echo next"})],
+                      threads={0: "sthr_i"}, interrupts={0: 3.0})
+    seen: list[int] = []
+    after: list[int] = [-1]
+
+    async def main() -> None:
+        standin.hold = asyncio.Event()
+
+        async def watch() -> None:
+            # Until the next call's result: the sleep shows up; then, with the session (and
+            # its sandbox) still open, it must be gone.
+            while "sevt_tool01" not in standin.results:
+                seen.extend(_running(marker))
+                await asyncio.sleep(0.05)
+            for _ in range(100):
+                after[:] = _running(marker)
+                if not after:
+                    break
+                await asyncio.sleep(0.05)
+            assert standin.hold is not None
+            standin.hold.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await serve_one_item(standin, workdir, Policy())
+        finally:
+            watcher.cancel()
+
+    asyncio.run(main())
+    assert seen, "the sleep never ran"
+    assert after == [], after
+    assert standin.result_text(0) == (  # the SDK's words for a call it stopped
+        "tool 'bash' was stopped, and may have already done some or all of its work", True)
+    assert standin.result_text(1) == ("next", False)
+    kinds = [k for k, _ in standin.seen]
+    assert kinds.index("interrupt") < kinds.index("result"), kinds
