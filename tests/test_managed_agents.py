@@ -522,8 +522,10 @@ def test_bash_output_is_the_sdks(tmp_path: Path) -> None:
 def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
     """The session names memory stores in its resources; the SDK's worker downloads them (with
     the work item's sessions token) to their mount paths, the sandbox gets them at the mapped
-    paths, the agent's edits (by `edit` and by bash) go back to the host and the SDK's final
-    sync uploads them; a read-only store refuses `write` and never uploads."""
+    paths; `write`/`edit` of a memory file go through the SDK's own memory write (saved to the
+    store during the call, refusals reach the agent), bash's changes are copied back to the
+    host and the SDK's final sync uploads them; a read-only store refuses `write` and never
+    uploads."""
     workdir, notes = tmp_path / "work", tmp_path / "mnt" / "notes"
     workdir.mkdir()
     inside_notes = f"/workspace/.mounts{notes}"          # a mount path outside the workdir
@@ -538,6 +540,9 @@ def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
                        "content": "be mean\n"}),
             ("bash", {"command": f"echo mean > {inside_shared}/rules.md; "
                                  f"ls -A {inside_notes}"}),
+            # The SDK's memory write refuses its own marker file: nothing is written.
+            ("write", {"file_path": str(notes / ".anthropic-memory-store"), "content": "x"}),
+            ("bash", {"command": f"head -c 8 {inside_notes}/.anthropic-memory-store"}),
         ],
         memory_stores=[
             {"memory_store_id": "memstore_notes", "access": "read_write",
@@ -554,6 +559,12 @@ def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
     assert text[1] == (f"edited {notes / 'todo.md'} (1 replacement(s))", False)
     assert text[3][1] and "read-only" in text[3][0], text[3]
     assert text[4] == (".anthropic-memory-store\nnew.md\ntodo.md", False), text[4]
+    assert text[5][1] and "marks the folder as a memory store" in text[5][0], text[5]
+    assert text[6] == ("version ", False), text[6]
+    # The edit went through the SDK's memory write, during the call (before its result).
+    order = [(k, d if k != "result" else d["tool_use_id"]) for k, d in standin.seen]
+    assert order.index(("memory-update", ("memstore_notes", "/todo.md"))) < order.index(
+        ("result", "sevt_tool01")), order
     # The SDK's final sync uploaded the agent's changes; the read-only store got nothing.
     assert standin.memories["memstore_notes"] == {"/todo.md": "- two\n", "/new.md": "- new\n"}
     assert standin.memories["memstore_shared"] == {"/rules.md": "be nice\n"}

@@ -11,6 +11,7 @@ from cellblock.integrations._pins import SUPPORTED_ANTHROPIC, unsupported
 
 try:
     from anthropic.lib.tools._files import LineRangeCollector
+    from anthropic.lib.tools._memories import MemoryWriteError
     from anthropic.lib.tools._tool_dispatch import SessionThread, current_session_thread
     from anthropic.lib.tools.agent_toolset import (
         _BINARY_MEDIA_TYPES,
@@ -18,9 +19,14 @@ try:
         _GREP_CPU_SECONDS,
         BASH_DEFAULT_TIMEOUT,
         BASH_OUTPUT_LIMIT,
+        AgentToolContext,
         _BashOutput,
         _resolve_max_bytes,
     )
+
+    # The worker's hook that saves a memory file to its store before writing it.
+    if not hasattr(AgentToolContext, "_write_memory_file"):
+        raise ImportError("AgentToolContext._write_memory_file is gone")
 except ImportError as e:  # a private name moved: say which versions work, not just what broke
     raise unsupported("cellblock.integrations.managed_agents", "anthropic", SUPPORTED_ANTHROPIC,
                       "managed-agents", e) from e
@@ -34,6 +40,7 @@ __all__ = [
     "SUPPORTED_ANTHROPIC",
     "BashOutput",
     "LineRangeCollector",
+    "MemoryWriteError",
     "SessionThread",
     "current_session_thread",
     "resolve_max_bytes",

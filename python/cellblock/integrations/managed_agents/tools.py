@@ -36,6 +36,7 @@ from anthropic.types.beta import (
     BetaManagedAgentsAgentToolset20260401ReadInput,
     BetaManagedAgentsAgentToolset20260401WriteInput,
 )
+from anyio import from_thread
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError
@@ -45,6 +46,7 @@ from cellblock.integrations.managed_agents._sdk import (
     DEFAULT_MAX_READ_BYTES,
     GREP_CPU_SECONDS,
     LineRangeCollector,
+    MemoryWriteError,
     current_session_thread,
     resolve_max_bytes,
 )
@@ -299,9 +301,30 @@ class _Tools:
         if self.ws.read_only(path):
             raise ToolError(f"{op}: {file_path} is inside a read-only directory")
 
+    def _save_memory(self, op: str, file_path: str, path: str, text: str,
+                     replacing: str | None) -> None:
+        """A memory file goes through the SDK's own memory write first (saved to its store,
+        then to the host folder; a refusal is the agent's error and changes nothing), as the
+        reference tools do; the sandbox copy is written after it."""
+        host = self.ws.host_memory_path(path)
+        save = self.ctx._write_memory_file
+        if host is None or save is None:
+            return
+
+        async def saved() -> bool:
+            return await save(host, text, replacing)
+
+        try:
+            from_thread.run(saved)
+        except MemoryWriteError as e:
+            raise ToolError(f"{op}: {file_path}: {e}") from e
+        except OSError as e:
+            raise ToolError(f"{op}: {file_path}: {e.strerror or e}") from e
+
     def write(self, file_path: str, content: str) -> str:
         path = self._path("write", file_path)
         self._writable("write", file_path, path)
+        self._save_memory("write", file_path, path, content, None)
         try:
             self.ws.sandbox().write_file(path, content)
         except CellblockError as e:
@@ -335,6 +358,7 @@ class _Tools:
                     f"exceeds {limit}-byte limit."
                 )
         updated = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+        self._save_memory("edit", file_path, path, updated, text)
         try:
             self.ws.sandbox().write_file(path, updated)
         except CellblockError as e:

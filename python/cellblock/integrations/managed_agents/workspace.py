@@ -115,6 +115,15 @@ class SandboxWorkspace:
             if sandbox.is_open:
                 _mirror(sandbox, self.to_sandbox(root), root)
 
+    def host_memory_path(self, path: str) -> Path | None:
+        """The host file of a sandbox path inside a writable memory store (where the SDK's
+        memory write saves it), or None."""
+        for root in self._writable_memory():
+            inside = self.to_sandbox(root)
+            if _within(path, inside) and path != inside:
+                return root.resolve() / posixpath.relpath(path, inside)
+        return None
+
     # ---- paths of the file tools -----------------------------------------------------------
 
     def roots(self) -> list[str]:
