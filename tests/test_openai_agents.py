@@ -155,3 +155,116 @@ def test_client_as_nobody(nobody_dir: Path, tmp_path: Path) -> None:
         shutil.rmtree(extra, ignore_errors=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["out"] == "0\nwritten"
+
+
+def _tar(*members: tuple[str, str, str]) -> io.BytesIO:
+    """A tar of (kind, name, data-or-link-target) members, kind: file, dir, symlink, hardlink."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for kind, name, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data.encode()))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                         "hardlink": tarfile.LNKTYPE}[kind]
+            info.linkname = data
+            tar.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+def test_workspace_archive_and_file_ops(tmp_path: Path) -> None:
+    """mkdir/ls/rm directly; persist leaves out the SDK's skip paths; hydrate takes an
+    archive's inner links and refuses hostile archives (`..`, absolute names, a link out of
+    the workspace, a member under an archived link, a hard link) with the SDK's error,
+    changing nothing in the sandbox or on the host."""
+    from agents.sandbox.errors import WorkspaceArchiveWriteError
+
+    from cellblock.errors import InvalidSpec
+
+    marker = tmp_path / "outside"
+
+    async def main() -> None:
+        client = CellblockSandboxClient()
+        session = await client.create()
+        async with session:
+            await session.mkdir("deep/er/est", parents=True)
+            await session.write("deep/er/est/f.txt", io.BytesIO(b"f"))
+            assert [e.path for e in await session.ls("deep/er")] == ["/workspace/deep/er/est"]
+            await session.rm("deep/er/est/f.txt")
+            assert await session.ls("deep/er/est") == []
+            await session.rm("deep", recursive=True)
+            assert (await session.exec("ls -A /workspace")).stdout == b""
+
+            await session.write("keep.txt", io.BytesIO(b"keep"))
+            await session.write("cache/big.bin", io.BytesIO(b"x" * 10))
+            session.register_persist_workspace_skip_path("cache")
+            import tarfile
+            with tarfile.open(fileobj=await session.persist_workspace()) as tar:
+                names = sorted(m.name for m in tar.getmembers())
+            assert names == [".", "./keep.txt"], names
+
+            await session.hydrate_workspace(_tar(("dir", "d", ""), ("file", "d/f.txt", "inner"),
+                                                 ("symlink", "l", "d/f.txt")))
+            res = await session.exec("readlink l; cat l")
+            assert res.stdout == b"d/f.txt\ninner", res
+
+            before = (await session.exec("find /workspace | sort")).stdout
+            hostile = {
+                "dotdot": _tar(("file", "../evil.txt", "x")),
+                "absolute": _tar(("file", f"{marker}/evil.txt", "x")),
+                "link-out": _tar(("symlink", "up", f"../../..{marker}")),
+                "absolute-link": _tar(("symlink", "etc", "/etc")),
+                "under-link": _tar(("symlink", "d2", "d"), ("file", "d2/x.txt", "x")),
+                "hardlink": _tar(("hardlink", "pw", "/etc/passwd")),
+            }
+            for name, archive in hostile.items():
+                with pytest.raises(WorkspaceArchiveWriteError) as info:
+                    await session.hydrate_workspace(archive)
+                assert info.value.context.get("reason"), (name, info.value.context)
+            assert (await session.exec("find /workspace | sort")).stdout == before
+            assert not marker.exists()
+
+            # Users the sandbox cannot be are refused, not silently run as root.
+            for call in (session.exec("id -u", user="alice"),
+                         session.read(Path("keep.txt"), user="alice"),
+                         session.write(Path("k2.txt"), io.BytesIO(b"k"), user="alice"),
+                         session.mkdir("m", user="alice"), session.rm("keep.txt", user="alice")):
+                with pytest.raises(InvalidSpec, match="user 'alice' is not supported"):
+                    await call
+            assert (await session.exec("id -u", user="root")).stdout == b"0\n"
+            assert (await session.read(Path("keep.txt"))).read() == b"keep"
+        await client.delete(session)
+
+    asyncio.run(main())
+
+
+def test_exposed_ports_are_refused_until_supported() -> None:
+    from agents.sandbox.errors import ExposedPortUnavailableError
+
+    from cellblock.errors import InvalidSpec
+    from cellblock.integrations.openai_agents import (
+        CellblockSandboxClientOptions,
+        CellblockSandboxSession,
+    )
+
+    async def main() -> None:
+        client = CellblockSandboxClient()
+        with pytest.raises(InvalidSpec, match=r"exposed_ports \[8080\]: .*no exposed ports"):
+            await client.create(options=CellblockSandboxClientOptions(exposed_ports=(8080,)))
+        session = await client.create()
+        state = session.state.model_copy(update={"exposed_ports": (8080,)})
+        with pytest.raises(InvalidSpec, match="exposed_ports"):
+            await client.resume(state)
+        # The SDK's own refusal for a port the session was not created with.
+        with pytest.raises(ExposedPortUnavailableError):
+            await session.resolve_exposed_port(8080)
+        # ... and its default for a backend without ports (no override of ours).
+        assert "_resolve_exposed_port" not in vars(CellblockSandboxSession)
+        await client.delete(session)
+
+    asyncio.run(main())
