@@ -391,3 +391,30 @@ def test_exposed_ports_are_made_again_on_resume() -> None:
         return bodies
 
     assert asyncio.run(main()) == ["resumed"]
+
+
+def test_pty_output_cap_and_port_conflicts() -> None:
+    """A PTY process's output counts against the policy's max_output (past it the process is
+    killed, as any call); a port the allowlist hands to the host's loopback is refused with a
+    typed error naming it when the session opens."""
+    from cellblock.errors import InvalidSpec
+
+    async def main() -> tuple[int, int | None, int | None]:
+        client = CellblockSandboxClient()
+        conflict = await client.create(options=CellblockSandboxClientOptions(
+            exposed_ports=(8000,), policy=Policy(allow_net=["127.0.0.1:8000"])))
+        with pytest.raises(InvalidSpec, match="port 8000"):
+            await conflict.start()
+        await client.delete(conflict)
+        capped = await client.create(options=CellblockSandboxClientOptions(
+            policy=Policy(max_output="1K")))
+        async with capped:
+            cat = await capped.pty_exec_start("cat", tty=True, yield_time_s=0.3)
+            assert cat.process_id is not None
+            flood = await capped.pty_write_stdin(session_id=cat.process_id,
+                                                 chars="x" * 3000 + "\n", yield_time_s=5)
+            assert (await capped.exec("echo alive")).stdout == b"alive\n"
+        await client.delete(capped)
+        return len(flood.output), flood.exit_code, flood.process_id
+
+    assert asyncio.run(main()) == (1024, 137, None)
