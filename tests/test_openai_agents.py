@@ -309,12 +309,16 @@ def _http_get(url: str) -> tuple[int, str]:
     raise TimeoutError(url)
 
 
-def test_sandbox_agent_pty_and_exposed_port() -> None:
+def test_sandbox_agent_pty_and_exposed_port(tmp_path: Path) -> None:
     """The SDK's exec_command/write_stdin tools: a background http.server on a port the
     session exposes (the test fetches a workspace file through the SDK's resolved endpoint
     on loopback), an interactive `python3 -i` fed through write_stdin, and the SDK's own
-    refusal of stdin for a process started without tty. Deleting the session ends the
+    refusal of stdin for a process started without tty. The interactive process is in the
+    sandbox: it cannot see a file the test made on the host. Deleting the session ends the
     server and its forward."""
+    host_file = tmp_path / "host-only.txt"
+    host_file.write_text("host")
+    probe = f"import os; print('host-file', os.path.exists({str(host_file)!r}))\n"
     model = ScriptedModel([
         [function_call("exec_command", {"cmd": "python3 -m http.server 8000 --bind 127.0.0.1",
                                         "yield_time_ms": 500}, call_id="srv")],
@@ -322,7 +326,8 @@ def test_sandbox_agent_pty_and_exposed_port() -> None:
                                         "yield_time_ms": 1000}, call_id="py")],
         ModelStep.respond(lambda call: [function_call(
             "write_stdin", {"session_id": _session_id(call), "yield_time_ms": 2000,
-                            "chars": "print(6 * 7)\nimport socket; print(socket.gethostname())\n"},
+                            "chars": "print(6 * 7)\nimport socket; print(socket.gethostname())\n"
+                                     + probe},
             call_id="w1")]),
         ModelStep.respond(lambda call: [function_call(
             "write_stdin", {"session_id": _session_id(call), "chars": "exit(5)\n",
@@ -357,6 +362,7 @@ def test_sandbox_agent_pty_and_exposed_port() -> None:
     assert "Process running with session ID" in out[0], out[0]
     assert "Process running with session ID" in out[1], out[1]
     assert "42\n" in out[2] and "cellblock\n" in out[2], out[2]
+    assert "host-file False\n" in out[2] and host_file.read_text() == "host", out[2]
     assert "Process exited with code 5" in out[3], out[3]
     assert host == "127.0.0.1" and got == (200, SECRET)
     assert "Start the command with `tty=true`" in refused, refused
