@@ -3,7 +3,10 @@
 One zygote (`zygote_py.py`) runs inside the session's sandbox as a long-lived call and listens
 on a unix socket there. The host reaches it with `_native.Session.connect_unix`, which resolves
 the socket's path inside the sandbox's root (openat2 RESOLVE_IN_ROOT) and connects through the
-resolved descriptor: code in the sandbox cannot point the host at any other socket.
+resolved descriptor: code in the sandbox cannot point the host at any other socket. A process
+of the sandbox may still bind its own socket at that path: before sending anything the host
+checks that the listener is the zygote (`connect_unix(path, parent=...)`: the listener's parent
+must be the zygote call's PID 1, whose only child the zygote is).
 
 Each call is supervised by the core (`_native.Session.warm_call`, rust/core/src/warm.rs): the
 relay hands over the worker's pidfd, output pipes and seccomp listener, and the core produces
@@ -15,7 +18,9 @@ expression, the traceback) is content only, redacted and capped here.
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import secrets as secrets_mod
 import socket
 import threading
@@ -183,19 +188,24 @@ class _ZygoteRun:
     ended: bool = False
     error: str = ""
     thread: threading.Thread | None = None
+    #: Host pid of the zygote call's PID 1: the zygote is its only child (see `_connect`).
+    init_pid: int | None = None
 
 
 class WarmRuntimes:
     """The zygote of one session and its kernels.
 
-    `start_zygote(on_output)` must run the zygote as a call of the session and block until it
-    ends; it is called on a background thread. `secrets` are redacted from every call's output.
+    `start_zygote(on_output, on_start)` must run the zygote as a call of the session and block
+    until it ends, calling `on_start` with the host pid of the call's PID 1 once it runs; it is
+    called on a background thread. `secrets` are redacted from every call's output.
     """
 
     def __init__(
         self,
         session: _native.Session,
-        start_zygote: Callable[[Callable[[int, bytes], None]], dict[str, Any]],
+        start_zygote: Callable[
+            [Callable[[int, bytes], None], Callable[[int], None]], dict[str, Any]
+        ],
         secrets: Mapping[str, str],
         enforcement: Mapping[str, str | None],
         seccomp: Mapping[str, Any] | None,
@@ -230,8 +240,11 @@ class WarmRuntimes:
                     run.listening = True
                     run.event.set()
 
+        def on_start(pid: int) -> None:
+            run.init_pid = pid
+
         try:
-            report = self._start_zygote(on_output)
+            report = self._start_zygote(on_output, on_start)
             run.error = bytes(report.get("stderr_bytes", b""))[-4000:].decode("utf-8", "replace")
         except Exception as e:
             run.error = f"{type(e).__name__}: {e}"
@@ -262,14 +275,25 @@ class WarmRuntimes:
             raise SetupError(f"the warm runtime did not start: {run.error.strip()}")
 
     def _connect(self) -> _Conn:
+        """A connection to the zygote, proved to be the zygote's: the path is inside the
+        sandbox, where any process could bind another socket and receive the calls' code,
+        environment and secrets, so the host checks who listens (the core compares the
+        listener's parent with the zygote call's PID 1, whose only child the zygote is)."""
         try:
-            fd = self._session.connect_unix(SOCKET_PATH)
+            fd = self._session.connect_unix(SOCKET_PATH, self._zygote_init())
         except (SandboxIOError, PathEscape):
             # Code in the sandbox removed or replaced the socket: start a zygote that binds a
             # new one (the old one notices and exits).
             self.ensure_zygote(replace=True)
-            fd = self._session.connect_unix(SOCKET_PATH)
+            fd = self._session.connect_unix(SOCKET_PATH, self._zygote_init())
         return _Conn(socket.socket(fileno=fd))
+
+    def _zygote_init(self) -> int:
+        with self._lock:
+            run = self._zygote
+        if run is None or run.init_pid is None:
+            raise SetupError("the warm runtime is not running")
+        return run.init_pid
 
     # ---- kernels ---------------------------------------------------------------------------
 
@@ -485,9 +509,11 @@ class WarmRuntimes:
         report = dict(out["report"])
         report["wall_time_s"] = time.monotonic() - started
         said = _json_object(out["result"])
-        if isinstance(said.get("cwd_error"), str):
-            # The code never ran; a kernel serves on with its state.
-            raise _BadCwd(f"cwd {said['cwd_error']}", bool(out["alive"]))
+        if "cwd_errno" in said:
+            # The code never ran; a kernel serves on with its state. The message is made here
+            # from the requested path and a checked errno: the worker's text could be forged.
+            raise _BadCwd(_cwd_message(request.get("cwd"), said["cwd_errno"]),
+                          bool(out["alive"]))
         all_secrets = {**self._secrets, **secrets}
         redactor = _native.Redactor(all_secrets) if all_secrets else None
         redact = redactor.redact if redactor is not None else str
@@ -533,6 +559,14 @@ def _json_object(data: bytes | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return got if isinstance(got, dict) else {}
+
+
+def _cwd_message(cwd: Any, errno_: Any) -> str:
+    """The error of a call whose cwd could not be entered: the requested path and the
+    strerror of the worker's errno when it is one (any other value is not shown)."""
+    if isinstance(errno_, int) and not isinstance(errno_, bool) and errno_ in errno.errorcode:
+        return f"cwd {cwd}: {os.strerror(errno_)}"
+    return f"cwd {cwd}: cannot be entered"
 
 
 def _capped(text: str, cap: int | None) -> str:

@@ -248,8 +248,8 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
         try:
             os.chdir(req["cwd"])
         except OSError as e:
-            return {"exit_code": 127, "value": None, "error": None,
-                    "cwd_error": f"{req['cwd']}: {e.strerror}"}
+            # Only the errno: the host words the message (text from here could be forged).
+            return {"exit_code": 127, "value": None, "error": None, "cwd_errno": e.errno}
     value: str | None
     error: str | None
     value = error = None
@@ -616,6 +616,9 @@ def spare(server: socket.socket, taken_w: int, zygote_only: tuple[int, ...], bpf
 
 def main() -> None:
     not_dumpable()
+    # Orphans of the sandbox come to us, never to the call's PID 1: its only child stays this
+    # process, which is how the host tells the zygote from a process that binds its path.
+    subreaper()
     path = sys.argv[1]
     bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
     home = os.path.dirname(path)
