@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from cellblock import _native
 from cellblock.errors import (
+    CellblockError,
     InvalidSpec,
     PathEscape,
     SandboxIOError,
@@ -52,8 +53,8 @@ MAX_FRAME = 4 << 20
 #: Tries of a call whose runtime vanishes before the code begins.
 ATTEMPTS = 3
 
-#: Node stateless workers kept idle between calls.
-MAX_IDLE_NODE = 2
+#: Fresh Node workers kept ready for stateless calls (each serves one call, then ends).
+MAX_IDLE_NODE = 1
 
 Kind = Literal["python", "python-kernel", "node", "node-kernel"]
 
@@ -226,6 +227,7 @@ class WarmRuntimes:
             "python-kernel": threading.Lock(), "node-kernel": threading.Lock(),
         }
         self._idle_node: list[_Conn] = []
+        self._node_refill = False
         self._closed = False
 
     # ---- zygote ----------------------------------------------------------------------------
@@ -324,6 +326,31 @@ class WarmRuntimes:
                 raise SetupError("the warm Node runtime did not start") from None
             with self._lock:
                 self._idle_node.append(kernel)
+
+    def _refill_node(self) -> None:
+        """Starts a fresh Node worker in the background, so that the next stateless call
+        finds one ready."""
+        with self._lock:
+            if self._closed or self._node_refill or len(self._idle_node) >= MAX_IDLE_NODE:
+                return
+            self._node_refill = True
+        threading.Thread(target=self._start_spare_node, name="cellblock-node-spare",
+                         daemon=True).start()
+
+    def _start_spare_node(self) -> None:
+        kernel: _Conn | None = None
+        try:
+            kernel = self._open_kernel("node", time.monotonic() + START_TIMEOUT_S)
+        except (CellblockError, _Gone, _Timeout, OSError):
+            pass  # the next call starts its own
+        finally:
+            with self._lock:
+                self._node_refill = False
+                if kernel is not None and not self._closed:
+                    self._idle_node.append(kernel)
+                    kernel = None
+            if kernel is not None:
+                kernel.close()
 
     def _drop_kernels(self) -> None:
         for conn in [*self._stateful.values(), *self._idle_node]:
@@ -453,15 +480,14 @@ class WarmRuntimes:
                 raise InvalidSpec(str(e)) from None
         finally:
             with self._lock:
-                if alive and not self._closed:
-                    if keep:
-                        self._stateful[kind] = kernel
-                    elif len(self._idle_node) < MAX_IDLE_NODE:
-                        self._idle_node.append(kernel)
-                    else:
-                        kernel.close()
+                if alive and keep and not self._closed:
+                    self._stateful[kind] = kernel
                 else:
+                    # A stateless Node worker serves one call: what the code did to its
+                    # process (globals, require's cache, prototypes) ends with it.
                     kernel.close()
+            if not keep:
+                self._refill_node()
         if keep:
             if alive:
                 self._lost.discard(kind)

@@ -27,6 +27,8 @@ and every descendant, then exits.
 
 The zygote and everything forked from it are not dumpable: no call can ptrace, read or write
 the memory (/proc/<pid>/mem) or open the fds of the zygote, of a relay or of another call.
+What exec makes dumpable again (a node worker, a call's subprocess) is out of reach of other
+calls through Landlock: each worker is in a domain of its own (`own_domain`).
 """
 
 import ast
@@ -35,6 +37,7 @@ import base64
 import builtins
 import contextlib
 import ctypes
+import errno
 import gc
 import importlib
 import io
@@ -71,6 +74,10 @@ PR_SET_CHILD_SUBREAPER = 36
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), -1)
+# Landlock's numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 CHUNK = 65536
 VALUE_CAP = 1 << 20
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -173,6 +180,31 @@ def not_dumpable() -> None:
     /proc/<pid>/mem, environ or fds: inherited by every fork."""
     if LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+
+def own_domain() -> None:
+    """Puts this worker (and all it will start or exec) in a Landlock domain of its own.
+    Landlock lets a process ptrace, open /proc/<pid>/mem, environ or fds of another only when
+    that one is in the same domain or one nested in it: the workers of different calls, and
+    the processes they start (an exec'd node or a subprocess, dumpable again after exec), can
+    no longer reach each other. The ruleset restricts nothing else: it handles only the making
+    of block devices, which the sandbox could not do anyway. Without Landlock (Linux < 5.13,
+    or not enabled) the worker goes on without: the README says what is then reachable."""
+    attr = _RulesetAttr(LANDLOCK_ACCESS_FS_MAKE_BLOCK)
+    fd = LIBC.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if fd < 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EOPNOTSUPP):
+            return
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    try:
+        if LIBC.syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(fd)
 
 
 class _SockFprog(ctypes.Structure):
@@ -371,6 +403,7 @@ class Relay:
                 if self.conn is not None:
                     self.conn.close()
                 oom_score_adj(1000)  # the code that uses the memory goes first, not the sandbox
+                own_domain()  # before the filter, which may refuse Landlock's calls
                 if lst_w is not None:
                     try:
                         own_listener(self.bpf, lst_w)
