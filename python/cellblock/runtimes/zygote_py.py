@@ -11,7 +11,7 @@ ahead of time, its worker already waiting, so that a call costs no fork:
 Connection kinds (first frame "h", JSON {"kind": ...}):
   python       one request, run in a fresh fork (nothing survives the call)
   python-kernel  one persistent Python worker; requests share its globals
-  node         one persistent node worker; each request runs in a fresh vm context
+  node         one node worker, a fresh vm context per request (the host sends it one)
   node-kernel  one persistent node worker; requests share one vm context
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
