@@ -14,8 +14,7 @@ from conftest import REPO, Runner
 MASKED_FILES = ["cmdline", "version", "modules", "partitions", "diskstats", "swaps",
                 "devices", "interrupts", "iomem", "ioports", "kallsyms", "timer_list",
                 "sched_debug", "zoneinfo", "buddyinfo", "consoles", "keys", "key-users",
-                "mdstat", "locks", "cgroups", "sys/kernel/random/boot_id",
-                "sys/kernel/core_pattern", "sys/kernel/modprobe"]
+                "mdstat", "locks", "cgroups", "sys/kernel/random/boot_id"]
 MASKED_DIRS = ["acpi", "bus", "driver", "fs", "irq", "scsi", "tty", "asound", "pressure"]
 
 

@@ -1,8 +1,8 @@
 """Nothing of one stateless warm call reaches another: a Node call's changes to its process
 (`process`, `require`'s modules, `Buffer.prototype`) end with it, since each stateless Node call
 runs in a fresh process; and what exec makes dumpable again (the ready Node worker, a call's
-subprocess) cannot be opened through /proc/<pid>/mem by another call, each worker being in a
-Landlock domain of its own.
+subprocess) cannot be opened through /proc/<pid>/mem by another call or by a command of the
+session, each warm worker and each command being in a Landlock domain of its own.
 
 Everything runs twice: as this process's user (root in CI) and as uid 65534 (setpriv), each
 identity running one script (`SCRIPT`) that makes every attempt and prints what it saw as JSON.
@@ -110,6 +110,18 @@ SCRIPT = textwrap.dedent("""\
         t.join()
         out["victim"] = victim["r"].stdout.strip()
         out["sibling"] = sibling.stdout.strip() or sibling.stderr[-500:]
+        # The same attempts from commands of the session (not warm calls).
+        assert sb.run(["rm", "-f", "/tmp/me", "/tmp/vpid"]).ok
+        time.sleep(1)
+        cmd = sb.run(["python3", "-c", spec["node_mem"]], timeout=30)
+        out["run_node_mem"] = json.loads(cmd.stdout) if cmd.ok else cmd.stderr
+        t = threading.Thread(target=lambda: victim.update(
+            r=sb.run_python(spec["victim"], timeout=30)))
+        t.start()
+        cmd = sb.run(["python3", "-c", spec["sibling"]], timeout=30)
+        t.join()
+        out["run_victim"] = victim["r"].stdout.strip()
+        out["run_sibling"] = cmd.stdout.strip() or cmd.stderr[-500:]
     print(json.dumps(out))
 """)
 
@@ -160,3 +172,14 @@ def test_concurrent_calls_cannot_open_each_others_subprocesses(seen: dict[str, A
     # The victim reaches its own subprocess; the sibling, while it lives, cannot.
     assert seen["victim"] == "OK", seen
     assert seen["sibling"] in ("EACCES True", "EPERM True"), seen
+
+
+def test_session_commands_cannot_open_warm_processes(seen: dict[str, Any]) -> None:
+    # A command of the session (`Sandbox.run`) is in a Landlock domain of its own too.
+    got = seen["run_node_mem"]
+    assert isinstance(got, dict), got
+    assert got["self"] == "OK" and got["own_child"] == "OK", got
+    assert got["nodes"], "no Node worker was ready to attack"
+    assert set(got["nodes"].values()) <= {"EACCES", "EPERM"}, got
+    assert seen["run_victim"] == "OK", seen
+    assert seen["run_sibling"] in ("EACCES True", "EPERM True"), seen

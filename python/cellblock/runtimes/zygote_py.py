@@ -76,7 +76,9 @@ SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), -1)
 # Landlock's numbers are the same on every architecture.
 SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 CHUNK = 65536
 VALUE_CAP = 1 << 20
@@ -186,24 +188,36 @@ class _RulesetAttr(ctypes.Structure):
     _fields_ = [("handled_access_fs", ctypes.c_uint64)]
 
 
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
 def own_domain() -> None:
     """Puts this worker (and all it will start or exec) in a Landlock domain of its own.
     Landlock lets a process ptrace, open /proc/<pid>/mem, environ or fds of another only when
     that one is in the same domain or one nested in it: the workers of different calls, and
     the processes they start (an exec'd node or a subprocess, dumpable again after exec), can
     no longer reach each other. The ruleset restricts nothing else: it handles only the making
-    of block devices, which the sandbox could not do anyway. Without Landlock (Linux < 5.13,
-    or not enabled) the worker goes on without: the README says what is then reachable."""
+    of block devices, which a rule allows everywhere (the kernel's own refusal still answers).
+    Without Landlock (Linux < 5.13, or not enabled) the worker goes on without: the README
+    says what is then reachable."""
     attr = _RulesetAttr(LANDLOCK_ACCESS_FS_MAKE_BLOCK)
     fd = LIBC.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     if fd < 0:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EOPNOTSUPP):
             return
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
+        rule = _PathBeneath(LANDLOCK_ACCESS_FS_MAKE_BLOCK, root)
+        if LIBC.syscall(SYS_LANDLOCK_ADD_RULE, fd, LANDLOCK_RULE_PATH_BENEATH,
+                        ctypes.byref(rule), 0) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_add_rule")
         if LIBC.syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0) != 0:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     finally:
+        os.close(root)
         os.close(fd)
 
 

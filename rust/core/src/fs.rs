@@ -343,15 +343,13 @@ impl MountPlan {
 
 /// /proc files that describe the host (boot arguments, kernel build and configuration,
 /// modules, disks, RAID, devices, interrupts, memory layout, timers, keys, every file lock of
-/// the machine, its cgroup controllers, its boot id and its crash and module helpers) rather
+/// the machine, its cgroup controllers, its boot id) rather
 /// than the sandbox: inside they read as empty (`/dev/null` bound over them).
 pub const MASKED_PROC_FILES: &[&str] = &[
     "mdstat",
     "locks",
     "cgroups",
     "sys/kernel/random/boot_id",
-    "sys/kernel/core_pattern",
-    "sys/kernel/modprobe",
     "cmdline",
     "bootconfig",
     "config.gz",
