@@ -142,6 +142,7 @@ impl Session {
         }
         let holder = self.holder()?;
         let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let events_before = holder.cgroup.as_ref().map(|c| c.limit_events());
         let net_before = holder.egress.as_ref().map(|e| e.snapshot());
         let started = spawn::start_call(&holder, &spec)?;
         let mut report = supervise::supervise_spec(started, &spec, &redactor, hooks);
@@ -161,6 +162,10 @@ impl Session {
             if let Some(cg) = holder.cgroup.as_ref() {
                 if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
                     report.reason = crate::Reason::Memory;
+                }
+                // The session's limits are shared: one reached during this call is reported.
+                if let Some(before) = events_before {
+                    report.observe_cgroup_events(cg.limit_events().since(before));
                 }
             }
         }
@@ -188,7 +193,18 @@ impl Session {
                 cgroup: h.cgroup.as_ref().and_then(|c| c.child()),
             })
         })?;
-        crate::warm::supervise_call(&spec, req, ctx, &redactor, hooks)
+        let holder = self.holder()?;
+        let events_before = holder.cgroup.as_ref().map(|c| c.limit_events());
+        let mut outcome = crate::warm::supervise_call(&spec, req, ctx, &redactor, hooks)?;
+        // The limits are the session's (the call's child cgroup only accounts): one reached
+        // during this call is reported, as for one-shot calls.
+        if let (Some(o), Some(cg), Some(before)) =
+            (outcome.as_mut(), holder.cgroup.as_ref(), events_before)
+        {
+            o.report
+                .observe_cgroup_events(cg.limit_events().since(before));
+        }
+        Ok(outcome)
     }
 
     /// The report of a call that could not start before its timeout because the session was
@@ -213,6 +229,8 @@ impl Session {
             seccomp_profile: spec.seccomp.as_ref().map(|s| s.profile.clone()),
             network: None,
             cleanup_errors: Vec::new(),
+            limits_hit: vec!["timeout".into()],
+            limits_unverified: Vec::new(),
         })
     }
 
@@ -335,18 +353,29 @@ impl Drop for Session {
 /// How long a killed session's PID 1 and reaper may take to exit.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Thaws, kills and reaps a session's processes, then removes its cgroup.
+/// Thaws, kills and reaps a session's processes, then removes its cgroup. A failed thaw is
+/// reported (its processes may then survive the kill on cgroup v1), with a failed removal
+/// beside it.
 fn end_holder(h: &Holder) -> Result<()> {
+    let mut thawed = Ok(());
     if let Some(cg) = &h.cgroup {
-        let _ = cg.freeze(false);
+        for (file, value) in cg.thaw_files() {
+            if let Err(e) = std::fs::write(&file, value) {
+                thawed = Err(crate::Error::io_at(file.display().to_string(), e));
+            }
+        }
     }
     spawn::kill_and_reap_within(&h.pidfd, CLOSE_GRACE);
     if let Some(r) = &h.reaper {
         spawn::kill_and_reap_within(r, CLOSE_GRACE);
     }
-    match &h.cgroup {
+    let removed = match &h.cgroup {
         Some(cg) => cg.remove(),
         None => Ok(()),
+    };
+    match (thawed, removed) {
+        (Ok(()), r) => r,
+        (Err(e), r) => Err(e.with_cleanup(r.err().map(|c| c.to_string()))),
     }
 }
 
