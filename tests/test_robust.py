@@ -7,7 +7,6 @@ for that caller (unprivileged callers have no cgroup, hence no freezer: that is 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from conftest import (
     IS_ROOT,
     SETPRIV,
     WORKER_DEADLINE,
+    Caller,
     Cli,
     Runner,
     own_cellblock_cgroups,
@@ -305,31 +305,40 @@ def test_unlisted_destination_is_refused_at_connect(sandbox: Runner) -> None:
 # ---- 5. callbacks and live output ------------------------------------------------------------
 
 
-class Boom(Exception):
-    pass
+def test_on_output_exception_stops_the_run_and_propagates(caller: Caller, marker: str) -> None:
+    # The run happens in the caller's process; the check that the sandbox was killed is made
+    # from here, on the host.
+    out = caller.run("""
+        marker = sys.argv[1]
+        calls = []
 
+        class Boom(Exception):
+            pass
 
-def test_on_output_exception_stops_the_run_and_propagates(marker: str) -> None:
-    calls = []
-
-    def on_output(stream: int, data: bytes) -> None:
-        calls.append(len(data))
-        raise Boom("callback failed")
-    started = time.monotonic()
-    with pytest.raises(Boom):
-        bounded(lambda: cellblock.run(
-            ["sh", "-c", f"sleep {marker} & while :; do echo y; done"],
-            on_output=on_output, timeout=120))
-    assert time.monotonic() - started < 30
-    assert len(calls) == 1, "the callback was called again after it raised"
+        def on_output(stream, data):
+            calls.append(len(data))
+            raise Boom("callback failed")
+        started = time.monotonic()
+        with raises(Boom):
+            cellblock.run(["sh", "-c", f"sleep {marker} & while :; do echo y; done"],
+                          on_output=on_output, timeout=120)
+        print(json.dumps({"calls": len(calls), "took": time.monotonic() - started}))
+    """, marker)
+    assert out["took"] < 30, out
+    assert out["calls"] == 1, "the callback was called again after it raised"
     assert processes_with_argv(["sleep", marker]) == [], "the sandbox was not killed"
 
 
-def test_live_output_is_capped_like_the_report(cli: Cli) -> None:
-    got: list[int] = []
-    r = cellblock.run(["head", "-c", "100000000", "/dev/zero"], max_output="1K",
-                      on_output=lambda s, d: got.append(len(d)))
-    assert sum(got) == len(r.stdout_bytes) == 1024 and r.stdout_truncated
+def test_live_output_is_capped_like_the_report(caller: Caller) -> None:
+    caller.run("""
+        got = []
+        r = cellblock.run(["head", "-c", "100000000", "/dev/zero"], max_output="1K",
+                          on_output=lambda s, d: got.append(len(d)))
+        assert sum(got) == len(r.stdout_bytes) == 1024 and r.stdout_truncated, (sum(got), r)
+    """)
+
+
+def test_live_output_of_the_cli_is_capped(cli: Cli) -> None:
     out = cli.run(["run", "--max-output", "1K", "--", "head", "-c", "100000000", "/dev/zero"])
     assert len(out.stdout) == 1024, len(out.stdout)
 
@@ -368,14 +377,17 @@ def test_cli_prints_kind_and_message(cli: Cli) -> None:
 # ---- 7. errors keep errno and path; cleanup failures are reported ----------------------------
 
 
-def test_io_error_is_an_oserror_with_errno() -> None:
-    assert issubclass(cellblock.SandboxIOError, OSError)
-    assert issubclass(cellblock.SandboxIOError, cellblock.CellblockError)
-    with cellblock.Sandbox() as sb, pytest.raises(cellblock.SandboxIOError) as e:
-        sb.read_file("no-such-file")
-    assert e.value.errno == errno.ENOENT, e.value
-    with pytest.raises(OSError):
-        raise cellblock.SandboxIOError(errno.EIO, "x", "/p")
+def test_io_error_is_an_oserror_with_errno(caller: Caller) -> None:
+    caller.run("""
+        assert issubclass(cellblock.SandboxIOError, OSError)
+        assert issubclass(cellblock.SandboxIOError, cellblock.CellblockError)
+        with Sandbox() as sb, raises(cellblock.SandboxIOError) as e:
+            sb.read_file("no-such-file")
+        assert e.value.errno == errno.ENOENT, e.value
+        assert e.value.filename is not None and "no-such-file" in e.value.filename, e.value
+        with raises(OSError):
+            raise cellblock.SandboxIOError(errno.EIO, "x", "/p")
+    """)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="a run's cgroup exists only for root callers")

@@ -76,8 +76,8 @@ def security_events(result: RunResult) -> list[tuple[str, dict[str, Any]]]:
                                                     "cellblock.decision": "deny", **attrs}))
     for limit in limits_hit(result):
         if limit != "seccomp":  # a seccomp kill is already one of the violations
-            events.append((f"{SECURITY_EVENT}.limit", {"cellblock.limit": limit,
-                                                       "cellblock.decision": _decision(limit, result)}))
+            events.append((f"{SECURITY_EVENT}.limit", {
+                "cellblock.limit": limit, "cellblock.decision": _decision(limit, result)}))
     net = result.network or {}
     if net.get("connections"):
         events.append((f"{SECURITY_EVENT}.egress", {
