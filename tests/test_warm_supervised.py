@@ -127,6 +127,7 @@ SCRIPT = textwrap.dedent("""\
             "stdout": r.stdout[-300:], "stderr": r.stderr[-300:],
             "value": getattr(r, "value", None), "error": getattr(r, "error", None),
             "state_lost": getattr(r, "state_lost", None),
+            "limits_hit": sorted(r.limits_hit), "limits_unverified": sorted(r.limits_unverified),
         }
 
     out = {"parity": {}, "forge": {}}
@@ -207,14 +208,22 @@ def test_each_limit_is_reported_for_what_it_is(reports: dict[str, Any]) -> None:
         assert (p["exit_code"][path]["reason"], p["exit_code"][path]["exit_code"]) == (
             "exited", 3), path
         assert (p["signal"][path]["reason"], p["signal"][path]["signal"]) == ("signaled", 15)
+        # The supervisor's own account of the limits reached, the same on every path.
+        for payload, limit in (("timeout", "timeout"), ("cpu_time", "cpu_time"),
+                               ("output", "max_output")):
+            assert limit in p[payload][path]["limits_hit"], (path, p[payload][path])
+        assert p["exit_code"][path]["limits_hit"] == [], (path, p["exit_code"][path])
         mem = p["memory"][path]
         if reports["privileged"]:
             assert mem["reason"] == "memory" and mem["signal"] == 9, (path, mem)
             assert mem["enforcement"]["memory"] in ("cgroup-v1", "cgroup-v2")
+            assert "memory" in mem["limits_hit"], (path, mem)
         else:
-            # RLIMIT_DATA: the allocation fails inside; the report names the enforcer.
+            # RLIMIT_DATA: the allocation fails inside, which the supervisor cannot see; the
+            # report names the enforcer and says the limit is unverified, claiming nothing.
             assert mem["enforcement"]["memory"] == "rlimit", (path, mem)
-            assert "MemoryError" in mem["stderr"] + (mem["error"] or ""), (path, mem)
+            assert "memory" in mem["limits_unverified"], (path, mem)
+            assert "memory" not in mem["limits_hit"], (path, mem)
     for payload in ("memory", "timeout", "cpu_time", "signal", "output"):
         assert p[payload]["stateful"]["state_lost"] is (
             payload != "memory" or reports["privileged"]), payload
