@@ -390,6 +390,35 @@ def test_io_error_is_an_oserror_with_errno(caller: Caller) -> None:
     """)
 
 
+def test_errors_about_a_path_carry_it_as_filename(caller: Caller) -> None:
+    # Not only I/O errors: a missing command, a missing cwd and a path leaving the sandbox
+    # name the path in `filename`, as an OSError would.
+    got = caller.run("""
+        out = {}
+        with Sandbox() as sb:
+            with raises(cellblock.CommandNotFound) as e:
+                sb.run(["/no/such/command"])
+            out["command"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.InvalidSpec) as e:
+                sb.run(["true"], cwd="/no/such/dir")
+            out["cwd"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.PathEscape) as e:
+                sb.read_file("/etc/passwd")
+            out["escape"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.InvalidSpec) as e:
+                sb.run([], timeout=1)
+            out["no_path"] = getattr(e.value, "filename", None)
+        print(json.dumps(out))
+    """)
+    assert got["command"][0] == "/no/such/command", got
+    assert got["cwd"][0] == "/no/such/dir", got
+    assert got["escape"][0] == "/etc/passwd", got
+    for name in ("command", "cwd", "escape"):
+        assert got[name][0] in got[name][1], got
+    # An error about no path has none.
+    assert got["no_path"] is None, got
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="a run's cgroup exists only for root callers")
 def test_a_cgroup_that_cannot_be_removed_is_reported(marker: str) -> None:
     # A process of ours placed in the run's cgroup keeps it from being removed. A one-shot

@@ -421,7 +421,9 @@ fn open_beneath(root: &OwnedFd, path: &str, flags: i32, mode: u32) -> Result<Own
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         return Err(match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::EXDEV) => Error::PathEscape(format!("{path}: {e}")),
+            Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                Error::PathEscape(format!("{path}: {e}")).at(path)
+            }
             _ => Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}"))),
         });
     }

@@ -434,13 +434,13 @@ pub(crate) fn read_error(
     let os = std::io::Error::from_raw_os_error(errno);
     Some(match Stage::from_u32(stage) {
         Some(Stage::Exec) => match errno {
-            libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()),
+            libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()).at(argv0),
             libc::E2BIG => Error::InvalidSpec(format!(
                 "argv and environment of {argv0} are too large for execve (E2BIG): keep each \
                  string under {MAX_ARG_STRLEN} bytes and all of them under {} bytes",
                 arg_max()
             )),
-            _ => Error::CommandNotFound(format!("{argv0}: {os}")),
+            _ => Error::CommandNotFound(format!("{argv0}: {os}")).at(argv0),
         },
         Some(Stage::Mount) => {
             let what = mounts
@@ -455,7 +455,7 @@ pub(crate) fn read_error(
         Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
         Some(Stage::Process) if index == 1 => {
             let cwd = cwd.map(|c| c.to_string_lossy()).unwrap_or_default();
-            Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox"))
+            Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox")).at(cwd)
         }
         Some(s) => Error::Setup {
             stage: s.describe(),
