@@ -455,36 +455,39 @@ def test_a_cgroup_that_cannot_be_removed_is_reported(marker: str) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="a warm call's cgroup exists only for root callers")
-def test_a_warm_call_whose_cgroup_cannot_be_removed_reports_it(marker: str) -> None:
-    # A process of ours placed in the call's own cgroup (a child of the session's) keeps it
-    # from being removed: the call's report says so, naming the directory and the errno.
-    squatter = subprocess.Popen(["sleep", marker])
+def test_a_warm_call_whose_cgroup_cannot_be_removed_reports_it() -> None:
+    # A cgroup of ours made inside the call's own cgroup (a child of the session's) keeps it
+    # from being removed (a process would be killed with the call's): the call's report says
+    # so, naming the directory and the errno.
     sessions = set(own_cellblock_cgroups())
     sb = cellblock.Sandbox(memory="256M")
     done: list[cellblock.CodeResult] = []
     t = threading.Thread(target=lambda: done.append(
         sb.run_python("import time\ntime.sleep(2)", timeout=60)))
+    blocker: Path | None = None
     try:
         sb.run_python("1", timeout=60)  # the runtime is up: its cgroups are the session's
         sessions = set(own_cellblock_cgroups()) - sessions
         t.start()
 
         def call_dirs() -> list[Path]:
-            return [c for d in sessions for c in Path(d).glob("cellblock-*") if c.is_dir()]
+            # The running call's cgroup: a child of the session's holding its worker.
+            return [c for d in sessions for c in Path(d).glob("cellblock-*")
+                    if c.is_dir() and (c / "cgroup.procs").read_text().strip()]
         calls = wait_for(call_dirs, "the call's cgroup", 20)
-        (calls[0] / "cgroup.procs").write_text(str(squatter.pid))
+        blocker = calls[0] / "blocker"
+        blocker.mkdir()
         t.join(60)
         assert done, "the call did not finish"
         errors = done[0].cleanup_errors
-        assert any(e.startswith(str(calls[0])) and "os error 16" in e for e in errors), errors
+        assert any(e.startswith(str(calls[0])) and "os error 16" in e for e in errors), (
+            calls, done[0])
     finally:
-        squatter.kill()
-        squatter.wait()
         if t.is_alive():
             t.join(60)
-        for d in sessions:
-            for c in Path(d).glob("cellblock-*"):
-                wait_for(partial(_gone, str(c)), f"removal of {c}", 10)
+        if blocker is not None:
+            blocker.rmdir()
+            wait_for(partial(_gone, str(blocker.parent)), f"removal of {blocker.parent}", 10)
         sb.close()
 
 
@@ -516,13 +519,15 @@ def _start_time(pid: int) -> str:
 @pytest.mark.skipif(not IS_ROOT, reason="cgroups (and their sweep) exist only for root callers")
 def test_the_stale_cgroup_sweep_thaws_kills_and_removes(marker: str) -> None:
     # Three planted cgroups, children of our own freezer cgroup, each holding a process this
-    # test started: an owner that is dead (frozen: on cgroup v1 it dies only once thawed), an
-    # owner whose pid lives on in another process (a reused pid: the start time differs) and
-    # a live owner (its start time matches: left alone).
+    # test started: an owner that is dead (frozen: on cgroup v1 it dies only once thawed; with
+    # a child cgroup holding another, as a warm call's), an owner whose pid lives on in another
+    # process (a reused pid: the start time differs) and a live owner (its start time matches:
+    # left alone).
     parents = [d for d in own_cgroup_dirs() if d.is_dir()]
     gone = subprocess.Popen(["true"])
     gone.wait()
-    procs = {k: subprocess.Popen(["sleep", marker]) for k in ("dead", "reused", "owner")}
+    procs = {k: subprocess.Popen(["sleep", marker])
+             for k in ("dead", "nested", "reused", "owner")}
     names = {"dead": f"cellblock-{gone.pid}-x",
              "reused": f"cellblock-{procs['reused'].pid}-0-1",
              "owner": f"cellblock-{procs['owner'].pid}-0-{_start_time(procs['owner'].pid)}"}
@@ -532,17 +537,21 @@ def test_the_stale_cgroup_sweep_thaws_kills_and_removes(marker: str) -> None:
             path = next(p for d in parents if (p := _freezable(d, name)) is not None)
             planted[key] = path
             (path / "cgroup.procs").write_text(str(procs[key].pid))
+        nested = planted["dead"] / "cellblock-call"
+        nested.mkdir()
+        planted["nested"] = nested
+        (nested / "cgroup.procs").write_text(str(procs["nested"].pid))
         _freeze(planted["dead"])
         _freeze(planted["reused"])
         # A frozen process cannot have exited on its own.
-        assert procs["dead"].poll() is None and procs["reused"].poll() is None
+        assert all(procs[k].poll() is None for k in ("dead", "nested", "reused"))
         # The sweep runs once per process, before its first cgroup.
         sweep = subprocess.run(
             [sys.executable, "-c",
              "import cellblock; print(cellblock.run(['true'], cells=False).reason)"],
             capture_output=True, text=True, timeout=120, check=False)
         assert sweep.stdout.strip() == "exited", sweep.stderr
-        for key in ("dead", "reused"):
+        for key in ("dead", "nested", "reused"):
             assert procs[key].wait(10) == -signal.SIGKILL, key
             assert not planted[key].exists(), key
         assert procs["owner"].poll() is None and planted["owner"].exists()
@@ -550,7 +559,7 @@ def test_the_stale_cgroup_sweep_thaws_kills_and_removes(marker: str) -> None:
         for p in procs.values():
             p.kill()
             p.wait()
-        for path in planted.values():
+        for path in sorted(planted.values(), key=lambda p: -len(p.parts)):
             if (path / "freezer.state").exists():
                 (path / "freezer.state").write_text("THAWED")
             wait_for(partial(_gone, str(path)), f"removal of {path}", 10)

@@ -192,7 +192,7 @@ fn remove_stale(layout: &Layout) {
         }
     }
     let fail = |dir: &Path, what: &str, e: io::Error| {
-        crate::cell::teardown::record_failure(format!(
+        crate::cell::teardown::record_error(format!(
             "stale cgroup {}: {what}: {e}",
             dir.display()
         ));
@@ -205,13 +205,20 @@ fn remove_stale(layout: &Layout) {
             Err(e) => fail(dir, "thaw", e),
         }
     }
+    // A stale cgroup may hold children (a warm call's, when its owner died mid-call): their
+    // processes die too, and they are removed first, deepest first.
+    let mut all = Vec::new();
     for dir in &stale {
+        subtree(dir, &mut all, 0);
+    }
+    all.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in &all {
         if let Err(e) = kill_members(dir) {
             fail(dir, "kill its processes", e);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    for dir in &stale {
+    for dir in &all {
         loop {
             match fs::remove_dir(dir) {
                 Ok(()) => break,
@@ -224,6 +231,19 @@ fn remove_stale(layout: &Layout) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// `dir` and every cgroup below it (bounded depth: ours nest two levels).
+fn subtree(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    out.push(dir.to_path_buf());
+    if depth >= 4 {
+        return;
+    }
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            subtree(&entry.path(), out, depth + 1);
         }
     }
 }

@@ -249,7 +249,8 @@ pub struct Stats {
     pub pending_teardown: usize,
     /// Teardowns that could not remove their cgroup (after the run's report was returned).
     pub teardown_failures: u64,
-    /// The most recent of those failures, each naming the path and errno (bounded).
+    /// The most recent of those failures and of the stale-cgroup sweep's, each naming the path
+    /// and errno (bounded).
     pub teardown_errors: Vec<String>,
     /// The bounds in force.
     pub max_cells: usize,

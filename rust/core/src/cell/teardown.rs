@@ -89,10 +89,15 @@ pub const ERRORS_KEPT: usize = 32;
 /// The most recent teardown errors, each naming the path and the errno.
 static ERRORS: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 
-/// Records a cleanup failure that happened after its run's report went out: counted, and kept
-/// (bounded) for [`errors`] and the cell pool's stats.
+/// Records a teardown that failed after its run's report went out: counted, and kept (bounded)
+/// for [`errors`] and the cell pool's stats.
 pub fn record_failure(what: String) {
     FAILURES.fetch_add(1, Ordering::Relaxed);
+    record_error(what);
+}
+
+/// Keeps (bounded) a cleanup error no report can carry, e.g. of the stale-cgroup sweep.
+pub fn record_error(what: String) {
     if let Ok(mut e) = ERRORS.lock() {
         if e.len() >= ERRORS_KEPT {
             e.pop_front();
