@@ -7,7 +7,7 @@ use cellblock_core::cgroup::RunCgroup;
 use cellblock_core::{spawn, Limits};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 fn is_root() -> bool {
@@ -34,8 +34,8 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
-/// A freezer cgroup holding a `sleep` child of ours, frozen; (cgroup, pid, freezer file).
-fn frozen_child() -> (RunCgroup, u32, PathBuf) {
+/// A freezer cgroup holding a `sleep` child of ours, frozen; (cgroup, child, freezer file).
+fn frozen_child() -> (RunCgroup, Child, PathBuf) {
     assert!(is_root(), "a freezer cgroup needs root: run this test as root");
     let cg = RunCgroup::create(&Limits::default(), true).expect("a cgroup as root");
     assert!(cg.can_freeze(), "no freezer in {:?}", cg.dir_paths());
@@ -51,7 +51,7 @@ fn frozen_child() -> (RunCgroup, u32, PathBuf) {
         v1.trim() == "FROZEN" || v2.contains("frozen 1")
     });
     assert!(frozen, "{} did not freeze", dir.display());
-    (cg, pid, file)
+    (cg, child, file)
 }
 
 fn gone(pid: u32) -> bool {
@@ -60,7 +60,8 @@ fn gone(pid: u32) -> bool {
 
 #[test]
 fn a_frozen_sandbox_is_thawed_killed_reaped_and_removed() {
-    let (cg, pid, _) = frozen_child();
+    let (cg, mut child, _) = frozen_child();
+    let pid = child.id();
     let dirs = cg.dir_paths();
     let failures = teardown::failures();
     let started = Instant::now();
@@ -83,11 +84,14 @@ fn a_frozen_sandbox_is_thawed_killed_reaped_and_removed() {
     for d in dirs {
         assert!(!d.exists(), "{} left behind", d.display());
     }
+    // Reaped through its pidfd already: nothing left to wait for (ECHILD).
+    assert!(child.wait().is_err());
 }
 
 #[test]
 fn a_kill_of_a_frozen_child_is_not_waited_for_without_bound() {
-    let (cg, pid, file) = frozen_child();
+    let (cg, mut child, file) = frozen_child();
+    let pid = child.id();
     let pidfd = pidfd_of(pid);
     let started = Instant::now();
     let ended = spawn::kill_and_reap_within(&pidfd, Duration::from_millis(300));
@@ -105,4 +109,5 @@ fn a_kill_of_a_frozen_child_is_not_waited_for_without_bound() {
     assert!(spawn::kill_and_reap_within(&pidfd, Duration::from_secs(10)) || gone(pid));
     assert!(wait_until(Duration::from_secs(10), || gone(pid)));
     cg.remove().expect("remove the cgroup");
+    assert!(child.wait().is_err(), "reaped through its pidfd already");
 }
