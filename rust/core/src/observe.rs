@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// How often the sandbox's processes are counted while a pids rlimit is in force.
-pub const PIDS_POLL: Duration = Duration::from_millis(20);
+/// (A sample reads every /proc/<pid>/stat of the host: ~1-5 ms with a few hundred processes.)
+pub const PIDS_POLL: Duration = Duration::from_millis(50);
 
 /// Samples the number of processes under a pids rlimit.
 #[derive(Debug)]
@@ -53,18 +54,30 @@ impl PidsWatch {
             return;
         }
         self.next = now + PIDS_POLL;
-        if largest_user_count(self.root) >= self.limit {
+        let tree = process_tree(self.root);
+        // Fewer processes than the limit cannot reach it: no need to read their owners.
+        if tree.len() as u64 >= self.limit && largest_user_count(&tree) >= self.limit {
             self.reached = true;
         }
     }
 }
 
-/// The largest number of processes of one real uid in the process tree rooted at host pid
-/// `root` (itself included), read from the host's /proc. Threads are not counted (their
-/// credentials can differ): the count never exceeds what the kernel counts.
-pub fn largest_user_count(root: libc::pid_t) -> u64 {
+/// The largest number of processes of one real uid among `pids` (host pids), read from the
+/// host's /proc. Threads are not counted (their credentials can differ): the count never
+/// exceeds what the kernel counts.
+pub fn largest_user_count(pids: &[libc::pid_t]) -> u64 {
+    let mut per_uid: HashMap<u32, u64> = HashMap::new();
+    for uid in pids.iter().filter_map(|p| real_uid(*p)) {
+        *per_uid.entry(uid).or_insert(0) += 1;
+    }
+    per_uid.values().copied().max().unwrap_or(0)
+}
+
+/// The host pids of the process tree rooted at host pid `root` (itself included), from the
+/// parent links in the host's /proc.
+pub fn process_tree(root: libc::pid_t) -> Vec<libc::pid_t> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     let mut children: HashMap<libc::pid_t, Vec<libc::pid_t>> = HashMap::new();
     for entry in dir.flatten() {
@@ -79,23 +92,16 @@ pub fn largest_user_count(root: libc::pid_t) -> u64 {
             children.entry(ppid).or_default().push(pid);
         }
     }
-    let mut per_uid: HashMap<u32, u64> = HashMap::new();
+    let mut tree = Vec::new();
     let mut todo = vec![root];
-    let mut seen = 0usize;
     while let Some(pid) = todo.pop() {
-        // A cycle is impossible in a consistent snapshot; bound the walk anyway.
-        seen += 1;
-        if seen > 1 << 20 {
-            break;
-        }
-        if let Some(uid) = real_uid(pid) {
-            *per_uid.entry(uid).or_insert(0) += 1;
-        }
+        // Each pid is visited once (its entry is taken): the walk ends.
+        tree.push(pid);
         if let Some(kids) = children.remove(&pid) {
             todo.extend(kids);
         }
     }
-    per_uid.values().copied().max().unwrap_or(0)
+    tree
 }
 
 /// The parent pid of `pid` (field 4 of /proc/<pid>/stat).
@@ -132,7 +138,7 @@ mod tests {
             .filter_map(|_| std::process::Command::new("sleep").arg("5").spawn().ok())
             .collect();
         assert_eq!(kids.len(), 3);
-        let n = largest_user_count(std::process::id() as libc::pid_t);
+        let n = largest_user_count(&process_tree(std::process::id() as libc::pid_t));
         for mut k in kids {
             let _ = k.kill();
             let _ = k.wait();
