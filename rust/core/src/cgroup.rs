@@ -150,7 +150,11 @@ impl LimitEvents {
 
     /// (limit name, count) for each counter.
     pub fn by_limit(self) -> [(&'static str, Option<u64>); 3] {
-        [("memory", self.memory), ("pids", self.pids), ("cpus", self.cpus)]
+        [
+            ("memory", self.memory),
+            ("pids", self.pids),
+            ("cpus", self.cpus),
+        ]
     }
 }
 
@@ -192,10 +196,7 @@ fn remove_stale(layout: &Layout) {
         }
     }
     let fail = |dir: &Path, what: &str, e: io::Error| {
-        crate::cell::teardown::record_error(format!(
-            "stale cgroup {}: {what}: {e}",
-            dir.display()
-        ));
+        crate::cell::teardown::record_error(format!("stale cgroup {}: {what}: {e}", dir.display()));
     };
     for dir in &stale {
         match thaw_dir(dir) {
@@ -550,7 +551,8 @@ impl RunCgroup {
                 Some(fail + Self::read_key(&p.join("memory.oom_control"), "oom_kill").unwrap_or(0))
             }),
             pids: v1(Controller::Pids).and_then(|p| Self::read_key(&p.join("pids.events"), "max")),
-            cpus: v1(Controller::Cpu).and_then(|p| Self::read_key(&p.join("cpu.stat"), "nr_throttled")),
+            cpus: v1(Controller::Cpu)
+                .and_then(|p| Self::read_key(&p.join("cpu.stat"), "nr_throttled")),
         }
     }
 

@@ -370,6 +370,42 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_hit_only_on_evidence_and_unverified_otherwise() {
+        use crate::cgroup::LimitEvents;
+        let mut rep = report(Vec::new());
+        rep.enforcement = BTreeMap::from([
+            ("memory".to_string(), Some(Enforcer::CgroupV1)),
+            ("pids".to_string(), Some(Enforcer::CgroupV1)),
+            ("cpus".to_string(), None),
+            ("timeout".to_string(), Some(Enforcer::Supervisor)),
+            ("disk".to_string(), Some(Enforcer::Tmpfs)),
+        ]);
+        rep.start_limits();
+        // Not enforced: neither hit nor unverified.
+        assert_eq!(rep.limits_unverified, ["disk", "memory", "pids", "timeout"]);
+        rep.observe_supervised_limits();
+        // Unreadable counters prove nothing; a count of 0 proves the limit was not reached.
+        rep.observe_cgroup_events(LimitEvents {
+            memory: None,
+            pids: Some(3),
+            cpus: Some(7),
+        });
+        assert_eq!(rep.limits_hit, ["pids"]);
+        assert_eq!(rep.limits_unverified, ["disk", "memory"]);
+        // An rlimit-enforced limit is never settled by cgroup counters.
+        rep.enforcement
+            .insert("memory".into(), Some(Enforcer::Rlimit));
+        rep.observe_cgroup_events(LimitEvents {
+            memory: Some(0),
+            ..LimitEvents::default()
+        });
+        assert_eq!(rep.limits_unverified, ["disk", "memory"]);
+        // Seen reached stays reached.
+        rep.observe_limit("pids", false);
+        assert_eq!(rep.limits_hit, ["pids"]);
+    }
+
+    #[test]
     fn names_are_the_serialized_forms() {
         for r in Reason::ALL {
             assert_eq!(serde_json::to_value(r).ok(), Some(r.name().into()));

@@ -334,7 +334,11 @@ fn bad_specs_and_missing_commands_are_typed_errors() {
     // A missing command is named as the error's path.
     for cmd in ["no-such-command-cellblock", "/etc/passwd"] {
         let e = cellblock_core::run(&spec(&[cmd]), Default::default()).err();
-        assert_eq!(e.as_ref().map(|e| e.kind()), Some("CommandNotFound"), "{e:?}");
+        assert_eq!(
+            e.as_ref().map(|e| e.kind()),
+            Some("CommandNotFound"),
+            "{e:?}"
+        );
         assert_eq!(e.as_ref().and_then(|e| e.path()), Some(cmd), "{e:?}");
     }
 }

@@ -36,10 +36,16 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// A freezer cgroup holding a `sleep` child of ours, frozen; (cgroup, child, freezer file).
 fn frozen_child() -> (RunCgroup, Child, PathBuf) {
-    assert!(is_root(), "a freezer cgroup needs root: run this test as root");
+    assert!(
+        is_root(),
+        "a freezer cgroup needs root: run this test as root"
+    );
     let cg = RunCgroup::create(&Limits::default(), true).expect("a cgroup as root");
     assert!(cg.can_freeze(), "no freezer in {:?}", cg.dir_paths());
-    let child = Command::new("sleep").arg("300").spawn().expect("spawn sleep");
+    let child = Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("spawn sleep");
     let pid = child.id();
     cg.add(pid as i32).expect("join the cgroup");
     cg.freeze(true).expect("freeze");
@@ -95,7 +101,10 @@ fn a_kill_of_a_frozen_child_is_not_waited_for_without_bound() {
     let pidfd = pidfd_of(pid);
     let started = Instant::now();
     let ended = spawn::kill_and_reap_within(&pidfd, Duration::from_millis(300));
-    assert!(started.elapsed() < Duration::from_secs(5), "the wait was not bounded");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the wait was not bounded"
+    );
     if file.ends_with("freezer.state") {
         // cgroup v1: SIGKILL stays pending while frozen; the wait gives up and says so.
         assert!(!ended, "a frozen v1 task cannot have ended");
