@@ -568,3 +568,61 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     s = cellblock.cells.stats()
     terminalreporter.write_line(f"cellblock cells (in-process runs): {s.hits} served by a ready "
                                 f"cell, {s.misses} cold, {s.built} built, {s.failed} failed")
+
+
+#: Prepended to the scripts a `Caller` runs: what test code inside them needs (no pytest there).
+CALLER_PRELUDE = textwrap.dedent('''\
+    import contextlib, errno, json, os, sys, time
+    import cellblock
+    from cellblock.session import Sandbox
+
+    class Raised:
+        value = None
+
+    @contextlib.contextmanager
+    def raises(cls):
+        got = Raised()
+        try:
+            yield got
+        except cls as e:
+            got.value = e
+        else:
+            raise AssertionError(f"{cls.__name__} was not raised")
+''')
+
+
+class Caller:
+    """Runs test code in a fresh process as one caller identity: this process's user, or
+    uid 65534 through setpriv (with its world-readable package copy)."""
+
+    def __init__(self, name: str, nobody_dir: Path | None) -> None:
+        self.name = name
+        self.nobody_dir = nobody_dir
+        #: The caller is real root (cgroups, a freezer).
+        self.privileged = name == "self" and IS_ROOT
+
+    def run(self, source: str, *args: str) -> Any:
+        """Runs `source` (its asserts are the test) after CALLER_PRELUDE, with `args` as
+        sys.argv[1:]; fails with its stderr unless it exits 0. Returns the JSON of its last
+        stdout line, if it prints one."""
+        code = CALLER_PRELUDE + textwrap.dedent(source)
+        env = {"PATH": "/usr/bin:/bin"}
+        if self.name == "nobody":
+            assert self.nobody_dir is not None
+            argv = [*SETPRIV, "env", "-i", f"PYTHONPATH={self.nobody_dir}", "PATH=/usr/bin:/bin",
+                    "/usr/bin/python3", "-c", code, *args]
+        else:
+            argv = [sys.executable, "-c", code, *args]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_DEADLINE,
+                             cwd="/", env=env, check=False)
+        assert res.returncode == 0, f"as {self.name}:\n{res.stderr[-4000:]}"
+        lines = res.stdout.strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+
+
+@pytest.fixture(params=["self", "nobody"], ids=["root" if IS_ROOT else "user", "nobody"])
+def caller(request: pytest.FixtureRequest) -> Caller:
+    """Each caller identity, running test code in its own process (see `Caller`)."""
+    if request.param == "nobody":
+        return Caller("nobody", request.getfixturevalue("nobody_dir"))
+    return Caller("self", None)

@@ -27,7 +27,7 @@ import pytest
 import cellblock
 from cellblock.agent.tools import Toolbox
 from cellblock.session import Sandbox
-from conftest import IS_ROOT, SETPRIV
+from conftest import IS_ROOT, SETPRIV, Caller
 
 #: Put in front of every scenario: helpers that turn outcomes into JSON.
 PRELUDE = textwrap.dedent('''\
@@ -376,14 +376,18 @@ def test_a_slow_reader_blocks_neither_close_nor_calls(scenario: Scenario) -> Non
     assert out["after_close"]["error"] == "SessionClosed"
 
 
-def test_errors_name_the_path() -> None:
-    with Sandbox() as sb:
-        with pytest.raises(cellblock.SandboxIOError) as e:
-            sb.read_file("missing/file.txt")
-        assert "missing/file.txt" in str(e.value) and "No such file" in str(e.value)
-        with pytest.raises(cellblock.SandboxIOError) as e:
-            sb.list_dir("nope")
-        assert "nope" in str(e.value)
+def test_errors_name_the_path(caller: Caller) -> None:
+    caller.run("""
+        with Sandbox() as sb:
+            with raises(cellblock.SandboxIOError) as e:
+                sb.read_file("missing/file.txt")
+            text = str(e.value)
+            assert "missing/file.txt" in text and "No such file" in text, text
+            assert e.value.errno == errno.ENOENT and "missing/file.txt" in e.value.filename
+            with raises(cellblock.SandboxIOError) as e:
+                sb.list_dir("nope")
+            assert "nope" in str(e.value) and "nope" in e.value.filename, e.value
+    """)
 
 
 def test_the_callers_credentials_are_restored_after_each_operation() -> None:

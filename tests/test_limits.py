@@ -18,11 +18,26 @@ def test_memory_limit(sandbox: Runner) -> None:
     assert "allocated" not in res.stdout
     assert res.enforcement["memory"] == sandbox.enforcer("memory")
     if sandbox.privileged:
+        # The cgroup's counters say the limit was reached, and the OOM killer ended the run.
         assert res.reason == "memory" and res.signal == 9
         assert res.peak_memory_bytes <= 64 * MiB * 1.1
+        assert "memory" in res.limits_hit and "memory" not in res.limits_unverified
     else:
-        # A data-size rlimit makes the allocation fail instead of summoning the OOM killer.
-        assert res.reason == "memory" or "MemoryError" in res.stderr, (res.reason, res.stderr)
+        # RLIMIT_DATA refuses the allocation before it happens and the kernel counts nothing:
+        # the supervisor cannot see it, and the report says so instead of guessing (the
+        # payload's own MemoryError is not evidence).
+        assert res.reason == "exited" and res.exit_code != 0, res
+        assert "memory" in res.limits_unverified and "memory" not in res.limits_hit
+
+
+def test_limits_not_reached_are_not_reported(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", "print(1)"], memory="256M", pids=50, timeout=30,
+                      max_output=1000)
+    assert res.reason == "exited" and res.exit_code == 0
+    assert res.limits_hit == []
+    # What the supervisor enforces itself, or reads from a cgroup, is known not to be reached.
+    for known in ("timeout", "max_output", *(["memory", "pids"] if sandbox.privileged else [])):
+        assert known not in res.limits_unverified, (known, res.limits_unverified)
 
 
 def test_memory_usage_is_reported(sandbox: Runner) -> None:
@@ -32,6 +47,8 @@ def test_memory_usage_is_reported(sandbox: Runner) -> None:
 
 
 def test_fork_bomb_is_bounded(sandbox: Runner) -> None:
+    # The forks stop at the limit; the parent then holds its processes a moment (as a fork
+    # bomb does) before it exits.
     res = sandbox.run(["python3", "-c", """
 import os, time
 n = 0
@@ -43,12 +60,29 @@ for _ in range(500):
         n += 1
     except OSError:
         break
+time.sleep(0.5)
 print(n)
 """], pids=20, timeout=60)
     assert res.reason == "exited" and res.exit_code == 0
     forked = int(res.stdout)
     assert 5 <= forked < 20
     assert res.enforcement["pids"] == sandbox.enforcer("pids")
+    # The supervisor's own evidence: the cgroup's pids.events, or (rlimit) its count of the
+    # sandbox's processes in the host's /proc.
+    assert "pids" in res.limits_hit and "pids" not in res.limits_unverified, res
+
+
+def test_few_processes_do_not_reach_the_pids_limit(sandbox: Runner) -> None:
+    res = sandbox.run(["python3", "-c", """
+import os, time
+for _ in range(3):
+    if os.fork() == 0:
+        time.sleep(1)
+        os._exit(0)
+time.sleep(0.5)
+"""], pids=20, timeout=60)
+    assert res.reason == "exited" and res.exit_code == 0
+    assert "pids" not in res.limits_hit, res
 
 
 def test_cpu_quota(sandbox: Runner) -> None:

@@ -7,7 +7,6 @@ for that caller (unprivileged callers have no cgroup, hence no freezer: that is 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -28,9 +27,11 @@ from conftest import (
     IS_ROOT,
     SETPRIV,
     WORKER_DEADLINE,
+    Caller,
     Cli,
     Runner,
     own_cellblock_cgroups,
+    own_cgroup_dirs,
     processes_with_argv,
     wait_for,
 )
@@ -304,31 +305,40 @@ def test_unlisted_destination_is_refused_at_connect(sandbox: Runner) -> None:
 # ---- 5. callbacks and live output ------------------------------------------------------------
 
 
-class Boom(Exception):
-    pass
+def test_on_output_exception_stops_the_run_and_propagates(caller: Caller, marker: str) -> None:
+    # The run happens in the caller's process; the check that the sandbox was killed is made
+    # from here, on the host.
+    out = caller.run("""
+        marker = sys.argv[1]
+        calls = []
 
+        class Boom(Exception):
+            pass
 
-def test_on_output_exception_stops_the_run_and_propagates(marker: str) -> None:
-    calls = []
-
-    def on_output(stream: int, data: bytes) -> None:
-        calls.append(len(data))
-        raise Boom("callback failed")
-    started = time.monotonic()
-    with pytest.raises(Boom):
-        bounded(lambda: cellblock.run(
-            ["sh", "-c", f"sleep {marker} & while :; do echo y; done"],
-            on_output=on_output, timeout=120))
-    assert time.monotonic() - started < 30
-    assert len(calls) == 1, "the callback was called again after it raised"
+        def on_output(stream, data):
+            calls.append(len(data))
+            raise Boom("callback failed")
+        started = time.monotonic()
+        with raises(Boom):
+            cellblock.run(["sh", "-c", f"sleep {marker} & while :; do echo y; done"],
+                          on_output=on_output, timeout=120)
+        print(json.dumps({"calls": len(calls), "took": time.monotonic() - started}))
+    """, marker)
+    assert out["took"] < 30, out
+    assert out["calls"] == 1, "the callback was called again after it raised"
     assert processes_with_argv(["sleep", marker]) == [], "the sandbox was not killed"
 
 
-def test_live_output_is_capped_like_the_report(cli: Cli) -> None:
-    got: list[int] = []
-    r = cellblock.run(["head", "-c", "100000000", "/dev/zero"], max_output="1K",
-                      on_output=lambda s, d: got.append(len(d)))
-    assert sum(got) == len(r.stdout_bytes) == 1024 and r.stdout_truncated
+def test_live_output_is_capped_like_the_report(caller: Caller) -> None:
+    caller.run("""
+        got = []
+        r = cellblock.run(["head", "-c", "100000000", "/dev/zero"], max_output="1K",
+                          on_output=lambda s, d: got.append(len(d)))
+        assert sum(got) == len(r.stdout_bytes) == 1024 and r.stdout_truncated, (sum(got), r)
+    """)
+
+
+def test_live_output_of_the_cli_is_capped(cli: Cli) -> None:
     out = cli.run(["run", "--max-output", "1K", "--", "head", "-c", "100000000", "/dev/zero"])
     assert len(out.stdout) == 1024, len(out.stdout)
 
@@ -367,14 +377,46 @@ def test_cli_prints_kind_and_message(cli: Cli) -> None:
 # ---- 7. errors keep errno and path; cleanup failures are reported ----------------------------
 
 
-def test_io_error_is_an_oserror_with_errno() -> None:
-    assert issubclass(cellblock.SandboxIOError, OSError)
-    assert issubclass(cellblock.SandboxIOError, cellblock.CellblockError)
-    with cellblock.Sandbox() as sb, pytest.raises(cellblock.SandboxIOError) as e:
-        sb.read_file("no-such-file")
-    assert e.value.errno == errno.ENOENT, e.value
-    with pytest.raises(OSError):
-        raise cellblock.SandboxIOError(errno.EIO, "x", "/p")
+def test_io_error_is_an_oserror_with_errno(caller: Caller) -> None:
+    caller.run("""
+        assert issubclass(cellblock.SandboxIOError, OSError)
+        assert issubclass(cellblock.SandboxIOError, cellblock.CellblockError)
+        with Sandbox() as sb, raises(cellblock.SandboxIOError) as e:
+            sb.read_file("no-such-file")
+        assert e.value.errno == errno.ENOENT, e.value
+        assert e.value.filename is not None and "no-such-file" in e.value.filename, e.value
+        with raises(OSError):
+            raise cellblock.SandboxIOError(errno.EIO, "x", "/p")
+    """)
+
+
+def test_errors_about_a_path_carry_it_as_filename(caller: Caller) -> None:
+    # Not only I/O errors: a missing command, a missing cwd and a path leaving the sandbox
+    # name the path in `filename`, as an OSError would.
+    got = caller.run("""
+        out = {}
+        with Sandbox() as sb:
+            with raises(cellblock.CommandNotFound) as e:
+                sb.run(["/no/such/command"])
+            out["command"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.InvalidSpec) as e:
+                sb.run(["true"], cwd="/no/such/dir")
+            out["cwd"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.PathEscape) as e:
+                sb.read_file("/etc/passwd")
+            out["escape"] = [e.value.filename, str(e.value)]
+            with raises(cellblock.InvalidSpec) as e:
+                sb.run([], timeout=1)
+            out["no_path"] = getattr(e.value, "filename", None)
+        print(json.dumps(out))
+    """)
+    assert got["command"][0] == "/no/such/command", got
+    assert got["cwd"][0] == "/no/such/dir", got
+    assert got["escape"][0] == "/etc/passwd", got
+    for name in ("command", "cwd", "escape"):
+        assert got[name][0] in got[name][1], got
+    # An error about no path has none.
+    assert got["no_path"] is None, got
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="a run's cgroup exists only for root callers")
@@ -399,13 +441,128 @@ def test_a_cgroup_that_cannot_be_removed_is_reported(marker: str) -> None:
         assert done, "the run did not finish"
         assert done[0].reason == "exited"
         cellblock.cells.drain(30)
-        assert cellblock.cells.stats().teardown_failures == failures + 1
+        stats = cellblock.cells.stats()
+        assert stats.teardown_failures == failures + 1
+        # Not only counted: the error names the directory and the errno (EBUSY).
+        assert any(e.startswith(dirs[0]) and "os error 16" in e for e in stats.teardown_errors), \
+            stats.teardown_errors
     finally:
         squatter.kill()
         squatter.wait()
         t.join(60)
         for d in own_cellblock_cgroups():
             wait_for(partial(_gone, d), f"removal of {d}", 10)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a warm call's cgroup exists only for root callers")
+def test_a_warm_call_whose_cgroup_cannot_be_removed_reports_it() -> None:
+    # A cgroup of ours made inside the call's own cgroup (a child of the session's) keeps it
+    # from being removed (a process would be killed with the call's): the call's report says
+    # so, naming the directory and the errno.
+    sessions = set(own_cellblock_cgroups())
+    sb = cellblock.Sandbox(memory="256M")
+    done: list[cellblock.CodeResult] = []
+    t = threading.Thread(target=lambda: done.append(
+        sb.run_python("import time\ntime.sleep(2)", timeout=60)))
+    blocker: Path | None = None
+    try:
+        sb.run_python("1", timeout=60)  # the runtime is up: its cgroups are the session's
+        sessions = set(own_cellblock_cgroups()) - sessions
+        t.start()
+
+        def call_dirs() -> list[Path]:
+            # The running call's cgroup: a child of the session's holding its worker.
+            return [c for d in sessions for c in Path(d).glob("cellblock-*")
+                    if c.is_dir() and (c / "cgroup.procs").read_text().strip()]
+        calls = wait_for(call_dirs, "the call's cgroup", 20)
+        blocker = calls[0] / "blocker"
+        blocker.mkdir()
+        t.join(60)
+        assert done, "the call did not finish"
+        errors = done[0].cleanup_errors
+        assert any(e.startswith(str(calls[0])) and "os error 16" in e for e in errors), (
+            calls, done[0])
+    finally:
+        if t.is_alive():
+            t.join(60)
+        if blocker is not None:
+            blocker.rmdir()
+            wait_for(partial(_gone, str(blocker.parent)), f"removal of {blocker.parent}", 10)
+        sb.close()
+
+
+def _freezable(parent: Path, name: str) -> Path | None:
+    """A new cgroup `name` under `parent` when that hierarchy has a freezer, else None."""
+    path = parent / name
+    path.mkdir()
+    if (path / "freezer.state").exists() or (path / "cgroup.freeze").exists():
+        return path
+    path.rmdir()
+    return None
+
+
+def _freeze(path: Path) -> None:
+    if (path / "freezer.state").exists():
+        (path / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (path / "freezer.state").read_text().strip() == "FROZEN",
+                 f"{path} frozen", 10)
+    else:
+        (path / "cgroup.freeze").write_text("1")
+        wait_for(lambda: "frozen 1" in (path / "cgroup.events").read_text(),
+                 f"{path} frozen", 10)
+
+
+def _start_time(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="cgroups (and their sweep) exist only for root callers")
+def test_the_stale_cgroup_sweep_thaws_kills_and_removes(marker: str) -> None:
+    # Three planted cgroups, children of our own freezer cgroup, each holding a process this
+    # test started: an owner that is dead (frozen: on cgroup v1 it dies only once thawed; with
+    # a child cgroup holding another, as a warm call's), an owner whose pid lives on in another
+    # process (a reused pid: the start time differs) and a live owner (its start time matches:
+    # left alone).
+    parents = [d for d in own_cgroup_dirs() if d.is_dir()]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    procs = {k: subprocess.Popen(["sleep", marker])
+             for k in ("dead", "nested", "reused", "owner")}
+    names = {"dead": f"cellblock-{gone.pid}-x",
+             "reused": f"cellblock-{procs['reused'].pid}-0-1",
+             "owner": f"cellblock-{procs['owner'].pid}-0-{_start_time(procs['owner'].pid)}"}
+    planted: dict[str, Path] = {}
+    try:
+        for key, name in names.items():
+            path = next(p for d in parents if (p := _freezable(d, name)) is not None)
+            planted[key] = path
+            (path / "cgroup.procs").write_text(str(procs[key].pid))
+        nested = planted["dead"] / "cellblock-call"
+        nested.mkdir()
+        planted["nested"] = nested
+        (nested / "cgroup.procs").write_text(str(procs["nested"].pid))
+        _freeze(planted["dead"])
+        _freeze(planted["reused"])
+        # A frozen process cannot have exited on its own.
+        assert all(procs[k].poll() is None for k in ("dead", "nested", "reused"))
+        # The sweep runs once per process, before its first cgroup.
+        sweep = subprocess.run(
+            [sys.executable, "-c",
+             "import cellblock; print(cellblock.run(['true'], cells=False).reason)"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert sweep.stdout.strip() == "exited", sweep.stderr
+        for key in ("dead", "nested", "reused"):
+            assert procs[key].wait(10) == -signal.SIGKILL, key
+            assert not planted[key].exists(), key
+        assert procs["owner"].poll() is None and planted["owner"].exists()
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+        for path in sorted(planted.values(), key=lambda p: -len(p.parts)):
+            if (path / "freezer.state").exists():
+                (path / "freezer.state").write_text("THAWED")
+            wait_for(partial(_gone, str(path)), f"removal of {path}", 10)
 
 
 def _gone(path: str) -> bool:

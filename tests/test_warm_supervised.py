@@ -14,14 +14,13 @@ import string
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import cellblock
-from cellblock.session import Sandbox
-from conftest import IS_ROOT, SETPRIV, WORKER_DEADLINE
+from conftest import IS_ROOT, SETPRIV, WORKER_DEADLINE, Caller
 
 MEMORY = "160M"
 MiB = 1 << 20
@@ -128,6 +127,7 @@ SCRIPT = textwrap.dedent("""\
             "stdout": r.stdout[-300:], "stderr": r.stderr[-300:],
             "value": getattr(r, "value", None), "error": getattr(r, "error", None),
             "state_lost": getattr(r, "state_lost", None),
+            "limits_hit": sorted(r.limits_hit), "limits_unverified": sorted(r.limits_unverified),
         }
 
     out = {"parity": {}, "forge": {}}
@@ -208,14 +208,22 @@ def test_each_limit_is_reported_for_what_it_is(reports: dict[str, Any]) -> None:
         assert (p["exit_code"][path]["reason"], p["exit_code"][path]["exit_code"]) == (
             "exited", 3), path
         assert (p["signal"][path]["reason"], p["signal"][path]["signal"]) == ("signaled", 15)
+        # The supervisor's own account of the limits reached, the same on every path.
+        for payload, limit in (("timeout", "timeout"), ("cpu_time", "cpu_time"),
+                               ("output", "max_output")):
+            assert limit in p[payload][path]["limits_hit"], (path, p[payload][path])
+        assert p["exit_code"][path]["limits_hit"] == [], (path, p["exit_code"][path])
         mem = p["memory"][path]
         if reports["privileged"]:
             assert mem["reason"] == "memory" and mem["signal"] == 9, (path, mem)
             assert mem["enforcement"]["memory"] in ("cgroup-v1", "cgroup-v2")
+            assert "memory" in mem["limits_hit"], (path, mem)
         else:
-            # RLIMIT_DATA: the allocation fails inside; the report names the enforcer.
+            # RLIMIT_DATA: the allocation fails inside, which the supervisor cannot see; the
+            # report names the enforcer and says the limit is unverified, claiming nothing.
             assert mem["enforcement"]["memory"] == "rlimit", (path, mem)
-            assert "MemoryError" in mem["stderr"] + (mem["error"] or ""), (path, mem)
+            assert "memory" in mem["limits_unverified"], (path, mem)
+            assert "memory" not in mem["limits_hit"], (path, mem)
     for payload in ("memory", "timeout", "cpu_time", "signal", "output"):
         assert p[payload]["stateful"]["state_lost"] is (
             payload != "memory" or reports["privileged"]), payload
@@ -253,59 +261,88 @@ def test_stateless_call_cannot_reach_zygote_relay_or_kernel(reports: dict[str, A
     assert reports["after_stateful"] == repr(("kept", string.ascii_letters))
 
 
-# ---- papercuts (in this process) -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def sb() -> Any:
-    with Sandbox(warm=("python", "node")) as sandbox:
-        yield sandbox
+# ---- papercuts (each identity in its own process) --------------------------------------------
 
 
-def test_stateful_kernel_restart_is_flagged(sb: Sandbox) -> None:
-    assert sb.run_python("kept = 1", stateful=True).ok
-    died = sb.run_python("import os; os._exit(0)", stateful=True)
-    assert died.state_lost and not died.kernel_restarted
-    again = sb.run_python("kept", stateful=True)
-    assert again.kernel_restarted and not again.state_lost
-    assert again.error is not None and "NameError" in again.error
-    assert sb.run_python("kept = 2", stateful=True).kernel_restarted is False
-    timed_out = sb.run_python("while True: pass", stateful=True, timeout=1)
-    assert timed_out.reason == "timeout" and timed_out.state_lost
-    assert sb.run_python("1", stateful=True).kernel_restarted
+def test_stateful_kernel_restart_is_flagged(caller: Caller) -> None:
+    caller.run("""
+        with Sandbox(warm=("python",)) as sb:
+            assert sb.run_python("kept = 1", stateful=True).ok
+            died = sb.run_python("import os; os._exit(0)", stateful=True)
+            assert died.state_lost and not died.kernel_restarted, died
+            again = sb.run_python("kept", stateful=True)
+            assert again.kernel_restarted and not again.state_lost, again
+            assert again.error is not None and "NameError" in again.error, again
+            assert sb.run_python("kept = 2", stateful=True).kernel_restarted is False
+            timed_out = sb.run_python("while True: pass", stateful=True, timeout=1)
+            assert timed_out.reason == "timeout" and timed_out.state_lost, timed_out
+            assert sb.run_python("1", stateful=True).kernel_restarted
+    """)
 
 
-def test_stateless_traceback_shows_only_the_users_frames(sb: Sandbox) -> None:
-    res = sb.run_python("def f():\n    return 1 / 0\n\nf()\n")
-    assert res.error is not None
-    frames = [line.strip() for line in res.error.splitlines() if line.strip().startswith("File")]
+def test_stateless_traceback_shows_only_the_users_frames(caller: Caller) -> None:
+    frames = caller.run("""
+        with Sandbox(warm=("python",)) as sb:
+            res = sb.run_python("def f():\\n    return 1 / 0\\n\\nf()\\n")
+        assert res.error is not None, res
+        print(json.dumps([line.strip() for line in res.error.splitlines()
+                          if line.strip().startswith("File")]))
+    """)
     assert frames == ['File "<string>", line 4, in <module>', 'File "<string>", line 2, in f']
 
 
 @pytest.mark.parametrize("language", ["python", "node"])
-def test_missing_cwd_is_a_typed_error_naming_it(sb: Sandbox, language: str) -> None:
-    with pytest.raises(cellblock.CellblockError) as one_shot:
-        sb.run(["true"], cwd="/no/such/dir")
-    call = sb.run_python if language == "python" else sb.run_node
-    with pytest.raises(type(one_shot.value)) as warm:
-        call("1", cwd="/no/such/dir", timeout=20)
-    assert "/no/such/dir" in str(warm.value)
-    # The runtime serves on, a kernel with its state.
-    assert call("1 + 1", timeout=20).value == "2"
-    assert sb.run_python("kept_cwd = 5", stateful=True).ok
-    with pytest.raises(type(one_shot.value)):
-        sb.run_python("1", stateful=True, cwd="/no/such/dir")
-    assert sb.run_python("kept_cwd", stateful=True).value == "5"
+def test_missing_cwd_is_a_typed_error_naming_it(caller: Caller, language: str) -> None:
+    caller.run("""
+        language = sys.argv[1]
+        with Sandbox(warm=("python", "node")) as sb:
+            with raises(cellblock.CellblockError) as one_shot:
+                sb.run(["true"], cwd="/no/such/dir")
+            call = sb.run_python if language == "python" else sb.run_node
+            with raises(type(one_shot.value)) as warm:
+                call("1", cwd="/no/such/dir", timeout=20)
+            assert "/no/such/dir" in str(warm.value), warm.value
+            # The runtime serves on, a kernel with its state.
+            assert call("1 + 1", timeout=20).value == "2"
+            assert sb.run_python("kept_cwd = 5", stateful=True).ok
+            with raises(type(one_shot.value)):
+                sb.run_python("1", stateful=True, cwd="/no/such/dir")
+            assert sb.run_python("kept_cwd", stateful=True).value == "5"
+    """, language)
 
 
-def test_node_kernels_are_supervised(sb: Sandbox) -> None:
-    assert sb.run_node("var n = 20", stateful=True).ok
-    res = sb.run_node("n + 1", stateful=True, timeout=20)
-    assert res.value == "21" and res.reason == "exited"
-    assert sb.run_node("process.stdout.write('x'.repeat(5000))", max_output=100).reason == (
-        "output_limit")
-    slow = sb.run_node("while (true) {}", timeout=1)
-    assert slow.reason == "timeout"
-    assert sb.run_node("'still' + ' here'").value == "'still here'"
+def test_node_kernels_are_supervised(caller: Caller) -> None:
+    caller.run("""
+        with Sandbox(warm=("node",)) as sb:
+            assert sb.run_node("var n = 20", stateful=True).ok
+            res = sb.run_node("n + 1", stateful=True, timeout=20)
+            assert res.value == "21" and res.reason == "exited", res
+            out = sb.run_node("process.stdout.write('x'.repeat(5000))", max_output=100)
+            assert out.reason == "output_limit", out
+            slow = sb.run_node("while (true) {}", timeout=1)
+            assert slow.reason == "timeout", slow
+            assert sb.run_node("'still' + ' here'").value == "'still here'"
+    """)
+
+
+def test_a_silent_zygote_does_not_hang_a_call_without_deadline(monkeypatch: Any) -> None:
+    # The zygote's handshake is bounded even when the call has no timeout: a peer that never
+    # answers is "gone" after the handshake limit, not waited for forever.
+    import socket
+
+    from cellblock.runtimes import warm
+    monkeypatch.setattr(warm, "HANDSHAKE_LIMIT_S", 0.3)
+    ours, theirs = socket.socketpair()
+    conn = warm._Conn(ours)
+    try:
+        with pytest.raises(warm._Gone):
+            conn.read(None)
+        # With a deadline of the call's own, it is that call's timeout.
+        with pytest.raises(warm._Timeout):
+            conn.read(time.monotonic() + 0.2)
+    finally:
+        conn.close()
+        theirs.close()
 
 
 def test_reasons_and_enforcers_have_one_definition() -> None:

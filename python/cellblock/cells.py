@@ -40,6 +40,9 @@ class CellStats(BaseModel):
     pending_teardown: int
     #: Teardowns that could not remove their cgroup (after the run's report was returned).
     teardown_failures: int
+    #: The most recent of those failures and of the stale-cgroup sweep's (at most 32), each
+    #: naming the path and the errno.
+    teardown_errors: list[str] = []
     #: Most cells kept ready at once.
     max_cells: int
 

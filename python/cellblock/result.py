@@ -34,6 +34,7 @@ FIELDS = (
     "exit_code", "signal", "reason", "stdout", "stderr", "stdout_truncated",
     "stderr_truncated", "wall_time_s", "cpu_time_s", "peak_memory_bytes", "violations",
     "enforcement", "redactions", "seccomp_profile", "network", "cleanup_errors",
+    "limits_hit", "limits_unverified",
 )
 
 
@@ -59,6 +60,12 @@ class RunResult(BaseModel):
     network: dict[str, int] | None = None
     #: What could not be cleaned up after the run (a cgroup left behind...), with why.
     cleanup_errors: list[str] = []
+    #: Limits the supervisor saw reached (kernel counters of the run's cgroup, its own timers
+    #: and caps, its count of the sandbox's processes).
+    limits_hit: list[str] = []
+    #: Enforced limits whose reaching cannot be observed (e.g. memory under an rlimit): not
+    #: being in `limits_hit` says nothing about them.
+    limits_unverified: list[str] = []
 
     @property
     def stdout(self) -> str:

@@ -116,15 +116,23 @@ class _Conn:
         self.buf = bytearray()
 
     def send(self, data: bytes, deadline: float | None) -> None:
-        self.sock.settimeout(_remaining(deadline))
+        bound = _bounded(deadline)
         try:
+            self.sock.settimeout(_remaining(bound))
             self.sock.sendall(data)
-        except TimeoutError:
-            raise _Timeout from None
+        except (TimeoutError, _Timeout):
+            raise (_Timeout if deadline is not None else _Gone) from None
         except OSError:
             raise _Gone from None
 
     def _fill(self, n: int, deadline: float | None, cancel: threading.Event | None) -> None:
+        try:
+            self._fill_by(n, _bounded(deadline), cancel)
+        except _Timeout:
+            # Without a deadline of the call's own, the runtime failed to answer in time.
+            raise (_Timeout if deadline is not None else _Gone) from None
+
+    def _fill_by(self, n: int, deadline: float, cancel: threading.Event | None) -> None:
         while len(self.buf) < n:
             left = _remaining(deadline)
             if cancel is not None:
@@ -158,6 +166,16 @@ class _Conn:
 
     def close(self) -> None:
         self.sock.close()
+
+
+#: How long the zygote may take to answer when the call has no deadline (as the core's
+#: handover limit): every wait on it is bounded.
+HANDSHAKE_LIMIT_S = 30.0
+
+
+def _bounded(deadline: float | None) -> float:
+    """`deadline`, or the handshake limit from now when there is none."""
+    return deadline if deadline is not None else time.monotonic() + HANDSHAKE_LIMIT_S
 
 
 def _remaining(deadline: float | None) -> float | None:

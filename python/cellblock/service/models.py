@@ -160,6 +160,9 @@ class RunReport(BaseModel):
     redactions: dict[str, int] = {}
     seccomp_profile: str | None = None
     network: dict[str, int] | None = None
+    cleanup_errors: list[str] = []
+    limits_hit: list[str] = []
+    limits_unverified: list[str] = []
     value: str | None = None
     error: str | None = None
 

@@ -56,7 +56,16 @@ def limits_hit(result: RunResult) -> list[str]:
     hit: list[str] = [result.reason] if result.reason in LIMIT_REASONS else []
     if (result.stdout_truncated or result.stderr_truncated) and "output_limit" not in hit:
         hit.append("output_limit")
+    # Limits the supervisor saw reached without ending the run (a refused fork...).
+    hit.extend(n for n in ("memory", "pids") if n in result.limits_hit and n not in hit)
     return hit
+
+
+def _decision(limit: str, result: RunResult) -> str:
+    """What reaching `limit` did: ended the run, cut its output, or refused a request."""
+    if limit == result.reason:
+        return "kill"
+    return "truncate" if limit == "output_limit" else "deny"
 
 
 def security_events(result: RunResult) -> list[tuple[str, dict[str, Any]]]:
@@ -70,9 +79,8 @@ def security_events(result: RunResult) -> list[tuple[str, dict[str, Any]]]:
             "cellblock.violation.kind": kind, "cellblock.decision": "deny", **attrs}))
     for limit in limits_hit(result):
         if limit != "seccomp":  # a seccomp kill is already one of the violations
-            events.append((f"{SECURITY_EVENT}.limit", {"cellblock.limit": limit,
-                                                       "cellblock.decision": "kill"
-                                                       if limit == result.reason else "truncate"}))
+            events.append((f"{SECURITY_EVENT}.limit", {
+                "cellblock.limit": limit, "cellblock.decision": _decision(limit, result)}))
     net = result.network or {}
     if net.get("connections"):
         events.append((f"{SECURITY_EVENT}.egress", {

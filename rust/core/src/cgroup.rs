@@ -126,6 +126,38 @@ pub fn layout() -> &'static Layout {
     })
 }
 
+/// The kernel's counts of a cgroup's limits being reached (see [`RunCgroup::limit_events`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitEvents {
+    /// Times memory usage reached the limit (plus OOM kills); `None`: not readable.
+    pub memory: Option<u64>,
+    /// Forks refused by the pids limit; `None`: not readable.
+    pub pids: Option<u64>,
+    /// Periods throttled by the CPU quota; `None`: not readable.
+    pub cpus: Option<u64>,
+}
+
+impl LimitEvents {
+    /// The events counted since `before` (per counter; `None` where either is unreadable).
+    pub fn since(self, before: LimitEvents) -> LimitEvents {
+        let d = |a: Option<u64>, b: Option<u64>| Some(a?.saturating_sub(b?));
+        LimitEvents {
+            memory: d(self.memory, before.memory),
+            pids: d(self.pids, before.pids),
+            cpus: d(self.cpus, before.cpus),
+        }
+    }
+
+    /// (limit name, count) for each counter.
+    pub fn by_limit(self) -> [(&'static str, Option<u64>); 3] {
+        [
+            ("memory", self.memory),
+            ("pids", self.pids),
+            ("cpus", self.cpus),
+        ]
+    }
+}
+
 /// A cgroup created for one run (or one session), removed on drop.
 #[derive(Debug)]
 pub struct RunCgroup {
@@ -140,10 +172,13 @@ pub struct RunCgroup {
 }
 
 /// Removes per-run cgroups left by cellblock processes that died without cleaning up (killed
-/// with SIGKILL). Only our own naming scheme, only for pids that no longer exist. A stale cgroup
-/// may still hold processes (a session paused when its owner died): it is thawed first, since a
-/// frozen task cannot die on cgroup v1, then its processes are killed and it is removed (bounded).
-/// Returns how many stale cgroups were found.
+/// with SIGKILL). Only our own naming scheme, only for owners that no longer exist: the name
+/// carries the owner's pid and start time, so a live process that reuses the pid is not taken
+/// for the owner (names without a start time fall back to the pid alone). A stale cgroup may
+/// still hold processes (a session paused when its owner died): it is thawed first, since a
+/// frozen task cannot die on cgroup v1, then its processes are killed and it is removed
+/// (bounded). What fails is recorded with the cell pool's teardown errors. Returns how many
+/// stale cgroups were found.
 fn remove_stale(layout: &Layout) -> usize {
     let dirs = layout
         .v2_dir
@@ -156,30 +191,91 @@ fn remove_stale(layout: &Layout) -> usize {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cellblock-")) else {
-                continue;
-            };
-            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            if name.to_str().is_some_and(|n| owner_is_gone(n, start_time)) {
                 stale.push(entry.path());
             }
         }
     }
+    let fail = |dir: &Path, what: &str, e: io::Error| {
+        crate::cell::teardown::record_error(format!("stale cgroup {}: {what}: {e}", dir.display()));
+    };
     for dir in &stale {
-        let _ = thaw_dir(dir);
+        match thaw_dir(dir) {
+            Ok(()) => {}
+            // No freezer in this hierarchy, or already removed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => fail(dir, "thaw", e),
+        }
     }
+    // A stale cgroup may hold children (a warm call's, when its owner died mid-call): their
+    // processes die too, and they are removed first, deepest first.
+    let mut all = Vec::new();
     for dir in &stale {
-        kill_members(dir);
+        subtree(dir, &mut all, 0);
+    }
+    all.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in &all {
+        if let Err(e) = kill_members(dir) {
+            fail(dir, "kill its processes", e);
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    for dir in &stale {
-        while fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+    for dir in &all {
+        loop {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    fail(dir, "remove", e);
+                    break;
+                }
+            }
         }
     }
     stale.len()
+}
+
+/// `dir` and every cgroup below it (bounded depth: ours nest two levels).
+fn subtree(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    out.push(dir.to_path_buf());
+    if depth >= 4 {
+        return;
+    }
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            subtree(&entry.path(), out, depth + 1);
+        }
+    }
+}
+
+/// Whether the cellblock cgroup `name` (`cellblock-<pid>-<n>[-<start time>]`) belongs to a
+/// process that no longer exists. `start_of` gives a live pid's start time (pure otherwise).
+fn owner_is_gone(name: &str, start_of: impl Fn(u32) -> Option<u64>) -> bool {
+    let Some(rest) = name.strip_prefix("cellblock-") else {
+        return false;
+    };
+    let mut parts = rest.split('-');
+    let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    let stamp = parts.nth(1).and_then(|s| s.parse::<u64>().ok());
+    match (start_of(pid), stamp) {
+        (None, _) => true,
+        // The pid lives: the owner only if it started when the owner did.
+        (Some(now), Some(then)) => now != then,
+        (Some(_), None) => false,
+    }
+}
+
+/// The start time of process `pid` (clock ticks after boot, /proc/<pid>/stat field 22), or
+/// `None` when it does not exist.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Sweeps now the cgroups of cellblock processes that died without cleaning up (see
@@ -209,24 +305,40 @@ fn thaw_file_in(dir: &Path) -> Option<(&'static str, &'static [u8])> {
 }
 
 /// SIGKILLs every process in the cgroup at `dir` (v2 `cgroup.kill` where the kernel has it).
-fn kill_members(dir: &Path) {
+fn kill_members(dir: &Path) -> io::Result<()> {
     if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-        return;
+        return Ok(());
     }
-    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
     for pid in procs
         .lines()
         .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
     {
         // SAFETY: kill(2) of a process listed in a stale cgroup of our own naming scheme.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
+            let e = io::Error::last_os_error();
+            // Already gone is what we want.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
     }
+    Ok(())
 }
 
+/// `cellblock-<pid>-<n>-<start time>`: the start time tells the owner from a later process
+/// that reuses its pid (see [`owner_is_gone`]).
 fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static START: OnceLock<u64> = OnceLock::new();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("cellblock-{}-{}", std::process::id(), n)
+    let pid = std::process::id();
+    let start = *START.get_or_init(|| start_time(pid).unwrap_or(0));
+    format!("cellblock-{pid}-{n}-{start}")
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
@@ -431,6 +543,32 @@ impl RunCgroup {
             .unwrap_or(0)
     }
 
+    /// How often each limit of this cgroup was reached, as the kernel counts it: memory
+    /// (`memory.events` max + oom_kill on v2, `memory.failcnt` + oom_kill on v1), pids
+    /// (`pids.events` max), cpus (`cpu.stat` nr_throttled). `None` where the counter is not
+    /// readable (e.g. a warm call's child cgroup without the controller).
+    pub fn limit_events(&self) -> LimitEvents {
+        if let Some(p) = &self.v2 {
+            let mem = p.join("memory.events");
+            return LimitEvents {
+                memory: Self::read_key(&mem, "max")
+                    .map(|m| m + Self::read_key(&mem, "oom_kill").unwrap_or(0)),
+                pids: Self::read_key(&p.join("pids.events"), "max"),
+                cpus: Self::read_key(&p.join("cpu.stat"), "nr_throttled"),
+            };
+        }
+        let v1 = |c: Controller| self.v1_path(c);
+        LimitEvents {
+            memory: v1(Controller::Memory).and_then(|p| {
+                let fail = Self::read_u64(&p.join("memory.failcnt"))?;
+                Some(fail + Self::read_key(&p.join("memory.oom_control"), "oom_kill").unwrap_or(0))
+            }),
+            pids: v1(Controller::Pids).and_then(|p| Self::read_key(&p.join("pids.events"), "max")),
+            cpus: v1(Controller::Cpu)
+                .and_then(|p| Self::read_key(&p.join("cpu.stat"), "nr_throttled")),
+        }
+    }
+
     /// A child of this cgroup for one warm call: accounting only (CPU time, peak memory, OOM
     /// kills of that call alone), no limits of its own; the session's limits apply above it.
     /// On v2 only `cpu.stat` exists in it (the session cgroup holds processes, so it cannot
@@ -583,6 +721,30 @@ mod tests {
 1:cpu:/
 0::/
 ";
+
+    #[test]
+    fn stale_names_need_a_gone_owner() {
+        let alive = |pid: u32| (pid == 7).then_some(1234);
+        // Our naming scheme only.
+        assert!(!owner_is_gone("other-9-1", alive));
+        assert!(!owner_is_gone("cellblock-x-1", alive));
+        // A dead pid, with or without a start time.
+        assert!(owner_is_gone("cellblock-9-1", alive));
+        assert!(owner_is_gone("cellblock-9-1-1234", alive));
+        // A live pid: the owner when the start time matches or is not recorded.
+        assert!(!owner_is_gone("cellblock-7-1-1234", alive));
+        assert!(!owner_is_gone("cellblock-7-1", alive));
+        // A live pid that started later: the pid was reused, the owner is gone.
+        assert!(owner_is_gone("cellblock-7-1-99", alive));
+    }
+
+    #[test]
+    fn names_carry_our_start_time() {
+        let name = unique_name();
+        let start = start_time(std::process::id()).expect("our own stat");
+        assert!(name.ends_with(&format!("-{start}")), "{name}");
+        assert!(!owner_is_gone(&name, start_time));
+    }
 
     #[test]
     fn hybrid_layout_finds_v1_dirs_and_unified() {

@@ -58,6 +58,15 @@ pub enum Error {
         /// The deadline, in seconds.
         seconds: f64,
     },
+    /// An error about a named path (a command, a cwd, a file of the files API), said as the
+    /// error says it; the path is kept for callers (Python's `filename`).
+    #[error("{error}")]
+    At {
+        /// The path the error is about.
+        path: String,
+        /// The error.
+        error: Box<Error>,
+    },
     /// A run or call failed and cleaning it up failed too: both are reported.
     #[error("{error}; cleaning up also failed: {cleanup}")]
     CleanupFailed {
@@ -83,7 +92,7 @@ impl Error {
             Error::PathEscape(_) => "PathEscape",
             Error::Io(_) | Error::IoAt { .. } => "SandboxIOError",
             Error::Deadline { .. } => "SetupTimeout",
-            Error::CleanupFailed { error, .. } => error.kind(),
+            Error::CleanupFailed { error, .. } | Error::At { error, .. } => error.kind(),
         }
     }
 
@@ -94,7 +103,7 @@ impl Error {
                 .raw_os_error()
                 .or_else(|| errno_of_kind(source.kind())),
             Error::Deadline { .. } => Some(libc::ETIMEDOUT),
-            Error::CleanupFailed { error, .. } => error.errno(),
+            Error::CleanupFailed { error, .. } | Error::At { error, .. } => error.errno(),
             _ => None,
         }
     }
@@ -102,7 +111,7 @@ impl Error {
     /// The path the error is about, when it names one.
     pub fn path(&self) -> Option<&str> {
         match self {
-            Error::IoAt { path, .. } => Some(path),
+            Error::IoAt { path, .. } | Error::At { path, .. } => Some(path),
             Error::CleanupFailed { error, .. } => error.path(),
             _ => None,
         }
@@ -113,6 +122,18 @@ impl Error {
         Error::IoAt {
             path: path.into(),
             source,
+        }
+    }
+
+    /// This error, naming the path it is about (kept by [`Error::path`]); an error that names
+    /// one already is left as it is.
+    pub fn at(self, path: impl Into<String>) -> Self {
+        match self {
+            Error::IoAt { .. } | Error::At { .. } => self,
+            error => Error::At {
+                path: path.into(),
+                error: Box::new(error),
+            },
         }
     }
 

@@ -15,6 +15,7 @@ pub mod fdpass;
 pub mod files;
 pub mod fs;
 pub mod net;
+pub mod observe;
 pub mod reaper;
 pub mod redact;
 pub mod report;

@@ -211,6 +211,13 @@ pub struct RunReport {
     pub network: Option<NetworkStats>,
     /// What could not be cleaned up after the run (e.g. a cgroup left behind), with why.
     pub cleanup_errors: Vec<String>,
+    /// Limits the supervisor saw reached during the run (kernel counters of the run's cgroup,
+    /// its own timers and caps, or its samples of the sandbox's processes in host /proc).
+    pub limits_hit: Vec<String>,
+    /// Enforced limits whose reaching could not be observed (e.g. `memory` under RLIMIT_DATA:
+    /// the kernel keeps no count of refused allocations): not being in `limits_hit` says
+    /// nothing about them.
+    pub limits_unverified: Vec<String>,
 }
 
 impl RunReport {
@@ -229,6 +236,67 @@ impl RunReport {
             redact_string(e, redactor, &mut counts);
         }
         self.redactions = counts;
+    }
+
+    /// Starts the limit accounting: every enforced limit is unverified until
+    /// [`RunReport::observe_limit`] says what was seen of it.
+    pub fn start_limits(&mut self) {
+        self.limits_hit.clear();
+        self.limits_unverified = self
+            .enforcement
+            .iter()
+            .filter(|(_, e)| e.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+    }
+
+    /// Records what the supervisor observed of `limit`: reached or not (either way it is no
+    /// longer unverified). A limit seen reached stays reached.
+    pub fn observe_limit(&mut self, limit: &str, reached: bool) {
+        self.limits_unverified.retain(|n| n != limit);
+        if reached && !self.limits_hit.iter().any(|n| n == limit) {
+            self.limits_hit.push(limit.to_string());
+        }
+    }
+
+    /// Observes the limits the supervisor itself enforces (timeout, output cap, CPU time it
+    /// measures) and the rlimit CPU budget when its signal ended the command.
+    pub fn observe_supervised_limits(&mut self) {
+        let enforcer = |r: &RunReport, n: &str| r.enforcement.get(n).copied().flatten();
+        if enforcer(self, "timeout").is_some() {
+            self.observe_limit("timeout", self.reason == Reason::Timeout);
+        }
+        if enforcer(self, "max_output").is_some() {
+            let cut = self.stdout_truncated || self.stderr_truncated;
+            self.observe_limit("max_output", cut);
+        }
+        match enforcer(self, "cpu_time") {
+            // An rlimit ends only the process over budget: a CPU-time end is a hit, anything
+            // else proves nothing (another process may have been ended for it).
+            Some(Enforcer::Rlimit) if self.reason == Reason::CpuTime => {
+                self.observe_limit("cpu_time", true)
+            }
+            Some(Enforcer::Rlimit) | None => {}
+            // Measured on the whole cgroup by the supervisor, which ends the run on reaching it.
+            Some(_) => self.observe_limit("cpu_time", self.reason == Reason::CpuTime),
+        }
+        if self.reason == Reason::Memory {
+            self.observe_limit("memory", true);
+        }
+    }
+
+    /// Observes the limits a cgroup counts (see [`crate::cgroup::LimitEvents`]), for those it
+    /// enforces; unreadable counters leave the limit unverified.
+    pub fn observe_cgroup_events(&mut self, events: crate::cgroup::LimitEvents) {
+        for (name, count) in events.by_limit() {
+            let by_cgroup = matches!(
+                self.enforcement.get(name),
+                Some(Some(Enforcer::CgroupV1 | Enforcer::CgroupV2))
+            );
+            if let (true, Some(n)) = (by_cgroup, count) {
+                self.observe_limit(name, n > 0);
+            }
+        }
     }
 
     /// Appends violations found after the report was built (e.g. a session's shared egress),
@@ -267,6 +335,8 @@ mod tests {
             seccomp_profile: Some("python".into()),
             network: None,
             cleanup_errors: Vec::new(),
+            limits_hit: Vec::new(),
+            limits_unverified: Vec::new(),
         }
     }
 
@@ -309,6 +379,42 @@ mod tests {
         // Nothing new the second time.
         rep.redact_fields(&r);
         assert_eq!(rep.redactions.get("TOKEN"), Some(&4));
+    }
+
+    #[test]
+    fn limits_are_hit_only_on_evidence_and_unverified_otherwise() {
+        use crate::cgroup::LimitEvents;
+        let mut rep = report(Vec::new());
+        rep.enforcement = BTreeMap::from([
+            ("memory".to_string(), Some(Enforcer::CgroupV1)),
+            ("pids".to_string(), Some(Enforcer::CgroupV1)),
+            ("cpus".to_string(), None),
+            ("timeout".to_string(), Some(Enforcer::Supervisor)),
+            ("disk".to_string(), Some(Enforcer::Tmpfs)),
+        ]);
+        rep.start_limits();
+        // Not enforced: neither hit nor unverified.
+        assert_eq!(rep.limits_unverified, ["disk", "memory", "pids", "timeout"]);
+        rep.observe_supervised_limits();
+        // Unreadable counters prove nothing; a count of 0 proves the limit was not reached.
+        rep.observe_cgroup_events(LimitEvents {
+            memory: None,
+            pids: Some(3),
+            cpus: Some(7),
+        });
+        assert_eq!(rep.limits_hit, ["pids"]);
+        assert_eq!(rep.limits_unverified, ["disk", "memory"]);
+        // An rlimit-enforced limit is never settled by cgroup counters.
+        rep.enforcement
+            .insert("memory".into(), Some(Enforcer::Rlimit));
+        rep.observe_cgroup_events(LimitEvents {
+            memory: Some(0),
+            ..LimitEvents::default()
+        });
+        assert_eq!(rep.limits_unverified, ["disk", "memory"]);
+        // Seen reached stays reached.
+        rep.observe_limit("pids", false);
+        assert_eq!(rep.limits_hit, ["pids"]);
     }
 
     #[test]

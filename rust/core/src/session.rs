@@ -186,6 +186,7 @@ impl Session {
         }
         let holder = self.holder()?;
         let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        let events_before = holder.cgroup.as_ref().map(|c| c.limit_events());
         let net_before = holder.egress.as_ref().map(|e| e.snapshot());
         let started = spawn::start_call(&holder, &spec)?;
         // The supervisor closes its copy of the pipe at once (no stdin bytes); this one keeps
@@ -204,6 +205,7 @@ impl Session {
                 redactor,
                 holder,
                 oom_before,
+                events_before,
                 net_before,
                 closing: Arc::clone(&self.closing),
             })),
@@ -234,7 +236,18 @@ impl Session {
                 cgroup: h.cgroup.as_ref().and_then(|c| c.child()),
             })
         })?;
-        crate::warm::supervise_call(&spec, req, ctx, &redactor, hooks)
+        let holder = self.holder()?;
+        let events_before = holder.cgroup.as_ref().map(|c| c.limit_events());
+        let mut outcome = crate::warm::supervise_call(&spec, req, ctx, &redactor, hooks)?;
+        // The limits are the session's (the call's child cgroup only accounts): one reached
+        // during this call is reported, as for one-shot calls.
+        if let (Some(o), Some(cg), Some(before)) =
+            (outcome.as_mut(), holder.cgroup.as_ref(), events_before)
+        {
+            o.report
+                .observe_cgroup_events(cg.limit_events().since(before));
+        }
+        Ok(outcome)
     }
 
     /// The report of a call that could not start before its timeout because the session was
@@ -259,6 +272,8 @@ impl Session {
             seccomp_profile: spec.seccomp.as_ref().map(|s| s.profile.clone()),
             network: None,
             cleanup_errors: Vec::new(),
+            limits_hit: vec!["timeout".into()],
+            limits_unverified: Vec::new(),
         })
     }
 
@@ -523,6 +538,8 @@ struct Running {
     redactor: Redactor,
     holder: Arc<Holder>,
     oom_before: u64,
+    /// The session cgroup's limit counters when the call started.
+    events_before: Option<crate::cgroup::LimitEvents>,
     net_before: Option<(crate::NetworkStats, usize)>,
     closing: Arc<AtomicBool>,
 }
@@ -570,6 +587,7 @@ impl Call {
             redactor,
             holder,
             oom_before,
+            events_before,
             net_before,
             closing,
         } = r;
@@ -589,6 +607,10 @@ impl Call {
         if let Some(cg) = holder.cgroup.as_ref() {
             if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
                 report.reason = crate::Reason::Memory;
+            }
+            // The session's limits are shared: one reached during this call is reported.
+            if let Some(before) = events_before {
+                report.observe_cgroup_events(cg.limit_events().since(before));
             }
         }
         // Killed with the sandbox (no status from the call's init) while the session closed.
@@ -667,18 +689,29 @@ impl Drop for Session {
 /// How long a killed session's PID 1 and reaper may take to exit.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Thaws, kills and reaps a session's processes, then removes its cgroup.
+/// Thaws, kills and reaps a session's processes, then removes its cgroup. A failed thaw is
+/// reported (its processes may then survive the kill on cgroup v1), with a failed removal
+/// beside it.
 fn end_holder(h: &Holder) -> Result<()> {
+    let mut thawed = Ok(());
     if let Some(cg) = &h.cgroup {
-        let _ = cg.freeze(false);
+        for (file, value) in cg.thaw_files() {
+            if let Err(e) = std::fs::write(&file, value) {
+                thawed = Err(crate::Error::io_at(file.display().to_string(), e));
+            }
+        }
     }
     spawn::kill_and_reap_within(&h.pidfd, CLOSE_GRACE);
     if let Some(r) = &h.reaper {
         spawn::kill_and_reap_within(r, CLOSE_GRACE);
     }
-    match &h.cgroup {
+    let removed = match &h.cgroup {
         Some(cg) => cg.remove(),
         None => Ok(()),
+    };
+    match (thawed, removed) {
+        (Ok(()), r) => r,
+        (Err(e), r) => Err(e.with_cleanup(r.err().map(|c| c.to_string()))),
     }
 }
 
@@ -724,7 +757,9 @@ fn open_beneath(root: &OwnedFd, path: &str, flags: i32, mode: u32) -> Result<Own
     if fd < 0 {
         let e = std::io::Error::last_os_error();
         return Err(match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::EXDEV) => Error::PathEscape(format!("{path}: {e}")),
+            Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                Error::PathEscape(format!("{path}: {e}")).at(path)
+            }
             _ => Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}"))),
         });
     }

@@ -434,13 +434,13 @@ pub(crate) fn read_error(
     let os = std::io::Error::from_raw_os_error(errno);
     Some(match Stage::from_u32(stage) {
         Some(Stage::Exec) => match errno {
-            libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()),
+            libc::ENOENT | libc::ENOTDIR => Error::CommandNotFound(argv0.to_string()).at(argv0),
             libc::E2BIG => Error::InvalidSpec(format!(
                 "argv and environment of {argv0} are too large for execve (E2BIG): keep each \
                  string under {MAX_ARG_STRLEN} bytes and all of them under {} bytes",
                 arg_max()
             )),
-            _ => Error::CommandNotFound(format!("{argv0}: {os}")),
+            _ => Error::CommandNotFound(format!("{argv0}: {os}")).at(argv0),
         },
         Some(Stage::Mount) => {
             let what = mounts
@@ -455,7 +455,7 @@ pub(crate) fn read_error(
         Some(Stage::Seccomp) => Error::Seccomp(format!("cannot install the filter: {os}")),
         Some(Stage::Process) if index == 1 => {
             let cwd = cwd.map(|c| c.to_string_lossy()).unwrap_or_default();
-            Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox"))
+            Error::InvalidSpec(format!("cwd {cwd:?}: {os} inside the sandbox")).at(cwd)
         }
         Some(s) => Error::Setup {
             stage: s.describe(),
@@ -475,25 +475,14 @@ pub(crate) fn write_root_maps(pid: libc::pid_t) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{pid}/gid_map"), &map)
 }
 
-/// Kills a child through its pidfd and reaps it.
-pub fn kill_and_reap(pidfd: &OwnedFd) {
-    // SAFETY: signalling and reaping our own child through its pidfd.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<u8>(),
-            0,
-        );
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::__WALL,
-        );
-    }
+/// How long [`kill_and_reap`] waits for a killed child (a sandbox's PID 1 ends once the kernel
+/// has torn its namespaces down, which can take a while on a busy host).
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// Kills a child through its pidfd and reaps it, waiting at most [`KILL_GRACE`]. False when it
+/// did not end in time (e.g. frozen by a cgroup: thaw it first); it is reaped later then.
+pub fn kill_and_reap(pidfd: &OwnedFd) -> bool {
+    kill_and_reap_within(pidfd, KILL_GRACE)
 }
 
 /// How long a sandbox's set-up may take at most before the caller gets [`Error::Deadline`].
@@ -558,14 +547,16 @@ fn reap_buried() {
 
 /// Kills a child through its pidfd and reaps it, waiting at most `grace`; a child that does not
 /// die in time (frozen by a paused session's cgroup) is reaped later instead of blocking.
-pub fn kill_and_reap_within(pidfd: &OwnedFd, grace: Duration) {
+/// True when it ended (or was not our child).
+pub fn kill_and_reap_within(pidfd: &OwnedFd, grace: Duration) -> bool {
     kill(pidfd);
     if wait_readable(pidfd, Instant::now() + grace) && try_reap(pidfd) {
-        return;
+        return true;
     }
     if let (Ok(dup), Ok(mut b)) = (pidfd.try_clone(), BURIED.lock()) {
         b.push(dup);
     }
+    false
 }
 
 /// The pipes between the supervisor and a child, both ends, before the clone.

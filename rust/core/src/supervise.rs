@@ -9,7 +9,7 @@ use crate::seccomp;
 use crate::spawn::{self, Endpoints, Started};
 use crate::spec::{Limits, OnViolation};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Which output stream a chunk came from.
@@ -194,6 +194,7 @@ pub fn supervise(
         interrupted,
     } = hooks;
     let Started {
+        pid,
         pidfd,
         io,
         mut cgroup,
@@ -222,6 +223,8 @@ pub fn supervise(
         Pump::new(stdout, redactor, Stream::Stdout),
         Pump::new(stderr, redactor, Stream::Stderr),
     ];
+    // Without a pids cgroup, the supervisor counts the sandbox's processes itself.
+    let mut pids_watch = crate::observe::PidsWatch::new(pid, limits, &enforcement);
     let mut listener = listener
         .map(|fd| seccomp::Listener::new(fd, syscall_names.clone()).on_violation(on_violation));
     // Without input the command must see EOF at once, not a pipe held open by us.
@@ -322,6 +325,9 @@ pub fn supervise(
         if interrupted.is_some() && killed_for.is_none() {
             wait = wait.min(INTERRUPT_POLL);
         }
+        if let (Some(w), false) = (pids_watch.as_ref().and_then(|w| w.wait(now)), init_done) {
+            wait = wait.min(w);
+        }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: pfds is a valid array of pollfd.
         let n = unsafe {
@@ -333,6 +339,9 @@ pub fn supervise(
         };
         if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             break;
+        }
+        if let (Some(w), false) = (pids_watch.as_mut(), init_done) {
+            w.tick(Instant::now());
         }
         for (pfd, tag) in pfds.iter().zip(&tags) {
             if pfd.revents == 0 {
@@ -425,6 +434,7 @@ pub fn supervise(
     let record = record.or_else(|| status.and_then(read_status));
     let target_status = record.map(|r| r.status);
     let (cpu, peak, ooms) = usage(cgroup.as_ref(), record.as_ref());
+    let limit_events = cgroup.as_ref().map(|c| c.limit_events());
     let wall_time_s = started_at.elapsed().as_secs_f64();
     let mut cleanup_errors = Vec::new();
     if reaper.is_none() {
@@ -432,9 +442,20 @@ pub fn supervise(
         // failure there is counted in the cell pool's `teardown_failures`).
         crate::cell::teardown::later(crate::cell::teardown::Remains { pidfd, cgroup });
     } else {
-        reap(&pidfd);
+        // Every wait is bounded; a process that does not end is reported, not waited for.
+        if !spawn::kill_and_reap(&pidfd) {
+            cleanup_errors.push(format!(
+                "the sandbox's PID 1 did not end within {} s of SIGKILL",
+                spawn::KILL_GRACE.as_secs()
+            ));
+        }
         if let Some(r) = &reaper {
-            spawn::kill_and_reap(r);
+            if !spawn::kill_and_reap(r) {
+                cleanup_errors.push(format!(
+                    "the call's joiner did not end within {} s of SIGKILL",
+                    spawn::KILL_GRACE.as_secs()
+                ));
+            }
         }
         if let Some(cg) = cgroup.as_mut() {
             // A leftover cgroup is a host-side leak the caller must hear about, not a result.
@@ -495,25 +516,19 @@ pub fn supervise(
         seccomp_profile: None,
         network,
         cleanup_errors,
+        limits_hit: Vec::new(),
+        limits_unverified: Vec::new(),
     };
+    report.start_limits();
+    report.observe_supervised_limits();
+    if let Some(events) = limit_events {
+        report.observe_cgroup_events(events);
+    }
+    if pids_watch.is_some_and(|w| w.reached) {
+        report.observe_limit("pids", true);
+    }
     report.redact_fields(redactor);
     report
-}
-
-/// Reaps PID 1 when it is our child (a session call's init is the joiner's: ECHILD, ignored).
-fn reap(pidfd: &OwnedFd) {
-    // SAFETY: waitid fills a siginfo on the stack.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        while libc::waitid(
-            libc::P_PIDFD,
-            pidfd.as_fd().as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::__WALL,
-        ) < 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
-        {}
-    }
 }
 
 fn read_status(status: OwnedFd) -> Option<StatusRecord> {

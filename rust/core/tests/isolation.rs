@@ -331,12 +331,14 @@ fn bad_specs_and_missing_commands_are_typed_errors() {
         cellblock_core::run(&bad_env, Default::default()),
         Err(Error::InvalidSpec(_))
     ));
-    assert!(matches!(
-        cellblock_core::run(&spec(&["no-such-command-cellblock"]), Default::default()),
-        Err(Error::CommandNotFound(_))
-    ));
-    assert!(matches!(
-        cellblock_core::run(&spec(&["/etc/passwd"]), Default::default()),
-        Err(Error::CommandNotFound(_))
-    ));
+    // A missing command is named as the error's path.
+    for cmd in ["no-such-command-cellblock", "/etc/passwd"] {
+        let e = cellblock_core::run(&spec(&[cmd]), Default::default()).err();
+        assert_eq!(
+            e.as_ref().map(|e| e.kind()),
+            Some("CommandNotFound"),
+            "{e:?}"
+        );
+        assert_eq!(e.as_ref().and_then(|e| e.path()), Some(cmd), "{e:?}");
+    }
 }

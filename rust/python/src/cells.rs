@@ -46,6 +46,7 @@ fn cells_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("ready", s.ready)?;
     d.set_item("pending_teardown", s.pending_teardown)?;
     d.set_item("teardown_failures", s.teardown_failures)?;
+    d.set_item("teardown_errors", &s.teardown_errors)?;
     d.set_item("max_cells", s.max_cells)?;
     Ok(d)
 }

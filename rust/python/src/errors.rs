@@ -157,11 +157,16 @@ pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
         "PathEscape" => PathEscape::new_err(msg),
         _ => SetupError::new_err(msg),
     };
-    if let Some(n) = errno {
-        Python::with_gil(|py| {
-            let _ = err.value(py).setattr("errno", n);
-        });
-    }
+    Python::with_gil(|py| {
+        let value = err.value(py);
+        if let Some(n) = errno {
+            let _ = value.setattr("errno", n);
+        }
+        // As on OSError: the path the error is about (a command, a cwd, a sandbox path).
+        if let Some(p) = &path {
+            let _ = value.setattr("filename", p);
+        }
+    });
     err
 }
 

@@ -249,6 +249,9 @@ pub struct Stats {
     pub pending_teardown: usize,
     /// Teardowns that could not remove their cgroup (after the run's report was returned).
     pub teardown_failures: u64,
+    /// The most recent of those failures and of the stale-cgroup sweep's, each naming the path
+    /// and errno (bounded).
+    pub teardown_errors: Vec<String>,
     /// The bounds in force.
     pub max_cells: usize,
 }
@@ -522,6 +525,7 @@ pub fn stats() -> Stats {
         ready: st.total(),
         pending_teardown: teardown::pending(),
         teardown_failures: teardown::failures(),
+        teardown_errors: teardown::errors(),
         max_cells: st.bounds.max_cells,
         ..st.stats.clone()
     }

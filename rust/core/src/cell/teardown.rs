@@ -83,12 +83,48 @@ fn serve(w: &'static Worker) {
 /// Teardowns whose cgroup could not be removed (the report had already gone out).
 static FAILURES: AtomicU64 = AtomicU64::new(0);
 
-/// Kills, reaps and removes, now.
+/// How many teardown errors are kept (the most recent ones; the count has them all).
+pub const ERRORS_KEPT: usize = 32;
+
+/// The most recent teardown errors, each naming the path and the errno.
+static ERRORS: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+
+/// Records a teardown that failed after its run's report went out: counted, and kept (bounded)
+/// for [`errors`] and the cell pool's stats.
+pub fn record_failure(what: String) {
+    FAILURES.fetch_add(1, Ordering::Relaxed);
+    record_error(what);
+}
+
+/// Keeps (bounded) a cleanup error no report can carry, e.g. of the stale-cgroup sweep.
+pub fn record_error(what: String) {
+    if let Ok(mut e) = ERRORS.lock() {
+        if e.len() >= ERRORS_KEPT {
+            e.pop_front();
+        }
+        e.push_back(what);
+    }
+}
+
+/// Thaws, kills, reaps (bounded) and removes, now; what fails is recorded.
 pub fn tear_down(mut r: Remains) {
-    spawn::kill_and_reap(&r.pidfd);
+    if let Some(cg) = r.cgroup.as_ref() {
+        // A frozen task ignores SIGKILL on cgroup v1.
+        for (file, value) in cg.thaw_files() {
+            if let Err(e) = std::fs::write(&file, value) {
+                record_failure(format!("{}: thaw: {e}", file.display()));
+            }
+        }
+    }
+    if !spawn::kill_and_reap(&r.pidfd) {
+        record_failure(format!(
+            "a sandbox's PID 1 did not end within {} s of SIGKILL",
+            spawn::KILL_GRACE.as_secs()
+        ));
+    }
     if let Some(cg) = r.cgroup.as_mut() {
-        if cg.remove().is_err() {
-            FAILURES.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = cg.remove() {
+            record_failure(e.to_string());
         }
     }
 }
@@ -96,6 +132,14 @@ pub fn tear_down(mut r: Remains) {
 /// How many teardowns failed to remove their cgroup so far.
 pub fn failures() -> u64 {
     FAILURES.load(Ordering::Relaxed)
+}
+
+/// The most recent teardown errors (at most [`ERRORS_KEPT`]), oldest first.
+pub fn errors() -> Vec<String> {
+    ERRORS
+        .lock()
+        .map(|e| e.iter().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// Queues a sandbox for teardown on the background thread.

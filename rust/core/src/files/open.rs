@@ -151,7 +151,7 @@ impl Plan {
             None => ("/".to_string(), String::new()),
         };
         if matches!(op, Op::Write | Op::Remove) && name.is_empty() {
-            return Err(Error::PathEscape(format!("{path}: not a file name")));
+            return Err(Error::PathEscape(format!("{path}: not a file name")).at(path));
         }
         let upto = match op {
             Op::Write => parts.len().saturating_sub(1),
@@ -203,7 +203,8 @@ pub(super) fn perform(target: &FilesTarget, op: Op, path: &str) -> Result<Option
         Ok(fd) => Ok(fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })),
         Err((status::OUTSIDE, _, _)) => Err(Error::PathEscape(format!(
             "{path}: outside the sandbox's scratch mounts (/workspace, /tmp, /dev/shm)"
-        ))),
+        ))
+        .at(path)),
         Err((status::KIND, _, mode)) => Err(kind_error(path, op, mode)),
         Err((status::RACE, _, _)) => Err(errno_error(path, libc::EAGAIN)),
         Err((_, errno, _)) => Err(errno_from_os(path, errno)),
@@ -242,7 +243,8 @@ fn errno_from_os(path: &str, errno: i32) -> Error {
         libc::ELOOP | libc::EXDEV => Error::PathEscape(format!(
             "{path}: {}",
             std::io::Error::from_raw_os_error(errno)
-        )),
+        ))
+        .at(path),
         _ => errno_error(path, errno),
     }
 }
@@ -522,13 +524,11 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(matches!(
-            Plan::new(Op::Write, "/"),
-            Err(Error::PathEscape(_))
-        ));
-        assert!(matches!(
-            Plan::new(Op::Remove, "/."),
-            Err(Error::PathEscape(_))
-        ));
+        // Not a file name: a PathEscape naming the path.
+        for (op, bad) in [(Op::Write, "/"), (Op::Remove, "/.")] {
+            let e = Plan::new(op, bad).err();
+            assert_eq!(e.as_ref().map(|e| e.kind()), Some("PathEscape"), "{bad:?}");
+            assert_eq!(e.as_ref().and_then(|e| e.path()), Some(bad), "{bad:?}");
+        }
     }
 }

@@ -381,11 +381,18 @@ pub fn supervise_call(
     } else {
         0
     };
+    let limit_events = cgroup.as_ref().map(|c| c.limit_events());
+    let mut cleanup_errors = Vec::new();
     if let Some(cg) = cgroup.as_mut() {
         if alive {
-            let _ = cg.release_to_parent();
+            if let Err(e) = cg.release_to_parent() {
+                cleanup_errors.push(format!("move the kernel out of the call's cgroup: {e}"));
+            }
         }
-        let _ = cg.remove();
+        // A leftover cgroup is a host-side leak the caller must hear about.
+        if let Err(e) = cg.remove() {
+            cleanup_errors.push(e.to_string());
+        }
     }
     if alive && limits.cpu_time.is_some() {
         let _ = limit_cpu(pid, Duration::ZERO, None);
@@ -420,8 +427,15 @@ pub fn supervise_call(
         redactions,
         seccomp_profile: spec.seccomp.as_ref().map(|s| s.profile.clone()),
         network: None,
-        cleanup_errors: Vec::new(),
+        cleanup_errors,
+        limits_hit: Vec::new(),
+        limits_unverified: Vec::new(),
     };
+    report.start_limits();
+    report.observe_supervised_limits();
+    if let Some(events) = limit_events {
+        report.observe_cgroup_events(events);
+    }
     report.redact_fields(redactor);
     Ok(Some(WarmOutcome {
         report,
