@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from cellblock import sandbox as _sandbox
-from cellblock.aio_process import Process
+from cellblock.aio_process import Process as Process  # re-exported: aio.Process
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
