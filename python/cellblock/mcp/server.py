@@ -5,9 +5,9 @@ Without `session_id` a run gets a fresh sandbox of its own; with one, the sessio
 is used (opened on first use, kept until `close_session` or the server's exit), so files and
 a stateful interpreter persist between calls; background processes (`start_process`,
 `process_output`, `stop_process`) live in a session until they end or it closes. Results
-are structured (`structuredContent` follows each tool's output schema) and `isError` is set when a run exits non-zero, is killed
-(timeout, memory, ...), or something was refused (a seccomp or network violation, a path
-outside the sandbox).
+are structured (`structuredContent` follows each tool's output schema) and `isError` is set
+when a run exits non-zero, is killed (timeout, memory, ...), or something was refused (a
+seccomp or network violation, a path outside the sandbox).
 """
 
 from __future__ import annotations
