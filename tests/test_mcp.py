@@ -17,7 +17,8 @@ import httpx
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-TOOLS = {"run_code", "run_command", "write_file", "read_file", "list_files", "close_session"}
+TOOLS = {"run_code", "run_command", "write_file", "read_file", "list_files", "close_session",
+         "start_process", "process_output", "stop_process"}
 
 
 async def with_server(scenario: Any, *options: str) -> None:
@@ -83,6 +84,52 @@ def test_tools_over_stdio() -> None:
         assert "NameError" in (r.structuredContent["error"] or ""), "the session was not fresh"
 
         r = await s.call_tool("run_code", {"language": "ruby", "code": "1"})
+        assert r.isError is True
+
+    asyncio.run(with_server(scenario))
+
+
+def test_background_processes_over_stdio() -> None:
+    async def scenario(s: ClientSession) -> None:
+        r = await s.call_tool("start_process", {
+            "command": "echo ready; while :; do sleep 0.05; done", "session_id": "bg"})
+        assert (r.isError, r.structuredContent) == (False, {"session_id": "bg",
+                                                            "process_id": "p1"})
+        args = {"process_id": "p1", "session_id": "bg"}
+        r = await s.call_tool("process_output", {**args, "wait_s": 20})
+        out = r.structuredContent
+        assert out and (out["stdout"], out["running"], out["next"]) == ("ready\n", True, 1)
+        r = await s.call_tool("process_output", {**args, "start": 1, "wait_s": 0.3})
+        out = r.structuredContent
+        assert out and (out["stdout"], out["running"], out["next"]) == ("", True, 1)
+        r = await s.call_tool("stop_process", args)
+        assert r.isError is False
+        assert r.structuredContent and r.structuredContent["reason"] == "signaled"
+        r = await s.call_tool("process_output", args)
+        out = r.structuredContent
+        assert r.isError is True and out and (out["running"], out["reason"]) == (
+            False, "signaled")
+
+        r = await s.call_tool("start_process", {"command": "echo done >&2; exit 2",
+                                                "session_id": "bg"})
+        assert r.structuredContent and r.structuredContent["process_id"] == "p2"
+        seen, start = "", 0
+        for _ in range(50):
+            r = await s.call_tool("process_output", {"process_id": "p2", "session_id": "bg",
+                                                     "start": start, "wait_s": 1})
+            out = r.structuredContent
+            assert out is not None
+            seen, start = seen + out["stderr"], out["next"]
+            if not out["running"]:
+                break
+        assert (seen, out["exit_code"], out["reason"], r.isError) == ("done\n", 2, "exited",
+                                                                      True)
+
+        r = await s.call_tool("process_output", {"process_id": "p9", "session_id": "bg"})
+        assert r.isError is True and r.content[0].type == "text"
+        assert "InvalidSpec" in r.content[0].text
+        await s.call_tool("close_session", {"session_id": "bg"})
+        r = await s.call_tool("process_output", args)
         assert r.isError is True
 
     asyncio.run(with_server(scenario))

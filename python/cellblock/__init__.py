@@ -23,6 +23,7 @@ from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
 from cellblock.process import ExposedPort, OutputChunk, Process
+from cellblock.remote_process import RemoteProcess
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import run
@@ -48,6 +49,7 @@ __all__ = [
     "Policy",
     "Process",
     "Redactor",
+    "RemoteProcess",
     "RemoteSandbox",
     "RunResult",
     "Sandbox",

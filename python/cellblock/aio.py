@@ -34,10 +34,12 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from cellblock import sandbox as _sandbox
+from cellblock.aio_process import Process as Process  # re-exported: aio.Process
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.policy import Policy
+from cellblock.process import ExposedPort
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
@@ -389,6 +391,42 @@ class Sandbox:
     async def download(self, path: str, local: str | os.PathLike[str]) -> None:
         """`Sandbox.download`."""
         await _blocking(self.sync.download, path, local)
+
+    async def start(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        timeout: float | None = None,
+        cpu_time: float | None = None,
+        max_output: int | str | None = None,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        profile: str | None = None,
+        seccomp: SeccompPolicy | None = None,
+        secrets: SecretsArg = None,
+        on_output: OutputCallback | None = None,
+    ) -> Process:
+        """`Sandbox.start`: the process as an `aio.Process` (awaitable `wait`/`write_stdin`,
+        ``async for chunk in proc``). `on_output` is called on the supervisor's thread."""
+        sync = self.sync
+        kwargs = _given(timeout=timeout, cpu_time=cpu_time, max_output=max_output, stdin=stdin,
+                        env=env, cwd=cwd, profile=profile, seccomp=seccomp, secrets=secrets,
+                        on_output=on_output)
+        return Process(await _blocking(sync.start, argv, **kwargs))
+
+    def processes(self) -> list[Process]:
+        """The session's background processes still running."""
+        return [Process(p) for p in self.sync.processes()]
+
+    async def expose(self, port: int, host: str = "127.0.0.1", host_port: int = 0
+                     ) -> ExposedPort:
+        """`Sandbox.expose`."""
+        return await _blocking(self.sync.expose, port, host, host_port)
+
+    def exposed_ports(self) -> list[ExposedPort]:
+        """`Sandbox.exposed_ports`."""
+        return self.sync.exposed_ports()
 
     def __repr__(self) -> str:
         return f"<cellblock.aio.Sandbox {'open' if self.is_open else 'closed'}>"

@@ -29,12 +29,14 @@ from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.files import _chunks as file_chunks
 from cellblock.policy import Policy
+from cellblock.process import ExposedPort
+from cellblock.remote_process import RemoteProcess
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import SecretsArg, normalize_secrets
-from cellblock.service.models import BatchStatus, RunReport, SessionInfo
+from cellblock.service.models import BatchStatus, PortInfo, ProcessInfo, RunReport, SessionInfo
 from cellblock.service.problems import Cancelled, error_from_problem
 from cellblock.sizes import parse_size
 
@@ -517,6 +519,52 @@ class RemoteSandbox:
             with dst.open("wb") as f:
                 for chunk in self.iter_file(path):
                     f.write(chunk)
+
+    # ---- background processes and ports -----------------------------------------------------
+
+    def start(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        timeout: float | None = None,
+        cpu_time: float | None = None,
+        max_output: int | str | None = None,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        profile: str | None = None,
+        seccomp: SeccompPolicy | None = None,
+        secrets: SecretsArg = None,
+        on_output: OutputCallback | None = None,
+    ) -> RemoteProcess:
+        """`Sandbox.start` on the service: a `RemoteProcess` (it holds one of the token's
+        concurrent runs until it ends). `on_output` is called on a thread of its own."""
+        command = {"shell": argv} if isinstance(argv, str) else {"argv": list(argv)}
+        body = {**command, **_call_body(stdin, secrets, seccomp, {
+            "timeout": timeout, "cpu_time": cpu_time, "max_output": max_output,
+            "env": dict(env) if env else None, "cwd": cwd, "profile": profile})}
+        info = ProcessInfo.model_validate(self._post("/processes", body))
+        return RemoteProcess(self._client, self._path(), info, on_output)
+
+    def processes(self) -> list[RemoteProcess]:
+        """The session's background processes still running."""
+        data = self._client.request("GET", self._path("/processes")).json()
+        infos = [ProcessInfo.model_validate(d) for d in data]
+        return [RemoteProcess(self._client, self._path(), i) for i in infos
+                if i.state == "running"]
+
+    def expose(self, port: int, host: str = "127.0.0.1", host_port: int = 0) -> ExposedPort:
+        """`Sandbox.expose` on the service: the address is on the SERVICE's machine (its
+        loopback: `host` may be 127.0.0.1 or ::1)."""
+        p = PortInfo.model_validate(self._post("/ports", {
+            "port": port, "host": host, "host_port": host_port}))
+        return ExposedPort(port=p.port, host=p.host, host_port=p.host_port)
+
+    def exposed_ports(self) -> list[ExposedPort]:
+        """The session's exposed ports (addresses on the service's machine)."""
+        data = self._client.request("GET", self._path("/ports")).json()
+        return [ExposedPort(port=p.port, host=p.host, host_port=p.host_port)
+                for p in (PortInfo.model_validate(d) for d in data)]
 
     def __repr__(self) -> str:
         return f"<cellblock.RemoteSandbox {self.id}>"

@@ -238,6 +238,16 @@ class Process:
             i += 1
             yield chunk
 
+    def read_output(self, start: int = 0, timeout: float | None = None) -> list[OutputChunk]:
+        """The output chunks from index `start` on (chunks are numbered from 0 in arrival
+        order), waiting up to `timeout` seconds for one when there is none yet. An empty list
+        means the wait timed out, or the process ended with nothing after `start` (then
+        `running` is False). For callers that poll or resume, such as the HTTP service."""
+        with self._cond:
+            if start >= len(self._chunks) and not self._done.is_set():
+                self._cond.wait(timeout)
+            return self._chunks[start:]
+
     def iter_stdout(self, timeout: float | None = None) -> Iterator[bytes]:
         """The stdout chunks of `iter_output`."""
         return (c.data for c in self.iter_output(timeout) if c.stream == "stdout")

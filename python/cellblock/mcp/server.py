@@ -3,16 +3,18 @@ in sandboxes, through `cellblock.aio`.
 
 Without `session_id` a run gets a fresh sandbox of its own; with one, the session of that id
 is used (opened on first use, kept until `close_session` or the server's exit), so files and
-a stateful interpreter persist between calls. Results are structured (`structuredContent`
-follows each tool's output schema) and `isError` is set when a run exits non-zero, is killed
-(timeout, memory, ...), or something was refused (a seccomp or network violation, a path
-outside the sandbox).
+a stateful interpreter persist between calls; background processes (`start_process`,
+`process_output`, `stop_process`) live in a session until they end or it closes. Results
+are structured (`structuredContent` follows each tool's output schema) and `isError` is set
+when a run exits non-zero, is killed (timeout, memory, ...), or something was refused (a
+seccomp or network violation, a path outside the sandbox).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -46,6 +48,9 @@ NamedSession = Annotated[
     str,
     Field(max_length=128, pattern=r"^[A-Za-z0-9_.-]+$", description="Session to use."),
 ]
+#: Longest process_output waits for new output, seconds.
+MAX_WAIT_S = 30.0
+
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds.")]
 
 
@@ -98,11 +103,33 @@ class Closed(BaseModel):
     closed: bool = Field(description="False when no such session was open.")
 
 
+class ProcessStarted(BaseModel):
+    """A background process started in a session."""
+
+    session_id: str
+    process_id: str
+
+
+class ProcessOutput(BaseModel):
+    """Output of a background process from chunk `start` on; `next` is the `start` of the
+    following call. Once it ended: its exit status and reason."""
+
+    session_id: str
+    process_id: str
+    stdout: str
+    stderr: str
+    next: int
+    running: bool
+    exit_code: int | None = None
+    reason: str | None = None
+
+
 class Sessions:
-    """The server's sessions by id."""
+    """The server's sessions by id, and their background processes."""
 
     def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
         self._open: dict[str, aio.Sandbox] = {}
+        self._procs: dict[str, dict[str, aio.Process]] = {}
         self._lock = asyncio.Lock()
         self.idle_timeout = idle_timeout
 
@@ -112,6 +139,7 @@ class Sessions:
         async with self._lock:
             for name in [n for n, sb in self._open.items() if not sb.is_open]:
                 del self._open[name]  # expired
+                self._procs.pop(name, None)
             sb = self._open.get(session_id)
             if sb is None:
                 if len(self._open) >= MAX_SESSIONS:
@@ -120,10 +148,26 @@ class Sessions:
                 self._open[session_id] = sb
             return sb
 
+    def add_process(self, session_id: str, proc: aio.Process) -> str:
+        """Registers a session's process; its id (unique within the session)."""
+        procs = self._procs.setdefault(session_id, {})
+        process_id = f"p{len(procs) + 1}"
+        procs[process_id] = proc
+        return process_id
+
+    def process(self, session_id: str, process_id: str) -> aio.Process:
+        """A process of an open session (InvalidSpec if there is none of that id)."""
+        sb = self._open.get(session_id)
+        proc = self._procs.get(session_id, {}).get(process_id)
+        if sb is None or not sb.is_open or proc is None:
+            raise InvalidSpec(f"no process {process_id!r} in this session")
+        return proc
+
     async def close(self, session_id: str) -> bool:
-        """Closes a session; whether it was open."""
+        """Closes a session (ending its processes); whether it was open."""
         async with self._lock:
             sb = self._open.pop(session_id, None)
+            self._procs.pop(session_id, None)
         if sb is None:
             return False
         await sb.close()
@@ -283,5 +327,67 @@ def build_server(
         """Closes a session: its processes are killed and its files are gone."""
         closed = await store.close(_owned(ctx, session_id))
         return _result(Closed(session_id=session_id, closed=closed), False)
+
+    @mcp.tool()
+    async def start_process(
+        command: str, session_id: NamedSession = "default",
+        timeout_s: Timeout | None = None, ctx: Ctx | None = None,
+    ) -> Annotated[CallToolResult, ProcessStarted]:
+        """Starts a shell command (`/bin/sh -c`) in the background in a session (a server,
+        a watcher, ...): it runs until it ends, `stop_process`, or the session closes. Read
+        its output with `process_output`."""
+        key = _owned(ctx, session_id)
+        try:
+            sb = await store.get(key)
+            proc = await sb.start(command, timeout=timeout_s, stdin=b"")
+        except CellblockError as e:
+            raise _refused(e) from None
+        started = ProcessStarted(session_id=session_id, process_id=store.add_process(key, proc))
+        return _result(started, False)
+
+    @mcp.tool()
+    async def process_output(
+        process_id: str, session_id: NamedSession = "default",
+        start: Annotated[int, Field(ge=0, description="First chunk (the last call's next).")] = 0,
+        wait_s: Annotated[float, Field(ge=0, le=MAX_WAIT_S,
+                                       description="Seconds to wait for new output.")] = 1.0,
+        ctx: Ctx | None = None,
+    ) -> Annotated[CallToolResult, ProcessOutput]:
+        """The output of a background process from chunk `start` on (waiting up to `wait_s`
+        seconds for some), whether it still runs, and how it ended."""
+        try:
+            proc = store.process(_owned(ctx, session_id), process_id)
+        except CellblockError as e:
+            raise _refused(e) from None
+        deadline = time.monotonic() + wait_s
+        chunks = await proc.read_output(start, 0)
+        while not chunks and proc.running and time.monotonic() < deadline:
+            chunks = await proc.read_output(start, deadline - time.monotonic())
+        r = proc.result
+        out = ProcessOutput(
+            session_id=session_id, process_id=process_id,
+            stdout="".join(c.data.decode("utf-8", "replace") for c in chunks
+                           if c.stream == "stdout"),
+            stderr="".join(c.data.decode("utf-8", "replace") for c in chunks
+                           if c.stream == "stderr"),
+            next=start + len(chunks), running=r is None,
+            exit_code=None if r is None else r.exit_code, reason=None if r is None else r.reason,
+        )
+        return _result(out, is_error=r is not None and not r.ok)
+
+    @mcp.tool()
+    async def stop_process(
+        process_id: str, session_id: NamedSession = "default", ctx: Ctx | None = None,
+    ) -> Annotated[CallToolResult, RunOutput]:
+        """Stops a background process (and all it started); its report."""
+        try:
+            proc = store.process(_owned(ctx, session_id), process_id)
+            proc.kill()
+            r = await proc.wait(MAX_TIMEOUT_S)
+        except CellblockError as e:
+            raise _refused(e) from None
+        output = _run_output(r, session_id)
+        output.isError = False  # stopping it is what was asked
+        return output
 
     return mcp

@@ -2,7 +2,8 @@
 
 Every route authenticates the bearer token, finds the token's own session or batch, and calls
 `cellblock.aio`; errors leave as problem+json named like the Python exceptions. Background
-processes and exposed ports are not served: the core has neither yet (issue 14).
+processes (live output as server-sent events, stdin, signals, wait, kill) and exposed ports
+(on the service machine's loopback) are served by `cellblock.service.processes`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, Depends, FastAPI, Query, Request, Response
+from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +30,7 @@ from cellblock.files import CHUNK_SIZE, DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
+from cellblock.service.deps import Path, Sess, Token
 from cellblock.service.models import (
     BatchCreate,
     BatchStatus,
@@ -50,6 +51,7 @@ from cellblock.service.problems import (
     Unauthorized,
     problem_body,
 )
+from cellblock.service.processes import router as process_routes
 from cellblock.service.registry import (
     BATCH_RETENTION_S,
     DEFAULT_MAX_SESSIONS,
@@ -67,13 +69,11 @@ CHUNK = CHUNK_SIZE
 #: Largest `max_size` a download may ask for (the core's "no cap").
 _UNLIMITED = (1 << 64) - 1
 
-_bearer = HTTPBearer(auto_error=False)
-
 T = TypeVar("T")
 
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "An error (problem+json)."}
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 500, 503, 504)
+    code: _PROBLEM for code in (401, 403, 404, 408, 409, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -124,29 +124,6 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"body exceeds the limit of {limit} bytes")
 
 
-async def _token(
-    request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> TokenRecord:
-    store: TokenStore = request.app.state.tokens
-    record = store.lookup(creds.credentials) if creds is not None else None
-    if record is None:
-        raise Unauthorized("a valid bearer token is required")
-    return record
-
-
-Token = Annotated[TokenRecord, Depends(_token)]
-
-
-async def _session_of(request: Request, tok: Token, session_id: str) -> Session:
-    registry: Registry = request.app.state.registry
-    return registry.get_session(tok, session_id)
-
-
-Sess = Annotated[Session, Depends(_session_of)]
-Path = Annotated[str, Query(min_length=1, max_length=4096)]
-
-
 def problem(error: CellblockError, status: int | None = None) -> JSONResponse:
     """The problem+json response of an error."""
     body = problem_body(error, status)
@@ -179,6 +156,7 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     app.state.tokens = tokens
     app.add_middleware(BodyLimit, tokens=tokens)
     _install_error_handlers(app)
+    app.include_router(process_routes)
 
     async def run_report(
         tok: TokenRecord, request: Request, call: Awaitable[RunResult]

@@ -103,6 +103,57 @@ class CodeRun(CallInput):
     cwd: str | None = None
 
 
+class ProcessStart(CallInput):
+    """A background process in a session: `argv`, or `shell` (run by `/bin/sh -c`). Without
+    `stdin`/`stdin_base64` its stdin stays open for `POST .../stdin`; no wall-clock timeout
+    unless `timeout` is given."""
+
+    argv: list[str] | None = Field(default=None, min_length=1, max_length=4096)
+    shell: str | None = Field(default=None, min_length=1)
+    cwd: str | None = None
+    profile: str | None = None
+
+    @model_validator(mode="after")
+    def _one_command(self) -> Self:
+        if (self.argv is None) == (self.shell is None):
+            raise ValueError("give argv or shell (one of them)")
+        return self
+
+
+class ProcessInfo(BaseModel):
+    """A background process as the service sees it (`result` once it ended)."""
+
+    id: str
+    argv: list[str]
+    state: Literal["running", "ended"]
+    returncode: int | None = Field(
+        default=None, description="Exit status, or minus the signal that ended it.")
+    result: RunReport | None = None
+
+
+class ProcessSignal(_Body):
+    """A signal for a background process (all but KILL are forwarded by its init)."""
+
+    signal: Literal["TERM", "INT", "HUP", "QUIT", "USR1", "USR2", "KILL"]
+
+
+class PortExpose(_Body):
+    """A port inside the sandbox to reach from the service's machine. `host` is an address
+    of the SERVICE's machine, and only its loopback is allowed."""
+
+    port: int = Field(ge=1, le=65535)
+    host: Literal["127.0.0.1", "::1"] = "127.0.0.1"
+    host_port: int = Field(default=0, ge=0, le=65535, description="0: a free port.")
+
+
+class PortInfo(BaseModel):
+    """An exposed port: `host:host_port` on the service's machine reaches `port` inside."""
+
+    port: int
+    host: str
+    host_port: int
+
+
 class OneShotRun(CommandRun):
     """A command in a fresh sandbox of its own (destroyed after)."""
 
@@ -189,3 +240,4 @@ class RunReport(BaseModel):
 
 
 JobOutcome.model_rebuild()
+ProcessInfo.model_rebuild()

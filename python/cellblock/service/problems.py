@@ -41,6 +41,11 @@ class Cancelled(ServiceError):
     killed the run (raised by the client; a killed run's report cannot come back)."""
 
 
+class WaitTimeout(ServiceError, TimeoutError):
+    """Waiting for a background process took longer than asked (the process keeps running);
+    also a `TimeoutError`, as `Process.wait` raises in-process."""
+
+
 class InternalError(ServiceError):
     """A bug in the service; the message says what failed."""
 
@@ -64,6 +69,7 @@ STATUS: dict[type[CellblockError], int] = {
     LimitExceeded: 429,
     RequestTooLarge: 413,
     NotFound: 404,
+    WaitTimeout: 408,
     InternalError: 500,
 }
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cellblock import aio
+from cellblock import aio, aio_process
 from cellblock.batch import Job, JobError, Outcome
 from cellblock.errors import SessionClosed
 from cellblock.service.auth import TokenRecord
@@ -35,6 +35,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+#: Ended processes a session keeps for their owner to fetch (the oldest are forgotten).
+KEPT_ENDED_PROCESSES = 64
+
+
+@dataclass
+class ServedProcess:
+    """A background process started through the service: its id, and the task that holds
+    one of its token's concurrent runs until it ends."""
+
+    id: str
+    proc: aio_process.Process
+    holder: asyncio.Task[None] | None = None
+
+
 @dataclass
 class Session:
     """An open session of one token."""
@@ -46,6 +60,21 @@ class Session:
     created_at: float
     expires_at: float
     paused: bool = False
+    processes: dict[str, ServedProcess] = field(default_factory=dict)
+
+    def add_process(self, served: ServedProcess) -> None:
+        """Registers a started process, forgetting the oldest ended ones past the limit."""
+        ended = [k for k, p in self.processes.items() if not p.proc.running]
+        for k in ended[:max(0, len(ended) - KEPT_ENDED_PROCESSES + 1)]:
+            del self.processes[k]
+        self.processes[served.id] = served
+
+    def get_process(self, process_id: str) -> ServedProcess:
+        """The session's process with that id (NotFound otherwise)."""
+        p = self.processes.get(process_id)
+        if p is None:
+            raise NotFound(f"no process {process_id!r} in this session")
+        return p
 
     def info(self) -> SessionInfo:
         """The session's public description."""
@@ -170,7 +199,10 @@ class Registry:
             return
         self._usage[session.owner].sessions -= 1
         self._opening -= 1
-        await session.sandbox.close()
+        await session.sandbox.close()  # ends its processes
+        holders = [p.holder for p in session.processes.values() if p.holder is not None]
+        if holders:
+            await asyncio.wait(holders)
 
     async def close_all(self) -> None:
         """Closes every session and cancels every batch (graceful shutdown). One failing
@@ -219,6 +251,15 @@ class Registry:
     async def run_slot(self, token: TokenRecord, wait: bool = False) -> AsyncIterator[None]:
         """Holds one of the token's concurrent runs; without `wait`, LimitExceeded when all
         are in use (a batch job waits instead)."""
+        await self.take_run(token, wait)
+        try:
+            yield
+        finally:
+            await self.release_run(token)
+
+    async def take_run(self, token: TokenRecord, wait: bool = False) -> None:
+        """Takes one of the token's concurrent runs (see `run_slot`); a background process
+        holds it until it ends (`release_run`)."""
         usage = self.usage(token)
         async with usage.changed:
             if not wait and usage.runs >= token.max_concurrent_runs:
@@ -226,12 +267,13 @@ class Registry:
                                     f"(limit {token.max_concurrent_runs})")
             await usage.changed.wait_for(lambda: usage.runs < token.max_concurrent_runs)
             usage.runs += 1
-        try:
-            yield
-        finally:
-            async with usage.changed:
-                usage.runs -= 1
-                usage.changed.notify_all()
+
+    async def release_run(self, token: TokenRecord) -> None:
+        """Gives back a run taken by `take_run`."""
+        usage = self.usage(token)
+        async with usage.changed:
+            usage.runs -= 1
+            usage.changed.notify_all()
 
     # ---- batches -----------------------------------------------------------------------------
 
