@@ -40,6 +40,8 @@ def cells_stats() -> dict[str, Any]: ...
 REASONS: tuple[str, ...]
 #: Every enforcer `enforcement` can name (the core's `Enforcer`).
 ENFORCERS: tuple[str, ...]
+#: Signals a session process's init forwards to its command (SIGKILL ends the call).
+FORWARDED_SIGNALS: tuple[int, ...]
 
 class Redactor:
     def __new__(

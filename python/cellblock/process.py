@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from cellblock._native import Call
+from cellblock._native import FORWARDED_SIGNALS, Call
 from cellblock._native import Session as NativeSession
 from cellblock.errors import CellblockError, InvalidSpec, SandboxIOError
 from cellblock.observe import notify_run
@@ -197,6 +197,10 @@ class Process:
         """Sends `sig` to the command (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 are
         forwarded by its init; SIGKILL ends it and everything it started). False when the
         process had already ended; InvalidSpec for other signals."""
+        if int(sig) in FORWARDED_SIGNALS and self._done.is_set():
+            # The supervisor has reported the end: nothing of the call is left to signal
+            # (its init may still be exiting, which the kernel would count as a delivery).
+            return False
         return self._call.signal(int(sig))
 
     def terminate(self) -> bool:

@@ -118,5 +118,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .map(|e| e.name())
         .collect();
     m.add("ENFORCERS", pyo3::types::PyTuple::new(m.py(), enforcers)?)?;
+    // Signals a session process's init forwards to its command (Process.signal).
+    m.add(
+        "FORWARDED_SIGNALS",
+        pyo3::types::PyTuple::new(m.py(), cellblock_core::session::FORWARDED_SIGNALS)?,
+    )?;
     Ok(())
 }
