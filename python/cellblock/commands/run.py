@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -76,6 +77,18 @@ def _live(stream: int, data: bytes) -> None:
     out.flush()
 
 
+def caller_window() -> tuple[int, int] | None:
+    """(rows, cols) of the caller's terminal (stdout, stdin or stderr), if it has one."""
+    for stream in (sys.stdout, sys.stdin, sys.stderr):
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            continue
+        if size.lines > 0 and size.columns > 0:
+            return size.lines, size.columns
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cellblock.cli import fail
 
@@ -88,7 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         fail("no command given (usage: cellblock run [options] -- CMD [ARGS...])")
     policy = policy_from_args(args)
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live)
+    # -t: a pty of the sandbox's own (never the caller's), following the caller's window size.
+    result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live,
+                 tty=args.tty, tty_size=caller_window if args.tty else None)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -99,6 +114,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run one command in a fresh sandbox",
                        usage="cellblock run [options] -- CMD [ARGS...]")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="give the command a pseudo-terminal (the sandbox's own; output merged)")
     add_limit_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)

@@ -31,6 +31,10 @@ pub struct Hooks<'a> {
     pub sink: Option<Sink<'a>>,
     /// Asked about every [`INTERRUPT_POLL`]; `true` kills the run (e.g. Ctrl-C in the caller).
     pub interrupted: Option<&'a dyn Fn() -> bool>,
+    /// Asked about every [`INTERRUPT_POLL`] in tty runs: `Some((rows, cols))` resizes the
+    /// command's terminal (the kernel sends SIGWINCH to its foreground process group when the
+    /// size changes), e.g. following the caller's own terminal.
+    pub window: Option<&'a dyn Fn() -> Option<(u16, u16)>>,
 }
 
 impl<'a> Hooks<'a> {
@@ -39,6 +43,7 @@ impl<'a> Hooks<'a> {
         Hooks {
             sink,
             interrupted: None,
+            window: None,
         }
     }
 }
@@ -192,6 +197,7 @@ pub fn supervise(
     let Hooks {
         mut sink,
         interrupted,
+        window,
     } = hooks;
     let Started {
         pidfd,
@@ -209,7 +215,10 @@ pub fn supervise(
         status,
         listener,
         egress,
+        terminal,
     } = io;
+    // Only a tty run has a window to follow.
+    let window = window.filter(|_| terminal.is_some());
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits
         .timeout
@@ -319,7 +328,7 @@ pub fn supervise(
         if let Some(d) = drain_deadline {
             wait = wait.min(d.saturating_duration_since(now));
         }
-        if interrupted.is_some() && killed_for.is_none() {
+        if (interrupted.is_some() || window.is_some()) && killed_for.is_none() {
             wait = wait.min(INTERRUPT_POLL);
         }
         let ms = wait.as_millis().min(i32::MAX as u128) as i32;
@@ -399,6 +408,10 @@ pub fn supervise(
                 _ => {}
             }
         }
+        if let (Some(size), Some(t)) = (window.and_then(|f| f()), terminal.as_ref()) {
+            // A failed resize leaves the old size: nothing the run depends on.
+            let _ = crate::tty::set_window(t.as_fd(), size.0, size.1);
+        }
         if killed_for.is_none() {
             if interrupted.is_some_and(|f| f()) {
                 kill(Reason::Signaled, &mut killed_for);
@@ -418,6 +431,7 @@ pub fn supervise(
     // Make sure nothing survives, whatever ended the loop.
     spawn::kill(&pidfd);
     drop(stdin_fd);
+    drop(terminal);
     for p in pumps.iter_mut() {
         p.fd = None;
         p.finish(cap, &mut sink);

@@ -34,11 +34,14 @@ fn cancelled(py: Python<'_>, cancel: Option<&PyObject>) -> bool {
 /// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
 /// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM), the
 /// callable raises, or `cancel.is_set()` (another thread cancelled it: the run is killed and
-/// reported as signaled). The exception is re-raised once the sandbox is gone.
+/// reported as signaled). The exception is re-raised once the sandbox is gone. `window`, when
+/// given, is called as `window() -> (rows, cols) | None` while a tty run goes on, and sizes
+/// its terminal.
 pub fn watched<T>(
     py: Python<'_>,
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
+    window: Option<PyObject>,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
@@ -62,28 +65,52 @@ where
                 }
             })
     };
-    let result = py.allow_threads(|| match on_output {
-        None => f(Hooks {
-            sink: None,
-            interrupted: Some(&interrupted),
-        }),
-        Some(cb) => {
-            let mut sink = |stream: Stream, data: &[u8]| {
-                // After the callable raised, the run is being stopped: nothing more is sent.
-                if failed() {
-                    return;
+    let size = || -> Option<(u16, u16)> {
+        let w = window.as_ref()?;
+        if failed() {
+            return None;
+        }
+        Python::with_gil(|py| {
+            match w
+                .call0(py)
+                .and_then(|v| v.extract::<Option<(u16, u16)>>(py))
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    keep(e);
+                    None
                 }
-                Python::with_gil(|py| {
-                    let n = if stream == Stream::Stdout { 1 } else { 2 };
-                    if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
-                        keep(e);
-                    }
-                });
-            };
-            f(Hooks {
-                sink: Some(&mut sink),
+            }
+        })
+    };
+    let result = py.allow_threads(|| {
+        let size_hook: Option<&dyn Fn() -> Option<(u16, u16)>> =
+            window.as_ref().map(|_| &size as _);
+        match on_output {
+            None => f(Hooks {
+                sink: None,
                 interrupted: Some(&interrupted),
-            })
+                window: size_hook,
+            }),
+            Some(cb) => {
+                let mut sink = |stream: Stream, data: &[u8]| {
+                    // After the callable raised, the run is being stopped: nothing more is sent.
+                    if failed() {
+                        return;
+                    }
+                    Python::with_gil(|py| {
+                        let n = if stream == Stream::Stdout { 1 } else { 2 };
+                        if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
+                            keep(e);
+                        }
+                    });
+                };
+                f(Hooks {
+                    sink: Some(&mut sink),
+                    interrupted: Some(&interrupted),
+                    window: size_hook,
+                })
+            }
         }
     });
     if let Some(e) = pending.lock().ok().and_then(|mut p| p.take()) {
@@ -112,7 +139,9 @@ impl Session {
 
     /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
     /// `cancel.is_set()` true kills the call (see `watched`).
-    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None))]
+    /// `window()`, when given, sizes a tty call's terminal while it runs (see `watched`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, window=None))]
+    #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
         py: Python<'py>,
@@ -121,9 +150,12 @@ impl Session {
         bpf: Option<Vec<u8>>,
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
+        window: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = watched(py, on_output, cancel, |hooks| self.inner.exec(&spec, hooks))?;
+        let report = watched(py, on_output, cancel, window, |hooks| {
+            self.inner.exec(&spec, hooks)
+        })?;
         crate::report_to_dict(py, &report)
     }
 
@@ -151,7 +183,7 @@ impl Session {
         }
         // SAFETY: the caller keeps the socket open for the duration of the call.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock_fd) };
-        let outcome = watched(py, on_output, cancel, |hooks| {
+        let outcome = watched(py, on_output, cancel, None, |hooks| {
             let req = cellblock_core::warm::WarmRequest {
                 sock,
                 request: &request,

@@ -197,6 +197,8 @@ pub unsafe fn decode<'a>(
             }),
             last_cap,
             stack_top,
+            // Runs with a terminal take the cold path (see `pool::Shape::of`).
+            tty: None,
         })
     }
 }
