@@ -61,10 +61,10 @@ def host_pty() -> Any:
 
 
 def test_openpty_works_inside_on_a_private_instance(sandbox: Runner, host_pty: str) -> None:
-    got = sandbox.probe(TERMINAL_FACTS + '''
+    got = sandbox.probe(f"HOST_PTY = {host_pty!r}\n" + TERMINAL_FACTS + '''
 import pty
 before = sorted(os.listdir("/dev/pts"))
-host = attempt(os.open, %r, os.O_RDWR | os.O_NOCTTY)
+host = attempt(os.open, HOST_PTY, os.O_RDWR | os.O_NOCTTY)
 m, s = pty.openpty()
 name = os.ttyname(s)
 os.write(m, b"ping\\n")
@@ -72,7 +72,7 @@ line = os.read(s, 100)
 m2, s2 = os.openpty()
 report(before=before, name=name, line=line.decode(), name2=os.ttyname(s2), host=host,
        **facts())
-''' % host_pty)
+''')
     # Before any pty is opened, the sandbox's /dev/pts holds only its ptmx: none of the host's
     # terminals (the test holds one open) is listed, and its path does not open.
     assert got["before"] == ["ptmx"], got
@@ -186,7 +186,8 @@ def test_cpython_test_pty_passes_inside(caller: Callable[[str], list[str]]) -> N
     import test.test_pty
 
     source = Path(test.test_pty.__file__).read_text()
-    got = run_caller(caller(textwrap.dedent('''\
+    version = ".".join(map(str, sys.version_info[:3]))
+    script = textwrap.dedent('''\
         import importlib.util, json, sys, cellblock
         if importlib.util.find_spec("test.test_pty"):
             argv = ["python3", "-m", "test", "-v", "test_pty"]
@@ -194,7 +195,7 @@ def test_cpython_test_pty_passes_inside(caller: Callable[[str], list[str]]) -> N
             argv = ["python3", "-c", "import sys, types, unittest\\n"
                     "m = types.ModuleType('test_pty'); sys.modules['test_pty'] = m\\n"
                     "exec(compile(sys.argv[1], 'test_pty.py', 'exec'), m.__dict__)\\n"
-                    "if '%d.%d.%d' % sys.version_info[:3] != sys.argv[2]:\\n"
+                    "if '.'.join(map(str, sys.version_info[:3])) != sys.argv[2]:\\n"
                     "    del m.SmallPtyTests.test__copy_to_each\\n"
                     "unittest.main(module=m, argv=['test_pty'], verbosity=2)", *sys.argv[1:]]
         out = {}
@@ -202,7 +203,8 @@ def test_cpython_test_pty_passes_inside(caller: Callable[[str], list[str]]) -> N
             r = cellblock.run(argv, tty=tty, timeout=120, memory="1G", pids=512)
             out[str(tty)] = r.to_dict()
         print(json.dumps(out))
-    ''')) + [source, "%d.%d.%d" % sys.version_info[:3]])
+    ''')
+    got = run_caller([*caller(script), source, version])
     for tty, res in got.items():
         text = res["stdout"] + res["stderr"]
         failure = re.search(r"^(FAIL|ERROR):", text, re.M)

@@ -232,6 +232,7 @@ mod tests {
             seccomp: Some(crate::seccomp::Program::from_bytes(&bpf).expect("test value")),
             last_cap: 40,
             stack: Vec::new(),
+            tty: None,
         }
     }
 
