@@ -249,6 +249,8 @@ INJECT = PRELUDE + textwrap.dedent('''\
             fcntl.ioctl(fd, termios.TIOCSTI, bytes([ch]))
     out = {str(fd): attempt(inject, fd) for fd in (0, 1, 2)}
     out["tty"] = attempt(lambda: inject(os.open("/dev/tty", os.O_RDWR)))
+    # TIOCLINUX (virtual consoles only) subcode 3: paste the console selection as input.
+    out["linux"] = [attempt(fcntl.ioctl, fd, 0x541C, bytes([3])) for fd in (0, 1, 2)]
     out["isatty"] = os.isatty(0)
     report(**out)
 ''')
@@ -305,6 +307,7 @@ def test_tiocsti_cannot_reach_the_callers_terminal(cli: Cli, tmp_path: Path, tty
     assert got["status"] == 0, shown[-3000:]
     assert "INJECTED-BY-SANDBOX" not in got["pending"], (got, shown)
     report = json.loads([ln for ln in shown.splitlines() if ln.startswith("{")][-1])
+    assert "OK" not in report["linux"], report
     if tty:
         # Its own terminal only: injecting there types into the sandbox's own input.
         assert report["isatty"] and report["0"] == "OK" and report["tty"] == "OK", report
