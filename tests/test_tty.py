@@ -302,11 +302,14 @@ def test_tiocsti_cannot_reach_the_callers_terminal(cli: Cli, tmp_path: Path, tty
     # The detector works: an injection into the caller's terminal is found in its queue.
     control, _ = under_ctty(["--control"], tmp_path)
     assert "CONTROL-INJECTED" in control["pending"], control
-    args = ["run", *(["-t"] if tty else []), "--", "python3", "-c", INJECT]
+    # --json: the CLI itself reads no keystrokes, so whatever reached the caller's terminal
+    # stays in its queue for the detector.
+    args = ["run", "--json", *(["-t"] if tty else []), "--", "python3", "-c", INJECT]
     got, shown = under_ctty(cli.argv(args), tmp_path)
     assert got["status"] == 0, shown[-3000:]
     assert "INJECTED-BY-SANDBOX" not in got["pending"], (got, shown)
-    report = json.loads([ln for ln in shown.splitlines() if ln.startswith("{")][-1])
+    run = json.loads([ln for ln in shown.splitlines() if ln.startswith("{")][-1])
+    report = json.loads(run["stdout"].strip().splitlines()[-1])
     assert "OK" not in report["linux"], report
     if tty:
         # Its own terminal only: injecting there types into the sandbox's own input.
@@ -348,3 +351,30 @@ def test_cli_run_t_forwards_window_changes(cli: Cli, tmp_path: Path) -> None:
                             rows=20, cols=90, react=resize)
     assert got["status"] == 0 and resized, shown[-3000:]
     assert "winch 132 45" in shown, shown
+
+
+def test_cli_run_t_types_keystrokes_and_ctrl_c_stops_only_the_foreground(
+        cli: Cli, tmp_path: Path) -> None:
+    # An interactive shell on the sandbox's terminal, driven from the caller's keyboard: the
+    # shell's state persists between lines, and Ctrl-C (typed as a byte, the caller's terminal
+    # being raw) interrupts the foreground command through the sandbox's own line discipline.
+    steps = [(b"$ ", b"cd /tmp && export MARK=kept\r"),
+             (b"$ ", b"sleep 120\r"),
+             (b"sleep 120\r\n", b"\x03"),
+             (b"$ ", b"echo status=$? in $(pwd) $MARK\r"),
+             (b"status=130 in /tmp kept", b"exit\r")]
+    done: list[bytes] = []
+
+    def type_next(shown: bytes, master: int) -> None:
+        if len(done) == len(steps):
+            return
+        wait_for, keys = steps[len(done)]
+        if shown.count(wait_for) > sum(w == wait_for for w, _ in steps[:len(done)]):
+            time.sleep(0.3 if keys == b"\x03" else 0)  # let sleep(1) start before Ctrl-C
+            os.write(master, keys)
+            done.append(keys)
+    argv = cli.argv(["run", "-t", "--timeout", "60", "--", "sh", "-c", "PS1='$ ' exec sh -i"])
+    got, shown = under_ctty(argv, tmp_path, react=type_next)
+    assert len(done) == len(steps), (done, shown[-3000:])
+    assert "status=130 in /tmp kept" in shown, shown[-3000:]
+    assert got["status"] == 0, shown[-3000:]

@@ -19,7 +19,7 @@ from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
-from cellblock.terminal import SizeArg, tty_section, typed_input, window_source
+from cellblock.terminal import SizeArg, tty_section, typed_input, typing_from, window_source
 
 #: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
 OutputCallback = Callable[[int, bytes], None]
@@ -131,6 +131,7 @@ def run(
     cells: bool = True,
     tty: bool = False,
     tty_size: SizeArg = None,
+    tty_input: int | None = None,
 ) -> RunResult:
     """Run `argv` in a fresh sandbox and report what happened.
 
@@ -142,7 +143,8 @@ def run(
     `tty=True` gives the command a pseudo-terminal of the sandbox's own as stdin, stdout and
     stderr (output merged into `stdout`; `stdin` is typed into it, then Ctrl-D), with a
     `tty_size=(rows, cols)` window (default 24x80), or a function giving the current size,
-    followed while the run goes on; see `cellblock.terminal`.
+    followed while the run goes on; `tty_input`, a readable fd (e.g. the caller's keyboard),
+    is typed into the terminal as it arrives; see `cellblock.terminal`.
     """
     base = policy or Policy()
     merged = base.merged(
@@ -157,10 +159,11 @@ def run(
     spec = build_spec(argv, merged, all_secrets, compiled, terminal)
     data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None)
     try:
-        report = _native.run(
-            encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
-            cancel, cells, window_source(tty, tty_size),
-        )
+        with typing_from(tty, tty_input) as on_terminal:
+            report = _native.run(
+                encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
+                cancel, cells, window_source(tty, tty_size), on_terminal,
+            )
     except CellblockError as e:
         # Messages can echo argv, paths or env: no secret leaves through them.
         raise redact_error(e, redactor_for(all_secrets)) from None

@@ -35,7 +35,7 @@ from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRun
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets
-from cellblock.terminal import SizeArg, tty_section, typed_input, window_source
+from cellblock.terminal import SizeArg, tty_section, typed_input, typing_from, window_source
 
 _log = logging.getLogger("cellblock.session")
 
@@ -312,11 +312,12 @@ class Sandbox(SandboxFiles):
         cancel: threading.Event | None = None,
         tty: bool = False,
         tty_size: SizeArg = None,
+        tty_input: int | None = None,
     ) -> RunResult:
         """Runs a command in the session. The seccomp profile is chosen from argv[0] unless
         given; limits left out default to the session's per-call limits. Setting `cancel`
-        from another thread kills the call (reported as `signaled`). `tty`/`tty_size` as for
-        `cellblock.run`."""
+        from another thread kills the call (reported as `signaled`). `tty`, `tty_size` and
+        `tty_input` as for `cellblock.run`."""
         with self._call():
             policy = self._call_policy(
                 timeout=timeout, cpu_time=cpu_time, max_output=max_output, cwd=cwd,
@@ -329,10 +330,11 @@ class Sandbox(SandboxFiles):
                 stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None
             )
             try:
-                report = self._native.exec(
-                    json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel,
-                    window_source(tty, tty_size),
-                )
+                with typing_from(tty, tty_input) as on_terminal:
+                    report = self._native.exec(
+                        json.dumps(spec), data, compiled.bpf if compiled else None, on_output,
+                        cancel, window_source(tty, tty_size), on_terminal,
+                    )
             except CellblockError as e:
                 call_secrets = self._secrets + normalize_secrets(secrets)
                 raise redact_error(e, redactor_for(call_secrets)) from None

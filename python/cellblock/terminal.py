@@ -7,7 +7,11 @@ stderr merged into `stdout`, redacted and capped as usual) and types `stdin` int
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import select
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,3 +87,75 @@ def typed_input(data: bytes | None, tty: bool) -> bytes | None:
     if not tty or not data:
         return data
     return data + (EOF if data.endswith(b"\n") else EOF + EOF)
+
+
+class Typist:
+    """Types what arrives on a readable fd (e.g. the caller's keyboard) into a tty run's
+    terminal, as it arrives, from a thread of its own; `attach` is the run's `on_terminal`."""
+
+    def __init__(self, source: int) -> None:
+        self.source = source
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, master: int) -> None:
+        """Starts typing into `master` (borrowed: a dup is kept)."""
+        target = os.dup(master)
+        self._thread = threading.Thread(target=self._copy, args=(target,), daemon=True,
+                                        name="cellblock-typist")
+        self._thread.start()
+
+    def _copy(self, target: int) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.source, self._stop_r], [], [])
+                if self._stop_r in ready:
+                    return
+                data = os.read(self.source, 4096)
+                if not data:
+                    return  # the source ended: nothing more is typed
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(target, view):]
+        except OSError:
+            return  # the terminal is gone (EIO) or the source failed: the run goes on alone
+        finally:
+            os.close(target)
+
+    def close(self) -> None:
+        """Stops typing (bounded wait: a write blocked on a full terminal is abandoned)."""
+        os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+@contextmanager
+def typing_from(tty: bool, source: int | None) -> Iterator[Callable[[int], None] | None]:
+    """The `on_terminal` hook of a run whose keystrokes come from `source` (None: none)."""
+    if source is None:
+        yield None
+        return
+    if not tty:
+        raise InvalidSpec("tty_input: given without tty=True")
+    typist = Typist(source)
+    try:
+        yield typist.attach
+    finally:
+        typist.close()
+
+
+@contextmanager
+def raw_keyboard(fd: int) -> Iterator[None]:
+    """The caller's terminal in raw mode for the duration (keys, Ctrl-C included, go to the
+    sandbox's terminal, whose own line discipline echoes and signals), restored after."""
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd, termios.TCSANOW)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

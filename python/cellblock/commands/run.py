@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from typing import Any
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.sandbox import run
+from cellblock.terminal import raw_keyboard
 
 #: Exit status on timeout, as `timeout(1)` uses.
 EXIT_TIMEOUT = 124
@@ -100,10 +102,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         fail("no command given (usage: cellblock run [options] -- CMD [ARGS...])")
     policy = policy_from_args(args)
+    keyboard = args.tty and sys.stdin is not None and sys.stdin.isatty() and not args.json
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    # -t: a pty of the sandbox's own (never the caller's), following the caller's window size.
-    result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live,
-                 tty=args.tty, tty_size=caller_window if args.tty else None)
+    # -t: a pty of the sandbox's own (never the caller's), following the caller's window size;
+    # from a terminal, keystrokes are typed into it as they come (like docker run -it).
+    with raw_keyboard(sys.stdin.fileno()) if keyboard else contextlib.nullcontext():
+        result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live,
+                     tty=args.tty, tty_size=caller_window if args.tty else None,
+                     tty_input=sys.stdin.fileno() if keyboard else None)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -115,7 +121,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        usage="cellblock run [options] -- CMD [ARGS...]")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("-t", "--tty", action="store_true",
-                   help="give the command a pseudo-terminal (the sandbox's own; output merged)")
+                   help="give the command a pseudo-terminal (the sandbox's own; output merged);"
+                   " from a terminal, keystrokes are typed into it as they come")
     add_limit_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)

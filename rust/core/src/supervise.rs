@@ -9,7 +9,7 @@ use crate::seccomp;
 use crate::spawn::{self, Endpoints, Started};
 use crate::spec::{Limits, OnViolation};
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Which output stream a chunk came from.
@@ -35,6 +35,9 @@ pub struct Hooks<'a> {
     /// command's terminal (the kernel sends SIGWINCH to its foreground process group when the
     /// size changes), e.g. following the caller's own terminal.
     pub window: Option<&'a dyn Fn() -> Option<(u16, u16)>>,
+    /// Called once, as a tty run starts, with its terminal's master (borrowed for the call:
+    /// keep a dup): an interactive caller writes its keystrokes there as they come.
+    pub on_terminal: Option<&'a dyn Fn(BorrowedFd<'_>)>,
 }
 
 impl<'a> Hooks<'a> {
@@ -44,6 +47,7 @@ impl<'a> Hooks<'a> {
             sink,
             interrupted: None,
             window: None,
+            on_terminal: None,
         }
     }
 }
@@ -198,6 +202,7 @@ pub fn supervise(
         mut sink,
         interrupted,
         window,
+        on_terminal,
     } = hooks;
     let Started {
         pidfd,
@@ -219,6 +224,9 @@ pub fn supervise(
     } = io;
     // Only a tty run has a window to follow.
     let window = window.filter(|_| terminal.is_some());
+    if let (Some(f), Some(t)) = (on_terminal, terminal.as_ref()) {
+        f(t.as_fd());
+    }
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits
         .timeout

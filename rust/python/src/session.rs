@@ -34,14 +34,14 @@ fn cancelled(py: Python<'_>, cancel: Option<&PyObject>) -> bool {
 /// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
 /// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM), the
 /// callable raises, or `cancel.is_set()` (another thread cancelled it: the run is killed and
-/// reported as signaled). The exception is re-raised once the sandbox is gone. `window`, when
-/// given, is called as `window() -> (rows, cols) | None` while a tty run goes on, and sizes
-/// its terminal.
+/// reported as signaled). The exception is re-raised once the sandbox is gone. For tty runs,
+/// `tty.window`, when given, is called as `window() -> (rows, cols) | None` while the run goes
+/// on, and sizes its terminal; `tty.on_terminal(fd)` gets the terminal's master once (dup it).
 pub fn watched<T>(
     py: Python<'_>,
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
-    window: Option<PyObject>,
+    tty: TtyHooks,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
@@ -65,6 +65,10 @@ where
                 }
             })
     };
+    let TtyHooks {
+        window,
+        on_terminal,
+    } = tty;
     let size = || -> Option<(u16, u16)> {
         let w = window.as_ref()?;
         if failed() {
@@ -83,14 +87,27 @@ where
             }
         })
     };
+    let attach = |fd: std::os::fd::BorrowedFd<'_>| {
+        use std::os::fd::AsRawFd;
+        if let Some(cb) = on_terminal.as_ref() {
+            Python::with_gil(|py| {
+                if let Err(e) = cb.call1(py, (fd.as_raw_fd(),)) {
+                    keep(e);
+                }
+            });
+        }
+    };
     let result = py.allow_threads(|| {
         let size_hook: Option<&dyn Fn() -> Option<(u16, u16)>> =
             window.as_ref().map(|_| &size as _);
+        let attach_hook: Option<&dyn Fn(std::os::fd::BorrowedFd<'_>)> =
+            on_terminal.as_ref().map(|_| &attach as _);
         match on_output {
             None => f(Hooks {
                 sink: None,
                 interrupted: Some(&interrupted),
                 window: size_hook,
+                on_terminal: attach_hook,
             }),
             Some(cb) => {
                 let mut sink = |stream: Stream, data: &[u8]| {
@@ -109,6 +126,7 @@ where
                     sink: Some(&mut sink),
                     interrupted: Some(&interrupted),
                     window: size_hook,
+                    on_terminal: attach_hook,
                 })
             }
         }
@@ -117,6 +135,15 @@ where
         return Err(e);
     }
     result.map_err(to_pyerr)
+}
+
+/// The Python callables of a tty run (see [`watched`]).
+#[derive(Default)]
+pub struct TtyHooks {
+    /// `window() -> (rows, cols) | None`, polled while the run goes on.
+    pub window: Option<PyObject>,
+    /// `on_terminal(fd)`, called once with the terminal's master.
+    pub on_terminal: Option<PyObject>,
 }
 
 /// A session sandbox. Every method releases the GIL while it works.
@@ -139,8 +166,8 @@ impl Session {
 
     /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
     /// `cancel.is_set()` true kills the call (see `watched`).
-    /// `window()`, when given, sizes a tty call's terminal while it runs (see `watched`).
-    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, window=None))]
+    /// `window()` and `on_terminal(fd)`, when given, serve a tty call (see `watched`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, window=None, on_terminal=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
@@ -151,9 +178,14 @@ impl Session {
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
         window: Option<PyObject>,
+        on_terminal: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = watched(py, on_output, cancel, window, |hooks| {
+        let tty = TtyHooks {
+            window,
+            on_terminal,
+        };
+        let report = watched(py, on_output, cancel, tty, |hooks| {
             self.inner.exec(&spec, hooks)
         })?;
         crate::report_to_dict(py, &report)
@@ -183,7 +215,7 @@ impl Session {
         }
         // SAFETY: the caller keeps the socket open for the duration of the call.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock_fd) };
-        let outcome = watched(py, on_output, cancel, None, |hooks| {
+        let outcome = watched(py, on_output, cancel, TtyHooks::default(), |hooks| {
             let req = cellblock_core::warm::WarmRequest {
                 sock,
                 request: &request,
