@@ -257,7 +257,7 @@ INJECT = PRELUDE + textwrap.dedent('''\
 
 
 def under_ctty(argv: list[str], tmp_path: Path, rows: int = 24, cols: int = 80,
-               react: Callable[[bytes, int], None] | None = None
+               react: Callable[[bytes, int], None] | None = None, limit: float = WORKER_DEADLINE
                ) -> tuple[dict[str, Any], str]:
     """Runs `argv` with a pty made here as its controlling terminal and stdio; returns what was
     left in that terminal's input queue afterwards, and everything it displayed. `react` is
@@ -269,7 +269,7 @@ def under_ctty(argv: list[str], tmp_path: Path, rows: int = 24, cols: int = 80,
                             stdin=slave, stdout=slave, stderr=slave, cwd="/")
     os.close(slave)
     shown = b""
-    deadline = time.monotonic() + WORKER_DEADLINE
+    deadline = time.monotonic() + limit
     try:
         while time.monotonic() < deadline:
             if select.select([master], [], [], 0.2)[0]:
@@ -378,3 +378,46 @@ def test_cli_run_t_types_keystrokes_and_ctrl_c_stops_only_the_foreground(
     assert len(done) == len(steps), (done, shown[-3000:])
     assert "status=130 in /tmp kept" in shown, shown[-3000:]
     assert got["status"] == 0, shown[-3000:]
+
+
+def drive(steps: list[tuple[bytes, bytes]]) -> tuple[Callable[[bytes, int], None], list[bytes]]:
+    """A `react` for `under_ctty` typing each step's keys once its text has been shown (after
+    the point where the previous step typed)."""
+    done: list[bytes] = []
+    mark = [0]
+
+    def react(shown: bytes, master: int) -> None:
+        if len(done) == len(steps):
+            return
+        wait_for, keys = steps[len(done)]
+        at = shown.find(wait_for, mark[0])
+        if at >= 0:
+            mark[0] = at + len(wait_for)
+            time.sleep(0.3 if keys == b"\x03" else 0)  # let the command start before Ctrl-C
+            os.write(master, keys)
+            done.append(keys)
+    return react, done
+
+
+@pytest.mark.parametrize("profile, steps, expect", [
+    # bash's prompt (from /etc/bash.bashrc) ends in "# " for uid 0 inside.
+    ("shell", [(b"# ", b"cd /tmp; export MARK=kept; sleep 120\r"), (b"sleep 120\r\n", b"\x03"),
+               (b"# ", b"echo status=$? in $(pwd) $MARK; tty\r"), (b"/dev/pts/0", b"exit\r")],
+     "status=130 in /tmp kept"),
+    ("python", [(b">>> ", b"x = 6 * 7\r"), (b">>> ", b"import time; time.sleep(120)\r"),
+                (b"sleep(120)\r\n", b"\x03"), (b"KeyboardInterrupt", b"print('x is', x)\r"),
+                (b"x is 42", b"exit()\r")],
+     "x is 42"),
+    # A full-screen editor: vi draws its screen (TERM is set), inserts, writes, quits.
+    ("shell", [(b"# ", b"vi /tmp/note.txt\r"), (b"~", b"ihello from vi\x1b:wq\r"),
+               (b"# ", b"cat /tmp/note.txt; exit\r")],
+     "hello from vi\r\nexit\r\n"),  # cat, then bash saying exit: not vi's screen
+], ids=["shell", "python", "vi"])
+def test_cli_shell_tty_is_one_interactive_session(cli: Cli, tmp_path: Path, profile: str,
+                                                  steps: list[tuple[bytes, bytes]],
+                                                  expect: str) -> None:
+    react, done = drive(steps)
+    got, shown = under_ctty(cli.argv(["shell", "--tty", "--profile", profile]), tmp_path,
+                            react=react, limit=90)
+    assert len(done) == len(steps), (done, shown[-3000:])
+    assert expect in shown and got["status"] == 0, shown[-3000:]

@@ -19,7 +19,14 @@ from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
-from cellblock.terminal import SizeArg, tty_section, typed_input, typing_from, window_source
+from cellblock.terminal import (
+    DEFAULT_TERM,
+    SizeArg,
+    tty_section,
+    typed_input,
+    typing_from,
+    window_source,
+)
 
 #: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
 OutputCallback = Callable[[int, bytes], None]
@@ -95,6 +102,8 @@ def build_spec(
     }
     if tty is not None:
         spec["tty"] = tty
+        # Full-screen programs need a terminal type; docker run -t says xterm too.
+        env.setdefault("TERM", DEFAULT_TERM)
     if compiled is not None:
         spec["seccomp"] = compiled.spec_section
     return spec

@@ -21,6 +21,9 @@ from cellblock.errors import InvalidSpec
 #: Window size when none is given: the classic terminal.
 DEFAULT_SIZE = (24, 80)
 
+#: TERM of tty runs whose environment names none.
+DEFAULT_TERM = "xterm"
+
 #: End-of-file typed after a tty run's input (Ctrl-D, the terminal's VEOF).
 EOF = b"\x04"
 

@@ -51,6 +51,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         if not sep or not key:
             fail(f"--env expects KEY=VALUE, got {item!r}")
         env[key] = value
+    if getattr(args, "tty", False) and os.environ.get("TERM") and "TERM" not in base.env:
+        # A terminal run shows on the caller's terminal: its type goes in (unless set).
+        env = {"TERM": os.environ["TERM"], **env}
     fields: dict[str, Any] = {
         "memory": args.memory, "pids": args.pids, "cpus": args.cpus, "timeout": args.timeout,
         "cpu_time": args.cpu_time, "max_output": args.max_output, "disk": args.disk,
