@@ -132,6 +132,20 @@ def test_input_is_typed_into_an_interactive_repl(sandbox: Runner) -> None:
     assert res.stdout == "one line\r\none line\r\n"
 
 
+def test_tty_runs_take_the_cold_path_with_a_cell_ready(sandbox: Runner) -> None:
+    from test_cells import ready_cell
+
+    before = ready_cell(sandbox)
+    res = sandbox.run(["sh", "-c", "tty"], tty=True)
+    after = sandbox.cells()
+    # Built now: a cell neither opens a terminal nor passes its master out.
+    assert (res.exit_code, res.stdout) == (0, "/dev/pts/0\r\n"), res.stdout
+    assert after["hits"] == before["hits"] and after["ready"] >= 1, (before, after)
+    # The cell is still there for a run without a terminal (and has its devpts too).
+    res = sandbox.run(["python3", "-c", "import pty, os; print(os.ttyname(pty.openpty()[1]))"])
+    assert sandbox.cells()["hits"] == before["hits"] + 1 and res.stdout == "/dev/pts/0\n"
+
+
 def test_bad_window_sizes_are_refused() -> None:
     with pytest.raises(cellblock.InvalidSpec, match="tty_size"):
         cellblock.run(["true"], tty=True, tty_size=(0, 80))
