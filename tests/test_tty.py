@@ -153,6 +153,10 @@ def test_bad_window_sizes_are_refused() -> None:
         cellblock.run(["true"], tty=True, tty_size=(24, 70000))
     with pytest.raises(cellblock.InvalidSpec, match="tty_size"):
         cellblock.run(["true"], tty_size=(24, 80))
+    with pytest.raises(cellblock.InvalidSpec, match="tty_input"):
+        cellblock.run(["true"], tty_input=0)
+    with cellblock.Sandbox() as sb, pytest.raises(cellblock.InvalidSpec, match="tty_size"):
+        sb.run(["true"], tty=True, tty_size=(24, -1))
 
 
 @pytest.fixture(params=["self", "nobody"], ids=["root" if IS_ROOT else "user", "nobody"])
