@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import cellblock
-from conftest import IS_ROOT, PRELUDE, SETPRIV, WORKER_DEADLINE, Cli, Runner
+from conftest import IS_ROOT, PRELUDE, SETPRIV, WORKER_DEADLINE, Cli, Runner, processes_with_argv
 
 SECRET = "tty-secret-" + "8f3a91c2d7e4"
 
@@ -279,7 +279,7 @@ def under_ctty(argv: list[str], tmp_path: Path, rows: int = 24, cols: int = 80,
                ) -> tuple[dict[str, Any], str]:
     """Runs `argv` with a pty made here as its controlling terminal and stdio; returns what was
     left in that terminal's input queue afterwards, and everything it displayed. `react` is
-    called with the output so far and the master after each read."""
+    called with the output so far and the master at every turn (at least every 0.2 s)."""
     master, slave = os.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     result = tmp_path / "ctty.json"
@@ -295,10 +295,10 @@ def under_ctty(argv: list[str], tmp_path: Path, rows: int = 24, cols: int = 80,
                     shown += os.read(master, 65536)
                 except OSError:  # EIO: every slave fd is closed
                     break
-                if react is not None:
-                    react(shown, master)
             elif proc.poll() is not None:
                 break
+            if react is not None:
+                react(shown, master)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -372,35 +372,35 @@ def test_cli_run_t_forwards_window_changes(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_cli_run_t_types_keystrokes_and_ctrl_c_stops_only_the_foreground(
-        cli: Cli, tmp_path: Path) -> None:
+        cli: Cli, tmp_path: Path, marker: str) -> None:
     # An interactive shell on the sandbox's terminal, driven from the caller's keyboard: the
     # shell's state persists between lines, and Ctrl-C (typed as a byte, the caller's terminal
     # being raw) interrupts the foreground command through the sandbox's own line discipline.
-    steps = [(b"$ ", b"cd /tmp && export MARK=kept\r"),
-             (b"$ ", b"sleep 120\r"),
-             (b"sleep 120\r\n", b"\x03"),
-             (b"$ ", b"echo status=$? in $(pwd) $MARK\r"),
-             (b"status=130 in /tmp kept", b"exit\r")]
-    done: list[bytes] = []
-
-    def type_next(shown: bytes, master: int) -> None:
-        if len(done) == len(steps):
-            return
-        wait_for, keys = steps[len(done)]
-        if shown.count(wait_for) > sum(w == wait_for for w, _ in steps[:len(done)]):
-            time.sleep(0.3 if keys == b"\x03" else 0)  # let sleep(1) start before Ctrl-C
-            os.write(master, keys)
-            done.append(keys)
+    steps: list[Step] = [(b"$ ", b"cd /tmp && export MARK=kept\r"),
+                         (b"$ ", f"sleep {marker}\r".encode()),
+                         (sleeping(marker), b"\x03"),
+                         (b"$ ", b"echo status=$? in $(pwd) $MARK\r"),
+                         (b"status=130 in /tmp kept", b"exit\r")]
+    react, done = drive(steps)
     argv = cli.argv(["run", "-t", "--timeout", "60", "--", "sh", "-c", "PS1='$ ' exec sh -i"])
-    got, shown = under_ctty(argv, tmp_path, react=type_next)
+    got, shown = under_ctty(argv, tmp_path, react=react, limit=90)
     assert len(done) == len(steps), (done, shown[-3000:])
     assert "status=130 in /tmp kept" in shown, shown[-3000:]
     assert got["status"] == 0, shown[-3000:]
 
 
-def drive(steps: list[tuple[bytes, bytes]]) -> tuple[Callable[[bytes, int], None], list[bytes]]:
-    """A `react` for `under_ctty` typing each step's keys once its text has been shown (after
-    the point where the previous step typed)."""
+#: (what to wait for: text shown after the previous step's, or a condition; keys to type).
+Step = tuple[bytes | Callable[[], bool], bytes]
+
+
+def sleeping(marker: str) -> Callable[[], bool]:
+    """True once `sleep <marker>` runs (seen in the host's /proc): Ctrl-C then reaches it."""
+    return lambda: bool(processes_with_argv(["sleep", marker]))
+
+
+def drive(steps: list[Step]) -> tuple[Callable[[bytes, int], None], list[bytes]]:
+    """A `react` for `under_ctty` typing each step's keys once its condition holds or its text
+    has been shown (after the point where the previous step typed)."""
     done: list[bytes] = []
     mark = [0]
 
@@ -408,18 +408,23 @@ def drive(steps: list[tuple[bytes, bytes]]) -> tuple[Callable[[bytes, int], None
         if len(done) == len(steps):
             return
         wait_for, keys = steps[len(done)]
-        at = shown.find(wait_for, mark[0])
-        if at >= 0:
+        if callable(wait_for):
+            if not wait_for():
+                return
+        else:
+            at = shown.find(wait_for, mark[0])
+            if at < 0:
+                return
             mark[0] = at + len(wait_for)
-            time.sleep(0.3 if keys == b"\x03" else 0)  # let the command start before Ctrl-C
-            os.write(master, keys)
-            done.append(keys)
+        os.write(master, keys)
+        done.append(keys)
     return react, done
 
 
 @pytest.mark.parametrize("profile, steps, expect", [
     # bash's prompt (from /etc/bash.bashrc) ends in "# " for uid 0 inside.
-    ("shell", [(b"# ", b"cd /tmp; export MARK=kept; sleep 120\r"), (b"sleep 120\r\n", b"\x03"),
+    # SLEEP: `sleep <marker>`; b"" waits until it runs.
+    ("shell", [(b"# ", b"cd /tmp; export MARK=kept; SLEEP\r"), (b"", b"\x03"),
                (b"# ", b"echo status=$? in $(pwd) $MARK; tty\r"), (b"/dev/pts/0", b"exit\r")],
      "status=130 in /tmp kept"),
     ("python", [(b">>> ", b"x = 6 * 7\r"), (b">>> ", b"import time; time.sleep(120)\r"),
@@ -431,10 +436,11 @@ def drive(steps: list[tuple[bytes, bytes]]) -> tuple[Callable[[bytes, int], None
                (b"# ", b"cat /tmp/note.txt; exit\r")],
      "hello from vi\r\nexit\r\n"),  # cat, then bash saying exit: not vi's screen
 ], ids=["shell", "python", "vi"])
-def test_cli_shell_tty_is_one_interactive_session(cli: Cli, tmp_path: Path, profile: str,
-                                                  steps: list[tuple[bytes, bytes]],
+def test_cli_shell_tty_is_one_interactive_session(cli: Cli, tmp_path: Path, marker: str,
+                                                  profile: str, steps: list[tuple[bytes, bytes]],
                                                   expect: str) -> None:
-    react, done = drive(steps)
+    react, done = drive([(sleeping(marker) if w == b"" else w,
+                          k.replace(b"SLEEP", f"sleep {marker}".encode())) for w, k in steps])
     got, shown = under_ctty(cli.argv(["shell", "--tty", "--profile", profile]), tmp_path,
                             react=react, limit=90)
     assert len(done) == len(steps), (done, shown[-3000:])
