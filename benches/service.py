@@ -44,7 +44,8 @@ def start_service(directory: Path) -> tuple[subprocess.Popen[bytes], str, str]:
          "--max-sessions", str(MANY_SESSIONS + 10), "--max-concurrent-runs", "256"],
         check=True, capture_output=True, text=True).stdout.strip()
     port = 18000 + os.getpid() % 1000
-    proc = subprocess.Popen([str(exe), "serve", "--tokens", str(tokens), "--port", str(port)])
+    proc = subprocess.Popen([str(exe), "serve", "--tokens", str(tokens), "--port", str(port),
+                             "--max-total-sessions", str(MANY_SESSIONS + 10)])
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

@@ -1,6 +1,7 @@
 """A stand-in for the Claude Managed Agents endpoints the SDK's environment worker calls, on
 127.0.0.1, serving one scripted session: work poll/ack/heartbeat/stop, session retrieve,
-session events list/stream/send, and one skill (retrieve + content).
+session events list/stream/send, one skill (retrieve + content) and the memory stores the
+session names in its resources (memories list/retrieve/create/update/delete).
 
 The script is a list of (tool name, input); the stand-in emits one `agent.tool_use` at a
 time on the event stream, waits for the worker's `user.tool_result`, then emits the next, and
@@ -10,7 +11,10 @@ ends with `session.status_terminated`. Everything the worker sent is recorded.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
+import itertools
 import json
 import threading
 import zipfile
@@ -40,10 +44,26 @@ class StandIn:
     #: Answer every poll 401, as for a wrong environment key.
     reject_key: bool = False
     port: int = 0
+    #: The session's memory-store resources (`memory_store_id`, `access`, `mount_path`,
+    #: `name`); with any, the work item carries a sessions token (the memory endpoints need
+    #: one).
+    memory_stores: list[dict[str, Any]] = field(default_factory=list)
+    #: memory_store_id -> path -> content: the server side of the stores.
+    memories: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: script index -> session thread id of that call (others are the primary thread's).
+    threads: dict[int, str] = field(default_factory=dict)
+    #: script index -> seconds after which the call's thread goes idle (an interrupt: the
+    #: session no longer takes the call's result); the script goes on without it.
+    interrupts: dict[int, float] = field(default_factory=dict)
+    #: Set by the test to let the session end (awaited, at most 30 s, before the stand-in
+    #: terminates the session), so it can look at the sandbox while the session is open.
+    hold: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self._claimed = False
         self._answered: asyncio.Queue[str] | None = None
+        self._ids = itertools.count(1)
+        self._memory_ids: dict[tuple[str, str], str] = {}  # (store, path) -> id
 
     # ---- work -----------------------------------------------------------------------------
 
@@ -59,7 +79,7 @@ class StandIn:
         self._claimed = True
         return web.json_response({
             "id": self.work_id, "type": "work", "environment_id": self.environment_id,
-            "data": {"type": "session", "id": self.session_id}, "secret": None,
+            "data": {"type": "session", "id": self.session_id}, "secret": self._secret(),
             "created_at": NOW, "state": "queued",
         })
 
@@ -86,7 +106,8 @@ class StandIn:
         return web.json_response({
             "id": self.session_id, "type": "session", "status": "running",
             "environment_id": self.environment_id, "created_at": NOW, "updated_at": NOW,
-            "metadata": {}, "resources": [], "outcome_evaluations": [],
+            "metadata": {}, "outcome_evaluations": [],
+            "resources": [{"type": "memory_store", **r} for r in self.memory_stores],
             "agent": {"id": "agent_test", "type": "agent", "name": "test",
                       "skills": [{"type": "custom", "skill_id": "skill_greet", "version": "1"}]},
         })
@@ -133,13 +154,98 @@ class StandIn:
             tool_id = f"sevt_tool{i:02d}"
             if tool_id in self.results:
                 continue
-            await emit({"id": tool_id, "type": "agent.tool_use", "name": name,
-                        "input": tool_input, "processed_at": NOW,
-                        "evaluated_permission": "allow"})
+            event = {"id": tool_id, "type": "agent.tool_use", "name": name,
+                     "input": tool_input, "processed_at": NOW, "evaluated_permission": "allow"}
+            if i in self.threads:
+                event["session_thread_id"] = self.threads[i]
+            await emit(event)
+            if i in self.interrupts:
+                await asyncio.sleep(self.interrupts[i])
+                self.seen.append(("interrupt", tool_id))
+                await emit({"id": f"sevt_idle{i:02d}", "type": "session.thread_status_idle",
+                            "agent_name": "test", "processed_at": NOW,
+                            "session_thread_id": self.threads[i],
+                            "stop_reason": {"type": "end_turn"}})
+                continue
             while await self._answered.get() != tool_id:
+                pass
+        if self.hold is not None:
+            try:
+                await asyncio.wait_for(self.hold.wait(), 30)
+            except TimeoutError:
                 pass
         await emit({"id": "sevt_end", "type": "session.status_terminated", "processed_at": NOW})
         return resp
+
+    # ---- memory stores ----------------------------------------------------------------------
+
+    def _secret(self) -> str | None:
+        if not self.memory_stores:
+            return None
+        payload = json.dumps({"sessions_token": "sessions-token-test"}).encode()
+        return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+    def _memory(self, store: str, path: str, *, full: bool) -> dict[str, Any]:
+        content = self.memories[store][path]
+        key = (store, path)
+        if key not in self._memory_ids:
+            self._memory_ids[key] = f"mem_{next(self._ids)}"
+        data = content.encode()
+        return {
+            "id": self._memory_ids[key], "type": "memory", "memory_store_id": store,
+            "memory_version_id": f"memver_{hashlib.sha256(data).hexdigest()[:12]}",
+            "path": path, "content": content if full else None,
+            "content_sha256": hashlib.sha256(data).hexdigest(),
+            "content_size_bytes": len(data), "created_at": NOW, "updated_at": NOW,
+        }
+
+    def _path_of(self, store: str, memory_id: str) -> str | None:
+        return next((p for (s, p), i in self._memory_ids.items()
+                     if s == store and i == memory_id and p in self.memories[store]), None)
+
+    async def list_memories(self, request: web.Request) -> web.Response:
+        store = request.match_info["store"]
+        self.seen.append(("memories", store))
+        full = request.query.get("view") == "full"
+        data = [self._memory(store, p, full=full) for p in sorted(self.memories[store])]
+        return web.json_response({"data": data, "has_more": False, "next_page": None})
+
+    async def get_memory(self, request: web.Request) -> web.Response:
+        store, memory_id = request.match_info["store"], request.match_info["memory"]
+        path = self._path_of(store, memory_id)
+        if path is None:
+            return web.json_response({"type": "error", "error": {
+                "type": "not_found_error", "message": "no such memory"}}, status=404)
+        return web.json_response(self._memory(store, path, full=True))
+
+    async def create_memory(self, request: web.Request) -> web.Response:
+        store, body = request.match_info["store"], await request.json()
+        self.seen.append(("memory-create", (store, body["path"])))
+        self.memories[store][body["path"]] = body["content"]
+        return web.json_response(self._memory(store, body["path"], full=False))
+
+    async def update_memory(self, request: web.Request) -> web.Response:
+        store, memory_id = request.match_info["store"], request.match_info["memory"]
+        body = await request.json()
+        path = self._path_of(store, memory_id)
+        self.seen.append(("memory-update", (store, path)))
+        if path is None:
+            return web.json_response({"type": "error", "error": {
+                "type": "not_found_error", "message": "no such memory"}}, status=404)
+        expected = (body.get("precondition") or {}).get("content_sha256")
+        if expected and expected != self._memory(store, path, full=False)["content_sha256"]:
+            return web.json_response({"type": "error", "error": {
+                "type": "conflict_error", "message": "precondition failed"}}, status=409)
+        self.memories[store][path] = body["content"]
+        return web.json_response(self._memory(store, path, full=False))
+
+    async def delete_memory(self, request: web.Request) -> web.Response:
+        store, memory_id = request.match_info["store"], request.match_info["memory"]
+        path = self._path_of(store, memory_id)
+        self.seen.append(("memory-delete", (store, path)))
+        if path is not None:
+            del self.memories[store][path]
+        return web.json_response({"id": memory_id, "type": "memory_deleted"})
 
     # ---- serving --------------------------------------------------------------------------
 
@@ -156,6 +262,12 @@ class StandIn:
         app.router.add_get("/v1/sessions/{session}/events/stream", self.stream)
         app.router.add_get("/v1/skills/{skill}/versions/{version}", self.skill_version)
         app.router.add_get("/v1/skills/{skill}/versions/{version}/content", self.skill_content)
+        mem = "/v1/memory_stores/{store}/memories"
+        app.router.add_get(mem, self.list_memories)
+        app.router.add_post(mem, self.create_memory)
+        app.router.add_get(mem + "/{memory}", self.get_memory)
+        app.router.add_post(mem + "/{memory}", self.update_memory)
+        app.router.add_delete(mem + "/{memory}", self.delete_memory)
         return app
 
     async def start(self) -> web.AppRunner:

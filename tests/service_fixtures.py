@@ -12,6 +12,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -25,6 +26,7 @@ TOKENS: dict[str, list[str]] = {
     "carol": ["--max-sessions", "2", "--max-concurrent-runs", "1",
               "--max-request-bytes", "2048"],
     "fuzz": ["--max-sessions", "8", "--max-concurrent-runs", "4"],
+    "big": ["--max-request-bytes", str(256 << 20)],
 }
 
 
@@ -72,15 +74,17 @@ def make_tokens(cli: Cli, directory: Path) -> tuple[Path, dict[str, str]]:
     return path, tokens
 
 
-def start_service(cli: Cli, directory: Path) -> Service:
-    """Starts the service and waits until it answers."""
+def start_service(cli: Cli, directory: Path, args: list[str] | None = None,
+                  **popen: Any) -> Service:
+    """Starts the service (`args`: more options; `popen`: more arguments of Popen) and waits
+    until it answers."""
     directory.chmod(0o755)
     path, tokens = make_tokens(cli, directory)
     port = free_port()
     log = directory / "service.log"
     with log.open("wb") as err:
-        proc = cli.popen(["serve", "--tokens", str(path), "--port", str(port)],
-                         stdout=subprocess.DEVNULL, stderr=err)
+        proc = cli.popen(["serve", "--tokens", str(path), "--port", str(port), *(args or [])],
+                         stdout=subprocess.DEVNULL, stderr=err, **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -159,3 +160,44 @@ def test_run_many_in_order_and_cancellable() -> None:
         assert [a for a in argvs if processes_with_argv(a)] == []
 
     asyncio.run(cancelled())
+
+
+def test_session_parity_arguments_and_streamed_files() -> None:
+    """The arguments aio.Sandbox shares with Sandbox reach it (binary stdin, per-call
+    secrets, idle deadline), and files stream both ways: an async iterable is written as it
+    is produced, and `iter_file` yields asynchronously."""
+    async def scenario() -> None:
+        async with aio.Sandbox(idle_timeout=300, disk="64M") as sb:
+            r = await sb.run(["python3", "-c", "import sys; print(sys.stdin.buffer.read()[::-1])"],
+                             stdin=b"\x00\x01\xff")
+            assert r.stdout == "b'\\xff\\x01\\x00'\n"
+            r = await sb.run_python("import os; print(os.environ['TOKEN'])",
+                                    secrets={"TOKEN": "aio-secret-5e4d"})
+            assert r.stdout.strip() and "aio-secret-5e4d" not in r.stdout
+            due = sb.idle_deadline()
+            assert due is not None and 250 < due - time.monotonic() <= 300
+            assert sb.pause_deadline() is None and sb.paused_seconds == 0.0
+
+            written_midway: list[int] = []
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for i in range(40):
+                    if i == 20:  # 5 MiB produced: most of it is in the sandbox already
+                        sizes = {e.name: e.size for e in await sb.list_dir()}
+                        written_midway.append(sizes.get("big.bin", 0))
+                    yield bytes([i]) * (256 << 10)  # 10 MiB in all
+
+            await sb.write_file("big.bin", chunks())
+            assert written_midway and written_midway[0] >= 4 << 20, written_midway
+            with pytest.raises(cellblock.FileTooLarge):
+                await sb.read_file("big.bin", max_size="1M")
+            with pytest.raises(cellblock.FileTooLarge):
+                await sb.iter_file("big.bin", max_size="1M")  # refused when opened
+            total, first = 0, None
+            async for chunk in await sb.iter_file("big.bin", chunk_size=1 << 20):
+                first = chunk[:1] if first is None else first
+                total += len(chunk)
+                assert len(chunk) <= 1 << 20
+            assert (total, first) == (10 << 20, b"\x00")
+
+    asyncio.run(scenario())

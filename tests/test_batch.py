@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 import cellblock.cells
-from cellblock.batch import Job, JobError, command_for, iter_many, run_many
+from cellblock.batch import (
+    Job,
+    JobError,
+    command_for,
+    failed,
+    is_infrastructure,
+    iter_many,
+    run_many,
+)
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
 from cellblock.progress import Progress
@@ -361,3 +369,65 @@ def test_warm_runner_gives_the_same_verdicts_and_leaves_no_files_between_jobs() 
     assert "planted" not in by_id["look"].stdout and "'w'" not in by_id["look"].stdout
     assert by_id["slow"].reason == "timeout"
     assert by_id["argv"].stdout.strip() == "['a', 'b']"
+
+
+def infra_error(job_id: str) -> dict:
+    return {"id": job_id, "error": {"kind": "InfrastructureError",
+                                     "message": "not run after 3 attempt(s): NodeDiedError"}}
+
+
+def test_cli_batch_resume_runs_infrastructure_errors_again(tmp_path: Path) -> None:
+    """A job recorded as an InfrastructureError (the cluster could not run it) is no result:
+    a resume runs it again, its new line wins, and the file ends with each job once."""
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "results.jsonl"
+    write_jobs(jobs, [{"id": x, "code": f"print({x!r})"} for x in ("a", "b", "c", "d", "e")])
+    done = {"exit_code": 0, "reason": "exited", "stdout": "old\n"}
+    out.write_text("".join(json.dumps(r) + "\n" for r in [
+        infra_error("a"),                      # not run: run again
+        {"id": "b", **done},                   # done: skipped
+        infra_error("c"), {"id": "c", **done},  # a later resume ran it: done
+        {"id": "d", **done}, infra_error("d"),  # the newest line is an infra error: run again
+    ]))  # "e" was never reached
+    proc = subprocess.run([str(CELLBLOCK), "batch", str(jobs), "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 jobs already" in proc.stderr and "3 to run" in proc.stderr
+    assert "2 infrastructure errors run again" in proc.stderr
+    rows = read_results(out)
+    assert sorted(r["id"] for r in rows) == ["a", "b", "c", "d", "e"]
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["b"]["stdout"] == by_id["c"]["stdout"] == "old\n"
+    for x in ("a", "d", "e"):
+        assert by_id[x]["stdout"] == f"{x}\n" and by_id[x]["exit_code"] == 0
+
+
+def test_cli_batch_exits_3_while_infrastructure_errors_remain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Infrastructure errors are counted apart from failed jobs and make the exit status 3
+    (the backend is replaced by one whose cluster cannot run job "x"); resuming clears them."""
+    import cellblock.commands.batch as batch_cmd
+    from cellblock.cli import main
+
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "results.jsonl"
+    write_jobs(jobs, [{"id": "x", "code": "print('x')"}, {"id": "y", "code": "print('y')"},
+                      {"id": "z", "code": "raise SystemExit(1)"}])
+    real = batch_cmd.iter_many
+
+    def lossy(todo, concurrency, progress, policy, **kwargs):  # type: ignore[no-untyped-def]
+        for job, outcome in real(todo, concurrency, False, policy, **kwargs):
+            if job.id == "x":
+                outcome = JobError(kind="InfrastructureError", message="no alive Ray node")
+            progress.add(outcome.reason, failed(outcome), infrastructure=is_infrastructure(outcome))
+            yield job, outcome
+
+    monkeypatch.setattr(batch_cmd, "iter_many", lossy)
+    assert main(["batch", str(jobs), "--out", str(out), "--concurrency", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "1 failed, 1 not run (infrastructure errors)" in err, err
+    assert "1 jobs not run (infrastructure errors); run the same command again" in err
+    monkeypatch.setattr(batch_cmd, "iter_many", real)
+    assert main(["batch", str(jobs), "--out", str(out), "--quiet"]) == 0
+    rows = read_results(out)
+    assert sorted(r["id"] for r in rows) == ["x", "y", "z"]
+    assert {r["id"]: r.get("stdout") for r in rows}["x"] == "x\n"

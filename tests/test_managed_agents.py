@@ -65,15 +65,18 @@ def script(port: int) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-async def serve_one_item(standin: StandIn, workdir: Path, policy: Policy) -> None:
+async def serve_one_item(standin: StandIn, workdir: Path, policy: Policy,
+                         memory_sync_interval: float | None = None) -> None:
     runner = await standin.start()
-    standin.script = script(standin.port)  # the script names the stand-in's own port
+    if not standin.script:
+        standin.script = script(standin.port)  # the script names the stand-in's own port
     try:
         async with AsyncAnthropic(auth_token="env-key-test", base_url=standin.url,
                                   max_retries=0) as client:
             worker = make_worker(client, environment_id=standin.environment_id,
                                  environment_key="env-key-test", policy=policy,
-                                 workdir=workdir, max_idle=5, memory_sync_interval=None)
+                                 workdir=workdir, max_idle=5,
+                                 memory_sync_interval=memory_sync_interval)
             task = asyncio.create_task(worker.run())
             for _ in range(1200):
                 if standin.stopped.is_set() or task.done():
@@ -190,8 +193,13 @@ def nobody_sdk_dir(nobody_dir: Path) -> Iterator[Path]:
 def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
                                      request: pytest.FixtureRequest) -> None:
     """`cellblock worker --environment ID --config FILE` in its own process (as uid 65534 too)."""
+    # Calls 1 and 3 come from a second session thread: the SDK runs them with that thread
+    # current, and its shell is not the primary thread's.
     standin = StandIn(script=[("bash", {"command": "cd /tmp; export X=kept"}),
-                              ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"})])
+                              ("bash", {"command": "mkdir -p /tmp/b && cd /tmp/b; X=b"}),
+                              ("bash", {"command": "id -u; pwd; echo $X $POLICY_MARK"}),
+                              ("bash", {"command": "pwd; echo $X"})],
+                      threads={1: "sthr_b", 3: "sthr_b"})
     thread, loop = serve_in_thread(standin)
     env = {"PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": standin.url,
            "ANTHROPIC_ENVIRONMENT_KEY": "env-key-test"}
@@ -224,7 +232,8 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
     thread.join(10)
     assert stopped, err
     assert standin.result_text(0) == ("(no output)", False), err  # the SDK's text for ""
-    assert standin.result_text(1) == ("0\n/tmp\nkept from-config", False), err
+    assert standin.result_text(2) == ("0\n/tmp\nkept from-config", False), err
+    assert standin.result_text(3) == ("/tmp/b\nb", False), err
     assert proc.returncode == 128 + 15, (proc.returncode, err)
 
 
@@ -258,8 +267,9 @@ def test_cli_worker_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.splitlines()[-1].startswith(
-        "cellblock: error: AuthenticationError: Error code: 401"), r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("cellblock: error: AuthenticationError: "), r.stderr
+    assert "401" in last and "invalid environment key" in last, r.stderr
 
 
 def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
@@ -303,4 +313,307 @@ def test_memory_stores_and_limits_of_the_toolset(tmp_path: Path) -> None:
     assert out[2] == f"ToolError: write: {shared / 'rules.md'} is inside a read-only directory"
     assert out[3] == "be nice"
     assert (shared / "rules.md").read_text() == "be nice\n"
-    assert out[4] == "ToolError: bash: bash command timed out after 2.0s"
+    assert out[4] == "ToolError: \ncommand timed out after 2s"  # the SDK's words
+
+
+def _thread(session: str, thread: str | None) -> Any:
+    """The SDK's record of a session thread, as its session runner sets it for a tool call."""
+    from contextlib import AsyncExitStack
+
+    from cellblock.integrations.managed_agents._sdk import SessionThread
+
+    return SessionThread((session, thread), AsyncExitStack())
+
+
+def test_bash_keeps_one_shell_per_session_thread(tmp_path: Path) -> None:
+    """Like the SDK's bash, each session thread has its own shell: two threads running at
+    once keep their own cwd, variables, functions, aliases and options, and two calls of one
+    thread at once run in turn (neither's state overwrites the other's)."""
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+    from cellblock.integrations.managed_agents._sdk import current_session_thread
+
+    ctx = AgentToolContext(workdir=tmp_path)
+    bash = next(t for t in cellblock_toolset(ctx) if t.name == "bash")
+    a, b = _thread("sesn_1", None), _thread("sesn_1", "sthr_b")
+
+    async def call(thread: Any, command: str) -> str:
+        current_session_thread.set(thread)
+        try:
+            return str(await bash.call({"command": command}))
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    async def main() -> list[str]:
+        first = await asyncio.gather(
+            call(a, "cd /tmp; export X=from-a; fa() { echo fn-a; }; sleep 1; set -o noglob"),
+            call(b, "mkdir -p sub && cd sub; X=from-b; alias gb='echo alias-b'; sleep 1"),
+            # Same thread as `a`, at the same time: runs after it, sees its state.
+            call(a, "export Y=also-a"),
+        )
+        second = await asyncio.gather(
+            call(a, "pwd; echo $X $Y; fa; type gb &>/dev/null || echo no-gb; set -o | grep noglob"),
+            call(b, "pwd; echo $X $Y; gb; type fa &>/dev/null || echo no-fa; set -o | grep noglob"),
+        )
+        restarted = [await call(b, "echo $X"),
+                     str(await bash.call({"restart": True, "command": "pwd; echo ${X:-unset}"})),
+                     await call(a, "echo $X")]
+        await a.exit_stack.aclose()  # the SDK closes a thread's stack when the thread ends
+        gone = await call(a, "echo ${X:-unset}")
+        await bash.close()  # type: ignore[misc]
+        return [*first, *second, *restarted, gone]
+
+    out = asyncio.run(main())
+    assert out[:3] == ["", "", ""], out
+    assert out[3].splitlines() == ["/tmp", "from-a also-a", "fn-a",
+                                   "no-gb", "noglob         \ton"], out[3]
+    assert out[4].splitlines() == ["/workspace/sub", "from-b", "alias-b",
+                                   "no-fa", "noglob         \toff"], out[4]
+    # restart with a command restarts the shell of the calling thread (b), then runs it
+    assert out[5:8] == ["from-b", "/workspace\nunset", "from-a"], out[5:8]
+    assert out[8] == "unset", out[8]  # the ended thread's shell state is gone
+
+
+def _running(marker: bytes) -> list[int]:
+    """Host pids whose command line is exactly `sleep <marker>` (the marker is this test's)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\0" + marker + b"\0":
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("how", ["interrupt", "sdk-timeout"])
+def test_interrupted_bash_call_leaves_no_process(tmp_path: Path, how: str) -> None:
+    """The SDK interrupts a tool call by cancelling its task (a session interrupt, or its
+    per-call timeout's cancel scope): the sandboxed `sleep` is killed at once, not left
+    running until its own timeout, and the shell serves the next call."""
+    import anyio
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+
+    marker = f"600.{os.getpid()}{len(how)}".encode()
+    bash = next(t for t in cellblock_toolset(AgentToolContext(workdir=tmp_path))
+                if t.name == "bash")
+
+    async def main() -> tuple[list[int], list[int], str]:
+        await bash.call({"command": "export KEPT=yes"})
+        seen: list[int] = []
+
+        async def watch() -> None:
+            while not seen:
+                seen.extend(_running(marker))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        if how == "interrupt":
+            task = asyncio.create_task(bash.call({"command": f"sleep {marker.decode()}"}))
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with anyio.move_on_after(3):  # how the SDK's RunningCall.timeout ends a call
+                await bash.call({"command": f"sleep {marker.decode()}"})
+        watcher.cancel()
+        after = [1]
+        for _ in range(100):  # the kill is asynchronous to the cancelled task
+            after = _running(marker)
+            if not after:
+                break
+            await asyncio.sleep(0.05)
+        if after:  # still running: the next call would wait for it
+            return seen, after, ""
+        return seen, after, str(await bash.call({"command": "echo $KEPT"}))
+
+    async def run() -> tuple[list[int], list[int], str]:
+        try:
+            return await main()
+        finally:
+            await bash.close()  # type: ignore[misc]  # ends the sandbox, and so any leftover
+
+    seen, after, nxt = asyncio.run(run())
+    assert seen, "the sleep never showed up"  # it really ran before the interrupt
+    assert after == [], after
+    assert nxt == "yes"
+
+
+def test_bash_timeout_is_capped_like_the_sdk() -> None:
+    from cellblock.integrations.managed_agents._sdk import BASH_DEFAULT_TIMEOUT
+    from cellblock.integrations.managed_agents.tools import bash_timeout
+
+    assert bash_timeout(None, Policy()) == BASH_DEFAULT_TIMEOUT
+    assert bash_timeout(0, Policy()) == BASH_DEFAULT_TIMEOUT
+    assert bash_timeout(86_400_000, Policy()) == BASH_DEFAULT_TIMEOUT   # a model's huge ask
+    assert bash_timeout(1500, Policy()) == 1.5
+    assert bash_timeout(60_000, Policy(timeout=2)) == 2                 # the operator's ceiling
+
+
+def test_bash_output_is_the_sdks(tmp_path: Path) -> None:
+    """The SDK's own output assembly: stdout then stderr (stderr first on failure), and past
+    its BASH_OUTPUT_LIMIT the start plus the name of a file, in the sandbox, with all of it,
+    which `read` (with view_range) and `grep` open and `write` may not touch."""
+    import re
+
+    from anthropic.lib.tools.agent_toolset import AgentToolContext
+
+    from cellblock.integrations.managed_agents import cellblock_toolset
+    from cellblock.integrations.managed_agents._sdk import BASH_OUTPUT_LIMIT
+
+    tools = {t.name: t for t in cellblock_toolset(AgentToolContext(workdir=tmp_path))}
+
+    async def call(name: str, args: dict[str, Any]) -> str:
+        try:
+            return str(await tools[name].call(args))
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    async def main() -> list[str]:
+        out = [await call("bash", {"command": "echo out; echo err >&2"}),
+               await call("bash", {"command": "echo out; echo err >&2; false"}),
+               await call("bash", {"command": "seq 1 20000"})]
+        saved = re.search(r"saved to: (\S+)", out[2])
+        path = saved.group(1) if saved else "/nonexistent"
+        out += [path,
+                await call("read", {"file_path": path, "view_range": [19999, 20000]}),
+                await call("grep", {"pattern": "^12345$", "path": path}),
+                await call("write", {"file_path": path, "content": "x"}),
+                await call("bash", {"command": f"rm {path}; ln -s /etc/hostname {path}"}),
+                await call("read", {"file_path": path})]
+        await tools["bash"].close()  # type: ignore[misc]
+        return out
+
+    out = asyncio.run(main())
+
+    async def reference() -> list[str]:
+        # The SDK's own bash on the host, for two harmless commands: the same text.
+        from anthropic.lib.tools.agent_toolset import beta_bash_tool
+
+        ref = beta_bash_tool(AgentToolContext(workdir=tmp_path))
+        texts = []
+        for command in ("echo out; echo err >&2", "echo out; echo err >&2; false"):
+            try:
+                texts.append(str(await ref.call({"command": command})))
+            except Exception as e:
+                texts.append(f"{type(e).__name__}: {e}")
+        from anthropic.lib.tools._beta_functions import aclose_runnable_tool
+
+        await aclose_runnable_tool(ref)  # ends the host shell
+        return texts
+
+    assert out[:2] == asyncio.run(reference()) == ["out\n\nerr", "ToolError: err\n\nout"]
+    assert len(out[2]) < BASH_OUTPUT_LIMIT + 300 and out[2].startswith("1\n2\n3\n"), out[2][-300:]
+    assert "lines truncated] Full output saved to: /tmp/.cellblock-bash/default/" in out[2]
+    assert out[4] == "19999\n20000"
+    assert out[5] == f"{out[3]}:12345:12345"
+    assert out[6].startswith("ToolError: write: path ") and "outside" in out[6], out[6]
+    assert out[8].startswith("ToolError: read: ") and "symlink" in out[8], out[8]
+
+
+def test_memory_stores_through_the_sdks_own_path(tmp_path: Path) -> None:
+    """The session names memory stores in its resources; the SDK's worker downloads them (with
+    the work item's sessions token) to their mount paths, the sandbox gets them at the mapped
+    paths; `write`/`edit` of a memory file go through the SDK's own memory write (saved to the
+    store during the call, refusals reach the agent), bash's changes are copied back to the
+    host and the SDK's final sync uploads them; a read-only store refuses `write` and never
+    uploads."""
+    workdir, notes = tmp_path / "work", tmp_path / "mnt" / "notes"
+    workdir.mkdir()
+    inside_notes = f"/workspace/.mounts{notes}"          # a mount path outside the workdir
+    inside_shared = "/workspace/memory/shared"           # no mount path: {workdir}/memory/<name>
+    standin = StandIn(
+        script=[
+            ("bash", {"command": f"cat {inside_notes}/todo.md {inside_shared}/rules.md"}),
+            ("edit", {"file_path": str(notes / "todo.md"), "old_string": "one",
+                      "new_string": "two"}),
+            ("bash", {"command": f"echo '- new' > {inside_notes}/new.md"}),
+            ("write", {"file_path": str(workdir / "memory/shared/rules.md"),
+                       "content": "be mean\n"}),
+            ("bash", {"command": f"echo mean > {inside_shared}/rules.md; "
+                                 f"ls -A {inside_notes}"}),
+            # The SDK's memory write refuses its own marker file: nothing is written.
+            ("write", {"file_path": str(notes / ".anthropic-memory-store"), "content": "x"}),
+            ("bash", {"command": f"head -c 8 {inside_notes}/.anthropic-memory-store"}),
+        ],
+        memory_stores=[
+            {"memory_store_id": "memstore_notes", "access": "read_write",
+             "mount_path": str(notes), "name": "notes"},
+            {"memory_store_id": "memstore_shared", "access": "read_only", "name": "shared"},
+        ],
+        memories={"memstore_notes": {"/todo.md": "- one\n"},
+                  "memstore_shared": {"/rules.md": "be nice\n"}},
+    )
+    asyncio.run(serve_one_item(standin, workdir, Policy(), memory_sync_interval=15.0))
+
+    text = {i: standin.result_text(i) for i in range(len(standin.script))}
+    assert text[0] == ("- one\nbe nice", False), text[0]     # downloaded by the SDK, in the sandbox
+    assert text[1] == (f"edited {notes / 'todo.md'} (1 replacement(s))", False)
+    assert text[3][1] and "read-only" in text[3][0], text[3]
+    assert text[4] == (".anthropic-memory-store\nnew.md\ntodo.md", False), text[4]
+    assert text[5][1] and "marks the folder as a memory store" in text[5][0], text[5]
+    assert text[6] == ("version ", False), text[6]
+    # The edit went through the SDK's memory write, during the call (before its result).
+    order = [(k, d if k != "result" else d["tool_use_id"]) for k, d in standin.seen]
+    assert order.index(("memory-update", ("memstore_notes", "/todo.md"))) < order.index(
+        ("result", "sevt_tool01")), order
+    # The SDK's final sync uploaded the agent's changes; the read-only store got nothing.
+    assert standin.memories["memstore_notes"] == {"/todo.md": "- two\n", "/new.md": "- new\n"}
+    assert standin.memories["memstore_shared"] == {"/rules.md": "be nice\n"}
+    writes = [d for k, d in standin.seen if k.startswith("memory-")]
+    assert sorted(writes) == [("memstore_notes", "/new.md"), ("memstore_notes", "/todo.md")]
+    assert not notes.exists()  # the SDK removed its staging of the store
+
+
+def test_session_interrupt_stops_the_running_bash_call(tmp_path: Path) -> None:
+    """Through the SDK's own session runner: the thread of a running `sleep` goes idle (the
+    session interrupted it), the SDK cancels the call and the sandboxed process is killed at
+    once; the next call is served."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    marker = f"600.{os.getpid()}7".encode()
+    standin = StandIn(script=[("bash", {"command": f"sleep {marker.decode()}"}),
+                              ("bash", {"command": "echo next"})],
+                      threads={0: "sthr_i"}, interrupts={0: 3.0})
+    seen: list[int] = []
+    after: list[int] = [-1]
+
+    async def main() -> None:
+        standin.hold = asyncio.Event()
+
+        async def watch() -> None:
+            # Until the next call's result: the sleep shows up; then, with the session (and
+            # its sandbox) still open, it must be gone.
+            while "sevt_tool01" not in standin.results:
+                seen.extend(_running(marker))
+                await asyncio.sleep(0.05)
+            for _ in range(100):
+                after[:] = _running(marker)
+                if not after:
+                    break
+                await asyncio.sleep(0.05)
+            assert standin.hold is not None
+            standin.hold.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await serve_one_item(standin, workdir, Policy())
+        finally:
+            watcher.cancel()
+
+    asyncio.run(main())
+    assert seen, "the sleep never ran"
+    assert after == [], after
+    assert standin.result_text(0) == (  # the SDK's words for a call it stopped
+        "tool 'bash' was stopped, and may have already done some or all of its work", True)
+    assert standin.result_text(1) == ("next", False)
+    kinds = [k for k, _ in standin.seen]
+    assert kinds.index("interrupt") < kinds.index("result"), kinds

@@ -27,7 +27,7 @@ from cellblock.memory import (
     MemoryStoreError,
     StaleCheckpoint,
 )
-from cellblock.memory.checkpoint import restore_workspace, snapshot_workspace
+from cellblock.memory.checkpoint import digest, restore_workspace, snapshot_workspace
 from cellblock.memory.tool import StoreMemoryTool, search
 
 DAY = 86_400.0
@@ -140,7 +140,8 @@ def test_every_operation_is_scoped_to_its_user(url):
             bob.call(command)
     assert "tangerine" not in bob.call({"command": "view", "path": "/memories"})
     assert search(store, "bob", {"query": "tangerine"}).startswith("No memory matches")
-    assert store.export("bob") == {"user": "bob", "memories": [], "archived_turns": []}
+    assert store.export("bob") == {"user": "bob", "memories": [], "archived_turns": [],
+                                   "agent_sessions": [], "blobs": {}}
     # bob may use the same path for his own file; alice's is untouched.
     bob.call({"command": "create", "path": "/memories/secret.md", "file_text": "bob's"})
     assert store.forget("bob") == 1
@@ -270,6 +271,40 @@ def test_knowledge_refresh_is_a_new_version_switched_atomically(url, tmp_path):
         tool.call({"command": "delete", "path": "/memories/knowledge/support"})
 
 
+def test_odd_file_names_in_a_knowledge_source_do_not_stop_agents(url, tmp_path, caplog):
+    """A decomposed name (macOS writes `café` as `cafe` + U+0301) is loaded under its NFC
+    name; names no memory path can hold are skipped with a warning naming each; a source whose
+    directory is gone is logged. None of it keeps an agent from starting."""
+    import logging
+    import unicodedata
+
+    from cellblock.agent import Agent
+
+    src = tmp_path / "kb"
+    src.mkdir()
+    decomposed = unicodedata.normalize("NFD", "café.md")
+    assert decomposed != "café.md"
+    (src / decomposed).write_text("Espresso at nine.")
+    (src / "bad\nname.md").write_text("a newline in the name")
+    (src / "\uff46ullwidth.md").write_text("fullwidth f")
+    (src / "ok.md").write_text("fine")
+    gone = KnowledgeSource(namespace="gone", directory=tmp_path / "missing")
+    store = open_store(url, Clock(), sources=(KnowledgeSource(namespace="kb", directory=src),
+                                              gone))
+    with caplog.at_level(logging.WARNING, logger="cellblock.memory"):
+        result = Agent(model="offline", memory=store, user_id="alice").run(
+            "print the first 5 prime numbers")
+    assert result.stop_reason == "end_turn", result.error
+    assert [e.path for e in store.list_knowledge()] == [
+        "/memories/knowledge/kb/café.md", "/memories/knowledge/kb/ok.md"]
+    assert store.read_knowledge("/memories/knowledge/kb/café.md") == "Espresso at nine."
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'bad\\nname.md'" in w and "control characters" in w for w in warnings)
+    assert any("'\uff46ullwidth.md'" in w for w in warnings)
+    assert any("knowledge source gone not refreshed" in w for w in warnings)
+    assert store.knowledge_version("gone") is None
+
+
 def test_knowledge_switch_is_atomic_for_a_concurrent_reader(url):
     """A reader in another connection sees a whole version, never a mix, while refreshes run."""
     import threading
@@ -346,29 +381,207 @@ def test_checkpoints_are_pruned_with_their_blobs(url):
     for i in range(8):
         files = {"shared.bin": shared, "dir": None, f"step{i}.txt": f"step {i}".encode()}
         cps.save(lease, {"i": i}, files, config=config)
-    kept = cps.kept(lease.session_id)
+    kept = cps.kept("alice", lease.session_id)
     assert [c.state["i"] for c in kept] == [5, 6, 7] and [c.seq for c in kept] == [6, 7, 8]
     # Blobs: the shared file once, plus one per kept step file; nothing unreferenced.
     assert cps.storage() == {"checkpoints": 3, "files": 9, "blobs": 4,
                              "blob_bytes": 1000 + 3 * len(b"step 5")}
-    latest = cps.latest(lease.session_id)
+    latest = cps.latest("alice", lease.session_id)
     assert {f.path: f.kind for f in latest.files} == {"shared.bin": "file", "dir": "dir",
                                                       "step7.txt": "file"}
-    assert cps.blob(next(f.hash for f in latest.files if f.path == "shared.bin")) == shared
+    assert cps.blob("alice", next(f.hash for f in latest.files if f.path == "shared.bin")) == shared
 
 
 def test_a_stale_process_cannot_write_over_a_newer_checkpoint(url):
     first, second = open_store(url), open_store(url)  # two processes' connections
     old = first.checkpoints.start("alice", "task")
     first.checkpoints.save(old, {"by": "old"}, {})
-    new = second.checkpoints.take_over(old.session_id)
+    new = second.checkpoints.take_over("alice", old.session_id)
     assert new.generation == old.generation + 1
     second.checkpoints.save(new, {"by": "new"}, {"f": b"x"})
     with pytest.raises(StaleCheckpoint):
         first.checkpoints.save(old, {"by": "old, late"}, {"f": b"late"})
-    latest = first.checkpoints.latest(old.session_id)
+    latest = first.checkpoints.latest("alice", old.session_id)
     assert latest.state == {"by": "new"} and latest.generation == new.generation
     assert isinstance(StaleCheckpoint("x"), cellblock.CellblockError)
+
+
+def test_a_prune_never_deletes_a_blob_another_session_is_saving(request):
+    """PostgreSQL, two machines: session B finds blob X stored and will reference it; before B
+    commits, session A prunes its last reference to X. A must leave X (B holds it), and B's
+    checkpoint must restore. Interleaved exactly: B is held inside its transaction right after
+    it looked up its blobs, while A saves and prunes."""
+    import threading
+
+    from cellblock.memory import checkpoint
+
+    url = request.getfixturevalue("pg").new_database()
+    a_store, b_store = open_store(url), open_store(url)
+    x, y = b"shared content X" * 100, b"content Y" * 100
+    a = a_store.checkpoints.start("alice", "a")
+    b = b_store.checkpoints.start("bob", "b")
+    one = CheckpointConfig(max_checkpoints=1)
+    a_store.checkpoints.save(a, {"n": 1}, {"f": x}, config=one)  # X stored, referenced by A
+    looked_up, go_on = threading.Event(), threading.Event()
+    original = checkpoint._existing
+    saver = {}
+
+    def held(tx, hashes, lock=""):
+        found = original(tx, hashes, lock)
+        if threading.current_thread() is saver.get("b"):
+            looked_up.set()
+            assert go_on.wait(60)
+        return found
+
+    checkpoint._existing = held
+    errors = []
+
+    def save_b():
+        try:
+            b_store.checkpoints.save(b, {"n": 1}, {"g": x}, config=one)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    try:
+        saver["b"] = threading.Thread(target=save_b)
+        saver["b"].start()
+        assert looked_up.wait(60)
+        # A's next checkpoint drops its only reference to X and prunes: X is B's now.
+        a_store.checkpoints.save(a, {"n": 2}, {"f": y}, config=one)
+        go_on.set()
+        saver["b"].join(60)
+    finally:
+        go_on.set()
+        checkpoint._existing = original
+    assert not errors, errors
+    latest = b_store.checkpoints.latest("bob", b.session_id)
+    assert b_store.checkpoints.blob("bob", latest.files[0].hash) == x
+    # A's prune left nothing unreferenced behind and nothing referenced is missing.
+    assert rows(a_store, "SELECT count(*) FROM blobs") == [(2,)]
+    assert rows(a_store, "SELECT count(*) FROM checkpoint_files f WHERE NOT EXISTS "
+                         "(SELECT 1 FROM blobs b WHERE b.hash = f.hash)") == [(0,)]
+    # X unreferenced at last: the next prune deletes it.
+    b_store.checkpoints.save(b, {"n": 2}, {"g": y}, config=one)
+    assert rows(a_store, "SELECT count(*) FROM blobs") == [(1,)]
+
+
+def test_concurrent_sessions_sharing_blobs_never_lose_one(request):
+    """PostgreSQL, four connections saving at once, each keeping one checkpoint whose files
+    swap between the same few shared contents: every save succeeds (no deadlock, no foreign
+    key error) and every kept checkpoint restores."""
+    import threading
+
+    url = request.getfixturevalue("pg").new_database()
+    shared = [f"shared {i}".encode() * 200 for i in range(3)]
+    one = CheckpointConfig(max_checkpoints=1)
+    stores = [open_store(url) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        store = stores[n]
+        lease = store.checkpoints.start(f"user{n}", "t")
+        try:
+            for i in range(60):
+                files = {"a": shared[(i + n) % 3], "b": shared[(i + 2 * n) % 3]}
+                store.checkpoints.save(lease, {"i": i}, files, config=one)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for n, store in enumerate(stores):
+        latest = store.checkpoints.latest(f"user{n}")
+        assert latest.state == {"i": 59}
+        for f in latest.files:
+            assert f.hash is not None and store.checkpoints.blob(f"user{n}", f.hash) in shared
+    assert rows(stores[0], "SELECT count(*) FROM checkpoint_files f WHERE NOT EXISTS "
+                           "(SELECT 1 FROM blobs b WHERE b.hash = f.hash)") == [(0,)]
+
+
+def test_checkpoint_files_reference_existing_blobs(url):
+    """The foreign key: a checkpoint file naming a blob that does not exist is refused."""
+    store = open_store(url)
+    lease = store.checkpoints.start("alice", "t")
+    cid = store.checkpoints.save(lease, {}, {"f": b"x"})
+    with pytest.raises(MemoryStoreError):
+        with store.db.transaction() as tx:
+            tx.run("INSERT INTO checkpoint_files (checkpoint_id, path, kind, hash) "
+                   "VALUES (?, 'g', 'file', 'no-such-blob')", (cid,))
+    with pytest.raises(MemoryStoreError):
+        with store.db.transaction() as tx:
+            tx.run("DELETE FROM blobs")
+
+
+def test_checkpoints_are_scoped_forgotten_exported_and_expired(url):
+    import base64
+
+    from cellblock.memory import CheckpointNotFound
+
+    clock = Clock()
+    store = open_store(url, clock, ttl_days=90, finished_session_ttl_days=7)
+    cps = store.checkpoints
+    shared, private = b"shared by both users", b"alice only"
+    alice = cps.start("alice", "a task")
+    cps.save(alice, {"n": 1}, {"s": shared, "p": private, "d": None})
+    store.checkpoints.journal(alice, "toolu_1", "started")
+    bob = cps.start("bob", "b task")
+    cps.save(bob, {"n": 1}, {"s": shared})
+    cid = cps.latest("alice").id
+    # Scoped: bob reaches none of alice's checkpoints, blobs or sessions by any route.
+    for call in (lambda: cps.get("bob", cid), lambda: cps.latest("bob", alice.session_id),
+                 lambda: cps.resolve("bob", cid), lambda: cps.blob("bob", digest(private)),
+                 lambda: cps.take_over("bob", alice.session_id)):
+        with pytest.raises(CheckpointNotFound):
+            call()
+    assert cps.kept("bob", alice.session_id) == []
+    assert [s.id for s in cps.sessions("bob")] == [bob.session_id]
+    assert cps.blob("bob", digest(shared)) == shared  # his own checkpoint references it
+    # Export: sessions with their kept checkpoints, and the blobs they reference.
+    exported = store.export("alice")
+    assert [s["id"] for s in exported["agent_sessions"]] == [alice.session_id]
+    assert exported["agent_sessions"][0]["checkpoints"][0]["state"] == {"n": 1}
+    assert {h: base64.b64decode(v) for h, v in exported["blobs"].items()} == {
+        digest(shared): shared, digest(private): private}
+    json.dumps(exported)  # JSON-ready
+    # Forget: alice's sessions, checkpoints, journal and the blobs only she used go.
+    assert store.forget("alice") == 1
+    assert cps.sessions("alice") == [] and store.export("alice")["blobs"] == {}
+    assert rows(store, "SELECT count(*) FROM tool_calls") == [(0,)]
+    assert sorted(r[0] for r in rows(store, "SELECT hash FROM blobs")) == [digest(shared)]
+    assert cps.latest("bob").state == {"n": 1}
+    # Retention: a finished session goes 7 days after it finished; an unfinished (resumable)
+    # one after ttl_days untouched.
+    done = cps.start("carol", "done")
+    cps.save(done, {"result": {}}, {"r": b"result file"}, status="finished")
+    clock.now += 6 * DAY
+    assert store.sweep() == 0
+    clock.now += 1 * DAY + 1
+    assert store.sweep() == 1 and cps.sessions("carol") == []
+    assert digest(b"result file") not in {r[0] for r in rows(store, "SELECT hash FROM blobs")}
+    assert [s.id for s in cps.sessions("bob")] == [bob.session_id]  # running, 7 days idle
+    clock.now += 83 * DAY
+    assert store.sweep() == 1 and cps.sessions("bob") == []
+    assert rows(store, "SELECT count(*) FROM blobs") == [(0,)]
+    assert rows(store, "SELECT count(*) FROM checkpoint_files") == [(0,)]
+
+
+def test_resuming_a_finished_session_leaves_it_finished(tmp_path):
+    from cellblock.agent import Agent
+
+    store = open_store(f"sqlite://{tmp_path / 'm.db'}")
+    result = Agent(model="offline", memory=store, user_id="alice").run(
+        "print the first 5 prime numbers")
+    before = store.checkpoints.sessions("alice")[0]
+    assert before.status == "finished"
+    again = Agent(model="offline", memory=store, user_id="alice").resume(result.session_id)
+    assert again.final_text == result.final_text
+    after = store.checkpoints.sessions("alice")[0]
+    assert after.status == "finished" and after.checkpoints == before.checkpoints
+    assert after.generation == before.generation + 1  # still fenced: a stale run is refused
 
 
 def test_1000_checkpoints_of_a_busy_session_keep_storage_bounded(tmp_path):
@@ -410,7 +623,7 @@ def test_workspace_snapshot_and_restore_through_the_sandbox_api():
         lease = store.checkpoints.start("u", "t")
         cid = store.checkpoints.save(lease, {}, snap)
         b.write_file("stale.txt", "left from before")
-        restore_workspace(b, store.checkpoints.get(cid), store.checkpoints)
+        restore_workspace(b, store.checkpoints.get("u", cid), store.checkpoints, "u")
         assert snapshot_workspace(b) == snap
 
 
@@ -425,12 +638,13 @@ def test_checkpoint_reasons_interval_and_user_scoped_resume(tmp_path):
     agent = Agent(model="offline", memory=store, user_id="alice",
                   checkpoints=CheckpointConfig(interval_seconds=1e-6, max_checkpoints=100))
     result = agent.run("print the first 25 prime numbers")
-    reasons = [c.reason for c in store.checkpoints.kept(result.session_id)]
+    reasons = [c.reason for c in store.checkpoints.kept("alice", result.session_id)]
     assert reasons[0] == "start" and reasons[-1] == "finished"
     assert "interval" in reasons and reasons.count("tool_call") == len(result.tool_calls)
     # bob cannot resume (or even find) alice's session.
     bob = Agent(model="offline", memory=store, user_id="bob")
-    for ref in ("latest", result.session_id, store.checkpoints.latest(result.session_id).id):
+    for ref in ("latest", result.session_id,
+                store.checkpoints.latest("alice", result.session_id).id):
         with pytest.raises(CheckpointNotFound):
             bob.resume(ref)
     assert Agent(model="offline", memory=store, user_id="alice").resume(

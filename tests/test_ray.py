@@ -48,16 +48,77 @@ SCRIPT = textwrap.dedent('''\
         out["local"], out["ray"] = summary(local), summary(remote)
         out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
 
-        slow = [Job(id=f"s{i}", code=f"import time; time.sleep(1.5); print({i})")
-                for i in range(8)]
-        seen = []
-        for job, outcome in iter_many(slow, backend="ray", address=cluster.address,
-                                      concurrency=1, progress=False):
-            seen.append((job.id, outcome.to_dict()))
-            if len(seen) == 1:
-                cluster.remove_node(worker, allow_graceful=False)
+        # The worker node is killed 0.5 s into the first job it runs (of 3 s).
+        import time
+        import cellblock.ray_backend as rb
+        slow = [Job(id=f"s{i}", code=f"import time; time.sleep(3); print({i})")
+                for i in range(6)]
+        seen, removed = [], []
+        batch = rb.RayBatch(ray, None, "cold", 1)
+        def remove_when_busy():
+            give_up = time.monotonic() + 120
+            while time.monotonic() < give_up and not batch.running().get(worker.node_id):
+                time.sleep(0.05)
+            time.sleep(0.5)
+            cluster.remove_node(worker, allow_graceful=False)
+            removed.append(worker.node_id)
+        remover = threading.Thread(target=remove_when_busy)
+        remover.start()
+        try:
+            for _, job, outcome in batch.run(slow, None):
+                seen.append((job.id, outcome.to_dict()))
+        finally:
+            batch.close()
+            remover.join()
+        out["removed"] = removed
         out["fault"] = seen
-        out["retries"] = records
+        out["retries"] = list(records)
+
+        # The worker node is gone: a 1-node cluster. Kill the head's cellblock actor process
+        # (not the node) while its jobs run; then stop one (SIGSTOP) so that it hangs.
+        import signal
+        out["nodes_after"] = len([n for n in ray.nodes() if n["Alive"]])
+        jobs = [Job(id="k0", code="print('k0')")] + [
+            Job(id=f"k{i}", code=f"import time; time.sleep(1); print({i})") for i in range(1, 7)]
+        out["kill_local"] = [r.to_dict() for r in run_many(jobs, concurrency=2)]
+        del records[:]
+        batch = rb.RayBatch(ray, None, "cold", 2)
+        seen, killed = [], []
+        try:
+            for _, job, outcome in batch.run(jobs, None):
+                seen.append((job.id, outcome.to_dict()))
+                if not killed:
+                    for handle in batch.workers():
+                        pid = ray.get(handle.pid.remote(), timeout=60)
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            out["kill_new_pids"] = [ray.get(h.pid.remote(), timeout=60) for h in batch.workers()]
+        finally:
+            batch.close()
+        out["kill"], out["killed"], out["kill_log"] = seen, killed, list(records)
+
+        del records[:]
+        rb.DEADLINE_GRACE_S = 4.0
+        jobs = [Job(id=f"h{i}", code=f"import time; time.sleep(0.5); print({i})",
+                    limits={"timeout": 2}) for i in range(4)]
+        batch = rb.RayBatch(ray, None, "cold", 2)
+        seen, stopped = [], []
+        try:
+            for _, job, outcome in batch.run(jobs, None):
+                seen.append((job.id, outcome.to_dict()))
+                if not stopped:
+                    for handle in batch.workers():
+                        pid = ray.get(handle.pid.remote(), timeout=60)
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+        finally:
+            batch.close()
+            for pid in stopped:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        out["hang"], out["hang_log"] = seen, list(records)
         res = subprocess.run([sys.executable, "-m", "cellblock.cli", "batch", sys.argv[2],
                               "--out", sys.argv[3], "--ray", cluster.address, "--quiet"],
                              capture_output=True, text=True)
@@ -143,13 +204,54 @@ def test_a_node_lost_mid_batch_loses_no_job_and_records_none_twice(
     fault = cluster_run["fault"]
     assert isinstance(fault, list)
     ids = [i for i, _ in fault]
-    assert sorted(ids) == sorted(f"s{i}" for i in range(8)), ids
+    assert sorted(ids) == sorted(f"s{i}" for i in range(6)), ids
     for job_id, r in fault:
         assert r["reason"] == "exited" and r["exit_code"] == 0, (job_id, r)
         assert r["stdout"] == f"{job_id[1:]}\n"
+    assert cluster_run["removed"], "the worker node never ran a job"
     retries = cluster_run["retries"]
-    assert isinstance(retries, list) and retries, "no job was running on the lost node"
-    assert all("running it again elsewhere" in m for m in retries)
+    assert isinstance(retries, list) and retries, ("no job was running on the lost node",
+                                                   cluster_run["fault"])
+    jobs = [m for m in retries if m.startswith("job ")]
+    assert jobs and all("again" in m for m in jobs), retries
+
+
+def test_an_actor_process_killed_mid_batch_is_replaced_on_its_node(
+    cluster_run: dict[str, object],
+) -> None:
+    """Only the actor's worker process dies (its node lives on, the only node): a new actor is
+    started on the node and the killed one's running jobs run there, each recorded once."""
+    assert cluster_run["nodes_after"] == 1
+    killed = cluster_run["killed"]
+    assert isinstance(killed, list) and len(killed) == 1
+    new = cluster_run["kill_new_pids"]
+    assert isinstance(new, list) and len(new) == 1 and new[0] not in killed
+    kill, local = cluster_run["kill"], cluster_run["kill_local"]
+    assert isinstance(kill, list) and isinstance(local, list)
+    assert sorted(i for i, _ in kill) == [f"k{i}" for i in range(7)]
+    remote = dict(kill)
+    assert [stable(remote[f"k{i}"]) for i in range(7)] == [stable(r) for r in local]
+    assert all(r["exit_code"] == 0 for r in local)
+    log = cluster_run["kill_log"]
+    assert isinstance(log, list)
+    jobs = [m for m in log if m.startswith("job ")]
+    assert jobs, "no job was running in the killed actor"
+    assert all("attempt 1 failed (ActorDiedError" in m for m in jobs), log
+
+
+def test_a_hung_actor_is_replaced_after_the_job_deadline(
+    cluster_run: dict[str, object],
+) -> None:
+    """An actor stopped (SIGSTOP) mid-job answers nothing: after the job's timeout plus the
+    grace its jobs count as a failed attempt and run on a new actor; none is lost."""
+    hang = cluster_run["hang"]
+    assert isinstance(hang, list)
+    assert sorted(i for i, _ in hang) == [f"h{i}" for i in range(4)]
+    for job_id, r in hang:
+        assert r.get("exit_code") == 0 and r["stdout"] == f"{job_id[1:]}\n", (job_id, r)
+    log = cluster_run["hang_log"]
+    assert isinstance(log, list)
+    assert any("did not answer by the job's deadline (6 s)" in m for m in log), log
 
 
 def test_cli_batch_on_ray_writes_the_same_results_file(cluster_run: dict[str, object]) -> None:

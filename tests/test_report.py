@@ -17,6 +17,7 @@ from PIL import Image
 import cellblock
 from cellblock.errors import InvalidSpec
 from cellblock.report import summarize, to_html, to_text
+from cellblock.report.render import PALETTE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 XSS = "<script>alert(1)</script>"
@@ -94,16 +95,15 @@ def test_cli_report_writes_text_and_html(tmp_path: Path) -> None:
     assert res.returncode == 2 and res.stderr.startswith("cellblock: error: InvalidSpec: ")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="make deps installs chromium")
-def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
-    page = tmp_path / "report.html"
-    page.write_text(to_html(summarize(batch_file(tmp_path))))
-    shot = tmp_path / "shot.png"
+def screenshot(page: Path, shot: Path, height: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """Renders `page` in headless Chromium (installed by `make deps`: its absence fails the
+    test, never skips it); the screenshot's (count, colour) pairs."""
+    assert CHROMIUM is not None, "chromium is missing: `make deps` installs it"
     profile = tempfile.mkdtemp(prefix="cellblock-chromium-")
     try:
         res = subprocess.run(
             [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
-             "--no-first-run", f"--user-data-dir={profile}", "--window-size=1000,900",
+             "--no-first-run", f"--user-data-dir={profile}", f"--window-size=1000,{height}",
              f"--screenshot={shot}", page.as_uri()],
             capture_output=True, text=True, timeout=120, check=False,
             env={**os.environ, "HOME": profile})
@@ -111,10 +111,54 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         shutil.rmtree(profile, ignore_errors=True)
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
-    assert img.size == (1000, 900)
-    colors = img.getcolors(maxcolors=1 << 20) or []
+    assert img.size == (1000, height)
+    return img.getcolors(maxcolors=1 << 20) or []
+
+
+def pixels(colors: list[tuple[int, tuple[int, int, int]]], hex_color: str) -> int:
+    rgb = tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return sum(n for n, c in colors if c == rgb)
+
+
+def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    page.write_text(to_html(summarize(batch_file(tmp_path))))
+    colors = screenshot(page, tmp_path / "shot.png", 900)
     # The first chart's bars are drawn in its colour, text in dark grey, on white.
-    bar_pixels = sum(n for n, c in colors if c == (0x2F, 0x6F, 0xDF))
-    dark_pixels = sum(n for n, c in colors if max(c) < 90)
-    assert bar_pixels > 2000, "no bars rendered"
-    assert dark_pixels > 500, "no text rendered"
+    assert pixels(colors, PALETTE[0]) > 2000, "no bars rendered"
+    assert sum(n for n, c in colors if max(c) < 90) > 500, "no text rendered"
+
+
+def test_agent_report_renders_its_cost_and_violations_charts_in_chromium(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real agent run (a refused syscall among its tool calls), its JSON summarised and the
+    page rendered: the cost chart and the violations chart are drawn."""
+    from fake_anthropic import FakeAnthropic, message, text, tool_use
+
+    from cellblock.agent import Agent
+
+    script = [message(tool_use("run_shell", {"command": "unshare -U true; echo tried"}),
+                      usage={"input_tokens": 100_000, "output_tokens": 10}),
+              message(text("done"))]
+    with FakeAnthropic(script) as server:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        result = Agent(model="claude-sonnet-4-6").run("go")
+    assert result.tool_calls[0].violations == {"seccomp": 1}
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(result.to_dict()))
+    summary = summarize(path)
+    charts = {c.title: c for c in summary.charts}
+    assert [(b.label, b.value) for b in charts["Violations by kind"].bars] == [("seccomp", 1.0)]
+    assert charts["Cost"].bars[0].value == pytest.approx(result.cost_usd)
+    assert dict(summary.stats)["violations"] == "1"
+    page = tmp_path / "agent.html"
+    page.write_text(to_html(summary))
+    colors = screenshot(page, tmp_path / "agent.png", 1400)
+    order = [c.title for c in summary.charts]
+    cost_color = PALETTE[order.index("Cost") % len(PALETTE)]
+    violations_color = PALETTE[order.index("Violations by kind") % len(PALETTE)]
+    assert len({cost_color, violations_color}) == 2
+    # Each chart's largest bar is BAR_WIDTH wide: most of it must be on screen.
+    assert pixels(colors, cost_color) > 2000, "cost chart not rendered"
+    assert pixels(colors, violations_color) > 2000, "violations chart not rendered"

@@ -5,6 +5,7 @@ lifetimes, graceful shutdown and no sandbox left after kill -9."""
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import os
 import secrets
@@ -24,7 +25,15 @@ from service_fixtures import Service, share_service_packages, start_service
 
 import cellblock
 from cellblock.service.problems import LimitExceeded, NotFound, RequestTooLarge, Unauthorized
-from conftest import NOBODY, Cli, processes_with_argv, remove_cgroups_of, wait_for
+from conftest import (
+    IS_ROOT,
+    NOBODY,
+    Cli,
+    own_cellblock_cgroups,
+    own_cgroup_dirs,
+    processes_with_argv,
+    wait_for,
+)
 
 
 def unique_sleep() -> list[str]:
@@ -263,6 +272,68 @@ def test_per_token_limits(service: Service) -> None:
         forged.sessions()
 
 
+#: A file larger than the in-memory read cap (64 MiB) and than the service could hold without
+#: it showing in its peak RSS.
+BIG_FILE = 80 << 20
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_files_stream_through_the_service(service_cli: tuple[Cli, Path],
+                                          tmp_path: Path) -> None:
+    """An 80 MiB file goes up and comes back through the service (run by root, and by uid
+    65534), which holds only chunks: its peak RSS (reset first through clear_refs) grows by
+    far less than the file."""
+    cli, directory = service_cli
+    service = start_service(cli, directory)
+    try:
+        _stream_big_file(service, tmp_path)
+    finally:
+        assert service.stop() == 128 + signal.SIGTERM
+
+
+def _stream_big_file(service: Service, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    with src.open("wb") as f:
+        for i in range(BIG_FILE >> 20):
+            f.write(bytes([i]) * (1 << 20))
+    pid = service.proc.pid
+    with cellblock.Client(service.url, service.tokens["big"]) as c, \
+            c.Sandbox(disk="200M", memory="400M") as sb:
+        sb.write_file("warm.bin", b"x" * (2 << 20))  # first-use allocations, before the baseline
+        assert len(b"".join(sb.iter_file("warm.bin"))) == 2 << 20
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = peak_rss(pid)
+        sb.upload(src, "big.bin")  # streamed from the open file
+        assert sb.list_dir() == [cellblock.DirEntry(name="big.bin", kind="file", size=BIG_FILE),
+                                 cellblock.DirEntry(name="warm.bin", kind="file", size=2 << 20)]
+        sb.download("big.bin", tmp_path / "back.bin")
+        grown = peak_rss(pid) - before
+        assert grown < BIG_FILE // 4, f"the service's peak RSS grew by {grown >> 20} MiB"
+        assert filecmp.cmp(src, tmp_path / "back.bin", shallow=False)
+
+        with pytest.raises(cellblock.FileTooLarge):  # past the 64 MiB in-memory default
+            sb.read_file("big.bin")
+        with pytest.raises(cellblock.FileTooLarge):
+            sb.iter_file("big.bin", max_size=BIG_FILE - 1)
+        r = httpx.get(f"{service.url}/v1/sessions/{sb.id}/files", headers=service.headers("big"),
+                      params={"path": "big.bin", "max_size": 1000})
+        assert r.status_code == 413 and problem_of(r)["title"] == "FileTooLarge"
+        assert sum(len(c) for c in sb.iter_file("big.bin", max_size=BIG_FILE)) == BIG_FILE
+        chunks = sb.iter_file("big.bin", chunk_size=1 << 16)
+        assert len(next(chunks)) == 1 << 16
+        chunks.close()  # an abandoned download frees its stream
+
+        sb.write_file("gen.bin", (bytes([i]) * 1000 for i in range(3)))  # an iterable, chunked
+        assert sb.read_file("gen.bin") == b"\0" * 1000 + b"\1" * 1000 + b"\2" * 1000
+
+
 def test_lifetime_and_set_timeout(alice: cellblock.Client) -> None:
     short = alice.Sandbox(lifetime=1.0)
     extended = alice.Sandbox(lifetime=1.0)
@@ -337,42 +408,166 @@ def service_cli(cli: Cli, request: pytest.FixtureRequest, tmp_path: Path) -> tup
 
 
 def test_kill_9_leaves_no_sandbox(service_cli: tuple[Cli, Path]) -> None:
-    """The service dies by SIGKILL with a busy session, a paused busy session and an idle warm
-    one. The sessions' lifelines end the running ones at once; a frozen session cannot die
-    until it is thawed, which the next cellblock process's sweep of dead owners' cgroups does
-    (here: one `cellblock run`, as a restarted service would)."""
+    """The service dies by SIGKILL with a busy session, an idle warm one, and (root) a paused
+    idle and a paused busy session. Nothing else runs after it: the sessions' lifelines end
+    the running ones, and each session's reaper thaws a frozen one, kills it and removes its
+    cgroups. As uid 65534 there is no freezer: pausing is refused, and says why."""
     cli, directory = service_cli
     svc = start_service(cli, directory)
     busy_argv, paused_argv = unique_sleep(), unique_sleep()
-    paused_ok = False
     with cellblock.Client(svc.url, svc.tokens["alice"]) as c:
         busy, idle = c.Sandbox(), c.Sandbox(warm=["python"])
         threading.Thread(target=lambda: _ignore_errors(busy.run, busy_argv, timeout=120),
                          daemon=True).start()
         wait_for(lambda: processes_with_argv(busy_argv), "the run to start")
         assert idle.run_python("print('warm')").stdout == "warm\n"
-        running = all_descendants(svc.proc.pid)
-        assert set(processes_with_argv(busy_argv)) < running
 
-        paused = c.Sandbox()
-        threading.Thread(target=lambda: _ignore_errors(paused.run, paused_argv, timeout=120),
-                         daemon=True).start()
+        paused_busy, paused_idle = c.Sandbox(), c.Sandbox(warm=["python"])
+        threading.Thread(target=lambda: _ignore_errors(paused_busy.run, paused_argv,
+                                                       timeout=120), daemon=True).start()
         wait_for(lambda: processes_with_argv(paused_argv), "the run to start")
-        try:
-            paused.pause()
-            paused_ok = paused.info().state == "paused"
-        except cellblock.SetupError:
-            assert cli.name == "nobody", "pausing needs a freezer cgroup (root)"
+        if cli.name == "nobody":
+            with pytest.raises(cellblock.SetupError, match="no freezer cgroup"):
+                paused_busy.pause()
+        else:
+            for sb in (paused_busy, paused_idle):
+                sb.pause()
+                assert sb.info().state == "paused"
+            wait_for(lambda: cgroup_states(svc.proc.pid).count("frozen") >= 2,
+                     "the paused sessions' cgroups to be frozen", 15)
         everything = all_descendants(svc.proc.pid)
+        assert set(processes_with_argv(busy_argv) + processes_with_argv(paused_argv)) \
+            < everything
     os.kill(svc.proc.pid, signal.SIGKILL)
     svc.proc.wait(10)
-    wait_for(lambda: not any(pid_alive(p) for p in running), "the running sessions to end", 20)
-    if paused_ok:
-        sweep = cli.run(["run", "--", "true"])
-        assert sweep.returncode == 0, sweep.stderr
-    wait_for(lambda: not any(pid_alive(p) for p in everything), "every sandbox to end", 20)
+    wait_for(lambda: not any(pid_alive(p) for p in everything), "every sandbox to end", 30)
     assert processes_with_argv(busy_argv) == processes_with_argv(paused_argv) == []
-    remove_cgroups_of(svc.proc.pid)
+    wait_for(lambda: own_cellblock_cgroups(svc.proc.pid) == [],
+             "the dead service's cgroups to be removed", 30)
+
+
+def cgroup_states(pid: int) -> list[str]:
+    """"frozen" or "thawed" for each freezer-capable cellblock cgroup made by `pid`."""
+    states = []
+    for path in map(Path, own_cellblock_cgroups(pid)):
+        if (path / "cgroup.freeze").exists():
+            states.append("frozen" if (path / "cgroup.freeze").read_text().strip() == "1"
+                          else "thawed")
+        elif (path / "freezer.state").exists():
+            states.append("frozen" if (path / "freezer.state").read_text().strip() == "FROZEN"
+                          else "thawed")
+    return states
+
+
+def reapers_of(pid: int) -> list[int]:
+    """The service's forked helpers, its session reapers among them: children running the
+    service's own program in its pid namespace (a session's PID 1 is in a new one)."""
+    program = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for child in descendants(pid):
+        try:
+            same = Path(f"/proc/{child}/cmdline").read_bytes() == program
+            nspid = [line for line in Path(f"/proc/{child}/status").read_text().splitlines()
+                     if line.startswith("NSpid:")]
+        except OSError:
+            continue
+        if same and len(nspid[0].split()) == 2:
+            found.append(child)
+    return found
+
+
+#: The v1 hierarchies cellblock uses (a private test cgroup is made in these only).
+CELLBLOCK_V1 = {"memory", "cpu", "cpuacct", "cpu,cpuacct", "pids", "freezer"}
+
+
+@contextlib.contextmanager
+def private_cgroup() -> Iterator[list[Path]]:
+    """A child of our own cgroups, in each hierarchy cellblock uses, for services whose
+    leftovers no other cellblock process may sweep (every cellblock process on this shared
+    machine sweeps the stale cgroups beside its own). Removed at the end."""
+    own = own_cgroup_dirs()
+    v1 = [d for d in own if any(part in CELLBLOCK_V1 for part in d.parts)]
+    name = f"svctest-{os.getpid()}-{secrets.token_hex(4)}"
+    dirs = []
+    for parent in v1 or own:
+        (parent / name).mkdir()
+        dirs.append(parent / name)
+    try:
+        yield dirs
+    finally:
+        for d in dirs:
+            def gone(d: Path = d) -> bool:
+                with contextlib.suppress(FileNotFoundError):
+                    d.rmdir()
+                return not d.exists()
+            wait_for(gone, f"removal of {d}", 20)
+
+
+def frozen_in(dirs: list[Path]) -> list[Path]:
+    """The frozen cellblock cgroups below `dirs`."""
+    def frozen(path: Path) -> bool:
+        v1, v2 = path / "freezer.state", path / "cgroup.freeze"
+        return ((v1.exists() and v1.read_text().strip() == "FROZEN")
+                or (v2.exists() and v2.read_text().strip() == "1"))
+
+    return [d / e for d in dirs for e in os.listdir(d)
+            if e.startswith("cellblock-") and frozen(d / e)]
+
+
+def cellblock_cgroups_in(dirs: list[Path], pid: int) -> list[Path]:
+    return [d / e for d in dirs for e in os.listdir(d) if e.startswith(f"cellblock-{pid}-")]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="pausing a session needs a freezer cgroup (root); "
+                    "test_kill_9_leaves_no_sandbox[nobody] proves it is refused, and says so")
+def test_a_restarted_service_reclaims_frozen_sessions(tmp_path: Path) -> None:
+    """Worse than kill -9 of the service alone: the service and its sessions' reapers are all
+    killed, so nothing thaws the paused sessions, whose frozen processes cannot die. The next
+    `cellblock serve` sweeps the dead service's cgroups at start, before any request: it
+    thaws them, kills their processes and removes them. (Both services run in a private
+    child cgroup, so that no other cellblock process sweeps first.)"""
+    cli = Cli("root", [str(Path(sys.executable).parent / "cellblock")], dict(os.environ))
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    with private_cgroup() as dirs:
+        def enter() -> None:  # in the service's process, before exec
+            for d in dirs:
+                (d / "cgroup.procs").write_text("0")
+
+        svc = start_service(cli, tmp_path / "first", preexec_fn=enter)
+        argv = unique_sleep()
+        with cellblock.Client(svc.url, svc.tokens["alice"]) as c:
+            busy, idle = c.Sandbox(), c.Sandbox()
+            threading.Thread(target=lambda: _ignore_errors(busy.run, argv, timeout=120),
+                             daemon=True).start()
+            wait_for(lambda: processes_with_argv(argv), "the run to start")
+            busy.pause()
+            idle.pause()
+            wait_for(lambda: len(frozen_in(dirs)) >= 2, "the sessions to be frozen", 15)
+            sessions = all_descendants(svc.proc.pid)
+            reapers = reapers_of(svc.proc.pid)
+        assert len(reapers) >= 2, reapers  # one per session, at least
+        for pid in [*reapers, svc.proc.pid]:  # the reapers first: they act on its death
+            os.kill(pid, signal.SIGKILL)
+        svc.proc.wait(10)
+        left = cellblock_cgroups_in(dirs, svc.proc.pid)
+        frozen = [d for d in left if ((d / "freezer.state").exists()
+                  and (d / "freezer.state").read_text().strip() == "FROZEN")
+                  or ((d / "cgroup.freeze").exists()
+                  and (d / "cgroup.freeze").read_text().strip() == "1")]
+        time.sleep(1.0)  # the frozen sessions really are stuck: nothing else reclaims them
+        stuck = processes_with_argv(argv)
+        second = start_service(cli, tmp_path / "second", preexec_fn=enter)
+        try:
+            assert stuck, "the frozen run died without a sweep"
+            assert len(frozen) >= 2, left
+            assert cellblock_cgroups_in(dirs, svc.proc.pid) == []
+            wait_for(lambda: not any(pid_alive(p) for p in sessions), "the sessions to end", 10)
+            assert processes_with_argv(argv) == []
+            log = (tmp_path / "second" / "service.log").read_text()
+            assert f"reclaimed {len(left)} cgroups of dead cellblock processes" in log, log
+        finally:
+            assert second.stop() == 128 + signal.SIGTERM
 
 
 def all_descendants(pid: int) -> set[int]:

@@ -204,9 +204,10 @@ def _site_closure(modules: list[str]) -> list[Path]:
     return [site / n for n in json.loads(out.stdout) if n != "cellblock"] + meta
 
 
-def spans_of_runs(caller: str, nobody_dir: Path | None) -> list[dict[str, Any]]:
+def spans_of_runs(caller: str, nobody_dir: Path | None, script: str = SPANS_SCRIPT,
+                  args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     if caller == "root":
-        res = subprocess.run([sys.executable, "-c", SPANS_SCRIPT], capture_output=True,
+        res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
                              text=True, timeout=WORKER_DEADLINE, check=False)
     else:
         assert nobody_dir is not None
@@ -216,7 +217,7 @@ def spans_of_runs(caller: str, nobody_dir: Path | None) -> list[dict[str, Any]]:
                 share_tree(src, nobody_dir / src.name)
         res = subprocess.run(
             [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={nobody_dir}",
-             f"TMPDIR={nobody_dir / 'tmp'}", "/usr/bin/python3", "-c", SPANS_SCRIPT],
+             f"TMPDIR={nobody_dir / 'tmp'}", "/usr/bin/python3", "-c", script, *args],
             capture_output=True, text=True, timeout=WORKER_DEADLINE, check=False, cwd="/")
     assert res.returncode == 0, res.stderr[-3000:]
     spans: list[dict[str, Any]] = json.loads(res.stdout)
@@ -232,7 +233,7 @@ def test_every_run_is_a_span_with_its_security_events(caller: str, request: pyte
     kinds = [(name, a.get("cellblock.violation.kind"), a.get("cellblock.violation.syscall"),
               a.get("cellblock.violation.host")) for name, a in refused["events"]]
     assert ("cellblock.security.seccomp", "seccomp", "unshare", None) in kinds
-    assert ("cellblock.security.network", "network", None, "blocked.example.test") in kinds
+    assert ("cellblock.security.dns", "network", None, "blocked.example.test") in kinds
     assert refused["attributes"]["cellblock.run.reason"] == "exited"
     # The memory kill: root has a cgroup (reason memory); uid 65534 has RLIMIT_DATA, under which
     # the allocation fails inside (MemoryError, exit 1) and the report says rlimit enforced it.
@@ -247,6 +248,93 @@ def test_every_run_is_a_span_with_its_security_events(caller: str, request: pyte
     assert timed_out["attributes"]["cellblock.run.reason"] == "timeout"
     assert timed_out["attributes"]["cellblock.run.limits_hit"] == ["timeout"]
     assert [n for n, _ in timed_out["events"]] == ["cellblock.security.limit"]
+
+
+#: One run per security event kind, against the loopback server on port argv[1] (allowed):
+#: egress allowed (a GET the server answers), a refused connection (to port 9, through the
+#: egress proxy), a refused DNS
+#: answer, a refused syscall; then a limit kill. Prints the spans as JSON.
+EVENTS_SCRIPT = textwrap.dedent("""\
+    import json, sys
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    import cellblock
+    from cellblock.telemetry import Telemetry
+    port = int(sys.argv[1])
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    Telemetry(tp).attach()
+    code = (
+        "import ctypes, socket, urllib.request\\n"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{port}/allowed', timeout=20).read())\\n"
+        # Through the egress proxy (NO_PROXY lists 127.0.0.1): a connection to port 9.
+        "import os\\nos.environ.pop('NO_PROXY', None)\\nos.environ.pop('no_proxy', None)\\n"
+        "try:\\n    urllib.request.urlopen('http://127.0.0.1:9/denied', timeout=20)\\n"
+        "except OSError as e:\\n    print('refused', e)\\n"
+        "try:\\n    socket.getaddrinfo('denied.example.test', 443)\\n"
+        "except OSError as e:\\n    print('no answer', e)\\n"
+        "ctypes.CDLL(None).unshare(0x10000000)\\n")
+    res = cellblock.run(["python3", "-c", code], allow_net=[f"127.0.0.1:{port}"], timeout=60)
+    assert res.reason == "exited", (res.reason, res.stderr)
+    cellblock.run(["sleep", "5"], timeout=0.5)
+    print(json.dumps([{"name": s.name, "attributes": dict(s.attributes),
+                       "events": [(e.name, dict(e.attributes)) for e in s.events]}
+                      for s in exporter.get_finished_spans()]))
+""")
+
+
+class _Served(BaseHTTPRequestHandler):
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Served.paths.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("caller", ["root", "nobody"])
+def test_each_security_event_kind_against_a_loopback_server(
+        caller: str, request: pytest.FixtureRequest) -> None:
+    """Every kind of security event the supervisor reports, each provoked by an attempt: egress
+    allowed (the test's server answers), a connection refused, a DNS answer refused (its own
+    event name), a syscall refused, a limit kill."""
+    nobody_dir = request.getfixturevalue("nobody_dir") if caller == "nobody" else None
+    server = HTTPServer(("127.0.0.1", 0), _Served)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Served.paths.clear()
+    try:
+        attempts, killed = spans_of_runs(caller, nobody_dir, EVENTS_SCRIPT,
+                                         (str(server.server_port),))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _Served.paths == ["/allowed"]  # the allowed egress really reached the host
+    events = {name: a for name, a in attempts["events"]}
+    assert set(events) == {"cellblock.security.egress", "cellblock.security.network",
+                           "cellblock.security.dns", "cellblock.security.seccomp"}, events
+    egress = events["cellblock.security.egress"]
+    assert egress["cellblock.decision"] == "allow"
+    assert egress["cellblock.network.connections"] >= 1
+    assert egress["cellblock.network.bytes_in"] >= len(b"hello")
+    connect = events["cellblock.security.network"]
+    assert (connect["cellblock.decision"], connect["cellblock.violation.host"],
+            connect["cellblock.violation.port"]) == ("deny", "127.0.0.1", 9)
+    dns = events["cellblock.security.dns"]
+    assert (dns["cellblock.decision"], dns["cellblock.violation.host"],
+            dns["cellblock.violation.port"]) == ("deny", "denied.example.test", 0)
+    seccomp = events["cellblock.security.seccomp"]
+    assert (seccomp["cellblock.decision"], seccomp["cellblock.violation.syscall"]) == (
+        "deny", "unshare")
+    assert attempts["attributes"]["cellblock.run.violations"] == 3
+    assert killed["events"] == [["cellblock.security.limit", {
+        "cellblock.limit": "timeout", "cellblock.decision": "kill"}]]
 
 
 # ---- the cost meter -------------------------------------------------------------------------
@@ -290,7 +378,8 @@ def test_meter_bills_only_active_time_of_a_scripted_session_with_idle_gaps() -> 
     assert r.open_seconds == pytest.approx(100.5)
     assert r.paused_seconds == pytest.approx(60.0)
     assert r.sandbox_usd == pytest.approx(0.0055)
-    assert r.idle_saving_usd == pytest.approx(0.095)
+    # The saving is the time actually frozen (60 s), not all the unbilled idle time.
+    assert r.idle_saving_usd == pytest.approx(0.06)
     from cellblock.agent.pricing import price_for
 
     sonnet, haiku = price_for("claude-sonnet-4-6"), price_for("claude-haiku-4-5")
@@ -327,12 +416,90 @@ def test_budget_alerts_fire_once_by_callback_and_webhook() -> None:
         meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # $0.60
         meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # no second alert
         assert seen == [pytest.approx(0.6)]
+        assert meter.flush_alerts(timeout=30)
         assert len(_Hook.bodies) == 1 and _Hook.bodies[0]["threshold_usd"] == 0.5
         with pytest.raises(InvalidSpec):
             meter.alert_at(1.0, "mailto:someone")
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _SlowHook(BaseHTTPRequestHandler):
+    """Holds each POST until `release` is set (at most 3 s, less than the webhook's timeout),
+    then answers and sets `answered`."""
+
+    received = threading.Event()
+    release = threading.Event()
+    answered = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _SlowHook.received.set()
+        _SlowHook.release.wait(3)
+        self.send_response(204)
+        self.end_headers()
+        _SlowHook.answered.set()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_budget_webhook_fires_off_the_runs_thread() -> None:
+    """The observation that crosses the threshold returns while the webhook is still waiting
+    for its answer (on the run's thread it could only return after the answer)."""
+    for event in (_SlowHook.received, _SlowHook.release, _SlowHook.answered):
+        event.clear()
+    server = HTTPServer(("127.0.0.1", 0), _SlowHook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        meter = CostMeter(clock=FakeClock())
+        meter.alert_at(0.1, f"http://127.0.0.1:{server.server_port}/slow")
+        meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # $0.30
+        assert not _SlowHook.answered.is_set()
+        assert _SlowHook.received.wait(30)  # it was sent, from the alert thread
+        _SlowHook.release.set()
+        assert meter.flush_alerts(timeout=30) and _SlowHook.answered.is_set()
+    finally:
+        _SlowHook.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_budget_webhook_queue_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    from cellblock.telemetry.cost import MAX_PENDING_WEBHOOKS
+
+    server = HTTPServer(("127.0.0.1", 0), _SlowHook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _SlowHook.release.clear()
+    try:
+        meter = CostMeter(clock=FakeClock())
+        for i in range(MAX_PENDING_WEBHOOKS + 3):
+            meter.alert_at(0.01 * i, f"http://127.0.0.1:{server.server_port}/{i}")
+        meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=1_000_000))
+        dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+        assert len(dropped) >= 3  # the first blocks the thread; at most 16 wait behind it
+        _SlowHook.release.set()
+        assert meter.flush_alerts(timeout=120)
+    finally:
+        _SlowHook.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_budget_log_alert(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    meter = CostMeter(clock=FakeClock())
+    meter.alert_at(0.5)  # "log" is the default action
+    with caplog.at_level(logging.WARNING, logger="cellblock.cost"):
+        meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # $0.30
+        assert caplog.records == []
+        meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # $0.60
+        meter.add_tokens("claude-sonnet-4-6", Usage(input_tokens=100_000))  # once only
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("cellblock.cost", "WARNING",
+         "cost 0.6000 USD reached the alert threshold 0.5000 USD")]
 
 
 def test_meter_follows_real_runs_and_sessions() -> None:
@@ -343,7 +510,7 @@ def test_meter_follows_real_runs_and_sessions() -> None:
             time.sleep(0.3)
     r = meter.report()
     assert 0.2 <= r.active_seconds < r.open_seconds
-    assert r.idle_saving_usd > 0
+    assert r.paused_seconds == 0 and r.idle_saving_usd == 0  # idle, but never frozen
 
 
 # ---- idle auto-pause ------------------------------------------------------------------------
@@ -480,3 +647,47 @@ def test_cli_agent_trace_file_feeds_the_report(tmp_path: Path) -> None:
     rep = subprocess.run([sys.executable, "-m", "cellblock.cli", "report", str(trace)],
                          capture_output=True, text=True, check=False)
     assert rep.returncode == 0 and rep.stdout.startswith("Trace trace.jsonl"), rep.stderr
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the freezer needs root (covered by the nobody test)")
+def test_agent_auto_pause_saving_in_its_json_and_the_report(tmp_path: Path) -> None:
+    """`cellblock agent --auto-pause`: the sandbox freezes while the model thinks; the time
+    frozen and its saving are in the agent's JSON and in `cellblock report`."""
+    def slow_model(body: dict[str, Any]) -> Any:
+        if sum(1 for m in body["messages"] if m["role"] == "assistant") == 0:
+            return message(tool_use("run_shell", {"command": "echo hi"}))
+        time.sleep(1.5)  # the model thinks; the idle sandbox is frozen meanwhile
+        return message(text("done"))
+
+    with FakeAnthropic(slow_model) as server:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")},
+               "ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": server.url}
+        trace = tmp_path / "trace.jsonl"
+        res = subprocess.run([sys.executable, "-m", "cellblock.cli", "agent", "--json",
+                              "--model", "claude-sonnet-4-6", "--auto-pause", "0.2",
+                              "--trace", str(trace), "go"],
+                             capture_output=True, text=True, check=False,
+                             timeout=WORKER_DEADLINE, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout)
+    assert result["stop_reason"] == "end_turn"
+    paused = result["paused_seconds"]
+    assert 0 < paused < result["wall_time_s"]
+    assert result["idle_saving_usd"] == pytest.approx(paused * 0.08 / 3600)
+    path = tmp_path / "agent.json"
+    path.write_text(res.stdout)
+    rep = subprocess.run([sys.executable, "-m", "cellblock.cli", "report", str(path)],
+                         capture_output=True, text=True, check=False)
+    assert rep.returncode == 0, rep.stderr
+    line = next(x for x in rep.stdout.splitlines() if x.startswith("auto-paused"))
+    assert line.split()[1:] == [f"{paused:.2f}", "s", "(idle", "saving",
+                                f"${paused * 0.08 / 3600:.6f})"]
+    assert "idle saving (auto-pause)" in rep.stdout
+    # And on the invoke_agent span, which the trace report sums.
+    agent_span = [json.loads(x) for x in trace.read_text().splitlines()][-1]
+    assert agent_span["attributes"]["cellblock.agent.paused_seconds"] == pytest.approx(paused)
+    rep = subprocess.run([sys.executable, "-m", "cellblock.cli", "report", str(trace)],
+                         capture_output=True, text=True, check=False)
+    assert rep.returncode == 0, rep.stderr
+    line = next(x for x in rep.stdout.splitlines() if x.startswith("auto-paused"))
+    assert line.split()[1:3] == [f"{paused:.2f}", "s"], rep.stdout

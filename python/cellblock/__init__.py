@@ -22,6 +22,7 @@ from cellblock.errors import (
 from cellblock.files import DirEntry
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
+from cellblock.process import ExposedPort, OutputChunk, Process
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import run
@@ -35,14 +36,17 @@ __all__ = [
     "CodeResult",
     "CommandNotFound",
     "DirEntry",
+    "ExposedPort",
     "FileTooLarge",
     "InvalidSpec",
     "Job",
     "JobError",
     "NamespaceUnavailable",
     "NetworkPolicyError",
+    "OutputChunk",
     "PathEscape",
     "Policy",
+    "Process",
     "Redactor",
     "RemoteSandbox",
     "RunResult",

@@ -19,7 +19,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,10 +36,13 @@ from typing import Any, Self, TypeVar
 from cellblock import sandbox as _sandbox
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
 from cellblock.errors import InvalidSpec, SessionClosed
-from cellblock.files import DirEntry
+from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
+from cellblock.sandbox import OutputCallback
+from cellblock.seccomp import SeccompPolicy
+from cellblock.secrets import SecretsArg
 from cellblock.session import Sandbox as SyncSandbox
 
 T = TypeVar("T")
@@ -55,10 +66,11 @@ async def _settle(future: asyncio.Future[Any]) -> None:
     await asyncio.wait({future})
 
 
-async def call(fn: Callable[[threading.Event], T]) -> T:
+async def call(fn: Callable[[threading.Event], T], cancel: threading.Event | None = None) -> T:
     """Runs `fn(cancel)` on a worker thread. When the awaiting task is cancelled, `cancel` is
-    set and the task waits for `fn` to return (the run to be killed) before re-raising."""
-    cancel = threading.Event()
+    set and the task waits for `fn` to return (the run to be killed) before re-raising. The
+    caller may pass its own `cancel` event (setting it from anywhere kills the run too)."""
+    cancel = cancel if cancel is not None else threading.Event()
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(_EXECUTOR, fn, cancel)
     try:
@@ -72,6 +84,43 @@ async def call(fn: Callable[[threading.Event], T]) -> T:
 async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Runs a short blocking call (no cancel point) on a worker thread."""
     return await call(lambda _cancel: fn(*args, **kwargs))
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments actually given (None: the callee's default)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _pull(chunks: AsyncIterable[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
+    """A blocking iterator (for a worker thread) over async `chunks` produced on `loop`,
+    regrouped into chunks of about CHUNK_SIZE: one chunk is in memory at a time."""
+    source = aiter(chunks)
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await anext(source)
+        except StopAsyncIteration:
+            return None
+
+    buffer = bytearray()
+    while (chunk := asyncio.run_coroutine_threadsafe(next_chunk(), loop).result()) is not None:
+        buffer += chunk
+        if len(buffer) >= CHUNK_SIZE:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
+
+
+async def _push(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """An async iterator over a blocking one, each step on a worker thread."""
+    try:
+        while (chunk := await _blocking(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await _blocking(close)
 
 
 class LiveRun:
@@ -146,10 +195,41 @@ def stream(argv: Sequence[str], **kwargs: Any) -> LiveRun:
 
 class Sandbox:
     """`cellblock.Sandbox` with awaitable methods. ``async with aio.Sandbox(**kwargs) as sb``
-    or ``sb = await aio.Sandbox(**kwargs).open()``; the arguments are `cellblock.Sandbox`'s."""
+    or ``sb = await aio.Sandbox(**kwargs).open()``; the arguments are `cellblock.Sandbox`'s.
 
-    def __init__(self, policy: Policy | None = None, **kwargs: Any) -> None:
-        self._args = (policy, kwargs)
+    Differences from `cellblock.Sandbox`: `enforcement` is a coroutine (not a property);
+    `iter_file` is awaited (it opens the file) and yields asynchronously; `write_file` also
+    takes an async iterable; a call's `cancel` may be a `threading.Event` or, more simply,
+    the awaiting task is cancelled; `on_output` is called on a worker thread (use `stream`
+    for output in the event loop)."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        memory: int | str | None = None,
+        pids: int | None = None,
+        cpus: float | None = None,
+        disk: int | str | None = None,
+        timeout: float | None = None,
+        cpu_time: float | None = None,
+        max_output: int | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        profile: str | None = None,
+        seccomp: SeccompPolicy | None = None,
+        allow_net: Sequence[str] | None = None,
+        secrets: SecretsArg = None,
+        idle_timeout: float | None = None,
+        auto_pause: float | None = None,
+        warm: Sequence[str] = (),
+    ) -> None:
+        self._args = (policy, _given(
+            memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout,
+            cpu_time=cpu_time, max_output=max_output, env=env, cwd=cwd, profile=profile,
+            seccomp=seccomp, allow_net=allow_net, secrets=secrets, idle_timeout=idle_timeout,
+            auto_pause=auto_pause, warm=warm or None,
+        ))
         self._sync: SyncSandbox | None = None
 
     @classmethod
@@ -203,17 +283,44 @@ class Sandbox:
         """Thaws a paused session."""
         await _blocking(self.sync.resume)
 
+    @property
+    def paused_seconds(self) -> float:
+        """Seconds this session spent frozen by `auto_pause`, the current pause included."""
+        return self.sync.paused_seconds
+
     def idle_deadline(self) -> float | None:
         """When the idle timeout closes this session (monotonic clock), if it will."""
         return self.sync.idle_deadline()
 
-    async def run(self, argv: Sequence[str], **kwargs: Any) -> RunResult:
-        """`Sandbox.run`; cancelling the task kills the call's processes."""
+    def pause_deadline(self) -> float | None:
+        """When `auto_pause` freezes this idle session (monotonic clock), if it will."""
+        return self.sync.pause_deadline()
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        cpu_time: float | None = None,
+        max_output: int | str | None = None,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        profile: str | None = None,
+        seccomp: SeccompPolicy | None = None,
+        secrets: SecretsArg = None,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> RunResult:
+        """`Sandbox.run`; cancelling the task (or setting `cancel`) kills the call."""
         sync = self.sync
-        return await call(lambda cancel: sync.run(argv, cancel=cancel, **kwargs))
+        kwargs = _given(timeout=timeout, cpu_time=cpu_time, max_output=max_output, stdin=stdin,
+                        env=env, cwd=cwd, profile=profile, seccomp=seccomp, secrets=secrets,
+                        on_output=on_output)
+        return await call(lambda c: sync.run(argv, cancel=c, **kwargs), cancel)
 
     async def run_shell(self, script: str, **kwargs: Any) -> RunResult:
-        """`Sandbox.run_shell`; cancellable like `run`."""
+        """`Sandbox.run_shell`; keyword arguments and cancelling as for `run`."""
         return await self.run(["/bin/sh", "-c", script], **kwargs)
 
     def stream(self, argv: Sequence[str], **kwargs: Any) -> LiveRun:
@@ -224,26 +331,44 @@ class Sandbox:
         )
 
     async def run_python(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
-        """`Sandbox.run_python`; cancelling the task kills the code's processes."""
+        """`Sandbox.run_python` (same keyword arguments); cancelling the task (or setting
+        `cancel`) kills the code's processes."""
         sync = self.sync
+        cancel = kwargs.pop("cancel", None)
         return await call(
-            lambda cancel: sync.run_python(code, stateful=stateful, cancel=cancel, **kwargs)
+            lambda c: sync.run_python(code, stateful=stateful, cancel=c, **kwargs), cancel
         )
 
     async def run_node(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
-        """`Sandbox.run_node`; cancelling the task kills the code's processes."""
+        """`Sandbox.run_node`; cancelling as for `run_python`."""
         sync = self.sync
+        cancel = kwargs.pop("cancel", None)
         return await call(
-            lambda cancel: sync.run_node(code, stateful=stateful, cancel=cancel, **kwargs)
+            lambda c: sync.run_node(code, stateful=stateful, cancel=c, **kwargs), cancel
         )
 
-    async def write_file(self, path: str, data: bytes | str) -> None:
-        """`Sandbox.write_file`."""
+    async def write_file(self, path: str, data: FileData | AsyncIterable[bytes]) -> None:
+        """`Sandbox.write_file`; `data` may also be an async iterable of chunks (an HTTP
+        body, say), written as the chunks arrive: the whole file is never held in memory."""
+        if isinstance(data, AsyncIterable):
+            data = _pull(data, asyncio.get_running_loop())
         await _blocking(self.sync.write_file, path, data)
 
-    async def read_file(self, path: str) -> bytes:
-        """`Sandbox.read_file`."""
-        return await _blocking(self.sync.read_file, path)
+    async def read_file(self, path: str, *, max_size: int | str = DEFAULT_MAX_READ) -> bytes:
+        """`Sandbox.read_file` (FileTooLarge past `max_size`, default 64 MiB)."""
+        return await _blocking(self.sync.read_file, path, max_size=max_size)
+
+    async def iter_file(
+        self, path: str, *, chunk_size: int = CHUNK_SIZE, max_size: int | str | None = None
+    ) -> AsyncIterator[bytes]:
+        """`Sandbox.iter_file`: awaiting it opens the file (errors are raised here, before any
+        byte moves); the result yields the chunks as they are read.
+
+            async for chunk in await sb.iter_file("big.bin"): ...
+        """
+        chunks = await _blocking(self.sync.iter_file, path, chunk_size=chunk_size,
+                                 max_size=max_size)
+        return _push(chunks)
 
     async def make_dirs(self, path: str) -> None:
         """`Sandbox.make_dirs`."""

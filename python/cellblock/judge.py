@@ -3,8 +3,9 @@
 Every benchmark (HumanEval, MBPP, EvalPlus, generic JSONL) builds one check program per record
 and calls `judge`, which opens the runner with the checks' policy, runs the programs through
 `cellblock.check.run_checks` and returns each record with "result", "passed", "status",
-"detail" and "environment" added. A Ray runner would be one more `Runner` passed here: the
-program, the verdict and the policy stay the same.
+"detail" and "environment" added. With `backend="ray"` every node of the cluster opens the same
+runner with the same policy (`cellblock.ray_backend`): the program, the verdict and the limits
+stay the same, and the environment records the backend and every node's versions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from cellblock.batch import RUNNER_NAMES, Backend, Runner, RunnerName, open_runner
+from cellblock.batch import RUNNER_NAMES, Backend, Runner, RunnerName, open_runner, runner_name
 from cellblock.check import CheckOptions, Verdict, check_policy, environment, run_checks
 from cellblock.errors import InvalidSpec
 from cellblock.policy import Policy
@@ -22,17 +23,6 @@ from cellblock.progress import Progress
 #: A runner by name ("cold", "pool", "warm"), or any Runner (opened by the caller with
 #: `check_policy(options, policy)`).
 RunnerArg = RunnerName | Runner
-
-
-def runner_name(runner: RunnerArg) -> str:
-    """The name a runner is recorded under in results' environment."""
-    if isinstance(runner, str):
-        return runner
-    name = getattr(runner, "name", None)
-    if isinstance(name, str):
-        return name
-    fn = getattr(runner, "__name__", type(runner).__name__)
-    return "cold" if fn == "run_cold" else str(fn)
 
 
 @contextmanager
@@ -66,7 +56,7 @@ def judge(
     if len(records) != len(programs):
         raise InvalidSpec(f"{len(records)} records but {len(programs)} programs")
     checks = check_policy(options, policy)
-    env = environment(options, checks, runner_name(runner), dataset)
+    env = environment(options, checks, runner_name(runner), dataset, backend, address)
     with _opened(runner, checks) as opened:
         verdicts = run_checks(programs, options, checks, opened, concurrency, progress, on_retry,
                               backend, address)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("cellblock.telemetry")
 
 #: Which API produced a run: `cellblock.run`, `Sandbox.run`, or a warm `run_python`/`run_node`.
-RunKind = Literal["run", "session.run", "session.python", "session.node"]
+RunKind = Literal["run", "session.run", "session.start", "session.python", "session.node"]
 
 #: What happened to a session.
 SessionChange = Literal["open", "close", "pause", "resume", "auto_pause"]

@@ -27,6 +27,8 @@ class Summary(BaseModel):
 
     total: int
     failures: int
+    #: Jobs the infrastructure could not run (not counted in `failures`).
+    infrastructure: int = 0
     by_reason: dict[str, int]
     wall_time_s: float
 
@@ -39,7 +41,10 @@ class Summary(BaseModel):
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.by_reason.items(), key=_by_count))
         return (
             f"{self.total} jobs in {self.wall_time_s:.1f}s ({self.jobs_per_s:.1f} jobs/s), "
-            f"{self.failures} failed" + (f"; {reasons}" if reasons else "")
+            f"{self.failures} failed"
+            + (f", {self.infrastructure} not run (infrastructure errors)"
+               if self.infrastructure else "")
+            + (f"; {reasons}" if reasons else "")
         )
 
 
@@ -77,14 +82,17 @@ class Progress:
         self.start = clock()
         self.done = 0
         self.failures = 0
+        self.infrastructure = 0
         self.by_reason: Counter[str] = Counter()
         self._last_draw = self.start
         self._drawn = False
 
-    def add(self, reason: str, failed: bool) -> None:
-        """Record one finished job (`reason` is RunResult.reason, or "error")."""
+    def add(self, reason: str, failed: bool, infrastructure: bool = False) -> None:
+        """Record one finished job (`reason` is RunResult.reason, or "error").
+        `infrastructure`: the job could not be run at all; counted apart from failures."""
         self.done += 1
-        self.failures += failed
+        self.infrastructure += infrastructure
+        self.failures += failed and not infrastructure
         self.by_reason[reason] += 1
         now = self.clock()
         interval = TTY_REFRESH_S if self.tty else PLAIN_INTERVAL_S
@@ -101,7 +109,8 @@ class Progress:
         text += f" {rate:.1f} jobs/s"
         if self.total is not None and rate > 0:
             text += f" ETA {_duration((self.total - self.done) / rate)}"
-        return text + f" failures {self.failures}"
+        text += f" failures {self.failures}"
+        return text + (f" infra {self.infrastructure}" if self.infrastructure else "")
 
     def _draw(self, now: float) -> None:
         self._last_draw = now
@@ -116,6 +125,7 @@ class Progress:
         return Summary(
             total=self.done,
             failures=self.failures,
+            infrastructure=self.infrastructure,
             by_reason=dict(self.by_reason),
             wall_time_s=self.clock() - self.start,
         )

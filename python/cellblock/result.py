@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -77,3 +78,13 @@ class RunResult(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the text fields (stdout/stderr as str)."""
         return {name: getattr(self, name) for name in FIELDS}
+
+
+def violation_kind(violation: Mapping[str, Any]) -> str:
+    """The kind of a reported violation as security events and reports name it: `seccomp`,
+    `dns` (a name lookup refused: a network violation on port 0) or `network` (a connection
+    refused)."""
+    kind = str(violation.get("kind", "unknown"))
+    if kind == "network" and violation.get("port") == 0:
+        return "dns"
+    return kind

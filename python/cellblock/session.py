@@ -29,6 +29,7 @@ from cellblock.errors import (
 from cellblock.files import SandboxFiles
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
+from cellblock.process import SandboxProcesses
 from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
@@ -58,7 +59,7 @@ def _exec_zygote(
     return session.exec(spec_json, None, bpf, on_output)
 
 
-class Sandbox(SandboxFiles):
+class Sandbox(SandboxFiles, SandboxProcesses):
     """A persistent sandbox: many calls, one workspace, until `close()`.
 
     ``Sandbox(policy=None, **limits)`` opens it; use it as a context manager or call `close()`.
@@ -70,6 +71,7 @@ class Sandbox(SandboxFiles):
     on the next call, so that an idle session costs no CPU (needs a freezer cgroup: root);
     `paused_seconds` says how long it was frozen so.
     `warm` starts runtimes at once: ``warm=("python",)`` or ``("python", "node")``.
+    `start` runs background processes and `expose` forwards ports (see cellblock.process).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Sandbox(SandboxFiles):
         self._torn_down = threading.Event()
         self._lock = threading.Lock()
         self._active = 0
+        self._procs = []
         self._last_used = time.monotonic()
         self.idle_timeout = idle_timeout
         self.auto_pause = auto_pause
@@ -179,6 +182,7 @@ class Sandbox(SandboxFiles):
             _OPEN.discard(self)
             self._runtimes.close()
             self._finalizer()
+            self._end_processes()
             self._runtimes.join(timeout=10.0)
             with self._lock:
                 self._end_auto_pause()
@@ -281,6 +285,15 @@ class Sandbox(SandboxFiles):
                 self._last_used = time.monotonic()
             if self.auto_pause is not None or self.idle_timeout is not None:
                 _IDLE.poke()
+
+    def _hold_active(self, delta: int) -> None:
+        """A background process started (+1) or ended (-1): while one runs, the session is
+        not idle."""
+        with self._lock:
+            self._active += delta
+            self._last_used = time.monotonic()
+        if delta < 0 and (self.auto_pause is not None or self.idle_timeout is not None):
+            _IDLE.poke()
 
     def idle_deadline(self) -> float | None:
         """When the idle timeout closes this session (monotonic clock), if it will."""

@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict
 from cellblock import Redactor, Sandbox
 from cellblock.agent import offline
 from cellblock.agent.memory import ShortTermMemory
-from cellblock.agent.pricing import PRICES, UNKNOWN_PRICE, Price, Usage, price_for
+from cellblock.agent.pricing import (
+    DEFAULT_RATE_PER_HOUR,
+    PRICES,
+    UNKNOWN_PRICE,
+    Price,
+    Usage,
+    price_for,
+)
 from cellblock.agent.tools import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_TOOLS,
@@ -71,6 +78,8 @@ class ToolCall(BaseModel):
     reason: ToolReason
     exit_code: int | None
     is_error: bool
+    #: What the supervisor refused during the call, by kind (seccomp, dns, network).
+    violations: dict[str, int] = {}
 
 
 class AgentResult(BaseModel):
@@ -92,6 +101,10 @@ class AgentResult(BaseModel):
     cost_is_estimate: bool
     #: Seconds spent inside tool calls (sandbox runs and file transfers).
     sandbox_seconds: float
+    #: Seconds the run's sandbox spent frozen by auto-pause while the model was thinking.
+    paused_seconds: float = 0.0
+    #: What that frozen time would have cost, billed at the agent's `rate_per_hour`.
+    idle_saving_usd: float = 0.0
     wall_time_s: float
     #: Redactions made in tool results and in the final text, per secret name.
     redactions: dict[str, int]
@@ -278,11 +291,15 @@ class Agent:
         memory: MemoryStore | None = None,
         user_id: str | None = None,
         checkpoints: CheckpointConfig | None = None,
+        auto_pause: float | None = None,
+        rate_per_hour: float = DEFAULT_RATE_PER_HOUR,
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
         if budget_usd is not None and budget_usd < 0:
             raise InvalidSpec("budget_usd must be >= 0")
+        if rate_per_hour < 0:
+            raise InvalidSpec("rate_per_hour must be >= 0")
         check_tool_names(tools)
         self.model = model
         self.fallback_model = fallback_model
@@ -312,6 +329,10 @@ class Agent:
         self.memory = memory
         self.user_id = user_id
         self.checkpoints = checkpoints
+        #: The run's own sandbox freezes after this many seconds without a call (the time
+        #: the model thinks), so it is not billed; see `AgentResult.paused_seconds`.
+        self.auto_pause = auto_pause
+        self.rate_per_hour = rate_per_hour
         if memory is not None and memory_turns is None:
             self.memory_turns = memory.config.max_turns
 
@@ -390,6 +411,9 @@ class _Run:
         self.pending: list[dict[str, Any]] | None = None
         self.prior_redactions: dict[str, int] = {}
         self.prior_wall_time = 0.0
+        self.prior_paused = 0.0
+        self.sandbox: SandboxLike | None = None
+        self.paused_at_start = 0.0
 
     def redact(self, text: str) -> str:
         return self.redactor.redact(text) if self.redactor is not None else text
@@ -401,8 +425,11 @@ class _Run:
             sandbox = self.agent.sandbox
         else:
             sandbox = owned = Sandbox(
-                policy=self.agent.policy.merged(secrets=self.agent.secrets or None)
+                policy=self.agent.policy.merged(secrets=self.agent.secrets or None),
+                auto_pause=self.agent.auto_pause,
             )
+        self.sandbox = sandbox
+        self.paused_at_start = _paused(sandbox)
         # Every field of every event (tool inputs, errors, results) is redacted, not only the
         # texts the loop builds; with a redactor of its own, so that `redactions` keeps
         # counting what was found in tool results and answers.
@@ -480,7 +507,10 @@ class _Run:
                 return "budget"
             if self.turns >= agent.max_turns:
                 return "max_turns"
-            stop = yield from self._run_tools(toolbox, tool_uses, [])
+            self.pending = []
+            if self.hooks is not None:
+                self.hooks.replied()
+            stop = yield from self._run_tools(toolbox, tool_uses, self.pending)
             if stop is not None:
                 return stop
 
@@ -497,11 +527,14 @@ class _Run:
                 continue
             yield ToolStarted(turn=self.turns, id=block["id"], name=block["name"],
                               input=block.get("input"))
-            outcome = toolbox.call(block["name"], block.get("input"))
+            outcome = (toolbox.call(block["name"], block.get("input")) if self.hooks is None
+                       else self.hooks.run_tool(toolbox, block["id"], block["name"],
+                                                block.get("input")))
             call = ToolCall(
                 turn=self.turns, id=block["id"], name=block["name"], input=block.get("input"),
                 duration_s=outcome.duration_s, reason=outcome.reason,
                 exit_code=outcome.exit_code, is_error=outcome.is_error,
+                violations=outcome.violations,
             )
             self.tool_calls.append(call)
             self.sandbox_seconds += outcome.duration_s
@@ -593,6 +626,7 @@ class _Run:
         return self.client
 
     def _result(self, stop: StopReason) -> AgentResult:
+        paused = self._paused_seconds()  # one reading: the sandbox may still be frozen
         return AgentResult(
             final_text=self.best_text,
             stop_reason=stop,
@@ -604,11 +638,20 @@ class _Run:
             cost_usd=self.cost,
             cost_is_estimate=self.cost_is_estimate,
             sandbox_seconds=self.sandbox_seconds,
+            paused_seconds=paused,
+            idle_saving_usd=paused * self.agent.rate_per_hour / 3600,
             wall_time_s=self.prior_wall_time + time.monotonic() - self.started,
             redactions=self._redactions(),
             error=self.error,
             session_id=self.hooks.session_id if self.hooks is not None else None,
         )
+
+    def _paused_seconds(self) -> float:
+        """Frozen time of this run's sandbox (since the run took it), earlier processes'
+        included."""
+        if self.sandbox is None:
+            return self.prior_paused
+        return self.prior_paused + _paused(self.sandbox) - self.paused_at_start
 
     def _redactions(self) -> dict[str, int]:
         counts = dict(self.prior_redactions)
@@ -626,7 +669,7 @@ class _Run:
             "model_stop_reason": self.model_stop_reason,
             "tool_calls": [c.model_dump(mode="json") for c in self.tool_calls],
             "sandbox_seconds": self.sandbox_seconds, "pending": self.pending,
-            "redactions": self._redactions(),
+            "redactions": self._redactions(), "paused_seconds": self._paused_seconds(),
             "wall_time_s": self.prior_wall_time + time.monotonic() - self.started,
         }
 
@@ -645,6 +688,7 @@ class _Run:
         self.pending = state["pending"]
         self.prior_redactions = dict(state["redactions"])
         self.prior_wall_time = state["wall_time_s"]
+        self.prior_paused = float(state.get("paused_seconds", 0.0))
 
 
 class _ModelError(Exception):
@@ -653,6 +697,11 @@ class _ModelError(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _paused(sandbox: object) -> float:
+    """Seconds a sandbox spent frozen by auto-pause (0 for one that cannot pause)."""
+    return float(getattr(sandbox, "paused_seconds", 0.0))
 
 
 def _usage(reply: dict[str, Any]) -> Usage:

@@ -7,6 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+#: USD per hour of active sandbox time (the guide's managed-runtime rate).
+DEFAULT_RATE_PER_HOUR = 0.08
+
 
 class Usage(BaseModel):
     """Tokens of one model response, or the sum over a run."""

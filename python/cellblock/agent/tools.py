@@ -9,13 +9,14 @@ cost stays proportional to what is kept, not to what the program printed.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cellblock.errors import CellblockError, InvalidSpec, SessionClosed
-from cellblock.result import REASONS, RunResult, one_of
+from cellblock.result import REASONS, RunResult, one_of, violation_kind
 
 #: Tools offered to the model unless the caller narrows the list.
 DEFAULT_TOOLS: tuple[str, ...] = ("run_python", "run_shell", "run_node", "read_file", "write_file")
@@ -24,8 +25,9 @@ DEFAULT_TOOLS: tuple[str, ...] = ("run_python", "run_shell", "run_node", "read_f
 DEFAULT_MAX_OUTPUT_CHARS = 10_000
 
 #: Why a tool call ended: a run's RunResult.reason, "ok" for file tools, "error" when the
-#: sandbox refused (bad path, I/O error), "invalid_input" when the model's input was malformed.
-TOOL_REASONS: tuple[str, ...] = (*REASONS, "ok", "error", "invalid_input")
+#: sandbox refused (bad path, I/O error), "invalid_input" when the model's input was malformed,
+#: "interrupted" when a resumed run found the call started but its result never recorded.
+TOOL_REASONS: tuple[str, ...] = (*REASONS, "ok", "error", "invalid_input", "interrupted")
 ToolReason = Annotated[str, one_of(TOOL_REASONS, "tool reason")]
 
 
@@ -148,6 +150,8 @@ class ToolOutcome(BaseModel):
     duration_s: float
     #: The session is gone: the loop cannot continue.
     fatal: bool = False
+    #: What the supervisor refused during the call, by kind (seccomp, dns, network).
+    violations: dict[str, int] = {}
 
 
 def trim_text(text: str, limit: int) -> str:
@@ -291,6 +295,7 @@ class Toolbox:
             reason=result.reason,
             exit_code=result.exit_code,
             duration_s=time.monotonic() - started,
+            violations=dict(Counter(violation_kind(v) for v in result.violations)),
         )
 
     def _ok(self, started: float, content: str) -> ToolOutcome:

@@ -101,6 +101,8 @@ def summary(r: AgentResult) -> str:
             f"tokens {u.input_tokens} in, {u.output_tokens} out, cache {u.cache_read_input_tokens}"
             f" read / {u.cache_creation_input_tokens} written; {cost}; "
             f"sandbox {r.sandbox_seconds:.2f}s of {r.wall_time_s:.2f}s")
+    if r.paused_seconds:
+        line += f"; auto-paused {r.paused_seconds:.2f}s (saved ${r.idle_saving_usd:.6f})"
     line += f"; session {r.session_id}" if r.session_id else ""
     return line + (f"\nerror: {r.error}" if r.error else "")
 
@@ -143,7 +145,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     agent = Agent(
         model=model, fallback_model=args.fallback_model, max_turns=args.max_turns,
         budget_usd=args.budget_usd, max_retries=args.max_retries, policy=policy,
-        memory=store, user_id=args.user, telemetry=telemetry,
+        memory=store, user_id=args.user, telemetry=telemetry, auto_pause=args.auto_pause,
     )
     show = not args.json or sys.stderr.isatty()
     on_event = Progress(sys.stderr) if show else None
@@ -211,6 +213,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--resume", metavar="latest|ID",
                    help="continue a checkpointed run (latest, a session or checkpoint id)")
     p.add_argument("--user", metavar="NAME", help="whose memory (default: the login name)")
+    p.add_argument("--auto-pause", metavar="S", type=float,
+                   help="freeze the sandbox after S seconds without a tool call (root: the "
+                        "freezer cgroup); the time frozen is reported as idle saving")
     add_limit_options(p)
     p.add_argument("task", metavar="TASK", nargs="?", help="what to do")
     p.set_defaults(func=cmd_agent)

@@ -3,31 +3,48 @@
 Each line of JOBS is a job (see `cellblock.batch.Job`); a job without an "id" gets
 "line-N". Each line of RESULTS is `{"id": ..., **report}` or `{"id": ..., "error": {kind,
 message}}`, written and flushed as jobs finish. Jobs whose id is already in RESULTS are skipped,
-so running the same command again after Ctrl-C (or a crash) finishes the batch.
+so running the same command again after Ctrl-C (or a crash) finishes the batch; a job recorded
+as an InfrastructureError (the cluster could not run it) is run again, its new line replacing
+the old one. The command exits 3 while infrastructure errors remain in RESULTS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
 
-from cellblock.batch import Backend, Job, JobError, Outcome, iter_many
+from cellblock.batch import INFRASTRUCTURE_ERROR, Backend, Job, JobError, Outcome, iter_many
 from cellblock.commands.run import add_limit_options, policy_from_args
 from cellblock.errors import InvalidSpec
 from cellblock.progress import Progress
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
+#: Exit status when some jobs are recorded as infrastructure errors (resume to re-run them).
+EXIT_INFRA = 3
+
+
+def _is_infra(row: dict[str, Any]) -> bool:
+    error = row.get("error")
+    return isinstance(error, dict) and error.get("kind") == INFRASTRUCTURE_ERROR
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Ids recorded in a results file; a torn last line (a crash mid-write) is cut off."""
+    """Ids of the jobs a results file has a result for: the newest line of each id, unless it
+    is an infrastructure error (that job is to be run again)."""
+    return {i for i, row in read_results(path).items() if not _is_infra(row)}
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """The newest line of each id in a results file (in file order); a torn last line (a crash
+    mid-write) is cut off."""
     if not path.exists():
-        return set()
+        return {}
     try:
         data = path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
@@ -36,15 +53,33 @@ def finished_ids(path: Path) -> set[str]:
                 f.truncate(len(complete))
     except OSError as e:
         raise InvalidSpec(f"cannot read results from {path}: {e.strerror}") from None
-    ids = set()
+    rows: dict[str, dict[str, Any]] = {}
     for n, line in enumerate(complete.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            ids.add(str(json.loads(line)["id"]))
+            row = json.loads(line)
+            job_id = str(row["id"])
         except (ValueError, KeyError, TypeError):
             raise InvalidSpec(f"{path}:{n}: not a cellblock results line") from None
-    return ids
+        rows.pop(job_id, None)  # the newer line wins, and takes its place in the order
+        rows[job_id] = row
+    return rows
+
+
+def compact(path: Path) -> dict[str, dict[str, Any]]:
+    """Rewrites a results file with one line per id (the newest) when a resume superseded
+    some; atomically, so a crash leaves the old file or the new one. Returns the rows."""
+    rows = read_results(path)
+    lines = sum(1 for line in path.read_bytes().splitlines() if line.strip())
+    if lines != len(rows):
+        tmp = path.with_name(path.name + ".compact")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows.values())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return rows
 
 
 def read_jobs(path: Path) -> list[tuple[str, Job | JobError]]:
@@ -97,10 +132,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         fail(f"--concurrency must be at least 1, got {args.concurrency}")
     policy = policy_from_args(args)
     out_path = Path(args.out)
+    previous = read_results(out_path)
     done = finished_ids(out_path)
     todo = [(i, item) for i, item in read_jobs(Path(args.jobs)) if i not in done]
-    if done and not args.quiet:
-        print(f"cellblock: resuming: {len(done)} jobs already in {out_path}, {len(todo)} to run",
+    if previous and not args.quiet:
+        again = len(previous) - len(done)
+        print(f"cellblock: resuming: {len(done)} jobs already in {out_path}, {len(todo)} to run"
+              + (f" ({again} infrastructure errors run again)" if again else ""),
               file=sys.stderr)
     try:
         out = out_path.open("a", encoding="utf-8")
@@ -126,6 +164,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
                   f"{out_path}; run the same command again to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
     progress.close()
+    try:
+        rows = compact(out_path)
+    except OSError as e:
+        fail(f"cannot rewrite results in {out_path}: {e.strerror}")
+    infra = sum(_is_infra(row) for row in rows.values())
+    if infra:
+        if not args.quiet:
+            print(f"cellblock: {infra} jobs not run (infrastructure errors); run the same "
+                  "command again to retry them", file=sys.stderr)
+        return EXIT_INFRA
     return 0
 
 

@@ -178,7 +178,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="samples at once (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--ray", metavar="ADDRESS",
-                   help="check on the Ray cluster at ADDRESS (runner cold or warm; "
+                   help="check on the Ray cluster at ADDRESS (every node opens --runner; "
                         "--concurrency is then per node)")
     p.add_argument("--runner", choices=RUNNER_NAMES, default="cold",
                    help="cold: a fresh sandbox per sample (default); pool: a fresh pre-warmed "

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     search.add_argument("--limit", type=int, default=10, metavar="N")
     forget = acts.add_parser("forget", help="delete a memory path, or everything (--all)")
     forget.add_argument("path", nargs="?", metavar="PATH")
-    forget.add_argument("--all", action="store_true", help="every file and archived turn")
+    forget.add_argument("--all", action="store_true",
+                        help="every file, archived turn and agent session with its checkpoints")
     acts.add_parser("export", help="print everything kept for the user as JSON")
     acts.add_parser("sessions", help="list checkpointed agent sessions")
     p.set_defaults(func=cmd_memory)

@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(add_token(args.tokens, args.add_token, limits))
         return 0
     store = TokenStore.load(args.tokens) if args.tokens else ephemeral_store()
-    serve(args.host, args.port, store)
+    serve(args.host, args.port, store, max_sessions=args.max_total_sessions)
     return 0
 
 
@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="tokens file (hashes and limits); without it one token is made and "
                         "printed for this run")
     p.add_argument("--add-token", metavar="NAME", help="create a token in --tokens, print it")
+    p.add_argument("--max-total-sessions", type=int, default=1000, metavar="N",
+                   help="sessions the service holds at once, all tokens together (1000)")
     for name, value in defaults.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=value,
                        help=f"with --add-token: the token's {name.replace('_', ' ')} ({value})")

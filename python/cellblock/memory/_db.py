@@ -73,6 +73,8 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self._lock = threading.RLock()
+        #: Transactions open on this connection (the lock's owner's): >1 means savepoints.
+        self._depth = 0
         self.dialect: Dialect
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
@@ -92,23 +94,38 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
+        """One transaction: committed when the block ends, rolled back if it raises. Opened
+        inside another transaction of this connection, it is a savepoint of that one: its
+        statements commit with the outer transaction (so a memory-tool operation and the
+        record that it was applied are one commit), and it alone is undone if it raises."""
         with self._lock:
+            nested = self._depth > 0
+            self._depth += 1
             try:
                 if self.dialect == "sqlite":
                     cur = self._conn.cursor()
-                    cur.execute("BEGIN IMMEDIATE")
+                    cur.execute("SAVEPOINT nested" if nested else "BEGIN IMMEDIATE")
                     try:
                         yield Tx(cur, "sqlite")
                     except BaseException:
-                        self._conn.rollback()
+                        if nested:
+                            cur.execute("ROLLBACK TO nested")
+                            cur.execute("RELEASE nested")
+                        else:
+                            self._conn.rollback()
                         raise
-                    self._conn.commit()
+                    if nested:
+                        cur.execute("RELEASE nested")
+                    else:
+                        self._conn.commit()
                 else:
+                    # psycopg makes a nested transaction() a savepoint by itself.
                     with self._conn.transaction(), self._conn.cursor() as cur:
                         yield Tx(cur, "postgresql")
             except (sqlite3.Error, _pg_error()) as e:
                 raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
+            finally:
+                self._depth -= 1
 
     def script(self, statements: Sequence[str]) -> None:
         """Runs schema statements, each on its own (outside of a transaction in SQLite)."""
@@ -129,6 +146,8 @@ class Database:
         if self.dialect != "sqlite":
             return
         with self._lock:
+            if self._depth:
+                return  # inside a transaction: the next compaction outside one does it
             cur = self._conn.cursor()
             cur.execute("PRAGMA incremental_vacuum")
             cur.fetchall()
@@ -151,6 +170,7 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
         conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys=ON")
     except (sqlite3.Error, OSError) as e:
         raise MemoryStoreError(f"cannot open {path}: {e}") from e
     # Explicit transactions only (BEGIN IMMEDIATE in Database.transaction).

@@ -31,6 +31,17 @@ from cellblock.memory.tool import (
 #: Tools that never change the workspace: no need to read it again after them.
 READ_ONLY_TOOLS = frozenset({"read_file", MEMORY_TOOL, SEARCH_TOOL})
 
+#: Tools run in the store's database: each call commits with its journal row.
+MEMORY_TOOLS = frozenset({MEMORY_TOOL, SEARCH_TOOL})
+
+#: What the model is told, on resume, about a sandbox tool call that had started when the
+#: agent process stopped and whose result was never recorded: it is not run again.
+INTERRUPTED = (
+    "interrupted: this tool call had started when the agent process stopped, and its result "
+    "was never recorded. It is not run again automatically. Files under /workspace are as they "
+    "were before the call (restored from the checkpoint); effects outside the sandbox (network "
+    "requests) may or may not have happened. Check before repeating it.")
+
 #: Seconds between two checks of whether a knowledge source is due for a refresh.
 REFRESH_CHECK_S = 60.0
 
@@ -44,7 +55,7 @@ def find_checkpoint(agent: Agent, ref: str) -> Checkpoint:
     """The checkpoint `ref` names (`latest`: the user's newest), for `Agent.resume`."""
     if agent.memory is None:
         raise InvalidSpec("resume needs an Agent with a memory store (memory=MemoryStore(...))")
-    return agent.memory.checkpoints.resolve(ref, user_id=agent.user_id or default_user())
+    return agent.memory.checkpoints.resolve(agent.user_id or default_user(), ref)
 
 
 class ToolboxWithMemory:
@@ -112,11 +123,11 @@ class Persistence:
             self.lease = checkpoints.start(self.user_id, self.run.task)
             self._save("start")
         else:
-            self.lease = checkpoints.take_over(found.session_id)
+            self.lease = checkpoints.take_over(self.user_id, found.session_id)
             if found.state.get("result") is not None:
                 self.finished = AgentResult(**found.state["result"])
             else:
-                restore_workspace(self.workspace, found, checkpoints)
+                restore_workspace(self.workspace, found, checkpoints, self.user_id)
                 self.run.load_state(found.state)
                 self._save("resume")
         return ToolboxWithMemory(toolbox, self.store, self.user_id, self.run.redact)
@@ -135,6 +146,41 @@ class Persistence:
             self.store.refresh_due()
         if now - self.last_save >= self.config.interval_seconds:
             self._save("interval")
+
+    def run_tool(self, toolbox: ToolRunner, tool_use_id: str, name: str,
+                 raw_input: object) -> ToolOutcome:
+        """Runs a tool call at most once per session, across kills and resumes.
+
+        A memory-tool call and its journal row commit in one transaction (the tool's own
+        statements are a savepoint of it): after a kill it either took effect and its
+        recorded outcome is replayed, or it did not and runs now. A sandbox tool call is
+        journaled as started before it runs; found started on resume, it is not run again
+        but reported to the model as interrupted (`INTERRUPTED`)."""
+        assert self.lease is not None
+        checkpoints = self.store.checkpoints
+        if name in MEMORY_TOOLS:
+            with self.store.db.transaction():
+                entry = checkpoints.journal_entry(self.lease, tool_use_id)
+                if entry is None:
+                    outcome = toolbox.call(name, raw_input)
+                    checkpoints.journal(self.lease, tool_use_id, "done",
+                                        outcome.model_dump_json())
+                    return outcome
+        else:
+            entry = checkpoints.journal_entry(self.lease, tool_use_id)
+            if entry is None:
+                checkpoints.journal(self.lease, tool_use_id, "started")
+                return toolbox.call(name, raw_input)
+        if entry.state == "done" and entry.outcome is not None:
+            return ToolOutcome.model_validate_json(entry.outcome)
+        return ToolOutcome(content=INTERRUPTED, is_error=True, reason="interrupted",
+                           duration_s=0.0)
+
+    def replied(self) -> None:
+        """The model asked for tool calls: their ids are checkpointed before any runs (the
+        workspace is unchanged since the last snapshot), so a resumed run finds the journal
+        entries of the very calls it has to continue."""
+        self._save("model_reply", rescan=False)
 
     def tool_done(self, name: str) -> None:
         """After each completed tool call (a tool that cannot change the workspace reuses the
@@ -165,5 +211,6 @@ class Persistence:
         if rescan or self.files is None:
             self.files = snapshot_workspace(self.workspace, self.config.max_file_bytes)
         self.store.checkpoints.save(self.lease, state or self.run.state(), self.files,
-                                    reason=reason, config=self.config, status=status)
+                                    reason=reason, config=self.config, status=status,
+                                    completed={c.id for c in self.run.tool_calls})
         self.last_save = time.monotonic()

@@ -35,6 +35,9 @@ class MemoryConfig(BaseModel):
     #: `ttl_days`).
     max_archived_messages: int = Field(default=20_000, ge=1)
     refresh_interval_hours: float = Field(default=24, gt=0)
+    #: A finished agent session (its checkpoints and workspace blobs) is deleted this many
+    #: days after it finished; an unfinished one, resumable, after `ttl_days` untouched.
+    finished_session_ttl_days: float = Field(default=7, gt=0)
     sources: tuple[KnowledgeSource, ...] = ()
 
 

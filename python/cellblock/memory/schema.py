@@ -6,7 +6,7 @@ from __future__ import annotations
 from cellblock.memory._db import Database
 
 #: Bumped when a table changes; stored in `meta` to refuse a store of another version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _COMMON = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,12 +36,16 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, session_id TEXT NOT NULL, seq INTEGER NOT NULL,
     generation INTEGER NOT NULL, created_at {real} NOT NULL, reason TEXT NOT NULL,
     state TEXT NOT NULL, UNIQUE (session_id, seq));
-CREATE TABLE IF NOT EXISTS checkpoint_files (
-    checkpoint_id TEXT NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL, hash TEXT,
-    PRIMARY KEY (checkpoint_id, path));
-CREATE INDEX IF NOT EXISTS checkpoint_files_hash ON checkpoint_files (hash);
 CREATE TABLE IF NOT EXISTS blobs (hash TEXT PRIMARY KEY, size BIGINT NOT NULL,
     data {blob} NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoint_files (
+    checkpoint_id TEXT NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL,
+    hash TEXT REFERENCES blobs (hash), PRIMARY KEY (checkpoint_id, path));
+CREATE INDEX IF NOT EXISTS checkpoint_files_hash ON checkpoint_files (hash);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    session_id TEXT NOT NULL, tool_use_id TEXT NOT NULL, state TEXT NOT NULL,
+    outcome TEXT, created_at {real} NOT NULL, saved_seq INTEGER,
+    PRIMARY KEY (session_id, tool_use_id));
 """
 
 _SQLITE_FTS = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ from cellblock.memory.sources import read_source
 
 if TYPE_CHECKING:
     from cellblock.memory.checkpoint import Checkpoints
+
+_log = logging.getLogger("cellblock.memory")
 
 DAY = 86_400.0
 MAX_USER_CHARS = 200
@@ -215,21 +218,30 @@ class MemoryStore:
 
     def forget(self, user_id: str, path: str | None = None) -> int:
         """Deletes one memory path, or (without `path`) everything kept for the user: memory
-        files and archived turns. Returns the number of rows deleted."""
+        files, archived turns, agent sessions with their checkpoints and the workspace blobs
+        only they referenced, in one transaction. Returns the number of files, turns and
+        sessions deleted."""
         if path is not None:
             return self.delete(user_id, path)
         user = check_user(user_id)
         with self.db.transaction() as tx:
             return (tx.run("DELETE FROM memories WHERE user_id = ?", (user,))
-                    + tx.run("DELETE FROM turns WHERE user_id = ?", (user,)))
+                    + tx.run("DELETE FROM turns WHERE user_id = ?", (user,))
+                    + self.checkpoints.forget(user))
 
     def sweep(self) -> int:
-        """Deletes every expired memory file and archived turn; the count deleted."""
+        """Deletes every expired memory file and archived turn, finished agent sessions
+        `finished_session_ttl_days` after they finished and other sessions untouched for
+        `ttl_days` (with their checkpoints); the count deleted."""
+        now = self.clock()
         with self.db.transaction() as tx:
-            return self._sweep(tx, self.clock())
+            return self._sweep(tx, now) + self.checkpoints.expire(
+                now, self.config.finished_session_ttl_days * DAY, self.ttl_seconds)
 
     def export(self, user_id: str) -> dict[str, Any]:
-        """Everything live kept for the user, as JSON-ready data."""
+        """Everything live kept for the user, as JSON-ready data: memory files, archived
+        turns, agent sessions with their kept checkpoints, and the workspace blobs those
+        reference (base64)."""
         user, now = check_user(user_id), self.clock()
         with self.db.transaction() as tx:
             files = tx.rows(
@@ -244,6 +256,7 @@ class MemoryStore:
             "archived_turns": [
                 {"session_id": r[0], "turn": r[1], "created_at": r[2],
                  "message": json.loads(r[3])} for r in turns],
+            **self.checkpoints.export(user),
         }
 
     # ---- short-term: turns archived when they leave the context window ---------------------
@@ -306,7 +319,8 @@ class MemoryStore:
 
     def refresh_due(self, sources: Sequence[KnowledgeSource] | None = None) -> list[str]:
         """Refreshes each source whose namespace is older than `refresh_interval_hours`
-        (or was never loaded); the namespaces refreshed."""
+        (or was never loaded); the namespaces refreshed. A source that cannot be read (its
+        directory gone) is logged and keeps its current version: agents still start."""
         refreshed = []
         interval = self.config.refresh_interval_hours * 3600
         for source in self.config.sources if sources is None else sources:
@@ -316,7 +330,12 @@ class MemoryStore:
             if rows and rows[0][0] + interval > self.clock():
                 continue
             before = self.knowledge_version(source.namespace)
-            if self.refresh_knowledge(source.namespace, read_source(source),
+            try:
+                documents = read_source(source)
+            except MemoryStoreError as e:
+                _log.warning("knowledge source %s not refreshed: %s", source.namespace, e)
+                continue
+            if self.refresh_knowledge(source.namespace, documents,
                                       unless_newer_than=interval) != before:
                 refreshed.append(source.namespace)
         return refreshed

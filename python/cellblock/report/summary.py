@@ -158,6 +158,10 @@ def _agent(name: str, r: dict[str, Any], rate: float) -> Summary:
     sandbox_s = float(r.get("sandbox_seconds", 0.0))
     sandbox_usd = sandbox_s * rate / 3600
     tokens_usd = float(r.get("cost_usd", 0.0))
+    paused_s = float(r.get("paused_seconds", 0.0))
+    violations: Counter[str] = Counter()
+    for c in calls:
+        violations.update({str(k): int(v) for k, v in (c.get("violations") or {}).items()})
     stats = [
         ("stop reason", str(r.get("stop_reason"))), ("model", str(r.get("model"))),
         ("turns", str(r.get("turns"))), ("tool calls", str(len(calls))),
@@ -166,15 +170,20 @@ def _agent(name: str, r: dict[str, Any], rate: float) -> Summary:
         ("cache read / write", f"{usage.get('cache_read_input_tokens', 0)} / "
                                f"{usage.get('cache_creation_input_tokens', 0)}"),
         ("wall time", f"{float(r.get('wall_time_s', 0.0)):.2f} s"),
+        ("violations", str(sum(violations.values()))),
         ("cost", f"${tokens_usd + sandbox_usd:.6f} (tokens ${tokens_usd:.6f}, "
                  f"sandbox ${sandbox_usd:.6f})"),
+        ("auto-paused", f"{paused_s:.2f} s (idle saving ${paused_s * rate / 3600:.6f})"),
     ]
     charts = [
         _time_chart("Tool calls", [(f"{c.get('turn')}. {c.get('name')}",
                                     float(c.get("duration_s", 0.0))) for c in calls]),
         _count_chart("Tool outcomes", Counter(str(c.get("reason")) for c in calls), "calls"),
         Chart(title="Cost", unit="USD", bars=[Bar(label="tokens", value=tokens_usd),
-                                              Bar(label="sandbox", value=sandbox_usd)]),
+                                              Bar(label="sandbox", value=sandbox_usd),
+                                              Bar(label="idle saving (auto-pause)",
+                                                  value=paused_s * rate / 3600)]),
+        _count_chart("Violations by kind", violations),
     ]
     return Summary(title=f"Agent run {name}", kind="agent", stats=stats, charts=charts)
 
@@ -203,11 +212,15 @@ def _trace(name: str, spans: list[dict[str, Any]]) -> Summary:
                      if a.get("gen_ai.operation.name") == "chat")
     agents = [a for a in attrs if a.get("gen_ai.operation.name") == "invoke_agent"]
     cost = sum(float(a.get("cellblock.cost.usd", 0.0)) for a in agents)
+    paused = sum(float(a.get("cellblock.agent.paused_seconds", 0.0)) for a in agents)
+    saving = sum(float(a.get("cellblock.cost.idle_saving_usd", 0.0)) for a in agents)
     errors = sum(1 for s in spans if s.get("status", {}).get("status_code") == "ERROR")
     stats = [("spans", str(len(spans))), ("traces", str(len({s["context"]["trace_id"]
                                                                for s in spans}))),
              ("agent runs", str(len(agents))), ("tokens in / out", f"{tokens_in} / {tokens_out}"),
-             ("model cost", f"${cost:.6f}"), ("spans with errors", str(errors)),
+             ("model cost", f"${cost:.6f}"),
+             ("auto-paused", f"{paused:.2f} s (idle saving ${saving:.6f})"),
+             ("spans with errors", str(errors)),
              ("security events", str(sum(events.values())))]
     charts = [
         _count_chart("Spans by operation", kinds, "spans"),

@@ -14,18 +14,19 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellblock import aio
 from cellblock.errors import CellblockError, InvalidSpec
-from cellblock.files import DirEntry
+from cellblock.files import CHUNK_SIZE, DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
@@ -49,19 +50,30 @@ from cellblock.service.problems import (
     Unauthorized,
     problem_body,
 )
-from cellblock.service.registry import Batch, Registry, Session, new_id
+from cellblock.service.registry import (
+    BATCH_RETENTION_S,
+    DEFAULT_MAX_SESSIONS,
+    Batch,
+    Registry,
+    Session,
+    new_id,
+)
 
 #: Largest body accepted from a request whose token is unknown (it gets 401 anyway).
 ANONYMOUS_MAX_BODY = 64 << 10
 
 #: Chunk size of streamed file downloads.
-CHUNK = 64 << 10
+CHUNK = CHUNK_SIZE
+#: Largest `max_size` a download may ask for (the core's "no cap").
+_UNLIMITED = (1 << 64) - 1
 
 _bearer = HTTPBearer(auto_error=False)
 
+T = TypeVar("T")
+
 _PROBLEM = {"content": {PROBLEM_JSON: {}}, "description": "An error (problem+json)."}
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 503)
+    code: _PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 500, 503, 504)
 }
 
 
@@ -143,9 +155,11 @@ def problem(error: CellblockError, status: int | None = None) -> JSONResponse:
                         headers=headers)
 
 
-def create_app(tokens: TokenStore) -> FastAPI:
-    """The service's ASGI app, accepting the given tokens."""
-    registry = Registry()
+def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
+               batch_retention_s: float = BATCH_RETENTION_S) -> FastAPI:
+    """The service's ASGI app, accepting the given tokens, holding at most `max_sessions`
+    sessions in all and keeping finished batches `batch_retention_s` seconds."""
+    registry = Registry(max_sessions, batch_retention_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -166,9 +180,11 @@ def create_app(tokens: TokenStore) -> FastAPI:
     app.add_middleware(BodyLimit, tokens=tokens)
     _install_error_handlers(app)
 
-    async def run_report(tok: TokenRecord, call: Awaitable[RunResult]) -> RunReport:
+    async def run_report(
+        tok: TokenRecord, request: Request, call: Awaitable[RunResult]
+    ) -> RunReport:
         async with registry.run_slot(tok):
-            return RunReport.of(await call)
+            return RunReport.of(await _unless_disconnected(request, call))
 
     # ---- health --------------------------------------------------------------------------
 
@@ -183,11 +199,12 @@ def create_app(tokens: TokenStore) -> FastAPI:
     async def create_session(tok: Token, body: SessionCreate) -> SessionInfo:
         """Opens a session (a persistent sandbox) owned by this token."""
         fields = body.model_dump(exclude={"labels", "lifetime_s", "warm", "idle_timeout",
-                                          "secrets", "env"}, exclude_none=True)
+                                          "auto_pause", "secrets", "env"}, exclude_none=True)
         async with registry.session_slot(tok):
             sandbox = await aio.Sandbox(
                 Policy.build(**fields, env=body.env), secrets=body.secrets or None,
-                idle_timeout=body.idle_timeout, warm=tuple(body.warm),
+                idle_timeout=body.idle_timeout, auto_pause=body.auto_pause,
+                warm=tuple(body.warm),
             ).open()
             now = time.time()
             session = Session(
@@ -252,9 +269,10 @@ def create_app(tokens: TokenStore) -> FastAPI:
     # ---- runs in a session ---------------------------------------------------------------
 
     @app.post("/v1/sessions/{session_id}/run", tags=["runs"])
-    async def session_run(tok: Token, sess: Sess, body: CommandRun) -> RunReport:
+    async def session_run(tok: Token, sess: Sess, body: CommandRun, request: Request
+                          ) -> RunReport:
         """Runs a command in the session."""
-        return await run_report(tok, sess.sandbox.run(body.argv, **_call_kwargs(body)))
+        return await run_report(tok, request, sess.sandbox.run(body.argv, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -265,16 +283,18 @@ def create_app(tokens: TokenStore) -> FastAPI:
         return await _sse(registry, tok, sess.sandbox.stream(body.argv, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/python", tags=["runs"])
-    async def session_python(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+    async def session_python(tok: Token, sess: Sess, body: CodeRun, request: Request
+                             ) -> RunReport:
         """Runs Python in the session's warm interpreter (`value`: repr of the last
         expression; `error`: the traceback)."""
-        return await run_report(tok, sess.sandbox.run_python(
+        return await run_report(tok, request, sess.sandbox.run_python(
             body.code, stateful=body.stateful, **_call_kwargs(body)))
 
     @app.post("/v1/sessions/{session_id}/node", tags=["runs"])
-    async def session_node(tok: Token, sess: Sess, body: CodeRun) -> RunReport:
+    async def session_node(tok: Token, sess: Sess, body: CodeRun, request: Request
+                           ) -> RunReport:
         """Runs JavaScript in the session's warm Node runtime."""
-        return await run_report(tok, sess.sandbox.run_node(
+        return await run_report(tok, request, sess.sandbox.run_node(
             body.code, stateful=body.stateful, **_call_kwargs(body)))
 
     # ---- files ---------------------------------------------------------------------------
@@ -285,25 +305,27 @@ def create_app(tokens: TokenStore) -> FastAPI:
                                                          "format": "binary"}}}}})
     async def put_file(sess: Sess, request: Request, path: Path) -> Response:
         """Writes a file (the raw body; parents created). Relative paths are under
-        /workspace; nothing outside the sandbox is reachable (PathEscape)."""
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-        await sess.sandbox.write_file(path, bytes(data))
+        /workspace; nothing outside the sandbox is reachable (PathEscape). The body is
+        written as it arrives (never held whole); a body cut short or too large leaves no
+        partial file."""
+        try:
+            await sess.sandbox.write_file(path, request.stream())
+        except (StarletteHTTPException, ClientDisconnect):
+            with contextlib.suppress(CellblockError):
+                await sess.sandbox.remove(path)
+            raise
         return Response(status_code=204)
 
     @app.get("/v1/sessions/{session_id}/files", tags=["files"],
              responses={200: {"content": {"application/octet-stream": {}}}})
-    async def get_file(sess: Sess, path: Path) -> StreamingResponse:
-        """Reads a file, streamed."""
-        data = await sess.sandbox.read_file(path)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            for i in range(0, len(data), CHUNK):
-                yield data[i : i + CHUNK]
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream",
-                                 headers={"Content-Length": str(len(data))})
+    async def get_file(
+        sess: Sess, path: Path,
+        max_size: Annotated[int | None, Query(ge=0, le=_UNLIMITED)] = None,
+    ) -> StreamingResponse:
+        """Reads a file, streamed as it is read (secrets redacted); `max_size`: refuse files
+        larger than that many bytes (FileTooLarge) before sending any."""
+        chunks = await sess.sandbox.iter_file(path, chunk_size=CHUNK, max_size=max_size)
+        return StreamingResponse(chunks, media_type="application/octet-stream")
 
     @app.delete("/v1/sessions/{session_id}/files", status_code=204, tags=["files"])
     async def remove_file(sess: Sess, path: Path, recursive: bool = False) -> Response:
@@ -325,9 +347,9 @@ def create_app(tokens: TokenStore) -> FastAPI:
     # ---- one-shot runs and batches -------------------------------------------------------
 
     @app.post("/v1/run", tags=["runs"])
-    async def one_shot(tok: Token, body: OneShotRun) -> RunReport:
+    async def one_shot(tok: Token, body: OneShotRun, request: Request) -> RunReport:
         """Runs a command in a fresh sandbox, destroyed after."""
-        return await run_report(tok, aio.run(body.argv, **_one_shot_kwargs(body)))
+        return await run_report(tok, request, aio.run(body.argv, **_one_shot_kwargs(body)))
 
     @app.post("/v1/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
@@ -341,6 +363,7 @@ def create_app(tokens: TokenStore) -> FastAPI:
         concurrent runs). Poll `GET /v1/batches/{id}`."""
         if len(body.jobs) > tok.max_batch_jobs:
             raise InvalidSpec(f"{len(body.jobs)} jobs exceed the limit of {tok.max_batch_jobs}")
+        registry.check_batch_room(tok)
         batch = Batch(id=new_id("bat"), owner=tok.name, jobs=list(body.jobs))
         batch.task = asyncio.ensure_future(_run_batch(registry, tok, batch, body.concurrency))
         registry.add_batch(batch)
@@ -352,13 +375,16 @@ def create_app(tokens: TokenStore) -> FastAPI:
         return registry.get_batch(tok, batch_id).status(with_results=results)
 
     @app.delete("/v1/batches/{batch_id}", tags=["batches"])
-    async def cancel_batch(tok: Token, batch_id: str) -> BatchStatus:
-        """Cancels a batch: running jobs are killed, the rest never start."""
+    async def cancel_batch(tok: Token, batch_id: str, forget: bool = False) -> BatchStatus:
+        """Cancels a batch: running jobs are killed, the rest never start (`forget`: also
+        drop it and its results now, rather than after the retention time)."""
         batch = registry.get_batch(tok, batch_id)
         if batch.task is not None and not batch.task.done():
             batch.cancelled = True
             batch.task.cancel()
             await asyncio.wait({batch.task})
+        if forget:
+            registry.batches.pop(batch.id, None)
         return batch.status(with_results=False)
 
     return app
@@ -366,14 +392,43 @@ def create_app(tokens: TokenStore) -> FastAPI:
 
 def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
     """Keyword arguments of a session call (None values are left to the session)."""
-    fields = body.model_dump(exclude={"argv", "code", "stateful"}, exclude_none=True)
+    fields = body.model_dump(
+        exclude={"argv", "code", "stateful", "stdin", "stdin_base64", "secrets"},
+        exclude_none=True,
+    )
     if not fields.get("env"):
         fields.pop("env", None)
+    stdin = body.stdin_base64 if body.stdin_base64 is not None else body.stdin
+    if stdin is not None:
+        fields["stdin"] = stdin
+    if body.secrets:
+        fields["secrets"] = dict(body.secrets)
     return fields
 
 
 def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
     return _call_kwargs(body)
+
+
+async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
+    """Awaits a run, killing it if the client goes away first (closing the request is how a
+    client cancels a call: an event of its own cannot travel)."""
+    task = asyncio.ensure_future(call)
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnect())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()  # aio kills the run and returns once its processes are gone
+        await asyncio.wait({task})
+        raise ServiceError("the client closed the request: the run was killed")
+    return task.result()
 
 
 async def _run_batch(
@@ -393,6 +448,7 @@ async def _run_batch(
         for t in tasks:
             t.cancel()
         await asyncio.wait(tasks)
+        batch.finished_at = time.monotonic()
 
 
 async def _sse(registry: Registry, tok: TokenRecord, live: aio.LiveRun) -> StreamingResponse:

@@ -31,6 +31,8 @@ class TokenLimits(BaseModel):
     max_concurrent_runs: int = Field(default=64, ge=1, description="Runs (batch jobs) at once.")
     max_request_bytes: int = Field(default=64 << 20, ge=1024, description="Largest body.")
     max_batch_jobs: int = Field(default=10_000, ge=1, description="Jobs in one batch.")
+    max_batches: int = Field(default=100, ge=1,
+                             description="Batches held (running or finished, not forgotten).")
 
 
 class TokenRecord(TokenLimits):

@@ -4,9 +4,9 @@ document). Limits use the names and units of `cellblock.run`'s keyword arguments
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
 
 from cellblock.batch import Job, Limits
 from cellblock.result import Reason, RunResult
@@ -41,7 +41,10 @@ class SessionCreate(Limits):
     profile: str | None = None
     allow_net: list[str] | None = None
     secrets: dict[str, str] = Field(default={}, description="Env values, redacted.")
-    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S)
+    idle_timeout: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S,
+                                       description="Close after this many idle seconds.")
+    auto_pause: float | None = Field(default=None, gt=0, le=MAX_LIFETIME_S,
+                                     description="Freeze after this many idle seconds (root).")
     lifetime_s: float = Field(default=3600.0, gt=0, le=MAX_LIFETIME_S,
                               description="Seconds until the service closes it.")
     warm: list[Literal["python", "node"]] = Field(default=[], max_length=2)
@@ -61,25 +64,42 @@ class SessionInfo(BaseModel):
     state: Literal["open", "paused", "closed"]
     created_at: float = Field(description="Unix time.")
     expires_at: float = Field(description="Unix time at which the session is closed.")
+    paused_seconds: float = Field(default=0.0, description="Seconds frozen by auto_pause.")
+    idle_close_in: float | None = Field(
+        default=None, description="Seconds until the idle timeout closes it (none: never).")
+    auto_pause_in: float | None = Field(
+        default=None, description="Seconds until auto_pause freezes it (none: not pending).")
 
 
-class CommandRun(CallLimits):
+class CallInput(CallLimits):
+    """What every call may add: stdin (text, or exact bytes as base64), environment and
+    per-call secrets (injected into the environment, redacted from the output)."""
+
+    stdin: str | None = None
+    stdin_base64: Base64Bytes | None = Field(default=None, description="Binary stdin.")
+    env: Env = {}
+    secrets: dict[str, str] = Field(default={}, description="Env values, redacted.")
+
+    @model_validator(mode="after")
+    def _one_stdin(self) -> Self:
+        if self.stdin is not None and self.stdin_base64 is not None:
+            raise ValueError("give stdin or stdin_base64, not both")
+        return self
+
+
+class CommandRun(CallInput):
     """A command in a session."""
 
     argv: list[str] = Field(min_length=1, max_length=4096)
-    stdin: str | None = None
-    env: Env = {}
     cwd: str | None = None
     profile: str | None = None
 
 
-class CodeRun(CallLimits):
+class CodeRun(CallInput):
     """Code in a session's warm runtime (stateless unless `stateful`)."""
 
     code: str
     stateful: bool = False
-    stdin: str | None = None
-    env: Env = {}
     cwd: str | None = None
 
 

@@ -36,12 +36,18 @@ class NotFound(ServiceError):
     """No such route or resource (other tokens' resources are not found either)."""
 
 
+class Cancelled(ServiceError):
+    """A client's call was cancelled by its caller: the request was closed, and the service
+    killed the run (raised by the client; a killed run's report cannot come back)."""
+
+
 class InternalError(ServiceError):
     """A bug in the service; the message says what failed."""
 
 
-#: HTTP status of each error class (subclasses inherit their base's).
+#: HTTP status of each error class (subclasses inherit their nearest listed base's).
 STATUS: dict[type[CellblockError], int] = {
+    errors.CellblockError: 500,
     errors.InvalidSpec: 422,
     errors.CommandNotFound: 422,
     errors.SecretError: 422,
@@ -49,9 +55,11 @@ STATUS: dict[type[CellblockError], int] = {
     errors.SeccompError: 422,
     errors.PathEscape: 403,
     errors.SandboxIOError: 404,
+    errors.FileTooLarge: 413,
     errors.SessionClosed: 404,
     errors.NamespaceUnavailable: 503,
     errors.SetupError: 503,
+    errors.SetupTimeout: 504,
     Unauthorized: 401,
     LimitExceeded: 429,
     RequestTooLarge: 413,
@@ -59,9 +67,20 @@ STATUS: dict[type[CellblockError], int] = {
     InternalError: 500,
 }
 
-#: Every class a problem's title may name, for clients.
-_NAMED: tuple[type[CellblockError], ...] = (CellblockError, ServiceError, *STATUS)
-CLASSES: dict[str, type[CellblockError]] = {cls.__name__: cls for cls in _NAMED}
+
+def _error_classes() -> list[type[CellblockError]]:
+    """Every exception class of `cellblock.errors`, plus the service's own."""
+    found: list[type[CellblockError]] = [ServiceError]
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, CellblockError):
+            found.append(cls)
+    found.extend(c for c in [*STATUS, *ServiceError.__subclasses__()] if c not in found)
+    return found
+
+
+#: Every class a problem's title may name, by name (the client raises the class named).
+CLASSES: dict[str, type[CellblockError]] = {cls.__name__: cls for cls in _error_classes()}
 
 TYPE_PREFIX = "urn:cellblock:error:"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,13 @@ from cellblock.service.problems import LimitExceeded, NotFound
 
 #: How often expired sessions are looked for, seconds.
 REAP_INTERVAL_S = 0.5
+#: Sessions one service holds at once, all tokens together (each costs a few descriptors and
+#: processes; see the README's bench).
+DEFAULT_MAX_SESSIONS = 1000
+#: How long a finished batch's results are kept for its owner to fetch, seconds.
+BATCH_RETENTION_S = 3600.0
+
+_log = logging.getLogger("cellblock.service")
 
 
 def new_id(prefix: str) -> str:
@@ -44,9 +52,15 @@ class Session:
         state: Literal["open", "paused", "closed"] = (
             "paused" if self.paused else "open" if self.sandbox.is_open else "closed"
         )
+        now = time.monotonic()
+        idle = self.sandbox.idle_deadline() if self.sandbox.is_open else None
+        pause = self.sandbox.pause_deadline() if self.sandbox.is_open else None
         return SessionInfo(
             id=self.id, labels=self.labels, state=state,
             created_at=self.created_at, expires_at=self.expires_at,
+            paused_seconds=self.sandbox.paused_seconds,
+            idle_close_in=None if idle is None else max(0.0, idle - now),
+            auto_pause_in=None if pause is None else max(0.0, pause - now),
         )
 
 
@@ -60,6 +74,8 @@ class Batch:
     outcomes: list[tuple[Job, Outcome]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     cancelled: bool = False
+    #: Monotonic time the batch ended (it is forgotten BATCH_RETENTION_S later).
+    finished_at: float | None = None
 
     def status(self, with_results: bool) -> BatchStatus:
         """Progress, and the finished jobs' outcomes if asked for."""
@@ -93,7 +109,12 @@ class Usage:
 class Registry:
     """Sessions and batches by id; `get_*` never reveals another token's objects."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 batch_retention_s: float = BATCH_RETENTION_S) -> None:
+        self.max_sessions = max_sessions
+        self.batch_retention_s = batch_retention_s
+        #: Sessions open or being opened, all tokens together.
+        self._opening = 0
         self.sessions: dict[str, Session] = {}
         self.batches: dict[str, Batch] = {}
         self._usage: dict[str, Usage] = {}
@@ -112,11 +133,16 @@ class Registry:
         if usage.sessions >= token.max_sessions:
             raise LimitExceeded(f"token {token.name!r} has {usage.sessions} open sessions "
                                 f"(limit {token.max_sessions})")
+        if self._opening >= self.max_sessions:
+            raise LimitExceeded(f"the service holds {self._opening} sessions "
+                                f"(limit {self.max_sessions})")
         usage.sessions += 1
+        self._opening += 1
         try:
             yield
         except BaseException:
             usage.sessions -= 1
+            self._opening -= 1
             raise
 
     def add_session(self, session: Session) -> None:
@@ -143,10 +169,12 @@ class Registry:
         if self.sessions.pop(session.id, None) is None:
             return
         self._usage[session.owner].sessions -= 1
+        self._opening -= 1
         await session.sandbox.close()
 
     async def close_all(self) -> None:
-        """Closes every session and cancels every batch (graceful shutdown)."""
+        """Closes every session and cancels every batch (graceful shutdown). One failing
+        close does not stop the others: failures are logged."""
         if self._reaper is not None:
             self._reaper.cancel()
         for batch in self.batches.values():
@@ -155,7 +183,12 @@ class Registry:
         tasks = [b.task for b in self.batches.values() if b.task is not None]
         if tasks:
             await asyncio.wait(tasks)
-        await asyncio.gather(*(self.close_session(s) for s in list(self.sessions.values())))
+        sessions = list(self.sessions.values())
+        outcomes = await asyncio.gather(*(self.close_session(s) for s in sessions),
+                                        return_exceptions=True)
+        for session, outcome in zip(sessions, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _log.error("closing session %s failed: %r", session.id, outcome)
 
     def start_reaper(self) -> None:
         """Starts closing sessions past their lifetime, or closed from the inside."""
@@ -171,6 +204,14 @@ class Registry:
             ]
             for s in gone:
                 await self.close_session(s)
+            self.forget_finished_batches()
+
+    def forget_finished_batches(self) -> None:
+        """Drops the batches that ended more than the retention time ago."""
+        cutoff = time.monotonic() - self.batch_retention_s
+        for batch_id in [b.id for b in self.batches.values()
+                         if b.finished_at is not None and b.finished_at <= cutoff]:
+            del self.batches[batch_id]
 
     # ---- runs --------------------------------------------------------------------------------
 
@@ -193,6 +234,15 @@ class Registry:
                 usage.changed.notify_all()
 
     # ---- batches -----------------------------------------------------------------------------
+
+    def check_batch_room(self, token: TokenRecord) -> None:
+        """LimitExceeded if the token holds `max_batches` batches (running, or finished and
+        not yet forgotten)."""
+        held = sum(1 for b in self.batches.values() if b.owner == token.name)
+        if held >= token.max_batches:
+            raise LimitExceeded(f"token {token.name!r} holds {held} batches (limit "
+                                f"{token.max_batches}; finished ones are kept "
+                                f"{self.batch_retention_s:g} s or until deleted)")
 
     def add_batch(self, batch: Batch) -> None:
         """Registers a submitted batch."""

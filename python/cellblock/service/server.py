@@ -25,15 +25,29 @@ def ephemeral_store() -> TokenStore:
                                    **TokenLimits().model_dump())])
 
 
-def serve(host: str, port: int, tokens: TokenStore) -> None:
+def reclaim_stale(program: str) -> int:
+    """Reclaims what dead cellblock processes left behind (a predecessor killed with SIGKILL
+    whose paused sessions' reapers died too): their cgroups are thawed, their processes killed,
+    the cgroups removed. Said on stderr when there was any; returns how many."""
+    from cellblock import _native
+
+    found = _native.sweep_stale_cgroups()
+    if found:
+        print(f"{program}: reclaimed {found} cgroups of dead cellblock processes",
+              file=sys.stderr, flush=True)
+    return found
+
+
+def serve(host: str, port: int, tokens: TokenStore, max_sessions: int = 1000) -> None:
     """Serves until SIGINT/SIGTERM; then every session is closed before the process exits."""
     import uvicorn
 
     from cellblock.service.app import create_app
 
     raise_nofile_limit()
+    reclaim_stale("cellblock serve")
     config = uvicorn.Config(
-        create_app(tokens), host=host, port=port, log_level="warning",
+        create_app(tokens, max_sessions=max_sessions), host=host, port=port, log_level="warning",
         timeout_graceful_shutdown=10, lifespan="on",
         # Clients hold connections across long runs; a short idle limit races their reuse.
         timeout_keep_alive=75,

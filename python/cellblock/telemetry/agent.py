@@ -161,6 +161,8 @@ class AgentTracer:
             "cellblock.agent.turns": r.turns,
             "cellblock.agent.tool_calls": len(r.tool_calls),
             "cellblock.cost.usd": r.cost_usd,
+            "cellblock.agent.paused_seconds": r.paused_seconds,
+            "cellblock.cost.idle_saving_usd": r.idle_saving_usd,
             **usage_attributes(r.usage),
         }
         self._agent.set_attributes(attrs)

@@ -2,8 +2,12 @@
 
 Sandbox time is billed only while something runs in a session (the union of its calls'
 intervals, so concurrent calls of one session count once) and for the whole of a one-shot run.
-Idle time of an open session is not billed: the meter reports it as the saving over a
-platform that bills open time, and how much of it the session spent frozen by auto-pause.
+Idle time of an open session is not billed; the time it spent frozen by auto-pause is reported
+as the idle saving (`idle_saving_usd`), priced at the same rate.
+
+Budget alerts: a callable runs on the thread whose observation crossed the threshold; "log"
+logs a warning; a webhook is POSTed from the meter's one alert thread (a 5 s timeout each, at
+most `MAX_PENDING_WEBHOOKS` waiting, more are logged and dropped), never on the run's thread.
 """
 
 from __future__ import annotations
@@ -14,12 +18,20 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict
 
-from cellblock.agent.pricing import PRICES, UNKNOWN_PRICE, Price, Usage, price_for
+from cellblock.agent.pricing import (
+    DEFAULT_RATE_PER_HOUR,
+    PRICES,
+    UNKNOWN_PRICE,
+    Price,
+    Usage,
+    price_for,
+)
 from cellblock.errors import InvalidSpec
 from cellblock.observe import (
     RunRecord,
@@ -30,8 +42,13 @@ from cellblock.observe import (
     remove_session_observer,
 )
 
-#: USD per hour of active sandbox time (the guide's managed-runtime rate).
-DEFAULT_RATE_PER_HOUR = 0.08
+__all__ = ["DEFAULT_RATE_PER_HOUR", "AlertAction", "CostMeter", "CostReport", "ModelCost"]
+
+#: Seconds a budget webhook may take.
+WEBHOOK_TIMEOUT_S = 5.0
+
+#: Webhooks queued at most per meter (each alert fires once, so only many alerts reach it).
+MAX_PENDING_WEBHOOKS = 16
 
 _log = logging.getLogger("cellblock.cost")
 
@@ -63,7 +80,7 @@ class CostReport(BaseModel):
     models: dict[str, ModelCost]
     tokens_usd: float
     total_usd: float
-    #: What billing open time instead of active time would have added.
+    #: What the time sessions spent frozen by auto-pause would have cost if billed.
     idle_saving_usd: float
 
 
@@ -126,6 +143,8 @@ class CostMeter:
         self._oneshot_seconds = 0.0
         self._usage: dict[str, Usage] = {}
         self._alerts: list[_Alert] = []
+        self._webhook_pool: ThreadPoolExecutor | None = None
+        self._webhook_futures: list[Future[None]] = []
 
     # ---- subscription ----------------------------------------------------------------------
 
@@ -212,7 +231,42 @@ class CostMeter:
             for a in due:
                 a.fired = True
         for a in due:
-            _fire(a, report)
+            self._fire(a, report)
+
+    def _fire(self, alert: _Alert, report: CostReport) -> None:
+        action = alert.action
+        if isinstance(action, str) and action != "log":
+            self._post_later(action, alert, report)
+            return
+        try:
+            if callable(action):
+                action(report)
+            else:
+                _log.warning("cost %.4f USD reached the alert threshold %.4f USD",
+                             report.total_usd, alert.threshold_usd)
+        except Exception:  # an alert that fails must not fail the run that crossed it
+            _log.exception("cost alert at %.4f USD failed", alert.threshold_usd)
+
+    def _post_later(self, url: str, alert: _Alert, report: CostReport) -> None:
+        """Queues the webhook on the alert thread: a slow or dead endpoint never holds up the
+        run whose observation crossed the threshold."""
+        with self._lock:
+            self._webhook_futures = [f for f in self._webhook_futures if not f.done()]
+            if len(self._webhook_futures) >= MAX_PENDING_WEBHOOKS:
+                _log.error("cost alert webhook at %.4f USD dropped: %d already waiting",
+                           alert.threshold_usd, MAX_PENDING_WEBHOOKS)
+                return
+            if self._webhook_pool is None:
+                self._webhook_pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="cellblock-alert")
+            self._webhook_futures.append(self._webhook_pool.submit(_post, url, alert, report))
+
+    def flush_alerts(self, timeout: float | None = None) -> bool:
+        """Waits for the queued webhooks; True when none is left waiting."""
+        with self._lock:
+            futures = list(self._webhook_futures)
+        _, pending = wait(futures, timeout=timeout)
+        return not pending
 
     # ---- totals ----------------------------------------------------------------------------
 
@@ -241,24 +295,18 @@ class CostMeter:
             rate_per_hour=self.rate_per_hour, active_seconds=active, open_seconds=open_s,
             paused_seconds=paused, sandbox_usd=sandbox_usd, models=models,
             tokens_usd=tokens_usd, total_usd=sandbox_usd + tokens_usd,
-            idle_saving_usd=max(open_s - active, 0.0) * rate,
+            idle_saving_usd=paused * rate,
         )
 
 
-def _fire(alert: _Alert, report: CostReport) -> None:
-    action = alert.action
+def _post(url: str, alert: _Alert, report: CostReport) -> None:
+    """POSTs an alert to its webhook (on the alert thread)."""
+    body = json.dumps({"threshold_usd": alert.threshold_usd,
+                       "report": report.model_dump(mode="json")}).encode()
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
     try:
-        if callable(action):
-            action(report)
-        elif action == "log":
-            _log.warning("cost %.4f USD reached the alert threshold %.4f USD",
-                         report.total_usd, alert.threshold_usd)
-        else:
-            body = json.dumps({"threshold_usd": alert.threshold_usd,
-                               "report": report.model_dump(mode="json")}).encode()
-            req = urllib.request.Request(action, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=5):
-                pass
-    except Exception:  # an alert that fails must not fail the run that crossed the threshold
-        _log.exception("cost alert at %.4f USD failed", alert.threshold_usd)
+        with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT_S):
+            pass
+    except Exception:  # an alert that fails must not fail anything else
+        _log.exception("cost alert webhook at %.4f USD failed", alert.threshold_usd)

@@ -3,8 +3,10 @@
 `Telemetry(...).attach()` turns every finished run (one-shot, session call, warm call) into a
 `sandbox {kind}` span, a child of whatever span is current (an agent's `execute_tool` span when
 the agent loop ran it), carrying the supervisor's report as attributes and each security
-finding as a span event: seccomp violations, refused egress and DNS answers, limit kills,
-credential refusals, and the egress the run made. Strings are redacted before they are set.
+finding as a span event: `cellblock.security.seccomp` (a refused syscall), `.network` (a
+refused connection), `.dns` (a refused name lookup), `.limit` (a limit kill or truncation) and
+`.egress` (the egress the run was allowed). Refusals of credential placeholders come with
+credential injection, which cellblock does not have yet. Strings are redacted before they are set.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cellblock.observe import RunRecord, add_run_observer, remove_run_observer
-from cellblock.result import RunResult
+from cellblock.result import RunResult, violation_kind
 
 #: Reasons that mean a limit ended the run (the limit's name is the reason).
 LIMIT_REASONS = frozenset({"timeout", "memory", "cpu_time", "output_limit", "seccomp"})
@@ -63,8 +65,9 @@ def security_events(result: RunResult) -> list[tuple[str, dict[str, Any]]]:
     for v in result.violations:
         kind = str(v.get("kind", "unknown"))
         attrs = {f"cellblock.violation.{k}": val for k, val in v.items() if k != "kind"}
-        events.append((f"{SECURITY_EVENT}.{kind}", {"cellblock.violation.kind": kind,
-                                                    "cellblock.decision": "deny", **attrs}))
+        # A refused DNS answer is its own event (`.dns`), apart from refused connections.
+        events.append((f"{SECURITY_EVENT}.{violation_kind(v)}", {
+            "cellblock.violation.kind": kind, "cellblock.decision": "deny", **attrs}))
     for limit in limits_hit(result):
         if limit != "seccomp":  # a seccomp kill is already one of the violations
             events.append((f"{SECURITY_EVENT}.limit", {"cellblock.limit": limit,

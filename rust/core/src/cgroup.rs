@@ -143,7 +143,8 @@ pub struct RunCgroup {
 /// with SIGKILL). Only our own naming scheme, only for pids that no longer exist. A stale cgroup
 /// may still hold processes (a session paused when its owner died): it is thawed first, since a
 /// frozen task cannot die on cgroup v1, then its processes are killed and it is removed (bounded).
-fn remove_stale(layout: &Layout) {
+/// Returns how many stale cgroups were found.
+fn remove_stale(layout: &Layout) -> usize {
     let dirs = layout
         .v2_dir
         .iter()
@@ -178,6 +179,16 @@ fn remove_stale(layout: &Layout) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    stale.len()
+}
+
+/// Sweeps now the cgroups of cellblock processes that died without cleaning up (see
+/// `remove_stale`: frozen ones are thawed, their processes killed, the directories removed).
+/// A long-lived process that creates sandboxes (the HTTP service) calls this at start, so that
+/// what a killed predecessor left is reclaimed before any request; every process also sweeps
+/// once before its first cgroup. Returns how many stale cgroups were found.
+pub fn sweep_stale() -> usize {
+    remove_stale(layout())
 }
 
 /// Thaws the cgroup at `dir` (v2 `cgroup.freeze`, v1 `freezer.state`), if it has a freezer.
@@ -229,7 +240,9 @@ impl RunCgroup {
     pub fn create(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
         let layout = layout();
         static SWEPT: std::sync::Once = std::sync::Once::new();
-        SWEPT.call_once(|| remove_stale(layout));
+        SWEPT.call_once(|| {
+            remove_stale(layout);
+        });
         let name = unique_name();
         let mut cg = RunCgroup {
             v2: None,

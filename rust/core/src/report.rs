@@ -28,11 +28,13 @@ pub enum Reason {
     OutputLimit,
     /// A refused syscall with `on_violation = kill`.
     Seccomp,
+    /// The session was closed while the call ran (its processes were ended with it).
+    SessionClosed,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Exited,
         Reason::Signaled,
         Reason::Timeout,
@@ -40,6 +42,7 @@ impl Reason {
         Reason::CpuTime,
         Reason::OutputLimit,
         Reason::Seccomp,
+        Reason::SessionClosed,
     ];
 
     /// The name reports use.
@@ -52,6 +55,7 @@ impl Reason {
             Reason::CpuTime => "cpu_time",
             Reason::OutputLimit => "output_limit",
             Reason::Seccomp => "seccomp",
+            Reason::SessionClosed => "session_closed",
         }
     }
 }

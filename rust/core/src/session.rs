@@ -14,6 +14,7 @@ use crate::spec::RunSpec;
 use crate::supervise::{self, Hooks};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,11 @@ pub struct Session {
     base: RunSpec,
     /// The session's secrets, redacted from what the files API reads.
     redactor: Redactor,
+    /// Set by [`Session::close`] before it kills the sandbox: calls ended so report
+    /// [`crate::Reason::SessionClosed`].
+    closing: Arc<AtomicBool>,
+    /// Ports forwarded into the sandbox ([`Session::expose`]), stopped at close.
+    exposed: Mutex<Vec<crate::net::Exposed>>,
 }
 
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -51,6 +57,8 @@ impl Session {
             paused: (Mutex::new(false), Condvar::new()),
             base: spec.clone(),
             redactor,
+            closing: Arc::new(AtomicBool::new(false)),
+            exposed: Mutex::new(Vec::new()),
         })
     }
 
@@ -123,6 +131,15 @@ impl Session {
     /// Runs one command in the session. The call's `env` and `secrets` are added to the
     /// session's; its `limits.timeout`, `cpu_time` and `max_output` apply to this call only.
     pub fn exec(&self, call: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
+        Ok(self.start(call, false)?.supervise(hooks))
+    }
+
+    /// Starts one command in the session and returns at once (a background process): the
+    /// [`Call`] is supervised, exactly like [`Session::exec`]'s, by [`Call::supervise`]. With
+    /// `stream_stdin` the call's stdin stays open and [`Call::take_stdin`] hands its write end
+    /// to the caller (the spec's `stdin` bytes must then be empty); otherwise the supervisor
+    /// writes the spec's `stdin` and closes it.
+    pub fn start(&self, call: &RunSpec, stream_stdin: bool) -> Result<Call> {
         let mut spec = call.clone();
         let mut env = self.base.env.clone();
         env.extend(call.env.clone());
@@ -130,6 +147,11 @@ impl Session {
         let mut secrets = self.base.secrets.clone();
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
+        if stream_stdin && !spec.stdin.is_empty() {
+            return Err(Error::InvalidSpec(
+                "stdin: give initial bytes or stream stdin, not both".into(),
+            ));
+        }
         let redactor = crate::redactor_for(&spec)?;
         // A paused session starts no call: the call waits for resume() within its timeout and
         // otherwise ends as a timeout without having run.
@@ -138,33 +160,41 @@ impl Session {
             Duration::from_secs_f64(t.min(1e9))
         });
         if !self.wait_unpaused(waited + timeout)? {
-            return self.timed_out_while_paused(&spec, waited.elapsed());
+            let report = self.timed_out_while_paused(&spec, waited.elapsed())?;
+            return Ok(Call {
+                state: CallState::Done(Box::new(report)),
+                stdin: None,
+                signals: None,
+                pid: 0,
+            });
         }
         let holder = self.holder()?;
         let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let net_before = holder.egress.as_ref().map(|e| e.snapshot());
         let started = spawn::start_call(&holder, &spec)?;
-        let mut report = supervise::supervise_spec(started, &spec, &redactor, hooks);
-        // An OOM kill in the session's cgroup during this call ended it for lack of memory.
-        // The session's egress outlives the call: report what changed during it (concurrent
-        // calls of one session share these counters).
-        {
-            if let (Some(e), Some((before, seen))) = (holder.egress.as_ref(), net_before) {
-                let (now, _) = e.snapshot();
-                report.network = Some(crate::NetworkStats {
-                    connections: now.connections - before.connections,
-                    bytes_out: now.bytes_out - before.bytes_out,
-                    bytes_in: now.bytes_in - before.bytes_in,
-                });
-                report.add_violations(e.violations_since(seen), &redactor);
-            }
-            if let Some(cg) = holder.cgroup.as_ref() {
-                if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
-                    report.reason = crate::Reason::Memory;
-                }
-            }
-        }
-        Ok(report)
+        // The supervisor closes its copy of the pipe at once (no stdin bytes); this one keeps
+        // it open for the caller.
+        let stdin = if stream_stdin {
+            Some(started.io.stdin.try_clone()?)
+        } else {
+            None
+        };
+        let signals = Some(started.pidfd.try_clone()?);
+        let pid = started.pid;
+        Ok(Call {
+            state: CallState::Running(Box::new(Running {
+                started,
+                spec,
+                redactor,
+                holder,
+                oom_before,
+                net_before,
+                closing: Arc::clone(&self.closing),
+            })),
+            stdin,
+            signals,
+            pid,
+        })
     }
 
     /// Supervises one warm call of the session's warm runtime (see [`crate::warm`]): the
@@ -269,8 +299,18 @@ impl Session {
             .lock()
             .map_err(|_| Error::SessionClosed("poisoned".into()))?
             .take();
+        if holder.is_some() {
+            self.closing.store(true, Ordering::SeqCst);
+        }
         // Calls waiting for resume() see the session gone.
         self.paused.1.notify_all();
+        // Forwarded ports stop before the sandbox goes: no connection reaches a dying one.
+        let exposed = self
+            .exposed
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default();
+        drop(exposed);
         match holder {
             Some(h) => end_holder(&h),
             None => Ok(()),
@@ -323,6 +363,211 @@ impl Session {
             )));
         }
         Ok(sock)
+    }
+}
+
+impl Session {
+    /// Forwards `bind` (a host address; port 0 picks a free one) to `127.0.0.1:port` inside
+    /// the sandbox's network namespace, until the session closes; returns the bound address.
+    pub fn expose(&self, port: u16, bind: std::net::SocketAddr) -> Result<std::net::SocketAddr> {
+        if port == 0 {
+            return Err(Error::InvalidSpec("expose: port must be 1-65535".into()));
+        }
+        // A listed loopback target redirects the sandbox's connections to that port to the
+        // host's loopback: forwarding it would reach the host, not the sandbox.
+        if let Some(n) = &self.base.net {
+            let shadowed = crate::net::Allowlist::parse(&n.allow)?
+                .loopback_targets()
+                .into_iter()
+                .any(|(ip, p)| ip.is_ipv4() && p.is_none_or(|p| p == port));
+            if shadowed {
+                return Err(Error::InvalidSpec(format!(
+                    "expose: port {port} inside the sandbox is the host's (the allowlist lists \
+                     the host's loopback for it), so it cannot be exposed"
+                )));
+            }
+        }
+        let exposed = self.with_holder(|h| crate::net::Exposed::start(h, port, bind))?;
+        let addr = exposed.addr();
+        let mut list = self
+            .exposed
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?;
+        // A close() that ran meanwhile has already emptied the list: stop this one too.
+        if self.holder().is_err() {
+            return Err(Error::SessionClosed("the session is closed".into()));
+        }
+        list.push(exposed);
+        Ok(addr)
+    }
+
+    /// The ports currently forwarded: (port inside, host address).
+    pub fn exposed(&self) -> Vec<(u16, std::net::SocketAddr)> {
+        self.exposed
+            .lock()
+            .map(|e| e.iter().map(|x| (x.port(), x.addr())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A call started by [`Session::start`]: supervised once by [`Call::supervise`], signalled and
+/// fed meanwhile through the descriptors it hands out.
+#[derive(Debug)]
+pub struct Call {
+    state: CallState,
+    stdin: Option<OwnedFd>,
+    signals: Option<OwnedFd>,
+    pid: libc::pid_t,
+}
+
+#[derive(Debug)]
+enum CallState {
+    Running(Box<Running>),
+    /// Ended before it started (a paused session's timeout).
+    Done(Box<RunReport>),
+    /// Supervised (or being supervised).
+    Taken,
+}
+
+#[derive(Debug)]
+struct Running {
+    started: spawn::Started,
+    spec: RunSpec,
+    redactor: Redactor,
+    holder: Arc<Holder>,
+    oom_before: u64,
+    net_before: Option<(crate::NetworkStats, usize)>,
+    closing: Arc<AtomicBool>,
+}
+
+/// Signals a call's init forwards to the command (see `child::start_and_wait`); SIGKILL ends
+/// the call's whole pid namespace.
+pub const FORWARDED_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGKILL,
+];
+
+impl Call {
+    /// Host pid of the call's init (0 when the call never started).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// The write end of the call's stdin, once (with `stream_stdin`); dropping it is EOF.
+    pub fn take_stdin(&mut self) -> Option<OwnedFd> {
+        self.stdin.take()
+    }
+
+    /// A pidfd of the call's init, for [`signal_call`] while another thread supervises.
+    pub fn signaller(&self) -> Option<OwnedFd> {
+        self.signals.as_ref().and_then(|s| s.try_clone().ok())
+    }
+
+    /// Supervises the call to its end (same pumps, caps, redaction, seccomp answers and report
+    /// as [`Session::exec`]).
+    pub fn supervise(mut self, hooks: Hooks<'_>) -> RunReport {
+        self.stdin = None;
+        let r = match std::mem::replace(&mut self.state, CallState::Taken) {
+            CallState::Running(r) => *r,
+            CallState::Done(report) => return *report,
+            CallState::Taken => unreachable_taken(),
+        };
+        let Running {
+            started,
+            spec,
+            redactor,
+            holder,
+            oom_before,
+            net_before,
+            closing,
+        } = r;
+        let mut report = supervise::supervise_spec(started, &spec, &redactor, hooks);
+        // An OOM kill in the session's cgroup during this call ended it for lack of memory.
+        // The session's egress outlives the call: report what changed during it (concurrent
+        // calls of one session share these counters).
+        if let (Some(e), Some((before, seen))) = (holder.egress.as_ref(), net_before) {
+            let (now, _) = e.snapshot();
+            report.network = Some(crate::NetworkStats {
+                connections: now.connections - before.connections,
+                bytes_out: now.bytes_out - before.bytes_out,
+                bytes_in: now.bytes_in - before.bytes_in,
+            });
+            report.add_violations(e.violations_since(seen), &redactor);
+        }
+        if let Some(cg) = holder.cgroup.as_ref() {
+            if cg.oom_kills() > oom_before && report.reason != crate::Reason::Timeout {
+                report.reason = crate::Reason::Memory;
+            }
+        }
+        // Killed with the sandbox (no status from the call's init) while the session closed.
+        if closing.load(Ordering::SeqCst)
+            && report.reason == crate::Reason::Signaled
+            && report.signal == Some(libc::SIGKILL)
+        {
+            report.reason = crate::Reason::SessionClosed;
+        }
+        report
+    }
+}
+
+impl Drop for Call {
+    /// A call nobody supervises is killed and reaped (its output would have no reader).
+    fn drop(&mut self) {
+        if let CallState::Running(r) = std::mem::replace(&mut self.state, CallState::Taken) {
+            spawn::kill(&r.started.pidfd);
+            if let Some(j) = &r.started.reaper {
+                spawn::kill_and_reap_within(j, CLOSE_GRACE);
+            }
+        }
+    }
+}
+
+/// `supervise` consumes the call: a second one cannot exist.
+fn unreachable_taken() -> ! {
+    unreachable!("a call is supervised once")
+}
+
+/// Sends `sig` to a call through its init's pidfd (from [`Call::signaller`]): the init forwards
+/// [`FORWARDED_SIGNALS`] to the command, SIGKILL ends the call. Ok(false): it had ended.
+pub fn signal_call(pidfd: &OwnedFd, sig: libc::c_int) -> Result<bool> {
+    if !FORWARDED_SIGNALS.contains(&sig) {
+        return Err(Error::InvalidSpec(format!(
+            "signal {sig}: only SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGKILL \
+             can be sent to a process of a session"
+        )));
+    }
+    // An ended init may linger as a zombie that still "accepts" signals: ask its pidfd first.
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling our own pidfd without waiting.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 {
+        return Ok(false);
+    }
+    // SAFETY: signalling our own call's init through its pidfd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Ok(false),
+        _ => Err(Error::Io(e)),
     }
 }
 

@@ -160,11 +160,14 @@ fn closed_session_is_an_error() {
 }
 
 /// The tests [`everything_again_unprivileged`] re-runs.
-const UNPRIVILEGED_TESTS: [&str; 4] = [
+const UNPRIVILEGED_TESTS: [&str; 7] = [
     "files_persist_across_calls",
     "timeout_kills_only_that_call",
     "files_api_refuses_escapes",
     "closed_session_is_an_error",
+    "background_call_streams_stdin_and_takes_signals",
+    "closing_the_session_ends_background_calls",
+    "exposed_port_forwards_into_the_sandbox",
 ];
 
 /// Prints "<sleep processes> <processes seen>" from /proc (the session's pid namespace, which
@@ -219,4 +222,87 @@ fn everything_again_unprivileged() {
         ))),
         "unexpected unprivileged totals:\n{text}"
     );
+}
+
+#[test]
+fn background_call_streams_stdin_and_takes_signals() {
+    let s = session();
+    let mut c = s.start(&call(&["cat"]), true).expect("start");
+    let stdin = c.take_stdin().expect("stdin kept open");
+    let signals = c.signaller().expect("pidfd");
+    let sup = std::thread::spawn(move || c.supervise(Default::default()));
+    let mut w = std::fs::File::from(stdin);
+    for i in 0..100 {
+        std::io::Write::write_all(&mut w, format!("{i}\n").as_bytes()).expect("write");
+    }
+    drop(w);
+    let r = sup.join().expect("supervisor");
+    let want: String = (0..100).map(|i| format!("{i}\n")).collect();
+    assert_eq!(r.stdout, want.as_bytes());
+    assert_eq!(r.reason, Reason::Exited);
+    // Signalling an ended call says so; a signal init does not forward is refused.
+    assert!(!cellblock_core::session::signal_call(&signals, libc::SIGTERM).expect("signal"));
+    assert!(matches!(
+        cellblock_core::session::signal_call(&signals, libc::SIGSTOP),
+        Err(Error::InvalidSpec(_))
+    ));
+    let c = s
+        .start(
+            &call(&["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]),
+            false,
+        )
+        .expect("start");
+    let signals = c.signaller().expect("pidfd");
+    let sup = std::thread::spawn(move || c.supervise(Default::default()));
+    // The trap is set once sh runs its loop; until then SIGTERM would end sh by default.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(cellblock_core::session::signal_call(&signals, libc::SIGTERM).expect("signal"));
+    let r = sup.join().expect("supervisor");
+    assert_eq!((r.reason, r.exit_code), (Reason::Exited, Some(7)));
+}
+
+#[test]
+fn closing_the_session_ends_background_calls() {
+    let s = session();
+    let c = s.start(&call(&["sleep", "600"]), false).expect("start");
+    let sup = std::thread::spawn(move || c.supervise(Default::default()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    s.close().expect("close");
+    let r = sup.join().expect("supervisor");
+    assert_eq!(r.reason, Reason::SessionClosed);
+    assert_eq!(r.signal, Some(libc::SIGKILL));
+}
+
+#[test]
+fn exposed_port_forwards_into_the_sandbox() {
+    use std::io::{Read, Write};
+    let s = session();
+    let server = "import socket\ns=socket.socket()\ns.bind(('127.0.0.1',8123))\ns.listen()\n\
+                  print('up',flush=True)\nc,_=s.accept()\nc.sendall(b'from inside:'+c.recv(5))";
+    let c = s
+        .start(&call(&["python3", "-c", server]), false)
+        .expect("start");
+    let sup = std::thread::spawn(move || c.supervise(Default::default()));
+    let addr = s
+        .expose(8123, "127.0.0.1:0".parse().expect("addr"))
+        .expect("expose");
+    assert!(addr.ip().is_loopback());
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let _ = conn.write_all(b"hello");
+        got.clear();
+        if conn.read_to_end(&mut got).is_ok() && !got.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(got, b"from inside:hello");
+    assert_eq!(sup.join().expect("supervisor").exit_code, Some(0));
+    assert!(matches!(
+        s.expose(0, "127.0.0.1:0".parse().expect("addr")),
+        Err(Error::InvalidSpec(_))
+    ));
+    s.close().expect("close");
+    assert!(std::net::TcpStream::connect(addr).is_err());
 }

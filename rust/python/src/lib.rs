@@ -10,6 +10,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod cells;
 mod errors;
+mod process;
 mod redact;
 mod session;
 
@@ -96,15 +97,23 @@ fn host_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Reclaims the cgroups (and frozen processes) left by dead cellblock processes; how many.
+#[pyfunction]
+fn sweep_stale_cgroups(py: Python<'_>) -> usize {
+    py.allow_threads(cellblock_core::cgroup::sweep_stale)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     redact::register(m)?;
     session::register(m)?;
+    process::register(m)?;
     cells::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
+    m.add_function(wrap_pyfunction!(sweep_stale_cgroups, m)?)?;
     // The one definition of the report's vocabularies (cellblock.result uses these).
     let reasons: Vec<&str> = cellblock_core::Reason::ALL
         .iter()

@@ -47,6 +47,22 @@ pub fn watched<T>(
 where
     T: Send,
 {
+    watched_with(py, on_output, cancel, true, f)
+}
+
+/// [`watched`]; without `signals` (and `cancel`) the GIL is taken only to deliver output: a
+/// background call's supervisor thread does not wake the interpreter ten times a second.
+pub fn watched_with<T>(
+    py: Python<'_>,
+    on_output: Option<PyObject>,
+    cancel: Option<PyObject>,
+    signals: bool,
+    f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
+) -> PyResult<T>
+where
+    T: Send,
+{
+    let ask_python = signals || cancel.is_some();
     let pending: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
     let failed = || pending.lock().map_or(true, |p| p.is_some());
     let keep = |e: PyErr| {
@@ -56,7 +72,7 @@ where
     };
     let interrupted = || {
         failed()
-            || Python::with_gil(|py| match py.check_signals() {
+            || ask_python && Python::with_gil(|py| match py.check_signals() {
                 Ok(()) if cancelled(py, cancel.as_ref()) => true,
                 Ok(()) => false,
                 Err(e) => {
@@ -189,6 +205,56 @@ impl Session {
             self.inner.exec(&spec, hooks)
         })?;
         crate::report_to_dict(py, &report)
+    }
+
+    /// Starts one call in the background and returns its handle at once (see
+    /// `cellblock._native.Call`). `stream_stdin`: stdin stays open for `Call.take_stdin()`
+    /// (then `stdin` must be None); otherwise `stdin` is written by the supervisor and closed.
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, stream_stdin=false))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        spec_json: &str,
+        stdin: Option<Vec<u8>>,
+        bpf: Option<Vec<u8>>,
+        stream_stdin: bool,
+    ) -> PyResult<crate::process::Call> {
+        let spec = parse_spec(spec_json, stdin, bpf)?;
+        let call = py
+            .allow_threads(|| self.inner.start(&spec, stream_stdin))
+            .map_err(to_pyerr)?;
+        Ok(crate::process::Call::new(call))
+    }
+
+    /// Forwards `host:host_port` (host_port 0: a free one) to 127.0.0.1:`port` inside the
+    /// sandbox until the session closes; returns the bound `(host, port)`.
+    #[pyo3(signature = (port, host="127.0.0.1", host_port=0))]
+    fn expose(
+        &self,
+        py: Python<'_>,
+        port: u16,
+        host: &str,
+        host_port: u16,
+    ) -> PyResult<(String, u16)> {
+        let ip: std::net::IpAddr = host.parse().map_err(|_| {
+            to_pyerr(cellblock_core::Error::InvalidSpec(format!(
+                "expose: host must be an IP address, got {host:?}"
+            )))
+        })?;
+        let bind = std::net::SocketAddr::new(ip, host_port);
+        let addr = py
+            .allow_threads(|| self.inner.expose(port, bind))
+            .map_err(to_pyerr)?;
+        Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// The forwarded ports: `(port inside, host, host port)` each.
+    fn exposed(&self) -> Vec<(u16, String, u16)> {
+        self.inner
+            .exposed()
+            .into_iter()
+            .map(|(p, a)| (p, a.ip().to_string(), a.port()))
+            .collect()
     }
 
     /// Supervises one warm call through the connected relay socket `sock_fd` (borrowed, not

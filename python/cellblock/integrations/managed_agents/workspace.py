@@ -115,6 +115,15 @@ class SandboxWorkspace:
             if sandbox.is_open:
                 _mirror(sandbox, self.to_sandbox(root), root)
 
+    def host_memory_path(self, path: str) -> Path | None:
+        """The host file of a sandbox path inside a writable memory store (where the SDK's
+        memory write saves it), or None."""
+        for root in self._writable_memory():
+            inside = self.to_sandbox(root)
+            if _within(path, inside) and path != inside:
+                return root.resolve() / posixpath.relpath(path, inside)
+        return None
+
     # ---- paths of the file tools -----------------------------------------------------------
 
     def roots(self) -> list[str]:
@@ -142,10 +151,11 @@ class SandboxWorkspace:
         root = next((r for r in self.roots() if _within(full, r)), None)
         if root is None:
             raise ValueError(f"path {path!r} is outside the session's working directory")
-        self._refuse_symlinks(path, root, full)
+        self.refuse_symlinks(path, root, full)
         return full
 
-    def _refuse_symlinks(self, path: str, root: str, full: str) -> None:
+    def refuse_symlinks(self, path: str, root: str, full: str) -> None:
+        """Raises ValueError if `full` passes through a symlink below `root`."""
         # Only below `root` can the sandboxed code have made links; above it are the
         # sandbox's own mount points, which the files API does not list anyway.
         sandbox = self.sandbox()

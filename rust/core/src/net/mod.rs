@@ -21,6 +21,7 @@
 mod allow;
 mod child;
 mod dns;
+mod expose;
 mod nflog;
 mod proxy;
 mod pump;
@@ -29,6 +30,7 @@ mod sys;
 mod transparent;
 
 pub use allow::{Allowlist, Host};
+pub use expose::Exposed;
 pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
 
 use crate::report::{NetworkStats, Violation};

@@ -102,7 +102,7 @@ pub(crate) fn relay(
 
 /// Copies `from` -> `to` until EOF or an error, then half-closes `to` (on EOF) or cuts both
 /// (on error, so the other direction ends too).
-fn copy(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) {
+pub(crate) fn copy(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) {
     let result = match Pipe::new() {
         Ok(pipe) => splice_all(from.as_raw_fd(), to.as_raw_fd(), &pipe, counter),
         Err(e) => Err(e),

@@ -55,6 +55,12 @@ impl Stop {
     }
 }
 
+impl std::fmt::Debug for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stop").field("set", &self.is_set()).finish()
+    }
+}
+
 /// Outcome of waiting on one fd.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Wait {
@@ -241,6 +247,23 @@ pub(crate) fn connect(addr: SocketAddr, stop: &Stop, timeout: Duration) -> io::R
     }
     // SAFETY: fd was just created and is owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    connect_socket(sock, addr, stop, timeout)
+}
+
+/// [`connect`] with a socket the caller created (e.g. in another network namespace): it is
+/// made non-blocking for the connect and returned blocking.
+pub(crate) fn connect_socket(
+    sock: OwnedFd,
+    addr: SocketAddr,
+    stop: &Stop,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let fd = sock.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
     let (storage, len) = sockaddr_of(addr);
     // SAFETY: storage holds a sockaddr of `len` bytes.
     let r = unsafe { libc::connect(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
