@@ -47,7 +47,7 @@ pub fn watched<T>(
 where
     T: Send,
 {
-    watched_with(py, on_output, cancel, true, f)
+    watched_with(py, on_output, cancel, true, tty, f)
 }
 
 /// [`watched`]; without `signals` (and `cancel`) the GIL is taken only to deliver output: a
@@ -57,6 +57,7 @@ pub fn watched_with<T>(
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
     signals: bool,
+    tty: TtyHooks,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
@@ -72,14 +73,15 @@ where
     };
     let interrupted = || {
         failed()
-            || ask_python && Python::with_gil(|py| match py.check_signals() {
-                Ok(()) if cancelled(py, cancel.as_ref()) => true,
-                Ok(()) => false,
-                Err(e) => {
-                    keep(e);
-                    true
-                }
-            })
+            || ask_python
+                && Python::with_gil(|py| match py.check_signals() {
+                    Ok(()) if cancelled(py, cancel.as_ref()) => true,
+                    Ok(()) => false,
+                    Err(e) => {
+                        keep(e);
+                        true
+                    }
+                })
     };
     let TtyHooks {
         window,
