@@ -19,6 +19,14 @@ from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.seccomp import CompiledFilter, SeccompPolicy, compile_filter, profile_for_argv
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets, secrets_for_spec
+from cellblock.terminal import (
+    DEFAULT_TERM,
+    SizeArg,
+    tty_section,
+    typed_input,
+    typing_from,
+    window_source,
+)
 
 #: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
 OutputCallback = Callable[[int, bytes], None]
@@ -75,8 +83,9 @@ def build_spec(
     policy: Policy,
     secrets: list[Secret],
     compiled: CompiledFilter | None,
+    tty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready RunSpec for the core."""
+    """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`)."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidSpec("argv must be a non-empty list of strings")
     prefixes = runtime_prefixes()
@@ -91,6 +100,10 @@ def build_spec(
         "secrets": secrets_for_spec(secrets),
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
     }
+    if tty is not None:
+        spec["tty"] = tty
+        # Full-screen programs need a terminal type; docker run -t says xterm too.
+        env.setdefault("TERM", DEFAULT_TERM)
     if compiled is not None:
         spec["seccomp"] = compiled.spec_section
     return spec
@@ -125,6 +138,9 @@ def run(
     on_output: OutputCallback | None = None,
     cancel: threading.Event | None = None,
     cells: bool = True,
+    tty: bool = False,
+    tty_size: SizeArg = None,
+    tty_input: int | None = None,
 ) -> RunResult:
     """Run `argv` in a fresh sandbox and report what happened.
 
@@ -133,6 +149,11 @@ def run(
     Setting `cancel` from another thread kills the run (reported as `signaled`).
     `cells=False` builds the sandbox now even when a pre-created one is ready
     (see `cellblock.cells`).
+    `tty=True` gives the command a pseudo-terminal of the sandbox's own as stdin, stdout and
+    stderr (output merged into `stdout`; `stdin` is typed into it, then Ctrl-D), with a
+    `tty_size=(rows, cols)` window (default 24x80), or a function giving the current size,
+    followed while the run goes on; `tty_input`, a readable fd (e.g. the caller's keyboard),
+    is typed into the terminal as it arrives; see `cellblock.terminal`.
     """
     base = policy or Policy()
     merged = base.merged(
@@ -143,13 +164,15 @@ def run(
     )
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
-    spec = build_spec(argv, merged, all_secrets, compiled)
-    data = stdin.encode() if isinstance(stdin, str) else stdin
+    terminal = tty_section(tty, tty_size)
+    spec = build_spec(argv, merged, all_secrets, compiled, terminal)
+    data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None)
     try:
-        report = _native.run(
-            encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
-            cancel, cells,
-        )
+        with typing_from(tty, tty_input) as on_terminal:
+            report = _native.run(
+                encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
+                cancel, cells, window_source(tty, tty_size), on_terminal,
+            )
     except CellblockError as e:
         # Messages can echo argv, paths or env: no secret leaves through them.
         raise redact_error(e, redactor_for(all_secrets)) from None

@@ -36,6 +36,7 @@ from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRun
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets
+from cellblock.terminal import SizeArg, tty_section, typed_input, typing_from, window_source
 
 _log = logging.getLogger("cellblock.session")
 
@@ -323,22 +324,31 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
         cancel: threading.Event | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
+        tty_input: int | None = None,
     ) -> RunResult:
         """Runs a command in the session. The seccomp profile is chosen from argv[0] unless
         given; limits left out default to the session's per-call limits. Setting `cancel`
-        from another thread kills the call (reported as `signaled`)."""
+        from another thread kills the call (reported as `signaled`). `tty`, `tty_size` and
+        `tty_input` as for `cellblock.run`."""
         with self._call():
             policy = self._call_policy(
                 timeout=timeout, cpu_time=cpu_time, max_output=max_output, cwd=cwd,
                 profile=profile, seccomp=seccomp, env=env,
             )
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
-            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled)
-            data = stdin.encode() if isinstance(stdin, str) else stdin
+            terminal = tty_section(tty, tty_size)
+            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal)
+            data = typed_input(
+                stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None
+            )
             try:
-                report = self._native.exec(
-                    json.dumps(spec), data, compiled.bpf if compiled else None, on_output, cancel
-                )
+                with typing_from(tty, tty_input) as on_terminal:
+                    report = self._native.exec(
+                        json.dumps(spec), data, compiled.bpf if compiled else None, on_output,
+                        cancel, window_source(tty, tty_size), on_terminal,
+                    )
             except CellblockError as e:
                 call_secrets = self._secrets + normalize_secrets(secrets)
                 raise redact_error(e, redactor_for(call_secrets)) from None

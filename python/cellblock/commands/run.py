@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.sandbox import run
+from cellblock.terminal import raw_keyboard
 
 #: Exit status on timeout, as `timeout(1)` uses.
 EXIT_TIMEOUT = 124
@@ -48,6 +51,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         if not sep or not key:
             fail(f"--env expects KEY=VALUE, got {item!r}")
         env[key] = value
+    if getattr(args, "tty", False) and os.environ.get("TERM") and "TERM" not in base.env:
+        # A terminal run shows on the caller's terminal: its type goes in (unless set).
+        env = {"TERM": os.environ["TERM"], **env}
     fields: dict[str, Any] = {
         "memory": args.memory, "pids": args.pids, "cpus": args.cpus, "timeout": args.timeout,
         "cpu_time": args.cpu_time, "max_output": args.max_output, "disk": args.disk,
@@ -76,6 +82,18 @@ def _live(stream: int, data: bytes) -> None:
     out.flush()
 
 
+def caller_window() -> tuple[int, int] | None:
+    """(rows, cols) of the caller's terminal (stdout, stdin or stderr), if it has one."""
+    for stream in (sys.stdout, sys.stdin, sys.stderr):
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            continue
+        if size.lines > 0 and size.columns > 0:
+            return size.lines, size.columns
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cellblock.cli import fail
 
@@ -87,8 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         fail("no command given (usage: cellblock run [options] -- CMD [ARGS...])")
     policy = policy_from_args(args)
+    keyboard = args.tty and sys.stdin is not None and sys.stdin.isatty() and not args.json
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live)
+    # -t: a pty of the sandbox's own (never the caller's), following the caller's window size;
+    # from a terminal, keystrokes are typed into it as they come (like docker run -it).
+    with raw_keyboard(sys.stdin.fileno()) if keyboard else contextlib.nullcontext():
+        result = run(argv, policy=policy, stdin=stdin, on_output=None if args.json else _live,
+                     tty=args.tty, tty_size=caller_window if args.tty else None,
+                     tty_input=sys.stdin.fileno() if keyboard else None)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -99,6 +123,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run one command in a fresh sandbox",
                        usage="cellblock run [options] -- CMD [ARGS...]")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-t", "--tty", action="store_true",
+                   help="give the command a pseudo-terminal (the sandbox's own; output merged);"
+                   " from a terminal, keystrokes are typed into it as they come")
     add_limit_options(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)

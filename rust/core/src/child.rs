@@ -53,6 +53,8 @@ pub enum Stage {
     Exec,
     /// Joining a session's namespaces.
     Join,
+    /// Opening the command's pseudo-terminal (index = step of [`crate::tty`]).
+    Terminal,
 }
 
 impl Stage {
@@ -77,6 +79,7 @@ impl Stage {
             Seccomp,
             Exec,
             Join,
+            Terminal,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -102,6 +105,7 @@ impl Stage {
             Stage::Seccomp => "install the seccomp filter",
             Stage::Exec => "execute the command",
             Stage::Join => "join the session",
+            Stage::Terminal => "open the command's terminal",
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct TargetPlan {
     pub last_cap: u32,
     /// Stack the command's process runs on until execve (it shares PID 1's memory).
     pub stack: Vec<u8>,
+    /// A pseudo-terminal for the command, with this window size.
+    pub tty: Option<crate::spec::TtySize>,
 }
 
 /// Size of the stack the command's process uses before execve.
@@ -154,6 +160,7 @@ impl TargetPlan {
             seccomp: self.seccomp.as_ref().map(|p| p.insns()),
             last_cap: self.last_cap,
             stack_top: stack_top(&self.stack),
+            tty: self.tty.map(|t| (t.rows, t.cols)),
         }
     }
 }
@@ -185,6 +192,8 @@ pub struct TargetView<'a> {
     pub last_cap: u32,
     /// Top of the stack the command's process runs on until execve.
     pub stack_top: *mut libc::c_void,
+    /// (rows, cols) of a pseudo-terminal for the command (see [`crate::tty`]).
+    pub tty: Option<(u16, u16)>,
 }
 
 /// Owned C strings plus the NULL-terminated pointer array execve wants, built before fork.
@@ -965,6 +974,12 @@ fn exec_target(t: &TargetView<'_>, fds: &ChildFds) -> ! {
             || libc::dup2(fds.stderr, 2) < 0
         {
             fail(fds.err, Stage::Process, 0, errno());
+        }
+        // With stdio on 0-2 already, the pty's fds land above them; the slave then replaces them.
+        if let Some((rows, cols)) = t.tty {
+            if let Err((step, e)) = crate::tty::attach_in_child(rows, cols, fds.fdsock) {
+                fail(fds.err, Stage::Terminal, step, e);
+            }
         }
         // Python ignores SIGPIPE and blocks some signals: give the command default behaviour.
         let mut act: libc::sigaction = std::mem::zeroed();

@@ -60,6 +60,9 @@ const COPY_MAX: u64 = 256 * 1024;
 /// Host device nodes bound into the sandbox's /dev.
 pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
+/// Options of the sandbox's devpts mount: a new instance whose ptmx anyone inside may open.
+pub const DEVPTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=0620";
+
 /// Hostname inside every sandbox.
 pub const HOSTNAME: &str = "cellblock";
 
@@ -289,8 +292,19 @@ impl MountPlan {
         }
         b.mkdir_p("/dev/shm")?;
         b.bind(&format!("{scratch}/shm"), "/dev/shm", false, true)?;
+        // A private devpts instance: the sandbox's terminals are its own, none of the host's is
+        // listed or reachable. No gid= option: the sandbox has no tty group (slaves get the
+        // opener's gid), and on the unprivileged path only gid 0 is mapped anyway.
         b.mkdir_p("/dev/pts")?;
+        b.mount(
+            Some("devpts"),
+            "/dev/pts",
+            Some("devpts"),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(DEVPTS_OPTIONS),
+        )?;
         for (link, target) in [
+            ("/dev/ptmx", "pts/ptmx"),
             ("/dev/fd", "/proc/self/fd"),
             ("/dev/stdin", "/proc/self/fd/0"),
             ("/dev/stdout", "/proc/self/fd/1"),
@@ -721,6 +735,33 @@ mod tests {
                 "mount /mnt/dev/null on /mnt/proc/cmdline (bind)",
                 "mount  on /mnt/proc/acpi (tmpfs)",
             ]
+        );
+    }
+
+    #[test]
+    fn dev_pts_is_a_private_devpts_instance_with_ptmx_linked() {
+        let p = plan();
+        let devpts = p
+            .ops
+            .iter()
+            .find_map(|op| match op {
+                Op::Mount {
+                    dst,
+                    fstype: Some(t),
+                    data,
+                    ..
+                } if t.as_bytes() == b"devpts" => Some((dst.clone(), data.clone())),
+                _ => None,
+            })
+            .expect("devpts is mounted");
+        assert!(devpts.0.to_string_lossy().ends_with("/dev/pts"));
+        let data = devpts.1.expect("options").into_string().expect("utf-8");
+        assert!(data.split(',').any(|o| o == "newinstance"), "{data}");
+        assert!(data.split(',').any(|o| o == "ptmxmode=0666"), "{data}");
+        let d = descriptions(&p).join("\n");
+        assert!(
+            d.contains("symlink /mnt/dev/ptmx -> pts/ptmx") || d.contains("/dev/ptmx -> pts/ptmx"),
+            "{d}"
         );
     }
 

@@ -24,6 +24,7 @@ pub mod session;
 pub mod spawn;
 pub mod spec;
 pub mod supervise;
+pub mod tty;
 pub mod warm;
 
 pub use error::{Error, Result};
@@ -31,7 +32,7 @@ pub use files::{DirEntry, FileReader, FileWriter};
 pub use redact::Redactor;
 pub use report::{Enforcer, NetworkStats, Reason, RunReport, Violation};
 pub use session::Session;
-pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret};
+pub use spec::{Limits, NetSpec, OnViolation, RunSpec, SeccompSpec, Secret, TtySize};
 pub use supervise::{Hooks, Sink, Stream};
 
 /// Builds the redactor for a spec's secrets.

@@ -169,6 +169,7 @@ pub(crate) fn validate(spec: &RunSpec) -> Result<()> {
             "memory: {m} bytes is below the {MIN_MEMORY} bytes a sandbox needs to start"
         )));
     }
+    crate::tty::validate(spec.tty.as_ref())?;
     validate_exec_sizes(spec)
 }
 
@@ -399,6 +400,7 @@ pub(crate) fn prepare_target(
         } else {
             Vec::new()
         },
+        tty: spec.tty,
     })
 }
 
@@ -753,6 +755,14 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
     ) {
         return Err(fail(e));
     }
+    // A terminal's master comes first: the command opens it before installing seccomp.
+    let tty = match prepared.target.tty {
+        Some(_) if !wait_readable(&p.sock, deadline) => {
+            return Err(fail(late("wait for the command's terminal")))
+        }
+        Some(_) => Some(recv_master(&p.sock).map_err(fail)?),
+        None => None,
+    };
     if want_listener && !wait_readable(&p.sock, deadline) {
         return Err(fail(late("wait for the seccomp listener")));
     }
@@ -768,14 +778,44 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
     } else {
         None
     };
+    // The terminal replaces the stdin and stdout pipes: input is typed into it, its output
+    // (stdout and stderr merged) is read from it; the stderr pipe just sees EOF.
+    let dup = |m: &OwnedFd| {
+        m.try_clone().map_err(|e| {
+            fail(Error::Setup {
+                stage: "dup the terminal",
+                source: e,
+            })
+        })
+    };
+    let (stdin, stdout, terminal) = match tty {
+        Some(master) => (dup(&master)?, dup(&master)?, Some(master)),
+        None => (p.stdin, p.stdout, None),
+    };
     Ok(Endpoints {
-        stdin: p.stdin,
-        stdout: p.stdout,
+        stdin,
+        stdout,
+        terminal,
         stderr: p.stderr,
         status: p.status,
         listener,
         egress,
     })
+}
+
+/// Receives the master of the command's terminal (see [`crate::tty`]).
+fn recv_master(sock: &OwnedFd) -> Result<OwnedFd> {
+    let fd = fdpass::recv_fd(std::os::fd::AsFd::as_fd(sock)).map_err(|e| Error::Setup {
+        stage: "receive the command's terminal",
+        source: e,
+    })?;
+    if !crate::tty::is_terminal(std::os::fd::AsFd::as_fd(&fd)) {
+        return Err(Error::Setup {
+            stage: "receive the command's terminal",
+            source: std::io::Error::other("the descriptor passed out is not a terminal"),
+        });
+    }
+    Ok(fd)
 }
 
 /// What [`handshake`] needs to know about the sandbox being started.
@@ -813,6 +853,10 @@ pub struct Endpoints {
     pub listener: Option<OwnedFd>,
     /// The egress proxy serving this run (allowlist given).
     pub egress: Option<net::Egress>,
+    /// The master of the command's terminal (tty runs), held until the run is over: a last
+    /// close would hang the terminal up, and SIGHUP could kill a command that closed its stdio
+    /// and is about to exit.
+    pub terminal: Option<OwnedFd>,
 }
 
 /// The network side of a sandbox with an allowlist, prepared before the clone.

@@ -78,6 +78,16 @@ pub struct NetSpec {
     pub allow: Vec<String>,
 }
 
+/// A pseudo-terminal for the command (see [`crate::tty`]): its window size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    /// Rows of the window (at least 1).
+    pub rows: u16,
+    /// Columns of the window (at least 1).
+    pub cols: u16,
+}
+
 /// Everything the core needs to run one command in a fresh sandbox.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -98,6 +108,9 @@ pub struct RunSpec {
     pub secrets: Vec<Secret>,
     /// Network egress allowlist; `None` = loopback only.
     pub net: Option<NetSpec>,
+    /// A pseudo-terminal of the sandbox's own as stdin, stdout and stderr (output merged into
+    /// stdout); `None` = pipes.
+    pub tty: Option<TtySize>,
     /// Bytes written to the command's stdin (then closed). Not part of the JSON form.
     #[serde(skip)]
     pub stdin: Vec<u8>,

@@ -9,7 +9,7 @@ use crate::seccomp;
 use crate::spawn::{self, Endpoints, Started};
 use crate::spec::{Limits, OnViolation};
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Which output stream a chunk came from.
@@ -31,6 +31,13 @@ pub struct Hooks<'a> {
     pub sink: Option<Sink<'a>>,
     /// Asked about every [`INTERRUPT_POLL`]; `true` kills the run (e.g. Ctrl-C in the caller).
     pub interrupted: Option<&'a dyn Fn() -> bool>,
+    /// Asked about every [`INTERRUPT_POLL`] in tty runs: `Some((rows, cols))` resizes the
+    /// command's terminal (the kernel sends SIGWINCH to its foreground process group when the
+    /// size changes), e.g. following the caller's own terminal.
+    pub window: Option<&'a dyn Fn() -> Option<(u16, u16)>>,
+    /// Called once, as a tty run starts, with its terminal's master (borrowed for the call:
+    /// keep a dup): an interactive caller writes its keystrokes there as they come.
+    pub on_terminal: Option<&'a dyn Fn(BorrowedFd<'_>)>,
 }
 
 impl<'a> Hooks<'a> {
@@ -39,6 +46,8 @@ impl<'a> Hooks<'a> {
         Hooks {
             sink,
             interrupted: None,
+            window: None,
+            on_terminal: None,
         }
     }
 }
@@ -192,6 +201,8 @@ pub fn supervise(
     let Hooks {
         mut sink,
         interrupted,
+        window,
+        on_terminal,
     } = hooks;
     let Started {
         pid,
@@ -210,7 +221,13 @@ pub fn supervise(
         status,
         listener,
         egress,
+        terminal,
     } = io;
+    // Only a tty run has a window to follow.
+    let window = window.filter(|_| terminal.is_some());
+    if let (Some(f), Some(t)) = (on_terminal, terminal.as_ref()) {
+        f(t.as_fd());
+    }
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let deadline = limits
         .timeout
@@ -322,7 +339,7 @@ pub fn supervise(
         if let Some(d) = drain_deadline {
             wait = wait.min(d.saturating_duration_since(now));
         }
-        if interrupted.is_some() && killed_for.is_none() {
+        if (interrupted.is_some() || window.is_some()) && killed_for.is_none() {
             wait = wait.min(INTERRUPT_POLL);
         }
         if let (Some(w), false) = (pids_watch.as_ref().and_then(|w| w.wait(now)), init_done) {
@@ -408,6 +425,10 @@ pub fn supervise(
                 _ => {}
             }
         }
+        if let (Some(size), Some(t)) = (window.and_then(|f| f()), terminal.as_ref()) {
+            // A failed resize leaves the old size: nothing the run depends on.
+            let _ = crate::tty::set_window(t.as_fd(), size.0, size.1);
+        }
         if killed_for.is_none() {
             if interrupted.is_some_and(|f| f()) {
                 kill(Reason::Signaled, &mut killed_for);
@@ -427,6 +448,7 @@ pub fn supervise(
     // Make sure nothing survives, whatever ended the loop.
     spawn::kill(&pidfd);
     drop(stdin_fd);
+    drop(terminal);
     for p in pumps.iter_mut() {
         p.fd = None;
         p.finish(cap, &mut sink);

@@ -140,7 +140,7 @@ fn proc_and_dev_show_only_the_sandbox() {
     assert_eq!(lines[1], "2");
     assert_eq!(
         lines[2].trim(),
-        "fd full null pts random shm stderr stdin stdout tty urandom zero"
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
     );
     assert_eq!(lines.len(), 3, "{out}");
 }

@@ -247,7 +247,11 @@ fn background_call_streams_stdin_and_takes_signals() {
     ));
     let c = s
         .start(
-            &call(&["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"]),
+            &call(&[
+                "sh",
+                "-c",
+                "trap 'exit 7' TERM; while :; do sleep 0.05; done",
+            ]),
             false,
         )
         .expect("start");

@@ -52,9 +52,12 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
 /// `spec_json` is a RunSpec as JSON; `stdin` and `bpf` carry the byte buffers; `on_output`, when
 /// given, is called as `on_output(stream: int, data: bytes)` (1 = stdout, 2 = stderr) with
 /// redacted output as it arrives; `cancel` (e.g. a `threading.Event`), once set, kills the run;
-/// `cells=False` builds the sandbox now even when a pre-created cell is ready.
+/// `cells=False` builds the sandbox now even when a pre-created cell is ready; `window()`, when
+/// given, is polled while a tty run goes on and returns its terminal's (rows, cols) or None;
+/// `on_terminal(fd)` is called once with a tty run's terminal master (borrowed: dup it).
 #[pyfunction]
-#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, cells=true))]
+#[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, cells=true, window=None, on_terminal=None))]
+#[allow(clippy::too_many_arguments)]
 fn run<'py>(
     py: Python<'py>,
     spec_json: &str,
@@ -63,9 +66,15 @@ fn run<'py>(
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
     cells: bool,
+    window: Option<PyObject>,
+    on_terminal: Option<PyObject>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let spec = session::parse_spec(spec_json, stdin, bpf)?;
-    let report = session::watched(py, on_output, cancel, |hooks| {
+    let tty = session::TtyHooks {
+        window,
+        on_terminal,
+    };
+    let report = session::watched(py, on_output, cancel, tty, |hooks| {
         cellblock_core::run_with(&spec, hooks, cells)
     })?;
     report_to_dict(py, &report)

@@ -68,14 +68,24 @@ impl Call {
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let call = self.call.lock().map_err(|_| poisoned())?.take().ok_or_else(|| {
-            to_pyerr(cellblock_core::Error::InvalidSpec(
-                "this call is already supervised".into(),
-            ))
-        })?;
-        let report = crate::session::watched_with(py, on_output, cancel, false, |hooks| {
-            Ok(call.supervise(hooks))
-        })?;
+        let call = self
+            .call
+            .lock()
+            .map_err(|_| poisoned())?
+            .take()
+            .ok_or_else(|| {
+                to_pyerr(cellblock_core::Error::InvalidSpec(
+                    "this call is already supervised".into(),
+                ))
+            })?;
+        let report = crate::session::watched_with(
+            py,
+            on_output,
+            cancel,
+            false,
+            Default::default(),
+            |hooks| Ok(call.supervise(hooks)),
+        )?;
         crate::report_to_dict(py, &report)
     }
 }

@@ -34,17 +34,20 @@ fn cancelled(py: Python<'_>, cancel: Option<&PyObject>) -> bool {
 /// Runs `f` (with the GIL released) with hooks that stream output to an optional Python
 /// callable and stop the run when a Python signal handler raises (Ctrl-C, SIGTERM), the
 /// callable raises, or `cancel.is_set()` (another thread cancelled it: the run is killed and
-/// reported as signaled). The exception is re-raised once the sandbox is gone.
+/// reported as signaled). The exception is re-raised once the sandbox is gone. For tty runs,
+/// `tty.window`, when given, is called as `window() -> (rows, cols) | None` while the run goes
+/// on, and sizes its terminal; `tty.on_terminal(fd)` gets the terminal's master once (dup it).
 pub fn watched<T>(
     py: Python<'_>,
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
+    tty: TtyHooks,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
     T: Send,
 {
-    watched_with(py, on_output, cancel, true, f)
+    watched_with(py, on_output, cancel, true, tty, f)
 }
 
 /// [`watched`]; without `signals` (and `cancel`) the GIL is taken only to deliver output: a
@@ -54,6 +57,7 @@ pub fn watched_with<T>(
     on_output: Option<PyObject>,
     cancel: Option<PyObject>,
     signals: bool,
+    tty: TtyHooks,
     f: impl FnOnce(Hooks<'_>) -> cellblock_core::Result<T> + Send,
 ) -> PyResult<T>
 where
@@ -69,43 +73,95 @@ where
     };
     let interrupted = || {
         failed()
-            || ask_python && Python::with_gil(|py| match py.check_signals() {
-                Ok(()) if cancelled(py, cancel.as_ref()) => true,
-                Ok(()) => false,
+            || ask_python
+                && Python::with_gil(|py| match py.check_signals() {
+                    Ok(()) if cancelled(py, cancel.as_ref()) => true,
+                    Ok(()) => false,
+                    Err(e) => {
+                        keep(e);
+                        true
+                    }
+                })
+    };
+    let TtyHooks {
+        window,
+        on_terminal,
+    } = tty;
+    let size = || -> Option<(u16, u16)> {
+        let w = window.as_ref()?;
+        if failed() {
+            return None;
+        }
+        Python::with_gil(|py| {
+            match w
+                .call0(py)
+                .and_then(|v| v.extract::<Option<(u16, u16)>>(py))
+            {
+                Ok(v) => v,
                 Err(e) => {
                     keep(e);
-                    true
+                    None
                 }
-            })
+            }
+        })
     };
-    let result = py.allow_threads(|| match on_output {
-        None => f(Hooks {
-            sink: None,
-            interrupted: Some(&interrupted),
-        }),
-        Some(cb) => {
-            let mut sink = |stream: Stream, data: &[u8]| {
-                // After the callable raised, the run is being stopped: nothing more is sent.
-                if failed() {
-                    return;
+    let attach = |fd: std::os::fd::BorrowedFd<'_>| {
+        use std::os::fd::AsRawFd;
+        if let Some(cb) = on_terminal.as_ref() {
+            Python::with_gil(|py| {
+                if let Err(e) = cb.call1(py, (fd.as_raw_fd(),)) {
+                    keep(e);
                 }
-                Python::with_gil(|py| {
-                    let n = if stream == Stream::Stdout { 1 } else { 2 };
-                    if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
-                        keep(e);
-                    }
-                });
-            };
-            f(Hooks {
-                sink: Some(&mut sink),
+            });
+        }
+    };
+    let result = py.allow_threads(|| {
+        let size_hook: Option<&dyn Fn() -> Option<(u16, u16)>> =
+            window.as_ref().map(|_| &size as _);
+        let attach_hook: Option<&dyn Fn(std::os::fd::BorrowedFd<'_>)> =
+            on_terminal.as_ref().map(|_| &attach as _);
+        match on_output {
+            None => f(Hooks {
+                sink: None,
                 interrupted: Some(&interrupted),
-            })
+                window: size_hook,
+                on_terminal: attach_hook,
+            }),
+            Some(cb) => {
+                let mut sink = |stream: Stream, data: &[u8]| {
+                    // After the callable raised, the run is being stopped: nothing more is sent.
+                    if failed() {
+                        return;
+                    }
+                    Python::with_gil(|py| {
+                        let n = if stream == Stream::Stdout { 1 } else { 2 };
+                        if let Err(e) = cb.call1(py, (n, PyBytes::new(py, data))) {
+                            keep(e);
+                        }
+                    });
+                };
+                f(Hooks {
+                    sink: Some(&mut sink),
+                    interrupted: Some(&interrupted),
+                    window: size_hook,
+                    on_terminal: attach_hook,
+                })
+            }
         }
     });
     if let Some(e) = pending.lock().ok().and_then(|mut p| p.take()) {
         return Err(e);
     }
     result.map_err(to_pyerr)
+}
+
+/// The Python callables of a tty run (see [`watched`]).
+#[derive(Default)]
+pub struct TtyHooks {
+    /// `window() -> (rows, cols) | None`, polled while the run goes on.
+    pub window: Option<PyObject>,
+    /// `on_terminal(fd)`, called once with the terminal's master.
+    pub on_terminal: Option<PyObject>,
 }
 
 /// A session sandbox. Every method releases the GIL while it works.
@@ -129,7 +185,8 @@ impl Session {
     /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
     /// `cancel.is_set()` true kills the call (see `watched`). `on_start(pid)` is called once
     /// the call runs, with the host pid of its PID 1 (for `connect_unix(path, parent=pid)`).
-    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, on_start=None))]
+    /// `window()` and `on_terminal(fd)`, when given, serve a tty call (see `watched`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, on_start=None, window=None, on_terminal=None))]
     #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
@@ -140,9 +197,15 @@ impl Session {
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
         on_start: Option<PyObject>,
+        window: Option<PyObject>,
+        on_terminal: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = watched(py, on_output, cancel, |hooks| {
+        let tty = TtyHooks {
+            window,
+            on_terminal,
+        };
+        let report = watched(py, on_output, cancel, tty, |hooks| {
             let started = |pid: i32| {
                 if let Some(cb) = on_start.as_ref() {
                     Python::with_gil(|py| {
@@ -231,7 +294,7 @@ impl Session {
         }
         // SAFETY: the caller keeps the socket open for the duration of the call.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock_fd) };
-        let outcome = watched(py, on_output, cancel, |hooks| {
+        let outcome = watched(py, on_output, cancel, TtyHooks::default(), |hooks| {
             let req = cellblock_core::warm::WarmRequest {
                 sock,
                 request: &request,

@@ -133,6 +133,7 @@ fn start_in(mut cell: Cell, spec: &RunSpec) -> Result<Option<Started>> {
             status: io.status,
             listener,
             egress: None,
+            terminal: None,
         },
         cgroup,
         enforcement,

@@ -52,7 +52,9 @@ impl Shape {
     /// The shape of `spec`, or None when it cannot use a cell (an egress allowlist needs a
     /// proxy made for the run).
     pub fn of(spec: &RunSpec) -> Option<Shape> {
-        if spec.net.is_some() {
+        // A terminal is opened by the command's process and its master passed out: cells take
+        // neither, such runs build their sandbox.
+        if spec.net.is_some() || spec.tty.is_some() {
             return None;
         }
         let l = &spec.limits;

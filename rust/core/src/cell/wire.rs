@@ -197,6 +197,8 @@ pub unsafe fn decode<'a>(
             }),
             last_cap,
             stack_top,
+            // Runs with a terminal take the cold path (see `pool::Shape::of`).
+            tty: None,
         })
     }
 }
@@ -230,6 +232,7 @@ mod tests {
             seccomp: Some(crate::seccomp::Program::from_bytes(&bpf).expect("test value")),
             last_cap: 40,
             stack: Vec::new(),
+            tty: None,
         }
     }
 

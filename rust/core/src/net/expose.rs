@@ -52,9 +52,8 @@ impl Exposed {
     /// Binds `bind` on the host and forwards every connection to `127.0.0.1:port` inside the
     /// network namespace of `holder`'s sandbox.
     pub(crate) fn start(holder: &Holder, port: u16, bind: SocketAddr) -> Result<Exposed> {
-        let listener = TcpListener::bind(bind).map_err(|e| {
-            Error::Network(format!("expose {port}: cannot listen on {bind}: {e}"))
-        })?;
+        let listener = TcpListener::bind(bind)
+            .map_err(|e| Error::Network(format!("expose {port}: cannot listen on {bind}: {e}")))?;
         let addr = listener.local_addr()?;
         let factory = Factory::start(holder)?;
         let shared = Arc::new(Shared {
@@ -151,7 +150,11 @@ fn serve(shared: &Shared, client: TcpStream) {
     };
     let _ = client.set_nodelay(true);
     let id = shared.next.fetch_add(1, Ordering::SeqCst);
-    match (client.try_clone(), upstream.try_clone(), shared.conns.lock()) {
+    match (
+        client.try_clone(),
+        upstream.try_clone(),
+        shared.conns.lock(),
+    ) {
         (Ok(a), Ok(b), Ok(mut conns)) => {
             if shared.stop.is_set() {
                 return;
@@ -202,16 +205,18 @@ impl Factory {
             return Err(Error::setup("socketpair"));
         }
         // SAFETY: both fds are fresh and owned by us.
-        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (ours, theirs) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let plan = FactoryPlan {
             holder: holder.pidfd.as_raw_fd(),
             root: holder.root,
             sock: theirs.as_raw_fd(),
         };
-        let (_, pidfd) = spawn::clone_with(0, || factory_main(&plan)).map_err(|e| Error::Setup {
-            stage: "start the port forwarder",
-            source: e,
-        })?;
+        let (_, pidfd) =
+            spawn::clone_with(0, || factory_main(&plan)).map_err(|e| Error::Setup {
+                stage: "start the port forwarder",
+                source: e,
+            })?;
         drop(theirs);
         let f = Factory {
             pidfd,

@@ -30,8 +30,8 @@ mod sys;
 mod transparent;
 
 pub use allow::{Allowlist, Host};
-pub use expose::Exposed;
 pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
+pub use expose::Exposed;
 
 use crate::report::{NetworkStats, Violation};
 use crate::{Error, Result};

@@ -159,6 +159,7 @@ pub fn supervise_call(
     let Hooks {
         mut sink,
         interrupted,
+        ..
     } = hooks;
     let cap = limits.max_output.unwrap_or(u64::MAX);
     let mut pumps = [
