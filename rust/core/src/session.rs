@@ -151,6 +151,14 @@ impl Session {
         let mut secrets = self.base.secrets.clone();
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
+        // Calls share the session's network namespace: its policy (live, see set_network)
+        // is theirs, whatever the call's spec says (it decides the proxy environment).
+        spec.net = self
+            .allow_net
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?
+            .clone()
+            .map(|allow| crate::spec::NetSpec { allow });
         if stream_stdin && !spec.stdin.is_empty() {
             return Err(Error::InvalidSpec(
                 "stdin: give initial bytes or stream stdin, not both".into(),

@@ -63,6 +63,11 @@ fn reload_main(pidfd: libc::c_int, ns: libc::c_int, plan: &ChildPlan) -> ! {
             libc::_exit(1);
         }
         libc::close(pidfd);
+        // Fill fds 0-2 (closed above), so that nft's stdin socket does not land on 0, where
+        // run_nft's dup2 onto 0 would keep it close-on-exec.
+        for _ in 0..3 {
+            libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        }
         libc::_exit(if run_nft(plan).is_ok() { 0 } else { 2 });
     }
 }
