@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_network import BAD_PATTERNS, HostServer
 
 from conftest import IS_ROOT, SETPRIV
-from test_network import BAD_PATTERNS, HostServer
 
 WHO = ["root", "nobody"] if IS_ROOT else ["user"]
 
@@ -123,10 +123,11 @@ def test_removed_host_is_refused_and_reported(who: tuple[str, Path | None],
     out = scenario(who[0], """
         A, B = PARAMS["a"], PARAMS["b"]
         with Sandbox(allow_net=[f"127.0.0.1:{A}", f"127.0.0.1:{B}"]) as sb:
-            out["before"], _ = run(sb, f"print(json.dumps([raw_get({A}, '/a1'), proxy_get({A}, '/a2')]))")
+            first = f"[raw_get({A}, '/a1'), proxy_get({A}, '/a2')]"
+            out["before"], _ = run(sb, f"print(json.dumps({first}))")
             out["cut"] = sb.set_network([f"127.0.0.1:{B}"])
-            out["after"], out["violations"] = run(sb, f"print(json.dumps([raw_get({A}, '/a3'), "
-                                                      f"proxy_get({A}, '/a4'), raw_get({B}, '/b1')]))")
+            then = f"[raw_get({A}, '/a3'), proxy_get({A}, '/a4'), raw_get({B}, '/b1')]"
+            out["after"], out["violations"] = run(sb, f"print(json.dumps({then}))")
     """, who[1], a=a.port, b=b.port)
     assert out["before"] == [a.body("/a1"), "200 " + a.body("/a2")]
     assert out["cut"] == []
@@ -199,7 +200,8 @@ def test_host_added_later_becomes_reachable(who: tuple[str, Path | None],
             out["cut"] = sb.set_network([f"localhost:{A}"])
             out["after"], _ = run(sb, probe)
     """, who[1], a=a.port)
-    assert out["before"] == ["ECONNREFUSED", f"403 cellblock: 127.0.0.1:{a.port} refused: not allowed"]
+    refused = f"403 cellblock: 127.0.0.1:{a.port} refused: not allowed"
+    assert out["before"] == ["ECONNREFUSED", refused]
     assert "/x" in a.hits and "/y" in a.hits
     assert a.hits.count("/x") == 1 and a.hits.count("/y") == 1, "only the later calls arrived"
     assert out["after"] == [a.body("/x"), "200 " + a.body("/y")]

@@ -427,7 +427,11 @@ impl Session {
             .allow_net
             .lock()
             .map_err(|_| Error::SessionClosed("poisoned".into()))?;
-        if let Some((port, _)) = self.exposed().into_iter().find(|(p, _)| shadows(&parsed, *p)) {
+        if let Some((port, _)) = self
+            .exposed()
+            .into_iter()
+            .find(|(p, _)| shadows(&parsed, *p))
+        {
             return Err(Error::InvalidSpec(format!(
                 "set_network: the list names the host's loopback on port {port}, which this \
                  session exposes"

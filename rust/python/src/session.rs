@@ -164,7 +164,11 @@ impl Session {
 
     /// Replaces the session's egress allowlist; returns the open connections it cut, as
     /// `(host, port, reason)` network violations.
-    fn set_network(&self, py: Python<'_>, allow: Vec<String>) -> PyResult<Vec<(String, u16, String)>> {
+    fn set_network(
+        &self,
+        py: Python<'_>,
+        allow: Vec<String>,
+    ) -> PyResult<Vec<(String, u16, String)>> {
         let cut = py
             .allow_threads(|| self.inner.set_network(&allow))
             .map_err(to_pyerr)?;

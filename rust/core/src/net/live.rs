@@ -29,12 +29,11 @@ pub fn reload_rules(holder: &Holder, allow: &Allowlist) -> Result<()> {
     } else {
         libc::CLONE_NEWUSER | libc::CLONE_NEWNET
     };
-    let (_, child) = spawn::clone_with(0, || reload_main(pidfd, ns, &plan)).map_err(|e| {
-        Error::Setup {
+    let (_, child) =
+        spawn::clone_with(0, || reload_main(pidfd, ns, &plan)).map_err(|e| Error::Setup {
             stage: "start the firewall updater",
             source: e,
-        }
-    })?;
+        })?;
     match wait_exit(&child, Instant::now() + RELOAD_TIMEOUT) {
         Some(0) => Ok(()),
         Some(1) => Err(Error::Network(

@@ -22,13 +22,13 @@ mod allow;
 mod child;
 mod dns;
 mod expose;
+mod live;
 mod nflog;
 mod proxy;
 mod pump;
 mod resolve;
 mod sys;
 mod transparent;
-mod live;
 
 pub use allow::{Allowlist, Host};
 pub use expose::Exposed;

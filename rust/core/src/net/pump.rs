@@ -52,8 +52,7 @@ pub(crate) fn open(shared: &Shared, host: &Host, port: u16) -> Result<TcpStream,
             .lookup(name, &shared.stop)
             .ok_or_else(|| refuse("unresolvable", false))?,
     };
-    let ips =
-        resolve::vet(&ips, Some(port), &allow).map_err(|reason| refuse(&reason, true))?;
+    let ips = resolve::vet(&ips, Some(port), &allow).map_err(|reason| refuse(&reason, true))?;
     for addr in resolve::with_port(&ips, port) {
         if shared.stop.is_set() {
             break;
