@@ -246,3 +246,18 @@ def test_bad_patterns_are_typed_errors_and_keep_the_old_list(
     assert out["no_net_empty"] is None
     assert out["no_net_probe"] == "ECONNREFUSED"
     assert "/no" not in a.hits
+
+
+def test_exposed_ports_and_the_live_list_never_overlap(who: tuple[str, Path | None]) -> None:
+    """A listed loopback target sends the sandbox's own port to the host: a port exposed from
+    the sandbox cannot become one, and one the live list names cannot be exposed."""
+    out = scenario(who[0], """
+        with Sandbox(allow_net=[]) as sb:
+            sb.expose(8000)
+            out["shadow_exposed"] = error_of(sb.set_network, ["127.0.0.1:8000"])
+            out["other_port"] = error_of(sb.set_network, ["127.0.0.1:9000"])
+            out["expose_listed"] = error_of(sb.expose, 9000)
+            out["expose_free"] = error_of(sb.expose, 9001)
+    """, who[1])
+    assert out == {"shadow_exposed": "InvalidSpec", "other_port": None,
+                   "expose_listed": "InvalidSpec", "expose_free": None}

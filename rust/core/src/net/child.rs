@@ -489,6 +489,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reload_replaces_the_table_in_one_batch() {
+        let allow = Allowlist::parse(&["127.0.0.1:9000".into()]).unwrap_or_else(|e| panic!("{e}"));
+        let plan = ChildPlan::for_reload(&allow).unwrap_or_else(|e| panic!("{e}"));
+        let text = plan.ruleset();
+        // `add` first, so the delete never fails, then the new table: one nft transaction.
+        assert!(text.starts_with("add table inet cellblock\ndelete table inet cellblock\n"));
+        assert!(text.ends_with(&ruleset(&allow)), "{text}");
+    }
+
+    #[test]
     fn ruleset_redirects_listed_loopback_targets() {
         let allow = Allowlist::parse(&[
             "127.0.0.1:9000".into(),
