@@ -277,6 +277,10 @@ class Sandbox:
         """What enforces each session-wide limit."""
         return await _blocking(lambda: self.sync.enforcement)
 
+    async def set_network(self, allow: Sequence[str]) -> list[dict[str, Any]]:
+        """Replaces the session's egress allowlist (see `Sandbox.set_network`)."""
+        return await _blocking(lambda: self.sync.set_network(allow))
+
     async def pause(self) -> None:
         """Freezes every process of the session."""
         await _blocking(self.sync.pause)

@@ -115,6 +115,10 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         spec = build_spec(["session"], self._policy, self._secrets, None)
         for name in ("timeout", "cpu_time", "max_output"):
             spec["limits"][name] = None
+        if allow_net is not None and spec["net"] is None:
+            # An explicit empty list opens the egress plumbing with nothing allowed, so that
+            # set_network can allow hosts later (a session without it never gets network).
+            spec["net"] = {"allow": []}
         self._native = _native.Session(json.dumps(spec))
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
@@ -195,6 +199,20 @@ class Sandbox(SandboxFiles, SandboxProcesses):
     def is_open(self) -> bool:
         """Whether the session is open and its sandbox alive."""
         return not self._closed and self._native.is_open
+
+    def set_network(self, allow: Sequence[str]) -> list[dict[str, Any]]:
+        """Replace the egress allowlist of the running session (e.g. install packages, then
+        lock down). New connections and DNS answers follow `allow` at once; open connections
+        it no longer allows are closed and returned (and reported in the running calls'
+        reports) as network violations with reason "policy changed". Patterns are validated as
+        `allow_net` is; a bad one raises `NetworkPolicyError` and leaves the old list in force. A
+        session opened without network (no `allow_net`) cannot gain it: pass `allow_net=[]`
+        at creation to start with nothing allowed and allow hosts later."""
+        self._check_open()
+        patterns = Policy.build(allow_net=as_pattern_list(allow)).allow_net
+        cut = self._native.set_network(list(patterns))
+        self._policy = self._policy.merged(allow_net=patterns)
+        return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
 
     @property
     def enforcement(self) -> dict[str, str | None]:

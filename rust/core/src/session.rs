@@ -34,6 +34,9 @@ pub struct Session {
     closing: Arc<AtomicBool>,
     /// Ports forwarded into the sandbox ([`Session::expose`]), stopped at close.
     exposed: Mutex<Vec<crate::net::Exposed>>,
+    /// The egress allowlist in force (`None`: the session has no network). Held while
+    /// [`Session::set_network`] changes it, so changes apply one at a time.
+    allow_net: Mutex<Option<Vec<String>>>,
 }
 
 const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -59,6 +62,7 @@ impl Session {
             redactor,
             closing: Arc::new(AtomicBool::new(false)),
             exposed: Mutex::new(Vec::new()),
+            allow_net: Mutex::new(spec.net.as_ref().map(|n| n.allow.clone())),
         })
     }
 
@@ -163,6 +167,14 @@ impl Session {
         let mut secrets = self.base.secrets.clone();
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
+        // Calls share the session's network namespace: its policy (live, see set_network)
+        // is theirs, whatever the call's spec says (it decides the proxy environment).
+        spec.net = self
+            .allow_net
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?
+            .clone()
+            .map(|allow| crate::spec::NetSpec { allow });
         if stream_stdin && !spec.stdin.is_empty() {
             return Err(Error::InvalidSpec(
                 "stdin: give initial bytes or stream stdin, not both".into(),
@@ -477,12 +489,9 @@ impl Session {
         }
         // A listed loopback target redirects the sandbox's connections to that port to the
         // host's loopback: forwarding it would reach the host, not the sandbox.
-        if let Some(n) = &self.base.net {
-            let shadowed = crate::net::Allowlist::parse(&n.allow)?
-                .loopback_targets()
-                .into_iter()
-                .any(|(ip, p)| ip.is_ipv4() && p.is_none_or(|p| p == port));
-            if shadowed {
+        let allow = self.allow_net.lock().ok().and_then(|a| a.clone());
+        if let Some(allow) = allow {
+            if shadows(&crate::net::Allowlist::parse(&allow)?, port) {
                 return Err(Error::InvalidSpec(format!(
                     "expose: port {port} inside the sandbox is the host's (the allowlist lists \
                      the host's loopback for it), so it cannot be exposed"
@@ -503,6 +512,51 @@ impl Session {
         Ok(addr)
     }
 
+    /// Replaces the egress allowlist of the running session (patterns as for
+    /// [`crate::spec::NetSpec`]): new connections and DNS answers follow `allow` at once, the
+    /// sandbox's firewall rules are reloaded, and open connections the new list does not allow
+    /// are cut and returned (also reported in the calls' reports) as network violations with
+    /// reason [`crate::net::POLICY_CHANGED`].
+    ///
+    /// A bad pattern is [`Error::Network`] and leaves the old list in force. A session opened
+    /// without network (no `net` in its spec) has no egress plumbing and cannot gain it: a
+    /// non-empty list is [`Error::InvalidSpec`] (open the session with an empty allowlist to
+    /// change it later); an empty one changes nothing. A list that would shadow an exposed
+    /// port (a listed loopback target on it) is [`Error::InvalidSpec`].
+    pub fn set_network(&self, allow: &[String]) -> Result<Vec<crate::report::Violation>> {
+        let parsed = crate::net::Allowlist::parse(allow)?;
+        let mut current = self
+            .allow_net
+            .lock()
+            .map_err(|_| Error::SessionClosed("poisoned".into()))?;
+        if let Some((port, _)) = self
+            .exposed()
+            .into_iter()
+            .find(|(p, _)| shadows(&parsed, *p))
+        {
+            return Err(Error::InvalidSpec(format!(
+                "set_network: the list names the host's loopback on port {port}, which this \
+                 session exposes"
+            )));
+        }
+        let holder = self.holder()?;
+        let Some(egress) = holder.egress.as_ref() else {
+            if parsed.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Err(Error::InvalidSpec(
+                "set_network: this session was opened without network, so it has no egress \
+                 to change; open it with allow_net=[] (nothing allowed) to enable it later"
+                    .into(),
+            ));
+        };
+        // Rules first: if they cannot be loaded, the old policy stays whole.
+        crate::net::reload_rules(&holder, &parsed)?;
+        let cut = egress.set_allow(parsed);
+        *current = Some(allow.to_vec());
+        Ok(cut)
+    }
+
     /// The ports currently forwarded: (port inside, host address).
     pub fn exposed(&self) -> Vec<(u16, std::net::SocketAddr)> {
         self.exposed
@@ -510,6 +564,14 @@ impl Session {
             .map(|e| e.iter().map(|x| (x.port(), x.addr())).collect())
             .unwrap_or_default()
     }
+}
+
+/// Whether `allow` sends the sandbox's connections to its own `127.0.0.1:port` to the host.
+fn shadows(allow: &crate::net::Allowlist, port: u16) -> bool {
+    allow
+        .loopback_targets()
+        .into_iter()
+        .any(|(ip, p)| ip.is_ipv4() && p.is_none_or(|p| p == port))
 }
 
 /// A call started by [`Session::start`]: supervised once by [`Call::supervise`], signalled and

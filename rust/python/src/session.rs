@@ -239,6 +239,27 @@ impl Session {
         Ok(crate::process::Call::new(call))
     }
 
+    /// Replaces the session's egress allowlist; returns the open connections it cut, as
+    /// `(host, port, reason)` network violations.
+    fn set_network(
+        &self,
+        py: Python<'_>,
+        allow: Vec<String>,
+    ) -> PyResult<Vec<(String, u16, String)>> {
+        let cut = py
+            .allow_threads(|| self.inner.set_network(&allow))
+            .map_err(to_pyerr)?;
+        Ok(cut
+            .into_iter()
+            .filter_map(|v| match v {
+                cellblock_core::Violation::Network { host, port, reason } => {
+                    Some((host, port, reason))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Forwards `host:host_port` (host_port 0: a free one) to 127.0.0.1:`port` inside the
     /// sandbox until the session closes; returns the bound `(host, port)`.
     #[pyo3(signature = (port, host="127.0.0.1", host_port=0))]

@@ -73,6 +73,16 @@ impl ChildPlan {
         })
     }
 
+    /// A plan whose ruleset replaces the sandbox's table with the rules for `allow` in one
+    /// nft transaction (for a live policy change, see [`super::reload_rules`]).
+    pub(crate) fn for_reload(allow: &Allowlist) -> Result<ChildPlan> {
+        let mut plan = ChildPlan::new(allow)?;
+        let mut ruleset = b"add table inet cellblock\ndelete table inet cellblock\n".to_vec();
+        ruleset.append(&mut plan.ruleset);
+        plan.ruleset = ruleset;
+        Ok(plan)
+    }
+
     /// The nftables ruleset the child loads (for diagnostics).
     pub fn ruleset(&self) -> &str {
         std::str::from_utf8(&self.ruleset).unwrap_or("")
@@ -399,7 +409,7 @@ fn bind_socket(
 /// ruleset written while it reads: writing it before would block forever on a ruleset larger
 /// than the buffer (small when the user's pipe quota is spent). A socket pair rather than a
 /// pipe, so that an nft that dies early gives EPIPE, never SIGPIPE.
-fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
+pub(super) fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
     let mut pair = [0; 2];
     // SAFETY: socketpair writes two fds into the local array.
     check(unsafe {
@@ -477,6 +487,16 @@ fn run_nft(plan: &ChildPlan) -> std::result::Result<(), libc::c_int> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_replaces_the_table_in_one_batch() {
+        let allow = Allowlist::parse(&["127.0.0.1:9000".into()]).unwrap_or_else(|e| panic!("{e}"));
+        let plan = ChildPlan::for_reload(&allow).unwrap_or_else(|e| panic!("{e}"));
+        let text = plan.ruleset();
+        // `add` first, so the delete never fails, then the new table: one nft transaction.
+        assert!(text.starts_with("add table inet cellblock\ndelete table inet cellblock\n"));
+        assert!(text.ends_with(&ruleset(&allow)), "{text}");
+    }
 
     #[test]
     fn ruleset_redirects_listed_loopback_targets() {

@@ -179,7 +179,7 @@ pub(crate) fn serve_pending(shared: &Arc<Shared>, sock: &Arc<UdpSocket>) {
                 r[3] = FORMERR;
                 r
             }
-            Ok(q) => match plan(&q, &shared.allow) {
+            Ok(q) => match plan(&q, &shared.allow()) {
                 Plan::Reply(rcode, ip) => response(&q, rcode, ip),
                 Plan::Deny => {
                     shared.refuse(&q.name, 0, "not allowed");
@@ -215,7 +215,7 @@ fn resolve_later(
                 s.refuse(&name, 0, "unresolvable");
                 response(&q, NXDOMAIN, None)
             }
-            Some(ips) => match resolve::vet(&ips, None, &s.allow) {
+            Some(ips) => match resolve::vet(&ips, None, &s.allow()) {
                 Err(reason) => {
                     s.refuse(&name, 0, &reason);
                     response(&q, NXDOMAIN, None)

@@ -22,6 +22,7 @@ mod allow;
 mod child;
 mod dns;
 mod expose;
+mod live;
 mod nflog;
 mod proxy;
 mod pump;
@@ -32,6 +33,7 @@ mod transparent;
 pub use allow::{Allowlist, Host};
 pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
 pub use expose::Exposed;
+pub use live::reload_rules;
 
 use crate::report::{NetworkStats, Violation};
 use crate::{Error, Result};
@@ -39,7 +41,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
 /// Port of the HTTP proxy inside the sandbox (127.0.0.1).
@@ -115,7 +117,7 @@ impl Egress {
         let sockets = Sockets::classify(fds)?;
         let stop = sys::Stop::new().map_err(|_| Error::setup("egress stop pipe"))?;
         let shared = Arc::new(Shared {
-            allow,
+            allow: RwLock::new(Arc::new(allow)),
             stop,
             resolver: resolve::Resolver::new(&config.hosts),
             synthetic: Mutex::new(resolve::Synthetic::default()),
@@ -202,6 +204,64 @@ impl Egress {
     }
 }
 
+impl Egress {
+    /// Replaces the allowlist: new connections and DNS queries are decided by `allow` from now
+    /// on, and every open connection it no longer allows is cut (both sides) and reported as a
+    /// [`Violation::Network`] with reason [`POLICY_CHANGED`]. Returns those violations.
+    /// The sandbox's firewall rules are not touched: see [`reload_rules`].
+    pub fn set_allow(&self, allow: Allowlist) -> Vec<Violation> {
+        let s = &self.shared;
+        let allow = Arc::new(allow);
+        let mut cut = Vec::new();
+        {
+            let streams = lock(&s.streams);
+            *s.allow.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&allow);
+            for (id, (host, port)) in &streams.targets {
+                let Some(socks) = streams.by_id.get(id) else {
+                    continue;
+                };
+                let allowed = socks
+                    .get(1)
+                    .is_some_and(|up| still_allowed(&allow, host, *port, up));
+                if !allowed {
+                    for sock in socks {
+                        let _ = sock.shutdown(Shutdown::Both);
+                    }
+                    cut.push((host.to_string(), *port));
+                }
+            }
+        }
+        cut.sort();
+        cut.dedup();
+        cut.into_iter()
+            .map(|(host, port)| {
+                s.refuse(&host, port, POLICY_CHANGED);
+                Violation::Network {
+                    host,
+                    port,
+                    reason: POLICY_CHANGED.to_string(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Reason of the violation reported for a connection cut by a policy change.
+pub const POLICY_CHANGED: &str = "policy changed";
+
+/// Whether `allow` still lets a connection to `host:port` (dialled at `upstream`'s peer) go on:
+/// the host is listed and the address it reached passes the address policy.
+fn still_allowed(allow: &Allowlist, host: &Host, port: u16, upstream: &TcpStream) -> bool {
+    if !allow.allows_host(host, port) {
+        return false;
+    }
+    match upstream.peer_addr() {
+        Ok(peer) => resolve::vet(&[allow::canonical_ip(peer.ip())], Some(port), allow).is_ok(),
+        // Already closed: nothing left to cut.
+        Err(_) => true,
+    }
+}
+
 impl Drop for Egress {
     fn drop(&mut self) {
         self.teardown();
@@ -215,7 +275,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// State shared by the supervisor's egress threads.
 pub(crate) struct Shared {
-    pub(crate) allow: Allowlist,
+    /// The allowlist in force, swapped whole by [`Egress::set_allow`]; every connection and
+    /// query reads it once, when it is decided.
+    allow: RwLock<Arc<Allowlist>>,
     pub(crate) stop: sys::Stop,
     pub(crate) resolver: resolve::Resolver,
     pub(crate) synthetic: Mutex<resolve::Synthetic>,
@@ -237,11 +299,16 @@ struct Violations {
     list: Vec<Violation>,
 }
 
-/// Sockets of live connections, so teardown can cut them.
+/// Sockets of live connections, so teardown (and a policy change) can cut them.
 #[derive(Default)]
 struct Streams {
     next: u64,
     by_id: HashMap<u64, Vec<TcpStream>>,
+    /// What each live connection reaches (host as decided, port), by id.
+    targets: HashMap<u64, (Host, u16)>,
+    /// Targets of upstream sockets `pump::open` dialled that `register` has not taken yet, by
+    /// the upstream's fd (unique while it is open).
+    dialled: HashMap<RawFd, (Host, u16)>,
 }
 
 /// A connection's place in the per-run cap, released on drop.
@@ -295,22 +362,50 @@ impl Shared {
         spawned.is_ok()
     }
 
-    /// Registers a connection's two sockets; `None` once teardown began.
+    /// The allowlist in force now.
+    pub(crate) fn allow(&self) -> Arc<Allowlist> {
+        Arc::clone(&self.allow.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Notes what an upstream socket just dialled reaches, for [`Shared::register`].
+    pub(crate) fn dialled(&self, upstream: &TcpStream, host: &Host, port: u16) {
+        lock(&self.streams)
+            .dialled
+            .insert(upstream.as_raw_fd(), (host.clone(), port));
+    }
+
+    /// Registers a connection's two sockets; `None` once teardown began, or when the policy
+    /// changed since its upstream was dialled and no longer allows it (reported).
     pub(crate) fn register(&self, client: &TcpStream, upstream: &TcpStream) -> Option<u64> {
         let clones = [client.try_clone().ok()?, upstream.try_clone().ok()?];
         let mut streams = lock(&self.streams);
+        let target = streams.dialled.remove(&upstream.as_raw_fd());
         if self.stop.is_set() {
             return None;
+        }
+        // Checked under the streams lock, which `set_allow` holds while it cuts: a connection
+        // is either cut there or sees the new list here.
+        if let Some((host, port)) = &target {
+            if !still_allowed(&self.allow(), host, *port, upstream) {
+                drop(streams);
+                self.refuse(&host.to_string(), *port, POLICY_CHANGED);
+                return None;
+            }
         }
         streams.next += 1;
         let id = streams.next;
         streams.by_id.insert(id, clones.into());
+        if let Some(t) = target {
+            streams.targets.insert(id, t);
+        }
         Some(id)
     }
 
     /// Forgets a finished connection.
     pub(crate) fn unregister(&self, id: u64) {
-        lock(&self.streams).by_id.remove(&id);
+        let mut streams = lock(&self.streams);
+        streams.by_id.remove(&id);
+        streams.targets.remove(&id);
     }
 }
 

@@ -41,7 +41,8 @@ pub(crate) fn open(shared: &Shared, host: &Host, port: u16) -> Result<TcpStream,
             policy,
         }
     };
-    if !shared.allow.allows_host(&host, port) {
+    let allow = shared.allow();
+    if !allow.allows_host(&host, port) {
         return Err(refuse("not allowed", true));
     }
     let ips = match &host {
@@ -51,14 +52,14 @@ pub(crate) fn open(shared: &Shared, host: &Host, port: u16) -> Result<TcpStream,
             .lookup(name, &shared.stop)
             .ok_or_else(|| refuse("unresolvable", false))?,
     };
-    let ips =
-        resolve::vet(&ips, Some(port), &shared.allow).map_err(|reason| refuse(&reason, true))?;
+    let ips = resolve::vet(&ips, Some(port), &allow).map_err(|reason| refuse(&reason, true))?;
     for addr in resolve::with_port(&ips, port) {
         if shared.stop.is_set() {
             break;
         }
         if let Ok(stream) = super::sys::connect(addr, &shared.stop, CONNECT_TIMEOUT) {
             shared.connections.fetch_add(1, Ordering::Relaxed);
+            shared.dialled(&stream, &host, port);
             return Ok(stream);
         }
     }

@@ -167,7 +167,7 @@ pub(crate) fn handle(shared: &Arc<Shared>, client: TcpStream, slot: Slot) {
     let mut first = Vec::new();
     let target = match synthetic {
         Some(name) => name,
-        None if shared.allow.allows_ip(dst.ip(), dst.port()) => Host::Ip(dst.ip()),
+        None if shared.allow().allows_ip(dst.ip(), dst.port()) => Host::Ip(dst.ip()),
         None => sniff(shared, &client, &mut first).unwrap_or(Host::Ip(dst.ip())),
     };
     match pump::open(shared, &target, dst.port()) {
