@@ -171,7 +171,8 @@ print(json.dumps({"out": out, "tops": tops}))
 
 
 EXPECTED_NOBODY_OUT = {"exec": "0\nwritten", "served": "written", "host": "127.0.0.1",
-                       "server_running": True, "echo": "ping\n", "cat_running": True}
+                       "server_running": True, "echo": "ping\r\nping\r\n",
+                       "cat_running": True}
 
 
 def test_client_as_nobody(nobody_dir: Path, tmp_path: Path) -> None:
@@ -318,7 +319,8 @@ def test_sandbox_agent_pty_and_exposed_port(tmp_path: Path) -> None:
     server and its forward."""
     host_file = tmp_path / "host-only.txt"
     host_file.write_text("host")
-    probe = f"import os; print('host-file', os.path.exists({str(host_file)!r}))\n"
+    probe = f"import os; print('host-file', os.path.exists({str(host_file)!r}))\n" \
+        "import sys; print('tty', sys.stdin.isatty(), sys.stdout.isatty())\n"
     model = ScriptedModel([
         [function_call("exec_command", {"cmd": "python3 -m http.server 8000 --bind 127.0.0.1",
                                         "yield_time_ms": 500}, call_id="srv")],
@@ -361,8 +363,10 @@ def test_sandbox_agent_pty_and_exposed_port(tmp_path: Path) -> None:
     assert len(out) == 4, out
     assert "Process running with session ID" in out[0], out[0]
     assert "Process running with session ID" in out[1], out[1]
-    assert "42\n" in out[2] and "cellblock\n" in out[2], out[2]
-    assert "host-file False\n" in out[2] and host_file.read_text() == "host", out[2]
+    # A terminal, as the SDK's local backend gives: isatty, echo, \r\n line ends.
+    assert "42\r\n" in out[2] and "cellblock\r\n" in out[2], out[2]
+    assert "tty True True\r\n" in out[2] and "print(6 * 7)\r\n" in out[2], out[2]
+    assert "host-file False\r\n" in out[2] and host_file.read_text() == "host", out[2]
     assert "Process exited with code 5" in out[3], out[3]
     assert host == "127.0.0.1" and got == (200, SECRET)
     assert "Start the command with `tty=true`" in refused, refused

@@ -116,6 +116,8 @@ class Call:
         self,
         on_output: Callable[[int, bytes], None] | None = None,
         cancel: threading.Event | None = None,
+        window: Callable[[], tuple[int, int] | None] | None = None,
+        on_terminal: Callable[[int], None] | None = None,
     ) -> dict[str, Any]: ...
 
 class FileReader:

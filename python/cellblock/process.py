@@ -4,16 +4,21 @@
 arrives live (callback and iterators), its stdin can be streamed, it can be signalled, waited
 for or killed. It is a call of the session like `Sandbox.run` (same supervisor, output cap,
 redaction, seccomp answers and report); closing the session ends it (reason
-`session_closed`). `Sandbox.expose` forwards a host address (loopback by default) to a port
+`session_closed`). With `tty=True` the process gets a terminal of the sandbox's own (see
+`cellblock.terminal`): `write_stdin` types into it, `close_stdin` types end-of-file and
+`resize` changes its window. `Sandbox.expose` forwards a host address (loopback by default) to a port
 inside the sandbox's network namespace, until the session closes.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal as signals
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,11 +36,22 @@ from cellblock.result import RunResult
 from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets
+from cellblock.terminal import (
+    EOF,
+    SizeArg,
+    WindowSize,
+    checked_size,
+    tty_section,
+    typed_input,
+    window_source,
+)
 
 __all__ = ["ExposedPort", "OutputChunk", "Process", "SandboxProcesses"]
 
 #: How long closing a session waits for each of its processes' reports.
 _CLOSE_JOIN = 10.0
+#: How long `resize` waits for the supervisor to hand over a starting process's terminal.
+_ATTACH_WAIT = 10.0
 
 Stream = Literal["stdout", "stderr"]
 
@@ -83,14 +99,25 @@ class Process:
         argv: list[str],
         on_output: OutputCallback | None,
         on_end: Callable[[Process], None],
+        tty: bool = False,
+        window: Callable[[], WindowSize | None] | None = None,
     ) -> None:
         self._call = call
         self.argv = argv
+        #: Whether the process runs on a terminal (`Sandbox.start(..., tty=True)`).
+        self.tty = tty
+        self._window = window
         self._on_output = on_output
         self._on_end = on_end
+        # On a terminal this is a dup of its master: writes are typed into it.
         stdin = call.take_stdin()
         self._stdin: int | None = stdin
         self._stdin_lock = threading.Lock()
+        # The terminal's master for `resize` (a dup, from the supervisor's on_terminal).
+        self._master: int | None = None
+        self._master_lock = threading.Lock()
+        self._attached = threading.Event()
+        self._line_start = True
         self._chunks: list[OutputChunk] = []
         self._cond = threading.Condition()
         self._result: RunResult | None = None
@@ -144,15 +171,28 @@ class Process:
             # Raising stops the process, as for `Sandbox.run`; `wait()` re-raises it.
             self._on_output(stream, data)
 
+    def _attach(self, master: int) -> None:
+        with self._master_lock:
+            self._master = os.dup(master)
+        self._attached.set()
+
     def _supervise(self) -> None:
         try:
-            report = self._call.supervise(self._sink)
+            report = self._call.supervise(
+                self._sink, None, self._window, self._attach if self.tty else None
+            )
             self._result = RunResult(**report)
         except BaseException as e:  # re-raised by wait() in the caller's thread
             self._error = e
         finally:
             # A writer blocked on a full pipe gets EPIPE now that every reader is dead.
-            self.close_stdin()
+            with self._stdin_lock:
+                self._close_stdin_fd()
+            with self._master_lock:
+                master, self._master = self._master, None
+                if master is not None:
+                    os.close(master)
+            self._attached.set()
             with self._cond:
                 self._done.set()
                 self._cond.notify_all()
@@ -174,22 +214,52 @@ class Process:
             while buf:
                 try:
                     n = os.write(fd, buf)
-                except BrokenPipeError:
+                except OSError as e:
+                    # A pipe without reader: EPIPE; a terminal whose side is gone: EIO.
+                    if e.errno not in (errno.EPIPE, errno.EIO):
+                        raise
                     raise SandboxIOError(
                         errno.EPIPE, "the process no longer reads its stdin (it ended or "
                         "closed it)"
                     ) from None
+                self._line_start = buf[n - 1 : n] == b"\n" if n else self._line_start
                 buf = buf[n:]
 
     def close_stdin(self) -> None:
-        """Closes the process's stdin: it reads EOF (idempotent)."""
+        """Closes the process's stdin: it reads EOF (idempotent). On a terminal, end-of-file
+        is typed (Ctrl-D; twice after a partial line, as at a keyboard) and no more input is
+        taken: the terminal itself stays, for the output and `resize`."""
         with self._stdin_lock:
+            fd = self._stdin
+            if self.tty and fd is not None and not self._done.is_set():
+                eof = EOF if self._line_start else EOF + EOF
+                try:
+                    os.write(fd, eof)
+                except OSError:
+                    pass  # the terminal is gone: the process has ended
             self._close_stdin_fd()
 
     def _close_stdin_fd(self) -> None:
         fd, self._stdin = self._stdin, None
         if fd is not None:
             os.close(fd)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Sets the window of the process's terminal to `rows` x `cols` (the kernel sends
+        SIGWINCH to its foreground process group). InvalidSpec without `tty=True` or for an
+        empty window; SandboxIOError once the process has ended."""
+        if not self.tty:
+            raise InvalidSpec("resize: this process has no terminal (start it with tty=True)")
+        size = checked_size((rows, cols))
+        self._attached.wait(_ATTACH_WAIT)
+        with self._master_lock:
+            if self._master is None or self._done.is_set():
+                raise SandboxIOError(errno.EIO, "the terminal of this process is gone (it ended)")
+            winsize = struct.pack("HHHH", size["rows"], size["cols"], 0, 0)
+            try:
+                fcntl.ioctl(self._master, termios.TIOCSWINSZ, winsize)
+            except OSError as e:
+                raise SandboxIOError(e.errno or errno.EIO, f"resize the terminal: {e}") from None
 
     # ---- signals ---------------------------------------------------------------------------
 
@@ -313,6 +383,8 @@ class SandboxProcesses:
         seccomp: SeccompPolicy | None = None,
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
     ) -> Process:
         """Starts a command in the background and returns its `Process` at once.
 
@@ -322,6 +394,10 @@ class SandboxProcesses:
         closes); `cpu_time` and `max_output` default to the session's per-call limits.
         `on_output(stream, data)` (1 stdout, 2 stderr) gets the output live, on the process's
         supervisor thread. A running process keeps the session from idling.
+
+        `tty=True` gives it a terminal of the sandbox's own as stdin, stdout and stderr (output
+        merged into stdout), of `tty_size=(rows, cols)` (default 24x80, or a function giving
+        the current size, followed while it runs); `stdin` bytes are typed, then end-of-file.
         """
         argv = ["/bin/sh", "-c", argv] if isinstance(argv, str) else list(argv)
         if not argv:
@@ -332,10 +408,12 @@ class SandboxProcesses:
                 profile=profile, seccomp=seccomp, env=env,
             )
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
-            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled)
+            terminal = tty_section(tty, tty_size)
+            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal)
             if timeout is None:
                 spec["limits"]["timeout"] = None
             data = stdin.encode() if isinstance(stdin, str) else stdin
+            data = data if data is None else typed_input(data, terminal is not None)
             try:
                 call = self._native.start(
                     json.dumps(spec), data, compiled.bpf if compiled else None,
@@ -346,7 +424,8 @@ class SandboxProcesses:
                 raise redact_error(e, redactor_for(call_secrets)) from None
             self._hold_active(1)
             try:
-                proc = Process(call, argv, on_output, self._process_ended)
+                proc = Process(call, argv, on_output, self._process_ended, tty,
+                               window_source(tty, tty_size))
             except BaseException:
                 self._hold_active(-1)
                 raise

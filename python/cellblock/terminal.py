@@ -43,7 +43,8 @@ class TtySize(BaseModel):
     cols: int = Field(ge=1, le=0xFFFF)
 
 
-def _checked(size: Any) -> dict[str, Any]:
+def checked_size(size: Any) -> dict[str, Any]:
+    """`{"rows", "cols"}` of a `(rows, cols)` window; InvalidSpec naming what is wrong."""
     try:
         rows, cols = size
         return TtySize(rows=rows, cols=cols).model_dump()
@@ -62,7 +63,7 @@ def tty_section(tty: bool, size: SizeArg) -> dict[str, Any] | None:
             raise InvalidSpec("tty_size: given without tty=True")
         return None
     initial = size() if callable(size) else size
-    return _checked(initial if initial is not None else DEFAULT_SIZE)
+    return checked_size(initial if initial is not None else DEFAULT_SIZE)
 
 
 def window_source(tty: bool, size: SizeArg) -> Callable[[], WindowSize | None] | None:
@@ -76,7 +77,7 @@ def window_source(tty: bool, size: SizeArg) -> Callable[[], WindowSize | None] |
         if value is None:
             return None
         try:
-            checked = _checked(value)
+            checked = checked_size(value)
         except InvalidSpec:
             return None  # a transient bad reading (e.g. a detached terminal) keeps the size
         return checked["rows"], checked["cols"]

@@ -5,11 +5,10 @@ Each SDK "PTY session" is one `cellblock.Process` in the session's sandbox. Its 
 pumped by a thread of ours into the queue the SDK's own `collect_pty_output` drains (yield
 time, token truncation and UTF-8 carry are the SDK's); ids, yield-time clamps and pruning are
 the SDK's helpers too. `tty=False` runs with stdin closed, as the SDK's local backend (plain
-pipes, `write_stdin` refused with the SDK's own message). `tty=True` streams stdin through a
-pipe: interactive programs that read stdin (`cat`, `python3 -i`, `sh -i`) work, but there is
-no terminal device (`isatty()` is False, no echo, no line editing, no job control).
-`Sandbox.run(..., tty=True)` (a real terminal inside the sandbox, branch pty) will replace the
-pipe here.
+pipes, `write_stdin` refused with the SDK's own message). `tty=True`, like the local
+backend's real pty, runs the process on a terminal of the sandbox's own
+(`Sandbox.start(..., tty=True)`): `isatty()` is True, the terminal echoes typed input and
+merges stderr into the output (with `\r\n` line ends), and `write_stdin` types into it.
 """
 
 from __future__ import annotations
@@ -125,9 +124,10 @@ class PtySessions(BaseSandboxSession, abc.ABC):
         argv = self._prepare_exec_command(*command, shell=shell, user=user)
 
         def start() -> Process:
-            # No stdin given to start() keeps it open for write_stdin (tty); b"" closes it.
-            return self.sandbox.start(argv, timeout=timeout, cwd=WORKSPACE,
-                                      stdin=None if tty else b"")
+            # tty: a terminal whose input stays open for write_stdin; else stdin is closed.
+            if tty:
+                return self.sandbox.start(argv, timeout=timeout, cwd=WORKSPACE, tty=True)
+            return self.sandbox.start(argv, timeout=timeout, cwd=WORKSPACE, stdin=b"")
 
         entry = _PtyEntry(process=await run_sync(start), tty=tty)
         threading.Thread(target=_pump, args=(entry, asyncio.get_running_loop()),

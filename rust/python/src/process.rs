@@ -61,12 +61,15 @@ impl Call {
 
     /// Supervises the call to its end and returns the report dict (as `Session.exec`'s).
     /// Output goes to `on_output(stream, bytes)` live; `cancel.is_set()` kills the call.
-    #[pyo3(signature = (on_output=None, cancel=None))]
+    /// A tty call's `window()` and `on_terminal(fd)` serve as for `Session.exec`.
+    #[pyo3(signature = (on_output=None, cancel=None, window=None, on_terminal=None))]
     fn supervise<'py>(
         &self,
         py: Python<'py>,
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
+        window: Option<PyObject>,
+        on_terminal: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let call = self
             .call
@@ -83,7 +86,10 @@ impl Call {
             on_output,
             cancel,
             false,
-            Default::default(),
+            crate::session::TtyHooks {
+                window,
+                on_terminal,
+            },
             |hooks| Ok(call.supervise(hooks)),
         )?;
         crate::report_to_dict(py, &report)
