@@ -365,7 +365,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
                 with typing_from(tty, tty_input) as on_terminal:
                     report = self._native.exec(
                         json.dumps(spec), data, compiled.bpf if compiled else None, on_output,
-                        cancel, window_source(tty, tty_size), on_terminal,
+                        cancel, window=window_source(tty, tty_size), on_terminal=on_terminal,
                     )
             except CellblockError as e:
                 call_secrets = self._secrets + normalize_secrets(secrets)
