@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_processes_api import WHO, scenario
 
 from cellblock import InvalidSpec, Sandbox, SandboxIOError
-from test_processes_api import WHO, scenario
 
 SECRET = "s3cr3t-tty-value"
 
@@ -130,7 +130,11 @@ def test_bad_terminal_arguments_are_typed_errors() -> None:
         with pytest.raises(InvalidSpec, match="tty_size"):
             t.resize(24, 0)
         p.close_stdin()
+        # A partial last line: end-of-file is typed twice (once ends the line), as at a keyboard.
+        t.write_stdin("partial")
         t.close_stdin()
-        assert p.wait(30).exit_code == 0 and t.wait(30).exit_code == 0
+        assert p.wait(30).exit_code == 0
+        res = t.wait(30)
+        assert (res.exit_code, res.stdout) == (0, "partialpartial"), res
         with pytest.raises(SandboxIOError):
             t.write_stdin("late\n")

@@ -6,8 +6,8 @@ for or killed. It is a call of the session like `Sandbox.run` (same supervisor, 
 redaction, seccomp answers and report); closing the session ends it (reason
 `session_closed`). With `tty=True` the process gets a terminal of the sandbox's own (see
 `cellblock.terminal`): `write_stdin` types into it, `close_stdin` types end-of-file and
-`resize` changes its window. `Sandbox.expose` forwards a host address (loopback by default) to a port
-inside the sandbox's network namespace, until the session closes.
+`resize` changes its window. `Sandbox.expose` forwards a host address (loopback by default)
+to a port inside the sandbox's network namespace, until the session closes.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class Process:
                         errno.EPIPE, "the process no longer reads its stdin (it ended or "
                         "closed it)"
                     ) from None
-                self._line_start = buf[n - 1 : n] == b"\n" if n else self._line_start
+                self._line_start = buf[n - 1] == 0x0A if n else self._line_start
                 buf = buf[n:]
 
     def close_stdin(self) -> None:
