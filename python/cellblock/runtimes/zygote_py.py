@@ -51,7 +51,11 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    # In the sandbox, display_py.py's source runs first in this module (see zygote_source).
+    from cellblock.runtimes.display_py import CURRENT, display
 
 #: The stdlib a typical snippet uses, imported once here so every fork starts with it.
 WARM_MODULES = (
@@ -254,6 +258,8 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
     error: str | None
     value = error = None
     exit_code = 0
+    cap = req.get("max_output")
+    CURRENT.reset(cap if isinstance(cap, int) else None)
     try:
         tree = ast.parse(code, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
@@ -262,20 +268,28 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
         if last is not None:
             result = eval(compile(ast.Expression(last.value), filename, "eval"), module.__dict__)
             if result is not None:
-                value = repr(result)[:VALUE_CAP]
+                text = repr(result)
+                value = text[:VALUE_CAP]
+                CURRENT.add(result, plain=text)
     except SystemExit as e:
         exit_code = exit_code_of(e)
     except BaseException as e:
         error = user_traceback(e, module)
         sys.stderr.write(error)
         exit_code = 1
+    try:
+        CURRENT.figures()  # shown even when the code failed after drawing, as in Jupyter
+    except Exception:
+        pass
     flush_std()
-    return {"exit_code": exit_code, "value": value, "error": error}
+    return {"exit_code": exit_code, "value": value, "error": error,
+            "outputs": CURRENT.result()}
 
 
 def fresh_main() -> types.ModuleType:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
+    module.__dict__["display"] = display
     sys.modules["__main__"] = module
     sys.argv = ["-c"]
     return module
@@ -616,6 +630,8 @@ def spare(server: socket.socket, taken_w: int, zygote_only: tuple[int, ...], bpf
 
 def main() -> None:
     not_dumpable()
+    # matplotlib, when the code imports it, draws off-screen; its figures become PNG outputs.
+    os.environ.setdefault("MPLBACKEND", "Agg")
     path = sys.argv[1]
     bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
     home = os.path.dirname(path)
