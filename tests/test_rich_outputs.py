@@ -230,3 +230,23 @@ def test_parse_outputs_never_raises_on_garbage() -> None:
                                    red, 10)
     assert error is None
     assert outputs[0].data == {"text/plain": "a" * 10} and outputs[0].truncated
+
+
+def test_outputs_cross_the_http_api_exactly() -> None:
+    from cellblock.runtimes.outputs import Output
+    from cellblock.runtimes.warm import CodeResult
+    from cellblock.service.models import RunReport
+
+    png = PNG + bytes(range(256))
+    result = CodeResult(
+        exit_code=0, signal=None, reason="exited", stdout_bytes=b"", stderr_bytes=b"",
+        stdout_truncated=False, stderr_truncated=False, wall_time_s=0.1, cpu_time_s=0.0,
+        peak_memory_bytes=0, violations=[], enforcement={}, value="1",
+        outputs=[Output(data={"image/png": png, "text/plain": "<Figure>"}),
+                 Output(data={"text/html": "<b>é</b>"}, truncated=True)],
+        outputs_error="output 2: unknown MIME type 'x/y'",
+    )
+    wire = json.loads(RunReport.of(result).model_dump_json())
+    assert wire["outputs"][0]["data"]["image/png"] == base64.b64encode(png).decode()
+    back = RunReport.model_validate(wire).to_result()
+    assert back.outputs == result.outputs and back.outputs_error == result.outputs_error
