@@ -50,6 +50,8 @@ FORGED = textwrap.dedent("""\
 
 #: (name, code, max_output), run in order in one stateful kernel.
 CASES = [
+    ("untouched", "import sys\nsorted(m for m in sys.modules if m.split('.')[0] in "
+                  "('matplotlib', 'pandas', 'numpy', 'IPython'))", None),
     ("imports", "import pandas, matplotlib\nprint(pandas.__version__, matplotlib.__version__)",
      None),
     ("dataframe", "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})", None),
@@ -65,6 +67,8 @@ CASES = [
                "display(S())\npd.DataFrame({'k': [tok]})", None),
     ("hostile", "class H:\n    def __repr__(self): return 'x' * 100_000_000\n"
                 "    def _repr_html_(self): return '<b>' * 40_000_000\nH()", 65536),
+    ("hostile_unicode", "class U:\n    def __repr__(self): return '\\u20ac' * 50_000_000\nU()",
+     None),
     ("after_hostile", "21 * 2", None),
     ("forged", FORGED, None),
     ("after_forged", "'still serving'", None),
@@ -95,7 +99,7 @@ SCRIPT = textwrap.dedent("""\
                  timeout=120) as sb:
         for name, code, cap in cases:
             out[name] = dump(sb.run_python(code, stateful=True, max_output=cap))
-        out["stateless"] = dump(sb.run_python(cases[1][1]))
+        out["stateless"] = dump(sb.run_python({n: c for n, c, _ in cases}["dataframe"]))
     print(json.dumps(out))
 """)
 
@@ -199,7 +203,16 @@ def test_a_100_mb_repr_is_capped(results: dict[str, Any]) -> None:
     assert out["truncated"] is True
     assert out["data"]["text/plain"] == "x" * 65536
     assert out["data"]["text/html"] == ("<b>" * 40_000)[:65536]
+    # A repr that grows six-fold as it travels (JSON-escaped) is cut to fit, not lost.
+    u = results["hostile_unicode"]
+    assert u["error"] is None and u["exit_code"] == 0, u
+    assert u["value"] and set(u["value"]) == {"\u20ac"} and len(u["value"]) <= 1 << 20
+    assert u["outputs"][0]["truncated"] and set(u["outputs"][0]["data"]["text/plain"]) == {"\u20ac"}
     assert results["after_hostile"]["value"] == "42"
+
+
+def test_matplotlib_and_pandas_are_not_imported_for_the_code(results: dict[str, Any]) -> None:
+    assert results["untouched"]["value"] == "[]"
 
 
 def test_forged_outputs_are_checked_and_the_kernel_serves_on(results: dict[str, Any]) -> None:

@@ -270,6 +270,10 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
             if result is not None:
                 text = repr(result)
                 value = text[:VALUE_CAP]
+                while _len(_dumps(value)) > VALUE_CAP:
+                    # As it travels (non-ASCII escaped): the frame must stay under the host's
+                    # limit, or the whole result is lost.
+                    value = value[: _len(value) // 2]
                 CURRENT.add(result, plain=text)
     except SystemExit as e:
         exit_code = exit_code_of(e)
