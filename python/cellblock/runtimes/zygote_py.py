@@ -17,8 +17,8 @@ Connection kinds (first frame "h", JSON {"kind": ...}):
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
 "r" request (JSON), "g" go, "e" a cell's call ended, "x" reap and sweep. Relay to host: "k"
 kernel ready, "f" (carrying the worker's pidfd, stdout and stderr read ends and seccomp
-listener as SCM_RIGHTS), "d" the worker's result (JSON: value, error, and a cell's exit_code),
-"z" swept.
+listener as SCM_RIGHTS), "d" the worker's result (JSON: value, error, rich outputs, a cell's
+exit_code), "z" swept.
 The host supervises each call itself (rust/core/src/warm.rs): it reads the worker's exit status
 from the kernel before telling the relay to reap it, measures CPU and memory in a cgroup of the
 call, answers the worker's seccomp listener, and pumps the output. Nothing the relay or the
