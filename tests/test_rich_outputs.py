@@ -89,6 +89,7 @@ SCRIPT = textwrap.dedent("""\
         return {
             "value": r.value, "error": r.error, "exit_code": r.exit_code,
             "outputs_error": r.outputs_error, "stderr": r.stderr[-2000:],
+            "redactions": r.redactions,
             "outputs": [{"truncated": o.truncated, "data": {
                 m: v if isinstance(v, str) else {"bytes": base64.b64encode(v).decode()}
                 for m, v in o.data.items()}} for o in r.outputs],
@@ -193,6 +194,8 @@ def test_secret_is_redacted_in_html_plain_and_json(
     assert json.loads(r["outputs"][0]["data"]["application/json"]) == {"k": "[REDACTED:TOKEN]"}
     assert "[REDACTED:TOKEN]" in r["outputs"][1]["data"]["text/html"]
     assert "[REDACTED:TOKEN]" in r["outputs"][1]["data"]["text/plain"]
+    # value, JSON, HTML (escaped form) and plain: each redaction is counted in the report.
+    assert r["redactions"].get("TOKEN", 0) >= 4, r["redactions"]
 
 
 def test_a_100_mb_repr_is_capped(results: dict[str, Any]) -> None:
