@@ -58,6 +58,8 @@ CASES = [
     ("figure", "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\n"
                "ax.plot([1, 2, 3], [1, 4, 9])\nx = 1", None),
     ("figures_closed", "len(plt.get_fignums())", None),
+    ("home", "import os\n[p for p in ('~/.cache/matplotlib', '~/.config/matplotlib', "
+             "'~/.matplotlib') if os.path.exists(os.path.expanduser(p))]", None),
     ("display", "class J:\n    def _repr_json_(self): return {'x': [1, 2]}\n"
                 "display('first', {'k': 1})\ndisplay(J())\n'last'", None),
     ("broken_html", "class B:\n    def _repr_html_(self): raise RuntimeError('boom')\n"
@@ -162,6 +164,8 @@ def test_figure_gives_a_png_and_is_closed(results: dict[str, Any]) -> None:
     # Shown once: the figure was closed after the call, as Jupyter's inline backend does.
     assert results["figures_closed"]["value"] == "0"
     assert results["figures_closed"]["outputs"][0]["data"] == {"text/plain": "0"}
+    # matplotlib's font cache and config stay out of the workspace (HOME).
+    assert results["home"]["value"] == "[]"
 
 
 def test_display_keeps_order_then_the_last_expression(results: dict[str, Any]) -> None:

@@ -636,6 +636,8 @@ def main() -> None:
     not_dumpable()
     # matplotlib, when the code imports it, draws off-screen; its figures become PNG outputs.
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # ... and keeps its font cache out of the workspace (HOME).
+    os.environ.setdefault("MPLCONFIGDIR", "/tmp/.cellblock/matplotlib")
     path = sys.argv[1]
     bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
     home = os.path.dirname(path)
