@@ -13,8 +13,9 @@ from conftest import REPO, Runner
 #: Entries the core masks (rust/core/src/fs.rs MASKED_PROC_FILES / MASKED_PROC_DIRS).
 MASKED_FILES = ["cmdline", "version", "modules", "partitions", "diskstats", "swaps",
                 "devices", "interrupts", "iomem", "ioports", "kallsyms", "timer_list",
-                "sched_debug", "zoneinfo", "buddyinfo", "consoles", "keys", "key-users"]
-MASKED_DIRS = ["acpi", "bus", "driver", "fs", "irq", "scsi", "tty", "asound"]
+                "sched_debug", "zoneinfo", "buddyinfo", "consoles", "keys", "key-users",
+                "mdstat", "locks", "cgroups", "sys/kernel/random/boot_id"]
+MASKED_DIRS = ["acpi", "bus", "driver", "fs", "irq", "scsi", "tty", "asound", "pressure"]
 
 
 def test_host_describing_proc_entries_read_empty(sandbox: Runner) -> None:
@@ -47,6 +48,8 @@ def test_host_describing_proc_entries_read_empty(sandbox: Runner) -> None:
     assert "cmdline" in host_files and sorted(out["files"]) == sorted(host_files)
     assert out["files"] == {n: "" for n in host_files}, out["files"]
     assert host_cmdline not in repr(out)
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert boot_id and boot_id not in repr(out)
     assert out["dirs"] == {n: [] for n in host_dirs}, out["dirs"]
     if "acpi" in host_dirs:
         assert out["write_dir"] in ("EROFS", "EACCES"), out["write_dir"]

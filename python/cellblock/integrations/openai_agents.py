@@ -6,8 +6,9 @@ Each SDK sandbox session is one `cellblock.Sandbox`; the manifest root must be /
 files go through the session's files API, workspace persist/hydrate are tar streams of
 /workspace made and checked with the SDK's own tar helpers. Every command runs as the
 sandbox's root (uid 0 of its own user namespace): `user=` other than "root" is refused.
-PTY sessions and exposed ports do not exist in cellblock yet (issue 14): `supports_pty()` is
-False and a session asking for exposed ports is refused at create/resume.
+The SDK's PTY calls (`exec_command` / `write_stdin`) are `Sandbox.start` processes
+(`_openai_agents_pty`); `exposed_ports` are `Sandbox.expose` forwards on loopback, made again
+whenever the session's sandbox opens (create, resume).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tarfile
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cellblock.integrations._pins import SUPPORTED_OPENAI_AGENTS, unsupported
 
@@ -31,7 +32,7 @@ try:
     from agents.sandbox.session.sandbox_session import SandboxSession
     from agents.sandbox.session.sandbox_session_state import SandboxSessionState
     from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
-    from agents.sandbox.types import ExecResult, User
+    from agents.sandbox.types import ExecResult, ExposedPortEndpoint, User
     from agents.sandbox.util.tar_utils import (
         UnsafeTarMemberError,
         safe_extract_tarfile,
@@ -43,12 +44,15 @@ except ImportError as e:  # a moved name: say which versions work, not just what
 from anyio.to_thread import run_sync
 
 from cellblock.errors import CellblockError, InvalidSpec
+from cellblock.integrations._openai_agents_pty import WORKSPACE, PtySessions, shell_exit_code
 from cellblock.policy import Policy
+from cellblock.process import ExposedPort
 from cellblock.session import Sandbox
 
 _PRIVATE = (
     (BaseSandboxSession, "_prepare_exec_command"),
     (BaseSandboxSession, "_persist_workspace_skip_relpaths"),
+    (BaseSandboxSession, "_resolve_pty_session_entry"),
     (BaseSandboxClient, "_wrap_session"),
     (BaseSandboxClient, "_validate_manifest_for_create"),
     (BaseSandboxClient, "_deserialize_session_state_payload"),
@@ -59,11 +63,6 @@ for _owner, _name in _PRIVATE:
                           SUPPORTED_OPENAI_AGENTS, "openai-agents",
                           AttributeError(f"{_owner.__name__}.{_name} is gone"))
 
-#: The workspace of every cellblock session (and the SDK's default manifest root).
-WORKSPACE = "/workspace"
-
-_NO_PTY = "cellblock has no PTY sessions yet (issue 14)"
-_NO_PORTS = "cellblock has no exposed ports yet (issue 14)"
 #: The one user a sandbox can run as: its root (uid 0 in its own user namespace).
 _USERS = (None, "", "root")
 
@@ -78,19 +77,14 @@ def _check_user(user: str | User | None, what: str) -> None:
         )
 
 
-def _check_ports(ports: tuple[int, ...]) -> None:
-    if ports:
-        raise InvalidSpec(f"exposed_ports {list(ports)}: {_NO_PORTS}")
-
-
 class CellblockSandboxClientOptions(BaseSandboxClientOptions):
     """Options of a new session: the cellblock policy (limits, allow_net, secrets...); its
     secrets are added to the client's and kept out of the session state."""
 
     type: Literal["cellblock"] = "cellblock"
     policy: Policy = Policy()
-    #: Refused while cellblock has no exposed ports (named so asking for them is an error,
-    #: not silently ignored).
+    #: Ports of the sandbox's 127.0.0.1 forwarded to a free port on the host's loopback
+    #: (`resolve_exposed_port` gives the host address).
     exposed_ports: tuple[int, ...] = ()
 
 
@@ -102,8 +96,9 @@ class CellblockSandboxSessionState(SandboxSessionState):
     policy: Policy = Policy()
 
 
-class CellblockSandboxSession(BaseSandboxSession):
-    """One cellblock sandbox serving the SDK's exec, read, write and workspace calls."""
+class CellblockSandboxSession(PtySessions, BaseSandboxSession):
+    """One cellblock sandbox serving the SDK's exec, PTY, read, write, exposed-port and
+    workspace calls."""
 
     state: CellblockSandboxSessionState
 
@@ -113,12 +108,21 @@ class CellblockSandboxSession(BaseSandboxSession):
         self.state = state
         self._secrets = dict(secrets or {})
         self._sandbox: Sandbox | None = None
+        self._ports: dict[int, ExposedPort] = {}
+        PtySessions.__init__(self)
 
     @property
     def sandbox(self) -> Sandbox:
-        """The cellblock sandbox, opened on first use."""
+        """The cellblock sandbox, opened on first use with the state's exposed ports."""
         if self._sandbox is None or not self._sandbox.is_open:
-            self._sandbox = Sandbox(self.state.policy, secrets=self._secrets)
+            sandbox = Sandbox(self.state.policy, secrets=self._secrets)
+            try:
+                # A new sandbox (first use, resume, reopen) has new host ports: resolve again.
+                self._ports = {p: sandbox.expose(p) for p in self.state.exposed_ports}
+            except BaseException:
+                sandbox.close()
+                raise
+            self._sandbox = sandbox
         return self._sandbox
 
     async def _ensure_backend_started(self) -> None:
@@ -129,14 +133,10 @@ class CellblockSandboxSession(BaseSandboxSession):
         if sandbox is not None:
             await run_sync(sandbox.close)
 
-    def supports_pty(self) -> bool:
-        return False
-
-    async def pty_exec_start(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_NO_PTY)
-
-    async def pty_write_stdin(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_NO_PTY)
+    async def _resolve_exposed_port(self, port: int) -> ExposedPortEndpoint:
+        await run_sync(lambda: self.sandbox)
+        forward = self._ports[port]  # the SDK checked `port` is one of the state's
+        return ExposedPortEndpoint(host=forward.host, port=forward.host_port, tls=False)
 
     def _prepare_exec_command(
         self, *command: str | Path, shell: bool | list[str], user: str | User | None
@@ -152,11 +152,8 @@ class CellblockSandboxSession(BaseSandboxSession):
 
         def run() -> ExecResult:
             result = self.sandbox.run(argv, timeout=timeout, cwd=WORKSPACE)
-            code = result.exit_code if result.exit_code is not None else 128 + (result.signal or 9)
-            if result.reason == "timeout":
-                code = 124
             return ExecResult(stdout=result.stdout_bytes, stderr=result.stderr_bytes,
-                              exit_code=code)
+                              exit_code=shell_exit_code(result))
 
         return await run_sync(run)
 
@@ -270,7 +267,6 @@ class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | N
         options: CellblockSandboxClientOptions | None = None,
     ) -> SandboxSession:
         manifest = manifest if manifest is not None else Manifest()
-        _check_ports(options.exposed_ports if options is not None else ())
         if manifest.root != WORKSPACE:
             raise InvalidSpec(f"manifest root must be {WORKSPACE} (got {manifest.root!r})")
         self._validate_manifest_for_create(manifest)
@@ -281,6 +277,7 @@ class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | N
             manifest=manifest,
             snapshot=resolve_snapshot(snapshot, str(session_id)),
             policy=policy.model_copy(update={"secrets": {}}),
+            exposed_ports=options.exposed_ports if options is not None else (),
         )
         secrets = {**self._policy.secrets, **policy.secrets}
         return self._wrap_session(CellblockSandboxSession(state=state, secrets=secrets))
@@ -294,7 +291,6 @@ class CellblockSandboxClient(BaseSandboxClient[CellblockSandboxClientOptions | N
     async def resume(self, state: SandboxSessionState) -> SandboxSession:
         if not isinstance(state, CellblockSandboxSessionState):
             raise TypeError("CellblockSandboxClient.resume expects a CellblockSandboxSessionState")
-        _check_ports(state.exposed_ports)
         session = CellblockSandboxSession(state=state, secrets=self._policy.secrets)
         return self._wrap_session(session)
 

@@ -154,10 +154,11 @@ async function runRequest(req) {
     try {
       process.chdir(req.cwd);
     } catch (err) {
-      // The host raises this as an error naming the path; the code never ran.
+      // The host raises this as an error naming the path; the code never ran. Only the
+      // errno goes out (libuv's is negated): the host words the message.
       send('r', {
         exit_code: 127, value: null, error: null, call: req.call,
-        cwd_error: `${req.cwd}: ${err.code || err.message}`,
+        cwd_errno: Math.abs(Number(err.errno) | 0),
       });
       return;
     }

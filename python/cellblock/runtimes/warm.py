@@ -3,7 +3,10 @@
 One zygote (`zygote_py.py`) runs inside the session's sandbox as a long-lived call and listens
 on a unix socket there. The host reaches it with `_native.Session.connect_unix`, which resolves
 the socket's path inside the sandbox's root (openat2 RESOLVE_IN_ROOT) and connects through the
-resolved descriptor: code in the sandbox cannot point the host at any other socket.
+resolved descriptor: code in the sandbox cannot point the host at any other socket. A process
+of the sandbox may still bind its own socket at that path: before sending anything the host
+checks that the listener is the zygote (`connect_unix(path, parent=...)`: the listener's parent
+must be the zygote call's PID 1, whose only child the zygote is).
 
 Each call is supervised by the core (`_native.Session.warm_call`, rust/core/src/warm.rs): the
 relay hands over the worker's pidfd, output pipes and seccomp listener, and the core produces
@@ -15,7 +18,9 @@ expression, the traceback) is content only, redacted and capped here.
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import secrets as secrets_mod
 import socket
 import threading
@@ -29,6 +34,7 @@ from pydantic import Field
 
 from cellblock import _native
 from cellblock.errors import (
+    CellblockError,
     InvalidSpec,
     PathEscape,
     SandboxIOError,
@@ -50,8 +56,8 @@ MAX_FRAME = 4 << 20
 #: Tries of a call whose runtime vanishes before the code begins.
 ATTEMPTS = 3
 
-#: Node stateless workers kept idle between calls.
-MAX_IDLE_NODE = 2
+#: Fresh Node workers kept ready for stateless calls (each serves one call, then ends).
+MAX_IDLE_NODE = 1
 
 Kind = Literal["python", "python-kernel", "node", "node-kernel"]
 
@@ -191,19 +197,24 @@ class _ZygoteRun:
     ended: bool = False
     error: str = ""
     thread: threading.Thread | None = None
+    #: Host pid of the zygote call's PID 1: the zygote is its only child (see `_connect`).
+    init_pid: int | None = None
 
 
 class WarmRuntimes:
     """The zygote of one session and its kernels.
 
-    `start_zygote(on_output)` must run the zygote as a call of the session and block until it
-    ends; it is called on a background thread. `secrets` are redacted from every call's output.
+    `start_zygote(on_output, on_start)` must run the zygote as a call of the session and block
+    until it ends, calling `on_start` with the host pid of the call's PID 1 once it runs; it is
+    called on a background thread. `secrets` are redacted from every call's output.
     """
 
     def __init__(
         self,
         session: _native.Session,
-        start_zygote: Callable[[Callable[[int, bytes], None]], dict[str, Any]],
+        start_zygote: Callable[
+            [Callable[[int, bytes], None], Callable[[int], None]], dict[str, Any]
+        ],
         secrets: Mapping[str, str],
         enforcement: Mapping[str, str | None],
         seccomp: Mapping[str, Any] | None,
@@ -224,6 +235,7 @@ class WarmRuntimes:
             "python-kernel": threading.Lock(), "node-kernel": threading.Lock(),
         }
         self._idle_node: list[_Conn] = []
+        self._node_refill = False
         self._closed = False
 
     # ---- zygote ----------------------------------------------------------------------------
@@ -238,8 +250,11 @@ class WarmRuntimes:
                     run.listening = True
                     run.event.set()
 
+        def on_start(pid: int) -> None:
+            run.init_pid = pid
+
         try:
-            report = self._start_zygote(on_output)
+            report = self._start_zygote(on_output, on_start)
             run.error = bytes(report.get("stderr_bytes", b""))[-4000:].decode("utf-8", "replace")
         except Exception as e:
             run.error = f"{type(e).__name__}: {e}"
@@ -270,14 +285,25 @@ class WarmRuntimes:
             raise SetupError(f"the warm runtime did not start: {run.error.strip()}")
 
     def _connect(self) -> _Conn:
+        """A connection to the zygote, proved to be the zygote's: the path is inside the
+        sandbox, where any process could bind another socket and receive the calls' code,
+        environment and secrets, so the host checks who listens (the core compares the
+        listener's parent with the zygote call's PID 1, whose only child the zygote is)."""
         try:
-            fd = self._session.connect_unix(SOCKET_PATH)
+            fd = self._session.connect_unix(SOCKET_PATH, self._zygote_init())
         except (SandboxIOError, PathEscape):
             # Code in the sandbox removed or replaced the socket: start a zygote that binds a
             # new one (the old one notices and exits).
             self.ensure_zygote(replace=True)
-            fd = self._session.connect_unix(SOCKET_PATH)
+            fd = self._session.connect_unix(SOCKET_PATH, self._zygote_init())
         return _Conn(socket.socket(fileno=fd))
+
+    def _zygote_init(self) -> int:
+        with self._lock:
+            run = self._zygote
+        if run is None or run.init_pid is None:
+            raise SetupError("the warm runtime is not running")
+        return run.init_pid
 
     # ---- kernels ---------------------------------------------------------------------------
 
@@ -308,6 +334,31 @@ class WarmRuntimes:
                 raise SetupError("the warm Node runtime did not start") from None
             with self._lock:
                 self._idle_node.append(kernel)
+
+    def _refill_node(self) -> None:
+        """Starts a fresh Node worker in the background, so that the next stateless call
+        finds one ready."""
+        with self._lock:
+            if self._closed or self._node_refill or len(self._idle_node) >= MAX_IDLE_NODE:
+                return
+            self._node_refill = True
+        threading.Thread(target=self._start_spare_node, name="cellblock-node-spare",
+                         daemon=True).start()
+
+    def _start_spare_node(self) -> None:
+        kernel: _Conn | None = None
+        try:
+            kernel = self._open_kernel("node", time.monotonic() + START_TIMEOUT_S)
+        except (CellblockError, _Gone, _Timeout, OSError):
+            pass  # the next call starts its own
+        finally:
+            with self._lock:
+                self._node_refill = False
+                if kernel is not None and not self._closed:
+                    self._idle_node.append(kernel)
+                    kernel = None
+            if kernel is not None:
+                kernel.close()
 
     def _drop_kernels(self) -> None:
         for conn in [*self._stateful.values(), *self._idle_node]:
@@ -438,15 +489,14 @@ class WarmRuntimes:
                 raise InvalidSpec(str(e)) from None
         finally:
             with self._lock:
-                if alive and not self._closed:
-                    if keep:
-                        self._stateful[kind] = kernel
-                    elif len(self._idle_node) < MAX_IDLE_NODE:
-                        self._idle_node.append(kernel)
-                    else:
-                        kernel.close()
+                if alive and keep and not self._closed:
+                    self._stateful[kind] = kernel
                 else:
+                    # A stateless Node worker serves one call: what the code did to its
+                    # process (globals, require's cache, prototypes) ends with it.
                     kernel.close()
+            if not keep:
+                self._refill_node()
         if keep:
             if alive:
                 self._lost.discard(kind)
@@ -494,9 +544,11 @@ class WarmRuntimes:
         report = dict(out["report"])
         report["wall_time_s"] = time.monotonic() - started
         said = _json_object(out["result"])
-        if isinstance(said.get("cwd_error"), str):
-            # The code never ran; a kernel serves on with its state.
-            raise _BadCwd(f"cwd {said['cwd_error']}", bool(out["alive"]))
+        if "cwd_errno" in said:
+            # The code never ran; a kernel serves on with its state. The message is made here
+            # from the requested path and a checked errno: the worker's text could be forged.
+            raise _BadCwd(_cwd_message(request.get("cwd"), said["cwd_errno"]),
+                          bool(out["alive"]))
         all_secrets = {**self._secrets, **secrets}
         redactor = _native.Redactor(all_secrets) if all_secrets else None
         redact = redactor.redact if redactor is not None else str
@@ -549,6 +601,14 @@ def _json_object(data: bytes | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return got if isinstance(got, dict) else {}
+
+
+def _cwd_message(cwd: Any, errno_: Any) -> str:
+    """The error of a call whose cwd could not be entered: the requested path and the
+    strerror of the worker's errno when it is one (any other value is not shown)."""
+    if isinstance(errno_, int) and not isinstance(errno_, bool) and errno_ in errno.errorcode:
+        return f"cwd {cwd}: {os.strerror(errno_)}"
+    return f"cwd {cwd}: cannot be entered"
 
 
 def _capped(text: str, cap: int | None) -> str:

@@ -11,7 +11,7 @@ ahead of time, its worker already waiting, so that a call costs no fork:
 Connection kinds (first frame "h", JSON {"kind": ...}):
   python       one request, run in a fresh fork (nothing survives the call)
   python-kernel  one persistent Python worker; requests share its globals
-  node         one persistent node worker; each request runs in a fresh vm context
+  node         one node worker, a fresh vm context per request (the host sends it one)
   node-kernel  one persistent node worker; requests share one vm context
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
@@ -27,6 +27,8 @@ and every descendant, then exits.
 
 The zygote and everything forked from it are not dumpable: no call can ptrace, read or write
 the memory (/proc/<pid>/mem) or open the fds of the zygote, of a relay or of another call.
+What exec makes dumpable again (a node worker, a call's subprocess) is out of reach of other
+calls through Landlock: each worker is in a domain of its own (`own_domain`).
 """
 
 import ast
@@ -35,6 +37,7 @@ import base64
 import builtins
 import contextlib
 import ctypes
+import errno
 import gc
 import importlib
 import io
@@ -75,6 +78,12 @@ PR_SET_CHILD_SUBREAPER = 36
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_NEW_LISTENER = 8
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), -1)
+# Landlock's numbers are the same on every architecture.
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 CHUNK = 65536
 VALUE_CAP = 1 << 20
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -179,6 +188,43 @@ def not_dumpable() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
 
 
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def own_domain() -> None:
+    """Puts this worker (and all it will start or exec) in a Landlock domain of its own.
+    Landlock lets a process ptrace, open /proc/<pid>/mem, environ or fds of another only when
+    that one is in the same domain or one nested in it: the workers of different calls, and
+    the processes they start (an exec'd node or a subprocess, dumpable again after exec), can
+    no longer reach each other. The ruleset restricts nothing else: it handles only the making
+    of block devices, which a rule allows everywhere (the kernel's own refusal still answers).
+    Without Landlock (Linux < 5.13, or not enabled) the worker goes on without: the README
+    says what is then reachable."""
+    attr = _RulesetAttr(LANDLOCK_ACCESS_FS_MAKE_BLOCK)
+    fd = LIBC.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    if fd < 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EOPNOTSUPP):
+            return
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    try:
+        rule = _PathBeneath(LANDLOCK_ACCESS_FS_MAKE_BLOCK, root)
+        if LIBC.syscall(SYS_LANDLOCK_ADD_RULE, fd, LANDLOCK_RULE_PATH_BENEATH,
+                        ctypes.byref(rule), 0) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_add_rule")
+        if LIBC.syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(root)
+        os.close(fd)
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
@@ -252,8 +298,8 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
         try:
             os.chdir(req["cwd"])
         except OSError as e:
-            return {"exit_code": 127, "value": None, "error": None,
-                    "cwd_error": f"{req['cwd']}: {e.strerror}"}
+            # Only the errno: the host words the message (text from here could be forged).
+            return {"exit_code": 127, "value": None, "error": None, "cwd_errno": e.errno}
     value: str | None
     error: str | None
     value = error = None
@@ -389,6 +435,7 @@ class Relay:
                 if self.conn is not None:
                     self.conn.close()
                 oom_score_adj(1000)  # the code that uses the memory goes first, not the sandbox
+                own_domain()  # before the filter, which may refuse Landlock's calls
                 if lst_w is not None:
                     try:
                         own_listener(self.bpf, lst_w)
@@ -638,6 +685,9 @@ def main() -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     # ... and keeps its font cache out of the workspace (HOME).
     os.environ.setdefault("MPLCONFIGDIR", "/tmp/.cellblock/matplotlib")
+    # Orphans of the sandbox come to us, never to the call's PID 1: its only child stays this
+    # process, which is how the host tells the zygote from a process that binds its path.
+    subreaper()
     path = sys.argv[1]
     bpf = base64.b64decode(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else b""
     home = os.path.dirname(path)

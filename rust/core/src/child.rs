@@ -106,6 +106,18 @@ impl Stage {
     }
 }
 
+/// `LANDLOCK_ACCESS_FS_MAKE_BLOCK`: the one access right the target's Landlock ruleset handles.
+const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+/// `LANDLOCK_RULE_PATH_BENEATH`.
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_long = 1;
+
+/// `struct landlock_path_beneath_attr` (packed).
+#[repr(C, packed)]
+struct PathBeneath {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
 /// Everything the target process needs, prepared before fork.
 #[derive(Debug)]
 pub struct TargetPlan {
@@ -1018,6 +1030,49 @@ fn exec_target(t: &TargetView<'_>, fds: &ChildFds) -> ! {
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
             fail(fds.err, Stage::Capabilities, 3, errno());
+        }
+        // A Landlock domain of its own (after no_new_privs, which it needs; before seccomp,
+        // which may refuse it): Landlock lets a process ptrace or open /proc/<pid>/mem,
+        // environ or fds of another only within its own domain or one nested in it, so no
+        // other run or session call (each in a domain of its own) can reach this one's
+        // processes, dumpable or not. The ruleset handles only the making of block devices,
+        // which a rule allows everywhere (so the kernel's own refusal, EPERM, still answers).
+        // A kernel without Landlock runs without.
+        let attr: u64 = LANDLOCK_ACCESS_FS_MAKE_BLOCK;
+        let ruleset = libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const u64,
+            std::mem::size_of::<u64>(),
+            0,
+        );
+        if ruleset >= 0 {
+            let root = libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            let rule = PathBeneath {
+                allowed_access: LANDLOCK_ACCESS_FS_MAKE_BLOCK,
+                parent_fd: root,
+            };
+            let added = libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset,
+                LANDLOCK_RULE_PATH_BENEATH,
+                &rule as *const PathBeneath,
+                0,
+            );
+            let r = if root >= 0 && added == 0 {
+                libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0)
+            } else {
+                -1
+            };
+            let e = errno();
+            if root >= 0 {
+                libc::close(root);
+            }
+            libc::close(ruleset as libc::c_int);
+            if r < 0 {
+                fail(fds.err, Stage::Capabilities, 4, e);
+            }
+        } else if !matches!(errno(), libc::ENOSYS | libc::EOPNOTSUPP) {
+            fail(fds.err, Stage::Capabilities, 5, errno());
         }
 
         // Seccomp last: from here on the filter judges every call, execve included.

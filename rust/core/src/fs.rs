@@ -342,9 +342,14 @@ impl MountPlan {
 }
 
 /// /proc files that describe the host (boot arguments, kernel build and configuration,
-/// modules, disks, devices, interrupts, memory layout, timers, keys) rather than the sandbox:
-/// inside they read as empty (`/dev/null` bound over them).
+/// modules, disks, RAID, devices, interrupts, memory layout, timers, keys, every file lock of
+/// the machine, its cgroup controllers, its boot id) rather
+/// than the sandbox: inside they read as empty (`/dev/null` bound over them).
 pub const MASKED_PROC_FILES: &[&str] = &[
+    "mdstat",
+    "locks",
+    "cgroups",
+    "sys/kernel/random/boot_id",
     "cmdline",
     "bootconfig",
     "config.gz",
@@ -376,10 +381,10 @@ pub const MASKED_PROC_FILES: &[&str] = &[
     "zoneinfo",
 ];
 
-/// /proc directories that describe the host's hardware and drivers: inside they are empty
-/// (a read-only tmpfs over each).
+/// /proc directories that describe the host's hardware, drivers and load (pressure stall
+/// information of the whole machine): inside they are empty (a read-only tmpfs over each).
 pub const MASKED_PROC_DIRS: &[&str] = &[
-    "acpi", "asound", "bus", "driver", "fs", "irq", "scsi", "tty",
+    "acpi", "asound", "bus", "driver", "fs", "irq", "scsi", "tty", "pressure",
 ];
 
 /// Masks the host-describing entries of the sandbox's /proc (those for which `exists` says

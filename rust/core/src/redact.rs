@@ -47,6 +47,9 @@ struct Compiled {
     /// real output, and building it costs as much as the anchored one). `None` inside if it
     /// could not be built: skipping alone is still correct.
     plain: OnceLock<Option<AhoCorasick>>,
+    /// Unanchored, ASCII-case-insensitive automaton for host names (which DNS and the proxy
+    /// fold to lower case), built on first need.
+    folded: OnceLock<Option<AhoCorasick>>,
     /// The patterns in pattern-id order.
     patterns: Vec<Vec<u8>>,
     /// Skip table of the patterns (meaningful only with a matcher).
@@ -150,6 +153,7 @@ impl Redactor {
             compiled: Arc::new(Compiled {
                 matcher,
                 plain: OnceLock::new(),
+                folded: OnceLock::new(),
                 patterns,
                 skip,
                 pattern_name,
@@ -180,6 +184,35 @@ impl Redactor {
         stream.feed(data, &mut out);
         stream.finish(&mut out);
         (out, stream.counts)
+    }
+
+    /// Redacts a host name as a refusal recorded it: lower-cased (by the proxy and DNS) and,
+    /// for DNS, with odd bytes escaped as `\DDD` or `\.`. The name is unescaped, then every
+    /// encoding of every secret is matched regardless of ASCII case. When something is found
+    /// the result is the redacted unescaped name (bytes outside printable ASCII escaped as
+    /// `\DDD`); otherwise the name is returned as it was.
+    pub fn redact_name(&self, name: &[u8]) -> (Vec<u8>, BTreeMap<String, u64>) {
+        let mut counts = BTreeMap::new();
+        let Some(ac) = self.compiled.folded() else {
+            return (name.to_vec(), counts);
+        };
+        let raw = dns_unescape(name);
+        let mut out = Vec::with_capacity(raw.len());
+        let mut at = 0;
+        for m in ac.find_iter(&raw) {
+            escape_into(&raw[at..m.start()], &mut out);
+            let index = self.compiled.pattern_name[m.pattern().as_usize()];
+            out.extend_from_slice(&self.compiled.replacements[index]);
+            *counts
+                .entry(self.compiled.names[index].clone())
+                .or_insert(0) += 1;
+            at = m.end();
+        }
+        if counts.is_empty() {
+            return (name.to_vec(), counts);
+        }
+        escape_into(&raw[at..], &mut out);
+        (out, counts)
     }
 
     /// True when there is no secret (everything passes through unchanged).
@@ -469,7 +502,64 @@ impl<'a> Finder<'a> {
     }
 }
 
+/// A DNS name's presentation form (`\DDD` decimal and `\X` escapes) back to its bytes.
+fn dns_unescape(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        let b = name[i];
+        if b == b'\\' {
+            let digits = name
+                .get(i + 1..i + 4)
+                .filter(|d| d.iter().all(u8::is_ascii_digit));
+            if let Some(d) = digits {
+                let v = d.iter().fold(0u32, |v, c| v * 10 + u32::from(c - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+            if let Some(&next) = name.get(i + 1) {
+                out.push(next);
+                i += 2;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    out
+}
+
+/// Appends `bytes`, those outside printable ASCII as `\DDD` (a report stays printable).
+fn escape_into(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        if (0x21..=0x7e).contains(&b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("\\{b:03}").as_bytes());
+        }
+    }
+}
+
 impl Compiled {
+    /// The case-insensitive automaton for host names, built on first use.
+    fn folded(&self) -> Option<&AhoCorasick> {
+        self.folded
+            .get_or_init(|| {
+                if self.patterns.is_empty() {
+                    return None;
+                }
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .ascii_case_insensitive(true)
+                    .build(&self.patterns)
+                    .ok()
+            })
+            .as_ref()
+    }
+
     /// The unanchored automaton, built on first use.
     fn plain(&self) -> Option<&AhoCorasick> {
         self.plain
@@ -791,6 +881,35 @@ mod tests {
 
     fn redact_str(r: &Redactor, text: &str) -> String {
         String::from_utf8(r.redact(text.as_bytes()).0).expect("utf-8 output")
+    }
+
+    #[test]
+    fn host_names_are_matched_lower_cased_and_unescaped() {
+        let r = redactor(&[("TOKEN", b"Mx7SeCrEtK3y"), ("ODD", b"odd sec.ret")]);
+        let name = |n: &str| {
+            let (out, counts) = r.redact_name(n.as_bytes());
+            (String::from_utf8(out).expect("utf-8"), counts)
+        };
+        let (out, counts) = name("mx7secretk3y.example.test");
+        assert_eq!(out, "[REDACTED:TOKEN].example.test");
+        assert_eq!(counts.get("TOKEN"), Some(&1));
+        // The hex form, as DNS lower-cases it anyway.
+        assert_eq!(
+            name(&format!("{}.x", hex_lower(b"Mx7SeCrEtK3y"))).0,
+            "[REDACTED:TOKEN].x"
+        );
+        assert_eq!(
+            name("odd\\032sec\\.ret.example\\001.test").0,
+            "[REDACTED:ODD].example\\001.test"
+        );
+        let (out, counts) = name("nothing\\032here.test");
+        assert_eq!(out, "nothing\\032here.test");
+        assert!(counts.is_empty());
+        assert!(redactor(&[]).redact_name(b"a.b").1.is_empty());
+    }
+
+    fn hex_lower(data: &[u8]) -> String {
+        data.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Feeds `data` cut at `cuts` and returns the whole output.

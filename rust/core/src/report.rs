@@ -131,6 +131,14 @@ impl Violation {
         match self {
             Violation::Seccomp { syscall, .. } => redact_string(syscall, redactor, counts),
             Violation::Network { host, reason, .. } => {
+                // Recorded lower-cased (and DNS-escaped): matched in those forms too.
+                let (out, found) = redactor.redact_name(host.as_bytes());
+                if !found.is_empty() {
+                    for (name, n) in found {
+                        *counts.entry(name).or_insert(0) += n;
+                    }
+                    *host = String::from_utf8_lossy(&out).into_owned();
+                }
                 redact_string(host, redactor, counts);
                 redact_string(reason, redactor, counts);
             }

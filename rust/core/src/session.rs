@@ -131,7 +131,23 @@ impl Session {
     /// Runs one command in the session. The call's `env` and `secrets` are added to the
     /// session's; its `limits.timeout`, `cpu_time` and `max_output` apply to this call only.
     pub fn exec(&self, call: &RunSpec, hooks: Hooks<'_>) -> Result<RunReport> {
-        Ok(self.start(call, false)?.supervise(hooks))
+        self.exec_observed(call, hooks, &|_| {})
+    }
+
+    /// [`Session::exec`], telling `on_start` the host pid of the call's PID 1 once the call
+    /// runs: the caller can then prove that a socket's listener is this call's command
+    /// ([`Session::connect_unix_child_of`]).
+    pub fn exec_observed(
+        &self,
+        call: &RunSpec,
+        hooks: Hooks<'_>,
+        on_start: &dyn Fn(libc::pid_t),
+    ) -> Result<RunReport> {
+        let call = self.start(call, false)?;
+        if call.pid() > 0 {
+            on_start(call.pid());
+        }
+        Ok(call.supervise(hooks))
     }
 
     /// Starts one command in the session and returns at once (a background process): the
@@ -364,6 +380,77 @@ impl Session {
         }
         Ok(sock)
     }
+
+    /// [`Session::connect_unix`], then proves who answers: the process that listens on the
+    /// socket must be a child of `parent` (host pid of a call's PID 1, from
+    /// [`Session::exec_observed`]): that call's command, which makes itself the subreaper of
+    /// everything it starts so that nothing else ever becomes PID 1's child. Anything else
+    /// of the sandbox that bound a socket at `path` is refused (`SandboxIOError`) before a
+    /// byte is sent to it.
+    pub fn connect_unix_child_of(&self, path: &str, parent: libc::pid_t) -> Result<OwnedFd> {
+        let sock = self.connect_unix(path)?;
+        match listener_parent(&sock) {
+            Some(ppid) if ppid == parent && parent > 0 => Ok(sock),
+            _ => Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("{path}: the listening process is not the expected one"),
+            ))),
+        }
+    }
+}
+
+/// Host pid of the parent of the process that listens on the socket `sock` is connected to
+/// (its credentials are the listener's at listen(2)). None: that process has exited, or it
+/// cannot be told.
+///
+/// The kernel translates both pids into our pid namespace: SO_PEERPIDFD, then the pidfd's
+/// PIDFD_GET_INFO (Linux 6.13+); before that SO_PEERCRED and the pid's /proc entry (our
+/// /proc is our pid namespace's).
+fn listener_parent(sock: &OwnedFd) -> Option<libc::pid_t> {
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int we own, with its size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            &mut pidfd as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r == 0 && pidfd >= 0 {
+        // SAFETY: a fresh pidfd the kernel just gave us.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        if let Some(ppid) = crate::warm::parent_of(&pidfd) {
+            return Some(ppid);
+        }
+    }
+    // SAFETY: an all-zero ucred is valid; getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt into a ucred we own, with its size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    // A listener that has exited shows as pid 0.
+    if r != 0 || cred.pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", cred.pid)).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Session {

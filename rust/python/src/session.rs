@@ -127,8 +127,10 @@ impl Session {
     }
 
     /// Runs one call; returns the report dict (same shape as `cellblock._native.run`).
-    /// `cancel.is_set()` true kills the call (see `watched`).
-    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None))]
+    /// `cancel.is_set()` true kills the call (see `watched`). `on_start(pid)` is called once
+    /// the call runs, with the host pid of its PID 1 (for `connect_unix(path, parent=pid)`).
+    #[pyo3(signature = (spec_json, stdin=None, bpf=None, on_output=None, cancel=None, on_start=None))]
+    #[allow(clippy::too_many_arguments)]
     fn exec<'py>(
         &self,
         py: Python<'py>,
@@ -137,9 +139,21 @@ impl Session {
         bpf: Option<Vec<u8>>,
         on_output: Option<PyObject>,
         cancel: Option<PyObject>,
+        on_start: Option<PyObject>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let spec = parse_spec(spec_json, stdin, bpf)?;
-        let report = watched(py, on_output, cancel, |hooks| self.inner.exec(&spec, hooks))?;
+        let report = watched(py, on_output, cancel, |hooks| {
+            let started = |pid: i32| {
+                if let Some(cb) = on_start.as_ref() {
+                    Python::with_gil(|py| {
+                        if let Err(e) = cb.call1(py, (pid,)) {
+                            e.write_unraisable(py, None);
+                        }
+                    });
+                }
+            };
+            self.inner.exec_observed(&spec, hooks, &started)
+        })?;
         crate::report_to_dict(py, &report)
     }
 
@@ -273,9 +287,15 @@ impl Session {
 
     /// Connects to a unix stream socket inside the sandbox (resolved like the files API);
     /// returns the connected socket's fd, owned by the caller (`socket.socket(fileno=fd)`).
-    fn connect_unix(&self, py: Python<'_>, path: &str) -> PyResult<i32> {
+    /// `parent`: the listening process must be a child of this host pid (a call's PID 1, as
+    /// `exec`'s `on_start` gave it), else `SandboxIOError` before anything is sent.
+    #[pyo3(signature = (path, parent=None))]
+    fn connect_unix(&self, py: Python<'_>, path: &str, parent: Option<i32>) -> PyResult<i32> {
         let fd = py
-            .allow_threads(|| self.inner.connect_unix(path))
+            .allow_threads(|| match parent {
+                Some(p) => self.inner.connect_unix_child_of(path, p),
+                None => self.inner.connect_unix(path),
+            })
             .map_err(to_pyerr)?;
         Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
     }

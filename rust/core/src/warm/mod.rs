@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 mod conn;
 mod proc;
+pub(crate) use proc::parent_of;
 
 use conn::Conn;
 use proc::{limit_cpu, pidfd_pid, proc_stat, reaped_status, signal_pidfd, vm_hwm, zombie_exit};

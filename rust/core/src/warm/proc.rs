@@ -117,6 +117,21 @@ pub(super) fn reaped_status(pidfd: &OwnedFd) -> Result<Option<i32>, ()> {
     Ok(None)
 }
 
+const PIDFD_INFO_PID: u64 = 1 << 0;
+
+/// The parent's pid of the process of `pidfd`, in our pid namespace (PIDFD_GET_INFO, Linux
+/// 6.13+). None: the process has exited, or this kernel cannot tell.
+pub(crate) fn parent_of(pidfd: &OwnedFd) -> Option<libc::pid_t> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_PID,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: PIDFD_GET_INFO fills a struct of the size encoded in the request.
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut info) };
+    // ids: pid, tgid, ppid, ...
+    (r == 0 && info.mask & PIDFD_INFO_PID != 0).then_some(info.ids[2] as libc::pid_t)
+}
+
 pub(super) fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
