@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from pydantic import Field
+
 from cellblock import _native
 from cellblock.errors import (
     CellblockError,
@@ -40,6 +42,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.result import RunResult
+from cellblock.runtimes.outputs import Output, OutputRedactor, parse_outputs
 
 #: Where the zygote listens, inside the sandbox.
 SOCKET_PATH = "/tmp/.cellblock/zygote.sock"
@@ -67,10 +70,15 @@ class CodeResult(RunResult):
     Stateful calls: `state_lost` says this call ended its kernel (os._exit, a timeout, a
     limit), so its variables are gone; `kernel_restarted` says this call ran in a fresh kernel
     because an earlier one ended: the variables of the calls before are gone.
+    Python: `outputs` are the rich outputs, like a notebook's (each `display(obj)`, the last
+    expression, open matplotlib figures; see runtimes/outputs.py), redacted and capped;
+    `outputs_error` says what the worker sent that was malformed and dropped.
     """
 
     value: str | None = None
     error: str | None = None
+    outputs: list[Output] = Field(default_factory=list)
+    outputs_error: str | None = None
     state_lost: bool = False
     kernel_restarted: bool = False
 
@@ -412,6 +420,7 @@ class WarmRuntimes:
             "stdin": base64.b64encode(stdin).decode() if stdin else None,
             "env": {**env, **secrets},
             "cwd": cwd,
+            "max_output": limits.max_output,
             # Names the call: a kernel's answer to an earlier one is never taken for this one.
             "call": secrets_mod.token_hex(8),
         }
@@ -564,13 +573,20 @@ class WarmRuntimes:
         value, error = said.get("value"), said.get("error")
         value = _capped(redact(value), limits.max_output) if isinstance(value, str) else None
         error = _capped(redact(error), limits.max_output) if isinstance(error, str) else None
-        if redactor is not None:
+        out_redactor = OutputRedactor(all_secrets)
+        outputs, outputs_error = parse_outputs(
+            said.get("outputs"), out_redactor, limits.max_output
+        )
+        if all_secrets:
             counts = dict(report.get("redactions") or {})
-            for name, n in redactor.counts.items():
+            for name, n in [*(redactor.counts.items() if redactor else ()),
+                            *out_redactor.counts.items()]:
                 if n:
                     counts[name] = counts.get(name, 0) + int(n)
             report["redactions"] = counts
-        result = CodeResult(**report, value=value, error=error)
+        result = CodeResult(
+            **report, value=value, error=error, outputs=outputs, outputs_error=outputs_error
+        )
         return result, bool(out["alive"])
 
     def _failed(self, started: float, reason: str, limits: CallLimits) -> CodeResult:
@@ -622,5 +638,7 @@ def _node_source() -> str:
 
 
 def zygote_source() -> str:
-    """The in-sandbox server's source, run as `python3 -c SOURCE SOCKET_PATH`."""
-    return resources.files("cellblock.runtimes").joinpath("zygote_py.py").read_text()
+    """The in-sandbox server's source, run as `python3 -c SOURCE SOCKET_PATH`: the display
+    protocol (display_py.py), then the server."""
+    here = resources.files("cellblock.runtimes")
+    return "\n".join(here.joinpath(f).read_text() for f in ("display_py.py", "zygote_py.py"))

@@ -17,8 +17,8 @@ Connection kinds (first frame "h", JSON {"kind": ...}):
 Frames both ways: 1 type byte, 4-byte big-endian length, payload. Host to relay: "h" hello,
 "r" request (JSON), "g" go, "e" a cell's call ended, "x" reap and sweep. Relay to host: "k"
 kernel ready, "f" (carrying the worker's pidfd, stdout and stderr read ends and seccomp
-listener as SCM_RIGHTS), "d" the worker's result (JSON: value, error, and a cell's exit_code),
-"z" swept.
+listener as SCM_RIGHTS), "d" the worker's result (JSON: value, error, rich outputs, a cell's
+exit_code), "z" swept.
 The host supervises each call itself (rust/core/src/warm.rs): it reads the worker's exit status
 from the kernel before telling the relay to reap it, measures CPU and memory in a cgroup of the
 call, answers the worker's seccomp listener, and pumps the output. Nothing the relay or the
@@ -54,7 +54,11 @@ import threading
 import time
 import traceback
 import types
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    # In the sandbox, display_py.py's source runs first in this module (see zygote_source).
+    from cellblock.runtimes.display_py import CURRENT, display
 
 #: The stdlib a typical snippet uses, imported once here so every fork starts with it.
 WARM_MODULES = (
@@ -300,6 +304,8 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
     error: str | None
     value = error = None
     exit_code = 0
+    cap = req.get("max_output")
+    CURRENT.reset(cap if isinstance(cap, int) else None)
     try:
         tree = ast.parse(code, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
@@ -308,20 +314,32 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
         if last is not None:
             result = eval(compile(ast.Expression(last.value), filename, "eval"), module.__dict__)
             if result is not None:
-                value = repr(result)[:VALUE_CAP]
+                text = repr(result)
+                value = text[:VALUE_CAP]
+                while _len(_dumps(value)) > VALUE_CAP:
+                    # As it travels (non-ASCII escaped): the frame must stay under the host's
+                    # limit, or the whole result is lost.
+                    value = value[: _len(value) // 2]
+                CURRENT.add(result, plain=text)
     except SystemExit as e:
         exit_code = exit_code_of(e)
     except BaseException as e:
         error = user_traceback(e, module)
         sys.stderr.write(error)
         exit_code = 1
+    try:
+        CURRENT.figures()  # shown even when the code failed after drawing, as in Jupyter
+    except Exception:
+        pass
     flush_std()
-    return {"exit_code": exit_code, "value": value, "error": error}
+    return {"exit_code": exit_code, "value": value, "error": error,
+            "outputs": CURRENT.result()}
 
 
 def fresh_main() -> types.ModuleType:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
+    module.__dict__["display"] = display
     sys.modules["__main__"] = module
     sys.argv = ["-c"]
     return module
@@ -663,6 +681,10 @@ def spare(server: socket.socket, taken_w: int, zygote_only: tuple[int, ...], bpf
 
 def main() -> None:
     not_dumpable()
+    # matplotlib, when the code imports it, draws off-screen; its figures become PNG outputs.
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    # ... and keeps its font cache out of the workspace (HOME).
+    os.environ.setdefault("MPLCONFIGDIR", "/tmp/.cellblock/matplotlib")
     # Orphans of the sandbox come to us, never to the call's PID 1: its only child stays this
     # process, which is how the host tells the zygote from a process that binds its path.
     subreaper()

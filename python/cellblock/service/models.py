@@ -10,6 +10,7 @@ from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
 
 from cellblock.batch import Job, Limits
 from cellblock.result import Reason, RunResult
+from cellblock.runtimes.outputs import IMAGE_SIGNATURES, Output
 from cellblock.runtimes.warm import CodeResult
 
 #: Longest a session may live without being extended (`set_timeout`), seconds.
@@ -190,6 +191,27 @@ class BatchStatus(BaseModel):
     results: list[JobOutcome] | None = None
 
 
+class OutputReport(BaseModel):
+    """A rich output of warm Python on the wire: images (image/png, image/jpeg) as base64."""
+
+    data: dict[str, str]
+    truncated: bool = False
+
+    @classmethod
+    def of(cls, o: Output) -> OutputReport:
+        data = {
+            m: v if isinstance(v, str) else base64.b64encode(v).decode()
+            for m, v in o.data.items()
+        }
+        return cls(data=data, truncated=o.truncated)
+
+    def to_output(self) -> Output:
+        data: dict[str, str | bytes] = {
+            m: base64.b64decode(v) if m in IMAGE_SIGNATURES else v for m, v in self.data.items()
+        }
+        return Output(data=data, truncated=self.truncated)
+
+
 class RunReport(BaseModel):
     """A run's report: `cellblock.RunResult` (plus `value`/`error` of warm code). Output is
     given as text and, exactly, as base64."""
@@ -216,6 +238,8 @@ class RunReport(BaseModel):
     limits_unverified: list[str] = []
     value: str | None = None
     error: str | None = None
+    outputs: list[OutputReport] = []
+    outputs_error: str | None = None
 
     @classmethod
     def of(cls, r: RunResult) -> RunReport:
@@ -226,14 +250,20 @@ class RunReport(BaseModel):
             "stderr_base64": base64.b64encode(r.stderr_bytes).decode(),
         }
         if isinstance(r, CodeResult):
-            data.update(value=r.value, error=r.error)
+            data.update(
+                value=r.value, error=r.error, outputs_error=r.outputs_error,
+                outputs=[OutputReport.of(o) for o in r.outputs],
+            )
         return cls.model_validate(data)
 
     def to_result(self) -> CodeResult:
         """Back to a `CodeResult` (a `RunResult` with `value`/`error`), bytes exact."""
-        data = self.model_dump(exclude={"stdout", "stderr", "stdout_base64", "stderr_base64"})
+        data = self.model_dump(
+            exclude={"stdout", "stderr", "stdout_base64", "stderr_base64", "outputs"}
+        )
         return CodeResult(
             **data,
+            outputs=[o.to_output() for o in self.outputs],
             stdout_bytes=base64.b64decode(self.stdout_base64),
             stderr_bytes=base64.b64decode(self.stderr_base64),
         )
