@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 
+import anyio  # Starlette's task model (the service's dependency)
 import pytest
 
 import cellblock
@@ -201,3 +203,61 @@ def test_session_parity_arguments_and_streamed_files() -> None:
             assert (total, first) == (10 << 20, b"\x00")
 
     asyncio.run(scenario())
+
+
+class SlowChunks:
+    """A blocking iterator whose second step waits for `release`; notes a close that runs
+    while a step is running (what crashed the service when the iterator was a generator)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.running = False
+        self.overlapped = False
+        self.second_step = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+
+    def __iter__(self) -> SlowChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        self.running = True
+        try:
+            self.steps += 1
+            if self.steps == 2:
+                self.second_step.set()
+                self.release.wait(30)
+            return b"chunk"
+        finally:
+            self.running = False
+
+    def close(self) -> None:
+        self.overlapped = self.running
+        self.closed.set()
+
+
+def test_an_abandoned_stream_is_closed_only_after_its_step_in_flight() -> None:
+    """The service streams a download from an anyio task; when the client goes away its scope
+    is cancelled and anyio cancels every later await of the task too, so the stream cannot
+    await the step in flight before closing. The close must still wait for that step:
+    `generator.close()` beside a running `next()` on another thread made CPython 3.11 read
+    the running frame's stale stack (the service died by SIGSEGV in 1 of 3 runs)."""
+    chunks = SlowChunks()
+
+    async def abandon() -> None:
+        async def consume() -> None:
+            async for _ in aio._push(chunks):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.to_thread.run_sync(chunks.second_step.wait, 30)
+            tg.cancel_scope.cancel()  # as Starlette does on a disconnect
+
+    anyio.run(abandon)
+    assert chunks.second_step.is_set()
+    # The close was submitted when the task was cancelled; it must not run during the step.
+    assert not chunks.closed.wait(1), "closed while a step was still running"
+    chunks.release.set()
+    assert chunks.closed.wait(30), "an abandoned stream was never closed"
+    assert not chunks.overlapped and chunks.steps == 2

@@ -115,14 +115,31 @@ def _pull(chunks: AsyncIterable[bytes], loop: asyncio.AbstractEventLoop) -> Iter
 
 
 async def _push(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """An async iterator over a blocking one, each step on a worker thread."""
+    """An async iterator over a blocking one, each step on a worker thread.
+
+    Steps and the final close are serialized by a lock, not by the awaits: a task in a
+    cancelled anyio scope (Starlette's streaming response when the client goes away) has
+    every await cancelled, so the close is submitted while a step may still run on another
+    worker, and closing a generator that another thread is running crashes CPython 3.11
+    (`gen.close()` peeks at the running frame's stale stack: SIGSEGV)."""
+    one_at_a_time = threading.Lock()
+
+    def step() -> bytes | None:
+        with one_at_a_time:
+            return next(chunks, None)
+
+    def close() -> None:
+        with one_at_a_time:
+            closer = getattr(chunks, "close", None)
+            if closer is not None:
+                closer()
+
     try:
-        while (chunk := await _blocking(next, chunks, None)) is not None:
+        while (chunk := await _blocking(step)) is not None:
             yield chunk
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            await _blocking(close)
+        # Submitted at once even if this await is cancelled; runs after any step in flight.
+        await _blocking(close)
 
 
 class LiveRun:
