@@ -46,6 +46,7 @@ from cellblock.sandbox import OutputCallback
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import SecretsArg
 from cellblock.session import Sandbox as SyncSandbox
+from cellblock.terminal import SizeArg
 
 T = TypeVar("T")
 
@@ -334,13 +335,16 @@ class Sandbox:
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
         cancel: threading.Event | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
+        tty_input: int | None = None,
     ) -> RunResult:
         """`Sandbox.run`; cancelling the task (or setting `cancel`) kills the call."""
         sync = self.sync
         kwargs = _given(timeout=timeout, cpu_time=cpu_time, max_output=max_output, stdin=stdin,
                         env=env, cwd=cwd, profile=profile, seccomp=seccomp, secrets=secrets,
-                        on_output=on_output)
-        return await call(lambda c: sync.run(argv, cancel=c, **kwargs), cancel)
+                        on_output=on_output, tty_size=tty_size, tty_input=tty_input)
+        return await call(lambda c: sync.run(argv, cancel=c, tty=tty, **kwargs), cancel)
 
     async def run_shell(self, script: str, **kwargs: Any) -> RunResult:
         """`Sandbox.run_shell`; keyword arguments and cancelling as for `run`."""
@@ -427,14 +431,16 @@ class Sandbox:
         seccomp: SeccompPolicy | None = None,
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
     ) -> Process:
         """`Sandbox.start`: the process as an `aio.Process` (awaitable `wait`/`write_stdin`,
         ``async for chunk in proc``). `on_output` is called on the supervisor's thread."""
         sync = self.sync
         kwargs = _given(timeout=timeout, cpu_time=cpu_time, max_output=max_output, stdin=stdin,
                         env=env, cwd=cwd, profile=profile, seccomp=seccomp, secrets=secrets,
-                        on_output=on_output)
-        return Process(await _blocking(sync.start, argv, **kwargs))
+                        on_output=on_output, tty_size=tty_size)
+        return Process(await _blocking(sync.start, argv, tty=tty, **kwargs))
 
     def processes(self) -> list[Process]:
         """The session's background processes still running."""

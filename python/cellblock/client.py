@@ -370,6 +370,13 @@ class RemoteSandbox:
         """What enforces each session-wide limit."""
         return dict(self._client.request("GET", self._path("/enforcement")).json())
 
+    def set_network(self, allow: Sequence[str]) -> list[dict[str, Any]]:
+        """`Sandbox.set_network` on the service: the connections it cut."""
+        if isinstance(allow, str):
+            raise InvalidSpec("allow: a list of patterns, not a string")
+        cut: list[dict[str, Any]] = self._post("/network", {"allow": list(allow)})
+        return cut
+
     def pause(self) -> None:
         """Freezes every process of the session."""
         self._post("/pause")

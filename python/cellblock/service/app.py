@@ -36,6 +36,7 @@ from cellblock.service.models import (
     BatchStatus,
     CodeRun,
     CommandRun,
+    NetworkSet,
     OneShotRun,
     RunReport,
     SessionCreate,
@@ -238,6 +239,11 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
         await sess.sandbox.resume()
         sess.paused = False
         return sess.info()
+
+    @app.post("/v1/sessions/{session_id}/network", tags=["sessions"])
+    async def set_network(sess: Sess, body: NetworkSet) -> list[dict[str, Any]]:
+        """Replaces the session's egress allowlist; returns the connections it cut."""
+        return await sess.sandbox.set_network(body.allow)
 
     @app.get("/v1/sessions/{session_id}/enforcement", tags=["sessions"])
     async def enforcement(sess: Sess) -> dict[str, str | None]:

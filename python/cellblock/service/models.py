@@ -57,6 +57,12 @@ class SetTimeout(_Body):
     seconds: float = Field(gt=0, le=MAX_LIFETIME_S)
 
 
+class NetworkSet(_Body):
+    """A running session's new egress allowlist (patterns as for `allow_net`)."""
+
+    allow: list[str] = Field(max_length=4096)
+
+
 class SessionInfo(BaseModel):
     """A session as the service sees it."""
 
