@@ -254,6 +254,7 @@ class WarmRuntimes:
         }
         self._idle_node: list[_Conn] = []
         self._node_refill = False
+        self._spare: threading.Thread | None = None
         self._closed = False
 
     # ---- zygote ----------------------------------------------------------------------------
@@ -360,8 +361,11 @@ class WarmRuntimes:
             if self._closed or self._node_refill or len(self._idle_node) >= MAX_IDLE_NODE:
                 return
             self._node_refill = True
-        threading.Thread(target=self._start_spare_node, name="cellblock-node-spare",
-                         daemon=True).start()
+            # Joined at close: a thread still inside the core when the interpreter finalizes
+            # would abort the process.
+            self._spare = threading.Thread(target=self._start_spare_node,
+                                           name="cellblock-node-spare", daemon=True)
+            self._spare.start()
 
     def _start_spare_node(self) -> None:
         kernel: _Conn | None = None
@@ -391,10 +395,13 @@ class WarmRuntimes:
             self._drop_kernels()
 
     def join(self, timeout: float) -> None:
-        """Waits for the zygote's call to return (after the session is closed)."""
+        """Waits for the zygote's call and a spare Node worker's start to return (after the
+        session is closed), `timeout` seconds at most in all."""
+        deadline = time.monotonic() + timeout
         run = self._zygote
-        if run is not None and run.thread is not None:
-            run.thread.join(timeout)
+        for thread in (run.thread if run is not None else None, self._spare):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- calls -----------------------------------------------------------------------------
 
