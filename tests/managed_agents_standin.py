@@ -94,10 +94,15 @@ class StandIn:
             "state": "active", "ttl_seconds": 60,
         })
 
-    async def stop(self, request: web.Request) -> web.Response:
+    async def stop(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(("stop", request.match_info["work"]))
+        # Answered before `stopped` is set: a test that ends the worker once the item is
+        # stopped must not catch it waiting for this answer.
+        response = web.json_response({})
+        await response.prepare(request)
+        await response.write_eof()
         self.stopped.set()
-        return web.json_response({})
+        return response
 
     # ---- session --------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,15 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
             if standin.stopped.wait(0.1) or proc.poll() is not None:
                 break
         stopped = standin.stopped.is_set()
+        # The worker reads the stop's answer, then polls again: end it only after two more
+        # polls (bounded), so SIGTERM does not land inside the SDK's shielded stop call.
+        def polls() -> int:
+            return sum(1 for kind, _ in standin.seen if kind == "poll")
+        after_stop = polls()
+        for _ in range(300):
+            if not stopped or proc.poll() is not None or polls() >= after_stop + 2:
+                break
+            time.sleep(0.1)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
