@@ -237,7 +237,12 @@ def test_cli_worker_serves_a_session(tmp_path: Path, as_nobody: bool,
             time.sleep(0.1)
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # and close its pipes: a hung worker fails this test only
+            proc.communicate()
+            raise
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
     assert stopped, err
