@@ -12,10 +12,13 @@ import base64
 import io
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +116,33 @@ def secret_value() -> str:
     return "tok&<en-" + secrets.token_hex(8)
 
 
+@pytest.fixture(scope="module")
+def site() -> Iterator[str]:
+    """The venv's packages where a bind can show them: the sandbox has a /tmp of its own, so
+    a checkout under /tmp gets a hard-linked copy (same filesystem, no data copied) outside."""
+    if not Path(SITE).resolve().is_relative_to("/tmp"):
+        yield SITE
+        return
+    copy = Path(tempfile.mkdtemp(prefix="cellblock-rich-", dir="/var/tmp"))
+    try:
+        copy.chmod(0o755)
+        subprocess.run(["cp", "-al", f"{SITE}/.", str(copy)], check=True)
+        yield str(copy)
+    finally:
+        shutil.rmtree(copy)
+
+
 @pytest.fixture(scope="module", params=["self", "nobody"],
                 ids=["root" if IS_ROOT else "user", "nobody"])
-def results(request: pytest.FixtureRequest, secret_value: str) -> dict[str, Any]:
+def results(request: pytest.FixtureRequest, secret_value: str, site: str) -> dict[str, Any]:
     """Every case's result, run once per caller identity."""
     if request.param == "self":
-        argv = [sys.executable, "-c", SCRIPT, SITE, secret_value, json.dumps(CASES)]
+        argv = [sys.executable, "-c", SCRIPT, site, secret_value, json.dumps(CASES)]
         env = None
     else:
         nobody_dir: Path = request.getfixturevalue("nobody_dir")
         argv = [*SETPRIV, "env", "-i", "PATH=/usr/bin:/bin", f"PYTHONPATH={nobody_dir}",
-                "/usr/bin/python3", "-c", SCRIPT, SITE, secret_value, json.dumps(CASES)]
+                "/usr/bin/python3", "-c", SCRIPT, site, secret_value, json.dumps(CASES)]
         env = {"PATH": "/usr/bin:/bin"}
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd="/", env=env,
                          check=False)
@@ -132,7 +151,7 @@ def results(request: pytest.FixtureRequest, secret_value: str) -> dict[str, Any]
     imports = out["imports"]
     assert imports["exit_code"] == 0, (
         "the sandbox's python cannot import pandas and matplotlib from the test venv "
-        f"({SITE}; `make venv` installs them): {imports['stderr']}"
+        f"({site}; `make venv` installs them): {imports['stderr']}"
     )
     return out
 
