@@ -626,3 +626,23 @@ def caller(request: pytest.FixtureRequest) -> Caller:
     if request.param == "nobody":
         return Caller("nobody", request.getfixturevalue("nobody_dir"))
     return Caller("self", None)
+
+
+def run_json_script(identity: str, nobody_dir: Path | None, script: str,
+                    spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs `script` (given `spec` as JSON in argv[1]) in a process of its own as this user
+    ("self") or as uid 65534 ("nobody", with the Debian python and the copy in `nobody_dir`),
+    one ready cell at most, and returns the JSON it prints."""
+    env = {"PATH": "/usr/bin:/bin", "CELLBLOCK_POOL_SIZE": "1"}
+    arg = json.dumps(spec)
+    if identity == "nobody":
+        assert nobody_dir is not None
+        argv = [*SETPRIV, "env", "-i", f"PYTHONPATH={nobody_dir}", "CELLBLOCK_POOL_SIZE=1",
+                "PATH=/usr/bin:/bin", "/usr/bin/python3", "-c", script, arg]
+    else:
+        argv = [sys.executable, "-c", script, arg]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_DEADLINE,
+                         cwd="/", env=env, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out: dict[str, Any] = json.loads(res.stdout)
+    return out

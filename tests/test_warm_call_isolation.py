@@ -10,16 +10,13 @@ identity running one script (`SCRIPT`) that makes every attempt and prints what 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import IS_ROOT, SETPRIV, WORKER_DEADLINE
+from conftest import IS_ROOT, run_json_script
 
 #: Run by a stateless Python call: opens for writing the memory of every Node process it can
 #: see (the ready worker of the next Node call among them) and, as the control that the method
@@ -127,19 +124,8 @@ SCRIPT = textwrap.dedent("""\
 
 
 def run_script(identity: str, nobody_dir: Path | None) -> dict[str, Any]:
-    spec = json.dumps({"node_mem": NODE_MEM, "victim": VICTIM, "sibling": SIBLING})
-    env = {"PATH": "/usr/bin:/bin", "CELLBLOCK_POOL_SIZE": "1"}
-    if identity == "nobody":
-        assert nobody_dir is not None
-        argv = [*SETPRIV, "env", "-i", f"PYTHONPATH={nobody_dir}", "CELLBLOCK_POOL_SIZE=1",
-                "PATH=/usr/bin:/bin", "/usr/bin/python3", "-c", SCRIPT, spec]
-    else:
-        argv = [sys.executable, "-c", SCRIPT, spec]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_DEADLINE,
-                         cwd="/", env=env, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out: dict[str, Any] = json.loads(res.stdout)
-    return out
+    spec = {"node_mem": NODE_MEM, "victim": VICTIM, "sibling": SIBLING}
+    return run_json_script(identity, nobody_dir, SCRIPT, spec)
 
 
 @pytest.fixture(scope="module", params=["self", "nobody"],

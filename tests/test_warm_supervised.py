@@ -9,10 +9,7 @@ identity running one script (`SCRIPT`) that makes every call and prints the repo
 
 from __future__ import annotations
 
-import json
 import string
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import IS_ROOT, SETPRIV, WORKER_DEADLINE, Caller
+from conftest import IS_ROOT, Caller, run_json_script
 
 MEMORY = "160M"
 MiB = 1 << 20
@@ -158,19 +155,9 @@ SCRIPT = textwrap.dedent("""\
 
 
 def run_script(identity: str, nobody_dir: Path | None) -> dict[str, Any]:
-    spec = json.dumps({"memory": MEMORY, "payloads": PAYLOADS, "forgeries": FORGERIES,
-                       "attack": ATTACK})
-    env = {"PATH": "/usr/bin:/bin", "CELLBLOCK_POOL_SIZE": "1"}
-    if identity == "nobody":
-        assert nobody_dir is not None
-        argv = [*SETPRIV, "env", "-i", f"PYTHONPATH={nobody_dir}", "CELLBLOCK_POOL_SIZE=1",
-                "PATH=/usr/bin:/bin", "/usr/bin/python3", "-c", SCRIPT, spec]
-    else:
-        argv = [sys.executable, "-c", SCRIPT, spec]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_DEADLINE,
-                         cwd="/", env=env, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out: dict[str, Any] = json.loads(res.stdout)
+    spec = {"memory": MEMORY, "payloads": PAYLOADS, "forgeries": FORGERIES,
+            "attack": ATTACK}
+    out = run_json_script(identity, nobody_dir, SCRIPT, spec)
     out["privileged"] = identity == "self" and IS_ROOT
     return out
 
