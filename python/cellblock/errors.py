@@ -7,6 +7,7 @@ names as the CLI prints) and re-exported here so pure-Python code can raise them
 from cellblock._native import (
     CellblockError,
     CommandNotFound,
+    CredentialError,
     FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
@@ -18,11 +19,13 @@ from cellblock._native import (
     SessionClosed,
     SetupError,
     SetupTimeout,
+    VaultError,
 )
 
 __all__ = [
     "CellblockError",
     "CommandNotFound",
+    "CredentialError",
     "FileTooLarge",
     "InvalidSpec",
     "NamespaceUnavailable",
@@ -34,4 +37,5 @@ __all__ = [
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "VaultError",
 ]

@@ -56,6 +56,8 @@ STATUS: dict[type[CellblockError], int] = {
     errors.InvalidSpec: 422,
     errors.CommandNotFound: 422,
     errors.SecretError: 422,
+    errors.CredentialError: 422,
+    errors.VaultError: 422,
     errors.NetworkPolicyError: 422,
     errors.SeccompError: 422,
     errors.PathEscape: 403,

@@ -29,6 +29,12 @@ pub enum Error {
     /// A secret is unusable (too short, bad name).
     #[error("secret: {0}")]
     Secret(String),
+    /// An unusable credential (bad name, no hosts, a placeholder that cannot be made).
+    #[error("credential: {0}")]
+    Credential(String),
+    /// The credential vault cannot be used (no key, wrong key, corrupt file, unknown name).
+    #[error("vault: {0}")]
+    Vault(String),
     /// A network policy or proxy problem.
     #[error("network: {0}")]
     Network(String),
@@ -87,6 +93,8 @@ impl Error {
             Error::Setup { .. } => "SetupError",
             Error::Seccomp(_) => "SeccompError",
             Error::Secret(_) => "SecretError",
+            Error::Credential(_) => "CredentialError",
+            Error::Vault(_) => "VaultError",
             Error::Network(_) => "NetworkPolicyError",
             Error::SessionClosed(_) => "SessionClosed",
             Error::PathEscape(_) => "PathEscape",

@@ -50,6 +50,18 @@ create_exception!(
 );
 create_exception!(
     cellblock._native,
+    CredentialError,
+    CellblockError,
+    "An unusable credential (bad name, no hosts)."
+);
+create_exception!(
+    cellblock._native,
+    VaultError,
+    CellblockError,
+    "The credential vault cannot be used (no key, wrong key, corrupt file, unknown name)."
+);
+create_exception!(
+    cellblock._native,
     NetworkPolicyError,
     CellblockError,
     "A bad egress pattern or a proxy failure."
@@ -152,6 +164,8 @@ pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
         "SetupTimeout" => SetupTimeout::new_err(msg),
         "SeccompError" => SeccompError::new_err(msg),
         "SecretError" => SecretError::new_err(msg),
+        "CredentialError" => CredentialError::new_err(msg),
+        "VaultError" => VaultError::new_err(msg),
         "NetworkPolicyError" => NetworkPolicyError::new_err(msg),
         "SessionClosed" => SessionClosed::new_err(msg),
         "PathEscape" => PathEscape::new_err(msg),
@@ -190,6 +204,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SetupError", py.get_type::<SetupError>())?;
     m.add("SeccompError", py.get_type::<SeccompError>())?;
     m.add("SecretError", py.get_type::<SecretError>())?;
+    m.add("CredentialError", py.get_type::<CredentialError>())?;
+    m.add("VaultError", py.get_type::<VaultError>())?;
     m.add("NetworkPolicyError", py.get_type::<NetworkPolicyError>())?;
     m.add("SessionClosed", py.get_type::<SessionClosed>())?;
     m.add("PathEscape", py.get_type::<PathEscape>())?;

@@ -1,0 +1,103 @@
+"""Credentials: values that never enter the sandbox.
+
+The sandbox's environment variable holds a placeholder; the egress proxy outside the sandbox
+puts the real value into requests bound for the credential's hosts (and, when `methods` is set,
+only for those methods). A placeholder sent anywhere else is refused and reported.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets as _random
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from cellblock.errors import CredentialError
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD_RE = re.compile(r"^[A-Z]+$")
+
+#: What the proxy does with a request carrying a placeholder toward a host it is not bound to
+#: (it is never forwarded): refuse it, kill the sandbox's run, or only log the violation.
+OnPlaceholderLeak = Literal["block", "kill", "log"]
+
+
+class Credential(BaseModel):
+    """A named credential bound to the hosts it may be sent to.
+
+    `hosts` are egress allowlist patterns (`api.example.com`, `*.example.com`, with an optional
+    `:port`). `methods` (e.g. `["GET", "HEAD"]`) limits substitution to those methods. `header`
+    limits substitution to one request header (e.g. `Authorization`); `in_query` and `in_body`
+    opt in to substitution in the URL query and the request body. `scope` is `session` (lives
+    and dies with one session) or `agent` (every session of that agent gets it).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    value: SecretStr
+    hosts: list[str] = Field(min_length=1)
+    methods: list[str] | None = None
+    header: str | None = None
+    in_query: bool = False
+    in_body: bool = False
+    scope: Literal["session", "agent"] = "session"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise CredentialError(f"credential name {v!r} is not a valid environment variable name")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise CredentialError("credential value is empty")
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not h or any(c.isspace() or c in "/@" for c in h):
+                raise CredentialError(f"credential host {h!r} is not a host pattern")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = [m.upper() for m in v]
+        for m in out:
+            if not _METHOD_RE.match(m):
+                raise CredentialError(f"credential method {m!r} is not an HTTP method")
+        return out
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not _HEADER_RE.match(v):
+            raise CredentialError(f"credential header {v!r} is not a header name")
+        return v
+
+
+def make_placeholder(name: str) -> str:
+    """A fresh placeholder for one sandbox: unique, unguessable, and safe in headers, URLs and
+    JSON (letters, digits and underscores only)."""
+    return f"cellblock_placeholder_{name}_{_random.token_hex(16)}"
+
+
+def credential_names(credentials: Iterable[Credential]) -> list[str]:
+    """The names, checked for duplicates (one placeholder per variable)."""
+    seen: set[str] = set()
+    for c in credentials:
+        if c.name in seen:
+            raise CredentialError(f"credential {c.name!r} is given twice")
+        seen.add(c.name)
+    return sorted(seen)
