@@ -87,6 +87,23 @@ report(before=before, name=name, line=line.decode(), name2=os.ttyname(s2), host=
     assert got["dev_tty"] == "ENXIO", got
 
 
+def test_a_sandbox_cannot_exhaust_the_hosts_ptys(sandbox: Runner) -> None:
+    # Every devpts instance draws on the kernel's one pty pool: opening terminals until refused
+    # stops at the instance's own cap, far below the pool (kernel.pty.max).
+    got = sandbox.probe('''
+import errno
+held, err = [], None
+try:
+    for _ in range(2000):
+        held.append(os.openpty())
+except OSError as e:
+    err = errno.errorcode.get(e.errno, str(e.errno))
+report(opened=len(held), err=err)
+''')
+    assert got["opened"] == 256, got
+    assert got["err"] == "ENOSPC", got
+
+
 def test_tty_run_gets_its_own_controlling_terminal(sandbox: Runner, host_pty: str) -> None:
     res = sandbox.run(["python3", "-c", PRELUDE + TERMINAL_FACTS + "report(**facts())"],
                       tty=True, tty_size=[31, 97])

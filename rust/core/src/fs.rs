@@ -60,8 +60,10 @@ const COPY_MAX: u64 = 256 * 1024;
 /// Host device nodes bound into the sandbox's /dev.
 pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// Options of the sandbox's devpts mount: a new instance whose ptmx anyone inside may open.
-pub const DEVPTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=0620";
+/// Options of the sandbox's devpts mount: a new instance whose ptmx anyone inside may open,
+/// holding at most 256 terminals (every instance draws on the kernel's one `kernel.pty.max`
+/// pool, so an unbounded sandbox could leave other containers on the host without ptys).
+pub const DEVPTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=0620,max=256";
 
 /// Hostname inside every sandbox.
 pub const HOSTNAME: &str = "cellblock";
@@ -758,6 +760,7 @@ mod tests {
         let data = devpts.1.expect("options").into_string().expect("utf-8");
         assert!(data.split(',').any(|o| o == "newinstance"), "{data}");
         assert!(data.split(',').any(|o| o == "ptmxmode=0666"), "{data}");
+        assert!(data.split(',').any(|o| o == "max=256"), "{data}");
         let d = descriptions(&p).join("\n");
         assert!(
             d.contains("symlink /mnt/dev/ptmx -> pts/ptmx") || d.contains("/dev/ptmx -> pts/ptmx"),
