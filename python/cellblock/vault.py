@@ -237,9 +237,9 @@ class Vault:
         entries = {(e.name, e.agent): e for e in self._read(keys)}
         chosen: dict[str, _Sealed] = {}
         if agent is not None:
-            for (name, owner), e in sorted(entries.items()):
-                if owner == agent:
-                    chosen[name] = e
+            for e in sorted(entries.values(), key=lambda e: e.name):
+                if e.agent == agent:
+                    chosen[e.name] = e
         for name in wanted:
             if name in chosen:
                 continue

@@ -78,6 +78,10 @@ def cmd_vault(args: argparse.Namespace) -> int:
         return 0
     vault = Vault(args.vault, key_file=key_file)
     if args.action == "add":
+        if args.argv_value:
+            # Not echoed: argparse would print it in its "unrecognized arguments" message.
+            raise VaultError("vault add takes no value on the command line (other users see "
+                             "argv): give it on stdin, with --from-env or with --from-file")
         if args.from_env is not None and args.from_file is not None:
             raise VaultError("give the value through --from-env or --from-file, not both")
         entry = vault.add(_credential(args, read_value(args)), agent=args.agent,
@@ -114,6 +118,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "--from-file; never from the command line)")
     add.add_argument("name", metavar="NAME", help="the environment variable that will hold "
                                                    "its placeholder")
+    add.add_argument("argv_value", nargs="*", help=argparse.SUPPRESS)
     add.add_argument("--host", action="append", required=True, metavar="HOST",
                      help="a host it may be sent to (repeatable; *.example.com, :port)")
     add.add_argument("--method", action="append", default=None, metavar="METHOD",
