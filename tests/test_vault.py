@@ -4,13 +4,17 @@ concurrent writers; its CLI; agent-scoped credentials reaching an agent's sandbo
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
+import pty
 import secrets
+import select
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +234,27 @@ def test_truncated_or_garbage_file(home: Path, key: bytes) -> None:
         assert path.read_bytes() == broken
 
 
+def test_a_failed_write_leaves_the_file_as_it_was(home: Path, key: bytes,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import cellblock.vault as vault_module
+
+    path = home / "vault.json"
+    v = Vault(path, key=key)
+    v.add(cred("AAA", "a-value"))
+    before = path.read_bytes()
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(vault_module.os, "replace", full_disk)
+    with pytest.raises(VaultError, match=r"cannot write the vault .*No space left on device"):
+        v.add(cred("BBB", "b-value"))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in home.iterdir()) == ["vault.json", "vault.json.lock"]
+    assert v.names() == ["AAA"]
+
+
 # -- the key --------------------------------------------------------------------------------
 
 
@@ -324,6 +349,45 @@ def test_values_never_listed_or_printed(home: Path, key: bytes) -> None:
     assert "value" not in {k for e in v.list() for k in e.model_dump()}
 
 
+def test_cli_reads_the_value_from_a_terminal_without_echo(home: Path) -> None:
+    value = secret_value()
+    env = {"PATH": "/usr/bin:/bin", "XDG_DATA_HOME": str(home / "data"),
+           "XDG_CONFIG_HOME": str(home / "config"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-m", "cellblock.cli", "vault", "init"], env=env,
+                          capture_output=True, check=False).returncode == 0
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a terminal of its own
+        os.execve(sys.executable, [sys.executable, "-m", "cellblock.cli", "vault", "add", "GH",
+                                   "--host", "h.test"], env)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        sent = False
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not sent and b"(not echoed): " in seen:
+                os.write(fd, value.encode() + b"\n")
+                sent = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
+    assert sent and b"added GH" in seen
+    assert value.encode() not in seen
+    got = Vault(home / "data" / "cellblock" / "vault.json",
+                key_file=home / "config" / "cellblock" / "vault.key").resolve(["GH"])
+    assert got[0].value.get_secret_value() == value
+
+
 # -- CLI, as root and as uid 65534 ----------------------------------------------------------
 
 
@@ -410,8 +474,8 @@ def test_cli_round_trip(vault_cli: VaultCli, home: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.startswith("cellblock: error: VaultError: no credential 'GH'"), r.stderr
     out.append(r)
-    keyfile_mode = vault_cli("ls")
-    assert [ln.split()[0] for ln in keyfile_mode.stdout.splitlines()[1:]] == ["TOK", "DB"]
+    left = vault_cli("ls")
+    assert [ln.split()[0] for ln in left.stdout.splitlines()[1:]] == ["TOK", "DB"]
     src.unlink()
     for data in (home / "data" / "cellblock").iterdir():
         for value in (stdin_value, env_value, file_value):
