@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, SecretStr, TypeAdapter, ValidationError
 
 from cellblock.credentials import Credential
 from cellblock.errors import VaultError
@@ -131,10 +131,13 @@ def _associated_data(entry: VaultEntry) -> bytes:
     return b"cellblock-vault-v1\0" + _canonical(meta.model_dump(mode="json"))
 
 
-def _document_mac(keys: _Keys, entries: Iterable[_Sealed]) -> str:
-    body = {"version": VERSION, "key_id": keys.id,
-            "entries": [e.model_dump(mode="json") for e in entries]}
-    return hmac.new(keys.mac, _canonical(body), sha256).hexdigest()
+_ENTRIES = TypeAdapter(builtins.list[_Sealed])
+
+
+def _document_mac(keys: _Keys, entries: builtins.list[_Sealed]) -> str:
+    # pydantic's JSON of the entries is canonical (fields in declaration order, compact).
+    body = f"cellblock-vault-v{VERSION}\0{keys.id}\0".encode() + _ENTRIES.dump_json(entries)
+    return hmac.new(keys.mac, body, sha256).hexdigest()
 
 
 def _check_agent(agent: str | None) -> None:
