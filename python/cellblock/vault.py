@@ -310,25 +310,28 @@ class Vault:
         doc = _Document(version=VERSION, key_id=keys.id, entries=entries,
                         mac=_document_mac(keys, entries))
         data = doc.model_dump_json(indent=1).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                       suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), 0o600)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            tmp = None
+            # The rename itself is durable once the directory is synced.
+            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise VaultError(f"cannot write the vault {self.path}: {e.strerror}") from None
-        # The rename itself is durable once the directory is synced.
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
