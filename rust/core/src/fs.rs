@@ -1,4 +1,6 @@
-//! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime.
+//! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime, or (with a
+//! `rootfs`) an overlay whose lower layer is that directory and whose upper layer is a small
+//! tmpfs, so nothing written during set-up reaches the directory.
 //!
 //! [`MountPlan::build`] decides everything in the parent (pure apart from reading the host's
 //! directory entries); [`MountPlan::apply`] replays the plan in the forked child with raw
@@ -110,6 +112,9 @@ pub enum Op {
     Detach(CString),
     /// `rmdir(path)`.
     Rmdir(CString),
+    /// `unlink(path)`, errors ignored: clears a symlink or file a rootfs has where the plan
+    /// needs a directory or writes a file (a directory stays: EISDIR).
+    Unlink(CString),
 }
 
 impl Op {
@@ -134,6 +139,7 @@ impl Op {
             Op::Chmod(p, _) => format!("chmod {}", s(p)),
             Op::Detach(p) => format!("unmount {}", s(p)),
             Op::Rmdir(p) => format!("rmdir {}", s(p)),
+            Op::Unlink(p) => format!("unlink {}", s(p)),
         }
     }
 }
@@ -147,6 +153,9 @@ pub struct PlanInput<'a> {
     pub owner: u32,
     /// Extra read-only binds (same path inside).
     pub ro_binds: &'a [String],
+    /// A host directory that becomes the root (read-only overlay lower layer) instead of the
+    /// host's system directories and filtered /etc.
+    pub rootfs: Option<&'a str>,
     /// Content of /etc/resolv.conf.
     pub resolv_conf: &'a str,
 }
@@ -173,27 +182,35 @@ fn under(base: &str, path: &str) -> String {
 impl MountPlan {
     /// Decides the root's layout from the host's state and the inputs.
     pub fn build(input: &PlanInput<'_>) -> Result<MountPlan> {
-        let base = BASE_CANDIDATES
+        let host_base = BASE_CANDIDATES
             .iter()
             .find(|p| Path::new(p).is_dir())
             .ok_or_else(|| Error::InvalidSpec("no directory to assemble the root in".into()))?;
         let mut ops = Vec::new();
+        // The root: a small tmpfs holding only mount points and generated files; with a rootfs,
+        // that tmpfs holds the upper layer of an overlay over it.
+        let base = match input.rootfs {
+            None => host_base.to_string(),
+            Some(rootfs) => overlay_root(&mut ops, host_base, rootfs)?,
+        };
+        let overlay = input.rootfs.is_some();
+        let base = base.as_str();
         let mut b = Builder {
             base,
+            overlay,
             ops: &mut ops,
         };
-
-        // The root: a small tmpfs holding only mount points and generated files.
-        b.mount(
-            None,
-            "",
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("size=1m,mode=0755"),
-        )?;
-
-        for dir in SYSTEM_DIRS {
-            b.bind_host(dir)?;
+        if !overlay {
+            b.mount(
+                None,
+                "",
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("size=1m,mode=0755"),
+            )?;
+            for dir in SYSTEM_DIRS {
+                b.bind_host(dir)?;
+            }
         }
         for dir in input.ro_binds {
             let p = Path::new(dir);
@@ -203,7 +220,7 @@ impl MountPlan {
                 )));
             }
             // Already visible through a system directory bind.
-            if SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
+            if !overlay && SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
                 continue;
             }
             if !p.is_dir() {
@@ -217,7 +234,9 @@ impl MountPlan {
 
         // /etc: a filtered view plus generated identity files.
         b.mkdir_p("/etc")?;
-        for name in ETC_ALLOW {
+        // A rootfs brings its own /etc; the host's is not looked at.
+        let etc_allow: &[&str] = if overlay { &[] } else { ETC_ALLOW };
+        for name in etc_allow {
             let host = format!("/etc/{name}");
             match Path::new(&host).symlink_metadata() {
                 // Small regular files are copied into the root: a write is much cheaper than a
@@ -238,6 +257,9 @@ impl MountPlan {
             ("/etc/resolv.conf", input.resolv_conf.as_bytes()),
         ];
         for (path, data) in files {
+            if overlay {
+                b.ops.push(Op::Unlink(cstr(under(base, path))?));
+            }
             b.ops
                 .push(Op::Write(cstr(under(base, path))?, data.to_vec()));
         }
@@ -428,8 +450,57 @@ fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<
     Ok(())
 }
 
+/// Characters that would end or split a path inside overlayfs's option string.
+const OVERLAY_OPTION_CHARS: &[char] = &[',', ':', '\\', '=', '\n'];
+
+/// Mounts the tmpfs for the upper layer on `host_base` and the overlay over `rootfs`;
+/// returns where the new root is (the overlay's mount point).
+fn overlay_root(ops: &mut Vec<Op>, host_base: &str, rootfs: &str) -> Result<String> {
+    let path = Path::new(rootfs);
+    if !path.is_absolute() {
+        return Err(Error::InvalidSpec(format!("rootfs: {rootfs:?} is not absolute")));
+    }
+    if rootfs.contains(OVERLAY_OPTION_CHARS) {
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} contains one of , : \\ = or a newline (overlayfs cannot take it)"
+        )));
+    }
+    if !path.is_dir() {
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} is not a directory"
+        )));
+    }
+    let upper = format!("{host_base}/.upper");
+    let work = format!("{host_base}/.work");
+    let root = format!("{host_base}/.root");
+    ops.push(Op::Mount {
+        src: None,
+        dst: cstr(host_base)?,
+        fstype: Some(cstr("tmpfs")?),
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some(cstr("size=2m,mode=0755")?),
+    });
+    for dir in [&upper, &work, &root] {
+        ops.push(Op::Mkdir(cstr(dir)?, 0o755));
+    }
+    // nosuid and nodev: a setuid file or a device node in the rootfs is inert.
+    ops.push(Op::Mount {
+        src: Some(cstr("overlay")?),
+        dst: cstr(&root)?,
+        fstype: Some(cstr("overlay")?),
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some(cstr(format!(
+            "lowerdir={rootfs},upperdir={upper},workdir={work}"
+        ))?),
+    });
+    Ok(root)
+}
+
 struct Builder<'a> {
     base: &'a str,
+    /// The root is an overlay over a rootfs: a path the plan makes may be a symlink or file
+    /// there (which mkdir or mount would follow, out to the host's tree before pivot_root).
+    overlay: bool,
     ops: &'a mut Vec<Op>,
 }
 
@@ -439,6 +510,9 @@ impl Builder<'_> {
         for part in path.split('/').filter(|s| !s.is_empty()) {
             cur.push('/');
             cur.push_str(part);
+            if self.overlay {
+                self.ops.push(Op::Unlink(cstr(under(self.base, &cur))?));
+            }
             self.ops
                 .push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
         }
@@ -565,7 +639,11 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             let fd = unsafe {
                 libc::open(
                     p.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+                    libc::O_CREAT
+                        | libc::O_WRONLY
+                        | libc::O_TRUNC
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
                     0o644,
                 )
             };
@@ -644,6 +722,11 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             // SAFETY: valid path.
             check(unsafe { libc::rmdir(p.as_ptr()) } as libc::c_long)
         }
+        Op::Unlink(p) => {
+            // SAFETY: valid path. Absent or a directory is what the next step wants.
+            unsafe { libc::unlink(p.as_ptr()) };
+            Ok(())
+        }
     }
 }
 
@@ -656,6 +739,7 @@ mod tests {
             disk: 1 << 20,
             owner: 0,
             ro_binds: &[],
+            rootfs: None,
             resolv_conf: "",
         })
         .expect("plan")
@@ -727,6 +811,7 @@ mod tests {
         let mut b_ops = Vec::new();
         let mut b = Builder {
             base: "/mnt",
+            overlay: false,
             ops: &mut b_ops,
         };
         mask_host_proc(&mut b, |n| n == "cmdline" || n == "acpi").expect("masks");
@@ -775,8 +860,55 @@ mod tests {
             disk: 1,
             owner: 0,
             ro_binds: &binds,
+            rootfs: None,
             resolv_conf: "",
         });
         assert!(matches!(e, Err(Error::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn a_rootfs_replaces_the_host_system_dirs_and_etc() {
+        let dir = std::env::temp_dir().join(format!("cellblock-rootfs-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let rootfs = dir.display().to_string();
+        let p = MountPlan::build(&PlanInput {
+            disk: 1 << 20,
+            owner: 0,
+            ro_binds: &[],
+            rootfs: Some(&rootfs),
+            resolv_conf: "",
+        })
+        .expect("plan");
+        std::fs::remove_dir(&dir).expect("test dir");
+        let d = descriptions(&p);
+        let joined = d.join("\n");
+        assert!(
+            d.iter().any(|l| l.starts_with("mount overlay on ") && l.ends_with("(overlay)")),
+            "{joined}"
+        );
+        for host in SYSTEM_DIRS.iter().chain(&["/etc/ssl", "/etc/ld.so.cache"]) {
+            assert!(!joined.contains(&format!("mount {host} ")), "{host}:\n{joined}");
+        }
+        // Every generated file is preceded by clearing what the rootfs has there.
+        let hostname = d
+            .iter()
+            .position(|l| l.starts_with("write ") && l.ends_with("/etc/hostname"))
+            .expect("hostname is written");
+        assert!(d[hostname - 1].starts_with("unlink ") && d[hostname - 1].ends_with("/etc/hostname"));
+        assert!(p.base.to_string_lossy().ends_with("/.root"));
+    }
+
+    #[test]
+    fn an_unusable_rootfs_is_refused() {
+        for bad in ["relative", "/no/such/rootfs", "/tmp/a,upperdir=/etc"] {
+            let e = MountPlan::build(&PlanInput {
+                disk: 1,
+                owner: 0,
+                ro_binds: &[],
+                rootfs: Some(bad),
+                resolv_conf: "",
+            });
+            assert!(matches!(e, Err(Error::InvalidSpec(_))), "{bad}");
+        }
     }
 }
