@@ -148,8 +148,8 @@ res = cellblock.run(["/bin/sh", "-c", sys.argv[4]], rootfs=dest, timeout=30)
 before = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
 marker = (dest / "etc" / "marker").read_text()
 import shutil; shutil.rmtree(dest)
-print(json.dumps({"exit": res.exit_code, "stdout": res.stdout.decode(),
-                  "stderr": res.stderr.decode(), "reason": res.reason,
+print(json.dumps({"exit": res.exit_code, "stdout": res.stdout,
+                  "stderr": res.stderr, "reason": res.reason,
                   "tree": before, "marker": marker}))
 """
 
@@ -285,7 +285,7 @@ def test_hostile_tarballs_are_refused_or_neutralised(caller: Caller, shared: Pat
     assert out["entries_written"] == ["entries.tar"]
     assert out["corrupt"] == "UnsafeLayer"
     n = out["neutral"]
-    assert n["names"] == ["dev", "dir", "out", "same", "suid"], n
+    assert n["names"] == ["dir", "out", "same", "suid"], n
     assert n["suid"] == "0o755" and n["dir"] == "0o0" and n["out_is_link"] and n["same_inode"]
     # Nothing was ever written outside the destination.
     assert out["outside"] == []
@@ -328,5 +328,5 @@ def test_a_session_runs_on_the_rootfs(shared: Path) -> None:
         first = sb.run(["/bin/sh", "-c", "echo made > /workspace/f; read -r m < /etc/marker;"
                         " echo $m; [ -e /usr ] && echo host-usr; true"])
         second = sb.run(["/bin/cat", "/workspace/f"])
-    assert first.stdout.decode().split() == [MARKER], first
-    assert second.stdout == b"made\n"
+    assert first.stdout.split() == [MARKER], first
+    assert second.stdout == "made\n"
