@@ -255,7 +255,7 @@ def make_hardlink(root: int, parts: list[str], target: str) -> None:
 
 def _open_stream(path: Path) -> BinaryIO:
     """`path` decompressed (gzip, bzip2 and xz by tarfile itself; zstd by `zstandard`)."""
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    f = open(path, "rb")  # returned to the caller, who closes it
     magic = f.read(4)
     f.seek(0)
     if magic == b"\x28\xb5\x2f\xfd":
