@@ -330,3 +330,102 @@ def test_a_session_runs_on_the_rootfs(shared: Path) -> None:
         second = sb.run(["/bin/cat", "/workspace/f"])
     assert first.stdout.split() == [MARKER], first
     assert second.stdout == "made\n"
+
+
+# --- Debian bases: mmdebstrap against a local archive served on 127.0.0.1 -------------------
+
+
+def _deb(top: Path, name: str, files: dict[str, str | bytes]) -> str:
+    """Builds `name`_1.0_amd64.deb into top/repo/pool; returns its Packages stanza."""
+    control = (f"Package: {name}\nVersion: 1.0\nArchitecture: amd64\n"
+               f"Maintainer: cellblock tests <tests@cellblock.invalid>\n")
+    root = top / f"build-{name}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(control + f"Description: test package {name}\n")
+    for dst, src in files.items():
+        p = root / dst.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            p.write_bytes(src)
+        else:
+            shutil.copy2(os.path.realpath(src), p)
+    out = top / "repo" / "pool" / f"{name}_1.0_amd64.deb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
+                   check=True, capture_output=True)
+    data = out.read_bytes()
+    return (control + f"Filename: pool/{out.name}\nSize: {len(data)}\n"
+            f"SHA256: {hashlib.sha256(data).hexdigest()}\nDescription: test package {name}\n")
+
+
+@pytest.fixture(scope="module")
+def archive() -> Iterator[str]:
+    """A Debian-style archive (suite `stable`, two packages made by dpkg-deb: a shell with tar
+    and their libraries, and a marker file) served on 127.0.0.1; yields its sources.list line."""
+    import email.utils
+    import functools
+    import http.server
+    import threading
+
+    if not shutil.which("mmdebstrap") or not shutil.which("dpkg-deb"):
+        pytest.fail("needs mmdebstrap and dpkg-deb (make deps)")
+    top = Path(tempfile.mkdtemp(prefix="cellblock-archive-"))
+    server = None
+    try:
+        tools = ["/bin/dash", "/bin/tar"]
+        shell: dict[str, str | bytes] = {t: t for t in tools}
+        shell.update({lib: lib for t in tools for lib in _libraries(t)})
+        stanzas = [_deb(top, "cb-shell", shell),
+                   _deb(top, "cb-marker", {"/usr/share/cb/marker": b"from-the-local-archive\n"})]
+        packages = "\n".join(stanzas).encode()
+        d = top / "repo" / "dists" / "stable" / "main" / "binary-amd64"
+        d.mkdir(parents=True)
+        (d / "Packages").write_bytes(packages)
+        (top / "repo" / "dists" / "stable" / "Release").write_text(
+            f"Suite: stable\nCodename: stable\nDate: {email.utils.formatdate(usegmt=True)}\n"
+            f"Architectures: amd64\nComponents: main\nSHA256:\n"
+            f" {hashlib.sha256(packages).hexdigest()} {len(packages)} main/binary-amd64/Packages\n")
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                    directory=str(top / "repo"))
+        handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"deb [trusted=yes] http://127.0.0.1:{server.server_address[1]}/ stable main"
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+CALLER_DEBIAN = """
+import json, stat, sys
+from pathlib import Path
+import cellblock
+from cellblock.environments import debian
+work, mirror = Path(sys.argv[1]), sys.argv[2]
+os.environ.setdefault("HOME", str(work))
+dest = work / f"debian-{os.getpid()}"
+debian.build("debian:stable", dest, mirrors=[mirror], variant="extract",
+             packages=["cb-shell", "cb-marker"])
+res = cellblock.run(["/bin/dash", "-c", "read -r m < /usr/share/cb/marker; echo $m;"
+                     " echo x > /usr/share/cb/marker || echo refused"], rootfs=dest, timeout=30)
+devices = [p.name for p in dest.rglob("*")
+           if stat.S_ISCHR(p.lstat().st_mode) or stat.S_ISBLK(p.lstat().st_mode)]
+marker = (dest / "usr/share/cb/marker").read_text()
+import shutil; shutil.rmtree(dest)
+print(json.dumps({"stdout": res.stdout, "exit": res.exit_code, "devices": devices,
+                  "marker": marker}))
+"""
+
+
+def test_a_debian_base_is_built_by_mmdebstrap_from_a_local_archive(
+    caller: Caller, shared: Path, archive: str
+) -> None:
+    out = caller.run(CALLER_DEBIAN, str(shared / "work"), archive)
+    assert out["exit"] == 0, out
+    assert out["stdout"].split("\n")[0] == "from-the-local-archive", out
+    assert "refused" in out["stdout"], out
+    assert out["marker"] == "from-the-local-archive\n"
+    # mmdebstrap's tarball has /dev/null, /dev/zero, ...: unpack drops them.
+    assert out["devices"] == []
