@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOBODY, Caller
+from conftest import NOBODY, Caller, Cli
 
 BINARIES = ["/bin/dash", "/bin/cat"]
 MARKER = "rootfs-marker-7f3a"
@@ -429,3 +429,56 @@ def test_a_debian_base_is_built_by_mmdebstrap_from_a_local_archive(
     assert out["marker"] == "from-the-local-archive\n"
     # mmdebstrap's tarball has /dev/null, /dev/zero, ...: unpack drops them.
     assert out["devices"] == []
+
+
+def test_the_cli_runs_on_a_rootfs_and_names_a_bad_one(cli: Cli, shared: Path) -> None:
+    ok = cli.run(["run", "--rootfs", str(shared / "tree"), "--", "/bin/cat", "/etc/marker"])
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == f"{MARKER}\n".encode()
+    bad = cli.run(["run", "--rootfs", str(shared / "missing"), "--", "/bin/true"])
+    assert bad.returncode != 0
+    assert b"cellblock: error: InvalidSpec: rootfs:" in bad.stderr, bad.stderr
+
+
+CALLER_SYMLINKED = """
+import json, os, shutil, sys
+from pathlib import Path
+import cellblock
+tree, work = Path(sys.argv[1]), Path(sys.argv[2])
+dest = work / f"symlinked-{os.getpid()}"
+shutil.copytree(tree, dest, symlinks=True)
+# Where the plan puts its own files and mount points, the rootfs has symlinks out to the
+# host's tree (followed before pivot_root, they would write or mount there).
+for name, target in [("etc", "/etc"), ("workspace", str(work)), ("tmp", "/tmp"),
+                     ("proc", "/"), ("dev", "/dev")]:
+    shutil.rmtree(dest / name)
+    (dest / name).symlink_to(target)
+res = cellblock.run(["/bin/sh", "-c", sys.argv[3]], rootfs=dest, timeout=30)
+shutil.rmtree(dest)
+print(json.dumps({"exit": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
+                  "work": sorted(p.name for p in work.iterdir())}))
+"""
+
+SYMLINKED_PAYLOAD = r"""
+read -r h < /etc/hostname; echo "hostname=$h"
+for p in /etc/shadow /etc/os-release /etc/marker; do [ -e "$p" ] && echo "visible=$p"; done
+echo x > /workspace/planted && echo "scratch=ok"
+[ -L /workspace ] && echo "link=/workspace"
+read -r c < /proc/self/comm; echo "comm=$c"
+"""
+
+
+def test_symlinks_where_the_plan_puts_its_files_are_hidden_not_followed(
+    caller: Caller, shared: Path
+) -> None:
+    host_hostname = Path("/etc/hostname").read_bytes()
+    out = caller.run(CALLER_SYMLINKED, str(shared / "tree"), str(shared / "work"),
+                     SYMLINKED_PAYLOAD)
+    assert out["exit"] == 0, out
+    lines = out["stdout"].splitlines()
+    assert "hostname=cellblock" in lines and "scratch=ok" in lines, out
+    assert "comm=sh" in lines, out
+    assert not [x for x in lines if x.startswith(("visible=", "link="))], out
+    # The write went to the sandbox's scratch, not through the symlink to the host directory.
+    assert not [n for n in out["work"] if n == "planted"], out
+    assert Path("/etc/hostname").read_bytes() == host_hostname

@@ -1,6 +1,6 @@
 //! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime, or (with a
-//! `rootfs`) an overlay whose lower layer is that directory and whose upper layer is a small
-//! tmpfs, so nothing written during set-up reaches the directory.
+//! `rootfs`) a read-only overlay of two lower layers: a small tmpfs directory holding the
+//! generated files and mount points, over that directory. Nothing is ever written to it.
 //!
 //! [`MountPlan::build`] decides everything in the parent (pure apart from reading the host's
 //! directory entries); [`MountPlan::apply`] replays the plan in the forked child with raw
@@ -112,9 +112,6 @@ pub enum Op {
     Detach(CString),
     /// `rmdir(path)`.
     Rmdir(CString),
-    /// `unlink(path)`, errors ignored: clears a symlink or file a rootfs has where the plan
-    /// needs a directory or writes a file (a directory stays: EISDIR).
-    Unlink(CString),
 }
 
 impl Op {
@@ -139,7 +136,6 @@ impl Op {
             Op::Chmod(p, _) => format!("chmod {}", s(p)),
             Op::Detach(p) => format!("unmount {}", s(p)),
             Op::Rmdir(p) => format!("rmdir {}", s(p)),
-            Op::Unlink(p) => format!("unlink {}", s(p)),
         }
     }
 }
@@ -187,17 +183,24 @@ impl MountPlan {
             .find(|p| Path::new(p).is_dir())
             .ok_or_else(|| Error::InvalidSpec("no directory to assemble the root in".into()))?;
         let mut ops = Vec::new();
+        let mut pre = Vec::new();
         // The root: a small tmpfs holding only mount points and generated files; with a rootfs,
-        // that tmpfs holds the upper layer of an overlay over it.
-        let base = match input.rootfs {
-            None => host_base.to_string(),
-            Some(rootfs) => overlay_root(&mut ops, host_base, rootfs)?,
-        };
+        // that tmpfs holds the top layer (`gen`) of an overlay over it.
+        if let Some(rootfs) = input.rootfs {
+            check_rootfs(rootfs)?;
+        }
         let overlay = input.rootfs.is_some();
+        let base = if overlay {
+            format!("{host_base}/.root")
+        } else {
+            host_base.to_string()
+        };
+        let gen = format!("{host_base}/.gen");
         let base = base.as_str();
         let mut b = Builder {
             base,
-            overlay,
+            gen: overlay.then_some(gen.as_str()),
+            pre: &mut pre,
             ops: &mut ops,
         };
         if !overlay {
@@ -242,7 +245,7 @@ impl MountPlan {
                 // Small regular files are copied into the root: a write is much cheaper than a
                 // bind mount plus its read-only remount, and the root is read-only anyway.
                 Ok(m) if m.is_file() && m.len() <= COPY_MAX => match std::fs::read(&host) {
-                    Ok(data) => b.ops.push(Op::Write(cstr(under(base, &host))?, data)),
+                    Ok(data) => b.write(&host, data)?,
                     Err(_) => continue,
                 },
                 Ok(_) => b.bind_host(&host)?,
@@ -257,40 +260,41 @@ impl MountPlan {
             ("/etc/resolv.conf", input.resolv_conf.as_bytes()),
         ];
         for (path, data) in files {
-            if overlay {
-                b.ops.push(Op::Unlink(cstr(under(base, path))?));
-            }
-            b.ops
-                .push(Op::Write(cstr(under(base, path))?, data.to_vec()));
+            b.write(path, data.to_vec())?;
         }
 
         // Scratch space: one tmpfs capped at `disk`, shared by /tmp, /workspace and /dev/shm so
-        // the cap is the total.
-        let scratch = "/.scratch";
-        b.mkdir_p(scratch)?;
+        // the cap is the total. Its mount point is in the root's tmpfs, or (the overlay being
+        // read-only) beside the overlay.
+        let scratch = if overlay {
+            format!("{host_base}/.scratch")
+        } else {
+            under(base, "/.scratch")
+        };
+        b.ops.push(Op::Mkdir(cstr(&scratch)?, 0o755));
         let opts = format!(
             "size={},mode=0755,uid={},gid={}",
             input.disk.max(4096),
             input.owner,
             input.owner
         );
-        b.mount(
-            None,
-            scratch,
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(&opts),
-        )?;
+        b.ops.push(Op::Mount {
+            src: None,
+            dst: cstr(&scratch)?,
+            fstype: Some(cstr("tmpfs")?),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cstr(&opts)?),
+        });
         for (sub, mode) in [("tmp", 0o1777), ("workspace", 0o755), ("shm", 0o1777)] {
-            let p = format!("{scratch}/{sub}");
-            b.mkdir_p(&p)?;
-            b.ops.push(Op::Chown(cstr(under(base, &p))?, input.owner));
-            b.ops.push(Op::Chmod(cstr(under(base, &p))?, mode));
+            let p = cstr(format!("{scratch}/{sub}"))?;
+            b.ops.push(Op::Mkdir(p.clone(), 0o755));
+            b.ops.push(Op::Chown(p.clone(), input.owner));
+            b.ops.push(Op::Chmod(p, mode));
         }
         b.mkdir_p("/tmp")?;
-        b.bind(&format!("{scratch}/tmp"), "/tmp", false, true)?;
+        b.bind(&format!("{scratch}/tmp"), "/tmp", false, false)?;
         b.mkdir_p(WORKSPACE)?;
-        b.bind(&format!("{scratch}/workspace"), WORKSPACE, false, true)?;
+        b.bind(&format!("{scratch}/workspace"), WORKSPACE, false, false)?;
 
         // /dev: a few device nodes, no others.
         b.mkdir_p("/dev")?;
@@ -315,7 +319,7 @@ impl MountPlan {
             }
         }
         b.mkdir_p("/dev/shm")?;
-        b.bind(&format!("{scratch}/shm"), "/dev/shm", false, true)?;
+        b.bind(&format!("{scratch}/shm"), "/dev/shm", false, false)?;
         // A private devpts instance: the sandbox's terminals are its own, none of the host's is
         // listed or reachable. No gid= option: the sandbox has no tty group (slaves get the
         // opener's gid), and on the unprivileged path only gid 0 is mapped anyway.
@@ -338,8 +342,8 @@ impl MountPlan {
                 .push(Op::Symlink(cstr(target)?, cstr(under(base, link))?));
         }
         // The scratch mount point itself is not needed once its parts are bound.
-        b.ops.push(Op::Detach(cstr(under(base, scratch))?));
-        b.ops.push(Op::Rmdir(cstr(under(base, scratch))?));
+        b.ops.push(Op::Detach(cstr(&scratch)?));
+        b.ops.push(Op::Rmdir(cstr(&scratch)?));
 
         // /proc for the new pid namespace, with /proc/sys read-only.
         b.mkdir_p("/proc")?;
@@ -361,6 +365,11 @@ impl MountPlan {
             true,
         ));
         mask_host_proc(&mut b, |name| Path::new("/proc").join(name).exists())?;
+        if let Some(rootfs) = input.rootfs {
+            let mut all = overlay_ops(host_base, &gen, base, rootfs, pre)?;
+            all.append(&mut ops);
+            ops = all;
+        }
         Ok(MountPlan {
             base: cstr(base)?,
             ops,
@@ -453,9 +462,8 @@ fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<
 /// Characters that would end or split a path inside overlayfs's option string.
 const OVERLAY_OPTION_CHARS: &[char] = &[',', ':', '\\', '=', '\n'];
 
-/// Mounts the tmpfs for the upper layer on `host_base` and the overlay over `rootfs`;
-/// returns where the new root is (the overlay's mount point).
-fn overlay_root(ops: &mut Vec<Op>, host_base: &str, rootfs: &str) -> Result<String> {
+/// Refuses a rootfs overlayfs cannot take or that is not a directory.
+fn check_rootfs(rootfs: &str) -> Result<()> {
     let path = Path::new(rootfs);
     if !path.is_absolute() {
         return Err(Error::InvalidSpec(format!("rootfs: {rootfs:?} is not absolute")));
@@ -470,37 +478,49 @@ fn overlay_root(ops: &mut Vec<Op>, host_base: &str, rootfs: &str) -> Result<Stri
             "rootfs: {rootfs:?} is not a directory"
         )));
     }
-    let upper = format!("{host_base}/.upper");
-    let work = format!("{host_base}/.work");
-    let root = format!("{host_base}/.root");
-    ops.push(Op::Mount {
-        src: None,
-        dst: cstr(host_base)?,
-        fstype: Some(cstr("tmpfs")?),
-        flags: libc::MS_NOSUID | libc::MS_NODEV,
-        data: Some(cstr("size=2m,mode=0755")?),
-    });
-    for dir in [&upper, &work, &root] {
-        ops.push(Op::Mkdir(cstr(dir)?, 0o755));
-    }
+    Ok(())
+}
+
+/// The steps that come before the rest with a rootfs: the tmpfs on `host_base`, the `gen`
+/// layer's directories and files (`pre`), then the overlay of `gen` over `rootfs` on `root`.
+/// No upper layer: the overlay is read-only, and entries of `gen` hide whatever the rootfs
+/// has at those names (a symlink where the plan needs a directory is never followed).
+fn overlay_ops(
+    host_base: &str,
+    gen: &str,
+    root: &str,
+    rootfs: &str,
+    pre: Vec<Op>,
+) -> Result<Vec<Op>> {
+    let mut ops = vec![
+        Op::Mount {
+            src: None,
+            dst: cstr(host_base)?,
+            fstype: Some(cstr("tmpfs")?),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cstr("size=1m,mode=0755")?),
+        },
+        Op::Mkdir(cstr(gen)?, 0o755),
+        Op::Mkdir(cstr(root)?, 0o755),
+    ];
+    ops.extend(pre);
     // nosuid and nodev: a setuid file or a device node in the rootfs is inert.
     ops.push(Op::Mount {
         src: Some(cstr("overlay")?),
-        dst: cstr(&root)?,
+        dst: cstr(root)?,
         fstype: Some(cstr("overlay")?),
         flags: libc::MS_NOSUID | libc::MS_NODEV,
-        data: Some(cstr(format!(
-            "lowerdir={rootfs},upperdir={upper},workdir={work}"
-        ))?),
+        data: Some(cstr(format!("lowerdir={gen}:{rootfs}"))?),
     });
-    Ok(root)
+    Ok(ops)
 }
 
 struct Builder<'a> {
     base: &'a str,
-    /// The root is an overlay over a rootfs: a path the plan makes may be a symlink or file
-    /// there (which mkdir or mount would follow, out to the host's tree before pivot_root).
-    overlay: bool,
+    /// With a rootfs: the top layer's directory, where mount points and generated files are
+    /// made (into `pre`) before the read-only overlay is mounted.
+    gen: Option<&'a str>,
+    pre: &'a mut Vec<Op>,
     ops: &'a mut Vec<Op>,
 }
 
@@ -510,11 +530,22 @@ impl Builder<'_> {
         for part in path.split('/').filter(|s| !s.is_empty()) {
             cur.push('/');
             cur.push_str(part);
-            if self.overlay {
-                self.ops.push(Op::Unlink(cstr(under(self.base, &cur))?));
+            if let Some(gen) = self.gen {
+                self.pre.push(Op::Mkdir(cstr(under(gen, &cur))?, 0o755));
             }
+            // With a rootfs this exists already (from gen: EEXIST), unless it is inside a
+            // tmpfs mounted on the overlay (/dev/shm).
             self.ops
                 .push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
+        }
+        Ok(())
+    }
+
+    /// A generated file (mode 0644): in the root's tmpfs, or in the rootfs's top layer.
+    fn write(&mut self, path: &str, data: Vec<u8>) -> Result<()> {
+        match self.gen {
+            Some(gen) => self.pre.push(Op::Write(cstr(under(gen, path))?, data)),
+            None => self.ops.push(Op::Write(cstr(under(self.base, path))?, data)),
         }
         Ok(())
     }
@@ -722,11 +753,7 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             // SAFETY: valid path.
             check(unsafe { libc::rmdir(p.as_ptr()) } as libc::c_long)
         }
-        Op::Unlink(p) => {
-            // SAFETY: valid path. Absent or a directory is what the next step wants.
-            unsafe { libc::unlink(p.as_ptr()) };
-            Ok(())
-        }
+
     }
 }
 
@@ -809,9 +836,11 @@ mod tests {
         assert!(proc_at < null_at, "{d:?}");
         // Only entries the kernel has are masked (a missing mount point would fail the run).
         let mut b_ops = Vec::new();
+        let mut pre = Vec::new();
         let mut b = Builder {
             base: "/mnt",
-            overlay: false,
+            gen: None,
+            pre: &mut pre,
             ops: &mut b_ops,
         };
         mask_host_proc(&mut b, |n| n == "cmdline" || n == "acpi").expect("masks");
@@ -889,12 +918,33 @@ mod tests {
         for host in SYSTEM_DIRS.iter().chain(&["/etc/ssl", "/etc/ld.so.cache"]) {
             assert!(!joined.contains(&format!("mount {host} ")), "{host}:\n{joined}");
         }
-        // Every generated file is preceded by clearing what the rootfs has there.
+        // Generated files and mount points are made in the top layer before the overlay is
+        // mounted; nothing is written through the overlay, which has no upper layer.
+        let overlay = d
+            .iter()
+            .position(|l| l.starts_with("mount overlay on "))
+            .expect("overlay");
         let hostname = d
             .iter()
-            .position(|l| l.starts_with("write ") && l.ends_with("/etc/hostname"))
+            .position(|l| l.starts_with("write ") && l.ends_with("/.gen/etc/hostname"))
             .expect("hostname is written");
-        assert!(d[hostname - 1].starts_with("unlink ") && d[hostname - 1].ends_with("/etc/hostname"));
+        assert!(hostname < overlay, "{joined}");
+        assert!(d
+            .iter()
+            .any(|l| l.starts_with("mkdir ") && l.ends_with("/.gen/workspace")));
+        assert!(!d
+            .iter()
+            .any(|l| l.starts_with("write ") && l.contains("/.root/")));
+        let data = p.ops.iter().find_map(|op| match op {
+            Op::Mount {
+                fstype: Some(t),
+                data: Some(data),
+                ..
+            } if t.as_bytes() == b"overlay" => Some(data.to_string_lossy().into_owned()),
+            _ => None,
+        });
+        let data = data.expect("overlay options");
+        assert!(data.starts_with("lowerdir=") && !data.contains("upperdir"), "{data}");
         assert!(p.base.to_string_lossy().ends_with("/.root"));
     }
 
