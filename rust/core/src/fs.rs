@@ -466,7 +466,9 @@ const OVERLAY_OPTION_CHARS: &[char] = &[',', ':', '\\', '=', '\n'];
 fn check_rootfs(rootfs: &str) -> Result<()> {
     let path = Path::new(rootfs);
     if !path.is_absolute() {
-        return Err(Error::InvalidSpec(format!("rootfs: {rootfs:?} is not absolute")));
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} is not absolute"
+        )));
     }
     if rootfs.contains(OVERLAY_OPTION_CHARS) {
         return Err(Error::InvalidSpec(format!(
@@ -545,7 +547,9 @@ impl Builder<'_> {
     fn write(&mut self, path: &str, data: Vec<u8>) -> Result<()> {
         match self.gen {
             Some(gen) => self.pre.push(Op::Write(cstr(under(gen, path))?, data)),
-            None => self.ops.push(Op::Write(cstr(under(self.base, path))?, data)),
+            None => self
+                .ops
+                .push(Op::Write(cstr(under(self.base, path))?, data)),
         }
         Ok(())
     }
@@ -753,7 +757,6 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             // SAFETY: valid path.
             check(unsafe { libc::rmdir(p.as_ptr()) } as libc::c_long)
         }
-
     }
 }
 
@@ -897,7 +900,8 @@ mod tests {
 
     #[test]
     fn a_rootfs_replaces_the_host_system_dirs_and_etc() {
-        let dir = std::env::temp_dir().join(format!("cellblock-rootfs-plan-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("cellblock-rootfs-plan-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let rootfs = dir.display().to_string();
         let p = MountPlan::build(&PlanInput {
@@ -912,11 +916,15 @@ mod tests {
         let d = descriptions(&p);
         let joined = d.join("\n");
         assert!(
-            d.iter().any(|l| l.starts_with("mount overlay on ") && l.ends_with("(overlay)")),
+            d.iter()
+                .any(|l| l.starts_with("mount overlay on ") && l.ends_with("(overlay)")),
             "{joined}"
         );
         for host in SYSTEM_DIRS.iter().chain(&["/etc/ssl", "/etc/ld.so.cache"]) {
-            assert!(!joined.contains(&format!("mount {host} ")), "{host}:\n{joined}");
+            assert!(
+                !joined.contains(&format!("mount {host} ")),
+                "{host}:\n{joined}"
+            );
         }
         // Generated files and mount points are made in the top layer before the overlay is
         // mounted; nothing is written through the overlay, which has no upper layer.
@@ -944,7 +952,10 @@ mod tests {
             _ => None,
         });
         let data = data.expect("overlay options");
-        assert!(data.starts_with("lowerdir=") && !data.contains("upperdir"), "{data}");
+        assert!(
+            data.starts_with("lowerdir=") && !data.contains("upperdir"),
+            "{data}"
+        );
         assert!(p.base.to_string_lossy().ends_with("/.root"));
     }
 
