@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import interleaved, median_ms, percentile, print_environment, table
 
 import cellblock
+import cellblock.cells
 from cellblock.environments.rootfs import unpack
 
 CMD = ["/bin/dash", "-c", ":"]
@@ -66,7 +67,9 @@ def main() -> None:
         for name, fn in cases.items():
             r = fn()
             assert r.exit_code == 0, (name, r)
+        before = cellblock.cells.stats()
         samples = interleaved(cases, args.runs)
+        after = cellblock.cells.stats()
         load = os.getloadavg()[0]
         rows = []
         for name, xs in samples.items():
@@ -75,7 +78,8 @@ def main() -> None:
                          f"{median_ms(xs) - median_ms(base):+.2f}"])
         print(f"{args.runs} interleaved rounds, load average {load:.1f}; "
               f"unpacking the {sum(1 for _ in tree.rglob('*'))}-entry tree took "
-              f"{unpack_ms:.1f} ms")
+              f"{unpack_ms:.1f} ms; ready cells served {after.hits - before.hits} of the "
+              f"{2 * args.runs} pooled runs ({after.misses - before.misses} misses)")
         print()
         print(table(["run", "p50 ms", "p99 ms", "vs default root (p50)"], rows))
     finally:
