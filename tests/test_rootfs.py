@@ -482,3 +482,33 @@ def test_symlinks_where_the_plan_puts_its_files_are_hidden_not_followed(
     # The write went to the sandbox's scratch, not through the symlink to the host directory.
     assert not [n for n in out["work"] if n == "planted"], out
     assert Path("/etc/hostname").read_bytes() == host_hostname
+
+
+CALLER_SHAPES = """
+import json, os, shutil, sys
+from pathlib import Path
+import cellblock
+import cellblock.cells
+tree, work = Path(sys.argv[1]), Path(sys.argv[2])
+other = work / f"other-{os.getpid()}"
+shutil.copytree(tree, other, symlinks=True)
+(other / "etc" / "marker").write_text("other\\n")
+seen = []
+# Ready cells are kept per shape: a cell made for one root must never serve a run on another.
+for i in range(8):
+    for root in (tree, other, None):
+        argv = ["/bin/sh", "-c", "read -r m < /etc/marker 2>/dev/null || m=host;"
+                " [ -e /usr/bin/python3 ] && m=$m+usr; echo $m"]
+        seen.append([str(root), cellblock.run(argv, rootfs=root, timeout=30).stdout.strip()])
+shutil.rmtree(other)
+print(json.dumps({"seen": seen, "hits": cellblock.cells.stats().hits}))
+"""
+
+
+def test_ready_cells_never_serve_a_run_on_another_root(caller: Caller, shared: Path) -> None:
+    out = caller.run(CALLER_SHAPES, str(shared / "tree"), str(shared / "work"))
+    want = {str(shared / "tree"): MARKER, "None": "host+usr"}
+    for root, got in out["seen"]:
+        assert got == want.get(root, "other"), out
+    # The pool did serve some of them (else this proves nothing about cells).
+    assert out["hits"] > 0, out
