@@ -10,6 +10,8 @@ PYTHON ?= python3
 DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl chromium fonts-dejavu-core
 # postgresql: the memory store tests start a private server (initdb + pg_ctl, unix socket).
 DEB_PKGS += postgresql
+# mmdebstrap: Debian root-filesystem bases (cellblock.environments.debian).
+DEB_PKGS += mmdebstrap
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
@@ -72,6 +74,7 @@ bench: build
 	$(PY) benches/agent.py
 	$(PY) benches/checkpoint.py
 	$(PY) benches/service.py
+	$(PY) benches/environments_rootfs.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true

@@ -20,6 +20,7 @@ from cellblock.errors import (
     SessionClosed,
     SetupError,
     SetupTimeout,
+    UnsafeLayer,
     VaultError,
 )
 from cellblock.files import DirEntry
@@ -66,6 +67,7 @@ __all__ = [
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "UnsafeLayer",
     "VaultError",
     "__version__",
     "iter_many",

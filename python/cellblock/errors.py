@@ -19,6 +19,7 @@ from cellblock._native import (
     SessionClosed,
     SetupError,
     SetupTimeout,
+    UnsafeLayer,
     VaultError,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "UnsafeLayer",
     "VaultError",
 ]
