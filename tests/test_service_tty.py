@@ -165,9 +165,16 @@ def test_tty_runs_and_processes_match_in_process(svc: Any) -> None:
         assert {s for s, _ in chunks} == {1}
         assert b"".join(d for _, d in chunks) == streamed.stdout_bytes
 
-        fields = ("exit_code", "reason", "stdout", "stderr", "redactions")
+        fields = ("exit_code", "reason", "stderr", "redactions")
+
+        def lines(r: cellblock.RunResult) -> list[str]:
+            # The terminal echoes the typed line when it arrives, before or after the prompt
+            # (a race with the program's start, here as in-process): compared unordered.
+            return sorted(r.stdout.replace("> ", "").split("\r\n"))
+
         for got in (remote, streamed, started):
             assert [getattr(got, f) for f in fields] == [getattr(here, f) for f in fields]
+            assert lines(got) == lines(here), (got.stdout, here.stdout)
         assert here.exit_code == 0 and here.stderr == "", here
         assert "isatty True True True" in here.stdout and SECRET not in here.stdout
         assert "size 100 30" in here.stdout and "line typed" in here.stdout
@@ -178,6 +185,14 @@ def test_tty_runs_and_processes_match_in_process(svc: Any) -> None:
             with pytest.raises(cellblock.InvalidSpec) as remote_error:
                 sb.run(["true"], **bad)
             assert str(remote_error.value) == message, bad
+        # A window function of the caller is followed (each change is a resize).
+        window = [(20, 60)]
+        follower = sb.start(["python3", "-c", "import os, time\n"
+                             "while os.get_terminal_size() == (60, 20): time.sleep(0.05)\n"
+                             "print('now', *os.get_terminal_size())"],
+                            tty=True, tty_size=lambda: window[0], timeout=60)
+        window[0] = (33, 77)
+        assert follower.wait(60).stdout == "now 77 33\r\n"
         plain = sb.start(["cat"])
         assert not plain.tty
         with pytest.raises(cellblock.InvalidSpec, match="no terminal"):

@@ -145,7 +145,11 @@ def follow_window(resize: Callable[[int, int], None], running: Callable[[], bool
                     resize(*now)
                 except Exception:
                     return
-            elif turn % 20 == 0 and not running():  # asking the service: not every turn
-                return
+            elif turn % 20 == 0:  # asking the service whether it still runs: not every turn
+                try:
+                    if not running():
+                        return
+                except Exception:  # the client was closed, or the service left
+                    return
 
     threading.Thread(target=follow, name="cellblock-remote-window", daemon=True).start()
