@@ -273,6 +273,10 @@ def test_terminal_wire_protocol_errors_auth_and_limits(svc: Any) -> None:
         assert http.post(f"{base}/{pid}/resize", json={"rows": 33, "cols": 77}).status_code == 204
         r = http.post(f"{base}/{pid}/resize", json={"rows": 0, "cols": 77})
         assert problem_of(r)["title"] == "InvalidSpec" and r.status_code == 422
+        for headers, title in ((svc.headers("bob"), "SessionClosed"),
+                               ({"Authorization": "Bearer nope"}, "Unauthorized")):
+            r = http.post(f"{base}/{pid}/resize", json={"rows": 5, "cols": 5}, headers=headers)
+            assert problem_of(r)["title"] == title
         type_after("", b"print(*os.get_terminal_size())\r")
         type_after("77 33\r\n>>> ", b"")
         http.post(f"{base}/{pid}/stdin", params={"close": "true"})  # Ctrl-D: the REPL ends
