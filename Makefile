@@ -37,7 +37,9 @@ $(VENV)/.deps: pyproject.toml
 	    "ray[default]>=2.60,<2.61"
 	$(PIP) install -q "psycopg[binary]>=3.1"
 	$(PIP) install -q "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "httpx-sse>=0.4" \
-	    "mcp==1.30.0" "schemathesis>=4.0"
+	    "websockets>=14" "mcp==1.30.0" "schemathesis>=4.0"
+	# pexpect drives python3 inside the sandbox (tests/test_terminal_sessions.py).
+	$(PIP) install -q "pexpect>=4.9"
 	$(PIP) install -q "anthropic>=2.17,<2.18" "aiohttp>=3.9,<4" "openai-agents>=0.24,<0.25"
 	# The rich-output tests run them inside the sandbox (tests/test_rich_outputs.py).
 	$(PIP) install -q "matplotlib>=3.8" "pandas>=2.1"
