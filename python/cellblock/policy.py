@@ -29,6 +29,9 @@ LIMIT_NAMES = tuple(DEFAULT_LIMITS)
 class Policy(BaseModel):
     """Limits, environment, seccomp, network and secrets of a run or a session.
 
+    `environment` names a built environment (`cellblock env build`) whose packages the run
+    sees, read-only.
+
     Sizes accept ints (bytes) or strings like "64M"; `None` keeps the default. Explicit keyword
     arguments of `cellblock.run` override the policy's fields.
     """
@@ -48,6 +51,7 @@ class Policy(BaseModel):
     seccomp: SeccompPolicy | None = None
     allow_net: list[str] = []
     secrets: dict[str, str] = {}
+    environment: str | None = None
 
     @field_validator("memory", "max_output", "disk", mode="before")
     @classmethod

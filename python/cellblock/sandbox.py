@@ -90,13 +90,20 @@ def build_spec(
         raise InvalidSpec("argv must be a non-empty list of strings")
     prefixes = runtime_prefixes()
     env = default_env(prefixes)
+    binds = prefixes
+    if policy.environment is not None:
+        from cellblock.environments.runtime import resolve
+
+        environment = resolve(policy.environment)
+        environment.apply(env)
+        binds = [*prefixes, *environment.binds]
     env.update(policy.env)
     spec: dict[str, Any] = {
         "argv": list(argv),
         "env": env,
         "cwd": policy.cwd,
         "limits": policy.limits(),
-        "ro_binds": prefixes,
+        "ro_binds": binds,
         "secrets": secrets_for_spec(secrets),
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
     }
@@ -135,6 +142,7 @@ def run(
     seccomp: SeccompPolicy | None = None,
     allow_net: Sequence[str] | None = None,
     secrets: SecretsArg = None,
+    environment: str | None = None,
     on_output: OutputCallback | None = None,
     cancel: threading.Event | None = None,
     cells: bool = True,
@@ -154,11 +162,14 @@ def run(
     `tty_size=(rows, cols)` window (default 24x80), or a function giving the current size,
     followed while the run goes on; `tty_input`, a readable fd (e.g. the caller's keyboard),
     is typed into the terminal as it arrives; see `cellblock.terminal`.
+    `environment` names a built environment (`cellblock env build`): its packages are
+    mounted read-only and found through PATH, PYTHONPATH, NODE_PATH and LD_LIBRARY_PATH.
     """
     base = policy or Policy()
     merged = base.merged(
         memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
         max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
+        environment=environment,
         env={**base.env, **env} if env else None,
         allow_net=as_pattern_list(allow_net),
     )
