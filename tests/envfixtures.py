@@ -42,6 +42,7 @@ def make_wheel(dest: Path, name: str, version: str, code: str) -> Path:
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     gate: threading.Event | None = None
+    arrived: threading.Event | None = None
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -50,14 +51,18 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         # A gated server holds package downloads (not the index) until the gate opens: the
         # interrupted-build test kills the build while it waits here.
         if self.gate is not None and self.path.endswith((".whl", ".deb")):
+            if self.arrived is not None:
+                self.arrived.set()
             self.gate.wait(120)
         super().do_GET()
 
 
 @contextlib.contextmanager
-def serve(directory: Path, gate: threading.Event | None = None) -> Iterator[str]:
-    """Serves `directory` on 127.0.0.1 (a free port); yields its base URL."""
-    handler = type("H", (_Quiet,), {"gate": gate})
+def serve(directory: Path, gate: threading.Event | None = None,
+          arrived: threading.Event | None = None) -> Iterator[str]:
+    """Serves `directory` on 127.0.0.1 (a free port); yields its base URL. With `gate`,
+    package downloads wait for it (and set `arrived` when one does)."""
+    handler = type("H", (_Quiet,), {"gate": gate, "arrived": arrived})
 
     def factory(*args: object, **kw: object) -> http.server.SimpleHTTPRequestHandler:
         return handler(*args, directory=str(directory), **kw)  # type: ignore[arg-type]

@@ -25,7 +25,6 @@ from cellblock._native import (
 )
 
 
-
 class EnvironmentNotFound(CellblockError):
     """No environment of that name has been built (see `cellblock env ls`)."""
 

@@ -23,7 +23,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec = EnvironmentSpec.from_toml(args.file)
     start = time.perf_counter()
     result = build(spec, Store(args.store), log=None if args.quiet else _log)
-    out = {"name": result.record.name, "id": result.record.id,
+    out: dict[str, Any] = {"name": result.record.name, "id": result.record.id,
            "seconds": round(time.perf_counter() - start, 3),
            "steps": [{"step": s.step, "layer": s.key, "cached": s.cached,
                       "seconds": round(s.seconds, 3)} for s in result.steps]}

@@ -94,7 +94,12 @@ def _sandboxed(step: str, script: str, args: Sequence[str], *, allow: Sequence[s
 #: Failure messages of the package tools: which kind of error each means.
 _NOT_FOUND = re.compile(
     r"No matching distribution found for (\S+)|Unable to locate package (\S+)"
-    r"|Package '?(\S+?)'? has no installation candidate|E404 .*? - (\S+)|404 Not Found - GET \S+/(\S+)")
+    r"|Package '?(\S+?)'? has no installation candidate|E404 .*? - (\S+)"
+    r"|404 Not Found - GET \S+/(\S+)")
+#: apt moves each download from partial/ into its parent: the run's Landlock domain (core,
+#: child.rs) does not handle LANDLOCK_ACCESS_FS_REFER, so the kernel refuses every rename
+#: between directories with EXDEV. Named here so the failure says so.
+_CROSS_DIR = re.compile(r"rename failed, Invalid cross-device link")
 _UNREACHABLE = re.compile(
     r"Failed to establish a new connection|Connection refused|Could not fetch URL"
     r"|Failed to fetch|Could not connect|Unable to connect|ECONNREFUSED|ENOTFOUND|EAI_AGAIN"
@@ -105,6 +110,11 @@ def _raise_for(step: str, report: dict[str, Any], err: str) -> None:
     tail = " | ".join(ln.strip() for ln in err.strip().splitlines()[-4:])
     if report["reason"] != "exited":
         raise EnvironmentBuildError(f"{step}: the build ended ({report['reason']}): {tail}")
+    if _CROSS_DIR.search(err):
+        raise EnvironmentBuildError(
+            f"{step}: the sandbox refuses renames between directories (EXDEV), which apt "
+            f"needs: Debian packages cannot be built until the core's Landlock ruleset allows "
+            f"them: {tail}")
     m = _NOT_FOUND.search(err)
     if m:
         name = next(g for g in m.groups() if g)
@@ -128,7 +138,8 @@ def _unpack_tar(data: bytes, dest: Path) -> None:
 _APT_SCRIPT = r"""
 set -e
 A=/workspace/apt
-mkdir -p $A/lists/partial $A/archives/partial $A/state $A/log $A/etc/apt.conf.d $A/etc/preferences.d """ + OUT + r"""
+mkdir -p $A/lists/partial $A/archives/partial $A/state $A/log $A/etc/apt.conf.d \
+  $A/etc/preferences.d """ + OUT + r"""
 cat > $A/status
 printf '%s\n' "$APT_SOURCES" > $A/sources.list
 O="-o Dir::Etc=$A/etc -o Dir::Etc::SourceList=$A/sources.list -o Dir::Etc::SourceParts=/dev/null
@@ -137,7 +148,8 @@ O="-o Dir::Etc=$A/etc -o Dir::Etc::SourceList=$A/sources.list -o Dir::Etc::Sourc
  -o Debug::NoLocking=1 -o APT::Sandbox::User=root -o Acquire::Retries=0
  -o Acquire::http::Timeout=20 -o APT::Get::List-Cleanup=0"
 apt-get $O -q update >&2
-ls $A/lists/*Packages* >/dev/null 2>&1 || { echo "Failed to fetch any package index" >&2; exit 100; }
+ls $A/lists/*Packages* >/dev/null 2>&1 ||
+  { echo "Failed to fetch any package index" >&2; exit 100; }
 apt-get $O -q -y --no-install-recommends install --download-only "$@" >&2
 for f in $A/archives/*.deb; do [ -e "$f" ] && dpkg-deb -x "$f" """ + OUT + r"""; done
 tar -C """ + OUT + r""" -cf - .
@@ -155,7 +167,21 @@ def _apt_layer(packages: list[str], root: Path) -> None:
     _unpack_tar(data, root)
 
 
+#: Run first in a pip step: pip reports an unreachable index as "no versions" of a package.
+_REACH = """
+import sys, urllib.error, urllib.request
+for url in sys.argv[1:]:
+    if url.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(url, timeout=20).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except OSError as e:
+            sys.exit(f"Could not connect to {url}: {e}")
+"""
+
 _PIP_SCRIPT = (
+    '"$PY" -c "$REACH" $PIP_INDEX_URL $PIP_EXTRA_INDEX_URL $PIP_FIND_LINKS >&2 && '
     '"$PY" -m pip install --no-cache-dir --retries 0 --timeout 20 --no-warn-script-location'
     f' --target {OUT}/site-packages "$@" >&2 && tar -C {OUT} -cf - .')
 
@@ -169,7 +195,7 @@ def _pip_layer(packages: list[str], root: Path, src: sources.PipSources, python:
             binds.append(os.path.dirname(path) if os.path.isfile(path) else path)
     script = f"mkdir -p {OUT} && " + _PIP_SCRIPT
     data = _sandboxed("pip", script, packages, allow=src.allow(), binds=sorted(set(binds)),
-                      env={**src.env(), "PY": python})
+                      env={**src.env(), "PY": python, "REACH": _REACH})
     _unpack_tar(data, root)
 
 

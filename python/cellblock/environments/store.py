@@ -31,8 +31,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cellblock.errors import CorruptEnvironment, EnvironmentNotFound, InvalidSpec
 from cellblock.environments.spec import NAME_RE
+from cellblock.errors import CorruptEnvironment, EnvironmentNotFound, InvalidSpec
 
 #: Version of the on-disk format (part of every key: a new format never reuses old layers).
 FORMAT = 1
@@ -208,14 +208,28 @@ class Store:
         """A fresh directory to build layer `key` in (call with its lock held); `commit` it,
         or it is removed. Leftovers of interrupted builds of this layer are removed first."""
         self._dirs()
-        for old in (self.root / "tmp").glob(f"{key}.*"):
-            shutil.rmtree(old, ignore_errors=True)
+        self._clear_leftovers(key)
         work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.root / "tmp"))
         try:
             (work / "root").mkdir()
             yield work
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _clear_leftovers(self, held: str) -> None:
+        """Removes what interrupted builds left in tmp/ (never a layer another process is
+        building: its lock is held)."""
+        for old in (self.root / "tmp").iterdir():
+            key = old.name.split(".", 1)[0]
+            if key == held:
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            with open(self.root / "locks" / f"{key}.lock", "a") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                shutil.rmtree(old, ignore_errors=True)
 
     def commit(self, work: Path, key: str, step: str, parent: str | None,
                inputs: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +312,7 @@ class Store:
         for name in self.names():
             with contextlib.suppress(EnvironmentNotFound, CorruptEnvironment):
                 used.update(layer.key for layer in self.record(name).layers)
-        removed = []
+        removed: list[str] = []
         if not self.layers.is_dir():
             return removed
         for entry in sorted(self.layers.iterdir()):
