@@ -460,14 +460,12 @@ def test_npm_missing_is_a_typed_error(store: Store, monkeypatch: pytest.MonkeyPa
         build(declare(npm=["cb-left"]), store)
 
 
-def test_debian_packages_from_a_local_repository_fail_typed(store: Store,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
-    """A .deb made with dpkg-deb, indexed with dpkg-scanpackages and served on 127.0.0.1 (the
-    machine's apt configuration pointed at it through APT_CONFIG). apt inside the build
-    sandbox cannot complete yet: the core's Landlock domain refuses the renames apt makes
-    between directories. The failure is typed and names that, and the cache is unchanged;
-    when the core allows such renames this test fails, and should assert a run of cbtool."""
+def test_debian_packages_from_a_local_repository(store: Store,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .deb made with dpkg-deb, indexed with dpkg-scanpackages and served on 127.0.0.1 (this
+    machine's apt configuration pointed at it through APT_CONFIG): apt downloads it inside the
+    build sandbox, dpkg-deb extracts it into the layer, and a run finds its program on PATH.
+    Unknown packages and an unreachable repository are typed errors; the cache is unchanged."""
     base = world_readable_dir("cellblock-envdeb-")
     try:
         deb = make_deb(base, "cbtool", "1.0", "#!/bin/sh\necho hello from cbtool\n")
@@ -475,9 +473,20 @@ def test_debian_packages_from_a_local_repository_fail_typed(store: Store,
         with serve(base / "repo") as url:
             monkeypatch.setenv("APT_CONFIG", str(apt_config(base, url)))
             assert sources.apt_sources().allow() == [url.removeprefix("http://")]
+            result = build(declare(apt=["cbtool"], pip=["cbmath"]), store)
+            assert [s.step for s in result.steps] == ["apt", "pip"]
+            res = cellblock.run(["sh", "-c", "cbtool && python3 -c 'import cbmath'"],
+                                environment="demo")
+            assert res.ok, res.stderr
+            assert res.stdout.strip() == "hello from cbtool"
+            assert not cellblock.run(["sh", "-c", "command -v cbtool"]).ok  # not without it
             before = snapshot(store)
-            with pytest.raises(EnvironmentBuildError, match="renames between directories"):
-                build(declare(apt=["cbtool"]), store)
+            with pytest.raises(PackageNotFound, match="no-such-deb"):
+                build(declare(apt=["no-such-deb"]), store)
             assert snapshot(store) == before
+        # The server is gone: the same source no longer answers.
+        with pytest.raises(SourceUnreachable):
+            build(declare(apt=["cbtool", "cbtool2"]), store)
+        assert snapshot(store) == before
     finally:
         shutil.rmtree(base, ignore_errors=True)

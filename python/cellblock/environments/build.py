@@ -96,9 +96,8 @@ _NOT_FOUND = re.compile(
     r"No matching distribution found for (\S+)|Unable to locate package (\S+)"
     r"|Package '?(\S+?)'? has no installation candidate|E404 .*? - (\S+)"
     r"|404 Not Found - GET \S+/(\S+)")
-#: apt moves each download from partial/ into its parent: the run's Landlock domain (core,
-#: child.rs) does not handle LANDLOCK_ACCESS_FS_REFER, so the kernel refuses every rename
-#: between directories with EXDEV. Named here so the failure says so.
+#: apt moves each download from partial/ into its parent: a kernel whose Landlock lacks
+#: reparenting rights (ABI 1) refuses that inside a run (EXDEV). Named so the failure says so.
 _CROSS_DIR = re.compile(r"rename failed, Invalid cross-device link")
 _UNREACHABLE = re.compile(
     r"Failed to establish a new connection|Connection refused|Could not fetch URL"
@@ -113,8 +112,7 @@ def _raise_for(step: str, report: dict[str, Any], err: str) -> None:
     if _CROSS_DIR.search(err):
         raise EnvironmentBuildError(
             f"{step}: the sandbox refuses renames between directories (EXDEV), which apt "
-            f"needs: Debian packages cannot be built until the core's Landlock ruleset allows "
-            f"them: {tail}")
+            f"needs: this kernel's Landlock has no reparenting right (ABI 1): {tail}")
     m = _NOT_FOUND.search(err)
     if m:
         name = next(g for g in m.groups() if g)
