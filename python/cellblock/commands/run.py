@@ -54,6 +54,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep and key and environment in (None, key):
+            _check_environment(key)
             environment = key
             continue
         if not sep or not key:
@@ -74,6 +75,18 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if secrets:
         fields["secrets"] = {**base.secrets, **secrets}
     return base.merged(**fields)
+
+
+def _check_environment(name: str) -> None:
+    """`--env NAME` names a built environment: one that does not exist may be a mistyped
+    `--env KEY=VALUE`, and the error says both."""
+    from cellblock.environments.runtime import resolve
+    from cellblock.errors import EnvironmentNotFound
+
+    try:
+        resolve(name)
+    except EnvironmentNotFound as e:
+        raise EnvironmentNotFound(f"--env {name}: {e} (a variable is --env KEY=VALUE)") from None
 
 
 def exit_status(result: RunResult) -> int:

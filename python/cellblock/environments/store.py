@@ -154,11 +154,13 @@ class Store:
     def _dirs(self) -> None:
         for sub in ("layers", "names", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        # Runs as other users (and their sandboxes) read layers: the store is world-readable.
-        for d in (self.root, self.root.parent, self.root / "layers", self.root / "names"):
+        # Runs as other users (and their sandboxes) may read layers: the store is readable,
+        # and its parent (which holds other data, e.g. memory.db) only traversable.
+        for d, mode in ((self.root.parent, 0o711), (self.root, 0o755),
+                        (self.root / "layers", 0o755), (self.root / "names", 0o755)):
             with contextlib.suppress(OSError):
                 if d.stat().st_uid == os.geteuid():
-                    d.chmod(d.stat().st_mode | 0o755)
+                    d.chmod(d.stat().st_mode | mode)
 
     # ---- layers ----------------------------------------------------------------------------
 
