@@ -5,6 +5,7 @@ PIP_INDEX_URL (the machine's pip configuration, as a build reads it)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -123,6 +124,16 @@ def test_build_then_run_imports_the_packages(store: Store) -> None:
         assert sb.run(["python3", "-c", PROBE]).ok
         code = sb.run_python("import cbmath\nprint(cbmath.double(5))")
         assert code.stdout.strip() == "10", code
+    # The async API too.
+    async def in_aio() -> tuple[str, str]:
+        from cellblock import aio
+
+        one = await aio.run(["python3", "-c", "import cbgreet"], environment="demo")
+        async with aio.Sandbox(environment="demo") as asb:
+            two = await asb.run(["python3", "-c", "import cbmath; print(cbmath.double(3))"])
+        return one.stderr, two.stdout.strip()
+
+    assert asyncio.run(in_aio()) == ("", "6")
     # And a batch, through its policy.
     jobs = [cellblock.Job(argv=["python3", "-c", "import cbmath; print(cbmath.double(4))"])]
     outcome = cellblock.run_many(jobs, policy=cellblock.Policy(environment="demo"))
