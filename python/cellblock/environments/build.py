@@ -154,12 +154,20 @@ tar -C """ + OUT + r""" -cf - .
 """
 
 
+def _dpkg_status() -> bytes:
+    """The host's installed packages (empty without dpkg: then every dependency is fetched)."""
+    try:
+        return Path("/var/lib/dpkg/status").read_bytes()
+    except OSError:
+        return b""
+
+
 def _apt_layer(packages: list[str], root: Path) -> None:
     src = sources.apt_sources()
     if not src.lines:
         raise EnvironmentBuildError("apt: this machine has no apt sources configured")
     # The host's installed set: only what the host lacks is downloaded (and dependencies).
-    status = Path("/var/lib/dpkg/status").read_bytes()
+    status = _dpkg_status()
     data = _sandboxed("apt", _APT_SCRIPT, packages, allow=src.allow(), binds=src.binds(),
                       env={"APT_SOURCES": "\n".join(src.lines)}, stdin=status)
     _unpack_tar(data, root)
@@ -314,7 +322,7 @@ def build(spec: EnvironmentSpec, store: Store | None = None, log: Log | None = N
                       lambda root: _base_layer(spec.base, root)))
     if spec.apt:
         src_apt = sources.apt_sources()
-        status = hashlib.sha256(Path("/var/lib/dpkg/status").read_bytes()).hexdigest()
+        status = hashlib.sha256(_dpkg_status()).hexdigest()
         steps.append(("apt", {"packages": spec.apt, "sources": src_apt.lines,
                               "host_status": status},
                       lambda root: _apt_layer(spec.apt, root)))
