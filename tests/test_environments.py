@@ -501,3 +501,31 @@ def test_debian_packages_from_a_local_repository(store: Store,
         assert snapshot(store) == before
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("caller", ["self", "nobody"],
+                         ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
+def test_renames_between_directories_inside_a_run(request: pytest.FixtureRequest,
+                                                  caller: str) -> None:
+    """What apt does with every download (partial/X -> X) works in a run, whoever the caller:
+    the run's Landlock domain allows reparenting (it refused it with EXDEV before)."""
+    code = textwrap.dedent("""\
+        import cellblock
+        res = cellblock.run(["python3", "-c", (
+            "import os; os.makedirs('/workspace/a/partial'); "
+            "open('/workspace/a/partial/x', 'w').write('1'); "
+            "os.rename('/workspace/a/partial/x', '/workspace/a/x'); "
+            "os.link('/workspace/a/x', '/workspace/a/partial/y'); print('ok')")])
+        assert res.stdout.strip() == "ok", res.stderr
+    """)
+    if caller == "nobody":
+        pkgdir = request.getfixturevalue("nobody_dir")
+        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
+                  "/usr/bin/python3"]
+        env = {"PATH": "/usr/bin:/bin"}
+    else:
+        prefix = [sys.executable]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    proc = subprocess.run([*prefix, "-c", code], capture_output=True, text=True, env=env,
+                          cwd="/", timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
