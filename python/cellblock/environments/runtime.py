@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from cellblock.environments.store import Record, Store
+from cellblock.environments.store import Store
 from cellblock.errors import CorruptEnvironment, InvalidSpec
 
 
@@ -35,7 +35,8 @@ class Resolved:
 
 
 _Stamp = tuple[tuple[int, int, int, int], ...]
-_cache: dict[tuple[str, str], tuple[_Stamp, Resolved]] = {}
+#: (store root, name) -> (files the result depends on, their stamp, the result).
+_cache: dict[tuple[str, str], tuple[tuple[str, ...], _Stamp, Resolved]] = {}
 _lock = threading.Lock()
 
 
@@ -47,26 +48,28 @@ def _stat(path: str) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _stamp(store: Store, record_path: str, record: Record | None) -> _Stamp:
-    paths = [record_path]
-    if record is not None:
-        paths += [str(store.layer_dir(layer.key) / "manifest.json") for layer in record.layers]
-    return tuple(_stat(p) for p in paths)
+def _default_root() -> str:
+    # store_root() without pathlib: this runs before every run in an environment.
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(data, "cellblock", "envs")
 
 
 def resolve(name: str, store: Store | None = None) -> Resolved:
     """The environment `name`, checked (EnvironmentNotFound, CorruptEnvironment)."""
-    store = store or Store()
-    record_path = str(store.root / "names" / f"{name}.json")
-    key = (str(store.root), name)
+    key = (str(store.root) if store is not None else _default_root(), name)
     with _lock:
         hit = _cache.get(key)
     if hit is not None:
-        stamp, resolved = hit
-        if stamp[0] == _stat(record_path) and stamp == _stamp_of(store, record_path, resolved):
+        paths, stamp, resolved = hit
+        if tuple(map(_stat, paths)) == stamp:
             return resolved
-    record = store.record(name)
-    stamp = _stamp(store, record_path, record)
+    store = store or Store(key[0])
+    record = store.record(name)  # validates the name
+    paths = (str(store.root / "names" / f"{name}.json"),
+             *(str(store.layer_dir(layer.key) / "manifest.json") for layer in record.layers))
+    # Stamped before checking: a change during the check is seen by the next use.
+    stamp = tuple(map(_stat, paths))
     store.check(record)
     if any(layer.step == "base" for layer in record.layers):
         raise InvalidSpec(
@@ -80,10 +83,5 @@ def resolve(name: str, store: Store | None = None) -> Resolved:
         binds.append(str(root))
     resolved = Resolved(name, tuple(binds), record.paths, record.env)
     with _lock:
-        _cache[key] = (stamp, resolved)
+        _cache[key] = (paths, stamp, resolved)
     return resolved
-
-
-def _stamp_of(store: Store, record_path: str, resolved: Resolved) -> _Stamp:
-    manifests = [os.path.join(os.path.dirname(b), "manifest.json") for b in resolved.binds]
-    return tuple(_stat(p) for p in [record_path, *manifests])
