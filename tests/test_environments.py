@@ -6,6 +6,7 @@ PIP_INDEX_URL (the machine's pip configuration, as a build reads it)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from envfixtures import (
 import cellblock
 from cellblock.cli import main as cli_main
 from cellblock.environments import sources
-from cellblock.environments.build import _sandboxed, build, build_python
+from cellblock.environments.build import _sandboxed, _unpack_tar, build, build_python
 from cellblock.environments.spec import EnvironmentSpec
 from cellblock.environments.store import Store, tree_digest
 from cellblock.errors import (
@@ -529,3 +530,49 @@ def test_renames_between_directories_inside_a_run(request: pytest.FixtureRequest
     proc = subprocess.run([*prefix, "-c", code], capture_output=True, text=True, env=env,
                           cwd="/", timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
+            link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, link
+    return info
+
+
+def test_a_build_output_cannot_leave_its_layer(tmp_path: Path) -> None:
+    """What a build sandbox sends back is untrusted: paths out of the layer fail the step
+    (absolute ones are made relative);
+    links out of it and device nodes are dropped; setuid bits and group/other write go."""
+    absolute = tmp_path / "abs"
+    absolute.mkdir()
+    _unpack_tar(_tar([(_member("/abs/escape"), b"x")]), absolute)
+    assert (absolute / "abs" / "escape").read_bytes() == b"x"  # made relative: stays inside
+    for bad in ("../escape", "a/../../escape"):
+        dest = tmp_path / f"d{abs(hash(bad))}"
+        dest.mkdir()
+        with pytest.raises(EnvironmentBuildError):
+            _unpack_tar(_tar([(_member(bad), b"x")]), dest)
+        assert not (tmp_path / "escape").exists()
+    dest = tmp_path / "ok"
+    dest.mkdir()
+    _unpack_tar(_tar([
+        (_member("bin/tool", mode=0o6777), b"#!/bin/sh\n"),
+        (_member("bin/abs", tarfile.SYMTYPE, link="/etc/alternatives/x"), b""),
+        (_member("bin/out", tarfile.SYMTYPE, link="../../../etc/passwd"), b""),
+        (_member("bin/rel", tarfile.SYMTYPE, link="tool"), b""),
+        (_member("dev/disk", tarfile.BLKTYPE, mode=0o666), b""),
+        (_member("dev/fifo", tarfile.FIFOTYPE), b""),
+    ]), dest)
+    assert sorted(p.name for p in (dest / "bin").iterdir()) == ["rel", "tool"]
+    assert not (dest / "dev" / "disk").exists() and not (dest / "dev" / "fifo").exists()
+    assert (dest / "bin" / "tool").stat().st_mode & 0o7777 == 0o755
+    assert os.readlink(dest / "bin" / "rel") == "tool"

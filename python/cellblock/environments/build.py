@@ -122,11 +122,22 @@ def _raise_for(step: str, report: dict[str, Any], err: str) -> None:
     raise EnvironmentBuildError(f"{step}: exit status {report['exit_code']}: {tail}")
 
 
+def _keep(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's `data` filter, except that links pointing out of the layer (Debian packages
+    have absolute ones, e.g. into /etc/alternatives) and device nodes are dropped rather than
+    failing the layer; a path that would land outside it still fails it."""
+    try:
+        return tarfile.data_filter(member, dest)
+    except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError,
+            tarfile.SpecialFileError):
+        return None
+
+
 def _unpack_tar(data: bytes, dest: Path) -> None:
     """Extracts a step's tar into `dest`, refusing anything that would leave it."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_keep)
     except (tarfile.TarError, OSError) as e:
         raise EnvironmentBuildError(f"the build's output could not be unpacked: {e}") from None
 
