@@ -240,6 +240,7 @@ class Sandbox:
         seccomp: SeccompPolicy | None = None,
         allow_net: Sequence[str] | None = None,
         secrets: SecretsArg = None,
+        environment: str | None = None,
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
@@ -247,7 +248,8 @@ class Sandbox:
         self._args = (policy, _given(
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout,
             cpu_time=cpu_time, max_output=max_output, env=env, cwd=cwd, profile=profile,
-            seccomp=seccomp, allow_net=allow_net, secrets=secrets, idle_timeout=idle_timeout,
+            seccomp=seccomp, allow_net=allow_net, secrets=secrets, environment=environment,
+            idle_timeout=idle_timeout,
             auto_pause=auto_pause, warm=warm or None,
         ))
         self._sync: SyncSandbox | None = None

@@ -30,6 +30,9 @@ LIMIT_NAMES = tuple(DEFAULT_LIMITS)
 class Policy(BaseModel):
     """Limits, environment, seccomp, network and secrets of a run or a session.
 
+    `environment` names a built environment (`cellblock env build`) whose packages the run
+    sees, read-only.
+
     Sizes accept ints (bytes) or strings like "64M"; `None` keeps the default. Explicit keyword
     arguments of `cellblock.run` override the policy's fields.
     """
@@ -64,6 +67,7 @@ class Policy(BaseModel):
         if not os.path.isdir(path):
             raise InvalidSpec(f"rootfs: {path} is not a directory")
         return path
+    environment: str | None = None
 
     @field_validator("memory", "max_output", "disk", mode="before")
     @classmethod

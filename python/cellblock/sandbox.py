@@ -91,13 +91,20 @@ def build_spec(
     # A rootfs brings its own runtimes: none of the host's is bound in.
     prefixes = [] if policy.rootfs else runtime_prefixes()
     env = default_env(prefixes)
+    binds = prefixes
+    if policy.environment is not None:
+        from cellblock.environments.runtime import resolve
+
+        environment = resolve(policy.environment)
+        environment.apply(env)
+        binds = [*prefixes, *environment.binds]
     env.update(policy.env)
     spec: dict[str, Any] = {
         "argv": list(argv),
         "env": env,
         "cwd": policy.cwd,
         "limits": policy.limits(),
-        "ro_binds": prefixes,
+        "ro_binds": binds,
         "secrets": secrets_for_spec(secrets),
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
         "rootfs": policy.rootfs,
@@ -137,6 +144,7 @@ def run(
     seccomp: SeccompPolicy | None = None,
     allow_net: Sequence[str] | None = None,
     secrets: SecretsArg = None,
+    environment: str | None = None,
     on_output: OutputCallback | None = None,
     cancel: threading.Event | None = None,
     cells: bool = True,
@@ -159,11 +167,14 @@ def run(
     is typed into the terminal as it arrives; see `cellblock.terminal`.
     `rootfs` (a directory, see `cellblock.environments.rootfs`) becomes the sandbox's root,
     read-only, in place of the host's system directories.
+    `environment` names a built environment (`cellblock env build`): its packages are
+    mounted read-only and found through PATH, PYTHONPATH, NODE_PATH and LD_LIBRARY_PATH.
     """
     base = policy or Policy()
     merged = base.merged(
         memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
         max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
+        environment=environment,
         env={**base.env, **env} if env else None,
         allow_net=as_pattern_list(allow_net), rootfs=rootfs,
     )

@@ -74,6 +74,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
     `paused_seconds` says how long it was frozen so.
     `warm` starts runtimes at once: ``warm=("python",)`` or ``("python", "node")``.
     `start` runs background processes and `expose` forwards ports (see cellblock.process).
+    `environment` names a built environment, mounted read-only for the whole session.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         seccomp: SeccompPolicy | None = None,
         allow_net: Sequence[str] | None = None,
         secrets: SecretsArg = None,
+        environment: str | None = None,
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
@@ -109,7 +111,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout, cpu_time=cpu_time,
             max_output=max_output, cwd=cwd, profile=profile, seccomp=seccomp,
             env={**base.env, **env} if env else None,
-            allow_net=as_pattern_list(allow_net), rootfs=rootfs,
+            allow_net=as_pattern_list(allow_net), rootfs=rootfs, environment=environment,
         )
         if self._policy.rootfs and warm:
             raise InvalidSpec("warm runtimes are the host's: they cannot run on a rootfs")

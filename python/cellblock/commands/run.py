@@ -28,7 +28,11 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-time", metavar="S", help="CPU-time budget in seconds")
     p.add_argument("--max-output", metavar="SIZE", help="bytes kept per output stream")
     p.add_argument("--disk", metavar="SIZE", help="size of /tmp + /workspace")
-    p.add_argument("--env", metavar="K=V", action="append", default=[], help="set a variable")
+    p.add_argument("--env", metavar="K=V|NAME", action="append", default=[],
+                   help="set a variable; a NAME without '=' runs in that built environment"
+                   " (same as --environment)")
+    p.add_argument("--environment", metavar="NAME",
+                   help="run in a built environment (see 'cellblock env')")
     p.add_argument("--policy", metavar="FILE", help="TOML policy file")
     p.add_argument("--profile", metavar="NAME",
                    help="seccomp profile (python|node|shell|default|none)")
@@ -48,10 +52,15 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
 
     base = Policy.from_toml(args.policy) if args.policy else Policy()
     env: dict[str, str] = {}
+    environment = getattr(args, "environment", None)
     for item in args.env:
         key, sep, value = item.partition("=")
+        if not sep and key and environment in (None, key):
+            _check_environment(key)
+            environment = key
+            continue
         if not sep or not key:
-            fail(f"--env expects KEY=VALUE, got {item!r}")
+            fail(f"--env expects KEY=VALUE or one environment NAME, got {item!r}")
         env[key] = value
     if getattr(args, "tty", False) and os.environ.get("TERM") and "TERM" not in base.env:
         # A terminal run shows on the caller's terminal: its type goes in (unless set).
@@ -63,11 +72,24 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         "env": {**base.env, **env} if env else None,
         "allow_net": args.allow_net or None,
         "rootfs": getattr(args, "rootfs", None),
+        "environment": environment,
     }
     secrets = secrets_from_args(args.secret)
     if secrets:
         fields["secrets"] = {**base.secrets, **secrets}
     return base.merged(**fields)
+
+
+def _check_environment(name: str) -> None:
+    """`--env NAME` names a built environment: one that does not exist may be a mistyped
+    `--env KEY=VALUE`, and the error says both."""
+    from cellblock.environments.runtime import resolve
+    from cellblock.errors import EnvironmentNotFound
+
+    try:
+        resolve(name)
+    except EnvironmentNotFound as e:
+        raise EnvironmentNotFound(f"--env {name}: {e} (a variable is --env KEY=VALUE)") from None
 
 
 def exit_status(result: RunResult) -> int:

@@ -110,8 +110,12 @@ impl Stage {
     }
 }
 
-/// `LANDLOCK_ACCESS_FS_MAKE_BLOCK`: the one access right the target's Landlock ruleset handles.
+/// `LANDLOCK_ACCESS_FS_MAKE_BLOCK`: an access right the target's Landlock ruleset handles.
 const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+/// `LANDLOCK_ACCESS_FS_REFER` (Landlock ABI 2): handled and allowed everywhere, because a
+/// ruleset that does not handle it makes the kernel refuse every rename or link between
+/// directories (EXDEV), which apt, dpkg and many installers need.
+const LANDLOCK_ACCESS_FS_REFER: u64 = 1 << 13;
 /// `LANDLOCK_RULE_PATH_BENEATH`.
 const LANDLOCK_RULE_PATH_BENEATH: libc::c_long = 1;
 
@@ -1050,20 +1054,31 @@ fn exec_target(t: &TargetView<'_>, fds: &ChildFds) -> ! {
         // which may refuse it): Landlock lets a process ptrace or open /proc/<pid>/mem,
         // environ or fds of another only within its own domain or one nested in it, so no
         // other run or session call (each in a domain of its own) can reach this one's
-        // processes, dumpable or not. The ruleset handles only the making of block devices,
-        // which a rule allows everywhere (so the kernel's own refusal, EPERM, still answers).
+        // processes, dumpable or not. The ruleset handles only the making of block devices
+        // and reparenting (REFER), which a rule allows everywhere (so the kernel's own
+        // answers stand). A kernel with Landlock ABI 1 knows no REFER (EINVAL): its ruleset
+        // handles MAKE_BLOCK alone (and such a kernel refuses reparenting regardless).
         // A kernel without Landlock runs without.
-        let attr: u64 = LANDLOCK_ACCESS_FS_MAKE_BLOCK;
-        let ruleset = libc::syscall(
+        let mut attr: u64 = LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_REFER;
+        let mut ruleset = libc::syscall(
             libc::SYS_landlock_create_ruleset,
             &attr as *const u64,
             std::mem::size_of::<u64>(),
             0,
         );
+        if ruleset < 0 && errno() == libc::EINVAL {
+            attr = LANDLOCK_ACCESS_FS_MAKE_BLOCK;
+            ruleset = libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &attr as *const u64,
+                std::mem::size_of::<u64>(),
+                0,
+            );
+        }
         if ruleset >= 0 {
             let root = libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
             let rule = PathBeneath {
-                allowed_access: LANDLOCK_ACCESS_FS_MAKE_BLOCK,
+                allowed_access: attr,
                 parent_fd: root,
             };
             let added = libc::syscall(

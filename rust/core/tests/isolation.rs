@@ -342,3 +342,24 @@ fn bad_specs_and_missing_commands_are_typed_errors() {
         assert_eq!(e.as_ref().and_then(|e| e.path()), Some(cmd), "{e:?}");
     }
 }
+
+/// The run's Landlock domain handles reparenting (REFER) and allows it: renames and hard links
+/// between directories of its own scratch space work (apt and dpkg need them; `ln` has no
+/// copy fallback, unlike `mv`). What the kernel refuses otherwise still fails.
+#[test]
+fn renames_and_links_between_directories_work() {
+    let r = run(&sh(
+        "set -e; mkdir -p /workspace/a/b /tmp/c; echo x > /workspace/a/b/f; \
+         ln /workspace/a/b/f /workspace/a/g; \
+         python3 -c 'import os; os.rename(\"/workspace/a/b/f\", \"/workspace/h\")'; \
+         cat /workspace/h /workspace/a/g; \
+         if ln /workspace/h /tmp/c/i 2>/dev/null; then echo same-fs-link; fi; \
+         if ln /workspace/h /dev/shm/j 2>/dev/null; then echo shm-link; fi; \
+         if mv /workspace/h /usr/h 2>/dev/null; then echo ESCAPED; fi",
+    ));
+    assert_eq!(r.reason, Reason::Exited, "{r:?}");
+    assert_eq!(r.exit_code, Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = stdout(&r);
+    assert!(out.starts_with("x\nx\n"), "{out}");
+    assert!(!out.contains("ESCAPED"), "{out}");
+}

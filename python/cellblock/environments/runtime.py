@@ -1,0 +1,87 @@
+"""Starting a run in an environment: its layers are bound read-only at their store paths (no
+copy) and PATH, PYTHONPATH, NODE_PATH and LD_LIBRARY_PATH point into them.
+
+Resolving a name costs a few stat calls once it has been checked: the record and every layer
+manifest are re-read and re-checked (manifest digests against the record) whenever one of them
+changed on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from cellblock.environments.store import Store
+from cellblock.errors import CorruptEnvironment, InvalidSpec
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run needs of an environment: directories to bind and variables to set."""
+
+    name: str
+    binds: tuple[str, ...]
+    paths: dict[str, list[str]]
+    env: dict[str, str]
+
+    def apply(self, env: dict[str, str]) -> None:
+        """Puts the environment's paths in front of `env`'s and adds its variables."""
+        for var, dirs in self.paths.items():
+            old = env.get(var)
+            env[var] = ":".join(dirs + ([old] if old else []))
+        env["CELLBLOCK_ENV"] = self.name
+        env.update(self.env)
+
+
+_Stamp = tuple[tuple[int, int, int, int], ...]
+#: (store root, name) -> (files the result depends on, their stamp, the result).
+_cache: dict[tuple[str, str], tuple[tuple[str, ...], _Stamp, Resolved]] = {}
+_lock = threading.Lock()
+
+
+def _stat(path: str) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _default_root() -> str:
+    # store_root() without pathlib: this runs before every run in an environment.
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                           "share")
+    return os.path.join(data, "cellblock", "envs")
+
+
+def resolve(name: str, store: Store | None = None) -> Resolved:
+    """The environment `name`, checked (EnvironmentNotFound, CorruptEnvironment)."""
+    key = (str(store.root) if store is not None else _default_root(), name)
+    with _lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        paths, stamp, resolved = hit
+        if tuple(map(_stat, paths)) == stamp:
+            return resolved
+    store = store or Store(key[0])
+    record = store.record(name)  # validates the name
+    paths = (str(store.root / "names" / f"{name}.json"),
+             *(str(store.layer_dir(layer.key) / "manifest.json") for layer in record.layers))
+    # Stamped before checking: a change during the check is seen by the next use.
+    stamp = tuple(map(_stat, paths))
+    store.check(record)
+    if any(layer.step == "base" for layer in record.layers):
+        raise InvalidSpec(
+            f"environment {name!r} has a root filesystem base: running on it needs the "
+            "rootfs option of the sandbox (cellblock.environments.rootfs)")
+    binds = []
+    for layer in record.layers:
+        root = store.layer_dir(layer.key) / "root"
+        if not root.is_dir():
+            raise CorruptEnvironment(f"environment {name!r}: layer {layer.key[:12]} has no files")
+        binds.append(str(root))
+    resolved = Resolved(name, tuple(binds), record.paths, record.env)
+    with _lock:
+        _cache[key] = (paths, stamp, resolved)
+    return resolved
