@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -307,15 +308,29 @@ def test_bad_declarations_are_typed(tmp_path: Path) -> None:
         EnvironmentSpec.from_toml(tmp_path / "broken.toml")
 
 
-def test_root_filesystem_base_without_rootfs_support_is_typed(store: Store, tmp_path: Path
-                                                              ) -> None:
-    try:
-        import cellblock.environments.rootfs  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        with pytest.raises(EnvironmentBuildError, match="root filesystem"):
-            build(declare(base=str(tmp_path)), store)
+def test_a_root_filesystem_base_is_the_runs_root(store: Store) -> None:
+    # A base of dash + cat with their libraries: the run's root is that tree (the host's /usr
+    # is not there), the files layer is bound on it, and packages on such a base are refused.
+    top = world_readable_dir("cellblock-envbase-")
+    tree = top / "tree"
+    for binary in ("/bin/dash", "/bin/cat"):
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+        for path in [binary, *re.findall(r"(/\S+\.so[^\s]*)", ldd)]:
+            dst = tree / path.lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(path), dst)
+    for d in ("etc", "tmp", "proc", "dev", "workspace"):
+        (tree / d).mkdir(exist_ok=True)
+    build(declare(base=str(tree), files={"note.txt": {"content": "on the base\n"}}), store)
+    res = cellblock.run(["/bin/dash", "-c", 'cat "$CELLBLOCK_ENV_FILES/note.txt"; '
+                         "test -e /usr/bin/python3 && echo HOST-USR-VISIBLE; echo done"],
+                        environment="demo")
+    assert (res.reason, res.exit_code) == ("exited", 0), (res.reason, res.stderr)
+    assert res.stdout == "on the base\ndone\n", res.stdout
+    with pytest.raises(InvalidSpec, match="give one of them"):
+        cellblock.run(["/bin/true"], environment="demo", rootfs=str(tree))
     with pytest.raises(EnvironmentBuildError, match="not supported"):
-        build(declare(base=str(tmp_path), pip=["cbgreet"]), store)
+        build(declare(name="withpip", base=str(tree), pip=["cbgreet"]), store)
 
 
 ATTACK = textwrap.dedent("""\

@@ -88,14 +88,22 @@ def build_spec(
     """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`)."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidSpec("argv must be a non-empty list of strings")
-    # A rootfs brings its own runtimes: none of the host's is bound in.
-    prefixes = [] if policy.rootfs else runtime_prefixes()
-    env = default_env(prefixes)
-    binds = prefixes
+    rootfs = policy.rootfs
+    environment = None
     if policy.environment is not None:
         from cellblock.environments.runtime import resolve
 
         environment = resolve(policy.environment)
+        if environment.rootfs is not None:
+            if rootfs is not None:
+                raise InvalidSpec(f"rootfs is given and environment {environment.name!r} "
+                                  "has a root filesystem base: give one of them")
+            rootfs = environment.rootfs
+    # A rootfs brings its own runtimes: none of the host's is bound in.
+    prefixes = [] if rootfs else runtime_prefixes()
+    env = default_env(prefixes)
+    binds = prefixes
+    if environment is not None:
         environment.apply(env)
         binds = [*prefixes, *environment.binds]
     env.update(policy.env)
@@ -107,7 +115,7 @@ def build_spec(
         "ro_binds": binds,
         "secrets": secrets_for_spec(secrets),
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
-        "rootfs": policy.rootfs,
+        "rootfs": rootfs,
     }
     if tty is not None:
         spec["tty"] = tty

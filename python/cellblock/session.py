@@ -113,12 +113,12 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             env={**base.env, **env} if env else None,
             allow_net=as_pattern_list(allow_net), rootfs=rootfs, environment=environment,
         )
-        if self._policy.rootfs and warm:
-            raise InvalidSpec("warm runtimes are the host's: they cannot run on a rootfs")
         self._secrets: list[Secret] = (
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)
         )
         spec = build_spec(["session"], self._policy, self._secrets, None)
+        if spec["rootfs"] and warm:
+            raise InvalidSpec("warm runtimes are the host's: they cannot run on a rootfs")
         for name in ("timeout", "cpu_time", "max_output"):
             spec["limits"][name] = None
         if allow_net is not None and spec["net"] is None:

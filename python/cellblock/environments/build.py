@@ -268,13 +268,12 @@ def _file_inputs(spec: EnvironmentSpec) -> dict[str, Any]:
 
 
 def _base_layer(source: str, root: Path) -> None:
-    try:
-        from cellblock.environments import rootfs  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise EnvironmentBuildError(
-            f"base: {source!r} is a root filesystem, and this installation has no "
-            "cellblock.environments.rootfs to unpack it (use base = \"host\")") from None
-    rootfs.unpack(Path(source), root)
+    """A root filesystem base: `debian:SUITE` (mmdebstrap), a directory, a tarball or an OCI
+    layout, unpacked by the rules for untrusted layers into the (new, empty) `root`."""
+    from cellblock.environments import debian
+
+    root.rmdir()
+    debian.build(source, root)
 
 
 def _base_inputs(source: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from cellblock.environments.store import Store
-from cellblock.errors import CorruptEnvironment, InvalidSpec
+from cellblock.errors import CorruptEnvironment
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Resolved:
     binds: tuple[str, ...]
     paths: dict[str, list[str]]
     env: dict[str, str]
+    #: The base layer's tree when the environment has a root filesystem base: the run's root.
+    rootfs: str | None = None
 
     def apply(self, env: dict[str, str]) -> None:
         """Puts the environment's paths in front of `env`'s and adds its variables."""
@@ -71,17 +73,17 @@ def resolve(name: str, store: Store | None = None) -> Resolved:
     # Stamped before checking: a change during the check is seen by the next use.
     stamp = tuple(map(_stat, paths))
     store.check(record)
-    if any(layer.step == "base" for layer in record.layers):
-        raise InvalidSpec(
-            f"environment {name!r} has a root filesystem base: running on it needs the "
-            "rootfs option of the sandbox (cellblock.environments.rootfs)")
     binds = []
+    rootfs = None
     for layer in record.layers:
         root = store.layer_dir(layer.key) / "root"
         if not root.is_dir():
             raise CorruptEnvironment(f"environment {name!r}: layer {layer.key[:12]} has no files")
-        binds.append(str(root))
-    resolved = Resolved(name, tuple(binds), record.paths, record.env)
+        if layer.step == "base":
+            rootfs = str(root)
+        else:
+            binds.append(str(root))
+    resolved = Resolved(name, tuple(binds), record.paths, record.env, rootfs)
     with _lock:
         _cache[key] = (paths, stamp, resolved)
     return resolved
