@@ -27,6 +27,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.files import SandboxFiles
+from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport, carry_over
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
 from cellblock.process import SandboxProcesses
@@ -120,6 +121,11 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             # set_network can allow hosts later (a session without it never gets network).
             spec["net"] = {"allow": []}
         self._native = _native.Session(json.dumps(spec))
+        # What a fork is opened with (the policy above, as it is then).
+        self._extra_secrets = secrets
+        self._net_plumbed = spec["net"] is not None
+        #: What `fork()` carried into this session, when it is a fork.
+        self.fork_report: ForkReport | None = None
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
         self._closed = False
@@ -213,6 +219,36 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         cut = self._native.set_network(list(patterns))
         self._policy = self._policy.merged(allow_net=patterns)
         return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
+
+    def fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> Sandbox:
+        """A new session, isolated from this one as any other (its own namespaces, cgroup
+        and workspace, the same policy and secrets), that starts with a copy of this one's
+        workspace and of its stateful Python kernel's globals (`run_python(...,
+        stateful=True)`): variables, and functions and classes defined in the session, by
+        value. Afterwards the two are independent: changes in one are not seen in the other,
+        and closing one leaves the other open. Processes, open files, sockets, threads and
+        generators are not carried: such names are listed in the fork's
+        `fork_report.skipped_names`, and fifos, sockets and devices of the workspace in
+        `fork_report.skipped_files`. Node kernels are not carried. `timeout`: seconds the
+        saving and the loading of the kernel's state may each take.
+        Raises `ForkError` when the copy does not fit the fork's disk limit or the state
+        cannot be saved or loaded (the fork is then closed)."""
+        if not timeout > 0:
+            raise InvalidSpec(f"fork: timeout must be a number of seconds > 0, got {timeout!r}")
+        with self._call():
+            child = Sandbox(
+                self._policy, secrets=self._extra_secrets,
+                allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
+                idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
+            )
+            try:
+                child.fork_report = carry_over(self, child, timeout)
+            except BaseException as e:
+                child.close()
+                if isinstance(e, CellblockError):
+                    raise redact_error(e, redactor_for(self._secrets)) from None
+                raise
+        return child
 
     @property
     def enforcement(self) -> dict[str, str | None]:

@@ -1,0 +1,121 @@
+"""Forking a session (`Sandbox.fork`): a new, separately isolated sandbox (its own namespaces,
+cgroup and workspace) that starts with a copy of the parent's workspace and of its stateful
+Python kernel's globals.
+
+A process fork of the kernel would keep the parent's namespaces, cgroup and seccomp filter
+(a process without capabilities cannot move into another sandbox's), so the fork would not be
+isolated from its parent: the state is copied instead. The supervisor copies the workspace
+from one sandbox's root to the other's (rust/core/src/files/copy.rs). The parent's kernel
+pickles its globals to a file of its own scratch space (runtimes/state_py.py), the supervisor
+copies that file raw into the fork's, and the fork's kernel unpickles it there: what the
+parent's sandbox wrote is only ever read inside the fork (never by the host), which is a copy
+of the parent and so runs nothing the parent could not have run itself.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellblock.errors import CellblockError, ForkError
+
+if TYPE_CHECKING:
+    from cellblock.session import Sandbox
+
+#: Where a kernel's state travels, in both sandboxes (the zygote's own directory, 0700).
+STATE_DIR = "/tmp/.cellblock"
+
+#: Seconds a fork may take to save or load a kernel's state, by default.
+DEFAULT_FORK_TIMEOUT = 60.0
+
+
+class ForkReport(BaseModel):
+    """What `Sandbox.fork` carried into the fork (its `fork_report`).
+
+    Files: counted by the supervisor; `skipped_files` are paths not copied, with the reason
+    (fifos, sockets, devices, other mounts, files unreadable to the sandbox's own uid).
+    Kernel: `state` says whether a stateful Python kernel's globals were carried (False when
+    the parent had none running); `names` how many; `skipped_names` maps each name that could
+    not be pickled (an open file, a socket, a thread, a generator) to the reason, as the
+    parent's kernel reported it (content of the sandbox, not a fact).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    skipped_files: list[str] = Field(default_factory=list)
+    state: bool = False
+    names: int = 0
+    skipped_names: dict[str, str] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _names(said: dict[str, object]) -> dict[str, str]:
+    """The kernel's skipped names, kept only as str -> str (it could say anything)."""
+    got = said.get("skipped")
+    if not isinstance(got, dict):
+        return {}
+    return {str(k)[:200]: str(v)[:200] for k, v in list(got.items())[:200]}
+
+
+def _count(said: dict[str, object], key: str) -> int:
+    n = said.get(key)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
+def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
+    """Copies the parent's workspace and kernel state into `child` (a fresh session of the
+    same policy); the parent is held in a call meanwhile. Raises `ForkError` when the state
+    cannot be carried (the child is then the caller's to close)."""
+    started = time.monotonic()
+    path = f"{STATE_DIR}/fork-{secrets.token_hex(8)}.state"
+    has_kernel = parent._runtimes.has_python_kernel()
+    starting: list[BaseException] = []
+
+    def start_kernel() -> None:
+        try:
+            child._runtimes.start_python_kernel(timeout)
+        except BaseException as e:  # re-raised in the caller's thread
+            starting.append(e)
+
+    # The fork's kernel starts while the parent's saves and the supervisor copies.
+    starter = threading.Thread(target=start_kernel, name="cellblock-fork", daemon=True)
+    if has_kernel:
+        starter.start()
+    try:
+        saved: dict[str, object] = {}
+        if has_kernel:
+            saved = parent._runtimes.kernel_state("save", path, timeout)
+            if "error" in saved:
+                raise ForkError(f"the kernel's state could not be saved: {saved['error']}")
+            try:
+                parent._native.copy_file_to(path, child._native, path, 1 << 62)
+            finally:
+                try:
+                    parent._native.remove(path)
+                except CellblockError:
+                    pass  # the parent's own scratch space; it may have removed it itself
+        copied = parent._native.copy_workspace_to(child._native)
+    finally:
+        if starter.is_alive() or starting:
+            starter.join(timeout)
+    if starting:
+        raise starting[0]
+    loaded: dict[str, object] = {}
+    if has_kernel:
+        loaded = child._runtimes.kernel_state("load", path, timeout)
+        if "error" in loaded:
+            raise ForkError(f"the fork's kernel could not load the state: {loaded['error']}")
+    return ForkReport(
+        files=copied["files"], dirs=copied["dirs"], symlinks=copied["symlinks"],
+        bytes=copied["bytes"], skipped_files=list(copied["skipped"]),
+        state=has_kernel, names=_count(loaded, "loaded"), skipped_names=_names(saved),
+        seconds=time.monotonic() - started,
+    )
