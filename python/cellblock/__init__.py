@@ -8,6 +8,7 @@ from cellblock.errors import (
     CellblockError,
     CommandNotFound,
     FileTooLarge,
+    ForkError,
     InvalidSpec,
     NamespaceUnavailable,
     NetworkPolicyError,
@@ -22,6 +23,7 @@ from cellblock.errors import (
     SetupTimeout,
 )
 from cellblock.files import DirEntry
+from cellblock.fork import ForkReport
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
 from cellblock.process import ExposedPort, OutputChunk, Process
@@ -41,6 +43,8 @@ __all__ = [
     "DirEntry",
     "ExposedPort",
     "FileTooLarge",
+    "ForkError",
+    "ForkReport",
     "InvalidSpec",
     "Job",
     "JobError",

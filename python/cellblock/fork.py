@@ -92,16 +92,21 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
     try:
         saved: dict[str, object] = {}
         if has_kernel:
-            saved = parent._runtimes.kernel_state("save", path, timeout)
-            if "error" in saved:
-                raise ForkError(f"the kernel's state could not be saved: {saved['error']}")
             try:
+                saved = parent._runtimes.kernel_state("save", path, timeout)
+                if "error" in saved:
+                    raise ForkError(f"the kernel's state could not be saved: {saved['error']}")
                 parent._native.copy_file_to(path, child._native, path, 1 << 62)
+            except ForkError:
+                raise
+            except CellblockError as e:
+                # Code of the parent replaced the file with something else (a symlink, a fifo).
+                raise ForkError(f"the kernel's state could not be copied: {e}") from None
             finally:
                 try:
                     parent._native.remove(path)
                 except CellblockError:
-                    pass  # the parent's own scratch space; it may have removed it itself
+                    pass  # never written, or removed by the parent's code itself
         copied = parent._native.copy_workspace_to(child._native)
     finally:
         if starter.is_alive() or starting:
