@@ -44,6 +44,30 @@ class Point:
         return add(self.a * self.scale)
 p = Point(2)
 square = lambda v: v * v
+import abc, dataclasses, json as js
+@dataclasses.dataclass
+class Pair:
+    a: int
+    b: int = 2
+class Slotted:
+    __slots__ = ("s",)
+    def __init__(self):
+        self.s = 5
+class Shape(abc.ABC):
+    @abc.abstractmethod
+    def area(self): ...
+    @staticmethod
+    def unit():
+        return "cm"
+    @property
+    def name(self):
+        return type(self).__name__
+class Square(Shape):
+    def area(self):
+        return 4
+def fact(n):
+    return 1 if n == 0 else n * fact(n - 1)
+pair, slotted, sq, show = Pair(1), Slotted(), Square(), display
 ''', stateful=True)
             assert r.exit_code == 0, r.stderr
             with sb.fork() as fk:
@@ -59,6 +83,12 @@ square = lambda v: v * v
                 assert got.exit_code == 0, got.stderr
                 assert got.value == ("(41, 43, 2, 61, 'Point', 49, 10000000, True, True, "
                                      "[1, 'two', {{'three': 3.0}}])"), got.value
+                more = fk.run_python(
+                    "(dataclasses.replace(pair, b=7), dataclasses.asdict(pair), js.dumps([1]),"
+                    " slotted.s, sq.area(), sq.unit(), sq.name, isinstance(sq, Shape),"
+                    " fact(5), show is display)", stateful=True)
+                assert more.value == ("(Pair(a=1, b=7), {{'a': 1, 'b': 2}}, '[1]', 5, 4, 'cm', "
+                                      "'Square', True, 120, True)"), (more.value, more.stderr)
                 # The function's globals are the fork's own: a new x is seen by add.
                 assert fk.run_python("x = 100\\nadd(0)", stateful=True).value == "101"
                 sh = fk.run_shell("cat d/e/f; stat -c '%a %F' d d/e/f host-link;"
@@ -168,12 +198,15 @@ fh = open("/workspace/f", "w")
 sock = socket.socket()
 gen = (i for i in range(3))
 lock = threading.Lock()
+import enum
+class Color(enum.Enum):
+    RED = 1
 good = [bad is not None]
 ''', stateful=True)
             assert r.exit_code == 0, r.stderr
             with sb.fork() as fk:
                 skipped = fk.fork_report.skipped_names
-                assert sorted(skipped) == ["bad", "fh", "gen", "lock", "sock"], skipped
+                assert sorted(skipped) == ["Color", "bad", "fh", "gen", "lock", "sock"], skipped
                 assert "RuntimeError: not me" in skipped["bad"], skipped
                 got = fk.run_python("(good, 'bad' in globals(), Refuses.__name__)",
                                     stateful=True)

@@ -7,6 +7,7 @@ from cellblock.client import Client, RemoteSandbox
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
+    CredentialError,
     FileTooLarge,
     ForkError,
     InvalidSpec,
@@ -16,11 +17,10 @@ from cellblock.errors import (
     SandboxIOError,
     SeccompError,
     SecretError,
-    CredentialError,
-    VaultError,
     SessionClosed,
     SetupError,
     SetupTimeout,
+    VaultError,
 )
 from cellblock.files import DirEntry
 from cellblock.fork import ForkReport
@@ -40,6 +40,7 @@ __all__ = [
     "Client",
     "CodeResult",
     "CommandNotFound",
+    "CredentialError",
     "DirEntry",
     "ExposedPort",
     "FileTooLarge",
@@ -64,11 +65,10 @@ __all__ = [
     "SeccompPolicy",
     "Secret",
     "SecretError",
-    "CredentialError",
-    "VaultError",
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "VaultError",
     "__version__",
     "iter_many",
     "run",

@@ -17,13 +17,15 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cellblock.errors import CellblockError, ForkError
 
 if TYPE_CHECKING:
+    from cellblock.policy import Policy
     from cellblock.session import Sandbox
 
 #: Where a kernel's state travels, in both sandboxes (the zygote's own directory, 0700).
@@ -85,10 +87,24 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
         except BaseException as e:  # re-raised in the caller's thread
             starting.append(e)
 
-    # The fork's kernel starts while the parent's saves and the supervisor copies.
-    starter = threading.Thread(target=start_kernel, name="cellblock-fork", daemon=True)
+    copied: dict[str, Any] = {}
+    copying: list[BaseException] = []
+
+    def copy_workspace() -> None:
+        try:
+            copied.update(parent._native.copy_workspace_to(child._native))
+        except BaseException as e:  # re-raised in the caller's thread
+            copying.append(e)
+
+    # The fork's kernel starts and the workspace is copied while the parent's kernel saves
+    # its state and the supervisor copies that.
+    threads = [threading.Thread(target=copy_workspace, name="cellblock-fork-copy", daemon=True)]
     if has_kernel:
-        starter.start()
+        threads.append(
+            threading.Thread(target=start_kernel, name="cellblock-fork-kernel", daemon=True)
+        )
+    for t in threads:
+        t.start()
     try:
         saved: dict[str, object] = {}
         if has_kernel:
@@ -107,10 +123,11 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
                     parent._native.remove(path)
                 except CellblockError:
                     pass  # never written, or removed by the parent's code itself
-        copied = parent._native.copy_workspace_to(child._native)
     finally:
-        if starter.is_alive() or starting:
-            starter.join(timeout)
+        for t in threads:
+            t.join(timeout)
+    if copying:
+        raise copying[0]
     if starting:
         raise starting[0]
     loaded: dict[str, object] = {}
@@ -124,3 +141,44 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
         state=has_kernel, names=_count(loaded, "loaded"), skipped_names=_names(saved),
         seconds=time.monotonic() - started,
     )
+
+
+class SpareFork:
+    """A session opened ahead of time, its Python kernel started, for the next fork
+    (`Sandbox.prepare_fork`): the fork then costs only the copies. Opened on a thread of its
+    own; `take` gives it if it opened with the policy the parent has at the time of the fork."""
+
+    def __init__(self, open_child: Callable[[], Sandbox], policy: Policy, timeout: float) -> None:
+        self.policy = policy
+        self.child: Sandbox | None = None
+        self.thread = threading.Thread(
+            target=self._open, args=(open_child, timeout), name="cellblock-fork-spare",
+            daemon=True,
+        )
+        self.thread.start()
+
+    def _open(self, open_child: Callable[[], Sandbox], timeout: float) -> None:
+        try:
+            child = open_child()
+        except CellblockError:
+            return  # the fork opens its own, and raises then
+        try:
+            child._runtimes.start_python_kernel(timeout)
+        except CellblockError:
+            pass  # started again by the fork
+        self.child = child
+
+    def take(self, policy: Policy) -> Sandbox | None:
+        """The spare session, unless it failed or the parent's policy changed since."""
+        self.thread.join()
+        child, self.child = self.child, None
+        if child is not None and (policy != self.policy or not child.is_open):
+            child.close()
+            child = None
+        return child
+
+    def discard(self) -> None:
+        self.thread.join()
+        if self.child is not None:
+            self.child.close()
+            self.child = None

@@ -27,7 +27,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.files import SandboxFiles
-from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport, carry_over
+from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport, SpareFork, carry_over
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
 from cellblock.process import SandboxProcesses
@@ -126,6 +126,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         self._net_plumbed = spec["net"] is not None
         #: What `fork()` carried into this session, when it is a fork.
         self.fork_report: ForkReport | None = None
+        self._spare: SpareFork | None = None
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
         self._closed = False
@@ -196,6 +197,10 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             self._end_processes()
             self._runtimes.join(timeout=10.0)
             with self._lock:
+                spare, self._spare = self._spare, None
+            if spare is not None:
+                spare.discard()
+            with self._lock:
                 self._end_auto_pause()
         finally:
             self._torn_down.set()
@@ -236,11 +241,11 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         if not timeout > 0:
             raise InvalidSpec(f"fork: timeout must be a number of seconds > 0, got {timeout!r}")
         with self._call():
-            child = Sandbox(
-                self._policy, secrets=self._extra_secrets,
-                allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
-                idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
-            )
+            with self._lock:
+                spare, self._spare = self._spare, None
+            child = spare.take(self._policy) if spare is not None else None
+            if child is None:
+                child = self._fork_child()
             try:
                 child.fork_report = carry_over(self, child, timeout)
             except BaseException as e:
@@ -249,6 +254,23 @@ class Sandbox(SandboxFiles, SandboxProcesses):
                     raise redact_error(e, redactor_for(self._secrets)) from None
                 raise
         return child
+
+    def prepare_fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> None:
+        """Opens, in the background, the session the next `fork()` will be (its Python kernel
+        started), so that the fork then costs only the copies. One at a time; it is a fresh
+        session that nothing has run in, closed with this one if no fork takes it, and not
+        used if the policy changed meanwhile (`set_network`)."""
+        with self._call(), self._lock:
+            if self._spare is None:
+                self._spare = SpareFork(self._fork_child, self._policy, timeout)
+
+    def _fork_child(self) -> Sandbox:
+        """A new session as this one was opened (its policy as it is now)."""
+        return Sandbox(
+            self._policy, secrets=self._extra_secrets,
+            allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
+            idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
+        )
 
     @property
     def enforcement(self) -> dict[str, str | None]:

@@ -18,12 +18,14 @@ A name whose value cannot be pickled (an open file, a socket, a thread, a genera
 out and reported with the reason.
 """
 
+import abc
 import builtins
 import dataclasses
 import importlib
 import marshal
 import os
 import pickle
+import sys
 import types
 from typing import Any
 
@@ -35,7 +37,7 @@ STATE_OWN = frozenset({"__builtins__", "__name__", "__doc__", "__package__", "__
 STATE_MAX_SKIPPED = 200
 #: Singletons that must stay themselves in the fork (dataclasses tells fields apart by them).
 _SINGLETONS: dict[str, Any] = {
-    f"dataclasses.{n}": getattr(dataclasses, n)
+    n: getattr(dataclasses, n)
     for n in ("MISSING", "KW_ONLY", "_FIELD", "_FIELD_CLASSVAR", "_FIELD_INITVAR")
     if hasattr(dataclasses, n)
 }
@@ -45,8 +47,12 @@ class _Empty:
     """An empty closure cell (a variable not yet bound when the function was saved)."""
 
 
-def _state_make_function(code: bytes, globals_: dict[str, Any], name: str,
+def _state_make_function(code: bytes, globals_: dict[str, Any] | None, name: str,
                          cells: int) -> types.FunctionType:
+    """A function of the session, without its state yet. `globals_` None: the session's own
+    (the worker's `__main__`, whichever kernel loads it)."""
+    if globals_ is None:
+        globals_ = sys.modules["__main__"].__dict__
     closure = tuple(types.CellType() for _ in range(cells)) if cells >= 0 else None
     return types.FunctionType(marshal.loads(code), globals_, name, None, closure)
 
@@ -59,14 +65,19 @@ def _state_set_function(fn: types.FunctionType, state: dict[str, Any]) -> None:
     fn.__doc__ = state["doc"]
     fn.__annotations__ = state["annotations"]
     fn.__dict__.update(state["dict"])
-    for cell, value in zip(fn.__closure__ or (), state["cells"]):
+    for cell, value in zip(fn.__closure__ or (), state["cells"], strict=True):
         if value is not _Empty:
             cell.cell_contents = value
 
 
 def _state_make_class(meta: type, name: str, bases: tuple[type, ...],
                       created: dict[str, Any]) -> type:
-    return meta(name, bases, dict(created))
+    cls: type = meta(name, bases, dict(created))
+    return cls
+
+
+def _state_mappingproxy(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:
+    return types.MappingProxyType(items)
 
 
 def _state_set_class(cls: type, state: dict[str, Any]) -> None:
@@ -75,16 +86,48 @@ def _state_set_class(cls: type, state: dict[str, Any]) -> None:
 
 
 def _zygote_own(obj: Any) -> str | None:
-    """The name of a function or class of the server itself (these helpers, `display`):
-    pickled by name (the fork's `__main__` is the session's module, where they are not)."""
+    """The name of a function or class of the server itself (these helpers, `display`)."""
     name = getattr(obj, "__name__", None)
     if isinstance(name, str) and globals().get(name) is obj:
         return name
     return None
 
 
+def _state_module() -> types.ModuleType:
+    """The server's own functions and classes, as a module that pickles can name: the
+    fork's `__main__` is the session's module, where they are not."""
+    module = sys.modules.get("_cellblock_state")
+    if module is None:
+        module = types.ModuleType("_cellblock_state")
+        sys.modules["_cellblock_state"] = module
+    for name, value in list(globals().items()):
+        if isinstance(value, (types.FunctionType, type)) and _zygote_own(value):
+            setattr(module, name, value)
+    return module
+
+
 def _defined_here(obj: Any) -> bool:
     return getattr(obj, "__module__", None) == "__main__"
+
+
+def _importable(obj: Any) -> bool:
+    """Whether pickle can name `obj` (module and qualified name lead back to it)."""
+    name = getattr(obj, "__module__", None)
+    target: Any = sys.modules.get(name) if isinstance(name, str) and name != "__main__" else None
+    for part in str(getattr(obj, "__qualname__", "")).split("."):
+        if target is None:
+            return False
+        target = getattr(target, part, None)
+    return target is obj
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The global names a function's code (and the code nested in it) may use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
 
 
 def _function_reduce(fn: types.FunctionType) -> tuple[Any, ...]:
@@ -99,7 +142,13 @@ def _function_reduce(fn: types.FunctionType) -> tuple[Any, ...]:
              "qualname": fn.__qualname__, "module": fn.__module__, "doc": fn.__doc__,
              "annotations": fn.__annotations__, "dict": dict(fn.__dict__),
              "cells": tuple(values)}
-    args = (marshal.dumps(fn.__code__), fn.__globals__, fn.__name__,
+    globals_: dict[str, Any] | None = None
+    if fn.__globals__ is not sys.modules["__main__"].__dict__:
+        # A function made elsewhere (e.g. a dataclass's __repr__ wrapper): as cloudpickle
+        # does, only the globals its code names go with it, not its whole module.
+        names = _code_names(fn.__code__)
+        globals_ = {k: v for k, v in fn.__globals__.items() if k in names}
+    args = (marshal.dumps(fn.__code__), globals_, fn.__name__,
             len(cells) if cells is not None else -1)
     return (_state_make_function, args, state, None, None, _state_set_function)
 
@@ -122,52 +171,37 @@ def _class_reduce(cls: type) -> tuple[Any, ...]:
 
 
 class _StatePickler(pickle.Pickler):
-    def __init__(self, file: Any, main: dict[str, Any], buffers: list[Any] | None) -> None:
+    """No `persistent_id`: it would be called for every object (a list of a million small
+    tuples would pay a Python call each); `reducer_override` is not called for exact
+    ints, floats, strs, bytes, tuples, lists, dicts and sets."""
+
+    def __init__(self, file: Any, buffers: list[Any] | None) -> None:
         super().__init__(file, protocol=5,
                          buffer_callback=buffers.append if buffers is not None else None)
-        self.main = main
-
-    def persistent_id(self, obj: Any) -> Any:
-        if obj is self.main:
-            return ("main",)
-        if isinstance(obj, (types.FunctionType, type)) and (own := _zygote_own(obj)):
-            return ("zygote", own)
-        if isinstance(obj, (str, int, float, bytes, bytearray, list, dict, tuple)):
-            return None  # the common case, quickly
-        for name, single in _SINGLETONS.items():
-            if obj is single:
-                return ("single", name)
-        return None
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, types.FunctionType) and _defined_here(obj):
+        if isinstance(obj, (types.FunctionType, type)) and (own := _zygote_own(obj)):
+            return (getattr, (_state_module(), own))
+        if isinstance(obj, types.FunctionType) and (_defined_here(obj) or not _importable(obj)):
             return _function_reduce(obj)
         if isinstance(obj, type) and _defined_here(obj):
+            if type(obj) not in (type, abc.ABCMeta):
+                # Its metaclass may make classes its own way (an Enum's does): not carried.
+                raise pickle.PicklingError(
+                    f"class {obj.__name__} has metaclass {type(obj).__name__}, not carried")
             return _class_reduce(obj)
         if isinstance(obj, types.ModuleType):
             return (importlib.import_module, (obj.__name__,))
         if isinstance(obj, (staticmethod, classmethod)):
             return (type(obj), (obj.__func__,))
+        if isinstance(obj, types.MappingProxyType):
+            return (_state_mappingproxy, (dict(obj),))
         if isinstance(obj, property):
             return (property, (obj.fget, obj.fset, obj.fdel, obj.__doc__))
+        for name, single in _SINGLETONS.items():
+            if obj is single:
+                return (getattr, (dataclasses, name))
         return NotImplemented
-
-
-class _StateUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, main: dict[str, Any], buffers: list[Any]) -> None:
-        super().__init__(file, buffers=buffers)
-        self.main = main
-
-    def persistent_load(self, pid: Any) -> Any:
-        if pid == ("main",):
-            return self.main
-        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "zygote":
-            own = globals().get(pid[1]) if isinstance(pid[1], str) else None
-            if isinstance(own, (types.FunctionType, type)):
-                return own
-        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "single" and pid[1] in _SINGLETONS:
-            return _SINGLETONS[pid[1]]
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
 class _Discard:
@@ -188,28 +222,28 @@ def state_save(module: types.ModuleType, path: str) -> dict[str, Any]:
     names = {k: v for k, v in main.items() if k not in STATE_OWN}
     skipped: dict[str, str] = {}
     try:
-        _state_write(path, names, main)
+        _state_write(path, names)
     except Exception:
         # Find the names that cannot be carried, then save the others together (together, so
         # that two names for one object stay one object in the fork).
         for name, value in names.items():
             try:
-                _StatePickler(_Discard(), main, []).dump(value)
+                _StatePickler(_Discard(), []).dump(value)
             except Exception as e:
                 skipped[name] = _why(e)
         for name in skipped:
             del names[name]
-        _state_write(path, names, main)
+        _state_write(path, names)
     return {"saved": len(names), "skipped": dict(list(skipped.items())[:STATE_MAX_SKIPPED])}
 
 
-def _state_write(path: str, names: dict[str, Any], main: dict[str, Any]) -> None:
+def _state_write(path: str, names: dict[str, Any]) -> None:
     buffers: list[pickle.PickleBuffer] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with open(fd, "wb") as f:
         f.write(STATE_MAGIC)
-        _StatePickler(f, main, buffers).dump(names)
+        _StatePickler(f, buffers).dump(names)
         size = f.tell() - len(STATE_MAGIC)
         lengths = []
         for buf in buffers:
@@ -225,6 +259,7 @@ def state_load(module: types.ModuleType, path: str) -> dict[str, Any]:
     """Loads what `state_save` wrote into `module`'s globals, then removes the file; returns
     {"loaded": n}. Raises on a file that is not such a state (a ValueError naming why)."""
     main = module.__dict__
+    _state_module()  # named by what the state holds of the server's own
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.unlink(path)
@@ -254,7 +289,7 @@ def state_load(module: types.ModuleType, path: str) -> dict[str, Any]:
         f.seek(0)
         if f.read(len(STATE_MAGIC)) != STATE_MAGIC:
             raise ValueError("the saved state is not a cellblock kernel state")
-        names = _StateUnpickler(f, main, buffers).load()
+        names = pickle.Unpickler(f, buffers=buffers).load()
     if not isinstance(names, dict) or not all(isinstance(k, str) for k in names):
         raise ValueError("the saved state is not a mapping of names")
     main.update(names)

@@ -627,7 +627,9 @@ class WarmRuntimes:
                     raise SessionClosed("the sandbox is closed")
                 self._stateful["python-kernel"] = kernel
 
-    def kernel_state(self, op: Literal["save", "load"], path: str, timeout: float) -> dict[str, Any]:
+    def kernel_state(
+        self, op: Literal["save", "load"], path: str, timeout: float
+    ) -> dict[str, Any]:
         """Has the stateful Python kernel save its globals to `path` of its sandbox, or load
         them from there (see state_py.py); starts a kernel to load into. Returns what the
         kernel said: {"saved"/"loaded": n, "skipped": {name: reason}}, or {"error": why} (also
