@@ -107,12 +107,22 @@ def main() -> None:
                     samples[name].append(took)
         report = next((sb.fork_report for sb in made if sb.fork_report), None)
         settle(None)
+        steps: dict[str, list[float]] = {}
+        for _ in range(3):  # where a fork's time goes (unprepared forks)
+            with parent.fork() as fk:
+                assert fk.fork_report is not None
+                for k, v in fk.fork_report.steps.items():
+                    steps.setdefault(k, []).append(v)
     rows = [(name, f"{median_ms(xs):.0f}", f"{percentile(xs, 90) * 1000:.0f}")
             for name, xs in samples.items()]
+    print(f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     print(f"Parent: {FILES} x 1 MB workspace, kernel with ~100 MB of objects; "
           f"{args.runs} interleaved rounds")
     print()
     print(table(["case", "median ms", "p90 ms"], rows))
+    print()
+    print(table(["step of a fork (median of 3)", "ms"],
+                [(k, f"{median_ms(v):.0f}") for k, v in steps.items()]))
     if report is not None:
         print(f"\nlast fork: {report}")
 

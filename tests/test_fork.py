@@ -288,3 +288,33 @@ def test_the_forks_disk_limit_applies(caller: Caller) -> None:
             # No state file is left behind in the parent's scratch space.
             assert sb.run_shell("ls -a /tmp/.cellblock").stdout.count("fork-") == 0
     """)
+
+
+def test_a_prepared_fork_is_a_fresh_session_with_the_state_of_the_fork_time(
+    caller: Caller,
+) -> None:
+    caller.run(f"""
+        with {OPEN} as sb:
+            sb.run_python("x = 'before'", stateful=True)
+            sb.prepare_fork()
+            sb.prepare_fork()  # one at a time: the second does nothing
+            # What changes after prepare_fork and before fork is what the fork gets.
+            sb.run_python("x = 'after'", stateful=True)
+            sb.write_file("late.txt", "late")
+            with sb.fork() as fk:
+                assert fk.run_python("x", stateful=True).value == "'after'"
+                assert fk.read_file("late.txt") == b"late"
+                # The spare ran nothing before: only the parent's files are there.
+                assert [e.name for e in fk.list_dir("/workspace")] == ["late.txt"]
+                fk.run_python("x = 'fork'", stateful=True)
+                assert sb.run_python("x", stateful=True).value == "'after'"
+        # Closing the parent closes a spare no fork took.
+        sb = {OPEN}
+        sb.prepare_fork()
+        spare = sb._spare
+        spare.thread.join()
+        child = spare.child
+        assert child is not None and child.is_open
+        sb.close()
+        assert not child.is_open
+    """)

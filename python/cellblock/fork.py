@@ -57,6 +57,9 @@ class ForkReport(BaseModel):
     names: int = 0
     skipped_names: dict[str, str] = Field(default_factory=dict)
     seconds: float = 0.0
+    #: Seconds of each step: "workspace", "kernel_start", "save", "copy_state", "load" (the
+    #: first two run while the parent saves).
+    steps: dict[str, float] = Field(default_factory=dict)
 
 
 def _names(said: dict[str, object]) -> dict[str, str]:
@@ -80,21 +83,29 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
     path = f"{STATE_DIR}/fork-{secrets.token_hex(8)}.state"
     has_kernel = parent._runtimes.has_python_kernel()
     starting: list[BaseException] = []
+    steps: dict[str, float] = {}
+
+    def timed(step: str, since: float) -> None:
+        steps[step] = round(time.monotonic() - since, 4)
 
     def start_kernel() -> None:
+        t = time.monotonic()
         try:
             child._runtimes.start_python_kernel(timeout)
         except BaseException as e:  # re-raised in the caller's thread
             starting.append(e)
+        timed("kernel_start", t)
 
     copied: dict[str, Any] = {}
     copying: list[BaseException] = []
 
     def copy_workspace() -> None:
+        t = time.monotonic()
         try:
             copied.update(parent._native.copy_workspace_to(child._native))
         except BaseException as e:  # re-raised in the caller's thread
             copying.append(e)
+        timed("workspace", t)
 
     # The fork's kernel starts and the workspace is copied while the parent's kernel saves
     # its state and the supervisor copies that.
@@ -109,10 +120,14 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
         saved: dict[str, object] = {}
         if has_kernel:
             try:
+                t = time.monotonic()
                 saved = parent._runtimes.kernel_state("save", path, timeout)
+                timed("save", t)
                 if "error" in saved:
                     raise ForkError(f"the kernel's state could not be saved: {saved['error']}")
+                t = time.monotonic()
                 parent._native.copy_file_to(path, child._native, path, 1 << 62)
+                timed("copy_state", t)
             except ForkError:
                 raise
             except CellblockError as e:
@@ -132,14 +147,16 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
         raise starting[0]
     loaded: dict[str, object] = {}
     if has_kernel:
+        t = time.monotonic()
         loaded = child._runtimes.kernel_state("load", path, timeout)
+        timed("load", t)
         if "error" in loaded:
             raise ForkError(f"the fork's kernel could not load the state: {loaded['error']}")
     return ForkReport(
         files=copied["files"], dirs=copied["dirs"], symlinks=copied["symlinks"],
         bytes=copied["bytes"], skipped_files=list(copied["skipped"]),
         state=has_kernel, names=_count(loaded, "loaded"), skipped_names=_names(saved),
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - started, steps=steps,
     )
 
 
