@@ -114,8 +114,8 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
         threads.append(
             threading.Thread(target=start_kernel, name="cellblock-fork-kernel", daemon=True)
         )
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     try:
         saved: dict[str, object] = {}
         if has_kernel:
@@ -139,8 +139,8 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
                 except CellblockError:
                     pass  # never written, or removed by the parent's code itself
     finally:
-        for t in threads:
-            t.join(timeout)
+        for thread in threads:
+            thread.join(timeout)
     if copying:
         raise copying[0]
     if starting:
