@@ -124,8 +124,7 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         # What a fork is opened with (the policy above, as it is then).
         self._extra_secrets = secrets
         self._net_plumbed = spec["net"] is not None
-        #: What `fork()` carried into this session, when it is a fork.
-        self.fork_report: ForkReport | None = None
+        self._fork_report: ForkReport | None = None
         self._spare: SpareFork | None = None
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
@@ -247,13 +246,18 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             if child is None:
                 child = self._fork_child()
             try:
-                child.fork_report = carry_over(self, child, timeout)
+                child._fork_report = carry_over(self, child, timeout)
             except BaseException as e:
                 child.close()
                 if isinstance(e, CellblockError):
                     raise redact_error(e, redactor_for(self._secrets)) from None
                 raise
         return child
+
+    @property
+    def fork_report(self) -> ForkReport | None:
+        """What `fork()` carried into this session, when it is a fork (else None)."""
+        return self._fork_report
 
     def prepare_fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> None:
         """Opens, in the background, the session the next `fork()` will be (its Python kernel
