@@ -10,7 +10,9 @@ and p90 of `--runs` rounds:
   background, e.g. while the agent thinks), then `parent.fork()`;
 - fresh session: `Sandbox()` and its Python kernel started, empty (what a fork adds to);
 - copy by hand: a fresh session, then every file copied through the files API (`iter_file`
-  from the parent, `write_file` into the new one): the workspace only, no kernel state.
+  from the parent, `write_file` into the new one): the workspace only, no kernel state;
+- pickle floor: the same objects pickled (protocol 5) to a file of /dev/shm and loaded back,
+  in this process, no sandbox: the least any copy of the kernel's state by serialization costs.
 Each fork made is checked (a file and a variable), then closed (untimed).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -84,6 +87,21 @@ def main() -> None:
                 sb.write_file(f"data/{entry.name}", parent.iter_file(f"data/{entry.name}"))
             made.append(sb)
 
+        floor_state: dict[str, object] = {}
+        exec(KERNEL_STATE, floor_state)  # the same objects, in this process
+        floor_state.pop("__builtins__")
+        floor_objects = {k: v for k, v in floor_state.items() if k in ("blob", "scratch", "rows")}
+
+        def pickle_floor() -> None:
+            path = f"/dev/shm/cellblock-fork-bench-{os.getpid()}"
+            try:
+                with open(path, "wb") as f:
+                    pickle.dump(floor_objects, f, protocol=5)
+                with open(path, "rb") as f:
+                    pickle.load(f)
+            finally:
+                os.unlink(path)
+
         def settle(case: object) -> None:
             # Untimed, between cases: check and close what the case made; prepare the spare.
             for sb in made:
@@ -97,7 +115,7 @@ def main() -> None:
                 parent._spare.thread.join()
 
         cases = {"fork": fork, "fork, prepared": fork_prepared, "fresh session": fresh,
-                 "copy by hand": by_hand}
+                 "copy by hand": by_hand, "pickle floor": pickle_floor}
         samples: dict[str, list[float]] = {name: [] for name in cases}
         for n in range(args.runs + 1):  # the first round warms up
             for name, fn in cases.items():

@@ -134,6 +134,10 @@ def test_fork_cannot_see_or_signal_the_parents_processes(caller: Caller) -> None
             pid = sb.run_shell("pgrep -x sleep").stdout.split()
             assert len(pid) == 1, pid
             with sb.fork() as fk:
+                # Namespaces of its own (pid namespaces are per call, in every session).
+                ns = "for n in mnt net ipc uts cgroup user; do readlink /proc/self/ns/$n; done"
+                mine, theirs = fk.run_shell(ns).stdout.split(), sb.run_shell(ns).stdout.split()
+                assert len(mine) == 6 and not set(mine) & set(theirs), (mine, theirs)
                 seen = fk.run_shell(
                     "for p in /proc/[0-9]*; do tr '\\\\0' ' ' < $p/cmdline; echo; done")
                 assert "4177" not in seen.stdout, seen.stdout
