@@ -21,6 +21,7 @@ out and reported with the reason.
 import abc
 import builtins
 import dataclasses
+import gc
 import importlib
 import marshal
 import os
@@ -289,7 +290,15 @@ def state_load(module: types.ModuleType, path: str) -> dict[str, Any]:
         f.seek(0)
         if f.read(len(STATE_MAGIC)) != STATE_MAGIC:
             raise ValueError("the saved state is not a cellblock kernel state")
-        names = pickle.Unpickler(f, buffers=buffers).load()
+        # Many small containers made at once: the collector would run over and over for
+        # nothing (they are all alive).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            names = pickle.Unpickler(f, buffers=buffers).load()
+        finally:
+            if collecting:
+                gc.enable()
     if not isinstance(names, dict) or not all(isinstance(k, str) for k in names):
         raise ValueError("the saved state is not a mapping of names")
     main.update(names)
