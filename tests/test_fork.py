@@ -322,3 +322,18 @@ def test_a_prepared_fork_is_a_fresh_session_with_the_state_of_the_fork_time(
         sb.close()
         assert not child.is_open
     """)
+
+
+def test_unreadable_entries_are_reported_not_copied(caller: Caller) -> None:
+    caller.run(f"""
+        with {OPEN} as sb:
+            r = sb.run_shell("printf s > closed && chmod 000 closed && mkdir -p locked/in"
+                             " && printf x > locked/in/f && chmod 000 locked && printf o > open")
+            assert r.exit_code == 0, r.stderr
+            with sb.fork() as fk:
+                skipped = fk.fork_report.skipped_files
+                assert sorted(skipped) == ["/workspace/closed (not readable)",
+                                   "/workspace/locked (not readable)"], skipped
+                assert [e.name for e in fk.list_dir("/workspace")] == ["open"]
+                assert fk.read_file("open") == b"o"
+    """)

@@ -113,6 +113,7 @@ fn names_of(dir: RawFd) -> Result<Vec<CString>, i32> {
     }
     // SAFETY: closing the stream (and its fd) once.
     unsafe { libc::closedir(stream) };
+    names.sort(); // a report in the same order every time
     Ok(names)
 }
 
@@ -262,6 +263,11 @@ impl Walk {
         let from = match open_at(src, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
             Ok(fd) => fd,
             Err(libc::ENOENT) => return Ok(()),
+            // Unreadable to the sandbox's own uid (e.g. mode 000): not copied.
+            Err(libc::EACCES) => {
+                self.report.skipped.push(format!("{path} (not readable)"));
+                return Ok(());
+            }
             Err(e) => return Err(src_error(path, e)),
         };
         let Ok(stx) = stat_at(from.as_raw_fd(), c"") else {
