@@ -143,6 +143,8 @@ def carry_over(parent: Sandbox, child: Sandbox, timeout: float) -> ForkReport:
             thread.join(timeout)
     if copying:
         raise copying[0]
+    if any(thread.is_alive() for thread in threads):
+        raise ForkError(f"the copy into the fork did not finish within {timeout:g} s")
     if starting:
         raise starting[0]
     loaded: dict[str, object] = {}

@@ -74,6 +74,8 @@ class Sandbox(SandboxFiles, SandboxProcesses):
     `paused_seconds` says how long it was frozen so.
     `warm` starts runtimes at once: ``warm=("python",)`` or ``("python", "node")``.
     `start` runs background processes and `expose` forwards ports (see cellblock.process).
+    `fork()` opens a new session with a copy of this one's workspace and kernel state (see
+    cellblock.fork).
     """
 
     def __init__(

@@ -34,7 +34,7 @@ STATE_MAGIC = b"CBSTATE1"
 #: Globals of the kernel that are its own, not the session's.
 STATE_OWN = frozenset({"__builtins__", "__name__", "__doc__", "__package__", "__loader__",
                        "__spec__", "__annotations__", "display"})
-#: Names and reasons reported at most (the rest are counted in the last one).
+#: Names (with their reasons) reported at most.
 STATE_MAX_SKIPPED = 200
 #: Singletons that must stay themselves in the fork (dataclasses tells fields apart by them).
 _SINGLETONS: dict[str, Any] = {
