@@ -27,7 +27,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.files import SandboxFiles
-from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport, SpareFork, carry_over
+from cellblock.fork import ForkReport, SandboxForks, SpareFork
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
 from cellblock.process import SandboxProcesses
@@ -61,7 +61,7 @@ def _exec_zygote(
     return session.exec(spec_json, None, bpf, on_output, on_start=on_start)
 
 
-class Sandbox(SandboxFiles, SandboxProcesses):
+class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
     """A persistent sandbox: many calls, one workspace, until `close()`.
 
     ``Sandbox(policy=None, **limits)`` opens it; use it as a context manager or call `close()`.
@@ -225,50 +225,6 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         cut = self._native.set_network(list(patterns))
         self._policy = self._policy.merged(allow_net=patterns)
         return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
-
-    def fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> Sandbox:
-        """A new session, isolated from this one as any other (its own namespaces, cgroup
-        and workspace, the same policy and secrets), that starts with a copy of this one's
-        workspace and of its stateful Python kernel's globals (`run_python(...,
-        stateful=True)`): variables, and functions and classes defined in the session, by
-        value. Afterwards the two are independent: changes in one are not seen in the other,
-        and closing one leaves the other open. Processes, open files, sockets, threads and
-        generators are not carried: such names are listed in the fork's
-        `fork_report.skipped_names`, and fifos, sockets and devices of the workspace in
-        `fork_report.skipped_files`. Node kernels are not carried. `timeout`: seconds the
-        saving and the loading of the kernel's state may each take.
-        Raises `ForkError` when the copy does not fit the fork's disk limit or the state
-        cannot be saved or loaded (the fork is then closed)."""
-        if not timeout > 0:
-            raise InvalidSpec(f"fork: timeout must be a number of seconds > 0, got {timeout!r}")
-        with self._call():
-            with self._lock:
-                spare, self._spare = self._spare, None
-            child = spare.take(self._policy) if spare is not None else None
-            if child is None:
-                child = self._fork_child()
-            try:
-                child._fork_report = carry_over(self, child, timeout)
-            except BaseException as e:
-                child.close()
-                if isinstance(e, CellblockError):
-                    raise redact_error(e, redactor_for(self._secrets)) from None
-                raise
-        return child
-
-    @property
-    def fork_report(self) -> ForkReport | None:
-        """What `fork()` carried into this session, when it is a fork (else None)."""
-        return self._fork_report
-
-    def prepare_fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> None:
-        """Opens, in the background, the session the next `fork()` will be (its Python kernel
-        started), so that the fork then costs only the copies. One at a time; it is a fresh
-        session that nothing has run in, closed with this one if no fork takes it, and not
-        used if the policy changed meanwhile (`set_network`)."""
-        with self._call(), self._lock:
-            if self._spare is None:
-                self._spare = SpareFork(self._fork_child, self._policy, timeout)
 
     def _fork_child(self) -> Sandbox:
         """A new session as this one was opened (its policy as it is now)."""
