@@ -233,7 +233,8 @@ class SandboxForks:
         generators are not carried: such names are listed in the fork's
         `fork_report.skipped_names`, and fifos, sockets and devices of the workspace in
         `fork_report.skipped_files`. Node kernels are not carried. `timeout`: seconds the
-        saving and the loading of the kernel's state may each take.
+        saving and the loading of the kernel's state may each take (a save that takes longer
+        ends the parent's kernel, as a call's timeout does).
         Raises `ForkError` when the copy does not fit the fork's disk limit or the state
         cannot be saved or loaded (the fork is then closed)."""
         if not timeout > 0:
