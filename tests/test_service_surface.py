@@ -112,8 +112,6 @@ def shape(member: object) -> object:
 #: Where the async and remote sandboxes differ from `cellblock.Sandbox`, on purpose.
 DIFFERENCES: dict[tuple[str, str], str] = {
     ("aio", "enforcement"): "a coroutine: it asks the core on a worker thread",
-    ("remote", "run"): "no terminal over HTTP yet (tty, tty_size, tty_input)",
-    ("remote", "start"): "no terminal over HTTP yet (tty, tty_size)",
 }
 #: Methods only they have.
 EXTRAS = {

@@ -87,6 +87,23 @@ report(before=before, name=name, line=line.decode(), name2=os.ttyname(s2), host=
     assert got["dev_tty"] == "ENXIO", got
 
 
+def test_a_sandbox_cannot_exhaust_the_hosts_ptys(sandbox: Runner) -> None:
+    # Every devpts instance draws on the kernel's one pty pool: opening terminals until refused
+    # stops at the instance's own cap, far below the pool (kernel.pty.max).
+    got = sandbox.probe('''
+import errno
+held, err = [], None
+try:
+    for _ in range(2000):
+        held.append(os.openpty())
+except OSError as e:
+    err = errno.errorcode.get(e.errno, str(e.errno))
+report(opened=len(held), err=err)
+''')
+    assert got["opened"] == 256, got
+    assert got["err"] == "ENOSPC", got
+
+
 def test_tty_run_gets_its_own_controlling_terminal(sandbox: Runner, host_pty: str) -> None:
     res = sandbox.run(["python3", "-c", PRELUDE + TERMINAL_FACTS + "report(**facts())"],
                       tty=True, tty_size=[31, 97])
@@ -195,43 +212,49 @@ def test_session_calls_get_a_terminal(caller: Callable[[str], list[str]]) -> Non
     assert c["stdout"].strip() == "False", c
 
 
-def test_cpython_test_pty_passes_inside(caller: Callable[[str], list[str]]) -> None:
-    # CPython's own test_pty, inside the sandbox, with and without a terminal as stdio. A
-    # python3 without its test suite (Debian's, which uid 65534 uses) runs this interpreter's
-    # test_pty.py source with its own test.support; between patch releases one test differs:
-    # test__copy_to_each mocks select() and asserts the order of pty._copy's fds (a pure
-    # Python detail that changed in 3.11.x), so it is left out when the versions differ.
-    import test.test_pty
+@pytest.mark.parametrize("module, least", [("test_pty", 5), ("test_tty", 2)])
+def test_cpython_test_pty_and_test_tty_pass_inside(
+        caller: Callable[[str], list[str]], module: str, least: int) -> None:
+    # CPython's own test_pty and test_tty (tty.setraw/setcbreak on a pty opened inside),
+    # inside the sandbox, with and without a terminal as stdio. A python3 without its test
+    # suite (Debian's, which uid 65534 uses) runs this interpreter's test source with its own
+    # test.support; between patch releases one test differs: test_pty's test__copy_to_each
+    # mocks select() and asserts the order of pty._copy's fds (a pure Python detail that
+    # changed in 3.11.x), so it is left out when the versions differ.
+    import importlib
 
-    source = Path(test.test_pty.__file__).read_text()
+    source = Path(importlib.import_module(f"test.{module}").__file__ or "").read_text()
     version = ".".join(map(str, sys.version_info[:3]))
     script = textwrap.dedent('''\
         import importlib.util, json, sys, cellblock
-        if importlib.util.find_spec("test.test_pty"):
-            argv = ["python3", "-m", "test", "-v", "test_pty"]
+        name = sys.argv[3]
+        if importlib.util.find_spec("test." + name):
+            argv = ["python3", "-m", "test", "-v", name]
         else:
             argv = ["python3", "-c", "import sys, types, unittest\\n"
-                    "m = types.ModuleType('test_pty'); sys.modules['test_pty'] = m\\n"
-                    "exec(compile(sys.argv[1], 'test_pty.py', 'exec'), m.__dict__)\\n"
-                    "if '.'.join(map(str, sys.version_info[:3])) != sys.argv[2]:\\n"
+                    "m = types.ModuleType(sys.argv[3]); sys.modules[sys.argv[3]] = m\\n"
+                    "exec(compile(sys.argv[1], sys.argv[3] + '.py', 'exec'), m.__dict__)\\n"
+                    "if '.'.join(map(str, sys.version_info[:3])) != sys.argv[2] and "
+                    "hasattr(m, 'SmallPtyTests'):\\n"
                     "    del m.SmallPtyTests.test__copy_to_each\\n"
-                    "unittest.main(module=m, argv=['test_pty'], verbosity=2)", *sys.argv[1:]]
+                    "unittest.main(module=m, argv=[sys.argv[3]], verbosity=2)", *sys.argv[1:]]
         out = {}
         for tty in (False, True):
             r = cellblock.run(argv, tty=tty, timeout=120, memory="1G", pids=512)
             out[str(tty)] = r.to_dict()
         print(json.dumps(out))
     ''')
-    got = run_caller([*caller(script), source, version])
+    got = run_caller([*caller(script), source, version, module])
     for tty, res in got.items():
         text = res["stdout"] + res["stderr"]
         failure = re.search(r"^(FAIL|ERROR):", text, re.M)
         assert (res["reason"], res["exit_code"]) == ("exited", 0), (
             tty, text[failure.start():][:3000] if failure else text[-3000:])
         ran = re.search(r"^Ran (\d+) tests", text, re.M)
-        assert ran and int(ran.group(1)) >= 5, text[-3000:]
+        assert ran and int(ran.group(1)) >= least, text[-3000:]
         assert re.search(r"^OK\b", text, re.M), text[-3000:]
-        assert "test_master_read" in text and "skipped" not in text, text[-3000:]
+        assert "skipped" not in text, text[-3000:]
+        assert ("test_master_read" if module == "test_pty" else "test_setraw") in text, text
 
 
 # ---- the caller's terminal -----------------------------------------------------------------

@@ -4,6 +4,7 @@ allowlist and secret redaction, and get a report of exactly what happened."""
 from cellblock._native import Redactor, __version__
 from cellblock.batch import Job, JobError, iter_many, run_many
 from cellblock.client import Client, RemoteSandbox
+from cellblock.credentials import Credential
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
@@ -20,6 +21,7 @@ from cellblock.errors import (
     SessionClosed,
     SetupError,
     SetupTimeout,
+    UnsafeLayer,
     VaultError,
 )
 from cellblock.files import DirEntry
@@ -40,6 +42,7 @@ __all__ = [
     "Client",
     "CodeResult",
     "CommandNotFound",
+    "Credential",
     "CredentialError",
     "DirEntry",
     "ExposedPort",
@@ -68,6 +71,7 @@ __all__ = [
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "UnsafeLayer",
     "VaultError",
     "__version__",
     "iter_many",

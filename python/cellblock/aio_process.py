@@ -44,6 +44,11 @@ class Process:
         return self.sync.argv
 
     @property
+    def tty(self) -> bool:
+        """Whether the process runs on a terminal."""
+        return self.sync.tty
+
+    @property
     def pid(self) -> int:
         """Host pid of the process's init."""
         return self.sync.pid
@@ -70,6 +75,11 @@ class Process:
     async def close_stdin(self) -> None:
         """`Process.close_stdin`."""
         self.sync.close_stdin()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """`Process.resize` (on a worker thread: a starting process's terminal is waited
+        for)."""
+        await _blocking(self.sync.resize, rows, cols)
 
     def signal(self, sig: int) -> bool:
         """`Process.signal` (does not block)."""

@@ -17,7 +17,7 @@ from cellblock.errors import CellblockError
 
 #: Subcommand modules, in help order.
 COMMANDS = ("run", "run_python", "shell", "batch", "eval", "agent", "memory", "report", "demo",
-            "serve", "mcp", "worker")
+            "serve", "mcp", "worker", "vault")
 
 #: Exit status for usage and setup errors (like most Unix tools).
 EXIT_USAGE = 2

@@ -47,6 +47,7 @@ from cellblock.service.models import (
 )
 from cellblock.service.problems import Cancelled, error_from_problem
 from cellblock.sizes import parse_size
+from cellblock.terminal import SizeArg, tty_section
 
 if TYPE_CHECKING:
     import httpx
@@ -445,13 +446,31 @@ class RemoteSandbox:
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
         cancel: threading.Event | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
+        tty_input: int | None = None,
     ) -> RunResult:
         """`Sandbox.run` on the service; `on_output` receives the output live (SSE).
         `seccomp` policies cannot travel (InvalidSpec: use `profile`). Setting `cancel` closes
-        the request, which makes the service kill the run, and raises `Cancelled`."""
+        the request, which makes the service kill the run, and raises `Cancelled`.
+        `tty`, `tty_size` and `tty_input` as in-process: a run with keystrokes from
+        `tty_input` or a window following a function goes through the service's terminal
+        WebSocket (see `cellblock.service.terminal`)."""
+        tty_section(tty, tty_size)  # the in-process checks and errors, before any request
+        if tty_input is not None and not tty:
+            raise InvalidSpec("tty_input: given without tty=True")
+        interactive = tty and (tty_input is not None or callable(tty_size))
+        fixed = None if tty_size is None or callable(tty_size) else list(tty_size)
         body = {"argv": list(argv), **_call_body(stdin, secrets, seccomp, {
             "timeout": timeout, "cpu_time": cpu_time, "max_output": max_output,
-            "env": dict(env) if env else None, "cwd": cwd, "profile": profile})}
+            "env": dict(env) if env else None, "cwd": cwd, "profile": profile,
+            "tty": tty or None, "tty_size": fixed})}
+        if interactive:
+            from cellblock.remote_terminal import run_on_terminal
+
+            return run_on_terminal(self._client, self._path("/terminal"), body,
+                                   on_output=on_output, cancel=cancel, tty_input=tty_input,
+                                   tty_size=tty_size).to_result()
         if on_output is not None:
             return self._client.stream_run(self._path("/run/stream"), body, on_output,
                                            cancel).to_result()
@@ -569,15 +588,29 @@ class RemoteSandbox:
         seccomp: SeccompPolicy | None = None,
         secrets: SecretsArg = None,
         on_output: OutputCallback | None = None,
+        tty: bool = False,
+        tty_size: SizeArg = None,
     ) -> RemoteProcess:
         """`Sandbox.start` on the service: a `RemoteProcess` (it holds one of the token's
-        concurrent runs until it ends). `on_output` is called on a thread of its own."""
+        concurrent runs until it ends). `on_output` is called on a thread of its own.
+        `tty`/`tty_size` as in-process; a window function is followed from a thread here
+        (each change is a `resize`)."""
+        tty_section(tty, tty_size)  # the in-process checks and errors, before any request
         command = {"shell": argv} if isinstance(argv, str) else {"argv": list(argv)}
+        follow = tty_size if callable(tty_size) else None
+        initial = follow() if follow is not None else tty_size
+        assert not callable(initial)
         body = {**command, **_call_body(stdin, secrets, seccomp, {
             "timeout": timeout, "cpu_time": cpu_time, "max_output": max_output,
-            "env": dict(env) if env else None, "cwd": cwd, "profile": profile})}
+            "env": dict(env) if env else None, "cwd": cwd, "profile": profile,
+            "tty": tty or None, "tty_size": None if initial is None else list(initial)})}
         info = ProcessInfo.model_validate(self._post("/processes", body))
-        return RemoteProcess(self._client, self._path(), info, on_output)
+        proc = RemoteProcess(self._client, self._path(), info, on_output)
+        if follow is not None:
+            from cellblock.remote_terminal import follow_window
+
+            follow_window(proc.resize, lambda: proc.running, follow)
+        return proc
 
     def processes(self) -> list[RemoteProcess]:
         """The session's background processes still running."""

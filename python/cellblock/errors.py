@@ -20,6 +20,7 @@ from cellblock._native import (
     SessionClosed,
     SetupError,
     SetupTimeout,
+    UnsafeLayer,
     VaultError,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "UnsafeLayer",
     "VaultError",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,21 @@ class Policy(BaseModel):
     seccomp: SeccompPolicy | None = None
     allow_net: list[str] = []
     secrets: dict[str, str] = {}
+    #: A root filesystem (host directory, e.g. made by `cellblock.environments.rootfs.unpack`)
+    #: mounted read-only as the sandbox's root instead of the host's /usr, /etc, runtimes.
+    rootfs: str | None = None
+
+    @field_validator("rootfs", mode="before")
+    @classmethod
+    def _rootfs(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, (str, os.PathLike)):
+            raise InvalidSpec(f"rootfs: expected a directory path, got {v!r}")
+        path = os.path.abspath(os.fspath(v))
+        if not os.path.isdir(path):
+            raise InvalidSpec(f"rootfs: {path} is not a directory")
+        return path
 
     @field_validator("memory", "max_output", "disk", mode="before")
     @classmethod

@@ -36,6 +36,8 @@ class RemoteProcess:
         self._client = client
         self.id = info.id
         self.argv = info.argv
+        #: Whether the process runs on a terminal (`start(..., tty=True)`).
+        self.tty = info.tty
         self._path = f"{session_path}/processes/{info.id}"
         self._info = info
         if on_output is not None:
@@ -84,6 +86,11 @@ class RemoteProcess:
     def close_stdin(self) -> None:
         """Closes the process's stdin: it reads EOF."""
         self._client.request("POST", f"{self._path}/stdin", params={"close": "true"})
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Sets the window of the process's terminal to `rows` x `cols` (InvalidSpec without
+        `tty=True` or for an empty window; SandboxIOError once the process has ended)."""
+        self._client.request("POST", f"{self._path}/resize", json={"rows": rows, "cols": cols})
 
     def signal(self, sig: int) -> bool:
         """Sends `sig` (TERM, INT, HUP, QUIT, USR1, USR2 or KILL); False when the process had

@@ -88,7 +88,8 @@ def build_spec(
     """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`)."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidSpec("argv must be a non-empty list of strings")
-    prefixes = runtime_prefixes()
+    # A rootfs brings its own runtimes: none of the host's is bound in.
+    prefixes = [] if policy.rootfs else runtime_prefixes()
     env = default_env(prefixes)
     env.update(policy.env)
     spec: dict[str, Any] = {
@@ -99,6 +100,7 @@ def build_spec(
         "ro_binds": prefixes,
         "secrets": secrets_for_spec(secrets),
         "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
+        "rootfs": policy.rootfs,
     }
     if tty is not None:
         spec["tty"] = tty
@@ -141,6 +143,7 @@ def run(
     tty: bool = False,
     tty_size: SizeArg = None,
     tty_input: int | None = None,
+    rootfs: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run `argv` in a fresh sandbox and report what happened.
 
@@ -154,13 +157,15 @@ def run(
     `tty_size=(rows, cols)` window (default 24x80), or a function giving the current size,
     followed while the run goes on; `tty_input`, a readable fd (e.g. the caller's keyboard),
     is typed into the terminal as it arrives; see `cellblock.terminal`.
+    `rootfs` (a directory, see `cellblock.environments.rootfs`) becomes the sandbox's root,
+    read-only, in place of the host's system directories.
     """
     base = policy or Policy()
     merged = base.merged(
         memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
         max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
         env={**base.env, **env} if env else None,
-        allow_net=as_pattern_list(allow_net),
+        allow_net=as_pattern_list(allow_net), rootfs=rootfs,
     )
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)

@@ -12,6 +12,7 @@ import base64
 import functools
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -98,6 +99,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
+        rootfs: str | os.PathLike[str] | None = None,
     ) -> None:
         unknown = set(warm) - {"python", "node"}
         if unknown:
@@ -110,8 +112,10 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout, cpu_time=cpu_time,
             max_output=max_output, cwd=cwd, profile=profile, seccomp=seccomp,
             env={**base.env, **env} if env else None,
-            allow_net=as_pattern_list(allow_net),
+            allow_net=as_pattern_list(allow_net), rootfs=rootfs,
         )
+        if self._policy.rootfs and warm:
+            raise InvalidSpec("warm runtimes are the host's: they cannot run on a rootfs")
         self._secrets: list[Secret] = (
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)
         )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cellblock import Redactor, Sandbox
 from cellblock.agent import offline
+from cellblock.agent.credentials import AgentCredentials, sandbox_credentials
 from cellblock.agent.memory import ShortTermMemory
 from cellblock.agent.pricing import (
     DEFAULT_RATE_PER_HOUR,
@@ -41,9 +42,11 @@ from cellblock.secrets import normalize_secrets
 if TYPE_CHECKING:
     import anthropic
 
+    from cellblock.credentials import Credential
     from cellblock.memory import Checkpoint, CheckpointConfig, MemoryStore
     from cellblock.memory.agent import Persistence
     from cellblock.telemetry.otel import Telemetry
+    from cellblock.vault import Vault
 
 #: Model used when none is given.
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -260,6 +263,11 @@ class Agent:
     and left open. Every tool result, event text and the final answer pass through a Redactor
     of the secrets (the agent's and the policy's).
 
+    `agent_name` names the agent in the credential vault: each run's sandbox gets every
+    credential stored for it (`cellblock vault add NAME --agent AGENT`), plus `credentials`
+    (`Credential` objects, or names of the vault's session credentials), as placeholders that
+    the egress proxy replaces with the real values for the credentials' hosts only.
+
     With `telemetry` (a `cellblock.telemetry.Telemetry`) each run is recorded as OpenTelemetry
     spans following the GenAI conventions; `name` is the agent's name there.
     """
@@ -293,6 +301,9 @@ class Agent:
         checkpoints: CheckpointConfig | None = None,
         auto_pause: float | None = None,
         rate_per_hour: float = DEFAULT_RATE_PER_HOUR,
+        agent_name: str | None = None,
+        credentials: Sequence[Credential | str] | None = None,
+        vault: Vault | None = None,
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
@@ -301,6 +312,12 @@ class Agent:
         if rate_per_hour < 0:
             raise InvalidSpec("rate_per_hour must be >= 0")
         check_tool_names(tools)
+        #: The vault's credentials of `agent_name` (scope "agent") and `credentials` (Credential
+        #: objects, or names of the vault's session credentials): every run's sandbox gets them.
+        self.credentials = AgentCredentials(agent_name, credentials or (), vault)
+        if self.credentials and sandbox is not None:
+            raise InvalidSpec("agent_name= and credentials= go to the sandbox each run opens; a "
+                              "sandbox given to the agent keeps its own")
         self.model = model
         self.fallback_model = fallback_model
         self.tools = tuple(tools)
@@ -313,7 +330,8 @@ class Agent:
             s.name: s.value.get_secret_value()
             for s in normalize_secrets(self.policy.secrets) + normalize_secrets(secrets)
         }
-        self.system = system if system is not None else _system_prompt(self.secrets)
+        self.system = system if system is not None else _system_prompt(
+            self.secrets, self.credentials.known_names() if self.credentials else [])
         self.sandbox = sandbox
         self.tool_timeout = tool_timeout
         self.max_tool_output = max_tool_output
@@ -427,6 +445,7 @@ class _Run:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None),
                 auto_pause=self.agent.auto_pause,
+                **sandbox_credentials(Sandbox, self.agent.credentials.resolve()),
             )
         self.sandbox = sandbox
         self.paused_at_start = _paused(sandbox)
@@ -709,10 +728,16 @@ def _usage(reply: dict[str, Any]) -> Usage:
     return Usage(**{k: raw.get(k) or 0 for k in Usage.model_fields})
 
 
-def _system_prompt(secrets: Mapping[str, str]) -> str:
-    if not secrets:
-        return DEFAULT_SYSTEM
-    names = ", ".join(sorted(secrets))
-    return (f"{DEFAULT_SYSTEM}\n\nThese environment variables hold credentials you may use in "
-            f"code: {names}. Their values are secret and are redacted from all output.")
+def _system_prompt(secrets: Mapping[str, str], credentials: Sequence[str] = ()) -> str:
+    prompt = DEFAULT_SYSTEM
+    if secrets:
+        names = ", ".join(sorted(secrets))
+        prompt += (f"\n\nThese environment variables hold credentials you may use in "
+                   f"code: {names}. Their values are secret and are redacted from all output.")
+    if credentials:
+        prompt += ("\n\nThese environment variables hold placeholders of credentials: "
+                   f"{', '.join(credentials)}. Use them as if they were the real values in "
+                   "requests to the services they belong to; the network proxy puts the real "
+                   "value in, for those services only.")
+    return prompt
 

@@ -34,6 +34,8 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
                    help="seccomp profile (python|node|shell|default|none)")
     p.add_argument("--allow-net", metavar="PATTERN", action="append", default=[],
                    help="allow egress to host[:port] (repeatable)")
+    p.add_argument("--rootfs", metavar="DIR",
+                   help="run on this root filesystem (read-only) instead of the host's")
     p.add_argument("--secret", metavar="NAME[=@FILE]", action="append", default=[],
                    help="inject a secret from cellblock's environment (or a file);"
                    " redacted from output")
@@ -60,6 +62,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         "profile": args.profile,
         "env": {**base.env, **env} if env else None,
         "allow_net": args.allow_net or None,
+        "rootfs": getattr(args, "rootfs", None),
     }
     secrets = secrets_from_args(args.secret)
     if secrets:

@@ -3,7 +3,8 @@
 Every route authenticates the bearer token, finds the token's own session or batch, and calls
 `cellblock.aio`; errors leave as problem+json named like the Python exceptions. Background
 processes (live output as server-sent events, stdin, signals, wait, kill) and exposed ports
-(on the service machine's loopback) are served by `cellblock.service.processes`.
+(on the service machine's loopback) are served by `cellblock.service.processes`; interactive
+terminals (a WebSocket per tty run) by `cellblock.service.terminal`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from cellblock.service.registry import (
     Session,
     new_id,
 )
+from cellblock.service.terminal import router as terminal_routes
 
 #: Largest body accepted from a request whose token is unknown (it gets 401 anyway).
 ANONYMOUS_MAX_BODY = 64 << 10
@@ -160,6 +162,7 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     app.add_middleware(BodyLimit, tokens=tokens)
     _install_error_handlers(app)
     app.include_router(process_routes)
+    app.include_router(terminal_routes)
 
     async def run_report(
         tok: TokenRecord, request: Request, call: Awaitable[RunResult]

@@ -109,12 +109,36 @@ class CallInput(CallLimits):
         return self
 
 
-class CommandRun(CallInput):
+class TerminalArgs(_Body):
+    """A terminal for the command (`tty`), of `tty_size` = [rows, cols] (default 24x80):
+    its output, stdout and stderr merged, comes as stdout; `stdin` is typed, then
+    end-of-file. Checked by the sandbox (InvalidSpec, as in-process)."""
+
+    tty: bool = False
+    tty_size: tuple[int, int] | None = None
+
+
+class CommandRun(CallInput, TerminalArgs):
     """A command in a session."""
 
     argv: list[str] = Field(min_length=1, max_length=4096)
     cwd: str | None = None
     profile: str | None = None
+
+
+class TerminalResize(_Body):
+    """A terminal's new window (its foreground process group gets SIGWINCH)."""
+
+    rows: int = Field(ge=1, le=0xFFFF)
+    cols: int = Field(ge=1, le=0xFFFF)
+
+
+class TerminalMessage(_Body):
+    """A control message of the terminal WebSocket (a text frame; keystrokes are binary)."""
+
+    type: Literal["resize"]
+    rows: int = Field(ge=1, le=0xFFFF)
+    cols: int = Field(ge=1, le=0xFFFF)
 
 
 class CodeRun(CallInput):
@@ -125,7 +149,7 @@ class CodeRun(CallInput):
     cwd: str | None = None
 
 
-class ProcessStart(CallInput):
+class ProcessStart(CallInput, TerminalArgs):
     """A background process in a session: `argv`, or `shell` (run by `/bin/sh -c`). Without
     `stdin`/`stdin_base64` its stdin stays open for `POST .../stdin`; no wall-clock timeout
     unless `timeout` is given."""
@@ -148,6 +172,7 @@ class ProcessInfo(BaseModel):
     id: str
     argv: list[str]
     state: Literal["running", "ended"]
+    tty: bool = Field(default=False, description="Runs on a terminal (resizable).")
     returncode: int | None = Field(
         default=None, description="Exit status, or minus the signal that ended it.")
     result: RunReport | None = None

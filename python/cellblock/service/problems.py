@@ -58,6 +58,7 @@ STATUS: dict[type[CellblockError], int] = {
     errors.SecretError: 422,
     errors.CredentialError: 422,
     errors.VaultError: 422,
+    errors.UnsafeLayer: 422,
     errors.NetworkPolicyError: 422,
     errors.SeccompError: 422,
     errors.PathEscape: 403,

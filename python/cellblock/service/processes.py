@@ -29,6 +29,7 @@ from cellblock.service.models import (
     ProcessSignal,
     ProcessStart,
     RunReport,
+    TerminalResize,
 )
 from cellblock.service.problems import WaitTimeout, problem_body
 from cellblock.service.registry import Registry, ServedProcess, new_id
@@ -47,6 +48,7 @@ def info_of(served: ServedProcess) -> ProcessInfo:
     result = proc.result
     return ProcessInfo(
         id=served.id, argv=proc.argv, state="running" if proc.running else "ended",
+        tty=proc.tty,
         returncode=proc.returncode, result=None if result is None else RunReport.of(result),
     )
 
@@ -148,6 +150,13 @@ async def write_stdin(sess: Sess, process_id: str, request: Request,
             await proc.write_stdin(chunk)
     if close:
         await proc.close_stdin()
+
+
+@router.post("/processes/{process_id}/resize", status_code=204)
+async def resize_terminal(sess: Sess, process_id: str, body: TerminalResize) -> None:
+    """Sets the window of the process's terminal (InvalidSpec without `tty`; SandboxIOError
+    once it ended)."""
+    await sess.get_process(process_id).proc.resize(body.rows, body.cols)
 
 
 @router.post("/processes/{process_id}/signal")

@@ -35,6 +35,10 @@ pub enum Error {
     /// The credential vault cannot be used (no key, wrong key, corrupt file, unknown name).
     #[error("vault: {0}")]
     Vault(String),
+    /// A root filesystem or image layer that is unsafe or unusable (an entry escaping its
+    /// destination, a corrupt layer, a bad digest, a rootfs that is not a directory).
+    #[error("unsafe layer: {0}")]
+    UnsafeLayer(String),
     /// A network policy or proxy problem.
     #[error("network: {0}")]
     Network(String),
@@ -99,6 +103,7 @@ impl Error {
             Error::Secret(_) => "SecretError",
             Error::Credential(_) => "CredentialError",
             Error::Vault(_) => "VaultError",
+            Error::UnsafeLayer(_) => "UnsafeLayer",
             Error::Network(_) => "NetworkPolicyError",
             Error::SessionClosed(_) => "SessionClosed",
             Error::PathEscape(_) => "PathEscape",

@@ -1,4 +1,6 @@
-//! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime.
+//! The sandbox filesystem: a fresh tmpfs root with read-only binds of the runtime, or (with a
+//! `rootfs`) a read-only overlay of two lower layers: a small tmpfs directory holding the
+//! generated files and mount points, over that directory. Nothing is ever written to it.
 //!
 //! [`MountPlan::build`] decides everything in the parent (pure apart from reading the host's
 //! directory entries); [`MountPlan::apply`] replays the plan in the forked child with raw
@@ -60,8 +62,10 @@ const COPY_MAX: u64 = 256 * 1024;
 /// Host device nodes bound into the sandbox's /dev.
 pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// Options of the sandbox's devpts mount: a new instance whose ptmx anyone inside may open.
-pub const DEVPTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=0620";
+/// Options of the sandbox's devpts mount: a new instance whose ptmx anyone inside may open,
+/// holding at most 256 terminals (every instance draws on the kernel's one `kernel.pty.max`
+/// pool, so an unbounded sandbox could leave other containers on the host without ptys).
+pub const DEVPTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=0620,max=256";
 
 /// Hostname inside every sandbox.
 pub const HOSTNAME: &str = "cellblock";
@@ -145,6 +149,9 @@ pub struct PlanInput<'a> {
     pub owner: u32,
     /// Extra read-only binds (same path inside).
     pub ro_binds: &'a [String],
+    /// A host directory that becomes the root (read-only overlay lower layer) instead of the
+    /// host's system directories and filtered /etc.
+    pub rootfs: Option<&'a str>,
     /// Content of /etc/resolv.conf.
     pub resolv_conf: &'a str,
 }
@@ -171,27 +178,42 @@ fn under(base: &str, path: &str) -> String {
 impl MountPlan {
     /// Decides the root's layout from the host's state and the inputs.
     pub fn build(input: &PlanInput<'_>) -> Result<MountPlan> {
-        let base = BASE_CANDIDATES
+        let host_base = BASE_CANDIDATES
             .iter()
             .find(|p| Path::new(p).is_dir())
             .ok_or_else(|| Error::InvalidSpec("no directory to assemble the root in".into()))?;
         let mut ops = Vec::new();
+        let mut pre = Vec::new();
+        // The root: a small tmpfs holding only mount points and generated files; with a rootfs,
+        // that tmpfs holds the top layer (`gen`) of an overlay over it.
+        if let Some(rootfs) = input.rootfs {
+            check_rootfs(rootfs)?;
+        }
+        let overlay = input.rootfs.is_some();
+        let base = if overlay {
+            format!("{host_base}/.root")
+        } else {
+            host_base.to_string()
+        };
+        let gen = format!("{host_base}/.gen");
+        let base = base.as_str();
         let mut b = Builder {
             base,
+            gen: overlay.then_some(gen.as_str()),
+            pre: &mut pre,
             ops: &mut ops,
         };
-
-        // The root: a small tmpfs holding only mount points and generated files.
-        b.mount(
-            None,
-            "",
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("size=1m,mode=0755"),
-        )?;
-
-        for dir in SYSTEM_DIRS {
-            b.bind_host(dir)?;
+        if !overlay {
+            b.mount(
+                None,
+                "",
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("size=1m,mode=0755"),
+            )?;
+            for dir in SYSTEM_DIRS {
+                b.bind_host(dir)?;
+            }
         }
         for dir in input.ro_binds {
             let p = Path::new(dir);
@@ -201,7 +223,7 @@ impl MountPlan {
                 )));
             }
             // Already visible through a system directory bind.
-            if SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
+            if !overlay && SYSTEM_DIRS.iter().any(|s| p.starts_with(s)) {
                 continue;
             }
             if !p.is_dir() {
@@ -215,13 +237,15 @@ impl MountPlan {
 
         // /etc: a filtered view plus generated identity files.
         b.mkdir_p("/etc")?;
-        for name in ETC_ALLOW {
+        // A rootfs brings its own /etc; the host's is not looked at.
+        let etc_allow: &[&str] = if overlay { &[] } else { ETC_ALLOW };
+        for name in etc_allow {
             let host = format!("/etc/{name}");
             match Path::new(&host).symlink_metadata() {
                 // Small regular files are copied into the root: a write is much cheaper than a
                 // bind mount plus its read-only remount, and the root is read-only anyway.
                 Ok(m) if m.is_file() && m.len() <= COPY_MAX => match std::fs::read(&host) {
-                    Ok(data) => b.ops.push(Op::Write(cstr(under(base, &host))?, data)),
+                    Ok(data) => b.write(&host, data)?,
                     Err(_) => continue,
                 },
                 Ok(_) => b.bind_host(&host)?,
@@ -236,37 +260,41 @@ impl MountPlan {
             ("/etc/resolv.conf", input.resolv_conf.as_bytes()),
         ];
         for (path, data) in files {
-            b.ops
-                .push(Op::Write(cstr(under(base, path))?, data.to_vec()));
+            b.write(path, data.to_vec())?;
         }
 
         // Scratch space: one tmpfs capped at `disk`, shared by /tmp, /workspace and /dev/shm so
-        // the cap is the total.
-        let scratch = "/.scratch";
-        b.mkdir_p(scratch)?;
+        // the cap is the total. Its mount point is in the root's tmpfs, or (the overlay being
+        // read-only) beside the overlay.
+        let scratch = if overlay {
+            format!("{host_base}/.scratch")
+        } else {
+            under(base, "/.scratch")
+        };
+        b.ops.push(Op::Mkdir(cstr(&scratch)?, 0o755));
         let opts = format!(
             "size={},mode=0755,uid={},gid={}",
             input.disk.max(4096),
             input.owner,
             input.owner
         );
-        b.mount(
-            None,
-            scratch,
-            Some("tmpfs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(&opts),
-        )?;
+        b.ops.push(Op::Mount {
+            src: None,
+            dst: cstr(&scratch)?,
+            fstype: Some(cstr("tmpfs")?),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cstr(&opts)?),
+        });
         for (sub, mode) in [("tmp", 0o1777), ("workspace", 0o755), ("shm", 0o1777)] {
-            let p = format!("{scratch}/{sub}");
-            b.mkdir_p(&p)?;
-            b.ops.push(Op::Chown(cstr(under(base, &p))?, input.owner));
-            b.ops.push(Op::Chmod(cstr(under(base, &p))?, mode));
+            let p = cstr(format!("{scratch}/{sub}"))?;
+            b.ops.push(Op::Mkdir(p.clone(), 0o755));
+            b.ops.push(Op::Chown(p.clone(), input.owner));
+            b.ops.push(Op::Chmod(p, mode));
         }
         b.mkdir_p("/tmp")?;
-        b.bind(&format!("{scratch}/tmp"), "/tmp", false, true)?;
+        b.bind(&format!("{scratch}/tmp"), "/tmp", false, false)?;
         b.mkdir_p(WORKSPACE)?;
-        b.bind(&format!("{scratch}/workspace"), WORKSPACE, false, true)?;
+        b.bind(&format!("{scratch}/workspace"), WORKSPACE, false, false)?;
 
         // /dev: a few device nodes, no others.
         b.mkdir_p("/dev")?;
@@ -291,7 +319,7 @@ impl MountPlan {
             }
         }
         b.mkdir_p("/dev/shm")?;
-        b.bind(&format!("{scratch}/shm"), "/dev/shm", false, true)?;
+        b.bind(&format!("{scratch}/shm"), "/dev/shm", false, false)?;
         // A private devpts instance: the sandbox's terminals are its own, none of the host's is
         // listed or reachable. No gid= option: the sandbox has no tty group (slaves get the
         // opener's gid), and on the unprivileged path only gid 0 is mapped anyway.
@@ -314,8 +342,8 @@ impl MountPlan {
                 .push(Op::Symlink(cstr(target)?, cstr(under(base, link))?));
         }
         // The scratch mount point itself is not needed once its parts are bound.
-        b.ops.push(Op::Detach(cstr(under(base, scratch))?));
-        b.ops.push(Op::Rmdir(cstr(under(base, scratch))?));
+        b.ops.push(Op::Detach(cstr(&scratch)?));
+        b.ops.push(Op::Rmdir(cstr(&scratch)?));
 
         // /proc for the new pid namespace, with /proc/sys read-only.
         b.mkdir_p("/proc")?;
@@ -337,6 +365,11 @@ impl MountPlan {
             true,
         ));
         mask_host_proc(&mut b, |name| Path::new("/proc").join(name).exists())?;
+        if let Some(rootfs) = input.rootfs {
+            let mut all = overlay_ops(host_base, &gen, base, rootfs, pre)?;
+            all.append(&mut ops);
+            ops = all;
+        }
         Ok(MountPlan {
             base: cstr(base)?,
             ops,
@@ -426,8 +459,70 @@ fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<
     Ok(())
 }
 
+/// Characters that would end or split a path inside overlayfs's option string.
+const OVERLAY_OPTION_CHARS: &[char] = &[',', ':', '\\', '=', '\n'];
+
+/// Refuses a rootfs overlayfs cannot take or that is not a directory.
+fn check_rootfs(rootfs: &str) -> Result<()> {
+    let path = Path::new(rootfs);
+    if !path.is_absolute() {
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} is not absolute"
+        )));
+    }
+    if rootfs.contains(OVERLAY_OPTION_CHARS) {
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} contains one of , : \\ = or a newline (overlayfs cannot take it)"
+        )));
+    }
+    if !path.is_dir() {
+        return Err(Error::InvalidSpec(format!(
+            "rootfs: {rootfs:?} is not a directory"
+        )));
+    }
+    Ok(())
+}
+
+/// The steps that come before the rest with a rootfs: the tmpfs on `host_base`, the `gen`
+/// layer's directories and files (`pre`), then the overlay of `gen` over `rootfs` on `root`.
+/// No upper layer: the overlay is read-only, and entries of `gen` hide whatever the rootfs
+/// has at those names (a symlink where the plan needs a directory is never followed).
+fn overlay_ops(
+    host_base: &str,
+    gen: &str,
+    root: &str,
+    rootfs: &str,
+    pre: Vec<Op>,
+) -> Result<Vec<Op>> {
+    let mut ops = vec![
+        Op::Mount {
+            src: None,
+            dst: cstr(host_base)?,
+            fstype: Some(cstr("tmpfs")?),
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
+            data: Some(cstr("size=1m,mode=0755")?),
+        },
+        Op::Mkdir(cstr(gen)?, 0o755),
+        Op::Mkdir(cstr(root)?, 0o755),
+    ];
+    ops.extend(pre);
+    // nosuid and nodev: a setuid file or a device node in the rootfs is inert.
+    ops.push(Op::Mount {
+        src: Some(cstr("overlay")?),
+        dst: cstr(root)?,
+        fstype: Some(cstr("overlay")?),
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: Some(cstr(format!("lowerdir={gen}:{rootfs}"))?),
+    });
+    Ok(ops)
+}
+
 struct Builder<'a> {
     base: &'a str,
+    /// With a rootfs: the top layer's directory, where mount points and generated files are
+    /// made (into `pre`) before the read-only overlay is mounted.
+    gen: Option<&'a str>,
+    pre: &'a mut Vec<Op>,
     ops: &'a mut Vec<Op>,
 }
 
@@ -437,8 +532,24 @@ impl Builder<'_> {
         for part in path.split('/').filter(|s| !s.is_empty()) {
             cur.push('/');
             cur.push_str(part);
+            if let Some(gen) = self.gen {
+                self.pre.push(Op::Mkdir(cstr(under(gen, &cur))?, 0o755));
+            }
+            // With a rootfs this exists already (from gen: EEXIST), unless it is inside a
+            // tmpfs mounted on the overlay (/dev/shm).
             self.ops
                 .push(Op::Mkdir(cstr(under(self.base, &cur))?, 0o755));
+        }
+        Ok(())
+    }
+
+    /// A generated file (mode 0644): in the root's tmpfs, or in the rootfs's top layer.
+    fn write(&mut self, path: &str, data: Vec<u8>) -> Result<()> {
+        match self.gen {
+            Some(gen) => self.pre.push(Op::Write(cstr(under(gen, path))?, data)),
+            None => self
+                .ops
+                .push(Op::Write(cstr(under(self.base, path))?, data)),
         }
         Ok(())
     }
@@ -563,7 +674,11 @@ fn apply_op(op: &Op) -> Result<(), i32> {
             let fd = unsafe {
                 libc::open(
                     p.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+                    libc::O_CREAT
+                        | libc::O_WRONLY
+                        | libc::O_TRUNC
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
                     0o644,
                 )
             };
@@ -654,6 +769,7 @@ mod tests {
             disk: 1 << 20,
             owner: 0,
             ro_binds: &[],
+            rootfs: None,
             resolv_conf: "",
         })
         .expect("plan")
@@ -723,8 +839,11 @@ mod tests {
         assert!(proc_at < null_at, "{d:?}");
         // Only entries the kernel has are masked (a missing mount point would fail the run).
         let mut b_ops = Vec::new();
+        let mut pre = Vec::new();
         let mut b = Builder {
             base: "/mnt",
+            gen: None,
+            pre: &mut pre,
             ops: &mut b_ops,
         };
         mask_host_proc(&mut b, |n| n == "cmdline" || n == "acpi").expect("masks");
@@ -758,6 +877,7 @@ mod tests {
         let data = devpts.1.expect("options").into_string().expect("utf-8");
         assert!(data.split(',').any(|o| o == "newinstance"), "{data}");
         assert!(data.split(',').any(|o| o == "ptmxmode=0666"), "{data}");
+        assert!(data.split(',').any(|o| o == "max=256"), "{data}");
         let d = descriptions(&p).join("\n");
         assert!(
             d.contains("symlink /mnt/dev/ptmx -> pts/ptmx") || d.contains("/dev/ptmx -> pts/ptmx"),
@@ -772,8 +892,84 @@ mod tests {
             disk: 1,
             owner: 0,
             ro_binds: &binds,
+            rootfs: None,
             resolv_conf: "",
         });
         assert!(matches!(e, Err(Error::InvalidSpec(_))));
+    }
+
+    #[test]
+    fn a_rootfs_replaces_the_host_system_dirs_and_etc() {
+        let dir =
+            std::env::temp_dir().join(format!("cellblock-rootfs-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let rootfs = dir.display().to_string();
+        let p = MountPlan::build(&PlanInput {
+            disk: 1 << 20,
+            owner: 0,
+            ro_binds: &[],
+            rootfs: Some(&rootfs),
+            resolv_conf: "",
+        })
+        .expect("plan");
+        std::fs::remove_dir(&dir).expect("test dir");
+        let d = descriptions(&p);
+        let joined = d.join("\n");
+        assert!(
+            d.iter()
+                .any(|l| l.starts_with("mount overlay on ") && l.ends_with("(overlay)")),
+            "{joined}"
+        );
+        for host in SYSTEM_DIRS.iter().chain(&["/etc/ssl", "/etc/ld.so.cache"]) {
+            assert!(
+                !joined.contains(&format!("mount {host} ")),
+                "{host}:\n{joined}"
+            );
+        }
+        // Generated files and mount points are made in the top layer before the overlay is
+        // mounted; nothing is written through the overlay, which has no upper layer.
+        let overlay = d
+            .iter()
+            .position(|l| l.starts_with("mount overlay on "))
+            .expect("overlay");
+        let hostname = d
+            .iter()
+            .position(|l| l.starts_with("write ") && l.ends_with("/.gen/etc/hostname"))
+            .expect("hostname is written");
+        assert!(hostname < overlay, "{joined}");
+        assert!(d
+            .iter()
+            .any(|l| l.starts_with("mkdir ") && l.ends_with("/.gen/workspace")));
+        assert!(!d
+            .iter()
+            .any(|l| l.starts_with("write ") && l.contains("/.root/")));
+        let data = p.ops.iter().find_map(|op| match op {
+            Op::Mount {
+                fstype: Some(t),
+                data: Some(data),
+                ..
+            } if t.as_bytes() == b"overlay" => Some(data.to_string_lossy().into_owned()),
+            _ => None,
+        });
+        let data = data.expect("overlay options");
+        assert!(
+            data.starts_with("lowerdir=") && !data.contains("upperdir"),
+            "{data}"
+        );
+        assert!(p.base.to_string_lossy().ends_with("/.root"));
+    }
+
+    #[test]
+    fn an_unusable_rootfs_is_refused() {
+        for bad in ["relative", "/no/such/rootfs", "/tmp/a,upperdir=/etc"] {
+            let e = MountPlan::build(&PlanInput {
+                disk: 1,
+                owner: 0,
+                ro_binds: &[],
+                rootfs: Some(bad),
+                resolv_conf: "",
+            });
+            assert!(matches!(e, Err(Error::InvalidSpec(_))), "{bad}");
+        }
     }
 }

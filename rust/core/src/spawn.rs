@@ -333,6 +333,7 @@ pub(crate) fn prepare_sandbox(
         disk,
         owner,
         ro_binds: &spec.ro_binds,
+        rootfs: spec.rootfs.as_deref(),
         resolv_conf,
     })?;
     let identity = if root {

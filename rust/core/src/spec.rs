@@ -102,6 +102,9 @@ pub struct RunSpec {
     pub limits: Limits,
     /// Extra host directories bound read-only at the same path (e.g. an interpreter prefix).
     pub ro_binds: Vec<String>,
+    /// A root filesystem (an absolute host directory) mounted read-only as the sandbox's root
+    /// instead of the host's system directories; `None` = the host's runtimes.
+    pub rootfs: Option<String>,
     /// Seccomp filter to install last before execve.
     pub seccomp: Option<SeccompSpec>,
     /// Secrets to inject into `env` and redact from output.

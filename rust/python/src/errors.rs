@@ -62,6 +62,13 @@ create_exception!(
 );
 create_exception!(
     cellblock._native,
+    UnsafeLayer,
+    CellblockError,
+    "A root filesystem or image layer that is unsafe or unusable (an entry escaping its \
+     destination, a corrupt layer, a bad digest, a rootfs that is not a directory)."
+);
+create_exception!(
+    cellblock._native,
     NetworkPolicyError,
     CellblockError,
     "A bad egress pattern or a proxy failure."
@@ -172,6 +179,7 @@ pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
         "SecretError" => SecretError::new_err(msg),
         "CredentialError" => CredentialError::new_err(msg),
         "VaultError" => VaultError::new_err(msg),
+        "UnsafeLayer" => UnsafeLayer::new_err(msg),
         "NetworkPolicyError" => NetworkPolicyError::new_err(msg),
         "SessionClosed" => SessionClosed::new_err(msg),
         "PathEscape" => PathEscape::new_err(msg),
@@ -213,6 +221,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SecretError", py.get_type::<SecretError>())?;
     m.add("CredentialError", py.get_type::<CredentialError>())?;
     m.add("VaultError", py.get_type::<VaultError>())?;
+    m.add("UnsafeLayer", py.get_type::<UnsafeLayer>())?;
     m.add("NetworkPolicyError", py.get_type::<NetworkPolicyError>())?;
     m.add("SessionClosed", py.get_type::<SessionClosed>())?;
     m.add("PathEscape", py.get_type::<PathEscape>())?;

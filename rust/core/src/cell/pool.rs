@@ -46,6 +46,7 @@ pub struct Shape {
     cpu_time: bool,
     disk: Option<u64>,
     ro_binds: Vec<String>,
+    rootfs: Option<String>,
 }
 
 impl Shape {
@@ -65,6 +66,7 @@ impl Shape {
             cpu_time: l.cpu_time.is_some(),
             disk: l.disk,
             ro_binds: spec.ro_binds.clone(),
+            rootfs: spec.rootfs.clone(),
         })
     }
 
@@ -81,6 +83,7 @@ impl Shape {
                 ..Limits::default()
             },
             ro_binds: self.ro_binds.clone(),
+            rootfs: self.rootfs.clone(),
             ..RunSpec::default()
         }
     }

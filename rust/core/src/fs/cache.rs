@@ -19,6 +19,7 @@ struct Key {
     disk: u64,
     owner: u32,
     ro_binds: Vec<String>,
+    rootfs: Option<String>,
     resolv_conf: String,
 }
 
@@ -74,9 +75,14 @@ fn stat(path: &str, follow: bool) -> Option<[i64; 7]> {
     ])
 }
 
-fn stamp(ro_binds: &[String]) -> Stamp {
+fn stamp(ro_binds: &[String], rootfs: Option<&str>) -> Stamp {
     let host = host_paths().iter().map(|p| stat(p, false));
-    host.chain(ro_binds.iter().map(|p| stat(p, true))).collect()
+    // A rootfs replaced by another directory (a store swapping in a new version) gets a new
+    // plan: the plan's choices depend on its top-level entries.
+    let root = rootfs.into_iter().map(|p| stat(p, true));
+    host.chain(ro_binds.iter().map(|p| stat(p, true)))
+        .chain(root)
+        .collect()
 }
 
 fn cache() -> &'static Mutex<Vec<Entry>> {
@@ -91,10 +97,11 @@ pub fn cached(input: &PlanInput<'_>) -> Result<Arc<MountPlan>> {
         disk: input.disk,
         owner: input.owner,
         ro_binds: input.ro_binds.to_vec(),
+        rootfs: input.rootfs.map(str::to_string),
         resolv_conf: input.resolv_conf.to_string(),
     };
     // Stamped before building: a change during the build is seen by the next use.
-    let now = stamp(input.ro_binds);
+    let now = stamp(input.ro_binds, input.rootfs);
     if let Ok(entries) = cache().lock() {
         if let Some(e) = entries.iter().find(|e| e.key == key && e.stamp == now) {
             return Ok(e.plan.clone());
@@ -124,6 +131,7 @@ mod tests {
             disk: 1 << 20,
             owner: 0,
             ro_binds: binds,
+            rootfs: None,
             resolv_conf: "",
         }
     }

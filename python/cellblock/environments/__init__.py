@@ -1,0 +1,1 @@
+"""Environments: packages and images built once, cached, and shared read-only by every run."""
