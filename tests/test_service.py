@@ -334,6 +334,21 @@ def _stream_big_file(service: Service, tmp_path: Path) -> None:
         assert sb.read_file("gen.bin") == b"\0" * 1000 + b"\1" * 1000 + b"\2" * 1000
 
 
+def test_fork_through_the_client(alice: cellblock.Client) -> None:
+    with alice.Sandbox(labels={"job": "fork"}) as sb:
+        sb.write_file("a.txt", "A")
+        sb.run_python("x = 41\ndef inc(v): return v + 1", stateful=True)
+        sb.prepare_fork()
+        with sb.fork(timeout=30) as fk:
+            assert fk.id != sb.id and fk.labels == {"job": "fork"}
+            assert fk.fork_report is not None and fk.fork_report.state
+            assert fk.fork_report.files == 1 and fk.fork_report.names == 2
+            assert fk.run_python("inc(x)", stateful=True).value == "42"
+            fk.write_file("a.txt", "changed")
+            assert sb.read_file("a.txt") == b"A"
+        assert sb.run_python("x", stateful=True).value == "41"
+
+
 def test_lifetime_and_set_timeout(alice: cellblock.Client) -> None:
     short = alice.Sandbox(lifetime=1.0)
     extended = alice.Sandbox(lifetime=1.0)

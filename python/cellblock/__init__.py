@@ -13,6 +13,7 @@ from cellblock.errors import (
     EnvironmentBuildError,
     EnvironmentNotFound,
     FileTooLarge,
+    ForkError,
     InvalidSpec,
     NamespaceUnavailable,
     NetworkPolicyError,
@@ -29,6 +30,7 @@ from cellblock.errors import (
     VaultError,
 )
 from cellblock.files import DirEntry
+from cellblock.fork import ForkReport
 from cellblock.policy import Policy
 from cellblock.pool import run_node, run_python
 from cellblock.process import ExposedPort, OutputChunk, Process
@@ -53,6 +55,8 @@ __all__ = [
     "EnvironmentNotFound",
     "ExposedPort",
     "FileTooLarge",
+    "ForkError",
+    "ForkReport",
     "InvalidSpec",
     "Job",
     "JobError",

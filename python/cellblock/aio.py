@@ -38,6 +38,7 @@ from cellblock.aio_process import Process as Process  # re-exported: aio.Process
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
+from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport
 from cellblock.policy import Policy
 from cellblock.process import ExposedPort
 from cellblock.result import RunResult
@@ -300,6 +301,20 @@ class Sandbox:
     async def set_network(self, allow: Sequence[str]) -> list[dict[str, Any]]:
         """Replaces the session's egress allowlist (see `Sandbox.set_network`)."""
         return await _blocking(lambda: self.sync.set_network(allow))
+
+    async def fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> Sandbox:
+        """A new session with a copy of this one's workspace and kernel state (see
+        `Sandbox.fork`), open."""
+        return Sandbox.wrap(await _blocking(lambda: self.sync.fork(timeout=timeout)))
+
+    async def prepare_fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> None:
+        """Opens the next fork's session ahead (see `Sandbox.prepare_fork`)."""
+        await _blocking(lambda: self.sync.prepare_fork(timeout=timeout))
+
+    @property
+    def fork_report(self) -> ForkReport | None:
+        """What `fork()` carried into this session, when it is a fork."""
+        return self.sync.fork_report
 
     async def pause(self) -> None:
         """Freezes every process of the session."""

@@ -28,6 +28,7 @@ from cellblock.batch import Job, JobError, Outcome
 from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.files import _chunks as file_chunks
+from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport
 from cellblock.policy import Policy
 from cellblock.process import ExposedPort
 from cellblock.remote_process import RemoteProcess
@@ -36,7 +37,14 @@ from cellblock.runtimes.warm import CodeResult
 from cellblock.sandbox import OutputCallback
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import SecretsArg, normalize_secrets
-from cellblock.service.models import BatchStatus, PortInfo, ProcessInfo, RunReport, SessionInfo
+from cellblock.service.models import (
+    BatchStatus,
+    PortInfo,
+    ProcessInfo,
+    RunReport,
+    SessionForked,
+    SessionInfo,
+)
 from cellblock.service.problems import Cancelled, error_from_problem
 from cellblock.sizes import parse_size
 from cellblock.terminal import SizeArg, tty_section
@@ -304,6 +312,9 @@ class RemoteSandbox:
         self._client = client
         self.id = info.id
         self._info = info
+        self._fork_report: ForkReport | None = (
+            info.fork if isinstance(info, SessionForked) else None
+        )
 
     @classmethod
     def connect(cls, client: Client, session_id: str) -> RemoteSandbox:
@@ -377,6 +388,21 @@ class RemoteSandbox:
             raise InvalidSpec("allow: a list of patterns, not a string")
         cut: list[dict[str, Any]] = self._post("/network", {"allow": list(allow)})
         return cut
+
+    def fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> RemoteSandbox:
+        """`Sandbox.fork` on the service: a new session (of this token, with this one's
+        labels and closing time) with a copy of the workspace and the kernel's state."""
+        info = self._post("/fork", {"timeout": timeout})
+        return RemoteSandbox(self._client, SessionForked.model_validate(info))
+
+    def prepare_fork(self, *, timeout: float = DEFAULT_FORK_TIMEOUT) -> None:
+        """`Sandbox.prepare_fork` on the service."""
+        self._client.request("POST", self._path("/fork/prepare"), json={"timeout": timeout})
+
+    @property
+    def fork_report(self) -> ForkReport | None:
+        """What the fork carried, when this handle was made by `fork()` (else None)."""
+        return self._fork_report
 
     def pause(self) -> None:
         """Freezes every process of the session."""

@@ -28,6 +28,7 @@ from cellblock.errors import (
     SetupError,
 )
 from cellblock.files import SandboxFiles
+from cellblock.fork import ForkReport, SandboxForks, SpareFork
 from cellblock.observe import notify_run, notify_session
 from cellblock.policy import Policy, as_pattern_list
 from cellblock.process import SandboxProcesses
@@ -61,7 +62,7 @@ def _exec_zygote(
     return session.exec(spec_json, None, bpf, on_output, on_start=on_start)
 
 
-class Sandbox(SandboxFiles, SandboxProcesses):
+class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
     """A persistent sandbox: many calls, one workspace, until `close()`.
 
     ``Sandbox(policy=None, **limits)`` opens it; use it as a context manager or call `close()`.
@@ -75,6 +76,8 @@ class Sandbox(SandboxFiles, SandboxProcesses):
     `warm` starts runtimes at once: ``warm=("python",)`` or ``("python", "node")``.
     `start` runs background processes and `expose` forwards ports (see cellblock.process).
     `environment` names a built environment, mounted read-only for the whole session.
+    `fork()` opens a new session with a copy of this one's workspace and kernel state (see
+    cellblock.fork).
     """
 
     def __init__(
@@ -126,6 +129,11 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             # set_network can allow hosts later (a session without it never gets network).
             spec["net"] = {"allow": []}
         self._native = _native.Session(json.dumps(spec))
+        # What a fork is opened with (the policy above, as it is then).
+        self._extra_secrets = secrets
+        self._net_plumbed = spec["net"] is not None
+        self._fork_report: ForkReport | None = None
+        self._spare: SpareFork | None = None
         self._finalizer = weakref.finalize(self, self._native.close)
         _OPEN.add(self)
         self._closed = False
@@ -196,6 +204,10 @@ class Sandbox(SandboxFiles, SandboxProcesses):
             self._end_processes()
             self._runtimes.join(timeout=10.0)
             with self._lock:
+                spare, self._spare = self._spare, None
+            if spare is not None:
+                spare.discard()
+            with self._lock:
                 self._end_auto_pause()
         finally:
             self._torn_down.set()
@@ -219,6 +231,14 @@ class Sandbox(SandboxFiles, SandboxProcesses):
         cut = self._native.set_network(list(patterns))
         self._policy = self._policy.merged(allow_net=patterns)
         return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
+
+    def _fork_child(self) -> Sandbox:
+        """A new session as this one was opened (its policy as it is now)."""
+        return Sandbox(
+            self._policy, secrets=self._extra_secrets,
+            allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
+            idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
+        )
 
     @property
     def enforcement(self) -> dict[str, str | None]:

@@ -56,6 +56,9 @@ MAX_FRAME = 4 << 20
 #: Tries of a call whose runtime vanishes before the code begins.
 ATTEMPTS = 3
 
+#: Output a kernel may write while it saves or loads its state (kept by no one).
+STATE_OUTPUT = 64 << 10
+
 #: Fresh Node workers kept ready for stateless calls (each serves one call, then ends).
 MAX_IDLE_NODE = 1
 
@@ -485,6 +488,7 @@ class WarmRuntimes:
         limits: CallLimits,
         secrets: Mapping[str, str],
         keep: bool,
+        raw: dict[str, Any] | None = None,
     ) -> CodeResult:
         with self._lock:
             if keep:
@@ -502,7 +506,7 @@ class WarmRuntimes:
         try:
             try:
                 result, alive = self._call(
-                    kernel, request, deadline, started, limits, secrets, True
+                    kernel, request, deadline, started, limits, secrets, True, raw
                 )
             except _NotStarted:
                 # The kernel had ended between calls: its state is gone.
@@ -541,9 +545,10 @@ class WarmRuntimes:
         limits: CallLimits,
         secrets: Mapping[str, str],
         serves_on: bool,
+        raw: dict[str, Any] | None = None,
     ) -> tuple[CodeResult, bool]:
         """One call supervised by the core. Returns the result and whether the worker can
-        serve another call."""
+        serve another call; `raw` gets what the worker said (content, not facts)."""
         spec = {
             "argv": ["warm"],
             "limits": {
@@ -569,6 +574,8 @@ class WarmRuntimes:
         report = dict(out["report"])
         report["wall_time_s"] = time.monotonic() - started
         said = _json_object(out["result"])
+        if raw is not None:
+            raw.update(said)
         if "cwd_errno" in said:
             # The code never ran; a kernel serves on with its state. The message is made here
             # from the requested path and a checked errno: the worker's text could be forged.
@@ -595,6 +602,62 @@ class WarmRuntimes:
             **report, value=value, error=error, outputs=outputs, outputs_error=outputs_error
         )
         return result, bool(out["alive"])
+
+    # ---- kernel state (Sandbox.fork) ------------------------------------------------------
+
+    def has_python_kernel(self) -> bool:
+        """Whether a stateful Python kernel is running (its globals can be saved)."""
+        with self._lock:
+            return "python-kernel" in self._stateful
+
+    def start_python_kernel(self, timeout: float) -> None:
+        """Starts the stateful Python kernel now unless one runs (a fork's, while the parent
+        saves its state)."""
+        with self._stateful_locks["python-kernel"]:
+            if self.has_python_kernel():
+                return
+            self.ensure_zygote()
+            try:
+                kernel = self._open_kernel("python-kernel", time.monotonic() + timeout)
+            except (_Gone, _Timeout):
+                raise SetupError("the warm Python kernel did not start") from None
+            with self._lock:
+                if self._closed:
+                    kernel.close()
+                    raise SessionClosed("the sandbox is closed")
+                self._stateful["python-kernel"] = kernel
+
+    def kernel_state(
+        self, op: Literal["save", "load"], path: str, timeout: float
+    ) -> dict[str, Any]:
+        """Has the stateful Python kernel save its globals to `path` of its sandbox, or load
+        them from there (see state_py.py); starts a kernel to load into. Returns what the
+        kernel said: {"saved"/"loaded": n, "skipped": {name: reason}}, or {"error": why} (also
+        when the kernel ended or did not answer in time)."""
+        kind: Kind = "python-kernel"
+        started = time.monotonic()
+        request = {"code": "", "state": {op: path}, "call": secrets_mod.token_hex(8),
+                   "max_output": STATE_OUTPUT}
+        said: dict[str, Any] = {}
+        with self._stateful_locks[kind]:
+            if op == "save" and not self.has_python_kernel():
+                return {"error": "no stateful Python kernel is running"}
+            self.ensure_zygote()
+            try:
+                result = self._run_kernel(
+                    kind, request, started + timeout, started,
+                    CallLimits(timeout, None, STATE_OUTPUT), {}, keep=True, raw=said,
+                )
+            except _Timeout:
+                return {"error": f"the kernel did not {op} its state within {timeout:g} s"}
+            except _NotStarted:
+                return {"error": "the kernel ended before it could " + op + " its state"}
+        state = said.get("state")
+        if result.state_lost:
+            return {"error": f"the kernel ended while it was to {op} its state ({result.reason})"}
+        if not isinstance(state, dict):
+            return {"error": "the kernel gave no answer about its state"}
+        return state
 
     def _failed(self, started: float, reason: str, limits: CallLimits) -> CodeResult:
         return CodeResult(
@@ -646,6 +709,9 @@ def _node_source() -> str:
 
 def zygote_source() -> str:
     """The in-sandbox server's source, run as `python3 -c SOURCE SOCKET_PATH`: the display
-    protocol (display_py.py), then the server."""
+    protocol (display_py.py), the kernel state's saving and loading (state_py.py), then the
+    server."""
     here = resources.files("cellblock.runtimes")
-    return "\n".join(here.joinpath(f).read_text() for f in ("display_py.py", "zygote_py.py"))
+    return "\n".join(
+        here.joinpath(f).read_text() for f in ("display_py.py", "state_py.py", "zygote_py.py")
+    )

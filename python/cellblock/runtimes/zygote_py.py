@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     # In the sandbox, display_py.py's source runs first in this module (see zygote_source).
     from cellblock.runtimes.display_py import CURRENT, display
+    from cellblock.runtimes.state_py import state_load, state_save
 
 #: The stdlib a typical snippet uses, imported once here so every fork starts with it.
 WARM_MODULES = (
@@ -336,6 +337,22 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
             "outputs": CURRENT.result()}
 
 
+def state_call(op: Any, module: types.ModuleType) -> dict[str, Any]:
+    """A kernel's state saved to or loaded from a file (`Sandbox.fork`, see state_py.py)."""
+    try:
+        if isinstance(op, dict) and isinstance(op.get("save"), str):
+            said = state_save(module, op["save"])
+        elif isinstance(op, dict) and isinstance(op.get("load"), str):
+            said = state_load(module, op["load"])
+        else:
+            raise ValueError("unknown state operation")
+        exit_code = 0
+    except BaseException as e:  # even a SystemExit from an object's __setstate__
+        said, exit_code = {"error": f"{type(e).__name__}: {e}"[:2000]}, 1
+    flush_std()
+    return {"exit_code": exit_code, "value": None, "error": None, "state": said}
+
+
 def fresh_main() -> types.ModuleType:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
@@ -373,7 +390,10 @@ def python_worker(ctl_in: int, ctl_out: int, warmed: int | None = None) -> None:
         n += 1
         req = _loads(got[1])
         if not req.get("once"):
-            result = run_code(req, module, f"<cell {n}>")
+            if "state" in req:
+                result = state_call(req["state"], module)
+            else:
+                result = run_code(req, module, f"<cell {n}>")
             result["call"] = req.get("call")
             write_all_fd(ctl_out, frame(b"r", _dumps(result).encode()))
             continue

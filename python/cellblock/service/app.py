@@ -37,10 +37,12 @@ from cellblock.service.models import (
     BatchStatus,
     CodeRun,
     CommandRun,
+    ForkRequest,
     NetworkSet,
     OneShotRun,
     RunReport,
     SessionCreate,
+    SessionForked,
     SessionInfo,
     SetTimeout,
 )
@@ -247,6 +249,27 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     async def set_network(sess: Sess, body: NetworkSet) -> list[dict[str, Any]]:
         """Replaces the session's egress allowlist; returns the connections it cut."""
         return await sess.sandbox.set_network(body.allow)
+
+    @app.post("/v1/sessions/{session_id}/fork", status_code=201, tags=["sessions"])
+    async def fork_session(tok: Token, sess: Sess, body: ForkRequest) -> SessionForked:
+        """Forks the session (`Sandbox.fork`): a new session of this token, isolated from
+        it, with a copy of its workspace and of its stateful Python kernel's globals; the
+        labels and the closing time are the parent's."""
+        async with registry.session_slot(tok):
+            child = await sess.sandbox.fork(timeout=body.timeout)
+            report = child.fork_report
+            assert report is not None  # set by every fork
+            session = Session(
+                id=new_id("ses"), owner=tok.name, sandbox=child, labels=dict(sess.labels),
+                created_at=time.time(), expires_at=sess.expires_at,
+            )
+            registry.add_session(session)
+        return SessionForked(**session.info().model_dump(), fork=report)
+
+    @app.post("/v1/sessions/{session_id}/fork/prepare", status_code=204, tags=["sessions"])
+    async def prepare_fork(sess: Sess, body: ForkRequest) -> None:
+        """Opens the next fork's session ahead (`Sandbox.prepare_fork`)."""
+        await sess.sandbox.prepare_fork(timeout=body.timeout)
 
     @app.get("/v1/sessions/{session_id}/enforcement", tags=["sessions"])
     async def enforcement(sess: Sess) -> dict[str, str | None]:

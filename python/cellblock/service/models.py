@@ -9,6 +9,7 @@ from typing import Any, Literal, Self
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
 
 from cellblock.batch import Job, Limits
+from cellblock.fork import ForkReport
 from cellblock.result import Reason, RunResult
 from cellblock.runtimes.outputs import IMAGE_SIGNATURES, Output
 from cellblock.runtimes.warm import CodeResult
@@ -76,6 +77,20 @@ class SessionInfo(BaseModel):
         default=None, description="Seconds until the idle timeout closes it (none: never).")
     auto_pause_in: float | None = Field(
         default=None, description="Seconds until auto_pause freezes it (none: not pending).")
+
+
+class ForkRequest(BaseModel):
+    """How long a fork's saving and loading of the kernel's state may each take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(default=60.0, gt=0, le=600)
+
+
+class SessionForked(SessionInfo):
+    """A session made by forking another (`POST /v1/sessions/{id}/fork`)."""
+
+    fork: ForkReport = Field(description="What the fork carried (see `Sandbox.fork`).")
 
 
 class CallInput(CallLimits):

@@ -67,6 +67,7 @@ STATUS: dict[type[CellblockError], int] = {
     errors.PathEscape: 403,
     errors.SandboxIOError: 404,
     errors.FileTooLarge: 413,
+    errors.ForkError: 422,
     errors.SessionClosed: 404,
     errors.NamespaceUnavailable: 503,
     errors.SetupError: 503,

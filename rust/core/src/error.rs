@@ -48,6 +48,10 @@ pub enum Error {
     /// A path given to the files API leaves the sandbox.
     #[error("path escapes the sandbox: {0}")]
     PathEscape(String),
+    /// A session could not be forked as asked (the fork's disk limit, a state that cannot
+    /// be carried over).
+    #[error("fork: {0}")]
+    Fork(String),
     /// An I/O error talking to the sandbox after it started.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -103,6 +107,7 @@ impl Error {
             Error::Network(_) => "NetworkPolicyError",
             Error::SessionClosed(_) => "SessionClosed",
             Error::PathEscape(_) => "PathEscape",
+            Error::Fork(_) => "ForkError",
             Error::Io(_) | Error::IoAt { .. } => "SandboxIOError",
             Error::Deadline { .. } => "SetupTimeout",
             Error::CleanupFailed { error, .. } | Error::At { error, .. } => error.kind(),

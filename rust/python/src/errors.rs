@@ -87,6 +87,12 @@ create_exception!(
 );
 create_exception!(
     cellblock._native,
+    ForkError,
+    CellblockError,
+    "A session could not be forked (the fork's disk limit, a state that cannot be carried)."
+);
+create_exception!(
+    cellblock._native,
     SetupTimeout,
     SetupError,
     "Building the sandbox took longer than its deadline (a hung set-up): it was killed."
@@ -177,6 +183,7 @@ pub fn to_pyerr(e: cellblock_core::Error) -> PyErr {
         "NetworkPolicyError" => NetworkPolicyError::new_err(msg),
         "SessionClosed" => SessionClosed::new_err(msg),
         "PathEscape" => PathEscape::new_err(msg),
+        "ForkError" => ForkError::new_err(msg),
         _ => SetupError::new_err(msg),
     };
     Python::with_gil(|py| {
@@ -218,6 +225,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NetworkPolicyError", py.get_type::<NetworkPolicyError>())?;
     m.add("SessionClosed", py.get_type::<SessionClosed>())?;
     m.add("PathEscape", py.get_type::<PathEscape>())?;
+    m.add("ForkError", py.get_type::<ForkError>())?;
     m.add("SetupTimeout", py.get_type::<SetupTimeout>())?;
     m.add("SandboxIOError", sandbox_io_error(py)?)?;
     m.add("FileTooLarge", file_too_large(py)?)?;

@@ -450,6 +450,42 @@ impl Session {
         py.allow_threads(|| self.inner.remove(path))
             .map_err(to_pyerr)
     }
+
+    /// Copies this session's /workspace into `dest`'s (a fork): returns
+    /// `{"files", "dirs", "symlinks", "bytes", "skipped"}` (skipped: paths with the reason).
+    fn copy_workspace_to<'py>(
+        &self,
+        py: Python<'py>,
+        dest: &Session,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let r = py
+            .allow_threads(|| self.inner.copy_workspace_to(&dest.inner))
+            .map_err(to_pyerr)?;
+        let d = PyDict::new(py);
+        d.set_item("files", r.files)?;
+        d.set_item("dirs", r.dirs)?;
+        d.set_item("symlinks", r.symlinks)?;
+        d.set_item("bytes", r.bytes)?;
+        d.set_item("skipped", r.skipped)?;
+        Ok(d)
+    }
+
+    /// Copies one regular file of this session's scratch mounts to `dest_path` in `dest`'s,
+    /// raw, at most `max_size` bytes; returns the bytes copied.
+    fn copy_file_to(
+        &self,
+        py: Python<'_>,
+        path: &str,
+        dest: &Session,
+        dest_path: &str,
+        max_size: u64,
+    ) -> PyResult<u64> {
+        py.allow_threads(|| {
+            self.inner
+                .copy_file_to(path, &dest.inner, dest_path, max_size)
+        })
+        .map_err(to_pyerr)
+    }
 }
 
 /// Locks a reader's or writer's state; `None` once closed.

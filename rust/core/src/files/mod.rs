@@ -24,7 +24,10 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
+mod copy;
 mod open;
+
+pub use copy::CopyReport;
 
 pub use open::FilesTarget;
 use open::{perform, Lowered, Op};

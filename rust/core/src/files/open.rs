@@ -258,7 +258,7 @@ fn errno_fail(e: i32) -> Fail {
 
 /// Mount ids of the scratch mounts (0 where a path is missing or not a mount of its own),
 /// resolved inside the sandbox's root like any other path.
-fn scratch_mount_ids(root: RawFd) -> [u64; 3] {
+pub(super) fn scratch_mount_ids(root: RawFd) -> [u64; 3] {
     let mut ids = [0u64; 3];
     for (id, path) in ids.iter_mut().zip(SCRATCH_MOUNTS) {
         let Ok(fd) = open_in_root(root, path, libc::O_PATH | libc::O_NOFOLLOW) else {
@@ -345,7 +345,7 @@ fn open_how(
 
 /// Resolves `path` inside the sandbox's root: `..` stops at the root, absolute symlinks are
 /// re-rooted, magic links (/proc/*/root, /proc/*/fd/*) are refused.
-fn open_in_root(root: RawFd, path: &std::ffi::CStr, flags: i32) -> Result<RawFd, i32> {
+pub(super) fn open_in_root(root: RawFd, path: &std::ffi::CStr, flags: i32) -> Result<RawFd, i32> {
     open_how(
         root,
         path,
