@@ -245,13 +245,14 @@ class Sandbox:
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
+        rootfs: str | os.PathLike[str] | None = None,
     ) -> None:
         self._args = (policy, _given(
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout,
             cpu_time=cpu_time, max_output=max_output, env=env, cwd=cwd, profile=profile,
             seccomp=seccomp, allow_net=allow_net, secrets=secrets, environment=environment,
             idle_timeout=idle_timeout,
-            auto_pause=auto_pause, warm=warm or None,
+            auto_pause=auto_pause, warm=warm or None, rootfs=rootfs,
         ))
         self._sync: SyncSandbox | None = None
 
