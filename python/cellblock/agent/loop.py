@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from cellblock import Redactor, Sandbox
 from cellblock.agent import offline
+from cellblock.agent.bindings import Prefetching, ToolSet, ToolSource
+from cellblock.agent.control import CancelScope, Ledger
 from cellblock.agent.memory import ShortTermMemory
 from cellblock.agent.pricing import (
     DEFAULT_RATE_PER_HOUR,
@@ -24,6 +26,7 @@ from cellblock.agent.pricing import (
     Usage,
     price_for,
 )
+from cellblock.agent.routing import RouteContext, Router, RoutingDecision
 from cellblock.agent.tools import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_TOOLS,
@@ -62,7 +65,7 @@ DEFAULT_SYSTEM = (
     "answer and no tool call."
 )
 
-StopReason = Literal["end_turn", "max_turns", "budget", "error"]
+StopReason = Literal["end_turn", "max_turns", "budget", "error", "cancelled"]
 
 
 class ToolCall(BaseModel):
@@ -112,10 +115,46 @@ class AgentResult(BaseModel):
     error: str | None = None
     #: The checkpointed session (when the agent has a memory store): resume it with this id.
     session_id: str | None = None
+    #: Each turn's routing decision and cost (with a router).
+    routing: list[RoutingDecision] = []
+    #: What the same tokens would have cost on the main model (with a router), and the saving.
+    main_model_cost_usd: float | None = None
+    routing_saving_usd: float = 0.0
+    #: Results of the sub-agents this agent delegated to (an orchestrator).
+    sub_agent_results: list[SubAgentResult] = []
+    #: What the sub-agents' turns cost, included in `tree_cost_usd` but not in `cost_usd`.
+    tree_cost_usd: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (what `cellblock agent --json` prints)."""
         return self.model_dump(mode="json")
+
+
+SubAgentStatus = Literal["ok", "failed", "timeout", "cancelled", "refused"]
+
+
+class SubAgentResult(BaseModel):
+    """One delegation of an orchestrator: which agent, the task, and how it ended. A failure
+    is reported here (status and error), never raised in the parent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    agent: str
+    task: str
+    status: SubAgentStatus
+    #: The sub-agent's own result (None when it never started).
+    result: AgentResult | None = None
+    error: str | None = None
+    #: Seconds since the epoch: when it started running (after waiting for a slot) and ended.
+    started_at: float | None = None
+    ended_at: float | None = None
+    #: The budget slice it was given (None: unlimited).
+    budget_usd: float | None = None
+    budget_tokens: int | None = None
+
+
+AgentResult.model_rebuild()
 
 
 class _Event(BaseModel):
@@ -293,6 +332,11 @@ class Agent:
         checkpoints: CheckpointConfig | None = None,
         auto_pause: float | None = None,
         rate_per_hour: float = DEFAULT_RATE_PER_HOUR,
+        tool_sources: Sequence[ToolSource] = (),
+        router: Router | None = None,
+        ledger: Ledger | None = None,
+        budget_tokens: int | None = None,
+        cancel: CancelScope | None = None,
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
@@ -300,7 +344,10 @@ class Agent:
             raise InvalidSpec("budget_usd must be >= 0")
         if rate_per_hour < 0:
             raise InvalidSpec("rate_per_hour must be >= 0")
-        check_tool_names(tools)
+        if budget_tokens is not None and budget_tokens < 0:
+            raise InvalidSpec("budget_tokens must be >= 0")
+        if tools or not tool_sources:
+            check_tool_names(tools)
         self.model = model
         self.fallback_model = fallback_model
         self.tools = tuple(tools)
@@ -335,6 +382,15 @@ class Agent:
         self.rate_per_hour = rate_per_hour
         if memory is not None and memory_turns is None:
             self.memory_turns = memory.config.max_turns
+        #: Tools from other sources (MCP servers, `@tool` functions, sub-agents).
+        self.tool_sources = tuple(tool_sources)
+        #: Sends some turns to a cheaper model (see cellblock.agent.routing).
+        self.router = router
+        #: The budget shared with an agent tree (see cellblock.agent.control).
+        self.ledger = ledger
+        self.budget_tokens = budget_tokens
+        #: Cancelling this scope stops the run (and closes its own sandbox at once).
+        self.cancel = cancel
 
     def run(self, task: str, on_event: Callable[[AgentEvent], None] | None = None) -> AgentResult:
         """Run the loop to its end; `on_event` sees every event as it happens."""
@@ -414,6 +470,14 @@ class _Run:
         self.prior_paused = 0.0
         self.sandbox: SandboxLike | None = None
         self.paused_at_start = 0.0
+        #: The model asked this turn (the router's choice, or the main model).
+        self.turn_model = agent.model
+        self.turn_reason = "main"
+        self.routing: list[RoutingDecision] = []
+        self.last_tools: tuple[str, ...] = ()
+        #: The dearest turn so far: the estimate of the next one for the shared budget.
+        self.dearest = (0.0, 0)
+        self.tools: ToolSet | None = None
 
     def redact(self, text: str) -> str:
         return self.redactor.redact(text) if self.redactor is not None else text
@@ -429,16 +493,25 @@ class _Run:
                 auto_pause=self.agent.auto_pause,
             )
         self.sandbox = sandbox
+        if owned is not None and self.agent.cancel is not None:
+            self.agent.cancel.on_cancel(owned.close)  # kills a tool call in progress
         self.paused_at_start = _paused(sandbox)
         # Every field of every event (tool inputs, errors, results) is redacted, not only the
         # texts the loop builds; with a redactor of its own, so that `redactions` keeps
         # counting what was found in tool results and answers.
         fields = Redactor(self.agent.secrets) if self.agent.secrets else None
+        opened: list[Any] = []
         try:
             toolbox: ToolRunner = Toolbox(
                 sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
                 timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
-            )
+            ) if self.agent.tools else cast(ToolRunner, None)
+            if self.agent.tool_sources:
+                for source in self.agent.tool_sources:
+                    opened.append(source.open())
+                toolbox = self.tools = ToolSet(
+                    toolbox, opened, redact=self.redact, redact_margin=self.redact_margin,
+                    max_output_chars=self.agent.max_tool_output)
             if self.hooks is not None:
                 toolbox = self.hooks.start(sandbox, toolbox)
             if self.hooks is not None and self.hooks.finished is not None:
@@ -456,6 +529,8 @@ class _Run:
                 if self.hooks is not None:
                     self.hooks.finish(result)
         finally:
+            for tools in reversed(opened):
+                tools.close()
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:
@@ -473,13 +548,16 @@ class _Run:
             if stop is not None:
                 return stop
         while True:
+            if self._cancelled():
+                return "cancelled"
             if self._over_budget():
                 return "budget"
             if self.hooks is not None:
                 self.hooks.tick()
             self.memory.compact()
+            self._route()
             yield ModelRequest(
-                turn=self.turns + 1, model=self.model, messages=len(self.memory.messages),
+                turn=self.turns + 1, model=self.turn_model, messages=len(self.memory.messages),
                 context_chars=self.memory.size,
             )
             started = time.monotonic()
@@ -497,7 +575,7 @@ class _Run:
                 self.best_text = text
             tool_uses = [b for b in content if b.get("type") == "tool_use"]
             yield ModelResponse(
-                turn=self.turns, model=self.model, stop_reason=self.model_stop_reason, text=text,
+                turn=self.turns, model=self.turn_model, stop_reason=self.model_stop_reason, text=text,
                 tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
                 duration_s=duration,
             )
@@ -522,6 +600,9 @@ class _Run:
         results message; returns a stop reason if the loop must end."""
         done = {r["tool_use_id"] for r in results}
         self.pending = results
+        self.last_tools = tuple(b["name"] for b in tool_uses)
+        if isinstance(toolbox, Prefetching):
+            toolbox.prefetch([b for b in tool_uses if b["id"] not in done])
         for block in tool_uses:
             if block["id"] in done:
                 continue
@@ -543,6 +624,8 @@ class _Run:
             if self.hooks is not None:
                 self.hooks.tool_done(block["name"])  # before the event: never lost
             yield ToolFinished(call=call, content=outcome.content)
+            if self._cancelled():
+                return "cancelled"
             if outcome.fatal:
                 self.error = outcome.content
                 return "error"
@@ -550,16 +633,53 @@ class _Run:
         self.memory.append({"role": "user", "content": results})
         return None
 
-    def _over_budget(self) -> bool:
-        return self.agent.budget_usd is not None and self.cost >= self.agent.budget_usd
+    def _cancelled(self) -> bool:
+        scope = self.agent.cancel
+        if scope is not None and scope.cancelled:
+            self.error = self.error or f"cancelled: {scope.reason}"
+            return True
+        return False
 
-    def _account(self, reply: dict[str, Any]) -> None:
-        price = price_for(self.model, self.agent.prices)
+    def _over_budget(self) -> bool:
+        agent = self.agent
+        if agent.budget_usd is not None and self.cost >= agent.budget_usd:
+            return True
+        if agent.budget_tokens is not None and _tokens(self.usage) >= agent.budget_tokens:
+            return True
+        return agent.ledger is not None and not agent.ledger.allows(*self.dearest)
+
+    def _route(self) -> None:
+        """Picks this turn's model (after a fallback switch, the fallback model)."""
+        agent = self.agent
+        self.turn_model, self.turn_reason = self.model, "main"
+        if agent.router is None or self.model != agent.model:
+            return
+        ctx = RouteContext(
+            turn=self.turns + 1, task_chars=len(self.task), context_chars=self.memory.size,
+            last_tools=self.last_tools, main_model=self.model,
+        )
+        self.turn_model, self.turn_reason = agent.router.decide(ctx)
+
+    def _price(self, model: str) -> Price:
+        price = price_for(model, self.agent.prices)
         if price is None:
             price, self.cost_is_estimate = UNKNOWN_PRICE, True
+        return price
+
+    def _account(self, reply: dict[str, Any]) -> None:
         usage = _usage(reply)
+        cost = self._price(self.turn_model).cost(usage)
         self.usage += usage
-        self.cost += price.cost(usage)
+        self.cost += cost
+        tokens = _tokens(usage)
+        self.dearest = (max(self.dearest[0], cost), max(self.dearest[1], tokens))
+        if self.agent.ledger is not None:
+            self.agent.ledger.charge(cost, tokens)
+        if self.agent.router is not None:
+            self.routing.append(RoutingDecision(
+                turn=self.turns, model=self.turn_model, reason=self.turn_reason, usage=usage,
+                cost_usd=cost, main_model_cost_usd=self._price(self.agent.model).cost(usage),
+            ))
 
     def _request(
         self, tools: list[dict[str, Any]]
@@ -574,32 +694,34 @@ class _Run:
                     return self._create(tools)
                 except _ModelError as e:
                     if not is_retryable(e.error):
-                        self.error = f"{self.model}: {describe_error(e.error)}"
+                        self.error = f"{self.turn_model}: {describe_error(e.error)}"
                         return None
                     last = e.error
                 if attempt <= agent.max_retries:
                     delay = retry_delay(last, attempt, agent.retry_base_delay)
-                    yield ModelRetry(turn=self.turns + 1, model=self.model, attempt=attempt,
+                    yield ModelRetry(turn=self.turns + 1, model=self.turn_model, attempt=attempt,
                                      error=describe_error(last), delay_s=delay)
                     time.sleep(delay)
-            failure = f"{self.model}: {describe_error(last)} ({agent.max_retries + 1} attempts)"
-            if agent.fallback_model is None or self.model == agent.fallback_model:
+            failure = (f"{self.turn_model}: {describe_error(last)} "
+                       f"({agent.max_retries + 1} attempts)")
+            if agent.fallback_model is None or self.turn_model == agent.fallback_model:
                 self.error = failure
                 return None
-            yield ModelFallback(turn=self.turns + 1, from_model=self.model,
+            yield ModelFallback(turn=self.turns + 1, from_model=self.turn_model,
                                 to_model=agent.fallback_model, error=failure)
-            self.model = agent.fallback_model
+            self.model = self.turn_model = agent.fallback_model
+            self.turn_reason = "fallback"
 
     def _create(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
         """The model's reply as a dict; raises _ModelError for the SDK's errors."""
         agent = self.agent
-        if self.model == offline.OFFLINE_MODEL:
+        if self.turn_model == offline.OFFLINE_MODEL:
             return offline.respond(self.memory.messages)
         # Imported here: the SDK takes seconds to import and the offline model needs none of it.
         anthropic = require_sdk()
 
         params: dict[str, Any] = {
-            "model": self.model, "max_tokens": agent.max_tokens, "system": agent.system,
+            "model": self.turn_model, "max_tokens": agent.max_tokens, "system": agent.system,
             "messages": self.memory.messages, "tools": tools,
         }
         if agent.prompt_cache:
@@ -644,7 +766,23 @@ class _Run:
             redactions=self._redactions(),
             error=self.error,
             session_id=self.hooks.session_id if self.hooks is not None else None,
+            **self._tree_fields(),
         )
+
+    def _tree_fields(self) -> dict[str, Any]:
+        """Routing and sub-agent fields of the result."""
+        fields: dict[str, Any] = {}
+        if self.agent.router is not None:
+            main = sum(d.main_model_cost_usd for d in self.routing)
+            fields.update(routing=self.routing, main_model_cost_usd=main,
+                          routing_saving_usd=main - self.cost)
+        subs: list[SubAgentResult] = []
+        for source in self.tools.sources if self.tools is not None else ():
+            subs.extend(getattr(source, "sub_agent_results", ()))
+        if subs:
+            fields.update(sub_agent_results=subs, tree_cost_usd=self.cost + sum(
+                _tree_cost(s.result) for s in subs if s.result is not None))
+        return fields
 
     def _paused_seconds(self) -> float:
         """Frozen time of this run's sandbox (since the run took it), earlier processes'
@@ -702,6 +840,15 @@ class _ModelError(Exception):
 def _paused(sandbox: object) -> float:
     """Seconds a sandbox spent frozen by auto-pause (0 for one that cannot pause)."""
     return float(getattr(sandbox, "paused_seconds", 0.0))
+
+
+def _tokens(usage: Usage) -> int:
+    return (usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens
+            + usage.cache_creation_input_tokens)
+
+
+def _tree_cost(result: AgentResult) -> float:
+    return result.tree_cost_usd if result.tree_cost_usd is not None else result.cost_usd
 
 
 def _usage(reply: dict[str, Any]) -> Usage:
