@@ -525,12 +525,12 @@ class _Run:
                         stop = done.value
                         break
                     yield redact_fields(event, fields)
+                _close_all(opened)  # first: children still running report in the result
                 result = self._result(stop)
                 if self.hooks is not None:
                     self.hooks.finish(result)
         finally:
-            for tools in reversed(opened):
-                tools.close()
+            _close_all(opened)
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:
@@ -575,8 +575,8 @@ class _Run:
                 self.best_text = text
             tool_uses = [b for b in content if b.get("type") == "tool_use"]
             yield ModelResponse(
-                turn=self.turns, model=self.turn_model, stop_reason=self.model_stop_reason, text=text,
-                tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
+                turn=self.turns, model=self.turn_model, stop_reason=self.model_stop_reason,
+                text=text, tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
                 duration_s=duration,
             )
             if not tool_uses:
@@ -840,6 +840,12 @@ class _ModelError(Exception):
 def _paused(sandbox: object) -> float:
     """Seconds a sandbox spent frozen by auto-pause (0 for one that cannot pause)."""
     return float(getattr(sandbox, "paused_seconds", 0.0))
+
+
+def _close_all(opened: list[Any]) -> None:
+    """Closes the open tool sources, last opened first (each once)."""
+    while opened:
+        opened.pop().close()
 
 
 def _tokens(usage: Usage) -> int:
