@@ -2,9 +2,9 @@
 happened to the sub-agents' sandboxes and to the `sleep` processes started in them.
 
 Run as `python3 -c "$(cat this)" SPEC_JSON` by tests/test_orchestration.py, as this user and
-as uid 65534. SPEC: path (put first on sys.path), url (the fake server), mode ("timeout" or "cancel"), timeout (seconds,
-the sub-agents' timeout_seconds), needle (the sleep command the sleepers run), expect (how
-many sleeps run at once before "cancel" cancels the tree).
+as uid 65534. SPEC: path (put first on sys.path), url (the fake server), mode ("timeout" or
+"cancel"), timeout (seconds, the sub-agents' timeout_seconds), needle (the sleep command the
+sleepers run), expect (how many sleeps run at once before "cancel" cancels the tree).
 """
 
 import json

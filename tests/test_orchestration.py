@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import cellblock
-from conftest import IS_ROOT, run_json_script
 from fake_anthropic import FakeAnthropic, Reply, error, message, text, tool_use
 
+import cellblock
 from cellblock.agent.control import Budget, CancelScope, Ledger
 from cellblock.agent.spec import AgentSpec, SubAgents, Team
 from cellblock.errors import CredentialError, InvalidSpec
+from conftest import IS_ROOT, run_json_script
 
 MODEL = "claude-sonnet-4-6"
 SCRIPT = (Path(__file__).parent / "orchestration_script.py").read_text()
