@@ -377,3 +377,65 @@ routing = [{ model = "claude-haiku-4-5", after_tools = ["read_file"] }]
             Team.from_dict(data)
     with pytest.raises(CredentialError, match="TOKEN"):
         Team.from_toml(path).build("coder")
+
+
+def test_cli_orchestration_demo_runs_offline_without_a_key():
+    from test_agent import base_env, cli
+
+    out = cli("--orchestrate", "--json", env=base_env())
+    assert out.returncode == 0, out.stderr
+    assert "ANTHROPIC_API_KEY is not set" in out.stderr
+    result = json.loads(out.stdout)
+    assert result["stop_reason"] == "end_turn" and result["model"] == "offline"
+    # One turn delegated to all three at once; each ran its demo's tools in its own sandbox.
+    assert [c["name"] for c in result["tool_calls"]] == ["delegate"] * 3
+    subs = {s["agent"]: s for s in result["sub_agent_results"]}
+    assert set(subs) == {"primes", "inspector", "fibonacci"}
+    assert all(s["status"] == "ok" for s in subs.values())
+    assert "2 3 5 7 11" in subs["primes"]["result"]["final_text"]
+    assert "all correct" in subs["fibonacci"]["result"]["final_text"]
+    assert "primes (ok" in result["final_text"] and "fibonacci (ok" in result["final_text"]
+    # The runs overlapped: all three had started before the first one ended.
+    starts = sorted(s["started_at"] for s in subs.values())
+    assert starts[-1] < min(s["ended_at"] for s in subs.values())
+
+
+def test_cli_runs_a_team_declared_in_toml(tmp_path, monkeypatch):
+    from test_agent import base_env, cli
+
+    path = tmp_path / "team.toml"
+    path.write_text(f"""
+[agents.boss]
+model = "{MODEL}"
+instructions = "[agent:boss] Delegate."
+tools = []
+sub_agents = {{ allowed_agents = ["helper"] }}
+
+[agents.helper]
+model = "{MODEL}"
+instructions = "[agent:helper] Help."
+tools = ["run_shell"]
+""")
+
+    def boss(turn: int, body: dict[str, Any]) -> Reply:
+        if turn == 0:
+            return message(*delegations(("helper", "count")))
+        return message(text("the helper counted to 3"))
+
+    def helper(turn: int, body: dict[str, Any]) -> Reply:
+        if turn == 0:
+            return message(tool_use("run_shell", {"command": "seq 3"}))
+        return message(text("1 2 3"))
+
+    with FakeAnthropic(by_agent({"boss": boss, "helper": helper})) as server:
+        env = {**base_env(), "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": server.url}
+        out = cli("--agents", str(path), "count to three", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the helper counted to 3"
+    assert "sub-agent helper [sub_" in out.stderr and ": ok (" in out.stderr
+    assert sorted(who(r) for r in server.requests) == ["boss", "boss", "helper", "helper"]
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[agents.a]\ntools = ["rm"]\n')
+    out = cli("--agents", str(bad), "x", env=base_env())
+    assert out.returncode != 0 and "InvalidSpec" in out.stderr and "unknown tools" in out.stderr

@@ -248,3 +248,23 @@ class OpenDelegation:
 
 def _key(raw: object) -> str:
     return json.dumps(raw, sort_keys=True, default=str)
+
+
+def demo_team(model: str) -> Team:
+    """The orchestration demo's team (`cellblock agent --orchestrate`): a lead that delegates
+    to three workers at once. With the offline model every agent follows its demo plan."""
+    from cellblock.agent.offline import ORCHESTRATION_AGENTS
+    from cellblock.agent.spec import AgentSpec, SubAgents, Team
+
+    workers = [
+        AgentSpec(name=name, model=model, instructions=f"You are the {name} agent: {demo.task}")
+        for name, demo in ORCHESTRATION_AGENTS.items()
+    ]
+    lead = AgentSpec(
+        name="lead", model=model, tools=[],
+        instructions="You are an orchestrator. Delegate the parts of the task to your "
+                     "sub-agents, in parallel where you can, then integrate their reports.",
+        sub_agents=SubAgents(allowed_agents=[w.name for w in workers], max_concurrent=3,
+                             timeout_seconds=600),
+    )
+    return Team([lead, *workers])
