@@ -99,8 +99,8 @@ def test_concurrency_is_capped_at_max_concurrent_and_each_child_has_its_own_sand
         job = task_of(body)
         if turn == 0:  # each writes its own file, then lists the workspace
             return message(tool_use("run_shell", {
-                "command": f"echo {job} > /workspace/{job}.txt; ls /workspace"}), delay_s=0.3)
-        return message(text(f"{job} finished"), delay_s=0.3)
+                "command": f"echo {job} > /workspace/{job}.txt; ls /workspace"}), delay_s=1.0)
+        return message(text(f"{job} finished"), delay_s=1.0)
 
     sessions: list[Any] = []
     team = Team([
@@ -144,7 +144,7 @@ def test_concurrency_is_capped_at_max_concurrent_and_each_child_has_its_own_sand
 def test_timeouts_and_cancellation_reach_every_child_and_its_sandbox(
         identity, mode, request, monkeypatch):
     """lead -> [sleeper, mid -> [sleeper]]: both sleepers run `sleep N` in their sandboxes;
-    a timeout (2s) or cancelling the lead must close all three sessions and kill both sleeps."""
+    a timeout (4s) or cancelling the lead must close all three sessions and kill both sleeps."""
     nobody_dir = request.getfixturevalue("nobody_dir") if identity == "nobody" else None
     needle = f"sleep {random.randint(200, 299)}.{random.randint(100, 999)}"
 
@@ -163,15 +163,18 @@ def test_timeouts_and_cancellation_reach_every_child_and_its_sandbox(
             return message(tool_use("run_shell", {"command": needle}))
         return message(text("slept"))
 
-    spec = {"mode": mode, "timeout": 2.0 if mode == "timeout" else 600.0, "needle": needle,
+    spec = {"mode": mode, "timeout": 4.0 if mode == "timeout" else 600.0, "needle": needle,
             "expect": 2}
     with FakeAnthropic(by_agent({"lead": lead, "mid": mid, "sleeper": sleeper})) as server:
         if identity == "self":  # this checkout's package, whatever the venv has installed
             spec["path"] = str(Path(cellblock.__file__).parents[1])
         out = run_json_script(identity, nobody_dir, SCRIPT, {**spec, "url": server.url})
 
-    # Both sleeps really ran, at the same time, in the children's sandboxes ...
-    assert len(out["seen"]) == 2 and out["most_at_once"] == 2
+    # Both sleeps really ran in the children's sandboxes (at the same time when cancelled:
+    # the cancel waits for that) ...
+    assert len(out["seen"]) == 2
+    if mode == "cancel":
+        assert out["most_at_once"] == 2
     # ... and none is left: not by pid, not by command line; every session is closed.
     assert out["alive"] == [] and out["left"] == []
     assert out["sessions"] == [False, False, False]
@@ -184,7 +187,7 @@ def test_timeouts_and_cancellation_reach_every_child_and_its_sandbox(
         assert result["stop_reason"] == "end_turn"
         assert result["final_text"] == "integrated what came back"
         assert subs["sleeper"]["status"] == "timeout" and subs["mid"]["status"] == "timeout"
-        assert "timed out after 2.0s" in subs["sleeper"]["error"]
+        assert "timed out after 4.0s" in subs["sleeper"]["error"]
         assert grandchild["status"] == "timeout"  # the mid's timeout reached its child
     else:
         assert result["stop_reason"] == "cancelled"

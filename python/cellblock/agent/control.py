@@ -118,8 +118,14 @@ class CancelScope:
         self._event = threading.Event()
         self._callbacks: list[Callable[[], object]] = []
         self.reason: str | None = None
+        #: Detaches this scope from its parent (see `detach`).
+        self._detach: Callable[[], None] = lambda: None
         if parent is not None:
-            parent.on_cancel(lambda: self.cancel(parent.reason or "cancelled"))
+            self._detach = parent.on_cancel(lambda: self.cancel(parent.reason or "cancelled"))
+
+    def detach(self) -> None:
+        """Stop following the parent (the work this scope covered is over)."""
+        self._detach()
 
     @property
     def cancelled(self) -> bool:
@@ -128,13 +134,20 @@ class CancelScope:
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
 
-    def on_cancel(self, callback: Callable[[], object]) -> None:
-        """Run `callback` on cancel (at once if already cancelled)."""
+    def on_cancel(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Run `callback` on cancel (at once if already cancelled). Returns a function that
+        forgets it (when what it would close is gone), so long-lived scopes do not pile up."""
         with self._lock:
             if not self._event.is_set():
                 self._callbacks.append(callback)
-                return
+                return lambda: self._forget(callback)
         callback()
+        return lambda: None
+
+    def _forget(self, callback: Callable[[], object]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
 
     def cancel(self, reason: str = "cancelled") -> None:
         with self._lock:

@@ -483,10 +483,13 @@ class _Run:
         return self.redactor.redact(text) if self.redactor is not None else text
 
     def events(self) -> Iterator[AgentEvent]:
-        sandbox: SandboxLike
+        sandbox: SandboxLike | None
         owned: Sandbox | None = None
+        forget: Callable[[], None] | None = None
         if self.agent.sandbox is not None:
             sandbox = self.agent.sandbox
+        elif not self.agent.tools and self.hooks is None:
+            sandbox = None  # no sandbox tools (e.g. an orchestrator): no session to hold
         else:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None),
@@ -494,7 +497,7 @@ class _Run:
             )
         self.sandbox = sandbox
         if owned is not None and self.agent.cancel is not None:
-            self.agent.cancel.on_cancel(owned.close)  # kills a tool call in progress
+            forget = self.agent.cancel.on_cancel(owned.close)  # kills a tool call in progress
         self.paused_at_start = _paused(sandbox)
         # Every field of every event (tool inputs, errors, results) is redacted, not only the
         # texts the loop builds; with a redactor of its own, so that `redactions` keeps
@@ -503,8 +506,9 @@ class _Run:
         opened: list[Any] = []
         try:
             toolbox: ToolRunner = Toolbox(
-                sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
-                timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
+                cast(SandboxLike, sandbox), self.agent.tools, redact=self.redact,
+                redact_margin=self.redact_margin, timeout=self.agent.tool_timeout,
+                max_output_chars=self.agent.max_tool_output,
             ) if self.agent.tools else cast(ToolRunner, None)
             if self.agent.tool_sources:
                 for source in self.agent.tool_sources:
@@ -513,7 +517,7 @@ class _Run:
                     toolbox, opened, redact=self.redact, redact_margin=self.redact_margin,
                     max_output_chars=self.agent.max_tool_output)
             if self.hooks is not None:
-                toolbox = self.hooks.start(sandbox, toolbox)
+                toolbox = self.hooks.start(cast(SandboxLike, sandbox), toolbox)
             if self.hooks is not None and self.hooks.finished is not None:
                 result = self.hooks.finished
             else:
@@ -531,6 +535,8 @@ class _Run:
                     self.hooks.finish(result)
         finally:
             _close_all(opened)
+            if forget is not None:
+                forget()
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:

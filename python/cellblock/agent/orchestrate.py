@@ -137,6 +137,7 @@ class _Child:
             if sandbox is not None:
                 sandbox.close()
             ledger.release()
+            self.scope.detach()
 
     def wait(self) -> SubAgentResult:
         """The child's result. Its own timer enforces its timeout; once it is cancelled it has
