@@ -25,9 +25,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from cellblock.agent.bindings import outcome
 from cellblock.agent.control import CancelScope, Ledger
 from cellblock.agent.loop import SubAgentResult, SubAgentStatus
+from cellblock.agent.offline import OFFLINE_MODEL
 from cellblock.agent.tools import ToolOutcome
 
 if TYPE_CHECKING:
+    import anthropic
+
     from cellblock import Sandbox
     from cellblock.agent.spec import SubAgents, Team
 
@@ -117,7 +120,8 @@ class _Child:
             if src.team.on_session is not None:
                 src.team.on_session(sandbox)
             timer.start()
-            agent = src.team.build(self.agent, sandbox=sandbox, ledger=ledger, cancel=self.scope)
+            agent = src.team.build(self.agent, sandbox=sandbox, ledger=ledger, cancel=self.scope,
+                                   client=self.owner.client(spec.model))
             result = agent.run(self.task)
             status: SubAgentStatus
             error: str | None
@@ -187,6 +191,20 @@ class OpenDelegation:
         self.sub_agent_results: list[SubAgentResult] = []
         self._prefetched: dict[str, deque[_Child]] = {}
         self._children: list[_Child] = []
+        self._client: anthropic.Anthropic | None = None
+        self._client_lock = threading.Lock()
+
+    def client(self, model: str) -> anthropic.Anthropic | None:
+        """One SDK client shared by this run's children (it is thread-safe): making one costs
+        ~0.1 s, mostly its TLS context. None for the offline model or when the team has one."""
+        if model == OFFLINE_MODEL or self.source.team.client is not None:
+            return None
+        with self._client_lock:
+            if self._client is None:
+                import anthropic
+
+                self._client = anthropic.Anthropic(max_retries=0)
+            return self._client
 
     def _start(self, agent: str, task: str) -> _Child:
         child = _Child(self, agent, task)
@@ -245,6 +263,8 @@ class OpenDelegation:
             child.thread.join(GRACE_S)
             if child.result is not None and child.result not in self.sub_agent_results:
                 self.sub_agent_results.append(child.result)
+        if self._client is not None and not any(c.thread.is_alive() for c in self._children):
+            self._client.close()  # else a stuck child still holds it: left to the collector
 
 
 def _key(raw: object) -> str:

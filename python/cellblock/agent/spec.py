@@ -196,8 +196,10 @@ class Team:
         sandbox: SandboxLike | None = None,
         ledger: Ledger | None = None,
         cancel: CancelScope | None = None,
+        client: anthropic.Anthropic | None = None,
     ) -> Agent:
-        """The agent `name`, ready to run. Without a ledger, its own budget starts a tree."""
+        """The agent `name`, ready to run. Without a ledger, its own budget starts a tree.
+        `client` (else the team's, else one per run) is the SDK client it talks through."""
         spec = self[name]
         sources: list[ToolSource] = list(spec.mcp_servers)
         functions = [self.functions[t] for t in spec.tools if t in self.functions]
@@ -228,8 +230,9 @@ class Team:
             model=spec.model, fallback_model=spec.fallback_model,
             tools=[t for t in spec.tools if t in DEFAULT_TOOLS], sandbox=sandbox,
             max_turns=spec.budget.turns or 50, max_tokens=spec.max_tokens,
-            policy=self.policy_of(spec), client=self.client, tool_timeout=spec.tool_timeout,
-            name=spec.name, tool_sources=sources, router=router, ledger=ledger, cancel=cancel,
+            policy=self.policy_of(spec), client=client or self.client,
+            tool_timeout=spec.tool_timeout, name=spec.name, tool_sources=sources,
+            router=router, ledger=ledger, cancel=cancel,
             **extra,
         )
         if spec.instructions:
