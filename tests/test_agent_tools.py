@@ -186,3 +186,19 @@ def test_tool_decorator_refuses_untyped_functions():
     with pytest.raises(InvalidSpec, match="two tools are named"):
         Agent(model=MODEL, tools=["run_shell"],
               tool_sources=[FunctionTools([forecast]), FunctionTools([forecast])]).run("x")
+
+
+def test_team_agents_name_their_function_tools(monkeypatch):
+    team = Team([AgentSpec(name="weather", tools=["forecast", "run_shell"])],
+                functions=[forecast], secrets={})
+    script = [message(tool_use("forecast", {"city": "Bergen"}, "t1"),
+                      tool_use("run_shell", {"command": "echo in-sandbox"}, "t2")),
+              message(text("rainy"))]
+    with serve(script, monkeypatch) as server:
+        result = team.build("weather").run("weather in Bergen")
+    assert {t["name"] for t in server.requests[0]["tools"]} == {"forecast", "run_shell"}
+    results = {r["tool_use_id"]: r["content"] for r in server.tool_results()}
+    assert json.loads(results["t1"])["city"] == "Bergen" and "in-sandbox" in results["t2"]
+    assert result.final_text == "rainy"
+    with pytest.raises(InvalidSpec, match="unknown tools"):
+        Team([AgentSpec(name="weather", tools=["forecast"])])
