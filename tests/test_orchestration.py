@@ -442,3 +442,19 @@ tools = ["run_shell"]
     bad.write_text('[agents.a]\ntools = ["rm"]\n')
     out = cli("--agents", str(bad), "x", env=base_env())
     assert out.returncode != 0 and "InvalidSpec" in out.stderr and "unknown tools" in out.stderr
+
+
+def test_memory_spec_uses_the_teams_store(tmp_path):
+    from cellblock.memory import MemoryStore
+
+    spec = AgentSpec(name="rememberer", tools=["run_shell"],
+                     memory={"store": True, "turns": 5, "context_chars": 50_000})
+    with pytest.raises(InvalidSpec, match="uses a memory store; the team has none"):
+        Team([spec]).build("rememberer")
+    store = MemoryStore(f"sqlite://{tmp_path / 'memory.db'}")
+    try:
+        agent = Team([spec], memory_store=store).build("rememberer")
+        assert agent.memory is store and agent.memory_turns == 5
+        assert agent.context_chars == 50_000
+    finally:
+        store.close()
