@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cellblock.agent.bindings import outcome
-from cellblock.agent.control import CancelScope, Ledger
+from cellblock.agent.control import Budget, CancelScope, Ledger
 from cellblock.agent.loop import SubAgentResult, SubAgentStatus
 from cellblock.agent.offline import OFFLINE_MODEL
 from cellblock.agent.tools import ToolOutcome
+from cellblock.policy import Policy
 
 if TYPE_CHECKING:
     import anthropic
@@ -271,21 +272,23 @@ def _key(raw: object) -> str:
     return json.dumps(raw, sort_keys=True, default=str)
 
 
-def demo_team(model: str) -> Team:
+def demo_team(model: str, budget: Budget | None = None, policy: Policy | None = None) -> Team:
     """The orchestration demo's team (`cellblock agent --orchestrate`): a lead that delegates
-    to three workers at once. With the offline model every agent follows its demo plan."""
+    to three workers at once. With the offline model every agent follows its demo plan.
+    `budget` is the lead's (the tree's); the workers' sandboxes get `policy`."""
     from cellblock.agent.offline import ORCHESTRATION_AGENTS
     from cellblock.agent.spec import AgentSpec, SubAgents, Team
 
     workers = [
-        AgentSpec(name=name, model=model, instructions=f"You are the {name} agent: {demo.task}")
+        AgentSpec(name=name, model=model, instructions=f"You are the {name} agent: {demo.task}",
+                  environment="demo")
         for name, demo in ORCHESTRATION_AGENTS.items()
     ]
     lead = AgentSpec(
-        name="lead", model=model, tools=[],
+        name="lead", model=model, tools=[], budget=budget or Budget(),
         instructions="You are an orchestrator. Delegate the parts of the task to your "
                      "sub-agents, in parallel where you can, then integrate their reports.",
         sub_agents=SubAgents(allowed_agents=[w.name for w in workers], max_concurrent=3,
                              timeout_seconds=600),
     )
-    return Team([lead, *workers])
+    return Team([lead, *workers], environments={"demo": policy or Policy()})

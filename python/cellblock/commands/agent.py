@@ -143,7 +143,10 @@ def cmd_team(args: argparse.Namespace) -> int:
         if not task:
             fail('no task given (usage: cellblock agent --agents FILE [--agent NAME] "TASK")')
     else:
-        team = demo_team(choose_model(args.model, sys.stderr))
+        from cellblock.agent.control import Budget
+
+        budget = Budget(usd=args.budget_usd, turns=args.max_turns)
+        team = demo_team(choose_model(args.model, sys.stderr), budget, policy)
         name, task = "lead", (args.task or ORCHESTRATION_DEMO.task)
     show = not args.json or sys.stderr.isatty()
     result = team.build(str(name)).run(task, on_event=Progress(sys.stderr) if show else None)
