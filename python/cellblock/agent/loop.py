@@ -122,7 +122,8 @@ class AgentResult(BaseModel):
     routing_saving_usd: float = 0.0
     #: Results of the sub-agents this agent delegated to (an orchestrator).
     sub_agent_results: list[SubAgentResult] = []
-    #: What the sub-agents' turns cost, included in `tree_cost_usd` but not in `cost_usd`.
+    #: This agent's cost plus its sub-agents' (theirs included), when it delegated;
+    #: `cost_usd` is this agent's own turns only.
     tree_cost_usd: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -301,6 +302,12 @@ class Agent:
 
     With `telemetry` (a `cellblock.telemetry.Telemetry`) each run is recorded as OpenTelemetry
     spans following the GenAI conventions; `name` is the agent's name there.
+
+    `tool_sources` add tools from elsewhere (MCP servers, `@tool` functions, sub-agents; then
+    `tools` may be empty, and no sandbox is opened for a run without built-in tools);
+    `router` picks each turn's model; `ledger` is a budget shared with an agent tree and
+    `budget_tokens` a token limit of this agent; cancelling `cancel` stops the run. Agents
+    declared as data (`cellblock.agent.spec.Team`) are built with these.
     """
 
     def __init__(

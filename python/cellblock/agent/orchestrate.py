@@ -126,12 +126,12 @@ class _Child:
             result = agent.run(self.task)
             status: SubAgentStatus
             error: str | None
-            if self.scope.reason == "timeout":
+            if result.stop_reason == "end_turn":  # finished, even if a cancel came after
+                status, error = "ok", None
+            elif self.scope.reason == "timeout":
                 status, error = "timeout", f"timed out after {src.config.timeout_seconds}s"
             elif self.scope.cancelled:
                 status, error = "cancelled", f"cancelled: {self.scope.reason}"
-            elif result.stop_reason == "end_turn":
-                status, error = "ok", None
             else:
                 status = "failed"
                 error = result.error or f"stopped: {result.stop_reason}"
