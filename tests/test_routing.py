@@ -11,6 +11,7 @@ from test_orchestration import api, serve  # noqa: F401 (api: fixture)
 from cellblock.agent import Agent
 from cellblock.agent.pricing import price_for
 from cellblock.agent.routing import Route, RouteContext, Router
+from cellblock.commands.agent import summary
 
 pytestmark = pytest.mark.usefixtures("api")
 
@@ -51,6 +52,9 @@ def test_tool_use_rule_routes_the_turn_after_a_read_to_the_cheap_model(monkeypat
     assert result.routing_saving_usd == pytest.approx(2 * (cost(MAIN) - cost(CHEAP)))
     assert result.routing_saving_usd > 0
     assert result.to_dict()["routing"][1]["reason"] == "rule 0"
+    line = summary(result)
+    assert (f"routing: 2 of 4 turns routed, saved ${result.routing_saving_usd:.4f} of "
+            f"${result.main_model_cost_usd:.4f}") in line
 
 
 def test_task_size_rule_and_classifier_hook(monkeypatch):

@@ -103,6 +103,10 @@ def summary(r: AgentResult) -> str:
             f"sandbox {r.sandbox_seconds:.2f}s of {r.wall_time_s:.2f}s")
     if r.paused_seconds:
         line += f"; auto-paused {r.paused_seconds:.2f}s (saved ${r.idle_saving_usd:.6f})"
+    if r.main_model_cost_usd is not None:
+        routed = sum(1 for d in r.routing if d.reason != "main")
+        line += (f"; routing: {routed} of {len(r.routing)} turns routed, saved "
+                 f"${r.routing_saving_usd:.4f} of ${r.main_model_cost_usd:.4f}")
     line += f"; session {r.session_id}" if r.session_id else ""
     return line + (f"\nerror: {r.error}" if r.error else "")
 
