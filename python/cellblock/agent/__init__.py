@@ -2,9 +2,12 @@
 
 from cellblock.agent.bindings import FunctionTool, FunctionTools, ToolSource, tool
 from cellblock.agent.control import Budget, CancelScope, Ledger
-from cellblock.agent.loop import (
-    DEFAULT_MODEL,
-    Agent,
+from cellblock.agent.loop import DEFAULT_MODEL, Agent
+from cellblock.agent.mcp_tools import McpServer
+from cellblock.agent.offline import DEMO_TASKS, OFFLINE_MODEL
+from cellblock.agent.pipeline import Pipeline, PipelineResult, Stage, StageResult
+from cellblock.agent.pricing import PRICES, Price, Usage
+from cellblock.agent.results import (
     AgentEvent,
     AgentResult,
     Finished,
@@ -17,10 +20,6 @@ from cellblock.agent.loop import (
     ToolFinished,
     ToolStarted,
 )
-from cellblock.agent.mcp_tools import McpServer
-from cellblock.agent.offline import DEMO_TASKS, OFFLINE_MODEL
-from cellblock.agent.pipeline import Pipeline, PipelineResult, Stage, StageResult
-from cellblock.agent.pricing import PRICES, Price, Usage
 from cellblock.agent.routing import Route, RouteContext, Router, RoutingDecision
 from cellblock.agent.spec import AgentSpec, MemorySpec, SubAgents, Team
 from cellblock.agent.tools import DEFAULT_TOOLS, SandboxLike, tool_schemas

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cellblock.agent.bindings import outcome
 from cellblock.agent.control import Budget, CancelScope, Ledger
-from cellblock.agent.loop import SubAgentResult, SubAgentStatus
 from cellblock.agent.offline import OFFLINE_MODEL
+from cellblock.agent.results import SubAgentResult, SubAgentStatus
 from cellblock.agent.tools import ToolOutcome
 from cellblock.policy import Policy
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cellblock.agent.loop import AgentResult
+from cellblock.agent.results import AgentResult
 from cellblock.agent.spec import Team
 from cellblock.errors import CellblockError, InvalidSpec
 
