@@ -303,6 +303,8 @@ def package_closure() -> list[Path]:
         cellblock.cli.make_parser()
         # What the README's snippets import too (they run as uid 65534 from this copy).
         import anthropic, cellblock.agent.loop, cellblock.memory, cellblock.telemetry
+        # The client imports its HTTP transport only when made (the orchestration tests).
+        anthropic.Anthropic(api_key="x", base_url="http://127.0.0.1:9").close()
         site = sysconfig.get_paths()["purelib"]
         tops = set()
         for mod in list(sys.modules.values()):

@@ -2,7 +2,9 @@
 
 The real `anthropic` client talks to it over real sockets (base_url). Each POST /v1/messages
 is recorded (parsed JSON body) and answered by the script: a list of replies used in order, or
-a function of the request body.
+a function of the request body. A reply can be delayed (`delay_s`, slept outside the lock so
+that concurrent requests overlap); `spans` records when each request arrived and was answered
+(server-side monotonic times), which is how concurrency is observed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -25,6 +28,8 @@ class Reply(BaseModel):
     status: int = 200
     body: dict[str, Any]
     headers: dict[str, str] = {}
+    #: Seconds the server waits before answering.
+    delay_s: float = 0.0
 
 
 Script = list[Reply] | Callable[[dict[str, Any]], Reply]
@@ -45,6 +50,7 @@ def message(
     stop_reason: str | None = None,
     model: str = "claude-sonnet-4-6",
     usage: dict[str, int] | None = None,
+    delay_s: float = 0.0,
 ) -> Reply:
     """A successful Messages API response; stop_reason defaults from the content."""
     if stop_reason is None:
@@ -53,7 +59,7 @@ def message(
         "id": f"msg_{next(_ids):04d}", "type": "message", "role": "assistant", "model": model,
         "content": list(content), "stop_reason": stop_reason, "stop_sequence": None,
         "usage": usage or {"input_tokens": 10, "output_tokens": 5},
-    })
+    }, delay_s=delay_s)
 
 
 def error(
@@ -70,6 +76,8 @@ class FakeAnthropic:
 
     def __init__(self, script: Script) -> None:
         self.requests: list[dict[str, Any]] = []
+        #: (arrived, answered, request body) of each request, monotonic seconds.
+        self.spans: list[tuple[float, float, dict[str, Any]]] = []
         self._script = script
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -124,7 +132,12 @@ class FakeAnthropic:
                 if not self.path.split("?")[0].endswith("/v1/messages"):
                     reply = error(404, "not_found_error", f"no route {self.path}", None)
                 else:
+                    arrived = time.monotonic()
                     reply = fake._next(body)
+                    if reply.delay_s:
+                        time.sleep(reply.delay_s)
+                    with fake._lock:
+                        fake.spans.append((arrived, time.monotonic(), body))
                 data = json.dumps(reply.body).encode()
                 self.send_response(reply.status)
                 self.send_header("content-type", "application/json")

@@ -9,12 +9,12 @@ import os
 import random
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
-
-from pydantic import BaseModel, ConfigDict
+from typing import TYPE_CHECKING, Any, cast
 
 from cellblock import Redactor, Sandbox
 from cellblock.agent import offline
+from cellblock.agent.bindings import Prefetching, ToolSet, ToolSource
+from cellblock.agent.control import CancelScope, Ledger
 from cellblock.agent.credentials import AgentCredentials, sandbox_credentials
 from cellblock.agent.memory import ShortTermMemory
 from cellblock.agent.pricing import (
@@ -25,12 +25,26 @@ from cellblock.agent.pricing import (
     Usage,
     price_for,
 )
+from cellblock.agent.results import (
+    AgentEvent,
+    AgentResult,
+    Finished,
+    ModelFallback,
+    ModelRequest,
+    ModelResponse,
+    ModelRetry,
+    StopReason,
+    SubAgentResult,
+    ToolCall,
+    ToolFinished,
+    ToolStarted,
+)
+from cellblock.agent.routing import RouteContext, Router, RoutingDecision
 from cellblock.agent.tools import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_TOOLS,
     SandboxLike,
     Toolbox,
-    ToolReason,
     ToolRunner,
     check_tool_names,
 )
@@ -48,6 +62,28 @@ if TYPE_CHECKING:
     from cellblock.telemetry.otel import Telemetry
     from cellblock.vault import Vault
 
+__all__ = [  # the result and event models are defined in cellblock.agent.results
+    "DEFAULT_MODEL",
+    "Agent",
+    "AgentEvent",
+    "AgentResult",
+    "Finished",
+    "ModelFallback",
+    "ModelRequest",
+    "ModelResponse",
+    "ModelRetry",
+    "StopReason",
+    "SubAgentResult",
+    "ToolCall",
+    "ToolFinished",
+    "ToolStarted",
+    "describe_error",
+    "has_api_key",
+    "is_retryable",
+    "require_sdk",
+    "retry_delay",
+]
+
 #: Model used when none is given.
 DEFAULT_MODEL = "claude-sonnet-4-6"
 
@@ -64,142 +100,6 @@ DEFAULT_SYSTEM = (
     "allowed. Check tool output before relying on it. When the task is done, reply with the "
     "answer and no tool call."
 )
-
-StopReason = Literal["end_turn", "max_turns", "budget", "error"]
-
-
-class ToolCall(BaseModel):
-    """One tool call the model made and how it ended."""
-
-    model_config = ConfigDict(frozen=True)
-
-    turn: int
-    id: str
-    name: str
-    input: Any
-    duration_s: float
-    reason: ToolReason
-    exit_code: int | None
-    is_error: bool
-    #: What the supervisor refused during the call, by kind (seccomp, dns, network).
-    violations: dict[str, int] = {}
-
-
-class AgentResult(BaseModel):
-    """The outcome of `Agent.run`: the answer, why the loop stopped, and what it cost."""
-
-    model_config = ConfigDict(frozen=True)
-
-    final_text: str
-    stop_reason: StopReason
-    #: The model's own stop reason on its last response (end_turn, tool_use, max_tokens, ...).
-    model_stop_reason: str | None
-    turns: int
-    tool_calls: list[ToolCall]
-    #: The model that answered last (the fallback model after a switch).
-    model: str
-    usage: Usage
-    cost_usd: float
-    #: True when a model missing from the price table was priced at the highest known rates.
-    cost_is_estimate: bool
-    #: Seconds spent inside tool calls (sandbox runs and file transfers).
-    sandbox_seconds: float
-    #: Seconds the run's sandbox spent frozen by auto-pause while the model was thinking.
-    paused_seconds: float = 0.0
-    #: What that frozen time would have cost, billed at the agent's `rate_per_hour`.
-    idle_saving_usd: float = 0.0
-    wall_time_s: float
-    #: Redactions made in tool results and in the final text, per secret name.
-    redactions: dict[str, int]
-    #: What went wrong when stop_reason is "error".
-    error: str | None = None
-    #: The checkpointed session (when the agent has a memory store): resume it with this id.
-    session_id: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (what `cellblock agent --json` prints)."""
-        return self.model_dump(mode="json")
-
-
-class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class ModelRequest(_Event):
-    """A request to the model is about to be sent."""
-
-    kind: Literal["model_request"] = "model_request"
-    turn: int
-    model: str
-    messages: int
-    context_chars: int
-
-
-class ModelRetry(_Event):
-    """A request failed with a retryable error; the loop waits `delay_s` and tries again."""
-
-    kind: Literal["model_retry"] = "model_retry"
-    turn: int
-    model: str
-    attempt: int
-    error: str
-    delay_s: float
-
-
-class ModelFallback(_Event):
-    """The primary model kept failing; the loop switches to the fallback model."""
-
-    kind: Literal["model_fallback"] = "model_fallback"
-    turn: int
-    from_model: str
-    to_model: str
-    error: str
-
-
-class ModelResponse(_Event):
-    """The model answered (text is redacted)."""
-
-    kind: Literal["model_response"] = "model_response"
-    turn: int
-    model: str
-    stop_reason: str | None
-    text: str
-    tool_uses: int
-    usage: Usage
-    duration_s: float
-    cost_usd: float
-
-
-class ToolStarted(_Event):
-    """A tool call is about to run."""
-
-    kind: Literal["tool_started"] = "tool_started"
-    turn: int
-    id: str
-    name: str
-    input: Any
-
-
-class ToolFinished(_Event):
-    """A tool call ended; `content` is exactly what is sent back to the model."""
-
-    kind: Literal["tool_finished"] = "tool_finished"
-    call: ToolCall
-    content: str
-
-
-class Finished(_Event):
-    """The loop ended; always the last event."""
-
-    kind: Literal["finished"] = "finished"
-    result: AgentResult
-
-
-AgentEvent = (
-    ModelRequest | ModelRetry | ModelFallback | ModelResponse
-    | ToolStarted | ToolFinished | Finished
-)
-
 
 def require_sdk() -> Any:
     """The anthropic SDK, an optional extra needed only by the agent with a real model."""
@@ -270,6 +170,12 @@ class Agent:
 
     With `telemetry` (a `cellblock.telemetry.Telemetry`) each run is recorded as OpenTelemetry
     spans following the GenAI conventions; `name` is the agent's name there.
+
+    `tool_sources` add tools from elsewhere (MCP servers, `@tool` functions, sub-agents; then
+    `tools` may be empty, and no sandbox is opened for a run without built-in tools);
+    `router` picks each turn's model; `ledger` is a budget shared with an agent tree and
+    `budget_tokens` a token limit of this agent; cancelling `cancel` stops the run. Agents
+    declared as data (`cellblock.agent.spec.Team`) are built with these.
     """
 
     def __init__(
@@ -304,6 +210,11 @@ class Agent:
         agent_name: str | None = None,
         credentials: Sequence[Credential | str] | None = None,
         vault: Vault | None = None,
+        tool_sources: Sequence[ToolSource] = (),
+        router: Router | None = None,
+        ledger: Ledger | None = None,
+        budget_tokens: int | None = None,
+        cancel: CancelScope | None = None,
     ) -> None:
         if max_turns < 1 or max_tokens < 1 or max_retries < 0:
             raise InvalidSpec("max_turns and max_tokens must be >= 1, max_retries >= 0")
@@ -311,7 +222,10 @@ class Agent:
             raise InvalidSpec("budget_usd must be >= 0")
         if rate_per_hour < 0:
             raise InvalidSpec("rate_per_hour must be >= 0")
-        check_tool_names(tools)
+        if budget_tokens is not None and budget_tokens < 0:
+            raise InvalidSpec("budget_tokens must be >= 0")
+        if tools or not tool_sources:
+            check_tool_names(tools)
         #: The vault's credentials of `agent_name` (scope "agent") and `credentials` (Credential
         #: objects, or names of the vault's session credentials): every run's sandbox gets them.
         self.credentials = AgentCredentials(agent_name, credentials or (), vault)
@@ -353,6 +267,15 @@ class Agent:
         self.rate_per_hour = rate_per_hour
         if memory is not None and memory_turns is None:
             self.memory_turns = memory.config.max_turns
+        #: Tools from other sources (MCP servers, `@tool` functions, sub-agents).
+        self.tool_sources = tuple(tool_sources)
+        #: Sends some turns to a cheaper model (see cellblock.agent.routing).
+        self.router = router
+        #: The budget shared with an agent tree (see cellblock.agent.control).
+        self.ledger = ledger
+        self.budget_tokens = budget_tokens
+        #: Cancelling this scope stops the run (and closes its own sandbox at once).
+        self.cancel = cancel
 
     def run(self, task: str, on_event: Callable[[AgentEvent], None] | None = None) -> AgentResult:
         """Run the loop to its end; `on_event` sees every event as it happens."""
@@ -432,15 +355,26 @@ class _Run:
         self.prior_paused = 0.0
         self.sandbox: SandboxLike | None = None
         self.paused_at_start = 0.0
+        #: The model asked this turn (the router's choice, or the main model).
+        self.turn_model = agent.model
+        self.turn_reason = "main"
+        self.routing: list[RoutingDecision] = []
+        self.last_tools: tuple[str, ...] = ()
+        #: The dearest turn so far: the estimate of the next one for the shared budget.
+        self.dearest = (0.0, 0)
+        self.tools: ToolSet | None = None
 
     def redact(self, text: str) -> str:
         return self.redactor.redact(text) if self.redactor is not None else text
 
     def events(self) -> Iterator[AgentEvent]:
-        sandbox: SandboxLike
+        sandbox: SandboxLike | None
         owned: Sandbox | None = None
+        forget: Callable[[], None] | None = None
         if self.agent.sandbox is not None:
             sandbox = self.agent.sandbox
+        elif not self.agent.tools and self.hooks is None:
+            sandbox = None  # no sandbox tools (e.g. an orchestrator): no session to hold
         else:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None),
@@ -448,18 +382,28 @@ class _Run:
                 **sandbox_credentials(Sandbox, self.agent.credentials.resolve()),
             )
         self.sandbox = sandbox
+        if owned is not None and self.agent.cancel is not None:
+            forget = self.agent.cancel.on_cancel(owned.close)  # kills a tool call in progress
         self.paused_at_start = _paused(sandbox)
         # Every field of every event (tool inputs, errors, results) is redacted, not only the
         # texts the loop builds; with a redactor of its own, so that `redactions` keeps
         # counting what was found in tool results and answers.
         fields = Redactor(self.agent.secrets) if self.agent.secrets else None
+        opened: list[Any] = []
         try:
             toolbox: ToolRunner = Toolbox(
-                sandbox, self.agent.tools, redact=self.redact, redact_margin=self.redact_margin,
-                timeout=self.agent.tool_timeout, max_output_chars=self.agent.max_tool_output,
-            )
+                cast(SandboxLike, sandbox), self.agent.tools, redact=self.redact,
+                redact_margin=self.redact_margin, timeout=self.agent.tool_timeout,
+                max_output_chars=self.agent.max_tool_output,
+            ) if self.agent.tools else cast(ToolRunner, None)
+            if self.agent.tool_sources:
+                for source in self.agent.tool_sources:
+                    opened.append(source.open())
+                toolbox = self.tools = ToolSet(
+                    toolbox, opened, redact=self.redact, redact_margin=self.redact_margin,
+                    max_output_chars=self.agent.max_tool_output)
             if self.hooks is not None:
-                toolbox = self.hooks.start(sandbox, toolbox)
+                toolbox = self.hooks.start(cast(SandboxLike, sandbox), toolbox)
             if self.hooks is not None and self.hooks.finished is not None:
                 result = self.hooks.finished
             else:
@@ -471,10 +415,14 @@ class _Run:
                         stop = done.value
                         break
                     yield redact_fields(event, fields)
+                _close_all(opened)  # first: children still running report in the result
                 result = self._result(stop)
                 if self.hooks is not None:
                     self.hooks.finish(result)
         finally:
+            _close_all(opened)
+            if forget is not None:
+                forget()
             if owned is not None:
                 owned.close()
             if self.client is not None and self.agent.client is None:
@@ -492,13 +440,16 @@ class _Run:
             if stop is not None:
                 return stop
         while True:
+            if self._cancelled():
+                return "cancelled"
             if self._over_budget():
                 return "budget"
             if self.hooks is not None:
                 self.hooks.tick()
             self.memory.compact()
+            self._route()
             yield ModelRequest(
-                turn=self.turns + 1, model=self.model, messages=len(self.memory.messages),
+                turn=self.turns + 1, model=self.turn_model, messages=len(self.memory.messages),
                 context_chars=self.memory.size,
             )
             started = time.monotonic()
@@ -516,8 +467,8 @@ class _Run:
                 self.best_text = text
             tool_uses = [b for b in content if b.get("type") == "tool_use"]
             yield ModelResponse(
-                turn=self.turns, model=self.model, stop_reason=self.model_stop_reason, text=text,
-                tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
+                turn=self.turns, model=self.turn_model, stop_reason=self.model_stop_reason,
+                text=text, tool_uses=len(tool_uses), usage=_usage(reply), cost_usd=self.cost,
                 duration_s=duration,
             )
             if not tool_uses:
@@ -541,6 +492,9 @@ class _Run:
         results message; returns a stop reason if the loop must end."""
         done = {r["tool_use_id"] for r in results}
         self.pending = results
+        self.last_tools = tuple(b["name"] for b in tool_uses)
+        if isinstance(toolbox, Prefetching):
+            toolbox.prefetch([b for b in tool_uses if b["id"] not in done])
         for block in tool_uses:
             if block["id"] in done:
                 continue
@@ -562,6 +516,8 @@ class _Run:
             if self.hooks is not None:
                 self.hooks.tool_done(block["name"])  # before the event: never lost
             yield ToolFinished(call=call, content=outcome.content)
+            if self._cancelled():
+                return "cancelled"
             if outcome.fatal:
                 self.error = outcome.content
                 return "error"
@@ -569,16 +525,53 @@ class _Run:
         self.memory.append({"role": "user", "content": results})
         return None
 
-    def _over_budget(self) -> bool:
-        return self.agent.budget_usd is not None and self.cost >= self.agent.budget_usd
+    def _cancelled(self) -> bool:
+        scope = self.agent.cancel
+        if scope is not None and scope.cancelled:
+            self.error = self.error or f"cancelled: {scope.reason}"
+            return True
+        return False
 
-    def _account(self, reply: dict[str, Any]) -> None:
-        price = price_for(self.model, self.agent.prices)
+    def _over_budget(self) -> bool:
+        agent = self.agent
+        if agent.budget_usd is not None and self.cost >= agent.budget_usd:
+            return True
+        if agent.budget_tokens is not None and _tokens(self.usage) >= agent.budget_tokens:
+            return True
+        return agent.ledger is not None and not agent.ledger.allows(*self.dearest)
+
+    def _route(self) -> None:
+        """Picks this turn's model (after a fallback switch, the fallback model)."""
+        agent = self.agent
+        self.turn_model, self.turn_reason = self.model, "main"
+        if agent.router is None or self.model != agent.model:
+            return
+        ctx = RouteContext(
+            turn=self.turns + 1, task_chars=len(self.task), context_chars=self.memory.size,
+            last_tools=self.last_tools, main_model=self.model,
+        )
+        self.turn_model, self.turn_reason = agent.router.decide(ctx)
+
+    def _price(self, model: str) -> Price:
+        price = price_for(model, self.agent.prices)
         if price is None:
             price, self.cost_is_estimate = UNKNOWN_PRICE, True
+        return price
+
+    def _account(self, reply: dict[str, Any]) -> None:
         usage = _usage(reply)
+        cost = self._price(self.turn_model).cost(usage)
         self.usage += usage
-        self.cost += price.cost(usage)
+        self.cost += cost
+        tokens = _tokens(usage)
+        self.dearest = (max(self.dearest[0], cost), max(self.dearest[1], tokens))
+        if self.agent.ledger is not None:
+            self.agent.ledger.charge(cost, tokens)
+        if self.agent.router is not None:
+            self.routing.append(RoutingDecision(
+                turn=self.turns, model=self.turn_model, reason=self.turn_reason, usage=usage,
+                cost_usd=cost, main_model_cost_usd=self._price(self.agent.model).cost(usage),
+            ))
 
     def _request(
         self, tools: list[dict[str, Any]]
@@ -593,32 +586,34 @@ class _Run:
                     return self._create(tools)
                 except _ModelError as e:
                     if not is_retryable(e.error):
-                        self.error = f"{self.model}: {describe_error(e.error)}"
+                        self.error = f"{self.turn_model}: {describe_error(e.error)}"
                         return None
                     last = e.error
                 if attempt <= agent.max_retries:
                     delay = retry_delay(last, attempt, agent.retry_base_delay)
-                    yield ModelRetry(turn=self.turns + 1, model=self.model, attempt=attempt,
+                    yield ModelRetry(turn=self.turns + 1, model=self.turn_model, attempt=attempt,
                                      error=describe_error(last), delay_s=delay)
                     time.sleep(delay)
-            failure = f"{self.model}: {describe_error(last)} ({agent.max_retries + 1} attempts)"
-            if agent.fallback_model is None or self.model == agent.fallback_model:
+            failure = (f"{self.turn_model}: {describe_error(last)} "
+                       f"({agent.max_retries + 1} attempts)")
+            if agent.fallback_model is None or self.turn_model == agent.fallback_model:
                 self.error = failure
                 return None
-            yield ModelFallback(turn=self.turns + 1, from_model=self.model,
+            yield ModelFallback(turn=self.turns + 1, from_model=self.turn_model,
                                 to_model=agent.fallback_model, error=failure)
-            self.model = agent.fallback_model
+            self.model = self.turn_model = agent.fallback_model
+            self.turn_reason = "fallback"
 
     def _create(self, tools: list[dict[str, Any]]) -> dict[str, Any]:
         """The model's reply as a dict; raises _ModelError for the SDK's errors."""
         agent = self.agent
-        if self.model == offline.OFFLINE_MODEL:
+        if self.turn_model == offline.OFFLINE_MODEL:
             return offline.respond(self.memory.messages)
         # Imported here: the SDK takes seconds to import and the offline model needs none of it.
         anthropic = require_sdk()
 
         params: dict[str, Any] = {
-            "model": self.model, "max_tokens": agent.max_tokens, "system": agent.system,
+            "model": self.turn_model, "max_tokens": agent.max_tokens, "system": agent.system,
             "messages": self.memory.messages, "tools": tools,
         }
         if agent.prompt_cache:
@@ -663,7 +658,23 @@ class _Run:
             redactions=self._redactions(),
             error=self.error,
             session_id=self.hooks.session_id if self.hooks is not None else None,
+            **self._tree_fields(),
         )
+
+    def _tree_fields(self) -> dict[str, Any]:
+        """Routing and sub-agent fields of the result."""
+        fields: dict[str, Any] = {}
+        if self.agent.router is not None:
+            main = sum(d.main_model_cost_usd for d in self.routing)
+            fields.update(routing=self.routing, main_model_cost_usd=main,
+                          routing_saving_usd=main - self.cost)
+        subs: list[SubAgentResult] = []
+        for source in self.tools.sources if self.tools is not None else ():
+            subs.extend(getattr(source, "sub_agent_results", ()))
+        if subs:
+            fields.update(sub_agent_results=subs, tree_cost_usd=self.cost + sum(
+                _tree_cost(s.result) for s in subs if s.result is not None))
+        return fields
 
     def _paused_seconds(self) -> float:
         """Frozen time of this run's sandbox (since the run took it), earlier processes'
@@ -721,6 +732,21 @@ class _ModelError(Exception):
 def _paused(sandbox: object) -> float:
     """Seconds a sandbox spent frozen by auto-pause (0 for one that cannot pause)."""
     return float(getattr(sandbox, "paused_seconds", 0.0))
+
+
+def _close_all(opened: list[Any]) -> None:
+    """Closes the open tool sources, last opened first (each once)."""
+    while opened:
+        opened.pop().close()
+
+
+def _tokens(usage: Usage) -> int:
+    return (usage.input_tokens + usage.output_tokens + usage.cache_read_input_tokens
+            + usage.cache_creation_input_tokens)
+
+
+def _tree_cost(result: AgentResult) -> float:
+    return result.tree_cost_usd if result.tree_cost_usd is not None else result.cost_usd
 
 
 def _usage(reply: dict[str, Any]) -> Usage:

@@ -9,6 +9,7 @@ gets an answer saying what the offline model can do.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ class DemoTask(BaseModel):
     steps: tuple[Step, ...]
     #: Builds the final answer from the tool results' texts, in step order.
     finish: Callable[[Sequence[str]], str]
+    #: All steps are asked for in one turn (they run concurrently when the tools allow).
+    batch: bool = False
 
 
 def stdout_of(tool_text: str) -> str:
@@ -162,10 +165,42 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
 )
 
 
+def _integrate(results: Sequence[str]) -> str:
+    """The orchestrator's report: one line per sub-agent, from its `delegate` result."""
+    lines = ["Reports of the sub-agents, each from a sandbox of its own:"]
+    for raw in results:
+        r = json.loads(raw)
+        answer = (r.get("answer") or r.get("error") or "").strip().replace("\n", " / ")
+        lines.append(f"- {r['agent']} ({r['status']}, {r['turns']} turns): {answer}")
+    return "\n".join(lines)
+
+
+#: Agents of the orchestration demo (`cellblock agent --orchestrate`) and their demo tasks.
+ORCHESTRATION_AGENTS: dict[str, DemoTask] = {
+    "primes": DEMO_TASKS[0], "inspector": DEMO_TASKS[1], "fibonacci": DEMO_TASKS[2],
+}
+
+#: The orchestrator's demo: three delegations in one turn (run concurrently), then a report.
+ORCHESTRATION_DEMO = DemoTask(
+    name="orchestrate",
+    task="Orchestrate: have the sub-agents compute primes, write Fibonacci numbers and inspect "
+         "their sandboxes in parallel, then integrate their reports.",
+    keywords=("orchestrate",),
+    steps=tuple(
+        Step(say=f"I'll delegate to the {name} agent.", tool="delegate",
+             input={"agent": name, "task": demo.task})
+        for name, demo in ORCHESTRATION_AGENTS.items()
+    ),
+    finish=_integrate,
+    batch=True,
+)
+
+
 def find_demo(task: str) -> DemoTask | None:
     """The built-in demo task that `task` asks for, if any."""
     text = task.lower()
-    return next((d for d in DEMO_TASKS if all(k in text for k in d.keywords)), None)
+    demos = (ORCHESTRATION_DEMO, *DEMO_TASKS)
+    return next((d for d in demos if all(k in text for k in d.keywords)), None)
 
 
 def _unknown_task_answer() -> str:
@@ -209,10 +244,14 @@ def respond(messages: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if block.get("type") != "tool_result":
                 continue
             content = _task_text(block.get("content", ""))
-            if block.get("is_error"):
+            if block.get("is_error") and not demo.batch:
                 failed = f"The step failed, so I stop here. The tool said:\n{content}"
                 return _reply([_text(failed)], "end_turn")
             results.append(content)
+    if demo.batch and not results:
+        calls = [{"type": "tool_use", "id": f"toolu_offline_{i}", "name": step.tool,
+                  "input": dict(step.input)} for i, step in enumerate(demo.steps, 1)]
+        return _reply([_text(" ".join(step.say for step in demo.steps)), *calls], "tool_use")
     if len(results) < len(demo.steps):
         step = demo.steps[len(results)]
         call = {"type": "tool_use", "id": f"toolu_offline_{len(results) + 1}",

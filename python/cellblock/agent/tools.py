@@ -170,6 +170,7 @@ _STOPPED = {
     "cpu_time": "stopped: the run used up its CPU-time budget and was killed",
     "output_limit": "stopped: the run exceeded the output size cap and was killed",
     "seccomp": "stopped: the run made a forbidden system call and was killed",
+    "session_closed": "stopped: the sandbox session was closed and the run killed",
 }
 
 
@@ -207,7 +208,7 @@ def format_run(
     elif result.reason == "signaled":
         status = f"killed by signal {result.signal}"
     else:
-        status = _STOPPED[result.reason]
+        status = _STOPPED.get(result.reason, f"stopped ({result.reason})")
     lines = [f"{status} (reason: {result.reason}, {result.wall_time_s:.2f}s)"]
     for v in result.violations:
         detail = ", ".join(f"{k}={v[k]}" for k in sorted(v) if k != "kind")
@@ -296,6 +297,8 @@ class Toolbox:
             exit_code=result.exit_code,
             duration_s=time.monotonic() - started,
             violations=dict(Counter(violation_kind(v) for v in result.violations)),
+            # The session is gone (closed by a timeout, a cancel, the idle timer): no more calls.
+            fatal=result.reason == "session_closed",
         )
 
     def _ok(self, started: float, content: str) -> ToolOutcome:

@@ -103,6 +103,10 @@ def summary(r: AgentResult) -> str:
             f"sandbox {r.sandbox_seconds:.2f}s of {r.wall_time_s:.2f}s")
     if r.paused_seconds:
         line += f"; auto-paused {r.paused_seconds:.2f}s (saved ${r.idle_saving_usd:.6f})"
+    if r.main_model_cost_usd is not None:
+        routed = sum(1 for d in r.routing if d.reason != "main")
+        line += (f"; routing: {routed} of {len(r.routing)} turns routed, saved "
+                 f"${r.routing_saving_usd:.4f} of ${r.main_model_cost_usd:.4f}")
     line += f"; session {r.session_id}" if r.session_id else ""
     return line + (f"\nerror: {r.error}" if r.error else "")
 
@@ -125,9 +129,54 @@ def choose_model(requested: str | None, err: TextIO) -> str:
     return model
 
 
+def cmd_team(args: argparse.Namespace) -> int:
+    """`--orchestrate` (the demo team) or `--agents FILE`: run a team's orchestrator."""
+    from cellblock.agent.offline import ORCHESTRATION_DEMO
+    from cellblock.agent.orchestrate import demo_team
+    from cellblock.agent.spec import Team
+    from cellblock.cli import fail
+
+    policy = policy_from_args(args)
+    if args.agents:
+        team = Team.from_toml(args.agents, secrets=dict(policy.secrets))
+        name = args.agent or next(
+            (n for n, a in team.agents.items() if a.sub_agents is not None), None)
+        if name is None:
+            fail(f"{args.agents}: no agent has sub_agents; name one with --agent")
+        task = (args.task or "").strip()
+        if not task:
+            fail('no task given (usage: cellblock agent --agents FILE [--agent NAME] "TASK")')
+    else:
+        from cellblock.agent.control import Budget
+
+        budget = Budget(usd=args.budget_usd, turns=args.max_turns)
+        team = demo_team(choose_model(args.model, sys.stderr), budget, policy)
+        name, task = "lead", (args.task or ORCHESTRATION_DEMO.task)
+    show = not args.json or sys.stderr.isatty()
+    result = team.build(str(name)).run(task, on_event=Progress(sys.stderr) if show else None)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return exit_status(result)
+    if show:
+        for s in result.sub_agent_results:
+            r = s.result
+            cost = f"${r.cost_usd:.4f}, {r.turns} turns" if r is not None else "not run"
+            print(f"  sub-agent {s.agent} [{s.id}]: {s.status} ({cost})"
+                  + (f": {s.error}" if s.error else ""), file=sys.stderr)
+        if result.tree_cost_usd is not None:
+            print(f"  tree cost: ${result.tree_cost_usd:.4f}", file=sys.stderr)
+    if result.final_text:
+        print(result.final_text)
+    return exit_status(result)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from cellblock.cli import fail
 
+    if args.orchestrate or args.agents:
+        if args.resume is not None:
+            fail("--resume does not apply to --orchestrate / --agents")
+        return cmd_team(args)
     if args.resume is None and not (args.task or "").strip():
         fail('no task given (usage: cellblock agent [options] "TASK")')
     if args.resume is not None and args.task:
@@ -216,6 +265,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--auto-pause", metavar="S", type=float,
                    help="freeze the sandbox after S seconds without a tool call (root: the "
                         "freezer cgroup); the time frozen is reported as idle saving")
+    p.add_argument("--orchestrate", action="store_true",
+                   help="run the orchestration demo: a lead agent delegates to three "
+                        "sub-agents, each in a sandbox of its own, and integrates their reports")
+    p.add_argument("--agents", metavar="FILE",
+                   help="a team of agents declared in TOML: run its orchestrator (see --agent)")
+    p.add_argument("--agent", metavar="NAME",
+                   help="with --agents: the agent to run (default: the first with sub_agents)")
     add_limit_options(p)
     p.add_argument("task", metavar="TASK", nargs="?", help="what to do")
     p.set_defaults(func=cmd_agent)
