@@ -4,9 +4,11 @@ allowlist and secret redaction, and get a report of exactly what happened."""
 from cellblock._native import Redactor, __version__
 from cellblock.batch import Job, JobError, iter_many, run_many
 from cellblock.client import Client, RemoteSandbox
+from cellblock.credentials import Credential
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
+    CredentialError,
     FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
@@ -15,11 +17,10 @@ from cellblock.errors import (
     SandboxIOError,
     SeccompError,
     SecretError,
-    CredentialError,
-    VaultError,
     SessionClosed,
     SetupError,
     SetupTimeout,
+    VaultError,
 )
 from cellblock.files import DirEntry
 from cellblock.policy import Policy
@@ -38,6 +39,8 @@ __all__ = [
     "Client",
     "CodeResult",
     "CommandNotFound",
+    "Credential",
+    "CredentialError",
     "DirEntry",
     "ExposedPort",
     "FileTooLarge",
@@ -60,11 +63,10 @@ __all__ = [
     "SeccompPolicy",
     "Secret",
     "SecretError",
-    "CredentialError",
-    "VaultError",
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "VaultError",
     "__version__",
     "iter_many",
     "run",

@@ -12,6 +12,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellblock import _native
+from cellblock.credentials import (
+    Credential,
+    CredentialsArg,
+    OnPlaceholderLeak,
+    credential_hosts,
+    credentials_for_spec,
+    normalize_credentials,
+)
 from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.observe import notify_run
 from cellblock.policy import Policy, as_pattern_list
@@ -91,6 +99,10 @@ def build_spec(
     prefixes = runtime_prefixes()
     env = default_env(prefixes)
     env.update(policy.env)
+    creds = list(policy.credentials)
+    allow = list(policy.allow_net)
+    # A credential allows egress to its hosts (it is useless without).
+    allow += [h for h in credential_hosts(creds) if h not in allow]
     spec: dict[str, Any] = {
         "argv": list(argv),
         "env": env,
@@ -98,7 +110,10 @@ def build_spec(
         "limits": policy.limits(),
         "ro_binds": prefixes,
         "secrets": secrets_for_spec(secrets),
-        "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
+        "net": {"allow": allow} if allow else None,
+        "credentials": credentials_for_spec(
+            creds, policy.on_credential_leak, policy.tls_ca_bundle
+        ),
     }
     if tty is not None:
         spec["tty"] = tty
@@ -107,6 +122,12 @@ def build_spec(
     if compiled is not None:
         spec["seccomp"] = compiled.spec_section
     return spec
+
+
+def with_credentials(base: Policy, credentials: CredentialsArg) -> list[Credential] | None:
+    """The policy's credentials plus `credentials` (None when none are given)."""
+    extra = normalize_credentials(credentials)
+    return [*base.credentials, *extra] if extra else None
 
 
 def encode_spec(spec: dict[str, Any], compiled: CompiledFilter | None) -> str:
@@ -135,6 +156,9 @@ def run(
     seccomp: SeccompPolicy | None = None,
     allow_net: Sequence[str] | None = None,
     secrets: SecretsArg = None,
+    credentials: CredentialsArg = None,
+    on_credential_leak: OnPlaceholderLeak | None = None,
+    tls_ca_bundle: str | None = None,
     on_output: OutputCallback | None = None,
     cancel: threading.Event | None = None,
     cells: bool = True,
@@ -154,6 +178,9 @@ def run(
     `tty_size=(rows, cols)` window (default 24x80), or a function giving the current size,
     followed while the run goes on; `tty_input`, a readable fd (e.g. the caller's keyboard),
     is typed into the terminal as it arrives; see `cellblock.terminal`.
+    `credentials` (a list of `cellblock.Credential`) are added to the policy's: the sandbox
+    sees a placeholder, the egress proxy substitutes the value (see `cellblock.credentials`);
+    `on_credential_leak` and `tls_ca_bundle` as the policy's fields.
     """
     base = policy or Policy()
     merged = base.merged(
@@ -161,6 +188,8 @@ def run(
         max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
         env={**base.env, **env} if env else None,
         allow_net=as_pattern_list(allow_net),
+        credentials=with_credentials(base, credentials),
+        on_credential_leak=on_credential_leak, tls_ca_bundle=tls_ca_bundle,
     )
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
