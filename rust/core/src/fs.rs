@@ -179,7 +179,10 @@ impl MountPlan {
     /// [`CA_BUNDLE`] (with the host's bundle) and bound read-only over the system bundle when
     /// the host has one (a regular file, no symlink on its path).
     pub fn with_ca(&self, ca_pem: &str) -> Result<MountPlan> {
-        let base = self.base.to_str().map_err(|_| Error::InvalidSpec("base path".into()))?;
+        let base = self
+            .base
+            .to_str()
+            .map_err(|_| Error::InvalidSpec("base path".into()))?;
         let resolv = cstr(under(base, "/etc/resolv.conf"))?;
         let at = self
             .ops
@@ -189,7 +192,11 @@ impl MountPlan {
             .ok_or_else(|| Error::InvalidSpec("mount plan without /etc".into()))?;
         let plain = ["/etc", "/etc/ssl", "/etc/ssl/certs", SYSTEM_CA_BUNDLE]
             .iter()
-            .all(|p| Path::new(p).symlink_metadata().is_ok_and(|m| !m.file_type().is_symlink()));
+            .all(|p| {
+                Path::new(p)
+                    .symlink_metadata()
+                    .is_ok_and(|m| !m.file_type().is_symlink())
+            });
         let mut bundle = if plain {
             std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default()
         } else {

@@ -1052,7 +1052,12 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let cgroup = RunCgroup::create(&spec.limits, true);
     let (rlimits, enforcement) = plan_limits(&probe, cgroup.as_ref());
     let ca = netprep.as_ref().and_then(NetPrep::ca_pem);
-    let prepared = prepare(&probe, rlimits.clone(), resolv_conf_for(spec), ca.as_deref())?;
+    let prepared = prepare(
+        &probe,
+        rlimits.clone(),
+        resolv_conf_for(spec),
+        ca.as_deref(),
+    )?;
     let (life_r, life_w) = pipe()?;
     let reaper_plan = match &cgroup {
         Some(cg) => Some(ReaperPlan::new(&cg.thaw_files(), &cg.dir_paths())?),

@@ -141,8 +141,7 @@ impl Broker {
     fn bound(&self, i: usize, host: &Host, port: u16, method: &str) -> bool {
         let c = &self.creds[i];
         c.hosts.allows_host(host, port)
-            && c
-                .methods
+            && c.methods
                 .as_ref()
                 .is_none_or(|m| m.iter().any(|x| x == method))
     }
@@ -501,15 +500,14 @@ pub(crate) fn serve_tunnel(
             }
         }
     }
-    let is_http = first
-        .iter()
-        .take_while(|b| b.is_ascii_uppercase())
-        .count()
-        > 0;
+    let is_http = first.iter().take_while(|b| b.is_ascii_uppercase()).count() > 0;
     match (first.first(), client.try_clone()) {
         (None, _) | (_, Err(_)) => {}
         (Some(0x16), Ok(sock)) => {
-            let raw = Prefixed { pre: first, s: sock };
+            let raw = Prefixed {
+                pre: first,
+                s: sock,
+            };
             match broker.tls.accept(&host, raw) {
                 Ok(tls) => {
                     let mut conn = Buffered::new(tls, Vec::new());
@@ -853,14 +851,21 @@ mod tests {
     #[test]
     fn substitutes_headers_for_bound_hosts_only() {
         let b = broker(None, None, false, false);
-        let raw = format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
+        let raw =
+            format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
             .prepare(&req, &host("api.example.com"), 443, &req.target, None)
             .unwrap_or_else(|_| panic!("leak"));
         let text = String::from_utf8_lossy(&out);
-        assert!(text.contains("Authorization: Bearer s3cr3t-value\r\n"), "{text}");
-        assert!(text.contains(&format!("?k={PH}")), "query not opted in: {text}");
+        assert!(
+            text.contains("Authorization: Bearer s3cr3t-value\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("?k={PH}")),
+            "query not opted in: {text}"
+        );
         assert_eq!(
             b.prepare(&req, &host("evil.example.com"), 443, &req.target, None),
             Err(0)
@@ -878,7 +883,10 @@ mod tests {
         let out = b
             .prepare(&req, &host("api.example.com"), 443, &req.target, None)
             .unwrap_or_else(|_| panic!("own host"));
-        assert!(!String::from_utf8_lossy(&out).contains("s3cr3t"), "POST not allowed");
+        assert!(
+            !String::from_utf8_lossy(&out).contains("s3cr3t"),
+            "POST not allowed"
+        );
         let raw = format!(
             "GET /x?k={PH} HTTP/1.1\r\nX-Api-Key: {PH}\r\nOther: {PH}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{PH}\r\n0\r\n\r\n",
             PH.len()
@@ -889,7 +897,10 @@ mod tests {
             .prepare(&req, &host("api.example.com"), 443, &req.target, None)
             .unwrap_or_else(|_| panic!("own host"));
         let text = String::from_utf8_lossy(&out);
-        assert!(text.starts_with("GET /x?k=s3cr3t-value HTTP/1.1\r\n"), "{text}");
+        assert!(
+            text.starts_with("GET /x?k=s3cr3t-value HTTP/1.1\r\n"),
+            "{text}"
+        );
         assert!(text.contains("X-Api-Key: s3cr3t-value\r\n"), "{text}");
         assert!(text.contains(&format!("Other: {PH}\r\n")), "{text}");
         assert!(text.contains("Content-Length: 12\r\n"), "{text}");
@@ -917,15 +928,27 @@ mod tests {
 
     #[test]
     fn absolute_uris() {
-        let (h, p, a, t) = absolute("http://Api.Example.com:8080/a?b").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((h, p, a.as_str(), t.as_str()), (host("api.example.com"), 8080, "Api.Example.com:8080", "/a?b"));
+        let (h, p, a, t) =
+            absolute("http://Api.Example.com:8080/a?b").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (h, p, a.as_str(), t.as_str()),
+            (
+                host("api.example.com"),
+                8080,
+                "Api.Example.com:8080",
+                "/a?b"
+            )
+        );
         assert!(absolute("https://x/").is_err());
     }
 
     #[test]
     fn framed_responses() {
         assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n"), None);
-        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"), Some(true));
+        assert_eq!(
+            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+            Some(true)
+        );
         assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n\r\n"), Some(false));
         assert_eq!(
             response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"),

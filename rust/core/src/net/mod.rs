@@ -33,8 +33,8 @@ mod sys;
 mod transparent;
 
 pub use allow::{Allowlist, Host};
-pub use creds::{Broker, MAX_BODY};
 pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
+pub use creds::{Broker, MAX_BODY};
 pub use expose::Exposed;
 pub use live::reload_rules;
 

@@ -112,7 +112,10 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Request, &'static str> {
 }
 
 /// `host:port` (port required unless `default_port`), with `[v6]` hosts; no user info.
-pub(crate) fn authority(auth: &str, default_port: Option<u16>) -> Result<(Host, u16), &'static str> {
+pub(crate) fn authority(
+    auth: &str,
+    default_port: Option<u16>,
+) -> Result<(Host, u16), &'static str> {
     if auth.contains('@') {
         return Err("user info in the URI is not supported");
     }
