@@ -83,6 +83,9 @@ def make_tls(d: Path) -> ssl.SSLContext:
 def start_server(ctx: ssl.SSLContext) -> int:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body are two writes: with Nagle, a kept-alive connection waits for the
+        # client's delayed ACK (40 ms) between them.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -617,6 +617,9 @@ fn serve_http<S: Read + Write>(
         let Some(id) = shared.register(client, &upstream) else {
             return;
         };
+        // A TLS handshake's last flight and the request are separate small writes: Nagle would
+        // hold the second until the first is acknowledged.
+        let _ = upstream.set_nodelay(true);
         let keep = if tls {
             match broker.tls.connect(&host, upstream) {
                 Ok(mut up) => exchange(shared, &mut up, conn, &out),
