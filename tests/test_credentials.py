@@ -28,6 +28,7 @@ import pytest
 
 import cellblock
 from cellblock.commands.secrets import credentials_from_args
+from cellblock.telemetry.otel import security_events
 from conftest import PRELUDE, Runner
 
 HAS_CURL = shutil.which("curl") is not None
@@ -406,6 +407,25 @@ def test_on_leak_kill_ends_the_run(servers: dict[str, Recorder], tls_dir: Path) 
     assert res.reason == "credential", (res.reason, res.stderr)
     assert [v["port"] for v in res.violations if v["kind"] == "credential"] == [
         servers["other"].port]
+    assert servers["other"].seen("/kill") == []
+    # The telemetry spans carry it as a security event of its own.
+    events = [name for name, _ in security_events(res)]
+    assert "cellblock.security.credential" in events, events
+
+
+def test_on_leak_log_closes_without_an_answer(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir, on_leak="log")
+    code = """
+    req = b"GET /logged HTTP/1.1\\r\\nHost: x\\r\\nX: " + TOKEN.encode() + b"\\r\\n\\r\\n"
+    print(json.dumps({"plain": raw(P["other"], req), "tls": raw(P["tls_other"], req, tls=True)}))
+    """
+    out, res = probe(sandbox, code, kwargs)
+    # No answer at all: EOF (or the TLS layer's complaint about it).
+    assert out["plain"] == "" and "HTTP/" not in out["tls"], out
+    assert servers["other"].seen("/logged") == [] and servers["tls_other"].seen("/logged") == []
+    assert {v["port"] for v in credential_violations(res)} == {
+        servers["other"].port, servers["tls_other"].port}
 
 
 def test_session_calls_share_the_placeholder(servers: dict[str, Recorder], tls_dir: Path) -> None:

@@ -170,6 +170,8 @@ _STOPPED = {
     "cpu_time": "stopped: the run used up its CPU-time budget and was killed",
     "output_limit": "stopped: the run exceeded the output size cap and was killed",
     "seccomp": "stopped: the run made a forbidden system call and was killed",
+    "credential": "stopped: the run sent a credential placeholder to a host it is not bound "
+                  "to and was killed",
 }
 
 
