@@ -440,8 +440,9 @@ def test_session_calls_share_the_placeholder(servers: dict[str, Recorder], tls_d
                            credentials=kwargs["credentials"]) as sb:
         a = sb.run(["python3", "-c", script])
         b = sb.run(["python3", "-c", script])
+        warm = sb.run_python("import os; print(os.environ['TOKEN'])")
     assert a.ok and b.ok, (a.stderr, b.stderr)
-    assert a.stdout.split()[0] == b.stdout.split()[0] != VALUE
+    assert a.stdout.split()[0] == b.stdout.split()[0] == warm.stdout.strip() != VALUE
     got = [r["headers"]["a"] for r in servers["tls_bound"].requests if tag in r["path"]]
     assert got == [VALUE, VALUE]
 
@@ -478,3 +479,14 @@ def test_bad_credentials_are_typed_errors(tls_dir: Path) -> None:
     with pytest.raises(cellblock.CredentialError):
         cellblock.run(["true"], credentials=[{"name": "A", "value": "v", "hosts": ["x"]}],
                       policy=cellblock.Policy(tls_ca_bundle="/nonexistent.pem"))
+
+
+def test_run_many_gives_each_sandbox_its_own_placeholder(
+        servers: dict[str, Recorder], tls_dir: Path) -> None:
+    kwargs = run_kwargs(servers, tls_dir)
+    jobs = [cellblock.Job(argv=["sh", "-c", 'echo "$TOKEN"']) for _ in range(3)]
+    out = cellblock.run_many(jobs, credentials=kwargs["credentials"],
+                             policy=cellblock.Policy(allow_net=kwargs["allow_net"]))
+    seen = [r.stdout.strip() for r in out if isinstance(r, cellblock.RunResult)]
+    assert len(seen) == 3 and len(set(seen)) == 3, seen
+    assert all(p.startswith("cellblock_placeholder_TOKEN_") for p in seen)
