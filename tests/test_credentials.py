@@ -56,7 +56,9 @@ class Recorder:
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": body.decode(errors="replace"),
                 })
-                out = b"ok"
+                # /echo answers the Authorization header it got (an echo endpoint).
+                out = (self.headers.get("Authorization", "").encode()
+                       if "/echo" in self.path else b"ok")
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
@@ -224,6 +226,25 @@ def test_bound_host_gets_the_value_over_http_and_https(
             got = [r for r in servers[server].requests if r["path"] == f"/{tag}/curl"]
             assert [r["headers"]["x-key"] for r in got] == [VALUE]
     assert credential_violations(res) == []
+
+
+def test_a_value_echoed_by_the_bound_host_is_masked(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir)
+    tag = secrets.token_hex(4)
+    code = f'''
+    h = {{"Authorization": "Bearer " + TOKEN}}
+    print(json.dumps({{
+        "http": get(f"http://127.0.0.1:{{P['bound']}}/{tag}/echo", h),
+        "https": get(f"https://127.0.0.1:{{P['tls_bound']}}/{tag}/echo", h)}}))
+    '''
+    out, res = probe(sandbox, code, kwargs)
+    assert VALUE not in res.stdout
+    assert out == {"http": "200 Bearer " + "*" * len(VALUE),
+                   "https": "200 Bearer " + "*" * len(VALUE)}, out
+    for name in ("bound", "tls_bound"):
+        (got,) = [r for r in servers[name].requests if r["path"] == f"/{tag}/echo"]
+        assert got["headers"]["authorization"] == f"Bearer {VALUE}"
 
 
 def test_the_sandbox_holds_only_the_placeholder(

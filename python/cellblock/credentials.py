@@ -58,6 +58,9 @@ class Credential(BaseModel):
     def _value(cls, v: SecretStr) -> SecretStr:
         if not v.get_secret_value():
             raise CredentialError("credential value is empty")
+        if any(c in v.get_secret_value() for c in "\r\n\0"):
+            # It goes into header lines: a line break would add headers of its own.
+            raise CredentialError("credential value holds a line break or NUL")
         return v
 
     @field_validator("hosts")

@@ -72,6 +72,8 @@ pub struct Broker {
     values: Vec<Vec<u8>>,
     /// Every placeholder, pattern i = credential i.
     finder: AhoCorasick,
+    /// Every value, masked in responses (a bound host echoing a value hands it to nobody).
+    value_finder: AhoCorasick,
     on_leak: OnCredentialLeak,
     tls: Tls,
 }
@@ -94,6 +96,10 @@ impl Broker {
             let bad = |why: &str| Error::Credential(format!("credential {:?}: {why}", c.name));
             if c.value.is_empty() {
                 return Err(bad("empty value"));
+            }
+            if c.value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                // It goes into header lines: a line break would add headers of its own.
+                return Err(bad("the value holds a line break or NUL"));
             }
             if c.placeholder.len() < 16
                 || !c
@@ -123,10 +129,13 @@ impl Broker {
         }
         let finder =
             AhoCorasick::new(&placeholders).map_err(|e| Error::Credential(e.to_string()))?;
+        let value_finder =
+            AhoCorasick::new(&values).map_err(|e| Error::Credential(e.to_string()))?;
         Ok(Broker {
             creds,
             values,
             finder,
+            value_finder,
             on_leak: spec.on_leak,
             tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
         })
@@ -160,6 +169,18 @@ impl Broker {
         }
         out.extend_from_slice(&data[last..]);
         out
+    }
+
+    /// Overwrites every credential value in `data` with `*` (same length: framing holds).
+    fn mask_values(&self, data: &mut [u8]) {
+        let spans: Vec<(usize, usize)> = self
+            .value_finder
+            .find_iter(&*data)
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        for (a, b) in spans {
+            data[a..b].fill(b'*');
+        }
     }
 
     /// The first credential whose placeholder is in `data` but which is not bound to
@@ -622,7 +643,7 @@ fn serve_http<S: Read + Write>(
         let _ = upstream.set_nodelay(true);
         let keep = if tls {
             match broker.tls.connect(&host, upstream) {
-                Ok(mut up) => exchange(shared, &mut up, conn, &out),
+                Ok(mut up) => exchange(shared, broker, &mut up, conn, &out),
                 Err(why) => {
                     shared.refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
                     answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
@@ -631,7 +652,7 @@ fn serve_http<S: Read + Write>(
             }
         } else {
             let mut up = upstream;
-            exchange(shared, &mut up, conn, &out)
+            exchange(shared, broker, &mut up, conn, &out)
         };
         shared.unregister(id);
         if !keep {
@@ -662,6 +683,7 @@ fn absolute(target: &str) -> std::result::Result<(Host, u16, String, String), &'
 /// whether the sandbox's connection can carry another request (the response was framed).
 fn exchange<U: Read + Write, S: Read + Write>(
     shared: &Shared,
+    broker: &Broker,
     up: &mut U,
     conn: &mut Buffered<S>,
     request: &[u8],
@@ -676,6 +698,9 @@ fn exchange<U: Read + Write, S: Read + Write>(
     let mut head = Vec::new();
     let mut framed = None;
     let mut chunk = vec![0u8; 64 * 1024];
+    // Bytes held back: a value split between two reads is still found whole.
+    let keep = broker.value_finder.max_pattern_len().saturating_sub(1);
+    let mut pending: Vec<u8> = Vec::new();
     loop {
         let n = match up.read(&mut chunk) {
             Ok(0) => break,
@@ -684,13 +709,20 @@ fn exchange<U: Read + Write, S: Read + Write>(
             Err(_) => break,
         };
         shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        pending.extend_from_slice(&chunk[..n]);
+        broker.mask_values(&mut pending);
         if framed.is_none() && head.len() < MAX_HEAD {
             head.extend_from_slice(&chunk[..n]);
             framed = response_framed(&head);
         }
-        if conn.s.write_all(&chunk[..n]).is_err() {
+        let ready = pending.len().saturating_sub(keep);
+        if conn.s.write_all(&pending[..ready]).is_err() {
             return false;
         }
+        pending.drain(..ready);
+    }
+    if conn.s.write_all(&pending).is_err() {
+        return false;
     }
     let _ = conn.s.flush();
     framed == Some(true)
@@ -909,6 +941,28 @@ mod tests {
         assert!(text.contains("Content-Length: 12\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\ns3cr3t-value"), "{text}");
         assert!(!text.to_ascii_lowercase().contains("transfer-encoding"));
+    }
+
+    #[test]
+    fn masks_values_and_refuses_line_breaks() {
+        let b = broker(None, None, false, false);
+        let mut data = b"echo: s3cr3t-value!".to_vec();
+        b.mask_values(&mut data);
+        assert_eq!(data, b"echo: ************!");
+        let spec = CredentialsSpec {
+            list: vec![CredentialSpec {
+                name: "T".into(),
+                value: "a\r\nX-Injected: 1".into(),
+                placeholder: "cellblock_placeholder_T_0123456789abcdef".into(),
+                hosts: vec!["x.example".into()],
+                methods: None,
+                header: None,
+                in_query: false,
+                in_body: false,
+            }],
+            ..CredentialsSpec::default()
+        };
+        assert!(matches!(Broker::new(&spec), Err(Error::Credential(_))));
     }
 
     #[test]
