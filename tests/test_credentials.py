@@ -511,3 +511,31 @@ def test_run_many_gives_each_sandbox_its_own_placeholder(
     seen = [r.stdout.strip() for r in out if isinstance(r, cellblock.RunResult)]
     assert len(seen) == 3 and len(set(seen)) == 3, seen
     assert all(p.startswith("cellblock_placeholder_TOKEN_") for p in seen)
+
+
+def test_expect_100_continue_is_answered_by_the_proxy(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    """A client that waits to be asked for its body gets `100 Continue` from the proxy (which
+    reads the whole body before choosing what to forward)."""
+    kwargs = with_policy(run_kwargs(servers, tls_dir, in_body=True), tls_dir)
+    tag = secrets.token_hex(4)
+    code = f'''
+    body = ("k=" + TOKEN).encode()
+    s = CTX.wrap_socket(socket.create_connection(("127.0.0.1", P["tls_bound"]), timeout=20),
+                        server_hostname="127.0.0.1")
+    s.sendall(b"POST /{tag}/expect HTTP/1.1\\r\\nHost: x\\r\\nExpect: 100-continue\\r\\n"
+              b"Content-Length: %d\\r\\nConnection: close\\r\\n\\r\\n" % len(body))
+    s.settimeout(5)
+    first = s.recv(100).decode()
+    s.settimeout(20)
+    s.sendall(body)
+    rest = b""
+    while chunk := s.recv(65536):
+        rest += chunk
+    print(json.dumps({{"first": first, "rest": rest.decode()}}))
+    '''
+    out, _ = probe(sandbox, code, kwargs)
+    assert out["first"].startswith("HTTP/1.1 100 Continue"), out
+    assert "200 OK" in out["rest"], out
+    (got,) = [r for r in servers["tls_bound"].requests if r["path"] == f"/{tag}/expect"]
+    assert got["body"] == f"k={VALUE}" and "expect" not in got["headers"]

@@ -257,6 +257,9 @@ pub(crate) struct Request {
     target: String,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// The client ends the connection after this request (`Connection: close`, or HTTP/1.0
+    /// without keep-alive).
+    close: bool,
 }
 
 /// Why no request was read.
@@ -336,7 +339,12 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Reads one request: head, then the body framed by `Content-Length` or chunked encoding.
-fn read_request<S: Read>(r: &mut Buffered<S>) -> std::result::Result<Request, ReadErr> {
+/// `go_on` is called before reading a body the client waits to be asked for
+/// (`Expect: 100-continue`; the header itself is not forwarded).
+fn read_request<S: Read>(
+    r: &mut Buffered<S>,
+    go_on: &mut dyn FnMut(&mut S),
+) -> std::result::Result<Request, ReadErr> {
     let head_len = loop {
         if let Some(p) = find(&r.buf, b"\r\n\r\n") {
             break p + 4;
@@ -370,8 +378,19 @@ fn read_request<S: Read>(r: &mut Buffered<S>) -> std::result::Result<Request, Re
             .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
             .collect()
     };
+    let connection = values("connection");
+    let has = |token: &str| {
+        connection
+            .iter()
+            .any(|v| v.split(',').any(|t| t.trim() == token))
+    };
+    let close = has("close") || (parsed.version == Some(0) && !has("keep-alive"));
     let te = values("transfer-encoding");
     let cl = values("content-length");
+    let has_body = !te.is_empty() || cl.first().is_some_and(|v| v != "0");
+    if has_body && r.buf.is_empty() && values("expect").iter().any(|v| v == "100-continue") {
+        go_on(&mut r.s);
+    }
     let body = if !te.is_empty() {
         let last = te.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
         if last != Some("chunked") || !cl.is_empty() {
@@ -397,6 +416,7 @@ fn read_request<S: Read>(r: &mut Buffered<S>) -> std::result::Result<Request, Re
         target: target.to_string(),
         headers,
         body,
+        close,
     })
 }
 
@@ -588,7 +608,11 @@ fn serve_http<S: Read + Write>(
     mut first_upstream: Option<TcpStream>,
 ) {
     loop {
-        let req = match read_request(conn) {
+        let mut go_on = |s: &mut S| {
+            let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            let _ = s.flush();
+        };
+        let req = match read_request(conn, &mut go_on) {
             Ok(r) => r,
             Err(ReadErr::Closed) => return,
             Err(ReadErr::Bad(code, why)) => return answer(&mut conn.s, code, why),
@@ -655,7 +679,7 @@ fn serve_http<S: Read + Write>(
             exchange(shared, broker, &mut up, conn, &out)
         };
         shared.unregister(id);
-        if !keep {
+        if !keep || req.close {
             return;
         }
     }
@@ -876,7 +900,7 @@ mod tests {
 
     fn parse(raw: &[u8]) -> Request {
         let mut r = Buffered::new(raw, Vec::new());
-        read_request(&mut r).unwrap_or_else(|e| panic!("{e:?}"))
+        read_request(&mut r, &mut |_| {}).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
     fn host(s: &str) -> Host {
@@ -976,7 +1000,7 @@ mod tests {
         ] {
             let mut r = Buffered::new(raw, Vec::new());
             assert!(
-                matches!(read_request(&mut r), Err(ReadErr::Bad(..))),
+                matches!(read_request(&mut r, &mut |_| {}), Err(ReadErr::Bad(..))),
                 "{}",
                 String::from_utf8_lossy(raw)
             );
