@@ -539,3 +539,27 @@ def test_expect_100_continue_is_answered_by_the_proxy(
     assert "200 OK" in out["rest"], out
     (got,) = [r for r in servers["tls_bound"].requests if r["path"] == f"/{tag}/expect"]
     assert got["body"] == f"k={VALUE}" and "expect" not in got["headers"]
+
+
+def test_a_placeholder_in_raw_bytes_is_cut_and_reported(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    """Neither TLS nor HTTP: the bytes are relayed, and the connection is cut when a placeholder
+    goes by toward a host its credential is not bound to (split over two writes here)."""
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir)
+    code = '''
+    s = socket.create_connection(("127.0.0.1", P["other"]), timeout=20)
+    T = TOKEN.encode()
+    s.sendall(b"\\x00\\x01raw " + T[:10])
+    time.sleep(0.3)
+    s.sendall(T[10:] + b" tail")
+    try:
+        got = s.recv(100)
+        out = "eof" if got == b"" else got.decode(errors="replace")
+    except OSError as e:
+        out = type(e).__name__
+    print(json.dumps({"out": out, "token": TOKEN}))
+    '''
+    out, res = probe(sandbox, "import time\n" + textwrap.dedent(code), kwargs)
+    assert out["out"] in ("eof", "ConnectionResetError"), out
+    assert servers["other"].seen(out["token"]) == []
+    assert {v["port"] for v in credential_violations(res)} == {servers["other"].port}
