@@ -336,7 +336,7 @@ def test_reasons_and_enforcers_have_one_definition() -> None:
     from cellblock import _native, result
     assert result.REASONS is _native.REASONS
     assert set(_native.REASONS) == {"exited", "signaled", "timeout", "memory", "cpu_time",
-                                   "output_limit", "seccomp", "session_closed"}
+                                   "output_limit", "seccomp", "session_closed", "credential"}
     assert set(_native.ENFORCERS) == {"cgroup-v2", "cgroup-v1", "rlimit", "tmpfs",
                                      "supervisor"}
     with pytest.raises(ValueError):

@@ -23,12 +23,13 @@ from typing import Any, Literal, Self
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cellblock.credentials import CredentialsArg
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.policy import Policy
 from cellblock.progress import Progress
 from cellblock.redaction import redact_fields, redactor_for
 from cellblock.result import RunResult
-from cellblock.sandbox import run
+from cellblock.sandbox import run, with_credentials
 from cellblock.seccomp import profile_for_argv
 from cellblock.secrets import normalize_secrets
 
@@ -342,10 +343,15 @@ def run_many(
     runner: Runner = run_cold,
     backend: Backend = "local",
     address: str | None = None,
+    credentials: CredentialsArg = None,
 ) -> list[Outcome]:
     """Run jobs concurrently; results in job order (`JobError` for jobs that could not run).
-    Arguments as for `iter_many`."""
+    Arguments as for `iter_many`; `credentials` are added to the policy's (each sandbox gets
+    its own placeholders)."""
     jobs = list(jobs)
+    if credentials is not None:
+        base = policy or Policy()
+        policy = base.merged(credentials=with_credentials(base, credentials))
     results: list[Outcome | None] = [None] * len(jobs)
     for i, _, outcome in _run_indexed(jobs, concurrency, progress, policy, runner, backend,
                                       address):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 import secrets as _random
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from cellblock.errors import CredentialError
 
@@ -58,6 +58,9 @@ class Credential(BaseModel):
     def _value(cls, v: SecretStr) -> SecretStr:
         if not v.get_secret_value():
             raise CredentialError("credential value is empty")
+        if any(c in v.get_secret_value() for c in "\r\n\0"):
+            # It goes into header lines: a line break would add headers of its own.
+            raise CredentialError("credential value holds a line break or NUL")
         return v
 
     @field_validator("hosts")
@@ -91,6 +94,64 @@ def make_placeholder(name: str) -> str:
     """A fresh placeholder for one sandbox: unique, unguessable, and safe in headers, URLs and
     JSON (letters, digits and underscores only)."""
     return f"cellblock_placeholder_{name}_{_random.token_hex(16)}"
+
+
+CredentialsArg = Iterable[Credential | Mapping[str, Any]] | None
+
+
+def normalize_credentials(credentials: CredentialsArg) -> list[Credential]:
+    """Credentials as a list of `Credential` (mappings, e.g. from JSON, are validated)."""
+    if credentials is None:
+        return []
+    if isinstance(credentials, (str, bytes, Mapping)):
+        raise CredentialError("credentials: expected a list of Credential objects")
+    out = []
+    for c in credentials:
+        if isinstance(c, Credential):
+            out.append(c)
+        elif isinstance(c, Mapping):
+            try:
+                out.append(Credential(**c))
+            except ValidationError as e:
+                raise CredentialError(f"credential: {e.errors()[0].get('msg')}") from None
+        else:
+            raise CredentialError(f"expected Credential objects, got {type(c).__name__}")
+    return out
+
+
+def credentials_for_spec(
+    credentials: list[Credential], on_leak: OnPlaceholderLeak, tls_ca_bundle: str | None
+) -> dict[str, object] | None:
+    """The run spec's `credentials` section, with a fresh placeholder per credential: the
+    only place the real values go (the supervisor reads them; the sandbox never does)."""
+    if not credentials:
+        return None
+    credential_names(credentials)
+    return {
+        "list": [
+            {
+                "name": c.name,
+                "value": c.value.get_secret_value(),
+                "placeholder": make_placeholder(c.name),
+                "hosts": list(c.hosts),
+                "methods": c.methods,
+                "header": c.header,
+                "in_query": c.in_query,
+                "in_body": c.in_body,
+            }
+            for c in credentials
+        ],
+        "on_leak": on_leak,
+        "tls_ca_bundle": tls_ca_bundle,
+    }
+
+
+def credential_hosts(credentials: Iterable[Credential]) -> list[str]:
+    """Every host the credentials are bound to: egress to them is allowed by the credential."""
+    out: list[str] = []
+    for c in credentials:
+        out.extend(h for h in c.hosts if h not in out)
+    return out
 
 
 def credential_names(credentials: Iterable[Credential]) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from cellblock.credentials import Credential, OnPlaceholderLeak
 from cellblock.errors import InvalidSpec
 from cellblock.seccomp import SeccompPolicy
 from cellblock.sizes import parse_count, parse_seconds, parse_size
@@ -68,6 +69,14 @@ class Policy(BaseModel):
             raise InvalidSpec(f"rootfs: {path} is not a directory")
         return path
     environment: str | None = None
+    #: Credentials the egress proxy substitutes (see cellblock.credentials); their hosts are
+    #: allowed egress.
+    credentials: list[Credential] = []
+    #: What a placeholder sent to a host it is not bound to does (never forwarded).
+    on_credential_leak: OnPlaceholderLeak = "block"
+    #: PEM file of the CAs upstream TLS servers are verified against when credentials are
+    #: substituted (default: the host's trust store).
+    tls_ca_bundle: str | None = None
 
     @field_validator("memory", "max_output", "disk", mode="before")
     @classmethod

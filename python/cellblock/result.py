@@ -89,8 +89,9 @@ class RunResult(BaseModel):
 
 def violation_kind(violation: Mapping[str, Any]) -> str:
     """The kind of a reported violation as security events and reports name it: `seccomp`,
-    `dns` (a name lookup refused: a network violation on port 0) or `network` (a connection
-    refused)."""
+    `dns` (a name lookup refused: a network violation on port 0), `network` (a connection
+    refused) or `credential` (a credential placeholder refused toward a host it is not bound
+    to)."""
     kind = str(violation.get("kind", "unknown"))
     if kind == "network" and violation.get("port") == 0:
         return "dns"

@@ -12,6 +12,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cellblock import _native
+from cellblock.credentials import (
+    Credential,
+    CredentialsArg,
+    OnPlaceholderLeak,
+    credential_hosts,
+    credentials_for_spec,
+    normalize_credentials,
+)
 from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.observe import notify_run
 from cellblock.policy import Policy, as_pattern_list
@@ -107,6 +115,10 @@ def build_spec(
         environment.apply(env)
         binds = [*prefixes, *environment.binds]
     env.update(policy.env)
+    creds = list(policy.credentials)
+    allow = list(policy.allow_net)
+    # A credential allows egress to its hosts (it is useless without).
+    allow += [h for h in credential_hosts(creds) if h not in allow]
     spec: dict[str, Any] = {
         "argv": list(argv),
         "env": env,
@@ -114,8 +126,11 @@ def build_spec(
         "limits": policy.limits(),
         "ro_binds": binds,
         "secrets": secrets_for_spec(secrets),
-        "net": {"allow": list(policy.allow_net)} if policy.allow_net else None,
+        "net": {"allow": allow} if allow else None,
         "rootfs": rootfs,
+        "credentials": credentials_for_spec(
+            creds, policy.on_credential_leak, policy.tls_ca_bundle
+        ),
     }
     if tty is not None:
         spec["tty"] = tty
@@ -124,6 +139,12 @@ def build_spec(
     if compiled is not None:
         spec["seccomp"] = compiled.spec_section
     return spec
+
+
+def with_credentials(base: Policy, credentials: CredentialsArg) -> list[Credential] | None:
+    """The policy's credentials plus `credentials` (None when none are given)."""
+    extra = normalize_credentials(credentials)
+    return [*base.credentials, *extra] if extra else None
 
 
 def encode_spec(spec: dict[str, Any], compiled: CompiledFilter | None) -> str:
@@ -153,6 +174,9 @@ def run(
     allow_net: Sequence[str] | None = None,
     secrets: SecretsArg = None,
     environment: str | None = None,
+    credentials: CredentialsArg = None,
+    on_credential_leak: OnPlaceholderLeak | None = None,
+    tls_ca_bundle: str | None = None,
     on_output: OutputCallback | None = None,
     cancel: threading.Event | None = None,
     cells: bool = True,
@@ -177,6 +201,9 @@ def run(
     read-only, in place of the host's system directories.
     `environment` names a built environment (`cellblock env build`): its packages are
     mounted read-only and found through PATH, PYTHONPATH, NODE_PATH and LD_LIBRARY_PATH.
+    `credentials` (a list of `cellblock.Credential`) are added to the policy's: the sandbox
+    sees a placeholder, the egress proxy substitutes the value (see `cellblock.credentials`);
+    `on_credential_leak` and `tls_ca_bundle` as the policy's fields.
     """
     base = policy or Policy()
     merged = base.merged(
@@ -185,6 +212,8 @@ def run(
         environment=environment,
         env={**base.env, **env} if env else None,
         allow_net=as_pattern_list(allow_net), rootfs=rootfs,
+        credentials=with_credentials(base, credentials),
+        on_credential_leak=on_credential_leak, tls_ca_bundle=tls_ca_bundle,
     )
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Literal, Self
 
 from cellblock import _native
+from cellblock.credentials import CredentialsArg
 from cellblock.errors import (
     CellblockError,
     InvalidSpec,
@@ -35,7 +36,7 @@ from cellblock.process import SandboxProcesses
 from cellblock.redaction import redact_error, redactor_for
 from cellblock.result import RunResult
 from cellblock.runtimes.warm import SOCKET_PATH, CallLimits, CodeResult, WarmRuntimes, zygote_source
-from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp
+from cellblock.sandbox import OutputCallback, build_spec, resolve_seccomp, with_credentials
 from cellblock.seccomp import SeccompPolicy
 from cellblock.secrets import Secret, SecretsArg, normalize_secrets
 from cellblock.terminal import SizeArg, tty_section, typed_input, typing_from, window_source
@@ -69,6 +70,8 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
     Keyword arguments override the policy: `memory`, `pids`, `cpus`, `disk` limit the session
     as a whole; `timeout`, `cpu_time`, `max_output` are the default limits of each call.
     `secrets` are injected into every call's environment and redacted from every output.
+    `credentials` (`cellblock.Credential`) live and die with the session: every call sees the
+    same placeholders, the egress proxy substitutes the values.
     `idle_timeout` (seconds) closes the session when no call has run for that long.
     `auto_pause` (seconds) freezes the session when no call has run for that long and thaws it
     on the next call, so that an idle session costs no CPU (needs a freezer cgroup: root);
@@ -98,6 +101,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         allow_net: Sequence[str] | None = None,
         secrets: SecretsArg = None,
         environment: str | None = None,
+        credentials: CredentialsArg = None,
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
@@ -115,6 +119,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             max_output=max_output, cwd=cwd, profile=profile, seccomp=seccomp,
             env={**base.env, **env} if env else None,
             allow_net=as_pattern_list(allow_net), rootfs=rootfs, environment=environment,
+            credentials=with_credentials(base, credentials),
         )
         self._secrets: list[Secret] = (
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)

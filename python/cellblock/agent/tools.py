@@ -171,6 +171,8 @@ _STOPPED = {
     "output_limit": "stopped: the run exceeded the output size cap and was killed",
     "seccomp": "stopped: the run made a forbidden system call and was killed",
     "session_closed": "stopped: the sandbox session was closed and the run killed",
+    "credential": "stopped: the run sent a credential placeholder to a host it is not bound "
+                  "to and was killed",
 }
 
 

@@ -43,12 +43,16 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", metavar="NAME[=@FILE]", action="append", default=[],
                    help="inject a secret from cellblock's environment (or a file);"
                    " redacted from output")
+    p.add_argument("--credential", metavar="NAME@HOST[,HOST...][=@FILE]", action="append",
+                   default=[],
+                   help="a credential from cellblock's environment (or a file): the sandbox"
+                   " sees a placeholder, the proxy sends the value to those hosts only")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
     """The Policy the options describe (policy file first, options over it)."""
     from cellblock.cli import fail
-    from cellblock.commands.secrets import secrets_from_args
+    from cellblock.commands.secrets import credentials_from_args, secrets_from_args
 
     base = Policy.from_toml(args.policy) if args.policy else Policy()
     env: dict[str, str] = {}
@@ -77,6 +81,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     secrets = secrets_from_args(args.secret)
     if secrets:
         fields["secrets"] = {**base.secrets, **secrets}
+    credentials = credentials_from_args(getattr(args, "credential", []))
+    if credentials:
+        fields["credentials"] = [*base.credentials, *credentials]
     return base.merged(**fields)
 
 

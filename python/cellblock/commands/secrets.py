@@ -1,11 +1,15 @@
-"""`--secret NAME` / `--secret NAME=@FILE`: secrets taken from cellblock's own environment."""
+"""`--secret NAME` / `--secret NAME=@FILE`: secrets taken from cellblock's own environment;
+`--credential NAME@HOSTS[=@FILE]`: credentials the same way."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from cellblock.errors import SecretError
+from pydantic import SecretStr
+
+from cellblock.credentials import Credential
+from cellblock.errors import CredentialError, SecretError
 
 
 def secrets_from_args(items: list[str]) -> dict[str, str]:
@@ -30,4 +34,33 @@ def secrets_from_args(items: list[str]) -> dict[str, str]:
                 raise SecretError(f"--secret {name}: not set in cellblock's environment")
             value = os.environ[name]
         out[name] = value
+    return out
+
+
+def credentials_from_args(items: list[str]) -> list[Credential]:
+    """Resolve `--credential NAME@HOST[,HOST...]` (value from cellblock's environment variable
+    NAME) or `NAME@HOSTS=@FILE` into credentials; values are never printed."""
+    out: list[Credential] = []
+    for item in items:
+        spec, sep, source = item.partition("=")
+        name, at, hosts = spec.partition("@")
+        if not at or not name or not hosts:
+            raise CredentialError(f"--credential expects NAME@HOST[,HOST...], got {spec!r}")
+        if sep:
+            if not source.startswith("@"):
+                raise CredentialError(
+                    f"--credential {name}: give the value through the environment or as =@FILE, "
+                    "never on the command line"
+                )
+            try:
+                value = Path(source[1:]).read_text().rstrip("\n")
+            except OSError as e:
+                raise CredentialError(
+                    f"--credential {name}: cannot read {source[1:]}: {e.strerror}"
+                ) from None
+        else:
+            if name not in os.environ:
+                raise CredentialError(f"--credential {name}: not set in cellblock's environment")
+            value = os.environ[name]
+        out.append(Credential(name=name, value=SecretStr(value), hosts=hosts.split(",")))
     return out

@@ -79,7 +79,7 @@ const MS_MOUNT_ATTR_NODEV: u64 = 0x4;
 const MS_MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 /// One step of building the root.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Op {
     /// `mkdir(path, mode)`; an existing directory is fine.
     Mkdir(CString, u32),
@@ -175,7 +175,62 @@ fn under(base: &str, path: &str) -> String {
     format!("{base}{path}")
 }
 
+/// Where the sandbox finds the CA bundle that trusts its own CA (credential runs).
+pub const CA_BUNDLE: &str = "/etc/cellblock/ca-certificates.crt";
+
+/// The system bundle replaced (by a bind of [`CA_BUNDLE`]) when the host has it.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 impl MountPlan {
+    /// A copy of `self` whose sandbox trusts `ca_pem` on top of the host's CAs: written to
+    /// [`CA_BUNDLE`] (with the host's bundle) and bound read-only over the system bundle when
+    /// the host has one (a regular file, no symlink on its path).
+    pub fn with_ca(&self, ca_pem: &str) -> Result<MountPlan> {
+        let base = self
+            .base
+            .to_str()
+            .map_err(|_| Error::InvalidSpec("base path".into()))?;
+        let resolv = cstr(under(base, "/etc/resolv.conf"))?;
+        let at = self
+            .ops
+            .iter()
+            .position(|op| matches!(op, Op::Write(p, _) if *p == resolv))
+            .map(|i| i + 1)
+            .ok_or_else(|| Error::InvalidSpec("mount plan without /etc".into()))?;
+        let plain = ["/etc", "/etc/ssl", "/etc/ssl/certs", SYSTEM_CA_BUNDLE]
+            .iter()
+            .all(|p| {
+                Path::new(p)
+                    .symlink_metadata()
+                    .is_ok_and(|m| !m.file_type().is_symlink())
+            });
+        let mut bundle = if plain {
+            std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(ca_pem.as_bytes());
+        let mut ops = Vec::new();
+        let mut b = Builder {
+            base,
+            ops: &mut ops,
+        };
+        b.mkdir_p("/etc/cellblock")?;
+        b.ops.push(Op::Write(cstr(under(base, CA_BUNDLE))?, bundle));
+        if plain {
+            b.bind(CA_BUNDLE, SYSTEM_CA_BUNDLE, true, true)?;
+        }
+        let mut all = self.ops.clone();
+        all.splice(at..at, ops);
+        Ok(MountPlan {
+            base: self.base.clone(),
+            ops: all,
+        })
+    }
+
     /// Decides the root's layout from the host's state and the inputs.
     pub fn build(input: &PlanInput<'_>) -> Result<MountPlan> {
         let host_base = BASE_CANDIDATES

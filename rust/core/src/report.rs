@@ -30,11 +30,13 @@ pub enum Reason {
     Seccomp,
     /// The session was closed while the call ran (its processes were ended with it).
     SessionClosed,
+    /// A credential placeholder was sent where it is not bound, with `on_leak = kill`.
+    Credential,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::Exited,
         Reason::Signaled,
         Reason::Timeout,
@@ -43,6 +45,7 @@ impl Reason {
         Reason::OutputLimit,
         Reason::Seccomp,
         Reason::SessionClosed,
+        Reason::Credential,
     ];
 
     /// The name reports use.
@@ -56,6 +59,7 @@ impl Reason {
             Reason::OutputLimit => "output_limit",
             Reason::Seccomp => "seccomp",
             Reason::SessionClosed => "session_closed",
+            Reason::Credential => "credential",
         }
     }
 }
@@ -122,6 +126,18 @@ pub enum Violation {
         /// Why it was refused.
         reason: String,
     },
+    /// A request carrying a credential's placeholder toward a host (or with a method) the
+    /// credential is not bound to: never forwarded.
+    Credential {
+        /// The credential's name.
+        name: String,
+        /// Host the request was for.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// What was refused.
+        reason: String,
+    },
 }
 
 impl Violation {
@@ -139,6 +155,10 @@ impl Violation {
                     }
                     *host = String::from_utf8_lossy(&out).into_owned();
                 }
+                redact_string(host, redactor, counts);
+                redact_string(reason, redactor, counts);
+            }
+            Violation::Credential { host, reason, .. } => {
                 redact_string(host, redactor, counts);
                 redact_string(reason, redactor, counts);
             }

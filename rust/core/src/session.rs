@@ -167,6 +167,8 @@ impl Session {
         let mut secrets = self.base.secrets.clone();
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
+        // The session's placeholders (and CA variables) are every call's.
+        spec.credentials = self.base.credentials.clone();
         // Calls share the session's network namespace: its policy (live, see set_network)
         // is theirs, whatever the call's spec says (it decides the proxy environment).
         spec.net = self
@@ -241,6 +243,8 @@ impl Session {
         let mut secrets = self.base.secrets.clone();
         secrets.extend(call.secrets.iter().cloned());
         spec.secrets = secrets;
+        // The session's placeholders (and CA variables) are every call's.
+        spec.credentials = self.base.credentials.clone();
         let redactor = crate::redactor_for(&spec)?;
         let ctx = self.with_holder(|h| {
             Ok(crate::warm::CallContext {

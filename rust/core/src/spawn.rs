@@ -309,8 +309,17 @@ pub(crate) fn plan_limits(
     (rlimits, enf)
 }
 
-fn prepare(spec: &RunSpec, rlimits: Vec<Rlimit>, resolv_conf: &str) -> Result<Prepared> {
+fn prepare(
+    spec: &RunSpec,
+    rlimits: Vec<Rlimit>,
+    resolv_conf: &str,
+    ca_pem: Option<&str>,
+) -> Result<Prepared> {
     let (mounts, identity) = prepare_sandbox(spec, resolv_conf)?;
+    let mounts = match ca_pem {
+        Some(pem) => std::sync::Arc::new(mounts.with_ca(pem)?),
+        None => mounts,
+    };
     let target = prepare_target(spec, rlimits, true)?;
     Ok(Prepared {
         mounts,
@@ -369,6 +378,17 @@ pub(crate) fn prepare_target(
     }
     for s in &spec.secrets {
         env.insert(&s.name, &s.value);
+    }
+    // The placeholders are the only form of a credential the sandbox sees.
+    let creds = spec.credentials.as_ref().map_or(&[][..], |c| &c.list[..]);
+    for c in creds {
+        env.insert(&c.name, &c.placeholder);
+    }
+    if !creds.is_empty() && spec.net.is_some() {
+        // The sandbox's CA, for the usual clients (the system bundle is replaced too).
+        for name in CA_ENV {
+            env.insert(name, fs::CA_BUNDLE);
+        }
     }
     let path_var = env.get("PATH").copied().unwrap_or(DEFAULT_PATH).to_string();
     let envp = env
@@ -728,7 +748,18 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
                     "no egress sockets from the sandbox: {e}"
                 )))
             })?;
-            Some(net::Egress::start(n.allow.clone(), fds).map_err(fail)?)
+            let config = net::EgressConfig {
+                broker: n.broker.clone(),
+                ..net::EgressConfig::default()
+            };
+            let egress = net::Egress::start_with(n.allow.clone(), fds, config).map_err(fail)?;
+            if n.broker.is_some() {
+                // For `on_leak = kill`: the egress ends the sandbox itself.
+                if let Ok(fd) = pidfd.try_clone() {
+                    egress.set_kill_target(fd);
+                }
+            }
+            Some(egress)
         }
         None => None,
     };
@@ -860,19 +891,49 @@ pub struct Endpoints {
     pub terminal: Option<OwnedFd>,
 }
 
+/// Variables pointing TLS clients (OpenSSL, curl, Python requests, pip, Node) at the bundle
+/// that trusts the sandbox's CA.
+const CA_ENV: [&str; 5] = [
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+];
+
 /// The network side of a sandbox with an allowlist, prepared before the clone.
 struct NetPrep {
     allow: net::Allowlist,
     plan: net::ChildPlan,
+    /// Credentials and the sandbox's CA (made here, in the supervisor).
+    broker: Option<std::sync::Arc<net::Broker>>,
+}
+
+impl NetPrep {
+    fn ca_pem(&self) -> Option<String> {
+        self.broker.as_ref().map(|b| b.ca_pem())
+    }
 }
 
 fn prepare_net(spec: &RunSpec) -> Result<Option<NetPrep>> {
+    let creds = spec.credentials.as_ref().filter(|c| !c.list.is_empty());
     match &spec.net {
+        None if creds.is_some() => Err(Error::Credential(
+            "credentials need network egress (allow their hosts)".into(),
+        )),
         None => Ok(None),
         Some(n) => {
             let allow = net::Allowlist::parse(&n.allow)?;
             let plan = net::ChildPlan::new(&allow)?;
-            Ok(Some(NetPrep { allow, plan }))
+            let broker = match creds {
+                Some(c) => Some(std::sync::Arc::new(net::Broker::new(c)?)),
+                None => None,
+            };
+            Ok(Some(NetPrep {
+                allow,
+                plan,
+                broker,
+            }))
         }
     }
 }
@@ -908,7 +969,8 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     let netprep = prepare_net(spec)?;
     let cgroup = RunCgroup::create(&spec.limits, false);
     let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
-    let prepared = prepare(spec, rlimits, resolv_conf_for(spec))?;
+    let ca = netprep.as_ref().and_then(NetPrep::ca_pem);
+    let prepared = prepare(spec, rlimits, resolv_conf_for(spec), ca.as_deref())?;
     let p = Pipes::new()?;
     let init = InitPlan {
         mounts: Some(&*prepared.mounts),
@@ -990,7 +1052,13 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
     let netprep = prepare_net(spec)?;
     let cgroup = RunCgroup::create(&spec.limits, true);
     let (rlimits, enforcement) = plan_limits(&probe, cgroup.as_ref());
-    let prepared = prepare(&probe, rlimits.clone(), resolv_conf_for(spec))?;
+    let ca = netprep.as_ref().and_then(NetPrep::ca_pem);
+    let prepared = prepare(
+        &probe,
+        rlimits.clone(),
+        resolv_conf_for(spec),
+        ca.as_deref(),
+    )?;
     let (life_r, life_w) = pipe()?;
     let reaper_plan = match &cgroup {
         Some(cg) => Some(ReaperPlan::new(&cg.thaw_files(), &cg.dir_paths())?),
@@ -1080,7 +1148,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     if spec.limits.max_output.is_some() {
         enforcement.insert("max_output".into(), Some(Enforcer::Supervisor));
     }
-    let prepared = prepare(spec, rlimits, "")?;
+    let prepared = prepare(spec, rlimits, "", None)?;
     let identity = Identity::Joined { root: holder.root };
     let p = Pipes::new()?;
     let init = InitPlan {

@@ -78,6 +78,66 @@ pub struct NetSpec {
     pub allow: Vec<String>,
 }
 
+/// What the egress proxy does with a request carrying a credential's placeholder toward a host
+/// (or with a method) the credential is not bound to. The request is never forwarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCredentialLeak {
+    /// Answer 403 to the sandbox, report it, keep running.
+    #[default]
+    Block,
+    /// Report it and kill the sandbox (reason `credential`).
+    Kill,
+    /// Report it and drop the request silently (the connection is closed, no answer).
+    Log,
+}
+
+/// A credential the egress proxy puts into requests for its hosts; the sandbox only ever sees
+/// `placeholder`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    /// Environment variable holding the placeholder in the sandbox.
+    pub name: String,
+    /// The real value (never logged, never in Debug output, never inside the sandbox).
+    pub value: String,
+    /// The placeholder the sandbox sees (unique per sandbox).
+    pub placeholder: String,
+    /// Allowlist patterns of the hosts the value may be sent to.
+    pub hosts: Vec<String>,
+    /// Methods substitution is limited to (upper case); `None` = every method.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// The only request header substituted in; `None` = every header.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Substitute in the URL query too.
+    #[serde(default)]
+    pub in_query: bool,
+    /// Substitute in the request body too.
+    #[serde(default)]
+    pub in_body: bool,
+}
+
+impl std::fmt::Debug for CredentialSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}, <hidden>, {:?})", self.name, self.hosts)
+    }
+}
+
+/// Credentials of a run: substituted by the egress proxy, which then terminates TLS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialsSpec {
+    /// The credentials.
+    pub list: Vec<CredentialSpec>,
+    /// What a placeholder sent where it is not bound does.
+    pub on_leak: OnCredentialLeak,
+    /// PEM file of the CAs upstream servers are verified against (instead of the host's
+    /// trust store).
+    pub tls_ca_bundle: Option<String>,
+}
+
 /// A pseudo-terminal for the command (see [`crate::tty`]): its window size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,6 +171,8 @@ pub struct RunSpec {
     pub secrets: Vec<Secret>,
     /// Network egress allowlist; `None` = loopback only.
     pub net: Option<NetSpec>,
+    /// Credentials substituted at the egress proxy (needs `net`); `None` = none.
+    pub credentials: Option<CredentialsSpec>,
     /// A pseudo-terminal of the sandbox's own as stdin, stdout and stderr (output merged into
     /// stdout); `None` = pipes.
     pub tty: Option<TtySize>,

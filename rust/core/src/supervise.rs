@@ -487,7 +487,9 @@ pub fn supervise(
         }
     }
     let mut violations: Vec<Violation> = Vec::new();
+    let mut credential_kill = false;
     let network = egress.map(|e| {
+        credential_kill = e.killed_for_credential();
         let (stats, v) = e.finish();
         violations.extend(v);
         stats
@@ -509,6 +511,7 @@ pub fn supervise(
     }
     let reason = match killed_for {
         Some(r) => r,
+        None if credential_kill => Reason::Credential,
         None if ooms > 0 => Reason::Memory,
         None if signal == Some(libc::SIGXCPU) => Reason::CpuTime,
         None if exit_code.is_some() => Reason::Exited,

@@ -20,9 +20,11 @@
 
 mod allow;
 mod child;
+mod creds;
 mod dns;
 mod expose;
 mod live;
+mod mitm;
 mod nflog;
 mod proxy;
 mod pump;
@@ -32,6 +34,7 @@ mod transparent;
 
 pub use allow::{Allowlist, Host};
 pub use child::{ruleset, send_child_fds, setup_in_child, ChildPlan, CHILD_FDS};
+pub use creds::{Broker, MAX_BODY};
 pub use expose::Exposed;
 pub use live::reload_rules;
 
@@ -83,6 +86,8 @@ pub struct EgressConfig {
     pub max_connections: usize,
     /// Static `name -> address` entries the supervisor uses before the system resolver.
     pub hosts: Vec<(String, IpAddr)>,
+    /// Credentials substituted into the sandbox's requests (TLS is then terminated).
+    pub broker: Option<Arc<Broker>>,
 }
 
 impl Default for EgressConfig {
@@ -90,6 +95,7 @@ impl Default for EgressConfig {
         EgressConfig {
             max_connections: MAX_CONNECTIONS,
             hosts: Vec::new(),
+            broker: None,
         }
     }
 }
@@ -131,6 +137,9 @@ impl Egress {
             streams: Mutex::new(Streams::default()),
             live: Mutex::new(0),
             live_cv: Condvar::new(),
+            broker: config.broker,
+            kill_target: Mutex::new(None),
+            credential_kill: std::sync::atomic::AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
         let listener = std::thread::Builder::new()
@@ -156,6 +165,16 @@ impl Egress {
             bytes_in: s.bytes_in.load(Ordering::SeqCst),
         };
         (stats, lock(&s.violations).list.len())
+    }
+
+    /// The sandbox `on_leak = kill` ends (a pidfd of its PID 1).
+    pub fn set_kill_target(&self, pidfd: OwnedFd) {
+        *lock(&self.shared.kill_target) = Some(pidfd);
+    }
+
+    /// Whether a credential leak killed the sandbox.
+    pub fn killed_for_credential(&self) -> bool {
+        self.shared.credential_kill.load(Ordering::SeqCst)
     }
 
     /// Refusals recorded after the first `n` (see [`Egress::snapshot`]).
@@ -291,6 +310,12 @@ pub(crate) struct Shared {
     streams: Mutex<Streams>,
     live: Mutex<usize>,
     live_cv: Condvar,
+    /// Credentials to substitute, when the run has some.
+    pub(crate) broker: Option<Arc<Broker>>,
+    /// PID 1's pidfd, for `on_leak = kill`.
+    kill_target: Mutex<Option<OwnedFd>>,
+    /// Set when a leak killed the sandbox.
+    credential_kill: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -323,17 +348,38 @@ impl Drop for Slot {
 impl Shared {
     /// Records a refusal (once per host, port and reason).
     pub(crate) fn refuse(&self, host: &str, port: u16, reason: &str) {
+        self.record(
+            (host.to_string(), port, reason.to_string()),
+            Violation::Network {
+                host: host.to_string(),
+                port,
+                reason: reason.to_string(),
+            },
+        );
+    }
+
+    /// Records a violation once per `key`, up to [`MAX_VIOLATIONS`].
+    pub(crate) fn record(&self, key: (String, u16, String), violation: Violation) {
         let mut v = lock(&self.violations);
         if v.list.len() >= MAX_VIOLATIONS {
             return;
         }
-        if v.seen.insert((host.to_string(), port, reason.to_string())) {
-            v.list.push(Violation::Network {
-                host: host.to_string(),
-                port,
-                reason: reason.to_string(),
-            });
+        if v.seen.insert(key) {
+            v.list.push(violation);
         }
+    }
+
+    /// Registers a lone client socket (no upstream yet) so teardown can cut it.
+    pub(crate) fn register_one(&self, client: &TcpStream) -> Option<u64> {
+        let clone = client.try_clone().ok()?;
+        let mut streams = lock(&self.streams);
+        if self.stop.is_set() {
+            return None;
+        }
+        streams.next += 1;
+        let id = streams.next;
+        streams.by_id.insert(id, vec![clone]);
+        Some(id)
     }
 
     /// Takes a place in the connection cap, or `None` when the run has too many connections.

@@ -112,7 +112,10 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Request, &'static str> {
 }
 
 /// `host:port` (port required unless `default_port`), with `[v6]` hosts; no user info.
-fn authority(auth: &str, default_port: Option<u16>) -> Result<(Host, u16), &'static str> {
+pub(crate) fn authority(
+    auth: &str,
+    default_port: Option<u16>,
+) -> Result<(Host, u16), &'static str> {
     if auth.contains('@') {
         return Err("user info in the URI is not supported");
     }
@@ -142,6 +145,11 @@ pub(crate) fn handle(shared: &Arc<Shared>, mut client: TcpStream, slot: Slot) {
         Ok(r) => r,
         Err(why) => return respond(&mut client, 400, "Bad Request", why),
     };
+    let broker = shared.broker.clone();
+    if let (Some(b), Request::Forward { .. }) = (&broker, &request) {
+        // With credentials every request is read whole (see `creds.rs`).
+        return super::creds::serve_proxy(shared, b, client, buf, slot);
+    }
     let leftover = &buf[head_len..];
     let (host, port) = match &request {
         Request::Connect { host, port } | Request::Forward { host, port, .. } => {
@@ -170,7 +178,19 @@ pub(crate) fn handle(shared: &Arc<Shared>, mut client: TcpStream, slot: Slot) {
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .is_ok()
             {
-                pump::relay(shared, client, upstream, leftover, slot);
+                match &broker {
+                    Some(b) => super::creds::serve_tunnel(
+                        shared,
+                        b,
+                        client,
+                        leftover.to_vec(),
+                        &host,
+                        port,
+                        upstream,
+                        slot,
+                    ),
+                    None => pump::relay(shared, client, upstream, leftover, slot),
+                }
             }
         }
         Request::Forward { mut head, .. } => {

@@ -171,7 +171,19 @@ pub(crate) fn handle(shared: &Arc<Shared>, client: TcpStream, slot: Slot) {
         None => sniff(shared, &client, &mut first).unwrap_or(Host::Ip(dst.ip())),
     };
     match pump::open(shared, &target, dst.port()) {
-        Ok(upstream) => pump::relay(shared, client, upstream, &first, slot),
+        Ok(upstream) => match shared.broker.clone() {
+            Some(b) => super::creds::serve_tunnel(
+                shared,
+                &b,
+                client,
+                first,
+                &target,
+                dst.port(),
+                upstream,
+                slot,
+            ),
+            None => pump::relay(shared, client, upstream, &first, slot),
+        },
         Err(_) => sys::set_reset_on_close(client.as_raw_fd()),
     }
 }

@@ -1,0 +1,1039 @@
+//! Credential substitution: the sandbox holds placeholders, the egress proxy puts the real
+//! values into the requests bound for each credential's hosts.
+//!
+//! With credentials in the spec every HTTP request leaving the sandbox is read whole by the
+//! supervisor: absolute-URI requests to the proxy, CONNECT tunnels and direct connections
+//! (TLS is terminated with the sandbox's own CA, see `mitm.rs`). For each request:
+//! - a credential whose hosts match the request's host (and whose `methods`, when set, list its
+//!   method) has its placeholder replaced by the value in the request headers (only `header`
+//!   when set), and in the URL query and the body when opted in (`Content-Length` follows);
+//! - a placeholder left anywhere in the request toward a host its credential is not bound to
+//!   is a leak: the request is never forwarded, the refusal is reported as a
+//!   [`Violation::Credential`], and `on_leak` decides the rest (403, kill the sandbox, or close
+//!   the connection without an answer);
+//! - a placeholder toward its own host with a method it is not allowed is forwarded as the
+//!   placeholder (the host sees no secret).
+//!
+//! Each request is sent upstream on a connection of its own with `Connection: close`, so the
+//! response ends where the upstream closes; the sandbox's side may keep its connection alive.
+//! Traffic that is neither TLS nor HTTP is relayed, and cut when a placeholder goes by toward
+//! a host its credential is not bound to.
+
+use super::allow::{Allowlist, Host};
+use super::mitm::Tls;
+use super::pump::{self, Refusal};
+use super::sys::{self, Wait};
+use super::{Shared, Slot};
+use crate::report::Violation;
+use crate::spec::{CredentialsSpec, OnCredentialLeak};
+use crate::{Error, Result};
+use aho_corasick::AhoCorasick;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request head read.
+const MAX_HEAD: usize = 64 * 1024;
+/// Largest request body the proxy buffers (bigger ones get 413).
+pub const MAX_BODY: usize = 32 << 20;
+/// How long the sandbox may take to send the first byte of a tunnel.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers of one hop, never forwarded (the proxy frames each request itself).
+const DROPPED: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "content-length",
+    "upgrade",
+    "expect",
+];
+
+struct Cred {
+    name: String,
+    hosts: Allowlist,
+    methods: Option<Vec<String>>,
+    header: Option<String>,
+    in_query: bool,
+    in_body: bool,
+}
+
+/// The credentials of one sandbox, its CA, and what a leak does.
+pub struct Broker {
+    creds: Vec<Cred>,
+    values: Vec<Vec<u8>>,
+    /// Every placeholder, pattern i = credential i.
+    finder: AhoCorasick,
+    /// Every value, masked in responses (a bound host echoing a value hands it to nobody).
+    value_finder: AhoCorasick,
+    on_leak: OnCredentialLeak,
+    tls: Tls,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("credentials", &self.creds.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Checks the credentials and makes the sandbox's CA.
+    pub fn new(spec: &CredentialsSpec) -> Result<Broker> {
+        let mut creds = Vec::new();
+        let mut values = Vec::new();
+        let mut placeholders = Vec::new();
+        for c in &spec.list {
+            let bad = |why: &str| Error::Credential(format!("credential {:?}: {why}", c.name));
+            if c.value.is_empty() {
+                return Err(bad("empty value"));
+            }
+            if c.value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                // It goes into header lines: a line break would add headers of its own.
+                return Err(bad("the value holds a line break or NUL"));
+            }
+            if c.placeholder.len() < 16
+                || !c
+                    .placeholder
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(bad("the placeholder must be 16+ letters, digits or _"));
+            }
+            if c.value.contains(&c.placeholder) || c.placeholder.contains(&c.value) {
+                return Err(bad("the value and the placeholder overlap"));
+            }
+            if c.hosts.is_empty() {
+                return Err(bad("no hosts"));
+            }
+            let hosts = Allowlist::parse(&c.hosts).map_err(|e| bad(&e.to_string()))?;
+            creds.push(Cred {
+                name: c.name.clone(),
+                hosts,
+                methods: c.methods.clone(),
+                header: c.header.as_ref().map(|h| h.to_ascii_lowercase()),
+                in_query: c.in_query,
+                in_body: c.in_body,
+            });
+            values.push(c.value.clone().into_bytes());
+            placeholders.push(c.placeholder.clone().into_bytes());
+        }
+        let finder =
+            AhoCorasick::new(&placeholders).map_err(|e| Error::Credential(e.to_string()))?;
+        let value_finder =
+            AhoCorasick::new(&values).map_err(|e| Error::Credential(e.to_string()))?;
+        Ok(Broker {
+            creds,
+            values,
+            finder,
+            value_finder,
+            on_leak: spec.on_leak,
+            tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
+        })
+    }
+
+    /// The sandbox's CA certificate (PEM), to add to the trust store inside.
+    pub fn ca_pem(&self) -> String {
+        self.tls.ca_pem()
+    }
+
+    /// Whether credential `i` may be substituted into `method` toward `host:port`.
+    fn bound(&self, i: usize, host: &Host, port: u16, method: &str) -> bool {
+        let c = &self.creds[i];
+        c.hosts.allows_host(host, port)
+            && c.methods
+                .as_ref()
+                .is_none_or(|m| m.iter().any(|x| x == method))
+    }
+
+    /// Replaces the placeholders of `which` credentials in `data`.
+    fn substitute(&self, data: &[u8], which: &[bool]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut last = 0;
+        for m in self.finder.find_iter(data) {
+            let i = m.pattern().as_usize();
+            if which[i] {
+                out.extend_from_slice(&data[last..m.start()]);
+                out.extend_from_slice(&self.values[i]);
+                last = m.end();
+            }
+        }
+        out.extend_from_slice(&data[last..]);
+        out
+    }
+
+    /// Overwrites every credential value in `data` with `*` (same length: framing holds).
+    fn mask_values(&self, data: &mut [u8]) {
+        let spans: Vec<(usize, usize)> = self
+            .value_finder
+            .find_iter(&*data)
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        for (a, b) in spans {
+            data[a..b].fill(b'*');
+        }
+    }
+
+    /// The first credential whose placeholder is in `data` but which is not bound to
+    /// `host:port` at all (whatever the method).
+    fn leaked(&self, data: &[u8], host: &Host, port: u16) -> Option<usize> {
+        self.finder
+            .find_iter(data)
+            .map(|m| m.pattern().as_usize())
+            .find(|&i| !self.creds[i].hosts.allows_host(host, port))
+    }
+
+    /// The bytes to send upstream for `req` toward `host:port`, or the leaked credential.
+    /// `host_header`: the `Host` to send (absolute-URI requests), else the client's is kept.
+    fn prepare(
+        &self,
+        req: &Request,
+        host: &Host,
+        port: u16,
+        target: &str,
+        host_header: Option<&str>,
+    ) -> std::result::Result<Vec<u8>, usize> {
+        let bound: Vec<bool> = (0..self.creds.len())
+            .map(|i| self.bound(i, host, port, &req.method))
+            .collect();
+        let only = |pick: &dyn Fn(&Cred) -> bool| -> Vec<bool> {
+            bound
+                .iter()
+                .zip(&self.creds)
+                .map(|(b, c)| *b && pick(c))
+                .collect()
+        };
+        let target = match target.split_once('?') {
+            Some((path, query)) => {
+                let q = self.substitute(query.as_bytes(), &only(&|c| c.in_query));
+                format!("{path}?{}", String::from_utf8_lossy(&q))
+            }
+            None => target.to_string(),
+        };
+        let mut out = format!("{} {target} HTTP/1.1\r\n", req.method).into_bytes();
+        if let Some(h) = host_header {
+            out.extend_from_slice(format!("Host: {h}\r\n").as_bytes());
+        }
+        for (name, value) in &req.headers {
+            let lname = name.to_ascii_lowercase();
+            if DROPPED.contains(&lname.as_str()) || (host_header.is_some() && lname == "host") {
+                continue;
+            }
+            let value = self.substitute(
+                value,
+                &only(&|c| c.header.as_ref().is_none_or(|h| *h == lname)),
+            );
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&value);
+            out.extend_from_slice(b"\r\n");
+        }
+        let body = self.substitute(&req.body, &only(&|c| c.in_body));
+        if !body.is_empty() || matches!(req.method.as_str(), "POST" | "PUT" | "PATCH") {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        out.extend_from_slice(&body);
+        match self.leaked(&out, host, port) {
+            Some(i) => Err(i),
+            None => Ok(out),
+        }
+    }
+}
+
+/// One request read from the sandbox (body de-chunked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    /// The client ends the connection after this request (`Connection: close`, or HTTP/1.0
+    /// without keep-alive).
+    close: bool,
+}
+
+/// Why no request was read.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadErr {
+    /// The client closed (or the connection broke) between requests.
+    Closed,
+    /// A malformed or oversized request: the status and a reason.
+    Bad(u16, &'static str),
+}
+
+impl From<io::Error> for ReadErr {
+    fn from(_: io::Error) -> ReadErr {
+        ReadErr::Closed
+    }
+}
+
+/// A stream with the bytes read ahead of what was consumed.
+pub(crate) struct Buffered<S> {
+    s: S,
+    buf: Vec<u8>,
+}
+
+impl<S: Read> Buffered<S> {
+    fn new(s: S, pending: Vec<u8>) -> Self {
+        Buffered { s, buf: pending }
+    }
+
+    /// Reads more; Ok(0) at EOF.
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.s.read(&mut chunk) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A TLS peer that closes without close_notify: the same as EOF here.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes exactly `n` bytes.
+    fn take(&mut self, n: usize) -> std::result::Result<Vec<u8>, ReadErr> {
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(ReadErr::Closed);
+            }
+        }
+        let rest = self.buf.split_off(n);
+        Ok(std::mem::replace(&mut self.buf, rest))
+    }
+
+    /// Takes one CRLF-terminated line (without the CRLF), at most `max` bytes.
+    fn line(&mut self, max: usize) -> std::result::Result<Vec<u8>, ReadErr> {
+        loop {
+            if let Some(p) = find(&self.buf, b"\r\n") {
+                let mut line = self.take(p + 2)?;
+                line.truncate(p);
+                return Ok(line);
+            }
+            if self.buf.len() > max {
+                return Err(ReadErr::Bad(400, "line too long"));
+            }
+            if self.fill()? == 0 {
+                return Err(ReadErr::Closed);
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads one request: head, then the body framed by `Content-Length` or chunked encoding.
+/// `go_on` is called before reading a body the client waits to be asked for
+/// (`Expect: 100-continue`; the header itself is not forwarded).
+fn read_request<S: Read>(
+    r: &mut Buffered<S>,
+    go_on: &mut dyn FnMut(&mut S),
+) -> std::result::Result<Request, ReadErr> {
+    let head_len = loop {
+        if let Some(p) = find(&r.buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+        if r.buf.len() > MAX_HEAD {
+            return Err(ReadErr::Bad(431, "request head too large"));
+        }
+        if r.fill()? == 0 {
+            return Err(ReadErr::Closed);
+        }
+    };
+    let head = r.take(head_len)?;
+    let mut slots = [httparse::EMPTY_HEADER; 128];
+    let mut parsed = httparse::Request::new(&mut slots);
+    match parsed.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(ReadErr::Bad(400, "malformed request")),
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(ReadErr::Bad(400, "malformed request"));
+    };
+    let headers: Vec<(String, Vec<u8>)> = parsed
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect();
+    let values = |name: &str| -> Vec<String> {
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).trim().to_ascii_lowercase())
+            .collect()
+    };
+    let connection = values("connection");
+    let has = |token: &str| {
+        connection
+            .iter()
+            .any(|v| v.split(',').any(|t| t.trim() == token))
+    };
+    let close = has("close") || (parsed.version == Some(0) && !has("keep-alive"));
+    let te = values("transfer-encoding");
+    let cl = values("content-length");
+    let has_body = !te.is_empty() || cl.first().is_some_and(|v| v != "0");
+    if has_body && r.buf.is_empty() && values("expect").iter().any(|v| v == "100-continue") {
+        go_on(&mut r.s);
+    }
+    let body = if !te.is_empty() {
+        let last = te.last().and_then(|v| v.rsplit(',').next()).map(str::trim);
+        if last != Some("chunked") || !cl.is_empty() {
+            return Err(ReadErr::Bad(400, "unsupported transfer encoding"));
+        }
+        read_chunked(r)?
+    } else if let Some(first) = cl.first() {
+        if cl.iter().any(|v| v != first) {
+            return Err(ReadErr::Bad(400, "conflicting Content-Length"));
+        }
+        let n: usize = first
+            .parse()
+            .map_err(|_| ReadErr::Bad(400, "bad Content-Length"))?;
+        if n > MAX_BODY {
+            return Err(ReadErr::Bad(413, "request body too large"));
+        }
+        r.take(n)?
+    } else {
+        Vec::new()
+    };
+    Ok(Request {
+        method: method.to_string(),
+        target: target.to_string(),
+        headers,
+        body,
+        close,
+    })
+}
+
+fn read_chunked<S: Read>(r: &mut Buffered<S>) -> std::result::Result<Vec<u8>, ReadErr> {
+    let mut body = Vec::new();
+    loop {
+        let line = r.line(4096)?;
+        let text = String::from_utf8_lossy(&line);
+        let size = text.split(';').next().unwrap_or("").trim();
+        let n = usize::from_str_radix(size, 16).map_err(|_| ReadErr::Bad(400, "bad chunk"))?;
+        if n == 0 {
+            // Trailers are read and dropped.
+            while !r.line(MAX_HEAD)?.is_empty() {}
+            return Ok(body);
+        }
+        if body.len().saturating_add(n) > MAX_BODY {
+            return Err(ReadErr::Bad(413, "request body too large"));
+        }
+        body.extend_from_slice(&r.take(n)?);
+        if !r.line(2)?.is_empty() {
+            return Err(ReadErr::Bad(400, "bad chunk"));
+        }
+    }
+}
+
+/// What the sandbox's connection is for.
+#[derive(Clone)]
+enum Mode {
+    /// Requests to the proxy with absolute URIs, each naming its host.
+    Absolute,
+    /// A connection to one host (a tunnel or a direct connection), TLS or not.
+    Origin { host: Host, port: u16, tls: bool },
+}
+
+/// A name for an address the DNS stub handed out (as `pump::open` decides).
+fn canonical(shared: &Shared, host: &Host) -> Host {
+    match host {
+        Host::Ip(ip) => match super::lock(&shared.synthetic).name_of(*ip) {
+            Some(name) => Host::Name(name.to_string()),
+            None => host.clone(),
+        },
+        Host::Name(_) => host.clone(),
+    }
+}
+
+/// Reads ahead of a tunnel's first bytes, so they can be looked at and replayed.
+struct Prefixed {
+    pre: Vec<u8>,
+    s: TcpStream,
+}
+
+impl Read for Prefixed {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if !self.pre.is_empty() {
+            let n = out.len().min(self.pre.len());
+            out[..n].copy_from_slice(&self.pre[..n]);
+            self.pre.drain(..n);
+            return Ok(n);
+        }
+        self.s.read(out)
+    }
+}
+
+impl Write for Prefixed {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.s.write(data)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// Serves the rest of an absolute-URI proxy connection (`pending`: bytes read so far,
+/// the first request's head included).
+pub(crate) fn serve_proxy(
+    shared: &Arc<Shared>,
+    broker: &Broker,
+    client: TcpStream,
+    pending: Vec<u8>,
+    slot: Slot,
+) {
+    let Some(id) = shared.register_one(&client) else {
+        return;
+    };
+    if let Ok(sock) = client.try_clone() {
+        let mut conn = Buffered::new(sock, pending);
+        serve_http(shared, broker, &mut conn, &client, Mode::Absolute, None);
+    }
+    shared.unregister(id);
+    drop(slot);
+}
+
+/// Serves a connection to one host (a CONNECT tunnel after its 200, or a direct connection),
+/// `first` being bytes already read from the sandbox and `upstream` the connection opened.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn serve_tunnel(
+    shared: &Arc<Shared>,
+    broker: &Broker,
+    client: TcpStream,
+    first: Vec<u8>,
+    host: &Host,
+    port: u16,
+    upstream: TcpStream,
+    slot: Slot,
+) {
+    let host = canonical(shared, host);
+    let Some(id) = shared.register(&client, &upstream) else {
+        return;
+    };
+    let mut first = first;
+    if first.is_empty() {
+        let ready = sys::wait(
+            client.as_raw_fd(),
+            libc::POLLIN,
+            &shared.stop,
+            FIRST_BYTE_TIMEOUT,
+        );
+        let mut b = [0u8; 1];
+        if ready.ok() == Some(Wait::Ready) {
+            if let Ok(1) = (&client).read(&mut b) {
+                first.push(b[0]);
+            }
+        }
+    }
+    let is_http = first.iter().take_while(|b| b.is_ascii_uppercase()).count() > 0;
+    match (first.first(), client.try_clone()) {
+        (None, _) | (_, Err(_)) => {}
+        (Some(0x16), Ok(sock)) => {
+            let raw = Prefixed {
+                pre: first,
+                s: sock,
+            };
+            match broker.tls.accept(&host, raw) {
+                Ok(tls) => {
+                    let mut conn = Buffered::new(tls, Vec::new());
+                    let mode = Mode::Origin {
+                        host: host.clone(),
+                        port,
+                        tls: true,
+                    };
+                    serve_http(shared, broker, &mut conn, &client, mode, Some(upstream));
+                }
+                // The sandbox's client did not trust the CA, or spoke no TLS we know.
+                Err(_) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                }
+            }
+        }
+        (Some(_), Ok(sock)) if is_http => {
+            let mut conn = Buffered::new(sock, first);
+            let mode = Mode::Origin {
+                host: host.clone(),
+                port,
+                tls: false,
+            };
+            serve_http(shared, broker, &mut conn, &client, mode, Some(upstream));
+        }
+        (Some(_), Ok(_)) => scan_relay(shared, broker, &client, &upstream, first, &host, port),
+    }
+    shared.unregister(id);
+    drop(slot);
+}
+
+/// Answers the sandbox with a short plain-text response.
+fn answer<S: Write>(client: &mut S, code: u16, body: &str) {
+    let text = match code {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        _ => "Error",
+    };
+    let msg = format!(
+        "HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    );
+    let _ = client.write_all(msg.as_bytes());
+    let _ = client.flush();
+}
+
+/// The request/response loop of one sandbox connection.
+fn serve_http<S: Read + Write>(
+    shared: &Arc<Shared>,
+    broker: &Broker,
+    conn: &mut Buffered<S>,
+    client: &TcpStream,
+    mode: Mode,
+    mut first_upstream: Option<TcpStream>,
+) {
+    loop {
+        let mut go_on = |s: &mut S| {
+            let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            let _ = s.flush();
+        };
+        let req = match read_request(conn, &mut go_on) {
+            Ok(r) => r,
+            Err(ReadErr::Closed) => return,
+            Err(ReadErr::Bad(code, why)) => return answer(&mut conn.s, code, why),
+        };
+        let (host, port, target, host_header, tls) = match &mode {
+            Mode::Origin { host, port, tls } => {
+                (host.clone(), *port, req.target.clone(), None, *tls)
+            }
+            Mode::Absolute => match absolute(&req.target) {
+                Ok((host, port, auth, path)) => {
+                    (canonical(shared, &host), port, path, Some(auth), false)
+                }
+                Err(why) => return answer(&mut conn.s, 400, why),
+            },
+        };
+        let out = match broker.prepare(&req, &host, port, &target, host_header.as_deref()) {
+            Ok(out) => out,
+            Err(i) => {
+                let name = &broker.creds[i].name;
+                shared.refuse_credential(name, &host.to_string(), port, &req.method);
+                match broker.on_leak {
+                    OnCredentialLeak::Block => answer(
+                        &mut conn.s,
+                        403,
+                        &format!("cellblock: credential {name} is not bound to {host}:{port}"),
+                    ),
+                    OnCredentialLeak::Kill => shared.kill_sandbox(),
+                    OnCredentialLeak::Log => {}
+                }
+                return;
+            }
+        };
+        let upstream = match first_upstream.take() {
+            Some(u) => u,
+            None => match pump::open(shared, &host, port) {
+                Ok(u) => u,
+                Err(Refusal { reason, policy }) => {
+                    let code = if policy { 403 } else { 502 };
+                    return answer(
+                        &mut conn.s,
+                        code,
+                        &format!("cellblock: {host}:{port} refused: {reason}"),
+                    );
+                }
+            },
+        };
+        let Some(id) = shared.register(client, &upstream) else {
+            return;
+        };
+        // A TLS handshake's last flight and the request are separate small writes: Nagle would
+        // hold the second until the first is acknowledged.
+        let _ = upstream.set_nodelay(true);
+        let keep = if tls {
+            match broker.tls.connect(&host, upstream) {
+                Ok(mut up) => exchange(shared, broker, &mut up, conn, &out),
+                Err(why) => {
+                    shared.refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
+                    answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
+                    false
+                }
+            }
+        } else {
+            let mut up = upstream;
+            exchange(shared, broker, &mut up, conn, &out)
+        };
+        shared.unregister(id);
+        if !keep || req.close {
+            return;
+        }
+    }
+}
+
+/// `http://host[:port]/path?query` -> (host, port, authority, origin-form target).
+fn absolute(target: &str) -> std::result::Result<(Host, u16, String, String), &'static str> {
+    let scheme = "http://";
+    if target.len() < scheme.len() || !target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        return Err("only http:// absolute URIs and CONNECT are proxied");
+    }
+    let rest = &target[scheme.len()..];
+    let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, path) = rest.split_at(split);
+    let (host, port) = super::proxy::authority(auth, Some(80))?;
+    let path = match path {
+        "" => "/".to_string(),
+        p if p.starts_with('/') => p.to_string(),
+        p => format!("/{p}"),
+    };
+    Ok((host, port, auth.to_string(), path))
+}
+
+/// Sends one request upstream and relays the response until the upstream closes. Returns
+/// whether the sandbox's connection can carry another request (the response was framed).
+fn exchange<U: Read + Write, S: Read + Write>(
+    shared: &Shared,
+    broker: &Broker,
+    up: &mut U,
+    conn: &mut Buffered<S>,
+    request: &[u8],
+) -> bool {
+    if up.write_all(request).and_then(|()| up.flush()).is_err() {
+        answer(&mut conn.s, 502, "cellblock: upstream closed");
+        return false;
+    }
+    shared
+        .bytes_out
+        .fetch_add(request.len() as u64, Ordering::Relaxed);
+    let mut head = Vec::new();
+    let mut framed = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Bytes held back: a value split between two reads is still found whole.
+    let keep = broker.value_finder.max_pattern_len().saturating_sub(1);
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match up.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        pending.extend_from_slice(&chunk[..n]);
+        broker.mask_values(&mut pending);
+        if framed.is_none() && head.len() < MAX_HEAD {
+            head.extend_from_slice(&chunk[..n]);
+            framed = response_framed(&head);
+        }
+        let ready = pending.len().saturating_sub(keep);
+        if conn.s.write_all(&pending[..ready]).is_err() {
+            return false;
+        }
+        pending.drain(..ready);
+    }
+    if conn.s.write_all(&pending).is_err() {
+        return false;
+    }
+    let _ = conn.s.flush();
+    framed == Some(true)
+}
+
+/// Whether a response head (once complete) frames its body, so the connection it came on
+/// could carry another response: `None` while incomplete.
+fn response_framed(head: &[u8]) -> Option<bool> {
+    let mut slots = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut slots);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return None,
+        Err(_) => return Some(false),
+    }
+    let code = resp.code.unwrap_or(0);
+    let mut framed = matches!(code, 100..=199 | 204 | 304);
+    for h in resp.headers.iter() {
+        let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+        if h.name.eq_ignore_ascii_case("content-length")
+            || (h.name.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+        {
+            framed = true;
+        }
+        if h.name.eq_ignore_ascii_case("connection") && v.contains("close") {
+            return Some(false);
+        }
+    }
+    Some(framed && code != 101)
+}
+
+/// Relays a connection that is neither TLS nor HTTP, cutting it when the sandbox sends a
+/// placeholder whose credential is not bound to `host:port` (the data before it is sent).
+fn scan_relay(
+    shared: &Shared,
+    broker: &Broker,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    first: Vec<u8>,
+    host: &Host,
+    port: u16,
+) {
+    std::thread::scope(|scope| {
+        let back = std::thread::Builder::new()
+            .name("cb-net-pump".into())
+            .stack_size(super::THREAD_STACK)
+            .spawn_scoped(scope, || pump::copy(upstream, client, &shared.bytes_in));
+        if back.is_err() {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+        // The window searched: what arrived plus the tail of what came before, so that a
+        // placeholder split between two reads is seen.
+        let mut window = first;
+        let tail = broker.finder.max_pattern_len();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent_upto = 0;
+        loop {
+            if let Some(i) = broker.leaked(&window, host, port) {
+                shared.refuse_credential(&broker.creds[i].name, &host.to_string(), port, "");
+                if broker.on_leak == OnCredentialLeak::Kill {
+                    shared.kill_sandbox();
+                }
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
+                return;
+            }
+            if (&*upstream).write_all(&window[sent_upto..]).is_err() {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            shared
+                .bytes_out
+                .fetch_add((window.len() - sent_upto) as u64, Ordering::Relaxed);
+            let keep_from = window.len().saturating_sub(tail);
+            window.drain(..keep_from);
+            sent_upto = window.len();
+            let n = match (&*client).read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    let _ = upstream.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(n) => n,
+            };
+            window.extend_from_slice(&chunk[..n]);
+        }
+    });
+}
+
+impl Shared {
+    /// Records a placeholder refused toward `host:port` (once per credential, host and port).
+    pub(crate) fn refuse_credential(&self, name: &str, host: &str, port: u16, method: &str) {
+        let reason = if method.is_empty() {
+            format!("placeholder of {name} sent to a host it is not bound to")
+        } else {
+            format!("placeholder of {name} in a {method} request to a host it is not bound to")
+        };
+        self.record(
+            (format!("credential:{name}:{host}"), port, String::new()),
+            Violation::Credential {
+                name: name.to_string(),
+                host: host.to_string(),
+                port,
+                reason,
+            },
+        );
+    }
+
+    /// Kills the sandbox (`on_leak = kill`), once.
+    pub(crate) fn kill_sandbox(&self) {
+        self.credential_kill.store(true, Ordering::SeqCst);
+        if let Some(fd) = super::lock(&self.kill_target).as_ref() {
+            // SAFETY: pidfd_send_signal on a pidfd we own, no memory passed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::CredentialSpec;
+
+    fn broker(methods: Option<&[&str]>, header: Option<&str>, q: bool, b: bool) -> Broker {
+        let spec = CredentialsSpec {
+            list: vec![CredentialSpec {
+                name: "TOKEN".into(),
+                value: "s3cr3t-value".into(),
+                placeholder: "cellblock_placeholder_TOKEN_0123456789abcdef".into(),
+                hosts: vec!["api.example.com".into()],
+                methods: methods.map(|m| m.iter().map(|s| s.to_string()).collect()),
+                header: header.map(str::to_string),
+                in_query: q,
+                in_body: b,
+            }],
+            on_leak: OnCredentialLeak::Block,
+            tls_ca_bundle: None,
+        };
+        Broker::new(&spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const PH: &str = "cellblock_placeholder_TOKEN_0123456789abcdef";
+
+    fn parse(raw: &[u8]) -> Request {
+        let mut r = Buffered::new(raw, Vec::new());
+        read_request(&mut r, &mut |_| {}).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn host(s: &str) -> Host {
+        Host::parse(s).unwrap_or_else(|| panic!("host {s}"))
+    }
+
+    #[test]
+    fn substitutes_headers_for_bound_hosts_only() {
+        let b = broker(None, None, false, false);
+        let raw =
+            format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
+        let req = parse(raw.as_bytes());
+        let out = b
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .unwrap_or_else(|_| panic!("leak"));
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("Authorization: Bearer s3cr3t-value\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("?k={PH}")),
+            "query not opted in: {text}"
+        );
+        assert_eq!(
+            b.prepare(&req, &host("evil.example.com"), 443, &req.target, None),
+            Err(0)
+        );
+    }
+
+    #[test]
+    fn methods_header_query_and_body() {
+        let b = broker(Some(&["GET"]), Some("x-api-key"), true, true);
+        let raw = format!(
+            "POST /x?k={PH} HTTP/1.1\r\nX-Api-Key: {PH}\r\nContent-Length: {}\r\n\r\n{PH}",
+            PH.len()
+        );
+        let req = parse(raw.as_bytes());
+        let out = b
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .unwrap_or_else(|_| panic!("own host"));
+        assert!(
+            !String::from_utf8_lossy(&out).contains("s3cr3t"),
+            "POST not allowed"
+        );
+        let raw = format!(
+            "GET /x?k={PH} HTTP/1.1\r\nX-Api-Key: {PH}\r\nOther: {PH}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{PH}\r\n0\r\n\r\n",
+            PH.len()
+        );
+        let req = parse(raw.as_bytes());
+        assert_eq!(req.body, PH.as_bytes());
+        let out = b
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .unwrap_or_else(|_| panic!("own host"));
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with("GET /x?k=s3cr3t-value HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("X-Api-Key: s3cr3t-value\r\n"), "{text}");
+        assert!(text.contains(&format!("Other: {PH}\r\n")), "{text}");
+        assert!(text.contains("Content-Length: 12\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\ns3cr3t-value"), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("transfer-encoding"));
+    }
+
+    #[test]
+    fn masks_values_and_refuses_line_breaks() {
+        let b = broker(None, None, false, false);
+        let mut data = b"echo: s3cr3t-value!".to_vec();
+        b.mask_values(&mut data);
+        assert_eq!(data, b"echo: ************!");
+        let spec = CredentialsSpec {
+            list: vec![CredentialSpec {
+                name: "T".into(),
+                value: "a\r\nX-Injected: 1".into(),
+                placeholder: "cellblock_placeholder_T_0123456789abcdef".into(),
+                hosts: vec!["x.example".into()],
+                methods: None,
+                header: None,
+                in_query: false,
+                in_body: false,
+            }],
+            ..CredentialsSpec::default()
+        };
+        assert!(matches!(Broker::new(&spec), Err(Error::Credential(_))));
+    }
+
+    #[test]
+    fn refuses_malformed_framing() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+        ] {
+            let mut r = Buffered::new(raw, Vec::new());
+            assert!(
+                matches!(read_request(&mut r, &mut |_| {}), Err(ReadErr::Bad(..))),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn absolute_uris() {
+        let (h, p, a, t) =
+            absolute("http://Api.Example.com:8080/a?b").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (h, p, a.as_str(), t.as_str()),
+            (
+                host("api.example.com"),
+                8080,
+                "Api.Example.com:8080",
+                "/a?b"
+            )
+        );
+        assert!(absolute("https://x/").is_err());
+    }
+
+    #[test]
+    fn framed_responses() {
+        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n"), None);
+        assert_eq!(
+            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
+            Some(true)
+        );
+        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n\r\n"), Some(false));
+        assert_eq!(
+            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"),
+            Some(false)
+        );
+    }
+}
