@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+import cellblock
 import cellblock.agent.loop as loop
 from cellblock.agent import Agent
-from cellblock.agent.credentials import sandbox_credentials
 from cellblock.credentials import Credential
-from cellblock.errors import CredentialError, InvalidSpec, VaultError
+from cellblock.errors import InvalidSpec, VaultError
 from cellblock.vault import Vault, _document_mac, _Keys, _Sealed
 from cellblock.vault_key import create_key_file, encode_key, read_key_file
 from conftest import IS_ROOT, NOBODY, SETPRIV, WORKER_DEADLINE
@@ -571,21 +571,18 @@ def test_agent_sessions_get_the_agents_credentials(home: Path, key: bytes,
     assert "LATER" in {c.name for c in seen["credentials"]}
 
 
-def test_agent_credentials_need_a_sandbox_that_takes_them(home: Path, key: bytes) -> None:
-    creds = [cred("GH", "gh-value")]
-
-    class Old:
-        def __init__(self, policy: Any = None) -> None: ...
-
-    class New:
-        def __init__(self, policy: Any = None, credentials: Any = None) -> None: ...
-
-    with pytest.raises(CredentialError, match=r"does not take credentials=.*GH"):
-        sandbox_credentials(Old, creds)
-    assert sandbox_credentials(Old, []) == {}
-    assert sandbox_credentials(New, creds) == {"credentials": creds}
+def test_an_agents_sandbox_holds_only_placeholders(home: Path, key: bytes) -> None:
     v = Vault(home / "vault.json", key=key)
+    v.add(cred("GH", "gh-value-7c1d"), agent="reviewer")
+    agent = Agent(model="offline", agent_name="reviewer", vault=v)
+    with cellblock.Sandbox(credentials=agent.credentials.resolve()) as sb:
+        r = sb.run(["sh", "-c", 'echo "$GH"; cat /proc/self/environ | tr "\\0" "\\n"'])
+    assert r.ok, r.stderr
+    assert r.stdout.startswith("cellblock_placeholder_GH_"), r.stdout
+    assert "gh-value-7c1d" not in r.stdout
     with pytest.raises(InvalidSpec, match="keeps its own"):
         Agent(model="offline", agent_name="reviewer", vault=v, sandbox=object())  # type: ignore[arg-type]
     with pytest.raises(VaultError, match="no credential 'NOPE'"):
         Agent(model="offline", credentials=["NOPE"], vault=v).credentials.resolve()
+
+

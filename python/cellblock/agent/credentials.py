@@ -4,12 +4,10 @@ sees placeholders)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cellblock.credentials import Credential, credential_names
-from cellblock.errors import CredentialError
 
 if TYPE_CHECKING:
     from cellblock.vault import Vault
@@ -55,20 +53,3 @@ class AgentCredentials:
         stored = self.vault().resolve([n for n in self.names if n not in own],
                                       agent=self.agent_name)
         return self.objects + [c for c in stored if c.name not in own]
-
-
-def sandbox_credentials(sandbox_type: Any, credentials: list[Credential]) -> dict[str, Any]:
-    """Keyword arguments giving `credentials` to `sandbox_type(...)`.
-
-    The `credentials=` parameter of `Sandbox` comes with the egress-proxy substitution; until
-    it is there, a run that has credentials fails with a CredentialError rather than opening a
-    sandbox without them."""
-    if not credentials:
-        return {}
-    if "credentials" not in inspect.signature(sandbox_type).parameters:
-        raise CredentialError(
-            "this build's Sandbox does not take credentials= (egress-proxy substitution is "
-            f"missing): cannot give {', '.join(c.name for c in credentials)} to the agent's "
-            "sandbox"
-        )
-    return {"credentials": credentials}

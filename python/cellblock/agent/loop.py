@@ -15,7 +15,7 @@ from cellblock import Redactor, Sandbox
 from cellblock.agent import offline
 from cellblock.agent.bindings import Prefetching, ToolSet, ToolSource
 from cellblock.agent.control import CancelScope, Ledger
-from cellblock.agent.credentials import AgentCredentials, sandbox_credentials
+from cellblock.agent.credentials import AgentCredentials
 from cellblock.agent.memory import ShortTermMemory
 from cellblock.agent.pricing import (
     DEFAULT_RATE_PER_HOUR,
@@ -379,7 +379,7 @@ class _Run:
             sandbox = owned = Sandbox(
                 policy=self.agent.policy.merged(secrets=self.agent.secrets or None),
                 auto_pause=self.agent.auto_pause,
-                **sandbox_credentials(Sandbox, self.agent.credentials.resolve()),
+                credentials=self.agent.credentials.resolve() or None,
             )
         self.sandbox = sandbox
         if owned is not None and self.agent.cancel is not None:
