@@ -407,10 +407,10 @@ class VaultCli:
             self.env["PYTHONPATH"] = os.pathsep.join(sys.path)
             self.head, self.python = ["env"], sys.executable
 
-    def __call__(self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
-                 ) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None,
+                 command: str = "vault") -> subprocess.CompletedProcess[str]:
         extra = [f"{k}={v}" for k, v in (env or {}).items()]
-        argv = [*self.head, *extra, self.python, "-m", "cellblock.cli", "vault", *args]
+        argv = [*self.head, *extra, self.python, "-m", "cellblock.cli", command, *args]
         return subprocess.run(argv, input=stdin.decode(), capture_output=True, text=True,
                               env=self.env, timeout=WORKER_DEADLINE, cwd="/", check=False)
 
@@ -458,6 +458,12 @@ def test_cli_round_trip(vault_cli: VaultCli, home: Path) -> None:
     assert all("value" not in e for e in entries.values())
     only = json.loads(vault_cli("ls", "--json", "--agent", "rev").stdout)
     assert [e["name"] for e in only] == ["DB"]
+    # `cellblock run --credential NAME` takes the vault's credential: the sandbox sees only
+    # its placeholder.
+    ran = vault_cli("--credential", "TOK", "--", "sh", "-c", 'echo "$TOK"', command="run")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("cellblock_placeholder_TOK_"), ran.stdout
+    out.append(ran)
     # The stored values are the ones given (opened with the key the CLI wrote).
     out = [table, listed]
     if vault_cli.who == "self":

@@ -43,10 +43,11 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", metavar="NAME[=@FILE]", action="append", default=[],
                    help="inject a secret from cellblock's environment (or a file);"
                    " redacted from output")
-    p.add_argument("--credential", metavar="NAME@HOST[,HOST...][=@FILE]", action="append",
+    p.add_argument("--credential", metavar="NAME[@HOST[,HOST...][=@FILE]]", action="append",
                    default=[],
-                   help="a credential from cellblock's environment (or a file): the sandbox"
-                   " sees a placeholder, the proxy sends the value to those hosts only")
+                   help="a credential from cellblock's environment (or a file), or the vault's"
+                   " NAME: the sandbox sees a placeholder, the proxy sends the value to its hosts"
+                   " only")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:

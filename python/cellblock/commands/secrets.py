@@ -39,9 +39,17 @@ def secrets_from_args(items: list[str]) -> dict[str, str]:
 
 def credentials_from_args(items: list[str]) -> list[Credential]:
     """Resolve `--credential NAME@HOST[,HOST...]` (value from cellblock's environment variable
-    NAME) or `NAME@HOSTS=@FILE` into credentials; values are never printed."""
+    NAME), `NAME@HOSTS=@FILE`, or a bare `NAME` (the vault's credential of that name, with its
+    hosts) into credentials; values are never printed."""
     out: list[Credential] = []
+    stored = [item for item in items if "@" not in item and "=" not in item]
+    if stored:
+        from cellblock.vault import Vault  # only when asked: it imports cryptography
+
+        out += Vault().resolve(stored)
     for item in items:
+        if item in stored:
+            continue
         spec, sep, source = item.partition("=")
         name, at, hosts = spec.partition("@")
         if not at or not name or not hosts:
