@@ -463,9 +463,8 @@ def test_cli_round_trip(vault_cli: VaultCli, home: Path) -> None:
     ran = vault_cli("--credential", "TOK", "--", "sh", "-c", 'echo "$TOK"', command="run")
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("cellblock_placeholder_TOK_"), ran.stdout
-    out.append(ran)
     # The stored values are the ones given (opened with the key the CLI wrote).
-    out = [table, listed]
+    out = [table, listed, ran]
     if vault_cli.who == "self":
         v = Vault(home / "data" / "cellblock" / "vault.json", key_file=keyfile)
         got = {c.name: c.value.get_secret_value() for c in v.resolve(["GH", "TOK"], agent="rev")}
