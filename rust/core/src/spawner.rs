@@ -4,12 +4,13 @@
 //!
 //! - cgroup v2: `clone3(CLONE_INTO_CGROUP)`; when the kernel refuses it (too old, or the cgroup
 //!   cannot take the child that way) the plain clone follows and the pid is attached after.
-//! - cgroup v1: a long-lived spawner thread of this process moves itself alone into the run's
-//!   cgroups (writing "0" to `tasks`: migrating oneself needs no global lock), clones PID 1,
-//!   which starts inside, and moves back out. One thread for the life of the process, because
-//!   PID 1's parent-death signal follows the thread that cloned it: it must not end before the
-//!   process does. A forked child of the process (no such thread), or a failure to enter,
-//!   clones on the caller's thread and attaches after.
+//! - cgroup v1: a thread moves itself alone into the run's cgroups (writing "0" to `tasks`:
+//!   migrating oneself needs no global lock), clones PID 1, which starts inside, and moves back
+//!   out. The caller's own thread does it, unless it is the process's first thread, whose
+//!   cgroup v1 memcg is charged for the whole process's memory: then a long-lived spawner
+//!   thread does (one for the life of the process, because PID 1's parent-death signal follows
+//!   the thread that cloned it). A forked child of the process (no such thread), or a failure
+//!   to enter, clones on the caller's thread and attaches after.
 
 use crate::cgroup::RunCgroup;
 use crate::spawn;
@@ -147,25 +148,61 @@ pub(crate) fn clone_in(
             }
         };
     }
+    // A thread other than the process's first can enter itself: moving it does not move the
+    // process's memory charges (v1 memcg follows the mm's owner, the first thread), and the
+    // parent-death signal then follows the caller's thread, as for a plain clone.
+    // SAFETY: gettid and getpid have no side effects.
+    let first_thread = unsafe { libc::gettid() == libc::getpid() };
+    if !leader_alive() {
+        // The first thread has exited: the mm's owner may be any thread, this one included.
+        return plain();
+    }
+    match clone_in_v1(flags, cg, pids_limit, child, first_thread) {
+        Some(r) => r.map(|(pid, pidfd)| Cloned {
+            pid,
+            pidfd,
+            attached: true,
+        }),
+        // No spawner thread here (a forked child), or the thread could not enter.
+        None => plain(),
+    }
+}
+
+/// Whether the process's first thread is alive (then it owns the mm, whose memory charges
+/// follow the owner's memcg on cgroup v1; once it has exited, another thread may own it).
+fn leader_alive() -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", std::process::id()));
+    let state = stat.ok().and_then(|s| {
+        s.rsplit_once(')')
+            .map(|(_, r)| r.trim_start().chars().next())
+    });
+    matches!(state, Some(Some(c)) if c != 'Z' && c != 'X')
+}
+
+/// cgroup v1: enters `cg` with this thread (or the spawner thread: `via_spawner`), clones,
+/// leaves. `None`: the thread could not enter (nothing was cloned).
+fn clone_in_v1(
+    flags: libc::c_ulong,
+    cg: &RunCgroup,
+    pids_limit: Option<u64>,
+    child: &(dyn Fn() + Sync),
+    via_spawner: bool,
+) -> Option<std::io::Result<(libc::pid_t, OwnedFd)>> {
     let job = move || -> Option<std::io::Result<(libc::pid_t, OwnedFd)>> {
         cg.enter_thread(pids_limit).ok()?;
         let r = spawn::clone_with(flags, child);
         if let Err(e) = cg.leave_thread(pids_limit) {
             // The thread is still in the run's cgroup: its removal retries, then records it.
             crate::cell::teardown::record_error(format!(
-                "spawner thread could not leave the run's cgroup: {e}"
+                "a thread could not leave the run's cgroup after cloning PID 1: {e}"
             ));
         }
         Some(r)
     };
-    match on_spawner(job) {
-        Some(Some(r)) => r.map(|(pid, pidfd)| Cloned {
-            pid,
-            pidfd,
-            attached: true,
-        }),
-        // No spawner thread here (a forked child), or the thread could not enter.
-        _ => plain(),
+    if via_spawner {
+        on_spawner(job).flatten()
+    } else {
+        job()
     }
 }
 
@@ -320,7 +357,7 @@ mod tests {
     }
 
     #[test]
-    fn v1_spawner_thread_clones_inside_and_leaves() {
+    fn v1_threads_clone_inside_and_leave() {
         let limits = crate::spec::Limits {
             memory: Some(64 << 20),
             pids: Some(1),
@@ -333,42 +370,51 @@ mod tests {
             .and_then(|n| n.to_str())
             .expect("name")
             .to_string();
-        let (r, w) = pipe();
-        let child = waiter(std::os::fd::AsRawFd::as_raw_fd(&r));
-        // pids.max is 1: the clone succeeds only because the spawner thread's own place was
-        // added for the time it is inside.
-        let c = clone_in(0, Some(&cg), Some(1), &child).expect("clone");
-        let lines = cgroup_lines(c.pid);
-        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .expect("our threads")
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("cgroup")).ok())
-            .collect();
-        let pids_max = cg
-            .dir_paths()
-            .iter()
-            .find(|d| d.join("pids.max").exists())
-            .map(|d| std::fs::read_to_string(d.join("pids.max")).expect("pids.max"));
-        drop(w);
-        end(&c.pidfd);
-        assert!(c.attached);
-        for ctrl in ["memory", "pids", "cpuacct"] {
-            let line = lines
-                .lines()
-                .find(|l| {
-                    l.split(':')
-                        .nth(1)
-                        .is_some_and(|c| c.split(',').any(|x| x == ctrl))
-                })
-                .expect("v1 line");
-            assert!(line.ends_with(&format!("/{name}")), "{ctrl}: {lines}");
+        // The caller's own thread, then the spawner thread (for a caller's first thread).
+        for via_spawner in [false, true] {
+            let (r, w) = pipe();
+            let child = waiter(std::os::fd::AsRawFd::as_raw_fd(&r));
+            // pids.max is 1: the clone succeeds only because the entering thread's own place
+            // was added for the time it is inside.
+            let (pid, pidfd) = clone_in_v1(0, &cg, Some(1), &child, via_spawner)
+                .expect("the thread entered")
+                .expect("clone");
+            let lines = cgroup_lines(pid);
+            let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+                .expect("our threads")
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("cgroup")).ok())
+                .collect();
+            let pids_max = cg
+                .dir_paths()
+                .iter()
+                .find(|d| d.join("pids.max").exists())
+                .map(|d| std::fs::read_to_string(d.join("pids.max")).expect("pids.max"));
+            drop(w);
+            end(&pidfd);
+            for ctrl in ["memory", "pids", "cpuacct"] {
+                let line = lines
+                    .lines()
+                    .find(|l| {
+                        l.split(':')
+                            .nth(1)
+                            .is_some_and(|c| c.split(',').any(|x| x == ctrl))
+                    })
+                    .expect("v1 line");
+                assert!(line.ends_with(&format!("/{name}")), "{ctrl}: {lines}");
+            }
+            assert!(
+                threads.iter().all(|t| !t.contains(&name)),
+                "a thread stayed inside"
+            );
+            assert_eq!(pids_max.as_deref().map(str::trim), Some("1"));
         }
-        assert!(
-            threads.iter().all(|t| !t.contains(&name)),
-            "a thread stayed inside"
-        );
-        assert_eq!(pids_max.as_deref().map(str::trim), Some("1"));
         cg.remove().expect("nothing is left in the cgroup");
+    }
+
+    #[test]
+    fn our_first_thread_is_alive() {
+        assert!(leader_alive());
     }
 
     #[test]
