@@ -7,6 +7,7 @@ from cellblock.client import Client, RemoteSandbox
 from cellblock.errors import (
     CellblockError,
     CommandNotFound,
+    CredentialError,
     FileTooLarge,
     InvalidSpec,
     NamespaceUnavailable,
@@ -15,11 +16,10 @@ from cellblock.errors import (
     SandboxIOError,
     SeccompError,
     SecretError,
-    CredentialError,
-    VaultError,
     SessionClosed,
     SetupError,
     SetupTimeout,
+    VaultError,
 )
 from cellblock.files import DirEntry
 from cellblock.policy import Policy
@@ -38,6 +38,7 @@ __all__ = [
     "Client",
     "CodeResult",
     "CommandNotFound",
+    "CredentialError",
     "DirEntry",
     "ExposedPort",
     "FileTooLarge",
@@ -60,11 +61,10 @@ __all__ = [
     "SeccompPolicy",
     "Secret",
     "SecretError",
-    "CredentialError",
-    "VaultError",
     "SessionClosed",
     "SetupError",
     "SetupTimeout",
+    "VaultError",
     "__version__",
     "iter_many",
     "run",
