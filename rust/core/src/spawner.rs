@@ -70,8 +70,11 @@ pub(crate) fn clone3_into(
     child: impl FnOnce(),
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let mut pidfd: libc::c_int = -1;
+    // c_ulong is u64 here, u32 on 32-bit targets.
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let flags = flags as u64;
     let mut args = CloneArgs {
-        flags: flags as u64 | libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
+        flags: flags | libc::CLONE_PIDFD as u64 | CLONE_INTO_CGROUP,
         pidfd: &mut pidfd as *mut libc::c_int as u64,
         cgroup: cgroup_fd as u64,
         ..CloneArgs::default()
