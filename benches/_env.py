@@ -43,15 +43,18 @@ def time_once(fn: Callable[[], object]) -> float:
 
 
 def interleaved(
-    cases: dict[str, Callable[[], object]], runs: int, warmup: int = 5
+    cases: dict[str, Callable[[], object]], runs: int, warmup: int = 5, gap: float = 0.0
 ) -> dict[str, list[float]]:
-    """Runs every case once per round, `runs` rounds, so drift affects all cases alike."""
+    """Runs every case once per round, `runs` rounds, so drift affects all cases alike;
+    `gap` seconds of idleness (untimed) before each run."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(runs):
         for name, fn in cases.items():
+            if gap:
+                time.sleep(gap)
             samples[name].append(time_once(fn))
     return samples
 

@@ -22,6 +22,7 @@ pub mod report;
 pub mod seccomp;
 pub mod session;
 pub mod spawn;
+mod spawner;
 pub mod spec;
 pub mod supervise;
 pub mod tty;

@@ -12,6 +12,7 @@ use crate::net;
 use crate::reaper::{self, ReaperPlan};
 use crate::report::Enforcer;
 use crate::seccomp;
+use crate::spawner;
 use crate::spec::RunSpec;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -691,6 +692,7 @@ fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
 fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) -> Result<Endpoints> {
     let Handshake {
         cgroup,
+        attached,
         write_maps,
         prepared,
         argv0,
@@ -714,7 +716,7 @@ fn handshake(pid: libc::pid_t, pidfd: &OwnedFd, p: Pipes, how: Handshake<'_>) ->
             _ => e,
         }
     };
-    if let Some(cg) = cgroup {
+    if let Some(cg) = cgroup.filter(|_| !attached) {
         if let Err(e) = cg.add(pid) {
             return Err(fail(Error::Setup {
                 stage: "join the run's cgroup",
@@ -854,6 +856,8 @@ fn recv_master(sock: &OwnedFd) -> Result<OwnedFd> {
 struct Handshake<'a> {
     /// The cgroup to place PID 1 in.
     cgroup: Option<&'a RunCgroup>,
+    /// Whether PID 1 started in `cgroup` already (cloned into it).
+    attached: bool,
     /// Whether to write the root path's uid/gid maps.
     write_maps: bool,
     /// For naming errors.
@@ -960,6 +964,19 @@ pub(crate) fn sandbox_clone_flags() -> libc::c_ulong {
     flags
 }
 
+/// PID 1's plan, shared read-only with the spawner thread that clones it.
+struct SharedPlan<'a, 'b>(&'a InitPlan<'b>);
+
+// SAFETY: the plan is only read: by the thread that clones (its child runs on a copy of it),
+// while the caller that owns it waits for the clone to return.
+unsafe impl Sync for SharedPlan<'_, '_> {}
+
+impl SharedPlan<'_, '_> {
+    fn run(&self) {
+        child::init_main(self.0)
+    }
+}
+
 /// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
 ///
 /// Returns once the command has been exec'd (or with the reason it could not be).
@@ -986,12 +1003,22 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
-    let (pid, pidfd) =
-        clone_with(sandbox_clone_flags(), || child::init_main(&init)).map_err(clone_error)?;
+    let shared = SharedPlan(&init);
+    let pids_limit = spec.limits.pids.filter(|_| {
+        cgroup
+            .as_ref()
+            .is_some_and(|c| c.enforced().contains(&("pids", Enforcer::CgroupV1)))
+    });
+    let cloned = spawner::clone_in(sandbox_clone_flags(), cgroup.as_ref(), pids_limit, &|| {
+        shared.run()
+    })
+    .map_err(clone_error)?;
+    let (pid, pidfd) = (cloned.pid, cloned.pidfd);
     let mut p = p;
     p.child_owned.clear();
     let how = Handshake {
         cgroup: cgroup.as_ref(),
+        attached: cloned.attached,
         write_maps: is_root(),
         prepared: &prepared,
         argv0: &spec.argv[0],
@@ -1099,6 +1126,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         // The holder stays out of the session's cgroup: only calls run there, so the
         // OOM killer (which sees the holder as big as the caller) can never pick it.
         cgroup: None,
+        attached: false,
         write_maps: is_root(),
         prepared: &prepared,
         argv0: "session",
@@ -1203,6 +1231,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     // in it before releasing it, so the call and all it starts count against the session.
     let how = Handshake {
         cgroup: holder.cgroup.as_ref(),
+        attached: false,
         write_maps: false,
         prepared: &prepared,
         argv0: &spec.argv[0],
