@@ -468,7 +468,8 @@ def test_session_calls_share_the_placeholder(servers: dict[str, Recorder], tls_d
     assert got == [VALUE, VALUE]
 
 
-def test_cli_credential(servers: dict[str, Recorder], tls_dir: Path, tmp_path: Path) -> None:
+def test_cli_credential(servers: dict[str, Recorder], tls_dir: Path, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
     tag = secrets.token_hex(4)
     port = servers["bound"].port
     env = {**os.environ, "TOKEN": VALUE}
@@ -485,9 +486,16 @@ def test_cli_credential(servers: dict[str, Recorder], tls_dir: Path, tmp_path: P
     (tmp_path / "v").write_text(VALUE + "\n")
     (c,) = credentials_from_args([f"X@a.example,b.example=@{tmp_path / 'v'}"])
     assert (c.hosts, c.value.get_secret_value()) == (["a.example", "b.example"], VALUE)
-    for bad in ["TOKEN", "TOKEN@", "@h", "TOKEN@h=literal"]:
+    for bad in ["TOKEN@", "@h", "TOKEN@h=literal"]:
         with pytest.raises(cellblock.CredentialError):
             credentials_from_args([bad])
+    # A bare NAME is the vault's credential (tests/test_vault.py): here there is no vault.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("CELLBLOCK_VAULT", raising=False)
+    monkeypatch.delenv("CELLBLOCK_VAULT_KEY", raising=False)
+    with pytest.raises(cellblock.VaultError):
+        credentials_from_args(["TOKEN"])
     with pytest.raises(cellblock.CredentialError):
         credentials_from_args(["NOT_SET_ANYWHERE_XYZ@h"])
 

@@ -332,6 +332,28 @@ def test_a_session_runs_on_the_rootfs(shared: Path) -> None:
     assert second.stdout == "made\n"
 
 
+CALLER_CREDENTIAL = r"""
+import json, sys
+import cellblock
+res = cellblock.run(["/bin/sh", "-c", 'echo "$TOKEN"; read -r l < "$SSL_CERT_FILE"; echo "$l"'],
+                    rootfs=sys.argv[1],
+                    credentials=[{"name": "TOKEN", "value": "rootfs-cred-5e1f0a",
+                                  "hosts": ["bound.test"]}])
+print(json.dumps({"exit": res.exit_code, "stdout": res.stdout, "stderr": res.stderr}))
+"""
+
+
+def test_credentials_work_on_a_rootfs(caller: Caller, shared: Path) -> None:
+    # The proxy's CA goes into the overlay's top layer (a rootfs keeps its own system bundle):
+    # the sandbox has the placeholder and a CA file its clients are pointed at.
+    out = caller.run(CALLER_CREDENTIAL, str(shared / "tree"))
+    assert out["exit"] == 0, out
+    placeholder, first_line = out["stdout"].splitlines()
+    assert placeholder.startswith("cellblock_placeholder_TOKEN_"), out
+    assert first_line == "-----BEGIN CERTIFICATE-----", out
+    assert "rootfs-cred-5e1f0a" not in out["stdout"]
+
+
 # --- Debian bases: mmdebstrap against a local archive served on 127.0.0.1 -------------------
 
 

@@ -508,6 +508,20 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             Stage::MountPrivate,
             0,
         );
+        // The network namespace is set up while the host's tree is still the root: nft is the
+        // host's (with its libraries), which a rootfs does not have.
+        if let Err(e) = loopback_up() {
+            fail(fds.err, Stage::Loopback, 0, e);
+        }
+        if let Some(net) = plan.net {
+            let mut netfds = [-1; crate::net::CHILD_FDS];
+            if let Err(e) = crate::net::setup_in_child(net, &mut netfds) {
+                fail(fds.err, Stage::Network, 0, if e < 0 { -e } else { e });
+            }
+            if let Err(e) = crate::net::send_child_fds(fds.fdsock, &netfds) {
+                fail(fds.err, Stage::Network, 1, e);
+            }
+        }
         if let Err((i, e)) = mounts.apply() {
             fail(fds.err, Stage::Mount, i, e);
         }
@@ -564,18 +578,6 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             Stage::Hostname,
             0,
         );
-        if let Err(e) = loopback_up() {
-            fail(fds.err, Stage::Loopback, 0, e);
-        }
-        if let Some(net) = plan.net {
-            let mut netfds = [-1; crate::net::CHILD_FDS];
-            if let Err(e) = crate::net::setup_in_child(net, &mut netfds) {
-                fail(fds.err, Stage::Network, 0, if e < 0 { -e } else { e });
-            }
-            if let Err(e) = crate::net::send_child_fds(fds.fdsock, &netfds) {
-                fail(fds.err, Stage::Network, 1, e);
-            }
-        }
         if root_path {
             // SAFETY: unshare has no memory effects.
             ok_or_fail(

@@ -190,20 +190,37 @@ impl MountPlan {
             .base
             .to_str()
             .map_err(|_| Error::InvalidSpec("base path".into()))?;
-        let resolv = cstr(under(base, "/etc/resolv.conf"))?;
-        let at = self
-            .ops
-            .iter()
-            .position(|op| matches!(op, Op::Write(p, _) if *p == resolv))
-            .map(|i| i + 1)
-            .ok_or_else(|| Error::InvalidSpec("mount plan without /etc".into()))?;
-        let plain = ["/etc", "/etc/ssl", "/etc/ssl/certs", SYSTEM_CA_BUNDLE]
-            .iter()
-            .all(|p| {
-                Path::new(p)
-                    .symlink_metadata()
-                    .is_ok_and(|m| !m.file_type().is_symlink())
-            });
+        // Generated files are written under the root, or, on a rootfs, into the overlay's top
+        // layer before the overlay is mounted (see `build`).
+        let gen = base
+            .strip_suffix("/.root")
+            .map(|host| format!("{host}/.gen"));
+        let written_at = |prefix: &str| -> Result<Option<usize>> {
+            let resolv = cstr(under(prefix, "/etc/resolv.conf"))?;
+            Ok(self
+                .ops
+                .iter()
+                .position(|op| matches!(op, Op::Write(p, _) if *p == resolv))
+                .map(|i| i + 1))
+        };
+        let (prefix, at, rootfs) = match (written_at(base)?, &gen) {
+            (Some(at), _) => (base, at, false),
+            (None, Some(gen)) => match written_at(gen)? {
+                Some(at) => (gen.as_str(), at, true),
+                None => return Err(Error::InvalidSpec("mount plan without /etc".into())),
+            },
+            (None, None) => return Err(Error::InvalidSpec("mount plan without /etc".into())),
+        };
+        // A rootfs keeps its own system bundle: the sandbox's clients find the CA through the
+        // variables pointing at CA_BUNDLE.
+        let plain = !rootfs
+            && ["/etc", "/etc/ssl", "/etc/ssl/certs", SYSTEM_CA_BUNDLE]
+                .iter()
+                .all(|p| {
+                    Path::new(p)
+                        .symlink_metadata()
+                        .is_ok_and(|m| !m.file_type().is_symlink())
+                });
         let mut bundle = if plain {
             std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default()
         } else {
@@ -214,12 +231,16 @@ impl MountPlan {
         }
         bundle.extend_from_slice(ca_pem.as_bytes());
         let mut ops = Vec::new();
+        let mut pre = Vec::new();
         let mut b = Builder {
-            base,
+            base: prefix,
+            gen: None,
+            pre: &mut pre,
             ops: &mut ops,
         };
         b.mkdir_p("/etc/cellblock")?;
-        b.ops.push(Op::Write(cstr(under(base, CA_BUNDLE))?, bundle));
+        b.ops
+            .push(Op::Write(cstr(under(prefix, CA_BUNDLE))?, bundle));
         if plain {
             b.bind(CA_BUNDLE, SYSTEM_CA_BUNDLE, true, true)?;
         }

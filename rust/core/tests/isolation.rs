@@ -358,7 +358,12 @@ fn renames_and_links_between_directories_work() {
          if mv /workspace/h /usr/h 2>/dev/null; then echo ESCAPED; fi",
     ));
     assert_eq!(r.reason, Reason::Exited, "{r:?}");
-    assert_eq!(r.exit_code, Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let out = stdout(&r);
     assert!(out.starts_with("x\nx\n"), "{out}");
     assert!(!out.contains("ESCAPED"), "{out}");

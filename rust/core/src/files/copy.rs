@@ -127,7 +127,14 @@ fn copy_data(src: RawFd, dst: RawFd, len: u64) -> std::io::Result<u64> {
         let n = if splice {
             // SAFETY: copy_file_range between two fds we hold, with the files' own offsets.
             let n = unsafe {
-                libc::copy_file_range(src, std::ptr::null_mut(), dst, std::ptr::null_mut(), want, 0)
+                libc::copy_file_range(
+                    src,
+                    std::ptr::null_mut(),
+                    dst,
+                    std::ptr::null_mut(),
+                    want,
+                    0,
+                )
             };
             if n < 0
                 && matches!(
@@ -312,7 +319,9 @@ impl Walk {
             Err(e) => return Err(src_error(path, e)),
         };
         if !self.same(from.as_raw_fd(), stx) {
-            self.report.skipped.push(format!("{path} (changed while copied)"));
+            self.report
+                .skipped
+                .push(format!("{path} (changed while copied)"));
             return Ok(());
         }
         let to = open_at(
@@ -334,28 +343,23 @@ impl Walk {
     fn symlink(&mut self, src: RawFd, dst: RawFd, name: &CStr, path: &str) -> Result<()> {
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: readlinkat of one name into a buffer we own, of the length we pass.
-        let n = unsafe {
-            libc::readlinkat(
-                src,
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len() - 1,
-            )
-        };
+        let n =
+            unsafe { libc::readlinkat(src, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len() - 1) };
         if n < 0 {
             return match errno() {
                 libc::ENOENT => Ok(()),
                 // Swapped for something else meanwhile.
                 libc::EINVAL => {
-                    self.report.skipped.push(format!("{path} (changed while copied)"));
+                    self.report
+                        .skipped
+                        .push(format!("{path} (changed while copied)"));
                     Ok(())
                 }
                 e => Err(src_error(path, e)),
             };
         }
         buf.truncate(n as usize);
-        let target = CString::new(buf)
-            .map_err(|_| src_error(path, libc::EINVAL))?;
+        let target = CString::new(buf).map_err(|_| src_error(path, libc::EINVAL))?;
         // SAFETY: symlinkat of one name in a directory fd we hold; the target is only text.
         if unsafe { libc::symlinkat(target.as_ptr(), dst, name.as_ptr()) } < 0 {
             return Err(dst_error(path, std::io::Error::last_os_error()));
