@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellblock import aio
-from cellblock.errors import CellblockError, InvalidSpec
+from cellblock.errors import CellblockError, EnvironmentNotFound, InvalidSpec
 from cellblock.files import CHUNK_SIZE, DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
@@ -183,10 +183,13 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     async def create_session(tok: Token, body: SessionCreate) -> SessionInfo:
         """Opens a session (a persistent sandbox) owned by this token."""
         fields = body.model_dump(exclude={"labels", "lifetime_s", "warm", "idle_timeout",
-                                          "auto_pause", "secrets", "env"}, exclude_none=True)
+                                          "auto_pause", "secrets", "env", "credentials"},
+                                 exclude_none=True)
+        await _known_environment(body.environment)
         async with registry.session_slot(tok):
             sandbox = await aio.Sandbox(
                 Policy.build(**fields, env=body.env), secrets=body.secrets or None,
+                credentials=list(body.credentials) or None,
                 idle_timeout=body.idle_timeout, auto_pause=body.auto_pause,
                 warm=tuple(body.warm),
             ).open()
@@ -359,12 +362,14 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     @app.post("/v1/run", tags=["runs"])
     async def one_shot(tok: Token, body: OneShotRun, request: Request) -> RunReport:
         """Runs a command in a fresh sandbox, destroyed after."""
+        await _known_environment(body.environment)
         return await run_report(tok, request, aio.run(body.argv, **_one_shot_kwargs(body)))
 
     @app.post("/v1/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
     async def one_shot_stream(tok: Token, body: OneShotRun) -> StreamingResponse:
         """A one-shot run with its output as server-sent events (as the session's)."""
+        await _known_environment(body.environment)
         return await _sse(registry, tok, aio.stream(body.argv, **_one_shot_kwargs(body)))
 
     @app.post("/v1/batches", status_code=202, tags=["batches"])
@@ -417,7 +422,27 @@ def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
 
 
 def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
-    return _call_kwargs(body)
+    fields = _call_kwargs(body)
+    # The models themselves (values stay SecretStr until the run spec is built).
+    fields.pop("credentials", None)
+    if body.credentials:
+        fields["credentials"] = list(body.credentials)
+    return fields
+
+
+async def _known_environment(name: str | None) -> None:
+    """EnvironmentNotFound before any sandbox is made, naming the environment but not where
+    the service keeps its store (a path of the service's machine)."""
+    if name is None:
+        return
+    from cellblock.environments.runtime import resolve
+
+    try:
+        await asyncio.to_thread(resolve, name)
+    except EnvironmentNotFound:
+        raise EnvironmentNotFound(
+            f"no environment named {name!r} on the service (see 'cellblock env ls' there)"
+        ) from None
 
 
 async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:

@@ -9,6 +9,8 @@ from typing import Any, Literal, Self
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
 
 from cellblock.batch import Job, Limits
+from cellblock.credentials import Credential, OnPlaceholderLeak
+from cellblock.environments.spec import NAME_RE
 from cellblock.fork import ForkReport
 from cellblock.result import Reason, RunResult
 from cellblock.runtimes.outputs import IMAGE_SIGNATURES, Output
@@ -32,7 +34,28 @@ class CallLimits(_Body):
     max_output: int | str | None = None
 
 
-class SessionCreate(Limits):
+class RemoteIsolation(BaseModel):
+    """What a run or a session may take beyond limits: a built environment of the SERVICE's
+    store (by name only: a name can never be a path, so `rootfs`, a host directory, is not
+    accepted), and credentials the service's egress proxy substitutes. Credential values are
+    write-only: no response, error or log line of the service holds them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str | None = Field(
+        default=None, pattern=NAME_RE.pattern,
+        description="A built environment of the service's store, by name (`cellblock env ls` "
+        "on the service's machine).")
+    credentials: list[Credential] = Field(
+        default=[], max_length=256,
+        description="Credentials (write-only values): the sandbox sees placeholders, the "
+        "service's egress proxy substitutes the values for the credentials' hosts.")
+    on_credential_leak: OnPlaceholderLeak | None = Field(
+        default=None, description="A placeholder sent to a host it is not bound to: block "
+        "(default), kill or log; never forwarded.")
+
+
+class SessionCreate(Limits, RemoteIsolation):
     """A new session: session-wide limits, per-call defaults, labels and lifetime."""
 
     model_config = ConfigDict(extra="forbid")
@@ -201,7 +224,7 @@ class PortInfo(BaseModel):
     host_port: int
 
 
-class OneShotRun(CommandRun):
+class OneShotRun(CommandRun, RemoteIsolation):
     """A command in a fresh sandbox of its own (destroyed after)."""
 
     memory: int | str | None = None
