@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import tempfile
 import textwrap
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import httpx
 import pytest
 from envfixtures import make_wheel, serve, simple_index, world_readable_dir
 from service_fixtures import Service, share_service_packages, start_service
-from test_credentials import Recorder
+from test_credentials import Recorder, tls_dir  # noqa: F401 (a fixture)
 
 import cellblock
 from cellblock.environments.build import build
@@ -192,15 +193,16 @@ def test_remote_runs_in_an_environment_of_the_services_store(
 
 
 PAYLOAD = textwrap.dedent("""\
-    import json, os, sys, urllib.request
+    import json, os, ssl, sys, urllib.request
     token = os.environ["API_TOKEN"]
     out = {"token": token, "env_has_value": any(sys.argv[1] in v for v in os.environ.values())}
-    for name in ("bound", "other"):
+    for name, scheme in (("bound", "http"), ("tls", "https"), ("other", "http")):
         req = urllib.request.Request(
-            f"http://127.0.0.1:{os.environ['PORT_' + name.upper()]}/{sys.argv[2]}/{name}",
+            f"{scheme}://127.0.0.1:{os.environ['PORT_' + name.upper()]}/{sys.argv[2]}/{name}",
             headers={"Authorization": "Bearer " + token})
         try:
-            with urllib.request.urlopen(req, timeout=20) as r:
+            with urllib.request.urlopen(req, timeout=20,
+                                        context=ssl.create_default_context()) as r:
                 out[name] = f"{r.status} {r.read().decode()}"
         except Exception as e:
             out[name] = type(e).__name__
@@ -209,20 +211,28 @@ PAYLOAD = textwrap.dedent("""\
 
 
 def test_remote_credentials_reach_only_the_bound_host(
-        service: tuple[Service, Path], received: list[bytes]) -> None:
+        service: tuple[Service, Path], received: list[bytes],
+        tls_dir: Path) -> None:  # noqa: F811 (the fixture)
+    """Plain HTTP and HTTPS: the TLS server's CA goes to the service as content (the client
+    reads its `tls_ca_bundle`); without it the proxy cannot verify that server."""
     svc, directory = service
-    bound, other = Recorder(), Recorder()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_dir / "srv.pem", tls_dir / "srv.key")
+    bound, tls, other = Recorder(), Recorder(ctx), Recorder()
+    ca = str(tls_dir / "ca.pem")
     credential = cellblock.Credential(name="API_TOKEN", value=VALUE,
-                                      hosts=[f"127.0.0.1:{bound.port}"])
-    net = {"allow_net": [f"127.0.0.1:{bound.port}", f"127.0.0.1:{other.port}"],
-           "env": {"PORT_BOUND": str(bound.port), "PORT_OTHER": str(other.port)}}
+                                      hosts=[f"127.0.0.1:{bound.port}", f"127.0.0.1:{tls.port}"])
+    servers = {"BOUND": bound, "TLS": tls, "OTHER": other}
+    net = {"allow_net": [f"127.0.0.1:{s.port}" for s in servers.values()],
+           "env": {f"PORT_{k}": str(s.port) for k, s in servers.items()}}
     try:
         with cellblock.Client(svc.url, svc.tokens["alice"]) as c:
             # The payload gets a prefix of the value (a full copy would be masked by the
             # supervisor's output redaction, hiding a leak rather than showing it).
             probe_arg = VALUE[:20]
 
-            def probe(run: Any, tag: str, reported: bool = True) -> dict[str, Any]:
+            def probe(run: Any, tag: str, reported: bool = True,
+                      verified: bool = True) -> dict[str, Any]:
                 res = run(["python3", "-c", PAYLOAD, probe_arg, tag])
                 assert res.reason == "exited", (res.reason, res.stderr)
                 out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -234,32 +244,43 @@ def test_remote_credentials_reach_only_the_bound_host(
                 assert out["env_has_value"] is False
                 assert out["bound"] == "200 ok", out
                 assert out["other"] != "200 ok", out
-                (got,) = [r for r in bound.requests if r["path"] == f"/{tag}/bound"]
-                assert got["headers"]["authorization"] == f"Bearer {VALUE}"
+                for name, server in (("bound", bound), ("tls", tls)):
+                    got = [r for r in server.requests if r["path"] == f"/{tag}/{name}"]
+                    if name == "tls" and not verified:
+                        assert got == [] and out["tls"] != "200 ok", out
+                        continue
+                    assert out[name] == "200 ok", out
+                    assert [r["headers"]["authorization"] for r in got] == [f"Bearer {VALUE}"]
                 assert not [r for r in other.requests if tag in r["path"]], "forwarded"
                 return out
 
-            with c.Sandbox(credentials=[credential], **net) as sb:
+            with c.Sandbox(credentials=[credential], tls_ca_bundle=ca, **net) as sb:
                 first = probe(sb.run, "s1")["token"]
                 # One placeholder per session: the same for each call of the session...
                 assert probe(sb.run, "s2", reported=False)["token"] == first
-            with c.Sandbox(cellblock.Policy(credentials=[credential]), **net) as sb:
+            with c.Sandbox(cellblock.Policy(credentials=[credential], tls_ca_bundle=ca),
+                           **net) as sb:
                 # ... and a different one for another session.
                 assert probe(sb.run, "s3")["token"] != first
-            # A one-shot run, plain and streamed.
-            probe(lambda argv: c.run(argv, credentials=[credential], timeout=60, **net), "o1")
+            # A one-shot run, plain and streamed; without the CA, HTTPS cannot be verified.
             probe(lambda argv: c.run(argv, credentials=[credential], timeout=60,
-                                     on_output=lambda s, d: None, **net), "o2")
+                                     tls_ca_bundle=ca, **net), "o1")
+            probe(lambda argv: c.run(argv, credentials=[credential], timeout=60,
+                                     tls_ca_bundle=ca, on_output=lambda s, d: None, **net),
+                  "o2")
+            probe(lambda argv: c.run(argv, credentials=[credential], timeout=60, **net), "o3",
+                  verified=False)
             # kill: the leak ends the run (the policy field travels).
             res = c.run(["python3", "-c", PAYLOAD, probe_arg, "k1"], credentials=[credential],
                         on_credential_leak="kill", timeout=60, **net)
             assert res.reason == "credential", (res.reason, res.stderr)
             assert not [r for r in other.requests if "k1" in r["path"]]
 
-            # tls_ca_bundle names a file of the host: refused, by the client and the service.
+            # tls_ca_bundle is a file of the client's host; the service never takes a path,
+            # and takes only PEM certificates as content.
             with pytest.raises(InvalidSpec, match="tls_ca_bundle"):
-                c.Sandbox(credentials=[credential], tls_ca_bundle="/etc/ssl/certs/ca.pem")
-            with pytest.raises(InvalidSpec, match="tls_ca_bundle"):
+                c.Sandbox(credentials=[credential], tls_ca_bundle=str(tls_dir / "nope.pem"))
+            with pytest.raises(InvalidSpec, match="tls_ca_pem"):
                 c.run(["true"], credentials=[credential], tls_ca_bundle="/etc/hostname")
             wire = {"name": "API_TOKEN", "value": VALUE, "hosts": ["127.0.0.1"]}
             bad_bodies = [
@@ -272,6 +293,8 @@ def test_remote_credentials_reach_only_the_bound_host(
                  "CredentialError"),
                 ({"argv": ["true"], "credentials": [wire, wire]}, "CredentialError"),
                 ({"argv": ["true"], "credentials": [wire], "on_credential_leak": VALUE},
+                 "InvalidSpec"),
+                ({"argv": ["true"], "credentials": [wire], "tls_ca_pem": "-----BEGIN x"},
                  "InvalidSpec"),
             ]
             for body, title in bad_bodies:
@@ -287,8 +310,8 @@ def test_remote_credentials_reach_only_the_bound_host(
             value = schema["components"]["schemas"]["Credential"]["properties"]["value"]
             assert value.get("writeOnly") is True and value.get("format") == "password"
     finally:
-        bound.close()
-        other.close()
+        for server in servers.values():
+            server.close()
     assert len(received) > 20
     everything = b"".join(received)
     assert b"cellblock_placeholder_API_TOKEN_" in everything  # the tap saw the run reports

@@ -10,6 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -141,7 +142,7 @@ NOT_ON_THE_WIRE: dict[str, dict[str, str]] = {
         "policy": "not taken by Client.run: its fields are keywords",
         "seccomp": "refused (InvalidSpec): a compiled filter does not travel; use profile",
         "rootfs": "refused (InvalidSpec): it names a directory of the caller's host",
-        "tls_ca_bundle": "refused (InvalidSpec): it names a file of the caller's host",
+        "tls_ca_bundle": "read by the client: its content travels as tls_ca_pem",
         "on_output": "client side: selects the streaming route",
         "cancel": "client side: closes the request",
         "cells": "the service's own choice",
@@ -155,11 +156,13 @@ NOT_ON_THE_WIRE: dict[str, dict[str, str]] = {
 }
 #: Request fields with no keyword of the same name in-process, and why.
 WIRE_ONLY: dict[str, dict[str, str]] = {
-    "run": {"argv": "positional in-process", "stdin_base64": "binary stdin"},
+    "run": {"argv": "positional in-process", "stdin_base64": "binary stdin",
+            "tls_ca_pem": "the content of the caller's tls_ca_bundle file"},
     "Sandbox": {
         "labels": "metadata of the service's sessions",
         "lifetime_s": "the service closes sessions",
         "on_credential_leak": "a Policy field (in-process through policy=)",
+        "tls_ca_pem": "the content of the policy's tls_ca_bundle file",
     },
 }
 
@@ -181,13 +184,17 @@ def test_request_models_take_the_in_process_arguments() -> None:
 
 
 def test_remote_refusals_name_the_argument() -> None:
-    """What names a file of the caller's host is refused by the client before any request;
-    credentials go on the wire with their values (the service keeps them as SecretStr)."""
+    """A directory of the caller's host is refused by the client before any request; its CA
+    bundle travels as content; credentials go on the wire with their values (the service
+    keeps them as SecretStr)."""
     from cellblock.client import _remote_isolation
 
-    for name in ("rootfs", "tls_ca_bundle"):
-        with pytest.raises(errors.InvalidSpec, match=name):
-            _remote_isolation({name: "/etc"})
+    with pytest.raises(errors.InvalidSpec, match="rootfs"):
+        _remote_isolation({"rootfs": "/"})
+    with pytest.raises(errors.InvalidSpec, match="tls_ca_bundle"):
+        _remote_isolation({"tls_ca_bundle": "/nonexistent/ca.pem"})
+    assert _remote_isolation({"tls_ca_bundle": "/etc/hostname"}) == {
+        "tls_ca_pem": Path("/etc/hostname").read_text()}  # checked as PEM by the service
     cred = cellblock.Credential(name="K", value="v-123", hosts=["h"])
     wire = _remote_isolation({"credentials": [cred], "environment": "e"})
     assert wire == {"environment": "e", "credentials": [{

@@ -62,18 +62,21 @@ def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _remote_isolation(fields: dict[str, Any]) -> dict[str, Any]:
-    """Checks and converts, in place, what a remote run or session takes beyond limits:
-    `environment` travels as a name (the service resolves it in its own store); credentials
-    travel with their values (sent once, over this authenticated connection; the service
-    never sends them back). `rootfs` and `tls_ca_bundle` name files of the SERVICE's machine,
-    so they are refused (InvalidSpec) rather than resolved there."""
-    refused = {
-        "rootfs": "a directory: use environment=NAME, built on the service's machine",
-        "tls_ca_bundle": "a file: upstream TLS is verified against the service's trust store",
-    }
-    for name, why in refused.items():
-        if fields.pop(name, None) is not None:
-            raise InvalidSpec(f"{name} names {why} (it cannot be sent to the service)")
+    """Checks and converts what a remote run or session takes beyond limits: `environment`
+    travels as a name (the service resolves it in its own store); credentials travel with
+    their values (sent once, over this authenticated connection; the service never sends
+    them back); `tls_ca_bundle`, a PEM file of THIS host, is read here and its content sent
+    (a path would name a file of the service's machine). `rootfs`, a directory of this host,
+    is refused (InvalidSpec)."""
+    if fields.pop("rootfs", None) is not None:
+        raise InvalidSpec("rootfs names a directory of this host: it cannot be sent to the "
+                          "service (use environment=NAME, built on the service's machine)")
+    bundle = fields.pop("tls_ca_bundle", None)
+    if bundle is not None:
+        try:
+            fields["tls_ca_pem"] = Path(bundle).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidSpec(f"tls_ca_bundle: cannot read {bundle}: {e}") from None
     creds = fields.pop("credentials", None)
     if creds:
         fields["credentials"] = [
@@ -248,8 +251,8 @@ class Client:
     ) -> RemoteSandbox:
         """Opens a session on the service: arguments as for `cellblock.Sandbox`, plus
         `labels` (metadata) and `lifetime` (seconds until the service closes it).
-        `environment` and `credentials` as for `Client.run`; `rootfs` and `tls_ca_bundle`
-        are refused (InvalidSpec)."""
+        `environment`, `credentials` and a policy's `tls_ca_bundle` as for `Client.run`;
+        `rootfs` is refused (InvalidSpec)."""
         fields: dict[str, Any] = policy.model_dump(exclude_unset=True) if policy else {}
         if fields.pop("seccomp", None) is not None or kwargs.pop("seccomp", None) is not None:
             raise InvalidSpec("seccomp policies cannot be sent to the service: use profile")
@@ -292,7 +295,8 @@ class Client:
         """`cellblock.run` on the service (a fresh sandbox per call); `cancel` as for
         `RemoteSandbox.run`. `environment` names an environment of the service's store;
         `credentials` are sent to the service, which substitutes them at its egress proxy;
-        `rootfs` and `tls_ca_bundle` (files of this host) are refused (InvalidSpec)."""
+        `tls_ca_bundle` (a PEM file of this host) is read and its content sent; `rootfs` (a
+        directory of this host) is refused (InvalidSpec)."""
         body = {"argv": list(argv), **_call_body(stdin, secrets, kwargs.pop("seccomp", None),
                                                  _remote_isolation(dict(kwargs)))}
         if on_output is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal, Self
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cellblock.batch import Job, Limits
 from cellblock.credentials import Credential, OnPlaceholderLeak
@@ -20,6 +20,9 @@ from cellblock.runtimes.warm import CodeResult
 MAX_LIFETIME_S = 7 * 24 * 3600.0
 
 Env = dict[str, str]
+
+#: Largest CA bundle a request may carry (PEM text; a system bundle is about 200 KiB).
+MAX_CA_PEM = 1 << 20
 
 
 class _Body(BaseModel):
@@ -53,6 +56,24 @@ class RemoteIsolation(BaseModel):
     on_credential_leak: OnPlaceholderLeak | None = Field(
         default=None, description="A placeholder sent to a host it is not bound to: block "
         "(default), kill or log; never forwarded.")
+    tls_ca_pem: str | None = Field(
+        default=None, min_length=1, max_length=MAX_CA_PEM,
+        description="PEM CA certificates upstream TLS servers are verified against when "
+        "credentials are substituted (the CONTENT; the client reads its `tls_ca_bundle` "
+        "file). Default: the service host's trust store.")
+
+    @field_validator("tls_ca_pem")
+    @classmethod
+    def _pem(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificates(v.encode())
+        except ValueError:
+            raise ValueError("not PEM CA certificates") from None
+        return v
 
 
 class SessionCreate(Limits, RemoteIsolation):
