@@ -13,10 +13,8 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -28,12 +26,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellblock import aio
-from cellblock.errors import CellblockError, EnvironmentNotFound, InvalidSpec
+from cellblock.errors import CellblockError, InvalidSpec
 from cellblock.files import CHUNK_SIZE, DirEntry
 from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
 from cellblock.service.deps import Path, Sess, Token
+from cellblock.service.isolation import ca_bundle_file, known_environment
 from cellblock.service.models import (
     BatchCreate,
     BatchStatus,
@@ -188,7 +187,7 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
                                           "auto_pause", "secrets", "env", "credentials",
                                           "tls_ca_pem"},
                                  exclude_none=True)
-        await _known_environment(body.environment)
+        await known_environment(body.environment)
         async with registry.session_slot(tok):
             # The proxy loads the bundle when the session opens: the file is gone after.
             with ca_bundle_file(body.tls_ca_pem) as bundle:
@@ -367,7 +366,7 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     @app.post("/v1/run", tags=["runs"])
     async def one_shot(tok: Token, body: OneShotRun, request: Request) -> RunReport:
         """Runs a command in a fresh sandbox, destroyed after."""
-        await _known_environment(body.environment)
+        await known_environment(body.environment)
         with ca_bundle_file(body.tls_ca_pem) as bundle:
             return await run_report(tok, request, aio.run(
                 body.argv, **_one_shot_kwargs(body), tls_ca_bundle=bundle))
@@ -376,7 +375,7 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
               responses={200: {"content": {"text/event-stream": {}}}})
     async def one_shot_stream(tok: Token, body: OneShotRun) -> StreamingResponse:
         """A one-shot run with its output as server-sent events (as the session's)."""
-        await _known_environment(body.environment)
+        await known_environment(body.environment)
         files = contextlib.ExitStack()
         bundle = files.enter_context(ca_bundle_file(body.tls_ca_pem))
         try:
@@ -443,38 +442,6 @@ def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
     if body.credentials:
         fields["credentials"] = list(body.credentials)
     return fields
-
-
-@contextlib.contextmanager
-def ca_bundle_file(pem: str | None) -> Iterator[str | None]:
-    """A CA bundle sent as content, as a file of the service's own (private, removed after):
-    the egress proxy reads a path, and a path from a client would name any file here."""
-    if pem is None:
-        yield None
-        return
-    fd, path = tempfile.mkstemp(prefix="cellblock-ca-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(pem)
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-async def _known_environment(name: str | None) -> None:
-    """EnvironmentNotFound before any sandbox is made, naming the environment but not where
-    the service keeps its store (a path of the service's machine)."""
-    if name is None:
-        return
-    from cellblock.environments.runtime import resolve
-
-    try:
-        await asyncio.to_thread(resolve, name)
-    except EnvironmentNotFound:
-        raise EnvironmentNotFound(
-            f"no environment named {name!r} on the service (see 'cellblock env ls' there)"
-        ) from None
 
 
 async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
