@@ -10,6 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -133,6 +134,73 @@ def test_sandbox_surfaces_match() -> None:
                 continue
             assert shape(other[method]) == shape(member), f"{name}.{method}"
     assert shape(aio.Sandbox.__init__) == shape(cellblock.Sandbox.__init__)
+
+
+#: Keyword arguments of the in-process calls that are not fields of their requests, and why.
+NOT_ON_THE_WIRE: dict[str, dict[str, str]] = {
+    "run": {
+        "policy": "not taken by Client.run: its fields are keywords",
+        "seccomp": "refused (InvalidSpec): a compiled filter does not travel; use profile",
+        "rootfs": "refused (InvalidSpec): it names a directory of the caller's host",
+        "tls_ca_bundle": "read by the client: its content travels as tls_ca_pem",
+        "on_output": "client side: selects the streaming route",
+        "cancel": "client side: closes the request",
+        "cells": "the service's own choice",
+        "tty_input": "client side: the terminal WebSocket (RemoteSandbox.run)",
+    },
+    "Sandbox": {
+        "policy": "client side: its fields are sent",
+        "seccomp": "refused (InvalidSpec): a compiled filter does not travel; use profile",
+        "rootfs": "refused (InvalidSpec): it names a directory of the caller's host",
+    },
+}
+#: Request fields with no keyword of the same name in-process, and why.
+WIRE_ONLY: dict[str, dict[str, str]] = {
+    "run": {"argv": "positional in-process", "stdin_base64": "binary stdin",
+            "tls_ca_pem": "the content of the caller's tls_ca_bundle file"},
+    "Sandbox": {
+        "labels": "metadata of the service's sessions",
+        "lifetime_s": "the service closes sessions",
+        "on_credential_leak": "a Policy field (in-process through policy=)",
+        "tls_ca_pem": "the content of the policy's tls_ca_bundle file",
+    },
+}
+
+
+def test_request_models_take_the_in_process_arguments() -> None:
+    """Every keyword of `cellblock.run` / `cellblock.Sandbox` is a field of the one-shot /
+    session request, or listed above with its reason (both lists exact: no stale entry)."""
+    from cellblock.service.models import OneShotRun, SessionCreate
+
+    for name, fn, model in (("run", cellblock.run, OneShotRun),
+                            ("Sandbox", cellblock.Sandbox.__init__, SessionCreate)):
+        params = {p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY or p.name == "policy"}
+        fields = set(model.model_fields)
+        assert params - fields == set(NOT_ON_THE_WIRE[name]), name
+        assert fields - params == set(WIRE_ONLY[name]), name
+    assert {"environment", "credentials"} <= set(OneShotRun.model_fields) & set(
+        SessionCreate.model_fields)
+
+
+def test_remote_refusals_name_the_argument() -> None:
+    """A directory of the caller's host is refused by the client before any request; its CA
+    bundle travels as content; credentials go on the wire with their values (the service
+    keeps them as SecretStr)."""
+    from cellblock.client import _remote_isolation
+
+    with pytest.raises(errors.InvalidSpec, match="rootfs"):
+        _remote_isolation({"rootfs": "/"})
+    with pytest.raises(errors.InvalidSpec, match="tls_ca_bundle"):
+        _remote_isolation({"tls_ca_bundle": "/nonexistent/ca.pem"})
+    assert _remote_isolation({"tls_ca_bundle": "/etc/hostname"}) == {
+        "tls_ca_pem": Path("/etc/hostname").read_text()}  # checked as PEM by the service
+    cred = cellblock.Credential(name="K", value="v-123", hosts=["h"])
+    wire = _remote_isolation({"credentials": [cred], "environment": "e"})
+    assert wire == {"environment": "e", "credentials": [{
+        "name": "K", "value": "v-123", "hosts": ["h"], "methods": None, "header": None,
+        "in_query": False, "in_body": False, "scope": "session"}]}
+    assert _remote_isolation({"credentials": []}) == {}
 
 
 def unique_sleep() -> list[str]:

@@ -36,6 +36,7 @@ from typing import Any, Self, TypeVar
 from cellblock import sandbox as _sandbox
 from cellblock.aio_process import Process as Process  # re-exported: aio.Process
 from cellblock.batch import Job, JobError, Outcome, job_policy, run_cold
+from cellblock.credentials import CredentialsArg
 from cellblock.errors import InvalidSpec, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.fork import DEFAULT_FORK_TIMEOUT, ForkReport
@@ -242,6 +243,7 @@ class Sandbox:
         allow_net: Sequence[str] | None = None,
         secrets: SecretsArg = None,
         environment: str | None = None,
+        credentials: CredentialsArg = None,
         idle_timeout: float | None = None,
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
@@ -251,7 +253,7 @@ class Sandbox:
             memory=memory, pids=pids, cpus=cpus, disk=disk, timeout=timeout,
             cpu_time=cpu_time, max_output=max_output, env=env, cwd=cwd, profile=profile,
             seccomp=seccomp, allow_net=allow_net, secrets=secrets, environment=environment,
-            idle_timeout=idle_timeout,
+            credentials=credentials, idle_timeout=idle_timeout,
             auto_pause=auto_pause, warm=warm or None, rootfs=rootfs,
         ))
         self._sync: SyncSandbox | None = None

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from cellblock.batch import Job, JobError, Outcome
+from cellblock.credentials import normalize_credentials
 from cellblock.errors import InvalidSpec, SandboxIOError, SessionClosed
 from cellblock.files import CHUNK_SIZE, DEFAULT_MAX_READ, DirEntry, FileData
 from cellblock.files import _chunks as file_chunks
@@ -58,6 +59,31 @@ CONNECT_TIMEOUT_S = 10.0
 
 def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _remote_isolation(fields: dict[str, Any]) -> dict[str, Any]:
+    """Checks and converts what a remote run or session takes beyond limits: `environment`
+    travels as a name (the service resolves it in its own store); credentials travel with
+    their values (sent once, over this authenticated connection; the service never sends
+    them back); `tls_ca_bundle`, a PEM file of THIS host, is read here and its content sent
+    (a path would name a file of the service's machine). `rootfs`, a directory of this host,
+    is refused (InvalidSpec)."""
+    if fields.pop("rootfs", None) is not None:
+        raise InvalidSpec("rootfs names a directory of this host: it cannot be sent to the "
+                          "service (use environment=NAME, built on the service's machine)")
+    bundle = fields.pop("tls_ca_bundle", None)
+    if bundle is not None:
+        try:
+            fields["tls_ca_pem"] = Path(bundle).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidSpec(f"tls_ca_bundle: cannot read {bundle}: {e}") from None
+    creds = fields.pop("credentials", None)
+    if creds:
+        fields["credentials"] = [
+            {**c.model_dump(mode="json", exclude={"value"}), "value": c.value.get_secret_value()}
+            for c in normalize_credentials(creds)
+        ]
+    return fields
 
 
 def _call_body(stdin: bytes | str | None, secrets: SecretsArg, seccomp: object,
@@ -224,11 +250,18 @@ class Client:
         **kwargs: Any,
     ) -> RemoteSandbox:
         """Opens a session on the service: arguments as for `cellblock.Sandbox`, plus
-        `labels` (metadata) and `lifetime` (seconds until the service closes it)."""
+        `labels` (metadata) and `lifetime` (seconds until the service closes it).
+        `environment`, `credentials` and a policy's `tls_ca_bundle` as for `Client.run`;
+        `rootfs` is refused (InvalidSpec)."""
         fields: dict[str, Any] = policy.model_dump(exclude_unset=True) if policy else {}
         if fields.pop("seccomp", None) is not None or kwargs.pop("seccomp", None) is not None:
             raise InvalidSpec("seccomp policies cannot be sent to the service: use profile")
+        # The policy's credentials and the keyword's add up, as in-process.
+        credentials = [*(policy.credentials if policy else []),
+                       *normalize_credentials(kwargs.pop("credentials", None))]
+        fields.pop("credentials", None)
         fields.update(_drop_none(kwargs))
+        fields = _remote_isolation({**fields, "credentials": credentials})
         if "warm" in fields:
             fields["warm"] = list(fields["warm"])
         if "secrets" in fields:
@@ -260,9 +293,12 @@ class Client:
         cancel: threading.Event | None = None, **kwargs: Any,
     ) -> RunResult:
         """`cellblock.run` on the service (a fresh sandbox per call); `cancel` as for
-        `RemoteSandbox.run`."""
+        `RemoteSandbox.run`. `environment` names an environment of the service's store;
+        `credentials` are sent to the service, which substitutes them at its egress proxy;
+        `tls_ca_bundle` (a PEM file of this host) is read and its content sent; `rootfs` (a
+        directory of this host) is refused (InvalidSpec)."""
         body = {"argv": list(argv), **_call_body(stdin, secrets, kwargs.pop("seccomp", None),
-                                                 kwargs)}
+                                                 _remote_isolation(dict(kwargs)))}
         if on_output is not None:
             return self.stream_run("/v1/run/stream", body, on_output, cancel).to_result()
         return self.post_run("/v1/run", body, cancel).to_result()

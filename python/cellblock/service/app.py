@@ -32,6 +32,7 @@ from cellblock.policy import Policy
 from cellblock.result import RunResult
 from cellblock.service.auth import TokenRecord, TokenStore
 from cellblock.service.deps import Path, Sess, Token
+from cellblock.service.isolation import ca_bundle_file, known_environment
 from cellblock.service.models import (
     BatchCreate,
     BatchStatus,
@@ -183,13 +184,19 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     async def create_session(tok: Token, body: SessionCreate) -> SessionInfo:
         """Opens a session (a persistent sandbox) owned by this token."""
         fields = body.model_dump(exclude={"labels", "lifetime_s", "warm", "idle_timeout",
-                                          "auto_pause", "secrets", "env"}, exclude_none=True)
+                                          "auto_pause", "secrets", "env", "credentials",
+                                          "tls_ca_pem"},
+                                 exclude_none=True)
+        await known_environment(body.environment)
         async with registry.session_slot(tok):
-            sandbox = await aio.Sandbox(
-                Policy.build(**fields, env=body.env), secrets=body.secrets or None,
-                idle_timeout=body.idle_timeout, auto_pause=body.auto_pause,
-                warm=tuple(body.warm),
-            ).open()
+            # The proxy loads the bundle when the session opens: the file is gone after.
+            with ca_bundle_file(body.tls_ca_pem) as bundle:
+                sandbox = await aio.Sandbox(
+                    Policy.build(**fields, env=body.env, tls_ca_bundle=bundle),
+                    secrets=body.secrets or None, credentials=list(body.credentials) or None,
+                    idle_timeout=body.idle_timeout, auto_pause=body.auto_pause,
+                    warm=tuple(body.warm),
+                ).open()
             now = time.time()
             session = Session(
                 id=new_id("ses"), owner=tok.name, sandbox=sandbox, labels=dict(body.labels),
@@ -359,13 +366,24 @@ def create_app(tokens: TokenStore, max_sessions: int = DEFAULT_MAX_SESSIONS,
     @app.post("/v1/run", tags=["runs"])
     async def one_shot(tok: Token, body: OneShotRun, request: Request) -> RunReport:
         """Runs a command in a fresh sandbox, destroyed after."""
-        return await run_report(tok, request, aio.run(body.argv, **_one_shot_kwargs(body)))
+        await known_environment(body.environment)
+        with ca_bundle_file(body.tls_ca_pem) as bundle:
+            return await run_report(tok, request, aio.run(
+                body.argv, **_one_shot_kwargs(body), tls_ca_bundle=bundle))
 
     @app.post("/v1/run/stream", tags=["runs"],
               responses={200: {"content": {"text/event-stream": {}}}})
     async def one_shot_stream(tok: Token, body: OneShotRun) -> StreamingResponse:
         """A one-shot run with its output as server-sent events (as the session's)."""
-        return await _sse(registry, tok, aio.stream(body.argv, **_one_shot_kwargs(body)))
+        await known_environment(body.environment)
+        files = contextlib.ExitStack()
+        bundle = files.enter_context(ca_bundle_file(body.tls_ca_pem))
+        try:
+            live = aio.stream(body.argv, **_one_shot_kwargs(body), tls_ca_bundle=bundle)
+            return await _sse(registry, tok, live, cleanup=files.close)
+        except BaseException:
+            files.close()
+            raise
 
     @app.post("/v1/batches", status_code=202, tags=["batches"])
     async def submit_batch(tok: Token, body: BatchCreate) -> BatchStatus:
@@ -417,7 +435,13 @@ def _call_kwargs(body: CommandRun | CodeRun) -> dict[str, Any]:
 
 
 def _one_shot_kwargs(body: OneShotRun) -> dict[str, Any]:
-    return _call_kwargs(body)
+    fields = _call_kwargs(body)
+    # The models themselves (values stay SecretStr until the run spec is built).
+    fields.pop("credentials", None)
+    fields.pop("tls_ca_pem", None)
+    if body.credentials:
+        fields["credentials"] = list(body.credentials)
+    return fields
 
 
 async def _unless_disconnected(request: Request, call: Awaitable[T]) -> T:
@@ -461,11 +485,15 @@ async def _run_batch(
         batch.finished_at = time.monotonic()
 
 
-async def _sse(registry: Registry, tok: TokenRecord, live: aio.LiveRun) -> StreamingResponse:
+async def _sse(registry: Registry, tok: TokenRecord, live: aio.LiveRun,
+               cleanup: Callable[[], None] | None = None) -> StreamingResponse:
     """Streams a live run as server-sent events. The run slot is taken before the response
-    starts (LimitExceeded is a plain 429); leaving the stream early kills the run."""
+    starts (LimitExceeded is a plain 429); leaving the stream early kills the run. `cleanup`
+    runs once the run is over."""
     slot = contextlib.AsyncExitStack()
     await slot.enter_async_context(registry.run_slot(tok))
+    if cleanup is not None:
+        slot.callback(cleanup)
 
     async def events() -> AsyncIterator[str]:
         async with slot:

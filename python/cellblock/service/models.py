@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal, Self
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, model_validator
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cellblock.batch import Job, Limits
+from cellblock.credentials import Credential, OnPlaceholderLeak
+from cellblock.environments.spec import NAME_RE
 from cellblock.fork import ForkReport
 from cellblock.result import Reason, RunResult
 from cellblock.runtimes.outputs import IMAGE_SIGNATURES, Output
@@ -18,6 +20,9 @@ from cellblock.runtimes.warm import CodeResult
 MAX_LIFETIME_S = 7 * 24 * 3600.0
 
 Env = dict[str, str]
+
+#: Largest CA bundle a request may carry (PEM text; a system bundle is about 200 KiB).
+MAX_CA_PEM = 1 << 20
 
 
 class _Body(BaseModel):
@@ -32,7 +37,46 @@ class CallLimits(_Body):
     max_output: int | str | None = None
 
 
-class SessionCreate(Limits):
+class RemoteIsolation(BaseModel):
+    """What a run or a session may take beyond limits: a built environment of the SERVICE's
+    store (by name only: a name can never be a path, so `rootfs`, a host directory, is not
+    accepted), and credentials the service's egress proxy substitutes. Credential values are
+    write-only: no response, error or log line of the service holds them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str | None = Field(
+        default=None, pattern=NAME_RE.pattern,
+        description="A built environment of the service's store, by name (`cellblock env ls` "
+        "on the service's machine).")
+    credentials: list[Credential] = Field(
+        default=[], max_length=256,
+        description="Credentials (write-only values): the sandbox sees placeholders, the "
+        "service's egress proxy substitutes the values for the credentials' hosts.")
+    on_credential_leak: OnPlaceholderLeak | None = Field(
+        default=None, description="A placeholder sent to a host it is not bound to: block "
+        "(default), kill or log; never forwarded.")
+    tls_ca_pem: str | None = Field(
+        default=None, min_length=1, max_length=MAX_CA_PEM,
+        description="PEM CA certificates upstream TLS servers are verified against when "
+        "credentials are substituted (the CONTENT; the client reads its `tls_ca_bundle` "
+        "file). Default: the service host's trust store.")
+
+    @field_validator("tls_ca_pem")
+    @classmethod
+    def _pem(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from cryptography import x509
+
+        try:
+            x509.load_pem_x509_certificates(v.encode())
+        except ValueError:
+            raise ValueError("not PEM CA certificates") from None
+        return v
+
+
+class SessionCreate(Limits, RemoteIsolation):
     """A new session: session-wide limits, per-call defaults, labels and lifetime."""
 
     model_config = ConfigDict(extra="forbid")
@@ -201,7 +245,7 @@ class PortInfo(BaseModel):
     host_port: int
 
 
-class OneShotRun(CommandRun):
+class OneShotRun(CommandRun, RemoteIsolation):
     """A command in a fresh sandbox of its own (destroyed after)."""
 
     memory: int | str | None = None
