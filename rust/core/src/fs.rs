@@ -214,8 +214,12 @@ impl MountPlan {
         }
         bundle.extend_from_slice(ca_pem.as_bytes());
         let mut ops = Vec::new();
+        // Without `gen` nothing goes to `pre`: the CA's files are made in the mounted root.
+        let mut pre = Vec::new();
         let mut b = Builder {
             base,
+            gen: None,
+            pre: &mut pre,
             ops: &mut ops,
         };
         b.mkdir_p("/etc/cellblock")?;

@@ -7,8 +7,14 @@
 //! - a credential whose hosts match the request's host (and whose `methods`, when set, list its
 //!   method) has its placeholder replaced by the value in the request headers (only `header`
 //!   when set), and in the URL query and the body when opted in (`Content-Length` follows);
+//! - `Authorization: Basic` credentials are decoded, substituted and re-encoded (git and pip
+//!   put a token in the password of basic auth);
 //! - a placeholder left anywhere in the request toward a host its credential is not bound to
-//!   is a leak: the request is never forwarded, the refusal is reported as a
+//!   is a leak, also when encoded: every form the output redactor knows (hex, base64 and
+//!   base64url at each byte alignment, base32, percent-, JSON- and UTF-16 escapes; see
+//!   `redact::encoded_forms`) of the placeholder in upper, lower or its own case, matched
+//!   ignoring ASCII case, in the request as sent and with its `%XX` escapes decoded (up to
+//!   [`DECODE_ROUNDS`] times, so any mix of escaped and plain characters is seen). It the request is never forwarded, the refusal is reported as a
 //!   [`Violation::Credential`], and `on_leak` decides the rest (403, kill the sandbox, or close
 //!   the connection without an answer);
 //! - a placeholder toward its own host with a method it is not allowed is forwarded as the
@@ -28,6 +34,7 @@ use crate::report::Violation;
 use crate::spec::{CredentialsSpec, OnCredentialLeak};
 use crate::{Error, Result};
 use aho_corasick::AhoCorasick;
+use base64::Engine as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
@@ -39,6 +46,9 @@ use std::time::Duration;
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest request body the proxy buffers (bigger ones get 413).
 pub const MAX_BODY: usize = 32 << 20;
+/// How many times `%XX` escapes are decoded before a request is scanned again (a placeholder
+/// escaped twice is still found).
+const DECODE_ROUNDS: usize = 3;
 /// How long the sandbox may take to send the first byte of a tunnel.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -72,6 +82,10 @@ pub struct Broker {
     values: Vec<Vec<u8>>,
     /// Every placeholder, pattern i = credential i.
     finder: AhoCorasick,
+    /// Every encoded form of every placeholder (ASCII case ignored).
+    encoded: AhoCorasick,
+    /// Pattern of `encoded` -> credential index.
+    encoded_cred: Vec<usize>,
     /// Every value, masked in responses (a bound host echoing a value hands it to nobody).
     value_finder: AhoCorasick,
     on_leak: OnCredentialLeak,
@@ -129,12 +143,15 @@ impl Broker {
         }
         let finder =
             AhoCorasick::new(&placeholders).map_err(|e| Error::Credential(e.to_string()))?;
+        let (encoded, encoded_cred) = encoded_finder(&placeholders)?;
         let value_finder =
             AhoCorasick::new(&values).map_err(|e| Error::Credential(e.to_string()))?;
         Ok(Broker {
             creds,
             values,
             finder,
+            encoded,
+            encoded_cred,
             value_finder,
             on_leak: spec.on_leak,
             tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
@@ -183,13 +200,59 @@ impl Broker {
         }
     }
 
-    /// The first credential whose placeholder is in `data` but which is not bound to
-    /// `host:port` at all (whatever the method).
+    /// The first credential whose placeholder is in `data`, plain or encoded, but which is
+    /// not bound to `host:port` at all (whatever the method).
     fn leaked(&self, data: &[u8], host: &Host, port: u16) -> Option<usize> {
-        self.finder
+        let unbound = |i: &usize| !self.creds[*i].hosts.allows_host(host, port);
+        if let Some(i) = self
+            .finder
             .find_iter(data)
             .map(|m| m.pattern().as_usize())
-            .find(|&i| !self.creds[i].hosts.allows_host(host, port))
+            .find(unbound)
+        {
+            return Some(i);
+        }
+        let mut text = std::borrow::Cow::Borrowed(data);
+        for _ in 0..=DECODE_ROUNDS {
+            // Overlapping: a bound credential's form must not hide an unbound one's.
+            if let Some(i) = self
+                .encoded
+                .find_overlapping_iter(&*text)
+                .map(|m| self.encoded_cred[m.pattern().as_usize()])
+                .find(unbound)
+            {
+                return Some(i);
+            }
+            match percent_decode(&text) {
+                Some(decoded) => text = std::borrow::Cow::Owned(decoded),
+                None => break,
+            }
+        }
+        None
+    }
+
+    /// How much of a relayed stream is kept to find a placeholder split between reads.
+    fn scan_tail(&self) -> usize {
+        // A form fully percent-escaped is three times as long.
+        (3 * self.encoded.max_pattern_len()).max(self.finder.max_pattern_len())
+    }
+
+    /// `Authorization: Basic` with the placeholders of `which` replaced inside the decoded
+    /// credentials and encoded again; `None` when the value is not basic auth or holds none.
+    fn substitute_basic(&self, value: &[u8], which: &[bool]) -> Option<Vec<u8>> {
+        let text = std::str::from_utf8(value).ok()?.trim();
+        let (scheme, rest) = text.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = BASIC.decode(rest.trim()).ok()?;
+        let replaced = self.substitute(&decoded, which);
+        if replaced == decoded {
+            return None;
+        }
+        let mut out = format!("{scheme} ").into_bytes();
+        out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(replaced).as_bytes());
+        Some(out)
     }
 
     /// The bytes to send upstream for `req` toward `host:port`, or the leaked credential.
@@ -228,10 +291,13 @@ impl Broker {
             if DROPPED.contains(&lname.as_str()) || (host_header.is_some() && lname == "host") {
                 continue;
             }
-            let value = self.substitute(
-                value,
-                &only(&|c| c.header.as_ref().is_none_or(|h| *h == lname)),
-            );
+            let which = only(&|c| c.header.as_ref().is_none_or(|h| *h == lname));
+            let value = match lname.as_str() {
+                "authorization" => self
+                    .substitute_basic(value, &which)
+                    .unwrap_or_else(|| self.substitute(value, &which)),
+                _ => self.substitute(value, &which),
+            };
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(&value);
@@ -248,6 +314,58 @@ impl Broker {
             None => Ok(out),
         }
     }
+}
+
+/// Base64 as clients write basic auth: the standard alphabet, padding optional.
+const BASIC: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// The automaton over every encoded form of every placeholder, in its own, upper and lower
+/// case (the placeholder alphabet has letters), and the credential of each pattern.
+fn encoded_finder(placeholders: &[Vec<u8>]) -> Result<(AhoCorasick, Vec<usize>)> {
+    let mut patterns = Vec::new();
+    let mut owner = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in placeholders.iter().enumerate() {
+        for variant in [p.clone(), p.to_ascii_uppercase(), p.to_ascii_lowercase()] {
+            for form in crate::redact::encoded_forms(&variant) {
+                // Matching ignores ASCII case: one pattern per folded form.
+                if seen.insert((i, form.to_ascii_lowercase())) {
+                    patterns.push(form);
+                    owner.push(i);
+                }
+            }
+        }
+    }
+    let ac = AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(&patterns)
+        .map_err(|e| Error::Credential(e.to_string()))?;
+    Ok((ac, owner))
+}
+
+/// `data` with its `%XX` escapes decoded (other bytes kept), or `None` when there is none.
+fn percent_decode(data: &[u8]) -> Option<Vec<u8>> {
+    let hexval = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(data.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < data.len() {
+        if data[i] == b'%' && i + 2 < data.len() {
+            if let (Some(h), Some(l)) = (hexval(data[i + 1]), hexval(data[i + 2])) {
+                out.push(h << 4 | l);
+                changed = true;
+                i += 3;
+                continue;
+            }
+        }
+        out.push(data[i]);
+        i += 1;
+    }
+    changed.then_some(out)
 }
 
 /// One request read from the sandbox (body de-chunked).
@@ -801,7 +919,7 @@ fn scan_relay(
         // The window searched: what arrived plus the tail of what came before, so that a
         // placeholder split between two reads is seen.
         let mut window = first;
-        let tail = broker.finder.max_pattern_len();
+        let tail = broker.scan_tail();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut sent_upto = 0;
         loop {
@@ -965,6 +1083,131 @@ mod tests {
         assert!(text.contains("Content-Length: 12\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\ns3cr3t-value"), "{text}");
         assert!(!text.to_ascii_lowercase().contains("transfer-encoding"));
+    }
+
+    fn b64(data: &[u8], url: bool) -> String {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        if url {
+            URL_SAFE_NO_PAD.encode(data)
+        } else {
+            STANDARD.encode(data)
+        }
+    }
+
+    /// Every encoding of the placeholder, each in the query, a header and a form body.
+    fn encodings() -> Vec<(String, String)> {
+        let pct_all: String = PH.bytes().map(|b| format!("%{b:02X}")).collect();
+        let pct_mixed: String = PH
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| {
+                if i % 3 == 0 {
+                    format!("%{b:02x}")
+                } else {
+                    (b as char).to_string()
+                }
+            })
+            .collect();
+        let hex: String = PH.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut out = vec![
+            ("percent-all".to_string(), pct_all.clone()),
+            ("percent-mixed".into(), pct_mixed),
+            ("percent-twice".into(), pct_all.replace('%', "%25")),
+            ("hex".into(), hex.to_ascii_uppercase()),
+            ("upper".into(), PH.to_ascii_uppercase()),
+            ("lower".into(), PH.to_ascii_lowercase()),
+            ("b64-upper".into(), b64(PH.to_ascii_uppercase().as_bytes(), false)),
+        ];
+        for align in 0..3 {
+            let data = format!("{}{PH}{}", &"xyz"[..align], "tail");
+            out.push((format!("base64@{align}"), b64(data.as_bytes(), false)));
+            out.push((format!("base64url@{align}"), b64(data.as_bytes(), true)));
+            // base64 whose `+ / =` are percent-escaped, as in a query
+            let escaped = b64(data.as_bytes(), false)
+                .replace('+', "%2B")
+                .replace('/', "%2F")
+                .replace('=', "%3D");
+            out.push((format!("base64-escaped@{align}"), escaped));
+        }
+        out
+    }
+
+    #[test]
+    fn encoded_placeholders_toward_unbound_hosts_are_leaks() {
+        let b = broker(None, None, false, false);
+        let evil = host("evil.example.com");
+        for (what, enc) in encodings() {
+            for raw in [
+                format!("GET /x?q={enc} HTTP/1.1\r\nHost: e\r\n\r\n"),
+                format!("GET /x HTTP/1.1\r\nHost: e\r\nX-Data: {enc}\r\n\r\n"),
+                format!(
+                    "POST /x HTTP/1.1\r\nHost: e\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\nk={enc}",
+                    enc.len() + 2
+                ),
+            ] {
+                let req = parse(raw.as_bytes());
+                assert_eq!(
+                    b.prepare(&req, &evil, 443, &req.target, None),
+                    Err(0),
+                    "{what}: {raw}"
+                );
+            }
+        }
+        // Basic auth with the placeholder as the password.
+        let basic = b64(format!("git:{PH}").as_bytes(), false);
+        let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+        let req = parse(raw.as_bytes());
+        assert_eq!(b.prepare(&req, &evil, 443, &req.target, None), Err(0));
+        // Raw bytes relayed (not HTTP) are scanned the same way.
+        assert_eq!(b.leaked(basic.as_bytes(), &evil, 443), Some(0));
+    }
+
+    #[test]
+    fn ordinary_requests_are_not_leaks() {
+        let b = broker(None, None, false, false);
+        let other = format!("cellblock_placeholder_OTHER_{}", "f".repeat(16));
+        let raw = format!(
+            "GET /a%20b?x=%ZZ%4&y={} HTTP/1.1\r\nAuthorization: Basic {}\r\nX: {}\r\n\r\n",
+            b64(other.as_bytes(), false),
+            b64(b"user:pass", false),
+            "%".repeat(5)
+        );
+        let req = parse(raw.as_bytes());
+        assert!(b
+            .prepare(&req, &host("evil.example.com"), 443, &req.target, None)
+            .is_ok());
+        assert_eq!(percent_decode(b"a%41%4g%"), Some(b"aA%4g%".to_vec()));
+        assert_eq!(percent_decode(b"plain"), None);
+    }
+
+    #[test]
+    fn basic_auth_is_substituted_for_the_bound_host() {
+        let b = broker(None, None, false, false);
+        for basic in [
+            b64(format!("git:{PH}").as_bytes(), false),
+            b64(format!("git:{PH}").as_bytes(), false).trim_end_matches('=').to_string(),
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+            let req = parse(raw.as_bytes());
+            let out = b
+                .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+                .unwrap_or_else(|_| panic!("own host"));
+            let want = b64(b"git:s3cr3t-value", false);
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.contains(&format!("Authorization: Basic {want}\r\n")),
+                "{text}"
+            );
+        }
+        // A credential limited to another header leaves basic auth alone.
+        let b = broker(None, Some("x-api-key"), false, false);
+        let basic = b64(format!("git:{PH}").as_bytes(), false);
+        let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+        let req = parse(raw.as_bytes());
+        let out = b
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .unwrap_or_else(|_| panic!("own host"));
+        assert!(String::from_utf8_lossy(&out).contains(&basic));
     }
 
     #[test]
