@@ -20,8 +20,15 @@
 //! - a placeholder toward its own host with a method it is not allowed is forwarded as the
 //!   placeholder (the host sees no secret).
 //!
-//! Each request is sent upstream on a connection of its own with `Connection: close`, so the
-//! response ends where the upstream closes; the sandbox's side may keep its connection alive.
+//! Responses are relayed as framed (`Content-Length`, chunked, or up to the upstream's close).
+//! Plain HTTP requests go upstream on a connection of their own with `Connection: close`.
+//! Intercepted HTTPS requests are kept alive upstream: after a framed response the TLS
+//! connection goes to the sandbox's own pool ([`Broker`] is per sandbox, so a connection is
+//! never shared between sandboxes), keyed by host (which is also the SNI) and port, at most
+//! [`POOL_MAX`] idle for at most [`POOL_IDLE`]; the next request to that host from any of the
+//! sandbox's connections reuses it instead of a new TLS handshake (the policy is checked again
+//! as for a new connection). A pooled connection the server closed meanwhile is retried once
+//! on a new one.
 //! Traffic that is neither TLS nor HTTP is relayed, and cut when a placeholder goes by toward
 //! a host its credential is not bound to.
 
@@ -40,7 +47,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Longest request head read.
 const MAX_HEAD: usize = 64 * 1024;
@@ -49,6 +57,10 @@ pub const MAX_BODY: usize = 32 << 20;
 /// How many times `%XX` escapes are decoded before a request is scanned again (a placeholder
 /// escaped twice is still found).
 const DECODE_ROUNDS: usize = 3;
+/// At most this many idle upstream TLS connections are kept per sandbox.
+pub const POOL_MAX: usize = 8;
+/// An idle upstream connection is closed after this long unused.
+pub const POOL_IDLE: Duration = Duration::from_secs(20);
 /// How long the sandbox may take to send the first byte of a tunnel.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,6 +102,19 @@ pub struct Broker {
     value_finder: AhoCorasick,
     on_leak: OnCredentialLeak,
     tls: Tls,
+    /// Idle upstream TLS connections of this sandbox.
+    pool: Mutex<Vec<Idle>>,
+}
+
+/// An upstream TLS connection.
+type Upstream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// An idle kept-alive upstream connection.
+struct Idle {
+    host: Host,
+    port: u16,
+    up: Upstream,
+    since: Instant,
 }
 
 impl std::fmt::Debug for Broker {
@@ -155,6 +180,7 @@ impl Broker {
             value_finder,
             on_leak: spec.on_leak,
             tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -231,6 +257,43 @@ impl Broker {
         None
     }
 
+    /// An idle upstream connection to `host:port` still open, if any (newest first).
+    fn take_idle(&self, host: &Host, port: u16) -> Option<Upstream> {
+        let mut pool = super::lock(&self.pool);
+        pool.retain(|i| i.since.elapsed() < POOL_IDLE);
+        while let Some(at) = pool
+            .iter()
+            .rposition(|i| i.host == *host && i.port == port)
+        {
+            let idle = pool.remove(at);
+            if quiet(&idle.up.sock) {
+                return Some(idle.up);
+            }
+        }
+        None
+    }
+
+    /// Keeps `up` for the next request to `host:port` (the oldest idle one goes when full).
+    fn put_idle(&self, host: &Host, port: u16, up: Upstream) {
+        let mut pool = super::lock(&self.pool);
+        pool.retain(|i| i.since.elapsed() < POOL_IDLE);
+        if pool.len() >= POOL_MAX {
+            pool.remove(0);
+        }
+        pool.push(Idle {
+            host: host.clone(),
+            port,
+            up,
+            since: Instant::now(),
+        });
+    }
+
+    /// How many idle upstream connections are kept (tests).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        super::lock(&self.pool).len()
+    }
+
     /// How much of a relayed stream is kept to find a placeholder split between reads.
     fn scan_tail(&self) -> usize {
         // A form fully percent-escaped is three times as long.
@@ -264,6 +327,7 @@ impl Broker {
         port: u16,
         target: &str,
         host_header: Option<&str>,
+        keep_alive: bool,
     ) -> std::result::Result<Vec<u8>, usize> {
         let bound: Vec<bool> = (0..self.creds.len())
             .map(|i| self.bound(i, host, port, &req.method))
@@ -307,13 +371,27 @@ impl Broker {
         if !body.is_empty() || matches!(req.method.as_str(), "POST" | "PUT" | "PATCH") {
             out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
         }
-        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        if !keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
         match self.leaked(&out, host, port) {
             Some(i) => Err(i),
             None => Ok(out),
         }
     }
+}
+
+/// Whether an idle connection has nothing to read (an upstream that closed it, or sent
+/// something unasked, makes it unusable).
+fn quiet(sock: &TcpStream) -> bool {
+    if sock.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    let idle = matches!(sock.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    sock.set_nonblocking(false).is_ok() && idle
 }
 
 /// Base64 as clients write basic auth: the standard alphabet, padding optional.
@@ -746,7 +824,8 @@ fn serve_http<S: Read + Write>(
                 Err(why) => return answer(&mut conn.s, 400, why),
             },
         };
-        let out = match broker.prepare(&req, &host, port, &target, host_header.as_deref()) {
+        // Only intercepted HTTPS is kept alive upstream (pooled).
+        let out = match broker.prepare(&req, &host, port, &target, host_header.as_deref(), tls) {
             Ok(out) => out,
             Err(i) => {
                 let name = &broker.creds[i].name;
@@ -763,42 +842,141 @@ fn serve_http<S: Read + Write>(
                 return;
             }
         };
-        let upstream = match first_upstream.take() {
+        let head_only = req.method == "HEAD";
+        let keep = if tls {
+            let mut ex = Exchange {
+                shared,
+                broker,
+                client,
+                host: &host,
+                port,
+            };
+            ex.https(conn, &out, head_only, &mut first_upstream)
+        } else {
+            let upstream = match first_upstream.take() {
+                Some(u) => u,
+                None => match pump::open(shared, &host, port) {
+                    Ok(u) => u,
+                    Err(Refusal { reason, policy }) => {
+                        let code = if policy { 403 } else { 502 };
+                        return answer(
+                            &mut conn.s,
+                            code,
+                            &format!("cellblock: {host}:{port} refused: {reason}"),
+                        );
+                    }
+                },
+            };
+            let Some(id) = shared.register(client, &upstream) else {
+                return;
+            };
+            let _ = upstream.set_nodelay(true);
+            let mut up = Buffered::new(upstream, Vec::new());
+            let relayed = relay(shared, broker, &mut up, conn, &out, head_only);
+            shared.unregister(id);
+            match relayed {
+                Relayed::Done { keep } => keep,
+                Relayed::Unanswered => {
+                    answer(&mut conn.s, 502, "cellblock: upstream closed");
+                    false
+                }
+                Relayed::Broken => false,
+            }
+        };
+        if !keep || req.close {
+            return;
+        }
+    }
+}
+
+/// One intercepted HTTPS request's way upstream.
+struct Exchange<'a> {
+    shared: &'a Arc<Shared>,
+    broker: &'a Broker,
+    client: &'a TcpStream,
+    host: &'a Host,
+    port: u16,
+}
+
+impl Exchange<'_> {
+    /// Sends `out` on a pooled connection, or else on a new one (`first`, the tunnel's own,
+    /// when there is one), and relays the response. Returns whether the sandbox's connection
+    /// can carry another request.
+    fn https<S: Read + Write>(
+        &mut self,
+        conn: &mut Buffered<S>,
+        out: &[u8],
+        head_only: bool,
+        first: &mut Option<TcpStream>,
+    ) -> bool {
+        if let Some(up) = self.broker.take_idle(self.host, self.port) {
+            // The policy is checked again as for a new connection.
+            self.shared.dialled(&up.sock, self.host, self.port);
+            // Unanswered: the server closed it while idle; a new connection is tried.
+            if let Some(keep) = self.send_on(up, conn, out, head_only) {
+                return keep;
+            }
+        }
+        let (host, port) = (self.host, self.port);
+        let tcp = match first.take() {
             Some(u) => u,
-            None => match pump::open(shared, &host, port) {
+            None => match pump::open(self.shared, host, port) {
                 Ok(u) => u,
                 Err(Refusal { reason, policy }) => {
                     let code = if policy { 403 } else { 502 };
-                    return answer(
+                    answer(
                         &mut conn.s,
                         code,
                         &format!("cellblock: {host}:{port} refused: {reason}"),
                     );
+                    return false;
                 }
             },
         };
-        let Some(id) = shared.register(client, &upstream) else {
-            return;
-        };
         // A TLS handshake's last flight and the request are separate small writes: Nagle would
         // hold the second until the first is acknowledged.
-        let _ = upstream.set_nodelay(true);
-        let keep = if tls {
-            match broker.tls.connect(&host, upstream) {
-                Ok(mut up) => exchange(shared, broker, &mut up, conn, &out),
-                Err(why) => {
-                    shared.refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
-                    answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
-                    false
-                }
-            }
-        } else {
-            let mut up = upstream;
-            exchange(shared, broker, &mut up, conn, &out)
+        let _ = tcp.set_nodelay(true);
+        let Some(id) = self.shared.register(self.client, &tcp) else {
+            return false;
         };
-        shared.unregister(id);
-        if !keep || req.close {
-            return;
+        let up = self.broker.tls.connect(host, tcp);
+        self.shared.unregister(id);
+        match up {
+            Ok(up) => self.send_on(up, conn, out, head_only).unwrap_or_else(|| {
+                answer(&mut conn.s, 502, "cellblock: upstream closed");
+                false
+            }),
+            Err(why) => {
+                self.shared
+                    .refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
+                answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
+                false
+            }
+        }
+    }
+
+    /// Relays one request on `up`, which goes back to the pool when it can carry another.
+    /// `None`: the upstream answered nothing (and the sandbox got nothing).
+    fn send_on<S: Read + Write>(
+        &mut self,
+        up: Upstream,
+        conn: &mut Buffered<S>,
+        out: &[u8],
+        head_only: bool,
+    ) -> Option<bool> {
+        let id = self.shared.register(self.client, &up.sock)?;
+        let mut up = Buffered::new(up, Vec::new());
+        let relayed = relay(self.shared, self.broker, &mut up, conn, out, head_only);
+        self.shared.unregister(id);
+        match relayed {
+            Relayed::Unanswered => None,
+            Relayed::Broken => Some(false),
+            Relayed::Done { keep } => {
+                if keep && up.buf.is_empty() {
+                    self.broker.put_idle(self.host, self.port, up.s);
+                }
+                Some(keep)
+            }
         }
     }
 }
@@ -821,79 +999,199 @@ fn absolute(target: &str) -> std::result::Result<(Host, u16, String, String), &'
     Ok((host, port, auth.to_string(), path))
 }
 
-/// Sends one request upstream and relays the response until the upstream closes. Returns
-/// whether the sandbox's connection can carry another request (the response was framed).
-fn exchange<U: Read + Write, S: Read + Write>(
+/// How one request's response went.
+#[derive(Debug, PartialEq, Eq)]
+enum Relayed {
+    /// Relayed whole; `keep`: it was framed and neither side asked to close.
+    Done { keep: bool },
+    /// The request could not be sent, or nothing came back (nothing reached the sandbox).
+    Unanswered,
+    /// The response broke off midway.
+    Broken,
+}
+
+/// Sends `request` on `up` and relays its response to the sandbox, values masked.
+fn relay<U: Read + Write, S: Read + Write>(
     shared: &Shared,
     broker: &Broker,
-    up: &mut U,
+    up: &mut Buffered<U>,
     conn: &mut Buffered<S>,
     request: &[u8],
-) -> bool {
-    if up.write_all(request).and_then(|()| up.flush()).is_err() {
-        answer(&mut conn.s, 502, "cellblock: upstream closed");
-        return false;
+    head_only: bool,
+) -> Relayed {
+    if up.s.write_all(request).and_then(|()| up.s.flush()).is_err() {
+        return Relayed::Unanswered;
     }
     shared
         .bytes_out
         .fetch_add(request.len() as u64, Ordering::Relaxed);
-    let mut head = Vec::new();
-    let mut framed = None;
-    let mut chunk = vec![0u8; 64 * 1024];
-    // Bytes held back: a value split between two reads is still found whole.
-    let keep = broker.value_finder.max_pattern_len().saturating_sub(1);
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match up.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        pending.extend_from_slice(&chunk[..n]);
-        broker.mask_values(&mut pending);
-        if framed.is_none() && head.len() < MAX_HEAD {
-            head.extend_from_slice(&chunk[..n]);
-            framed = response_framed(&head);
-        }
-        let ready = pending.len().saturating_sub(keep);
-        if conn.s.write_all(&pending[..ready]).is_err() {
-            return false;
-        }
-        pending.drain(..ready);
+    let mut sink = Masked {
+        broker,
+        out: &mut conn.s,
+        pending: Vec::new(),
+        total: 0,
+    };
+    let result = relay_response(up, &mut sink, head_only);
+    let flushed = sink.finish().is_ok();
+    shared
+        .bytes_in
+        .fetch_add(sink.total as u64, Ordering::Relaxed);
+    match result {
+        Ok(keep) => Relayed::Done {
+            keep: keep && flushed,
+        },
+        Err(_) if sink.total == 0 => Relayed::Unanswered,
+        Err(_) => Relayed::Broken,
     }
-    if conn.s.write_all(&pending).is_err() {
-        return false;
-    }
-    let _ = conn.s.flush();
-    framed == Some(true)
 }
 
-/// Whether a response head (once complete) frames its body, so the connection it came on
-/// could carry another response: `None` while incomplete.
-fn response_framed(head: &[u8]) -> Option<bool> {
-    let mut slots = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut slots);
-    match resp.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return None,
-        Err(_) => return Some(false),
+/// A writer to the sandbox that masks credential values (a bound host echoing a value hands
+/// it to nobody), holding back a tail so a value split between reads is still found whole.
+struct Masked<'a, W: Write> {
+    broker: &'a Broker,
+    out: &'a mut W,
+    pending: Vec<u8>,
+    /// Bytes taken so far.
+    total: usize,
+}
+
+impl<W: Write> Masked<'_, W> {
+    fn push(&mut self, data: &[u8]) -> io::Result<()> {
+        self.total += data.len();
+        self.pending.extend_from_slice(data);
+        self.broker.mask_values(&mut self.pending);
+        let keep = self.broker.value_finder.max_pattern_len().saturating_sub(1);
+        let ready = self.pending.len().saturating_sub(keep);
+        self.out.write_all(&self.pending[..ready])?;
+        self.pending.drain(..ready);
+        Ok(())
     }
-    let code = resp.code.unwrap_or(0);
-    let mut framed = matches!(code, 100..=199 | 204 | 304);
-    for h in resp.headers.iter() {
-        let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-        if h.name.eq_ignore_ascii_case("content-length")
-            || (h.name.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
-        {
-            framed = true;
-        }
-        if h.name.eq_ignore_ascii_case("connection") && v.contains("close") {
-            return Some(false);
-        }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.pending)?;
+        self.pending.clear();
+        self.out.flush()
     }
-    Some(framed && code != 101)
+}
+
+/// Relays one response (interim 1xx responses included) from `up` into `sink`, reading no
+/// further than its end when it is framed. Returns whether `up` can carry another request.
+fn relay_response<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+    head_only: bool,
+) -> std::result::Result<bool, ReadErr> {
+    let bad = ReadErr::Bad(502, "malformed response");
+    loop {
+        let head_len = loop {
+            if let Some(p) = find(&up.buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            if up.buf.len() > MAX_HEAD {
+                return Err(bad);
+            }
+            if up.fill()? == 0 {
+                return Err(ReadErr::Closed);
+            }
+        };
+        let head = up.take(head_len)?;
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut slots);
+        if !matches!(resp.parse(&head), Ok(httparse::Status::Complete(_))) {
+            return Err(bad);
+        }
+        let code = resp.code.unwrap_or(0);
+        let mut close = resp.version == Some(0);
+        let mut length = None;
+        let mut chunked = false;
+        for h in resp.headers.iter() {
+            let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = Some(v.parse::<u64>().map_err(|_| ReadErr::Bad(502, "bad length"))?);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.rsplit(',').next().map(str::trim) == Some("chunked");
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close |= v.split(',').any(|t| t.trim() == "close");
+            }
+        }
+        sink.push(&head)?;
+        match code {
+            // Interim: the final response follows.
+            100..=199 if code != 101 => continue,
+            // Upgrade headers are never forwarded: a switch is not followed.
+            101 => return Ok(false),
+            204 | 304 => return Ok(!close),
+            _ if head_only => return Ok(!close),
+            _ => {}
+        }
+        if chunked {
+            relay_chunked(up, sink)?;
+        } else if let Some(n) = length {
+            relay_exact(up, sink, n)?;
+        } else {
+            // Delimited by the upstream's close.
+            let rest = std::mem::take(&mut up.buf);
+            sink.push(&rest)?;
+            while let Ok(n) = up.fill() {
+                if n == 0 {
+                    break;
+                }
+                let more = std::mem::take(&mut up.buf);
+                sink.push(&more)?;
+            }
+            return Ok(false);
+        }
+        return Ok(!close);
+    }
+}
+
+/// Relays exactly `n` bytes.
+fn relay_exact<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+    n: u64,
+) -> std::result::Result<(), ReadErr> {
+    let mut left = n;
+    while left > 0 {
+        if up.buf.is_empty() && up.fill()? == 0 {
+            return Err(ReadErr::Closed);
+        }
+        let k = usize::try_from(left).unwrap_or(usize::MAX).min(up.buf.len());
+        sink.push(&up.buf[..k])?;
+        up.buf.drain(..k);
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// Relays a chunked body, chunk lines and trailers as they came.
+fn relay_chunked<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+) -> std::result::Result<(), ReadErr> {
+    loop {
+        let line = up.line(4096)?;
+        let text = String::from_utf8_lossy(&line);
+        let size = text.split(';').next().unwrap_or("").trim();
+        let n = u64::from_str_radix(size, 16).map_err(|_| ReadErr::Bad(502, "bad chunk"))?;
+        sink.push(&line)?;
+        sink.push(b"\r\n")?;
+        if n == 0 {
+            loop {
+                let trailer = up.line(MAX_HEAD)?;
+                sink.push(&trailer)?;
+                sink.push(b"\r\n")?;
+                if trailer.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        relay_exact(up, sink, n)?;
+        if !up.line(2)?.is_empty() {
+            return Err(ReadErr::Bad(502, "bad chunk"));
+        }
+        sink.push(b"\r\n")?;
+    }
 }
 
 /// Relays a connection that is neither TLS nor HTTP, cutting it when the sandbox sends a
@@ -1032,7 +1330,7 @@ mod tests {
             format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
             .unwrap_or_else(|_| panic!("leak"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -1044,7 +1342,7 @@ mod tests {
             "query not opted in: {text}"
         );
         assert_eq!(
-            b.prepare(&req, &host("evil.example.com"), 443, &req.target, None),
+            b.prepare(&req, &host("evil.example.com"), 443, &req.target, None, false),
             Err(0)
         );
     }
@@ -1058,7 +1356,7 @@ mod tests {
         );
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
             .unwrap_or_else(|_| panic!("own host"));
         assert!(
             !String::from_utf8_lossy(&out).contains("s3cr3t"),
@@ -1071,7 +1369,7 @@ mod tests {
         let req = parse(raw.as_bytes());
         assert_eq!(req.body, PH.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
             .unwrap_or_else(|_| panic!("own host"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -1147,7 +1445,7 @@ mod tests {
             ] {
                 let req = parse(raw.as_bytes());
                 assert_eq!(
-                    b.prepare(&req, &evil, 443, &req.target, None),
+                    b.prepare(&req, &evil, 443, &req.target, None, false),
                     Err(0),
                     "{what}: {raw}"
                 );
@@ -1157,7 +1455,7 @@ mod tests {
         let basic = b64(format!("git:{PH}").as_bytes(), false);
         let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
         let req = parse(raw.as_bytes());
-        assert_eq!(b.prepare(&req, &evil, 443, &req.target, None), Err(0));
+        assert_eq!(b.prepare(&req, &evil, 443, &req.target, None, false), Err(0));
         // Raw bytes relayed (not HTTP) are scanned the same way.
         assert_eq!(b.leaked(basic.as_bytes(), &evil, 443), Some(0));
     }
@@ -1174,7 +1472,7 @@ mod tests {
         );
         let req = parse(raw.as_bytes());
         assert!(b
-            .prepare(&req, &host("evil.example.com"), 443, &req.target, None)
+            .prepare(&req, &host("evil.example.com"), 443, &req.target, None, false)
             .is_ok());
         assert_eq!(percent_decode(b"a%41%4g%"), Some(b"aA%4g%".to_vec()));
         assert_eq!(percent_decode(b"plain"), None);
@@ -1190,7 +1488,7 @@ mod tests {
             let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
             let req = parse(raw.as_bytes());
             let out = b
-                .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+                .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
                 .unwrap_or_else(|_| panic!("own host"));
             let want = b64(b"git:s3cr3t-value", false);
             let text = String::from_utf8_lossy(&out);
@@ -1205,7 +1503,7 @@ mod tests {
         let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
             .unwrap_or_else(|_| panic!("own host"));
         assert!(String::from_utf8_lossy(&out).contains(&basic));
     }
@@ -1266,17 +1564,48 @@ mod tests {
         assert!(absolute("https://x/").is_err());
     }
 
+    fn relayed(b: &Broker, raw: &[u8], head_only: bool) -> (std::result::Result<bool, ReadErr>, Vec<u8>, Vec<u8>) {
+        let mut up = Buffered::new(raw, Vec::new());
+        let mut out = Vec::new();
+        let mut sink = Masked {
+            broker: b,
+            out: &mut out,
+            pending: Vec::new(),
+            total: 0,
+        };
+        let r = relay_response(&mut up, &mut sink, head_only);
+        sink.finish().unwrap_or_else(|e| panic!("{e}"));
+        (r, out, up.buf)
+    }
+
     #[test]
-    fn framed_responses() {
-        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n"), None);
-        assert_eq!(
-            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
-            Some(true)
-        );
-        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n\r\n"), Some(false));
-        assert_eq!(
-            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"),
-            Some(false)
-        );
+    fn responses_are_relayed_to_their_end() {
+        let b = broker(None, None, false, false);
+        let one = b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho s3cr3t-value";
+        let mut raw = one.to_vec();
+        raw.extend_from_slice(b"NEXT");
+        let (r, out, left) = relayed(&b, &raw, false);
+        assert_eq!(r, Ok(true));
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho ************");
+        assert_eq!(left, b"NEXT", "nothing past the response is read into it");
+        let chunked = b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n";
+        assert_eq!(relayed(&b, chunked, false), (Ok(true), chunked.to_vec(), Vec::new()));
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
+        assert_eq!(relayed(&b, head, true).0, Ok(true));
+        let closed = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        assert_eq!(relayed(&b, closed, false).0, Ok(false));
+        let unframed = b"HTTP/1.1 200 OK\r\n\r\nuntil the end";
+        assert_eq!(relayed(&b, unframed, false), (Ok(false), unframed.to_vec(), Vec::new()));
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok";
+        assert_eq!(relayed(&b, short, false).0, Err(ReadErr::Closed));
+        assert_eq!(relayed(&b, b"", false).0, Err(ReadErr::Closed));
+    }
+
+    #[test]
+    fn the_pool_is_bounded() {
+        assert!(POOL_MAX >= 1 && POOL_IDLE >= Duration::from_secs(1));
+        let b = broker(None, None, false, false);
+        assert_eq!(b.idle_count(), 0);
+        assert!(b.take_idle(&host("api.example.com"), 443).is_none());
     }
 }
