@@ -910,6 +910,11 @@ impl Exchange<'_> {
         first: &mut Option<TcpStream>,
     ) -> bool {
         if let Some(up) = self.broker.take_idle(self.host, self.port) {
+            // The tunnel's own connection is not needed (its server waits for a handshake).
+            // Shut, not only dropped: the registry holds a clone of it.
+            if let Some(unused) = first.take() {
+                let _ = unused.shutdown(Shutdown::Both);
+            }
             // The policy is checked again as for a new connection.
             self.shared.dialled(&up.sock, self.host, self.port);
             // Unanswered: the server closed it while idle; a new connection is tried.
