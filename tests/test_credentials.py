@@ -39,7 +39,8 @@ VALUE = "real-value-" + secrets.token_hex(12)
 class Recorder:
     """An HTTP/1.1 server on 127.0.0.1 (TLS with `context`) recording every request."""
 
-    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, context: ssl.SSLContext | None = None,
+                 idle_timeout: float | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
         #: Connections accepted so far; each request records the number of its connection.
         self.connections = 0
@@ -48,6 +49,8 @@ class Recorder:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # A server that closes kept-alive connections left idle this long.
+            timeout = idle_timeout
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -712,3 +715,34 @@ def test_upstream_tls_connections_are_pooled_per_sandbox(
         conns.append({r["conn"] for r in got})
     assert [len(c) for c in conns] == [1, 1], conns
     assert conns[0].isdisjoint(conns[1]), conns
+
+
+def test_a_pooled_connection_the_server_closed_is_not_used(sandbox: Runner, tls_dir: Path
+                                                           ) -> None:
+    """An upstream that closes idle kept-alive connections (after 0.3 s): the next request
+    after a longer pause goes on a new connection and gets its answer."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_dir / "srv.pem", tls_dir / "srv.key")
+    server = Recorder(ctx, idle_timeout=0.3)
+    try:
+        kwargs = with_policy({
+            "allow_net": [f"127.0.0.1:{server.port}"],
+            "credentials": [{"name": "TOKEN", "value": VALUE,
+                             "hosts": [f"127.0.0.1:{server.port}"]}],
+            "env": {"PORT_IDLE": str(server.port)}, "timeout": 60}, tls_dir)
+        code = '''
+        import time
+        h = {"Authorization": "Bearer " + TOKEN}
+        url = f"https://127.0.0.1:{P['idle']}/idle"
+        out = [get(url + "/a", h), get(url + "/b", h)]
+        time.sleep(1.0)
+        out.append(get(url + "/c", h))
+        print(json.dumps({"out": out}))
+        '''
+        out, _ = probe(sandbox, code, kwargs)
+        assert out["out"] == ["200 ok"] * 3, out
+        conns = [r["conn"] for r in server.requests]
+        assert len(conns) == 3 and conns[0] == conns[1] != conns[2], conns
+        assert all(r["headers"]["authorization"] == f"Bearer {VALUE}" for r in server.requests)
+    finally:
+        server.close()
