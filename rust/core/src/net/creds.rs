@@ -103,18 +103,61 @@ pub struct Broker {
     on_leak: OnCredentialLeak,
     tls: Tls,
     /// Idle upstream TLS connections of this sandbox.
-    pool: Mutex<Vec<Idle>>,
+    pool: Pool<Upstream>,
 }
 
 /// An upstream TLS connection.
 type Upstream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// An idle kept-alive upstream connection.
-struct Idle {
-    host: Host,
-    port: u16,
-    up: Upstream,
-    since: Instant,
+/// A connection over a TCP socket (looked at to tell whether an idle one is still usable).
+trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for Upstream {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Idle kept-alive connections by host and port: at most `max`, each for at most `ttl`.
+struct Pool<C> {
+    idle: Mutex<Vec<(Host, u16, C, Instant)>>,
+    max: usize,
+    ttl: Duration,
+}
+
+impl<C: OverTcp> Pool<C> {
+    fn new(max: usize, ttl: Duration) -> Self {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            max,
+            ttl,
+        }
+    }
+
+    /// An idle connection to `host:port` still open, if any (newest first).
+    fn take(&self, host: &Host, port: u16) -> Option<C> {
+        let mut idle = super::lock(&self.idle);
+        idle.retain(|i| i.3.elapsed() < self.ttl);
+        while let Some(at) = idle.iter().rposition(|i| i.0 == *host && i.1 == port) {
+            let (.., c, _) = idle.remove(at);
+            if quiet(c.tcp()) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Keeps `c` for the next request to `host:port` (the oldest idle one goes when full).
+    fn put(&self, host: &Host, port: u16, c: C) {
+        let mut idle = super::lock(&self.idle);
+        idle.retain(|i| i.3.elapsed() < self.ttl);
+        if idle.len() >= self.max {
+            idle.remove(0);
+        }
+        idle.push((host.clone(), port, c, Instant::now()));
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -180,7 +223,7 @@ impl Broker {
             value_finder,
             on_leak: spec.on_leak,
             tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
-            pool: Mutex::new(Vec::new()),
+            pool: Pool::new(POOL_MAX, POOL_IDLE),
         })
     }
 
@@ -257,43 +300,6 @@ impl Broker {
         None
     }
 
-    /// An idle upstream connection to `host:port` still open, if any (newest first).
-    fn take_idle(&self, host: &Host, port: u16) -> Option<Upstream> {
-        let mut pool = super::lock(&self.pool);
-        pool.retain(|i| i.since.elapsed() < POOL_IDLE);
-        while let Some(at) = pool
-            .iter()
-            .rposition(|i| i.host == *host && i.port == port)
-        {
-            let idle = pool.remove(at);
-            if quiet(&idle.up.sock) {
-                return Some(idle.up);
-            }
-        }
-        None
-    }
-
-    /// Keeps `up` for the next request to `host:port` (the oldest idle one goes when full).
-    fn put_idle(&self, host: &Host, port: u16, up: Upstream) {
-        let mut pool = super::lock(&self.pool);
-        pool.retain(|i| i.since.elapsed() < POOL_IDLE);
-        if pool.len() >= POOL_MAX {
-            pool.remove(0);
-        }
-        pool.push(Idle {
-            host: host.clone(),
-            port,
-            up,
-            since: Instant::now(),
-        });
-    }
-
-    /// How many idle upstream connections are kept (tests).
-    #[cfg(test)]
-    fn idle_count(&self) -> usize {
-        super::lock(&self.pool).len()
-    }
-
     /// How much of a relayed stream is kept to find a placeholder split between reads.
     fn scan_tail(&self) -> usize {
         // A form fully percent-escaped is three times as long.
@@ -314,7 +320,11 @@ impl Broker {
             return None;
         }
         let mut out = format!("{scheme} ").into_bytes();
-        out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(replaced).as_bytes());
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(replaced)
+                .as_bytes(),
+        );
         Some(out)
     }
 
@@ -909,7 +919,7 @@ impl Exchange<'_> {
         head_only: bool,
         first: &mut Option<TcpStream>,
     ) -> bool {
-        if let Some(up) = self.broker.take_idle(self.host, self.port) {
+        if let Some(up) = self.broker.pool.take(self.host, self.port) {
             // The tunnel's own connection is not needed (its server waits for a handshake).
             // Shut, not only dropped: the registry holds a clone of it.
             if let Some(unused) = first.take() {
@@ -978,7 +988,7 @@ impl Exchange<'_> {
             Relayed::Broken => Some(false),
             Relayed::Done { keep } => {
                 if keep && up.buf.is_empty() {
-                    self.broker.put_idle(self.host, self.port, up.s);
+                    self.broker.pool.put(self.host, self.port, up.s);
                 }
                 Some(keep)
             }
@@ -1112,7 +1122,10 @@ fn relay_response<U: Read, W: Write>(
         for h in resp.headers.iter() {
             let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();
             if h.name.eq_ignore_ascii_case("content-length") {
-                length = Some(v.parse::<u64>().map_err(|_| ReadErr::Bad(502, "bad length"))?);
+                length = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| ReadErr::Bad(502, "bad length"))?,
+                );
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = v.rsplit(',').next().map(str::trim) == Some("chunked");
             } else if h.name.eq_ignore_ascii_case("connection") {
@@ -1161,7 +1174,9 @@ fn relay_exact<U: Read, W: Write>(
         if up.buf.is_empty() && up.fill()? == 0 {
             return Err(ReadErr::Closed);
         }
-        let k = usize::try_from(left).unwrap_or(usize::MAX).min(up.buf.len());
+        let k = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(up.buf.len());
         sink.push(&up.buf[..k])?;
         up.buf.drain(..k);
         left -= k as u64;
@@ -1335,7 +1350,14 @@ mod tests {
             format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("leak"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -1347,7 +1369,14 @@ mod tests {
             "query not opted in: {text}"
         );
         assert_eq!(
-            b.prepare(&req, &host("evil.example.com"), 443, &req.target, None, false),
+            b.prepare(
+                &req,
+                &host("evil.example.com"),
+                443,
+                &req.target,
+                None,
+                false
+            ),
             Err(0)
         );
     }
@@ -1361,7 +1390,14 @@ mod tests {
         );
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("own host"));
         assert!(
             !String::from_utf8_lossy(&out).contains("s3cr3t"),
@@ -1374,7 +1410,14 @@ mod tests {
         let req = parse(raw.as_bytes());
         assert_eq!(req.body, PH.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("own host"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -1419,7 +1462,10 @@ mod tests {
             ("hex".into(), hex.to_ascii_uppercase()),
             ("upper".into(), PH.to_ascii_uppercase()),
             ("lower".into(), PH.to_ascii_lowercase()),
-            ("b64-upper".into(), b64(PH.to_ascii_uppercase().as_bytes(), false)),
+            (
+                "b64-upper".into(),
+                b64(PH.to_ascii_uppercase().as_bytes(), false),
+            ),
         ];
         for align in 0..3 {
             let data = format!("{}{PH}{}", &"xyz"[..align], "tail");
@@ -1460,7 +1506,10 @@ mod tests {
         let basic = b64(format!("git:{PH}").as_bytes(), false);
         let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
         let req = parse(raw.as_bytes());
-        assert_eq!(b.prepare(&req, &evil, 443, &req.target, None, false), Err(0));
+        assert_eq!(
+            b.prepare(&req, &evil, 443, &req.target, None, false),
+            Err(0)
+        );
         // Raw bytes relayed (not HTTP) are scanned the same way.
         assert_eq!(b.leaked(basic.as_bytes(), &evil, 443), Some(0));
     }
@@ -1477,7 +1526,14 @@ mod tests {
         );
         let req = parse(raw.as_bytes());
         assert!(b
-            .prepare(&req, &host("evil.example.com"), 443, &req.target, None, false)
+            .prepare(
+                &req,
+                &host("evil.example.com"),
+                443,
+                &req.target,
+                None,
+                false
+            )
             .is_ok());
         assert_eq!(percent_decode(b"a%41%4g%"), Some(b"aA%4g%".to_vec()));
         assert_eq!(percent_decode(b"plain"), None);
@@ -1488,12 +1544,21 @@ mod tests {
         let b = broker(None, None, false, false);
         for basic in [
             b64(format!("git:{PH}").as_bytes(), false),
-            b64(format!("git:{PH}").as_bytes(), false).trim_end_matches('=').to_string(),
+            b64(format!("git:{PH}").as_bytes(), false)
+                .trim_end_matches('=')
+                .to_string(),
         ] {
             let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
             let req = parse(raw.as_bytes());
             let out = b
-                .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
+                .prepare(
+                    &req,
+                    &host("api.example.com"),
+                    443,
+                    &req.target,
+                    None,
+                    false,
+                )
                 .unwrap_or_else(|_| panic!("own host"));
             let want = b64(b"git:s3cr3t-value", false);
             let text = String::from_utf8_lossy(&out);
@@ -1508,7 +1573,14 @@ mod tests {
         let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None, false)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("own host"));
         assert!(String::from_utf8_lossy(&out).contains(&basic));
     }
@@ -1569,7 +1641,11 @@ mod tests {
         assert!(absolute("https://x/").is_err());
     }
 
-    fn relayed(b: &Broker, raw: &[u8], head_only: bool) -> (std::result::Result<bool, ReadErr>, Vec<u8>, Vec<u8>) {
+    fn relayed(
+        b: &Broker,
+        raw: &[u8],
+        head_only: bool,
+    ) -> (std::result::Result<bool, ReadErr>, Vec<u8>, Vec<u8>) {
         let mut up = Buffered::new(raw, Vec::new());
         let mut out = Vec::new();
         let mut sink = Masked {
@@ -1591,26 +1667,83 @@ mod tests {
         raw.extend_from_slice(b"NEXT");
         let (r, out, left) = relayed(&b, &raw, false);
         assert_eq!(r, Ok(true));
-        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho ************");
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho ************"
+        );
         assert_eq!(left, b"NEXT", "nothing past the response is read into it");
         let chunked = b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n";
-        assert_eq!(relayed(&b, chunked, false), (Ok(true), chunked.to_vec(), Vec::new()));
+        assert_eq!(
+            relayed(&b, chunked, false),
+            (Ok(true), chunked.to_vec(), Vec::new())
+        );
         let head = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
         assert_eq!(relayed(&b, head, true).0, Ok(true));
         let closed = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
         assert_eq!(relayed(&b, closed, false).0, Ok(false));
         let unframed = b"HTTP/1.1 200 OK\r\n\r\nuntil the end";
-        assert_eq!(relayed(&b, unframed, false), (Ok(false), unframed.to_vec(), Vec::new()));
+        assert_eq!(
+            relayed(&b, unframed, false),
+            (Ok(false), unframed.to_vec(), Vec::new())
+        );
         let short = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok";
         assert_eq!(relayed(&b, short, false).0, Err(ReadErr::Closed));
         assert_eq!(relayed(&b, b"", false).0, Err(ReadErr::Closed));
     }
 
+    impl OverTcp for TcpStream {
+        fn tcp(&self) -> &TcpStream {
+            self
+        }
+    }
+
+    /// A connected pair on loopback: (our end, the server's end).
+    fn pair(l: &std::net::TcpListener) -> (TcpStream, TcpStream) {
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = l.accept().unwrap_or_else(|e| panic!("{e}"));
+        (c, s)
+    }
+
+    fn port_of(c: &TcpStream) -> u16 {
+        c.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
     #[test]
-    fn the_pool_is_bounded() {
-        assert!(POOL_MAX >= 1 && POOL_IDLE >= Duration::from_secs(1));
-        let b = broker(None, None, false, false);
-        assert_eq!(b.idle_count(), 0);
-        assert!(b.take_idle(&host("api.example.com"), 443).is_none());
+    fn the_pool_is_bounded_by_count_and_idle_time() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (host("a.example"), host("b.example"));
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let (c1, _s1) = pair(&l);
+        let (c2, _s2) = pair(&l);
+        let (c3, _s3) = pair(&l);
+        let ids = [port_of(&c1), port_of(&c2), port_of(&c3)];
+        pool.put(&a, 443, c1);
+        pool.put(&a, 443, c2);
+        pool.put(&b, 443, c3);
+        // Full at 2: the oldest (c1) went.
+        assert!(pool.take(&a, 8443).is_none(), "keyed by port too");
+        assert_eq!(pool.take(&b, 443).map(|c| port_of(&c)), Some(ids[2]));
+        assert_eq!(pool.take(&a, 443).map(|c| port_of(&c)), Some(ids[1]));
+        assert!(pool.take(&a, 443).is_none());
+        // One the server closed, or sent something unasked on, is not handed out.
+        let (c4, s4) = pair(&l);
+        let (c5, mut s5) = pair(&l);
+        pool.put(&a, 443, c4);
+        pool.put(&a, 443, c5);
+        drop(s4);
+        s5.write_all(b"x").unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pool.take(&a, 443).is_none());
+        // Idle past the time limit: closed.
+        let short = Pool::new(2, Duration::from_millis(30));
+        let (c6, _s6) = pair(&l);
+        short.put(&a, 443, c6);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(short.take(&a, 443).is_none());
+        let (c7, _s7) = pair(&l);
+        let id7 = port_of(&c7);
+        short.put(&a, 443, c7);
+        assert_eq!(short.take(&a, 443).map(|c| port_of(&c)), Some(id7));
     }
 }
