@@ -1,5 +1,5 @@
 """Credential substitution cost: latency per HTTPS request, sandbox with credentials (TLS
-terminated by the proxy, placeholder replaced, new upstream TLS per request) vs a plain CONNECT
+terminated by the proxy, placeholder replaced, upstream TLS connections pooled) vs a plain CONNECT
 tunnel (no credentials: bytes relayed) vs direct on the host.
 
 A TLS server on the host's loopback (certificate from a CA this bench makes with openssl,

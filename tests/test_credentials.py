@@ -10,6 +10,7 @@ the credential, `other` must never see the placeholder (nor the value).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -38,15 +39,27 @@ VALUE = "real-value-" + secrets.token_hex(12)
 class Recorder:
     """An HTTP/1.1 server on 127.0.0.1 (TLS with `context`) recording every request."""
 
-    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, context: ssl.SSLContext | None = None,
+                 idle_timeout: float | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
+        #: Connections accepted so far; each request records the number of its connection.
+        self.connections = 0
+        lock = threading.Lock()
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # A server that closes kept-alive connections left idle this long.
+            timeout = idle_timeout
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    recorder.connections += 1
+                    self.conn_id = recorder.connections
 
             def handle_one(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
@@ -54,7 +67,7 @@ class Recorder:
                 recorder.requests.append({
                     "method": self.command, "path": self.path,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
-                    "body": body.decode(errors="replace"),
+                    "body": body.decode(errors="replace"), "conn": self.conn_id,
                 })
                 # /echo answers the Authorization header it got (an echo endpoint).
                 out = (self.headers.get("Authorization", "").encode()
@@ -571,3 +584,173 @@ def test_a_placeholder_in_raw_bytes_is_cut_and_reported(
     assert out["out"] in ("eof", "ConnectionResetError"), out
     assert servers["other"].seen(out["token"]) == []
     assert {v["port"] for v in credential_violations(res)} == {servers["other"].port}
+
+
+ENCODE_HELPERS = textwrap.dedent('''\
+    import base64
+    T = TOKEN.encode()
+    def encodings():
+        """Every encoding of the placeholder a payload might try (issue 16: "encode it in ways
+        the redactor does not know")."""
+        out = {
+            "pct_all": "".join("%%%02X" % b for b in T),
+            "pct_mixed": "".join("%%%02x" % b if i % 3 == 0 else chr(b) for i, b in enumerate(T)),
+            "hex": T.hex(),
+            "upper": TOKEN.upper(),
+            "lower": TOKEN.lower(),
+        }
+        for align in range(3):
+            data = b"xyz"[:align] + T + b"-tail"
+            out[f"b64_{align}"] = base64.b64encode(data).decode()
+            out[f"b64url_{align}"] = base64.urlsafe_b64encode(data).decode().rstrip("=")
+        return out
+    def basic(user, password):
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    ''')
+
+
+def test_encoded_placeholders_to_another_host_are_refused_and_reported(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    """Percent-encoded (all or some characters), hex, case-changed, base64 and base64url at each
+    byte alignment, in the query, a header and a form body, and as the password of Basic auth:
+    toward an unbound host over HTTP and TLS, none is forwarded and each is refused. The same
+    requests without the placeholder go through (the refusal is the detector's)."""
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir)
+    tag = secrets.token_hex(4)
+    code = f'''
+    def req(port, line, headers=b"", body=b""):
+        head = b"Host: 127.0.0.1:%d\\r\\nConnection: close\\r\\n" % port + headers
+        if body:
+            head += (b"Content-Type: application/x-www-form-urlencoded\\r\\n"
+                     b"Content-Length: %d\\r\\n" % len(body))
+        return line + b" HTTP/1.1\\r\\n" + head + b"\\r\\n" + body
+    def shapes(port, name, enc):
+        e = enc.encode()
+        return {{
+            f"{{name}}/query": req(port, b"GET /{tag}/" + name.encode() + b"/q?k=" + e),
+            f"{{name}}/header": req(port, b"GET /{tag}/" + name.encode() + b"/h",
+                                     b"X-Data: " + e + b"\\r\\n"),
+            f"{{name}}/body": req(port, b"POST /{tag}/" + name.encode() + b"/b", b"", b"k=" + e),
+        }}
+    out = {{}}
+    for tls, port in ((False, P["other"]), (True, P["tls_other"])):
+        pre = "tls_" if tls else ""
+        cases = {{}}
+        for name, enc in encodings().items():
+            cases.update(shapes(port, name, enc))
+        cases["basic"] = req(port, b"GET /{tag}/basic",
+                             b"Authorization: " + basic("git", TOKEN).encode() + b"\\r\\n")
+        clean = TOKEN.replace("placeholder", "xlaceholder")
+        cases["clean/b64"] = shapes(port, "clean", base64.b64encode(clean.encode()).decode()
+                                    )["clean/query"]
+        cases["clean/basic"] = req(port, b"GET /{tag}/cleanbasic",
+                                   b"Authorization: " + basic("git", clean).encode() + b"\\r\\n")
+        for key, data in cases.items():
+            out[pre + key] = raw(port, data, tls=tls)
+    out["token"] = TOKEN
+    out["names"] = list(encodings())
+    print(json.dumps(out))
+    '''
+    out, res = probe(sandbox, ENCODE_HELPERS + textwrap.dedent(code), kwargs)
+    assert len(out["names"]) == 11
+    keys = [f"{n}/{s}" for n in out["names"] for s in ("query", "header", "body")] + ["basic"]
+    for pre in ("", "tls_"):
+        for key in keys:
+            assert out[pre + key].startswith("HTTP/1.1 403 Forbidden"), (pre + key, out[pre + key])
+        for key in ("clean/b64", "clean/basic"):
+            assert out[pre + key].startswith("HTTP/1.") and " 200 " in out[pre + key], out
+    for name in ("other", "tls_other"):
+        paths = sorted(r["path"] for r in servers[name].requests if tag in r["path"])
+        assert len(paths) == 2 and paths[0].startswith(f"/{tag}/clean/q?k="), paths
+        assert paths[1] == f"/{tag}/cleanbasic", paths
+    found = credential_violations(res)
+    assert {v["port"] for v in found} == {servers["other"].port, servers["tls_other"].port}
+    assert all(v["name"] == "TOKEN" for v in found), found
+
+
+def test_basic_auth_to_the_bound_host_gets_the_value(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    """git and pip put a token in the password of basic auth: the proxy decodes it, substitutes
+    the placeholder and encodes it again, over HTTP and HTTPS."""
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir)
+    tag = secrets.token_hex(4)
+    code = f'''
+    h = {{"Authorization": basic("git", TOKEN)}}
+    print(json.dumps({{
+        "http": get(f"http://127.0.0.1:{{P['bound']}}/{tag}/basic", h),
+        "https": get(f"https://127.0.0.1:{{P['tls_bound']}}/{tag}/basic", h),
+        "token": TOKEN}}))
+    '''
+    out, _ = probe(sandbox, ENCODE_HELPERS + textwrap.dedent(code), kwargs)
+    assert out["http"] == out["https"] == "200 ok", out
+    want = "Basic " + base64.b64encode(f"git:{VALUE}".encode()).decode()
+    for name in ("bound", "tls_bound"):
+        (got,) = [r for r in servers[name].requests if r["path"] == f"/{tag}/basic"]
+        assert got["headers"]["authorization"] == want, got
+        assert servers[name].seen(out["token"]) == []
+
+
+def test_upstream_tls_connections_are_pooled_per_sandbox(
+        sandbox: Runner, servers: dict[str, Recorder], tls_dir: Path) -> None:
+    """Each request below is a new connection from the sandbox (urllib, direct and through the
+    proxy): the proxy sends them all on one kept-alive upstream TLS connection. Two sandboxes
+    running at once never share an upstream connection."""
+    kwargs = with_policy(run_kwargs(servers, tls_dir), tls_dir)
+    tags = [secrets.token_hex(4) for _ in range(2)]
+
+    def code(tag: str) -> list[str]:
+        payload = f'''
+        import time
+        h = {{"Authorization": "Bearer " + TOKEN}}
+        base = f"https://127.0.0.1:{{P['tls_bound']}}/{tag}"
+        out = []
+        for i in range(6):
+            out.append(get(f"{{base}}/{{i}}", h, proxy=i % 2 == 1))
+            time.sleep(0.1)
+        print(json.dumps({{"out": out}}))
+        '''
+        return ["python3", "-c", PRELUDE + PAYLOAD_HELPERS + textwrap.dedent(payload)]
+
+    wait = sandbox.start_many([(code(tag), kwargs) for tag in tags])
+    results = wait()
+    conns = []
+    for tag, res in zip(tags, results, strict=True):
+        assert res.reason == "exited", (res.reason, res.stderr)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["out"] == ["200 ok"] * 6
+        got = [r for r in servers["tls_bound"].requests if r["path"].startswith(f"/{tag}/")]
+        assert len(got) == 6
+        assert all(r["headers"]["authorization"] == f"Bearer {VALUE}" for r in got)
+        conns.append({r["conn"] for r in got})
+    assert [len(c) for c in conns] == [1, 1], conns
+    assert conns[0].isdisjoint(conns[1]), conns
+
+
+def test_a_pooled_connection_the_server_closed_is_not_used(sandbox: Runner, tls_dir: Path
+                                                           ) -> None:
+    """An upstream that closes idle kept-alive connections (after 0.3 s): the next request
+    after a longer pause goes on a new connection and gets its answer."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_dir / "srv.pem", tls_dir / "srv.key")
+    server = Recorder(ctx, idle_timeout=0.3)
+    try:
+        kwargs = with_policy({
+            "allow_net": [f"127.0.0.1:{server.port}"],
+            "credentials": [{"name": "TOKEN", "value": VALUE,
+                             "hosts": [f"127.0.0.1:{server.port}"]}],
+            "env": {"PORT_IDLE": str(server.port)}, "timeout": 60}, tls_dir)
+        code = '''
+        import time
+        h = {"Authorization": "Bearer " + TOKEN}
+        url = f"https://127.0.0.1:{P['idle']}/idle"
+        out = [get(url + "/a", h), get(url + "/b", h)]
+        time.sleep(1.0)
+        out.append(get(url + "/c", h))
+        print(json.dumps({"out": out}))
+        '''
+        out, _ = probe(sandbox, code, kwargs)
+        assert out["out"] == ["200 ok"] * 3, out
+        conns = [r["conn"] for r in server.requests]
+        assert len(conns) == 3 and conns[0] == conns[1] != conns[2], conns
+        assert all(r["headers"]["authorization"] == f"Bearer {VALUE}" for r in server.requests)
+    finally:
+        server.close()

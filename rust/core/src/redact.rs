@@ -620,8 +620,9 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Every byte pattern that reveals `value`, deduplicated, in a fixed order.
-fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
+/// Every byte pattern that reveals `value`, deduplicated, in a fixed order (also used by the
+/// egress proxy to find credential placeholders sent in encoded form).
+pub(crate) fn encoded_forms(value: &[u8]) -> Vec<Vec<u8>> {
     let mut forms = vec![value.to_vec(), hex(value, HEX_LOWER), hex(value, HEX_UPPER)];
     for alphabet in [BASE64_STANDARD, BASE64_URL_SAFE] {
         forms.extend(base64_forms(value, alphabet));

@@ -7,15 +7,28 @@
 //! - a credential whose hosts match the request's host (and whose `methods`, when set, list its
 //!   method) has its placeholder replaced by the value in the request headers (only `header`
 //!   when set), and in the URL query and the body when opted in (`Content-Length` follows);
+//! - `Authorization: Basic` credentials are decoded, substituted and re-encoded (git and pip
+//!   put a token in the password of basic auth);
 //! - a placeholder left anywhere in the request toward a host its credential is not bound to
-//!   is a leak: the request is never forwarded, the refusal is reported as a
+//!   is a leak, also when encoded: every form the output redactor knows (hex, base64 and
+//!   base64url at each byte alignment, base32, percent-, JSON- and UTF-16 escapes; see
+//!   `redact::encoded_forms`) of the placeholder in upper, lower or its own case, matched
+//!   ignoring ASCII case, in the request as sent and with its `%XX` escapes decoded (up to
+//!   [`DECODE_ROUNDS`] times, so any mix of escaped and plain characters is seen). It the request is never forwarded, the refusal is reported as a
 //!   [`Violation::Credential`], and `on_leak` decides the rest (403, kill the sandbox, or close
 //!   the connection without an answer);
 //! - a placeholder toward its own host with a method it is not allowed is forwarded as the
 //!   placeholder (the host sees no secret).
 //!
-//! Each request is sent upstream on a connection of its own with `Connection: close`, so the
-//! response ends where the upstream closes; the sandbox's side may keep its connection alive.
+//! Responses are relayed as framed (`Content-Length`, chunked, or up to the upstream's close).
+//! Plain HTTP requests go upstream on a connection of their own with `Connection: close`.
+//! Intercepted HTTPS requests are kept alive upstream: after a framed response the TLS
+//! connection goes to the sandbox's own pool ([`Broker`] is per sandbox, so a connection is
+//! never shared between sandboxes), keyed by host (which is also the SNI) and port, at most
+//! [`POOL_MAX`] idle for at most [`POOL_IDLE`]; the next request to that host from any of the
+//! sandbox's connections reuses it instead of a new TLS handshake (the policy is checked again
+//! as for a new connection). A pooled connection the server closed meanwhile is retried once
+//! on a new one.
 //! Traffic that is neither TLS nor HTTP is relayed, and cut when a placeholder goes by toward
 //! a host its credential is not bound to.
 
@@ -28,17 +41,26 @@ use crate::report::Violation;
 use crate::spec::{CredentialsSpec, OnCredentialLeak};
 use crate::{Error, Result};
 use aho_corasick::AhoCorasick;
+use base64::Engine as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Longest request head read.
 const MAX_HEAD: usize = 64 * 1024;
 /// Largest request body the proxy buffers (bigger ones get 413).
 pub const MAX_BODY: usize = 32 << 20;
+/// How many times `%XX` escapes are decoded before a request is scanned again (a placeholder
+/// escaped twice is still found).
+const DECODE_ROUNDS: usize = 3;
+/// At most this many idle upstream TLS connections are kept per sandbox.
+pub const POOL_MAX: usize = 8;
+/// An idle upstream connection is closed after this long unused.
+pub const POOL_IDLE: Duration = Duration::from_secs(20);
 /// How long the sandbox may take to send the first byte of a tunnel.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -72,10 +94,70 @@ pub struct Broker {
     values: Vec<Vec<u8>>,
     /// Every placeholder, pattern i = credential i.
     finder: AhoCorasick,
+    /// Every encoded form of every placeholder (ASCII case ignored).
+    encoded: AhoCorasick,
+    /// Pattern of `encoded` -> credential index.
+    encoded_cred: Vec<usize>,
     /// Every value, masked in responses (a bound host echoing a value hands it to nobody).
     value_finder: AhoCorasick,
     on_leak: OnCredentialLeak,
     tls: Tls,
+    /// Idle upstream TLS connections of this sandbox.
+    pool: Pool<Upstream>,
+}
+
+/// An upstream TLS connection.
+type Upstream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A connection over a TCP socket (looked at to tell whether an idle one is still usable).
+trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for Upstream {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Idle kept-alive connections by host and port: at most `max`, each for at most `ttl`.
+struct Pool<C> {
+    idle: Mutex<Vec<(Host, u16, C, Instant)>>,
+    max: usize,
+    ttl: Duration,
+}
+
+impl<C: OverTcp> Pool<C> {
+    fn new(max: usize, ttl: Duration) -> Self {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            max,
+            ttl,
+        }
+    }
+
+    /// An idle connection to `host:port` still open, if any (newest first).
+    fn take(&self, host: &Host, port: u16) -> Option<C> {
+        let mut idle = super::lock(&self.idle);
+        idle.retain(|i| i.3.elapsed() < self.ttl);
+        while let Some(at) = idle.iter().rposition(|i| i.0 == *host && i.1 == port) {
+            let (.., c, _) = idle.remove(at);
+            if quiet(c.tcp()) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Keeps `c` for the next request to `host:port` (the oldest idle one goes when full).
+    fn put(&self, host: &Host, port: u16, c: C) {
+        let mut idle = super::lock(&self.idle);
+        idle.retain(|i| i.3.elapsed() < self.ttl);
+        if idle.len() >= self.max {
+            idle.remove(0);
+        }
+        idle.push((host.clone(), port, c, Instant::now()));
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -129,15 +211,19 @@ impl Broker {
         }
         let finder =
             AhoCorasick::new(&placeholders).map_err(|e| Error::Credential(e.to_string()))?;
+        let (encoded, encoded_cred) = encoded_finder(&placeholders)?;
         let value_finder =
             AhoCorasick::new(&values).map_err(|e| Error::Credential(e.to_string()))?;
         Ok(Broker {
             creds,
             values,
             finder,
+            encoded,
+            encoded_cred,
             value_finder,
             on_leak: spec.on_leak,
             tls: Tls::new(spec.tls_ca_bundle.as_deref())?,
+            pool: Pool::new(POOL_MAX, POOL_IDLE),
         })
     }
 
@@ -183,13 +269,63 @@ impl Broker {
         }
     }
 
-    /// The first credential whose placeholder is in `data` but which is not bound to
-    /// `host:port` at all (whatever the method).
+    /// The first credential whose placeholder is in `data`, plain or encoded, but which is
+    /// not bound to `host:port` at all (whatever the method).
     fn leaked(&self, data: &[u8], host: &Host, port: u16) -> Option<usize> {
-        self.finder
+        let unbound = |i: &usize| !self.creds[*i].hosts.allows_host(host, port);
+        if let Some(i) = self
+            .finder
             .find_iter(data)
             .map(|m| m.pattern().as_usize())
-            .find(|&i| !self.creds[i].hosts.allows_host(host, port))
+            .find(unbound)
+        {
+            return Some(i);
+        }
+        let mut text = std::borrow::Cow::Borrowed(data);
+        for _ in 0..=DECODE_ROUNDS {
+            // Overlapping: a bound credential's form must not hide an unbound one's.
+            if let Some(i) = self
+                .encoded
+                .find_overlapping_iter(&*text)
+                .map(|m| self.encoded_cred[m.pattern().as_usize()])
+                .find(unbound)
+            {
+                return Some(i);
+            }
+            match percent_decode(&text) {
+                Some(decoded) => text = std::borrow::Cow::Owned(decoded),
+                None => break,
+            }
+        }
+        None
+    }
+
+    /// How much of a relayed stream is kept to find a placeholder split between reads.
+    fn scan_tail(&self) -> usize {
+        // A form fully percent-escaped is three times as long.
+        (3 * self.encoded.max_pattern_len()).max(self.finder.max_pattern_len())
+    }
+
+    /// `Authorization: Basic` with the placeholders of `which` replaced inside the decoded
+    /// credentials and encoded again; `None` when the value is not basic auth or holds none.
+    fn substitute_basic(&self, value: &[u8], which: &[bool]) -> Option<Vec<u8>> {
+        let text = std::str::from_utf8(value).ok()?.trim();
+        let (scheme, rest) = text.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = BASIC.decode(rest.trim()).ok()?;
+        let replaced = self.substitute(&decoded, which);
+        if replaced == decoded {
+            return None;
+        }
+        let mut out = format!("{scheme} ").into_bytes();
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(replaced)
+                .as_bytes(),
+        );
+        Some(out)
     }
 
     /// The bytes to send upstream for `req` toward `host:port`, or the leaked credential.
@@ -201,6 +337,7 @@ impl Broker {
         port: u16,
         target: &str,
         host_header: Option<&str>,
+        keep_alive: bool,
     ) -> std::result::Result<Vec<u8>, usize> {
         let bound: Vec<bool> = (0..self.creds.len())
             .map(|i| self.bound(i, host, port, &req.method))
@@ -228,10 +365,13 @@ impl Broker {
             if DROPPED.contains(&lname.as_str()) || (host_header.is_some() && lname == "host") {
                 continue;
             }
-            let value = self.substitute(
-                value,
-                &only(&|c| c.header.as_ref().is_none_or(|h| *h == lname)),
-            );
+            let which = only(&|c| c.header.as_ref().is_none_or(|h| *h == lname));
+            let value = match lname.as_str() {
+                "authorization" => self
+                    .substitute_basic(value, &which)
+                    .unwrap_or_else(|| self.substitute(value, &which)),
+                _ => self.substitute(value, &which),
+            };
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(&value);
@@ -241,13 +381,79 @@ impl Broker {
         if !body.is_empty() || matches!(req.method.as_str(), "POST" | "PUT" | "PATCH") {
             out.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
         }
-        out.extend_from_slice(b"Connection: close\r\n\r\n");
+        if !keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
         match self.leaked(&out, host, port) {
             Some(i) => Err(i),
             None => Ok(out),
         }
     }
+}
+
+/// Whether an idle connection has nothing to read (an upstream that closed it, or sent
+/// something unasked, makes it unusable).
+fn quiet(sock: &TcpStream) -> bool {
+    if sock.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    let idle = matches!(sock.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    sock.set_nonblocking(false).is_ok() && idle
+}
+
+/// Base64 as clients write basic auth: the standard alphabet, padding optional.
+const BASIC: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// The automaton over every encoded form of every placeholder, in its own, upper and lower
+/// case (the placeholder alphabet has letters), and the credential of each pattern.
+fn encoded_finder(placeholders: &[Vec<u8>]) -> Result<(AhoCorasick, Vec<usize>)> {
+    let mut patterns = Vec::new();
+    let mut owner = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in placeholders.iter().enumerate() {
+        for variant in [p.clone(), p.to_ascii_uppercase(), p.to_ascii_lowercase()] {
+            for form in crate::redact::encoded_forms(&variant) {
+                // Matching ignores ASCII case: one pattern per folded form.
+                if seen.insert((i, form.to_ascii_lowercase())) {
+                    patterns.push(form);
+                    owner.push(i);
+                }
+            }
+        }
+    }
+    let ac = AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(&patterns)
+        .map_err(|e| Error::Credential(e.to_string()))?;
+    Ok((ac, owner))
+}
+
+/// `data` with its `%XX` escapes decoded (other bytes kept), or `None` when there is none.
+fn percent_decode(data: &[u8]) -> Option<Vec<u8>> {
+    let hexval = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(data.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < data.len() {
+        if data[i] == b'%' && i + 2 < data.len() {
+            if let (Some(h), Some(l)) = (hexval(data[i + 1]), hexval(data[i + 2])) {
+                out.push(h << 4 | l);
+                changed = true;
+                i += 3;
+                continue;
+            }
+        }
+        out.push(data[i]);
+        i += 1;
+    }
+    changed.then_some(out)
 }
 
 /// One request read from the sandbox (body de-chunked).
@@ -628,7 +834,8 @@ fn serve_http<S: Read + Write>(
                 Err(why) => return answer(&mut conn.s, 400, why),
             },
         };
-        let out = match broker.prepare(&req, &host, port, &target, host_header.as_deref()) {
+        // Only intercepted HTTPS is kept alive upstream (pooled).
+        let out = match broker.prepare(&req, &host, port, &target, host_header.as_deref(), tls) {
             Ok(out) => out,
             Err(i) => {
                 let name = &broker.creds[i].name;
@@ -645,42 +852,146 @@ fn serve_http<S: Read + Write>(
                 return;
             }
         };
-        let upstream = match first_upstream.take() {
+        let head_only = req.method == "HEAD";
+        let keep = if tls {
+            let mut ex = Exchange {
+                shared,
+                broker,
+                client,
+                host: &host,
+                port,
+            };
+            ex.https(conn, &out, head_only, &mut first_upstream)
+        } else {
+            let upstream = match first_upstream.take() {
+                Some(u) => u,
+                None => match pump::open(shared, &host, port) {
+                    Ok(u) => u,
+                    Err(Refusal { reason, policy }) => {
+                        let code = if policy { 403 } else { 502 };
+                        return answer(
+                            &mut conn.s,
+                            code,
+                            &format!("cellblock: {host}:{port} refused: {reason}"),
+                        );
+                    }
+                },
+            };
+            let Some(id) = shared.register(client, &upstream) else {
+                return;
+            };
+            let _ = upstream.set_nodelay(true);
+            let mut up = Buffered::new(upstream, Vec::new());
+            let relayed = relay(shared, broker, &mut up, conn, &out, head_only);
+            shared.unregister(id);
+            match relayed {
+                Relayed::Done { keep } => keep,
+                Relayed::Unanswered => {
+                    answer(&mut conn.s, 502, "cellblock: upstream closed");
+                    false
+                }
+                Relayed::Broken => false,
+            }
+        };
+        if !keep || req.close {
+            return;
+        }
+    }
+}
+
+/// One intercepted HTTPS request's way upstream.
+struct Exchange<'a> {
+    shared: &'a Arc<Shared>,
+    broker: &'a Broker,
+    client: &'a TcpStream,
+    host: &'a Host,
+    port: u16,
+}
+
+impl Exchange<'_> {
+    /// Sends `out` on a pooled connection, or else on a new one (`first`, the tunnel's own,
+    /// when there is one), and relays the response. Returns whether the sandbox's connection
+    /// can carry another request.
+    fn https<S: Read + Write>(
+        &mut self,
+        conn: &mut Buffered<S>,
+        out: &[u8],
+        head_only: bool,
+        first: &mut Option<TcpStream>,
+    ) -> bool {
+        if let Some(up) = self.broker.pool.take(self.host, self.port) {
+            // The tunnel's own connection is not needed (its server waits for a handshake).
+            // Shut, not only dropped: the registry holds a clone of it.
+            if let Some(unused) = first.take() {
+                let _ = unused.shutdown(Shutdown::Both);
+            }
+            // The policy is checked again as for a new connection.
+            self.shared.dialled(&up.sock, self.host, self.port);
+            // Unanswered: the server closed it while idle; a new connection is tried.
+            if let Some(keep) = self.send_on(up, conn, out, head_only) {
+                return keep;
+            }
+        }
+        let (host, port) = (self.host, self.port);
+        let tcp = match first.take() {
             Some(u) => u,
-            None => match pump::open(shared, &host, port) {
+            None => match pump::open(self.shared, host, port) {
                 Ok(u) => u,
                 Err(Refusal { reason, policy }) => {
                     let code = if policy { 403 } else { 502 };
-                    return answer(
+                    answer(
                         &mut conn.s,
                         code,
                         &format!("cellblock: {host}:{port} refused: {reason}"),
                     );
+                    return false;
                 }
             },
         };
-        let Some(id) = shared.register(client, &upstream) else {
-            return;
-        };
         // A TLS handshake's last flight and the request are separate small writes: Nagle would
         // hold the second until the first is acknowledged.
-        let _ = upstream.set_nodelay(true);
-        let keep = if tls {
-            match broker.tls.connect(&host, upstream) {
-                Ok(mut up) => exchange(shared, broker, &mut up, conn, &out),
-                Err(why) => {
-                    shared.refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
-                    answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
-                    false
-                }
-            }
-        } else {
-            let mut up = upstream;
-            exchange(shared, broker, &mut up, conn, &out)
+        let _ = tcp.set_nodelay(true);
+        let Some(id) = self.shared.register(self.client, &tcp) else {
+            return false;
         };
-        shared.unregister(id);
-        if !keep || req.close {
-            return;
+        let up = self.broker.tls.connect(host, tcp);
+        self.shared.unregister(id);
+        match up {
+            Ok(up) => self.send_on(up, conn, out, head_only).unwrap_or_else(|| {
+                answer(&mut conn.s, 502, "cellblock: upstream closed");
+                false
+            }),
+            Err(why) => {
+                self.shared
+                    .refuse(&host.to_string(), port, &format!("upstream TLS: {why}"));
+                answer(&mut conn.s, 502, &format!("cellblock: upstream TLS: {why}"));
+                false
+            }
+        }
+    }
+
+    /// Relays one request on `up`, which goes back to the pool when it can carry another.
+    /// `None`: the upstream answered nothing (and the sandbox got nothing).
+    fn send_on<S: Read + Write>(
+        &mut self,
+        up: Upstream,
+        conn: &mut Buffered<S>,
+        out: &[u8],
+        head_only: bool,
+    ) -> Option<bool> {
+        let id = self.shared.register(self.client, &up.sock)?;
+        let mut up = Buffered::new(up, Vec::new());
+        let relayed = relay(self.shared, self.broker, &mut up, conn, out, head_only);
+        self.shared.unregister(id);
+        match relayed {
+            Relayed::Unanswered => None,
+            Relayed::Broken => Some(false),
+            Relayed::Done { keep } => {
+                if keep && up.buf.is_empty() {
+                    self.broker.pool.put(self.host, self.port, up.s);
+                }
+                Some(keep)
+            }
         }
     }
 }
@@ -703,79 +1014,204 @@ fn absolute(target: &str) -> std::result::Result<(Host, u16, String, String), &'
     Ok((host, port, auth.to_string(), path))
 }
 
-/// Sends one request upstream and relays the response until the upstream closes. Returns
-/// whether the sandbox's connection can carry another request (the response was framed).
-fn exchange<U: Read + Write, S: Read + Write>(
+/// How one request's response went.
+#[derive(Debug, PartialEq, Eq)]
+enum Relayed {
+    /// Relayed whole; `keep`: it was framed and neither side asked to close.
+    Done { keep: bool },
+    /// The request could not be sent, or nothing came back (nothing reached the sandbox).
+    Unanswered,
+    /// The response broke off midway.
+    Broken,
+}
+
+/// Sends `request` on `up` and relays its response to the sandbox, values masked.
+fn relay<U: Read + Write, S: Read + Write>(
     shared: &Shared,
     broker: &Broker,
-    up: &mut U,
+    up: &mut Buffered<U>,
     conn: &mut Buffered<S>,
     request: &[u8],
-) -> bool {
-    if up.write_all(request).and_then(|()| up.flush()).is_err() {
-        answer(&mut conn.s, 502, "cellblock: upstream closed");
-        return false;
+    head_only: bool,
+) -> Relayed {
+    if up.s.write_all(request).and_then(|()| up.s.flush()).is_err() {
+        return Relayed::Unanswered;
     }
     shared
         .bytes_out
         .fetch_add(request.len() as u64, Ordering::Relaxed);
-    let mut head = Vec::new();
-    let mut framed = None;
-    let mut chunk = vec![0u8; 64 * 1024];
-    // Bytes held back: a value split between two reads is still found whole.
-    let keep = broker.value_finder.max_pattern_len().saturating_sub(1);
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let n = match up.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        pending.extend_from_slice(&chunk[..n]);
-        broker.mask_values(&mut pending);
-        if framed.is_none() && head.len() < MAX_HEAD {
-            head.extend_from_slice(&chunk[..n]);
-            framed = response_framed(&head);
-        }
-        let ready = pending.len().saturating_sub(keep);
-        if conn.s.write_all(&pending[..ready]).is_err() {
-            return false;
-        }
-        pending.drain(..ready);
+    let mut sink = Masked {
+        broker,
+        out: &mut conn.s,
+        pending: Vec::new(),
+        total: 0,
+    };
+    let result = relay_response(up, &mut sink, head_only);
+    let flushed = sink.finish().is_ok();
+    shared
+        .bytes_in
+        .fetch_add(sink.total as u64, Ordering::Relaxed);
+    match result {
+        Ok(keep) => Relayed::Done {
+            keep: keep && flushed,
+        },
+        Err(_) if sink.total == 0 => Relayed::Unanswered,
+        Err(_) => Relayed::Broken,
     }
-    if conn.s.write_all(&pending).is_err() {
-        return false;
-    }
-    let _ = conn.s.flush();
-    framed == Some(true)
 }
 
-/// Whether a response head (once complete) frames its body, so the connection it came on
-/// could carry another response: `None` while incomplete.
-fn response_framed(head: &[u8]) -> Option<bool> {
-    let mut slots = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut slots);
-    match resp.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return None,
-        Err(_) => return Some(false),
+/// A writer to the sandbox that masks credential values (a bound host echoing a value hands
+/// it to nobody), holding back a tail so a value split between reads is still found whole.
+struct Masked<'a, W: Write> {
+    broker: &'a Broker,
+    out: &'a mut W,
+    pending: Vec<u8>,
+    /// Bytes taken so far.
+    total: usize,
+}
+
+impl<W: Write> Masked<'_, W> {
+    fn push(&mut self, data: &[u8]) -> io::Result<()> {
+        self.total += data.len();
+        self.pending.extend_from_slice(data);
+        self.broker.mask_values(&mut self.pending);
+        let keep = self.broker.value_finder.max_pattern_len().saturating_sub(1);
+        let ready = self.pending.len().saturating_sub(keep);
+        self.out.write_all(&self.pending[..ready])?;
+        self.pending.drain(..ready);
+        Ok(())
     }
-    let code = resp.code.unwrap_or(0);
-    let mut framed = matches!(code, 100..=199 | 204 | 304);
-    for h in resp.headers.iter() {
-        let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-        if h.name.eq_ignore_ascii_case("content-length")
-            || (h.name.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
-        {
-            framed = true;
-        }
-        if h.name.eq_ignore_ascii_case("connection") && v.contains("close") {
-            return Some(false);
-        }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.pending)?;
+        self.pending.clear();
+        self.out.flush()
     }
-    Some(framed && code != 101)
+}
+
+/// Relays one response (interim 1xx responses included) from `up` into `sink`, reading no
+/// further than its end when it is framed. Returns whether `up` can carry another request.
+fn relay_response<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+    head_only: bool,
+) -> std::result::Result<bool, ReadErr> {
+    let bad = ReadErr::Bad(502, "malformed response");
+    loop {
+        let head_len = loop {
+            if let Some(p) = find(&up.buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            if up.buf.len() > MAX_HEAD {
+                return Err(bad);
+            }
+            if up.fill()? == 0 {
+                return Err(ReadErr::Closed);
+            }
+        };
+        let head = up.take(head_len)?;
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut slots);
+        if !matches!(resp.parse(&head), Ok(httparse::Status::Complete(_))) {
+            return Err(bad);
+        }
+        let code = resp.code.unwrap_or(0);
+        let mut close = resp.version == Some(0);
+        let mut length = None;
+        let mut chunked = false;
+        for h in resp.headers.iter() {
+            let v = String::from_utf8_lossy(h.value).trim().to_ascii_lowercase();
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| ReadErr::Bad(502, "bad length"))?,
+                );
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.rsplit(',').next().map(str::trim) == Some("chunked");
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close |= v.split(',').any(|t| t.trim() == "close");
+            }
+        }
+        sink.push(&head)?;
+        match code {
+            // Interim: the final response follows.
+            100..=199 if code != 101 => continue,
+            // Upgrade headers are never forwarded: a switch is not followed.
+            101 => return Ok(false),
+            204 | 304 => return Ok(!close),
+            _ if head_only => return Ok(!close),
+            _ => {}
+        }
+        if chunked {
+            relay_chunked(up, sink)?;
+        } else if let Some(n) = length {
+            relay_exact(up, sink, n)?;
+        } else {
+            // Delimited by the upstream's close.
+            let rest = std::mem::take(&mut up.buf);
+            sink.push(&rest)?;
+            while let Ok(n) = up.fill() {
+                if n == 0 {
+                    break;
+                }
+                let more = std::mem::take(&mut up.buf);
+                sink.push(&more)?;
+            }
+            return Ok(false);
+        }
+        return Ok(!close);
+    }
+}
+
+/// Relays exactly `n` bytes.
+fn relay_exact<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+    n: u64,
+) -> std::result::Result<(), ReadErr> {
+    let mut left = n;
+    while left > 0 {
+        if up.buf.is_empty() && up.fill()? == 0 {
+            return Err(ReadErr::Closed);
+        }
+        let k = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(up.buf.len());
+        sink.push(&up.buf[..k])?;
+        up.buf.drain(..k);
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// Relays a chunked body, chunk lines and trailers as they came.
+fn relay_chunked<U: Read, W: Write>(
+    up: &mut Buffered<U>,
+    sink: &mut Masked<'_, W>,
+) -> std::result::Result<(), ReadErr> {
+    loop {
+        let line = up.line(4096)?;
+        let text = String::from_utf8_lossy(&line);
+        let size = text.split(';').next().unwrap_or("").trim();
+        let n = u64::from_str_radix(size, 16).map_err(|_| ReadErr::Bad(502, "bad chunk"))?;
+        sink.push(&line)?;
+        sink.push(b"\r\n")?;
+        if n == 0 {
+            loop {
+                let trailer = up.line(MAX_HEAD)?;
+                sink.push(&trailer)?;
+                sink.push(b"\r\n")?;
+                if trailer.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        relay_exact(up, sink, n)?;
+        if !up.line(2)?.is_empty() {
+            return Err(ReadErr::Bad(502, "bad chunk"));
+        }
+        sink.push(b"\r\n")?;
+    }
 }
 
 /// Relays a connection that is neither TLS nor HTTP, cutting it when the sandbox sends a
@@ -801,7 +1237,7 @@ fn scan_relay(
         // The window searched: what arrived plus the tail of what came before, so that a
         // placeholder split between two reads is seen.
         let mut window = first;
-        let tail = broker.finder.max_pattern_len();
+        let tail = broker.scan_tail();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut sent_upto = 0;
         loop {
@@ -914,7 +1350,14 @@ mod tests {
             format!("GET /x?k={PH} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {PH}\r\n\r\n");
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("leak"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -926,7 +1369,14 @@ mod tests {
             "query not opted in: {text}"
         );
         assert_eq!(
-            b.prepare(&req, &host("evil.example.com"), 443, &req.target, None),
+            b.prepare(
+                &req,
+                &host("evil.example.com"),
+                443,
+                &req.target,
+                None,
+                false
+            ),
             Err(0)
         );
     }
@@ -940,7 +1390,14 @@ mod tests {
         );
         let req = parse(raw.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("own host"));
         assert!(
             !String::from_utf8_lossy(&out).contains("s3cr3t"),
@@ -953,7 +1410,14 @@ mod tests {
         let req = parse(raw.as_bytes());
         assert_eq!(req.body, PH.as_bytes());
         let out = b
-            .prepare(&req, &host("api.example.com"), 443, &req.target, None)
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
             .unwrap_or_else(|_| panic!("own host"));
         let text = String::from_utf8_lossy(&out);
         assert!(
@@ -965,6 +1429,160 @@ mod tests {
         assert!(text.contains("Content-Length: 12\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\ns3cr3t-value"), "{text}");
         assert!(!text.to_ascii_lowercase().contains("transfer-encoding"));
+    }
+
+    fn b64(data: &[u8], url: bool) -> String {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        if url {
+            URL_SAFE_NO_PAD.encode(data)
+        } else {
+            STANDARD.encode(data)
+        }
+    }
+
+    /// Every encoding of the placeholder, each in the query, a header and a form body.
+    fn encodings() -> Vec<(String, String)> {
+        let pct_all: String = PH.bytes().map(|b| format!("%{b:02X}")).collect();
+        let pct_mixed: String = PH
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| {
+                if i % 3 == 0 {
+                    format!("%{b:02x}")
+                } else {
+                    (b as char).to_string()
+                }
+            })
+            .collect();
+        let hex: String = PH.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut out = vec![
+            ("percent-all".to_string(), pct_all.clone()),
+            ("percent-mixed".into(), pct_mixed),
+            ("percent-twice".into(), pct_all.replace('%', "%25")),
+            ("hex".into(), hex.to_ascii_uppercase()),
+            ("upper".into(), PH.to_ascii_uppercase()),
+            ("lower".into(), PH.to_ascii_lowercase()),
+            (
+                "b64-upper".into(),
+                b64(PH.to_ascii_uppercase().as_bytes(), false),
+            ),
+        ];
+        for align in 0..3 {
+            let data = format!("{}{PH}{}", &"xyz"[..align], "tail");
+            out.push((format!("base64@{align}"), b64(data.as_bytes(), false)));
+            out.push((format!("base64url@{align}"), b64(data.as_bytes(), true)));
+            // base64 whose `+ / =` are percent-escaped, as in a query
+            let escaped = b64(data.as_bytes(), false)
+                .replace('+', "%2B")
+                .replace('/', "%2F")
+                .replace('=', "%3D");
+            out.push((format!("base64-escaped@{align}"), escaped));
+        }
+        out
+    }
+
+    #[test]
+    fn encoded_placeholders_toward_unbound_hosts_are_leaks() {
+        let b = broker(None, None, false, false);
+        let evil = host("evil.example.com");
+        for (what, enc) in encodings() {
+            for raw in [
+                format!("GET /x?q={enc} HTTP/1.1\r\nHost: e\r\n\r\n"),
+                format!("GET /x HTTP/1.1\r\nHost: e\r\nX-Data: {enc}\r\n\r\n"),
+                format!(
+                    "POST /x HTTP/1.1\r\nHost: e\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\nk={enc}",
+                    enc.len() + 2
+                ),
+            ] {
+                let req = parse(raw.as_bytes());
+                assert_eq!(
+                    b.prepare(&req, &evil, 443, &req.target, None, false),
+                    Err(0),
+                    "{what}: {raw}"
+                );
+            }
+        }
+        // Basic auth with the placeholder as the password.
+        let basic = b64(format!("git:{PH}").as_bytes(), false);
+        let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+        let req = parse(raw.as_bytes());
+        assert_eq!(
+            b.prepare(&req, &evil, 443, &req.target, None, false),
+            Err(0)
+        );
+        // Raw bytes relayed (not HTTP) are scanned the same way.
+        assert_eq!(b.leaked(basic.as_bytes(), &evil, 443), Some(0));
+    }
+
+    #[test]
+    fn ordinary_requests_are_not_leaks() {
+        let b = broker(None, None, false, false);
+        let other = format!("cellblock_placeholder_OTHER_{}", "f".repeat(16));
+        let raw = format!(
+            "GET /a%20b?x=%ZZ%4&y={} HTTP/1.1\r\nAuthorization: Basic {}\r\nX: {}\r\n\r\n",
+            b64(other.as_bytes(), false),
+            b64(b"user:pass", false),
+            "%".repeat(5)
+        );
+        let req = parse(raw.as_bytes());
+        assert!(b
+            .prepare(
+                &req,
+                &host("evil.example.com"),
+                443,
+                &req.target,
+                None,
+                false
+            )
+            .is_ok());
+        assert_eq!(percent_decode(b"a%41%4g%"), Some(b"aA%4g%".to_vec()));
+        assert_eq!(percent_decode(b"plain"), None);
+    }
+
+    #[test]
+    fn basic_auth_is_substituted_for_the_bound_host() {
+        let b = broker(None, None, false, false);
+        for basic in [
+            b64(format!("git:{PH}").as_bytes(), false),
+            b64(format!("git:{PH}").as_bytes(), false)
+                .trim_end_matches('=')
+                .to_string(),
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+            let req = parse(raw.as_bytes());
+            let out = b
+                .prepare(
+                    &req,
+                    &host("api.example.com"),
+                    443,
+                    &req.target,
+                    None,
+                    false,
+                )
+                .unwrap_or_else(|_| panic!("own host"));
+            let want = b64(b"git:s3cr3t-value", false);
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.contains(&format!("Authorization: Basic {want}\r\n")),
+                "{text}"
+            );
+        }
+        // A credential limited to another header leaves basic auth alone.
+        let b = broker(None, Some("x-api-key"), false, false);
+        let basic = b64(format!("git:{PH}").as_bytes(), false);
+        let raw = format!("GET / HTTP/1.1\r\nAuthorization: Basic {basic}\r\n\r\n");
+        let req = parse(raw.as_bytes());
+        let out = b
+            .prepare(
+                &req,
+                &host("api.example.com"),
+                443,
+                &req.target,
+                None,
+                false,
+            )
+            .unwrap_or_else(|_| panic!("own host"));
+        assert!(String::from_utf8_lossy(&out).contains(&basic));
     }
 
     #[test]
@@ -1023,17 +1641,109 @@ mod tests {
         assert!(absolute("https://x/").is_err());
     }
 
+    fn relayed(
+        b: &Broker,
+        raw: &[u8],
+        head_only: bool,
+    ) -> (std::result::Result<bool, ReadErr>, Vec<u8>, Vec<u8>) {
+        let mut up = Buffered::new(raw, Vec::new());
+        let mut out = Vec::new();
+        let mut sink = Masked {
+            broker: b,
+            out: &mut out,
+            pending: Vec::new(),
+            total: 0,
+        };
+        let r = relay_response(&mut up, &mut sink, head_only);
+        sink.finish().unwrap_or_else(|e| panic!("{e}"));
+        (r, out, up.buf)
+    }
+
     #[test]
-    fn framed_responses() {
-        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n"), None);
+    fn responses_are_relayed_to_their_end() {
+        let b = broker(None, None, false, false);
+        let one = b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho s3cr3t-value";
+        let mut raw = one.to_vec();
+        raw.extend_from_slice(b"NEXT");
+        let (r, out, left) = relayed(&b, &raw, false);
+        assert_eq!(r, Ok(true));
         assert_eq!(
-            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"),
-            Some(true)
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\necho ************"
         );
-        assert_eq!(response_framed(b"HTTP/1.1 200 OK\r\n\r\n"), Some(false));
+        assert_eq!(left, b"NEXT", "nothing past the response is read into it");
+        let chunked = b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x\r\nabc\r\n0\r\nT: 1\r\n\r\n";
         assert_eq!(
-            response_framed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"),
-            Some(false)
+            relayed(&b, chunked, false),
+            (Ok(true), chunked.to_vec(), Vec::new())
         );
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
+        assert_eq!(relayed(&b, head, true).0, Ok(true));
+        let closed = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        assert_eq!(relayed(&b, closed, false).0, Ok(false));
+        let unframed = b"HTTP/1.1 200 OK\r\n\r\nuntil the end";
+        assert_eq!(
+            relayed(&b, unframed, false),
+            (Ok(false), unframed.to_vec(), Vec::new())
+        );
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok";
+        assert_eq!(relayed(&b, short, false).0, Err(ReadErr::Closed));
+        assert_eq!(relayed(&b, b"", false).0, Err(ReadErr::Closed));
+    }
+
+    impl OverTcp for TcpStream {
+        fn tcp(&self) -> &TcpStream {
+            self
+        }
+    }
+
+    /// A connected pair on loopback: (our end, the server's end).
+    fn pair(l: &std::net::TcpListener) -> (TcpStream, TcpStream) {
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = l.accept().unwrap_or_else(|e| panic!("{e}"));
+        (c, s)
+    }
+
+    fn port_of(c: &TcpStream) -> u16 {
+        c.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    #[test]
+    fn the_pool_is_bounded_by_count_and_idle_time() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (host("a.example"), host("b.example"));
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let (c1, _s1) = pair(&l);
+        let (c2, _s2) = pair(&l);
+        let (c3, _s3) = pair(&l);
+        let ids = [port_of(&c1), port_of(&c2), port_of(&c3)];
+        pool.put(&a, 443, c1);
+        pool.put(&a, 443, c2);
+        pool.put(&b, 443, c3);
+        // Full at 2: the oldest (c1) went.
+        assert!(pool.take(&a, 8443).is_none(), "keyed by port too");
+        assert_eq!(pool.take(&b, 443).map(|c| port_of(&c)), Some(ids[2]));
+        assert_eq!(pool.take(&a, 443).map(|c| port_of(&c)), Some(ids[1]));
+        assert!(pool.take(&a, 443).is_none());
+        // One the server closed, or sent something unasked on, is not handed out.
+        let (c4, s4) = pair(&l);
+        let (c5, mut s5) = pair(&l);
+        pool.put(&a, 443, c4);
+        pool.put(&a, 443, c5);
+        drop(s4);
+        s5.write_all(b"x").unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pool.take(&a, 443).is_none());
+        // Idle past the time limit: closed.
+        let short = Pool::new(2, Duration::from_millis(30));
+        let (c6, _s6) = pair(&l);
+        short.put(&a, 443, c6);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(short.take(&a, 443).is_none());
+        let (c7, _s7) = pair(&l);
+        let id7 = port_of(&c7);
+        short.put(&a, 443, c7);
+        assert_eq!(short.take(&a, 443).map(|c| port_of(&c)), Some(id7));
     }
 }
