@@ -201,7 +201,7 @@ impl Session {
         let holder = self.holder()?;
         let oom_before = holder.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let events_before = holder.cgroup.as_ref().map(|c| c.limit_events());
-        let net_before = holder.egress.as_ref().map(|e| e.snapshot());
+        let net_before = holder.egress.as_ref().map(|e| e.begin_call());
         let started = spawn::start_call(&holder, &spec)?;
         // The supervisor closes its copy of the pipe at once (no stdin bytes); this one keeps
         // it open for the caller.

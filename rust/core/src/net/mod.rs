@@ -167,6 +167,17 @@ impl Egress {
         (stats, lock(&s.violations).list.len())
     }
 
+    /// [`Egress::snapshot`] at the start of a session call: the same refusal is listed again
+    /// in this call's report even if an earlier call of the session had it.
+    pub fn begin_call(&self) -> (NetworkStats, usize) {
+        {
+            let mut v = lock(&self.shared.violations);
+            v.seen.clear();
+            v.mark = v.list.len();
+        }
+        self.snapshot()
+    }
+
     /// The sandbox `on_leak = kill` ends (a pidfd of its PID 1).
     pub fn set_kill_target(&self, pidfd: OwnedFd) {
         *lock(&self.shared.kill_target) = Some(pidfd);
@@ -320,8 +331,11 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 struct Violations {
+    /// Keys recorded since `mark`: each distinct refusal is listed once per run or call.
     seen: HashSet<(String, u16, String)>,
     list: Vec<Violation>,
+    /// Where the current call's refusals start (a session's egress outlives its calls).
+    mark: usize,
 }
 
 /// Sockets of live connections, so teardown (and a policy change) can cut them.
@@ -361,7 +375,7 @@ impl Shared {
     /// Records a violation once per `key`, up to [`MAX_VIOLATIONS`].
     pub(crate) fn record(&self, key: (String, u16, String), violation: Violation) {
         let mut v = lock(&self.violations);
-        if v.list.len() >= MAX_VIOLATIONS {
+        if v.list.len() - v.mark >= MAX_VIOLATIONS {
             return;
         }
         if v.seen.insert(key) {
