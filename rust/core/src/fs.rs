@@ -214,8 +214,13 @@ impl MountPlan {
         }
         bundle.extend_from_slice(ca_pem.as_bytes());
         let mut ops = Vec::new();
+        // (Merge fix: integ did not build. The bundle goes into the root as before; a
+        // rootfs's top layer is not used here.)
+        let mut pre = Vec::new();
         let mut b = Builder {
             base,
+            gen: None,
+            pre: &mut pre,
             ops: &mut ops,
         };
         b.mkdir_p("/etc/cellblock")?;
