@@ -721,8 +721,10 @@ def main() -> None:
     not_dumpable()
     # matplotlib, when the code imports it, draws off-screen; its figures become PNG outputs.
     os.environ.setdefault("MPLBACKEND", "Agg")
-    # ... and keeps its font cache out of the workspace (HOME).
+    # ... and keeps its font cache out of the workspace (HOME), as does fontconfig (which
+    # matplotlib runs through fc-list): files the agent reads there are its own.
     os.environ.setdefault("MPLCONFIGDIR", "/tmp/.cellblock/matplotlib")
+    os.environ.setdefault("XDG_CACHE_HOME", "/tmp/.cellblock/cache")
     # Orphans of the sandbox come to us, never to the call's PID 1: its only child stays this
     # process, which is how the host tells the zygote from a process that binds its path.
     subreaper()
