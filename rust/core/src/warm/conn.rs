@@ -215,7 +215,11 @@ mod tests {
             }
             most = most.max(conn.buf.len());
             if !conn.fill().expect("fill") {
-                poll_one(conn.fd.as_raw_fd(), libc::POLLIN, Duration::from_millis(100));
+                poll_one(
+                    conn.fd.as_raw_fd(),
+                    libc::POLLIN,
+                    Duration::from_millis(100),
+                );
             }
             assert!(Instant::now() < deadline);
         };
