@@ -14,13 +14,16 @@ from conftest import REPO, Runner
 MASKED_FILES = ["cmdline", "version", "modules", "partitions", "diskstats", "swaps",
                 "devices", "interrupts", "iomem", "ioports", "kallsyms", "timer_list",
                 "sched_debug", "zoneinfo", "buddyinfo", "consoles", "keys", "key-users",
-                "mdstat", "locks", "cgroups", "sys/kernel/random/boot_id"]
+                "mdstat", "locks", "cgroups", "sys/kernel/random/boot_id",
+                # Host paths and helpers the kernel runs (core dumps, module loading, power-off).
+                "sys/kernel/core_pattern", "sys/kernel/modprobe", "sys/kernel/poweroff_cmd"]
 MASKED_DIRS = ["acpi", "bus", "driver", "fs", "irq", "scsi", "tty", "asound", "pressure"]
 
 
 def test_host_describing_proc_entries_read_empty(sandbox: Runner) -> None:
     host_cmdline = Path("/proc/cmdline").read_text().strip()
     assert host_cmdline, "the host has boot arguments to hide"
+    core_pattern = Path("/proc/sys/kernel/core_pattern").read_text()
     out = sandbox.probe(f"""
         files, dirs = {MASKED_FILES!r}, {MASKED_DIRS!r}
         def read(p):
@@ -40,6 +43,10 @@ def test_host_describing_proc_entries_read_empty(sandbox: Runner) -> None:
         report(files={{n: read("/proc/" + n) for n in files if os.path.exists("/proc/" + n)}},
                dirs={{n: listing("/proc/" + n) for n in dirs if os.path.exists("/proc/" + n)}},
                write_dir=attempt(write, "/proc/acpi/x") if os.path.exists("/proc/acpi") else None,
+               write_sys={{n: attempt(write, "/proc/" + n) for n in files
+                           if n.startswith("sys/") and os.path.exists("/proc/" + n)}},
+               after_write={{n: read("/proc/" + n) for n in files
+                             if n.startswith("sys/") and os.path.exists("/proc/" + n)}},
                # The sandbox's own entries are still there.
                self_status=read("/proc/self/status")[:5], uptime=bool(read("/proc/uptime")))
     """)
@@ -51,6 +58,13 @@ def test_host_describing_proc_entries_read_empty(sandbox: Runner) -> None:
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert boot_id and boot_id not in repr(out)
     assert out["dirs"] == {n: [] for n in host_dirs}, out["dirs"]
+    # A write to a masked /proc/sys entry reaches nothing of the host's (it goes to /dev/null
+    # or is refused); the host's crash-dump helper is as it was.
+    sys_files = [n for n in host_files if n.startswith("sys/")]
+    assert "sys/kernel/core_pattern" in sys_files
+    assert set(out["write_sys"]) == set(sys_files), out["write_sys"]
+    assert out["after_write"] == {n: "" for n in sys_files}, out["after_write"]
+    assert Path("/proc/sys/kernel/core_pattern").read_text() == core_pattern
     if "acpi" in host_dirs:
         assert out["write_dir"] in ("EROFS", "EACCES"), out["write_dir"]
     assert out["self_status"] == "Name:" and out["uptime"] is True

@@ -63,6 +63,9 @@ CASES = [
     ("figures_closed", "len(plt.get_fignums())", None),
     ("home", "import os\n[p for p in ('~/.cache/matplotlib', '~/.config/matplotlib', "
              "'~/.matplotlib') if os.path.exists(os.path.expanduser(p))]", None),
+    # Everything under the workspace after the plot (font and config caches included).
+    ("workspace", "import os\nsorted(os.path.relpath(os.path.join(d, n), '/workspace') "
+                  "for d, ds, fs in os.walk('/workspace') for n in ds + fs)", None),
     ("display", "class J:\n    def _repr_json_(self): return {'x': [1, 2]}\n"
                 "display('first', {'k': 1})\ndisplay(J())\n'last'", None),
     ("broken_html", "class B:\n    def _repr_html_(self): raise RuntimeError('boom')\n"
@@ -183,8 +186,10 @@ def test_figure_gives_a_png_and_is_closed(results: dict[str, Any]) -> None:
     # Shown once: the figure was closed after the call, as Jupyter's inline backend does.
     assert results["figures_closed"]["value"] == "0"
     assert results["figures_closed"]["outputs"][0]["data"] == {"text/plain": "0"}
-    # matplotlib's font cache and config stay out of the workspace (HOME).
+    # matplotlib's font cache and config stay out of the workspace (HOME), and so does
+    # fontconfig's cache (matplotlib runs fc-list): the workspace the agent reads is as it was.
     assert results["home"]["value"] == "[]"
+    assert results["workspace"]["value"] == "[]", results["workspace"]
 
 
 def test_display_keeps_order_then_the_last_expression(results: dict[str, Any]) -> None:

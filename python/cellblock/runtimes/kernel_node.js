@@ -21,7 +21,24 @@ const { createRequire } = require('module');
 const mode = process.argv[process.argv.length - 1];
 const REQ_FD = 3;
 const RES_FD = 4;
+// Sizes of a result's value and error as they travel (JSON, UTF-8): the result frame must
+// stay under the host's 4 MiB, or the whole result is lost.
 const VALUE_CAP = 1 << 20;
+const ERROR_CAP = 512 << 10;
+const CUT = '\n[... cut: the text was too large for the result ...]\n';
+
+/** [text cut to at most cap bytes as it travels (its start, and end with bothEnds: a stack's
+ *  first line names the error), whether it was cut]. */
+function fit(text, cap, bothEnds) {
+  const size = (t) => Buffer.byteLength(JSON.stringify(t));
+  if (text.length <= cap / 6 || size(text) <= cap) return [text, false];
+  for (let n = cap; ; n >>= 1) {
+    const half = n >> 1;
+    const cut = bothEnds ? text.slice(0, half) + CUT + text.slice(text.length - half)
+      : text.slice(0, n);
+    if (size(cut) <= cap || n === 0) return [cut, true];
+  }
+}
 
 function frame(kind, payload) {
   const body = Buffer.from(payload);
@@ -50,6 +67,7 @@ class Call {
     this.error = null;
     this.exitCode = null;
     this.value = null;
+    this.truncated = false;
     this.done = null;
     this.finished = new Promise((resolve) => { this.done = resolve; });
   }
@@ -181,7 +199,9 @@ async function runRequest(req) {
     const script = new vm.Script(req.code || '', { filename });
     let result = script.runInContext(context, { displayErrors: true });
     if (result && typeof result.then === 'function') result = await result;
-    if (result !== undefined) call.value = util.inspect(result).slice(0, VALUE_CAP);
+    if (result !== undefined) {
+      [call.value, call.truncated] = fit(util.inspect(result), VALUE_CAP, false);
+    }
   } catch (err) {
     call.fail(err);
   }
@@ -201,8 +221,11 @@ async function runRequest(req) {
     process.stderr.write(error + '\n');
     exitCode = 1;
     call.value = null;
+    [error, call.truncated] = fit(error, ERROR_CAP, true);
   }
-  send('r', { exit_code: exitCode, value: call.value, error, call: req.call });
+  send('r', {
+    exit_code: exitCode, value: call.value, error, truncated: call.truncated, call: req.call,
+  });
 }
 
 // Requests, one at a time, in arrival order.

@@ -59,6 +59,9 @@ ATTEMPTS = 3
 #: Output a kernel may write while it saves or loads its state (kept by no one).
 STATE_OUTPUT = 64 << 10
 
+#: The largest result frame the core takes from a runtime (rust/core/src/warm/conn.rs).
+RESULT_FRAME_CAP = 4 << 20
+
 #: Fresh Node workers kept ready for stateless calls (each serves one call, then ends).
 MAX_IDLE_NODE = 1
 
@@ -76,12 +79,17 @@ class CodeResult(RunResult):
     Python: `outputs` are the rich outputs, like a notebook's (each `display(obj)`, the last
     expression, open matplotlib figures; see runtimes/outputs.py), redacted and capped;
     `outputs_error` says what the worker sent that was malformed and dropped.
+    `result_truncated`: `value` or `error` was cut (to max_output, or by the runtime to fit
+    the 4 MiB result frame: a cut traceback keeps its start and end), or the result frame was
+    over 4 MiB and dropped by the host unread (then `error` says so; the call's exit code and
+    output are still the supervisor's).
     """
 
     value: str | None = None
     error: str | None = None
     outputs: list[Output] = Field(default_factory=list)
     outputs_error: str | None = None
+    result_truncated: bool = False
     state_lost: bool = False
     kernel_restarted: bool = False
 
@@ -585,8 +593,25 @@ class WarmRuntimes:
         redactor = _native.Redactor(all_secrets) if all_secrets else None
         redact = redactor.redact if redactor is not None else str
         value, error = said.get("value"), said.get("error")
-        value = _capped(redact(value), limits.max_output) if isinstance(value, str) else None
-        error = _capped(redact(error), limits.max_output) if isinstance(error, str) else None
+        # The worker's own word that it cut (content), or a cut made here.
+        truncated = said.get("truncated") is True
+        if isinstance(value, str):
+            value = redact(value)
+            truncated |= _over(value, limits.max_output)
+            value = _capped(value, limits.max_output)
+        else:
+            value = None
+        if isinstance(error, str):
+            error = redact(error)
+            truncated |= _over(error, limits.max_output)
+            error = _capped(error, limits.max_output)
+        else:
+            error = None
+        dropped = out.get("result_dropped")
+        if isinstance(dropped, int):
+            truncated = True
+            error = (f"the runtime's result was {dropped} bytes, over the host's limit of "
+                     f"{RESULT_FRAME_CAP}: dropped unread")
         out_redactor = OutputRedactor(all_secrets)
         outputs, outputs_error = parse_outputs(
             said.get("outputs"), out_redactor, limits.max_output
@@ -599,7 +624,8 @@ class WarmRuntimes:
                     counts[name] = counts.get(name, 0) + int(n)
             report["redactions"] = counts
         result = CodeResult(
-            **report, value=value, error=error, outputs=outputs, outputs_error=outputs_error
+            **report, value=value, error=error, outputs=outputs, outputs_error=outputs_error,
+            result_truncated=truncated,
         )
         return result, bool(out["alive"])
 
@@ -697,6 +723,10 @@ def _cwd_message(cwd: Any, errno_: Any) -> str:
     if isinstance(errno_, int) and not isinstance(errno_, bool) and errno_ in errno.errorcode:
         return f"cwd {cwd}: {os.strerror(errno_)}"
     return f"cwd {cwd}: cannot be entered"
+
+
+def _over(text: str, cap: int | None) -> bool:
+    return cap is not None and len(text) > cap
 
 
 def _capped(text: str, cap: int | None) -> str:

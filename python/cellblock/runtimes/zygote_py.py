@@ -86,7 +86,11 @@ SYS_LANDLOCK_RESTRICT_SELF = 446
 LANDLOCK_RULE_PATH_BENEATH = 1
 LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 CHUNK = 65536
+#: JSON-encoded sizes of a result's value and error: with the outputs' budget (display_py.py)
+#: the result frame stays under the host's 4 MiB, or the whole result is lost.
 VALUE_CAP = 1 << 20
+ERROR_CAP = 512 << 10
+CUT = "\n[... cut: the text was too large for the result ...]\n"
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -279,6 +283,21 @@ def user_traceback(exc: BaseException, module: types.ModuleType) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def fit(text: str, cap: int, both_ends: bool = False) -> tuple[str, bool]:
+    """`text` cut to at most `cap` characters as it travels (JSON, non-ASCII escaped), its
+    start (and end, with `both_ends`: a traceback's last line names the exception), and
+    whether it was cut."""
+    if _len(text) <= cap // 6 or _len(_dumps(text)) <= cap:
+        return text, False
+    n = cap
+    while True:
+        half = n // 2
+        cut = text[:half] + CUT + text[_len(text) - half:] if both_ends else text[:n]
+        if _len(_dumps(cut)) <= cap or n == 0:
+            return cut, True
+        n //= 2
+
+
 def exit_code_of(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
@@ -305,6 +324,7 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
     error: str | None
     value = error = None
     exit_code = 0
+    truncated = False
     cap = req.get("max_output")
     CURRENT.reset(cap if isinstance(cap, int) else None)
     try:
@@ -316,24 +336,22 @@ def run_code(req: dict[str, Any], module: types.ModuleType, filename: str) -> di
             result = eval(compile(ast.Expression(last.value), filename, "eval"), module.__dict__)
             if result is not None:
                 text = repr(result)
-                value = text[:VALUE_CAP]
-                while _len(_dumps(value)) > VALUE_CAP:
-                    # As it travels (non-ASCII escaped): the frame must stay under the host's
-                    # limit, or the whole result is lost.
-                    value = value[: _len(value) // 2]
+                value, truncated = fit(text, VALUE_CAP)
                 CURRENT.add(result, plain=text)
     except SystemExit as e:
         exit_code = exit_code_of(e)
     except BaseException as e:
         error = user_traceback(e, module)
         sys.stderr.write(error)
+        error, cut = fit(error, ERROR_CAP, both_ends=True)
+        truncated = truncated or cut
         exit_code = 1
     try:
         CURRENT.figures()  # shown even when the code failed after drawing, as in Jupyter
     except Exception:
         pass
     flush_std()
-    return {"exit_code": exit_code, "value": value, "error": error,
+    return {"exit_code": exit_code, "value": value, "error": error, "truncated": truncated,
             "outputs": CURRENT.result()}
 
 
@@ -703,8 +721,10 @@ def main() -> None:
     not_dumpable()
     # matplotlib, when the code imports it, draws off-screen; its figures become PNG outputs.
     os.environ.setdefault("MPLBACKEND", "Agg")
-    # ... and keeps its font cache out of the workspace (HOME).
+    # ... and keeps its font cache out of the workspace (HOME), as does fontconfig (which
+    # matplotlib runs through fc-list): files the agent reads there are its own.
     os.environ.setdefault("MPLCONFIGDIR", "/tmp/.cellblock/matplotlib")
+    os.environ.setdefault("XDG_CACHE_HOME", "/tmp/.cellblock/cache")
     # Orphans of the sandbox come to us, never to the call's PID 1: its only child stays this
     # process, which is how the host tells the zygote from a process that binds its path.
     subreaper()

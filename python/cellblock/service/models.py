@@ -330,6 +330,7 @@ class RunReport(BaseModel):
     error: str | None = None
     outputs: list[OutputReport] = []
     outputs_error: str | None = None
+    result_truncated: bool = False
 
     @classmethod
     def of(cls, r: RunResult) -> RunReport:
@@ -342,6 +343,7 @@ class RunReport(BaseModel):
         if isinstance(r, CodeResult):
             data.update(
                 value=r.value, error=r.error, outputs_error=r.outputs_error,
+                result_truncated=r.result_truncated,
                 outputs=[OutputReport.of(o) for o in r.outputs],
             )
         return cls.model_validate(data)

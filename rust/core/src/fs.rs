@@ -466,13 +466,23 @@ impl MountPlan {
 
 /// /proc files that describe the host (boot arguments, kernel build and configuration,
 /// modules, disks, RAID, devices, interrupts, memory layout, timers, keys, every file lock of
-/// the machine, its cgroup controllers, its boot id) rather
+/// the machine, its cgroup controllers, its boot id, the host paths and helpers the kernel runs
+/// for core dumps, module loading and power-off) rather
 /// than the sandbox: inside they read as empty (`/dev/null` bound over them).
+///
+/// Not masked: the host's boot time (`/proc/uptime`, `btime` in `/proc/stat`). Programs read
+/// both (uptime, psutil, top), so an empty file would break them; the honest fix is a time
+/// namespace (CLONE_NEWTIME, Linux >= 5.6, whose boottime offset the kernel applies to both
+/// files), which belongs to the spawn path. What they reveal is when the host booted, not
+/// its configuration.
 pub const MASKED_PROC_FILES: &[&str] = &[
     "mdstat",
     "locks",
     "cgroups",
     "sys/kernel/random/boot_id",
+    "sys/kernel/core_pattern",
+    "sys/kernel/modprobe",
+    "sys/kernel/poweroff_cmd",
     "cmdline",
     "bootconfig",
     "config.gz",
@@ -521,6 +531,8 @@ pub const MASKED_PROC_DIRS: &[&str] = &[
 /// and the host's device numbers. Nothing else of the host's tree is listed.
 fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<()> {
     for name in MASKED_PROC_FILES.iter().filter(|n| exists(n)) {
+        // A write (even under the read-only /proc/sys: a device node ignores the mount's
+        // read-only flag) goes to /dev/null, never to the host's setting.
         b.bind("/dev/null", &format!("/proc/{name}"), false, true)?;
     }
     for name in MASKED_PROC_DIRS.iter().filter(|n| exists(n)) {

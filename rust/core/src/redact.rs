@@ -14,7 +14,8 @@
 //!
 //! Known limit: the replacement `[REDACTED:NAME]` is plain text, so a secret that starts with
 //! `]` (or ends with `[`) can reappear when the replacement's bracket joins the text next to it.
-//! (A secret found inside a replacement text, such as `REDACTED`, is refused outright.)
+//! (A secret found inside a replacement text, such as `REDACTED`, is refused outright, and so
+//! is one whose encoded form is: a name that spells its hex, base64 or base32.)
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -135,14 +136,19 @@ impl Redactor {
             .iter()
             .map(|n| format!("[REDACTED:{n}]").into_bytes())
             .collect();
-        // Otherwise the replacement itself would print the secret.
-        for (name, value) in secrets {
-            if replacements
+        // Otherwise the replacement itself would print the secret (raw, or in a form a reader
+        // decodes: a name spelling its hex or base64), and redacting redacted text again would
+        // replace and count the replacement. Every form is checked, not only the raw value.
+        for (pattern, &index) in patterns.iter().zip(&pattern_name) {
+            if let Some(r) = replacements
                 .iter()
-                .any(|r| r.windows(value.len()).any(|w| w == value.as_slice()))
+                .position(|r| r.windows(pattern.len()).any(|w| w == pattern.as_slice()))
             {
+                let name = &names[index];
                 return Err(Error::Secret(format!(
-                    "secret {name} occurs in the replacement text [REDACTED:...]"
+                    "secret {name} (or an encoding of it) occurs in the replacement text \
+                     [REDACTED:{}]: rename the secret",
+                    names[r]
                 )));
             }
         }
@@ -994,6 +1000,43 @@ mod tests {
         ])
         .expect_err("refused");
         assert!(err.to_string().contains("MY_PASSWORD_1"));
+    }
+
+    #[test]
+    fn an_encoded_form_inside_a_replacement_is_refused() {
+        // A replacement is plain text next to what the reader sees: a name that spells the
+        // secret's hex or base64 would print the secret through its own replacement, and a
+        // second pass over redacted text would redact (and count) the replacement again.
+        let cases: [(&str, &[u8]); 4] = [
+            ("H4141414141414141", b"AAAAAAAA"),
+            ("QUFBQUFBQUFBQUFB", b"AAAAAAAAAAAA"),
+            ("IFAUCQKBIFAUCQ", b"AAAAAAAAA"), // base32 inside the name
+            ("x.REDACTED_x", b"[REDACTED:"),
+        ];
+        for (name, value) in cases {
+            let err = Redactor::new(&[(name.into(), value.to_vec())]).expect_err(name);
+            assert!(matches!(err, Error::Secret(_)), "{name}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains(name), "{msg}");
+        }
+        // Across secrets: B's replacement spells A's hex.
+        let err = Redactor::new(&[
+            ("A".into(), b"AAAAAAAA".to_vec()),
+            ("B_4141414141414141".into(), b"unrelated-value".to_vec()),
+        ])
+        .expect_err("refused");
+        assert!(err.to_string().contains("secret A "), "{err}");
+    }
+
+    #[test]
+    fn redacting_twice_is_idempotent_and_counts_once() {
+        let r = redactor(&[("REDACTED_TOKEN", b"s3cr3t-v4lue"), ("B", b"bbbbbbbb")]);
+        let (once, counts) = r.redact(b"a s3cr3t-v4lue b");
+        assert_eq!(once, b"a [REDACTED:REDACTED_TOKEN] b");
+        assert_eq!(counts.get("REDACTED_TOKEN"), Some(&1));
+        let (twice, again) = r.redact(&once);
+        assert_eq!(twice, once);
+        assert!(again.values().all(|&n| n == 0), "{again:?}");
     }
 
     #[test]

@@ -294,7 +294,8 @@ impl Session {
     /// Supervises one warm call through the connected relay socket `sock_fd` (borrowed, not
     /// closed): sends `request`, takes the worker's descriptors, and returns None when the
     /// worker was gone before the code began, else `{"report": <report dict>, "result":
-    /// <the worker's result frame, bytes or None>, "alive": <the worker lives on>}`.
+    /// <the worker's result frame, bytes or None>, "result_dropped": <the size of a result
+    /// frame over the cap, discarded unread, or None>, "alive": <the worker lives on>}`.
     #[pyo3(signature = (sock_fd, request, spec_json, stateful, on_output=None, cancel=None))]
     #[allow(clippy::too_many_arguments)]
     fn warm_call<'py>(
@@ -329,6 +330,7 @@ impl Session {
         let d = PyDict::new(py);
         d.set_item("report", crate::report_to_dict(py, &o.report)?)?;
         d.set_item("result", o.result.as_deref().map(|r| PyBytes::new(py, r)))?;
+        d.set_item("result_dropped", o.result_dropped)?;
         d.set_item("alive", o.worker_alive)?;
         Ok(Some(d))
     }

@@ -210,20 +210,17 @@ fn resolve_later(
     }
     let (s, sock) = (Arc::clone(shared), Arc::clone(sock));
     let spawned = shared.spawn("cb-net-dnsq", move || {
-        let reply = match s.resolver.lookup(&name, &s.stop) {
-            None => {
-                s.refuse(&name, 0, "unresolvable");
+        let looked_up = s.resolver.lookup(&name, &s.stop);
+        // Decided against the allowlist of now, not of when the query came: a host removed
+        // (Sandbox.set_network) while the lookup ran gets no answer.
+        let reply = match settle(&name, looked_up.as_deref(), &s.allow()) {
+            Err(reason) => {
+                s.refuse(&name, 0, &reason);
                 response(&q, NXDOMAIN, None)
             }
-            Some(ips) => match resolve::vet(&ips, None, &s.allow()) {
-                Err(reason) => {
-                    s.refuse(&name, 0, &reason);
-                    response(&q, NXDOMAIN, None)
-                }
-                Ok(_) => match super::lock(&s.synthetic).address_for(&name) {
-                    Some(ip) => response(&q, NOERROR, Some(IpAddr::V4(ip))),
-                    None => response(&q, SERVFAIL, None),
-                },
+            Ok(()) => match super::lock(&s.synthetic).address_for(&name) {
+                Some(ip) => response(&q, NOERROR, Some(IpAddr::V4(ip))),
+                None => response(&q, SERVFAIL, None),
             },
         };
         let _ = sock.send_to(&reply, to);
@@ -232,6 +229,20 @@ fn resolve_later(
     if !spawned {
         shared.dns_pending.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Whether a looked-up name may be answered under `allow` (the allowlist in force once the
+/// lookup is done): still listed, resolved, and to an address it may dial. Err: why not.
+fn settle(
+    name: &str,
+    looked_up: Option<&[IpAddr]>,
+    allow: &super::Allowlist,
+) -> Result<(), String> {
+    if !allow.allows_name(name) {
+        return Err("not allowed".into());
+    }
+    let ips = looked_up.ok_or_else(|| "unresolvable".to_string())?;
+    resolve::vet(ips, None, allow).map(|_| ())
 }
 
 #[cfg(test)]
@@ -254,6 +265,26 @@ mod tests {
     fn allow(p: &[&str]) -> Allowlist {
         let v: Vec<String> = p.iter().map(|s| s.to_string()).collect();
         Allowlist::parse(&v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_lookup_in_flight_is_settled_by_the_allowlist_of_when_it_ends() {
+        let public: &[IpAddr] = &[IpAddr::V4(Ipv4Addr::new(93, 184, 215, 14))];
+        let before = allow(&["api.test"]);
+        let after = allow(&["other.test"]);
+        let q = parse_query(&query("api.test", 1)).expect("query");
+        // Planned while the host was listed ...
+        assert_eq!(plan(&q, &before), Plan::Resolve("api.test".into()));
+        assert_eq!(settle("api.test", Some(public), &before), Ok(()));
+        // ... but removed before the lookup ended: no answer.
+        assert_eq!(
+            settle("api.test", Some(public), &after),
+            Err("not allowed".into())
+        );
+        assert_eq!(
+            settle("api.test", None, &before),
+            Err("unresolvable".into())
+        );
     }
 
     #[test]

@@ -5,8 +5,18 @@ use crate::supervise;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// Largest frame accepted from the relay (results hold a capped repr).
-const MAX_FRAME: usize = 4 << 20;
+/// Largest frame kept from the relay (results hold a capped repr). A larger one is read and
+/// discarded as it arrives (never buffered), then reported as `Body::Dropped`.
+pub(super) const MAX_FRAME: usize = 4 << 20;
+
+/// What a frame carried.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Body {
+    /// The payload, at most `MAX_FRAME` bytes.
+    Data(Vec<u8>),
+    /// The payload was over `MAX_FRAME`: its bytes were discarded; the size it announced.
+    Dropped(usize),
+}
 
 /// A frame reader/writer over the relay's socket that also collects passed descriptors.
 pub(super) struct Conn<'a> {
@@ -14,6 +24,8 @@ pub(super) struct Conn<'a> {
     buf: Vec<u8>,
     pub(super) fds: Vec<OwnedFd>,
     pub(super) eof: bool,
+    /// An oversized frame being discarded: its kind, announced size, bytes still to come.
+    skipping: Option<(u8, usize, usize)>,
 }
 
 impl<'a> Conn<'a> {
@@ -24,6 +36,7 @@ impl<'a> Conn<'a> {
             buf: Vec::new(),
             fds: Vec::new(),
             eof: false,
+            skipping: None,
         }
     }
 
@@ -75,28 +88,39 @@ impl<'a> Conn<'a> {
     }
 
     /// A complete frame from the buffer, if one is there.
-    pub(super) fn frame(&mut self) -> Result<Option<(u8, Vec<u8>)>> {
+    pub(super) fn frame(&mut self) -> Result<Option<(u8, Body)>> {
+        if let Some((kind, size, left)) = self.skipping {
+            let n = left.min(self.buf.len());
+            self.buf.drain(..n);
+            if n < left {
+                self.skipping = Some((kind, size, left - n));
+                return Ok(None);
+            }
+            self.skipping = None;
+            return Ok(Some((kind, Body::Dropped(size))));
+        }
         if self.buf.len() < 5 {
             return Ok(None);
         }
         let size = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
         let size = size as usize;
+        let kind = self.buf[0];
         if size > MAX_FRAME {
-            return Err(Error::Io(std::io::Error::other(
-                "the warm runtime sent an oversized frame",
-            )));
+            // Content of the sandbox's making: never buffered past the cap, only counted off.
+            self.buf.drain(..5);
+            self.skipping = Some((kind, size, size));
+            return self.frame();
         }
         if self.buf.len() < 5 + size {
             return Ok(None);
         }
-        let kind = self.buf[0];
         let payload = self.buf[5..5 + size].to_vec();
         self.buf.drain(..5 + size);
-        Ok(Some((kind, payload)))
+        Ok(Some((kind, Body::Data(payload))))
     }
 
     /// The next frame, waiting until `deadline`. None: EOF or deadline.
-    pub(super) fn next(&mut self, deadline: Instant) -> Result<Option<(u8, Vec<u8>)>> {
+    pub(super) fn next(&mut self, deadline: Instant) -> Result<Option<(u8, Body)>> {
         loop {
             if let Some(f) = self.frame()? {
                 return Ok(Some(f));
@@ -159,4 +183,50 @@ pub(super) fn poll_one(fd: libc::c_int, events: libc::c_short, wait: Duration) {
     let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
     // SAFETY: polling one fd we hold.
     unsafe { libc::poll(&mut p, 1, ms) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn frame_of(kind: u8, size: usize) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(size as u32).to_be_bytes());
+        f.resize(5 + size, b'x');
+        f
+    }
+
+    #[test]
+    fn an_oversized_frame_is_discarded_unbuffered_and_the_next_one_read() {
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        let writer = std::thread::spawn(move || {
+            b.write_all(&frame_of(b'd', MAX_FRAME + 1)).expect("write");
+            b.write_all(&frame_of(b'z', 3)).expect("write");
+        });
+        let mut conn = Conn::new(a.as_fd());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut most = 0;
+        let first = loop {
+            if let Some(f) = conn.frame().expect("frame") {
+                break f;
+            }
+            most = most.max(conn.buf.len());
+            if !conn.fill().expect("fill") {
+                poll_one(
+                    conn.fd.as_raw_fd(),
+                    libc::POLLIN,
+                    Duration::from_millis(100),
+                );
+            }
+            assert!(Instant::now() < deadline);
+        };
+        assert_eq!(first, (b'd', Body::Dropped(MAX_FRAME + 1)));
+        assert!(most <= 1 << 17, "buffered {most} bytes of a dropped frame");
+        let second = conn.next(deadline).expect("next");
+        assert_eq!(second, Some((b'z', Body::Data(b"xxx".to_vec()))));
+        writer.join().expect("writer");
+    }
 }

@@ -37,7 +37,7 @@ mod conn;
 mod proc;
 pub(crate) use proc::parent_of;
 
-use conn::Conn;
+use conn::{Body, Conn};
 use proc::{limit_cpu, pidfd_pid, proc_stat, reaped_status, signal_pidfd, vm_hwm, zombie_exit};
 
 /// How long the relay may take to hand a worker over, or to confirm a sweep.
@@ -62,6 +62,9 @@ pub struct WarmOutcome {
     pub report: RunReport,
     /// The worker's own result (JSON: value, error, exit_code): content, not facts.
     pub result: Option<Vec<u8>>,
+    /// The size of a result frame over the cap (conn::MAX_FRAME): discarded unread, so
+    /// `result` is empty. A fact measured here.
+    pub result_dropped: Option<usize>,
     /// Whether the worker lives on (a stateful kernel that survived the call).
     pub worker_alive: bool,
 }
@@ -82,6 +85,8 @@ struct Progress {
     exited: Option<Option<(i32, Duration)>>,
     /// The worker's result frame.
     result: Option<Vec<u8>>,
+    /// The announced size of a result frame that was over the cap.
+    result_dropped: Option<usize>,
     /// The relay confirmed the sweep, or went away.
     swept: bool,
     /// When the relay must have swept by.
@@ -300,7 +305,7 @@ pub fn supervise_call(
                 }
                 _ => {
                     let _ = conn.fill();
-                    while let Ok(Some((kind, payload))) = conn.frame() {
+                    while let Ok(Some((kind, body))) = conn.frame() {
                         match kind {
                             b'd' if p.result.is_none() => {
                                 // The code is done but the worker still lives: its
@@ -308,7 +313,13 @@ pub fn supervise_call(
                                 if !cg_mem {
                                     peak_sample = peak_sample.max(vm_hwm(pid).unwrap_or(0));
                                 }
-                                p.result = Some(payload);
+                                p.result = Some(match body {
+                                    Body::Data(payload) => payload,
+                                    Body::Dropped(size) => {
+                                        p.result_dropped = Some(size);
+                                        Vec::new()
+                                    }
+                                });
                             }
                             b'z' => p.swept = true,
                             _ => {}
@@ -357,6 +368,8 @@ pub fn supervise_call(
         Some(Some((st, _))) if libc::WIFSIGNALED(st) => (None, Some(libc::WTERMSIG(st))),
         // The status was lost (the relay was killed and someone else reaped the worker).
         Some(_) => (None, Some(libc::SIGKILL)),
+        // A stateful cell whose answer was too large to read: failed, as far as we know.
+        None if p.result_dropped.is_some() => (Some(1), None),
         // A stateful cell that finished: its exit code is the cell's own (sys.exit).
         None => (cell_exit_code(p.result.as_deref()), None),
     };
@@ -441,6 +454,7 @@ pub fn supervise_call(
     Ok(Some(WarmOutcome {
         report,
         result: p.result,
+        result_dropped: p.result_dropped,
         worker_alive: alive,
     }))
 }
