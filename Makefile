@@ -77,6 +77,14 @@ bench: build
 	$(PY) benches/checkpoint.py
 	$(PY) benches/service.py
 	$(PY) benches/environments_rootfs.py
+	$(PY) benches/environments.py
+	$(PY) benches/credentials.py
+	$(PY) benches/vault.py
+	$(PY) benches/fork.py
+	$(PY) benches/tty.py
+	$(PY) benches/orchestration.py
+	$(PY) benches/processes.py
+	$(PY) benches/network_live.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true
