@@ -85,6 +85,7 @@ bench: build
 	$(PY) benches/orchestration.py
 	$(PY) benches/processes.py
 	$(PY) benches/network_live.py
+	$(PY) benches/files.py
 
 fuzz:
 	cargo install -q --locked cargo-fuzz 2>/dev/null || true
