@@ -36,6 +36,14 @@ def print_environment() -> None:
     print()
 
 
+def print_environment_table() -> None:
+    """The environment as a two-column markdown table (for the README)."""
+    print("| environment | |")
+    print("| --- | --- |")
+    for key, value in environment().items():
+        print(f"| {key} | {value} |")
+
+
 def time_once(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benches"))
 
-from _env import environment
+from _env import print_environment_table
 
 import cellblock
 from cellblock.memory import CheckpointConfig, MemoryStore
@@ -143,10 +143,7 @@ def main() -> None:
           f"disk ({held['blobs']} blobs, {held['blob_bytes'] / mb:.1f} MB live); "
           f"{ROUNDS} full copies: {copies_disk / mb:.0f} MB.")
     print()
-    print("| environment | |")
-    print("| --- | --- |")
-    for key, value in environment().items():
-        print(f"| {key} | {value} |")
+    print_environment_table()
     print(f"| load average (1 min) at start | {os.getloadavg()[0]:.2f} |")
 
 

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from _env import environment
+from _env import print_environment_table
 
 import cellblock
 
@@ -144,10 +144,7 @@ def main() -> None:
         print(f"| {name} | {ms:.2f} | {ms - rows[0][1]:+.2f} |")
     print(f"| **substitution vs plain tunnel** | | **{rows[2][1] - rows[1][1]:+.2f}** |")
     print()
-    print("| environment | |")
-    print("| --- | --- |")
-    for key, value in environment().items():
-        print(f"| {key} | {value} |")
+    print_environment_table()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from _env import environment
+from _env import print_environment_table
 from fake_anthropic import FakeAnthropic, Reply, message, text, tool_use
 
 from cellblock.agent import Agent, AgentSpec, Route, Router, SubAgents, Team
@@ -107,10 +107,7 @@ def main() -> None:
     print(f"| the same, turns after read_file on Haiku 4.5 | ${routed:.4f} "
           f"(-{100 * (1 - routed / plain):.0f}%) |")
     print()
-    print("| environment | |")
-    print("| --- | --- |")
-    for key, value in environment().items():
-        print(f"| {key} | {value} |")
+    print_environment_table()
 
 
 if __name__ == "__main__":
