@@ -12,28 +12,30 @@ from cellblock.credentials import Credential
 from cellblock.errors import CredentialError, SecretError
 
 
+def _value(option: str, name: str, sep: str, source: str,
+           error: type[SecretError | CredentialError]) -> str:
+    """The value of `--OPTION NAME[=@FILE]`: from the file, or from cellblock's environment."""
+    if sep:
+        if not source.startswith("@"):
+            raise error(
+                f"--{option} {name}: give the value through the environment or as =@FILE, "
+                "never on the command line"
+            )
+        try:
+            return Path(source[1:]).read_text().rstrip("\n")
+        except OSError as e:
+            raise error(f"--{option} {name}: cannot read {source[1:]}: {e.strerror}") from None
+    if name not in os.environ:
+        raise error(f"--{option} {name}: not set in cellblock's environment")
+    return os.environ[name]
+
+
 def secrets_from_args(items: list[str]) -> dict[str, str]:
     """Resolve `--secret` options into {name: value}; values are never printed."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, source = item.partition("=")
-        if sep:
-            if not source.startswith("@"):
-                raise SecretError(
-                    f"--secret {name}: give the value through the environment or as =@FILE, "
-                    "never on the command line"
-                )
-            try:
-                value = Path(source[1:]).read_text().rstrip("\n")
-            except OSError as e:
-                raise SecretError(
-                    f"--secret {name}: cannot read {source[1:]}: {e.strerror}"
-                ) from None
-        else:
-            if name not in os.environ:
-                raise SecretError(f"--secret {name}: not set in cellblock's environment")
-            value = os.environ[name]
-        out[name] = value
+        out[name] = _value("secret", name, sep, source, SecretError)
     return out
 
 
@@ -54,21 +56,6 @@ def credentials_from_args(items: list[str]) -> list[Credential]:
         name, at, hosts = spec.partition("@")
         if not at or not name or not hosts:
             raise CredentialError(f"--credential expects NAME@HOST[,HOST...], got {spec!r}")
-        if sep:
-            if not source.startswith("@"):
-                raise CredentialError(
-                    f"--credential {name}: give the value through the environment or as =@FILE, "
-                    "never on the command line"
-                )
-            try:
-                value = Path(source[1:]).read_text().rstrip("\n")
-            except OSError as e:
-                raise CredentialError(
-                    f"--credential {name}: cannot read {source[1:]}: {e.strerror}"
-                ) from None
-        else:
-            if name not in os.environ:
-                raise CredentialError(f"--credential {name}: not set in cellblock's environment")
-            value = os.environ[name]
+        value = _value("credential", name, sep, source, CredentialError)
         out.append(Credential(name=name, value=SecretStr(value), hosts=hosts.split(",")))
     return out
