@@ -172,9 +172,14 @@ def test_cli_shell_in_tmux_edits_recalls_interrupts_and_runs_full_screen(
         tmux.type('echo "[$(cat /tmp/note.txt)]"', "Enter")
         tmux.shows("[hello from vi]", "the file vi wrote")
         tmux.type("exit", "Enter")
-        wait_for(lambda: tmux("display-message", "-p", "-t", "t", "#{pane_dead}").strip() == "1",
-                 "the shell to exit")
-        # The CLI's own exit status, as tmux reports it (the shell exited 0).
-        assert "Pane is dead (status 0," in tmux.screen(), tmux.screen()[-3000:]
+        # The CLI's own exit status, as tmux reports it once the pane is dead (the shell
+        # exited 0). Read from the format, not the screen: the "Pane is dead" line is drawn
+        # a moment after the pane is marked dead.
+        def dead_status() -> str:
+            return tmux("display-message", "-p", "-t", "t",
+                        "#{pane_dead}:#{pane_dead_status}").strip()
+
+        wait_for(lambda: re.fullmatch(r"1:\d+", dead_status()) is not None, "the shell to exit")
+        assert dead_status() == "1:0", (dead_status(), tmux.screen()[-3000:])
     finally:
         subprocess.run([*tmux.base, "kill-server"], capture_output=True, timeout=30)
