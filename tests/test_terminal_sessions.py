@@ -6,6 +6,7 @@ programs (`top`, `vi`). As root and as uid 65534 (the `caller` and `cli` fixture
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
