@@ -12,6 +12,8 @@ DEB_PKGS := bubblewrap nftables libseccomp2 iproute2 curl chromium fonts-dejavu-
 DEB_PKGS += postgresql
 # mmdebstrap: Debian root-filesystem bases (cellblock.environments.debian).
 DEB_PKGS += mmdebstrap
+# tmux: the interactive shell is tested in a real terminal (tests/test_terminal_sessions.py).
+DEB_PKGS += tmux
 
 .PHONY: all deps venv build demo test test-rust test-python test-fuzz-smoke bench fuzz fmt lint clean
 
