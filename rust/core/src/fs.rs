@@ -529,11 +529,26 @@ pub const MASKED_PROC_DIRS: &[&str] = &[
 /// host filesystem (e.g. `/usr`, or a runtime prefix such as `/root/.pyenv/versions/3.11.7`,
 /// bound at that same path so that its compiled-in paths keep working), the filesystem type
 /// and the host's device numbers. Nothing else of the host's tree is listed.
+/// An empty file in the root, bound read-only over the masked entries of /proc/sys.
+const EMPTY_FILE: &str = "/.cellblock-empty";
+
 fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool) -> Result<()> {
-    for name in MASKED_PROC_FILES.iter().filter(|n| exists(n)) {
-        // A write (even under the read-only /proc/sys: a device node ignores the mount's
-        // read-only flag) goes to /dev/null, never to the host's setting.
-        b.bind("/dev/null", &format!("/proc/{name}"), false, true)?;
+    let files: Vec<&str> = MASKED_PROC_FILES
+        .iter()
+        .copied()
+        .filter(|n| exists(n))
+        .collect();
+    if files.iter().any(|n| n.starts_with("sys/")) {
+        b.write(EMPTY_FILE, Vec::new())?;
+    }
+    for name in files {
+        if name.starts_with("sys/") {
+            // /proc/sys stays read-only: an empty regular file, bound read-only, refuses
+            // writes (EROFS) where a device node would ignore the mount's read-only flag.
+            b.bind(EMPTY_FILE, &format!("/proc/{name}"), true, true)?;
+        } else {
+            b.bind("/dev/null", &format!("/proc/{name}"), false, true)?;
+        }
     }
     for name in MASKED_PROC_DIRS.iter().filter(|n| exists(n)) {
         b.mount(
