@@ -258,6 +258,9 @@ class WarmRuntimes:
         self._lost: set[Kind] = set()
         self._lock = threading.Lock()
         self._zygote: _ZygoteRun | None = None
+        #: Zygote runs replaced while their call may still be in the core: joined at close too
+        #: (a thread still inside the core when the interpreter finalizes aborts the process).
+        self._replaced: list[_ZygoteRun] = []
         # Live worker connections: the stateful kernels, and idle stateless Node workers.
         self._stateful: dict[Kind, _Conn] = {}
         self._stateful_locks: dict[Kind, threading.Lock] = {
@@ -303,6 +306,8 @@ class WarmRuntimes:
                 # The zygote's call has ended, and every kernel with it.
                 self._drop_kernels()
             if run is None or run.ended or replace:
+                if run is not None:
+                    self._replaced = [r for r in self._replaced if not r.ended] + [run]
                 run = self._zygote = _ZygoteRun()
                 run.thread = threading.Thread(
                     target=self._serve, args=(run,), name="cellblock-zygote", daemon=True
@@ -409,8 +414,8 @@ class WarmRuntimes:
         """Waits for the zygote's call and a spare Node worker's start to return (after the
         session is closed), `timeout` seconds at most in all."""
         deadline = time.monotonic() + timeout
-        run = self._zygote
-        for thread in (run.thread if run is not None else None, self._spare):
+        runs = [*self._replaced, *([self._zygote] if self._zygote is not None else [])]
+        for thread in (*(r.thread for r in runs), self._spare):
             if thread is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
