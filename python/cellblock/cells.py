@@ -5,7 +5,9 @@ so the run only sends its command and waits for its report.
 Cells are built ahead by a background thread in the native core, sized from observed demand
 and bounded (`max_cells` in all, `per_shape` per shape); each serves one run and is torn down
 after its report is returned. A run with no ready cell builds its sandbox at once (the cold
-path): same isolation, same report. Turn cells off with `configure(False)`,
+path): same isolation, same report. The cold path takes parts made ahead by the same kind
+of background thread when it can: a network namespace (as root) and cgroup directories, each
+used once. Turn cells (and parts) off with `configure(False)`,
 `CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
 makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path: the
 test suite run that way proves every isolation claim through cells.
@@ -45,6 +47,13 @@ class CellStats(BaseModel):
     teardown_errors: list[str] = []
     #: Most cells kept ready at once.
     max_cells: int
+    #: Cold runs that joined a network namespace made ahead (root only; not with an egress
+    #: allowlist) instead of creating one.
+    cold_netns_ahead: int = 0
+    #: Cold runs that took cgroup directories made ahead (their limits written at the run).
+    cold_cgroups_ahead: int = 0
+    #: Network namespaces and cgroups made ahead and not used yet.
+    parts_ready: int = 0
 
 
 def configure(enabled: bool = True, *, max_cells: int | None = None,

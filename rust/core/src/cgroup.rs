@@ -158,6 +158,28 @@ impl LimitEvents {
     }
 }
 
+/// Which controllers a run's cgroup needs (the directories made before limits are set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Kind {
+    /// A pids controller (a pids limit).
+    pub(crate) pids: bool,
+    /// A cpu controller (a CPU quota).
+    pub(crate) cpu: bool,
+    /// A freezer (sessions).
+    pub(crate) freezer: bool,
+}
+
+impl Kind {
+    /// The kind a run with `limits` needs.
+    pub(crate) fn of(limits: &Limits, want_freezer: bool) -> Kind {
+        Kind {
+            pids: limits.pids.is_some(),
+            cpu: limits.cpus.is_some(),
+            freezer: want_freezer,
+        }
+    }
+}
+
 /// A cgroup created for one run (or one session), removed on drop.
 #[derive(Debug)]
 pub struct RunCgroup {
@@ -350,6 +372,13 @@ impl RunCgroup {
     /// cannot be enforced here are left to the caller (rlimit fallback). Returns `None` when no
     /// cgroup at all could be created (unprivileged without delegation).
     pub fn create(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
+        let mut cg = RunCgroup::make(Kind::of(limits, want_freezer))?;
+        cg.apply(limits);
+        Some(cg)
+    }
+
+    /// Creates the directories of a cgroup of `kind`, no limit set yet (see [`RunCgroup::apply`]).
+    pub(crate) fn make(kind: Kind) -> Option<RunCgroup> {
         let layout = layout();
         static SWEPT: std::sync::Once = std::sync::Once::new();
         SWEPT.call_once(|| {
@@ -362,19 +391,13 @@ impl RunCgroup {
             enforced: Vec::new(),
             removed: AtomicBool::new(false),
         };
-        let wanted_v2: Vec<&str> = ["memory", "pids", "cpu"]
+        let wants_v2 = ["memory", "pids", "cpu"]
             .into_iter()
-            .filter(|c| layout.v2_controllers.iter().any(|x| x == c))
-            .collect();
-        if let (Some(dir), false) = (&layout.v2_dir, wanted_v2.is_empty()) {
+            .any(|c| layout.v2_controllers.iter().any(|x| x == c));
+        if let (Some(dir), true) = (&layout.v2_dir, wants_v2) {
             let path = dir.join(&name);
             if fs::create_dir(&path).is_ok() {
-                cg.v2 = Some(path.clone());
-                // Enabling controllers for our child needs them in our own subtree_control.
-                let sub =
-                    fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
-                let on = |c: &str| sub.split_whitespace().any(|x| x == c);
-                cg.apply_v2(&path, limits, &on);
+                cg.v2 = Some(path);
                 return Some(cg);
             }
         }
@@ -386,13 +409,13 @@ impl RunCgroup {
                 .map(|(_, d)| d.join(&name))
         };
         let mut need: Vec<Controller> = vec![Controller::CpuAcct, Controller::Memory];
-        if limits.pids.is_some() {
+        if kind.pids {
             need.push(Controller::Pids);
         }
-        if limits.cpus.is_some() {
+        if kind.cpu {
             need.push(Controller::Cpu);
         }
-        if want_freezer {
+        if kind.freezer {
             need.push(Controller::Freezer);
         }
         for c in need {
@@ -405,8 +428,22 @@ impl RunCgroup {
         if cg.v1.is_empty() {
             return None;
         }
-        cg.apply_v1(limits);
         Some(cg)
+    }
+
+    /// Sets `limits` on a cgroup made by [`RunCgroup::make`] for their [`Kind`] (once).
+    pub(crate) fn apply(&mut self, limits: &Limits) {
+        if let Some(path) = self.v2.clone() {
+            // Enabling controllers for our child needs them in our own subtree_control.
+            let sub = path
+                .parent()
+                .and_then(|d| fs::read_to_string(d.join("cgroup.subtree_control")).ok())
+                .unwrap_or_default();
+            let on = |c: &str| sub.split_whitespace().any(|x| x == c);
+            self.apply_v2(&path, limits, &on);
+        } else {
+            self.apply_v1(limits);
+        }
     }
 
     fn apply_v2(&mut self, path: &Path, limits: &Limits, on: &dyn Fn(&str) -> bool) {

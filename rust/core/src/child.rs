@@ -318,6 +318,8 @@ pub struct InitPlan<'a> {
     pub wipe: &'a [(usize, usize)],
     /// A pre-created cell: once built, wait for one request and run it (`target` is None).
     pub serve: Option<&'a crate::cell::init::ServePlan>,
+    /// A network namespace made ahead (`lo` up) to join instead of a cloned one, or -1.
+    pub netns: libc::c_int,
 }
 
 /// Writes an error record and exits. Never returns.
@@ -401,7 +403,8 @@ fn write_byte(fd: libc::c_int) -> bool {
     unsafe { libc::write(fd, (&b as *const u8).cast(), 1) == 1 }
 }
 
-fn loopback_up() -> Result<(), i32> {
+/// Brings `lo` up in the calling thread's network namespace (errno on failure).
+pub(crate) fn loopback_up() -> Result<(), i32> {
     // SAFETY: a plain socket used for one ioctl, closed below.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
@@ -433,6 +436,18 @@ fn loopback_up() -> Result<(), i32> {
 /// Entry of a freshly cloned PID 1 (or of a session call's init). Never returns.
 pub fn init_main(plan: &InitPlan<'_>) -> ! {
     let fds = &plan.fds;
+    if plan.netns >= 0 {
+        // SAFETY: setns/close of the namespace fd the supervisor made for this run alone.
+        unsafe {
+            ok_or_fail(
+                libc::setns(plan.netns, libc::CLONE_NEWNET) as libc::c_long,
+                fds,
+                Stage::Loopback,
+                1,
+            );
+            libc::close(plan.netns);
+        }
+    }
     // Drop descriptors inherited from the (multithreaded) caller: other runs' pipes among them.
     close_other_fds(&fds.keep(plan.lifeline));
     // PID 1 is a copy of the caller: its memory holds the caller's heap, environment and
@@ -510,8 +525,11 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         );
         // The network namespace is set up while the host's tree is still the root: nft is the
         // host's (with its libraries), which a rootfs does not have.
-        if let Err(e) = loopback_up() {
-            fail(fds.err, Stage::Loopback, 0, e);
+        // A namespace made ahead has `lo` up already.
+        if plan.netns < 0 {
+            if let Err(e) = loopback_up() {
+                fail(fds.err, Stage::Loopback, 0, e);
+            }
         }
         if let Some(net) = plan.net {
             let mut netfds = [-1; crate::net::CHILD_FDS];

@@ -984,7 +984,14 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     validate(spec)?;
     reap_buried();
     let netprep = prepare_net(spec)?;
-    let cgroup = RunCgroup::create(&spec.limits, false);
+    // Parts made ahead when there are (see `cell::parts`); a run with an egress allowlist
+    // builds its network namespace with the proxy's sockets in it.
+    let netns = match netprep {
+        None => crate::cell::parts::netns(),
+        Some(_) => None,
+    };
+    let cgroup = crate::cell::parts::cgroup(&spec.limits, false)
+        .or_else(|| RunCgroup::create(&spec.limits, false));
     let (rlimits, enforcement) = plan_limits(spec, cgroup.as_ref());
     let ca = netprep.as_ref().and_then(NetPrep::ca_pem);
     let prepared = prepare(spec, rlimits, resolv_conf_for(spec), ca.as_deref())?;
@@ -1000,6 +1007,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
         serve: None,
+        netns: netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
@@ -1009,10 +1017,14 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
             .as_ref()
             .is_some_and(|c| c.enforced().contains(&("pids", Enforcer::CgroupV1)))
     });
-    let cloned = spawner::clone_in(sandbox_clone_flags(), cgroup.as_ref(), pids_limit, &|| {
-        shared.run()
-    })
-    .map_err(clone_error)?;
+    let mut flags = sandbox_clone_flags();
+    if netns.is_some() {
+        flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
+    }
+    let cloned = spawner::clone_in(flags, cgroup.as_ref(), pids_limit, &|| shared.run())
+        .map_err(clone_error)?;
+    // PID 1 has its own copy of the fd (it joins the namespace before anything else).
+    drop(netns);
     let (pid, pidfd) = (cloned.pid, cloned.pidfd);
     let mut p = p;
     p.child_owned.clear();
@@ -1103,6 +1115,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         wipe: wipe_ranges(),
         net: netprep.as_ref().map(|n| &n.plan),
         serve: None,
+        netns: -1,
     };
     let deadline = setup_deadline(spec);
     let (pid, pidfd) =
@@ -1190,6 +1203,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         wipe: wipe_ranges(),
         net: None,
         serve: None,
+        netns: -1,
     };
     let join = JoinPlan {
         pidfd: holder.pidfd.as_raw_fd(),

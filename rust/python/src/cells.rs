@@ -48,6 +48,9 @@ fn cells_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("teardown_failures", s.teardown_failures)?;
     d.set_item("teardown_errors", &s.teardown_errors)?;
     d.set_item("max_cells", s.max_cells)?;
+    d.set_item("cold_netns_ahead", s.parts.netns_hits)?;
+    d.set_item("cold_cgroups_ahead", s.parts.cgroup_hits)?;
+    d.set_item("parts_ready", s.parts.netns_ready + s.parts.cgroups_ready)?;
     Ok(d)
 }
 

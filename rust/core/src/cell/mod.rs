@@ -8,6 +8,7 @@
 //! demand; [`teardown`] removes used sandboxes after their report is returned.
 
 pub mod init;
+pub mod parts;
 pub mod pool;
 pub mod teardown;
 pub mod wire;

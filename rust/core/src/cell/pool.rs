@@ -165,6 +165,7 @@ fn build(shape: &Shape) -> Result<Cell> {
         wipe: spawn::wipe_ranges(),
         net: None,
         serve: Some(&serve),
+        netns: -1,
     };
     let (pid, pidfd) = spawn::clone_with(spawn::sandbox_clone_flags(), || child::init_main(&init))
         .map_err(spawn::clone_error)?;
@@ -259,6 +260,8 @@ pub struct Stats {
     pub teardown_errors: Vec<String>,
     /// The bounds in force.
     pub max_cells: usize,
+    /// Network namespaces and cgroups made ahead for the cold path ([`super::parts`]).
+    pub parts: super::parts::PartStats,
 }
 
 #[derive(Debug)]
@@ -474,6 +477,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
 /// Turns cells on or off for runs that do not choose, and sets the bounds (`max_cells` 0
 /// keeps none ready). Turning them off drops the ready ones.
 pub fn configure(enabled: bool, bounds: Option<Bounds>) {
+    super::parts::configure(enabled);
     let Some(p) = pool() else { return };
     let Some(mut st) = lock(p) else { return };
     st.enabled = enabled;
@@ -491,11 +495,13 @@ pub fn configure(enabled: bool, bounds: Option<Bounds>) {
     }
 }
 
-/// Drops every ready cell and forgets demand, then waits (at most `limit`) until no build is
+/// Drops every ready cell and every part made ahead ([`super::parts`]) and forgets demand, then
+/// waits (at most `limit`) until no build is
 /// in progress and every teardown is complete: afterwards no process, mount or cgroup of a
 /// cell or of a finished run is left. True when everything finished in time.
 pub fn drain(limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
+    super::parts::drain();
     // Never start the pool just to drain it (process exit without a run).
     if let Some(Some(p)) = pool_cell().get() {
         if p.owner != std::process::id() {
@@ -532,6 +538,7 @@ pub fn stats() -> Stats {
         teardown_failures: teardown::failures(),
         teardown_errors: teardown::errors(),
         max_cells: st.bounds.max_cells,
+        parts: super::parts::stats(),
         ..st.stats.clone()
     }
 }

@@ -1,0 +1,414 @@
+//! Parts made ahead for the cold path: network namespaces and empty run cgroups.
+//!
+//! A run that finds no ready cell builds its sandbox on the caller's path. Two of its parts
+//! cost the most to make and depend on nothing in the run: a network namespace (~0.45 ms on a
+//! quiet machine, several ms under load; the kernel registers a whole network stack) and the
+//! run's cgroup directories (~0.25 ms of mkdir on cgroup v1). A background thread makes a few
+//! of each ahead; each is handed out once, to one run, and never reused.
+//!
+//! - Network namespaces only for a supervisor running as root: PID 1 then joins the namespace
+//!   with `setns` instead of cloning a new one, and it is owned by the initial user namespace
+//!   exactly as a cloned one would be. `lo` is brought up when it is made. Runs with an egress
+//!   allowlist build their own (the proxy's sockets are made inside).
+//! - Cgroups per [`Kind`] (which controllers); the run's limits are written when it takes one.
+//!
+//! Sizing follows demand as for cells: a kind's first request only records it; later requests
+//! keep [`PER_KIND`] ready while requests keep coming; a kind unused for [`IDLE`] keeps none.
+//! Ready parts are dropped at process exit (cgroups removed), with the cells.
+
+use super::pool::IDLE;
+use crate::cgroup::{Kind, RunCgroup};
+use crate::spec::Limits;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Parts of one kind kept ready.
+const PER_KIND: usize = 2;
+/// How long the maker sleeps when there is nothing to do.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Counters of the parts made ahead, for tests and benches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartStats {
+    /// Cold runs that took a ready network namespace.
+    pub netns_hits: u64,
+    /// Cold runs that took a ready cgroup.
+    pub cgroup_hits: u64,
+    /// Network namespaces ready now.
+    pub netns_ready: usize,
+    /// Cgroups ready now.
+    pub cgroups_ready: usize,
+}
+
+#[derive(Debug)]
+struct Want {
+    /// Requests so far (the first only records the kind).
+    asked: u64,
+    last_use: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Off: nothing is made ahead ([`super::configure`] turns parts off with cells).
+    disabled: bool,
+    netns: Vec<OwnedFd>,
+    netns_want: Option<Want>,
+    /// Set when this thread cannot make network namespaces (not root, or setns back failed).
+    netns_broken: bool,
+    cgroups: HashMap<Kind, Vec<RunCgroup>>,
+    cgroup_want: HashMap<Kind, Want>,
+    stats: PartStats,
+}
+
+struct Parts {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// The process the parts belong to (a forked child must not use them).
+    owner: u32,
+}
+
+fn parts_cell() -> &'static OnceLock<Option<&'static Parts>> {
+    static PARTS: OnceLock<Option<&'static Parts>> = OnceLock::new();
+    &PARTS
+}
+
+/// The maker, started on first use; None in a forked child of its owner, when cells are
+/// turned off for the process (`CELLBLOCK_CELLS=0`) or when no thread could be started.
+fn parts() -> Option<&'static Parts> {
+    let p = (*parts_cell().get_or_init(|| {
+        if std::env::var("CELLBLOCK_CELLS").is_ok_and(|m| m == "0") {
+            return None;
+        }
+        let p: &'static Parts = Box::leak(Box::new(Parts {
+            state: Mutex::new(State {
+                netns_broken: !crate::spawn::is_root(),
+                ..State::default()
+            }),
+            wake: Condvar::new(),
+            owner: std::process::id(),
+        }));
+        std::thread::Builder::new()
+            .name("cellblock-parts".into())
+            .stack_size(256 << 10)
+            .spawn(move || maker(p))
+            .ok()?;
+        super::register_exit_flush();
+        Some(p)
+    }))?;
+    (p.owner == std::process::id()).then_some(p)
+}
+
+fn lock(p: &Parts) -> Option<MutexGuard<'_, State>> {
+    p.state.lock().ok()
+}
+
+/// Records a request; true when the kind was asked for before (then the maker keeps some).
+fn ask(want: &mut Want, now: Instant) -> bool {
+    want.asked += 1;
+    want.last_use = now;
+    want.asked > 1
+}
+
+/// A fresh network namespace with `lo` up, made ahead (root only), or None: the run clones
+/// its own.
+pub(crate) fn netns() -> Option<OwnedFd> {
+    let p = parts()?;
+    let mut st = lock(p)?;
+    if st.netns_broken || st.disabled {
+        return None;
+    }
+    let now = Instant::now();
+    let want = st.netns_want.get_or_insert(Want {
+        asked: 0,
+        last_use: now,
+    });
+    let wakes = ask(want, now);
+    let fd = st.netns.pop();
+    if fd.is_some() {
+        st.stats.netns_hits += 1;
+    }
+    if wakes {
+        p.wake.notify_all();
+    }
+    fd
+}
+
+/// A cgroup for a run with `limits` (directories made ahead, limits written now), or None: the
+/// run creates its own.
+pub(crate) fn cgroup(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
+    let p = parts()?;
+    let kind = Kind::of(limits, want_freezer);
+    let mut st = lock(p)?;
+    if st.disabled {
+        return None;
+    }
+    let now = Instant::now();
+    let want = st.cgroup_want.entry(kind).or_insert(Want {
+        asked: 0,
+        last_use: now,
+    });
+    let wakes = ask(want, now);
+    let cg = st.cgroups.get_mut(&kind).and_then(Vec::pop);
+    if cg.is_some() {
+        st.stats.cgroup_hits += 1;
+    }
+    if wakes {
+        p.wake.notify_all();
+    }
+    drop(st);
+    let mut cg = cg?;
+    cg.apply(limits);
+    Some(cg)
+}
+
+/// What the maker should make next.
+enum Job {
+    Netns,
+    Cgroup(Kind),
+}
+
+impl State {
+    /// Forgets idle kinds; returns the parts they no longer need.
+    fn expire(&mut self, now: Instant) -> (Vec<OwnedFd>, Vec<RunCgroup>) {
+        let idle = |w: &Want| now.duration_since(w.last_use) >= IDLE;
+        let mut fds = Vec::new();
+        if self.netns_want.as_ref().is_some_and(idle) {
+            self.netns_want = None;
+            fds = std::mem::take(&mut self.netns);
+        }
+        self.cgroup_want.retain(|_, w| !idle(w));
+        let mut cgs = Vec::new();
+        let wanted = &self.cgroup_want;
+        self.cgroups.retain(|k, v| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                cgs.append(v);
+            }
+            keep
+        });
+        (fds, cgs)
+    }
+
+    fn next(&self) -> Option<Job> {
+        let wanted = |w: &Option<&Want>| w.is_some_and(|w| w.asked > 1);
+        if !self.netns_broken && wanted(&self.netns_want.as_ref()) && self.netns.len() < PER_KIND {
+            return Some(Job::Netns);
+        }
+        self.cgroup_want
+            .iter()
+            .filter(|(_, w)| w.asked > 1)
+            .map(|(k, _)| *k)
+            .find(|k| self.cgroups.get(k).map_or(0, Vec::len) < PER_KIND)
+            .map(Job::Cgroup)
+    }
+}
+
+fn maker(p: &'static Parts) {
+    // The namespace this thread returns to after making each new one.
+    let home = open_own_netns().ok();
+    let Some(mut st) = lock(p) else { return };
+    if home.is_none() {
+        st.netns_broken = true;
+    }
+    loop {
+        let (fds, cgs) = st.expire(Instant::now());
+        let Some(job) = st.next() else {
+            drop(st);
+            drop((fds, cgs));
+            st = match lock(p).and_then(|g| p.wake.wait_timeout(g, TICK).ok()) {
+                Some((g, _)) => g,
+                None => return,
+            };
+            continue;
+        };
+        drop(st);
+        drop((fds, cgs));
+        // Not while a run of this process is starting: on small machines it would compete.
+        super::defer_to_runs();
+        match job {
+            Job::Netns => {
+                let made = home.as_ref().map(make_netns);
+                st = match lock(p) {
+                    Some(g) => g,
+                    None => return,
+                };
+                match made {
+                    Some(Ok(fd)) => st.netns.push(fd),
+                    // Still in the new namespace, or none can be made: make no more.
+                    _ => st.netns_broken = true,
+                }
+            }
+            Job::Cgroup(kind) => {
+                let made = RunCgroup::make(kind);
+                st = match lock(p) {
+                    Some(g) => g,
+                    None => return,
+                };
+                match made {
+                    Some(cg) if st.cgroup_want.contains_key(&kind) => {
+                        st.cgroups.entry(kind).or_default().push(cg)
+                    }
+                    Some(cg) => drop(cg),
+                    // Cannot make cgroups here: forget the kind (runs create their own).
+                    None => {
+                        st.cgroup_want.remove(&kind);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn open_own_netns() -> std::io::Result<OwnedFd> {
+    // SAFETY: open(2) of a proc path with a static, NUL-terminated name.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/thread-self/ns/net".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes a network namespace on this thread only (the process's other threads stay in
+/// theirs), brings its `lo` up, keeps an fd to it and returns the thread to `home`.
+fn make_netns(home: &OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: unshare(CLONE_NEWNET) moves only the calling thread to a new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let made = crate::child::loopback_up()
+        .map_err(std::io::Error::from_raw_os_error)
+        .and_then(|()| open_own_netns());
+    // SAFETY: setns back to the namespace this thread started in (an fd we own).
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    made
+}
+
+/// Turns making parts ahead on or off (off drops the ready ones).
+pub(crate) fn configure(enabled: bool) {
+    let Some(p) = parts() else { return };
+    if let Some(mut st) = lock(p) {
+        st.disabled = !enabled;
+    }
+    if !enabled {
+        drain();
+    }
+}
+
+/// Drops every ready part (their cgroups are removed) and forgets demand.
+pub(crate) fn drain() {
+    if let Some(Some(p)) = parts_cell().get() {
+        if p.owner != std::process::id() {
+            return;
+        }
+        let Some(mut st) = lock(p) else { return };
+        st.netns_want = None;
+        st.cgroup_want.clear();
+        let fds = std::mem::take(&mut st.netns);
+        let cgs: Vec<RunCgroup> = st.cgroups.drain().flat_map(|(_, v)| v).collect();
+        drop(st);
+        drop((fds, cgs));
+    }
+}
+
+/// The counters of the parts made ahead.
+pub fn stats() -> PartStats {
+    let Some(p) = parts_cell().get().copied().flatten() else {
+        return PartStats::default();
+    };
+    if p.owner != std::process::id() {
+        return PartStats::default();
+    }
+    let Some(st) = lock(p) else {
+        return PartStats::default();
+    };
+    PartStats {
+        netns_ready: st.netns.len(),
+        cgroups_ready: st.cgroups.values().map(Vec::len).sum(),
+        ..st.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn ns_id(path: &str) -> u64 {
+        std::fs::metadata(path).expect("a namespace").ino()
+    }
+
+    /// Whether `lo` is up in the namespace of the calling thread.
+    fn lo_is_up() -> bool {
+        // SAFETY: a socket for one ioctl on a zeroed ifreq we own, then closed.
+        unsafe {
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            assert!(sock >= 0);
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            ifr.ifr_name[0] = b'l' as libc::c_char;
+            ifr.ifr_name[1] = b'o' as libc::c_char;
+            let r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr);
+            libc::close(sock);
+            r == 0 && ifr.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0
+        }
+    }
+
+    #[test]
+    fn a_namespace_made_ahead_is_new_with_lo_up_and_the_thread_goes_home() {
+        let made = std::thread::spawn(|| {
+            let before = ns_id("/proc/thread-self/ns/net");
+            let home = open_own_netns().expect("our namespace");
+            let fd = make_netns(&home).expect("as root");
+            let after = ns_id("/proc/thread-self/ns/net");
+            let new = ns_id(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            // SAFETY: joining the new namespace with this short-lived thread only.
+            assert_eq!(
+                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            (before, after, new, lo_is_up())
+        })
+        .join()
+        .expect("thread");
+        let (before, after, new, up) = made;
+        assert_eq!(
+            before, after,
+            "the maker thread is back in its own namespace"
+        );
+        assert_ne!(new, before, "the namespace made is a new one");
+        assert!(up, "lo is up in the namespace made");
+    }
+
+    #[test]
+    fn a_kind_is_made_ahead_only_once_asked_for_again() {
+        let mut st = State::default();
+        let now = Instant::now();
+        let kind = Kind {
+            pids: true,
+            cpu: false,
+            freezer: false,
+        };
+        let w = st.cgroup_want.entry(kind).or_insert(Want {
+            asked: 0,
+            last_use: now,
+        });
+        assert!(!ask(w, now), "a first request only records the kind");
+        assert!(st.next().is_none());
+        let w = st.cgroup_want.get_mut(&kind).expect("recorded");
+        assert!(ask(w, now));
+        assert!(matches!(st.next(), Some(Job::Cgroup(k)) if k == kind));
+        // Idle kinds are forgotten.
+        let (_, dropped) = st.expire(now + IDLE);
+        assert!(dropped.is_empty());
+        assert!(st.cgroup_want.is_empty() && st.next().is_none());
+    }
+}
