@@ -8,6 +8,7 @@ use crate::report::Enforcer;
 use crate::spec::Limits;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -538,52 +539,21 @@ impl RunCgroup {
         self.v2.as_deref()
     }
 
-    /// Moves the calling thread (only it, not its process) into every v1 cgroup of the run, by
-    /// writing "0" to each `tasks` file. Migrating oneself alone needs no global lock, so unlike
-    /// a pid written to `cgroup.procs` this never waits for an RCU grace period (5-24 ms after
-    /// a quiet spell); a process the thread then forks starts inside. While the thread is in,
-    /// the pids limit is raised by one, so the thread does not take a process from the run
-    /// (see [`RunCgroup::leave_thread`]). On failure the thread is moved back out.
-    pub fn enter_thread(&self, pids_limit: Option<u64>) -> io::Result<()> {
-        if self.v1.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "no v1 cgroup to enter",
-            ));
-        }
-        if let (Some(p), Some(n)) = (self.v1_path(Controller::Pids), pids_limit) {
-            write(&p.join("pids.max"), &(n + 1).to_string())?;
-        }
-        for (i, (_, p)) in self.v1.iter().enumerate() {
-            if let Err(e) = write(&p.join("tasks"), "0") {
-                let _ = self.leave_some(i, pids_limit);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves the calling thread back to this process's own cgroups (the parents of the run's)
-    /// after [`RunCgroup::enter_thread`], and restores the pids limit to `pids_limit`.
-    pub fn leave_thread(&self, pids_limit: Option<u64>) -> io::Result<()> {
-        self.leave_some(self.v1.len(), pids_limit)
-    }
-
-    fn leave_some(&self, entered: usize, pids_limit: Option<u64>) -> io::Result<()> {
-        let mut last = Ok(());
-        for (_, p) in self.v1.iter().take(entered) {
-            let parent = p
-                .parent()
-                .ok_or_else(|| io::Error::other("cgroup without parent"))?;
-            if let Err(e) = write(&parent.join("tasks"), "0") {
-                last = Err(e);
-            }
-        }
-        // Restored even when the thread could not leave: the run never gets more than asked.
-        if let (Some(p), Some(n)) = (self.v1_path(Controller::Pids), pids_limit) {
-            write(&p.join("pids.max"), &n.to_string())?;
-        }
-        last
+    /// The `tasks` file of each v1 hierarchy of the run, open for writing, for PID 1 to move
+    /// itself in by writing "0" (see [`crate::child::InitPlan::join_tasks`]). A thread that
+    /// migrates itself alone takes no global lock, so unlike a pid written to `cgroup.procs` by
+    /// the supervisor this never waits for an RCU grace period (5-24 ms after a quiet spell).
+    /// Empty on cgroup v2 (a child is cloned into it instead).
+    pub(crate) fn open_tasks(&self) -> io::Result<Vec<OwnedFd>> {
+        self.v1
+            .iter()
+            .map(|(_, p)| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join("tasks"))
+                    .map(OwnedFd::from)
+            })
+            .collect()
     }
 
     fn v1_path(&self, c: Controller) -> Option<&Path> {

@@ -55,6 +55,8 @@ pub enum Stage {
     Join,
     /// Opening the command's pseudo-terminal (index = step of [`crate::tty`]).
     Terminal,
+    /// PID 1 moving itself into the run's cgroup v1 hierarchies (index = hierarchy).
+    Cgroup,
 }
 
 impl Stage {
@@ -80,6 +82,7 @@ impl Stage {
             Exec,
             Join,
             Terminal,
+            Cgroup,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -106,6 +109,7 @@ impl Stage {
             Stage::Exec => "execute the command",
             Stage::Join => "join the session",
             Stage::Terminal => "open the command's terminal",
+            Stage::Cgroup => "join the run's cgroup",
         }
     }
 }
@@ -320,6 +324,9 @@ pub struct InitPlan<'a> {
     pub serve: Option<&'a crate::cell::init::ServePlan>,
     /// A network namespace made ahead (`lo` up) to join instead of a cloned one, or -1.
     pub netns: libc::c_int,
+    /// The `tasks` files of the run's cgroup v1 hierarchies, open for writing: PID 1 moves
+    /// itself in before anything else (see [`crate::cgroup::RunCgroup::open_tasks`]).
+    pub join_tasks: &'a [libc::c_int],
 }
 
 /// Writes an error record and exits. Never returns.
@@ -436,6 +443,16 @@ pub(crate) fn loopback_up() -> Result<(), i32> {
 /// Entry of a freshly cloned PID 1 (or of a session call's init). Never returns.
 pub fn init_main(plan: &InitPlan<'_>) -> ! {
     let fds = &plan.fds;
+    for (i, fd) in plan.join_tasks.iter().enumerate() {
+        // SAFETY: writing "0" (the calling thread) to a `tasks` file opened for us, then
+        // closing it. PID 1 is single-threaded: the whole process moves before it forks.
+        unsafe {
+            if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(fds.err, Stage::Cgroup, i as u32, errno());
+            }
+            libc::close(*fd);
+        }
+    }
     if plan.netns >= 0 {
         // SAFETY: setns/close of the namespace fd the supervisor made for this run alone.
         unsafe {

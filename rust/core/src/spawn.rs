@@ -996,6 +996,14 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     let ca = netprep.as_ref().and_then(NetPrep::ca_pem);
     let prepared = prepare(spec, rlimits, resolv_conf_for(spec), ca.as_deref())?;
     let p = Pipes::new()?;
+    // cgroup v1: PID 1 moves itself in (none of the supervisor's threads enters the run's
+    // cgroup, and no pid is written to `cgroup.procs`); if a `tasks` file cannot be opened the
+    // supervisor attaches PID 1 after the clone instead.
+    let tasks = cgroup
+        .as_ref()
+        .and_then(|c| c.open_tasks().ok())
+        .unwrap_or_default();
+    let join_tasks: Vec<libc::c_int> = tasks.iter().map(AsRawFd::as_raw_fd).collect();
     let init = InitPlan {
         mounts: Some(&*prepared.mounts),
         identity: &prepared.identity,
@@ -1008,29 +1016,26 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         net: netprep.as_ref().map(|n| &n.plan),
         serve: None,
         netns: netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        join_tasks: &join_tasks,
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
     let shared = SharedPlan(&init);
-    let pids_limit = spec.limits.pids.filter(|_| {
-        cgroup
-            .as_ref()
-            .is_some_and(|c| c.enforced().contains(&("pids", Enforcer::CgroupV1)))
-    });
     let mut flags = sandbox_clone_flags();
     if netns.is_some() {
         flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
     }
-    let cloned = spawner::clone_in(flags, cgroup.as_ref(), pids_limit, &|| shared.run())
-        .map_err(clone_error)?;
-    // PID 1 has its own copy of the fd (it joins the namespace before anything else).
+    let cloned =
+        spawner::clone_in(flags, cgroup.as_ref(), &|| shared.run()).map_err(clone_error)?;
+    // PID 1 has its own copies of these fds (it uses them before anything else).
     drop(netns);
+    drop(tasks);
     let (pid, pidfd) = (cloned.pid, cloned.pidfd);
     let mut p = p;
     p.child_owned.clear();
     let how = Handshake {
         cgroup: cgroup.as_ref(),
-        attached: cloned.attached,
+        attached: cloned.attached || !join_tasks.is_empty(),
         write_maps: is_root(),
         prepared: &prepared,
         argv0: &spec.argv[0],
@@ -1116,6 +1121,7 @@ pub fn start_holder(spec: &RunSpec) -> Result<Holder> {
         net: netprep.as_ref().map(|n| &n.plan),
         serve: None,
         netns: -1,
+        join_tasks: &[],
     };
     let deadline = setup_deadline(spec);
     let (pid, pidfd) =
@@ -1204,6 +1210,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         net: None,
         serve: None,
         netns: -1,
+        join_tasks: &[],
     };
     let join = JoinPlan {
         pidfd: holder.pidfd.as_raw_fd(),

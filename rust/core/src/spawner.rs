@@ -1,23 +1,18 @@
-//! Cloning a sandbox's PID 1 straight into its cgroup, so that the caller never writes a pid to
-//! `cgroup.procs` (on cgroup v1 the first such write after a quiet spell waits for an RCU grace
-//! period, 5-24 ms: it takes a global lock that the kernel only frees after one).
+//! Cloning a sandbox's PID 1 straight into its cgroup, so that the supervisor never writes a pid
+//! to `cgroup.procs` on the run's path (on cgroup v1 the first such write after a quiet spell
+//! waits for an RCU grace period, 5-24 ms: it takes a global lock that the kernel only frees
+//! after one).
 //!
 //! - cgroup v2: `clone3(CLONE_INTO_CGROUP)`; when the kernel refuses it (too old, or the cgroup
 //!   cannot take the child that way) the plain clone follows and the pid is attached after.
-//! - cgroup v1: a thread moves itself alone into the run's cgroups (writing "0" to `tasks`:
-//!   migrating oneself needs no global lock), clones PID 1, which starts inside, and moves back
-//!   out. The caller's own thread does it, unless it is the process's first thread, whose
-//!   cgroup v1 memcg is charged for the whole process's memory: then a long-lived spawner
-//!   thread does (one for the life of the process, because PID 1's parent-death signal follows
-//!   the thread that cloned it). A forked child of the process (no such thread), or a failure
-//!   to enter, clones on the caller's thread and attaches after.
+//! - cgroup v1: a plain clone; PID 1 moves itself into the run's hierarchies as its first act
+//!   (writing "0" to each `tasks` file: migrating oneself alone takes no global lock), before
+//!   it forks anything (see [`crate::child::InitPlan::join_tasks`]).
 
 use crate::cgroup::RunCgroup;
 use crate::spawn;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 
 /// A PID 1 just cloned.
 #[derive(Debug)]
@@ -111,13 +106,11 @@ fn open_dir(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
-/// Clones PID 1 (`flags`, running `child`) directly into `cgroup` when it can (see the module
-/// documentation), else on this thread, to be attached by the caller. `pids_limit` is the
-/// run's pids limit (restored after the spawner thread leaves the cgroup).
+/// Clones PID 1 (`flags`, running `child`) directly into `cgroup` when it is a v2 cgroup and
+/// the kernel can; `attached` says whether it started inside (v1: PID 1 joins by itself).
 pub(crate) fn clone_in(
     flags: libc::c_ulong,
     cgroup: Option<&RunCgroup>,
-    pids_limit: Option<u64>,
     child: &(dyn Fn() + Sync),
 ) -> std::io::Result<Cloned> {
     let plain = || {
@@ -127,165 +120,34 @@ pub(crate) fn clone_in(
             attached: cgroup.is_none(),
         })
     };
-    let Some(cg) = cgroup else { return plain() };
-    if let Some(dir) = cg.v2_path() {
-        if NO_CLONE_INTO_CGROUP.load(Ordering::Relaxed) {
-            return plain();
-        }
-        let Ok(fd) = open_dir(dir) else {
-            return plain();
-        };
-        let fd_raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        return match clone3_into(flags, fd_raw, child) {
-            Ok((pid, pidfd)) => Ok(Cloned {
-                pid,
-                pidfd,
-                attached: true,
-            }),
-            Err(e) => {
-                if kernel_lacks_clone3(&e) {
-                    NO_CLONE_INTO_CGROUP.store(true, Ordering::Relaxed);
-                }
-                // Refused for this cgroup (or for the namespaces: then the plain clone says so).
-                plain()
-            }
-        };
-    }
-    // A thread other than the process's first can enter itself: moving it does not move the
-    // process's memory charges (v1 memcg follows the mm's owner, the first thread), and the
-    // parent-death signal then follows the caller's thread, as for a plain clone.
-    // SAFETY: gettid and getpid have no side effects.
-    let first_thread = unsafe { libc::gettid() == libc::getpid() };
-    if !leader_alive() {
-        // The first thread has exited: the mm's owner may be any thread, this one included.
+    let Some(dir) = cgroup.and_then(RunCgroup::v2_path) else {
+        return plain();
+    };
+    if NO_CLONE_INTO_CGROUP.load(Ordering::Relaxed) {
         return plain();
     }
-    match clone_in_v1(flags, cg, pids_limit, child, first_thread) {
-        Some(r) => r.map(|(pid, pidfd)| Cloned {
+    let Ok(fd) = open_dir(dir) else {
+        return plain();
+    };
+    match clone3_into(flags, std::os::fd::AsRawFd::as_raw_fd(&fd), child) {
+        Ok((pid, pidfd)) => Ok(Cloned {
             pid,
             pidfd,
             attached: true,
         }),
-        // No spawner thread here (a forked child), or the thread could not enter.
-        None => plain(),
-    }
-}
-
-/// Whether the process's first thread is alive (then it owns the mm, whose memory charges
-/// follow the owner's memcg on cgroup v1; once it has exited, another thread may own it).
-fn leader_alive() -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", std::process::id()));
-    let state = stat.ok().and_then(|s| {
-        s.rsplit_once(')')
-            .map(|(_, r)| r.trim_start().chars().next())
-    });
-    matches!(state, Some(Some(c)) if c != 'Z' && c != 'X')
-}
-
-/// cgroup v1: enters `cg` with this thread (or the spawner thread: `via_spawner`), clones,
-/// leaves. `None`: the thread could not enter (nothing was cloned).
-fn clone_in_v1(
-    flags: libc::c_ulong,
-    cg: &RunCgroup,
-    pids_limit: Option<u64>,
-    child: &(dyn Fn() + Sync),
-    via_spawner: bool,
-) -> Option<std::io::Result<(libc::pid_t, OwnedFd)>> {
-    let job = move || -> Option<std::io::Result<(libc::pid_t, OwnedFd)>> {
-        cg.enter_thread(pids_limit).ok()?;
-        let r = spawn::clone_with(flags, child);
-        if let Err(e) = cg.leave_thread(pids_limit) {
-            // The thread is still in the run's cgroup: its removal retries, then records it.
-            crate::cell::teardown::record_error(format!(
-                "a thread could not leave the run's cgroup after cloning PID 1: {e}"
-            ));
+        Err(e) => {
+            if kernel_lacks_clone3(&e) {
+                NO_CLONE_INTO_CGROUP.store(true, Ordering::Relaxed);
+            }
+            // Refused for this cgroup (or for the namespaces: then the plain clone says so).
+            plain()
         }
-        Some(r)
-    };
-    if via_spawner {
-        on_spawner(job).flatten()
-    } else {
-        job()
     }
-}
-
-/// A job for the spawner thread, borrowed from a caller that waits until it has run.
-type Job = Box<dyn FnOnce() + Send + 'static>;
-
-struct Spawner {
-    jobs: Mutex<mpsc::Sender<Job>>,
-    /// The process the thread belongs to (a forked child has no such thread).
-    owner: u32,
-}
-
-fn spawner() -> Option<&'static Spawner> {
-    static S: OnceLock<Option<Spawner>> = OnceLock::new();
-    S.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("cellblock-spawn".into())
-            // Only short syscall sequences and a fork run here.
-            .stack_size(256 << 10)
-            .spawn(move || {
-                for job in rx {
-                    // A panicking job must not end the thread: PID 1s it cloned would die.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })
-            .ok()?;
-        Some(Spawner {
-            jobs: Mutex::new(tx),
-            owner: std::process::id(),
-        })
-    })
-    .as_ref()
-    .filter(|s| s.owner == std::process::id())
-}
-
-/// Runs `f` on the spawner thread and returns its result; `None` when there is no spawner
-/// thread (or `f` panicked).
-fn on_spawner<R: Send>(f: impl FnOnce() -> R + Send) -> Option<R> {
-    let sp = spawner()?;
-    let (tx, rx) = mpsc::sync_channel::<R>(1);
-    let job: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
-        let r = f();
-        let _ = tx.send(r);
-    });
-    // SAFETY: only the lifetime is widened. The job borrows from this frame, and this function
-    // returns only once the job has run or been dropped: `rx.recv()` returns when `tx` (owned
-    // by the job) sent or was dropped with the job; a job the channel refused is handed back
-    // and dropped here.
-    let job: Job = unsafe { std::mem::transmute::<Box<dyn FnOnce() + Send + '_>, Job>(job) };
-    let sent = match sp.jobs.lock() {
-        Ok(tx) => tx.send(job).map_err(|e| drop(e.0)),
-        Err(_) => {
-            drop(job);
-            Err(())
-        }
-    };
-    sent.ok()?;
-    rx.recv().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spawner_runs_jobs_that_borrow() {
-        let local = [1u8, 2, 3];
-        let sum = on_spawner(|| local.iter().map(|x| *x as u32).sum::<u32>());
-        assert_eq!(sum, Some(6));
-        // The job ran on another thread (the spawner), not this one.
-        let here = std::thread::current().id();
-        assert_ne!(on_spawner(|| std::thread::current().id()), Some(here));
-    }
-
-    #[test]
-    fn a_panicking_job_keeps_the_spawner() {
-        assert_eq!(on_spawner(|| -> u8 { panic!("job fails") }), None);
-        assert_eq!(on_spawner(|| 7), Some(7));
-    }
 
     /// A child that waits until `release` is written to (or closed), then exits: raw syscalls
     /// only.
@@ -329,7 +191,7 @@ mod tests {
         let cg = RunCgroup::over(Some(dir.clone()), Vec::new());
         let (r, w) = pipe();
         let child = waiter(std::os::fd::AsRawFd::as_raw_fd(&r));
-        let c = clone_in(0, Some(&cg), None, &child).expect("clone");
+        let c = clone_in(0, Some(&cg), &child).expect("clone");
         let lines = cgroup_lines(c.pid);
         drop(w);
         end(&c.pidfd);
@@ -350,7 +212,7 @@ mod tests {
         let cg = RunCgroup::over(Some(dir.clone()), Vec::new());
         let (r, w) = pipe();
         let child = waiter(std::os::fd::AsRawFd::as_raw_fd(&r));
-        let c = clone_in(0, Some(&cg), None, &child).expect("the plain clone follows");
+        let c = clone_in(0, Some(&cg), &child).expect("the plain clone follows");
         drop(w);
         end(&c.pidfd);
         assert!(!c.attached, "the caller must attach it");
@@ -360,7 +222,7 @@ mod tests {
     }
 
     #[test]
-    fn v1_threads_clone_inside_and_leave() {
+    fn a_v1_child_joins_its_cgroup_by_itself() {
         let limits = crate::spec::Limits {
             memory: Some(64 << 20),
             pids: Some(1),
@@ -373,51 +235,60 @@ mod tests {
             .and_then(|n| n.to_str())
             .expect("name")
             .to_string();
-        // The caller's own thread, then the spawner thread (for a caller's first thread).
-        for via_spawner in [false, true] {
-            let (r, w) = pipe();
-            let child = waiter(std::os::fd::AsRawFd::as_raw_fd(&r));
-            // pids.max is 1: the clone succeeds only because the entering thread's own place
-            // was added for the time it is inside.
-            let (pid, pidfd) = clone_in_v1(0, &cg, Some(1), &child, via_spawner)
-                .expect("the thread entered")
-                .expect("clone");
-            let lines = cgroup_lines(pid);
-            let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
-                .expect("our threads")
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("cgroup")).ok())
-                .collect();
-            let pids_max = cg
-                .dir_paths()
-                .iter()
-                .find(|d| d.join("pids.max").exists())
-                .map(|d| std::fs::read_to_string(d.join("pids.max")).expect("pids.max"));
-            drop(w);
-            end(&pidfd);
-            for ctrl in ["memory", "pids", "cpuacct"] {
-                let line = lines
-                    .lines()
-                    .find(|l| {
-                        l.split(':')
-                            .nth(1)
-                            .is_some_and(|c| c.split(',').any(|x| x == ctrl))
-                    })
-                    .expect("v1 line");
-                assert!(line.ends_with(&format!("/{name}")), "{ctrl}: {lines}");
+        let tasks = cg.open_tasks().expect("the tasks files");
+        let raw: Vec<libc::c_int> = tasks.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let (r, w) = pipe();
+        let read_fd = std::os::fd::AsRawFd::as_raw_fd(&r);
+        // The child does what PID 1 does first: "0" to each tasks file, then waits.
+        let child = move || {
+            for fd in &raw {
+                // SAFETY: a write to an fd inherited from the parent, in the forked child.
+                if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+                    // SAFETY: exit without unwinding in the forked child.
+                    unsafe { libc::_exit(3) };
+                }
             }
-            assert!(
-                threads.iter().all(|t| !t.contains(&name)),
-                "a thread stayed inside"
-            );
-            assert_eq!(pids_max.as_deref().map(str::trim), Some("1"));
-        }
+            waiter(read_fd)()
+        };
+        let c = clone_in(0, Some(&cg), &child).expect("clone");
+        assert!(!c.attached, "on v1 the child joins by itself");
+        // pids.max is 1: the child fits, and nothing of ours went in with it.
+        let joined = wait_until(tasks.len(), || {
+            cgroup_lines(c.pid)
+                .lines()
+                .filter(|l| l.ends_with(&format!("/{name}")))
+                .count()
+        });
+        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .expect("our threads")
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("cgroup")).ok())
+            .collect();
+        drop(w);
+        end(&c.pidfd);
+        assert_eq!(
+            joined,
+            tasks.len(),
+            "the child is in every hierarchy of the run"
+        );
+        assert!(
+            threads.iter().all(|t| !t.contains(&name)),
+            "a thread of ours went in"
+        );
+        drop(tasks);
         cg.remove().expect("nothing is left in the cgroup");
     }
 
-    #[test]
-    fn our_first_thread_is_alive() {
-        assert!(leader_alive());
+    /// Polls `f` (up to 2 s) until it returns `want`; returns its last value.
+    fn wait_until(want: usize, f: impl Fn() -> usize) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let n = f();
+            if n == want || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -153,6 +153,12 @@ fn build(shape: &Shape) -> Result<Cell> {
         stack_top: child::stack_top(&stack),
         last_cap: spawn::last_cap(),
     };
+    // PID 1 moves itself into a v1 cgroup (see `spawn::start`); else it is attached below.
+    let tasks = cgroup
+        .as_ref()
+        .and_then(|c| c.open_tasks().ok())
+        .unwrap_or_default();
+    let join_tasks: Vec<libc::c_int> = tasks.iter().map(AsRawFd::as_raw_fd).collect();
     let init = InitPlan {
         mounts: Some(&*mounts),
         identity: &identity,
@@ -166,6 +172,7 @@ fn build(shape: &Shape) -> Result<Cell> {
         net: None,
         serve: Some(&serve),
         netns: -1,
+        join_tasks: &join_tasks,
     };
     let (pid, pidfd) = spawn::clone_with(spawn::sandbox_clone_flags(), || child::init_main(&init))
         .map_err(spawn::clone_error)?;
@@ -178,9 +185,10 @@ fn build(shape: &Shape) -> Result<Cell> {
         buf: buf.as_ptr() as usize,
         built: Instant::now(),
     };
-    // The first attach after a quiet period waits for an RCU grace period (cgroup v1): here,
-    // off every caller's path.
-    if let Some(cg) = &cell.cgroup {
+    drop(tasks);
+    // v2 (or a v1 `tasks` file that could not be opened): attached here, off every caller's
+    // path (on v1 the first attach after a quiet period waits for an RCU grace period).
+    if let Some(cg) = cell.cgroup.as_ref().filter(|_| join_tasks.is_empty()) {
         cg.add(pid).map_err(|e| Error::Setup {
             stage: "join the run's cgroup",
             source: e,
