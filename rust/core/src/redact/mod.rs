@@ -240,6 +240,7 @@ impl Redactor {
         self.compiled.sorted_patterns.len()
     }
 }
+
 /// A DNS name's presentation form (`\DDD` decimal and `\X` escapes) back to its bytes.
 fn dns_unescape(name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(name.len());
