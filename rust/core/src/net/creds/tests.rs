@@ -1,8 +1,17 @@
 //! Unit tests of credential substitution, leak detection, request reading and the pool.
 
-use super::pool::OverTcp;
+use super::broker::percent_decode;
+use super::http::{read_request, Buffered, ReadErr, Request};
+use super::pool::{OverTcp, Pool};
+use super::relay::{relay_response, Masked};
+use super::serve::absolute;
 use super::*;
-use crate::spec::CredentialSpec;
+use crate::net::allow::Host;
+use crate::spec::{CredentialSpec, CredentialsSpec, OnCredentialLeak};
+use crate::Error;
+use base64::Engine as _;
+use std::io::Write;
+use std::net::TcpStream;
 
 fn broker(methods: Option<&[&str]>, header: Option<&str>, q: bool, b: bool) -> Broker {
     let spec = CredentialsSpec {
