@@ -59,12 +59,17 @@ struct State {
     netns_broken: bool,
     cgroups: HashMap<Kind, Vec<RunCgroup>>,
     cgroup_want: HashMap<Kind, Want>,
+    /// A part is being made (the lock is not held meanwhile).
+    making: bool,
     stats: PartStats,
 }
 
 struct Parts {
     state: Mutex<State>,
+    /// Wakes the maker (demand changed).
     wake: Condvar,
+    /// Signals that the part being made is stored or dropped.
+    made: Condvar,
     /// The process the parts belong to (a forked child must not use them).
     owner: u32,
 }
@@ -87,6 +92,7 @@ fn parts() -> Option<&'static Parts> {
                 ..State::default()
             }),
             wake: Condvar::new(),
+            made: Condvar::new(),
             owner: std::process::id(),
         }));
         std::thread::Builder::new()
@@ -206,12 +212,7 @@ impl State {
 }
 
 fn maker(p: &'static Parts) {
-    // The namespace this thread returns to after making each new one.
-    let home = open_own_netns().ok();
     let Some(mut st) = lock(p) else { return };
-    if home.is_none() {
-        st.netns_broken = true;
-    }
     loop {
         let (fds, cgs) = st.expire(Instant::now());
         let Some(job) = st.next() else {
@@ -223,19 +224,22 @@ fn maker(p: &'static Parts) {
             };
             continue;
         };
+        st.making = true;
         drop(st);
         drop((fds, cgs));
         // Not while a run of this process is starting: on small machines it would compete.
         super::defer_to_runs();
         match job {
             Job::Netns => {
-                let made = home.as_ref().map(make_netns);
+                let made = make_netns();
                 st = match lock(p) {
                     Some(g) => g,
                     None => return,
                 };
                 match made {
-                    Some(Ok(fd)) => st.netns.push(fd),
+                    Ok(fd) if st.netns_want.is_some() => st.netns.push(fd),
+                    // Drained meanwhile.
+                    Ok(fd) => drop(fd),
                     // Still in the new namespace, or none can be made: make no more.
                     _ => st.netns_broken = true,
                 }
@@ -258,6 +262,8 @@ fn maker(p: &'static Parts) {
                 }
             }
         }
+        st.making = false;
+        p.made.notify_all();
     }
 }
 
@@ -277,8 +283,10 @@ fn open_own_netns() -> std::io::Result<OwnedFd> {
 }
 
 /// Makes a network namespace on this thread only (the process's other threads stay in
-/// theirs), brings its `lo` up, keeps an fd to it and returns the thread to `home`.
-fn make_netns(home: &OwnedFd) -> std::io::Result<OwnedFd> {
+/// theirs), brings its `lo` up, keeps an fd to it and returns the thread to its own namespace
+/// (no fd is kept open between two).
+fn make_netns() -> std::io::Result<OwnedFd> {
+    let home = open_own_netns()?;
     // SAFETY: unshare(CLONE_NEWNET) moves only the calling thread to a new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -300,12 +308,13 @@ pub(crate) fn configure(enabled: bool) {
         st.disabled = !enabled;
     }
     if !enabled {
-        drain();
+        drain(Instant::now() + Duration::from_secs(5));
     }
 }
 
-/// Drops every ready part (their cgroups are removed) and forgets demand.
-pub(crate) fn drain() {
+/// Drops every ready part (their cgroups are removed) and forgets demand, after waiting (at
+/// most until `deadline`) for a part being made.
+pub(crate) fn drain(deadline: Instant) {
     if let Some(Some(p)) = parts_cell().get() {
         if p.owner != std::process::id() {
             return;
@@ -313,6 +322,16 @@ pub(crate) fn drain() {
         let Some(mut st) = lock(p) else { return };
         st.netns_want = None;
         st.cgroup_want.clear();
+        while st.making {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match p.made.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
         let fds = std::mem::take(&mut st.netns);
         let cgs: Vec<RunCgroup> = st.cgroups.drain().flat_map(|(_, v)| v).collect();
         drop(st);
@@ -366,8 +385,7 @@ mod tests {
     fn a_namespace_made_ahead_is_new_with_lo_up_and_the_thread_goes_home() {
         let made = std::thread::spawn(|| {
             let before = ns_id("/proc/thread-self/ns/net");
-            let home = open_own_netns().expect("our namespace");
-            let fd = make_netns(&home).expect("as root");
+            let fd = make_netns().expect("as root");
             let after = ns_id("/proc/thread-self/ns/net");
             let new = ns_id(&format!("/proc/self/fd/{}", fd.as_raw_fd()));
             // SAFETY: joining the new namespace with this short-lived thread only.

@@ -509,7 +509,7 @@ pub fn configure(enabled: bool, bounds: Option<Bounds>) {
 /// cell or of a finished run is left. True when everything finished in time.
 pub fn drain(limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    super::parts::drain();
+    super::parts::drain(deadline);
     // Never start the pool just to drain it (process exit without a run).
     if let Some(Some(p)) = pool_cell().get() {
         if p.owner != std::process::id() {
