@@ -114,3 +114,17 @@ def test_no_user_namespaces_is_namespace_unavailable(nobody_dir: Path) -> None:
     assert cli.returncode == 2 and cli.stdout == ""
     assert cli.stderr.startswith("cellblock: error: NamespaceUnavailable: ")
     assert cli.stderr.count("\n") == 1
+
+
+def test_a_policy_whose_rootfs_went_away_is_refused_at_run(tmp_path: Path) -> None:
+    # An unchanged policy is not validated again per run, except its rootfs: a directory can
+    # go away between the policy's construction and the run.
+    root = tmp_path / "root"
+    root.mkdir()
+    policy = cellblock.Policy(rootfs=root)
+    assert policy.merged() == policy
+    root.rmdir()
+    with pytest.raises(cellblock.InvalidSpec, match="rootfs"):
+        cellblock.run(["/bin/true"], policy=policy)
+    with pytest.raises(cellblock.InvalidSpec, match="memory"):
+        cellblock.Policy().merged(memory="12Q")

@@ -101,7 +101,7 @@ pub fn install(insns: &[libc::sock_filter]) -> Result<libc::c_int, libc::c_int> 
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
-    names: BTreeMap<u32, String>,
+    names: crate::spec::SyscallNames,
     counts: BTreeMap<String, u64>,
     on_violation: OnViolation,
     closed: bool,
@@ -109,7 +109,7 @@ pub struct Listener {
 
 impl Listener {
     /// A listener answering EPERM. `names` maps syscall numbers to the names reported.
-    pub fn new(fd: OwnedFd, names: BTreeMap<u32, String>) -> Listener {
+    pub fn new(fd: OwnedFd, names: crate::spec::SyscallNames) -> Listener {
         Listener {
             fd,
             names,
@@ -463,7 +463,7 @@ mod tests {
     fn refused_call_gets_eperm_and_is_counted() {
         let (pid, fd) = spawn_getppid_child();
         let names = BTreeMap::from([(libc::SYS_getppid as u32, "getppid".to_string())]);
-        let mut listener = Listener::new(fd, names);
+        let mut listener = Listener::new(fd, names.into());
         let status = wait_answering(pid, &mut listener);
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         assert_eq!(
@@ -484,7 +484,7 @@ mod tests {
     #[test]
     fn unknown_numbers_are_named_by_number() {
         let (pid, fd) = spawn_getppid_child();
-        let mut listener = Listener::new(fd, BTreeMap::new());
+        let mut listener = Listener::new(fd, Default::default());
         wait_answering(pid, &mut listener);
         let expected = format!("syscall_{}", libc::SYS_getppid);
         assert_eq!(
@@ -499,7 +499,7 @@ mod tests {
     #[test]
     fn kill_mode_leaves_the_call_unanswered() {
         let (pid, fd) = spawn_getppid_child();
-        let mut listener = Listener::new(fd, BTreeMap::new()).on_violation(OnViolation::Kill);
+        let mut listener = Listener::new(fd, Default::default()).on_violation(OnViolation::Kill);
         let mut pfd = libc::pollfd {
             fd: listener.fd().as_raw_fd(),
             events: libc::POLLIN,
@@ -522,7 +522,7 @@ mod tests {
     #[test]
     fn a_caller_killed_before_the_answer_is_not_an_error() {
         let (pid, fd) = spawn_getppid_child();
-        let mut listener = Listener::new(fd, BTreeMap::new());
+        let mut listener = Listener::new(fd, Default::default());
         let mut pfd = libc::pollfd {
             fd: listener.fd().as_raw_fd(),
             events: libc::POLLIN,

@@ -28,23 +28,49 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
     d.set_item("wall_time_s", r.wall_time_s)?;
     d.set_item("cpu_time_s", r.cpu_time_s)?;
     d.set_item("peak_memory_bytes", r.peak_memory_bytes)?;
-    // Plain-data parts go through JSON so the Python side sees exactly the CLI's shape.
-    let json = serde_json::json!({
-        "violations": r.violations,
-        "enforcement": r.enforcement,
-        "redactions": r.redactions,
-        "network": r.network,
-    });
-    let loads = py.import("json")?.getattr("loads")?;
-    let parsed = loads.call1((json.to_string(),))?;
-    for key in ["violations", "enforcement", "redactions", "network"] {
-        d.set_item(key, parsed.get_item(key)?)?;
-    }
+    // Plain-data parts take their serde (JSON) form so the Python side sees exactly the CLI's
+    // shape; converted directly (a `json.loads` of the text cost ~0.1 ms per run).
+    let plain = |v: serde_json::Result<serde_json::Value>| -> PyResult<PyObject> {
+        json_to_py(py, &v.map_err(errors::internal)?)
+    };
+    d.set_item("violations", plain(serde_json::to_value(&r.violations))?)?;
+    d.set_item("enforcement", plain(serde_json::to_value(&r.enforcement))?)?;
+    d.set_item("redactions", plain(serde_json::to_value(&r.redactions))?)?;
+    d.set_item("network", plain(serde_json::to_value(&r.network))?)?;
     d.set_item("seccomp_profile", r.seccomp_profile.as_deref())?;
     d.set_item("cleanup_errors", &r.cleanup_errors)?;
     d.set_item("limits_hit", &r.limits_hit)?;
     d.set_item("limits_unverified", &r.limits_unverified)?;
     Ok(d)
+}
+
+/// The Python value `json.loads` gives for `v`'s JSON text (integers as int, others as float).
+fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<PyObject> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => py.None(),
+        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any().unbind(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any().unbind(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any().unbind(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any().unbind(),
+        },
+        Value::String(s) => s.into_pyobject(py)?.into_any().unbind(),
+        Value::Array(a) => {
+            let items = a
+                .iter()
+                .map(|x| json_to_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any().unbind()
+        }
+        Value::Object(o) => {
+            let d = PyDict::new(py);
+            for (k, x) in o {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_any().unbind()
+        }
+    })
 }
 
 /// Runs one command in a fresh sandbox.

@@ -155,8 +155,8 @@ pub fn supervise_call(
         let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
     }
     let (on_violation, names) = match &spec.seccomp {
-        Some(s) => (s.on_violation, s.names.clone()),
-        None => (OnViolation::Errno, BTreeMap::new()),
+        Some(s) => (s.on_violation, std::sync::Arc::clone(&s.names)),
+        None => (OnViolation::Errno, Default::default()),
     };
     let mut listener = listener_fd.map(|fd| Listener::new(fd, names).on_violation(on_violation));
     conn.send(b'g', b"", handover)?;
