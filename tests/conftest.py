@@ -103,6 +103,9 @@ WORKER = textwrap.dedent('''\
                 reply = {"result": cellblock.cells.prepare_many(runs).model_dump()}
             except cellblock.CellblockError as e:
                 reply = {"error": type(e).__name__, "message": str(e)}
+        elif req["op"] == "configure":
+            cellblock.cells.configure(True, max_cells=req["max_cells"], per_shape=req["max_cells"])
+            reply = {"result": None}
         elif req["op"] == "cells":
             if req.get("drain"):
                 cellblock.cells.drain()
@@ -127,6 +130,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: Set by --cells=pooled (see `Runner.pooled`).
 POOLED = False
+#: Most ready cells the pool keeps unless configured otherwise (cellblock_core::cell::pool).
+DEFAULT_MAX_CELLS = 4
 #: For tests whose runs list egress (`allow_net`): with --cells=pooled they take the cold path
 #: by design (cellblock_core::cell::pool::Shape::of), and say so.
 EGRESS_IS_COLD = pytest.mark.cold_path(
@@ -187,6 +192,10 @@ class Runner:
         """`cellblock.cells.prepare_many(runs)` in the calling process."""
         raise NotImplementedError
 
+    def bound_cells(self, max_cells: int) -> None:
+        """Bounds the calling process's pool to `max_cells` (in all and per shape)."""
+        raise NotImplementedError
+
     def pooled(self, runs: list[tuple[list[str], dict[str, Any]]],
                start: Callable[[], Callable[[], list[SimpleNamespace]]]
                ) -> Callable[[], list[SimpleNamespace]]:
@@ -200,6 +209,9 @@ class Runner:
         asked = [(a, k) for a, k in runs if k.get("cells", True)]
         refused: BaseException | None = None
         served = 0
+        if len(asked) > DEFAULT_MAX_CELLS:
+            # More concurrent runs than the pool keeps by default: room for one cell each.
+            self.bound_cells(len(asked))
         if asked:
             try:
                 prep = self.prepare(asked)
@@ -219,6 +231,8 @@ class Runner:
         before = self.cells()
 
         def check() -> None:
+            if len(asked) > DEFAULT_MAX_CELLS:
+                self.bound_cells(DEFAULT_MAX_CELLS)
             after = self.cells()
             assert after["hits"] - before["hits"] == served, (
                 f"as {self.name}: {served} runs should have been served by ready cells, "
@@ -311,6 +325,11 @@ class InProcessRunner(Runner):
 
         return cellblock.cells.prepare_many(runs).model_dump()
 
+    def bound_cells(self, max_cells: int) -> None:
+        import cellblock.cells
+
+        cellblock.cells.configure(True, max_cells=max_cells, per_shape=max_cells)
+
     def stats(self) -> dict[str, Any]:
         threads = [ln for ln in Path("/proc/self/status").read_text().splitlines()
                    if ln.startswith("Threads:")]
@@ -400,6 +419,10 @@ class WorkerRunner(Runner):
         self.send({"op": "prepare", "runs": [{"argv": a, "kwargs": k} for a, k in runs]})
         result: dict[str, Any] = self.receive()
         return result
+
+    def bound_cells(self, max_cells: int) -> None:
+        self.send({"op": "configure", "max_cells": max_cells})
+        self.receive()
 
     def stats(self) -> dict[str, Any]:
         self.send({"op": "stats"})
