@@ -70,8 +70,10 @@ test-python:
 
 # The one-shot isolation suites again, every run served by a pre-created cell (as root and as
 # uid 65534): a run that took the cold path fails (tests/conftest.py, --cells=pooled).
+# Only their tests using the `sandbox` fixture run (conftest: pytest_collection_modifyitems).
 POOLED_SUITES = tests/test_fs.py tests/test_seccomp.py tests/test_host_masking.py \
-	tests/test_limits.py tests/test_netns.py tests/test_unprivileged.py tests/test_redact_sandbox.py
+	tests/test_limits.py tests/test_netns.py tests/test_redact_sandbox.py tests/test_network.py \
+	tests/test_robust.py
 test-pooled:
 	$(PY) -m pytest -q --cells=pooled $(POOLED_SUITES)
 

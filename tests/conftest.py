@@ -128,6 +128,21 @@ def pytest_configure(config: pytest.Config) -> None:
     POOLED = config.getoption("--cells") == "pooled"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--cells=pooled keeps only the tests it checks: those running sandboxes through the
+    `sandbox` fixture, whose runs cells can serve (a `cold_path` test runs as in the plain
+    pass). The rest are reported as deselected."""
+    if config.getoption("--cells") != "pooled":
+        return
+    keep, drop = [], []
+    for item in items:
+        uses = "sandbox" in getattr(item, "fixturenames", ())
+        (keep if uses and not item.get_closest_marker("cold_path") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 #: Set by --cells=pooled (see `Runner.pooled`).
 POOLED = False
 #: Most ready cells the pool keeps unless configured otherwise (cellblock_core::cell::pool).
