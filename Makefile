@@ -73,7 +73,7 @@ test-python:
 # Only their tests using the `sandbox` fixture run (conftest: pytest_collection_modifyitems).
 POOLED_SUITES = tests/test_fs.py tests/test_seccomp.py tests/test_host_masking.py \
 	tests/test_limits.py tests/test_netns.py tests/test_redact_sandbox.py tests/test_network.py \
-	tests/test_robust.py
+	tests/test_robust.py tests/test_env.py tests/test_cleanup.py tests/test_tty.py tests/test_errors.py
 test-pooled:
 	$(PY) -m pytest -q --cells=pooled $(POOLED_SUITES)
 

@@ -130,14 +130,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--cells=pooled keeps only the tests it checks: those running sandboxes through the
-    `sandbox` fixture, whose runs cells can serve (a `cold_path` test runs as in the plain
-    pass). The rest are reported as deselected."""
+    `sandbox` fixture (a `cold_path` test too: its marker must still apply). The rest are
+    reported as deselected."""
     if config.getoption("--cells") != "pooled":
         return
     keep, drop = [], []
     for item in items:
-        uses = "sandbox" in getattr(item, "fixturenames", ())
-        (keep if uses and not item.get_closest_marker("cold_path") else drop).append(item)
+        (keep if "sandbox" in getattr(item, "fixturenames", ()) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -151,6 +150,10 @@ DEFAULT_MAX_CELLS = 4
 #: by design (cellblock_core::cell::pool::Shape::of), and say so.
 EGRESS_IS_COLD = pytest.mark.cold_path(
     "an egress allowlist needs a proxy and a network namespace made for the run: cells never "
+    "serve it")
+#: The same for runs with a terminal (`tty=True`): it is opened by the command's own process.
+TTY_IS_COLD = pytest.mark.cold_path(
+    "a terminal is opened by the command's process and its master passed out: cells never "
     "serve it")
 
 
