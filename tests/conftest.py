@@ -242,7 +242,8 @@ class Runner:
                 never = prep["served"].count(False)
                 assert not never or self.cold_reason, (
                     f"{never} of these runs have a shape cells never serve: mark the test "
-                    f"@pytest.mark.cold_path(reason) if that is by design; runs: {str(asked)[:300]}")
+                    f"@pytest.mark.cold_path(reason) if that is by design; runs: "
+                    f"{str(asked)[:300]}")
                 self.cold_runs += never
                 assert prep["status"] == "ready", f"as {self.name}: no ready cell: {prep}"
                 served = len(asked) - never

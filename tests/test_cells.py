@@ -14,13 +14,20 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import conftest
 import pytest
 from test_cleanup import children_of
 
 import cellblock
 import cellblock.cells
-from conftest import DEFAULT_MAX_CELLS, PRELUDE, Runner, own_cellblock_cgroups, remove_cgroups_of, wait_for
+import conftest
+from conftest import (
+    DEFAULT_MAX_CELLS,
+    PRELUDE,
+    Runner,
+    own_cellblock_cgroups,
+    remove_cgroups_of,
+    wait_for,
+)
 
 MAX_CELLS = DEFAULT_MAX_CELLS
 
