@@ -244,3 +244,17 @@ def test_the_pooled_check_fails_runs_that_took_the_cold_path(
         sandbox.run(HUGE_ARGV)
     with pytest.raises(AssertionError, match="never serve"):
         sandbox.run(["true"], allow_net=["127.0.0.1:9"])
+
+
+def test_prepare_makes_room_in_a_full_pool(sandbox: Runner) -> None:
+    full = sandbox.prepare([(["true"], {"memory": "96M"})] * MAX_CELLS)
+    assert full["status"] == "ready" and sandbox.cells()["ready"] == MAX_CELLS
+    # Another shape: the first one's cells and demand give way (the bound holds throughout).
+    prep = sandbox.prepare([(["true"], {"memory": "80M"})] * 2)
+    assert prep["status"] == "ready"
+    assert sandbox.cells()["ready"] <= MAX_CELLS
+    before = sandbox.cells()
+    sandbox.run(["true"], memory="80M")
+    sandbox.run(["true"], memory="80M")
+    after = sandbox.cells()
+    assert after["hits"] == before["hits"] + 2, (before, after)

@@ -7,8 +7,11 @@ and bounded (`max_cells` in all, `per_shape` per shape); each serves one run and
 after its report is returned. A run with no ready cell builds its sandbox at once (the cold
 path): same isolation, same report. Turn cells off with `configure(False)`,
 `CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
-makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path: the
-test suite run that way proves every isolation claim through cells.
+makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path.
+
+A shape's first run only records demand; `prepare` makes cells of a run's shape ready ahead
+(and says which runs cells never serve). The test suite's `--cells=pooled` prepares a cell
+before every run and fails a run the cold path served (`stats().hits` did not grow).
 """
 
 from __future__ import annotations
