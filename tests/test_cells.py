@@ -23,6 +23,7 @@ import conftest
 from conftest import (
     DEFAULT_MAX_CELLS,
     PRELUDE,
+    Caller,
     Runner,
     own_cellblock_cgroups,
     remove_cgroups_of,
@@ -258,3 +259,27 @@ def test_prepare_makes_room_in_a_full_pool(sandbox: Runner) -> None:
     sandbox.run(["true"], memory="80M")
     after = sandbox.cells()
     assert after["hits"] == before["hits"] + 2, (before, after)
+
+
+def test_a_dead_cell_is_never_handed_to_a_waiting_run(caller: Caller) -> None:
+    """CELLBLOCK_CELLS=wait: a run skips a ready cell whose PID 1 died and waits for a live
+    one (not a fallback to the cold path). The same check now guards the cells the wait
+    hands over as they are built; that race is not provoked here."""
+    out = caller.run("""
+        import signal
+        os.environ["CELLBLOCK_CELLS"] = "wait"  # read when the pool starts (first use)
+        import cellblock.cells
+        assert cellblock.cells.prepare(["true"]).status == "ready"
+        tasks = os.listdir("/proc/self/task")
+        cells = {int(p) for t in tasks
+                 for p in open(f"/proc/self/task/{t}/children").read().split()}
+        assert cells
+        for pid in cells:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        res = cellblock.run(["sh", "-c", "echo served"])
+        s = cellblock.cells.stats()
+        print(json.dumps({"out": res.stdout, "hits": s.hits, "misses": s.misses,
+                          "fallbacks": s.fallbacks}))
+    """)
+    assert out == {"out": "served\n", "hits": 1, "misses": 0, "fallbacks": 0}

@@ -428,6 +428,17 @@ fn builder(p: &'static Pool) {
     }
 }
 
+/// A ready cell of `shape` whose PID 1 is alive (dead ones are dropped: teardown queued).
+fn pop_alive(st: &mut State, shape: &Shape) -> Option<Cell> {
+    let cells = st.ready.get_mut(shape)?;
+    while let Some(c) = cells.pop() {
+        if c.alive() {
+            return Some(c);
+        }
+    }
+    None
+}
+
 /// Takes a ready cell of `shape` (and records the demand, so the builder makes more).
 pub(crate) fn take(shape: &Shape) -> Option<Cell> {
     let p = pool()?;
@@ -437,15 +448,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
     }
     let now = Instant::now();
     let per_shape = st.bounds.per_shape;
-    let mut found = None;
-    if let Some(cells) = st.ready.get_mut(shape) {
-        while let Some(c) = cells.pop() {
-            if c.alive() {
-                found = Some(c);
-                break;
-            }
-        }
-    }
+    let mut found = pop_alive(&mut st, shape);
     // A shape seen before (or any shape in wait mode) asks for one more cell when none is ready.
     let asks = st.demand.contains_key(shape) || st.wait;
     let d = st.demand.entry(shape.clone()).or_insert(Demand {
@@ -467,7 +470,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
             break;
         }
         st = p.built.wait_timeout(st, left).ok()?.0;
-        found = st.ready.get_mut(shape).and_then(Vec::pop);
+        found = pop_alive(&mut st, shape);
     }
     if found.is_some() {
         st.stats.hits += 1;
