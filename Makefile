@@ -56,7 +56,7 @@ build: deps venv
 demo: build
 	$(VENV)/bin/cellblock demo
 
-test: build test-rust test-fuzz-smoke test-python
+test: build test-rust test-fuzz-smoke test-python test-pooled
 
 test-rust:
 	cargo test --release -p cellblock-core
@@ -67,6 +67,15 @@ test-fuzz-smoke:
 
 test-python:
 	$(PY) -m pytest -q tests
+
+# The one-shot isolation suites again, every run served by a pre-created cell (as root and as
+# uid 65534): a run that took the cold path fails (tests/conftest.py, --cells=pooled).
+# Only their tests using the `sandbox` fixture run (conftest: pytest_collection_modifyitems).
+POOLED_SUITES = tests/test_fs.py tests/test_seccomp.py tests/test_host_masking.py \
+	tests/test_limits.py tests/test_netns.py tests/test_redact_sandbox.py tests/test_network.py \
+	tests/test_robust.py tests/test_env.py tests/test_cleanup.py tests/test_tty.py tests/test_errors.py
+test-pooled:
+	$(PY) -m pytest -q --cells=pooled $(POOLED_SUITES)
 
 bench: build
 	$(PY) benches/spawn.py

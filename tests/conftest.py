@@ -97,6 +97,15 @@ WORKER = textwrap.dedent('''\
         req = json.loads(line)
         if req["op"] == "run_many":
             reply = run_many(req["runs"])
+        elif req["op"] == "prepare":
+            try:
+                runs = [(r["argv"], r["kwargs"]) for r in req["runs"]]
+                reply = {"result": cellblock.cells.prepare_many(runs).model_dump()}
+            except cellblock.CellblockError as e:
+                reply = {"error": type(e).__name__, "message": str(e)}
+        elif req["op"] == "configure":
+            cellblock.cells.configure(True, max_cells=req["max_cells"], per_shape=req["max_cells"])
+            reply = {"result": None}
         elif req["op"] == "cells":
             if req.get("drain"):
                 cellblock.cells.drain()
@@ -105,6 +114,47 @@ WORKER = textwrap.dedent('''\
             reply = {"result": stats()}
         print(json.dumps(reply), flush=True)
 ''')
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cells", choices=("auto", "pooled"), default="auto",
+        help="pooled: before every run of the `sandbox` fixture, make a cell of its shape ready "
+             "(cellblock.cells.prepare_many) and fail the test unless a ready cell served it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global POOLED
+    POOLED = config.getoption("--cells") == "pooled"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--cells=pooled keeps only the tests it checks: those running sandboxes through the
+    `sandbox` fixture (a `cold_path` test too: its marker must still apply). The rest are
+    reported as deselected."""
+    if config.getoption("--cells") != "pooled":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if "sandbox" in getattr(item, "fixturenames", ()) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+#: Set by --cells=pooled (see `Runner.pooled`).
+POOLED = False
+#: Most ready cells the pool keeps unless configured otherwise (cellblock_core::cell::pool).
+DEFAULT_MAX_CELLS = 4
+#: For tests whose runs list egress (`allow_net`): with --cells=pooled they take the cold path
+#: by design (cellblock_core::cell::pool::Shape::of), and say so.
+EGRESS_IS_COLD = pytest.mark.cold_path(
+    "an egress allowlist needs a proxy and a network namespace made for the run: cells never "
+    "serve it")
+#: The same for runs with a terminal (`tty=True`): it is opened by the command's own process.
+TTY_IS_COLD = pytest.mark.cold_path(
+    "a terminal is opened by the command's process and its master passed out: cells never "
+    "serve it")
 
 
 def expected_cgroup_enforcer() -> str:
@@ -151,6 +201,82 @@ class Runner:
         every teardown (what is left afterwards is a leak)."""
         raise NotImplementedError
 
+    #: With --cells=pooled: why the current test's runs may take the cold path (its
+    #: `cold_path` marker), and how many did.
+    cold_reason: str | None = None
+    cold_runs = 0
+
+    def prepare(self, runs: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
+        """`cellblock.cells.prepare_many(runs)` in the calling process."""
+        raise NotImplementedError
+
+    def bound_cells(self, max_cells: int) -> None:
+        """Bounds the calling process's pool to `max_cells` (in all and per shape)."""
+        raise NotImplementedError
+
+    def pooled(self, runs: list[tuple[list[str], dict[str, Any]]],
+               start: Callable[[], Callable[[], list[SimpleNamespace]]]
+               ) -> Callable[[], list[SimpleNamespace]]:
+        """With --cells=pooled: makes a cell ready for each run, starts them, and (when they
+        are waited for) asserts that ready cells served every run that does not say
+        `cells=False`, so that a run which took the cold path fails the test. A run of a shape
+        cells never serve (egress allowlist, terminal) fails it too unless the test says so
+        with `@pytest.mark.cold_path(reason)`."""
+        if not POOLED:
+            return start()
+        asked = [(a, k) for a, k in runs if k.get("cells", True)]
+        refused: BaseException | None = None
+        served = 0
+        if len(asked) > DEFAULT_MAX_CELLS:
+            # More concurrent runs than the pool keeps by default: room for one cell each.
+            self.bound_cells(len(asked))
+        if asked:
+            try:
+                prep = self.prepare(asked)
+            except cellblock.CellblockError as e:
+                # A run the core refuses before choosing its path: the same run must fail the
+                # same way, served by nothing.
+                assert len(runs) == 1, f"cannot prepare cells for a batch: {e!r}"
+                refused = e
+            else:
+                never = prep["served"].count(False)
+                assert not never or self.cold_reason, (
+                    f"{never} of these runs have a shape cells never serve: mark the test "
+                    f"@pytest.mark.cold_path(reason) if that is by design; runs: "
+                    f"{str(asked)[:300]}")
+                self.cold_runs += never
+                assert prep["status"] == "ready", f"as {self.name}: no ready cell: {prep}"
+                served = len(asked) - never
+        before = self.cells()
+
+        def check() -> None:
+            if len(asked) > DEFAULT_MAX_CELLS:
+                self.bound_cells(DEFAULT_MAX_CELLS)
+            after = self.cells()
+            assert after["hits"] - before["hits"] == served, (
+                f"as {self.name}: {served} runs should have been served by ready cells, "
+                f"{after['hits'] - before['hits']} were (fallbacks "
+                f"{after['fallbacks'] - before['fallbacks']}); before {before}, after {after}")
+
+        try:
+            wait = start()
+        except BaseException:
+            check()
+            raise
+
+        def waited() -> list[SimpleNamespace]:
+            try:
+                results = wait()
+            except BaseException as e:
+                check()
+                if refused is not None:
+                    assert type(e) is type(refused), (refused, e)
+                raise
+            check()
+            assert refused is None, f"prepare refused a run that then succeeded: {refused!r}"
+            return results
+        return waited
+
     def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
         return self.start_many([(argv, kwargs)])()[0]
 
@@ -191,18 +317,37 @@ class InProcessRunner(Runner):
         self.caller_uid = os.getuid()
 
     def run(self, argv: list[str], **kwargs: Any) -> SimpleNamespace:
-        return outcome(cellblock.run(argv, **self.with_profile(kwargs)).to_dict())
+        kwargs = self.with_profile(kwargs)
+
+        def start() -> Callable[[], list[SimpleNamespace]]:
+            return lambda: [outcome(cellblock.run(argv, **kwargs).to_dict())]
+        return self.pooled([(argv, kwargs)], start)()[0]
 
     def start_many(self, runs: list[tuple[list[str], dict[str, Any]]]
                    ) -> Callable[[], list[SimpleNamespace]]:
-        pool = concurrent.futures.ThreadPoolExecutor(len(runs))
-        futures = [pool.submit(self.run, argv, **kw) for argv, kw in runs]
+        runs = [(argv, self.with_profile(kw)) for argv, kw in runs]
 
-        def wait() -> list[SimpleNamespace]:
-            results = [f.result(timeout=WORKER_DEADLINE) for f in futures]
-            pool.shutdown(wait=True)
-            return results
-        return wait
+        def start() -> Callable[[], list[SimpleNamespace]]:
+            pool = concurrent.futures.ThreadPoolExecutor(len(runs))
+            futures = [pool.submit(cellblock.run, argv, **kw) for argv, kw in runs]
+
+            def wait() -> list[SimpleNamespace]:
+                results = [outcome(f.result(timeout=WORKER_DEADLINE).to_dict())
+                           for f in futures]
+                pool.shutdown(wait=True)
+                return results
+            return wait
+        return self.pooled(runs, start)
+
+    def prepare(self, runs: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
+        import cellblock.cells
+
+        return cellblock.cells.prepare_many(runs).model_dump()
+
+    def bound_cells(self, max_cells: int) -> None:
+        import cellblock.cells
+
+        cellblock.cells.configure(True, max_cells=max_cells, per_shape=max_cells)
 
     def stats(self) -> dict[str, Any]:
         threads = [ln for ln in Path("/proc/self/status").read_text().splitlines()
@@ -274,17 +419,29 @@ class WorkerRunner(Runner):
 
     def start_many(self, runs: list[tuple[list[str], dict[str, Any]]]
                    ) -> Callable[[], list[SimpleNamespace]]:
-        self.send({"op": "run_many",
-                   "runs": [{"argv": a, "kwargs": self.with_profile(k)} for a, k in runs]})
+        runs = [(a, self.with_profile(k)) for a, k in runs]
 
-        def wait() -> list[SimpleNamespace]:
-            out = []
-            for reply in self.receive():
-                if "error" in reply:
-                    raise_named(reply["error"], reply["message"])
-                out.append(outcome(reply["result"]))
-            return out
-        return wait
+        def start() -> Callable[[], list[SimpleNamespace]]:
+            self.send({"op": "run_many", "runs": [{"argv": a, "kwargs": k} for a, k in runs]})
+
+            def wait() -> list[SimpleNamespace]:
+                out = []
+                for reply in self.receive():
+                    if "error" in reply:
+                        raise_named(reply["error"], reply["message"])
+                    out.append(outcome(reply["result"]))
+                return out
+            return wait
+        return self.pooled(runs, start)
+
+    def prepare(self, runs: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
+        self.send({"op": "prepare", "runs": [{"argv": a, "kwargs": k} for a, k in runs]})
+        result: dict[str, Any] = self.receive()
+        return result
+
+    def bound_cells(self, max_cells: int) -> None:
+        self.send({"op": "configure", "max_cells": max_cells})
+        self.receive()
 
     def stats(self) -> dict[str, Any]:
         self.send({"op": "stats"})
@@ -396,17 +553,36 @@ def self_runner() -> InProcessRunner:
 
 
 @pytest.fixture(params=["self", "nobody"], ids=["root" if IS_ROOT else "user", "nobody"])
-def sandbox(request: pytest.FixtureRequest, canary: str, monkeypatch: pytest.MonkeyPatch) -> Runner:
-    """A runner for each caller identity: this process, and uid 65534."""
+def sandbox(request: pytest.FixtureRequest, canary: str, monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[Runner]:
+    """A runner for each caller identity: this process, and uid 65534. With --cells=pooled,
+    every run is served by a ready cell (see `Runner.pooled`)."""
+    runner = runner_for(request, canary, monkeypatch)
+    marker = request.node.get_closest_marker("cold_path")
+    runner.cold_reason = str(marker.args[0]) if marker else None
+    runner.cold_runs = 0
+    try:
+        yield runner
+    finally:
+        reason, runner.cold_reason = runner.cold_reason, None
+    # A stale marker would hide a test's runs from the pooled check: it must still apply.
+    assert not (POOLED and reason and not runner.cold_runs), (
+        f"marked cold_path ({reason}) but every run was served by a cell: drop the marker")
+
+
+def runner_for(request: pytest.FixtureRequest, canary: str, monkeypatch: pytest.MonkeyPatch
+               ) -> Runner:
     if request.param == "nobody":
-        return request.getfixturevalue("nobody_runner")
+        runner: Runner = request.getfixturevalue("nobody_runner")
+        return runner
     # The canary is set in our environment for every in-process run, and temp files go to a
     # private directory where leftovers are seen.
     monkeypatch.setenv("CELLBLOCK_TEST_CANARY", canary)
     tmpdir = str(request.getfixturevalue("tmp_path_factory").mktemp("tmpdir"))
     monkeypatch.setenv("TMPDIR", tmpdir)
     monkeypatch.setattr(tempfile, "tempdir", tmpdir)
-    return request.getfixturevalue("self_runner")
+    runner = request.getfixturevalue("self_runner")
+    return runner
 
 
 @pytest.fixture

@@ -19,10 +19,18 @@ from test_cleanup import children_of
 
 import cellblock
 import cellblock.cells
-from conftest import PRELUDE, Runner, own_cellblock_cgroups, remove_cgroups_of, wait_for
+import conftest
+from conftest import (
+    DEFAULT_MAX_CELLS,
+    PRELUDE,
+    Caller,
+    Runner,
+    own_cellblock_cgroups,
+    remove_cgroups_of,
+    wait_for,
+)
 
-#: Most ready cells the pool keeps unless configured otherwise (cellblock_core::cell::pool).
-MAX_CELLS = 4
+MAX_CELLS = DEFAULT_MAX_CELLS
 
 
 def ready_cell(sandbox: Runner, **kwargs: Any) -> dict[str, Any]:
@@ -185,3 +193,96 @@ def test_cells_die_with_their_owner() -> None:
         if owner.stdout is not None:
             owner.stdout.close()
         remove_cgroups_of(owner.pid)
+
+
+def test_prepare_makes_a_shapes_first_run_a_hit(sandbox: Runner) -> None:
+    sandbox.cells(drain=True)
+    # After a drain the pool knows no shape: without prepare this run would only record it.
+    prep = sandbox.prepare([(["true"], {"memory": "96M"})] * 2)
+    assert prep == {"status": "ready", "served": [True, True], "detail": None}
+    before = sandbox.cells()
+    assert before["ready"] >= 2
+    res = sandbox.run(["sh", "-c", "echo in-a-cell"], memory="96M", env={"X": "1"})
+    after = sandbox.cells()
+    assert (res.reason, res.stdout) == ("exited", "in-a-cell\n")
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+
+
+def test_prepare_says_which_shapes_cells_never_serve(sandbox: Runner) -> None:
+    prep = sandbox.prepare([(["true"], {"allow_net": ["127.0.0.1:9"]}), (["true"], {"tty": True}),
+                            (["true"], {})])
+    assert prep["served"] == [False, False, True] and prep["status"] == "ready"
+
+
+def test_prepare_refuses_more_than_the_bounds_and_bad_runs(sandbox: Runner) -> None:
+    prep = sandbox.prepare([(["true"], {})] * (MAX_CELLS + 1))
+    assert prep["status"] == "over_bound" and str(MAX_CELLS) in prep["detail"]
+    with pytest.raises(cellblock.InvalidSpec, match="cwd"):
+        sandbox.prepare([(["true"], {"cwd": "relative"})])
+    with pytest.raises(cellblock.InvalidSpec, match="count"):
+        cellblock.cells.prepare(["true"], count=0)
+
+
+#: argv larger than a cell's request buffer (cellblock_core::cell::wire::REQUEST_CAP, 128 KiB).
+HUGE_ARGV = ["sh", "-c", 'echo "${#0} ${#1}"', "a" * 100_000, "b" * 100_000]
+
+
+def test_a_run_too_large_for_its_cell_is_a_miss_not_a_hit(sandbox: Runner) -> None:
+    assert sandbox.prepare([(HUGE_ARGV, {})])["status"] == "ready"
+    before = sandbox.cells()
+    res = sandbox.run(HUGE_ARGV)
+    after = sandbox.cells()
+    # Correct through the cold path, and counted as such.
+    assert (res.reason, res.stdout) == ("exited", "100000 100000\n"), res.stderr
+    assert after["hits"] == before["hits"], (before, after)
+    assert after["misses"] == before["misses"] + 1
+    assert after["fallbacks"] == before["fallbacks"] + 1
+
+
+def test_the_pooled_check_fails_runs_that_took_the_cold_path(
+        sandbox: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cells=pooled (conftest `Runner.pooled`) cannot pass a run the cold path served."""
+    monkeypatch.setattr(conftest, "POOLED", True)
+    assert sandbox.run(["true"]).reason == "exited"
+    with pytest.raises(AssertionError, match="should have been served by ready cells"):
+        sandbox.run(HUGE_ARGV)
+    with pytest.raises(AssertionError, match="never serve"):
+        sandbox.run(["true"], allow_net=["127.0.0.1:9"])
+
+
+def test_prepare_makes_room_in_a_full_pool(sandbox: Runner) -> None:
+    full = sandbox.prepare([(["true"], {"memory": "96M"})] * MAX_CELLS)
+    assert full["status"] == "ready" and sandbox.cells()["ready"] == MAX_CELLS
+    # Another shape: the first one's cells and demand give way (the bound holds throughout).
+    prep = sandbox.prepare([(["true"], {"memory": "80M"})] * 2)
+    assert prep["status"] == "ready"
+    assert sandbox.cells()["ready"] <= MAX_CELLS
+    before = sandbox.cells()
+    sandbox.run(["true"], memory="80M")
+    sandbox.run(["true"], memory="80M")
+    after = sandbox.cells()
+    assert after["hits"] == before["hits"] + 2, (before, after)
+
+
+def test_a_dead_cell_is_never_handed_to_a_waiting_run(caller: Caller) -> None:
+    """CELLBLOCK_CELLS=wait: a run skips a ready cell whose PID 1 died and waits for a live
+    one (not a fallback to the cold path). The same check now guards the cells the wait
+    hands over as they are built; that race is not provoked here."""
+    out = caller.run("""
+        import signal
+        os.environ["CELLBLOCK_CELLS"] = "wait"  # read when the pool starts (first use)
+        import cellblock.cells
+        assert cellblock.cells.prepare(["true"]).status == "ready"
+        tasks = os.listdir("/proc/self/task")
+        cells = {int(p) for t in tasks
+                 for p in open(f"/proc/self/task/{t}/children").read().split()}
+        assert cells
+        for pid in cells:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        res = cellblock.run(["sh", "-c", "echo served"])
+        s = cellblock.cells.stats()
+        print(json.dumps({"out": res.stdout, "hits": s.hits, "misses": s.misses,
+                          "fallbacks": s.fallbacks}))
+    """)
+    assert out == {"out": "served\n", "hits": 1, "misses": 0, "fallbacks": 0}

@@ -30,7 +30,10 @@ import pytest
 import cellblock
 from cellblock.commands.secrets import credentials_from_args
 from cellblock.telemetry.otel import security_events
-from conftest import PRELUDE, Runner
+from conftest import EGRESS_IS_COLD, PRELUDE, Runner
+
+#: Credentials allow egress to their hosts: every run here goes through a proxy of its own.
+pytestmark = [EGRESS_IS_COLD]
 
 HAS_CURL = shutil.which("curl") is not None
 VALUE = "real-value-" + secrets.token_hex(12)

@@ -110,7 +110,10 @@ def test_timeout(sandbox: Runner) -> None:
 def test_cpu_time_limit(sandbox: Runner) -> None:
     res = sandbox.run(["python3", "-c", "while True: pass"], cpu_time=1, timeout=60)
     assert res.enforcement["cpu_time"] == sandbox.enforcer("cpu_time")
-    assert res.cpu_time_s >= 0.9
+    # Without a cgroup the CPU time reported is the command's rusage, which on a loaded VM
+    # falls short of the scheduler's count RLIMIT_CPU enforces: 0.75-0.99 s for a 1 s limit,
+    # cold and pooled alike (`prlimit --cpu=1` on the host: 0.91-1.01 s).
+    assert res.cpu_time_s >= (0.9 if sandbox.privileged else 0.7)
     assert res.reason == "cpu_time" and res.exit_code is None
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 import cellblock
-from conftest import PRELUDE, Cli, Runner, processes_with_argv, wait_for
+from conftest import EGRESS_IS_COLD, PRELUDE, Cli, Runner, processes_with_argv, wait_for
 
 OUTSIDE = "192.0.2.1"  # TEST-NET-1: never routed; inside the sandbox it only reaches the proxy
 BAD_PATTERNS = ["", "a b", "host:99999", "*.", "http://x"]
@@ -291,6 +291,7 @@ def test_without_allowlist_nothing_leaves(sandbox: Runner, http_server: HostServ
 # ---- listed loopback target ----------------------------------------------------------------------
 
 
+@EGRESS_IS_COLD
 def test_listed_loopback_reached_by_python_clients(sandbox: Runner,
                                                    http_server: HostServer) -> None:
     p = unique("py")
@@ -322,6 +323,7 @@ def test_listed_loopback_reached_by_python_clients(sandbox: Runner,
     assert res.network["bytes_out"] >= 4 * len(f"GET {p}/raw HTTP/1.0\r\n\r\n")
 
 
+@EGRESS_IS_COLD
 @pytest.mark.skipif(not HAS_CURL, reason="curl is not installed")
 def test_listed_loopback_reached_by_curl(sandbox: Runner, http_server: HostServer) -> None:
     p = unique("curl")
@@ -343,6 +345,7 @@ def test_listed_loopback_reached_by_curl(sandbox: Runner, http_server: HostServe
     assert net_violations(res) == []
 
 
+@EGRESS_IS_COLD
 @pytest.mark.skipif(not HAS_NODE, reason="node is not installed")
 def test_listed_loopback_reached_by_node_fetch(sandbox: Runner, http_server: HostServer,
                                                closed_port: socket.socket) -> None:
@@ -371,6 +374,7 @@ def test_listed_loopback_reached_by_node_fetch(sandbox: Runner, http_server: Hos
     assert nothing_arrived(closed_port)
 
 
+@EGRESS_IS_COLD
 def test_localhost_pattern_means_the_hosts_loopback(sandbox: Runner,
                                                     http_server: HostServer) -> None:
     p = unique("lh")
@@ -396,6 +400,7 @@ def test_localhost_pattern_means_the_hosts_loopback(sandbox: Runner,
 # ---- TLS -----------------------------------------------------------------------------------------
 
 
+@EGRESS_IS_COLD
 def test_tls_by_proxy_tunnel_transparent_path_and_sni(
         sandbox: Runner, tls_server: tuple[HostServer, str]) -> None:
     server, pem = tls_server
@@ -425,6 +430,7 @@ def test_tls_by_proxy_tunnel_transparent_path_and_sni(
     assert res.network["connections"] >= 3
 
 
+@EGRESS_IS_COLD
 @pytest.mark.skipif(not HAS_CURL, reason="curl is not installed")
 def test_tls_with_curl(sandbox: Runner, tls_server: tuple[HostServer, str]) -> None:
     server, pem = tls_server
@@ -447,6 +453,7 @@ def test_tls_with_curl(sandbox: Runner, tls_server: tuple[HostServer, str]) -> N
 # ---- refusals ------------------------------------------------------------------------------
 
 
+@EGRESS_IS_COLD
 def test_unlisted_port_on_a_listed_host_is_refused_and_reported(
         sandbox: Runner, http_server: HostServer, closed_port: socket.socket) -> None:
     other = closed_port.getsockname()[1]
@@ -477,6 +484,7 @@ def test_unlisted_port_on_a_listed_host_is_refused_and_reported(
     assert res.network == {"connections": 0, "bytes_out": 0, "bytes_in": 0}
 
 
+@EGRESS_IS_COLD
 def test_unlisted_name_is_refused_at_dns_and_reported(sandbox: Runner,
                                                       http_server: HostServer) -> None:
     out, res = probe(sandbox, f"""
@@ -545,6 +553,7 @@ def alias_server() -> Iterator[tuple[HostServer, str]]:
     server.close()
 
 
+@EGRESS_IS_COLD
 def test_listed_name_resolving_to_loopback_needs_the_address_listed(
         sandbox: Runner, alias_server: tuple[HostServer, str]) -> None:
     server, name = alias_server
@@ -582,6 +591,7 @@ def test_listed_name_resolving_to_loopback_needs_the_address_listed(
     assert [h for h in server.hits if h.startswith(p)] == [f"{p}/proxy", f"{p}/raw"]
 
 
+@EGRESS_IS_COLD
 def test_udp_other_than_dns_is_refused_and_reported(sandbox: Runner,
                                                     http_server: HostServer) -> None:
     host_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -607,6 +617,7 @@ def test_udp_other_than_dns_is_refused_and_reported(sandbox: Runner,
 # ---- bad patterns --------------------------------------------------------------------------------
 
 
+@EGRESS_IS_COLD
 @pytest.mark.parametrize("pattern", BAD_PATTERNS)
 def test_bad_pattern_raises(sandbox: Runner, pattern: str) -> None:
     with pytest.raises(cellblock.NetworkPolicyError, match="bad allow pattern"):
@@ -667,6 +678,7 @@ def settled_thread_count(runner: Runner) -> int:
     return seen[-1]
 
 
+@EGRESS_IS_COLD
 def test_nothing_left_running(sandbox: Runner, marker: str) -> None:
     server = HostServer("cellblock-hang-" + secrets.token_hex(6))
     try:

@@ -19,7 +19,7 @@ from fake_anthropic import FakeAnthropic, message, text, tool_use
 
 import cellblock
 from cellblock.agent import Agent, AgentEvent
-from conftest import PRELUDE, Cli, Runner
+from conftest import EGRESS_IS_COLD, PRELUDE, Cli, Runner
 
 #: Lower case and digits only: DNS names keep it as it is.
 SECRET = "x9tok3n7s3cr3tq2v8"
@@ -97,6 +97,7 @@ def check_refused(report: dict[str, Any], tried: list[list[str]]) -> None:
     assert_nowhere(report)
 
 
+@EGRESS_IS_COLD
 def test_secret_in_a_refused_name_is_redacted_in_the_report(sandbox: Runner,
                                                             loopback_port: int) -> None:
     res = sandbox.run(["python3", "-c", PRELUDE + textwrap.dedent(REFUSED_NAMES)],
@@ -212,6 +213,7 @@ REFUSED_FOLDED = """
 """
 
 
+@EGRESS_IS_COLD
 def test_secret_in_a_refused_name_is_redacted_whatever_its_case(sandbox: Runner,
                                                                 loopback_port: int) -> None:
     res = sandbox.run(["python3", "-c", PRELUDE + textwrap.dedent(REFUSED_FOLDED)],

@@ -24,6 +24,7 @@ import pytest
 
 import cellblock
 from conftest import (
+    EGRESS_IS_COLD,
     IS_ROOT,
     SETPRIV,
     WORKER_DEADLINE,
@@ -264,6 +265,7 @@ def test_pause_without_freezer_is_a_typed_error(nobody_dir: Path) -> None:
 # ---- 3. a large nftables ruleset loads (no pipe-size deadlock) -------------------------------
 
 
+@EGRESS_IS_COLD
 def test_long_allowlist_loads_and_is_enforced(sandbox: Runner) -> None:
     # A ruleset larger than a whole default pipe buffer (64 KiB), let alone a small one.
     # Each listed target is ~19 bytes of the ruleset: 4000 of them make ~76 KB.
@@ -280,6 +282,7 @@ def test_long_allowlist_loads_and_is_enforced(sandbox: Runner) -> None:
 # ---- 4. unlisted TCP is refused at connect time and reported ---------------------------------
 
 
+@EGRESS_IS_COLD
 def test_unlisted_destination_is_refused_at_connect(sandbox: Runner) -> None:
     res = sandbox.run(["python3", "-c", textwrap.dedent("""
         import errno, json, socket, time

@@ -25,7 +25,16 @@ from typing import Any
 import pytest
 
 import cellblock
-from conftest import IS_ROOT, PRELUDE, SETPRIV, WORKER_DEADLINE, Cli, Runner, processes_with_argv
+from conftest import (
+    IS_ROOT,
+    PRELUDE,
+    SETPRIV,
+    TTY_IS_COLD,
+    WORKER_DEADLINE,
+    Cli,
+    Runner,
+    processes_with_argv,
+)
 
 SECRET = "tty-secret-" + "8f3a91c2d7e4"
 
@@ -104,6 +113,7 @@ report(opened=len(held), err=err)
     assert got["err"] == "ENOSPC", got
 
 
+@TTY_IS_COLD
 def test_tty_run_gets_its_own_controlling_terminal(sandbox: Runner, host_pty: str) -> None:
     res = sandbox.run(["python3", "-c", PRELUDE + TERMINAL_FACTS + "report(**facts())"],
                       tty=True, tty_size=[31, 97])
@@ -121,6 +131,7 @@ def test_tty_run_gets_its_own_controlling_terminal(sandbox: Runner, host_pty: st
     assert "\r\n" in res.stdout
 
 
+@TTY_IS_COLD
 def test_stderr_is_merged_and_secrets_are_redacted(sandbox: Runner) -> None:
     code = "import os, sys; print(os.environ['TOKEN']); print('E:' + os.environ['TOKEN'], " \
            "file=sys.stderr)"
@@ -131,6 +142,7 @@ def test_stderr_is_merged_and_secrets_are_redacted(sandbox: Runner) -> None:
     assert "E:[REDACTED:TOKEN]" in res.stdout and res.stderr == ""
 
 
+@TTY_IS_COLD
 def test_tty_output_is_capped(sandbox: Runner) -> None:
     res = sandbox.run(["python3", "-c", "import sys\nwhile True: sys.stdout.write('x' * 4096)"],
                       tty=True, max_output=100_000, timeout=30)
@@ -138,6 +150,7 @@ def test_tty_output_is_capped(sandbox: Runner) -> None:
     assert res.stdout_truncated and len(res.stdout) == 100_000
 
 
+@TTY_IS_COLD
 def test_input_is_typed_into_an_interactive_repl(sandbox: Runner) -> None:
     # python3 reads a terminal interactively: prompt, echo of the typed line, its result.
     res = sandbox.run(["python3", "-q"], tty=True, stdin="print(6 * 7)\nexit()\n", timeout=30)
@@ -149,6 +162,7 @@ def test_input_is_typed_into_an_interactive_repl(sandbox: Runner) -> None:
     assert res.stdout == "one line\r\none line\r\n"
 
 
+@TTY_IS_COLD
 def test_tty_runs_take_the_cold_path_with_a_cell_ready(sandbox: Runner) -> None:
     from test_cells import ready_cell
 

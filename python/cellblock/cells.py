@@ -9,11 +9,17 @@ path): same isolation, same report. The cold path takes parts made ahead by the 
 of background thread when it can: a network namespace (as root) and cgroup directories, each
 used once. Turn cells (and parts) off with `configure(False)`,
 `CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
-makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path: the
-test suite run that way proves every isolation claim through cells.
+makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path.
+
+A shape's first run only records demand; `prepare` makes cells of a run's shape ready ahead
+(and says which runs cells never serve). The test suite's `--cells=pooled` prepares a cell
+before every run and fails a run the cold path served (`stats().hits` did not grow).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,6 +60,56 @@ class CellStats(BaseModel):
     cold_cgroups_ahead: int = 0
     #: Network namespaces and cgroups made ahead and not used yet.
     parts_ready: int = 0
+    #: Runs that took a cell but could not use it (request larger than the cell's buffer, or
+    #: the cell died): they took the cold path and count as misses, not hits.
+    fallbacks: int = 0
+    #: Why the most recent failed build failed.
+    last_build_error: str | None = None
+
+
+class Preparation(BaseModel):
+    """What `prepare` achieved."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: "ready": a cell waits for each run whose shape cells serve; "disabled": cells are off;
+    #: "over_bound": more cells than the pool's bounds were asked for; "timed_out": not all
+    #: were ready in time (`detail` names the last build error).
+    status: Literal["ready", "disabled", "over_bound", "timed_out"]
+    #: Per run: whether cells serve its shape at all. False for an egress allowlist
+    #: (`allow_net`, credentials) or a terminal (`tty`): such a run builds a sandbox made for
+    #: it, always.
+    served: list[bool]
+    detail: str | None = None
+
+
+#: `cellblock.run` arguments that do not shape the sandbox (ignored by `prepare`).
+_PER_CALL = frozenset({"stdin", "on_output", "cancel", "cells", "tty_input"})
+
+
+def prepare_many(runs: Sequence[tuple[Sequence[str], Mapping[str, Any]]],
+                 within: float = 30.0) -> Preparation:
+    """Makes a ready cell wait, within `within` seconds, for each of these runs (argv and
+    `cellblock.run` keyword arguments): runs of the same shape get as many cells as there are
+    of them. Cells of other shapes are dropped when the pool has no room. The runs, made
+    afterwards, are then served by those cells (unless they pass `cells=False`). Arguments a
+    run would refuse raise the run's error (`InvalidSpec`, ...)."""
+    from cellblock.sandbox import plan_run
+
+    if within < 0:
+        raise InvalidSpec(f"within must be >= 0, got {within}")
+    specs = [plan_run(argv, **{k: v for k, v in options.items() if k not in _PER_CALL}).encoded()
+             for argv, options in runs]
+    return Preparation(**_native.cells_prepare(specs, within))
+
+
+def prepare(argv: Sequence[str] = ("true",), *, count: int = 1, within: float = 30.0,
+            **options: Any) -> Preparation:
+    """Makes `count` cells of the shape `cellblock.run(argv, **options)` would use ready
+    (see `prepare_many`): e.g. before a burst of runs, so that none pays for a sandbox."""
+    if count < 1:
+        raise InvalidSpec(f"count must be >= 1, got {count}")
+    return prepare_many([(argv, options)] * count, within)
 
 
 def configure(enabled: bool = True, *, max_cells: int | None = None,

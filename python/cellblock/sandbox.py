@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -159,6 +160,64 @@ def encode_spec(spec: dict[str, Any], compiled: CompiledFilter | None) -> str:
     return f'{rest[:-1]}, "seccomp": {compiled.spec_section_json}}}'
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """What `run` hands the core for one call (see `plan_run`)."""
+
+    spec: dict[str, Any]
+    compiled: CompiledFilter | None
+    secrets: list[Secret]
+    terminal: dict[str, Any] | None
+
+    def encoded(self) -> str:
+        """The spec as JSON for the core."""
+        return encode_spec(self.spec, self.compiled)
+
+
+def plan_run(
+    argv: Sequence[str],
+    *,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
+    timeout: float | None = None,
+    cpu_time: float | None = None,
+    max_output: int | str | None = None,
+    disk: int | str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    policy: Policy | None = None,
+    profile: str | None = None,
+    seccomp: SeccompPolicy | None = None,
+    allow_net: Sequence[str] | None = None,
+    secrets: SecretsArg = None,
+    environment: str | None = None,
+    credentials: CredentialsArg = None,
+    on_credential_leak: OnPlaceholderLeak | None = None,
+    tls_ca_bundle: str | None = None,
+    tty: bool = False,
+    tty_size: SizeArg = None,
+    rootfs: str | os.PathLike[str] | None = None,
+) -> PlannedRun:
+    """The spec `run` would hand the core for these arguments (the same errors too): one
+    definition shared with `cellblock.cells.prepare`, which makes cells for it ahead."""
+    base = policy or _DEFAULT_POLICY
+    merged = base.merged(
+        memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
+        max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
+        environment=environment,
+        env={**base.env, **env} if env else None,
+        allow_net=as_pattern_list(allow_net), rootfs=rootfs,
+        credentials=with_credentials(base, credentials),
+        on_credential_leak=on_credential_leak, tls_ca_bundle=tls_ca_bundle,
+    )
+    all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
+    compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
+    terminal = tty_section(tty, tty_size)
+    spec = build_spec(argv, merged, all_secrets, compiled, terminal)
+    return PlannedRun(spec, compiled, all_secrets, terminal)
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -209,20 +268,15 @@ def run(
     sees a placeholder, the egress proxy substitutes the value (see `cellblock.credentials`);
     `on_credential_leak` and `tls_ca_bundle` as the policy's fields.
     """
-    base = policy or _DEFAULT_POLICY
-    merged = base.merged(
-        memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
-        max_output=max_output, disk=disk, cwd=cwd, profile=profile, seccomp=seccomp,
-        environment=environment,
-        env={**base.env, **env} if env else None,
-        allow_net=as_pattern_list(allow_net), rootfs=rootfs,
-        credentials=with_credentials(base, credentials),
-        on_credential_leak=on_credential_leak, tls_ca_bundle=tls_ca_bundle,
+    planned = plan_run(
+        argv, memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
+        max_output=max_output, disk=disk, env=env, cwd=cwd, policy=policy, profile=profile,
+        seccomp=seccomp, allow_net=allow_net, secrets=secrets, environment=environment,
+        credentials=credentials, on_credential_leak=on_credential_leak,
+        tls_ca_bundle=tls_ca_bundle, tty=tty, tty_size=tty_size, rootfs=rootfs,
     )
-    all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
-    compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
-    terminal = tty_section(tty, tty_size)
-    spec = build_spec(argv, merged, all_secrets, compiled, terminal)
+    spec, compiled, all_secrets, terminal = (
+        planned.spec, planned.compiled, planned.secrets, planned.terminal)
     data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None)
     try:
         # Without a keyboard source there is nothing to set up (nor to check).

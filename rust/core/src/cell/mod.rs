@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 use teardown::Remains;
 
-pub use pool::{configure, drain, stats, Stats};
+pub use pool::{configure, drain, stats, Prepared, Stats};
 
 /// Runs of this process in progress (cold or pooled): background work waits for none.
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -73,11 +73,37 @@ pub fn run(spec: &RunSpec, hooks: Hooks<'_>, use_cells: bool) -> Result<RunRepor
     let started = match cell {
         Some(cell) => match start_in(cell, spec)? {
             Some(started) => started,
-            None => spawn::start(spec)?,
+            None => {
+                pool::fell_back();
+                spawn::start(spec)?
+            }
         },
         None => spawn::start(spec)?,
     };
     Ok(supervise::supervise_spec(started, spec, &redactor, hooks))
+}
+
+/// Whether a run of `spec` can be served by a cell: `Ok(None)` when its shape never is (an
+/// egress allowlist or a terminal needs a sandbox made for the run); the errors a run of it
+/// would raise before choosing its path.
+pub fn shape_for(spec: &RunSpec) -> Result<Option<pool::Shape>> {
+    spawn::validate(spec)?;
+    crate::redactor_for(spec)?;
+    Ok(pool::Shape::of(spec))
+}
+
+/// Makes cells ready (within `limit`) for one run of each of `specs`; see [`pool::prepare`].
+/// Also returns, per spec, whether cells serve its shape at all (see [`shape_for`]): those
+/// that are never served are left out.
+pub fn prepare(specs: &[RunSpec], limit: Duration) -> Result<(Vec<bool>, Prepared)> {
+    let mut shapes = Vec::with_capacity(specs.len());
+    let mut served = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let shape = shape_for(spec)?;
+        served.push(shape.is_some());
+        shapes.extend(shape);
+    }
+    Ok((served, pool::prepare(&shapes, limit)))
 }
 
 /// Sends the run to `cell`. `None`: the cell cannot take it (request too large for its buffer,

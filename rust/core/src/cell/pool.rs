@@ -270,6 +270,11 @@ pub struct Stats {
     pub max_cells: usize,
     /// Network namespaces and cgroups made ahead for the cold path ([`super::parts`]).
     pub parts: super::parts::PartStats,
+    /// Cells taken by a run that could not use them (request larger than the cell's buffer,
+    /// or the cell died meanwhile): the run took the cold path and counts as a miss.
+    pub fallbacks: u64,
+    /// Why the most recent failed build failed.
+    pub last_build_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -422,8 +427,9 @@ fn builder(p: &'static Pool) {
                     drop(cell);
                 }
             }
-            Err(_) => {
+            Err(e) => {
                 st.stats.failed += 1;
+                st.stats.last_build_error = Some(e.to_string());
                 if let Some(d) = st.demand.get_mut(&shape) {
                     d.retry_at = Instant::now() + RETRY;
                 }
@@ -431,6 +437,17 @@ fn builder(p: &'static Pool) {
         }
         p.built.notify_all();
     }
+}
+
+/// A ready cell of `shape` whose PID 1 is alive (dead ones are dropped: teardown queued).
+fn pop_alive(st: &mut State, shape: &Shape) -> Option<Cell> {
+    let cells = st.ready.get_mut(shape)?;
+    while let Some(c) = cells.pop() {
+        if c.alive() {
+            return Some(c);
+        }
+    }
+    None
 }
 
 /// Takes a ready cell of `shape` (and records the demand, so the builder makes more).
@@ -442,15 +459,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
     }
     let now = Instant::now();
     let per_shape = st.bounds.per_shape;
-    let mut found = None;
-    if let Some(cells) = st.ready.get_mut(shape) {
-        while let Some(c) = cells.pop() {
-            if c.alive() {
-                found = Some(c);
-                break;
-            }
-        }
-    }
+    let mut found = pop_alive(&mut st, shape);
     // A shape seen before (or any shape in wait mode) asks for one more cell when none is ready.
     let asks = st.demand.contains_key(shape) || st.wait;
     let d = st.demand.entry(shape.clone()).or_insert(Demand {
@@ -472,7 +481,7 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
             break;
         }
         st = p.built.wait_timeout(st, left).ok()?.0;
-        found = st.ready.get_mut(shape).and_then(Vec::pop);
+        found = pop_alive(&mut st, shape);
     }
     if found.is_some() {
         st.stats.hits += 1;
@@ -480,6 +489,104 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
         st.stats.misses += 1;
     }
     found
+}
+
+/// A run that took a cell but could not use it (see [`Stats::fallbacks`]): counted as a
+/// miss, not a hit.
+pub(crate) fn fell_back() {
+    let Some(mut st) = pool().and_then(lock) else {
+        return;
+    };
+    st.stats.hits = st.stats.hits.saturating_sub(1);
+    st.stats.misses += 1;
+    st.stats.fallbacks += 1;
+}
+
+/// What [`prepare`] achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// The cells asked for are ready.
+    Ready,
+    /// Cells are turned off (or this process is a fork of the pool's owner).
+    Disabled,
+    /// More cells of one shape were asked for than the bounds allow (the bound is given).
+    OverBound(usize),
+    /// The cells were not all ready in time; the most recent build error, if any.
+    TimedOut(Option<String>),
+}
+
+/// Makes the pool hold, within `limit`, at least `count` ready cells of each shape (as many
+/// as the shape appears in `shapes`), dropping ready cells of other shapes (and forgetting
+/// their demand) when the bound on the whole pool leaves no room. Runs of these shapes made
+/// afterwards are served by those cells while they last.
+pub fn prepare(shapes: &[Shape], limit: Duration) -> Prepared {
+    let deadline = Instant::now() + limit;
+    let mut counts: HashMap<&Shape, usize> = HashMap::new();
+    for s in shapes {
+        *counts.entry(s).or_default() += 1;
+    }
+    let Some(p) = pool() else {
+        return Prepared::Disabled;
+    };
+    let Some(mut st) = lock(p) else {
+        return Prepared::Disabled;
+    };
+    loop {
+        if !st.enabled {
+            return Prepared::Disabled;
+        }
+        let b = st.bounds;
+        if counts.values().any(|&n| n > b.per_shape) {
+            return Prepared::OverBound(b.per_shape);
+        }
+        if counts.values().sum::<usize>() > b.max_cells {
+            return Prepared::OverBound(b.max_cells);
+        }
+        let now = Instant::now();
+        let have = |st: &State, s: &Shape| {
+            st.ready
+                .get(s)
+                .map_or(0, |v| v.iter().filter(|c| c.alive()).count())
+        };
+        if counts.iter().all(|(s, &n)| have(&st, s) >= n) {
+            return Prepared::Ready;
+        }
+        // Other shapes give up their cells and their demand: the builder must make room.
+        st.demand.retain(|s, _| counts.contains_key(s));
+        let dropped: Vec<Cell> = st
+            .ready
+            .extract_if(|s, _| !counts.contains_key(s))
+            .flat_map(|(_, v)| v)
+            .collect();
+        for (s, &n) in &counts {
+            let d = st.demand.entry((*s).clone()).or_insert(Demand {
+                want: 0,
+                last_use: now,
+                last_miss: now,
+                retry_at: now,
+            });
+            // Refreshed on every pass so that neither decay nor idleness lowers it meanwhile.
+            d.want = d.want.max(n);
+            d.last_use = now;
+            d.last_miss = now;
+        }
+        p.wake.notify_all();
+        let left = deadline.saturating_duration_since(now);
+        if left.is_zero() {
+            return Prepared::TimedOut(st.stats.last_build_error.clone());
+        }
+        // Dropped (teardown queued) without holding the pool's lock.
+        drop(st);
+        drop(dropped);
+        st = match lock(p) {
+            Some(g) => g,
+            None => return Prepared::Disabled,
+        };
+        st = match p.built.wait_timeout(st, left.min(TICK)) {
+            Ok((g, _)) => g,
+            Err(_) => return Prepared::Disabled,
+        };
+    }
 }
 
 /// Turns cells on or off for runs that do not choose, and sets the bounds (`max_cells` 0
