@@ -9,7 +9,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellblock import _native
 from cellblock.credentials import (
@@ -35,6 +35,9 @@ from cellblock.terminal import (
     typing_from,
     window_source,
 )
+
+if TYPE_CHECKING:
+    from cellblock.environments.runtime import Resolved
 
 #: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
 OutputCallback = Callable[[int, bytes], None]
@@ -92,16 +95,21 @@ def build_spec(
     secrets: list[Secret],
     compiled: CompiledFilter | None,
     tty: dict[str, Any] | None = None,
+    environment: Resolved | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`)."""
+    """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`).
+    `environment`: the policy's environment as the caller holds it (see
+    `cellblock.environments.runtime.hold`); resolved here when not given."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidSpec("argv must be a non-empty list of strings")
     rootfs = policy.rootfs
-    environment = None
-    if policy.environment is not None:
+    if policy.environment is None:
+        environment = None
+    elif environment is None:
         from cellblock.environments.runtime import resolve
 
         environment = resolve(policy.environment)
+    if environment is not None:
         if environment.rootfs is not None:
             if rootfs is not None:
                 raise InvalidSpec(f"rootfs is given and environment {environment.name!r} "
@@ -218,10 +226,12 @@ def run(
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
     terminal = tty_section(tty, tty_size)
-    spec = build_spec(argv, merged, all_secrets, compiled, terminal)
     data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None)
+    from cellblock.environments.runtime import held
+
     try:
-        with typing_from(tty, tty_input) as on_terminal:
+        with held(merged.environment) as held_env, typing_from(tty, tty_input) as on_terminal:
+            spec = build_spec(argv, merged, all_secrets, compiled, terminal, held_env)
             report = _native.run(
                 encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
                 cancel, cells, window_source(tty, tty_size), on_terminal,
