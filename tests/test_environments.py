@@ -596,7 +596,8 @@ def test_a_build_output_cannot_leave_its_layer(tmp_path: Path) -> None:
 @pytest.mark.parametrize("caller", ["self", "nobody"],
                          ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
 def test_removing_an_environment_in_use_keeps_its_layers_for_the_session(
-        store: Store, request: pytest.FixtureRequest, caller: str) -> None:
+        store: Store, request: pytest.FixtureRequest, caller: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """`cellblock env rm` while a session (of this user or of uid 65534) uses the environment:
     the name is gone at once (a new run is refused with EnvironmentNotFound), but the layers
     the session holds stay whole (its next call imports from them, after the rm) until it
@@ -636,7 +637,10 @@ def test_removing_an_environment_in_use_keeps_its_layers_for_the_session(
         assert proc.stdout is not None and proc.stdin is not None
         ready = proc.stdout.readline()
         assert ready.strip() == "READY", ready + proc.communicate(timeout=60)[1][-3000:]
-        assert store.remove("demo") == []  # every layer is in use: kept
+        assert cli_main(["env", "rm", "demo"]) == 0
+        assert capsys.readouterr().out == (  # every layer is in use: kept
+            "removed demo (0 unused layer(s) freed; 2 kept while a run or session uses "
+            "them, freed by a later 'cellblock env gc')\n")
         assert store.names() == []
         assert sorted(p.name for p in store.layers.iterdir()) == keys
         stdout, stderr = proc.communicate("go\n", timeout=180)
@@ -649,7 +653,8 @@ def test_removing_an_environment_in_use_keeps_its_layers_for_the_session(
     assert json.loads(out["after"])["greeting"] == "hello from cbgreet 1.0"
     assert out["new_run"] == "EnvironmentNotFound"
     # The session is closed: its layers are unused, and the next collect removes them.
-    assert sorted(store.collect()) == keys
+    assert cli_main(["env", "gc"]) == 0
+    assert capsys.readouterr().out == "2 unused layer(s) freed\n"
     assert list(store.layers.iterdir()) == []
 
 

@@ -311,13 +311,25 @@ class Store:
         path.unlink()
         return self.collect()
 
-    def collect(self) -> list[str]:
-        """Removes layers no environment names, skipping any being built or held by a run
-        (runtime.hold); returns their keys."""
+    def unnamed_layers(self) -> list[str]:
+        """Layers on disk that no environment names (after a collect: those a run holds or
+        a build is making)."""
+        used = self._used_layers()
+        if not self.layers.is_dir():
+            return []
+        return sorted(e.name for e in self.layers.iterdir() if e.name not in used)
+
+    def _used_layers(self) -> set[str]:
         used: set[str] = set()
         for name in self.names():
             with contextlib.suppress(EnvironmentNotFound, CorruptEnvironment):
                 used.update(layer.key for layer in self.record(name).layers)
+        return used
+
+    def collect(self) -> list[str]:
+        """Removes layers no environment names, skipping any being built or held by a run
+        (runtime.hold); returns their keys."""
+        used = self._used_layers()
         removed: list[str] = []
         if not self.layers.is_dir():
             return removed
