@@ -1,5 +1,5 @@
-"""`cellblock env build FILE | ls | rm NAME | gc | inspect NAME`: environments built once, cached and
-mounted read-only into runs (`cellblock run --env NAME -- ...`)."""
+"""`cellblock env build FILE | ls | rm NAME | gc | inspect NAME`: environments built once,
+cached and mounted read-only into runs (`cellblock run --env NAME -- ...`)."""
 
 from __future__ import annotations
 
