@@ -683,3 +683,27 @@ def test_a_run_starting_while_its_environment_is_removed_is_refused(
     monkeypatch.setattr(fcntl, "flock", real)
     with pytest.raises(EnvironmentNotFound):
         cellblock.run(["true"], environment="demo")
+
+
+def test_a_ready_cell_never_serves_an_environment_built_again(store: Store) -> None:
+    """A cell is built with the environment's layers bound in and waits for a run of that
+    shape. The environment is removed (its layers deleted: the cell's binds are empty now) and
+    built again at the same store paths: the next run gets the new layers, never that cell
+    (it imported nothing: ModuleNotFoundError)."""
+    import cellblock.cells
+
+    build(declare(**DEMO), store)
+    probe = ["python3", "-c", PROBE]
+    ready_before = cellblock.cells.stats().ready
+    for _ in range(2):  # the second run of the shape asks the pool for cells of it
+        res = cellblock.run(probe, environment="demo")
+        assert res.ok, res.stderr
+    deadline = time.monotonic() + 60
+    while cellblock.cells.stats().ready <= ready_before:
+        assert time.monotonic() < deadline, cellblock.cells.stats()
+        time.sleep(0.1)
+    assert store.remove("demo")  # nothing holds the layers: deleted
+    build(declare(**DEMO), store)
+    res = cellblock.run(probe, environment="demo")
+    assert res.ok, res.stderr
+    assert json.loads(res.stdout)["greeting"] == "hello from cbgreet 1.0"
