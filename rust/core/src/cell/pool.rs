@@ -76,11 +76,7 @@ impl Shape {
                 .ro_binds
                 .iter()
                 .chain(spec.rootfs.as_ref())
-                .map(|p| {
-                    std::fs::metadata(p)
-                        .ok()
-                        .map(|m| (m.dev(), m.ino()))
-                })
+                .map(|p| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino())))
                 .collect(),
         })
     }
