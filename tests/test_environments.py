@@ -591,3 +591,119 @@ def test_a_build_output_cannot_leave_its_layer(tmp_path: Path) -> None:
     assert not (dest / "dev" / "disk").exists() and not (dest / "dev" / "fifo").exists()
     assert (dest / "bin" / "tool").stat().st_mode & 0o7777 == 0o755
     assert os.readlink(dest / "bin" / "rel") == "tool"
+
+
+@pytest.mark.parametrize("caller", ["self", "nobody"],
+                         ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
+def test_removing_an_environment_in_use_keeps_its_layers_for_the_session(
+        store: Store, request: pytest.FixtureRequest, caller: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`cellblock env rm` while a session (of this user or of uid 65534) uses the environment:
+    the name is gone at once (a new run is refused with EnvironmentNotFound), but the layers
+    the session holds stay whole (its next call imports from them, after the rm) until it
+    closes; the next collect then removes them."""
+    result = build(declare(**DEMO), store)
+    keys = sorted(s.key for s in result.steps)
+    code = textwrap.dedent("""\
+        import json, os, sys
+        os.environ["XDG_DATA_HOME"] = sys.argv[1]
+        import cellblock
+        out = {}
+        with cellblock.Sandbox(environment="demo") as sb:
+            out["before"] = sb.run(["python3", "-c", sys.argv[2]]).stdout
+            print("READY", flush=True)
+            sys.stdin.readline()  # the environment is removed meanwhile
+            res = sb.run(["python3", "-c", sys.argv[2]])
+            out["after"], out["stderr"] = res.stdout, res.stderr
+            try:
+                cellblock.run(["true"], environment="demo")
+                out["new_run"] = "started"
+            except cellblock.CellblockError as e:
+                out["new_run"] = type(e).__name__
+        print(json.dumps(out), flush=True)
+    """)
+    if caller == "nobody":
+        pkgdir = request.getfixturevalue("nobody_dir")
+        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
+                  "/usr/bin/python3"]
+        env = {"PATH": "/usr/bin:/bin"}
+    else:
+        prefix = [sys.executable]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    proc = subprocess.Popen([*prefix, "-c", code, os.environ["XDG_DATA_HOME"], PROBE],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd="/")
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = proc.stdout.readline()
+        assert ready.strip() == "READY", ready + proc.communicate(timeout=60)[1][-3000:]
+        assert cli_main(["env", "rm", "demo"]) == 0
+        assert capsys.readouterr().out == (  # every layer is in use: kept
+            "removed demo (0 unused layer(s) freed; 2 kept while a run or session uses "
+            "them, freed by a later 'cellblock env gc')\n")
+        assert store.names() == []
+        assert sorted(p.name for p in store.layers.iterdir()) == keys
+        stdout, stderr = proc.communicate("go\n", timeout=180)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["after"] == out["before"], out["stderr"]
+    assert json.loads(out["after"])["greeting"] == "hello from cbgreet 1.0"
+    assert out["new_run"] == "EnvironmentNotFound"
+    # The session is closed: its layers are unused, and the next collect removes them.
+    assert cli_main(["env", "gc"]) == 0
+    assert capsys.readouterr().out == "2 unused layer(s) freed\n"
+    assert list(store.layers.iterdir()) == []
+
+
+def test_a_run_starting_while_its_environment_is_removed_is_refused(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The removal lands between a run resolving the environment and holding its layers: the
+    hold sees the layer moved away and refuses with EnvironmentNotFound (it never starts on
+    a layer being deleted)."""
+    import fcntl
+
+    from cellblock.environments import runtime
+
+    build(declare(**DEMO), store)
+    real = fcntl.flock
+    raced: list[list[str]] = []
+
+    def remove_first(fd: int, op: int) -> None:
+        if op == fcntl.LOCK_SH and not raced:
+            raced.append(store.remove("demo"))
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", remove_first)
+    with pytest.raises(EnvironmentNotFound, match="removed while a run was starting"):
+        runtime.hold("demo")
+    assert raced and raced[0], "the removal ran, and removed the layers"
+    monkeypatch.setattr(fcntl, "flock", real)
+    with pytest.raises(EnvironmentNotFound):
+        cellblock.run(["true"], environment="demo")
+
+
+def test_a_ready_cell_never_serves_an_environment_built_again(store: Store) -> None:
+    """A cell is built with the environment's layers bound in and waits for a run of that
+    shape. The environment is removed (its layers deleted: the cell's binds are empty now) and
+    built again at the same store paths: the next run gets the new layers, never that cell
+    (it imported nothing: ModuleNotFoundError)."""
+    import cellblock.cells
+
+    build(declare(**DEMO), store)
+    probe = ["python3", "-c", PROBE]
+    ready_before = cellblock.cells.stats().ready
+    for _ in range(2):  # the second run of the shape asks the pool for cells of it
+        res = cellblock.run(probe, environment="demo")
+        assert res.ok, res.stderr
+    deadline = time.monotonic() + 60
+    while cellblock.cells.stats().ready <= ready_before:
+        assert time.monotonic() < deadline, cellblock.cells.stats()
+        time.sleep(0.1)
+    assert store.remove("demo")  # nothing holds the layers: deleted
+    build(declare(**DEMO), store)
+    res = cellblock.run(probe, environment="demo")
+    assert res.ok, res.stderr
+    assert json.loads(res.stdout)["greeting"] == "hello from cbgreet 1.0"

@@ -3,6 +3,8 @@ report says honestly what enforced it."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from conftest import Runner
@@ -109,12 +111,23 @@ def test_timeout(sandbox: Runner) -> None:
 
 def test_cpu_time_limit(sandbox: Runner) -> None:
     res = sandbox.run(["python3", "-c", "while True: pass"], cpu_time=1, timeout=60)
-    assert res.enforcement["cpu_time"] == sandbox.enforcer("cpu_time")
-    # Without a cgroup the CPU time reported is the command's rusage, which on a loaded VM
-    # falls short of the scheduler's count RLIMIT_CPU enforces: 0.75-0.99 s for a 1 s limit,
-    # cold and pooled alike (`prlimit --cpu=1` on the host: 0.91-1.01 s).
-    assert res.cpu_time_s >= (0.9 if sandbox.privileged else 0.7)
-    assert res.reason == "cpu_time" and res.exit_code is None
+    enforcer = sandbox.enforcer("cpu_time")
+    assert res.enforcement["cpu_time"] == enforcer
+    # An endless loop ends only when a limit ends it: here the CPU budget, not the timeout.
+    assert res.reason == "cpu_time" and res.exit_code is None, res
+    assert "cpu_time" in res.limits_hit
+    if enforcer == "rlimit":
+        # The kernel sends SIGXCPU once the tick-sampled utime+stime reach the budget, while
+        # the report gives the precise run time (rusage scaled to sum_exec_runtime). On a
+        # loaded machine ticks overcharge a task preempted between them: 0.78 s was reported
+        # at the 1 s budget. Half of it still shows the loop ran on the budget until it was
+        # used up (a limit applied as 0, or a kill at start, reports ~0).
+        assert res.signal == signal.SIGXCPU, res
+        assert res.cpu_time_s >= 0.5, res
+    else:
+        # The supervisor ends the run once the cgroup's precise counter reaches the budget,
+        # and reports that same counter.
+        assert res.cpu_time_s >= 1.0, res
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])

@@ -208,6 +208,34 @@ def test_host_added_later_becomes_reachable(who: tuple[str, Path | None],
     assert out["cut"] == []
 
 
+def test_credential_hosts_stay_reachable_after_a_new_list(
+        who: tuple[str, Path | None], servers: tuple[HostServer, HostServer]) -> None:
+    """A credential allows egress to its hosts (build_spec adds them at creation): a new list
+    that does not name them keeps them, or the session's credential would be useless, while
+    every other host follows the new list."""
+    a, b = servers
+    out = scenario(who[0], """
+        A, B = PARAMS["a"], PARAMS["b"]
+        token = cellblock.Credential(name="API_TOKEN", value="s3cret-" + "x" * 20,
+                                     hosts=[f"127.0.0.1:{A}"])
+        probe = (f"print(json.dumps([raw_get({A}, '/a1'), proxy_get({A}, '/a2'), "
+                 f"raw_get({B}, '/b1'), proxy_get({B}, '/b2')]))")
+        with Sandbox(allow_net=[f"127.0.0.1:{B}"], credentials=[token]) as sb:
+            out["before"], _ = run(sb, probe.replace("1'", "3'").replace("2'", "4'"))
+            out["cut"] = sb.set_network([])
+            out["after"], out["violations"] = run(sb, probe)
+    """, who[1], a=a.port, b=b.port)
+    assert out["before"] == [a.body("/a3"), "200 " + a.body("/a4"),
+                             b.body("/b3"), "200 " + b.body("/b4")]
+    assert out["cut"] == []
+    raw_a, proxied_a, raw_b, proxied_b = out["after"]
+    assert raw_a == a.body("/a1") and proxied_a == "200 " + a.body("/a2"), out["after"]
+    # The host only the old list named is gone.
+    assert raw_b == "ECONNREFUSED"
+    assert proxied_b == f"403 cellblock: 127.0.0.1:{b.port} refused: not allowed"
+    assert "/b1" not in b.hits and "/b2" not in b.hits
+
+
 def test_dns_answers_follow_the_new_list(who: tuple[str, Path | None]) -> None:
     out = scenario(who[0], """
         probe = "print(json.dumps([dns_rcode('api.test'), dns_rcode('other.test')]))"

@@ -149,6 +149,21 @@ class Child:
     def signal(self, sig: int) -> None:
         signal.pidfd_send_signal(self.pidfd, sig)
 
+    def stop(self) -> None:
+        """SIGSTOP, returning once every thread of the process is stopped (the signal is
+        delivered asynchronously: a thread on another CPU runs on briefly)."""
+        self.signal(signal.SIGSTOP)
+
+        def stopped() -> bool:
+            states = []
+            for task in Path(f"/proc/{self.pid}/task").iterdir():
+                try:
+                    states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+                except FileNotFoundError:
+                    continue  # a thread that just ended
+            return all(s in ("T", "t") for s in states)
+        wait_for(stopped)
+
     def kill(self) -> None:
         """SIGKILL unless it has ended (an exited child is a zombie until `wait`, so the
         signal still reaches the right process; it just has no effect)."""
@@ -320,7 +335,12 @@ def test_a_stale_process_that_comes_back_cannot_overwrite(
                 sessions = store.checkpoints.sessions("tester")
             return bool(sessions) and sessions[0].checkpoints >= 3
         wait_for(three_checkpoints)
-        stale.signal(signal.SIGSTOP)
+        # Stopped between two transactions: one stopped inside a transaction keeps SQLite's
+        # write lock, and every other process's write then fails with "database is locked"
+        # once the busy timeout runs out (a paused writer blocks a SQLite store, by design).
+        # While this holds the write lock, the child is outside any transaction of its own.
+        with MemoryStore(url) as store, store.db.transaction():
+            stale.stop()
         fresh = Child(forks, agent_argv(url, resume=True), env)
         assert fresh.wait(timeout=120) and fresh.status == 0, fresh.output()[1]
         result = json.loads(fresh.output()[0])

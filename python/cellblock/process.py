@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 from cellblock._native import FORWARDED_SIGNALS, Call
 from cellblock._native import Session as NativeSession
+from cellblock.environments.runtime import Resolved
 from cellblock.errors import CellblockError, InvalidSpec, SandboxIOError
 from cellblock.observe import notify_run
 from cellblock.policy import Policy
@@ -356,6 +357,8 @@ class SandboxProcesses:
 
     _native: NativeSession
     _secrets: list[Secret]
+    #: The session's environment as it holds it (None: none).
+    _environment: Resolved | None
     _lock: threading.Lock
     #: Started processes not yet ended (the lock guards it).
     _procs: list[Process]
@@ -409,7 +412,8 @@ class SandboxProcesses:
             )
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
             terminal = tty_section(tty, tty_size)
-            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal)
+            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal,
+                              self._environment)
             if timeout is None:
                 spec["limits"]["timeout"] = None
             data = stdin.encode() if isinstance(stdin, str) else stdin

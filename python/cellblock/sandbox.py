@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellblock import _native
 from cellblock.credentials import (
@@ -37,6 +37,9 @@ from cellblock.terminal import (
     typing_from,
     window_source,
 )
+
+if TYPE_CHECKING:
+    from cellblock.environments.runtime import Resolved
 
 #: Called with (stream, data) where stream is 1 (stdout) or 2 (stderr); data is redacted.
 OutputCallback = Callable[[int, bytes], None]
@@ -97,16 +100,21 @@ def build_spec(
     secrets: list[Secret],
     compiled: CompiledFilter | None,
     tty: dict[str, Any] | None = None,
+    environment: Resolved | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`)."""
+    """The JSON-ready RunSpec for the core (`tty`: see `cellblock.terminal.tty_section`).
+    `environment`: the policy's environment as the caller holds it (see
+    `cellblock.environments.runtime.hold`); resolved here when not given."""
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidSpec("argv must be a non-empty list of strings")
     rootfs = policy.rootfs
-    environment = None
-    if policy.environment is not None:
+    if policy.environment is None:
+        environment = None
+    elif environment is None:
         from cellblock.environments.runtime import resolve
 
         environment = resolve(policy.environment)
+    if environment is not None:
         if environment.rootfs is not None:
             if rootfs is not None:
                 raise InvalidSpec(f"rootfs is given and environment {environment.name!r} "
@@ -198,6 +206,7 @@ def plan_run(
     tty: bool = False,
     tty_size: SizeArg = None,
     rootfs: str | os.PathLike[str] | None = None,
+    held_environment: Resolved | None = None,
 ) -> PlannedRun:
     """The spec `run` would hand the core for these arguments (the same errors too): one
     definition shared with `cellblock.cells.prepare`, which makes cells for it ahead."""
@@ -214,7 +223,7 @@ def plan_run(
     all_secrets = normalize_secrets(merged.secrets) + normalize_secrets(secrets)
     compiled = resolve_seccomp(argv, merged.profile, merged.seccomp)
     terminal = tty_section(tty, tty_size)
-    spec = build_spec(argv, merged, all_secrets, compiled, terminal)
+    spec = build_spec(argv, merged, all_secrets, compiled, terminal, held_environment)
     return PlannedRun(spec, compiled, all_secrets, terminal)
 
 
@@ -268,28 +277,36 @@ def run(
     sees a placeholder, the egress proxy substitutes the value (see `cellblock.credentials`);
     `on_credential_leak` and `tls_ca_bundle` as the policy's fields.
     """
-    planned = plan_run(
-        argv, memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
-        max_output=max_output, disk=disk, env=env, cwd=cwd, policy=policy, profile=profile,
-        seccomp=seccomp, allow_net=allow_net, secrets=secrets, environment=environment,
-        credentials=credentials, on_credential_leak=on_credential_leak,
-        tls_ca_bundle=tls_ca_bundle, tty=tty, tty_size=tty_size, rootfs=rootfs,
-    )
-    spec, compiled, all_secrets, terminal = (
-        planned.spec, planned.compiled, planned.secrets, planned.terminal)
-    data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None)
-    try:
-        # Without a keyboard source there is nothing to set up (nor to check).
-        hooks: AbstractContextManager[Callable[[int], None] | None] = (
-            nullcontext() if tty_input is None else typing_from(tty, tty_input))
-        with hooks as on_terminal:
-            report = _native.run(
-                encode_spec(spec, compiled), data, compiled.bpf if compiled else None, on_output,
-                cancel, cells, window_source(tty, tty_size), on_terminal,
-            )
-    except CellblockError as e:
-        # Messages can echo argv, paths or env: no secret leaves through them.
-        raise redact_error(e, redactor_for(all_secrets)) from None
+    from cellblock.environments.runtime import held
+
+    # The environment's layers are held (shared lock) from resolving them until the run ends:
+    # `cellblock env rm` keeps them meanwhile.
+    env_name = environment if environment is not None else (policy or _DEFAULT_POLICY).environment
+    with held(env_name) as held_env:
+        planned = plan_run(
+            argv, memory=memory, pids=pids, cpus=cpus, timeout=timeout, cpu_time=cpu_time,
+            max_output=max_output, disk=disk, env=env, cwd=cwd, policy=policy,
+            profile=profile, seccomp=seccomp, allow_net=allow_net, secrets=secrets,
+            environment=environment, credentials=credentials,
+            on_credential_leak=on_credential_leak, tls_ca_bundle=tls_ca_bundle, tty=tty,
+            tty_size=tty_size, rootfs=rootfs, held_environment=held_env,
+        )
+        spec, compiled, all_secrets, terminal = (
+            planned.spec, planned.compiled, planned.secrets, planned.terminal)
+        data = typed_input(stdin.encode() if isinstance(stdin, str) else stdin,
+                           terminal is not None)
+        try:
+            # Without a keyboard source there is nothing to set up (nor to check).
+            hooks: AbstractContextManager[Callable[[int], None] | None] = (
+                nullcontext() if tty_input is None else typing_from(tty, tty_input))
+            with hooks as on_terminal:
+                report = _native.run(
+                    encode_spec(spec, compiled), data, compiled.bpf if compiled else None,
+                    on_output, cancel, cells, window_source(tty, tty_size), on_terminal,
+                )
+        except CellblockError as e:
+            # Messages can echo argv, paths or env: no secret leaves through them.
+            raise redact_error(e, redactor_for(all_secrets)) from None
     result = RunResult(**report)
     notify_run("run", result)
     return result

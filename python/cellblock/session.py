@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from typing import Any, Literal, Self
 
 from cellblock import _native
-from cellblock.credentials import CredentialsArg
+from cellblock.credentials import CredentialsArg, credential_hosts
+from cellblock.environments.runtime import hold
 from cellblock.errors import (
     CellblockError,
     InvalidSpec,
@@ -124,7 +125,16 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         self._secrets: list[Secret] = (
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)
         )
-        spec = build_spec(["session"], self._policy, self._secrets, None)
+        # The environment's layers are held while the session is open (see
+        # cellblock.environments.runtime): its calls use them as resolved now.
+        self._env_hold = hold(self._policy.environment) if self._policy.environment else None
+        self._environment = self._env_hold.resolved if self._env_hold else None
+        try:
+            spec = build_spec(["session"], self._policy, self._secrets, None,
+                              environment=self._environment)
+        except BaseException:
+            self._release_environment()
+            raise
         if spec["rootfs"] and warm:
             raise InvalidSpec("warm runtimes are the host's: they cannot run on a rootfs")
         for name in ("timeout", "cpu_time", "max_output"):
@@ -133,7 +143,11 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             # An explicit empty list opens the egress plumbing with nothing allowed, so that
             # set_network can allow hosts later (a session without it never gets network).
             spec["net"] = {"allow": []}
-        self._native = _native.Session(json.dumps(spec))
+        try:
+            self._native = _native.Session(json.dumps(spec))
+        except BaseException:
+            self._release_environment()
+            raise
         # What a fork is opened with (the policy above, as it is then).
         self._extra_secrets = secrets
         self._net_plumbed = spec["net"] is not None
@@ -215,8 +229,13 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             with self._lock:
                 self._end_auto_pause()
         finally:
+            self._release_environment()
             self._torn_down.set()
         notify_session("close", self)
+
+    def _release_environment(self) -> None:
+        if self._env_hold is not None:
+            self._env_hold.release()
 
     @property
     def is_open(self) -> bool:
@@ -230,10 +249,14 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         reports) as network violations with reason "policy changed". Patterns are validated as
         `allow_net` is; a bad one raises `NetworkPolicyError` and leaves the old list in force. A
         session opened without network (no `allow_net`) cannot gain it: pass `allow_net=[]`
-        at creation to start with nothing allowed and allow hosts later."""
+        at creation to start with nothing allowed and allow hosts later. The hosts of the
+        session's credentials stay allowed whatever `allow` says (as at creation: a credential
+        allows egress to its hosts); only the hosts it names are added to them."""
         self._check_open()
         patterns = Policy.build(allow_net=as_pattern_list(allow)).allow_net
-        cut = self._native.set_network(list(patterns))
+        live = list(patterns)
+        live += [h for h in credential_hosts(self._policy.credentials) if h not in live]
+        cut = self._native.set_network(live)
         self._policy = self._policy.merged(allow_net=patterns)
         return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
 
@@ -388,7 +411,8 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             )
             compiled = resolve_seccomp(argv, policy.profile, policy.seccomp)
             terminal = tty_section(tty, tty_size)
-            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal)
+            spec = build_spec(argv, policy, normalize_secrets(secrets), compiled, terminal,
+                              self._environment)
             data = typed_input(
                 stdin.encode() if isinstance(stdin, str) else stdin, terminal is not None
             )
@@ -464,7 +488,8 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
     def _zygote_seccomp(self) -> dict[str, Any] | None:
         """The seccomp part of the zygote's spec: warm calls report refusals by these names."""
         compiled = resolve_seccomp(["python3"], self._policy.profile, self._policy.seccomp)
-        seccomp: dict[str, Any] | None = build_spec(["python3"], self._policy, [], compiled).get(
+        seccomp: dict[str, Any] | None = build_spec(
+            ["python3"], self._policy, [], compiled, environment=self._environment).get(
             "seccomp"
         )
         return seccomp
@@ -481,7 +506,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         compiled = resolve_seccomp(["python3"], self._policy.profile, self._policy.seccomp)
         bpf = base64.b64encode(compiled.bpf).decode() if compiled else ""
         argv = ["python3", "-c", zygote_source(), SOCKET_PATH, bpf]
-        spec = build_spec(argv, self._policy, [], None)
+        spec = build_spec(argv, self._policy, [], None, environment=self._environment)
         spec["limits"].update(timeout=None, cpu_time=None, max_output=_ZYGOTE_MAX_OUTPUT)
         return functools.partial(_exec_zygote, self._native, json.dumps(spec), None)
 

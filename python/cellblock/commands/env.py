@@ -1,5 +1,5 @@
-"""`cellblock env build FILE | ls | rm NAME | inspect NAME`: environments built once, cached and
-mounted read-only into runs (`cellblock run --env NAME -- ...`)."""
+"""`cellblock env build FILE | ls | rm NAME | gc | inspect NAME`: environments built once,
+cached and mounted read-only into runs (`cellblock run --env NAME -- ...`)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,21 @@ def cmd_rm(args: argparse.Namespace) -> int:
     store = Store(args.store)
     for name in args.names:
         removed = store.remove(name)
-        print(f"removed {name} ({len(removed)} unused layer(s) freed)")
+        print(f"removed {name} ({len(removed)} unused layer(s) freed{_kept(store)})")
     return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    removed = store.collect()
+    print(f"{len(removed)} unused layer(s) freed{_kept(store)}")
+    return 0
+
+
+def _kept(store: Store) -> str:
+    kept = store.unnamed_layers()
+    return (f"; {len(kept)} kept while a run or session uses them, freed by a later "
+            "'cellblock env gc'" if kept else "")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -106,6 +119,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rm = env_sub.add_parser("rm", help="remove environments (and their unused layers)")
     rm.add_argument("names", metavar="NAME", nargs="+")
     rm.set_defaults(func=cmd_rm)
+    gc = env_sub.add_parser("gc", help="remove the layers no environment uses (those kept "
+                                       "by 'rm' while a run used them)")
+    gc.set_defaults(func=cmd_gc)
     i = env_sub.add_parser("inspect", help="show an environment's layers and declaration")
     i.add_argument("name", metavar="NAME")
     i.add_argument("--verify", action="store_true",

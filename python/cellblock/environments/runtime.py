@@ -4,16 +4,24 @@ copy) and PATH, PYTHONPATH, NODE_PATH and LD_LIBRARY_PATH point into them.
 Resolving a name costs a few stat calls once it has been checked: the record and every layer
 manifest are re-read and re-checked (manifest digests against the record) whenever one of them
 changed on disk.
+
+A run or session `hold`s its environment while it runs: a shared flock on each layer directory,
+which `Store.collect` (`cellblock env rm`) needs exclusively to remove a layer. A layer in use
+is kept, never emptied under a run, and removed by a later collect once unused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cellblock.environments.store import Store
-from cellblock.errors import CorruptEnvironment
+from cellblock.errors import CorruptEnvironment, EnvironmentNotFound
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class Resolved:
     env: dict[str, str]
     #: The base layer's tree when the environment has a root filesystem base: the run's root.
     rootfs: str | None = None
+    #: The directories of its layers (layers/<key>), what a `hold` locks.
+    layers: tuple[str, ...] = ()
 
     def apply(self, env: dict[str, str]) -> None:
         """Puts the environment's paths in front of `env`'s and adds its variables."""
@@ -83,7 +93,70 @@ def resolve(name: str, store: Store | None = None) -> Resolved:
             rootfs = str(root)
         else:
             binds.append(str(root))
-    resolved = Resolved(name, tuple(binds), record.paths, record.env, rootfs)
+    layers = tuple(str(store.layer_dir(layer.key)) for layer in record.layers)
+    resolved = Resolved(name, tuple(binds), record.paths, record.env, rootfs, layers)
     with _lock:
         _cache[key] = (paths, stamp, resolved)
     return resolved
+
+
+class Hold:
+    """An environment resolved and held for a run or session (see the module docs): its
+    layers stay as they are until `release()` (or until this object is collected)."""
+
+    def __init__(self, resolved: Resolved, fds: list[int]) -> None:
+        self.resolved = resolved
+        self._release = weakref.finalize(self, _close_all, fds)
+
+    def release(self) -> None:
+        """Lets `Store.collect` remove the layers again (idempotent)."""
+        self._release()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def hold(name: str, store: Store | None = None) -> Hold:
+    """Resolves environment `name` and holds its layers (EnvironmentNotFound when it is
+    removed meanwhile, CorruptEnvironment as `resolve`)."""
+    resolved = resolve(name, store)
+    fds: list[int] = []
+    try:
+        for layer in resolved.layers:
+            gone = EnvironmentNotFound(
+                f"environment {name!r} was removed while a run was starting in it (layer "
+                f"{os.path.basename(layer)[:12]} is gone)")
+            try:
+                fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise gone from None
+            fds.append(fd)
+            # Blocks only while a collect removes this very layer; then it is gone.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(layer)
+            except FileNotFoundError:
+                raise gone from None
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise gone
+    except BaseException:
+        _close_all(fds)
+        raise
+    return Hold(resolved, fds)
+
+
+@contextlib.contextmanager
+def held(name: str | None) -> Iterator[Resolved | None]:
+    """`hold(name)` for the duration of a block (None: no environment)."""
+    if name is None:
+        yield None
+        return
+    h = hold(name)
+    try:
+        yield h.resolved
+    finally:
+        h.release()

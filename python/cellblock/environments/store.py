@@ -6,6 +6,7 @@
         names/<name>.json               an environment: its layers (with manifest digests), vars
         tmp/                            layers being built (renamed into layers/ when complete)
         locks/<key>.lock                one builder per layer
+    (runs hold a shared flock on layers/<key> while they use it: see runtime.hold)
 
 A layer's key is the digest of its step's inputs and its parent's key, so an unchanged
 declaration finds every layer already built and a changed one rebuilds from the first changed
@@ -302,18 +303,33 @@ class Store:
         return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
 
     def remove(self, name: str) -> list[str]:
-        """Removes environment `name` and the layers no other environment uses; returns them."""
+        """Removes environment `name` and the layers no other environment uses; returns them.
+        A layer a running run or open session holds is kept for it (the name is gone at
+        once: no new run starts in it) and removed by a later collect."""
         path = self._record_path(name)
         self.record(name)  # EnvironmentNotFound when absent
         path.unlink()
         return self.collect()
 
-    def collect(self) -> list[str]:
-        """Removes layers no environment names (skipping any being built); returns their keys."""
+    def unnamed_layers(self) -> list[str]:
+        """Layers on disk that no environment names (after a collect: those a run holds or
+        a build is making)."""
+        used = self._used_layers()
+        if not self.layers.is_dir():
+            return []
+        return sorted(e.name for e in self.layers.iterdir() if e.name not in used)
+
+    def _used_layers(self) -> set[str]:
         used: set[str] = set()
         for name in self.names():
             with contextlib.suppress(EnvironmentNotFound, CorruptEnvironment):
                 used.update(layer.key for layer in self.record(name).layers)
+        return used
+
+    def collect(self) -> list[str]:
+        """Removes layers no environment names, skipping any being built or held by a run
+        (runtime.hold); returns their keys."""
+        used = self._used_layers()
         removed: list[str] = []
         if not self.layers.is_dir():
             return removed
@@ -325,9 +341,28 @@ class Store:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
-                # Renamed away first: a reader never sees half a layer.
-                doomed = self.root / "tmp" / f"{entry.name}.removed"
-                os.rename(entry, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                if not self._unheld(entry):
+                    continue
                 removed.append(entry.name)
         return removed
+
+    def _unheld(self, layer: Path) -> bool:
+        """Removes a layer unless a run holds it (its build lock is held by the caller)."""
+        try:
+            fd = os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # in use: kept until a collect finds it unused
+            # Renamed away first: a reader never sees half a layer. The lock is kept until
+            # it is gone: a run that opened the layer before the rename waits, then finds it
+            # moved and refuses to start.
+            doomed = self.root / "tmp" / f"{layer.name}.removed"
+            os.rename(layer, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            return True
+        finally:
+            os.close(fd)

@@ -159,9 +159,7 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
     try:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Memory is private: the file (and the -wal/-shm files SQLite derives from its
-            # mode) readable by its owner only.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            _create_private(path)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
         # auto_vacuum must be chosen before the first table exists; a no-op afterwards.
@@ -176,6 +174,26 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
     # Explicit transactions only (BEGIN IMMEDIATE in Database.transaction).
     conn.isolation_level = None
     return conn
+
+
+#: Serialises `_create_private` between the threads of this process.
+_CREATE_LOCK = threading.Lock()
+
+
+def _create_private(path: str) -> None:
+    """Creates the database file readable by its owner only (SQLite gives the -wal/-shm files
+    the same mode), if it does not exist. An existing file is never opened here: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, so an open/close
+    while another connection of this process is in a transaction lets other processes write
+    under it (seen as "disk I/O error", "file is not a database" or a corrupt file). A file
+    created here is new: only a thread of this process racing through this function could
+    have opened it, and the lock keeps it out until the descriptor is closed."""
+    with _CREATE_LOCK:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return
+        os.close(fd)
 
 
 def _connect_postgres(url: str) -> Any:

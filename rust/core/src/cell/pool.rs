@@ -20,6 +20,7 @@ use crate::spec::{Limits, RunSpec};
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,10 @@ pub struct Shape {
     disk: Option<u64>,
     ro_binds: Vec<String>,
     rootfs: Option<String>,
+    /// (device, inode) of each bind source and of the rootfs, as the run names them: a cell
+    /// keeps what was at the path when it was built, so a directory replaced since (an
+    /// environment removed and built again at the same store path) is another shape.
+    sources: Vec<Option<(u64, u64)>>,
 }
 
 impl Shape {
@@ -67,6 +72,12 @@ impl Shape {
             disk: l.disk,
             ro_binds: spec.ro_binds.clone(),
             rootfs: spec.rootfs.clone(),
+            sources: spec
+                .ro_binds
+                .iter()
+                .chain(spec.rootfs.as_ref())
+                .map(|p| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino())))
+                .collect(),
         })
     }
 

@@ -243,6 +243,28 @@ impl Walk {
         Ok(())
     }
 
+    /// Opens the entry `name` of the source directory `src` with `flags` (never following a
+    /// symlink). `None` when there is nothing to copy: the entry was removed by a process of
+    /// the source meanwhile (as if it had never been), or is unreadable to the sandbox's own
+    /// uid (e.g. mode 000 as a non-root uid), which is reported as skipped.
+    fn open_source(
+        &mut self,
+        src: RawFd,
+        name: &CStr,
+        flags: i32,
+        path: &str,
+    ) -> Result<Option<OwnedFd>> {
+        match open_at(src, name, flags, 0) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(libc::ENOENT) => Ok(None),
+            Err(libc::EACCES) => {
+                self.report.skipped.push(format!("{path} (not readable)"));
+                Ok(None)
+            }
+            Err(e) => Err(src_error(path, e)),
+        }
+    }
+
     /// Whether `fd` (just opened from a name) is what was looked at: same inode, same
     /// mount, same kind. A process of the source may swap names at any time.
     fn same(&self, fd: RawFd, stx: &libc::statx) -> bool {
@@ -267,15 +289,9 @@ impl Walk {
                 .push(format!("{path} (deeper than {MAX_DEPTH} directories)"));
             return Ok(());
         }
-        let from = match open_at(src, name, libc::O_RDONLY | libc::O_DIRECTORY, 0) {
-            Ok(fd) => fd,
-            Err(libc::ENOENT) => return Ok(()),
-            // Unreadable to the sandbox's own uid (e.g. mode 000): not copied.
-            Err(libc::EACCES) => {
-                self.report.skipped.push(format!("{path} (not readable)"));
-                return Ok(());
-            }
-            Err(e) => return Err(src_error(path, e)),
+        let Some(from) = self.open_source(src, name, libc::O_RDONLY | libc::O_DIRECTORY, path)?
+        else {
+            return Ok(());
         };
         let Ok(stx) = stat_at(from.as_raw_fd(), c"") else {
             return Err(src_error(path, errno()));
@@ -308,15 +324,9 @@ impl Walk {
         stx: &libc::statx,
     ) -> Result<()> {
         // Non-blocking: a name swapped for a fifo meanwhile must not wait for a writer.
-        let from = match open_at(src, name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
-            Ok(fd) => fd,
-            Err(libc::ENOENT) => return Ok(()),
-            // Unreadable to the sandbox's own uid (mode 000 as a non-root uid): not copied.
-            Err(libc::EACCES) => {
-                self.report.skipped.push(format!("{path} (not readable)"));
-                return Ok(());
-            }
-            Err(e) => return Err(src_error(path, e)),
+        let Some(from) = self.open_source(src, name, libc::O_RDONLY | libc::O_NONBLOCK, path)?
+        else {
+            return Ok(());
         };
         if !self.same(from.as_raw_fd(), stx) {
             self.report
