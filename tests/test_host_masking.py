@@ -85,7 +85,7 @@ def test_mountinfo_shows_only_what_the_readme_documents(sandbox: Runner) -> None
         assert prefix in points, (prefix, points)
     system = {"/", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/tmp",
               "/workspace", "/shm", "/null", "/zero", "/full", "/random", "/urandom", "/tty",
-              "/sys", "/.cellblock-empty"}
+              "/sys", "/.cellblock-empty", "/.cellblock-empty-dir"}
     for root in shown:
         assert root in system or root in prefixes or root.startswith("/etc/"), root
     assert not any(r.startswith(("/work/", "/home", "/var/run")) for r in shown), shown

@@ -277,8 +277,9 @@ pub fn supervise(
     ];
     // Without a pids cgroup, the supervisor counts the sandbox's processes itself.
     let mut pids_watch = crate::observe::PidsWatch::new(pid, limits, &enforcement);
-    let mut listener = listener
-        .map(|fd| seccomp::Listener::new(fd, std::sync::Arc::clone(syscall_names)).on_violation(on_violation));
+    let mut listener = listener.map(|fd| {
+        seccomp::Listener::new(fd, std::sync::Arc::clone(syscall_names)).on_violation(on_violation)
+    });
     // Without input the command must see EOF at once, not a pipe held open by us.
     let mut stdin_fd = if stdin.is_empty() {
         drop(stdin_fd);

@@ -58,7 +58,9 @@ fn cells_prepare<'py>(
         Prepared::Disabled => ("disabled", None),
         Prepared::OverBound(n) => (
             "over_bound",
-            Some(format!("more cells of one shape or in all than the pool's bound of {n}")),
+            Some(format!(
+                "more cells of one shape or in all than the pool's bound of {n}"
+            )),
         ),
         Prepared::TimedOut(e) => (
             "timed_out",

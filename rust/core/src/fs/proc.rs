@@ -1,5 +1,5 @@
 //! The host-describing entries of the sandbox's /proc, masked: files with an empty file or
-//! `/dev/null` bound over them, directories with an empty read-only tmpfs.
+//! `/dev/null` bound over them, directories with an empty read-only directory.
 
 use super::builder::Builder;
 use crate::error::Result;
@@ -55,13 +55,16 @@ pub const MASKED_PROC_FILES: &[&str] = &[
 ];
 
 /// /proc directories that describe the host's hardware, drivers and load (pressure stall
-/// information of the whole machine): inside they are empty (a read-only tmpfs over each).
+/// information of the whole machine): inside they are empty (one empty directory of the root
+/// bound read-only over each: a bind costs ~2 us where a tmpfs, a new superblock, costs ~27).
 pub const MASKED_PROC_DIRS: &[&str] = &[
     "acpi", "asound", "bus", "driver", "fs", "irq", "scsi", "tty", "pressure",
 ];
 
 /// An empty file in the root, bound read-only over the masked entries of /proc/sys.
 const EMPTY_FILE: &str = "/.cellblock-empty";
+/// An empty directory in the root, bound read-only over the masked directories of /proc.
+pub(super) const EMPTY_DIR: &str = "/.cellblock-empty-dir";
 
 /// Masks the host-describing entries of the sandbox's /proc (those for which `exists` says
 /// the kernel has them). Needs /proc mounted and /dev/null bound in the new root.
@@ -90,14 +93,17 @@ pub(super) fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool)
             b.bind("/dev/null", &format!("/proc/{name}"), false, true)?;
         }
     }
-    for name in MASKED_PROC_DIRS.iter().filter(|n| exists(n)) {
-        b.mount(
-            None,
-            &format!("/proc/{name}"),
-            Some("tmpfs"),
-            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            Some("size=4k,mode=0555"),
-        )?;
+    let dirs: Vec<&str> = MASKED_PROC_DIRS
+        .iter()
+        .copied()
+        .filter(|n| exists(n))
+        .collect();
+    if !dirs.is_empty() {
+        // Nothing can be created in it: the root is read-only, and so is each bind.
+        b.mkdir_p(EMPTY_DIR)?;
+    }
+    for name in dirs {
+        b.bind(EMPTY_DIR, &format!("/proc/{name}"), true, true)?;
     }
     Ok(())
 }

@@ -90,7 +90,9 @@ fn host_describing_proc_entries_are_masked_after_proc_is_mounted() {
         masked,
         [
             "mount /mnt/dev/null on /mnt/proc/cmdline (bind)",
-            "mount  on /mnt/proc/acpi (tmpfs)",
+            "mkdir /mnt/.cellblock-empty-dir",
+            "mount /mnt/.cellblock-empty-dir on /mnt/proc/acpi (bind)",
+            "set mount attributes of /mnt/proc/acpi",
         ]
     );
 }
