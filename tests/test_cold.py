@@ -1,7 +1,7 @@
 """The cold path (`cells=False`, or no ready cell): PID 1 starts inside its run's cgroup without
-the caller attaching it on its path (cgroup v1: a spawner thread of the caller enters the
-cgroup alone and clones PID 1 there; v2: clone3(CLONE_INTO_CGROUP)), every thread of the caller
-is back in the caller's own cgroups afterwards, and the pids limit is exactly what was asked.
+the caller attaching it on its path (cgroup v1: PID 1 moves itself in as its first act, through
+`tasks` files opened for it; v2: clone3(CLONE_INTO_CGROUP)), no thread of the caller ever is in
+a run's cgroup, and the pids limit is exactly what was asked.
 As root and as uid 65534 (no cgroup there: the rlimit fallback).
 """
 
@@ -79,8 +79,8 @@ COUNT_FORKS = PRELUDE + textwrap.dedent("""
 
 
 def test_the_pids_limit_of_a_cold_run_is_exact(sandbox: Runner) -> None:
-    # 8 tasks: PID 1, python3, and 6 more. The spawner thread that cloned PID 1 inside the
-    # cgroup must neither keep one of them nor leave one extra behind.
+    # 8 tasks: PID 1, python3, and 6 more: nothing of the caller's takes one of them, and
+    # nothing leaves one extra behind.
     res = sandbox.run(["python3", "-c", COUNT_FORKS], cells=False, pids=8, timeout=60)
     assert (res.reason, res.exit_code) == ("exited", 0), res.stderr
     out = json.loads(res.stdout.splitlines()[-1])

@@ -964,19 +964,6 @@ pub(crate) fn sandbox_clone_flags() -> libc::c_ulong {
     flags
 }
 
-/// PID 1's plan, shared read-only with the spawner thread that clones it.
-struct SharedPlan<'a, 'b>(&'a InitPlan<'b>);
-
-// SAFETY: the plan is only read: by the thread that clones (its child runs on a copy of it),
-// while the caller that owns it waits for the clone to return.
-unsafe impl Sync for SharedPlan<'_, '_> {}
-
-impl SharedPlan<'_, '_> {
-    fn run(&self) {
-        child::init_main(self.0)
-    }
-}
-
 /// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
 ///
 /// Returns once the command has been exec'd (or with the reason it could not be).
@@ -1020,13 +1007,12 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
-    let shared = SharedPlan(&init);
     let mut flags = sandbox_clone_flags();
     if netns.is_some() {
         flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
     }
-    let cloned =
-        spawner::clone_in(flags, cgroup.as_ref(), &|| shared.run()).map_err(clone_error)?;
+    let cloned = spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
+        .map_err(clone_error)?;
     // PID 1 has its own copies of these fds (it uses them before anything else).
     drop(netns);
     drop(tasks);

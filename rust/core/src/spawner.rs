@@ -111,7 +111,7 @@ fn open_dir(path: &std::path::Path) -> std::io::Result<OwnedFd> {
 pub(crate) fn clone_in(
     flags: libc::c_ulong,
     cgroup: Option<&RunCgroup>,
-    child: &(dyn Fn() + Sync),
+    child: &dyn Fn(),
 ) -> std::io::Result<Cloned> {
     let plain = || {
         spawn::clone_with(flags, child).map(|(pid, pidfd)| Cloned {
@@ -151,7 +151,7 @@ mod tests {
 
     /// A child that waits until `release` is written to (or closed), then exits: raw syscalls
     /// only.
-    fn waiter(fd: libc::c_int) -> impl Fn() + Sync {
+    fn waiter(fd: libc::c_int) -> impl Fn() {
         move || {
             let mut b = 0u8;
             // SAFETY: a read into a local byte, then exit, in the forked child.
