@@ -178,7 +178,8 @@ def test_sockets_of_a_run_or_the_host_are_reached_by_no_other_run(sandbox: Runne
 
 
 SYSCTLS = ["net/ipv4/ip_forward", "net/ipv4/ping_group_range",
-           "net/ipv4/ip_unprivileged_port_start", "net/ipv4/conf/all/forwarding", "net/ipv4/conf/lo/route_localnet",
+           "net/ipv4/ip_unprivileged_port_start", "net/ipv4/conf/all/forwarding",
+           "net/ipv4/conf/lo/route_localnet",
            "net/core/somaxconn", "net/ipv4/tcp_syncookies"]
 
 
@@ -247,8 +248,22 @@ if pid == 0:
 os.close(w)
 child = json.loads(os.read(r, 65536))
 os.waitpid(pid, 0)
+# PID 1's descriptors through a pidfd (pidfd_getfd needs ptrace access to it).
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def getfd(n):
+    pidfd = libc.syscall(434, 1, 0)  # pidfd_open
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_open")
+    try:
+        if libc.syscall(438, pidfd, n, 0) < 0:  # pidfd_getfd
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    finally:
+        os.close(pidfd)
 report(mine=mine, child=child, init=listing("/proc/1/fd"),
-       init_open=attempt(lambda: os.open("/proc/1/fd/3", os.O_WRONLY)))
+       init_open=attempt(lambda: os.open("/proc/1/fd/3", os.O_WRONLY)),
+       getfd={n: attempt(getfd, n) for n in range(3, 16)})
 """
 
 
@@ -272,6 +287,7 @@ def test_no_part_descriptor_reaches_the_command(sandbox: Runner) -> None:
     else:
         assert init in REFUSED, init
     assert out["init_open"] in REFUSED, out
+    assert {n: v for n, v in out["getfd"].items() if v not in (*REFUSED, "EBADF")} == {}, out
 
 
 # ---------------------------------------------------------------------------------------------
