@@ -183,7 +183,10 @@ SYSCTLS = ["net/ipv4/ip_forward", "net/ipv4/ping_group_range",
            "net/core/somaxconn", "net/ipv4/tcp_syncookies"]
 
 
-def test_a_namespace_made_ahead_refuses_sysctl_and_interface_changes(sandbox: Runner) -> None:
+@pytest.mark.parametrize("profile", [None, "none"], ids=["default-seccomp", "no-seccomp"])
+def test_a_namespace_made_ahead_refuses_sysctl_and_interface_changes(
+        sandbox: Runner, profile: str | None) -> None:
+    extra: dict[str, Any] = {"profile": profile} if profile else {}
     code = f"""
 import ctypes, fcntl, struct
 names = {SYSCTLS!r}
@@ -213,7 +216,7 @@ report(before=before, after={{n: read(n) for n in names}}, writes=writes,
        interfaces=[n for _, n in socket.if_nameindex()])
 """
     out = last_json(taking(sandbox, ("cold_netns_ahead",), lambda: [sandbox.run(
-        payload(code), cells=False, timeout=30)])[0])
+        payload(code), cells=False, timeout=30, **extra)])[0])
     assert {n: v for n, v in out["writes"].items() if v not in REFUSED} == {}, out
     assert out["before"] == out["after"], out
     for k in ("lo_down", "rename", "setns"):
@@ -514,6 +517,16 @@ if pid == 0:
     res = {"unshare": call(libc.unshare, 0x10000000 | 0x00020000)}
     res["umount"] = call(libc.umount2, b"/proc/pressure", 2)
     res["mount_proc"] = call(libc.mount, b"proc", b"/tmp/newproc", b"proc", 0, None)
+    # Copies of /proc without its masks: a non-recursive bind or a detached clone (open_tree)
+    # would leave the masks behind; a recursive one carries them.
+    os.makedirs("/tmp/procbind", exist_ok=True)
+    res["bind_plain"] = call(libc.mount, b"/proc", b"/tmp/procbind", None, 0x1000, None)
+    res["bind_plain_list"] = listing("/tmp/procbind/pressure")
+    res["bind_rec"] = call(libc.mount, b"/proc", b"/tmp/procbind", None, 0x1000 | 0x4000, None)
+    res["bind_rec_list"] = listing("/tmp/procbind/pressure")
+    res["open_tree"] = call(lambda: -1 if libc.syscall(428, -100, b"/proc", 1) < 0 else 0)
+    res["open_tree_pressure"] = call(
+        lambda: -1 if libc.syscall(428, -100, b"/proc/pressure", 1) < 0 else 0)
     res["pid_unshare"] = call(libc.unshare, 0x20000000)
     if res["pid_unshare"] == "OK":
         # PID 1 of a pid namespace this user namespace owns: may it mount a procfs there?
@@ -565,6 +578,13 @@ def test_masked_proc_dirs_cannot_be_opened_up(sandbox: Runner, profile: str | No
     nested = out["nested"]
     assert nested["mount_proc"] in REFUSED and nested["umount"] in REFUSED, nested
     assert nested["pressure"] == [] and nested["newproc"] in (*REFUSED, []), nested
+    assert nested["bind_plain"] in REFUSED and nested["open_tree"] in REFUSED, nested
+    # A recursive copy (allowed in a mount namespace of its own) keeps every mask.
+    assert nested["bind_plain_list"] in ([], *REFUSED), nested
+    assert nested["bind_rec_list"] in ([], *REFUSED), nested
+    if nested["open_tree_pressure"] not in REFUSED:
+        # A clone of the masked directory alone is the empty directory itself.
+        assert nested["open_tree_pressure"] == "OK", nested
     if nested["pid_unshare"] == "OK":
         assert nested["pidns_mount_proc"] in REFUSED, nested
         assert nested["pidns_newproc"] in (*REFUSED, []), nested
