@@ -109,6 +109,7 @@ fmt:
 
 # Lints CI runs besides the tests: clippy (warnings are errors), ruff, mypy --strict (pyproject).
 lint: venv
+	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -q -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/mypy

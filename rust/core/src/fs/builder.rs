@@ -102,6 +102,19 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Makes an empty directory (mode 0555) to bind read-only over masked directories and
+    /// returns its path on the host side of the mounts: in the root's tmpfs, or with a rootfs
+    /// in the staging tmpfs beside the overlay (in the overlay's top layer it would be merged
+    /// with a directory of the same name in the rootfs, whose entries would then show).
+    pub(super) fn empty_dir(&mut self, name: &str) -> Result<String> {
+        let path = match self.gen.and_then(|g| Path::new(g).parent()) {
+            Some(staging) => format!("{}/{}", staging.display(), name.trim_start_matches('/')),
+            None => under(self.base, name),
+        };
+        self.ops.push(Op::Mkdir(cstr(&path)?, 0o555));
+        Ok(path)
+    }
+
     /// A generated file (mode 0644): in the root's tmpfs, or in the rootfs's top layer.
     pub(super) fn write(&mut self, path: &str, data: Vec<u8>) -> Result<()> {
         match self.gen {

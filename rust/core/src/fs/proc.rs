@@ -63,7 +63,8 @@ pub const MASKED_PROC_DIRS: &[&str] = &[
 
 /// An empty file in the root, bound read-only over the masked entries of /proc/sys.
 const EMPTY_FILE: &str = "/.cellblock-empty";
-/// An empty directory in the root, bound read-only over the masked directories of /proc.
+/// An empty directory (in the root's tmpfs, or beside a rootfs's overlay), bound read-only
+/// over the masked directories of /proc.
 pub(super) const EMPTY_DIR: &str = "/.cellblock-empty-dir";
 
 /// Masks the host-describing entries of the sandbox's /proc (those for which `exists` says
@@ -99,11 +100,11 @@ pub(super) fn mask_host_proc(b: &mut Builder<'_>, exists: impl Fn(&str) -> bool)
         .filter(|n| exists(n))
         .collect();
     if !dirs.is_empty() {
-        // Nothing can be created in it: the root is read-only, and so is each bind.
-        b.mkdir_p(EMPTY_DIR)?;
-    }
-    for name in dirs {
-        b.bind(EMPTY_DIR, &format!("/proc/{name}"), true, true)?;
+        // Nothing can be created in it: each bind is read-only (and so is the root).
+        let empty = b.empty_dir(EMPTY_DIR)?;
+        for name in dirs {
+            b.bind(&empty, &format!("/proc/{name}"), true, false)?;
+        }
     }
     Ok(())
 }

@@ -147,7 +147,7 @@ pub(crate) fn handle(shared: &Arc<Shared>, mut client: TcpStream, slot: Slot) {
     };
     let broker = shared.broker.clone();
     if let (Some(b), Request::Forward { .. }) = (&broker, &request) {
-        // With credentials every request is read whole (see `creds.rs`).
+        // With credentials every request is read whole (see `creds/serve.rs`).
         return super::creds::serve_proxy(shared, b, client, buf, slot);
     }
     let leftover = &buf[head_len..];

@@ -98,6 +98,29 @@ fn host_describing_proc_entries_are_masked_after_proc_is_mounted() {
 }
 
 #[test]
+fn with_a_rootfs_the_empty_directory_is_beside_the_overlay_not_in_it() {
+    // In the overlay's top layer it would be merged with the rootfs's directory of that name.
+    let (mut ops, mut pre) = (Vec::new(), Vec::new());
+    let mut b = Builder {
+        base: "/mnt/.root",
+        gen: Some("/mnt/.gen"),
+        pre: &mut pre,
+        ops: &mut ops,
+    };
+    mask_host_proc(&mut b, |n| n == "acpi").expect("masks");
+    assert!(pre.is_empty(), "nothing goes into the top layer");
+    let masked: Vec<String> = ops.iter().map(Op::describe).collect();
+    assert_eq!(
+        masked,
+        [
+            "mkdir /mnt/.cellblock-empty-dir",
+            "mount /mnt/.cellblock-empty-dir on /mnt/.root/proc/acpi (bind)",
+            "set mount attributes of /mnt/.root/proc/acpi",
+        ]
+    );
+}
+
+#[test]
 fn dev_pts_is_a_private_devpts_instance_with_ptmx_linked() {
     let p = plan();
     let devpts = p

@@ -14,9 +14,9 @@
 //!   base64url at each byte alignment, base32, percent-, JSON- and UTF-16 escapes; see
 //!   `redact::encoded_forms`) of the placeholder in upper, lower or its own case, matched
 //!   ignoring ASCII case, in the request as sent and with its `%XX` escapes decoded (up to
-//!   [`DECODE_ROUNDS`] times, so any mix of escaped and plain characters is seen). It the request is never forwarded, the refusal is reported as a
-//!   [`Violation::Credential`], and `on_leak` decides the rest (403, kill the sandbox, or close
-//!   the connection without an answer);
+//!   [`DECODE_ROUNDS`] times, so any mix of escaped and plain characters is seen). The request
+//!   is never forwarded, the refusal is reported as a [`Violation::Credential`], and `on_leak`
+//!   decides the rest (403, kill the sandbox, or close the connection without an answer);
 //! - a placeholder toward its own host with a method it is not allowed is forwarded as the
 //!   placeholder (the host sees no secret).
 //!
