@@ -57,6 +57,8 @@ struct State {
     netns_want: Option<Want>,
     /// Set when this thread cannot make network namespaces (not root, or setns back failed).
     netns_broken: bool,
+    /// Set when no cgroup can be made here (unprivileged without delegation): not retried.
+    cgroups_broken: bool,
     cgroups: HashMap<Kind, Vec<RunCgroup>>,
     cgroup_want: HashMap<Kind, Want>,
     /// A part is being made (the lock is not held meanwhile).
@@ -147,7 +149,7 @@ pub(crate) fn cgroup(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
     let p = parts()?;
     let kind = Kind::of(limits, want_freezer);
     let mut st = lock(p)?;
-    if st.disabled {
+    if st.disabled || st.cgroups_broken {
         return None;
     }
     let now = Instant::now();
@@ -255,9 +257,10 @@ fn maker(p: &'static Parts) {
                         st.cgroups.entry(kind).or_default().push(cg)
                     }
                     Some(cg) => drop(cg),
-                    // Cannot make cgroups here: forget the kind (runs create their own).
+                    // Cannot make cgroups here (runs fall back to the rlimits): stop trying.
                     None => {
-                        st.cgroup_want.remove(&kind);
+                        st.cgroups_broken = true;
+                        st.cgroup_want.clear();
                     }
                 }
             }
