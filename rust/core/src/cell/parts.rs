@@ -112,11 +112,25 @@ fn lock(p: &Parts) -> Option<MutexGuard<'_, State>> {
     p.state.lock().ok()
 }
 
-/// Records a request; true when the kind was asked for before (then the maker keeps some).
-fn ask(want: &mut Want, now: Instant) -> bool {
-    want.asked += 1;
-    want.last_use = now;
-    want.asked > 1
+impl Want {
+    fn new(now: Instant) -> Want {
+        Want {
+            asked: 0,
+            last_use: now,
+        }
+    }
+
+    /// Records a request; true when the kind is now wanted (see [`Want::wanted`]).
+    fn ask(&mut self, now: Instant) -> bool {
+        self.asked += 1;
+        self.last_use = now;
+        self.wanted()
+    }
+
+    /// Asked for more than once: the maker keeps some ready.
+    fn wanted(&self) -> bool {
+        self.asked > 1
+    }
 }
 
 /// A fresh network namespace with `lo` up, made ahead (root only), or None: the run clones
@@ -128,11 +142,7 @@ pub(crate) fn netns() -> Option<OwnedFd> {
         return None;
     }
     let now = Instant::now();
-    let want = st.netns_want.get_or_insert(Want {
-        asked: 0,
-        last_use: now,
-    });
-    let wakes = ask(want, now);
+    let wakes = st.netns_want.get_or_insert_with(|| Want::new(now)).ask(now);
     let fd = st.netns.pop();
     if fd.is_some() {
         st.stats.netns_hits += 1;
@@ -153,11 +163,11 @@ pub(crate) fn cgroup(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
         return None;
     }
     let now = Instant::now();
-    let want = st.cgroup_want.entry(kind).or_insert(Want {
-        asked: 0,
-        last_use: now,
-    });
-    let wakes = ask(want, now);
+    let wakes = st
+        .cgroup_want
+        .entry(kind)
+        .or_insert_with(|| Want::new(now))
+        .ask(now);
     let cg = st.cgroups.get_mut(&kind).and_then(Vec::pop);
     if cg.is_some() {
         st.stats.cgroup_hits += 1;
@@ -206,7 +216,7 @@ impl State {
         }
         self.cgroup_want
             .iter()
-            .filter(|(_, w)| w.asked > 1)
+            .filter(|(_, w)| w.wanted())
             .map(|(k, _)| *k)
             .find(|k| self.cgroups.get(k).map_or(0, Vec::len) < PER_KIND)
             .map(Job::Cgroup)
@@ -418,14 +428,11 @@ mod tests {
             cpu: false,
             freezer: false,
         };
-        let w = st.cgroup_want.entry(kind).or_insert(Want {
-            asked: 0,
-            last_use: now,
-        });
-        assert!(!ask(w, now), "a first request only records the kind");
+        let w = st.cgroup_want.entry(kind).or_insert_with(|| Want::new(now));
+        assert!(!w.ask(now), "a first request only records the kind");
         assert!(st.next().is_none());
         let w = st.cgroup_want.get_mut(&kind).expect("recorded");
-        assert!(ask(w, now));
+        assert!(w.ask(now));
         assert!(matches!(st.next(), Some(Job::Cgroup(k)) if k == kind));
         // Idle kinds are forgotten.
         let (_, dropped) = st.expire(now + IDLE);

@@ -296,6 +296,18 @@ struct Demand {
     retry_at: Instant,
 }
 
+impl Demand {
+    /// A shape first seen at `now`: no cell wanted yet.
+    fn new(now: Instant) -> Demand {
+        Demand {
+            want: 0,
+            last_use: now,
+            last_miss: now,
+            retry_at: now,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     ready: HashMap<Shape, Vec<Cell>>,
@@ -473,12 +485,10 @@ pub(crate) fn take(shape: &Shape) -> Option<Cell> {
     let mut found = pop_alive(&mut st, shape);
     // A shape seen before (or any shape in wait mode) asks for one more cell when none is ready.
     let asks = st.demand.contains_key(shape) || st.wait;
-    let d = st.demand.entry(shape.clone()).or_insert(Demand {
-        want: 0,
-        last_use: now,
-        last_miss: now,
-        retry_at: now,
-    });
+    let d = st
+        .demand
+        .entry(shape.clone())
+        .or_insert_with(|| Demand::new(now));
     d.last_use = now;
     if found.is_none() && asks {
         d.want = (d.want + 1).min(per_shape);
@@ -570,12 +580,10 @@ pub fn prepare(shapes: &[Shape], limit: Duration) -> Prepared {
             .flat_map(|(_, v)| v)
             .collect();
         for (s, &n) in &counts {
-            let d = st.demand.entry((*s).clone()).or_insert(Demand {
-                want: 0,
-                last_use: now,
-                last_miss: now,
-                retry_at: now,
-            });
+            let d = st
+                .demand
+                .entry((*s).clone())
+                .or_insert_with(|| Demand::new(now));
             // Refreshed on every pass so that neither decay nor idleness lowers it meanwhile.
             d.want = d.want.max(n);
             d.last_use = now;
