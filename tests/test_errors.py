@@ -23,6 +23,8 @@ API_ERRORS: list[tuple[Any, dict[str, Any], type[cellblock.CellblockError]]] = [
     (["true"], {"memory": "-1M"}, cellblock.InvalidSpec),
     (["true"], {"pids": -1}, cellblock.InvalidSpec),
     (["true"], {"pids": 0}, cellblock.InvalidSpec),
+    # Above the kernel's PID_MAX_LIMIT (found by the service fuzz: it failed in set-up).
+    (["true"], {"pids": 396543533804735}, cellblock.InvalidSpec),
     (["true"], {"timeout": 0}, cellblock.InvalidSpec),
     (["true"], {"cpu_time": -2}, cellblock.InvalidSpec),
     (["true"], {"cpus": "abc"}, cellblock.InvalidSpec),

@@ -165,6 +165,13 @@ pub(crate) fn validate(spec: &RunSpec) -> Result<()> {
             )));
         }
     }
+    // The pids cgroup refuses more (EINVAL), and the rlimit fallback could not be raised that
+    // far either: the run would fail in its set-up.
+    if let Some(p) = l.pids.filter(|p| *p > MAX_PIDS) {
+        return Err(Error::InvalidSpec(format!(
+            "pids: {p} is above the kernel's limit of {MAX_PIDS} processes"
+        )));
+    }
     if let Some(m) = l.memory.filter(|m| *m < MIN_MEMORY) {
         return Err(Error::InvalidSpec(format!(
             "memory: {m} bytes is below the {MIN_MEMORY} bytes a sandbox needs to start"
@@ -176,6 +183,8 @@ pub(crate) fn validate(spec: &RunSpec) -> Result<()> {
 
 /// The kernel's limit on one argv or environment string, NUL included (MAX_ARG_STRLEN).
 const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// The most processes the kernel can have (PID_MAX_LIMIT on 64-bit): the largest pids limit.
+const MAX_PIDS: u64 = 4 << 20;
 /// The smallest memory limit accepted: below it the sandbox's own set-up is OOM-killed.
 const MIN_MEMORY: u64 = 4 << 20;
 
