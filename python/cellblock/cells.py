@@ -63,6 +63,11 @@ class CellStats(BaseModel):
     #: Runs that took a cell but could not use it (request larger than the cell's buffer, or
     #: the cell died): they took the cold path and count as misses, not hits.
     fallbacks: int = 0
+    #: Cold runs whose PID 1 the zygote cloned (a small helper process; see
+    #: `cellblock.zygote`) rather than the calling process.
+    cold_zygote_clones: int = 0
+    #: Host pid of the running zygote, if one runs.
+    zygote_pid: int | None = None
     #: Why the most recent failed build failed.
     last_build_error: str | None = None
 

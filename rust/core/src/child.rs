@@ -242,7 +242,7 @@ impl CStringArray {
 }
 
 /// How PID 1 becomes who it is inside.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Identity {
     /// Unprivileged caller: the user namespace was created by clone; write our own maps.
     SelfMapped {

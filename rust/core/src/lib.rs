@@ -27,6 +27,7 @@ pub mod spec;
 pub mod supervise;
 pub mod tty;
 pub mod warm;
+pub mod zygote;
 
 pub use error::{Error, Result};
 pub use files::{DirEntry, FileReader, FileWriter};

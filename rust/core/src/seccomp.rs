@@ -69,6 +69,17 @@ impl Program {
     pub fn insns(&self) -> &[libc::sock_filter] {
         &self.insns
     }
+
+    /// The program in the form [`Program::from_bytes`] reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.insns.len() * INSN_LEN);
+        for i in &self.insns {
+            out.extend_from_slice(&i.code.to_ne_bytes());
+            out.extend_from_slice(&[i.jt, i.jf]);
+            out.extend_from_slice(&i.k.to_ne_bytes());
+        }
+        out
+    }
 }
 
 /// Called in the forked child as the very last step before execve, after PR_SET_NO_NEW_PRIVS.

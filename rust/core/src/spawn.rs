@@ -608,6 +608,21 @@ pub(crate) struct Pipes {
 }
 
 impl Pipes {
+    /// Closes our copies of the child's ends and says whether no other process holds the
+    /// child's end of the "ready" pipe (so no PID 1 was started with these pipes). The pipes
+    /// cannot serve a child afterwards.
+    fn unused_by_any_child(&mut self) -> bool {
+        self.child_owned.clear();
+        let mut pfd = libc::pollfd {
+            fd: self.ready.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, without waiting.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        r == 1 && pfd.revents & libc::POLLHUP != 0 && pfd.revents & libc::POLLIN == 0
+    }
+
     pub(crate) fn new() -> Result<Pipes> {
         let (stdin_r, stdin) = pipe()?;
         let (stdout, stdout_w) = pipe()?;
@@ -1020,13 +1035,30 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     if netns.is_some() {
         flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
     }
-    let cloned = spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
+    let mut p = p;
+    let cloned =
+        match crate::zygote::clone(&init, &prepared.mounts, flags, cgroup.as_ref(), deadline) {
+            // The zygote died with the request: when no PID 1 of it holds the run's pipes, the run
+            // is cloned here instead, with new pipes.
+            Some(Err(e)) if crate::zygote::ended_without_answer(&e) => {
+                if !p.unused_by_any_child() {
+                    return Err(clone_error(e));
+                }
+                p = Pipes::new()?;
+                let init = InitPlan {
+                    fds: p.child,
+                    ..init
+                };
+                spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
+            }
+            Some(r) => r,
+            None => spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init)),
+        }
         .map_err(clone_error)?;
     // PID 1 has its own copies of these fds (it uses them before anything else).
     drop(netns);
     drop(tasks);
     let (pid, pidfd) = (cloned.pid, cloned.pidfd);
-    let mut p = p;
     p.child_owned.clear();
     let how = Handshake {
         cgroup: cgroup.as_ref(),

@@ -96,8 +96,13 @@ pub(crate) fn clone3_into(
     Ok((pid as libc::pid_t, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
+/// Whether `clone3(CLONE_INTO_CGROUP)` is worth trying (the kernel has not refused it yet).
+pub(crate) fn clone_into_cgroup_works() -> bool {
+    !NO_CLONE_INTO_CGROUP.load(Ordering::Relaxed)
+}
+
 /// Opens a cgroup v2 directory for CLONE_INTO_CGROUP.
-fn open_dir(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)

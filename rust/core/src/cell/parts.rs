@@ -1,4 +1,5 @@
-//! Parts made ahead for the cold path: network namespaces and empty run cgroups.
+//! Parts made ahead for the cold path: network namespaces, empty run cgroups and the zygote
+//! that clones PID 1 (see [`crate::zygote`]).
 //!
 //! A run that finds no ready cell builds its sandbox on the caller's path. Two of its parts
 //! cost the most to make and depend on nothing in the run: a network namespace (~0.45 ms on a
@@ -61,6 +62,9 @@ struct State {
     cgroups_broken: bool,
     cgroups: HashMap<Kind, Vec<RunCgroup>>,
     cgroup_want: HashMap<Kind, Want>,
+    zygote_want: Option<Want>,
+    /// Set when the zygote could not be started: not retried.
+    zygote_broken: bool,
     /// A part is being made (the lock is not held meanwhile).
     making: bool,
     stats: PartStats,
@@ -181,16 +185,41 @@ pub(crate) fn cgroup(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
     Some(cg)
 }
 
+/// Whether the zygote serves this cold run: true when it is running; otherwise records the
+/// demand (the maker starts it once asked for twice).
+pub(crate) fn want_zygote() -> bool {
+    let Some(p) = parts() else { return false };
+    let Some(mut st) = lock(p) else { return false };
+    if st.disabled || st.zygote_broken {
+        return false;
+    }
+    let now = Instant::now();
+    let wakes = st
+        .zygote_want
+        .get_or_insert_with(|| Want::new(now))
+        .ask(now);
+    let running = crate::zygote::running();
+    if wakes && !running {
+        p.wake.notify_all();
+    }
+    running
+}
+
 /// What the maker should make next.
 enum Job {
     Netns,
     Cgroup(Kind),
+    Zygote,
 }
 
 impl State {
-    /// Forgets idle kinds; returns the parts they no longer need.
+    /// Forgets idle kinds; returns the parts they no longer need (an idle zygote is stopped).
     fn expire(&mut self, now: Instant) -> (Vec<OwnedFd>, Vec<RunCgroup>) {
         let idle = |w: &Want| now.duration_since(w.last_use) >= IDLE;
+        if self.zygote_want.as_ref().is_some_and(idle) {
+            self.zygote_want = None;
+            crate::zygote::stop();
+        }
         let mut fds = Vec::new();
         if self.netns_want.as_ref().is_some_and(idle) {
             self.netns_want = None;
@@ -211,6 +240,9 @@ impl State {
 
     fn next(&self) -> Option<Job> {
         let wanted = |w: &Option<&Want>| w.is_some_and(|w| w.asked > 1);
+        if !self.zygote_broken && wanted(&self.zygote_want.as_ref()) && !crate::zygote::running() {
+            return Some(Job::Zygote);
+        }
         if !self.netns_broken && wanted(&self.netns_want.as_ref()) && self.netns.len() < PER_KIND {
             return Some(Job::Netns);
         }
@@ -242,6 +274,21 @@ fn maker(p: &'static Parts) {
         // Not while a run of this process is starting: on small machines it would compete.
         super::defer_to_runs();
         match job {
+            // Started on this thread: it never exits, so PID 1s the zygote clones (whose
+            // parent thread it is) keep their parent-death signal for the process's end.
+            Job::Zygote => {
+                let started = crate::zygote::start();
+                st = match lock(p) {
+                    Some(g) => g,
+                    None => return,
+                };
+                if !started {
+                    st.zygote_broken = true;
+                } else if st.zygote_want.is_none() {
+                    // Drained meanwhile.
+                    crate::zygote::stop();
+                }
+            }
             Job::Netns => {
                 let made = make_netns();
                 st = match lock(p) {
@@ -335,6 +382,7 @@ pub(crate) fn drain(deadline: Instant) {
         let Some(mut st) = lock(p) else { return };
         st.netns_want = None;
         st.cgroup_want.clear();
+        st.zygote_want = None;
         while st.making {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -349,6 +397,7 @@ pub(crate) fn drain(deadline: Instant) {
         let cgs: Vec<RunCgroup> = st.cgroups.drain().flat_map(|(_, v)| v).collect();
         drop(st);
         drop((fds, cgs));
+        crate::zygote::stop();
     }
 }
 

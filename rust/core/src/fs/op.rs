@@ -10,7 +10,7 @@ pub(super) const MS_MOUNT_ATTR_NODEV: u64 = 0x4;
 pub(super) const MS_MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 /// One step of building the root.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// `mkdir(path, mode)`; an existing directory is fine.
     Mkdir(CString, u32),

@@ -32,7 +32,7 @@ pub struct PlanInput<'a> {
 }
 
 /// The complete, prepared list of steps that builds the sandbox root.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct MountPlan {
     /// Directory the new root is mounted on (inside the private mount namespace).
     pub base: CString,

@@ -31,7 +31,7 @@ const NLM_F_CREATE: u16 = 0x400;
 const LOOPBACK_INDEX: u32 = 1;
 
 /// Everything the child needs, prepared before fork.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ChildPlan {
     nft: CString,
     nft_f: CString,

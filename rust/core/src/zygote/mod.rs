@@ -1,0 +1,445 @@
+//! The zygote: a small helper process that clones cold runs' PID 1s instead of the caller.
+//!
+//! Cloning PID 1 from the caller (a Python process of 40 MiB or a service of several GiB)
+//! copies the caller's page tables on every run (0.65 ms for 38 MiB, 1.3 ms from cold caches)
+//! and write-protects all of its memory, so the caller's next writes fault once per page; and
+//! PID 1 starts as a copy of the caller's heap. The zygote is a fresh, single-threaded process
+//! started once by the supervisor (the embedding layer says how: [`set_command`]; the Python
+//! package starts its interpreter in isolated mode with only the native module loaded). It
+//! receives each run's prepared plan and fds over a socket (see [`wire`]) and clones PID 1 with
+//! `CLONE_PARENT`: the supervisor is PID 1's parent, reaps it and holds its pidfd as before.
+//!
+//! The zygote is a part made ahead (see [`crate::cell::parts`]): the first cold run only records
+//! demand, the parts thread starts it, it is stopped when idle, on a drain and at exit, and it
+//! dies with the supervisor (`PR_SET_PDEATHSIG` on the parts thread, which never exits, and
+//! EOF on its socket). PID 1s it cloned have the parts thread as parent thread, so their
+//! parent-death signal also fires only when the supervisor's process ends. Without a zygote
+//! (not configured, `CELLBLOCK_ZYGOTE=0`, a forked child of the supervisor, a request too large)
+//! PID 1 is cloned from the caller as before.
+
+mod serve;
+mod wire;
+
+pub use serve::{serve, CONTROL_FD};
+
+use crate::cgroup::RunCgroup;
+use crate::child::InitPlan;
+use crate::fdpass;
+use crate::fs::MountPlan;
+use crate::spawner::Cloned;
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a starting zygote may take to say it is ready.
+const START_LIMIT: Duration = Duration::from_secs(10);
+
+/// The program (and arguments) that becomes a zygote: it must call [`serve`] with its control
+/// socket at [`CONTROL_FD`].
+static COMMAND: OnceLock<Vec<CString>> = OnceLock::new();
+
+/// The running zygote, if any.
+static ZYGOTE: Mutex<Option<Zygote>> = Mutex::new(None);
+
+/// Cold runs whose PID 1 the zygote cloned.
+static CLONES: AtomicU64 = AtomicU64::new(0);
+
+/// A started zygote.
+#[derive(Debug)]
+struct Zygote {
+    /// Our end of its control socket.
+    sock: OwnedFd,
+    /// Its pidfd (it is our child).
+    pidfd: OwnedFd,
+    /// The process it belongs to (a forked child of the supervisor must not use it).
+    owner: u32,
+    /// The mount plans it holds, by slot (kept alive here, so that an address is never
+    /// reused for another plan while its slot names it), and the slot to replace next.
+    plans: Vec<Arc<MountPlan>>,
+    next_slot: u8,
+}
+
+impl Zygote {
+    /// Where `plan` goes: (slot, whether it must be sent) — its slot when the zygote holds it.
+    fn slot_for(&self, plan: &Arc<MountPlan>) -> (u8, bool) {
+        match self.plans.iter().position(|p| Arc::ptr_eq(p, plan)) {
+            Some(i) => (i as u8, false),
+            None => (self.next_slot, true),
+        }
+    }
+
+    /// Records that the zygote now holds `plan` in `slot` (sent there).
+    fn sent(&mut self, slot: u8, plan: &Arc<MountPlan>) {
+        self.next_slot = (slot + 1) % wire::PLAN_SLOTS;
+        match self.plans.get_mut(usize::from(slot)) {
+            Some(p) => *p = Arc::clone(plan),
+            None => self.plans.push(Arc::clone(plan)),
+        }
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        if self.owner == std::process::id() {
+            crate::spawn::kill_and_reap(&self.pidfd);
+        }
+    }
+}
+
+/// Sets how a zygote is started (once per process; later calls are ignored): `argv[0]` is
+/// executed with these arguments, a minimal environment and its control socket at
+/// [`CONTROL_FD`]. Until this is set cold runs clone PID 1 from the caller.
+pub fn set_command(argv: Vec<String>) -> crate::Result<()> {
+    let argv = argv
+        .into_iter()
+        .map(|a| {
+            CString::new(a)
+                .map_err(|_| crate::Error::InvalidSpec("zygote command: NUL in argument".into()))
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
+    if argv.is_empty() {
+        return Err(crate::Error::InvalidSpec("zygote command: empty".into()));
+    }
+    let _ = COMMAND.set(argv);
+    Ok(())
+}
+
+/// Whether cold runs may use a zygote in this process (configured, not turned off).
+pub(crate) fn enabled() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    COMMAND.get().is_some()
+        && !*OFF.get_or_init(|| std::env::var("CELLBLOCK_ZYGOTE").is_ok_and(|v| v == "0"))
+}
+
+/// Counters of the zygote, for tests and benches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZygoteStats {
+    /// Cold runs whose PID 1 the zygote cloned.
+    pub clones: u64,
+    /// A zygote is running now.
+    pub running: bool,
+    /// Its host pid (0 when none).
+    pub pid: i32,
+}
+
+/// The zygote's counters.
+pub fn stats() -> ZygoteStats {
+    let z = ZYGOTE.lock().ok();
+    let live = z
+        .as_ref()
+        .and_then(|g| g.as_ref())
+        .filter(|z| z.owner == std::process::id());
+    ZygoteStats {
+        clones: CLONES.load(Ordering::Relaxed),
+        running: live.is_some(),
+        pid: live.and_then(|z| pidfd_pid(&z.pidfd)).unwrap_or(0),
+    }
+}
+
+fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a zygote of this process is running.
+pub(crate) fn running() -> bool {
+    ZYGOTE
+        .lock()
+        .ok()
+        .is_some_and(|z| z.as_ref().is_some_and(|z| z.owner == std::process::id()))
+}
+
+/// Stops the zygote (PID 1s it cloned are not affected: they are the supervisor's children).
+pub(crate) fn stop() {
+    let z = ZYGOTE.lock().ok().and_then(|mut g| g.take());
+    match z {
+        // A forked child's copy: forget it without touching the parent's zygote.
+        Some(z) if z.owner != std::process::id() => std::mem::forget(z),
+        z => drop(z),
+    }
+}
+
+/// Starts a zygote (on the parts thread, which must outlive every PID 1 it clones); true when
+/// one is running afterwards.
+pub(crate) fn start() -> bool {
+    if running() {
+        return true;
+    }
+    let Some(argv) = COMMAND.get() else {
+        return false;
+    };
+    match launch(argv) {
+        Ok(z) => {
+            if let Ok(mut g) = ZYGOTE.lock() {
+                stop_forked_copy(&mut g);
+                *g = Some(z);
+                return true;
+            }
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+fn stop_forked_copy(g: &mut Option<Zygote>) {
+    if g.as_ref().is_some_and(|z| z.owner != std::process::id()) {
+        if let Some(z) = g.take() {
+            std::mem::forget(z);
+        }
+    }
+}
+
+fn socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by us.
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    for fd in [&pair.0, &pair.1] {
+        let size = wire::SOCKET_BUFFER as libc::c_int;
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt with an int option value on a socket we own. The kernel caps
+            // the size at its maximum; a request that does not fit takes the direct clone.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+    Ok(pair)
+}
+
+/// Starts the zygote process and waits for its hello.
+fn launch(argv: &[CString]) -> std::io::Result<Zygote> {
+    let (ours, theirs) = socketpair()?;
+    // SAFETY: open(2) of a static path.
+    let devnull = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if devnull < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let devnull = unsafe { OwnedFd::from_raw_fd(devnull) };
+    // Only what the dynamic loader may need: the caller's environment (API keys among it) must
+    // not be copied into the zygote, whose memory every PID 1 starts from.
+    let envp: Vec<CString> = ["LD_LIBRARY_PATH"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .filter_map(|kv| CString::new(kv).ok())
+        .collect();
+    let argv_ptrs = crate::child::CStringArray::new(argv.to_vec());
+    let envp_ptrs = crate::child::CStringArray::new(envp);
+    // SAFETY: getpid has no side effects.
+    let parent = unsafe { libc::getpid() };
+    let (null, sock) = (devnull.as_raw_fd(), theirs.as_raw_fd());
+    let child = || {
+        // SAFETY: in the forked child of a multithreaded process: raw syscalls on fds and
+        // buffers prepared above, then execve (or _exit).
+        unsafe {
+            let empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            if sock == CONTROL_FD {
+                libc::fcntl(sock, libc::F_SETFD, 0);
+            } else {
+                libc::dup2(sock, CONTROL_FD);
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0);
+            libc::execve(*argv_ptrs.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    };
+    let (_, pidfd) = crate::spawn::clone_with(0, child)?;
+    drop(theirs);
+    let z = Zygote {
+        sock: ours,
+        pidfd,
+        owner: std::process::id(),
+        plans: Vec::new(),
+        next_slot: 0,
+    };
+    if !readable(&z.sock, Instant::now() + START_LIMIT) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the zygote did not start",
+        ));
+    }
+    let mut hello = [0u8; 64];
+    let (n, _) = fdpass::recv_msg(z.sock.as_fd(), &mut hello)?;
+    if hello[..n] != *serve::HELLO {
+        return Err(std::io::Error::other("the zygote did not say hello"));
+    }
+    Ok(z)
+}
+
+fn readable(fd: &OwnedFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 || crate::error::errno() != libc::EINTR {
+            return false;
+        }
+    }
+}
+
+/// Has the zygote clone the PID 1 of `init` (`mounts`: its mount plan; `flags`: its
+/// namespaces; `cgroup`: the run's cgroup, cloned into on v2). None when there is no zygote or
+/// the request does not suit one: the caller clones PID 1 itself then (nothing was started).
+/// `deadline`: the run's set-up deadline.
+pub(crate) fn clone(
+    init: &InitPlan<'_>,
+    mounts: &Arc<MountPlan>,
+    flags: libc::c_ulong,
+    cgroup: Option<&RunCgroup>,
+    deadline: Instant,
+) -> Option<std::io::Result<Cloned>> {
+    if !enabled() || init.serve.is_some() || init.lifeline >= 0 {
+        return None;
+    }
+    if !crate::cell::parts::want_zygote() {
+        return None;
+    }
+    let target = wire::TargetRef::of(init.target?);
+    let cgroup_dir = cgroup
+        .and_then(RunCgroup::v2_path)
+        .filter(|_| crate::spawner::clone_into_cgroup_works())
+        .and_then(|d| crate::spawner::open_dir(d).ok());
+    let layout = wire::FdLayout {
+        netns: init.netns >= 0,
+        tasks: u8::try_from(init.join_tasks.len()).ok()?,
+        cgroup_dir: cgroup_dir.is_some(),
+    };
+    let mut fds: Vec<RawFd> = wire::pipe_fds(&init.fds).to_vec();
+    if init.netns >= 0 {
+        fds.push(init.netns);
+    }
+    fds.extend_from_slice(init.join_tasks);
+    fds.extend(cgroup_dir.as_ref().map(AsRawFd::as_raw_fd));
+    if fds.len() > fdpass::MAX_FDS {
+        return None;
+    }
+    let mut g = ZYGOTE.lock().ok()?;
+    stop_forked_copy(&mut g);
+    let z = g.as_mut()?;
+    let (slot, new) = z.slot_for(mounts);
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let request = wire::RequestRef {
+        flags: flags as u64,
+        layout,
+        pdeathsig: init.pdeathsig,
+        mounts: if new {
+            wire::MountsRef::New(slot, mounts)
+        } else {
+            wire::MountsRef::Slot(slot)
+        },
+        identity: init.identity,
+        hostname: init.hostname,
+        target,
+        net: init.net,
+    };
+    let bytes = wire::encode(&request)?;
+    if fdpass::send_msg(z.sock.as_raw_fd(), &bytes, &fds).is_err() {
+        // Nothing was started: the zygote is gone (or cannot take the message).
+        *g = None;
+        return None;
+    }
+    if new {
+        z.sent(slot, mounts);
+    }
+    let reply = match read_reply(z, deadline) {
+        Ok((r, _)) if r.errno == libc::EPROTO => {
+            // It could not read the request (nothing was started): not a zygote to keep.
+            *g = None;
+            return None;
+        }
+        Ok(r) => r,
+        Err(e) => {
+            // It took the request and did not answer: it may have cloned PID 1 or not. The
+            // zygote is stopped (and reaped: none of its fds remains open); the caller finds
+            // out whether a PID 1 holds the run's fds (see [`ended_without_answer`]).
+            *g = None;
+            let ended = e.kind() != std::io::ErrorKind::TimedOut;
+            return Some(Err(if ended {
+                std::io::Error::new(std::io::ErrorKind::ConnectionAborted, ENDED)
+            } else {
+                e
+            }));
+        }
+    };
+    drop(g);
+    Some(match reply {
+        (r, Some(pidfd)) if r.errno == 0 && r.pid > 0 => {
+            CLONES.fetch_add(1, Ordering::Relaxed);
+            Ok(Cloned {
+                pid: r.pid,
+                pidfd,
+                attached: r.attached || cgroup.is_none(),
+            })
+        }
+        (r, _) if r.errno == 0 => Err(std::io::Error::other("the zygote sent no pidfd")),
+        (r, _) => Err(std::io::Error::from_raw_os_error(r.errno)),
+    })
+}
+
+/// The error of a zygote that ended with a request unanswered.
+const ENDED: &str = "the zygote ended without answering";
+
+/// Whether `e` says the zygote ended with the request unanswered: it may have cloned PID 1 or
+/// not; nothing of it remains.
+pub(crate) fn ended_without_answer(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::ConnectionAborted && e.to_string() == ENDED
+}
+
+fn read_reply(z: &Zygote, deadline: Instant) -> std::io::Result<(wire::Reply, Option<OwnedFd>)> {
+    if !readable(&z.sock, deadline) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the zygote did not answer",
+        ));
+    }
+    let mut buf = [0u8; 64];
+    let (n, mut fds) = fdpass::recv_msg(z.sock.as_fd(), &mut buf)?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the zygote ended",
+        ));
+    }
+    let reply: wire::Reply = postcard::from_bytes(&buf[..n])
+        .map_err(|_| std::io::Error::other("unreadable answer from the zygote"))?;
+    Ok((reply, fds.pop()))
+}

@@ -1,0 +1,136 @@
+//! The zygote's side: a small, single-threaded process that clones each PID 1 it is asked for.
+//!
+//! It is the supervisor's child, started once (see [`super::launch`]). PID 1s are cloned with
+//! `CLONE_PARENT`, so each is the supervisor's child as if the supervisor had cloned it: the
+//! supervisor reaps it and holds its pidfd; the zygote keeps nothing of a run once it replied.
+
+use super::wire::{self, Mounts, Reply, PIPE_FDS};
+use crate::child::{self, InitPlan};
+use crate::fdpass;
+use crate::fs::MountPlan;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+/// The control socket's fd in the zygote (set up by the launcher before exec).
+pub const CONTROL_FD: RawFd = 3;
+
+/// The first message a zygote sends: it is ready for requests.
+pub(crate) const HELLO: &[u8] = b"cellblock-zygote 1";
+
+/// Serves requests on [`CONTROL_FD`] until the supervisor closes it; never returns.
+pub fn serve() -> ! {
+    // SAFETY: prctl with a static NUL-terminated name; chdir to "/" so that no PID 1 inherits
+    // a working directory of the supervisor's.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"cellblock-zyg".as_ptr(), 0, 0, 0);
+        libc::chdir(c"/".as_ptr());
+    }
+    // SAFETY: the launcher placed the control socket at CONTROL_FD for this process.
+    let sock = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
+    if fdpass::send_msg(CONTROL_FD, HELLO, &[]).is_err() {
+        exit(1);
+    }
+    let mut buf = vec![0u8; wire::REQUEST_CAP];
+    let mut plans: Vec<Option<MountPlan>> = (0..wire::PLAN_SLOTS).map(|_| None).collect();
+    loop {
+        let (n, fds) = match fdpass::recv_msg(sock, &mut buf) {
+            Ok((0, _)) => exit(0),
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => (0, Vec::new()),
+            Err(_) => exit(0),
+        };
+        let (reply, pidfd) = match handle(&buf[..n], &fds, &mut plans) {
+            Ok((pid, pidfd, attached)) => (
+                Reply {
+                    pid,
+                    errno: 0,
+                    attached,
+                },
+                Some(pidfd),
+            ),
+            Err(errno) => (
+                Reply {
+                    pid: 0,
+                    errno,
+                    attached: false,
+                },
+                None,
+            ),
+        };
+        // The run's fds are PID 1's now; the request may hold the run's environment.
+        drop(fds);
+        buf[..n].fill(0);
+        let Ok(bytes) = postcard::to_stdvec(&reply) else {
+            exit(1)
+        };
+        let passed: Vec<RawFd> = pidfd.iter().map(AsRawFd::as_raw_fd).collect();
+        if fdpass::send_msg(CONTROL_FD, &bytes, &passed).is_err() {
+            exit(0);
+        }
+    }
+}
+
+fn exit(code: i32) -> ! {
+    // SAFETY: _exit ends this single-threaded process without running Python's finalizers.
+    unsafe { libc::_exit(code) }
+}
+
+/// Clones the PID 1 a request describes: (pid, pidfd, attached) or an errno.
+fn handle(
+    bytes: &[u8],
+    fds: &[OwnedFd],
+    plans: &mut [Option<MountPlan>],
+) -> Result<(libc::pid_t, OwnedFd, bool), i32> {
+    let req = wire::decode(bytes).ok_or(libc::EPROTO)?;
+    let slot = match req.mounts {
+        Mounts::New(slot, plan) => {
+            let s = plans.get_mut(usize::from(slot)).ok_or(libc::EPROTO)?;
+            *s = Some(plan);
+            slot
+        }
+        Mounts::Slot(slot) => slot,
+    };
+    let mounts = plans
+        .get(usize::from(slot))
+        .and_then(Option::as_ref)
+        .ok_or(libc::EPROTO)?;
+    if fds.len() != req.layout.count() {
+        return Err(libc::EPROTO);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let (pipes, rest) = raw.split_at(PIPE_FDS);
+    let pipes: &[RawFd; PIPE_FDS] = pipes.try_into().map_err(|_| libc::EPROTO)?;
+    let (netns, rest) = if req.layout.netns {
+        (rest[0], &rest[1..])
+    } else {
+        (-1, rest)
+    };
+    let (tasks, rest) = rest.split_at(usize::from(req.layout.tasks));
+    let cgroup_dir = rest.first().copied();
+    let target = req.target.into_plan().map_err(|_| libc::EPROTO)?;
+    let init = InitPlan {
+        mounts: Some(mounts),
+        identity: &req.identity,
+        hostname: &req.hostname,
+        target: Some(&target),
+        fds: wire::child_fds(pipes),
+        pdeathsig: req.pdeathsig,
+        lifeline: -1,
+        wipe: crate::spawn::wipe_ranges(),
+        net: req.net.as_ref(),
+        serve: None,
+        netns,
+        join_tasks: tasks,
+    };
+    // CLONE_PARENT: PID 1 is the supervisor's child (its exit signal is ours: none).
+    let flags = req.flags as libc::c_ulong | libc::CLONE_PARENT as libc::c_ulong;
+    let start = || child::init_main(&init);
+    if let Some(dir) = cgroup_dir {
+        // Refused for this cgroup or this kernel: the plain clone, the supervisor attaches.
+        if let Ok((pid, pidfd)) = crate::spawner::clone3_into(flags, dir, start) {
+            return Ok((pid, pidfd, true));
+        }
+    }
+    crate::spawn::clone_with(flags, start)
+        .map(|(pid, pidfd)| (pid, pidfd, false))
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+}
