@@ -27,8 +27,8 @@ from cellblock.memory import (
     MemoryStore,
     MemoryStoreError,
     StaleCheckpoint,
+    _db,
 )
-from cellblock.memory import _db
 from cellblock.memory.checkpoint import digest, restore_workspace, snapshot_workspace
 from cellblock.memory.tool import StoreMemoryTool, search
 
