@@ -707,3 +707,65 @@ def test_a_ready_cell_never_serves_an_environment_built_again(store: Store) -> N
     res = cellblock.run(probe, environment="demo")
     assert res.ok, res.stderr
     assert json.loads(res.stdout)["greeting"] == "hello from cbgreet 1.0"
+
+
+FILES_ONLY = {"files": {"conf/app.txt": "config-v1"}, "env": {"APP_MODE": "batch"}}
+READ_CONF = ["/bin/sh", "-c", 'cat "$CELLBLOCK_ENV_FILES/conf/app.txt"; echo " $APP_MODE"']
+
+
+def test_a_fork_keeps_the_layers_its_parent_holds_after_env_rm(store: Store) -> None:
+    """`cellblock env rm` while a session lives, then the session forks (also through a spare
+    session `prepare_fork` opened): the fork does not look the environment up by name (it
+    would be EnvironmentNotFound) but uses the layers its parent holds,
+    and holds them itself: they stay after the parent closes, and a collect frees them only
+    once the fork closes too."""
+    result = build(declare(**FILES_ONLY), store)
+    keys = [s.key for s in result.steps]
+    with cellblock.Sandbox(environment="demo") as parent:
+        assert parent.run(READ_CONF).stdout == "config-v1 batch\n"
+        parent.write_file("/workspace/note.txt", "from the parent")
+        store.remove("demo")
+        with pytest.raises(EnvironmentNotFound):
+            cellblock.Sandbox(environment="demo")
+        parent.prepare_fork()  # a spare session, opened ahead, is the parent's too
+        spare = parent.fork()
+        assert spare.run(READ_CONF).stdout == "config-v1 batch\n"
+        spare.close()
+        child = parent.fork()
+    try:
+        assert store.collect() == []  # the fork holds them
+        assert sorted(p.name for p in store.layers.iterdir()) == keys
+        res = child.run(READ_CONF)
+        assert res.stdout == "config-v1 batch\n", res.stderr
+        assert child.read_file("/workspace/note.txt") == b"from the parent"
+    finally:
+        child.close()
+    assert store.collect() == keys
+    assert list(store.layers.iterdir()) == []
+
+
+def test_rebuilding_a_corrupt_layer_keeps_the_one_a_session_holds(store: Store) -> None:
+    """A layer a session holds is tampered with; the next build replaces it (runs get the
+    rebuilt one), but does not delete the held one under the session: its calls go on with
+    the files it was opened with, and the old layer is freed by a collect once it closes."""
+    result = build(declare(**FILES_ONLY), store)
+    key = result.steps[0].key
+    conf = store.layer_dir(key) / "root" / "conf" / "app.txt"
+    with cellblock.Sandbox(environment="demo") as sb:
+        assert sb.run(READ_CONF).stdout == "config-v1 batch\n"
+        conf.chmod(0o644)
+        conf.write_text("tampered")
+        rebuilt = build(declare(**FILES_ONLY), store)
+        assert not rebuilt.steps[0].cached
+        store.verify_layer(key)
+        res = cellblock.run(READ_CONF, environment="demo")
+        assert res.stdout == "config-v1 batch\n", res.stderr
+        res = sb.run(READ_CONF)
+        assert res.ok and res.stdout == "tampered batch\n", res.stderr
+        kept = store.unnamed_layers()
+        assert [k.split(".replaced-")[0] for k in kept] == [key]
+        assert store.collect() == []
+        assert sb.run(READ_CONF).stdout == "tampered batch\n"
+    assert store.collect() == kept
+    assert [p.name for p in store.layers.iterdir()] == [key]
+    assert cellblock.run(READ_CONF, environment="demo").stdout == "config-v1 batch\n"
