@@ -882,12 +882,13 @@ def test_pure_reads_take_no_write_lock(tmp_path, monkeypatch):
 
 
 def test_a_read_transaction_refuses_writes(url):
-    """Nothing writes through read(): a write statement fails, a write transaction opened
-    inside it is refused (it could not take the write lock without failing on a stale
-    snapshot), and the connection writes normally afterwards."""
+    """Nothing writes through read(): a write statement fails (and is undone), a write
+    transaction opened inside it is refused (it could not take the write lock without
+    failing on a stale snapshot), and the connection writes normally afterwards."""
     store = open_store(url)
     with pytest.raises(MemoryStoreError), store.db.read() as tx:
         tx.run("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+    assert rows(store, "SELECT value FROM meta WHERE key = 'k'") == []
     with pytest.raises(MemoryStoreError, match="inside read"), store.db.read():
         store.write("alice", "/memories/a.md", "x")
     store.write("alice", "/memories/a.md", "y")

@@ -138,9 +138,10 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Tx]:
         """A read-only transaction: one consistent snapshot, ended when the block ends. SQLite:
-        a deferred transaction with the connection read-only (`query_only`) meanwhile; it
-        takes no write lock, so writers of other connections go on while it is open (WAL).
-        Inside another transaction of this connection, it reads in that one."""
+        a deferred transaction, which takes no write lock, so writers of other connections go
+        on while it is open (WAL); it is rolled back at the end, and a write made in it raises
+        MemoryStoreError (PostgreSQL: a READ ONLY transaction refuses it). Inside another
+        transaction of this connection, it reads in that one."""
         with self._lock:
             outer = self._depth == 0
             self._depth += 1
@@ -150,19 +151,21 @@ class Database:
                     yield Tx(self._conn.cursor(), self.dialect)
                 elif self.dialect == "sqlite":
                     cur = self._conn.cursor()
-                    cur.execute("PRAGMA query_only=ON")
+                    changes = self._conn.total_changes
+                    cur.execute("BEGIN DEFERRED")
                     try:
-                        cur.execute("BEGIN DEFERRED")
-                        try:
-                            yield Tx(cur, "sqlite")
-                        finally:
-                            self._conn.rollback()  # nothing to commit: it ends the snapshot
+                        yield Tx(cur, "sqlite")
                     finally:
-                        cur.execute("PRAGMA query_only=OFF")
+                        self._conn.rollback()  # ends the snapshot; undoes any write
+                    if self._conn.total_changes != changes:
+                        raise MemoryStoreError("a write inside read() (rolled back)")
                 else:
-                    with self._conn.transaction(), self._conn.cursor() as cur:
-                        cur.execute("SET TRANSACTION READ ONLY")
-                        yield Tx(cur, "postgresql")
+                    self._conn.read_only = True  # BEGIN READ ONLY (no extra round trip)
+                    try:
+                        with self._conn.transaction(), self._conn.cursor() as cur:
+                            yield Tx(cur, "postgresql")
+                    finally:
+                        self._conn.read_only = None
             except (sqlite3.Error, _pg_error()) as e:
                 raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
             finally:
