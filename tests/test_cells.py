@@ -286,3 +286,42 @@ def test_a_dead_cell_is_never_handed_to_a_waiting_run(caller: Caller) -> None:
                           "fallbacks": s.fallbacks}))
     """)
     assert out == {"out": "served\n", "hits": 1, "misses": 0, "fallbacks": 0}
+
+
+def test_a_run_that_goes_cold_in_wait_mode_is_a_logged_warning() -> None:
+    """CELLBLOCK_CELLS=wait: a run served by a cell says nothing; one that takes the cold path
+    anyway is counted in stats().misses and logged as a warning, once: a request too large
+    for its cell's buffer, and a run that found no cell within its 30 s wait (none can be
+    built: max_cells=0), which used to go cold without a word."""
+    code = textwrap.dedent("""
+        import json, logging, sys
+        import cellblock, cellblock.cells
+        logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(message)s")
+        assert cellblock.cells.prepare(["true"]).status == "ready"
+        assert cellblock.run(["true"]).ok
+        print("SERVED", flush=True)
+        huge = ["sh", "-c", 'echo "${#0} ${#1}"', "a" * 100_000, "b" * 100_000]  # HUGE_ARGV
+        res = cellblock.run(huge)
+        assert res.stdout == "100000 100000\\n", res
+        assert cellblock.run(["true"]).ok
+        print("FELL BACK", flush=True)
+        # No cell can be built: the run waits its 30 s, then goes cold.
+        cellblock.cells.configure(True, max_cells=0)
+        assert cellblock.cells.drain()
+        assert cellblock.run(["true"]).ok
+        s = cellblock.cells.stats()
+        print(json.dumps({"hits": s.hits, "misses": s.misses, "fallbacks": s.fallbacks}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code],
+                         env={**os.environ, "CELLBLOCK_CELLS": "wait"}, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "SERVED", lines
+    warnings = [line for line in lines if line.startswith("LOG ")]
+    assert len(warnings) == 2, lines
+    assert lines.index(warnings[0]) < lines.index("FELL BACK") < lines.index(warnings[1])
+    for n, warning in enumerate(warnings, 1):
+        assert warning.startswith("LOG CELLBLOCK_CELLS=wait: 1 run(s) found no ready cell")
+        assert f"({n} so far" in warning
+    assert json.loads(lines[-1]) == {"hits": 2, "misses": 2, "fallbacks": 1}

@@ -707,3 +707,150 @@ def test_a_ready_cell_never_serves_an_environment_built_again(store: Store) -> N
     res = cellblock.run(probe, environment="demo")
     assert res.ok, res.stderr
     assert json.loads(res.stdout)["greeting"] == "hello from cbgreet 1.0"
+
+
+FILES_ONLY = {"files": {"conf/app.txt": "config-v1"}, "env": {"APP_MODE": "batch"}}
+READ_CONF = ["/bin/sh", "-c", 'cat "$CELLBLOCK_ENV_FILES/conf/app.txt"; echo " $APP_MODE"']
+
+
+def _session_process(request: pytest.FixtureRequest, caller: str,
+                     code: str) -> subprocess.Popen[str]:
+    """`code` in a process of this user or of uid 65534, given the store and READ_CONF."""
+    if caller == "nobody":
+        pkgdir = request.getfixturevalue("nobody_dir")
+        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
+                  "/usr/bin/python3"]
+        env = {"PATH": "/usr/bin:/bin"}
+    else:
+        prefix = [sys.executable]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    return subprocess.Popen(
+        [*prefix, "-c", code, os.environ["XDG_DATA_HOME"], json.dumps(READ_CONF)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd="/")
+
+
+_FORK_AFTER_RM = textwrap.dedent("""\
+    import json, os, sys
+    os.environ["XDG_DATA_HOME"] = sys.argv[1]
+    import cellblock
+    argv, out = json.loads(sys.argv[2]), {}
+    parent = cellblock.Sandbox(environment="demo")
+    out["parent"] = parent.run(argv).stdout
+    parent.write_file("/workspace/note.txt", "from the parent")
+    print("READY", flush=True)
+    sys.stdin.readline()  # the environment is removed meanwhile
+    try:
+        cellblock.Sandbox(environment="demo").close()
+        out["new"] = "opened"
+    except cellblock.CellblockError as e:
+        out["new"] = type(e).__name__
+    parent.prepare_fork()  # a spare session, opened ahead, is the parent's too
+    spare = parent.fork()
+    out["spare"] = spare.run(argv).stdout
+    spare.close()
+    child = parent.fork()
+    parent.close()
+    res = child.run(argv)
+    out["child"], out["stderr"] = res.stdout, res.stderr
+    out["note"] = child.read_file("/workspace/note.txt").decode()
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()  # a collect runs meanwhile
+    print(json.dumps({"after_collect": child.run(argv).stdout}), flush=True)
+    child.close()
+""")
+
+
+@pytest.mark.parametrize("caller", ["self", "nobody"],
+                         ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
+def test_a_fork_keeps_the_layers_its_parent_holds_after_env_rm(
+        store: Store, request: pytest.FixtureRequest, caller: str) -> None:
+    """`cellblock env rm` while a session (of this user or of uid 65534) lives, then the
+    session forks (also through a spare session `prepare_fork` opened): the fork does not look
+    the environment up by name (that is EnvironmentNotFound now) but uses the layers its
+    parent holds, and holds them itself: they stay after the parent closes, a collect keeps
+    them while the fork is open and frees them once it closes."""
+    result = build(declare(**FILES_ONLY), store)
+    keys = sorted(s.key for s in result.steps)
+    proc = _session_process(request, caller, _FORK_AFTER_RM)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = proc.stdout.readline()
+        assert ready.strip() == "READY", ready + proc.communicate(timeout=60)[1][-3000:]
+        assert store.remove("demo") == []  # every layer is in use: kept
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1][-3000:]
+        out = json.loads(line)
+        assert store.collect() == []  # the fork holds them
+        assert sorted(p.name for p in store.layers.iterdir()) == keys
+        stdout, stderr = proc.communicate("go\n", timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert out == {"parent": "config-v1 batch\n", "new": "EnvironmentNotFound",
+                   "spare": "config-v1 batch\n", "child": "config-v1 batch\n",
+                   "stderr": "", "note": "from the parent"}
+    assert json.loads(stdout) == {"after_collect": "config-v1 batch\n"}
+    assert store.collect() == keys
+    assert list(store.layers.iterdir()) == []
+
+
+_HOLD_THEN_READ = textwrap.dedent("""\
+    import json, os, sys
+    os.environ["XDG_DATA_HOME"] = sys.argv[1]
+    import cellblock
+    argv, out = json.loads(sys.argv[2]), []
+    with cellblock.Sandbox(environment="demo") as sb:
+        out.append(sb.run(argv).stdout)
+        print("READY", flush=True)
+        sys.stdin.readline()  # the layer is tampered with and rebuilt meanwhile
+        res = sb.run(argv)
+        out.append(res.stdout + res.stderr)
+        print(json.dumps(out), flush=True)
+        sys.stdin.readline()  # a collect runs meanwhile
+""")
+
+
+@pytest.mark.parametrize("caller", ["self", "nobody"],
+                         ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
+def test_rebuilding_a_corrupt_layer_keeps_the_one_a_session_holds(
+        store: Store, request: pytest.FixtureRequest, caller: str) -> None:
+    """A layer a session (of this user or of uid 65534) holds is tampered with; the next
+    build replaces it (runs get the rebuilt one), but does not delete the held one under the
+    session: its calls go on with the files it was opened with, and the old layer is freed
+    by a collect once it closes."""
+    result = build(declare(**FILES_ONLY), store)
+    key = result.steps[0].key
+    conf = store.layer_dir(key) / "root" / "conf" / "app.txt"
+    proc = _session_process(request, caller, _HOLD_THEN_READ)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = proc.stdout.readline()
+        assert ready.strip() == "READY", ready + proc.communicate(timeout=60)[1][-3000:]
+        conf.chmod(0o644)
+        conf.write_text("tampered")
+        rebuilt = build(declare(**FILES_ONLY), store)
+        assert not rebuilt.steps[0].cached
+        store.verify_layer(key)
+        res = cellblock.run(READ_CONF, environment="demo")
+        assert res.stdout == "config-v1 batch\n", res.stderr
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=60)[1][-3000:]
+        # What the session was opened with, as it is now: never emptied under it.
+        assert json.loads(line) == ["config-v1 batch\n", "tampered batch\n"]
+        kept = store.unnamed_layers()
+        assert [k.split(".replaced-")[0] for k in kept] == [key]
+        assert store.collect() == []  # held
+        _, stderr = proc.communicate("go\n", timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert store.collect() == kept
+    assert [p.name for p in store.layers.iterdir()] == [key]
+    assert cellblock.run(READ_CONF, environment="demo").stdout == "config-v1 batch\n"

@@ -5,6 +5,7 @@ and the `cellblock memory` CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from cellblock.memory import (
     MemoryStore,
     MemoryStoreError,
     StaleCheckpoint,
+    _db,
 )
 from cellblock.memory.checkpoint import digest, restore_workspace, snapshot_workspace
 from cellblock.memory.tool import StoreMemoryTool, search
@@ -786,3 +788,111 @@ def test_sqlite_store_hammered_by_processes_and_threads_loses_nothing(tmp_path):
             assert store.checkpoints.latest(user).state == {"i": rounds - 1}
             session = store.checkpoints.sessions(user)[0]
             assert session.checkpoints == 2
+
+
+_HOLD = """
+import sys
+from cellblock.memory import MemoryStore
+url, mode = sys.argv[1], sys.argv[2]
+store = MemoryStore(url)
+if mode == "read":
+    with store.db.read() as tx:
+        print(tx.rows("SELECT count(*) FROM memories")[0][0], flush=True)
+        sys.stdin.readline()  # paused with its read snapshot open
+else:
+    with store.db.transaction() as tx:
+        tx.run("INSERT INTO meta (key, value) VALUES ('held', 'x')")
+        print("writing", flush=True)
+        sys.stdin.readline()  # paused holding the write lock
+"""
+
+
+@contextlib.contextmanager
+def _paused(url: str, mode: str) -> Iterator[str]:
+    """Another process paused inside a read() or a write transaction; yields its first line."""
+    child = subprocess.Popen([sys.executable, "-c", _HOLD, url, mode], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        yield child.stdout.readline().strip()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+def test_a_paused_reader_never_blocks_a_writer(tmp_path, monkeypatch):
+    """A process paused with a read transaction open holds no write lock: a writer that may
+    not wait at all (busy timeout 0: "database is locked" at the first conflict) writes
+    entries and checkpoints and takes a session over meanwhile; the reader's snapshot was
+    taken before them."""
+    url = f"sqlite://{tmp_path / 'memory.db'}"
+    monkeypatch.setattr(_db, "BUSY_TIMEOUT_MS", 0)
+    writer = open_store(url)
+    writer.write("alice", "/memories/a.md", "before")
+    with _paused(url, "read") as seen:
+        assert seen == "1"
+        writer.write("alice", "/memories/b.md", "during")
+        lease = writer.checkpoints.start("alice", "task")
+        writer.checkpoints.save(lease, {"n": 1}, {"f": b"x"})
+        lease = writer.checkpoints.take_over("alice", lease.session_id)
+        writer.checkpoints.save(lease, {"n": 2}, {"f": b"y"})
+        assert writer.read("alice", "/memories/b.md").content == "during"
+    assert writer.checkpoints.latest("alice").state == {"n": 2}
+
+
+def test_pure_reads_take_no_write_lock(tmp_path, monkeypatch):
+    """While another process holds the write lock (its transaction open, uncommitted), every
+    pure read of the store succeeds without waiting (busy timeout 0) and sees the last
+    committed state; a write still refuses at once rather than interleaving."""
+    url = f"sqlite://{tmp_path / 'memory.db'}"
+    monkeypatch.setattr(_db, "BUSY_TIMEOUT_MS", 0)
+    store = open_store(url)
+    store.write("alice", "/memories/a.md", "alice likes green tea")
+    store.archive_turn("alice", "s1", 1, [{"role": "user", "content": "hello"}])
+    store.refresh_knowledge("kb", {"doc.md": "espresso"})
+    lease = store.checkpoints.start("alice", "task")
+    cid = store.checkpoints.save(lease, {"n": 1}, {"f": b"x"})
+    with _paused(url, "write") as seen:
+        assert seen == "writing"
+        assert store.kind("alice", "/memories/a.md") == "file"
+        assert [e.path for e in store.entries("alice")] == ["/memories/a.md"]
+        assert [h.ref for h in store.search("alice", "green")] == ["/memories/a.md"]
+        assert store.archived_turns("alice", "s1")[0][0] == 1
+        assert store.knowledge_version("kb") == 1
+        assert store.read_knowledge("/memories/knowledge/kb/doc.md") == "espresso"
+        assert len(store.list_knowledge()) == 1
+        assert store.refresh_due([KnowledgeSource(namespace="kb", directory=tmp_path)]) == []
+        assert store.checkpoints.get("alice", cid).state == {"n": 1}
+        assert store.checkpoints.latest("alice").id == cid
+        assert [c.id for c in store.checkpoints.kept("alice", lease.session_id)] == [cid]
+        assert store.checkpoints.sessions("alice")[0].checkpoints == 1
+        assert store.checkpoints.blob("alice", digest(b"x")) == b"x"
+        assert store.checkpoints.storage()["checkpoints"] == 1
+        assert store.export("alice")["memories"][0]["path"] == "/memories/a.md"
+        with store.db.read() as tx:
+            assert tx.rows("SELECT value FROM meta WHERE key = 'held'") == []
+        with pytest.raises(MemoryStoreError, match="locked"):
+            store.write("alice", "/memories/b.md", "blocked")
+    assert rows(store, "SELECT value FROM meta WHERE key = 'held'") == [("x",)]
+
+
+def test_a_read_transaction_refuses_writes(url):
+    """Nothing writes through read(): a write statement fails (and is undone), a write
+    transaction opened inside it is refused (it could not take the write lock without
+    failing on a stale snapshot), and the connection writes normally afterwards."""
+    store = open_store(url)
+    with pytest.raises(MemoryStoreError), store.db.read() as tx:
+        tx.run("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+    assert rows(store, "SELECT value FROM meta WHERE key = 'k'") == []
+    with pytest.raises(MemoryStoreError, match="inside read"), store.db.read():
+        store.write("alice", "/memories/a.md", "x")
+    store.write("alice", "/memories/a.md", "y")
+    assert [e.path for e in store.entries("alice")] == ["/memories/a.md"]
+    with store.db.transaction() as tx, store.db.read() as inner:  # reads in the write
+        tx.run("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+        assert inner.rows("SELECT value FROM meta WHERE key = 'k'") == [("v",)]

@@ -9,7 +9,9 @@ path): same isolation, same report. The cold path takes parts made ahead by the 
 of background thread when it can: a network namespace (as root) and cgroup directories, each
 used once. Turn cells (and parts) off with `configure(False)`,
 `CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
-makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path.
+makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path; a run
+that still finds none (or cannot use the cell it got) takes the cold path, counted in
+`stats().misses` and logged as a warning (logger `cellblock.cells`).
 
 A shape's first run only records demand; `prepare` makes cells of a run's shape ready ahead
 (and says which runs cells never serve). The test suite's `--cells=pooled` prepares a cell
@@ -18,6 +20,9 @@ before every run and fails a run the cold path served (`stats().hits` did not gr
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,7 +41,8 @@ class CellStats(BaseModel):
     enabled: bool
     #: Runs served by a ready cell.
     hits: int
-    #: Runs that found none and built their sandbox (cold path).
+    #: Runs that found none and built their sandbox (cold path). With
+    #: `CELLBLOCK_CELLS=wait`, each waited up to 30 s first (and is logged as a warning).
     misses: int
     #: Cells built so far.
     built: int
@@ -135,3 +141,39 @@ def drain(timeout: float = 10.0) -> bool:
 def stats() -> CellStats:
     """The pool's counters."""
     return CellStats(**_native.cells_stats())
+
+
+_log = logging.getLogger("cellblock.cells")
+
+
+class _WaitWatch:
+    """`CELLBLOCK_CELLS=wait` is meant to serve every run through a cell; the native core
+    sends a run that found none within 30 s down the cold path without a word. This warns
+    about each such run (the misses counted since the last check), naming the last build
+    error, which is usually why no cell became ready."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wait: bool | None = None
+        self._seen = 0
+
+    def check(self) -> None:
+        """Called after each one-shot run; costs nothing unless in wait mode."""
+        if self._wait is None:
+            # Read once, as the pool reads it when it starts (the first run).
+            self._wait = os.environ.get("CELLBLOCK_CELLS") == "wait"
+        if not self._wait:
+            return
+        now = CellStats(**_native.cells_stats())
+        with self._lock:
+            new, self._seen = now.misses - self._seen, max(self._seen, now.misses)
+        if new > 0:
+            _log.warning(
+                "CELLBLOCK_CELLS=wait: %d run(s) found no ready cell of their shape within "
+                "30 s (or could not use the cell they got) and took the cold path (%d so far, "
+                "cellblock.cells.stats().misses); last cell build error: %s",
+                new, now.misses, now.last_build_error or "none")
+
+
+#: Checked by `cellblock.run` after each run.
+wait_watch = _WaitWatch()

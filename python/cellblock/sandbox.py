@@ -279,6 +279,7 @@ def run(
     sees a placeholder, the egress proxy substitutes the value (see `cellblock.credentials`);
     `on_credential_leak` and `tls_ca_bundle` as the policy's fields.
     """
+    from cellblock.cells import wait_watch
     from cellblock.environments.runtime import held
 
     # The environment's layers are held (shared lock) from resolving them until the run ends:
@@ -310,5 +311,7 @@ def run(
             # Messages can echo argv, paths or env: no secret leaves through them.
             raise redact_error(e, redactor_for(all_secrets)) from None
     result = RunResult(**report)
+    if cells:
+        wait_watch.check()
     notify_run("run", result)
     return result

@@ -22,7 +22,7 @@ from typing import Any, Literal, Self
 
 from cellblock import _native
 from cellblock.credentials import CredentialsArg, credential_hosts
-from cellblock.environments.runtime import hold
+from cellblock.environments.runtime import Hold, hold
 from cellblock.errors import (
     CellblockError,
     InvalidSpec,
@@ -107,6 +107,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
         rootfs: str | os.PathLike[str] | None = None,
+        _env_hold: Hold | None = None,
     ) -> None:
         unknown = set(warm) - {"python", "node"}
         if unknown:
@@ -126,8 +127,11 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             normalize_secrets(self._policy.secrets) + normalize_secrets(secrets)
         )
         # The environment's layers are held while the session is open (see
-        # cellblock.environments.runtime): its calls use them as resolved now.
-        self._env_hold = hold(self._policy.environment) if self._policy.environment else None
+        # cellblock.environments.runtime): its calls use them as resolved now. A fork is
+        # given its parent's hold (`_env_hold`): it uses the layers its parent does, even
+        # when the name was removed or built again since.
+        self._env_hold = _env_hold or (
+            hold(self._policy.environment) if self._policy.environment else None)
         self._environment = self._env_hold.resolved if self._env_hold else None
         try:
             spec = build_spec(["session"], self._policy, self._secrets, None,
@@ -266,6 +270,7 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
             self._policy, secrets=self._extra_secrets,
             allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
             idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
+            _env_hold=self._env_hold.share() if self._env_hold is not None else None,
         )
 
     @property

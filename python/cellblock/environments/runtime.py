@@ -106,7 +106,25 @@ class Hold:
 
     def __init__(self, resolved: Resolved, fds: list[int]) -> None:
         self.resolved = resolved
+        self._fds = fds
         self._release = weakref.finalize(self, _close_all, fds)
+
+    def share(self) -> Hold:
+        """Another hold of the same layers, released on its own: a fork's, which goes on
+        using its parent's layers even once the name is removed or rebuilt, or the parent
+        closed. The descriptors are duplicated, so they share the parent's locks (a flock
+        belongs to the open file, released when its last descriptor closes)."""
+        if not self._release.alive:
+            raise EnvironmentNotFound(
+                f"environment {self.resolved.name!r}: its hold was released")
+        fds: list[int] = []
+        try:
+            for fd in self._fds:
+                fds.append(os.dup(fd))  # non-inheritable, as Python makes every descriptor
+        except BaseException:
+            _close_all(fds)
+            raise
+        return Hold(self.resolved, fds)
 
     def release(self) -> None:
         """Lets `Store.collect` remove the layers again (idempotent)."""

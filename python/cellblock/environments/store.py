@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -248,8 +249,12 @@ class Store:
         os.chmod(work / "manifest.json", 0o644)
         _fsync_tree(work)
         dest = self.layer_dir(key)
-        if dest.exists():  # a corrupt entry found by the caller: replaced, never reused
-            shutil.rmtree(dest)
+        # A corrupt entry found by the caller: replaced, never reused. One a run or session
+        # holds is renamed aside instead of deleted (its mounts follow it) and removed by a
+        # later collect once unused, as the layers of a removed environment are.
+        if dest.exists() and not self._unheld(dest):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(dest, self.layers / f"{key}.replaced-{secrets.token_hex(6)}")
         os.rename(work, dest)
         _fsync_dir(self.layers)
         return manifest
@@ -313,7 +318,7 @@ class Store:
 
     def unnamed_layers(self) -> list[str]:
         """Layers on disk that no environment names (after a collect: those a run holds or
-        a build is making)."""
+        a build is making), with replaced ones (`<key>.replaced-<id>`, see `commit`)."""
         used = self._used_layers()
         if not self.layers.is_dir():
             return []

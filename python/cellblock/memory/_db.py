@@ -2,7 +2,9 @@
 
 SQL is written once with `?` placeholders (rewritten to `%s` for psycopg) and never contains a
 literal `?` or `%`. Every write goes through `transaction()`: SQLite takes the write lock at
-BEGIN (IMMEDIATE), so two processes never interleave a read-modify-write.
+BEGIN (IMMEDIATE), so two processes never interleave a read-modify-write. Pure reads go through
+`read()`: a deferred transaction that only reads a snapshot of the WAL, so a reader (even one
+paused with its transaction open) never blocks a writer, and a writer never blocks it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Database:
         self._lock = threading.RLock()
         #: Transactions open on this connection (the lock's owner's): >1 means savepoints.
         self._depth = 0
+        #: The outermost open transaction is a `read()` (a write inside it is refused).
+        self._reading = False
         self.dialect: Dialect
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
@@ -99,6 +103,10 @@ class Database:
         statements commit with the outer transaction (so a memory-tool operation and the
         record that it was applied are one commit), and it alone is undone if it raises."""
         with self._lock:
+            if self._reading:
+                # SQLite would upgrade the read snapshot to a write lock, which fails at once
+                # (SQLITE_BUSY, no busy wait) whenever another process wrote since it began.
+                raise MemoryStoreError("a write transaction cannot be opened inside read()")
             nested = self._depth > 0
             self._depth += 1
             try:
@@ -125,6 +133,44 @@ class Database:
             except (sqlite3.Error, _pg_error()) as e:
                 raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
             finally:
+                self._depth -= 1
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction: one consistent snapshot, ended when the block ends. SQLite:
+        a deferred transaction, which takes no write lock, so writers of other connections go
+        on while it is open (WAL); it is rolled back at the end, and a write made in it raises
+        MemoryStoreError (PostgreSQL: a READ ONLY transaction refuses it). Inside another
+        transaction of this connection, it reads in that one."""
+        with self._lock:
+            outer = self._depth == 0
+            self._depth += 1
+            self._reading = self._reading or outer
+            try:
+                if not outer:
+                    yield Tx(self._conn.cursor(), self.dialect)
+                elif self.dialect == "sqlite":
+                    cur = self._conn.cursor()
+                    changes = self._conn.total_changes
+                    cur.execute("BEGIN DEFERRED")
+                    try:
+                        yield Tx(cur, "sqlite")
+                    finally:
+                        self._conn.rollback()  # ends the snapshot; undoes any write
+                    if self._conn.total_changes != changes:
+                        raise MemoryStoreError("a write inside read() (rolled back)")
+                else:
+                    self._conn.read_only = True  # BEGIN READ ONLY (no extra round trip)
+                    try:
+                        with self._conn.transaction(), self._conn.cursor() as cur:
+                            yield Tx(cur, "postgresql")
+                    finally:
+                        self._conn.read_only = None
+            except (sqlite3.Error, _pg_error()) as e:
+                raise MemoryStoreError(f"{type(e).__name__}: {e}") from e
+            finally:
+                if outer:
+                    self._reading = False
                 self._depth -= 1
 
     def script(self, statements: Sequence[str]) -> None:
@@ -171,7 +217,7 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys=ON")
     except (sqlite3.Error, OSError) as e:
         raise MemoryStoreError(f"cannot open {path}: {e}") from e
-    # Explicit transactions only (BEGIN IMMEDIATE in Database.transaction).
+    # Explicit transactions only (Database.transaction and Database.read).
     conn.isolation_level = None
     return conn
 

@@ -221,7 +221,7 @@ class Checkpoints:
     def get(self, user_id: str, checkpoint_id: str) -> Checkpoint:
         """The user's checkpoint with this id."""
         user = check_user(user_id)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows("SELECT c.id, c.session_id, c.seq, c.generation, c.created_at, "
                            "c.reason, c.state FROM checkpoints c JOIN agent_sessions s ON "
                            "s.id = c.session_id WHERE c.id = ? AND s.user_id = ?",
@@ -239,7 +239,7 @@ class Checkpoints:
         """The newest checkpoint of one of the user's sessions, or of the user's most recently
         active session."""
         user = check_user(user_id)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             if session_id is None:
                 rows = tx.rows("SELECT c.id FROM checkpoints c JOIN agent_sessions s ON "
                                "s.id = c.session_id WHERE s.user_id = ? ORDER BY "
@@ -263,7 +263,7 @@ class Checkpoints:
     def kept(self, user_id: str, session_id: str) -> list[Checkpoint]:
         """The kept checkpoints of one of the user's sessions, oldest first."""
         user = check_user(user_id)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             ids = tx.rows("SELECT c.id FROM checkpoints c JOIN agent_sessions s ON "
                           "s.id = c.session_id WHERE c.session_id = ? AND s.user_id = ? "
                           "ORDER BY c.seq", (session_id, user))
@@ -272,7 +272,7 @@ class Checkpoints:
     def sessions(self, user_id: str) -> list[SessionInfo]:
         """The user's agent sessions, most recently active first."""
         user = check_user(user_id)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows(
                 "SELECT s.id, s.user_id, s.task, s.status, s.generation, s.updated_at, "
                 "(SELECT count(*) FROM checkpoints c WHERE c.session_id = s.id) "
@@ -283,7 +283,7 @@ class Checkpoints:
     def blob(self, user_id: str, digest_hex: str) -> bytes:
         """The content of a blob that a checkpoint of the user's references."""
         user = check_user(user_id)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows(
                 "SELECT b.data FROM blobs b WHERE b.hash = ? AND EXISTS (SELECT 1 FROM "
                 "checkpoint_files f JOIN checkpoints c ON c.id = f.checkpoint_id JOIN "
@@ -347,7 +347,7 @@ class Checkpoints:
 
     def storage(self) -> dict[str, int]:
         """Rows and bytes held by checkpoints (for bounds and benchmarks)."""
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             blobs, size = tx.rows("SELECT count(*), coalesce(sum(size), 0) FROM blobs")[0]
             checkpoints = tx.rows("SELECT count(*) FROM checkpoints")[0][0]
             files = tx.rows("SELECT count(*) FROM checkpoint_files")[0][0]

@@ -135,7 +135,7 @@ class MemoryStore:
     def kind(self, user_id: str, path: str) -> Literal["file", "dir"] | None:
         """"file", "dir" (a path some files are under; /memories always is) or None."""
         user, path = check_user(user_id), paths.normalize(path)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             return self._kind(tx, user, path, self.clock())
 
     def write(self, user_id: str, path: str, content: str, *, create: bool = False) -> None:
@@ -209,7 +209,7 @@ class MemoryStore:
         """The user's live memory files under `directory`, sorted by path."""
         user, directory, now = check_user(user_id), paths.normalize(directory), self.clock()
         prefix = paths.child_prefix(directory)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows(
                 "SELECT path, length(content), updated_at, expires_at FROM memories "
                 "WHERE user_id = ? AND expires_at > ? AND substr(path, 1, ?) = ? ORDER BY path",
@@ -243,7 +243,7 @@ class MemoryStore:
         turns, agent sessions with their kept checkpoints, and the workspace blobs those
         reference (base64)."""
         user, now = check_user(user_id), self.clock()
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             files = tx.rows(
                 "SELECT path, content, created_at, updated_at, accessed_at, expires_at "
                 "FROM memories WHERE user_id = ? AND expires_at > ? ORDER BY path", (user, now))
@@ -280,7 +280,7 @@ class MemoryStore:
     def archived_turns(self, user_id: str, session_id: str) -> list[tuple[int, dict[str, Any]]]:
         """(turn, message) of a session's archived turns, oldest first."""
         user, now = check_user(user_id), self.clock()
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows("SELECT turn, message FROM turns WHERE user_id = ? AND session_id = ? "
                            "AND expires_at > ? ORDER BY turn, id", (user, session_id, now))
         return [(r[0], json.loads(r[1])) for r in rows]
@@ -324,7 +324,7 @@ class MemoryStore:
         refreshed = []
         interval = self.config.refresh_interval_hours * 3600
         for source in self.config.sources if sources is None else sources:
-            with self.db.transaction() as tx:
+            with self.db.read() as tx:
                 rows = tx.rows("SELECT refreshed_at FROM knowledge_versions WHERE namespace = ?",
                                (source.namespace,))
             if rows and rows[0][0] + interval > self.clock():
@@ -342,7 +342,7 @@ class MemoryStore:
 
     def knowledge_version(self, namespace: str) -> int | None:
         """The current version of a namespace (None before its first refresh)."""
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows("SELECT version FROM knowledge_versions WHERE namespace = ?",
                            (namespace,))
         return int(rows[0][0]) if rows else None
@@ -351,7 +351,7 @@ class MemoryStore:
         """Current knowledge documents under `directory` (a /memories/knowledge/... path)."""
         directory = paths.normalize(directory)
         prefix = paths.child_prefix(directory)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows(
                 "SELECT k.path, length(k.content), v.refreshed_at FROM knowledge k "
                 "JOIN knowledge_versions v ON v.namespace = k.namespace AND "
@@ -363,7 +363,7 @@ class MemoryStore:
     def read_knowledge(self, path: str) -> str:
         """The current text of a knowledge document (/memories/knowledge/NS/...)."""
         path = paths.normalize(path)
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             rows = tx.rows(
                 "SELECT k.content FROM knowledge k JOIN knowledge_versions v ON "
                 "v.namespace = k.namespace AND v.version = k.version WHERE k.path = ?", (path,))
@@ -379,7 +379,7 @@ class MemoryStore:
         user, now = check_user(user_id), self.clock()
         limit = max(1, min(limit, 100))
         hits: list[Hit] = []
-        with self.db.transaction() as tx:
+        with self.db.read() as tx:
             if self.db.dialect == "sqlite":
                 q = fts5_query(query)
                 if q is None:
