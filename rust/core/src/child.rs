@@ -367,7 +367,7 @@ fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
 
 /// Closes every fd except those in `keep` (unsorted, may contain -1).
 pub(crate) fn close_other_fds(keep: &[libc::c_int]) {
-    let mut sorted = [i32::MAX; 10];
+    let mut sorted = [i32::MAX; 16];
     let mut n = 0;
     for &fd in keep {
         if fd >= 0 && n < sorted.len() {
@@ -845,10 +845,17 @@ pub struct JoinPlan {
 /// pidfd to the supervisor. Runs in a process cloned by the supervisor; never returns.
 pub fn join_main(join: &JoinPlan, init: &InitPlan<'_>) -> ! {
     let fds = &init.fds;
-    close_other_fds(&[
+    let mut keep = [-1; 16];
+    let pipes = [
         fds.stdin, fds.stdout, fds.stderr, fds.ready, fds.go, fds.err, fds.status, fds.fdsock,
         join.pidfd,
-    ]);
+    ];
+    keep[..pipes.len()].copy_from_slice(&pipes);
+    // The session cgroup's `tasks` files the call's init moves itself in with (v1).
+    for (slot, fd) in keep[pipes.len()..].iter_mut().zip(init.join_tasks) {
+        *slot = *fd;
+    }
+    close_other_fds(&keep);
     let others = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNET

@@ -1051,7 +1051,7 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
                 };
                 spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
             }
-            Some(r) => r,
+            Some(r) => r.map(|z| z.cloned),
             None => spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init)),
         }
         .map_err(clone_error)?;
@@ -1225,6 +1225,15 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     let prepared = prepare(spec, rlimits, "", None)?;
     let identity = Identity::Joined { root: holder.root };
     let p = Pipes::new()?;
+    // cgroup v1: the call's init moves itself into the session's cgroup (no write of a pid to
+    // `cgroup.procs`, whose first writer after a quiet spell waits for an RCU grace period);
+    // else the supervisor attaches it below.
+    let tasks = holder
+        .cgroup
+        .as_ref()
+        .and_then(|c| c.open_tasks().ok())
+        .unwrap_or_default();
+    let join_tasks: Vec<libc::c_int> = tasks.iter().map(AsRawFd::as_raw_fd).collect();
     let init = InitPlan {
         mounts: None,
         identity: &identity,
@@ -1237,7 +1246,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         net: None,
         serve: None,
         netns: -1,
-        join_tasks: &[],
+        join_tasks: &join_tasks,
     };
     let join = JoinPlan {
         pidfd: holder.pidfd.as_raw_fd(),
@@ -1252,6 +1261,7 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         })?;
     let mut p = p;
     p.child_owned.clear();
+    drop(tasks);
     // The joiner hands over the call init's pidfd (or reports why it could not).
     if !wait_readable(&p.sock, deadline) {
         kill_and_reap_within(&joiner_fd, REAP_GRACE);
@@ -1275,11 +1285,12 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
         }
     };
     let pid = pidfd_pid(&pidfd).ok_or_else(|| Error::setup("find the call's pid"))?;
-    // The joiner is a child of the caller, outside the session's cgroup: put the call's init
-    // in it before releasing it, so the call and all it starts count against the session.
+    // The joiner is a child of the caller, outside the session's cgroup: the call's init is in
+    // it before it is released (it moved itself in, or is attached now), so the call and all
+    // it starts count against the session.
     let how = Handshake {
         cgroup: holder.cgroup.as_ref(),
-        attached: false,
+        attached: !join_tasks.is_empty(),
         write_maps: false,
         prepared: &prepared,
         argv0: &spec.argv[0],

@@ -4,11 +4,17 @@
 //! prints the report as one JSON object (stdout/stderr as UTF-8 text, lossy). Optional:
 //! `--bpf FILE` (compiled seccomp program), `--stdin FILE` (bytes for the command's stdin).
 //! Exit status: 0 when a report was printed, 2 on an error (printed as `cellblock: error: ...`).
+//!
+//! `cellblock-spawn --zygote` serves as a zygote (see `cellblock_core::zygote`): a program
+//! embedding the core without Python can name it in `zygote::set_command`.
 
 use cellblock_core::{run, RunSpec};
 use std::io::Read;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--zygote") {
+        cellblock_core::zygote::serve();
+    }
     match real_main() {
         Ok(()) => {}
         Err(msg) => {

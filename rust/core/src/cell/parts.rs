@@ -205,6 +205,13 @@ pub(crate) fn want_zygote() -> bool {
     running
 }
 
+/// Records that the zygote misbehaved: no zygote is started again in this process.
+pub(crate) fn zygote_failed() {
+    if let Some(mut st) = parts().and_then(lock) {
+        st.zygote_broken = true;
+    }
+}
+
 /// What the maker should make next.
 enum Job {
     Netns,

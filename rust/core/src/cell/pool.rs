@@ -32,6 +32,9 @@ pub const DECAY: Duration = Duration::from_secs(2);
 pub const MAX_AGE: Duration = Duration::from_secs(30);
 /// How long the builder sleeps when there is nothing to do.
 const TICK: Duration = Duration::from_millis(500);
+/// Builder threads: two builds overlap (one cell's PID 1 sets its sandbox up while the next is
+/// cloned), so back-to-back runs of one shape find cells ready about as fast as they come.
+const BUILDERS: usize = 2;
 /// After a failed build, the shape is not built again for this long.
 const RETRY: Duration = Duration::from_secs(5);
 /// In wait mode, how long a run waits for a cell before taking the cold path.
@@ -185,21 +188,39 @@ fn build(shape: &Shape) -> Result<Cell> {
         netns: -1,
         join_tasks: &join_tasks,
     };
-    let (pid, pidfd) = spawn::clone_with(spawn::sandbox_clone_flags(), || child::init_main(&init))
-        .map_err(spawn::clone_error)?;
+    let flags = spawn::sandbox_clone_flags();
+    // From the zygote when one runs (the caller's memory is then not copied), else cloned
+    // here. A zygote that ended with the request fails this build: the pool tries again.
+    let deadline = Instant::now() + spawn::SETUP_DEADLINE;
+    let (pid, pidfd, buf_addr, attached) =
+        match crate::zygote::clone(&init, &mounts, flags, cgroup.as_ref(), deadline) {
+            Some(r) => {
+                let z = r.map_err(spawn::clone_error)?;
+                (z.cloned.pid, z.cloned.pidfd, z.serve_buf, z.cloned.attached)
+            }
+            None => {
+                let (pid, pidfd) = spawn::clone_with(flags, || child::init_main(&init))
+                    .map_err(spawn::clone_error)?;
+                (pid, pidfd, buf.as_ptr() as usize, cgroup.is_none())
+            }
+        };
     p.child_owned.clear();
     let mut cell = Cell {
         pid,
         pidfd: Some(pidfd),
         cgroup,
         io: None,
-        buf: buf.as_ptr() as usize,
+        buf: buf_addr,
         built: Instant::now(),
     };
     drop(tasks);
     // v2 (or a v1 `tasks` file that could not be opened): attached here, off every caller's
     // path (on v1 the first attach after a quiet period waits for an RCU grace period).
-    if let Some(cg) = cell.cgroup.as_ref().filter(|_| join_tasks.is_empty()) {
+    if let Some(cg) = cell
+        .cgroup
+        .as_ref()
+        .filter(|_| join_tasks.is_empty() && !attached)
+    {
         cg.add(pid).map_err(|e| Error::Setup {
             stage: "join the run's cgroup",
             source: e,
@@ -312,7 +333,8 @@ impl Demand {
 struct State {
     ready: HashMap<Shape, Vec<Cell>>,
     demand: HashMap<Shape, Demand>,
-    building: bool,
+    /// Shapes of the cells being built (one entry per build).
+    building: Vec<Shape>,
     enabled: bool,
     /// Runs wait for a cell of their shape instead of taking the cold path
     /// (`CELLBLOCK_CELLS=wait`: proves a test suite passes entirely through cells).
@@ -322,8 +344,9 @@ struct State {
 }
 
 impl State {
+    /// Cells ready or being built.
     fn total(&self) -> usize {
-        self.ready.values().map(Vec::len).sum()
+        self.ready.values().map(Vec::len).sum::<usize>() + self.building.len()
     }
 
     /// Applies decay, idleness and age; returns the cells to drop.
@@ -358,7 +381,8 @@ impl State {
             .iter()
             .filter(|(_, d)| d.retry_at <= now)
             .map(|(s, d)| {
-                let have = self.ready.get(s).map_or(0, Vec::len);
+                let have = self.ready.get(s).map_or(0, Vec::len)
+                    + self.building.iter().filter(|b| *b == s).count();
                 (d.want.min(self.bounds.per_shape).saturating_sub(have), s)
             })
             .filter(|(short, _)| *short > 0)
@@ -402,10 +426,12 @@ fn pool() -> Option<&'static Pool> {
             built: Condvar::new(),
             owner: std::process::id(),
         }));
-        std::thread::Builder::new()
-            .name("cellblock-cells".into())
-            .spawn(move || builder(p))
-            .ok()?;
+        for _ in 0..BUILDERS {
+            std::thread::Builder::new()
+                .name("cellblock-cells".into())
+                .spawn(move || builder(p))
+                .ok()?;
+        }
         super::register_exit_flush();
         Some(p)
     }))?;
@@ -430,16 +456,23 @@ fn builder(p: &'static Pool) {
             };
             continue;
         };
-        st.building = true;
+        st.building.push(shape.clone());
+        // A shape with no cell ready sends its next run down the cold path, which costs more
+        // than the competition of a build with runs in progress: build at once.
+        let starved = st.ready.get(&shape).map_or(true, Vec::is_empty);
         drop(st);
         drop(dropped);
-        super::defer_to_runs();
+        if !starved {
+            super::defer_to_runs();
+        }
         let result = build(&shape);
         st = match lock(p) {
             Some(g) => g,
             None => return,
         };
-        st.building = false;
+        if let Some(i) = st.building.iter().position(|b| *b == shape) {
+            st.building.swap_remove(i);
+        }
         match result {
             Ok(cell) => {
                 st.stats.built += 1;
@@ -635,7 +668,6 @@ pub fn configure(enabled: bool, bounds: Option<Bounds>) {
 /// cell or of a finished run is left. True when everything finished in time.
 pub fn drain(limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
-    super::parts::drain(deadline);
     // Never start the pool just to drain it (process exit without a run).
     if let Some(Some(p)) = pool_cell().get() {
         if p.owner != std::process::id() {
@@ -644,7 +676,7 @@ pub fn drain(limit: Duration) -> bool {
         let Some(mut st) = lock(p) else { return false };
         st.demand.clear();
         let dropped: Vec<Cell> = st.ready.drain().flat_map(|(_, v)| v).collect();
-        while st.building {
+        while !st.building.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -658,6 +690,8 @@ pub fn drain(limit: Duration) -> bool {
         drop(st);
         drop(dropped);
     }
+    // After the builds: the zygote goes with the parts.
+    super::parts::drain(deadline);
     teardown::flush(deadline.saturating_duration_since(Instant::now()))
 }
 
@@ -667,7 +701,7 @@ pub fn stats() -> Stats {
         return Stats::default();
     };
     Stats {
-        ready: st.total(),
+        ready: st.ready.values().map(Vec::len).sum(),
         pending_teardown: teardown::pending(),
         teardown_failures: teardown::failures(),
         teardown_errors: teardown::errors(),

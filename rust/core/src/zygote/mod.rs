@@ -316,24 +316,34 @@ fn readable(fd: &OwnedFd, deadline: Instant) -> bool {
     }
 }
 
+/// A PID 1 the zygote cloned.
+#[derive(Debug)]
+pub(crate) struct FromZygote {
+    pub(crate) cloned: Cloned,
+    /// A cell's PID 1 (`init.serve`): the address of its request buffer, in its memory.
+    pub(crate) serve_buf: usize,
+}
+
 /// Has the zygote clone the PID 1 of `init` (`mounts`: its mount plan; `flags`: its
-/// namespaces; `cgroup`: the run's cgroup, cloned into on v2). None when there is no zygote or
-/// the request does not suit one: the caller clones PID 1 itself then (nothing was started).
-/// `deadline`: the run's set-up deadline.
+/// namespaces; `cgroup`: the run's cgroup, cloned into on v2). A cell's PID 1 (`init.serve`)
+/// gets the zygote's own buffer and stack. None when there is no zygote or the request does not
+/// suit one: the caller clones PID 1 itself then (nothing was started). `deadline`: the run's
+/// set-up deadline.
 pub(crate) fn clone(
     init: &InitPlan<'_>,
     mounts: &Arc<MountPlan>,
     flags: libc::c_ulong,
     cgroup: Option<&RunCgroup>,
     deadline: Instant,
-) -> Option<std::io::Result<Cloned>> {
-    if !enabled() || init.serve.is_some() || init.lifeline >= 0 {
+) -> Option<std::io::Result<FromZygote>> {
+    let serve = init.serve.is_some();
+    if !enabled() || init.lifeline >= 0 || serve == init.target.is_some() {
         return None;
     }
     if !crate::cell::parts::want_zygote() {
         return None;
     }
-    let target = wire::TargetRef::of(init.target?);
+    let target = init.target.map(wire::TargetRef::of);
     let cgroup_dir = cgroup
         .and_then(RunCgroup::v2_path)
         .filter(|_| crate::spawner::clone_into_cgroup_works())
@@ -369,6 +379,7 @@ pub(crate) fn clone(
         identity: init.identity,
         hostname: init.hostname,
         target,
+        serve,
         net: init.net,
     };
     let bytes = wire::encode(&request)?;
@@ -382,8 +393,11 @@ pub(crate) fn clone(
     }
     let reply = match read_reply(z, deadline) {
         Ok((r, _)) if r.errno == libc::EPROTO => {
-            // It could not read the request (nothing was started): not a zygote to keep.
+            // It could not read the request (nothing was started): not a zygote to keep, nor
+            // to start again in this process.
             *g = None;
+            drop(g);
+            crate::cell::parts::zygote_failed();
             return None;
         }
         Ok(r) => r,
@@ -402,15 +416,18 @@ pub(crate) fn clone(
     };
     drop(g);
     Some(match reply {
-        (r, Some(pidfd)) if r.errno == 0 && r.pid > 0 => {
+        (r, Some(pidfd)) if r.errno == 0 && r.pid > 0 && (r.serve_buf != 0) == serve => {
             CLONES.fetch_add(1, Ordering::Relaxed);
-            Ok(Cloned {
-                pid: r.pid,
-                pidfd,
-                attached: r.attached || cgroup.is_none(),
+            Ok(FromZygote {
+                cloned: Cloned {
+                    pid: r.pid,
+                    pidfd,
+                    attached: r.attached || cgroup.is_none(),
+                },
+                serve_buf: r.serve_buf as usize,
             })
         }
-        (r, _) if r.errno == 0 => Err(std::io::Error::other("the zygote sent no pidfd")),
+        (r, _) if r.errno == 0 => Err(std::io::Error::other("an incomplete answer from the zygote")),
         (r, _) => Err(std::io::Error::from_raw_os_error(r.errno)),
     })
 }

@@ -5,7 +5,8 @@
 //! supervisor reaps it and holds its pidfd; the zygote keeps nothing of a run once it replied.
 
 use super::wire::{self, Mounts, Reply, PIPE_FDS};
-use crate::child::{self, InitPlan};
+use crate::cell::init::ServePlan;
+use crate::child::{self, InitPlan, TARGET_STACK};
 use crate::fdpass;
 use crate::fs::MountPlan;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -13,8 +14,14 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 /// The control socket's fd in the zygote (set up by the launcher before exec).
 pub const CONTROL_FD: RawFd = 3;
 
-/// The first message a zygote sends: it is ready for requests.
-pub(crate) const HELLO: &[u8] = b"cellblock-zygote 1";
+/// The first message a zygote sends: it is ready for requests, in this version's wire format
+/// (a zygote of another build, e.g. started from a package upgraded on disk, is not used).
+pub(crate) const HELLO: &[u8] = concat!(
+    "cellblock-zygote ",
+    env!("CARGO_PKG_VERSION"),
+    " wire 1"
+)
+.as_bytes();
 
 /// Serves requests on [`CONTROL_FD`] until the supervisor closes it; never returns.
 pub fn serve() -> ! {
@@ -39,19 +46,13 @@ pub fn serve() -> ! {
             Err(_) => exit(0),
         };
         let (reply, pidfd) = match handle(&buf[..n], &fds, &mut plans) {
-            Ok((pid, pidfd, attached)) => (
-                Reply {
-                    pid,
-                    errno: 0,
-                    attached,
-                },
-                Some(pidfd),
-            ),
+            Ok((reply, pidfd)) => (reply, Some(pidfd)),
             Err(errno) => (
                 Reply {
                     pid: 0,
                     errno,
                     attached: false,
+                    serve_buf: 0,
                 },
                 None,
             ),
@@ -74,12 +75,12 @@ fn exit(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Clones the PID 1 a request describes: (pid, pidfd, attached) or an errno.
+/// Clones the PID 1 a request describes: the reply (and PID 1's pidfd) or an errno.
 fn handle(
     bytes: &[u8],
     fds: &[OwnedFd],
     plans: &mut [Option<MountPlan>],
-) -> Result<(libc::pid_t, OwnedFd, bool), i32> {
+) -> Result<(Reply, OwnedFd), i32> {
     let req = wire::decode(bytes).ok_or(libc::EPROTO)?;
     let slot = match req.mounts {
         Mounts::New(slot, plan) => {
@@ -93,7 +94,7 @@ fn handle(
         .get(usize::from(slot))
         .and_then(Option::as_ref)
         .ok_or(libc::EPROTO)?;
-    if fds.len() != req.layout.count() {
+    if fds.len() != req.layout.count() || req.serve == req.target.is_some() {
         return Err(libc::EPROTO);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -106,31 +107,53 @@ fn handle(
     };
     let (tasks, rest) = rest.split_at(usize::from(req.layout.tasks));
     let cgroup_dir = rest.first().copied();
-    let target = req.target.into_plan().map_err(|_| libc::EPROTO)?;
+    let target = match req.target {
+        Some(t) => Some(t.into_plan().map_err(|_| libc::EPROTO)?),
+        None => None,
+    };
+    // A cell's PID 1 receives its command into its copy of this buffer and runs it on its copy
+    // of this stack; ours are freed once it is cloned.
+    let cell_buf = vec![0u64; if req.serve { crate::cell::wire::REQUEST_CAP / 8 } else { 0 }];
+    let cell_stack = vec![0u8; if req.serve { TARGET_STACK } else { 0 }];
+    let serve = ServePlan {
+        buf: cell_buf.as_ptr().cast_mut().cast(),
+        stack_top: child::stack_top(&cell_stack),
+        last_cap: crate::spawn::last_cap(),
+    };
     let init = InitPlan {
         mounts: Some(mounts),
         identity: &req.identity,
         hostname: &req.hostname,
-        target: Some(&target),
+        target: target.as_ref(),
         fds: wire::child_fds(pipes),
         pdeathsig: req.pdeathsig,
         lifeline: -1,
         wipe: crate::spawn::wipe_ranges(),
         net: req.net.as_ref(),
-        serve: None,
+        serve: req.serve.then_some(&serve),
         netns,
         join_tasks: tasks,
     };
     // CLONE_PARENT: PID 1 is the supervisor's child (its exit signal is ours: none).
     let flags = req.flags as libc::c_ulong | libc::CLONE_PARENT as libc::c_ulong;
     let start = || child::init_main(&init);
+    let reply = |pid, attached| Reply {
+        pid,
+        errno: 0,
+        attached,
+        serve_buf: if req.serve {
+            cell_buf.as_ptr() as u64
+        } else {
+            0
+        },
+    };
     if let Some(dir) = cgroup_dir {
         // Refused for this cgroup or this kernel: the plain clone, the supervisor attaches.
         if let Ok((pid, pidfd)) = crate::spawner::clone3_into(flags, dir, start) {
-            return Ok((pid, pidfd, true));
+            return Ok((reply(pid, true), pidfd));
         }
     }
     crate::spawn::clone_with(flags, start)
-        .map(|(pid, pidfd)| (pid, pidfd, false))
+        .map(|(pid, pidfd)| (reply(pid, false), pidfd))
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }

@@ -30,7 +30,10 @@ pub(crate) struct RequestRef<'a> {
     pub mounts: MountsRef<'a>,
     pub identity: &'a Identity,
     pub hostname: &'a [u8],
-    pub target: TargetRef<'a>,
+    /// The command; None for a pre-created cell's PID 1 (`serve`).
+    pub target: Option<TargetRef<'a>>,
+    /// A pre-created cell: PID 1 waits for its command (see [`crate::cell::init`]).
+    pub serve: bool,
     pub net: Option<&'a ChildPlan>,
 }
 
@@ -43,7 +46,8 @@ pub(crate) struct Request {
     pub mounts: Mounts,
     pub identity: Identity,
     pub hostname: Vec<u8>,
-    pub target: TargetOwned,
+    pub target: Option<TargetOwned>,
+    pub serve: bool,
     pub net: Option<ChildPlan>,
 }
 
@@ -177,6 +181,8 @@ pub(crate) struct Reply {
     pub errno: i32,
     /// Whether PID 1 started inside the cgroup v2 directory it was given.
     pub attached: bool,
+    /// A cell's PID 1: the address of its request buffer (see [`crate::cell::wire`]).
+    pub serve_buf: u64,
 }
 
 /// Encodes a request; None when it exceeds [`REQUEST_CAP`].
@@ -242,7 +248,8 @@ mod tests {
             mounts: MountsRef::New(3, &mounts),
             identity: &identity,
             hostname: b"cellblock",
-            target: TargetRef::of(&target),
+            target: Some(TargetRef::of(&target)),
+            serve: false,
             net: None,
         })
         .expect("small");
@@ -257,7 +264,8 @@ mod tests {
         }
         assert_eq!(format!("{:?}", req.identity), format!("{identity:?}"));
         assert_eq!(req.hostname, b"cellblock");
-        let t = req.target.into_plan().expect("valid");
+        assert!(!req.serve);
+        let t = req.target.expect("a target").into_plan().expect("valid");
         assert_eq!(t.argv.strings(), target.argv.strings());
         assert_eq!(t.envp.strings(), target.envp.strings());
         assert_eq!(t.cwd, target.cwd);
