@@ -118,7 +118,7 @@ def test_cells_can_be_bypassed(sandbox: Runner) -> None:
 
 
 #: Bound on the caller's children during the runs: ready cells, two being built (two builder
-#: threads), the zygote, ten concurrent runs, and a margin for sandboxes whose teardown is
+#: threads), the fork server, ten concurrent runs, and a margin for sandboxes whose teardown is
 #: queued. A leak grows past it.
 MAX_CHILDREN = MAX_CELLS + 2 + 1 + 10 + 16
 #: cgroup hierarchies a sandbox here has a directory in (memory, pids, cpu at most).

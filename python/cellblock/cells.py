@@ -7,7 +7,8 @@ and bounded (`max_cells` in all, `per_shape` per shape); each serves one run and
 after its report is returned. A run with no ready cell builds its sandbox at once (the cold
 path): same isolation, same report. The cold path takes parts made ahead by the same kind
 of background thread when it can: a network namespace (as root) and cgroup directories, each
-used once. Turn cells (and parts) off with `configure(False)`,
+used once, and the fork server that clones PID 1 (see `cellblock.forkserver`; cells are cloned by it
+too). Turn cells (and parts) off with `configure(False)`,
 `CELLBLOCK_CELLS=0`, or per run with `cellblock.run(..., cells=False)`. `CELLBLOCK_CELLS=wait`
 makes runs wait (up to 30 s) for a cell of their shape instead of taking the cold path; a run
 that still finds none (or cannot use the cell it got) takes the cold path, counted in
@@ -69,11 +70,11 @@ class CellStats(BaseModel):
     #: Runs that took a cell but could not use it (request larger than the cell's buffer, or
     #: the cell died): they took the cold path and count as misses, not hits.
     fallbacks: int = 0
-    #: Cold runs whose PID 1 the zygote cloned (a small helper process; see
-    #: `cellblock.zygote`) rather than the calling process.
-    cold_zygote_clones: int = 0
-    #: Host pid of the running zygote, if one runs.
-    zygote_pid: int | None = None
+    #: Cold runs whose PID 1 the fork server cloned (a small helper process; see
+    #: `cellblock.forkserver`) rather than the calling process.
+    cold_forkserver_clones: int = 0
+    #: Host pid of the running forkserver, if one runs.
+    forkserver_pid: int | None = None
     #: Why the most recent failed build failed.
     last_build_error: str | None = None
 

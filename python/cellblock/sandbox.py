@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
-from cellblock import _native, zygote
+from cellblock import _native, forkserver
 from cellblock.credentials import (
     Credential,
     CredentialsArg,
@@ -49,7 +49,7 @@ _SYSTEM_PREFIXES = ("/usr", "/bin", "/sbin", "/lib")
 #: The policy of runs given none (frozen; building one per run cost ~15 us).
 _DEFAULT_POLICY = Policy()
 
-zygote.install()
+forkserver.install()
 
 
 def _outside_system(path: str) -> bool:

@@ -107,7 +107,6 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         auto_pause: float | None = None,
         warm: Sequence[str] = (),
         rootfs: str | os.PathLike[str] | None = None,
-        _env_hold: Hold | None = None,
     ) -> None:
         unknown = set(warm) - {"python", "node"}
         if unknown:
@@ -128,9 +127,9 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         )
         # The environment's layers are held while the session is open (see
         # cellblock.environments.runtime): its calls use them as resolved now. A fork is
-        # given its parent's hold (`_env_hold`): it uses the layers its parent does, even
+        # given its parent's hold (`_FORK_HOLD`): it uses the layers its parent does, even
         # when the name was removed or built again since.
-        self._env_hold = _env_hold or (
+        self._env_hold = _FORK_HOLD.get() or (
             hold(self._policy.environment) if self._policy.environment else None)
         self._environment = self._env_hold.resolved if self._env_hold else None
         try:
@@ -265,13 +264,17 @@ class Sandbox(SandboxFiles, SandboxProcesses, SandboxForks):
         return [{"kind": "network", "host": h, "port": p, "reason": r} for h, p, r in cut]
 
     def _fork_child(self) -> Sandbox:
-        """A new session as this one was opened (its policy as it is now)."""
-        return Sandbox(
-            self._policy, secrets=self._extra_secrets,
-            allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
-            idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
-            _env_hold=self._env_hold.share() if self._env_hold is not None else None,
-        )
+        """A new session as this one was opened (its policy as it is now), holding the layers
+        this one holds."""
+        token = _FORK_HOLD.set(self._env_hold.share() if self._env_hold is not None else None)
+        try:
+            return Sandbox(
+                self._policy, secrets=self._extra_secrets,
+                allow_net=list(self._policy.allow_net) if self._net_plumbed else None,
+                idle_timeout=self.idle_timeout, auto_pause=self.auto_pause,
+            )
+        finally:
+            _FORK_HOLD.reset(token)
 
     @property
     def enforcement(self) -> dict[str, str | None]:

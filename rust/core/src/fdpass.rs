@@ -10,6 +10,26 @@ pub const MAX_FDS: usize = 24;
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 128]);
 
+/// A connected pair of unix `SOCK_SEQPACKET` sockets, close-on-exec: messages keep their
+/// boundaries and carry fds.
+pub fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Sends `fd` over the unix socket `sock`. Async-signal-safe: no allocation (for children).
 pub fn send_fd(sock: libc::c_int, fd: libc::c_int) -> Result<(), libc::c_int> {
     send_fds(sock, &[fd])

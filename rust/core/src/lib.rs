@@ -13,6 +13,7 @@ pub mod child;
 pub mod error;
 pub mod fdpass;
 pub mod files;
+pub mod forkserver;
 pub mod fs;
 pub mod net;
 pub mod observe;
@@ -27,7 +28,6 @@ pub mod spec;
 pub mod supervise;
 pub mod tty;
 pub mod warm;
-pub mod zygote;
 
 pub use error::{Error, Result};
 pub use files::{DirEntry, FileReader, FileWriter};

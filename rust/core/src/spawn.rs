@@ -73,21 +73,10 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds into the array.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(Error::setup("socketpair"));
-    }
-    // SAFETY: both fds are fresh and owned by us.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    fdpass::seqpacket_pair().map_err(|e| Error::Setup {
+        stage: "socketpair",
+        source: e,
+    })
 }
 
 fn cstring(s: &str, what: &str) -> Result<CString> {
@@ -704,7 +693,7 @@ pub(crate) fn clone_error(e: std::io::Error) -> Error {
 }
 
 /// The host pid behind a pidfd (from /proc/self/fdinfo).
-fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
+pub(crate) fn pidfd_pid(pidfd: &OwnedFd) -> Option<libc::pid_t> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
     info.lines()
         .find_map(|l| l.strip_prefix("Pid:"))
@@ -1037,10 +1026,10 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
     }
     let mut p = p;
     let cloned =
-        match crate::zygote::clone(&init, &prepared.mounts, flags, cgroup.as_ref(), deadline) {
-            // The zygote died with the request: when no PID 1 of it holds the run's pipes, the run
+        match crate::forkserver::clone(&init, &prepared.mounts, flags, cgroup.as_ref(), deadline) {
+            // The fork server died with the request: when no PID 1 of it holds the run's pipes, the run
             // is cloned here instead, with new pipes.
-            Some(Err(e)) if crate::zygote::ended_without_answer(&e) => {
+            Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
                 if !p.unused_by_any_child() {
                     return Err(clone_error(e));
                 }

@@ -95,9 +95,9 @@ fn cells_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("cold_cgroups_ahead", s.parts.cgroup_hits)?;
     d.set_item("parts_ready", s.parts.netns_ready + s.parts.cgroups_ready)?;
     d.set_item("fallbacks", s.fallbacks)?;
-    let z = cellblock_core::zygote::stats();
-    d.set_item("cold_zygote_clones", z.clones)?;
-    d.set_item("zygote_pid", (z.pid > 0).then_some(z.pid))?;
+    let z = cellblock_core::forkserver::stats();
+    d.set_item("cold_forkserver_clones", z.clones)?;
+    d.set_item("forkserver_pid", (z.pid > 0).then_some(z.pid))?;
     d.set_item("last_build_error", s.last_build_error)?;
     Ok(d)
 }

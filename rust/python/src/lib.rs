@@ -10,10 +10,10 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 mod cells;
 mod errors;
+mod forkserver;
 mod process;
 mod redact;
 mod session;
-mod zygote;
 
 /// Converts a report into the dict `cellblock.RunResult` is built from.
 pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bound<'py, PyDict>> {
@@ -145,7 +145,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     session::register(m)?;
     process::register(m)?;
     cells::register(m)?;
-    zygote::register(m)?;
+    forkserver::register(m)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
     m.add_function(wrap_pyfunction!(host_info, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_stale_cgroups, m)?)?;

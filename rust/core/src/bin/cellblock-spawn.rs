@@ -5,15 +5,15 @@
 //! `--bpf FILE` (compiled seccomp program), `--stdin FILE` (bytes for the command's stdin).
 //! Exit status: 0 when a report was printed, 2 on an error (printed as `cellblock: error: ...`).
 //!
-//! `cellblock-spawn --zygote` serves as a zygote (see `cellblock_core::zygote`): a program
-//! embedding the core without Python can name it in `zygote::set_command`.
+//! `cellblock-spawn --forkserver` serves as a fork server (see `cellblock_core::forkserver`): a program
+//! embedding the core without Python can name it in `forkserver::set_command`.
 
 use cellblock_core::{run, RunSpec};
 use std::io::Read;
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("--zygote") {
-        cellblock_core::zygote::serve();
+    if std::env::args().nth(1).as_deref() == Some("--forkserver") {
+        cellblock_core::forkserver::serve();
     }
     match real_main() {
         Ok(()) => {}

@@ -1,5 +1,5 @@
-//! Parts made ahead for the cold path: network namespaces, empty run cgroups and the zygote
-//! that clones PID 1 (see [`crate::zygote`]).
+//! Parts made ahead for the cold path: network namespaces, empty run cgroups and the fork server
+//! that clones PID 1 (see [`crate::forkserver`]).
 //!
 //! A run that finds no ready cell builds its sandbox on the caller's path. Two of its parts
 //! cost the most to make and depend on nothing in the run: a network namespace (~0.45 ms on a
@@ -62,9 +62,9 @@ struct State {
     cgroups_broken: bool,
     cgroups: HashMap<Kind, Vec<RunCgroup>>,
     cgroup_want: HashMap<Kind, Want>,
-    zygote_want: Option<Want>,
-    /// Set when the zygote could not be started: not retried.
-    zygote_broken: bool,
+    forkserver_want: Option<Want>,
+    /// Set when the fork server could not be started: not retried.
+    forkserver_broken: bool,
     /// A part is being made (the lock is not held meanwhile).
     making: bool,
     stats: PartStats,
@@ -185,30 +185,30 @@ pub(crate) fn cgroup(limits: &Limits, want_freezer: bool) -> Option<RunCgroup> {
     Some(cg)
 }
 
-/// Whether the zygote serves this cold run: true when it is running; otherwise records the
+/// Whether the fork server serves this cold run: true when it is running; otherwise records the
 /// demand (the maker starts it once asked for twice).
-pub(crate) fn want_zygote() -> bool {
+pub(crate) fn want_forkserver() -> bool {
     let Some(p) = parts() else { return false };
     let Some(mut st) = lock(p) else { return false };
-    if st.disabled || st.zygote_broken {
+    if st.disabled || st.forkserver_broken {
         return false;
     }
     let now = Instant::now();
     let wakes = st
-        .zygote_want
+        .forkserver_want
         .get_or_insert_with(|| Want::new(now))
         .ask(now);
-    let running = crate::zygote::running();
+    let running = crate::forkserver::running();
     if wakes && !running {
         p.wake.notify_all();
     }
     running
 }
 
-/// Records that the zygote misbehaved: no zygote is started again in this process.
-pub(crate) fn zygote_failed() {
+/// Records that the fork server misbehaved: no forkserver is started again in this process.
+pub(crate) fn forkserver_failed() {
     if let Some(mut st) = parts().and_then(lock) {
-        st.zygote_broken = true;
+        st.forkserver_broken = true;
     }
 }
 
@@ -216,16 +216,16 @@ pub(crate) fn zygote_failed() {
 enum Job {
     Netns,
     Cgroup(Kind),
-    Zygote,
+    Forkserver,
 }
 
 impl State {
-    /// Forgets idle kinds; returns the parts they no longer need (an idle zygote is stopped).
+    /// Forgets idle kinds; returns the parts they no longer need (an idle forkserver is stopped).
     fn expire(&mut self, now: Instant) -> (Vec<OwnedFd>, Vec<RunCgroup>) {
         let idle = |w: &Want| now.duration_since(w.last_use) >= IDLE;
-        if self.zygote_want.as_ref().is_some_and(idle) {
-            self.zygote_want = None;
-            crate::zygote::stop();
+        if self.forkserver_want.as_ref().is_some_and(idle) {
+            self.forkserver_want = None;
+            crate::forkserver::stop();
         }
         let mut fds = Vec::new();
         if self.netns_want.as_ref().is_some_and(idle) {
@@ -247,8 +247,11 @@ impl State {
 
     fn next(&self) -> Option<Job> {
         let wanted = |w: &Option<&Want>| w.is_some_and(|w| w.asked > 1);
-        if !self.zygote_broken && wanted(&self.zygote_want.as_ref()) && !crate::zygote::running() {
-            return Some(Job::Zygote);
+        if !self.forkserver_broken
+            && wanted(&self.forkserver_want.as_ref())
+            && !crate::forkserver::running()
+        {
+            return Some(Job::Forkserver);
         }
         if !self.netns_broken && wanted(&self.netns_want.as_ref()) && self.netns.len() < PER_KIND {
             return Some(Job::Netns);
@@ -281,19 +284,19 @@ fn maker(p: &'static Parts) {
         // Not while a run of this process is starting: on small machines it would compete.
         super::defer_to_runs();
         match job {
-            // Started on this thread: it never exits, so PID 1s the zygote clones (whose
+            // Started on this thread: it never exits, so PID 1s the fork server clones (whose
             // parent thread it is) keep their parent-death signal for the process's end.
-            Job::Zygote => {
-                let started = crate::zygote::start();
+            Job::Forkserver => {
+                let started = crate::forkserver::start();
                 st = match lock(p) {
                     Some(g) => g,
                     None => return,
                 };
                 if !started {
-                    st.zygote_broken = true;
-                } else if st.zygote_want.is_none() {
+                    st.forkserver_broken = true;
+                } else if st.forkserver_want.is_none() {
                     // Drained meanwhile.
-                    crate::zygote::stop();
+                    crate::forkserver::stop();
                 }
             }
             Job::Netns => {
@@ -389,7 +392,7 @@ pub(crate) fn drain(deadline: Instant) {
         let Some(mut st) = lock(p) else { return };
         st.netns_want = None;
         st.cgroup_want.clear();
-        st.zygote_want = None;
+        st.forkserver_want = None;
         while st.making {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -404,7 +407,7 @@ pub(crate) fn drain(deadline: Instant) {
         let cgs: Vec<RunCgroup> = st.cgroups.drain().flat_map(|(_, v)| v).collect();
         drop(st);
         drop((fds, cgs));
-        crate::zygote::stop();
+        crate::forkserver::stop();
     }
 }
 

@@ -189,11 +189,11 @@ fn build(shape: &Shape) -> Result<Cell> {
         join_tasks: &join_tasks,
     };
     let flags = spawn::sandbox_clone_flags();
-    // From the zygote when one runs (the caller's memory is then not copied), else cloned
-    // here. A zygote that ended with the request fails this build: the pool tries again.
+    // From the fork server when one runs (the caller's memory is then not copied), else cloned
+    // here. A fork server that ended with the request fails this build: the pool tries again.
     let deadline = Instant::now() + spawn::SETUP_DEADLINE;
     let (pid, pidfd, buf_addr, attached) =
-        match crate::zygote::clone(&init, &mounts, flags, cgroup.as_ref(), deadline) {
+        match crate::forkserver::clone(&init, &mounts, flags, cgroup.as_ref(), deadline) {
             Some(r) => {
                 let z = r.map_err(spawn::clone_error)?;
                 (z.cloned.pid, z.cloned.pidfd, z.serve_buf, z.cloned.attached)
@@ -459,7 +459,7 @@ fn builder(p: &'static Pool) {
         st.building.push(shape.clone());
         // A shape with no cell ready sends its next run down the cold path, which costs more
         // than the competition of a build with runs in progress: build at once.
-        let starved = st.ready.get(&shape).map_or(true, Vec::is_empty);
+        let starved = st.ready.get(&shape).is_none_or(Vec::is_empty);
         drop(st);
         drop(dropped);
         if !starved {
@@ -690,7 +690,7 @@ pub fn drain(limit: Duration) -> bool {
         drop(st);
         drop(dropped);
     }
-    // After the builds: the zygote goes with the parts.
+    // After the builds: the fork server goes with the parts.
     super::parts::drain(deadline);
     teardown::flush(deadline.saturating_duration_since(Instant::now()))
 }

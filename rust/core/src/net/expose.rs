@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::spawn::{self, Holder};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -191,22 +191,10 @@ struct Factory {
 
 impl Factory {
     fn start(holder: &Holder) -> Result<Factory> {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two fds into the array.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        } < 0
-        {
-            return Err(Error::setup("socketpair"));
-        }
-        // SAFETY: both fds are fresh and owned by us.
-        let (ours, theirs) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (ours, theirs) = crate::fdpass::seqpacket_pair().map_err(|e| Error::Setup {
+            stage: "socketpair",
+            source: e,
+        })?;
         let plan = FactoryPlan {
             holder: holder.pidfd.as_raw_fd(),
             root: holder.root,

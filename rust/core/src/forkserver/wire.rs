@@ -1,4 +1,4 @@
-//! What the supervisor sends its zygote for one PID 1, and what comes back.
+//! What the supervisor sends its forkserver for one PID 1, and what comes back.
 //!
 //! A request is one `SOCK_SEQPACKET` message: the plan (postcard) as data, the run's fds as
 //! `SCM_RIGHTS`, in the order of [`FdLayout`]. The reply carries the new PID 1's pid (or the
@@ -25,7 +25,7 @@ pub(crate) struct RequestRef<'a> {
     pub flags: u64,
     /// Which fds follow the pipes.
     pub layout: FdLayout,
-    /// Die with the supervisor's zygote thread.
+    /// Die with the supervisor's forkserver thread.
     pub pdeathsig: bool,
     pub mounts: MountsRef<'a>,
     pub identity: &'a Identity,
@@ -37,7 +37,7 @@ pub(crate) struct RequestRef<'a> {
     pub net: Option<&'a ChildPlan>,
 }
 
-/// [`RequestRef`] as the zygote decodes it (the same fields in the same order).
+/// [`RequestRef`] as the fork server decodes it (the same fields in the same order).
 #[derive(Deserialize)]
 pub(crate) struct Request {
     pub flags: u64,
@@ -51,7 +51,7 @@ pub(crate) struct Request {
     pub net: Option<ChildPlan>,
 }
 
-/// Number of mount plans a zygote keeps: a plan (~150 KiB with the copied /etc files) is sent
+/// Number of mount plans a fork server keeps: a plan (~150 KiB with the copied /etc files) is sent
 /// once and named by its slot afterwards.
 pub(crate) const PLAN_SLOTS: u8 = 8;
 
@@ -125,7 +125,7 @@ pub(crate) struct TargetRef<'a> {
 
 impl<'a> TargetRef<'a> {
     /// The parts of `t` PID 1 needs (its stack and the kernel's last capability are the
-    /// zygote's own).
+    /// fork server's own).
     pub fn of(t: &'a TargetPlan) -> TargetRef<'a> {
         TargetRef {
             argv: t.argv.strings(),
@@ -172,7 +172,7 @@ impl TargetOwned {
     }
 }
 
-/// The zygote's answer: the pid of PID 1 (its pidfd rides along) or the clone's errno.
+/// The fork server's answer: the pid of PID 1 (its pidfd rides along) or the clone's errno.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Reply {
     /// Host pid, or 0 when the clone failed.

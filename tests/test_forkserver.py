@@ -1,6 +1,6 @@
-"""The zygote (`cellblock_core::zygote`): cold runs' PID 1 is cloned by a small helper process,
+"""The fork server (`cellblock_core::forkserver`): cold runs' PID 1 is cloned by a small helper process,
 not by the caller. A run it served is as isolated and limited as any; PID 1 holds no copy of the
-caller's memory; the zygote dies with its owner, and a dead zygote only costs speed.
+caller's memory; the fork server dies with its owner, and a dead forkserver only costs speed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,12 @@ report(uid=os.getuid(), pid=os.getpid(), ppid=os.getppid(),
 """
 
 
-def test_a_run_the_zygote_served_is_isolated_and_limited(sandbox: Runner) -> None:
+def test_a_run_the_forkserver_served_is_isolated_and_limited(sandbox: Runner) -> None:
     def one() -> list:
         return [sandbox.run(["python3", "-c", ISOLATION_PROBE], cells=False,
                             env={"CANARY": "run-env"})]
 
-    results, took = taking(sandbox, "cold_zygote_clones", one)
+    results, took = taking(sandbox, "cold_forkserver_clones", one)
     assert took == 1
     p = probe_of(results[0])
     host = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("pid", "net", "mnt", "ipc", "uts")}
@@ -48,11 +50,11 @@ def test_a_run_the_zygote_served_is_isolated_and_limited(sandbox: Runner) -> Non
     assert p["mem"] in ("EACCES", "EPERM"), p
     assert p["environ"] in ("EACCES", "EPERM"), p
     assert p["cwd"] == "/workspace"
-    # Limits hold in a run the zygote served: a fork bomb stops at the pids limit.
-    before = sandbox.cells()["cold_zygote_clones"]
+    # Limits hold in a run the fork server served: a fork bomb stops at the pids limit.
+    before = sandbox.cells()["cold_forkserver_clones"]
     bomb = sandbox.run(["sh", "-c", "for i in $(seq 64); do sleep 2 & done; wait"],
                        cells=False, pids=8, timeout=20)
-    assert sandbox.cells()["cold_zygote_clones"] == before + 1
+    assert sandbox.cells()["cold_forkserver_clones"] == before + 1
     assert bomb.enforcement["pids"] == sandbox.enforcer("pids")
     if sandbox.privileged:
         assert "pids" in bomb.limits_hit, bomb
@@ -64,12 +66,12 @@ def test_a_run_the_zygote_served_is_isolated_and_limited(sandbox: Runner) -> Non
     assert hog.reason == "memory" or (not sandbox.privileged and hog.exit_code != 0), hog
 
 
-def test_sigpipe_is_default_in_a_zygote_run(sandbox: Runner) -> None:
-    """Python (which the zygote is) ignores SIGPIPE; the command must not inherit that."""
+def test_sigpipe_is_default_in_a_forkserver_run(sandbox: Runner) -> None:
+    """Python (which the fork server is) ignores SIGPIPE; the command must not inherit that."""
     def one() -> list:
         return [sandbox.run(["sh", "-c", "grep SigIgn /proc/self/status"], cells=False)]
 
-    results, _ = taking(sandbox, "cold_zygote_clones", one)
+    results, _ = taking(sandbox, "cold_forkserver_clones", one)
     res = results[0]
     assert res.exit_code == 0, res
     ignored = int(res.stdout.split("SigIgn:")[1].split()[0], 16)
@@ -82,7 +84,7 @@ CALLER = textwrap.dedent("""\
     marker = bytes.fromhex(sys.argv[1]) * 64   # in this process's heap only
     for _ in range(200):
         cellblock.run(["true"], cells=False)
-        if cellblock.cells.stats().cold_zygote_clones or os.environ.get("CELLBLOCK_ZYGOTE"):
+        if cellblock.cells.stats().cold_forkserver_clones or os.environ.get("CELLBLOCK_FORKSERVER"):
             break
         time.sleep(0.05)
     print(os.getpid(), flush=True)
@@ -90,7 +92,7 @@ CALLER = textwrap.dedent("""\
 """)
 
 
-def pid1_of(caller: int, zygote: int | None) -> int:
+def pid1_of(caller: int, forkserver: int | None) -> int:
     """The caller's child that is the PID 1 of the sandbox running `sleep` (earlier runs'
     PID 1s may still be ending)."""
     def found() -> int | None:
@@ -100,7 +102,7 @@ def pid1_of(caller: int, zygote: int | None) -> int:
                 comms = [Path(f"/proc/{k}/comm").read_text().strip() for k in kids]
             except OSError:
                 continue
-            if pid != zygote and comms == ["sleep"]:
+            if pid != forkserver and comms == ["sleep"]:
                 return pid
         return None
     return wait_for(found, "the sandbox's PID 1", 10)
@@ -123,110 +125,107 @@ def memory_holds(pid: int, needle: bytes) -> bool:
     return False
 
 
+@contextmanager
+def caller(token: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """A process running CALLER (its heap holds `token`), once its `sleep` run started: its
+    pid. Killed (with its cgroups removed) afterwards."""
+    proc = subprocess.Popen([sys.executable, "-c", CALLER, token], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None and int(proc.stdout.readline()) == proc.pid
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        remove_cgroups_of(proc.pid)
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="reading another process's memory needs root")
-@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "direct"])
-def test_pid1_holds_no_copy_of_the_callers_memory(zygote: bool) -> None:
+@pytest.mark.parametrize("forkserver", [True, False], ids=["forkserver", "direct"])
+def test_pid1_holds_no_copy_of_the_callers_memory(forkserver: bool) -> None:
     token = secrets.token_hex(16)
     needle = bytes.fromhex(token) * 64
     env = dict(os.environ)
-    if not zygote:
-        env["CELLBLOCK_ZYGOTE"] = "0"
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, token], stdout=subprocess.PIPE,
-                              text=True, env=env)
-    try:
-        assert caller.stdout is not None
-        assert int(caller.stdout.readline()) == caller.pid
-        zyg = [p for p in children_of(caller.pid)
-               if Path(f"/proc/{p}/comm").read_text().strip() == "cellblock-zyg"
+    if not forkserver:
+        env["CELLBLOCK_FORKSERVER"] = "0"
+    with caller(token, env) as pid:
+        zyg = [p for p in children_of(pid)
+               if Path(f"/proc/{p}/comm").read_text().strip() == "cellblock-fsrv"
                and os.readlink(f"/proc/{p}/ns/pid") == os.readlink("/proc/self/ns/pid")]
-        assert (len(zyg) == 1) == zygote, zyg
-        pid1 = pid1_of(caller.pid, zyg[0] if zyg else None)
+        assert (len(zyg) == 1) == forkserver, zyg
+        pid1 = pid1_of(pid, zyg[0] if zyg else None)
         # The scan works: the caller's own memory holds the marker.
-        assert memory_holds(caller.pid, needle)
-        # Cloned from the caller, PID 1 is a copy of its heap; from the zygote it is not.
-        assert memory_holds(pid1, needle) != zygote
-    finally:
-        caller.kill()
-        caller.wait()
-        if caller.stdout is not None:
-            caller.stdout.close()
-        remove_cgroups_of(caller.pid)
+        assert memory_holds(pid, needle)
+        # Cloned from the caller, PID 1 is a copy of its heap; from the fork server it is not.
+        assert memory_holds(pid1, needle) != forkserver
 
 
-def test_the_zygote_and_its_pid1s_die_with_their_owner() -> None:
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, "00"], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert caller.stdout is not None and int(caller.stdout.readline()) == caller.pid
-        kids = wait_for(lambda: children_of(caller.pid) if len(children_of(caller.pid)) >= 2
-                        else None, "the zygote and a PID 1", 10)
+def test_the_forkserver_and_its_pid1s_die_with_their_owner() -> None:
+    with caller("00") as pid:
+        kids = wait_for(lambda: children_of(pid) if len(children_of(pid)) >= 2 else None,
+                        "the fork server and a PID 1", 10)
         comms = {Path(f"/proc/{p}/comm").read_text().strip() for p in kids}
-        assert "cellblock-zyg" in comms, comms
-        os.kill(caller.pid, signal.SIGKILL)
-        caller.wait()
+        assert "cellblock-fsrv" in comms, comms
+        os.kill(pid, signal.SIGKILL)
 
         def gone() -> bool:
             return all(state(p) in (None, "Z") for p in kids)
-        wait_for(gone, "the zygote and the PID 1 of a killed owner to die", 10)
-    finally:
-        caller.kill()
-        caller.wait()
-        if caller.stdout is not None:
-            caller.stdout.close()
-        remove_cgroups_of(caller.pid)
+        wait_for(gone, "the fork server and the PID 1 of a killed owner to die", 10)
 
 
-def zygote_pid() -> int | None:
-    return cellblock.cells.stats().zygote_pid
+def forkserver_pid() -> int | None:
+    return cellblock.cells.stats().forkserver_pid
 
 
-def warm_zygote() -> int:
+def warm_forkserver() -> int:
     def up() -> int | None:
         cellblock.run(["true"], cells=False)
-        return zygote_pid()
-    return wait_for(up, "a zygote", 20)
+        return forkserver_pid()
+    return wait_for(up, "a fork server", 20)
 
 
-def test_a_killed_zygote_costs_no_run_and_is_replaced() -> None:
-    old = warm_zygote()
+def test_a_killed_forkserver_costs_no_run_and_is_replaced() -> None:
+    old = warm_forkserver()
     os.kill(old, signal.SIGKILL)
     results = [cellblock.run(["sh", "-c", "echo ok"], cells=False) for _ in range(5)]
     assert all((r.reason, r.stdout) == ("exited", "ok\n") for r in results), results
-    new = warm_zygote()
+    new = warm_forkserver()
     assert new != old
-    assert state(old) is None, "the killed zygote was reaped"
+    assert state(old) is None, "the killed forkserver was reaped"
 
 
-def test_a_drain_stops_the_zygote() -> None:
-    pid = warm_zygote()
+def test_a_drain_stops_the_forkserver() -> None:
+    pid = warm_forkserver()
     assert cellblock.cells.drain()
-    assert zygote_pid() is None
-    assert state(pid) is None, "the zygote was stopped and reaped"
-    before = cellblock.cells.stats().cold_zygote_clones
+    assert forkserver_pid() is None
+    assert state(pid) is None, "the fork server was stopped and reaped"
+    before = cellblock.cells.stats().cold_forkserver_clones
     # The next cold run only records demand again.
     assert cellblock.run(["true"], cells=False).exit_code == 0
-    assert cellblock.cells.stats().cold_zygote_clones == before
+    assert cellblock.cells.stats().cold_forkserver_clones == before
 
 
-def test_zygote_off_by_environment() -> None:
+def test_forkserver_off_by_environment() -> None:
     code = ("import cellblock, cellblock.cells, time\n"
             "for _ in range(20):\n"
             "    cellblock.run(['true'], cells=False); time.sleep(0.02)\n"
-            "s = cellblock.cells.stats(); print(s.cold_zygote_clones, s.zygote_pid)\n")
+            "s = cellblock.cells.stats(); print(s.cold_forkserver_clones, s.forkserver_pid)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "CELLBLOCK_ZYGOTE": "0"}, timeout=120, check=True)
+                         env={**os.environ, "CELLBLOCK_FORKSERVER": "0"}, timeout=120, check=True)
     assert out.stdout.split() == ["0", "None"]
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={k: v for k, v in os.environ.items() if k != "CELLBLOCK_ZYGOTE"},
+                        env={k: v for k, v in os.environ.items() if k != "CELLBLOCK_FORKSERVER"},
                         timeout=120, check=True)
     assert int(on.stdout.split()[0]) > 0, on.stdout
 
 
-def test_a_zygote_run_reports_like_a_direct_one() -> None:
-    warm_zygote()
-    before = cellblock.cells.stats().cold_zygote_clones
+def test_a_forkserver_run_reports_like_a_direct_one() -> None:
+    warm_forkserver()
+    before = cellblock.cells.stats().cold_forkserver_clones
     res = cellblock.run(["sh", "-c", "echo out; echo err >&2; exit 7"], cells=False,
                         memory="64M", timeout=10)
-    assert cellblock.cells.stats().cold_zygote_clones == before + 1
+    assert cellblock.cells.stats().cold_forkserver_clones == before + 1
     assert (res.exit_code, res.stdout, res.stderr, res.reason) == (7, "out\n", "err\n", "exited")
     assert res.wall_time_s > 0

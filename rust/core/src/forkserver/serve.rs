@@ -1,8 +1,8 @@
-//! The zygote's side: a small, single-threaded process that clones each PID 1 it is asked for.
+//! The fork server's side: a small, single-threaded process that clones each PID 1 it is asked for.
 //!
 //! It is the supervisor's child, started once (see [`super::launch`]). PID 1s are cloned with
 //! `CLONE_PARENT`, so each is the supervisor's child as if the supervisor had cloned it: the
-//! supervisor reaps it and holds its pidfd; the zygote keeps nothing of a run once it replied.
+//! supervisor reaps it and holds its pidfd; the fork server keeps nothing of a run once it replied.
 
 use super::wire::{self, Mounts, Reply, PIPE_FDS};
 use crate::cell::init::ServePlan;
@@ -11,13 +11,13 @@ use crate::fdpass;
 use crate::fs::MountPlan;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-/// The control socket's fd in the zygote (set up by the launcher before exec).
+/// The control socket's fd in the fork server (set up by the launcher before exec).
 pub const CONTROL_FD: RawFd = 3;
 
-/// The first message a zygote sends: it is ready for requests, in this version's wire format
-/// (a zygote of another build, e.g. started from a package upgraded on disk, is not used).
+/// The first message a fork server sends: it is ready for requests, in this version's wire format
+/// (a fork server of another build, e.g. started from a package upgraded on disk, is not used).
 pub(crate) const HELLO: &[u8] = concat!(
-    "cellblock-zygote ",
+    "cellblock-forkserver ",
     env!("CARGO_PKG_VERSION"),
     " wire 1"
 )
@@ -28,7 +28,7 @@ pub fn serve() -> ! {
     // SAFETY: prctl with a static NUL-terminated name; chdir to "/" so that no PID 1 inherits
     // a working directory of the supervisor's.
     unsafe {
-        libc::prctl(libc::PR_SET_NAME, c"cellblock-zyg".as_ptr(), 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"cellblock-fsrv".as_ptr(), 0, 0, 0);
         libc::chdir(c"/".as_ptr());
     }
     // SAFETY: the launcher placed the control socket at CONTROL_FD for this process.
@@ -113,7 +113,14 @@ fn handle(
     };
     // A cell's PID 1 receives its command into its copy of this buffer and runs it on its copy
     // of this stack; ours are freed once it is cloned.
-    let cell_buf = vec![0u64; if req.serve { crate::cell::wire::REQUEST_CAP / 8 } else { 0 }];
+    let cell_buf = vec![
+        0u64;
+        if req.serve {
+            crate::cell::wire::REQUEST_CAP / 8
+        } else {
+            0
+        }
+    ];
     let cell_stack = vec![0u8; if req.serve { TARGET_STACK } else { 0 }];
     let serve = ServePlan {
         buf: cell_buf.as_ptr().cast_mut().cast(),
