@@ -71,8 +71,8 @@ ATTACKS = textwrap.dedent("""\
 def host_clocks() -> dict[str, float]:
     """The host's view, checked to be far from a fresh sandbox's so the tests can fail."""
     uptime = float(Path("/proc/uptime").read_text().split()[0])
-    btime = [int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-             if line.startswith("btime ")][0]
+    btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                 if line.startswith("btime "))
     assert uptime > HOST_UP, f"the host booted {uptime} s ago: too recently to tell clocks apart"
     assert time.clock_gettime(time.CLOCK_BOOTTIME) > HOST_UP
     assert time.clock_gettime(time.CLOCK_MONOTONIC) > HOST_UP
