@@ -34,7 +34,7 @@ FIELDS = (
     "exit_code", "signal", "reason", "stdout", "stderr", "stdout_truncated",
     "stderr_truncated", "wall_time_s", "cpu_time_s", "peak_memory_bytes", "violations",
     "enforcement", "redactions", "seccomp_profile", "network", "cleanup_errors",
-    "limits_hit", "limits_unverified",
+    "limits_hit", "limits_unverified", "time_namespace",
 )
 
 
@@ -66,6 +66,10 @@ class RunResult(BaseModel):
     #: Enforced limits whose reaching cannot be observed (e.g. memory under an rlimit): not
     #: being in `limits_hit` says nothing about them.
     limits_unverified: list[str] = []
+    #: Whether the command ran in a time namespace of its own: its monotonic and boot-time
+    #: clocks (/proc/uptime, /proc/stat btime) start when the sandbox was built. False on a
+    #: kernel without time namespaces (the command saw the host's uptime), or when nothing ran.
+    time_namespace: bool = False
 
     @property
     def stdout(self) -> str:

@@ -326,6 +326,7 @@ class RunReport(BaseModel):
     cleanup_errors: list[str] = []
     limits_hit: list[str] = []
     limits_unverified: list[str] = []
+    time_namespace: bool = False
     value: str | None = None
     error: str | None = None
     outputs: list[OutputReport] = []

@@ -510,6 +510,13 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
         }
         Identity::Joined { .. } => {}
     }
+    // A fresh sandbox gets a time namespace of its own (a session call joined its holder's):
+    // as any privileged step, while we still have the capabilities and are dumpable.
+    if plan.mounts.is_some() {
+        if let Err((i, e)) = crate::timens::enter_new() {
+            fail(fds.err, Stage::Unshare, i, e);
+        }
+    }
     // PID 1 is a copy of the caller and looks as big to the OOM killer. A session holder must
     // never be its victim (only possible with CAP_SYS_RESOURCE, i.e. as real root); an init that
     // runs a command is the preferred victim, which ends its run with reason "memory".
@@ -856,12 +863,16 @@ pub fn join_main(join: &JoinPlan, init: &InitPlan<'_>) -> ! {
         *slot = *fd;
     }
     close_other_fds(&keep);
-    let others = libc::CLONE_NEWNS
+    let mut others = libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP;
+    // The holder's time namespace (see crate::timens), which it has whenever the kernel can.
+    if crate::timens::kernel_has_timens() {
+        others |= libc::CLONE_NEWTIME;
+    }
     // SAFETY: setns through a pidfd we own; raw clones behave like fork (no CLONE_VM).
     unsafe {
         if join.root {

@@ -26,6 +26,7 @@ pub mod spawn;
 mod spawner;
 pub mod spec;
 pub mod supervise;
+pub mod timens;
 pub mod tty;
 pub mod warm;
 

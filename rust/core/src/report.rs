@@ -238,6 +238,11 @@ pub struct RunReport {
     /// the kernel keeps no count of refused allocations): not being in `limits_hit` says
     /// nothing about them.
     pub limits_unverified: Vec<String>,
+    /// Whether the command ran in a time namespace of its own (monotonic and boot-time clocks,
+    /// /proc/uptime and /proc/stat's `btime` starting when the sandbox was built; see
+    /// [`crate::timens`]). False on a kernel without time namespaces: the command saw the
+    /// host's uptime and boot time.
+    pub time_namespace: bool,
 }
 
 impl RunReport {
@@ -357,6 +362,7 @@ mod tests {
             cleanup_errors: Vec::new(),
             limits_hit: Vec::new(),
             limits_unverified: Vec::new(),
+            time_namespace: false,
         }
     }
 

@@ -290,6 +290,7 @@ impl Session {
             cleanup_errors: Vec::new(),
             limits_hit: vec!["timeout".into()],
             limits_unverified: Vec::new(),
+            time_namespace: crate::timens::supported(),
         })
     }
 

@@ -579,6 +579,7 @@ pub fn supervise(
         cleanup_errors,
         limits_hit: Vec::new(),
         limits_unverified: Vec::new(),
+        time_namespace: crate::timens::supported(),
     };
     report.start_limits();
     report.observe_supervised_limits();

@@ -42,6 +42,7 @@ pub(crate) fn report_to_dict<'py>(py: Python<'py>, r: &RunReport) -> PyResult<Bo
     d.set_item("cleanup_errors", &r.cleanup_errors)?;
     d.set_item("limits_hit", &r.limits_hit)?;
     d.set_item("limits_unverified", &r.limits_unverified)?;
+    d.set_item("time_namespace", r.time_namespace)?;
     Ok(d)
 }
 

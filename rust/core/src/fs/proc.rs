@@ -10,11 +10,10 @@ use crate::error::Result;
 /// for core dumps, module loading and power-off) rather
 /// than the sandbox: inside they read as empty (`/dev/null` bound over them).
 ///
-/// Not masked: the host's boot time (`/proc/uptime`, `btime` in `/proc/stat`). Programs read
-/// both (uptime, psutil, top), so an empty file would break them; the honest fix is a time
-/// namespace (CLONE_NEWTIME, Linux >= 5.6, whose boottime offset the kernel applies to both
-/// files), which belongs to the spawn path. What they reveal is when the host booted, not
-/// its configuration.
+/// Not masked: `/proc/uptime` and `btime` in `/proc/stat`. Programs read both (uptime,
+/// psutil, top), so an empty file would break them; the sandbox's time namespace (see
+/// [`crate::timens`]), whose boot-time offset the kernel applies to both, shows the sandbox's
+/// uptime and creation time in them instead of the host's.
 pub const MASKED_PROC_FILES: &[&str] = &[
     "mdstat",
     "locks",

@@ -444,6 +444,7 @@ pub fn supervise_call(
         cleanup_errors,
         limits_hit: Vec::new(),
         limits_unverified: Vec::new(),
+        time_namespace: crate::timens::supported(),
     };
     report.start_limits();
     report.observe_supervised_limits();
