@@ -1,6 +1,7 @@
-"""The fork server (`cellblock_core::forkserver`): cold runs' PID 1 is cloned by a small helper process,
-not by the caller. A run it served is as isolated and limited as any; PID 1 holds no copy of the
-caller's memory; the fork server dies with its owner, and a dead forkserver only costs speed.
+"""The fork server (`cellblock_core::forkserver`): cold runs' PID 1 is cloned by a small helper
+process, not by the caller. A run it served is as isolated and limited as any; PID 1 holds no
+copy of the caller's memory; the fork server dies with its owner, and a dead one only costs
+speed.
 """
 
 from __future__ import annotations

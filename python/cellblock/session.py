@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, Self
 
 from cellblock import _native
@@ -49,6 +50,10 @@ _ZYGOTE_MAX_OUTPUT = 1 << 20
 #: How long a close() waits for another thread's close of the same session (its own waits
 #: are bounded by the core's deadlines and the runtimes' join).
 _CLOSE_WAIT = 30.0
+
+#: The layer hold a fork's new session takes over from its parent (set by `_fork_child` for
+#: the constructor it calls).
+_FORK_HOLD: ContextVar[Hold | None] = ContextVar("cellblock_fork_hold", default=None)
 
 #: Session-wide limits (the cgroup's); the others are per call.
 SESSION_LIMITS = ("memory", "pids", "cpus", "disk")
