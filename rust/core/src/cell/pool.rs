@@ -457,14 +457,9 @@ fn builder(p: &'static Pool) {
             continue;
         };
         st.building.push(shape.clone());
-        // A shape with no cell ready sends its next run down the cold path, which costs more
-        // than the competition of a build with runs in progress: build at once.
-        let starved = st.ready.get(&shape).is_none_or(Vec::is_empty);
         drop(st);
         drop(dropped);
-        if !starved {
-            super::defer_to_runs();
-        }
+        super::defer_to_runs();
         let result = build(&shape);
         st = match lock(p) {
             Some(g) => g,
