@@ -467,8 +467,9 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
     }
     // Drop descriptors inherited from the (multithreaded) caller: other runs' pipes among them.
     close_other_fds(&fds.keep(plan.lifeline));
-    // PID 1 is a copy of the caller: its memory holds the caller's heap, environment and
-    // command line. Not dumpable: the sandboxed command (same uid, no capabilities) cannot read
+    // PID 1 is a copy of the process that cloned it (the fork server, or the caller when there
+    // is none: then its memory holds the caller's heap, environment and command line). Not
+    // dumpable: the sandboxed command (same uid, no capabilities) cannot read
     // /proc/1/mem, environ, maps or fds; and the argument and environment areas are wiped so
     // /proc/1/cmdline and environ show nothing of the caller.
     // SAFETY: prctl/umask have no memory effects; the wiped ranges are this process's own
@@ -517,7 +518,7 @@ pub fn init_main(plan: &InitPlan<'_>) -> ! {
             fail(fds.err, Stage::Unshare, i, e);
         }
     }
-    // PID 1 is a copy of the caller and looks as big to the OOM killer. A session holder must
+    // PID 1 is a copy of the process that cloned it and may look as big to the OOM killer. A session holder must
     // never be its victim (only possible with CAP_SYS_RESOURCE, i.e. as real root); an init that
     // runs a command is the preferred victim, which ends its run with reason "memory".
     let runs_command = plan.target.is_some() || plan.serve.is_some();
