@@ -372,6 +372,17 @@ ATTACK = textwrap.dedent("""\
 """)
 
 
+def _python_of(request: pytest.FixtureRequest, caller: str) -> tuple[list[str], dict[str, str]]:
+    """The command prefix and environment of a Python process of this user or of uid 65534,
+    importing this tree's cellblock."""
+    if caller == "nobody":
+        pkgdir = request.getfixturevalue("nobody_dir")
+        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
+                  "/usr/bin/python3"]
+        return prefix, {"PATH": "/usr/bin:/bin"}
+    return [sys.executable], {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+
+
 @pytest.mark.parametrize("caller", ["self", "nobody"],
                          ids=["caller-root" if IS_ROOT else "caller-user", "caller-65534"])
 def test_a_run_cannot_modify_the_environment(store: Store, request: pytest.FixtureRequest,
@@ -390,14 +401,7 @@ def test_a_run_cannot_modify_the_environment(store: Store, request: pytest.Fixtu
         assert res.exit_code == 0, res.stderr
         print(res.stdout.strip().splitlines()[-1])
     """)
-    if caller == "nobody":
-        pkgdir = request.getfixturevalue("nobody_dir")
-        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
-                  "/usr/bin/python3"]
-        env = {"PATH": "/usr/bin:/bin"}
-    else:
-        prefix = [sys.executable]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    prefix, env = _python_of(request, caller)
     proc = subprocess.run([*prefix, "-c", code, os.environ["XDG_DATA_HOME"], json.dumps(argv)],
                           capture_output=True, text=True, env=env, cwd="/", timeout=180,
                           check=False)
@@ -534,14 +538,7 @@ def test_renames_between_directories_inside_a_run(request: pytest.FixtureRequest
             "os.link('/workspace/a/x', '/workspace/a/partial/y'); print('ok')")])
         assert res.stdout.strip() == "ok", res.stderr
     """)
-    if caller == "nobody":
-        pkgdir = request.getfixturevalue("nobody_dir")
-        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
-                  "/usr/bin/python3"]
-        env = {"PATH": "/usr/bin:/bin"}
-    else:
-        prefix = [sys.executable]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    prefix, env = _python_of(request, caller)
     proc = subprocess.run([*prefix, "-c", code], capture_output=True, text=True, env=env,
                           cwd="/", timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -622,14 +619,7 @@ def test_removing_an_environment_in_use_keeps_its_layers_for_the_session(
                 out["new_run"] = type(e).__name__
         print(json.dumps(out), flush=True)
     """)
-    if caller == "nobody":
-        pkgdir = request.getfixturevalue("nobody_dir")
-        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
-                  "/usr/bin/python3"]
-        env = {"PATH": "/usr/bin:/bin"}
-    else:
-        prefix = [sys.executable]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    prefix, env = _python_of(request, caller)
     proc = subprocess.Popen([*prefix, "-c", code, os.environ["XDG_DATA_HOME"], PROBE],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd="/")
@@ -716,14 +706,7 @@ READ_CONF = ["/bin/sh", "-c", 'cat "$CELLBLOCK_ENV_FILES/conf/app.txt"; echo " $
 def _session_process(request: pytest.FixtureRequest, caller: str,
                      code: str) -> subprocess.Popen[str]:
     """`code` in a process of this user or of uid 65534, given the store and READ_CONF."""
-    if caller == "nobody":
-        pkgdir = request.getfixturevalue("nobody_dir")
-        prefix = [*SETPRIV, "env", "-i", f"PYTHONPATH={pkgdir}", "PATH=/usr/bin:/bin",
-                  "/usr/bin/python3"]
-        env = {"PATH": "/usr/bin:/bin"}
-    else:
-        prefix = [sys.executable]
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "python")}
+    prefix, env = _python_of(request, caller)
     return subprocess.Popen(
         [*prefix, "-c", code, os.environ["XDG_DATA_HOME"], json.dumps(READ_CONF)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -39,7 +39,7 @@ def test_a_run_the_forkserver_served_is_isolated_and_limited(sandbox: Runner) ->
         return [sandbox.run(["python3", "-c", ISOLATION_PROBE], cells=False,
                             env={"CANARY": "run-env"})]
 
-    results, took = taking(sandbox, "cold_forkserver_clones", one)
+    results, took = taking(sandbox, "forkserver_clones", one)
     assert took == 1
     p = probe_of(results[0])
     host = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in ("pid", "net", "mnt", "ipc", "uts")}
@@ -52,10 +52,10 @@ def test_a_run_the_forkserver_served_is_isolated_and_limited(sandbox: Runner) ->
     assert p["environ"] in ("EACCES", "EPERM"), p
     assert p["cwd"] == "/workspace"
     # Limits hold in a run the fork server served: a fork bomb stops at the pids limit.
-    before = sandbox.cells()["cold_forkserver_clones"]
+    before = sandbox.cells()["forkserver_clones"]
     bomb = sandbox.run(["sh", "-c", "for i in $(seq 64); do sleep 2 & done; wait"],
                        cells=False, pids=8, timeout=20)
-    assert sandbox.cells()["cold_forkserver_clones"] == before + 1
+    assert sandbox.cells()["forkserver_clones"] == before + 1
     assert bomb.enforcement["pids"] == sandbox.enforcer("pids")
     if sandbox.privileged:
         assert "pids" in bomb.limits_hit, bomb
@@ -72,7 +72,7 @@ def test_sigpipe_is_default_in_a_forkserver_run(sandbox: Runner) -> None:
     def one() -> list:
         return [sandbox.run(["sh", "-c", "grep SigIgn /proc/self/status"], cells=False)]
 
-    results, _ = taking(sandbox, "cold_forkserver_clones", one)
+    results, _ = taking(sandbox, "forkserver_clones", one)
     res = results[0]
     assert res.exit_code == 0, res
     ignored = int(res.stdout.split("SigIgn:")[1].split()[0], 16)
@@ -85,7 +85,7 @@ CALLER = textwrap.dedent("""\
     marker = bytes.fromhex(sys.argv[1]) * 64   # in this process's heap only
     for _ in range(200):
         cellblock.run(["true"], cells=False)
-        if cellblock.cells.stats().cold_forkserver_clones or os.environ.get("CELLBLOCK_FORKSERVER"):
+        if cellblock.cells.stats().forkserver_clones or os.environ.get("CELLBLOCK_FORKSERVER"):
             break
         time.sleep(0.05)
     print(os.getpid(), flush=True)
@@ -202,17 +202,17 @@ def test_a_drain_stops_the_forkserver() -> None:
     assert cellblock.cells.drain()
     assert forkserver_pid() is None
     assert state(pid) is None, "the fork server was stopped and reaped"
-    before = cellblock.cells.stats().cold_forkserver_clones
+    before = cellblock.cells.stats().forkserver_clones
     # The next cold run only records demand again.
     assert cellblock.run(["true"], cells=False).exit_code == 0
-    assert cellblock.cells.stats().cold_forkserver_clones == before
+    assert cellblock.cells.stats().forkserver_clones == before
 
 
 def test_forkserver_off_by_environment() -> None:
     code = ("import cellblock, cellblock.cells, time\n"
             "for _ in range(20):\n"
             "    cellblock.run(['true'], cells=False); time.sleep(0.02)\n"
-            "s = cellblock.cells.stats(); print(s.cold_forkserver_clones, s.forkserver_pid)\n")
+            "s = cellblock.cells.stats(); print(s.forkserver_clones, s.forkserver_pid)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "CELLBLOCK_FORKSERVER": "0"}, timeout=120, check=True)
     assert out.stdout.split() == ["0", "None"]
@@ -224,9 +224,38 @@ def test_forkserver_off_by_environment() -> None:
 
 def test_a_forkserver_run_reports_like_a_direct_one() -> None:
     warm_forkserver()
-    before = cellblock.cells.stats().cold_forkserver_clones
+    before = cellblock.cells.stats().forkserver_clones
     res = cellblock.run(["sh", "-c", "echo out; echo err >&2; exit 7"], cells=False,
                         memory="64M", timeout=10)
-    assert cellblock.cells.stats().cold_forkserver_clones == before + 1
+    assert cellblock.cells.stats().forkserver_clones == before + 1
     assert (res.exit_code, res.stdout, res.stderr, res.reason) == (7, "out\n", "err\n", "exited")
     assert res.wall_time_s > 0
+
+
+def test_session_calls_are_joined_from_a_running_fork_server() -> None:
+    """A session call's joiner (which enters the session and starts the call's init) comes from
+    the fork server when one runs; the call is inside the session: its files, its limits."""
+    warm_forkserver()
+    with cellblock.Sandbox(memory="64M", pids=16) as sb:
+        before = cellblock.cells.stats().forkserver_clones
+        assert sb.run(["sh", "-c", "echo kept > /workspace/f"]).ok
+        res = sb.run(["cat", "/workspace/f"])
+        assert cellblock.cells.stats().forkserver_clones >= before + 2
+        assert res.stdout == "kept\n", res
+        bomb = sb.run(["sh", "-c", "for i in $(seq 64); do sleep 2 & done; wait"], timeout=20)
+        assert bomb.exit_code != 0 or bomb.limits_hit, bomb
+        if IS_ROOT:
+            hog = sb.run(["python3", "-c", "b = bytearray(200 << 20); print('allocated')"])
+            assert hog.reason == "memory" and "allocated" not in hog.stdout, hog
+
+
+def test_sessions_alone_start_no_fork_server() -> None:
+    assert cellblock.cells.drain()
+    with cellblock.Sandbox() as sb:
+        for _ in range(3):
+            assert sb.run(["true"]).ok
+    assert no_fork_server()
+
+
+def no_fork_server() -> bool:
+    return cellblock.cells.stats().forkserver_pid is None

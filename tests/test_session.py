@@ -42,7 +42,9 @@ def sb() -> Any:
 
 
 def descendants() -> set[int]:
-    """Host pids of every process below this one."""
+    """Host pids of every process below this one, without what other cellblock processes
+    started (the unprivileged worker of the `sandbox` fixture keeps its own cells and fork
+    server, which come and go with its own runs)."""
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -55,8 +57,17 @@ def descendants() -> set[int]:
     while todo:
         for k in kids.get(todo.pop(), []):
             out.add(k)
-            todo.append(k)
+            if not worker(k):
+                todo.append(k)
     return out
+
+
+def worker(pid: int) -> bool:
+    """Whether `pid` is the unprivileged worker of the `sandbox` fixture (see conftest)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].endswith(b"/worker.py")
+    except (OSError, IndexError):
+        return False
 
 
 def footprint() -> dict[str, Any]:

@@ -70,9 +70,9 @@ class CellStats(BaseModel):
     #: Runs that took a cell but could not use it (request larger than the cell's buffer, or
     #: the cell died): they took the cold path and count as misses, not hits.
     fallbacks: int = 0
-    #: Cold runs whose PID 1 the fork server cloned (a small helper process; see
-    #: `cellblock.forkserver`) rather than the calling process.
-    cold_forkserver_clones: int = 0
+    #: Processes the fork server (see `cellblock.forkserver`) cloned rather than the calling
+    #: process: cold runs' and cells' PID 1s, session calls' joiners.
+    forkserver_clones: int = 0
     #: Host pid of the running forkserver, if one runs.
     forkserver_pid: int | None = None
     #: Why the most recent failed build failed.

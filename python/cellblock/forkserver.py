@@ -5,7 +5,7 @@ isolated mode (`-I -S`, an almost empty environment) with only the native module
 
 The core starts it in the background once a process makes a second cold run, and stops it
 when cold runs stop (with the cells: `cellblock.cells.drain()`, at exit). `CELLBLOCK_FORKSERVER=0`
-turns it off; `cellblock.cells.stats().cold_forkserver_clones` counts the runs it served.
+turns it off; `cellblock.cells.stats().forkserver_clones` counts the runs it served.
 """
 
 from __future__ import annotations

@@ -1025,25 +1025,31 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
     }
     let mut p = p;
-    let cloned =
-        match crate::forkserver::clone(&init, &prepared.mounts, flags, cgroup.as_ref(), deadline) {
-            // The fork server died with the request: when no PID 1 of it holds the run's pipes, the run
-            // is cloned here instead, with new pipes.
-            Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
-                if !p.unused_by_any_child() {
-                    return Err(clone_error(e));
-                }
-                p = Pipes::new()?;
-                let init = InitPlan {
-                    fds: p.child,
-                    ..init
-                };
-                spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
+    let cloned = match crate::forkserver::clone(
+        &init,
+        Some(&prepared.mounts),
+        None,
+        flags,
+        cgroup.as_ref(),
+        deadline,
+    ) {
+        // The fork server died with the request: when no PID 1 of it holds the run's pipes, the
+        // run is cloned here instead, with new pipes.
+        Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
+            if !p.unused_by_any_child() {
+                return Err(clone_error(e));
             }
-            Some(r) => r.map(|z| z.cloned),
-            None => spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init)),
+            p = Pipes::new()?;
+            let init = InitPlan {
+                fds: p.child,
+                ..init
+            };
+            spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
         }
-        .map_err(clone_error)?;
+        Some(r) => r.map(|z| z.cloned),
+        None => spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init)),
+    }
+    .map_err(clone_error)?;
     // PID 1 has its own copies of these fds (it uses them before anything else).
     drop(netns);
     drop(tasks);
@@ -1243,12 +1249,28 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     };
     let started_at = std::time::Instant::now();
     let deadline = setup_deadline(spec);
-    let (_, joiner_fd) =
-        clone_with(0, || child::join_main(&join, &init)).map_err(|e| Error::Setup {
-            stage: "clone",
-            source: e,
-        })?;
+    let setup = |e: std::io::Error| Error::Setup {
+        stage: "clone",
+        source: e,
+    };
     let mut p = p;
+    // The joiner comes from the fork server when one runs (see `start`).
+    let joiner_fd = match crate::forkserver::clone(&init, None, Some(&join), 0, None, deadline) {
+        Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
+            if !p.unused_by_any_child() {
+                return Err(setup(e));
+            }
+            p = Pipes::new()?;
+            let init = InitPlan {
+                fds: p.child,
+                ..init
+            };
+            clone_with(0, || child::join_main(&join, &init)).map(|(_, fd)| fd)
+        }
+        Some(r) => r.map(|z| z.cloned.pidfd),
+        None => clone_with(0, || child::join_main(&join, &init)).map(|(_, fd)| fd),
+    }
+    .map_err(setup)?;
     p.child_owned.clear();
     drop(tasks);
     // The joiner hands over the call init's pidfd (or reports why it could not).

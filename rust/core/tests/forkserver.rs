@@ -1,6 +1,6 @@
-//! The fork server through the core API, with `cellblock-spawn --forkserver` as its program: once cold
-//! runs are asked for, their PID 1 comes from the fork server, with the same isolation and report;
-//! a drain stops it. One test function: the fork server is process-wide.
+//! The fork server through the core API, with `cellblock-spawn --forkserver` as its program: once
+//! cold runs are asked for, their PID 1 comes from the fork server, with the same isolation and
+//! report; a drain stops it. One test function: the fork server is process-wide.
 
 use cellblock_core::{cell, forkserver, Reason, RunSpec};
 use std::collections::BTreeMap;

@@ -96,7 +96,7 @@ fn cells_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("parts_ready", s.parts.netns_ready + s.parts.cgroups_ready)?;
     d.set_item("fallbacks", s.fallbacks)?;
     let z = cellblock_core::forkserver::stats();
-    d.set_item("cold_forkserver_clones", z.clones)?;
+    d.set_item("forkserver_clones", z.clones)?;
     d.set_item("forkserver_pid", (z.pid > 0).then_some(z.pid))?;
     d.set_item("last_build_error", s.last_build_error)?;
     Ok(d)

@@ -205,7 +205,7 @@ pub(crate) fn want_forkserver() -> bool {
     running
 }
 
-/// Records that the fork server misbehaved: no forkserver is started again in this process.
+/// Records that the fork server misbehaved: no fork server is started again in this process.
 pub(crate) fn forkserver_failed() {
     if let Some(mut st) = parts().and_then(lock) {
         st.forkserver_broken = true;
@@ -220,7 +220,7 @@ enum Job {
 }
 
 impl State {
-    /// Forgets idle kinds; returns the parts they no longer need (an idle forkserver is stopped).
+    /// Forgets idle kinds; returns the parts they no longer need (an idle fork server is stopped).
     fn expire(&mut self, now: Instant) -> (Vec<OwnedFd>, Vec<RunCgroup>) {
         let idle = |w: &Want| now.duration_since(w.last_use) >= IDLE;
         if self.forkserver_want.as_ref().is_some_and(idle) {

@@ -192,18 +192,24 @@ fn build(shape: &Shape) -> Result<Cell> {
     // From the fork server when one runs (the caller's memory is then not copied), else cloned
     // here. A fork server that ended with the request fails this build: the pool tries again.
     let deadline = Instant::now() + spawn::SETUP_DEADLINE;
-    let (pid, pidfd, buf_addr, attached) =
-        match crate::forkserver::clone(&init, &mounts, flags, cgroup.as_ref(), deadline) {
-            Some(r) => {
-                let z = r.map_err(spawn::clone_error)?;
-                (z.cloned.pid, z.cloned.pidfd, z.serve_buf, z.cloned.attached)
-            }
-            None => {
-                let (pid, pidfd) = spawn::clone_with(flags, || child::init_main(&init))
-                    .map_err(spawn::clone_error)?;
-                (pid, pidfd, buf.as_ptr() as usize, cgroup.is_none())
-            }
-        };
+    let (pid, pidfd, buf_addr, attached) = match crate::forkserver::clone(
+        &init,
+        Some(&mounts),
+        None,
+        flags,
+        cgroup.as_ref(),
+        deadline,
+    ) {
+        Some(r) => {
+            let z = r.map_err(spawn::clone_error)?;
+            (z.cloned.pid, z.cloned.pidfd, z.serve_buf, z.cloned.attached)
+        }
+        None => {
+            let (pid, pidfd) =
+                spawn::clone_with(flags, || child::init_main(&init)).map_err(spawn::clone_error)?;
+            (pid, pidfd, buf.as_ptr() as usize, cgroup.is_none())
+        }
+    };
     p.child_owned.clear();
     let mut cell = Cell {
         pid,

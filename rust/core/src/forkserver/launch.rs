@@ -1,5 +1,5 @@
-//! Starting a fork server: a socket pair, a fork of the supervisor that execs the fork server's program
-//! with the socket at [`CONTROL_FD`], a minimal environment and a parent-death signal, then
+//! Starting a fork server: a socket pair, a fork of the supervisor that execs the fork server's
+//! program with the socket at [`CONTROL_FD`], a minimal environment and a parent-death signal, then
 //! the fork server's hello.
 
 use super::{serve, wire, Forkserver, CONTROL_FD, START_LIMIT};

@@ -1,21 +1,22 @@
-//! The fork server: a small helper process that clones cold runs' PID 1s instead of the caller.
+//! The fork server: a small helper process that clones the PID 1 of cold runs and of cells, and
+//! session calls' joiners, instead of the caller.
 //!
 //! Cloning PID 1 from the caller (a Python process of 40 MiB or a service of several GiB)
 //! copies the caller's page tables on every run (0.65 ms for 38 MiB, 1.3 ms from cold caches)
 //! and write-protects all of its memory, so the caller's next writes fault once per page; and
-//! PID 1 starts as a copy of the caller's heap. The fork server is a fresh, single-threaded process
-//! started once by the supervisor (the embedding layer says how: [`set_command`]; the Python
-//! package starts its interpreter in isolated mode with only the native module loaded). It
+//! PID 1 starts as a copy of the caller's heap. The fork server is a fresh, single-threaded
+//! process started once by the supervisor (the embedding layer says how: [`set_command`]; the
+//! Python package starts its interpreter in isolated mode with only the native module loaded). It
 //! receives each run's prepared plan and fds over a socket (see [`wire`]) and clones PID 1 with
 //! `CLONE_PARENT`: the supervisor is PID 1's parent, reaps it and holds its pidfd as before.
 //!
-//! The fork server is a part made ahead (see [`crate::cell::parts`]): the first cold run only records
-//! demand, the parts thread starts it, it is stopped when idle, on a drain and at exit, and it
-//! dies with the supervisor (`PR_SET_PDEATHSIG` on the parts thread, which never exits, and
-//! EOF on its socket). PID 1s it cloned have the parts thread as parent thread, so their
-//! parent-death signal also fires only when the supervisor's process ends. Without a fork server
-//! (not configured, `CELLBLOCK_FORKSERVER=0`, a forked child of the supervisor, a request too large)
-//! PID 1 is cloned from the caller as before.
+//! The fork server is a part made ahead (see [`crate::cell::parts`]): the first cold run only
+//! records demand, the parts thread starts it, it is stopped when idle, on a drain and at exit, and
+//! it dies with the supervisor (`PR_SET_PDEATHSIG` on the parts thread, which never exits, and EOF
+//! on its socket). PID 1s it cloned have the parts thread as parent thread, so their parent-death
+//! signal also fires only when the supervisor's process ends. Without a fork server (not
+//! configured, `CELLBLOCK_FORKSERVER=0`, a forked child of the supervisor, a request too
+//! large) PID 1 is cloned from the caller as before.
 
 mod launch;
 mod serve;
@@ -24,7 +25,7 @@ mod wire;
 pub use serve::{serve, CONTROL_FD};
 
 use crate::cgroup::RunCgroup;
-use crate::child::InitPlan;
+use crate::child::{InitPlan, JoinPlan};
 use crate::fdpass;
 use crate::fs::MountPlan;
 use crate::spawner::Cloned;
@@ -34,20 +35,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a starting forkserver may take to say it is ready.
+/// How long a starting fork server may take to say it is ready.
 const START_LIMIT: Duration = Duration::from_secs(10);
 
 /// The program (and arguments) that becomes a fork server: it must call [`serve`] with its control
 /// socket at [`CONTROL_FD`].
 static COMMAND: OnceLock<Vec<CString>> = OnceLock::new();
 
-/// The running forkserver, if any.
+/// The running fork server, if any.
 static FORKSERVER: Mutex<Option<Forkserver>> = Mutex::new(None);
 
-/// Cold runs whose PID 1 the fork server cloned.
+/// Processes the fork server cloned (PID 1s of runs and cells, session calls' joiners).
 static CLONES: AtomicU64 = AtomicU64::new(0);
 
-/// A started forkserver.
+/// A started fork server.
 #[derive(Debug)]
 struct Forkserver {
     /// Our end of its control socket.
@@ -63,7 +64,8 @@ struct Forkserver {
 }
 
 impl Forkserver {
-    /// Where `plan` goes: (slot, whether it must be sent) — its slot when the fork server holds it.
+    /// Where `plan` goes: (slot, whether it must be sent); its slot when the fork server holds
+    /// it.
     fn slot_for(&self, plan: &Arc<MountPlan>) -> (u8, bool) {
         match self.plans.iter().position(|p| Arc::ptr_eq(p, plan)) {
             Some(i) => (i as u8, false),
@@ -120,7 +122,7 @@ pub(crate) fn enabled() -> bool {
 /// Counters of the fork server, for tests and benches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ForkserverStats {
-    /// Cold runs whose PID 1 the fork server cloned.
+    /// Processes the fork server cloned (PID 1s of runs and cells, session calls' joiners).
     pub clones: u64,
     /// A fork server is running now.
     pub running: bool,
@@ -156,7 +158,7 @@ pub(crate) fn running() -> bool {
 pub(crate) fn stop() {
     let z = FORKSERVER.lock().ok().and_then(|mut g| g.take());
     match z {
-        // A forked child's copy: forget it without touching the parent's forkserver.
+        // A forked child's copy: forget it without touching the parent's fork server.
         Some(z) if z.owner != std::process::id() => std::mem::forget(z),
         z => drop(z),
     }
@@ -201,22 +203,32 @@ pub(crate) struct FromForkserver {
 }
 
 /// Has the fork server clone the PID 1 of `init` (`mounts`: its mount plan; `flags`: its
-/// namespaces; `cgroup`: the run's cgroup, cloned into on v2). A cell's PID 1 (`init.serve`)
-/// gets the fork server's own buffer and stack. None when there is no forkserver or the request does not
-/// suit one: the caller clones PID 1 itself then (nothing was started). `deadline`: the run's
-/// set-up deadline.
+/// namespaces; `cgroup`: the run's cgroup, cloned into on v2), or with `join` (and no mount
+/// plan) a session call's joiner. A cell's PID 1 (`init.serve`) gets the fork server's own
+/// buffer and stack. None when there is no fork server or the request does not suit one: the
+/// caller clones the process itself then (nothing was started). `deadline`: the run's set-up
+/// deadline.
 pub(crate) fn clone(
     init: &InitPlan<'_>,
-    mounts: &Arc<MountPlan>,
+    mounts: Option<&Arc<MountPlan>>,
+    join: Option<&JoinPlan>,
     flags: libc::c_ulong,
     cgroup: Option<&RunCgroup>,
     deadline: Instant,
 ) -> Option<std::io::Result<FromForkserver>> {
     let serve = init.serve.is_some();
-    if !enabled() || init.lifeline >= 0 || serve == init.target.is_some() {
+    let suits =
+        init.lifeline < 0 && serve != init.target.is_some() && mounts.is_some() != join.is_some();
+    if !enabled() || !suits {
         return None;
     }
-    if !crate::cell::parts::want_forkserver() {
+    // Runs and cells start a fork server on demand; session calls only use a running one (a
+    // process that only opens sessions keeps no helper process).
+    let available = match join {
+        Some(_) => running(),
+        None => crate::cell::parts::want_forkserver(),
+    };
+    if !available {
         return None;
     }
     let target = init.target.map(wire::TargetRef::of);
@@ -225,11 +237,13 @@ pub(crate) fn clone(
         .filter(|_| crate::spawner::clone_into_cgroup_works())
         .and_then(|d| crate::spawner::open_dir(d).ok());
     let layout = wire::FdLayout {
+        holder: join.is_some(),
         netns: init.netns >= 0,
         tasks: u8::try_from(init.join_tasks.len()).ok()?,
         cgroup_dir: cgroup_dir.is_some(),
     };
     let mut fds: Vec<RawFd> = wire::pipe_fds(&init.fds).to_vec();
+    fds.extend(join.map(|j| j.pidfd));
     if init.netns >= 0 {
         fds.push(init.netns);
     }
@@ -241,21 +255,24 @@ pub(crate) fn clone(
     let mut g = FORKSERVER.lock().ok()?;
     stop_forked_copy(&mut g);
     let z = g.as_mut()?;
-    let (slot, new) = z.slot_for(mounts);
+    let slot = mounts.map(|m| (m, z.slot_for(m)));
     #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
     let request = wire::RequestRef {
         flags: flags as u64,
         layout,
         pdeathsig: init.pdeathsig,
-        mounts: if new {
-            wire::MountsRef::New(slot, mounts)
-        } else {
-            wire::MountsRef::Slot(slot)
-        },
+        mounts: slot.map(|(m, (slot, new))| {
+            if new {
+                wire::MountsRef::New(slot, m)
+            } else {
+                wire::MountsRef::Slot(slot)
+            }
+        }),
         identity: init.identity,
         hostname: init.hostname,
         target,
         serve,
+        join: join.map(|j| j.root),
         net: init.net,
     };
     let bytes = wire::encode(&request)?;
@@ -269,8 +286,8 @@ pub(crate) fn clone(
             return None;
         }
     }
-    if new {
-        z.sent(slot, mounts);
+    if let Some((m, (slot, true))) = slot {
+        z.sent(slot, m);
     }
     let reply = match read_reply(z, deadline) {
         Ok((r, _)) if r.errno == libc::EPROTO => {
@@ -284,7 +301,7 @@ pub(crate) fn clone(
         Ok(r) => r,
         Err(e) => {
             // It took the request and did not answer: it may have cloned PID 1 or not. The
-            // forkserver is stopped (and reaped: none of its fds remains open); the caller finds
+            // fork server is stopped (and reaped: none of its fds remains open); the caller finds
             // out whether a PID 1 holds the run's fds (see [`ended_without_answer`]).
             *g = None;
             let ended = e.kind() != std::io::ErrorKind::TimedOut;

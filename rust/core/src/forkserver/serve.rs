@@ -6,7 +6,7 @@
 
 use super::wire::{self, Mounts, Reply, PIPE_FDS};
 use crate::cell::init::ServePlan;
-use crate::child::{self, InitPlan, TARGET_STACK};
+use crate::child::{self, InitPlan, JoinPlan, TARGET_STACK};
 use crate::fdpass;
 use crate::fs::MountPlan;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -83,23 +83,39 @@ fn handle(
 ) -> Result<(Reply, OwnedFd), i32> {
     let req = wire::decode(bytes).ok_or(libc::EPROTO)?;
     let slot = match req.mounts {
-        Mounts::New(slot, plan) => {
+        Some(Mounts::New(slot, plan)) => {
             let s = plans.get_mut(usize::from(slot)).ok_or(libc::EPROTO)?;
             *s = Some(plan);
-            slot
+            Some(slot)
         }
-        Mounts::Slot(slot) => slot,
+        Some(Mounts::Slot(slot)) => Some(slot),
+        None => None,
     };
-    let mounts = plans
-        .get(usize::from(slot))
-        .and_then(Option::as_ref)
-        .ok_or(libc::EPROTO)?;
-    if fds.len() != req.layout.count() || req.serve == req.target.is_some() {
+    let mounts = match slot {
+        Some(slot) => Some(
+            plans
+                .get(usize::from(slot))
+                .and_then(Option::as_ref)
+                .ok_or(libc::EPROTO)?,
+        ),
+        None => None,
+    };
+    // A sandbox's PID 1 has a mount plan; a session call's joiner enters an existing one.
+    let valid = fds.len() == req.layout.count()
+        && req.serve != req.target.is_some()
+        && mounts.is_some() != req.join.is_some()
+        && req.layout.holder == req.join.is_some();
+    if !valid {
         return Err(libc::EPROTO);
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let (pipes, rest) = raw.split_at(PIPE_FDS);
     let pipes: &[RawFd; PIPE_FDS] = pipes.try_into().map_err(|_| libc::EPROTO)?;
+    let (holder, rest) = if req.layout.holder {
+        (rest[0], &rest[1..])
+    } else {
+        (-1, rest)
+    };
     let (netns, rest) = if req.layout.netns {
         (rest[0], &rest[1..])
     } else {
@@ -128,7 +144,7 @@ fn handle(
         last_cap: crate::spawn::last_cap(),
     };
     let init = InitPlan {
-        mounts: Some(mounts),
+        mounts,
         identity: &req.identity,
         hostname: &req.hostname,
         target: target.as_ref(),
@@ -141,9 +157,17 @@ fn handle(
         netns,
         join_tasks: tasks,
     };
-    // CLONE_PARENT: PID 1 is the supervisor's child (its exit signal is ours: none).
+    // CLONE_PARENT: PID 1 (or a call's joiner) is the supervisor's child (its exit signal is
+    // ours: none).
     let flags = req.flags as libc::c_ulong | libc::CLONE_PARENT as libc::c_ulong;
-    let start = || child::init_main(&init);
+    let join = req.join.map(|root| JoinPlan {
+        pidfd: holder,
+        root,
+    });
+    let start = || match &join {
+        Some(join) => child::join_main(join, &init),
+        None => child::init_main(&init),
+    };
     let reply = |pid, attached| Reply {
         pid,
         errno: 0,

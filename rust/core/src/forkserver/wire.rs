@@ -1,4 +1,4 @@
-//! What the supervisor sends its forkserver for one PID 1, and what comes back.
+//! What the supervisor sends its fork server for one PID 1, and what comes back.
 //!
 //! A request is one `SOCK_SEQPACKET` message: the plan (postcard) as data, the run's fds as
 //! `SCM_RIGHTS`, in the order of [`FdLayout`]. The reply carries the new PID 1's pid (or the
@@ -25,15 +25,19 @@ pub(crate) struct RequestRef<'a> {
     pub flags: u64,
     /// Which fds follow the pipes.
     pub layout: FdLayout,
-    /// Die with the supervisor's forkserver thread.
+    /// Die with the supervisor's fork server thread.
     pub pdeathsig: bool,
-    pub mounts: MountsRef<'a>,
+    /// The mount plan; None for a session call's joiner (`join`).
+    pub mounts: Option<MountsRef<'a>>,
     pub identity: &'a Identity,
     pub hostname: &'a [u8],
     /// The command; None for a pre-created cell's PID 1 (`serve`).
     pub target: Option<TargetRef<'a>>,
     /// A pre-created cell: PID 1 waits for its command (see [`crate::cell::init`]).
     pub serve: bool,
+    /// A session call: the joiner enters the session whose holder's pidfd follows the pipes,
+    /// built by root or not (see [`crate::child::join_main`]).
+    pub join: Option<bool>,
     pub net: Option<&'a ChildPlan>,
 }
 
@@ -43,11 +47,12 @@ pub(crate) struct Request {
     pub flags: u64,
     pub layout: FdLayout,
     pub pdeathsig: bool,
-    pub mounts: Mounts,
+    pub mounts: Option<Mounts>,
     pub identity: Identity,
     pub hostname: Vec<u8>,
     pub target: Option<TargetOwned>,
     pub serve: bool,
+    pub join: Option<bool>,
     pub net: Option<ChildPlan>,
 }
 
@@ -71,10 +76,12 @@ pub(crate) enum Mounts {
     Slot(u8),
 }
 
-/// Which fds a request carries after the eight of [`ChildFds`], in this order: the network
-/// namespace to join, the cgroup v1 `tasks` files, the cgroup v2 directory to clone into.
+/// Which fds a request carries after the eight of [`ChildFds`], in this order: a session
+/// holder's pidfd, the network namespace to join, the cgroup v1 `tasks` files, the cgroup v2
+/// directory to clone into.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FdLayout {
+    pub holder: bool,
     pub netns: bool,
     pub tasks: u8,
     pub cgroup_dir: bool,
@@ -86,7 +93,11 @@ pub(crate) const PIPE_FDS: usize = 8;
 impl FdLayout {
     /// How many fds the request carries in all.
     pub fn count(&self) -> usize {
-        PIPE_FDS + usize::from(self.netns) + usize::from(self.tasks) + usize::from(self.cgroup_dir)
+        PIPE_FDS
+            + usize::from(self.holder)
+            + usize::from(self.netns)
+            + usize::from(self.tasks)
+            + usize::from(self.cgroup_dir)
     }
 }
 
@@ -237,6 +248,7 @@ mod tests {
             tty: Some(TtySize { rows: 3, cols: 4 }),
         };
         let layout = FdLayout {
+            holder: false,
             netns: true,
             tasks: 3,
             cgroup_dir: false,
@@ -245,11 +257,12 @@ mod tests {
             flags: 0x1234,
             layout,
             pdeathsig: true,
-            mounts: MountsRef::New(3, &mounts),
+            mounts: Some(MountsRef::New(3, &mounts)),
             identity: &identity,
             hostname: b"cellblock",
             target: Some(TargetRef::of(&target)),
             serve: false,
+            join: None,
             net: None,
         })
         .expect("small");
@@ -259,7 +272,7 @@ mod tests {
         assert_eq!(layout.count(), 12);
         assert!(req.pdeathsig);
         match req.mounts {
-            Mounts::New(3, m) => assert_eq!(format!("{m:?}"), format!("{mounts:?}")),
+            Some(Mounts::New(3, m)) => assert_eq!(format!("{m:?}"), format!("{mounts:?}")),
             _ => panic!("not the plan sent"),
         }
         assert_eq!(format!("{:?}", req.identity), format!("{identity:?}"));
