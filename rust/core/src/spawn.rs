@@ -521,7 +521,7 @@ fn setup_deadline(spec: &RunSpec) -> Instant {
 }
 
 /// Waits until `fd` is readable (or hung up) or `deadline` passes; false on the deadline.
-fn wait_readable(fd: &impl AsRawFd, deadline: Instant) -> bool {
+pub(crate) fn wait_readable(fd: &impl AsRawFd, deadline: Instant) -> bool {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd {
@@ -532,9 +532,9 @@ fn wait_readable(fd: &impl AsRawFd, deadline: Instant) -> bool {
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: poll on one pollfd we own.
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r != 0 {
-            // Ready, or an error the following read will report.
-            return r > 0 || crate::error::errno() != libc::EINTR;
+        // Ready, or an error the following read will report; a signal only interrupts the wait.
+        if r > 0 || (r < 0 && crate::error::errno() != libc::EINTR) {
+            return true;
         }
         if Instant::now() >= deadline {
             return false;

@@ -83,7 +83,7 @@ pub(super) fn launch(argv: &[CString]) -> std::io::Result<Forkserver> {
         plans: Vec::new(),
         next_slot: 0,
     };
-    if !readable(&z.sock, Instant::now() + START_LIMIT) {
+    if !crate::spawn::wait_readable(&z.sock, Instant::now() + START_LIMIT) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the fork server did not start",
@@ -95,25 +95,4 @@ pub(super) fn launch(argv: &[CString]) -> std::io::Result<Forkserver> {
         return Err(std::io::Error::other("the fork server did not say hello"));
     }
     Ok(z)
-}
-
-/// Waits until `fd` is readable; false when `deadline` passes first (or poll fails).
-pub(super) fn readable(fd: &OwnedFd, deadline: Instant) -> bool {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll on one pollfd we own.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r > 0 {
-            return true;
-        }
-        if r == 0 || crate::error::errno() != libc::EINTR {
-            return false;
-        }
-    }
 }

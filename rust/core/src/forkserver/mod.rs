@@ -345,7 +345,7 @@ fn read_reply(
     z: &Forkserver,
     deadline: Instant,
 ) -> std::io::Result<(wire::Reply, Option<OwnedFd>)> {
-    if !launch::readable(&z.sock, deadline) {
+    if !crate::spawn::wait_readable(&z.sock, deadline) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the fork server did not answer",
