@@ -348,7 +348,9 @@ fn ok_or_fail(ret: libc::c_long, fds: &ChildFds, stage: Stage, index: u32) {
     }
 }
 
-fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
+/// Writes `data` to the file at `path` (NUL-terminated) in one write; an errno on failure (EIO
+/// for a short write). Raw syscalls only: safe between clone and execve.
+pub(crate) fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
     // SAFETY: `path` is NUL-terminated by the caller; the fd is closed below.
     let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC) };
     if fd < 0 {
@@ -359,8 +361,11 @@ fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
     let e = errno();
     // SAFETY: fd is open.
     unsafe { libc::close(fd) };
-    if n as usize != data.len() {
+    if n < 0 {
         return Err(e);
+    }
+    if n as usize != data.len() {
+        return Err(libc::EIO);
     }
     Ok(())
 }

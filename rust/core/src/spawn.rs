@@ -977,6 +977,33 @@ pub(crate) fn sandbox_clone_flags() -> libc::c_ulong {
     flags
 }
 
+/// The process the fork server cloned (`served`, see [`crate::forkserver::clone`]), or, when
+/// there is none, the one `direct` clones here from `init`. A fork server that ended with the
+/// request unanswered may have cloned it or not: when no process holds the pipes `p`, they are
+/// replaced and `direct` clones with the new ones; else the fork server's error is returned.
+fn clone_unless_served<T>(
+    served: Option<std::io::Result<T>>,
+    p: &mut Pipes,
+    init: &InitPlan<'_>,
+    direct: impl Fn(&InitPlan<'_>) -> std::io::Result<T>,
+) -> Result<std::io::Result<T>> {
+    match served {
+        Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
+            if !p.unused_by_any_child() {
+                return Ok(Err(e));
+            }
+            *p = Pipes::new()?;
+            let init = InitPlan {
+                fds: p.child,
+                ..*init
+            };
+            Ok(direct(&init))
+        }
+        Some(r) => Ok(r),
+        None => Ok(direct(init)),
+    }
+}
+
 /// Clones PID 1 into fresh namespaces, builds the sandbox, starts the command.
 ///
 /// Returns once the command has been exec'd (or with the reason it could not be).
@@ -1025,30 +1052,18 @@ pub fn start(spec: &RunSpec) -> Result<Started> {
         flags &= !(libc::CLONE_NEWNET as libc::c_ulong);
     }
     let mut p = p;
-    let cloned = match crate::forkserver::clone(
+    let served = crate::forkserver::clone(
         &init,
         Some(&prepared.mounts),
         None,
         flags,
         cgroup.as_ref(),
         deadline,
-    ) {
-        // The fork server died with the request: when no PID 1 of it holds the run's pipes, the
-        // run is cloned here instead, with new pipes.
-        Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
-            if !p.unused_by_any_child() {
-                return Err(clone_error(e));
-            }
-            p = Pipes::new()?;
-            let init = InitPlan {
-                fds: p.child,
-                ..init
-            };
-            spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init))
-        }
-        Some(r) => r.map(|z| z.cloned),
-        None => spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(&init)),
-    }
+    )
+    .map(|r| r.map(|z| z.cloned));
+    let cloned = clone_unless_served(served, &mut p, &init, |init| {
+        spawner::clone_in(flags, cgroup.as_ref(), &|| child::init_main(init))
+    })?
     .map_err(clone_error)?;
     // PID 1 has its own copies of these fds (it uses them before anything else).
     drop(netns);
@@ -1255,21 +1270,11 @@ pub fn start_call(holder: &Holder, spec: &RunSpec) -> Result<Started> {
     };
     let mut p = p;
     // The joiner comes from the fork server when one runs (see `start`).
-    let joiner_fd = match crate::forkserver::clone(&init, None, Some(&join), 0, None, deadline) {
-        Some(Err(e)) if crate::forkserver::ended_without_answer(&e) => {
-            if !p.unused_by_any_child() {
-                return Err(setup(e));
-            }
-            p = Pipes::new()?;
-            let init = InitPlan {
-                fds: p.child,
-                ..init
-            };
-            clone_with(0, || child::join_main(&join, &init)).map(|(_, fd)| fd)
-        }
-        Some(r) => r.map(|z| z.cloned.pidfd),
-        None => clone_with(0, || child::join_main(&join, &init)).map(|(_, fd)| fd),
-    }
+    let served = crate::forkserver::clone(&init, None, Some(&join), 0, None, deadline)
+        .map(|r| r.map(|z| z.cloned.pidfd));
+    let joiner_fd = clone_unless_served(served, &mut p, &init, |init| {
+        clone_with(0, || child::join_main(&join, init)).map(|(_, fd)| fd)
+    })?
     .map_err(setup)?;
     p.child_owned.clear();
     drop(tasks);

@@ -69,7 +69,7 @@ pub(crate) fn enter_new() -> Result<bool, Failure> {
         zeroing(inherited.monotonic, mono),
         zeroing(inherited.boottime, boot),
     );
-    write_file(OFFSETS, &out[..len]).map_err(|e| (STEP_WRITE, e))?;
+    crate::child::write_file(OFFSETS, &out[..len]).map_err(|e| (STEP_WRITE, e))?;
     // SAFETY: open/setns/close of the namespace file of our own children.
     unsafe {
         let fd = libc::open(
@@ -216,23 +216,6 @@ fn read_file(path: &[u8], buf: &mut [u8]) -> Result<usize, i32> {
             return Err(e);
         }
         Ok(n as usize)
-    }
-}
-
-fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
-    // SAFETY: `path` is NUL-terminated; the fd is closed below.
-    unsafe {
-        let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(errno());
-        }
-        let n = libc::write(fd, data.as_ptr().cast(), data.len());
-        let e = errno();
-        libc::close(fd);
-        if n < 0 || n as usize != data.len() {
-            return Err(if n < 0 { e } else { libc::EIO });
-        }
-        Ok(())
     }
 }
 
